@@ -1,0 +1,160 @@
+"""What a QEMU binary offers, asked once per binary and cached (part of the machine layer).
+
+Upper layers validate device flags against ``-device NAME,help`` before QEMU starts, and the
+machine decides between ``-accel qtest`` and ``-S`` from ``-accel help`` (Debian removes the qtest
+accelerator module; see ../shared/virtio-facts.md).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from functools import cached_property
+from typing import ClassVar
+
+from .errors import QemuStartError, QtestVirtioError
+
+DEFAULT_QEMU = "qemu-system-x86_64"
+INSTALL_HINT = "install Debian's qemu-system-x86 (apt-get install -y qemu-system-x86), pass --qemu PATH or set QEMU"
+
+
+class QemuNotFound(QemuStartError):
+    """No QEMU binary at the given name or path."""
+
+
+class UnknownFlag(QtestVirtioError, ValueError):
+    """A device property (or device) the binary does not know; lists the valid ones."""
+
+
+@dataclass(frozen=True)
+class PropertyInfo:
+    """One ``-device NAME,help`` line: ``name=<type> - description (default: value)``."""
+
+    name: str
+    type: str
+    default: str | None
+    description: str
+
+
+_PROP_RE = re.compile(r"^\s+(?P<name>[\w.-]+)=<(?P<type>[^>]*)>\s*(?:-\s*(?P<rest>.*))?$")
+_DEFAULT_RE = re.compile(r"\(default: (?P<default>.*)\)\s*$")
+_DEVICE_RE = re.compile(r'^name "(?P<name>[^"]+)"(?:, bus (?P<bus>[\w-]+))?')
+_VERSION_RE = re.compile(r"version (\d+)\.(\d+)\.(\d+)")
+
+
+def resolve_qemu(qemu: str | None = None) -> str:
+    """Absolute path of the QEMU binary: the argument, else ``$QEMU``, else PATH's default."""
+    name = qemu or os.environ.get("QEMU") or DEFAULT_QEMU
+    if os.sep in name:
+        if os.path.isfile(name) and os.access(name, os.X_OK):
+            return os.path.abspath(name)
+        raise QemuNotFound(f"QEMU binary {name!r} does not exist or is not executable: {INSTALL_HINT}")
+    found = shutil.which(name)
+    if found is None:
+        raise QemuNotFound(f"QEMU binary {name!r} not found on PATH: {INSTALL_HINT}")
+    return found
+
+
+class QemuBinary:
+    """A QEMU binary and the facts asked of it; one instance per (path, mtime, size)."""
+
+    _cache: ClassVar[dict[tuple[str, int, int], QemuBinary]] = {}
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._properties: dict[str, dict[str, PropertyInfo]] = {}
+
+    @classmethod
+    def get(cls, qemu: str | None = None) -> QemuBinary:
+        path = resolve_qemu(qemu)
+        st = os.stat(path)
+        key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
+        if key not in cls._cache:
+            cls._cache[key] = cls(path)
+        return cls._cache[key]
+
+    def _run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        try:
+            return subprocess.run(
+                [self.path, *args],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+        except OSError as exc:
+            raise QemuStartError(f"cannot run {self.path}: {exc.strerror}") from None
+
+    @cached_property
+    def version_text(self) -> str:
+        """First line of ``--version``, e.g. 'QEMU emulator version 7.2.22 (Debian ...)'."""
+        out = self._run("--version").stdout.strip().splitlines()
+        return out[0] if out else "unknown"
+
+    @cached_property
+    def version(self) -> tuple[int, int, int]:
+        m = _VERSION_RE.search(self.version_text)
+        return (int(m.group(1)), int(m.group(2)), int(m.group(3))) if m else (0, 0, 0)
+
+    @cached_property
+    def accelerators(self) -> frozenset[str]:
+        """Accelerators compiled in and loadable (``-accel help``)."""
+        lines = self._run("-accel", "help").stdout.splitlines()
+        return frozenset(line.strip() for line in lines[1:] if line.strip())
+
+    @property
+    def has_qtest_accel(self) -> bool:
+        return "qtest" in self.accelerators
+
+    @cached_property
+    def devices(self) -> dict[str, str]:
+        """Device model name -> bus name, from ``-device help``."""
+        out: dict[str, str] = {}
+        for line in self._run("-device", "help").stdout.splitlines():
+            m = _DEVICE_RE.match(line)
+            if m:
+                out[m.group("name")] = m.group("bus") or ""
+        return out
+
+    @cached_property
+    def machines(self) -> list[str]:
+        lines = self._run("-machine", "help").stdout.splitlines()[1:]
+        return [line.split()[0] for line in lines if line.strip()]
+
+    def device_properties(self, device: str) -> dict[str, PropertyInfo]:
+        """Properties of ``device`` with type and default; raises UnknownFlag for a bad device."""
+        if device not in self._properties:
+            res = self._run("-device", f"{device},help")
+            if res.returncode != 0:
+                raise self.unknown_device(device)
+            props: dict[str, PropertyInfo] = {}
+            for line in res.stdout.splitlines():
+                m = _PROP_RE.match(line)
+                if not m:
+                    continue
+                rest = (m.group("rest") or "").strip()
+                d = _DEFAULT_RE.search(rest)
+                default = d.group("default").strip('"') if d else None
+                desc = rest[: d.start()].strip() if d else rest
+                props[m.group("name")] = PropertyInfo(m.group("name"), m.group("type"), default, desc)
+            self._properties[device] = props
+        return self._properties[device]
+
+    def unknown_device(self, device: str) -> UnknownFlag:
+        close = difflib.get_close_matches(device, list(self.devices), n=5)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; `{self.path} -device help` lists them"
+        return UnknownFlag(f"device {device!r} is not known to {self.path}{hint}")
+
+    def check_properties(self, device: str, props: dict[str, str] | list[str]) -> None:
+        """Raise UnknownFlag naming the first property ``device`` lacks, with the valid ones."""
+        known = self.device_properties(device)
+        for name in props:
+            if name not in known:
+                raise UnknownFlag(
+                    f"{device} has no property {name!r} in {self.path}; valid: {', '.join(sorted(known))}"
+                )

@@ -1,0 +1,614 @@
+"""The QEMU process: argv from a spec, sockets in a private directory, QMP, crash capture.
+
+QEMU connects, as a client, to two Unix sockets the harness listens on in a fresh 0700
+directory (the layout libqtest uses): one for qtest, one for QMP. Nothing goes through a shell;
+property values are escaped for QEMU's option syntax (a comma is doubled), so a value cannot
+inject another option. Teardown always runs: QMP ``quit``, then SIGTERM, then SIGKILL, then
+the directory is removed. QEMU is also started with PR_SET_PDEATHSIG so that it dies with us
+if Python itself is killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import re
+import select
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from . import modes
+from .binary import QemuBinary, UnknownFlag
+from .errors import QemuCrashed, QemuStartError, describe_exit
+from .qtest import QtestClient
+
+PropValue = str | int | bool
+
+#: Lines in QEMU's stderr that mean it hit an assertion or a sanitizer, even if it survived.
+CRASH_MARKERS = (
+    "Assertion",
+    "assertion failed",
+    "Bail out!",
+    "AddressSanitizer",
+    "LeakSanitizer",
+    "UndefinedBehaviorSanitizer",
+    "runtime error:",
+    "core dumped",
+)
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_MEM_RE = re.compile(r"^(\d+)([KMGT]?)i?B?$", re.IGNORECASE)
+_MEM_UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def escape_option_value(value: str) -> str:
+    """Escape a value for QEMU's ``key=value,key=value`` syntax: a comma is written twice."""
+    if "\0" in value:
+        raise ValueError(f"option value {value!r} contains a NUL byte")
+    return value.replace(",", ",,")
+
+
+def format_value(value: PropValue) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+def parse_memory(memory: str | int) -> int:
+    """Bytes in a ``-m`` size ('256M', '1G', or a number of MiB as QEMU takes it)."""
+    if isinstance(memory, int):
+        return memory << 20
+    m = _MEM_RE.match(memory.strip())
+    if not m:
+        raise ValueError(f"memory size {memory!r} is not like '256M' or '1G'")
+    return int(m.group(1)) * _MEM_UNITS[m.group(2).upper()]
+
+
+@dataclass
+class DeviceSpec:
+    """One ``-device``: driver, properties in order, and what the harness adds for it."""
+
+    driver: str
+    props: dict[str, str] = field(default_factory=dict)
+    #: Transport mode for virtio devices (``None`` for a plain device).
+    mode: str | None = None
+    #: Backend kind the machine creates when the device needs one ('image', 'null', or a path).
+    backend: str | None = None
+    image_size: int = 64 << 20
+
+    @property
+    def id(self) -> str:
+        return self.props["id"]
+
+    def option(self) -> str:
+        """The ``-device`` argument, every value escaped."""
+        parts = [self.driver] + [f"{k}={escape_option_value(v)}" for k, v in self.props.items()]
+        return ",".join(parts)
+
+
+def _short_name(driver: str) -> str:
+    name = driver.removeprefix("virtio-").removesuffix("-pci").replace("-", "_")
+    return name or "dev"
+
+
+class MachineSpec:
+    """What to start: binary, machine type, RAM, devices. Turns into an argv list.
+
+    ``add_device("virtio-blk-pci", event_idx="off")`` takes properties as keywords; names that
+    are not Python identifiers (``page-per-vq``) go in the positional mapping.
+    """
+
+    def __init__(
+        self,
+        qemu: str | None = None,
+        machine: str = "q35",
+        memory: str | int = "256M",
+        *,
+        extra_args: list[str] | None = None,
+        start_timeout: float = 15.0,
+        command_timeout: float = 30.0,
+    ) -> None:
+        self.qemu = qemu
+        self.machine = machine
+        self.memory = memory
+        self.memory_bytes = parse_memory(memory)
+        self.extra_args = list(extra_args or [])
+        self.start_timeout = start_timeout
+        self.command_timeout = command_timeout
+        self.devices: list[DeviceSpec] = []
+        if not _NAME_RE.match(machine.split(",")[0]):
+            raise ValueError(f"machine type {machine!r} is not a valid name")
+
+    def _props(self, props: Mapping[str, PropValue] | None, kwargs: Mapping[str, PropValue]) -> dict[str, str]:
+        merged: dict[str, str] = {}
+        for key, value in {**(props or {}), **kwargs}.items():
+            if not _NAME_RE.match(key):
+                raise ValueError(f"property name {key!r} is not valid (letters, digits, '_', '-', '.')")
+            merged[key] = format_value(value)
+        return merged
+
+    def _new_id(self, driver: str) -> str:
+        base = _short_name(driver)
+        used = {d.props.get("id") for d in self.devices}
+        n = 0
+        while f"{base}{n}" in used:
+            n += 1
+        return f"{base}{n}"
+
+    def add_device(
+        self,
+        driver: str,
+        props: Mapping[str, PropValue] | None = None,
+        /,
+        *,
+        backend: str | None = None,
+        image_size: int = 64 << 20,
+        **properties: PropValue,
+    ) -> DeviceSpec:
+        """Add a ``-device``; returns its spec (its ``id`` is made up when not given)."""
+        if not _NAME_RE.match(driver):
+            raise ValueError(f"device name {driver!r} is not valid")
+        merged = self._props(props, properties)
+        if "id" in merged and any(d.props.get("id") == merged["id"] for d in self.devices):
+            raise ValueError(f"device id {merged['id']!r} is used twice")
+        merged.setdefault("id", self._new_id(driver))
+        merged = {"id": merged.pop("id"), **merged}
+        dev = DeviceSpec(driver, merged, backend=backend, image_size=image_size)
+        self.devices.append(dev)
+        return dev
+
+    def add_virtio(
+        self,
+        driver: str,
+        props: Mapping[str, PropValue] | None = None,
+        /,
+        *,
+        mode: str = modes.TRANSITIONAL_MODERN,
+        backend: str | None = None,
+        image_size: int = 64 << 20,
+        **properties: PropValue,
+    ) -> DeviceSpec:
+        """Add a virtio-pci device built for transport ``mode`` (sets disable-legacy/-modern)."""
+        modes.check_mode(mode)
+        merged = self._props(props, properties)
+        for key, value in modes.MODE_PROPERTIES[mode].items():
+            if key in merged and merged[key] != value:
+                raise ValueError(f"mode {mode!r} needs {key}={value}, but {key}={merged[key]} was given")
+            merged[key] = value
+        dev = self.add_device(driver, merged, backend=backend, image_size=image_size)
+        dev.mode = mode
+        return dev
+
+    def device(self, dev_id: str) -> DeviceSpec:
+        for d in self.devices:
+            if d.props.get("id") == dev_id:
+                return d
+        raise KeyError(f"no device with id {dev_id!r}; ids: {', '.join(d.id for d in self.devices)}")
+
+
+def _backend_args(dev: DeviceSpec, workdir: str) -> list[str]:
+    """Create the backend a device needs and wire it in; returns extra argv."""
+    if dev.driver.startswith("virtio-blk") and "drive" not in dev.props:
+        node = f"{dev.id}-backend"
+        kind = dev.backend or "image"
+        if kind == "null":
+            opt = f"driver=null-co,node-name={node},read-zeroes=on,size={dev.image_size}"
+        else:
+            path = kind
+            if kind == "image":
+                path = os.path.join(workdir, f"{dev.id}.img")
+                with open(path, "wb") as f:
+                    f.truncate(dev.image_size)
+            opt = f"driver=raw,node-name={node},file.driver=file,file.filename={escape_option_value(path)}"
+        dev.props["drive"] = node
+        return ["-blockdev", opt]
+    return []
+
+
+@dataclass
+class LaunchPlan:
+    """The argv QEMU runs with and the copy-pasteable form of it for reports."""
+
+    argv: list[str]
+    repro_argv: list[str]
+
+
+def build_argv(spec: MachineSpec, binary: QemuBinary, workdir: str) -> LaunchPlan:
+    """argv for ``spec``: qtest and QMP on sockets in ``workdir``, accel per the binary."""
+    common = [
+        binary.path,
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-machine",
+        spec.machine,
+        "-m",
+        str(spec.memory) if isinstance(spec.memory, str) else f"{spec.memory}M",
+    ]
+    # Debian builds lack the qtest accelerator: TCG with -S keeps firmware and vCPUs from ever
+    # running, so RAM stays zero and BARs unassigned (virtio-facts.md).
+    accel = ["-accel", "qtest"] if binary.has_qtest_accel else ["-accel", "tcg", "-S"]
+    backends: list[str] = []
+    for dev in spec.devices:
+        backends += _backend_args(dev, workdir)
+    devices: list[str] = []
+    for dev in spec.devices:
+        devices += ["-device", dev.option()]
+    qtest = os.path.join(workdir, "qtest.sock")
+    qmp = os.path.join(workdir, "qmp.sock")
+    # On 7.2 `-qtest chardev:NAME` only works when the chardev id is literally "qtest".
+    channels = [
+        "-chardev",
+        f"socket,id=qtest,path={escape_option_value(qtest)}",
+        "-qtest",
+        "chardev:qtest",
+        "-qtest-log",
+        "none",
+        "-chardev",
+        f"socket,id=qmp,path={escape_option_value(qmp)}",
+        "-mon",
+        "chardev=qmp,mode=control",
+    ]
+    argv = common + accel + backends + devices + spec.extra_args + channels
+    repro = common + accel + backends + devices + spec.extra_args + ["-qtest", "stdio"]
+    return LaunchPlan(argv, repro)
+
+
+_PR_SET_PDEATHSIG = 1
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+_SETPRIV = shutil.which("setpriv")
+_WORKDIR_PREFIX = "qtest-virtio-"
+
+
+def _set_pdeathsig() -> None:  # pragma: no cover - runs in the child
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def _spawn_args() -> tuple[list[str], Callable[[], None] | None]:
+    """How to make QEMU die with us: util-linux ``setpriv --pdeathsig`` keeps Popen on its
+    vfork path (a preexec_fn forces fork, ~2 ms more per start); the fallback is prctl in
+    a preexec_fn."""
+    if _SETPRIV:
+        return [_SETPRIV, "--pdeathsig", "KILL", "--"], None
+    return [], _set_pdeathsig
+
+
+def sweep_stale_workdirs(parent: str | None = None) -> list[str]:
+    """Remove workdirs left by a harness process that no longer exists (SIGKILLed Python).
+
+    A workdir is named ``qtest-virtio-<pid>-<random>``; QEMU itself died with its parent
+    through PDEATHSIG, only the directory can be left.
+    """
+    parent = parent or tempfile.gettempdir()
+    removed: list[str] = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(_WORKDIR_PREFIX):
+            continue
+        pid_text = name[len(_WORKDIR_PREFIX) :].split("-", 1)[0]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+            removed.append(name)
+        except PermissionError:
+            continue
+    return removed
+
+
+def _reap(proc: subprocess.Popen[bytes], workdir: str) -> None:
+    """Last-resort cleanup (garbage collection / interpreter exit): kill, wait, remove."""
+    if proc.poll() is None:
+        with contextlib.suppress(OSError):
+            proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+class QemuMachine:
+    """A started QEMU in qtest mode. Use as a context manager; teardown always runs.
+
+    Attributes: ``qtest`` (:class:`QtestClient`), ``qmp`` (qemu.qmp's sync client),
+    ``pid``, ``argv``, ``workdir``, ``binary``.
+    """
+
+    def __init__(self, spec: MachineSpec, *, qtest_log: TextIO | None = None) -> None:
+        self.spec = spec
+        self.binary = QemuBinary.get(spec.qemu)
+        self._qtest_log = qtest_log
+        self.workdir = ""
+        self.argv: list[str] = []
+        self._repro_argv: list[str] = []
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._qtest: QtestClient | None = None
+        self._qmp: QEMUMonitorProtocol | None = None
+        self._qmp_sock: socket.socket | None = None
+        self._stopping = False
+        self._finalizer: Callable[[], object] | None = None
+        self.crash: QemuCrashed | None = None
+
+    # -- life cycle -----------------------------------------------------------------------
+
+    def __enter__(self) -> QemuMachine:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        self.shutdown(check=exc is None)
+
+    def start(self) -> None:
+        if self._proc is not None:
+            raise RuntimeError("machine already started")
+        sweep_stale_workdirs()
+        self.workdir = tempfile.mkdtemp(prefix=f"{_WORKDIR_PREFIX}{os.getpid()}-")
+        os.chmod(self.workdir, 0o700)  # mkdtemp already makes it 0700; say so explicitly
+        try:
+            self._launch()
+        except BaseException:
+            self.shutdown(check=False)
+            raise
+
+    def _launch(self) -> None:
+        plan = build_argv(self.spec, self.binary, self.workdir)
+        self.argv, self._repro_argv = plan.argv, plan.repro_argv
+        listeners: dict[str, socket.socket] = {}
+        try:
+            for name in ("qtest", "qmp"):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.bind(os.path.join(self.workdir, f"{name}.sock"))
+                s.listen(1)
+                listeners[name] = s
+            self._stderr_path = os.path.join(self.workdir, "qemu.stderr")
+            prefix, preexec = _spawn_args()
+            with open(self._stderr_path, "wb") as err:
+                # Own session: a Ctrl-C reaches Python, whose teardown then stops QEMU in order.
+                self._proc = subprocess.Popen(
+                    prefix + self.argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=err,
+                    stderr=err,
+                    start_new_session=True,
+                    preexec_fn=preexec,
+                )
+            self._finalizer = weakref.finalize(self, _reap, self._proc, self.workdir)
+            conns = self._accept(listeners)
+        finally:
+            for name, s in listeners.items():
+                s.close()
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.workdir, f"{name}.sock"))
+        self._qtest = QtestClient(
+            conns["qtest"], timeout=self.spec.command_timeout, dead_hook=self._crashed, log=self._qtest_log
+        )
+        self._qmp_sock = conns["qmp"]
+        try:
+            # The first reply proves the main loop runs. QMP is negotiated on first use: its
+            # greeting waits in the socket, and most tests never need it (saves ~1.5 ms).
+            self._qtest.endianness()
+        except QemuCrashed as exc:
+            raise self._start_error("QEMU exited during start-up") from exc
+
+    def _accept(self, listeners: dict[str, socket.socket]) -> dict[str, socket.socket]:
+        assert self._proc is not None
+        deadline = time.monotonic() + self.spec.start_timeout
+        conns: dict[str, socket.socket] = {}
+        try:
+            pidfd: int | None = os.pidfd_open(self._proc.pid)
+        except (AttributeError, OSError):
+            pidfd = None
+        try:
+            while len(conns) < len(listeners):
+                waiting = [s for n, s in listeners.items() if n not in conns]
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise self._start_error(f"QEMU did not connect within {self.spec.start_timeout:g} s")
+                watch: list[socket.socket | int] = [*waiting, *([pidfd] if pidfd is not None else [])]
+                ready, _, _ = select.select(watch, [], [], min(remaining, 0.05 if pidfd is None else remaining))
+                for name, s in listeners.items():
+                    if s in ready:
+                        conns[name] = s.accept()[0]
+                if self._proc.poll() is not None and len(conns) < len(listeners):
+                    raise self._start_error("QEMU exited during start-up")
+        except BaseException:
+            for c in conns.values():
+                c.close()
+            raise
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
+        return conns
+
+    def _start_error(self, what: str) -> QemuStartError:
+        if self._proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(2)
+        stderr = self.stderr_text()
+        qemu_lines = [line for line in stderr.splitlines() if line.strip()]
+        msg = qemu_lines[-1] if qemu_lines else what
+        hint = ""
+        m = re.search(r"Property '([^.']+)\.([^']+)' not found", msg)
+        if m:
+            with contextlib.suppress(UnknownFlag):
+                valid = sorted(self.binary.device_properties(m.group(1)))
+                hint = f"; valid properties of {m.group(1)}: {', '.join(valid)}"
+        m2 = re.search(r"'([^']+)' is not a valid device model name", msg)
+        if m2:
+            hint = str(self.binary.unknown_device(m2.group(1))).partition(";")[2]
+            hint = f";{hint}" if hint else ""
+        status = describe_exit(self._proc.poll() if self._proc else None)
+        return QemuStartError(
+            f"QEMU refused to start ({status}): {msg}{hint}",
+            command_line=self.command_line(),
+            stderr=stderr,
+        )
+
+    def _crashed(self, reason: str) -> QemuCrashed:
+        """Build the crash report once QEMU is gone (called by the qtest client on EOF)."""
+        rc = None
+        if self._proc is not None:
+            try:
+                rc = self._proc.wait(2)
+            except subprocess.TimeoutExpired:
+                rc = None
+        self.crash = QemuCrashed(
+            f"QEMU died: {reason}",
+            returncode=rc,
+            stderr_tail=self.stderr_tail(),
+            last_commands=self._qtest.last_commands() if self._qtest else [],
+            command_line=self.reproducer(),
+        )
+        return self.crash
+
+    def shutdown(self, check: bool = True) -> None:
+        """Stop QEMU (quit, SIGTERM, SIGKILL), remove the workdir; raise QemuCrashed if it had died.
+
+        With ``check=False`` a crash is recorded in ``self.crash`` but not raised.
+        """
+        if self._stopping:
+            return
+        self._stopping = True
+        died_early = False
+        try:
+            proc = self._proc
+            if proc is not None:
+                died_early = proc.poll() is not None
+                if not died_early and self._qmp_sock is not None:
+                    with contextlib.suppress(Exception):
+                        self.qmp.settimeout(2.0)
+                        self.qmp.cmd("quit")
+                self._wait_or_kill(proc)
+        finally:
+            self._close_channels()
+            crash = self._check_crash(died_early)
+            if self._finalizer is not None:
+                self._finalizer()
+            if self.workdir:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+        if crash is not None and check:
+            raise crash
+
+    def _wait_or_kill(self, proc: subprocess.Popen[bytes]) -> None:
+        for sig, grace in ((None, 3.0), (signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):
+            if sig is not None and proc.poll() is None:
+                with contextlib.suppress(OSError):
+                    proc.send_signal(sig)
+            try:
+                proc.wait(grace)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def _close_channels(self) -> None:
+        if self._qtest is not None:
+            self._qtest.close()
+        if self._qmp is not None:
+            with contextlib.suppress(Exception):
+                self._qmp.close()
+        if self._qmp_sock is not None:
+            self._qmp_sock.close()
+
+    def _check_crash(self, died_early: bool) -> QemuCrashed | None:
+        """A crash is: QEMU gone before we stopped it, or an assertion/sanitizer on stderr."""
+        if self.crash is not None:
+            return self.crash
+        if self._proc is None:
+            return None
+        rc = self._proc.returncode
+        markers = [line for line in self.stderr_text().splitlines() if any(m in line for m in CRASH_MARKERS)]
+        if died_early or markers:
+            reason = markers[0].strip() if markers else "QEMU exited before the harness stopped it"
+            self.crash = QemuCrashed(
+                f"QEMU died: {reason}" if died_early else f"QEMU reported: {reason}",
+                returncode=rc,
+                stderr_tail=self.stderr_tail(),
+                last_commands=self._qtest.last_commands() if self._qtest else [],
+                command_line=self.reproducer(),
+            )
+        return self.crash
+
+    # -- access ---------------------------------------------------------------------------
+
+    @property
+    def qtest(self) -> QtestClient:
+        if self._qtest is None:
+            raise RuntimeError("machine not started")
+        return self._qtest
+
+    @property
+    def qmp(self) -> QEMUMonitorProtocol:
+        """qemu.qmp's synchronous client, negotiated on first use."""
+        if self._qmp is None:
+            if self._qmp_sock is None:
+                raise RuntimeError("machine not started")
+            qmp = QEMUMonitorProtocol(self._qmp_sock)
+            qmp.settimeout(self.spec.command_timeout)
+            qmp.connect(negotiate=True)
+            self._qmp = qmp
+        return self._qmp
+
+    @property
+    def pid(self) -> int:
+        if self._proc is None:
+            raise RuntimeError("machine not started")
+        return self._proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.poll() if self._proc is not None else None
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def stderr_text(self) -> str:
+        try:
+            with open(self._stderr_path, "rb") as f:
+                return f.read().decode(errors="replace")
+        except (AttributeError, OSError):
+            return ""
+
+    def stderr_tail(self, lines: int = 20) -> str:
+        return "\n".join(self.stderr_text().splitlines()[-lines:])
+
+    def command_line(self) -> str:
+        """The QEMU command line with qtest on stdio, for a human to paste."""
+        return shlex.join(self._repro_argv)
+
+    def reproducer(self, commands: int = 20) -> str:
+        """A bug-report style reproducer: the command line fed the last qtest commands."""
+        cmds = [c for c, _ in list(self._qtest.history)[-commands:]] if self._qtest else []
+        if not cmds:
+            return self.command_line()
+        elided = any("... (" in c for c in cmds)
+        note = "\n# (bulk data of long commands elided)" if elided else ""
+        return f"cat << EOF | {self.command_line()}\n" + "\n".join(cmds) + f"\nEOF{note}"
+
+    def version(self) -> dict[str, object]:
+        """QMP ``query-version`` of the running QEMU."""
+        result = self.qmp.cmd("query-version")
+        assert isinstance(result, dict)
+        return result
+
+    def processes(self) -> Iterator[int]:
+        """Pids this machine owns (for leak checks in tests)."""
+        if self._proc is not None and self._proc.poll() is None:
+            yield self._proc.pid

@@ -1,0 +1,519 @@
+"""The qtest wire protocol: typed commands over one stream socket.
+
+QEMU's qtest server (system/qtest.c) reads ASCII lines split on single spaces and answers
+``OK [value]``, ``FAIL message`` or ``ERR message``; ``IRQ raise N`` / ``IRQ lower N`` lines may
+arrive before any reply. It ``g_assert``\\ s on malformed arguments, killing QEMU with SIGABRT,
+so every argument is validated here before it is sent and a bad one raises ``ValueError``.
+
+Bulk transfers: QEMU's line reader rescans its whole input buffer for every 1 KiB it reads, so
+a long ``b64write`` line costs quadratic time. Large writes therefore go as base64 lines of
+``WRITE_CHUNK`` bytes, pipelined (all sent, then all replies read); large reads as pipelined
+``b64read`` of ``READ_CHUNK`` bytes. The sizes are the best measured in ``benchmarks/``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import select
+import socket
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from typing import TextIO
+
+from .errors import ClockUnavailable, QemuCrashed, QtestError, QtestTimeout
+
+#: Measured on Debian 7.2 (benchmarks/bench_qtest.py --chunks): writes peak at 32 KiB lines
+#: (64 KiB is level, 1 MiB halves it); reads at 256 KiB (1 MiB loses ~40%).
+WRITE_CHUNK = 32 * 1024
+READ_CHUNK = 256 * 1024
+_RECV_SIZE = 256 * 1024
+#: At most this much per send() after select() said writable, so a send never blocks long.
+_SEND_SIZE = 64 * 1024
+_HISTORY_TEXT = 160
+
+U8, U16, U32, U64 = 0xFF, 0xFFFF, 0xFFFF_FFFF, 0xFFFF_FFFF_FFFF_FFFF
+_INT32_MIN, _INT32_MAX = -(1 << 31), (1 << 31) - 1
+_INT64_MAX = (1 << 63) - 1
+
+
+def _check_int(command: str, what: str, value: object, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{command}: {what} must be an int, not {type(value).__name__} {value!r}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{command}: {what} {value:#x} is outside {lo:#x}..{hi:#x}")
+    return value
+
+
+def _check_word(command: str, what: str, value: object) -> str:
+    """A free-text word (QOM path, GPIO name): QEMU splits on spaces, so none may appear."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{command}: {what} must be a non-empty string")
+    if any(c.isspace() for c in value):
+        raise ValueError(f"{command}: {what} {value!r} contains white space")
+    return value
+
+
+def _short(text: str) -> str:
+    if len(text) <= _HISTORY_TEXT:
+        return text
+    return f"{text[:_HISTORY_TEXT]}... ({len(text)} chars)"
+
+
+def _short_bytes(line: bytes) -> str:
+    return f"{line[:_HISTORY_TEXT].decode('ascii', errors='replace')}... ({len(line)} chars)"
+
+
+DeadHook = Callable[[str], QemuCrashed]
+
+
+class QtestClient:
+    """A qtest connection. Not thread-safe; one command in flight unless pipelined on purpose.
+
+    ``dead_hook(reason)`` is called when the socket closes under us; it returns the
+    :class:`QemuCrashed` to raise (the machine layer fills in exit status and stderr).
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        timeout: float = 30.0,
+        history: int = 64,
+        dead_hook: DeadHook | None = None,
+        log: TextIO | None = None,
+    ) -> None:
+        self._sock = sock
+        # Timeout mode: send/recv wait inside C (poll) for single commands; the pipeline
+        # selects before each call, so its sends and receives never block.
+        self._sock.settimeout(timeout)
+        self.timeout = timeout
+        self._buf = bytearray()
+        self._scan = 0
+        self._dead_hook = dead_hook
+        self._log = log
+        self.history: deque[tuple[str, str]] = deque(maxlen=history)
+        #: Current level of each intercepted IRQ line, from ``IRQ raise/lower`` lines.
+        self.irq_levels: dict[int, bool] = {}
+        #: Every IRQ transition seen, in order: (line, raised).
+        self.irq_events: list[tuple[int, bool]] = []
+        self.commands_sent = 0
+        self._closed = False
+        self._endianness: str | None = None
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            try:
+                self._sock.close()
+            except OSError:
+                pass
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def last_commands(self, n: int = 20) -> list[str]:
+        """The last ``n`` commands with their replies, oldest first, for failure reports."""
+        items = list(self.history)[-n:]
+        return [f"{cmd}  ->  {reply}" if reply else cmd for cmd, reply in items]
+
+    def _dead(self, reason: str) -> QemuCrashed:
+        self.close()
+        if self._dead_hook is not None:
+            return self._dead_hook(reason)
+        return QemuCrashed(reason, last_commands=self.last_commands())
+
+    def _exchange(self, commands: Sequence[str], payload: bytes) -> list[bytes]:
+        """Send ``payload`` (the commands' lines) while reading their replies.
+
+        Sending and receiving are interleaved with select(): QEMU stops reading commands while
+        its reply writes block, and a Unix socket accounts each small reply at ~700 bytes of
+        buffer, so "send everything, then read" deadlocks after a few hundred commands. The
+        timeout is for lack of progress, so a long bulk transfer never times out while moving.
+        """
+        if self._closed:
+            raise self._dead("qtest connection already closed")
+        sock = self._sock
+        view = memoryview(payload)
+        total = len(view)
+        lines: list[bytes] = []
+        wanted = len(commands)
+        sent = 0
+        deadline = time.monotonic() + self.timeout
+        buf = self._buf
+        while True:
+            while len(lines) < wanted:
+                i = buf.find(b"\n", self._scan)
+                if i < 0:
+                    self._scan = len(buf)
+                    break
+                with memoryview(buf) as mv:
+                    line = mv[:i].tobytes()
+                del buf[: i + 1]
+                self._scan = 0
+                if line.startswith(b"IRQ "):
+                    self._record_irq(line)
+                else:
+                    lines.append(line)
+            if len(lines) == wanted:
+                return lines
+            remaining = deadline - time.monotonic()
+            pending = commands[len(lines)]
+            if remaining <= 0:
+                raise QtestTimeout(_short(pending), self.timeout)
+            readable, writable, _ = select.select([sock], [sock] if sent < total else [], [], remaining)
+            if not readable and not writable:
+                raise QtestTimeout(_short(pending), self.timeout)
+            if writable:
+                try:
+                    sent += sock.send(view[sent : sent + _SEND_SIZE])
+                except (BlockingIOError, TimeoutError):
+                    pass
+                except OSError as exc:
+                    raise self._dead(f"QEMU closed the qtest socket ({exc.strerror})") from None
+                deadline = time.monotonic() + self.timeout
+            if readable:
+                try:
+                    chunk = sock.recv(_RECV_SIZE)
+                except (BlockingIOError, TimeoutError):
+                    continue
+                except ConnectionResetError:
+                    chunk = b""
+                if not chunk:
+                    raise self._dead(f"QEMU closed the qtest socket while {_short(pending)!r} waited for its reply")
+                buf += chunk
+                deadline = time.monotonic() + self.timeout
+
+    def _record_irq(self, line: bytes) -> None:
+        words = line.split()
+        if len(words) == 3 and words[1] in (b"raise", b"lower") and words[2].isdigit():
+            n, raised = int(words[2]), words[1] == b"raise"
+            self.irq_levels[n] = raised
+            self.irq_events.append((n, raised))
+        if self._log is not None:
+            self._log.write(f"< {line.decode(errors='replace')}\n")
+
+    def _payload(self, command: str, line: bytes) -> bytes:
+        """Check one reply line; return what follows ``OK`` or raise QtestError."""
+        reply = line.decode("ascii", errors="replace") if len(line) <= _HISTORY_TEXT else _short_bytes(line)
+        self.history.append((command if len(command) <= _HISTORY_TEXT else _short(command), reply))
+        if self._log is not None:
+            self._log.write(f"> {_short(command)}\n< {reply}\n")
+        if line == b"OK" or line.startswith(b"OK "):
+            return line[3:]
+        text = line.decode("ascii", errors="replace")
+        if text.startswith("FAIL Unknown command") and command.split(" ", 1)[0] in ("clock_step", "clock_set"):
+            raise ClockUnavailable(command)
+        if text.startswith(("FAIL", "ERR")):
+            _, _, message = text.partition(" ")
+            raise QtestError(command, message or text)
+        raise QtestError(command, f"unexpected reply {_short(text)!r}")
+
+    def command(self, command: str) -> str:
+        """Send one raw, already validated command line; return the text after ``OK``."""
+        return self._command(command).decode("ascii")
+
+    def _command(self, command: str) -> bytes:
+        if "\n" in command or not command or "  " in command or command != command.strip(" "):
+            raise ValueError(f"malformed qtest command {command!r}: one line, single spaces")
+        data = command.encode("ascii") + b"\n"
+        self.commands_sent += 1
+        if len(data) > 4096 or self._closed:
+            (line,) = self._exchange((command,), data)
+            return self._payload(command, line)
+        # Fast path for one short command: the per-op latency budget is a few microseconds.
+        buf = self._buf
+        try:
+            self._sock.sendall(data)
+            while True:
+                i = buf.find(b"\n", self._scan)
+                if i >= 0:
+                    line = bytes(buf[:i])
+                    del buf[: i + 1]
+                    self._scan = 0
+                    if line.startswith(b"IRQ "):
+                        self._record_irq(line)
+                        continue
+                    return self._payload(command, line)
+                self._scan = len(buf)
+                chunk = self._sock.recv(_RECV_SIZE)
+                if not chunk:
+                    raise self._dead(f"QEMU closed the qtest socket while {command!r} waited for its reply")
+                buf += chunk
+        except TimeoutError:
+            raise QtestTimeout(command, self.timeout) from None
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise self._dead(f"QEMU closed the qtest socket ({exc.strerror})") from None
+
+    def pipeline(self, commands: Sequence[str]) -> list[str]:
+        """Send many commands before reading their replies: several times faster than one by one.
+
+        Raises the first failure, after all replies have been read.
+        """
+        return [p.decode("ascii") for p in self._pipeline(commands)]
+
+    def _pipeline(self, commands: Sequence[str], payload: bytes | None = None) -> list[bytes]:
+        """``payload``, when given, is the commands' wire form built by the caller (bulk paths
+        build it directly; ``commands`` then only names them in history and errors)."""
+        if payload is None:
+            for c in commands:
+                if "\n" in c or not c or "  " in c or c != c.strip(" "):
+                    raise ValueError(f"malformed qtest command {c!r}: one line, single spaces")
+            payload = b"".join(c.encode("ascii") + b"\n" for c in commands)
+        lines = self._exchange(commands, payload)
+        self.commands_sent += len(commands)
+        results: list[bytes] = []
+        first_error: QtestError | None = None
+        for c, line in zip(commands, lines, strict=True):
+            try:
+                results.append(self._payload(c, line))
+            except QtestError as exc:
+                first_error = first_error or exc
+                results.append(b"")
+        if first_error is not None:
+            raise first_error
+        return results
+
+    def poll_irqs(self, timeout: float = 0.0) -> list[tuple[int, bool]]:
+        """Collect IRQ lines that arrive with no command in flight (e.g. from an iothread).
+
+        Waits up to ``timeout`` for the first one, then takes whatever else is already there.
+        """
+        before = len(self.irq_events)
+        deadline = time.monotonic() + timeout
+        while True:
+            i = self._buf.find(b"\n")
+            while i >= 0:
+                line = bytes(self._buf[:i])
+                del self._buf[: i + 1]
+                if not line.startswith(b"IRQ "):
+                    raise QtestError("(none)", f"unsolicited reply {line!r} with no command in flight")
+                self._record_irq(line)
+                i = self._buf.find(b"\n")
+            self._scan = len(self._buf)
+            wait = 0.0 if len(self.irq_events) > before else max(deadline - time.monotonic(), 0.0)
+            ready, _, _ = select.select([self._sock], [], [], wait)
+            if not ready:
+                return self.irq_events[before:]
+            try:
+                chunk = self._sock.recv(_RECV_SIZE)
+            except (BlockingIOError, TimeoutError):
+                continue
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                raise self._dead("QEMU closed the qtest socket")
+            self._buf += chunk
+
+    def wait_irq(self, line: int, level: bool = True, timeout: float = 5.0) -> None:
+        """Wait until intercepted IRQ ``line`` is at ``level``; sends no command."""
+        deadline = time.monotonic() + timeout
+        while self.irq_levels.get(line, False) != level:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                state = "raised" if self.irq_levels.get(line) else "low"
+                raise QtestTimeout(f"(wait for IRQ {line} {'raise' if level else 'lower'}; line is {state})", timeout)
+            self.poll_irqs(min(remaining, 0.05))
+
+    # -- port I/O -------------------------------------------------------------------------
+
+    def _out(self, op: str, port: int, value: int, limit: int) -> None:
+        _check_int(op, "port", port, 0, U16)
+        _check_int(op, "value", value, 0, limit)
+        self.command(f"{op} {port:#x} {value:#x}")
+
+    def _in(self, op: str, port: int) -> int:
+        _check_int(op, "port", port, 0, U16)
+        return int(self._command(f"{op} {port:#x}"), 16)
+
+    def outb(self, port: int, value: int) -> None:
+        self._out("outb", port, value, U8)
+
+    def outw(self, port: int, value: int) -> None:
+        self._out("outw", port, value, U16)
+
+    def outl(self, port: int, value: int) -> None:
+        self._out("outl", port, value, U32)
+
+    def inb(self, port: int) -> int:
+        return self._in("inb", port)
+
+    def inw(self, port: int) -> int:
+        return self._in("inw", port)
+
+    def inl(self, port: int) -> int:
+        return self._in("inl", port)
+
+    # -- memory (target-endian words) -----------------------------------------------------
+
+    def _write(self, op: str, addr: int, value: int, limit: int) -> None:
+        _check_int(op, "address", addr, 0, U64)
+        _check_int(op, "value", value, 0, limit)
+        self.command(f"{op} {addr:#x} {value:#x}")
+
+    def _read(self, op: str, addr: int) -> int:
+        _check_int(op, "address", addr, 0, U64)
+        return int(self._command(f"{op} {addr:#x}"), 16)
+
+    def writeb(self, addr: int, value: int) -> None:
+        self._write("writeb", addr, value, U8)
+
+    def writew(self, addr: int, value: int) -> None:
+        self._write("writew", addr, value, U16)
+
+    def writel(self, addr: int, value: int) -> None:
+        self._write("writel", addr, value, U32)
+
+    def writeq(self, addr: int, value: int) -> None:
+        self._write("writeq", addr, value, U64)
+
+    def readb(self, addr: int) -> int:
+        return self._read("readb", addr)
+
+    def readw(self, addr: int) -> int:
+        return self._read("readw", addr)
+
+    def readl(self, addr: int) -> int:
+        return self._read("readl", addr)
+
+    def readq(self, addr: int) -> int:
+        return self._read("readq", addr)
+
+    # -- buffers (raw bytes) --------------------------------------------------------------
+
+    def _check_range(self, op: str, addr: int, size: int, min_size: int = 1) -> None:
+        _check_int(op, "address", addr, 0, U64)
+        _check_int(op, "size", size, min_size, U64)
+        if addr + size - 1 > U64:
+            raise ValueError(f"{op}: {addr:#x}+{size:#x} wraps past the end of the address space")
+
+    def read(self, addr: int, size: int) -> bytes:
+        """Hex ``read``: slow (2 characters a byte); ``memread`` is the fast path."""
+        self._check_range("read", addr, size)
+        reply = self._command(f"read {addr:#x} {size:#x}")
+        if not reply.startswith(b"0x") or len(reply) != 2 + 2 * size:
+            raise QtestError(f"read {addr:#x} {size:#x}", f"reply of {len(reply)} chars is not {size} bytes of hex")
+        return bytes.fromhex(reply[2:].decode("ascii"))
+
+    def write(self, addr: int, data: bytes) -> None:
+        """Hex ``write`` of ``data`` (empty data sends nothing: QEMU rejects it)."""
+        if not data:
+            return
+        self._check_range("write", addr, len(data))
+        self.command(f"write {addr:#x} {len(data):#x} 0x{bytes(data).hex()}")
+
+    def b64read(self, addr: int, size: int) -> bytes:
+        self._check_range("b64read", addr, size)
+        command = f"b64read {addr:#x} {size:#x}"
+        return self._decode_b64(command, self._command(command), size)
+
+    def b64write(self, addr: int, data: bytes) -> None:
+        if not data:
+            return
+        self._check_range("b64write", addr, len(data))
+        self.command(f"b64write {addr:#x} {len(data):#x} {base64.b64encode(data).decode('ascii')}")
+
+    def memset(self, addr: int, size: int, value: int = 0) -> None:
+        self._check_range("memset", addr, size, min_size=0)
+        _check_int("memset", "value", value, 0, U8)
+        if size:
+            self.command(f"memset {addr:#x} {size:#x} {value:#x}")
+
+    @staticmethod
+    def _decode_b64(command: str, reply: bytes, size: int) -> bytes:
+        try:
+            data = binascii.a2b_base64(reply)
+        except binascii.Error as exc:
+            raise QtestError(command, f"reply is not base64: {exc}") from None
+        if len(data) != size:
+            raise QtestError(command, f"asked for {size} bytes, got {len(data)}")
+        return data
+
+    def memwrite(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        """Write a buffer of any size: base64 chunks of ``WRITE_CHUNK``, pipelined."""
+        data = memoryview(data).cast("B")
+        if not data:
+            return
+        self._check_range("memwrite", addr, len(data))
+        spans = [(addr + off, data[off : off + WRITE_CHUNK]) for off in range(0, len(data), WRITE_CHUNK)]
+        payload = b"".join(b"b64write %#x %#x %b\n" % (a, len(chunk), base64.b64encode(chunk)) for a, chunk in spans)
+        self._pipeline([f"b64write {a:#x} {len(chunk):#x} <{len(chunk)} bytes>" for a, chunk in spans], payload)
+
+    def memread(self, addr: int, size: int) -> bytes:
+        """Read a buffer of any size: ``b64read`` chunks of ``READ_CHUNK``, pipelined."""
+        if size == 0:
+            return b""
+        self._check_range("memread", addr, size)
+        spans = [(addr + off, min(READ_CHUNK, size - off)) for off in range(0, size, READ_CHUNK)]
+        commands = [f"b64read {a:#x} {n:#x}" for a, n in spans]
+        replies = self._pipeline(commands)
+        return b"".join(self._decode_b64(c, r, n) for c, r, (_, n) in zip(commands, replies, spans, strict=True))
+
+    # -- batches of small writes ----------------------------------------------------------
+
+    def write_many(self, writes: Iterable[tuple[str, int, int]]) -> None:
+        """Pipeline many small register writes: ``(op, address_or_port, value)`` triples."""
+        limits = {"writeb": U8, "writew": U16, "writel": U32, "writeq": U64, "outb": U8, "outw": U16, "outl": U32}
+        commands = []
+        for op, where, value in writes:
+            if op not in limits:
+                raise ValueError(f"write_many: {op!r} is not one of {sorted(limits)}")
+            _check_int(op, "address", where, 0, U16 if op.startswith("out") else U64)
+            _check_int(op, "value", value, 0, limits[op])
+            commands.append(f"{op} {where:#x} {value:#x}")
+        self.pipeline(commands)
+
+    # -- interrupts -----------------------------------------------------------------------
+
+    def irq_intercept_in(self, qom_path: str) -> None:
+        """Report the gpio-in lines of ``qom_path`` (e.g. ``ioapic``) as IRQ lines."""
+        self.command(f"irq_intercept_in {_check_word('irq_intercept_in', 'QOM path', qom_path)}")
+
+    def irq_intercept_out(self, qom_path: str, name: str | None = None) -> None:
+        path = _check_word("irq_intercept_out", "QOM path", qom_path)
+        if name is None:
+            self.command(f"irq_intercept_out {path}")
+        else:
+            self.command(f"irq_intercept_out {path} {_check_word('irq_intercept_out', 'GPIO name', name)}")
+
+    def set_irq_in(self, qom_path: str, name: str | None, line: int, level: int) -> None:
+        """Force a gpio-in pin; ``name=None`` is the unnamed list."""
+        path = _check_word("set_irq_in", "QOM path", qom_path)
+        gpio = "unnamed-gpio-in" if name is None else _check_word("set_irq_in", "GPIO name", name)
+        _check_int("set_irq_in", "line", line, 0, _INT32_MAX)
+        _check_int("set_irq_in", "level", level, _INT32_MIN, _INT32_MAX)
+        self.command(f"set_irq_in {path} {gpio} {line} {level}")
+
+    def get_irq(self, line: int) -> bool:
+        """Level of an intercepted line as last reported (reads pending IRQ lines first)."""
+        self.poll_irqs(0.0)
+        return self.irq_levels.get(line, False)
+
+    # -- clock and target -----------------------------------------------------------------
+
+    def clock_step(self, ns: int | None = None) -> int:
+        """Advance the virtual clock (needs the qtest accelerator; see ClockUnavailable)."""
+        if ns is None:
+            return int(self._command("clock_step"))
+        _check_int("clock_step", "ns", ns, 0, _INT64_MAX)
+        return int(self._command(f"clock_step {ns}"))
+
+    def clock_set(self, ns: int) -> int:
+        _check_int("clock_set", "ns", ns, 0, _INT64_MAX)
+        return int(self._command(f"clock_set {ns}"))
+
+    def endianness(self) -> str:
+        """'little' or 'big': the byte order of readw/l/q and writew/l/q."""
+        if self._endianness is None:
+            self._endianness = self.command("endianness")
+        return self._endianness
+
+    def module_load(self, prefix: str, name: str) -> None:
+        """Load a QEMU module (QEMU 8.0 and later; older builds answer Unknown command)."""
+        self.command(
+            f"module_load {_check_word('module_load', 'prefix', prefix)} {_check_word('module_load', 'name', name)}"
+        )
