@@ -19,6 +19,8 @@ from typing import ClassVar
 from .errors import QemuStartError, QtestVirtioError
 
 DEFAULT_QEMU = "qemu-system-x86_64"
+#: Options every ``-device`` takes that are not properties (``-device NAME,help`` omits them).
+GENERIC_DEVICE_OPTIONS = frozenset({"id", "bus"})
 INSTALL_HINT = "install Debian's qemu-system-x86 (apt-get install -y qemu-system-x86), pass --qemu PATH or set QEMU"
 
 
@@ -154,7 +156,7 @@ class QemuBinary:
         """Raise UnknownFlag naming the first property ``device`` lacks, with the valid ones."""
         known = self.device_properties(device)
         for name in props:
-            if name not in known:
+            if name not in known and name not in GENERIC_DEVICE_OPTIONS:
                 raise UnknownFlag(
                     f"{device} has no property {name!r} in {self.path}; valid: {', '.join(sorted(known))}"
                 )

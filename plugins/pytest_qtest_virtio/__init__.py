@@ -1,0 +1,1 @@
+"""The qtest-virtio pytest plugin (entry point ``pytest11``: ``pytest_qtest_virtio.plugin``)."""

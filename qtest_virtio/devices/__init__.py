@@ -1,0 +1,1 @@
+"""Device drivers (blk, net, rng, console, balloon, scsi) and their feature and config layouts."""

@@ -1,0 +1,463 @@
+"""PCI enumeration, capabilities, BAR sizing and assignment, as firmware would do them.
+
+No firmware runs under qtest (``-S`` or the qtest accelerator), so every BAR is unassigned and
+every bridge unnumbered until the harness does it: bus numbers depth-first, BARs bump-allocated
+from an I/O window and a 32-bit MMIO window (64-bit BARs optionally above 4 GiB), bridge
+windows around their children, then the command register's decode enables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from ..qtest import QtestClient
+from ..registers import RegisterBlock
+from . import regs
+from .config import Bdf, Cf8Access, ConfigAccess, EcamAccess
+
+#: Address windows the harness assigns from (libqos uses the same I/O start on pc).
+IO_WINDOW = (0xC000, 0x1_0000)
+MMIO32_WINDOW = {"pc": (0xE000_0000, 0xFEC0_0000), "q35": (0xC000_0000, 0xFEC0_0000)}
+#: Above-4G window: QEMU's pci-hole64 starts at 4 GiB plus RAM above 4 GiB (none for small -m).
+MMIO64_BASE = 0x1_0000_0000
+MAX_CAPABILITIES = 48
+
+
+@dataclass
+class Bar:
+    """One base address register, as sized (and later assigned)."""
+
+    index: int
+    kind: str  # "io", "mem32" or "mem64"
+    size: int
+    prefetchable: bool = False
+    address: int | None = None
+
+    @property
+    def is_io(self) -> bool:
+        return self.kind == "io"
+
+    def describe(self) -> str:
+        where = f"at {self.address:#x}" if self.address is not None else "unassigned"
+        if self.is_io:
+            return f"I/O ports {where} [size={self.size:#x}]"
+        bits = "64-bit" if self.kind == "mem64" else "32-bit"
+        pf = "prefetchable" if self.prefetchable else "non-prefetchable"
+        return f"Memory {where} ({bits}, {pf}) [size={_human(self.size)}]"
+
+
+def _human(size: int) -> str:
+    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
+        if size >= 1 << shift and size % (1 << shift) == 0:
+            return f"{size >> shift}{unit}"
+    return str(size)
+
+
+@dataclass(frozen=True)
+class Capability:
+    """A capability found in the standard (offset < 0x100) or extended list."""
+
+    id: int
+    offset: int
+    extended: bool = False
+    version: int = 0
+
+    @property
+    def name(self) -> str:
+        if self.extended:
+            return regs.EXT_CAP_ID_NAMES.get(self.id, f"Extended capability {self.id:#06x}")
+        return regs.CAP_ID_NAMES.get(self.id, f"Capability {self.id:#04x}")
+
+
+class PciError(Exception):
+    """Malformed config space (a capability loop, a BAR that cannot be placed, ...)."""
+
+
+class PciFunction:
+    """One function: config access by register name, capabilities, BARs and their I/O."""
+
+    def __init__(self, bus: PciBus, bdf: Bdf) -> None:
+        self.pci = bus
+        self.bdf_addr = bdf
+        self.qtest = bus.qtest
+        self._config = bus.config
+        self.header_type = self.read_config(regs.TYPE0_HEADER.header_type.offset, 1)
+        self.is_bridge = (self.header_type & regs.HEADER_TYPE_MASK) == 1
+        layout = regs.TYPE1_HEADER if self.is_bridge else regs.TYPE0_HEADER
+        self.config = RegisterBlock(layout, self.read_config, self.write_config)
+        self.vendor_id = self.config.read("vendor_id")
+        self.device_id = self.config.read("device_id")
+        class_reg = self.read_config(0x08, 4)
+        self.revision_id = class_reg & 0xFF
+        #: 24-bit class code: base class, subclass, programming interface.
+        self.class_code = class_reg >> 8
+        self.bars: list[Bar] = []
+        self.rom_size = 0
+        self.secondary_bus: int | None = None
+
+    def __repr__(self) -> str:
+        return f"<PciFunction {self.bdf} {self.vendor_id:04x}:{self.device_id:04x}>"
+
+    @property
+    def bdf(self) -> str:
+        return str(self.bdf_addr)
+
+    @property
+    def base_class(self) -> int:
+        return self.class_code >> 16
+
+    @property
+    def subclass(self) -> int:
+        return (self.class_code >> 8) & 0xFF
+
+    @property
+    def prog_if(self) -> int:
+        return self.class_code & 0xFF
+
+    @property
+    def class_name(self) -> str:
+        return regs.class_name(self.base_class, self.subclass)
+
+    @property
+    def subsystem(self) -> tuple[int, int] | None:
+        if self.is_bridge:
+            return None
+        return self.config.read("subsystem_vendor_id"), self.config.read("subsystem_id")
+
+    # -- config space ---------------------------------------------------------------------
+
+    def read_config(self, offset: int, width: int) -> int:
+        return self._config.read(self.bdf_addr, offset, width)
+
+    def write_config(self, offset: int, width: int, value: int) -> None:
+        self._config.write(self.bdf_addr, offset, width, value)
+
+    def enable(self, *, io: bool = True, memory: bool = True, bus_master: bool = True) -> None:
+        """Set the command register's decode and bus-master bits (bus master lets MSI-X and
+        DMA reach guest RAM)."""
+        cmd = self.config.read("command")
+        for bit, on in (
+            (regs.COMMAND.io_space, io),
+            (regs.COMMAND.memory_space, memory),
+            (regs.COMMAND.bus_master, bus_master),
+        ):
+            cmd = bit.set(cmd, 1 if on else 0)
+        self.config.write("command", cmd)
+
+    @property
+    def command_flags(self) -> list[str]:
+        return regs.COMMAND.names_set(self.config.read("command"))
+
+    # -- capabilities ---------------------------------------------------------------------
+
+    def capabilities(self) -> list[Capability]:
+        """The standard capability list, then the extended one where config access reaches it."""
+        caps = list(self._standard_caps())
+        if self._config.size > regs.CONFIG_SPACE_SIZE and any(c.id == regs.CAP_ID_PCIE for c in caps):
+            caps += self.extended_capabilities()
+        return caps
+
+    def _standard_caps(self) -> Iterator[Capability]:
+        if not regs.STATUS.capabilities_list.get(self.config.read("status")):
+            return
+        seen: set[int] = set()
+        ptr = self.config.read("capabilities_ptr") & 0xFC
+        while ptr:
+            if ptr in seen or len(seen) >= MAX_CAPABILITIES or ptr < regs.TYPE0_HEADER.size:
+                raise PciError(f"{self.bdf}: capability list loops or points into the header at {ptr:#x}")
+            seen.add(ptr)
+            yield Capability(self.read_config(ptr + regs.CAP_HEADER.cap_id.offset, 1), ptr)
+            ptr = self.read_config(ptr + regs.CAP_HEADER.cap_next.offset, 1) & 0xFC
+
+    def extended_capabilities(self) -> list[Capability]:
+        caps: list[Capability] = []
+        ptr, seen = regs.EXT_CAP_START, set[int]()
+        while ptr:
+            header = self.read_config(ptr, 4)
+            if header in (0, 0xFFFF_FFFF) or ptr in seen or len(seen) >= MAX_CAPABILITIES:
+                break
+            seen.add(ptr)
+            fields = regs.EXT_CAP.decode(header)
+            caps.append(Capability(fields["cap_id"], ptr, extended=True, version=fields["version"]))
+            ptr = fields["next"] & 0xFFC
+        return caps
+
+    def find_capability(self, cap_id: int) -> Capability | None:
+        return next((c for c in self.capabilities() if c.id == cap_id and not c.extended), None)
+
+    def vendor_capabilities(self) -> list[Capability]:
+        return [c for c in self.capabilities() if c.id == regs.CAP_ID_VENDOR and not c.extended]
+
+    # -- BARs -----------------------------------------------------------------------------
+
+    def size_bars(self) -> list[Bar]:
+        """Size every BAR the way firmware does (write all ones, read the mask back, restore),
+        with decoding off meanwhile so the device never answers at the probe address."""
+        cmd = self.config.read("command")
+        self.config.write("command", cmd & ~(regs.COMMAND.io_space.mask | regs.COMMAND.memory_space.mask))
+        bars: list[Bar] = []
+        index = 0
+        count = regs.BAR_COUNT[1 if self.is_bridge else 0]
+        while index < count:
+            reg = regs.TYPE0_HEADER.bar0.offset + 4 * index
+            orig = self.read_config(reg, 4)
+            self.write_config(reg, 4, 0xFFFF_FFFF)
+            mask = self.read_config(reg, 4)
+            self.write_config(reg, 4, orig)
+            if mask == 0:
+                index += 1
+                continue
+            if regs.BAR.io_space.get(mask):
+                io_mask = mask & regs.BAR_IO_MASK
+                if io_mask >> 16 == 0:  # 16-bit I/O decoder: upper half reads as zero
+                    io_mask |= 0xFFFF_0000
+                bars.append(Bar(index, "io", (~io_mask & 0xFFFF_FFFF) + 1))
+                index += 1
+                continue
+            prefetch = bool(regs.BAR.prefetchable.get(mask))
+            if regs.BAR.memory_type.get(mask) == regs.BAR_MEM_TYPE_64:
+                upper = reg + 4
+                orig_hi = self.read_config(upper, 4)
+                self.write_config(upper, 4, 0xFFFF_FFFF)
+                mask_hi = self.read_config(upper, 4)
+                self.write_config(upper, 4, orig_hi)
+                full = (mask_hi << 32) | (mask & regs.BAR_MEM_MASK)
+                bars.append(Bar(index, "mem64", (~full & 0xFFFF_FFFF_FFFF_FFFF) + 1, prefetch))
+                index += 2
+            else:
+                bars.append(Bar(index, "mem32", (~(mask & regs.BAR_MEM_MASK) & 0xFFFF_FFFF) + 1, prefetch))
+                index += 1
+        rom_reg = (regs.TYPE1_HEADER if self.is_bridge else regs.TYPE0_HEADER).expansion_rom.offset
+        orig = self.read_config(rom_reg, 4)
+        self.write_config(rom_reg, 4, regs.ROM_ADDRESS_MASK)
+        rom_mask = self.read_config(rom_reg, 4) & regs.ROM_ADDRESS_MASK
+        self.write_config(rom_reg, 4, orig)
+        self.rom_size = ((~rom_mask & 0xFFFF_FFFF) + 1) if rom_mask else 0
+        self.config.write("command", cmd)
+        self.bars = bars
+        return bars
+
+    def bar(self, index: int) -> Bar:
+        for b in self.bars:
+            if b.index == index:
+                return b
+        raise PciError(f"{self.bdf} has no BAR{index} (BARs: {[b.index for b in self.bars]})")
+
+    def set_bar_address(self, bar: Bar, address: int) -> None:
+        reg = regs.TYPE0_HEADER.bar0.offset + 4 * bar.index
+        if bar.is_io:
+            self.write_config(reg, 4, address & 0xFFFF_FFFF)
+        else:
+            self.write_config(reg, 4, address & 0xFFFF_FFFF)
+            if bar.kind == "mem64":
+                self.write_config(reg + 4, 4, address >> 32)
+        bar.address = address
+
+    def _bar_address(self, index: int, offset: int, width: int) -> int:
+        bar = self.bar(index)
+        if bar.address is None:
+            raise PciError(f"{self.bdf} BAR{index} is not assigned; call pci.assign_bars() first")
+        if offset < 0 or offset + width > bar.size:
+            raise ValueError(f"{self.bdf} BAR{index}: offset {offset:#x}+{width} is outside its {bar.size:#x} bytes")
+        return bar.address + offset
+
+    def bar_read(self, index: int, offset: int, width: int) -> int:
+        """Read ``width`` bytes at ``offset`` in BAR ``index`` (port I/O or MMIO, little endian)."""
+        addr = self._bar_address(index, offset, width)
+        q = self.qtest
+        if self.bar(index).is_io:
+            if width == 8:
+                return q.inl(addr) | q.inl(addr + 4) << 32
+            return {1: q.inb, 2: q.inw, 4: q.inl}[width](addr)
+        return {1: q.readb, 2: q.readw, 4: q.readl, 8: q.readq}[width](addr)
+
+    def bar_write(self, index: int, offset: int, width: int, value: int) -> None:
+        addr = self._bar_address(index, offset, width)
+        q = self.qtest
+        if self.bar(index).is_io:
+            if width == 8:
+                q.outl(addr, value & 0xFFFF_FFFF)
+                q.outl(addr + 4, value >> 32)
+                return
+            {1: q.outb, 2: q.outw, 4: q.outl}[width](addr, value)
+            return
+        {1: q.writeb, 2: q.writew, 4: q.writel, 8: q.writeq}[width](addr, value)
+
+
+@dataclass
+class _Windows:
+    io: int
+    io_end: int
+    mmio: int
+    mmio_end: int
+    mmio64: int | None
+    placed: list[tuple[PciFunction, Bar]] = field(default_factory=list)
+
+
+def _align(value: int, alignment: int) -> int:
+    return (value + alignment - 1) & ~(alignment - 1)
+
+
+class PciBus:
+    """The PCI hierarchy of one machine: enumeration, resource assignment, lookups.
+
+    ``access`` picks the config mechanism: "cf8" (pc and q35) or "ecam" (q35 only; reaches
+    the extended config space). ``mmio64=True`` places 64-bit BARs above 4 GiB.
+    """
+
+    def __init__(
+        self, qtest: QtestClient, machine_type: str = "q35", *, access: str = "auto", mmio64: bool = False
+    ) -> None:
+        self.qtest = qtest
+        self.machine_type = "q35" if "q35" in machine_type else "pc"
+        self.mmio64 = mmio64
+        if access == "auto":
+            access = "ecam" if self.machine_type == "q35" else "cf8"
+        if access == "ecam":
+            if self.machine_type != "q35":
+                raise ValueError("ECAM needs the q35 machine (i440FX has no MMCONFIG)")
+            self.config: ConfigAccess = EcamAccess.enable_q35(qtest)
+        elif access == "cf8":
+            self.config = Cf8Access(qtest)
+        else:
+            raise ValueError(f"config access {access!r} is not 'cf8', 'ecam' or 'auto'")
+        self._functions: list[PciFunction] | None = None
+        self._next_bus = 1
+        self._assigned = False
+
+    # -- enumeration ----------------------------------------------------------------------
+
+    def devices(self) -> list[PciFunction]:
+        """Every function, depth-first from bus 0 (bridges get bus numbers on the way)."""
+        if self._functions is None:
+            self._next_bus = 1
+            self._functions = []
+            self._scan(0, self._functions)
+        return list(self._functions)
+
+    def _present(self, bdf: Bdf) -> bool:
+        return self.config.read(bdf, regs.TYPE0_HEADER.vendor_id.offset, 2) not in (0xFFFF, 0x0000)
+
+    def _scan(self, bus: int, out: list[PciFunction]) -> None:
+        for dev in range(32):
+            if not self._present(Bdf(bus, dev, 0)):
+                continue
+            first = PciFunction(self, Bdf(bus, dev, 0))
+            functions = [first]
+            if first.header_type & regs.HEADER_MULTIFUNCTION:
+                functions += [
+                    PciFunction(self, Bdf(bus, dev, fn)) for fn in range(1, 8) if self._present(Bdf(bus, dev, fn))
+                ]
+            for fn in functions:
+                out.append(fn)
+                if fn.is_bridge:
+                    self._number_bridge(fn, out)
+
+    def _number_bridge(self, bridge: PciFunction, out: list[PciFunction]) -> None:
+        secondary = self._next_bus
+        if secondary > 0xFF:
+            raise PciError("ran out of bus numbers")
+        self._next_bus += 1
+        bridge.config.write("primary_bus", bridge.bdf_addr.bus)
+        bridge.config.write("secondary_bus", secondary)
+        bridge.config.write("subordinate_bus", 0xFF)
+        self._scan(secondary, out)
+        bridge.config.write("subordinate_bus", self._next_bus - 1)
+        bridge.secondary_bus = secondary
+
+    def find(
+        self, *, vendor_id: int | None = None, device_id: int | None = None, bdf: str | None = None
+    ) -> PciFunction:
+        """The first function matching every given criterion."""
+        for fn in self.devices():
+            if vendor_id is not None and fn.vendor_id != vendor_id:
+                continue
+            if device_id is not None and fn.device_id != device_id:
+                continue
+            if bdf is not None and fn.bdf_addr != Bdf.parse(bdf):
+                continue
+            return fn
+        crit = ", ".join(
+            f"{k}={v:#06x}" if isinstance(v, int) else f"{k}={v}"
+            for k, v in (("vendor_id", vendor_id), ("device_id", device_id), ("bdf", bdf))
+            if v is not None
+        )
+        found = ", ".join(f"{f.bdf} {f.vendor_id:04x}:{f.device_id:04x}" for f in self.devices())
+        raise PciError(f"no PCI function with {crit}; found {found}")
+
+    def function(self, bdf: str) -> PciFunction:
+        return self.find(bdf=bdf)
+
+    # -- resources ------------------------------------------------------------------------
+
+    def assign_bars(self) -> list[PciFunction]:
+        """Size and place every BAR, program bridge windows, enable decode and bus mastering."""
+        if self._assigned:
+            return self.devices()
+        lo, hi = MMIO32_WINDOW[self.machine_type]
+        win = _Windows(IO_WINDOW[0], IO_WINDOW[1], lo, hi, MMIO64_BASE if self.mmio64 else None)
+        self._assign_bus(0, win)
+        self._assigned = True
+        return self.devices()
+
+    def _children(self, bus: int) -> list[PciFunction]:
+        return [f for f in self.devices() if f.bdf_addr.bus == bus]
+
+    def _assign_bus(self, bus: int, win: _Windows) -> None:
+        for fn in self._children(bus):
+            bars = fn.size_bars()
+            # Largest first keeps natural alignment from wasting the window.
+            for bar in sorted(bars, key=lambda b: -b.size):
+                self._place(fn, bar, win)
+            if fn.is_bridge and fn.secondary_bus is not None:
+                self._assign_bridge(fn, win)
+            fn.enable(io=any(b.is_io for b in fn.bars) or fn.is_bridge, memory=True, bus_master=True)
+
+    def _place(self, fn: PciFunction, bar: Bar, win: _Windows) -> None:
+        if bar.is_io:
+            addr = _align(win.io, max(bar.size, 4))
+            if addr + bar.size > win.io_end:
+                raise PciError(f"{fn.bdf} BAR{bar.index}: I/O window exhausted ({bar.size:#x} bytes)")
+            win.io = addr + bar.size
+        elif bar.kind == "mem64" and win.mmio64 is not None and fn.bdf_addr.bus == 0:
+            addr = _align(win.mmio64, max(bar.size, 16))
+            win.mmio64 = addr + bar.size
+        else:
+            addr = _align(win.mmio, max(bar.size, 16))
+            if addr + bar.size > win.mmio_end:
+                raise PciError(f"{fn.bdf} BAR{bar.index}: MMIO window exhausted ({bar.size:#x} bytes)")
+            win.mmio = addr + bar.size
+        fn.set_bar_address(bar, addr)
+        win.placed.append((fn, bar))
+
+    def _assign_bridge(self, bridge: PciFunction, win: _Windows) -> None:
+        """Children get 4 KiB-aligned I/O and 1 MiB-aligned memory windows (PCI-PCI Bridge §3.2.5)."""
+        win.io = _align(win.io, 0x1000)
+        win.mmio = _align(win.mmio, 0x10_0000)
+        io_start, mem_start = win.io, win.mmio
+        saved64, win.mmio64 = win.mmio64, None  # behind a bridge: everything in the 32-bit window
+        assert bridge.secondary_bus is not None
+        self._assign_bus(bridge.secondary_bus, win)
+        win.mmio64 = saved64
+        win.io = _align(win.io, 0x1000)
+        win.mmio = _align(win.mmio, 0x10_0000)
+        cfg = bridge.config
+        if win.io > io_start:
+            cfg.write("io_base", (io_start >> 8) & 0xF0)
+            cfg.write("io_limit", ((win.io - 1) >> 8) & 0xF0)
+            cfg.write("io_base_upper", 0)
+            cfg.write("io_limit_upper", 0)
+        else:  # base above limit closes the window
+            cfg.write("io_base", 0xF0)
+            cfg.write("io_limit", 0x00)
+        if win.mmio > mem_start:
+            cfg.write("memory_base", (mem_start >> 16) & 0xFFF0)
+            cfg.write("memory_limit", ((win.mmio - 1) >> 16) & 0xFFF0)
+        else:
+            cfg.write("memory_base", 0xFFF0)
+            cfg.write("memory_limit", 0x0000)
+        cfg.write("prefetch_base", 0xFFF0)
+        cfg.write("prefetch_limit", 0x0000)
+        cfg.write("prefetch_base_upper", 0)
+        cfg.write("prefetch_limit_upper", 0)

@@ -1,0 +1,157 @@
+"""Configuration-space access: legacy CF8/CFC ports, and ECAM (MMCONFIG) on q35.
+
+Both implement :class:`ConfigAccess`; the bus layer does not care which it uses, and the
+tests read the same registers both ways to prove they agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..qtest import QtestClient
+from . import regs
+
+CONFIG_ADDRESS_PORT = 0xCF8
+CONFIG_DATA_PORT = 0xCFC
+CONFIG_ENABLE = 0x8000_0000
+
+
+@dataclass(frozen=True, order=True)
+class Bdf:
+    """Bus/device/function address of a PCI function; prints as ``00:04.0``."""
+
+    bus: int
+    device: int
+    function: int
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.bus <= 0xFF and 0 <= self.device <= 0x1F and 0 <= self.function <= 7):
+            raise ValueError(f"invalid PCI address {self.bus}:{self.device}.{self.function}")
+
+    def __str__(self) -> str:
+        return f"{self.bus:02x}:{self.device:02x}.{self.function:x}"
+
+    @classmethod
+    def parse(cls, text: str) -> Bdf:
+        """'00:04.0' (or '0000:00:04.0')."""
+        try:
+            parts = text.split(":")
+            if len(parts) == 3:
+                parts = parts[1:]
+            bus, rest = parts
+            dev, fn = rest.split(".")
+            return cls(int(bus, 16), int(dev, 16), int(fn, 16))
+        except ValueError:
+            raise ValueError(f"{text!r} is not a PCI address like 00:04.0") from None
+
+
+def _check_access(offset: int, width: int, limit: int) -> None:
+    if width not in (1, 2, 4):
+        raise ValueError(f"config access width {width} is not 1, 2 or 4")
+    if offset < 0 or offset + width > limit:
+        raise ValueError(f"config offset {offset:#x}+{width} is outside 0..{limit:#x}")
+    if offset % width:
+        raise ValueError(f"config offset {offset:#x} is not aligned to its width {width}")
+
+
+class ConfigAccess(Protocol):
+    """Reads and writes a function's configuration space."""
+
+    #: Bytes of config space reachable (256 for CF8/CFC, 4096 for ECAM).
+    size: int
+    name: str
+
+    def read(self, bdf: Bdf, offset: int, width: int) -> int: ...
+
+    def write(self, bdf: Bdf, offset: int, width: int, value: int) -> None: ...
+
+
+class Cf8Access:
+    """Configuration mechanism #1 (PCI 3.0 §3.2.2.3.2): address to 0xCF8, data at 0xCFC+(reg&3)."""
+
+    size = regs.CONFIG_SPACE_SIZE
+    name = "CF8/CFC"
+
+    def __init__(self, qtest: QtestClient) -> None:
+        self.qtest = qtest
+
+    @staticmethod
+    def address(bdf: Bdf, offset: int) -> int:
+        return CONFIG_ENABLE | bdf.bus << 16 | bdf.device << 11 | bdf.function << 8 | (offset & 0xFC)
+
+    def read(self, bdf: Bdf, offset: int, width: int) -> int:
+        _check_access(offset, width, self.size)
+        self.qtest.outl(CONFIG_ADDRESS_PORT, self.address(bdf, offset))
+        port = CONFIG_DATA_PORT + (offset & 3)
+        if width == 1:
+            return self.qtest.inb(port)
+        if width == 2:
+            return self.qtest.inw(port)
+        return self.qtest.inl(port)
+
+    def write(self, bdf: Bdf, offset: int, width: int, value: int) -> None:
+        _check_access(offset, width, self.size)
+        self.qtest.outl(CONFIG_ADDRESS_PORT, self.address(bdf, offset))
+        port = CONFIG_DATA_PORT + (offset & 3)
+        if width == 1:
+            self.qtest.outb(port, value)
+        elif width == 2:
+            self.qtest.outw(port, value)
+        else:
+            self.qtest.outl(port, value)
+
+
+class EcamAccess:
+    """PCIe enhanced configuration access: config space as MMIO, 4 KiB per function.
+
+    On q35 the window exists only once the MCH's PCIEXBAR is programmed, which firmware does
+    and qtest never runs firmware, so :meth:`enable_q35` writes it through CF8/CFC first.
+    """
+
+    size = regs.EXT_CONFIG_SPACE_SIZE
+    name = "ECAM"
+
+    def __init__(self, qtest: QtestClient, base: int) -> None:
+        self.qtest = qtest
+        self.base = base
+
+    @classmethod
+    def enable_q35(cls, qtest: QtestClient, base: int = regs.PCIEXBAR_DEFAULT_BASE) -> EcamAccess:
+        if base & 0xFFF_FFFF:
+            raise ValueError(f"ECAM base {base:#x} must be 256 MiB aligned")
+        value = regs.PCIEXBAR.enable.set(base, 1)
+        value = regs.PCIEXBAR.length.set(value, regs.PCIEXBAR_LENGTH_256M)
+        cf8 = Cf8Access(qtest)
+        host = Bdf(0, 0, 0)
+        cf8.write(host, regs.MCH_PCIEXBAR.offset + 4, 4, value >> 32)
+        cf8.write(host, regs.MCH_PCIEXBAR.offset, 4, value & 0xFFFF_FFFF)
+        return cls(qtest, base)
+
+    def address(self, bdf: Bdf, offset: int) -> int:
+        return (
+            self.base
+            | bdf.bus << regs.ECAM_BUS_SHIFT
+            | bdf.device << regs.ECAM_DEVICE_SHIFT
+            | bdf.function << regs.ECAM_FUNCTION_SHIFT
+            | offset
+        )
+
+    def read(self, bdf: Bdf, offset: int, width: int) -> int:
+        _check_access(offset, width, self.size)
+        addr = self.address(bdf, offset)
+        if width == 1:
+            return self.qtest.readb(addr)
+        if width == 2:
+            return self.qtest.readw(addr)
+        return self.qtest.readl(addr)
+
+    def write(self, bdf: Bdf, offset: int, width: int, value: int) -> None:
+        _check_access(offset, width, self.size)
+        addr = self.address(bdf, offset)
+        if width == 1:
+            self.qtest.writeb(addr, value)
+        elif width == 2:
+            self.qtest.writew(addr, value)
+        else:
+            self.qtest.writel(addr, value)

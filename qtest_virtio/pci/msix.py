@@ -1,0 +1,137 @@
+"""MSI-X: the capability, its table and PBA, and message mailboxes in guest RAM.
+
+Under qtest there is no CPU to take an interrupt. Instead each vector's message address points
+at a word of guest RAM (with bus mastering on, the device's MSI-X write is an ordinary DMA
+write there), and the driver polls that word — the message data says which vector fired.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ..errors import QtestVirtioError
+from ..memory import GuestMemory
+from ..registers import Bits, RegisterBlock
+from . import regs
+from .bus import PciError, PciFunction
+
+#: Data word of vector N's message: never zero, so a zero mailbox means "nothing arrived".
+MESSAGE_DATA_BASE = 0x4D53_0000
+
+
+class MsixTimeout(QtestVirtioError):
+    """No MSI-X message arrived for a vector within the timeout."""
+
+
+class Msix:
+    """The MSI-X capability of one function (PCI 3.0 §6.8.2)."""
+
+    def __init__(self, fn: PciFunction) -> None:
+        cap = fn.find_capability(regs.CAP_ID_MSIX)
+        if cap is None:
+            raise PciError(f"{fn.bdf} has no MSI-X capability")
+        self.fn = fn
+        self.offset = cap.offset
+        self.cap = RegisterBlock(
+            regs.MSIX_CAP,
+            lambda off, w: fn.read_config(cap.offset + off, w),
+            lambda off, w, v: fn.write_config(cap.offset + off, w, v),
+        )
+        control = self.cap.read("message_control")
+        self.table_size = regs.MSIX_CONTROL.table_size.get(control) + 1
+        table = self.cap.read("table")
+        pba = self.cap.read("pba")
+        self.table_bar = regs.MSIX_BIR.get(table)
+        self.table_offset = table & regs.MSIX_OFFSET_MASK
+        self.pba_bar = regs.MSIX_BIR.get(pba)
+        self.pba_offset = pba & regs.MSIX_OFFSET_MASK
+        self.mailboxes: dict[int, int] = {}
+
+    # -- control --------------------------------------------------------------------------
+
+    @property
+    def enabled(self) -> bool:
+        return bool(regs.MSIX_CONTROL.enable.get(self.cap.read("message_control")))
+
+    @property
+    def function_masked(self) -> bool:
+        return bool(regs.MSIX_CONTROL.function_mask.get(self.cap.read("message_control")))
+
+    def _set_control(self, bits: Bits, on: bool) -> None:
+        control = self.cap.read("message_control")
+        self.cap.write("message_control", bits.set(control, 1 if on else 0))
+
+    def enable(self, on: bool = True) -> None:
+        self._set_control(regs.MSIX_CONTROL.enable, on)
+
+    def mask_function(self, on: bool = True) -> None:
+        self._set_control(regs.MSIX_CONTROL.function_mask, on)
+
+    # -- table and PBA --------------------------------------------------------------------
+
+    def _entry(self, vector: int) -> RegisterBlock:
+        if not 0 <= vector < self.table_size:
+            raise ValueError(f"{self.fn.bdf}: MSI-X vector {vector} is outside the table of {self.table_size}")
+        base = self.table_offset + vector * regs.MSIX_ENTRY.size
+        return RegisterBlock(
+            regs.MSIX_ENTRY,
+            lambda off, w: self.fn.bar_read(self.table_bar, base + off, w),
+            lambda off, w, v: self.fn.bar_write(self.table_bar, base + off, w, v),
+        )
+
+    def set_vector(self, vector: int, address: int, data: int, *, masked: bool = False) -> None:
+        entry = self._entry(vector)
+        entry.write("message_address", address & 0xFFFF_FFFF)
+        entry.write("message_upper_address", address >> 32)
+        entry.write("message_data", data)
+        entry.write("vector_control", regs.MSIX_VECTOR_MASKED if masked else 0)
+
+    def read_vector(self, vector: int) -> dict[str, int]:
+        return dict(self._entry(vector).dump())
+
+    def mask_vector(self, vector: int, masked: bool = True) -> None:
+        self._entry(vector).write("vector_control", regs.MSIX_VECTOR_MASKED if masked else 0)
+
+    def pending(self, vector: int) -> bool:
+        """The vector's Pending Bit Array bit: set while a message waits behind a mask."""
+        if not 0 <= vector < self.table_size:
+            raise ValueError(f"MSI-X vector {vector} is outside the table of {self.table_size}")
+        word = self.fn.bar_read(self.pba_bar, self.pba_offset + (vector // 64) * 8, 8)
+        return bool(word >> (vector % 64) & 1)
+
+    # -- mailboxes in guest RAM -----------------------------------------------------------
+
+    def route_to_ram(self, memory: GuestMemory, vectors: int | None = None) -> None:
+        """Point vectors 0..n-1 at fresh zeroed words of guest RAM and enable MSI-X."""
+        count = self.table_size if vectors is None else vectors
+        region = memory.alloc(4 * count, align=64, tag=f"msix mailboxes {self.fn.bdf}", zero=True)
+        for v in range(count):
+            self.mailboxes[v] = region + 4 * v
+            self.set_vector(v, region + 4 * v, MESSAGE_DATA_BASE + v)
+        self.enable()
+
+    def _mailbox(self, vector: int) -> int:
+        try:
+            return self.mailboxes[vector]
+        except KeyError:
+            raise ValueError(f"MSI-X vector {vector} has no mailbox; call route_to_ram() first") from None
+
+    def fired(self, vector: int, *, clear: bool = True) -> bool:
+        """Whether vector's message has landed since the last clear."""
+        addr = self._mailbox(vector)
+        value = self.fn.qtest.readl(addr)
+        if value == 0:
+            return False
+        if value != MESSAGE_DATA_BASE + vector:
+            raise PciError(f"{self.fn.bdf}: MSI-X mailbox of vector {vector} holds {value:#x}, not its message data")
+        if clear:
+            self.fn.qtest.writel(addr, 0)
+        return True
+
+    def wait(self, vector: int, timeout: float = 5.0) -> None:
+        """Poll vector's mailbox until its message lands (then clear it), or raise MsixTimeout."""
+        deadline = time.monotonic() + timeout
+        while not self.fired(vector):
+            if time.monotonic() > deadline:
+                raise MsixTimeout(f"{self.fn.bdf}: no MSI-X message on vector {vector} within {timeout:g} s")
+            time.sleep(0.0005)

@@ -1,0 +1,185 @@
+"""virtio-pci register layouts and names, as data (virtio 1.2 §4.1.4 and §2, §6).
+
+Both register layouts of virtio-pci are declared here once: the modern vendor capabilities
+(common, notify, ISR, device and PCI-cfg-access windows) and the legacy I/O BAR.
+"""
+
+from __future__ import annotations
+
+from ..registers import BitLayout, Bits, Field, Layout
+
+VIRTIO_PCI_VENDOR_ID = 0x1AF4
+#: Transitional device IDs are 0x1000..0x103F; modern ones 0x1040 + virtio device ID (§4.1.2).
+TRANSITIONAL_ID_RANGE = range(0x1000, 0x1040)
+MODERN_ID_BASE = 0x1040
+
+#: struct virtio_pci_cap, virtio 1.2 §4.1.4.
+VIRTIO_PCI_CAP = Layout(
+    "virtio_pci_cap",
+    [
+        Field("cap_vndr", 0, 1),
+        Field("cap_next", 1, 1),
+        Field("cap_len", 2, 1),
+        Field("cfg_type", 3, 1),
+        Field("bar", 4, 1),
+        Field("id", 5, 1),
+        Field("offset", 8, 4),
+        Field("length", 12, 4),
+    ],
+    size=16,
+)
+#: struct virtio_pci_notify_cap adds the multiplier, §4.1.4.4.
+VIRTIO_PCI_NOTIFY_CAP = Layout(
+    "virtio_pci_notify_cap", [*VIRTIO_PCI_CAP, Field("notify_off_multiplier", 16, 4)], size=20
+)
+#: struct virtio_pci_cfg_cap adds a data window onto any BAR, §4.1.4.9.
+VIRTIO_PCI_CFG_CAP = Layout("virtio_pci_cfg_cap", [*VIRTIO_PCI_CAP, Field("pci_cfg_data", 16, 4)], size=20)
+
+CFG_TYPE_COMMON = 1
+CFG_TYPE_NOTIFY = 2
+CFG_TYPE_ISR = 3
+CFG_TYPE_DEVICE = 4
+CFG_TYPE_PCI = 5
+CFG_TYPE_SHARED_MEMORY = 8
+CFG_TYPE_VENDOR = 9
+CFG_TYPE_NAMES = {
+    CFG_TYPE_COMMON: "common_cfg",
+    CFG_TYPE_NOTIFY: "notify_cfg",
+    CFG_TYPE_ISR: "isr_cfg",
+    CFG_TYPE_DEVICE: "device_cfg",
+    CFG_TYPE_PCI: "pci_cfg",
+    CFG_TYPE_SHARED_MEMORY: "shared_memory_cfg",
+    CFG_TYPE_VENDOR: "vendor_cfg",
+}
+
+#: struct virtio_pci_common_cfg, virtio 1.2 §4.1.4.3 (queue_notify_data, queue_reset: 1.2).
+COMMON_CFG = Layout(
+    "common_cfg",
+    [
+        Field("device_feature_select", 0x00, 4),
+        Field("device_feature", 0x04, 4),
+        Field("driver_feature_select", 0x08, 4),
+        Field("driver_feature", 0x0C, 4),
+        Field("config_msix_vector", 0x10, 2),
+        Field("num_queues", 0x12, 2),
+        Field("device_status", 0x14, 1),
+        Field("config_generation", 0x15, 1),
+        Field("queue_select", 0x16, 2),
+        Field("queue_size", 0x18, 2),
+        Field("queue_msix_vector", 0x1A, 2),
+        Field("queue_enable", 0x1C, 2),
+        Field("queue_notify_off", 0x1E, 2),
+        Field("queue_desc", 0x20, 8),
+        Field("queue_driver", 0x28, 8),
+        Field("queue_device", 0x30, 8),
+        Field("queue_notify_data", 0x38, 2),
+        Field("queue_reset", 0x3A, 2),
+    ],
+    size=0x3C,
+)
+
+#: The legacy I/O BAR header, virtio 1.2 §4.1.4.10; with MSI-X enabled two vector registers
+#: follow and the device-specific config moves from 0x14 to 0x18.
+LEGACY_CFG = Layout(
+    "legacy_cfg",
+    [
+        Field("device_features", 0x00, 4),
+        Field("driver_features", 0x04, 4),
+        Field("queue_address", 0x08, 4),
+        Field("queue_size", 0x0C, 2),
+        Field("queue_select", 0x0E, 2),
+        Field("queue_notify", 0x10, 2),
+        Field("device_status", 0x12, 1),
+        Field("isr_status", 0x13, 1),
+        Field("config_msix_vector", 0x14, 2),
+        Field("queue_msix_vector", 0x16, 2),
+    ],
+    size=0x18,
+)
+LEGACY_DEVICE_CFG_OFFSET = 0x14
+LEGACY_DEVICE_CFG_OFFSET_MSIX = 0x18
+#: Legacy queue addresses are page frame numbers of 4096-byte pages (§4.1.4.10).
+LEGACY_QUEUE_ALIGN_SHIFT = 12
+
+#: ISR status bits, §4.1.4.5.
+ISR = BitLayout("isr", [Bits("queue_interrupt", 0), Bits("config_change", 1)])
+
+#: Device status bits, §2.1.
+STATUS = BitLayout(
+    "device_status",
+    [
+        Bits("ACKNOWLEDGE", 0),
+        Bits("DRIVER", 1),
+        Bits("DRIVER_OK", 2),
+        Bits("FEATURES_OK", 3),
+        Bits("DEVICE_NEEDS_RESET", 6),
+        Bits("FAILED", 7),
+    ],
+)
+
+VIRTIO_MSI_NO_VECTOR = 0xFFFF
+
+#: Reserved (device-independent) feature bits, §6, named without the VIRTIO_F_ prefix.
+FEATURE_BITS: dict[int, str] = {
+    24: "NOTIFY_ON_EMPTY",
+    27: "ANY_LAYOUT",
+    28: "INDIRECT_DESC",
+    29: "EVENT_IDX",
+    30: "BAD_FEATURE",
+    32: "VERSION_1",
+    33: "ACCESS_PLATFORM",
+    34: "RING_PACKED",
+    35: "IN_ORDER",
+    36: "ORDER_PLATFORM",
+    37: "SR_IOV",
+    38: "NOTIFICATION_DATA",
+    39: "NOTIF_CONFIG_DATA",
+    40: "RING_RESET",
+}
+
+#: Virtio device IDs, §5.
+DEVICE_TYPES: dict[int, str] = {
+    1: "net",
+    2: "block",
+    3: "console",
+    4: "entropy",
+    5: "balloon",
+    8: "scsi",
+    9: "9p",
+    16: "gpu",
+    18: "input",
+    19: "vsock",
+    20: "crypto",
+    26: "fs",
+    27: "pmem",
+}
+#: Transitional PCI device IDs, §4.1.2.3.
+TRANSITIONAL_DEVICE_TYPES: dict[int, int] = {
+    0x1000: 1,
+    0x1001: 2,
+    0x1002: 5,
+    0x1003: 3,
+    0x1004: 8,
+    0x1005: 4,
+    0x1009: 9,
+}
+
+
+def virtio_device_type(pci_device_id: int, subsystem_id: int | None = None) -> int | None:
+    """The virtio device ID of a virtio-pci function (None if it is not one)."""
+    if pci_device_id >= MODERN_ID_BASE:
+        return pci_device_id - MODERN_ID_BASE
+    if pci_device_id in TRANSITIONAL_ID_RANGE:
+        # Legacy drivers identify the type by the subsystem ID (§4.1.2.3).
+        return subsystem_id if subsystem_id else TRANSITIONAL_DEVICE_TYPES.get(pci_device_id)
+    return None
+
+
+def feature_names(bits: int, device_bits: dict[int, str] | None = None) -> list[str]:
+    """Names of the set bits, device-specific names first, unknown ones as ``bit N``."""
+    names = []
+    table = {**(device_bits or {}), **FEATURE_BITS}
+    for n in range(64):
+        if bits >> n & 1:
+            names.append(table.get(n, f"bit {n}"))
+    return names
