@@ -146,8 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
-        parser.print_help(sys.stderr)
-        return EXIT_USAGE
+        parser.error("a COMMAND is required (probe, flags); see qtest-virtio --help")
     try:
         return int(args.func(args))
     except UsageError as exc:

@@ -12,6 +12,7 @@ VIRTIO_PCI_VENDOR_ID = 0x1AF4
 #: Transitional device IDs are 0x1000..0x103F; modern ones 0x1040 + virtio device ID (§4.1.2).
 TRANSITIONAL_ID_RANGE = range(0x1000, 0x1040)
 MODERN_ID_BASE = 0x1040
+MODERN_ID_RANGE = range(MODERN_ID_BASE, 0x1080)
 
 #: struct virtio_pci_cap, virtio 1.2 §4.1.4.
 VIRTIO_PCI_CAP = Layout(
@@ -167,7 +168,7 @@ TRANSITIONAL_DEVICE_TYPES: dict[int, int] = {
 
 def virtio_device_type(pci_device_id: int, subsystem_id: int | None = None) -> int | None:
     """The virtio device ID of a virtio-pci function (None if it is not one)."""
-    if pci_device_id >= MODERN_ID_BASE:
+    if pci_device_id in MODERN_ID_RANGE:
         return pci_device_id - MODERN_ID_BASE
     if pci_device_id in TRANSITIONAL_ID_RANGE:
         # Legacy drivers identify the type by the subsystem ID (§4.1.2.3).

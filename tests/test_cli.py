@@ -1,0 +1,104 @@
+"""`qtest-virtio` as a user runs it: the installed console script, real QEMU, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from qtest_virtio.cli import UsageError, split_device_option
+
+EXE = shutil.which("qtest-virtio")
+pytestmark = pytest.mark.skipif(EXE is None, reason="qtest-virtio console script not installed (pip install -e .)")
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    assert EXE
+    return subprocess.run([EXE, *args], capture_output=True, text=True, timeout=60, env=env, check=False)
+
+
+def test_split_device_option() -> None:
+    assert split_device_option("virtio-blk-pci") == ("virtio-blk-pci", {})
+    assert split_device_option("virtio-blk-pci,serial=a,,b,event_idx=off") == (
+        "virtio-blk-pci",
+        {"serial": "a,b", "event_idx": "off"},
+    )
+    with pytest.raises(UsageError, match="PROP=VALUE"):
+        split_device_option("virtio-blk-pci,event_idx")
+    with pytest.raises(UsageError):
+        split_device_option(",x=1")
+
+
+def test_probe_prints_functions_bars_and_virtio_caps(qemu_binary) -> None:
+    res = run(
+        "probe",
+        "--qemu",
+        qemu_binary.path,
+        "--device",
+        "virtio-blk-pci",
+        "--device",
+        "virtio-rng-pci,disable-legacy=on",
+        "--device",
+        "virtio-net-pci,disable-modern=on",
+    )
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "00:00.0 Host bridge [0600]: Intel Corporation [8086:29c0]" in out
+    assert "[1af4:1001]" in out and "[1af4:1044]" in out and "[1af4:1000]" in out
+    assert "Region 0: I/O ports at 0xc000" in out
+    for name in ("common_cfg", "notify_cfg", "isr_cfg", "device_cfg", "pci_cfg"):
+        assert f"virtio {name}: BAR=" in out
+    assert "multiplier=4" in out
+    assert "block device (type 2), transitional" in out
+    assert "entropy device (type 4), modern-only" in out
+    assert "net device (type 1), legacy-only" in out
+    assert "VERSION_1" in out and "MRG_RXBUF" in out
+
+
+def test_probe_json_on_pc(qemu_binary) -> None:
+    res = run(
+        "probe", "--qemu", qemu_binary.path, "--machine", "pc", "--json", "--device", "virtio-blk-pci,event_idx=off"
+    )
+    assert res.returncode == 0, res.stderr
+    functions = json.loads(res.stdout)
+    assert functions[0]["vendor_id"] == 0x8086 and functions[0]["device_id"] == 0x1237
+    blk = next(f for f in functions if f["vendor_id"] == 0x1AF4)
+    assert blk["virtio"]["kind"] == "transitional"
+    assert "EVENT_IDX" not in blk["virtio"]["offered_features"]["modern"]
+    assert all(b["address"] is not None for b in blk["bars"])
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["probe", "--device", "virtio-blkk"], 125, "did you mean virtio-blk-pci"),
+        (["probe", "--device", "virtio-blk-pci,foo=1"], 125, "valid: "),
+        (["probe", "--qemu", "/nonexistent/qemu"], 125, "apt-get install -y qemu-system-x86"),
+        (["probe", "--bogus"], 128, "unrecognized arguments"),
+        (["probe", "--device", "virtio-blk-pci,event_idx"], 128, "is not PROP=VALUE"),
+        ([], 128, "usage"),
+    ],
+)
+def test_bad_input_exit_codes(qemu_binary, args, code, message) -> None:
+    res = run(*args)
+    assert res.returncode == code, res.stderr
+    assert message in res.stderr
+    assert res.stderr.count("\n") <= 3  # one clear line (plus usage), never a traceback
+    assert "Traceback" not in res.stderr
+
+
+def test_missing_qemu_on_path() -> None:
+    env = {**os.environ, "PATH": "/nonexistent", "QEMU": ""}
+    res = run("probe", env=env)
+    assert res.returncode == 125
+    assert "not found on PATH" in res.stderr
+
+
+def test_flags_lists_properties_with_defaults(qemu_binary) -> None:
+    res = run("flags", "--qemu", qemu_binary.path, "--device", "virtio-rng-pci")
+    assert res.returncode == 0, res.stderr
+    assert "event_idx=<bool> (default: true)" in res.stdout
+    assert "packed=<bool> (default: false)" in res.stdout
