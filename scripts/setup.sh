@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Set up qtest-virtio on a Debian machine: QEMU (Debian's qemu-system-x86) when missing, then the
+# package with its dev extras, editable. Safe to run again. Works from any directory.
+#
+#   bash scripts/setup.sh          # set up only
+#   bash scripts/setup.sh --run    # set up, then run the main job (qtest-virtio probe ...)
+set -euo pipefail
+
+usage() { echo "usage: bash scripts/setup.sh [--run]" >&2; }
+
+run=0
+for arg in "$@"; do
+    case "$arg" in
+        --run) run=1 ;;
+        -h | --help) usage; exit 0 ;;
+        *) echo "setup.sh: unknown argument: $arg" >&2; usage; exit 2 ;;
+    esac
+done
+
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo_root"
+
+# apt-get as root: directly when we are root, else through sudo; one clear line when neither works.
+apt_install() {
+    local sudo=()
+    if [ "$EUID" -ne 0 ]; then
+        if ! command -v sudo >/dev/null 2>&1; then
+            echo "setup.sh: need $* but cannot install it: not root and no sudo; as root run: apt-get install -y $*" >&2
+            exit 1
+        fi
+        sudo=(sudo)
+    fi
+    echo "setup.sh: installing $* (apt-get)"
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+if command -v qemu-system-x86_64 >/dev/null 2>&1; then
+    echo "setup.sh: QEMU found: $(command -v qemu-system-x86_64)"
+else
+    apt_install qemu-system-x86
+    if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
+        echo "setup.sh: qemu-system-x86 installed but qemu-system-x86_64 is still not on PATH" >&2
+        exit 1
+    fi
+fi
+
+# Debian's own python3 comes without pip and refuses system-wide installs (PEP 668). The quick start
+# runs `python3 -m pytest` with that same python3, so the package has to go there.
+if ! python3 -m pip --version >/dev/null 2>&1; then
+    apt_install python3-pip
+fi
+if python3 -c 'import sys, sysconfig, os; sys.exit(not os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")))'; then
+    echo "setup.sh: python3 is externally managed (Debian); installing into it anyway (PIP_BREAK_SYSTEM_PACKAGES=1)"
+    export PIP_BREAK_SYSTEM_PACKAGES=1
+fi
+
+echo "setup.sh: installing qtest-virtio (editable, with dev extras)"
+PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+
+if [ "$run" -eq 1 ]; then
+    exec qtest-virtio probe \
+        --device virtio-blk-pci \
+        --device virtio-rng-pci,disable-legacy=on \
+        --device virtio-net-pci,disable-modern=on
+fi
