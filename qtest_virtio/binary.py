@@ -131,8 +131,10 @@ class QemuBinary:
     def device_properties(self, device: str) -> dict[str, PropertyInfo]:
         """Properties of ``device`` with type and default; raises UnknownFlag for a bad device."""
         if device not in self._properties:
+            if device not in self.devices:
+                raise self.unknown_device(device)
             res = self._run("-device", f"{device},help")
-            if res.returncode != 0:
+            if res.returncode != 0 or "not found" in res.stderr:  # 7.2 exits 0 on an unknown name
                 raise self.unknown_device(device)
             props: dict[str, PropertyInfo] = {}
             for line in res.stdout.splitlines():

@@ -92,9 +92,10 @@ class DeviceSpec:
     def id(self) -> str:
         return self.props["id"]
 
-    def option(self) -> str:
-        """The ``-device`` argument, every value escaped."""
-        parts = [self.driver] + [f"{k}={escape_option_value(v)}" for k, v in self.props.items()]
+    def option(self, extra: Mapping[str, str] | None = None) -> str:
+        """The ``-device`` argument, every value escaped (``extra``: harness-made wiring)."""
+        props = {**self.props, **(extra or {})}
+        parts = [self.driver] + [f"{k}={escape_option_value(v)}" for k, v in props.items()]
         return ",".join(parts)
 
 
@@ -198,23 +199,70 @@ class MachineSpec:
         raise KeyError(f"no device with id {dev_id!r}; ids: {', '.join(d.id for d in self.devices)}")
 
 
-def _backend_args(dev: DeviceSpec, workdir: str) -> list[str]:
-    """Create the backend a device needs and wire it in; returns extra argv."""
+def _backend_args(dev: DeviceSpec, workdir: str) -> tuple[list[str], list[str], dict[str, str]]:
+    """Create the backend a device needs; returns (argv, reproducer argv, device properties
+    that wire it in). The spec itself is not changed, so it can start any number of machines.
+
+    A reproducer must still start after teardown deleted the workdir, so there a scratch
+    image becomes an equally sized, zero-reading null-co node (a fresh image reads zeros too).
+    """
     if dev.driver.startswith("virtio-blk") and "drive" not in dev.props:
         node = f"{dev.id}-backend"
         kind = dev.backend or "image"
         if kind == "null":
             opt = f"driver=null-co,node-name={node},read-zeroes=on,size={dev.image_size}"
-        else:
-            path = kind
-            if kind == "image":
-                path = os.path.join(workdir, f"{dev.id}.img")
-                with open(path, "wb") as f:
-                    f.truncate(dev.image_size)
+            repro = opt
+        elif kind == "image":
+            path = os.path.join(workdir, f"{dev.id}.img")
+            with open(path, "wb") as f:
+                f.truncate(dev.image_size)
             opt = f"driver=raw,node-name={node},file.driver=file,file.filename={escape_option_value(path)}"
-        dev.props["drive"] = node
-        return ["-blockdev", opt]
-    return []
+            repro = f"driver=raw,node-name={node},file.driver=null-co,file.read-zeroes=on,file.size={dev.image_size}"
+        else:  # a path to an existing image, which outlives the test
+            opt = f"driver=raw,node-name={node},file.driver=file,file.filename={escape_option_value(kind)}"
+            repro = opt
+        return ["-blockdev", opt], ["-blockdev", repro], {"drive": node}
+    return [], [], {}
+
+
+#: Reset-vector code of the halt firmware: cli; hlt; jmp short back to the hlt.
+_HALT_VECTOR = bytes([0xFA, 0xF4, 0xEB, 0xFD])
+_HALT_ROM_SIZE = 64 * 1024
+
+
+def halt_firmware() -> str:
+    """Path of a 64 KiB firmware whose reset vector halts the CPU for good (interrupts off).
+
+    Debian's QEMU has no qtest accelerator, so the machine is TCG started with ``-S``. Some
+    devices act only while the run state is RUNNING (virtio-rng's chr_read, virtio-net's
+    receive path), but letting SeaBIOS run would assign BARs and write RAM behind our back.
+    With this firmware ``cont`` gives a running machine whose only vCPU instruction is hlt.
+    Kept in the user's cache directory so a reproducer command line stays valid.
+    """
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    rom = bytearray(b"\xf4" * _HALT_ROM_SIZE)
+    rom[-16 : -16 + len(_HALT_VECTOR)] = _HALT_VECTOR
+    for directory in (
+        os.path.join(cache, "qtest-virtio"),
+        os.path.join(tempfile.gettempdir(), f"qtest-virtio-{os.getuid()}"),
+    ):
+        path = os.path.join(directory, "halt-firmware-v1.rom")
+        try:
+            with open(path, "rb") as f:
+                if f.read() == rom:
+                    return path
+        except OSError:
+            pass
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            tmp = f"{path}.{os.getpid()}"
+            with open(tmp, "wb") as f:
+                f.write(rom)
+            os.replace(tmp, path)
+            return path
+        except OSError:
+            continue
+    raise QemuStartError("cannot write the halt firmware to the cache or temp directory")
 
 
 @dataclass
@@ -240,13 +288,20 @@ def build_argv(spec: MachineSpec, binary: QemuBinary, workdir: str) -> LaunchPla
     ]
     # Debian builds lack the qtest accelerator: TCG with -S keeps firmware and vCPUs from ever
     # running, so RAM stays zero and BARs unassigned (virtio-facts.md).
-    accel = ["-accel", "qtest"] if binary.has_qtest_accel else ["-accel", "tcg", "-S"]
+    # running, so RAM stays zero and BARs unassigned (virtio-facts.md); the halt firmware lets
+    # resume() make the run state RUNNING without any guest code beyond hlt.
+    if binary.has_qtest_accel:
+        accel = ["-accel", "qtest"]
+    else:
+        accel = ["-accel", "tcg", "-S", "-bios", halt_firmware()]
     backends: list[str] = []
-    for dev in spec.devices:
-        backends += _backend_args(dev, workdir)
+    repro_backends: list[str] = []
     devices: list[str] = []
     for dev in spec.devices:
-        devices += ["-device", dev.option()]
+        args, repro_args, wiring = _backend_args(dev, workdir)
+        backends += args
+        repro_backends += repro_args
+        devices += ["-device", dev.option(wiring)]
     qtest = os.path.join(workdir, "qtest.sock")
     qmp = os.path.join(workdir, "qmp.sock")
     # On 7.2 `-qtest chardev:NAME` only works when the chardev id is literally "qtest".
@@ -263,7 +318,7 @@ def build_argv(spec: MachineSpec, binary: QemuBinary, workdir: str) -> LaunchPla
         "chardev=qmp,mode=control",
     ]
     argv = common + accel + backends + devices + spec.extra_args + channels
-    repro = common + accel + backends + devices + spec.extra_args + ["-qtest", "stdio"]
+    repro = common + accel + repro_backends + devices + spec.extra_args + ["-qtest", "stdio"]
     return LaunchPlan(argv, repro)
 
 
@@ -343,6 +398,7 @@ class QemuMachine:
         self._qmp: QEMUMonitorProtocol | None = None
         self._qmp_sock: socket.socket | None = None
         self._stopping = False
+        self._running = False
         self._finalizer: Callable[[], object] | None = None
         self.crash: QemuCrashed | None = None
 
@@ -438,9 +494,9 @@ class QemuMachine:
         return conns
 
     def _start_error(self, what: str) -> QemuStartError:
-        if self._proc is not None:
+        if self._proc is not None and "did not connect" not in what:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                self._proc.wait(2)
+                self._proc.wait(2)  # it is exiting: let its last words reach stderr
         stderr = self.stderr_text()
         qemu_lines = [line for line in stderr.splitlines() if line.strip()]
         msg = qemu_lines[-1] if qemu_lines else what
@@ -487,15 +543,23 @@ class QemuMachine:
             return
         self._stopping = True
         died_early = False
+        self._signals_sent: set[int] = set()
         try:
             proc = self._proc
             if proc is not None:
                 died_early = proc.poll() is not None
-                if not died_early and self._qmp_sock is not None:
+                # A QEMU that already failed to answer qtest in time gets no QMP round: it
+                # would only spend the same timeout again before the signals.
+                hung = self._qtest is not None and self._qtest.timed_out
+                quit_sent = False
+                if not died_early and not hung and self._qmp_sock is not None:
                     with contextlib.suppress(Exception):
-                        self.qmp.settimeout(2.0)
-                        self.qmp.cmd("quit")
-                self._wait_or_kill(proc)
+                        if self._qmp is None:
+                            self._qmp = self._connect_qmp(2.0)
+                        self._qmp.settimeout(2.0)
+                        self._qmp.cmd("quit")
+                        quit_sent = True
+                self._wait_or_kill(proc, quit_sent=quit_sent)
         finally:
             self._close_channels()
             crash = self._check_crash(died_early)
@@ -506,11 +570,16 @@ class QemuMachine:
         if crash is not None and check:
             raise crash
 
-    def _wait_or_kill(self, proc: subprocess.Popen[bytes]) -> None:
-        for sig, grace in ((None, 3.0), (signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):
+    def _wait_or_kill(self, proc: subprocess.Popen[bytes], *, quit_sent: bool) -> None:
+        """Wait for the quit to take effect, then SIGTERM, then SIGKILL."""
+        steps: list[tuple[signal.Signals | None, float]] = [(signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)]
+        if quit_sent:
+            steps.insert(0, (None, 3.0))
+        for sig, grace in steps:
             if sig is not None and proc.poll() is None:
                 with contextlib.suppress(OSError):
                     proc.send_signal(sig)
+                    self._signals_sent.add(sig)
             try:
                 proc.wait(grace)
                 return
@@ -534,10 +603,16 @@ class QemuMachine:
             return None
         rc = self._proc.returncode
         markers = [line for line in self.stderr_text().splitlines() if any(m in line for m in CRASH_MARKERS)]
-        if died_early or markers:
-            reason = markers[0].strip() if markers else "QEMU exited before the harness stopped it"
+        foreign_signal = rc is not None and rc < 0 and -rc not in getattr(self, "_signals_sent", set())
+        if died_early or markers or foreign_signal:
+            if markers:
+                reason = markers[0].strip()
+            elif died_early:
+                reason = "QEMU exited before the harness stopped it"
+            else:
+                reason = "QEMU died by a signal the harness did not send, while stopping"
             self.crash = QemuCrashed(
-                f"QEMU died: {reason}" if died_early else f"QEMU reported: {reason}",
+                f"QEMU died: {reason}" if died_early or foreign_signal else f"QEMU reported: {reason}",
                 returncode=rc,
                 stderr_tail=self.stderr_tail(),
                 last_commands=self._qtest.last_commands() if self._qtest else [],
@@ -559,11 +634,28 @@ class QemuMachine:
         if self._qmp is None:
             if self._qmp_sock is None:
                 raise RuntimeError("machine not started")
-            qmp = QEMUMonitorProtocol(self._qmp_sock)
-            qmp.settimeout(self.spec.command_timeout)
-            qmp.connect(negotiate=True)
-            self._qmp = qmp
+            self._qmp = self._connect_qmp(self.spec.command_timeout)
         return self._qmp
+
+    def _connect_qmp(self, timeout: float) -> QEMUMonitorProtocol:
+        """Negotiate QMP within ``timeout``: qemu.qmp's sync connect() has no timeout of its
+        own, and a hung or stopped QEMU would block it forever."""
+        assert self._qmp_sock is not None
+        qmp = QEMUMonitorProtocol(self._qmp_sock)
+        qmp.settimeout(timeout)
+        client = qmp._qmp  # the async QMPClient the sync wrapper drives
+        client.await_greeting = True
+        client.negotiate = True
+        try:
+            qmp._sync(client.connect(self._qmp_sock), timeout)
+        except TimeoutError:
+            raise QemuCrashed(
+                f"QEMU did not answer QMP negotiation within {timeout:g} s (hung or stopped)",
+                returncode=self.returncode,
+                stderr_tail=self.stderr_tail(),
+                command_line=self.command_line(),
+            ) from None
+        return qmp
 
     @property
     def pid(self) -> int:
@@ -601,6 +693,18 @@ class QemuMachine:
         elided = any("... (" in c for c in cmds)
         note = "\n# (bulk data of long commands elided)" if elided else ""
         return f"cat << EOF | {self.command_line()}\n" + "\n".join(cmds) + f"\nEOF{note}"
+
+    def resume(self) -> None:
+        """Make the run state RUNNING (devices such as virtio-rng and virtio-net's receive
+        path only work then). Without the qtest accelerator this starts the vCPU on the halt
+        firmware, which stops it at its first instruction. Idempotent."""
+        if self._running:
+            return
+        if not self.binary.has_qtest_accel:
+            status = self.qmp.cmd("query-status")
+            if isinstance(status, dict) and status.get("status") != "running":
+                self.qmp.cmd("cont")
+        self._running = True
 
     def version(self) -> dict[str, object]:
         """QMP ``query-version`` of the running QEMU."""

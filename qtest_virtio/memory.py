@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 
 from .errors import QtestVirtioError
-from .qtest import QtestClient
+from .qtest import CommandBatch, QtestClient
 
 RAM_START = 1 << 20
 #: Highest RAM address below 4 GiB on both pc and q35, whatever -m says (q35 puts its ECAM
@@ -99,6 +99,33 @@ class GuestMemory:
         if i > 0 and self._free[i - 1][0] + self._free[i - 1][1] == self._free[i][0]:
             self._free[i - 1] = (self._free[i - 1][0], self._free[i - 1][1] + self._free[i][1])
             del self._free[i]
+
+    # -- access (little-endian guest words; x86 is the only target here) ----------------------
+
+    def read(self, addr: int, size: int) -> bytes:
+        return self.qtest.memread(addr, size)
+
+    def write(self, addr: int, data: bytes) -> None:
+        self.qtest.memwrite(addr, data)
+
+    def read16(self, addr: int) -> int:
+        return self.qtest.readw(addr)
+
+    def read32(self, addr: int) -> int:
+        return self.qtest.readl(addr)
+
+    def read64(self, addr: int) -> int:
+        return self.qtest.readq(addr)
+
+    def write16(self, addr: int, value: int) -> None:
+        self.qtest.writew(addr, value)
+
+    def write32(self, addr: int, value: int) -> None:
+        self.qtest.writel(addr, value)
+
+    def batch(self) -> CommandBatch:
+        """Collect writes and send them pipelined, in order, in one round trip."""
+        return self.qtest.batch()
 
     def owner(self, addr: int) -> Allocation | None:
         """The allocation containing ``addr`` (for reports: "this address is the avail ring")."""

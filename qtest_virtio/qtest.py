@@ -85,10 +85,11 @@ class QtestClient:
         log: TextIO | None = None,
     ) -> None:
         self._sock = sock
-        # Timeout mode: send/recv wait inside C (poll) for single commands; the pipeline
-        # selects before each call, so its sends and receives never block.
-        self._sock.settimeout(timeout)
         self.timeout = timeout
+        #: Replies still owed for commands that timed out: dropped when they arrive, so a late
+        #: reply is never taken for the next command's.
+        self._stale_replies = 0
+        self._closed_reason = "already closed"
         self._buf = bytearray()
         self._scan = 0
         self._dead_hook = dead_hook
@@ -103,6 +104,44 @@ class QtestClient:
         self._endianness: str | None = None
 
     # -- plumbing -------------------------------------------------------------------------
+
+    @property
+    def timeout(self) -> float:
+        """Seconds without progress before a command raises QtestTimeout."""
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, value: float) -> None:
+        if value <= 0:
+            raise ValueError(f"timeout must be positive, not {value}")
+        self._timeout = value
+        # Timeout mode: send/recv wait inside C (poll) for single commands; the pipeline
+        # selects before each call, so its sends and receives never block.
+        self._sock.settimeout(value)
+
+    @property
+    def timed_out(self) -> bool:
+        """Whether a command ever timed out on this connection (QEMU hung or stopped)."""
+        return self._stale_replies > 0 or self._closed_reason.startswith("closed after a timeout")
+
+    def _timed_out(self, owed: int, *, cut: bool) -> None:
+        """Remember the replies still owed; if a command was only partly sent, the stream is
+        cut mid-line and nothing sent later could be parsed by QEMU: close it."""
+        self._stale_replies += owed
+        if cut:
+            self._closed_reason = "closed after a timeout in the middle of sending a command"
+            self.close()
+
+    def _take_line(self, line: bytes) -> bool:
+        """Whether ``line`` is a reply for the caller (IRQ lines and stale replies are not)."""
+        if line.startswith(b"IRQ "):
+            self._record_irq(line)
+            return False
+        if self._stale_replies:
+            self._stale_replies -= 1
+            self.history.append(("(reply of a command that timed out)", line[:_HISTORY_TEXT].decode(errors="replace")))
+            return False
+        return True
 
     def close(self) -> None:
         if not self._closed:
@@ -136,7 +175,7 @@ class QtestClient:
         timeout is for lack of progress, so a long bulk transfer never times out while moving.
         """
         if self._closed:
-            raise self._dead("qtest connection already closed")
+            raise self._dead(f"qtest connection {self._closed_reason}")
         sock = self._sock
         view = memoryview(payload)
         total = len(view)
@@ -155,18 +194,15 @@ class QtestClient:
                     line = mv[:i].tobytes()
                 del buf[: i + 1]
                 self._scan = 0
-                if line.startswith(b"IRQ "):
-                    self._record_irq(line)
-                else:
+                if self._take_line(line):
                     lines.append(line)
             if len(lines) == wanted:
                 return lines
             remaining = deadline - time.monotonic()
             pending = commands[len(lines)]
-            if remaining <= 0:
-                raise QtestTimeout(_short(pending), self.timeout)
-            readable, writable, _ = select.select([sock], [sock] if sent < total else [], [], remaining)
+            readable, writable, _ = select.select([sock], [sock] if sent < total else [], [], max(remaining, 0))
             if not readable and not writable:
+                self._timed_out(wanted - len(lines), cut=sent < total)
                 raise QtestTimeout(_short(pending), self.timeout)
             if writable:
                 try:
@@ -222,21 +258,26 @@ class QtestClient:
             raise ValueError(f"malformed qtest command {command!r}: one line, single spaces")
         data = command.encode("ascii") + b"\n"
         self.commands_sent += 1
-        if len(data) > 4096 or self._closed:
+        if len(data) > 4096 or self._closed or self._stale_replies:
             (line,) = self._exchange((command,), data)
             return self._payload(command, line)
         # Fast path for one short command: the per-op latency budget is a few microseconds.
         buf = self._buf
         try:
             self._sock.sendall(data)
+        except TimeoutError:
+            self._timed_out(1, cut=True)
+            raise QtestTimeout(command, self.timeout) from None
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise self._dead(f"QEMU closed the qtest socket ({exc.strerror})") from None
+        try:
             while True:
                 i = buf.find(b"\n", self._scan)
                 if i >= 0:
                     line = bytes(buf[:i])
                     del buf[: i + 1]
                     self._scan = 0
-                    if line.startswith(b"IRQ "):
-                        self._record_irq(line)
+                    if not self._take_line(line):
                         continue
                     return self._payload(command, line)
                 self._scan = len(buf)
@@ -245,6 +286,7 @@ class QtestClient:
                     raise self._dead(f"QEMU closed the qtest socket while {command!r} waited for its reply")
                 buf += chunk
         except TimeoutError:
+            self._timed_out(1, cut=False)
             raise QtestTimeout(command, self.timeout) from None
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise self._dead(f"QEMU closed the qtest socket ({exc.strerror})") from None
@@ -401,9 +443,9 @@ class QtestClient:
 
     def write(self, addr: int, data: bytes) -> None:
         """Hex ``write`` of ``data`` (empty data sends nothing: QEMU rejects it)."""
+        self._check_range("write", addr, len(data), min_size=0)
         if not data:
             return
-        self._check_range("write", addr, len(data))
         self.command(f"write {addr:#x} {len(data):#x} 0x{bytes(data).hex()}")
 
     def b64read(self, addr: int, size: int) -> bytes:
@@ -412,9 +454,9 @@ class QtestClient:
         return self._decode_b64(command, self._command(command), size)
 
     def b64write(self, addr: int, data: bytes) -> None:
+        self._check_range("b64write", addr, len(data), min_size=0)
         if not data:
             return
-        self._check_range("b64write", addr, len(data))
         self.command(f"b64write {addr:#x} {len(data):#x} {base64.b64encode(data).decode('ascii')}")
 
     def memset(self, addr: int, size: int, value: int = 0) -> None:
@@ -436,18 +478,18 @@ class QtestClient:
     def memwrite(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         """Write a buffer of any size: base64 chunks of ``WRITE_CHUNK``, pipelined."""
         data = memoryview(data).cast("B")
+        self._check_range("memwrite", addr, len(data), min_size=0)
         if not data:
             return
-        self._check_range("memwrite", addr, len(data))
         spans = [(addr + off, data[off : off + WRITE_CHUNK]) for off in range(0, len(data), WRITE_CHUNK)]
         payload = b"".join(b"b64write %#x %#x %b\n" % (a, len(chunk), base64.b64encode(chunk)) for a, chunk in spans)
         self._pipeline([f"b64write {a:#x} {len(chunk):#x} <{len(chunk)} bytes>" for a, chunk in spans], payload)
 
     def memread(self, addr: int, size: int) -> bytes:
         """Read a buffer of any size: ``b64read`` chunks of ``READ_CHUNK``, pipelined."""
+        self._check_range("memread", addr, size, min_size=0)
         if size == 0:
             return b""
-        self._check_range("memread", addr, size)
         spans = [(addr + off, min(READ_CHUNK, size - off)) for off in range(0, size, READ_CHUNK)]
         commands = [f"b64read {a:#x} {n:#x}" for a, n in spans]
         replies = self._pipeline(commands)
@@ -466,6 +508,10 @@ class QtestClient:
             _check_int(op, "value", value, 0, limits[op])
             commands.append(f"{op} {where:#x} {value:#x}")
         self.pipeline(commands)
+
+    def batch(self) -> CommandBatch:
+        """Validated writes queued and sent in order as one pipelined exchange."""
+        return CommandBatch(self)
 
     # -- interrupts -----------------------------------------------------------------------
 
@@ -517,3 +563,48 @@ class QtestClient:
         self.command(
             f"module_load {_check_word('module_load', 'prefix', prefix)} {_check_word('module_load', 'name', name)}"
         )
+
+
+class CommandBatch:
+    """Writes queued, validated like the client's own methods, and sent in order in one
+    pipelined exchange by :meth:`flush`.
+
+    QEMU processes them in order, so "descriptors, then avail entry, then avail idx" keeps
+    virtio's publish rule (virtio 1.2 §2.7.13) without a round trip per write.
+    """
+
+    def __init__(self, client: QtestClient) -> None:
+        self.client = client
+        self.commands: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.commands)
+
+    def _word(self, op: str, addr: int, value: int, limit: int) -> None:
+        _check_int(op, "address", addr, 0, U64)
+        _check_int(op, "value", value, 0, limit)
+        self.commands.append(f"{op} {addr:#x} {value:#x}")
+
+    def writeb(self, addr: int, value: int) -> None:
+        self._word("writeb", addr, value, U8)
+
+    def writew(self, addr: int, value: int) -> None:
+        self._word("writew", addr, value, U16)
+
+    def writel(self, addr: int, value: int) -> None:
+        self._word("writel", addr, value, U32)
+
+    def writeq(self, addr: int, value: int) -> None:
+        self._word("writeq", addr, value, U64)
+
+    def memwrite(self, addr: int, data: bytes) -> None:
+        """A small buffer as one ``b64write`` (large ones belong in ``QtestClient.memwrite``)."""
+        if not data:
+            return
+        self.client._check_range("b64write", addr, len(data))
+        self.commands.append(f"b64write {addr:#x} {len(data):#x} {base64.b64encode(data).decode('ascii')}")
+
+    def flush(self) -> None:
+        if self.commands:
+            commands, self.commands = self.commands, []
+            self.client._pipeline(commands)
