@@ -6,11 +6,20 @@
 
 from __future__ import annotations
 
-from typing import TextIO
+from collections.abc import Iterable
+from typing import Any, TextIO
 
+from . import modes
+from .devices.base import VirtioDriver
+from .devices.rng import VirtioRng
 from .machine import MachineSpec, QemuMachine
 from .memory import GuestMemory
-from .pci import PciBus
+from .pci import PciBus, PciFunction
+
+#: Device model -> driver class (aliases and -transitional/-non-transitional variants included).
+DRIVERS: dict[str, type[VirtioDriver]] = {
+    "virtio-rng-pci": VirtioRng,
+}
 
 
 class Machine(QemuMachine):
@@ -38,3 +47,37 @@ class Machine(QemuMachine):
         if self._memory is None:
             self._memory = GuestMemory(self.qtest, self.spec.memory_bytes)
         return self._memory
+
+    def pci_function(self, dev_id: str) -> PciFunction:
+        """The PCI function of the ``-device`` with this id (QMP ``query-pci`` knows qdev ids)."""
+        self.pci.assign_bars()
+        for bus in self.qmp.cmd("query-pci"):  # type: ignore[attr-defined]
+            found = _find_qdev(bus.get("devices", []), dev_id)
+            if found is not None:
+                return self.pci.find(bdf=f"{found['bus']:02x}:{found['slot']:02x}.{found['function']:x}")
+        raise KeyError(f"no PCI device with id {dev_id!r}")
+
+    def virtio(self, dev_id: str, *, refuse: Iterable[str] = (), mode: str | None = None, **kw: Any) -> Any:
+        """The device's driver, initialised to DRIVER_OK in the mode its spec was built for."""
+        spec = self.spec.device(dev_id)
+        mode = mode or spec.mode or modes.TRANSITIONAL_MODERN
+        driver = spec.driver.removesuffix("-transitional").removesuffix("-non-transitional")
+        try:
+            cls = DRIVERS[driver]
+        except KeyError:
+            raise KeyError(f"no driver for {spec.driver!r}; drivers: {', '.join(sorted(DRIVERS))}") from None
+        fn = self.pci_function(dev_id)
+        self.resume()
+        return cls(fn, mode, self.memory, refuse=refuse, **kw)
+
+
+def _find_qdev(devices: list[dict[str, Any]], dev_id: str) -> dict[str, Any] | None:
+    for d in devices:
+        if d.get("qdev_id") == dev_id:
+            return d
+        bridge = d.get("pci_bridge")
+        if bridge:
+            found = _find_qdev(bridge.get("devices", []), dev_id)
+            if found is not None:
+                return found
+    return None

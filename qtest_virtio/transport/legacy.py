@@ -1,0 +1,146 @@
+"""The legacy virtio-pci layout: everything in I/O BAR 0 (virtio 1.2 §4.1.4.10).
+
+Rules that differ from modern: 32 feature bits only; the queue size is fixed by the device;
+the rings are one contiguous area at a page frame number (4096-byte pages) with the used ring
+on the next 4096-byte boundary after the available ring; the device config starts at 0x14,
+or at 0x18 once MSI-X is enabled (two vector registers are inserted before it).
+"""
+
+from __future__ import annotations
+
+from ..pci import PciFunction
+from ..pci import regs as pci_regs
+from ..registers import RegisterBlock
+from .base import TransportError, VirtioTransport
+from .layout import (
+    LEGACY_CFG,
+    LEGACY_DEVICE_CFG_OFFSET,
+    LEGACY_DEVICE_CFG_OFFSET_MSIX,
+    LEGACY_QUEUE_ALIGN_SHIFT,
+)
+
+LEGACY_BAR = 0
+#: No legacy device has more queues than this; counting stops at the first size 0.
+MAX_LEGACY_QUEUES = 1024
+
+
+class LegacyTransport(VirtioTransport):
+    uses_legacy_layout = True
+
+    def __init__(self, fn: PciFunction, mode: str) -> None:
+        self.fn = fn
+        self.mode = mode
+        bar = next((b for b in fn.bars if b.index == LEGACY_BAR), None)
+        if bar is None or not bar.is_io:
+            raise TransportError(
+                f"{fn.bdf} has no legacy I/O BAR0: the device is modern-only (disable-legacy=on), "
+                f"mode {mode!r} needs a legacy or transitional device"
+            )
+        self.regs = RegisterBlock(
+            LEGACY_CFG,
+            lambda off, w: fn.bar_read(LEGACY_BAR, off, w),
+            lambda off, w, v: fn.bar_write(LEGACY_BAR, off, w, v),
+        )
+        self._msix_cap = fn.find_capability(pci_regs.CAP_ID_MSIX)
+
+    @property
+    def msix_enabled(self) -> bool:
+        if self._msix_cap is None:
+            return False
+        control = self.fn.read_config(self._msix_cap.offset + pci_regs.MSIX_CAP.message_control.offset, 2)
+        return bool(pci_regs.MSIX_CONTROL.enable.get(control))
+
+    @property
+    def device_config_offset(self) -> int:
+        """Where the device-specific config starts in BAR0: it moves with MSI-X (§4.1.4.10)."""
+        return LEGACY_DEVICE_CFG_OFFSET_MSIX if self.msix_enabled else LEGACY_DEVICE_CFG_OFFSET
+
+    def get_status(self) -> int:
+        return self.regs.read("device_status")
+
+    def set_status(self, status: int) -> None:
+        self.regs.write("device_status", status)
+
+    def device_features(self) -> int:
+        return self.regs.read("device_features")
+
+    def driver_features(self) -> int:
+        return self.regs.read("driver_features")
+
+    def set_driver_features(self, features: int) -> None:
+        if features >> 32:
+            raise TransportError(f"{self}: the legacy layout has 32 feature bits; asked for {features:#x}")
+        self.regs.write("driver_features", features)
+
+    def _select(self, queue: int) -> None:
+        self.regs.write("queue_select", queue)
+
+    def num_queues(self) -> int:
+        n = 0
+        while n < MAX_LEGACY_QUEUES and self.queue_max_size(n):
+            n += 1
+        return n
+
+    def queue_max_size(self, queue: int) -> int:
+        self._select(queue)
+        return self.regs.read("queue_size")
+
+    def setup_queue(self, queue: int, size: int, desc: int, driver: int, device: int) -> None:
+        fixed = self.queue_max_size(queue)
+        if size != fixed:
+            raise TransportError(f"{self}: legacy queue {queue} has the fixed size {fixed}, not {size}")
+        if desc & ((1 << LEGACY_QUEUE_ALIGN_SHIFT) - 1):
+            raise TransportError(f"{self}: legacy rings must start on a 4096-byte page, not {desc:#x}")
+        expected_driver, expected_device = legacy_ring_offsets(size)
+        if driver != desc + expected_driver or device != desc + expected_device:
+            raise TransportError(
+                f"{self}: legacy rings are contiguous: avail at desc+{expected_driver:#x}, "
+                f"used at desc+{expected_device:#x}"
+            )
+        self.regs.write("queue_address", desc >> LEGACY_QUEUE_ALIGN_SHIFT)
+
+    def enable_queue(self, queue: int) -> None:
+        """Legacy has no enable register: writing the PFN made the queue live."""
+
+    def queue_enabled(self, queue: int) -> bool:
+        self._select(queue)
+        return self.regs.read("queue_address") != 0
+
+    def notify(self, queue: int) -> None:
+        self.regs.write("queue_notify", queue)
+
+    def read_isr(self) -> int:
+        return self.regs.read("isr_status")
+
+    def set_config_vector(self, vector: int) -> int:
+        if not self.msix_enabled:
+            raise TransportError(f"{self}: the legacy MSI-X vector registers exist only while MSI-X is enabled")
+        self.regs.write("config_msix_vector", vector)
+        return self.regs.read("config_msix_vector")
+
+    def set_queue_vector(self, queue: int, vector: int) -> int:
+        if not self.msix_enabled:
+            raise TransportError(f"{self}: the legacy MSI-X vector registers exist only while MSI-X is enabled")
+        self._select(queue)
+        self.regs.write("queue_msix_vector", vector)
+        return self.regs.read("queue_msix_vector")
+
+    def config_read(self, offset: int, width: int) -> int:
+        return self.fn.bar_read(LEGACY_BAR, self.device_config_offset + offset, width)
+
+    def config_write(self, offset: int, width: int, value: int) -> None:
+        self.fn.bar_write(LEGACY_BAR, self.device_config_offset + offset, width, value)
+
+
+def legacy_ring_offsets(size: int) -> tuple[int, int]:
+    """Offsets of the avail and used rings from the descriptor table in the legacy layout
+    (§2.7 "Legacy Interfaces: A Note on Virtqueue Layout": used ring on a 4096 boundary)."""
+    avail = 16 * size
+    used = (avail + 6 + 2 * size + 4095) & ~4095
+    return avail, used
+
+
+def legacy_ring_bytes(size: int) -> int:
+    """Bytes of the whole contiguous legacy ring area."""
+    _, used = legacy_ring_offsets(size)
+    return used + ((6 + 8 * size + 4095) & ~4095)

@@ -1,0 +1,39 @@
+"""Virtqueues: split (§2.7) and packed (§2.8) rings behind one interface."""
+
+from __future__ import annotations
+
+from ..memory import GuestMemory
+from ..transport import VirtioTransport
+from .base import Buf, Request, UsedElem, Virtqueue, VirtqueueError, VirtqueueTimeout
+from .packed import PackedVirtqueue
+from .split import SplitVirtqueue
+
+__all__ = [
+    "Buf",
+    "PackedVirtqueue",
+    "Request",
+    "SplitVirtqueue",
+    "UsedElem",
+    "Virtqueue",
+    "VirtqueueError",
+    "VirtqueueTimeout",
+    "make_virtqueue",
+]
+
+
+def make_virtqueue(
+    transport: VirtioTransport,
+    memory: GuestMemory,
+    index: int,
+    size: int,
+    *,
+    packed: bool,
+    event_idx: bool,
+    indirect: bool,
+    name: str = "",
+) -> Virtqueue:
+    """The ring layout the negotiated features call for, set up and enabled."""
+    cls = PackedVirtqueue if packed else SplitVirtqueue
+    vq = cls(transport, memory, index, size, event_idx=event_idx, indirect=indirect, name=name)
+    vq.setup()
+    return vq

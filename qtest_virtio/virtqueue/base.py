@@ -1,0 +1,225 @@
+"""The one Virtqueue interface for split and packed rings, and request helpers on top of it.
+
+A virtqueue knows guest memory (where its rings and buffers live) and its transport (to set the
+queue up and to notify); nothing else. Completion is found by polling the used ring, so it works
+the same whatever interrupt path is configured.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ..errors import QtestVirtioError
+from ..memory import GuestMemory
+from ..transport import VirtioTransport
+
+
+class VirtqueueError(QtestVirtioError):
+    """The device broke a ring rule (bad id, used length past the buffer) or the queue is full."""
+
+
+class VirtqueueTimeout(VirtqueueError):
+    """No used buffer within the timeout; the message says which queue and what it saw."""
+
+
+@dataclass(frozen=True)
+class Buf:
+    """One guest buffer of a chain: device-readable unless ``writable``."""
+
+    addr: int
+    length: int
+    writable: bool = False
+
+
+@dataclass
+class InFlight:
+    """What the driver remembers of a chain it made available."""
+
+    bufs: tuple[Buf, ...]
+    descriptors: list[int]
+    indirect_table: int | None = None
+
+    @property
+    def writable_bytes(self) -> int:
+        return sum(b.length for b in self.bufs if b.writable)
+
+
+@dataclass(frozen=True)
+class UsedElem:
+    """A completed chain: its id (head index or buffer id), the used length, its buffers."""
+
+    id: int
+    length: int
+    bufs: tuple[Buf, ...]
+
+
+@dataclass
+class Request:
+    """A chain built by :meth:`Virtqueue.submit`: guest buffers allocated for the data."""
+
+    token: int
+    out_addrs: list[int]
+    in_bufs: list[Buf]
+    allocations: list[int] = field(default_factory=list)
+
+
+class Virtqueue(ABC):
+    """A virtqueue in guest memory, driven as a driver drives it."""
+
+    kind: str
+
+    def __init__(
+        self,
+        transport: VirtioTransport,
+        memory: GuestMemory,
+        index: int,
+        size: int,
+        *,
+        event_idx: bool = False,
+        indirect: bool = False,
+        name: str = "",
+    ) -> None:
+        if size <= 0 or (size & (size - 1) and not transport.uses_legacy_layout):
+            raise VirtqueueError(f"queue {index}: size {size} is not a power of two")
+        self.transport = transport
+        self.memory = memory
+        self.index = index
+        self.size = size
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self.name = name or f"{transport.fn.bdf} queue {index}"
+        self.in_flight: dict[int, InFlight] = {}
+        self._completed: dict[int, UsedElem] = {}
+        self._batch = memory.batch()
+        self.notifications = 0
+        self.kicks_suppressed = 0
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} size={self.size}>"
+
+    # -- ring operations (per layout) -----------------------------------------------------
+
+    @abstractmethod
+    def setup(self) -> None:
+        """Allocate and zero the rings, tell the transport where they are, enable the queue."""
+
+    @abstractmethod
+    def release(self) -> None:
+        """Free the ring memory (after a reset; the device must not touch it any more)."""
+
+    @abstractmethod
+    def add(self, bufs: Sequence[Buf], *, indirect: bool | None = None) -> int:
+        """Make a chain available (published at the next kick or flush); returns its id."""
+
+    @abstractmethod
+    def _needs_notification(self) -> bool:
+        """Whether the device asked to be notified of what was published since the last kick."""
+
+    @abstractmethod
+    def poll_used(self) -> UsedElem | None:
+        """The next used chain, or None; its descriptors are free again."""
+
+    @abstractmethod
+    def describe_state(self) -> str:
+        """Indices and flags as the driver and the device see them (for timeout messages)."""
+
+    @property
+    @abstractmethod
+    def free_descriptors(self) -> int: ...
+
+    # -- shared logic ---------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Send the queued ring writes (descriptors, then ring entries, then indices)."""
+        self._batch.flush()
+
+    def kick(self, *, force: bool = False) -> bool:
+        """Publish, then notify if the device wants it (event index or NO_NOTIFY/flags)."""
+        self.flush()
+        if force or self._needs_notification():
+            self.transport.notify(self.index)
+            self.notifications += 1
+            return True
+        self.kicks_suppressed += 1
+        return False
+
+    def _check_used(self, used_id: int, length: int) -> InFlight:
+        """A used element must name a chain in flight, and its length fit the writable part."""
+        chain = self.in_flight.get(used_id)
+        if chain is None:
+            raise VirtqueueError(
+                f"{self.transport}: {self.name}: device returned id {used_id}, which is not in flight "
+                f"(in flight: {sorted(self.in_flight)[:16]})"
+            )
+        if length > chain.writable_bytes:
+            raise VirtqueueError(
+                f"{self.transport}: {self.name}: descriptor {used_id}: used length {length} is longer than "
+                f"the {chain.writable_bytes} device-writable bytes of the chain (§2.7.8.2)"
+            )
+        return chain
+
+    def wait_used(self, timeout: float = 5.0) -> UsedElem:
+        deadline = time.monotonic() + timeout
+        while (elem := self.poll_used()) is None:
+            if time.monotonic() > deadline:
+                raise VirtqueueTimeout(
+                    f"{self.transport}: {self.name}: nothing used within {timeout:g} s; {self.describe_state()}"
+                )
+        return elem
+
+    def wait_for(self, token: int, timeout: float = 5.0) -> UsedElem:
+        """Wait for one chain; others completing meanwhile are kept for their own waiters
+        (in-order completion is not assumed)."""
+        deadline = time.monotonic() + timeout
+        while token not in self._completed:
+            if token not in self.in_flight:
+                raise VirtqueueError(f"{self.name}: id {token} is not in flight")
+            elem = self.poll_used()
+            if elem is not None:
+                self._completed[elem.id] = elem
+            elif time.monotonic() > deadline:
+                raise VirtqueueTimeout(
+                    f"{self.transport}: {self.name}: id {token} not used within {timeout:g} s; {self.describe_state()}"
+                )
+        return self._completed.pop(token)
+
+    # -- requests with their own buffers --------------------------------------------------
+
+    def submit(self, out: Sequence[bytes], in_sizes: Sequence[int], *, indirect: bool | None = None) -> Request:
+        """Allocate guest buffers, write ``out``, make the chain available and kick."""
+        allocations = []
+        out_addrs = []
+        bufs: list[Buf] = []
+        for data in out:
+            addr = self.memory.alloc(max(len(data), 1), 16, tag=f"{self.name} out")
+            allocations.append(addr)
+            if len(data) > 4096:
+                self.memory.write(addr, data)
+            elif data:
+                self._batch.memwrite(addr, data)
+            out_addrs.append(addr)
+            bufs.append(Buf(addr, len(data)))
+        in_bufs = []
+        for size in in_sizes:
+            addr = self.memory.alloc(max(size, 1), 16, tag=f"{self.name} in")
+            allocations.append(addr)
+            in_bufs.append(Buf(addr, size, writable=True))
+        bufs += in_bufs
+        token = self.add(bufs, indirect=indirect)
+        self.kick()
+        return Request(token, out_addrs, in_bufs, allocations)
+
+    def complete(self, request: Request, timeout: float = 5.0) -> tuple[int, list[bytes]]:
+        """Wait for ``request``; return the used length and the device-written buffers, then
+        free its memory. Only the first ``used length`` bytes are meaningful (§2.7.8.2)."""
+        elem = self.wait_for(request.token, timeout)
+        data = [self.memory.read(b.addr, b.length) if b.length else b"" for b in request.in_bufs]
+        for addr in request.allocations:
+            self.memory.free(addr)
+        return elem.length, data
+
+    def exchange(self, out: Sequence[bytes], in_sizes: Sequence[int], **kw: bool | None) -> tuple[int, list[bytes]]:
+        return self.complete(self.submit(out, in_sizes, indirect=kw.get("indirect")))

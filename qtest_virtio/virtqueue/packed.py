@@ -1,0 +1,159 @@
+"""The packed virtqueue (virtio 1.2 §2.8, RING_PACKED): one descriptor ring plus two event
+suppression structures.
+
+A descriptor is available when its AVAIL flag equals the driver's wrap counter and USED the
+inverse; used when both equal the used wrap counter (§2.8.1). The head's flags are written last
+so the device never sees a half-written chain (§2.8.21). The device returns a buffer id and
+skips as many slots as that buffer's chain had; completion order is not assumed.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .base import Buf, InFlight, UsedElem, Virtqueue, VirtqueueError
+from .layout import (
+    EVENT_SUPPRESS,
+    PACKED_DESC,
+    PACKED_F,
+    RING_EVENT_FLAGS_DESC,
+    RING_EVENT_FLAGS_DISABLE,
+    need_event,
+)
+
+_DESC = struct.Struct("<QIHH")  # PACKED_DESC: addr, len, id, flags
+_WRAP_BIT = 15
+
+
+@dataclass
+class _PackedChain(InFlight):
+    slots: int = 1
+
+
+class PackedVirtqueue(Virtqueue):
+    kind = "packed"
+
+    def setup(self) -> None:
+        if self.transport.uses_legacy_layout:
+            raise VirtqueueError(f"{self.name}: packed rings need the modern layout (RING_PACKED is a 1.x feature)")
+        n = self.size
+        self.ring = self.memory.alloc(PACKED_DESC.size * n, 16, tag=f"{self.name} packed ring", zero=True)
+        self.driver_event = self.memory.alloc(EVENT_SUPPRESS.size, 4, tag=f"{self.name} driver event", zero=True)
+        self.device_event = self.memory.alloc(EVENT_SUPPRESS.size, 4, tag=f"{self.name} device event", zero=True)
+        self.next_avail, self.avail_wrap = 0, 1
+        self.next_used, self.used_wrap = 0, 1
+        self.kicked_avail, self.kicked_wrap = 0, 1
+        self._free_slots = n
+        self._free_ids = list(range(n - 1, -1, -1))
+        self.transport.setup_queue(self.index, n, self.ring, self.driver_event, self.device_event)
+        self.transport.enable_queue(self.index)
+
+    def release(self) -> None:
+        for name in ("ring", "driver_event", "device_event"):
+            addr = getattr(self, name, None)
+            if addr is not None:
+                self.memory.free(addr)
+                setattr(self, name, None)
+        for chain in self.in_flight.values():
+            if chain.indirect_table is not None:
+                self.memory.free(chain.indirect_table)
+        self.in_flight.clear()
+
+    @property
+    def free_descriptors(self) -> int:
+        return self._free_slots
+
+    def _avail_flags(self, wrap: int) -> int:
+        """AVAIL = wrap, USED = !wrap marks a descriptor available (§2.8.1)."""
+        return (PACKED_F.AVAIL.mask if wrap else 0) | (0 if wrap else PACKED_F.USED.mask)
+
+    def add(self, bufs: Sequence[Buf], *, indirect: bool | None = None) -> int:
+        if not bufs:
+            raise VirtqueueError(f"{self.name}: a chain needs at least one buffer")
+        use_indirect = self.indirect if indirect is None else indirect
+        if use_indirect and not self.indirect:
+            raise VirtqueueError(f"{self.name}: INDIRECT_DESC was not negotiated")
+        table = None
+        if use_indirect and len(bufs) > 1:
+            table = self.memory.alloc(PACKED_DESC.size * len(bufs), 16, tag=f"{self.name} indirect")
+            entries = b"".join(_DESC.pack(b.addr, b.length, 0, PACKED_F.WRITE.mask if b.writable else 0) for b in bufs)
+            self._batch.memwrite(table, entries)
+            chain = [(table, len(entries), PACKED_F.INDIRECT.mask)]
+        else:
+            chain = [(b.addr, b.length, PACKED_F.WRITE.mask if b.writable else 0) for b in bufs]
+        if len(chain) > self._free_slots or not self._free_ids:
+            raise VirtqueueError(f"{self.name}: queue full ({self._free_slots} free slots, chain of {len(chain)})")
+        buffer_id = self._free_ids.pop()
+        head_slot, head_flags = self.next_avail, 0
+        slots = []
+        for i, (addr, length, flags) in enumerate(chain):
+            flags |= PACKED_F.NEXT.mask if i + 1 < len(chain) else 0
+            flags |= self._avail_flags(self.avail_wrap)
+            slot_addr = self.ring + PACKED_DESC.size * self.next_avail
+            if i == 0:
+                head_flags = flags
+                # Everything of the head but its flags now; the flags last, after the rest.
+                self._batch.memwrite(slot_addr, _DESC.pack(addr, length, buffer_id, 0)[: PACKED_DESC.flags.offset])
+            else:
+                self._batch.memwrite(slot_addr, _DESC.pack(addr, length, buffer_id, flags))
+            slots.append(self.next_avail)
+            self.next_avail += 1
+            if self.next_avail == self.size:
+                self.next_avail, self.avail_wrap = 0, self.avail_wrap ^ 1
+        self._batch.writew(self.ring + PACKED_DESC.size * head_slot + PACKED_DESC.flags.offset, head_flags)
+        self._free_slots -= len(chain)
+        self.in_flight[buffer_id] = _PackedChain(tuple(bufs), slots, table, slots=len(chain))
+        return buffer_id
+
+    def _needs_notification(self) -> bool:
+        """Device event suppression (§2.8.10): ENABLE, DISABLE, or DESC with an event offset."""
+        old, old_wrap = self.kicked_avail, self.kicked_wrap
+        new, new_wrap = self.next_avail, self.avail_wrap
+        self.kicked_avail, self.kicked_wrap = new, new_wrap
+        raw = self.memory.read32(self.device_event)
+        off_wrap, flags = raw & 0xFFFF, raw >> 16
+        if flags == RING_EVENT_FLAGS_DISABLE:
+            return False
+        if flags != RING_EVENT_FLAGS_DESC or not self.event_idx:
+            return True
+        event, event_wrap = off_wrap & 0x7FFF, off_wrap >> _WRAP_BIT
+        # Put all three positions on one running scale across the wrap, as Linux does.
+        if event_wrap != new_wrap:
+            event -= self.size
+        if old_wrap != new_wrap:
+            old -= self.size
+        return need_event(event & 0xFFFF, new & 0xFFFF, old & 0xFFFF)
+
+    def poll_used(self) -> UsedElem | None:
+        self.flush()
+        slot_addr = self.ring + PACKED_DESC.size * self.next_used
+        flags = self.memory.read16(slot_addr + PACKED_DESC.flags.offset)
+        avail = 1 if flags & PACKED_F.AVAIL.mask else 0
+        used = 1 if flags & PACKED_F.USED.mask else 0
+        if not (avail == used == self.used_wrap):
+            return None
+        raw = self.memory.read64(slot_addr + PACKED_DESC.len.offset)  # len (le32), id (le16), flags
+        length, buffer_id = raw & 0xFFFF_FFFF, (raw >> 32) & 0xFFFF
+        chain = self._check_used(buffer_id, length)
+        assert isinstance(chain, _PackedChain)
+        del self.in_flight[buffer_id]
+        self._free_ids.append(buffer_id)
+        self._free_slots += chain.slots
+        self.next_used += chain.slots
+        if self.next_used >= self.size:
+            self.next_used -= self.size
+            self.used_wrap ^= 1
+        if chain.indirect_table is not None:
+            self.memory.free(chain.indirect_table)
+        return UsedElem(buffer_id, length, chain.bufs)
+
+    def describe_state(self) -> str:
+        raw = self.memory.read32(self.device_event)
+        flags = self.memory.read16(self.ring + PACKED_DESC.size * self.next_used + PACKED_DESC.flags.offset)
+        return (
+            f"packed ring: next_avail={self.next_avail} avail_wrap={self.avail_wrap} next_used={self.next_used} "
+            f"used_wrap={self.used_wrap} flags@next_used={flags:#x} device_event={raw:#x} "
+            f"in flight={len(self.in_flight)} device status={self.transport.get_status():#x}"
+        )

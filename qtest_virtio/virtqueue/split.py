@@ -1,0 +1,145 @@
+"""The split virtqueue (virtio 1.2 §2.7): descriptor table, available ring, used ring.
+
+Free descriptors are a stack; a chain links them with NEXT. Indices are free-running 16-bit
+counters. With EVENT_IDX the driver reads ``avail_event`` (after the used ring) before a kick and
+writes ``used_event`` (after the avail ring) as it consumes; without it, the device's NO_NOTIFY
+flag decides the kick (§2.7.10).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+from ..transport.legacy import legacy_ring_bytes, legacy_ring_offsets
+from .base import Buf, InFlight, UsedElem, Virtqueue, VirtqueueError
+from .layout import (
+    DESC_F,
+    SPLIT_AVAIL,
+    SPLIT_DESC,
+    SPLIT_USED,
+    USED_ELEM,
+    USED_F_NO_NOTIFY,
+    avail_ring_size,
+    need_event,
+    used_ring_size,
+)
+
+_DESC = struct.Struct("<QIHH")  # SPLIT_DESC: addr, len, flags, next
+
+
+class SplitVirtqueue(Virtqueue):
+    kind = "split"
+
+    def setup(self) -> None:
+        n = self.size
+        self._allocs: list[int] = []
+        if self.transport.uses_legacy_layout:
+            base = self.memory.alloc(legacy_ring_bytes(n), 4096, tag=f"{self.name} rings", zero=True)
+            self._allocs.append(base)
+            avail_off, used_off = legacy_ring_offsets(n)
+            self.desc, self.avail, self.used = base, base + avail_off, base + used_off
+        else:
+            self.desc = self.memory.alloc(SPLIT_DESC.size * n, 16, tag=f"{self.name} desc", zero=True)
+            self.avail = self.memory.alloc(avail_ring_size(n), 2, tag=f"{self.name} avail", zero=True)
+            self.used = self.memory.alloc(used_ring_size(n), 4, tag=f"{self.name} used", zero=True)
+            self._allocs += [self.desc, self.avail, self.used]
+        self.used_event_addr = self.avail + SPLIT_AVAIL.size + 2 * n
+        self.avail_event_addr = self.used + SPLIT_USED.size + USED_ELEM.size * n
+        self._free = list(range(n - 1, -1, -1))
+        self.avail_idx = 0
+        self.kicked_idx = 0
+        self.last_used = 0
+        self.transport.setup_queue(self.index, n, self.desc, self.avail, self.used)
+        self.transport.enable_queue(self.index)
+
+    def release(self) -> None:
+        for addr in getattr(self, "_allocs", []):
+            self.memory.free(addr)
+        self._allocs = []
+        for chain in self.in_flight.values():
+            if chain.indirect_table is not None:
+                self.memory.free(chain.indirect_table)
+        self.in_flight.clear()
+
+    @property
+    def free_descriptors(self) -> int:
+        return len(self._free)
+
+    def _desc_flags(self, buf: Buf, has_next: bool) -> int:
+        flags = DESC_F.WRITE.mask if buf.writable else 0
+        return flags | (DESC_F.NEXT.mask if has_next else 0)
+
+    def add(self, bufs: Sequence[Buf], *, indirect: bool | None = None) -> int:
+        if not bufs:
+            raise VirtqueueError(f"{self.name}: a chain needs at least one buffer")
+        use_indirect = self.indirect if indirect is None else indirect
+        if use_indirect and not self.indirect:
+            raise VirtqueueError(f"{self.name}: INDIRECT_DESC was not negotiated")
+        if use_indirect and len(bufs) > 1:
+            table = self.memory.alloc(SPLIT_DESC.size * len(bufs), 16, tag=f"{self.name} indirect")
+            entries = b"".join(
+                _DESC.pack(b.addr, b.length, self._desc_flags(b, i + 1 < len(bufs)), i + 1 if i + 1 < len(bufs) else 0)
+                for i, b in enumerate(bufs)
+            )
+            self._batch.memwrite(table, entries)
+            chain = [(table, len(entries), DESC_F.INDIRECT.mask)]
+        else:
+            table = None
+            chain = [(b.addr, b.length, self._desc_flags(b, False)) for b in bufs]
+        if len(chain) > len(self._free):
+            raise VirtqueueError(f"{self.name}: queue full ({len(self._free)} free descriptors, chain of {len(chain)})")
+        ids = [self._free.pop() for _ in chain]
+        for i, (addr, length, flags) in enumerate(chain):
+            last = i + 1 == len(chain)
+            self._batch.memwrite(
+                self.desc + SPLIT_DESC.size * ids[i],
+                _DESC.pack(addr, length, flags | (0 if last else DESC_F.NEXT.mask), 0 if last else ids[i + 1]),
+            )
+        head = ids[0]
+        self.in_flight[head] = InFlight(tuple(bufs), ids, table)
+        slot = self.avail + SPLIT_AVAIL.size + 2 * (self.avail_idx % self.size)
+        self._batch.writew(slot, head)
+        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        self._batch.writew(self.avail + SPLIT_AVAIL.idx.offset, self.avail_idx)
+        return head
+
+    def _needs_notification(self) -> bool:
+        old, new = self.kicked_idx, self.avail_idx
+        self.kicked_idx = new
+        if self.event_idx:
+            return need_event(self.memory.read16(self.avail_event_addr), new, old)
+        return not self.memory.read16(self.used + SPLIT_USED.flags.offset) & USED_F_NO_NOTIFY
+
+    def used_idx(self) -> int:
+        return self.memory.read16(self.used + SPLIT_USED.idx.offset)
+
+    def poll_used(self) -> UsedElem | None:
+        self.flush()
+        if self.used_idx() == self.last_used:
+            return None
+        elem_addr = self.used + SPLIT_USED.size + USED_ELEM.size * (self.last_used % self.size)
+        raw = self.memory.read64(elem_addr)
+        used_id, length = raw & 0xFFFF_FFFF, raw >> 32
+        if used_id >= self.size:
+            raise VirtqueueError(
+                f"{self.transport}: {self.name}: used ring entry {self.last_used % self.size} has id {used_id}, "
+                f"outside the {self.size} descriptors"
+            )
+        chain = self._check_used(used_id, length)
+        del self.in_flight[used_id]
+        self._free += reversed(chain.descriptors)
+        if chain.indirect_table is not None:
+            self.memory.free(chain.indirect_table)
+        self.last_used = (self.last_used + 1) & 0xFFFF
+        if self.event_idx:
+            # Ask for an interrupt when the next buffer is used (§2.7.10).
+            self.memory.write16(self.used_event_addr, self.last_used)
+        return UsedElem(used_id, length, chain.bufs)
+
+    def describe_state(self) -> str:
+        flags = self.memory.read16(self.used + SPLIT_USED.flags.offset)
+        return (
+            f"split ring: avail.idx={self.avail_idx} used.idx={self.used_idx()} last_used={self.last_used} "
+            f"used.flags={flags:#x} in flight={len(self.in_flight)} device status={self.transport.get_status():#x}"
+        )
