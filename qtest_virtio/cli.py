@@ -99,10 +99,10 @@ def cmd_probe(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(to_json(functions), indent=2))
         else:
+            accel = "qtest accelerator" if vm.binary.has_qtest_accel else "no qtest accelerator: TCG, -S, halt firmware"
             header = (
                 f"# {vm.binary.version_text}\n# machine {spec.machine}, {spec.memory} RAM, "
-                f"config access {vm.pci.config.name}, "
-                f"{'qtest accelerator' if vm.binary.has_qtest_accel else 'no qtest accelerator: TCG with -S'}\n"
+                f"config access {vm.pci.config.name}, {accel}\n"
             )
             print(format_report(functions, header), end="")
     return EXIT_OK

@@ -239,7 +239,7 @@ class QtestClient:
         self.history.append((command if len(command) <= _HISTORY_TEXT else _short(command), reply))
         if self._log is not None:
             self._log.write(f"> {_short(command)}\n< {reply}\n")
-        if line == b"OK" or line.startswith(b"OK "):
+        if line[:3] == b"OK " or line == b"OK":
             return line[3:]
         text = line.decode("ascii", errors="replace")
         if text.startswith("FAIL Unknown command") and command.split(" ", 1)[0] in ("clock_step", "clock_set"):
@@ -250,12 +250,14 @@ class QtestClient:
         raise QtestError(command, f"unexpected reply {_short(text)!r}")
 
     def command(self, command: str) -> str:
-        """Send one raw, already validated command line; return the text after ``OK``."""
+        """Send one raw command line (checked to be one line of single-spaced words); return
+        the text after ``OK``. The typed methods validate their arguments instead."""
+        if "\n" in command or not command or "  " in command or command != command.strip(" "):
+            raise ValueError(f"malformed qtest command {command!r}: one line, single spaces")
         return self._command(command).decode("ascii")
 
     def _command(self, command: str) -> bytes:
-        if "\n" in command or not command or "  " in command or command != command.strip(" "):
-            raise ValueError(f"malformed qtest command {command!r}: one line, single spaces")
+        """One command built by this class (well-formed by construction)."""
         data = command.encode("ascii") + b"\n"
         self.commands_sent += 1
         if len(data) > 4096 or self._closed or self._stale_replies:
@@ -277,7 +279,7 @@ class QtestClient:
                     line = bytes(buf[:i])
                     del buf[: i + 1]
                     self._scan = 0
-                    if not self._take_line(line):
+                    if (line[:4] == b"IRQ " or self._stale_replies) and not self._take_line(line):
                         continue
                     return self._payload(command, line)
                 self._scan = len(buf)
@@ -366,7 +368,7 @@ class QtestClient:
     def _out(self, op: str, port: int, value: int, limit: int) -> None:
         _check_int(op, "port", port, 0, U16)
         _check_int(op, "value", value, 0, limit)
-        self.command(f"{op} {port:#x} {value:#x}")
+        self._command(f"{op} {port:#x} {value:#x}")
 
     def _in(self, op: str, port: int) -> int:
         _check_int(op, "port", port, 0, U16)
@@ -395,7 +397,7 @@ class QtestClient:
     def _write(self, op: str, addr: int, value: int, limit: int) -> None:
         _check_int(op, "address", addr, 0, U64)
         _check_int(op, "value", value, 0, limit)
-        self.command(f"{op} {addr:#x} {value:#x}")
+        self._command(f"{op} {addr:#x} {value:#x}")
 
     def _read(self, op: str, addr: int) -> int:
         _check_int(op, "address", addr, 0, U64)
@@ -446,7 +448,7 @@ class QtestClient:
         self._check_range("write", addr, len(data), min_size=0)
         if not data:
             return
-        self.command(f"write {addr:#x} {len(data):#x} 0x{bytes(data).hex()}")
+        self._command(f"write {addr:#x} {len(data):#x} 0x{bytes(data).hex()}")
 
     def b64read(self, addr: int, size: int) -> bytes:
         self._check_range("b64read", addr, size)
@@ -457,13 +459,13 @@ class QtestClient:
         self._check_range("b64write", addr, len(data), min_size=0)
         if not data:
             return
-        self.command(f"b64write {addr:#x} {len(data):#x} {base64.b64encode(data).decode('ascii')}")
+        self._command(f"b64write {addr:#x} {len(data):#x} {base64.b64encode(data).decode('ascii')}")
 
     def memset(self, addr: int, size: int, value: int = 0) -> None:
         self._check_range("memset", addr, size, min_size=0)
         _check_int("memset", "value", value, 0, U8)
         if size:
-            self.command(f"memset {addr:#x} {size:#x} {value:#x}")
+            self._command(f"memset {addr:#x} {size:#x} {value:#x}")
 
     @staticmethod
     def _decode_b64(command: str, reply: bytes, size: int) -> bytes:
@@ -517,14 +519,14 @@ class QtestClient:
 
     def irq_intercept_in(self, qom_path: str) -> None:
         """Report the gpio-in lines of ``qom_path`` (e.g. ``ioapic``) as IRQ lines."""
-        self.command(f"irq_intercept_in {_check_word('irq_intercept_in', 'QOM path', qom_path)}")
+        self._command(f"irq_intercept_in {_check_word('irq_intercept_in', 'QOM path', qom_path)}")
 
     def irq_intercept_out(self, qom_path: str, name: str | None = None) -> None:
         path = _check_word("irq_intercept_out", "QOM path", qom_path)
         if name is None:
-            self.command(f"irq_intercept_out {path}")
+            self._command(f"irq_intercept_out {path}")
         else:
-            self.command(f"irq_intercept_out {path} {_check_word('irq_intercept_out', 'GPIO name', name)}")
+            self._command(f"irq_intercept_out {path} {_check_word('irq_intercept_out', 'GPIO name', name)}")
 
     def set_irq_in(self, qom_path: str, name: str | None, line: int, level: int) -> None:
         """Force a gpio-in pin; ``name=None`` is the unnamed list."""
@@ -532,7 +534,7 @@ class QtestClient:
         gpio = "unnamed-gpio-in" if name is None else _check_word("set_irq_in", "GPIO name", name)
         _check_int("set_irq_in", "line", line, 0, _INT32_MAX)
         _check_int("set_irq_in", "level", level, _INT32_MIN, _INT32_MAX)
-        self.command(f"set_irq_in {path} {gpio} {line} {level}")
+        self._command(f"set_irq_in {path} {gpio} {line} {level}")
 
     def get_irq(self, line: int) -> bool:
         """Level of an intercepted line as last reported (reads pending IRQ lines first)."""
@@ -555,12 +557,12 @@ class QtestClient:
     def endianness(self) -> str:
         """'little' or 'big': the byte order of readw/l/q and writew/l/q."""
         if self._endianness is None:
-            self._endianness = self.command("endianness")
+            self._endianness = self._command("endianness").decode("ascii")
         return self._endianness
 
     def module_load(self, prefix: str, name: str) -> None:
         """Load a QEMU module (QEMU 8.0 and later; older builds answer Unknown command)."""
-        self.command(
+        self._command(
             f"module_load {_check_word('module_load', 'prefix', prefix)} {_check_word('module_load', 'name', name)}"
         )
 
