@@ -153,7 +153,6 @@ def main() -> int:
     data = os.urandom(BULK)
     bare = Bare(spec())
     try:
-
         results["raw_write_MBps"] = BULK / 1e6 / median_of(lambda: raw_write(bare.qtest, data, 32768), 3)
         results["raw_read_MBps"] = BULK / 1e6 / median_of(lambda: raw_read(bare.qtest, BULK, 262144), 3)
         if args.chunks:
