@@ -247,3 +247,13 @@ def test_msix_message_lands_in_guest_ram(machine_factory) -> None:
     assert not msix.pending(0)
     vm.memory.free(msix.mailboxes[0])
     vm.memory.check_leaks()
+
+
+def test_multifunction_device_is_enumerated(machine_factory) -> None:
+    spec = MachineSpec(machine="pc")
+    spec.add_virtio("virtio-rng-pci", mode="modern", addr="4.0", multifunction="on")
+    spec.add_virtio("virtio-blk-pci", mode="modern", addr="4.3", backend="null")
+    vm = machine_factory(spec)
+    slot4 = [(f.bdf, f.device_id) for f in vm.pci.devices() if f.bdf_addr.device == 4]
+    assert slot4 == [("00:04.0", 0x1044), ("00:04.3", 0x1042)]
+    assert vm.pci.find(bdf="00:04.0").header_type & regs.HEADER_MULTIFUNCTION
