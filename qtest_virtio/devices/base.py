@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from ..memory import GuestMemory
 from ..pci import Msix, PciFunction
 from ..pci import regs as pci_regs
+from ..pci.intx import IntxLine, route_intx
 from ..transport import (
     Negotiated,
     TransportError,
@@ -24,7 +25,7 @@ from ..transport import (
     negotiate,
     open_transport,
 )
-from ..transport.layout import VIRTIO_MSI_NO_VECTOR
+from ..transport.layout import ISR, VIRTIO_MSI_NO_VECTOR
 from ..virtqueue import Virtqueue, make_virtqueue
 from .features import DEVICE_FEATURE_BITS
 
@@ -60,13 +61,16 @@ class VirtioDriver:
         self.refused_names = set(refuse)
         for name in self.refused_names:
             feature_bit(name, self.device_bits)  # a typo is an error, not a silent no-op
-        if interrupts not in ("msix", "intx"):
-            raise ValueError(f"interrupts must be 'msix' or 'intx', not {interrupts!r}")
+        if interrupts not in ("msix", "intx", "isr"):
+            raise ValueError(
+                f"interrupts must be 'msix', 'intx' (IOAPIC line) or 'isr' (ISR polling), not {interrupts!r}"
+            )
         self.interrupts = interrupts
         self.queue_size = queue_size
         self.transport: VirtioTransport = open_transport(fn, mode, notify_via=notify_via)
         self.queues: list[Virtqueue] = []
         self.msix: Msix | None = None
+        self.intx: IntxLine | None = None
         self.negotiated = Negotiated(0, 0, 0)
         self.initialize()
 
@@ -149,11 +153,15 @@ class VirtioDriver:
             raise TransportError(f"{self.transport}: config vector 0 refused (read {got:#x})")
 
     def _setup_intx(self) -> None:
-        """INTx: MSI-X off, the interrupt-disable bit clear; the ISR register says why."""
+        """INTx: MSI-X off, interrupt-disable clear; 'intx' also routes the pin to an IOAPIC
+        line and watches it, 'isr' relies on polling the ISR register alone."""
         if self.fn.find_capability(pci_regs.CAP_ID_MSIX) is not None:
             Msix(self.fn).enable(False)
         cmd = self.fn.config.read("command")
         self.fn.config.write("command", pci_regs.COMMAND.interrupt_disable.set(cmd, 0))
+        if self.interrupts == "intx" and self.intx is None:
+            self.intx = route_intx(self.fn.pci, self.fn)
+            self.intx.intercept()
 
     def has(self, feature: str) -> bool:
         return feature in self.negotiated.names
@@ -189,11 +197,19 @@ class VirtioDriver:
         return 1 + index
 
     def wait_queue_interrupt(self, index: int, timeout: float = 5.0) -> None:
-        """Wait for the queue's MSI-X message (or, with INTx, the ISR queue bit)."""
+        """Wait for a queue interrupt: the queue's MSI-X message; or with INTx the IOAPIC line,
+        then the ISR read that says "queue" and deasserts it (§4.1.4.5); or ISR polling."""
         if self.msix is not None:
             self.msix.wait(self.queue_vector(index), timeout)
             return
+        if self.intx is not None:
+            self.intx.wait(True, timeout)
+            isr = self.transport.read_isr()
+            if not isr & ISR.queue_interrupt.mask:
+                raise TransportError(f"{self.transport}: INTx line {self.intx.gsi} rose but ISR is {isr:#x}")
+            self.intx.wait(False, timeout)
+            return
         deadline = time.monotonic() + timeout
-        while not self.transport.read_isr() & 1:
+        while not self.transport.read_isr() & ISR.queue_interrupt.mask:
             if time.monotonic() > deadline:
                 raise TransportError(f"{self.transport}: ISR queue bit not set within {timeout:g} s")

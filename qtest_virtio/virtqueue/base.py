@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -41,6 +42,8 @@ class InFlight:
     bufs: tuple[Buf, ...]
     descriptors: list[int]
     indirect_table: int | None = None
+    #: Unique per chain for the queue's life: ring ids are reused as soon as a chain is used.
+    token: int = -1
 
     @property
     def writable_bytes(self) -> int:
@@ -49,11 +52,13 @@ class InFlight:
 
 @dataclass(frozen=True)
 class UsedElem:
-    """A completed chain: its id (head index or buffer id), the used length, its buffers."""
+    """A completed chain: its id (head index or buffer id), the used length, its buffers,
+    and the token :meth:`Virtqueue.add` returned for it."""
 
     id: int
     length: int
     bufs: tuple[Buf, ...]
+    token: int = -1
 
 
 @dataclass
@@ -93,6 +98,9 @@ class Virtqueue(ABC):
         self.name = name or f"{transport.fn.bdf} queue {index}"
         self.in_flight: dict[int, InFlight] = {}
         self._completed: dict[int, UsedElem] = {}
+        self._pending: deque[UsedElem] = deque()
+        self._next_token = 0
+        self._tokens_in_flight: set[int] = set()
         self._batch = memory.batch()
         self.notifications = 0
         self.kicks_suppressed = 0
@@ -108,19 +116,50 @@ class Virtqueue(ABC):
 
     @abstractmethod
     def release(self) -> None:
-        """Free the ring memory (after a reset; the device must not touch it any more)."""
+        """Free the ring memory (after a reset; the device must not touch it any more).
+        Chains still in flight are dropped with it."""
 
     @abstractmethod
     def add(self, bufs: Sequence[Buf], *, indirect: bool | None = None) -> int:
-        """Make a chain available (published at the next kick or flush); returns its id."""
+        """Make a chain available (published at the next kick or flush); returns its token."""
+
+    def _track(self, ring_id: int, chain: InFlight) -> int:
+        """Record a chain made available under ``ring_id``; returns its unique token."""
+        chain.token = self._next_token
+        self._next_token += 1
+        self.in_flight[ring_id] = chain
+        self._tokens_in_flight.add(chain.token)
+        return chain.token
+
+    def _drop_in_flight(self) -> None:
+        """Forget every chain in flight and free their indirect tables (queue or device reset)."""
+        for chain in self.in_flight.values():
+            if chain.indirect_table is not None:
+                self.memory.free(chain.indirect_table)
+        self.in_flight.clear()
+        self._tokens_in_flight.clear()
+        self._pending.clear()
+        self._completed.clear()
+
+    def _used(self, ring_id: int, length: int, chain: InFlight) -> UsedElem:
+        del self.in_flight[ring_id]
+        self._tokens_in_flight.discard(chain.token)
+        return UsedElem(ring_id, length, chain.bufs, chain.token)
 
     @abstractmethod
     def _needs_notification(self) -> bool:
         """Whether the device asked to be notified of what was published since the last kick."""
 
     @abstractmethod
+    def _collect(self) -> list[UsedElem]:
+        """Every chain the device has used since the last call, in ring order, read with as
+        few round trips as possible; their descriptors are free again."""
+
     def poll_used(self) -> UsedElem | None:
-        """The next used chain, or None; its descriptors are free again."""
+        """The next used chain, or None."""
+        if not self._pending:
+            self._pending.extend(self._collect())
+        return self._pending.popleft() if self._pending else None
 
     @abstractmethod
     def describe_state(self) -> str:
@@ -171,20 +210,23 @@ class Virtqueue(ABC):
         return elem
 
     def wait_for(self, token: int, timeout: float = 5.0) -> UsedElem:
-        """Wait for one chain; others completing meanwhile are kept for their own waiters
-        (in-order completion is not assumed)."""
+        """Wait for one chain (by the token add() returned); others completing meanwhile are
+        kept for their own waiters (in-order completion is not assumed)."""
         deadline = time.monotonic() + timeout
-        while token not in self._completed:
-            if token not in self.in_flight:
-                raise VirtqueueError(f"{self.name}: id {token} is not in flight")
-            elem = self.poll_used()
-            if elem is not None:
-                self._completed[elem.id] = elem
-            elif time.monotonic() > deadline:
+        while True:
+            while self._pending:
+                elem = self._pending.popleft()
+                self._completed[elem.token] = elem
+            if token in self._completed:
+                return self._completed.pop(token)
+            if token not in self._tokens_in_flight:
+                raise VirtqueueError(f"{self.name}: token {token} is not in flight")
+            self._pending.extend(self._collect())
+            if not self._pending and time.monotonic() > deadline:
                 raise VirtqueueTimeout(
-                    f"{self.transport}: {self.name}: id {token} not used within {timeout:g} s; {self.describe_state()}"
+                    f"{self.transport}: {self.name}: chain {token} not used within {timeout:g} s; "
+                    f"{self.describe_state()}"
                 )
-        return self._completed.pop(token)
 
     # -- requests with their own buffers --------------------------------------------------
 

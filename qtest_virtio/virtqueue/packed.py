@@ -56,10 +56,7 @@ class PackedVirtqueue(Virtqueue):
             if addr is not None:
                 self.memory.free(addr)
                 setattr(self, name, None)
-        for chain in self.in_flight.values():
-            if chain.indirect_table is not None:
-                self.memory.free(chain.indirect_table)
-        self.in_flight.clear()
+        self._drop_in_flight()
 
     @property
     def free_descriptors(self) -> int:
@@ -104,8 +101,7 @@ class PackedVirtqueue(Virtqueue):
                 self.next_avail, self.avail_wrap = 0, self.avail_wrap ^ 1
         self._batch.writew(self.ring + PACKED_DESC.size * head_slot + PACKED_DESC.flags.offset, head_flags)
         self._free_slots -= len(chain)
-        self.in_flight[buffer_id] = _PackedChain(tuple(bufs), slots, table, slots=len(chain))
-        return buffer_id
+        return self._track(buffer_id, _PackedChain(tuple(bufs), slots, table, slots=len(chain)))
 
     def _needs_notification(self) -> bool:
         """Device event suppression (§2.8.10): ENABLE, DISABLE, or DESC with an event offset."""
@@ -126,28 +122,30 @@ class PackedVirtqueue(Virtqueue):
             old -= self.size
         return need_event(event & 0xFFFF, new & 0xFFFF, old & 0xFFFF)
 
-    def poll_used(self) -> UsedElem | None:
+    def _collect(self) -> list[UsedElem]:
         self.flush()
-        slot_addr = self.ring + PACKED_DESC.size * self.next_used
-        flags = self.memory.read16(slot_addr + PACKED_DESC.flags.offset)
-        avail = 1 if flags & PACKED_F.AVAIL.mask else 0
-        used = 1 if flags & PACKED_F.USED.mask else 0
-        if not (avail == used == self.used_wrap):
-            return None
-        raw = self.memory.read64(slot_addr + PACKED_DESC.len.offset)  # len (le32), id (le16), flags
-        length, buffer_id = raw & 0xFFFF_FFFF, (raw >> 32) & 0xFFFF
-        chain = self._check_used(buffer_id, length)
-        assert isinstance(chain, _PackedChain)
-        del self.in_flight[buffer_id]
-        self._free_ids.append(buffer_id)
-        self._free_slots += chain.slots
-        self.next_used += chain.slots
-        if self.next_used >= self.size:
-            self.next_used -= self.size
-            self.used_wrap ^= 1
-        if chain.indirect_table is not None:
-            self.memory.free(chain.indirect_table)
-        return UsedElem(buffer_id, length, chain.bufs)
+        if not self.in_flight:
+            return []
+        ring = self.memory.read(self.ring, PACKED_DESC.size * self.size)
+        elems = []
+        while self.in_flight:
+            _, length, buffer_id, flags = _DESC.unpack_from(ring, PACKED_DESC.size * self.next_used)
+            avail = 1 if flags & PACKED_F.AVAIL.mask else 0
+            used = 1 if flags & PACKED_F.USED.mask else 0
+            if not (avail == used == self.used_wrap):
+                break
+            chain = self._check_used(buffer_id, length)
+            assert isinstance(chain, _PackedChain)
+            self._free_ids.append(buffer_id)
+            self._free_slots += chain.slots
+            self.next_used += chain.slots
+            if self.next_used >= self.size:
+                self.next_used -= self.size
+                self.used_wrap ^= 1
+            if chain.indirect_table is not None:
+                self.memory.free(chain.indirect_table)
+            elems.append(self._used(buffer_id, length, chain))
+        return elems
 
     def describe_state(self) -> str:
         raw = self.memory.read32(self.device_event)

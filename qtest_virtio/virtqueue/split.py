@@ -26,6 +26,7 @@ from .layout import (
 )
 
 _DESC = struct.Struct("<QIHH")  # SPLIT_DESC: addr, len, flags, next
+_USED = struct.Struct("<II")  # USED_ELEM: id, len
 
 
 class SplitVirtqueue(Virtqueue):
@@ -57,10 +58,7 @@ class SplitVirtqueue(Virtqueue):
         for addr in getattr(self, "_allocs", []):
             self.memory.free(addr)
         self._allocs = []
-        for chain in self.in_flight.values():
-            if chain.indirect_table is not None:
-                self.memory.free(chain.indirect_table)
-        self.in_flight.clear()
+        self._drop_in_flight()
 
     @property
     def free_descriptors(self) -> int:
@@ -97,12 +95,12 @@ class SplitVirtqueue(Virtqueue):
                 _DESC.pack(addr, length, flags | (0 if last else DESC_F.NEXT.mask), 0 if last else ids[i + 1]),
             )
         head = ids[0]
-        self.in_flight[head] = InFlight(tuple(bufs), ids, table)
+        token = self._track(head, InFlight(tuple(bufs), ids, table))
         slot = self.avail + SPLIT_AVAIL.size + 2 * (self.avail_idx % self.size)
         self._batch.writew(slot, head)
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
         self._batch.writew(self.avail + SPLIT_AVAIL.idx.offset, self.avail_idx)
-        return head
+        return token
 
     def _needs_notification(self) -> bool:
         old, new = self.kicked_idx, self.avail_idx
@@ -114,28 +112,36 @@ class SplitVirtqueue(Virtqueue):
     def used_idx(self) -> int:
         return self.memory.read16(self.used + SPLIT_USED.idx.offset)
 
-    def poll_used(self) -> UsedElem | None:
+    def _collect(self) -> list[UsedElem]:
         self.flush()
-        if self.used_idx() == self.last_used:
-            return None
-        elem_addr = self.used + SPLIT_USED.size + USED_ELEM.size * (self.last_used % self.size)
-        raw = self.memory.read64(elem_addr)
-        used_id, length = raw & 0xFFFF_FFFF, raw >> 32
-        if used_id >= self.size:
+        count = (self.used_idx() - self.last_used) & 0xFFFF
+        if count == 0:
+            return []
+        if count > self.size:
             raise VirtqueueError(
-                f"{self.transport}: {self.name}: used ring entry {self.last_used % self.size} has id {used_id}, "
-                f"outside the {self.size} descriptors"
+                f"{self.transport}: {self.name}: used.idx moved {count} past last_used={self.last_used}, "
+                f"more than the {self.size} buffers a queue can hold"
             )
-        chain = self._check_used(used_id, length)
-        del self.in_flight[used_id]
-        self._free += reversed(chain.descriptors)
-        if chain.indirect_table is not None:
-            self.memory.free(chain.indirect_table)
-        self.last_used = (self.last_used + 1) & 0xFFFF
+        ring = self.memory.read(self.used + SPLIT_USED.size, USED_ELEM.size * self.size)
+        elems = []
+        for _ in range(count):
+            slot = self.last_used % self.size
+            used_id, length = _USED.unpack_from(ring, USED_ELEM.size * slot)
+            if used_id >= self.size:
+                raise VirtqueueError(
+                    f"{self.transport}: {self.name}: used ring entry {slot} has id {used_id}, "
+                    f"outside the {self.size} descriptors"
+                )
+            chain = self._check_used(used_id, length)
+            self._free += reversed(chain.descriptors)
+            if chain.indirect_table is not None:
+                self.memory.free(chain.indirect_table)
+            self.last_used = (self.last_used + 1) & 0xFFFF
+            elems.append(self._used(used_id, length, chain))
         if self.event_idx:
             # Ask for an interrupt when the next buffer is used (§2.7.10).
             self.memory.write16(self.used_event_addr, self.last_used)
-        return UsedElem(used_id, length, chain.bufs)
+        return elems
 
     def describe_state(self) -> str:
         flags = self.memory.read16(self.used + SPLIT_USED.flags.offset)
