@@ -13,6 +13,7 @@ from .legacy import LegacyTransport
 from .modern import ModernTransport, read_virtio_caps
 
 __all__ = [
+    "DeviceNeedsReset",
     "FeaturesRejected",
     "LegacyTransport",
     "ModernTransport",
@@ -20,6 +21,8 @@ __all__ = [
     "TransportError",
     "VirtioTransport",
     "check_device_status",
+    "device_kind",
+    "driver_ok",
     "feature_bit",
     "negotiate",
     "open_transport",

@@ -169,6 +169,12 @@ class Virtqueue(ABC):
     @abstractmethod
     def free_descriptors(self) -> int: ...
 
+    @abstractmethod
+    def set_interrupts(self, enabled: bool) -> None:
+        """Ask the device for used-buffer notifications, or not (driver-side suppression:
+        NO_INTERRUPT or used_event on split rings §2.7.10, driver event flags on packed §2.8.10).
+        It is a hint the device may ignore; completion is always found by polling."""
+
     # -- shared logic ---------------------------------------------------------------------
 
     def flush(self) -> None:

@@ -20,6 +20,7 @@ from .layout import (
     PACKED_F,
     RING_EVENT_FLAGS_DESC,
     RING_EVENT_FLAGS_DISABLE,
+    RING_EVENT_FLAGS_ENABLE,
     need_event,
 )
 
@@ -146,6 +147,11 @@ class PackedVirtqueue(Virtqueue):
                 self.memory.free(chain.indirect_table)
             elems.append(self._used(buffer_id, length, chain))
         return elems
+
+    def set_interrupts(self, enabled: bool) -> None:
+        flags = RING_EVENT_FLAGS_ENABLE if enabled else RING_EVENT_FLAGS_DISABLE
+        self._batch.writew(self.driver_event + EVENT_SUPPRESS.flags.offset, flags)
+        self.flush()
 
     def describe_state(self) -> str:
         raw = self.memory.read32(self.device_event)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from ..transport.legacy import legacy_ring_bytes, legacy_ring_offsets
 from .base import Buf, InFlight, UsedElem, Virtqueue, VirtqueueError
 from .layout import (
+    AVAIL_F_NO_INTERRUPT,
     DESC_F,
     SPLIT_AVAIL,
     SPLIT_DESC,
@@ -51,6 +52,7 @@ class SplitVirtqueue(Virtqueue):
         self.avail_idx = 0
         self.kicked_idx = 0
         self.last_used = 0
+        self.interrupts_enabled = True
         self.transport.setup_queue(self.index, n, self.desc, self.avail, self.used)
         self.transport.enable_queue(self.index)
 
@@ -114,7 +116,10 @@ class SplitVirtqueue(Virtqueue):
 
     def _collect(self) -> list[UsedElem]:
         self.flush()
-        count = (self.used_idx() - self.last_used) & 0xFFFF
+        # used.flags, used.idx and the whole ring in one read: one round trip per poll.
+        ring = self.memory.read(self.used, SPLIT_USED.size + USED_ELEM.size * self.size)
+        used_idx = int.from_bytes(ring[SPLIT_USED.idx.offset : SPLIT_USED.idx.end], "little")
+        count = (used_idx - self.last_used) & 0xFFFF
         if count == 0:
             return []
         if count > self.size:
@@ -122,11 +127,10 @@ class SplitVirtqueue(Virtqueue):
                 f"{self.transport}: {self.name}: used.idx moved {count} past last_used={self.last_used}, "
                 f"more than the {self.size} buffers a queue can hold"
             )
-        ring = self.memory.read(self.used + SPLIT_USED.size, USED_ELEM.size * self.size)
         elems = []
         for _ in range(count):
             slot = self.last_used % self.size
-            used_id, length = _USED.unpack_from(ring, USED_ELEM.size * slot)
+            used_id, length = _USED.unpack_from(ring, SPLIT_USED.size + USED_ELEM.size * slot)
             if used_id >= self.size:
                 raise VirtqueueError(
                     f"{self.transport}: {self.name}: used ring entry {slot} has id {used_id}, "
@@ -138,10 +142,24 @@ class SplitVirtqueue(Virtqueue):
                 self.memory.free(chain.indirect_table)
             self.last_used = (self.last_used + 1) & 0xFFFF
             elems.append(self._used(used_id, length, chain))
-        if self.event_idx:
-            # Ask for an interrupt when the next buffer is used (§2.7.10).
-            self.memory.write16(self.used_event_addr, self.last_used)
+        if self.event_idx and self.interrupts_enabled:
+            # Ask for an interrupt when the next buffer is used (§2.7.10). Queued: it reaches
+            # the device before the next chain is published, which is all that matters.
+            self._batch.writew(self.used_event_addr, self.last_used)
+        elif self.event_idx:
+            self._batch.writew(self.used_event_addr, (self.last_used - 1) & 0xFFFF)
         return elems
+
+    def set_interrupts(self, enabled: bool) -> None:
+        self.interrupts_enabled = enabled
+        if self.event_idx:
+            # used_event one behind what we consumed: the device's index passes it only after
+            # 65535 more buffers, so in practice never (the flags field is ignored, §2.7.10).
+            event = self.last_used if enabled else (self.last_used - 1) & 0xFFFF
+            self._batch.writew(self.used_event_addr, event)
+        else:
+            self._batch.writew(self.avail + SPLIT_AVAIL.flags.offset, 0 if enabled else AVAIL_F_NO_INTERRUPT)
+        self.flush()
 
     def describe_state(self) -> str:
         flags = self.memory.read16(self.used + SPLIT_USED.flags.offset)

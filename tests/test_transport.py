@@ -1,0 +1,264 @@
+"""Transport layer against real QEMU: the legacy I/O BAR and the modern capabilities, the rules
+that differ between them, and the initialization sequence of virtio 1.2 §3.1.1."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from qtest_virtio import Machine, MachineSpec, modes
+from qtest_virtio.introspect import device_view
+from qtest_virtio.pci import Msix
+from qtest_virtio.transport import (
+    DeviceNeedsReset,
+    LegacyTransport,
+    ModernTransport,
+    TransportError,
+    driver_ok,
+    negotiate,
+    open_transport,
+)
+from qtest_virtio.transport.layout import COMMON_CFG, LEGACY_CFG, STATUS, VIRTIO_PCI_VENDOR_ID
+from qtest_virtio.transport.legacy import legacy_ring_offsets
+from qtest_virtio.virtqueue.layout import DESC_F, SPLIT_AVAIL
+
+ALL_BITS = (1 << 64) - 1
+IMAGE = 64 << 20  # the scratch image MachineSpec makes for virtio-blk
+
+
+def machine_with(machine_factory, driver: str, mode: str, **props: str) -> Machine:
+    spec = MachineSpec()
+    spec.add_virtio(driver, mode=mode, id="dev0", **props)
+    vm = machine_factory(spec)
+    vm.pci.assign_bars()
+    return vm
+
+
+def transport_of(vm: Machine, mode: str, **kw: str):
+    return open_transport(vm.pci_function("dev0"), mode, **kw)
+
+
+@pytest.mark.parametrize("mode", modes.ALL_MODES)
+def test_mode_picks_the_layout(machine_factory, mode: str) -> None:
+    vm = machine_with(machine_factory, "virtio-rng-pci", mode)
+    t = transport_of(vm, mode)
+    assert isinstance(t, LegacyTransport if mode in (modes.LEGACY, modes.TRANSITIONAL_LEGACY) else ModernTransport)
+    assert t.mode == mode
+
+
+@pytest.mark.parametrize(
+    ("built", "driven", "message"),
+    [
+        (modes.LEGACY, modes.MODERN, "is a legacy virtio device but mode 'modern'"),
+        (modes.MODERN, modes.LEGACY, "is a modern virtio device but mode 'legacy'"),
+        (modes.MODERN, modes.TRANSITIONAL_LEGACY, "is a modern virtio device"),
+        (modes.TRANSITIONAL_MODERN, modes.LEGACY, "is a transitional virtio device"),
+    ],
+)
+def test_wrong_mode_is_refused_not_guessed(machine_factory, built: str, driven: str, message: str) -> None:
+    vm = machine_with(machine_factory, "virtio-rng-pci", built)
+    with pytest.raises(TransportError, match=message):
+        transport_of(vm, driven)
+
+
+@pytest.mark.parametrize("mode", modes.ALL_MODES)
+def test_initialization_sequence(machine_factory, mode: str) -> None:
+    """§3.1.1: reset reads back 0, ACKNOWLEDGE, DRIVER, features (FEATURES_OK on 1.x), DRIVER_OK."""
+    vm = machine_with(machine_factory, "virtio-rng-pci", mode)
+    t = transport_of(vm, mode)
+    t.set_status(STATUS.ACKNOWLEDGE.mask)
+    t.reset()
+    assert t.get_status() == 0
+    n = negotiate(t, driver_supports=ALL_BITS)
+    legacy = t.uses_legacy_layout
+    expected = {"ACKNOWLEDGE", "DRIVER"} | (set() if legacy else {"FEATURES_OK"})
+    assert set(t.status_names()) == expected
+    assert ("VERSION_1" in n.names) == (not legacy)  # modern requires it; legacy cannot have it
+    assert "BAD_FEATURE" not in n.names  # offered to legacy drivers, never to be accepted
+    assert n.accepted & ~n.offered == 0  # nothing the device did not offer
+    assert t.driver_features() == n.accepted
+    driver_ok(t)
+    assert "DRIVER_OK" in device_view(vm, "dev0").status
+
+
+def test_modern_cannot_refuse_version_1(machine_factory) -> None:
+    vm = machine_with(machine_factory, "virtio-rng-pci", modes.MODERN)
+    with pytest.raises(TransportError, match="VERSION_1 cannot be refused"):
+        negotiate(transport_of(vm, modes.MODERN), driver_supports=ALL_BITS, refuse=1 << 32)
+
+
+# -- legacy-only rules -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", [modes.LEGACY, modes.TRANSITIONAL_LEGACY])
+def test_legacy_queue_size_is_fixed_and_rings_sit_at_a_page_frame(machine_factory, mode: str) -> None:
+    vm = machine_with(machine_factory, "virtio-rng-pci", mode)
+    rng = vm.virtio("dev0", mode=mode)
+    t = rng.transport
+    assert isinstance(t, LegacyTransport)
+    size = t.queue_max_size(0)
+    t.regs.write("queue_size", size * 2)  # read-only in the legacy layout
+    assert t.queue_max_size(0) == size
+    with pytest.raises(TransportError, match="fixed size"):
+        t.setup_queue(0, size // 2, 0x200000, 0x200000, 0x201000)
+    avail, used = legacy_ring_offsets(size)
+    with pytest.raises(TransportError, match="4096-byte page"):
+        t.setup_queue(0, size, 0x200800, 0x200800 + avail, 0x200800 + used)
+    with pytest.raises(TransportError, match="contiguous"):
+        t.setup_queue(0, size, 0x200000, 0x300000, 0x400000)
+    vq = rng.queues[0]
+    assert vq.desc % 4096 == 0 and vq.used % 4096 == 0  # used ring on the next page boundary
+    t.regs.write("queue_select", 0)
+    assert t.regs.read("queue_address") == vq.desc >> 12  # the PFN
+    assert len(rng.read(32)) == 32
+
+
+@pytest.mark.parametrize("mode", [modes.LEGACY, modes.TRANSITIONAL_LEGACY])
+def test_legacy_device_config_moves_with_msix(machine_factory, mode: str) -> None:
+    """The device config starts at 0x14, or 0x18 once MSI-X is enabled (§4.1.4.10)."""
+    vm = machine_with(machine_factory, "virtio-blk-pci", mode)
+    t = transport_of(vm, mode)
+    assert isinstance(t, LegacyTransport)
+    msix = Msix(t.fn)
+    msix.enable(False)
+    assert t.device_config_offset == 0x14
+    assert t.config_read(0, 8) == IMAGE // 512  # virtio_blk_config.capacity, in sectors
+    assert t.fn.bar_read(0, 0x14, 4) == IMAGE // 512
+    msix.enable(True)
+    assert t.device_config_offset == 0x18
+    assert t.config_read(0, 8) == IMAGE // 512
+    assert t.set_config_vector(0) == 0
+    assert t.fn.bar_read(0, LEGACY_CFG.config_msix_vector.offset, 2) == 0  # 0x14 is a vector now
+    msix.enable(False)
+    with pytest.raises(TransportError, match="only while MSI-X is enabled"):
+        t.set_config_vector(0)
+
+
+# -- modern-only rules -----------------------------------------------------------------------
+
+
+def test_modern_queue_size_is_writable(machine_factory) -> None:
+    vm = machine_with(machine_factory, "virtio-blk-pci", modes.MODERN)
+    t = transport_of(vm, modes.MODERN)
+    assert isinstance(t, ModernTransport)
+    assert t.queue_max_size(0) == 256
+    t.common.write("queue_size", 16)
+    assert t.common.read("queue_size") == 16
+    rng_vm = machine_with(machine_factory, "virtio-rng-pci", modes.MODERN)
+    rng = rng_vm.virtio("dev0", queue_size=4)
+    assert rng.queues[0].size == 4
+    assert len(rng.read(100)) == 100
+
+
+@pytest.mark.parametrize("page_per_vq", ["off", "on"])
+def test_modern_notify_offsets(machine_factory, page_per_vq: str) -> None:
+    vm = machine_with(
+        machine_factory, "virtio-blk-pci", modes.MODERN, **{"num-queues": "4", "page-per-vq": page_per_vq}
+    )
+    t = transport_of(vm, modes.MODERN)
+    assert isinstance(t, ModernTransport)
+    mult = t.notify_cap.notify_off_multiplier
+    assert mult == (0x1000 if page_per_vq == "on" else 4)
+    assert t.num_queues() == 4
+    for q in range(4):
+        t.select_queue(q)
+        off = t.common.read("queue_notify_off")
+        assert t.notify_address(q) == (t.notify_cap.bar, t.notify_cap.offset + off * mult)
+    # and notifying through those addresses works
+    rng_vm = machine_with(machine_factory, "virtio-rng-pci", modes.MODERN, **{"page-per-vq": page_per_vq})
+    assert len(rng_vm.virtio("dev0").read(64)) == 64
+
+
+def test_modern_pio_notify(machine_factory) -> None:
+    vm = machine_with(machine_factory, "virtio-rng-pci", modes.MODERN, **{"modern-pio-notify": "on"})
+    rng = vm.virtio("dev0", notify_via="pio")
+    assert rng.fn.bar(rng.transport.notify_cap.bar).is_io
+    assert len(rng.read(64)) == 64
+    plain = machine_with(machine_factory, "virtio-rng-pci", modes.MODERN)
+    with pytest.raises(TransportError, match="modern-pio-notify=on"):
+        transport_of(plain, modes.MODERN, notify_via="pio")
+
+
+def test_config_generation_follows_a_config_change(machine_factory) -> None:
+    vm = machine_with(machine_factory, "virtio-blk-pci", modes.MODERN)
+    t = transport_of(vm, modes.MODERN)
+    negotiate(t, driver_supports=ALL_BITS)
+    driver_ok(t)
+    gen = t.config_generation()
+    assert t.config_read(0, 8) == IMAGE // 512
+    vm.qmp.cmd("block_resize", **{"node-name": "dev0-backend", "size": 2 * IMAGE})
+    assert t.config_generation() != gen  # §2.5.1: the device changed its config
+    assert struct.unpack("<Q", t.read_config_bytes(0, 8))[0] == 2 * IMAGE // 512
+
+
+def test_pci_cfg_access_capability_reaches_the_bars(machine_factory) -> None:
+    """§4.1.4.9: the same registers read and written through config space alone."""
+    vm = machine_with(machine_factory, "virtio-blk-pci", modes.MODERN, **{"num-queues": "3"})
+    t = transport_of(vm, modes.MODERN)
+    assert isinstance(t, ModernTransport) and t.pci_cfg_cap is not None
+    common = t.common_cap
+    num_queues = t.pci_cfg_read(common.bar, common.offset + COMMON_CFG.num_queues.offset, 2)
+    assert num_queues == t.common.read("num_queues") == 3
+    t.pci_cfg_write(common.bar, common.offset + COMMON_CFG.queue_select.offset, 2, 2)
+    assert t.common.read("queue_select") == 2
+    t.common.write("device_feature_select", 1)
+    assert t.pci_cfg_read(common.bar, common.offset + COMMON_CFG.device_feature.offset, 4) & 1  # VERSION_1
+    assert t.pci_cfg_read(t.isr_cap.bar, t.isr_cap.offset, 1) == 0
+
+
+def _publish_broken_chain(vm: Machine, rng) -> None:
+    """A descriptor whose NEXT points past the table: QEMU must give up on the device."""
+    vq = rng.queues[0]
+    slot = vq._free[-1]
+    vm.qtest.memwrite(vq.desc + 16 * slot, struct.pack("<QIHH", 0x200000, 8, DESC_F.NEXT.mask | DESC_F.WRITE.mask, 200))
+    vm.qtest.writew(vq.avail + SPLIT_AVAIL.size, slot)
+    vm.qtest.writew(vq.avail + SPLIT_AVAIL.idx.offset, 1)
+    rng.transport.notify(0)
+
+
+def test_device_needs_reset_is_reported_then_reset_recovers(machine_factory) -> None:
+    """A 1.x device that detects an error sets DEVICE_NEEDS_RESET (§2.1.2); we report it, and a
+    reset brings the device back."""
+    vm = machine_with(machine_factory, "virtio-rng-pci", modes.MODERN, packed="off")
+    rng = vm.virtio("dev0")
+    _publish_broken_chain(vm, rng)
+    with pytest.raises(DeviceNeedsReset, match="DEVICE_NEEDS_RESET"):
+        rng.check_status()
+    assert device_view(vm, "dev0").broken
+    rng.initialize()
+    assert not device_view(vm, "dev0").broken
+    assert len(rng.read(64)) == 64
+
+
+def test_legacy_device_breaks_silently_on_the_same_error(machine_factory) -> None:
+    """What QEMU does where the spec gives legacy devices no NEEDS_RESET bit: it stops
+    answering the queue (QMP says broken); a reset recovers it."""
+    vm = machine_with(machine_factory, "virtio-rng-pci", modes.LEGACY)
+    rng = vm.virtio("dev0", mode=modes.LEGACY)
+    _publish_broken_chain(vm, rng)
+    assert rng.check_status() & STATUS.DEVICE_NEEDS_RESET.mask == 0
+    assert device_view(vm, "dev0").broken
+    rng.initialize()
+    assert len(rng.read(64)) == 64
+
+
+def test_vendor_is_virtio(machine_factory) -> None:
+    vm = machine_with(machine_factory, "virtio-rng-pci", modes.MODERN)
+    assert vm.pci_function("dev0").vendor_id == VIRTIO_PCI_VENDOR_ID
+    with pytest.raises(KeyError, match="no PCI device with id 'nope'"):
+        vm.pci_function("nope")
+
+
+@pytest.mark.parametrize("mode", [modes.TRANSITIONAL_LEGACY, modes.MODERN])
+def test_config_change_interrupt_on_the_config_vector(machine_factory, mode: str) -> None:
+    vm = machine_with(machine_factory, "virtio-blk-pci", mode)
+    t = transport_of(vm, mode)
+    msix = Msix(t.fn)
+    msix.route_to_ram(vm.memory)
+    negotiate(t, driver_supports=ALL_BITS)
+    assert t.set_config_vector(0) == 0
+    driver_ok(t)
+    vm.qmp.cmd("block_resize", **{"node-name": "dev0-backend", "size": 2 * IMAGE})
+    msix.wait(0)
+    assert t.config_read(0, 8) == 2 * IMAGE // 512
