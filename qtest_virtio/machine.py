@@ -30,6 +30,7 @@ from typing import TextIO
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from . import modes
+from .backends import Handle, make_backend
 from .binary import QemuBinary, UnknownFlag
 from .errors import QemuCrashed, QemuStartError, describe_exit
 from .qtest import QtestClient
@@ -199,32 +200,6 @@ class MachineSpec:
         raise KeyError(f"no device with id {dev_id!r}; ids: {', '.join(d.id for d in self.devices)}")
 
 
-def _backend_args(dev: DeviceSpec, workdir: str) -> tuple[list[str], list[str], dict[str, str]]:
-    """Create the backend a device needs; returns (argv, reproducer argv, device properties
-    that wire it in). The spec itself is not changed, so it can start any number of machines.
-
-    A reproducer must still start after teardown deleted the workdir, so there a scratch
-    image becomes an equally sized, zero-reading null-co node (a fresh image reads zeros too).
-    """
-    if dev.driver.startswith("virtio-blk") and "drive" not in dev.props:
-        node = f"{dev.id}-backend"
-        kind = dev.backend or "image"
-        if kind == "null":
-            opt = f"driver=null-co,node-name={node},read-zeroes=on,size={dev.image_size}"
-            repro = opt
-        elif kind == "image":
-            path = os.path.join(workdir, f"{dev.id}.img")
-            with open(path, "wb") as f:
-                f.truncate(dev.image_size)
-            opt = f"driver=raw,node-name={node},file.driver=file,file.filename={escape_option_value(path)}"
-            repro = f"driver=raw,node-name={node},file.driver=null-co,file.read-zeroes=on,file.size={dev.image_size}"
-        else:  # a path to an existing image, which outlives the test
-            opt = f"driver=raw,node-name={node},file.driver=file,file.filename={escape_option_value(kind)}"
-            repro = opt
-        return ["-blockdev", opt], ["-blockdev", repro], {"drive": node}
-    return [], [], {}
-
-
 #: Reset-vector code of the halt firmware: cli; hlt; jmp short back to the hlt.
 _HALT_VECTOR = bytes([0xFA, 0xF4, 0xEB, 0xFD])
 _HALT_ROM_SIZE = 64 * 1024
@@ -267,10 +242,26 @@ def halt_firmware() -> str:
 
 @dataclass
 class LaunchPlan:
-    """The argv QEMU runs with and the copy-pasteable form of it for reports."""
+    """The argv QEMU runs with, the copy-pasteable form of it for reports, the fds QEMU
+    inherits and the backends' host ends, by device id."""
 
     argv: list[str]
     repro_argv: list[str]
+    pass_fds: list[int] = field(default_factory=list)
+    handles: dict[str, Handle] = field(default_factory=dict)
+
+    def close_child_fds(self) -> None:
+        """Our copies of what QEMU inherited: closed, so QEMU's exit shows as EOF on our ends."""
+        for fd in self.pass_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.pass_fds = []
+
+    def close(self) -> None:
+        self.close_child_fds()
+        for h in self.handles.values():
+            with contextlib.suppress(Exception):
+                h.close()
 
 
 def build_argv(spec: MachineSpec, binary: QemuBinary, workdir: str) -> LaunchPlan:
@@ -297,11 +288,22 @@ def build_argv(spec: MachineSpec, binary: QemuBinary, workdir: str) -> LaunchPla
     backends: list[str] = []
     repro_backends: list[str] = []
     devices: list[str] = []
+    repro_devices: list[str] = []
+    pass_fds: list[int] = []
+    handles: dict[str, Handle] = {}
     for dev in spec.devices:
-        args, repro_args, wiring = _backend_args(dev, workdir)
-        backends += args
-        repro_backends += repro_args
-        devices += ["-device", dev.option(wiring)]
+        b = make_backend(dev.driver, dev.id, dev.props, dev.backend, dev.image_size, workdir)
+        backends += b.args
+        repro_backends += b.repro_args
+        devices += ["-device", dev.option(b.wiring)]
+        repro_devices += ["-device", dev.option(b.wiring)]
+        for extra in b.devices:
+            devices += ["-device", extra]
+        for extra in b.repro_devices:
+            repro_devices += ["-device", extra]
+        pass_fds += b.child_fds
+        if b.handle is not None:
+            handles[dev.id] = b.handle
     qtest = os.path.join(workdir, "qtest.sock")
     qmp = os.path.join(workdir, "qmp.sock")
     # On 7.2 `-qtest chardev:NAME` only works when the chardev id is literally "qtest".
@@ -318,8 +320,8 @@ def build_argv(spec: MachineSpec, binary: QemuBinary, workdir: str) -> LaunchPla
         "chardev=qmp,mode=control",
     ]
     argv = common + accel + backends + devices + spec.extra_args + channels
-    repro = common + accel + repro_backends + devices + spec.extra_args + ["-qtest", "stdio"]
-    return LaunchPlan(argv, repro)
+    repro = common + accel + repro_backends + repro_devices + spec.extra_args + ["-qtest", "stdio"]
+    return LaunchPlan(argv, repro, pass_fds, handles)
 
 
 _PR_SET_PDEATHSIG = 1
@@ -399,6 +401,7 @@ class QemuMachine:
         self._qmp_sock: socket.socket | None = None
         self._stopping = False
         self._running = False
+        self._plan: LaunchPlan | None = None
         self._finalizer: Callable[[], object] | None = None
         self.crash: QemuCrashed | None = None
 
@@ -425,6 +428,7 @@ class QemuMachine:
 
     def _launch(self) -> None:
         plan = build_argv(self.spec, self.binary, self.workdir)
+        self._plan = plan
         self.argv, self._repro_argv = plan.argv, plan.repro_argv
         listeners: dict[str, socket.socket] = {}
         try:
@@ -444,7 +448,9 @@ class QemuMachine:
                     stderr=err,
                     start_new_session=True,
                     preexec_fn=preexec,
+                    pass_fds=plan.pass_fds,
                 )
+            plan.close_child_fds()
             self._finalizer = weakref.finalize(self, _reap, self._proc, self.workdir)
             conns = self._accept(listeners)
         finally:
@@ -586,6 +592,14 @@ class QemuMachine:
             except subprocess.TimeoutExpired:
                 continue
 
+    def backend(self, dev_id: str) -> Handle:
+        """The host end of a device's backend (image, net socket, serial ports, rng FIFO)."""
+        plan = self._plan
+        if plan is None or dev_id not in plan.handles:
+            have = ", ".join(plan.handles) if plan else "none (not started)"
+            raise KeyError(f"device {dev_id!r} has no backend the harness holds; devices with one: {have}")
+        return plan.handles[dev_id]
+
     def _close_channels(self) -> None:
         if self._qtest is not None:
             self._qtest.close()
@@ -594,6 +608,8 @@ class QemuMachine:
                 self._qmp.close()
         if self._qmp_sock is not None:
             self._qmp_sock.close()
+        if self._plan is not None:
+            self._plan.close()
 
     def _check_crash(self, died_early: bool) -> QemuCrashed | None:
         """A crash is: QEMU gone before we stopped it, or an assertion/sanitizer on stderr."""

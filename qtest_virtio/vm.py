@@ -6,20 +6,38 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterable
 from typing import Any, TextIO
 
 from . import modes
 from .devices.base import VirtioDriver
-from .devices.rng import VirtioRng
 from .machine import MachineSpec, QemuMachine
 from .memory import GuestMemory
 from .pci import PciBus, PciFunction
 
-#: Device model -> driver class (aliases and -transitional/-non-transitional variants included).
-DRIVERS: dict[str, type[VirtioDriver]] = {
-    "virtio-rng-pci": VirtioRng,
+#: Device model -> "module:Class" of its driver, imported on first use (the -transitional and
+#: -non-transitional variants map to the same driver).
+DRIVERS: dict[str, str] = {
+    "virtio-blk-pci": "qtest_virtio.devices.blk:VirtioBlk",
+    "virtio-net-pci": "qtest_virtio.devices.net:VirtioNet",
+    "virtio-rng-pci": "qtest_virtio.devices.rng:VirtioRng",
+    "virtio-serial-pci": "qtest_virtio.devices.console:VirtioConsole",
+    "virtio-balloon-pci": "qtest_virtio.devices.balloon:VirtioBalloon",
+    "virtio-scsi-pci": "qtest_virtio.devices.scsi:VirtioScsi",
 }
+
+
+def driver_class(device: str) -> type[VirtioDriver]:
+    """The driver class for a device model name."""
+    base = device.removesuffix("-transitional").removesuffix("-non-transitional")
+    try:
+        module, _, name = DRIVERS[base].partition(":")
+    except KeyError:
+        raise KeyError(f"no driver for {device!r}; drivers: {', '.join(sorted(DRIVERS))}") from None
+    cls = getattr(importlib.import_module(module), name)
+    assert isinstance(cls, type) and issubclass(cls, VirtioDriver)
+    return cls
 
 
 class Machine(QemuMachine):
@@ -61,14 +79,13 @@ class Machine(QemuMachine):
         """The device's driver, initialised to DRIVER_OK in the mode its spec was built for."""
         spec = self.spec.device(dev_id)
         mode = mode or spec.mode or modes.TRANSITIONAL_MODERN
-        driver = spec.driver.removesuffix("-transitional").removesuffix("-non-transitional")
-        try:
-            cls = DRIVERS[driver]
-        except KeyError:
-            raise KeyError(f"no driver for {spec.driver!r}; drivers: {', '.join(sorted(DRIVERS))}") from None
+        cls = driver_class(spec.driver)
         fn = self.pci_function(dev_id)
         self.resume()
-        return cls(fn, mode, self.memory, refuse=refuse, **kw)
+        driver = cls(fn, mode, self.memory, refuse=refuse, **kw)
+        driver.dev_id = dev_id
+        driver.backend = self._plan.handles.get(dev_id) if self._plan else None
+        return driver
 
 
 def _find_qdev(devices: list[dict[str, Any]], dev_id: str) -> dict[str, Any] | None:

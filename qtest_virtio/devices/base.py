@@ -72,6 +72,9 @@ class VirtioDriver:
         self.msix: Msix | None = None
         self.intx: IntxLine | None = None
         self.negotiated = Negotiated(0, 0, 0)
+        #: Set by Machine.virtio(): the device's id, and the host end of its backend (if any).
+        self.dev_id = ""
+        self.backend: object | None = None
         self.initialize()
 
     def __repr__(self) -> str:

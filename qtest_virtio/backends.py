@@ -1,0 +1,267 @@
+"""Real QEMU backends for the devices a test drives, with the host-side end the test holds
+(part of the machine layer: it only shapes the command line and owns host resources).
+
+- virtio-blk: a scratch raw image in the private workdir (``ImageBackend``: read and write it
+  from the host), ``null`` (null-co, read-zeroes), or the path of an existing image;
+- virtio-scsi: the same image behind a ``scsi-hd`` on the controller's bus;
+- virtio-net: ``-netdev socket`` on one end of a socketpair; the test holds the other
+  (``NetBackend``: QEMU's stream framing, a 4-byte big-endian length before each frame);
+- virtio-serial: a ``virtconsole`` and a ``virtserialport``, each on a socketpair chardev
+  (``SerialBackend``: one ``ChardevEnd`` per port);
+- virtio-rng: ``rng-random`` on a FIFO the test writes (``RngFifo``), with ``backend="fifo"``;
+  the default is QEMU's builtin generator.
+
+File descriptors reach QEMU through ``pass_fds``; a reproducer command line cannot carry them,
+so there the same devices get backends that need nothing from us (null-co, hubport, null chardev).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .errors import QtestVirtioError
+
+FRAME_LEN = struct.Struct(">I")
+
+
+class BackendError(QtestVirtioError):
+    """The host side of a backend timed out or saw malformed data."""
+
+
+class Handle(Protocol):
+    def close(self) -> None: ...
+
+
+@dataclass
+class Backend:
+    """What a device's backend adds to the command line, and what the test holds."""
+
+    args: list[str] = field(default_factory=list)
+    repro_args: list[str] = field(default_factory=list)
+    #: Properties that wire the backend into the ``-device``.
+    wiring: dict[str, str] = field(default_factory=dict)
+    #: ``-device`` options that must follow the device (ports, disks on its bus).
+    devices: list[str] = field(default_factory=list)
+    repro_devices: list[str] = field(default_factory=list)
+    #: Our copies of the fds QEMU inherits; closed in the parent once QEMU runs.
+    child_fds: list[int] = field(default_factory=list)
+    handle: Handle | None = None
+
+
+def _escape(value: str) -> str:
+    return value.replace(",", ",,")
+
+
+def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
+    data = b""
+    while len(data) < n:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([sock], [], [], remaining)[0]:
+            raise BackendError(f"timed out waiting for {n - len(data)} more bytes from QEMU")
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise BackendError("QEMU closed its end of the backend socket")
+        data += chunk
+    return data
+
+
+class ImageBackend:
+    """A raw image file on the host; the test can read and write what the guest sees."""
+
+    def __init__(self, path: str, size: int) -> None:
+        self.path = path
+        self.size = size
+
+    def read(self, offset: int, size: int) -> bytes:
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            return f.read(size)
+
+    def write(self, offset: int, data: bytes) -> None:
+        with open(self.path, "r+b") as f:
+            f.seek(offset)
+            f.write(data)
+
+    def close(self) -> None:
+        pass
+
+
+class NetBackend:
+    """The host end of a ``-netdev socket`` stream: frames in and out of the guest's NIC."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def send(self, frame: bytes) -> None:
+        """Inject a frame; it arrives on the NIC's receive queue."""
+        self.sock.sendall(FRAME_LEN.pack(len(frame)) + frame)
+
+    def receive(self, timeout: float = 5.0) -> bytes:
+        """The next frame the guest transmitted."""
+        deadline = time.monotonic() + timeout
+        (length,) = FRAME_LEN.unpack(_recv_exact(self.sock, 4, deadline))
+        if length > 1 << 20:
+            raise BackendError(f"frame length {length} from QEMU is not plausible")
+        return _recv_exact(self.sock, length, deadline)
+
+    def pending(self, timeout: float = 0.0) -> bool:
+        return bool(select.select([self.sock], [], [], timeout)[0])
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class ChardevEnd:
+    """The host end of one chardev: bytes to and from a virtio-serial port."""
+
+    def __init__(self, sock: socket.socket, name: str) -> None:
+        self.sock = sock
+        self.name = name
+
+    def write(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def read(self, n: int, timeout: float = 5.0) -> bytes:
+        return _recv_exact(self.sock, n, time.monotonic() + timeout)
+
+    def read_available(self, timeout: float = 0.2) -> bytes:
+        out = b""
+        while select.select([self.sock], [], [], timeout)[0]:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                break
+            out += chunk
+            timeout = 0.05
+        return out
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class SerialBackend:
+    """The ports of a virtio-serial controller: ``console`` (port 0) and ``port1``."""
+
+    def __init__(self, ports: dict[str, ChardevEnd]) -> None:
+        self.ports = ports
+
+    def __getitem__(self, name: str) -> ChardevEnd:
+        return self.ports[name]
+
+    def close(self) -> None:
+        for p in self.ports.values():
+            p.close()
+
+
+class RngFifo:
+    """A FIFO behind ``rng-random``: the bytes the test writes are the device's entropy.
+
+    Held open read-write, so QEMU's reads wait (EAGAIN) instead of seeing end-of-file.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        deadline = time.monotonic() + 5
+        while view:
+            try:
+                view = view[os.write(self.fd, view) :]
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise BackendError("the rng FIFO stays full: QEMU is not reading it") from None
+                time.sleep(0.001)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+def _socketpair() -> tuple[socket.socket, socket.socket]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    theirs.set_inheritable(True)
+    return ours, theirs
+
+
+def _image(dev_id: str, kind: str, size: int, workdir: str) -> tuple[str, str, ImageBackend | None]:
+    """(blockdev option, reproducer blockdev option, handle) for an image-kind backend."""
+    node = f"{dev_id}-backend"
+    if kind == "null":
+        opt = f"driver=null-co,node-name={node},read-zeroes=on,size={size}"
+        return opt, opt, None
+    if kind == "image":
+        path = os.path.join(workdir, f"{dev_id}.img")
+        with open(path, "wb") as f:
+            f.truncate(size)
+        repro = f"driver=raw,node-name={node},file.driver=null-co,file.read-zeroes=on,file.size={size}"
+    else:  # the path of an existing image, which outlives the test
+        path = kind
+        size = os.path.getsize(path)
+        repro = f"driver=raw,node-name={node},file.driver=file,file.filename={_escape(path)}"
+    opt = f"driver=raw,node-name={node},file.driver=file,file.filename={_escape(path)}"
+    return opt, repro, ImageBackend(path, size)
+
+
+def make_backend(driver: str, dev_id: str, props: dict[str, str], kind: str | None, size: int, workdir: str) -> Backend:
+    """The backend ``driver`` needs, unless the user wired one in by property."""
+    base = driver.removesuffix("-transitional").removesuffix("-non-transitional")
+    if base == "virtio-blk-pci" and "drive" not in props:
+        opt, repro, handle = _image(dev_id, kind or "image", size, workdir)
+        node = f"{dev_id}-backend"
+        return Backend(["-blockdev", opt], ["-blockdev", repro], {"drive": node}, handle=handle)
+    if base == "virtio-scsi-pci" and kind != "none":
+        opt, repro, handle = _image(dev_id, kind or "image", size, workdir)
+        disk = f"scsi-hd,bus={dev_id}.0,drive={dev_id}-backend,id={dev_id}-hd,channel=0,scsi-id=0,lun=0"
+        return Backend(["-blockdev", opt], ["-blockdev", repro], devices=[disk], repro_devices=[disk], handle=handle)
+    if base == "virtio-net-pci" and "netdev" not in props:
+        ours, theirs = _socketpair()
+        netdev = f"{dev_id}-netdev"
+        return Backend(
+            ["-netdev", f"socket,id={netdev},fd={theirs.fileno()}"],
+            ["-netdev", f"hubport,id={netdev},hubid=0"],
+            {"netdev": netdev},
+            child_fds=[_detach(theirs)],
+            handle=NetBackend(ours),
+        )
+    if base == "virtio-serial-pci" and kind != "none":
+        backend = Backend()
+        ports = {}
+        for port, (model, name) in {
+            "console": ("virtconsole", "org.qtest.console"),
+            "port1": ("virtserialport", "org.qtest.port1"),
+        }.items():
+            ours, theirs = _socketpair()
+            chardev = f"{dev_id}-{port}"
+            backend.args += ["-chardev", f"socket,id={chardev},fd={theirs.fileno()}"]
+            backend.repro_args += ["-chardev", f"null,id={chardev}"]
+            dev = f"{model},bus={dev_id}.0,chardev={chardev},name={name},id={chardev}-port"
+            backend.devices.append(dev)
+            backend.repro_devices.append(dev)
+            backend.child_fds.append(_detach(theirs))
+            ports[port] = ChardevEnd(ours, name)
+        backend.handle = SerialBackend(ports)
+        return backend
+    if base == "virtio-rng-pci" and kind == "fifo" and "rng" not in props:
+        path = os.path.join(workdir, f"{dev_id}.fifo")
+        os.mkfifo(path, 0o600)
+        obj = f"{dev_id}-rng"
+        return Backend(
+            ["-object", f"rng-random,id={obj},filename={_escape(path)}"],
+            ["-object", f"rng-builtin,id={obj}"],
+            {"rng": obj},
+            handle=RngFifo(path),
+        )
+    return Backend()
+
+
+def _detach(sock: socket.socket) -> int:
+    """Keep the fd number for the child; the socket object lets go of it without closing."""
+    return sock.detach()
