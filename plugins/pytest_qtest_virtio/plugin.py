@@ -7,6 +7,7 @@ all driver logic lives in the library. Registered through the ``pytest11`` entry
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -15,9 +16,19 @@ from typing import Any
 import pytest
 
 from qtest_virtio import Machine, MachineSpec, QemuCrashed
-from qtest_virtio.binary import DEFAULT_QEMU, QemuBinary, QemuNotFound
+from qtest_virtio.binary import DEFAULT_QEMU, QemuBinary, QemuNotFound, UnknownFlag
+from qtest_virtio.devices.base import VirtioDriver
+from qtest_virtio.devices.features import DEVICE_FEATURE_BITS
+from qtest_virtio.transport import feature_bit
+from qtest_virtio.transport.layout import FEATURE_BITS
+
+from .params import OptionError, VirtioParam, parse_flags, parse_refuse, parse_transports, virtio_params
 
 MACHINES_KEY = pytest.StashKey[list[Machine]]()
+VIRTIO_MACHINE_KEY = pytest.StashKey[Machine]()
+PARAM_KEY = pytest.StashKey[VirtioParam]()
+#: Every feature name a refusal may use: the reserved ones and each device's own.
+KNOWN_FEATURES = frozenset(FEATURE_BITS.values()).union(*(t.values() for t in DEVICE_FEATURE_BITS.values()))
 #: Crashes the test's call phase already failed with, so teardown does not report them again.
 REPORTED_CRASHES_KEY = pytest.StashKey[list[QemuCrashed]]()
 
@@ -40,14 +51,45 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         help="error, instead of skip, when no QEMU binary is found",
     )
+    group.addoption(
+        "--virtio-transport",
+        default=None,
+        metavar="LIST",
+        help="transport modes to run: legacy, transitional-legacy, transitional-modern, modern, or all (default)",
+    )
+    group.addoption(
+        "--virtio-flags",
+        default=None,
+        metavar="K=V,...",
+        help="device properties for every virtio device a test starts (e.g. event_idx=off,packed=on)",
+    )
+    group.addoption(
+        "--virtio-refuse",
+        default=None,
+        metavar="F,...",
+        help="features the driver declines even when offered (e.g. EVENT_IDX,INDIRECT_DESC)",
+    )
+    group.addoption("--qtest-log", default=None, metavar="DIR", help="write each test's qtest command log to DIR")
+    parser.addini("virtio_transport", "transport modes to run (comma-separated, or all)", default="")
+    parser.addini("virtio_flags", "device properties for every virtio device (K=V,...)", default="")
+    parser.addini("virtio_refuse", "features the driver declines (F,...)", default="")
+    parser.addini("qtest_log", "directory for per-test qtest command logs", default="")
     parser.addini("qemu", "QEMU binary (overridden by --qemu and $QEMU)", default="")
     parser.addini("qemu_machine", "machine type, q35 or pc", default="q35")
     parser.addini("qemu_required", "error instead of skip when QEMU is missing", type="bool", default=False)
 
 
+_K_EQ_V = re.compile(r"(?<![\w.:-])([\w.-]+)=([\w.-]+)")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     for marker in MARKERS:
         config.addinivalue_line("markers", marker)
+    # pytest's -k grammar has no '=', but ids say "event_idx=off" (design.md): rewrite K=V to
+    # K:V, which -k accepts, and give every parametrised item K:V keywords to match.
+    keyword = getattr(config.option, "keyword", "")
+    if keyword and "=" in keyword:
+        config.option.keyword = _K_EQ_V.sub(r"\1:\2", keyword)
     # SIGTERM (CI cancelling, `kill`) would end Python without running teardown; make it an
     # exception so every machine's finally-block stops its QEMU and removes its directory.
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) in (
@@ -55,6 +97,50 @@ def pytest_configure(config: pytest.Config) -> None:
         None,
     ):
         signal.signal(signal.SIGTERM, _sigterm)
+
+
+def _virtio_options(config: pytest.Config) -> tuple[tuple[str, ...], dict[str, str], frozenset[str]]:
+    """(modes, flags, refusals) from the options, else the ini keys; a bad one is a usage error."""
+    try:
+        transports = parse_transports(config.getoption("--virtio-transport") or config.getini("virtio_transport"))
+        flags = parse_flags(config.getoption("--virtio-flags") or config.getini("virtio_flags"))
+        refuse = parse_refuse(config.getoption("--virtio-refuse") or config.getini("virtio_refuse"))
+    except OptionError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    unknown = sorted(refuse - KNOWN_FEATURES)
+    if unknown:
+        raise pytest.UsageError(
+            f"--virtio-refuse: unknown feature {', '.join(unknown)}; known: {', '.join(sorted(KNOWN_FEATURES))}"
+        )
+    return transports, flags, refuse
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests using ``virtio_device`` run once per selected transport mode and ring layout."""
+    if "virtio_device" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("virtio_device")
+    if marker is None or not marker.args:
+        raise pytest.UsageError(
+            f"{metafunc.definition.nodeid} uses the virtio_device fixture without "
+            '@pytest.mark.virtio_device("DEVICE") naming the device it drives'
+        )
+    transports, flags, refuse = _virtio_options(metafunc.config)
+    try:
+        params = virtio_params(
+            str(marker.args[0]),
+            selected_modes=transports,
+            option_flags=flags,
+            option_refuse=refuse,
+            marker_kwargs=marker.kwargs,
+        )
+    except OptionError as exc:
+        raise pytest.UsageError(f"{metafunc.definition.nodeid}: {exc}") from None
+    metafunc.parametrize(
+        "virtio_device",
+        [pytest.param(p, id=p.id) for p in params],
+        indirect=True,
+    )
 
 
 def _sigterm(signum: int, frame: object) -> None:
@@ -105,7 +191,15 @@ def machine_factory(request: pytest.FixtureRequest, qemu_binary: QemuBinary) -> 
             spec = MachineSpec(qemu=qemu_binary.path, **spec_kwargs)
         elif spec.qemu is None:
             spec.qemu = qemu_binary.path
-        vm = Machine(spec)
+        log_dir = request.config.getoption("--qtest-log") or request.config.getini("qtest_log")
+        log = None
+        if log_dir:
+            os.makedirs(log_dir, exist_ok=True)
+            name = request.node.nodeid.replace("/", "_").replace("::", "__")
+            suffix = f".{len(started)}" if started else ""
+            log = open(os.path.join(log_dir, f"{name}{suffix}.qtest.log"), "w")  # noqa: SIM115
+            request.addfinalizer(log.close)
+        vm = Machine(spec, qtest_log=log)
         started.append(vm)
         vm.start()
         return vm
@@ -124,8 +218,47 @@ def machine_factory(request: pytest.FixtureRequest, qemu_binary: QemuBinary) -> 
 
 
 @pytest.fixture
-def qemu(machine_factory: MachineFactory) -> Machine:
-    """A started Machine with the default spec (no devices beyond the machine's own)."""
+def virtio_device(request: pytest.FixtureRequest, machine_factory: MachineFactory, qemu_binary: QemuBinary) -> Any:
+    """The driver of the device the ``virtio_device`` marker names, at DRIVER_OK with its
+    queues ready, on a fresh machine; parametrised over transport modes and ring layouts."""
+    param = getattr(request, "param", None)
+    if not isinstance(param, VirtioParam):
+        raise pytest.UsageError(f"{request.node.nodeid}: virtio_device needs @pytest.mark.virtio_device(...)")
+    if param.skip:
+        pytest.skip(param.skip)
+    flags = param.flag_dict
+    try:  # decided before QEMU starts: a flag this binary lacks is a skip, not a failure
+        qemu_binary.check_properties(param.device, list(flags))
+    except UnknownFlag as exc:
+        pytest.skip(f"{qemu_binary.path} cannot run this: {exc}")
+    extra = dict(param.extra)
+    driver_kwargs = {k: extra.pop(k) for k in ("interrupts", "queue_size", "notify_via") if k in extra}
+    spec = MachineSpec(qemu=qemu_binary.path, machine=_machine_option(request.config))
+    dev = spec.add_virtio(param.device, flags, mode=param.mode, **extra)
+    for key, value in (("virtio_device", param.device), ("virtio_transport", param.mode), ("virtio_ring", param.ring)):
+        request.node.user_properties.append((key, value))
+    request.node.user_properties.append(("virtio_flags", ",".join(f"{k}={v}" for k, v in flags.items())))
+    request.node.stash[PARAM_KEY] = param
+    vm = machine_factory(spec)
+    request.node.stash[VIRTIO_MACHINE_KEY] = vm
+    driver: VirtioDriver = vm.virtio(dev.id, refuse=param.refuse, **driver_kwargs)
+    requires = request.node.get_closest_marker("virtio_requires")
+    for feature in requires.args if requires else ():
+        bit = feature_bit(feature, driver.device_bits)
+        if not driver.negotiated.offered >> bit & 1:
+            pytest.skip(f"{param.device} in mode {param.mode} does not offer {feature}")
+        if feature in param.refuse:
+            pytest.skip(f"{feature} is refused on the driver side in this run")
+    return driver
+
+
+@pytest.fixture
+def qemu(request: pytest.FixtureRequest, machine_factory: MachineFactory) -> Machine:
+    """A started Machine: the one a ``virtio_device`` test drives, else one with the default
+    spec (no devices beyond the machine's own)."""
+    if "virtio_device" in request.fixturenames:
+        request.getfixturevalue("virtio_device")
+        return request.node.stash[VIRTIO_MACHINE_KEY]
     return machine_factory()
 
 
@@ -155,6 +288,15 @@ def qemu_report(vm: Machine) -> str:
     if cmds:
         lines += ["last qtest commands:"] + ["    " + c for c in cmds]
     return "\n".join(lines)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        param = callspec.params.get("virtio_device") if callspec else None
+        if isinstance(param, VirtioParam):
+            item.extra_keyword_matches.update(f"{k}:{v}" for k, v in param.id_flags)
+            item.extra_keyword_matches.update(("-".join((param.device, param.mode)), param.ring))
 
 
 @pytest.hookimpl(hookwrapper=True)
