@@ -8,13 +8,15 @@ Exit codes follow ``git bisect run`` (design.md): 0 passed/survived, 1 failed/cr
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import os
 import signal
 import sys
 import threading
 import traceback
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from . import __name__ as _pkg
 from .binary import QemuBinary, QemuNotFound, UnknownFlag
@@ -121,6 +123,132 @@ def cmd_flags(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+#: Feature-flag properties this project knows on virtio-pci devices: a name missing from an
+#: (older) binary makes a run untestable (125), a name unknown everywhere is a typo (128).
+KNOWN_FLAGS = frozenset(
+    {
+        "event_idx", "indirect_desc", "packed", "queue_reset", "any_layout", "notify_on_empty",
+        "page-per-vq", "modern-pio-notify", "ioeventfd", "use-disabled-flag", "iommu_platform",
+        "disable-legacy", "disable-modern", "use-started", "vectors", "x-disable-legacy-check",
+        "num-queues", "queue-size", "mrg_rxbuf", "mq", "ctrl_vq", "seg-max-adjust", "discard",
+        "write-zeroes", "deflate-on-oom", "free-page-hint", "max_ports", "emergency-write",
+    }
+)  # fmt: skip
+VIRTIO_DEVICES = ("virtio-blk-pci", "virtio-net-pci", "virtio-rng-pci", "virtio-serial-pci", "virtio-balloon-pci")
+
+
+def _suite_dir() -> str:
+    """The bundled scenario suite (shipped in the wheel as qtest_virtio_scenarios)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("qtest_virtio_scenarios")
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError("the bundled scenario suite (qtest_virtio_scenarios) is not installed; name TARGETS")
+    return next(iter(spec.submodule_search_locations))
+
+
+def _check_run_flags(binary: QemuBinary, flags: dict[str, str]) -> None:
+    """A typo aborts (128); a real flag this binary lacks means 'cannot test here' (125)."""
+    have: set[str] = set()
+    for device in VIRTIO_DEVICES:
+        if device in binary.devices:
+            have |= set(binary.device_properties(device))
+    for name in flags:
+        if name in have:
+            continue
+        if name in KNOWN_FLAGS:
+            raise UnknownFlag(f"flag {name!r} is not supported by {binary.path} ({binary.version_text})")
+        close = difflib.get_close_matches(name, sorted(have | KNOWN_FLAGS), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; see `qtest-virtio flags --qemu {binary.path}`"
+        raise UsageError(f"--flags: unknown flag {name!r}{hint}")
+
+
+def _pytest_args(args: argparse.Namespace, binary: QemuBinary) -> list[str]:
+    targets = list(args.targets) or [_suite_dir()]
+    out = [*targets, f"--qemu={binary.path}", f"--qemu-machine={args.machine}"]
+    if args.flags:
+        out.append(f"--virtio-flags={args.flags}")
+    if args.transport:
+        out.append(f"--virtio-transport={args.transport}")
+    if args.refuse:
+        out.append(f"--virtio-refuse={args.refuse}")
+    jobs = args.jobs
+    if jobs != "1":
+        import importlib.util
+
+        if importlib.util.find_spec("xdist") is not None:
+            out += ["-n", jobs]
+    return [*out, "-q", "-p", "no:cacheprovider", "-p", "no:benchmark", *args.pytest_args]
+
+
+def _run_suite(args: argparse.Namespace) -> tuple[int, Any, QemuBinary]:
+    from pytest_qtest_virtio.params import OptionError, parse_flags, parse_transports
+    from pytest_qtest_virtio.runner import run_pytest
+
+    binary = QemuBinary.get(args.qemu)
+    try:
+        parse_transports(args.transport)
+        flags = parse_flags(args.flags)
+    except OptionError as exc:
+        raise UsageError(str(exc)) from None
+    _check_run_flags(binary, flags)
+    code, collector = run_pytest(_pytest_args(args, binary))
+    return code, collector, binary
+
+
+def _exit_code(code: int, collector: Any) -> int:
+    """pytest's exit code and the outcomes -> the git-bisect-run contract of design.md."""
+    counts = collector.counts()
+    ran = counts["passed"] + counts["failed"] + counts["error"] + counts["xfailed"] + counts["xpassed"]
+    if code in (2, 3, 4):  # interrupted, internal error, usage error
+        return EXIT_USAGE
+    if code == 5:
+        print("qtest-virtio: no tests were collected (check TARGETS and -k)", file=sys.stderr)
+        return EXIT_USAGE
+    if code == 1 or counts["failed"] or counts["error"] or counts["xpassed"]:
+        return EXIT_FAILED
+    if ran == 0 and counts["skipped"]:
+        print("qtest-virtio: every test was skipped: cannot be tested with this binary", file=sys.stderr)
+        return EXIT_UNTESTABLE
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    code, collector, _ = _run_suite(args)
+    print()
+    print(collector.summary_table())
+    return _exit_code(code, collector)
+
+
+def cmd_conformance(args: argparse.Namespace) -> int:
+    from pytest_qtest_virtio.runner import conformance_markdown
+
+    code, collector, binary = _run_suite(args)
+    command = "qtest-virtio conformance" + "".join(
+        f" --{k} {v}" for k, v in (("flags", args.flags), ("transport", args.transport)) if v
+    )
+    text = conformance_markdown(collector, qemu=binary.version_text, command=command)
+    output = args.output or os.path.join(_suite_dir(), "CONFORMANCE.md")
+    with open(output, "w") as f:
+        f.write(text)
+    rows = collector.conformance_rows()
+    print(f"\nwrote {output}: {len(rows)} requirements, {sum(r['runs'] for r in rows)} runs")
+    return _exit_code(code, collector)
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "targets", nargs="*", metavar="TARGET", help="test files, dirs or node ids (default: the bundled suite)"
+    )
+    p.add_argument("--qemu", default=None, help="QEMU binary (default: $QEMU or qemu-system-x86_64 on PATH)")
+    p.add_argument("--machine", default="q35", choices=("q35", "pc"))
+    p.add_argument("--flags", default="", metavar="K=V,...", help="device properties for every virtio device")
+    p.add_argument("--transport", default="", metavar="LIST", help="transport modes (default: all four)")
+    p.add_argument("--refuse", default="", metavar="F,...", help="features the driver declines")
+    p.add_argument("-n", "--jobs", default="2", help="parallel workers (pytest-xdist; 1 = in this process)")
+    p.set_defaults(pytest_args=[])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="qtest-virtio", description="Drive virtio-pci devices in QEMU's qtest mode.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -128,6 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     _machine_args(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_probe)
+    r = sub.add_parser("run", help="run scenarios (default: the bundled suite) and print a summary table")
+    _run_args(r)
+    r.set_defaults(func=cmd_run)
+    c = sub.add_parser("conformance", help="run the suite and write the conformance matrix (CONFORMANCE.md)")
+    _run_args(c)
+    c.add_argument("--output", default=None, help="where to write it (default: the suite's CONFORMANCE.md)")
+    c.set_defaults(func=cmd_conformance)
     f = sub.add_parser("flags", help="the device properties (flags) this binary supports, with defaults")
     f.add_argument("--qemu", default=None)
     f.add_argument("--device", action="append", default=[], metavar="NAME")
@@ -144,9 +279,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Make SIGTERM unwind like Ctrl-C, so teardown stops QEMU and removes its directory.
         signal.signal(signal.SIGTERM, _sigterm)
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pytest_args: list[str] = []
+    if "--" in argv:  # everything after -- goes to pytest untouched
+        cut = argv.index("--")
+        argv, pytest_args = argv[:cut], argv[cut + 1 :]
     args = parser.parse_args(argv)
+    if pytest_args:
+        args.pytest_args = pytest_args
     if not getattr(args, "func", None):
-        parser.error("a COMMAND is required (probe, flags); see qtest-virtio --help")
+        parser.error("a COMMAND is required (run, conformance, probe, flags); see qtest-virtio --help")
     try:
         return int(args.func(args))
     except UsageError as exc:

@@ -235,9 +235,6 @@ def virtio_device(request: pytest.FixtureRequest, machine_factory: MachineFactor
     driver_kwargs = {k: extra.pop(k) for k in ("interrupts", "queue_size", "notify_via") if k in extra}
     spec = MachineSpec(qemu=qemu_binary.path, machine=_machine_option(request.config))
     dev = spec.add_virtio(param.device, flags, mode=param.mode, **extra)
-    for key, value in (("virtio_device", param.device), ("virtio_transport", param.mode), ("virtio_ring", param.ring)):
-        request.node.user_properties.append((key, value))
-    request.node.user_properties.append(("virtio_flags", ",".join(f"{k}={v}" for k, v in flags.items())))
     request.node.stash[PARAM_KEY] = param
     vm = machine_factory(spec)
     request.node.stash[VIRTIO_MACHINE_KEY] = vm
@@ -291,12 +288,25 @@ def qemu_report(vm: Machine) -> str:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Keywords for -k, and properties for JUnit XML and the run summary (set at collection,
+    so a test skipped before QEMU starts still says what it would have run)."""
     for item in items:
+        conformance = item.get_closest_marker("conformance")
+        if conformance is not None and conformance.args:
+            item.user_properties.append(("conformance", str(conformance.args[0])))
+            item.user_properties.append(("spec", str(conformance.kwargs.get("spec", ""))))
         callspec = getattr(item, "callspec", None)
         param = callspec.params.get("virtio_device") if callspec else None
         if isinstance(param, VirtioParam):
             item.extra_keyword_matches.update(f"{k}:{v}" for k, v in param.id_flags)
             item.extra_keyword_matches.update(("-".join((param.device, param.mode)), param.ring))
+            item.user_properties += [
+                ("virtio_device", param.device),
+                ("virtio_transport", param.mode),
+                ("virtio_ring", param.ring),
+                ("virtio_flags", ",".join(f"{k}={v}" for k, v in param.flags)),
+                ("virtio_id_flags", ",".join(f"{k}={v}" for k, v in param.id_flags)),
+            ]
 
 
 @pytest.hookimpl(hookwrapper=True)
