@@ -87,6 +87,7 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", marker)
     # pytest's -k grammar has no '=', but ids say "event_idx=off" (design.md): rewrite K=V to
     # K:V, which -k accepts, and give every parametrised item K:V keywords to match.
+    _virtio_options(config)  # a malformed option is a usage error now, not a collection error
     keyword = getattr(config.option, "keyword", "")
     if keyword and "=" in keyword:
         config.option.keyword = _K_EQ_V.sub(r"\1:\2", keyword)

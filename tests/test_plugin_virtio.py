@@ -1,0 +1,221 @@
+"""The plugin's virtio_device machinery: parametrisation logic (pure), and through pytester:
+ids, -k selection, skips decided before QEMU starts, the shared machine, JUnit properties,
+--qtest-log, and qtest-virtio run's summary and exit codes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+
+import pytest
+from pytest_qtest_virtio.params import OptionError, parse_flags, parse_refuse, parse_transports, virtio_params
+
+from qtest_virtio import modes
+
+pytest_plugins = ["pytester"]
+INNER = ["-p", "no:hypothesispytest", "-p", "no:benchmark", "-p", "no:cacheprovider", "-p", "no:xdist"]
+
+RNG_TEST = """
+import pytest
+pytestmark = pytest.mark.virtio_device("virtio-rng-pci")
+
+@pytest.mark.conformance("rng-demo", spec="5.4.6")
+def test_read(virtio_device, qemu):
+    assert len(virtio_device.read(16)) == 16
+    assert qemu.pid > 0 and virtio_device.dev_id
+"""
+
+
+# -- pure logic -------------------------------------------------------------------------------
+
+
+def test_parse_options() -> None:
+    assert parse_transports(None) == modes.ALL_MODES
+    assert parse_transports("all") == modes.ALL_MODES
+    assert parse_transports("modern,legacy") == (modes.LEGACY, modes.MODERN)  # design.md's order
+    with pytest.raises(OptionError, match="unknown transport mode modrn"):
+        parse_transports("modrn")
+    assert parse_flags("event_idx=off, packed=on") == {"event_idx": "off", "packed": "on"}
+    with pytest.raises(OptionError, match="not PROPERTY=VALUE"):
+        parse_flags("event_idx")
+    assert parse_refuse("event_idx,INDIRECT_DESC") == {"EVENT_IDX", "INDIRECT_DESC"}
+
+
+def test_params_modes_rings_and_ids() -> None:
+    params = virtio_params(
+        "virtio-blk-pci", selected_modes=modes.ALL_MODES, option_flags={}, option_refuse=frozenset(), marker_kwargs={}
+    )
+    assert [p.id for p in params] == [
+        "virtio-blk-pci-legacy",
+        "virtio-blk-pci-transitional-legacy",
+        "virtio-blk-pci-transitional-modern",
+        "virtio-blk-pci-transitional-modern-packed=on",
+        "virtio-blk-pci-modern",
+        "virtio-blk-pci-modern-packed=on",
+    ]
+    flagged = virtio_params(
+        "virtio-blk-pci",
+        selected_modes=(modes.MODERN,),
+        option_flags={"event_idx": "off"},
+        option_refuse=frozenset({"INDIRECT_DESC"}),
+        marker_kwargs={"flags": {"num-queues": 2}, "rings": ("split",)},
+    )
+    assert [p.id for p in flagged] == ["virtio-blk-pci-modern-event_idx=off-refuse=INDIRECT_DESC"]
+    assert flagged[0].flag_dict == {"num-queues": "2", "event_idx": "off"}
+
+
+def test_packed_option_decides_the_ring_and_skips_legacy() -> None:
+    params = virtio_params(
+        "virtio-rng-pci",
+        selected_modes=modes.ALL_MODES,
+        option_flags={"packed": "on"},
+        option_refuse=frozenset(),
+        marker_kwargs={"transports": ["legacy", "modern"]},
+    )
+    assert [(p.mode, p.ring, bool(p.skip)) for p in params] == [("legacy", "packed", True), ("modern", "packed", False)]
+    assert "needs the modern register layout" in params[0].skip
+
+
+# -- through pytester -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def inner(pytester: pytest.Pytester, qemu_binary) -> pytest.Pytester:
+    pytester.makepyfile(test_rng=RNG_TEST)
+    pytester.makeini("[pytest]\naddopts = --strict-markers\n")
+    return pytester
+
+
+def test_ids_and_selection(inner: pytest.Pytester, qemu_binary) -> None:
+    res = inner.runpytest(*INNER, f"--qemu={qemu_binary.path}", "--collect-only", "-q")
+    ids = [line for line in res.outlines if "::" in line]
+    assert "test_rng.py::test_read[virtio-rng-pci-modern-packed=on]" in ids and len(ids) == 6
+    res = inner.runpytest(*INNER, f"--qemu={qemu_binary.path}", "--collect-only", "-q", "-k", "packed=on")
+    assert len([line for line in res.outlines if "::" in line]) == 2
+    res = inner.runpytest(
+        *INNER,
+        f"--qemu={qemu_binary.path}",
+        "--collect-only",
+        "-q",
+        "--virtio-flags=event_idx=off",
+        "-k",
+        "event_idx=off and legacy",
+    )
+    assert [line for line in res.outlines if "::" in line] == [
+        "test_rng.py::test_read[virtio-rng-pci-legacy-event_idx=off]",
+        "test_rng.py::test_read[virtio-rng-pci-transitional-legacy-event_idx=off]",
+    ]
+
+
+def test_runs_on_every_mode_with_junit_properties(inner: pytest.Pytester, qemu_binary) -> None:
+    res = inner.runpytest(*INNER, f"--qemu={qemu_binary.path}", "--junitxml=out.xml")
+    res.assert_outcomes(passed=6)
+    tree = ET.parse(inner.path / "out.xml")
+    props = [{p.get("name"): p.get("value") for p in case.iter("property")} for case in tree.iter("testcase")]
+    assert {p["virtio_transport"] for p in props} == set(modes.ALL_MODES)
+    assert all(p["virtio_device"] == "virtio-rng-pci" and p["conformance"] == "rng-demo" for p in props)
+    assert {p["virtio_ring"] for p in props} == {"split", "packed"}
+
+
+def test_unknown_flag_and_bad_options(inner: pytest.Pytester, qemu_binary) -> None:
+    res = inner.runpytest(*INNER, f"--qemu={qemu_binary.path}", "--virtio-flags=nosuch=1", "-rs")
+    res.assert_outcomes(skipped=6)
+    res.stdout.fnmatch_lines(["*has no property 'nosuch'*valid: *event_idx*"])
+    res = inner.runpytest(*INNER, f"--qemu={qemu_binary.path}", "--virtio-transport=modrn")
+    assert res.ret == pytest.ExitCode.USAGE_ERROR
+    res.stderr.fnmatch_lines(["*unknown transport mode modrn*"])
+    res = inner.runpytest(*INNER, f"--qemu={qemu_binary.path}", "--virtio-refuse=EVENT_IDXX")
+    assert res.ret == pytest.ExitCode.USAGE_ERROR
+    res.stderr.fnmatch_lines(["*unknown feature EVENT_IDXX*"])
+
+
+def test_refuse_and_transport_options(inner: pytest.Pytester, qemu_binary) -> None:
+    inner.makepyfile(
+        test_refuse="""
+import pytest
+@pytest.mark.virtio_device("virtio-rng-pci", rings=("split",))
+def test_refused(virtio_device):
+    assert "EVENT_IDX" not in virtio_device.negotiated.names
+    assert virtio_device.transport.mode == "modern"
+"""
+    )
+    res = inner.runpytest(
+        *INNER, f"--qemu={qemu_binary.path}", "test_refuse.py", "--virtio-refuse=EVENT_IDX", "--virtio-transport=modern"
+    )
+    res.assert_outcomes(passed=1)
+
+
+def test_missing_marker_is_a_usage_error(pytester: pytest.Pytester, qemu_binary) -> None:
+    pytester.makepyfile("def test_x(virtio_device):\n    pass\n")
+    res = pytester.runpytest(*INNER, f"--qemu={qemu_binary.path}")
+    assert res.ret != 0
+    assert "without @pytest.mark.virtio_device" in res.stdout.str() + res.stderr.str()
+
+
+def test_virtio_requires_skips_with_reason(pytester: pytest.Pytester, qemu_binary) -> None:
+    pytester.makepyfile(
+        """
+import pytest
+pytestmark = [pytest.mark.virtio_device("virtio-rng-pci", rings=("split",), flags={"queue_reset": "off"}),
+              pytest.mark.virtio_requires("RING_RESET")]
+def test_reset(virtio_device):
+    pass
+"""
+    )
+    res = pytester.runpytest(*INNER, f"--qemu={qemu_binary.path}", "-rs")
+    res.assert_outcomes(skipped=4)
+    res.stdout.fnmatch_lines(["*does not offer RING_RESET*"])
+
+
+def test_qtest_log_per_test(inner: pytest.Pytester, qemu_binary) -> None:
+    res = inner.runpytest(*INNER, f"--qemu={qemu_binary.path}", "--qtest-log=logs", "-k", "modern and not packed")
+    res.assert_outcomes(passed=2)
+    logs = sorted(os.listdir(inner.path / "logs"))
+    assert len(logs) == 2 and all(name.endswith(".qtest.log") for name in logs)
+    text = (inner.path / "logs" / logs[0]).read_text()
+    assert "> endianness" in text and "< OK little" in text and "b64read" in text
+
+
+# -- qtest-virtio run -------------------------------------------------------------------------
+
+EXE = shutil.which("qtest-virtio")
+
+
+@pytest.mark.skipif(EXE is None, reason="qtest-virtio console script not installed")
+def test_run_prints_summary_and_exit_codes(inner: pytest.Pytester, qemu_binary) -> None:
+    assert EXE
+    path = str(inner.path / "test_rng.py")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [EXE, "run", path, "--qemu", qemu_binary.path, *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=inner.path,
+            check=False,
+        )
+
+    ok = run("-n", "1")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "virtio-rng-pci         modern               packed=on" in ok.stdout
+    assert "total" in ok.stdout
+    assert run("--flags", "evnt_idx=off").returncode == 128  # a typo aborts a bisect
+    assert run("--transport", "modrn").returncode == 128
+    skipped = run("--flags", "packed=on", "--transport", "legacy", "-n", "1")
+    assert skipped.returncode == 125  # nothing could run with this binary
+    failing = inner.makepyfile(
+        test_fail="""
+import pytest
+@pytest.mark.virtio_device("virtio-rng-pci", transports=["modern"], rings=("split",))
+def test_fails(virtio_device):
+    assert virtio_device.read(4) == b"nope"
+"""
+    )
+    res = subprocess.run(
+        [EXE, "run", str(failing), "--qemu", qemu_binary.path, "-n", "1"],
+        capture_output=True, text=True, timeout=120, cwd=inner.path, check=False,
+    )  # fmt: skip
+    assert res.returncode == 1
