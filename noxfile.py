@@ -1,4 +1,4 @@
-"""nox sessions (design.md): tests, lint, typecheck, bench; suite and flags(...) come later.
+"""nox sessions (design.md): tests, suite, flags(...), lint, typecheck, bench.
 
 Every session gets its own virtualenv, reused between runs, with the project installed editable
 with its ``dev`` extras. Extra arguments go after ``--`` (``nox -s tests -- --qemu build/qemu-system-x86_64``).
@@ -6,6 +6,10 @@ The ``QEMU`` environment variable reaches every command, because nox passes the 
 """
 
 from __future__ import annotations
+
+import hashlib
+import os
+import sys
 
 import nox
 
@@ -48,10 +52,83 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/bench_qtest.py", *session.posargs)
 
 
-# -- scenario sessions (not yet written) ------------------------------------------------------
-# design.md adds here:
-#   suite            scenarios/ against the installed QEMU (posargs to pytest, --qemu passes through)
-#   flags(...)       one session per feature-flag value, tagged "flags" (`nox -l` lists
-#                    flags(event_idx=off), ...; `nox -t flags` runs them all), each running the
-#                    suite with --virtio-flags K=V
-# They need the scenarios and the plugin's --virtio-flags option, which do not exist yet.
+# -- the scenario suite, once per feature flag ---------------------------------------------------
+
+#: One table: every session in `nox -t flags` comes from here (design.md, issue 5). Device-side flags
+#: are QEMU properties of every virtio-pci device; each value a QEMU developer may want to rule in or
+#: out gets a session. Driver-side refusals are features the driver declines even when offered.
+DEVICE_FLAGS: dict[str, tuple[str, ...]] = {
+    "event_idx": ("on", "off"),
+    "indirect_desc": ("on", "off"),
+    "packed": ("on", "off"),
+    "queue_reset": ("on", "off"),
+    "any_layout": ("on", "off"),
+    "notify_on_empty": ("on", "off"),
+    "page-per-vq": ("on", "off"),
+    "modern-pio-notify": ("on", "off"),
+    "ioeventfd": ("on", "off"),
+    "use-disabled-flag": ("on", "off"),
+}
+DRIVER_REFUSALS = ("EVENT_IDX", "INDIRECT_DESC", "RING_PACKED", "RING_RESET")
+FLAG_SESSIONS = [f"{k}={v}" for k, values in DEVICE_FLAGS.items() for v in values] + [
+    f"refuse={f}" for f in DRIVER_REFUSALS
+]
+SHARED_VENV = os.path.join(".nox", "_shared")
+
+
+def shared_python(session: nox.Session) -> str:
+    """One virtualenv for the suite and every flags session: installed once (again only when
+    pyproject.toml changes), so a flag session costs the suite's time, not an install."""
+    python = os.path.join(SHARED_VENV, "bin", "python")
+    stamp = os.path.join(SHARED_VENV, "pyproject.sha256")
+    with open("pyproject.toml", "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    current = ""
+    if os.path.exists(stamp):
+        with open(stamp) as f:
+            current = f.read()
+    if not os.path.exists(python):
+        session.run(sys.executable, "-m", "venv", SHARED_VENV, external=True)
+    if current != digest:
+        session.run(python, "-m", "pip", "install", "--quiet", "-e", ".[dev]", external=True)
+        with open(stamp, "w") as f:
+            f.write(digest)
+    return python
+
+
+def qemu_args(session: nox.Session) -> tuple[list[str], list[str]]:
+    """Split posargs into --qemu PATH (for qtest-virtio run) and the rest (for pytest)."""
+    args, qemu = list(session.posargs), []
+    if "--qemu" in args:
+        i = args.index("--qemu")
+        qemu, args = ["--qemu", args[i + 1]], args[:i] + args[i + 2 :]
+    for a in list(args):
+        if a.startswith("--qemu="):
+            qemu, args = ["--qemu", a.split("=", 1)[1]], [x for x in args if x != a]
+    return qemu, args
+
+
+def run_suite(session: nox.Session, *extra: str) -> None:
+    python = shared_python(session)
+    qemu, pytest_args = qemu_args(session)
+    cmd = [python, "-m", "qtest_virtio.cli", "run", *qemu, *extra]
+    if pytest_args:
+        cmd += ["--", *pytest_args]
+    session.run(*cmd, external=True)
+
+
+@nox.session(venv_backend="none")
+def suite(session: nox.Session) -> None:
+    """The scenario suite against the installed QEMU (QEMU from --qemu PATH in posargs or $QEMU)."""
+    run_suite(session)
+
+
+@nox.session(venv_backend="none", tags=["flags"])
+@nox.parametrize("flag", FLAG_SESSIONS, ids=FLAG_SESSIONS)
+def flags(session: nox.Session, flag: str) -> None:
+    """The suite with one feature flag set: `nox -s "flags(packed=on)" -- -k blk`."""
+    key, _, value = flag.partition("=")
+    if key == "refuse":
+        run_suite(session, "--refuse", value)
+    else:
+        run_suite(session, "--flags", flag)

@@ -76,6 +76,14 @@ def test_packed_option_decides_the_ring_and_skips_legacy() -> None:
     )
     assert [(p.mode, p.ring, bool(p.skip)) for p in params] == [("legacy", "packed", True), ("modern", "packed", False)]
     assert "needs the modern register layout" in params[0].skip
+    split_only = virtio_params(
+        "virtio-rng-pci",
+        selected_modes=(modes.MODERN,),
+        option_flags={"packed": "on"},
+        option_refuse=frozenset(),
+        marker_kwargs={"rings": ("split",)},
+    )
+    assert "for split rings only" in split_only[0].skip
 
 
 # -- through pytester -------------------------------------------------------------------------

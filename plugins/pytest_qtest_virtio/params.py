@@ -117,6 +117,8 @@ def virtio_params(
                 ring = "packed" if forced_packed == "on" else "split"
                 if ring == "packed" and mode not in PACKED_MODES:
                     skip = f"packed=on needs the modern register layout; mode {mode} drives the legacy one"
+                elif ring not in rings:
+                    skip = f"this scenario is for {'/'.join(rings)} rings only; packed={forced_packed} forces {ring}"
             elif ring == "packed":
                 if mode not in PACKED_MODES:
                     continue
