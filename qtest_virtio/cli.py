@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 from . import __name__ as _pkg
 from .binary import QemuBinary, QemuNotFound, UnknownFlag
-from .errors import QemuCrashed, QemuStartError, QtestVirtioError
+from .errors import QemuCrashed, QemuStartError, QtestVirtioError, ScenarioError
 from .machine import MachineSpec
 from .probe import format_report, probe, to_json
 from .vm import Machine
@@ -236,6 +236,22 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     return _exit_code(code, collector)
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    from .reproducer import describe, load, replay
+
+    rep = load(args.file)  # ScenarioError (file:line) -> 128
+    result = replay(rep, qemu=args.qemu, timeout=args.timeout, trace=args.trace)
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"{args.file}: {describe(result, rep)}")
+    if result.outcome in ("crashed", "hung") and result.stderr_tail.strip():
+        print("QEMU stderr (tail):")
+        print("\n".join("    " + line for line in result.stderr_tail.splitlines()))
+    if result.outcome != "survived" and result.command_line:
+        print(f"command line (qtest on stdio): {result.command_line}")
+    return result.exit_code
+
+
 def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "targets", nargs="*", metavar="TARGET", help="test files, dirs or node ids (default: the bundled suite)"
@@ -263,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     _run_args(c)
     c.add_argument("--output", default=None, help="where to write it (default: the suite's CONFORMANCE.md)")
     c.set_defaults(func=cmd_conformance)
+    rp = sub.add_parser("replay", help="replay a QEMU bug-report reproducer (.qtest): survived, crashed or hung")
+    rp.add_argument("file", metavar="FILE")
+    rp.add_argument("--qemu", default=None, help="QEMU binary (replaces the one named in the file)")
+    rp.add_argument("--timeout", type=float, default=10.0, help="seconds without a reply that count as a hang")
+    rp.add_argument("--trace", action="store_true", help="print each command with its reply")
+    rp.set_defaults(func=cmd_replay)
     f = sub.add_parser("flags", help="the device properties (flags) this binary supports, with defaults")
     f.add_argument("--qemu", default=None)
     f.add_argument("--device", action="append", default=[], metavar="NAME")
@@ -288,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if pytest_args:
         args.pytest_args = pytest_args
     if not getattr(args, "func", None):
-        parser.error("a COMMAND is required (run, conformance, probe, flags); see qtest-virtio --help")
+        parser.error("a COMMAND is required (run, replay, conformance, probe, flags); see qtest-virtio --help")
     try:
         return int(args.func(args))
     except UsageError as exc:
@@ -303,6 +325,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except QemuCrashed as exc:
         print(f"qtest-virtio: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except ScenarioError as exc:
+        print(f"qtest-virtio: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except QtestVirtioError as exc:
         print(f"qtest-virtio: failed: {exc}", file=sys.stderr)
         return EXIT_FAILED

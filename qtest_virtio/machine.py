@@ -121,6 +121,7 @@ class MachineSpec:
         extra_args: list[str] | None = None,
         start_timeout: float = 15.0,
         command_timeout: float = 30.0,
+        raw_args: list[str] | None = None,
     ) -> None:
         self.qemu = qemu
         self.machine = machine
@@ -130,6 +131,9 @@ class MachineSpec:
         self.start_timeout = start_timeout
         self.command_timeout = command_timeout
         self.devices: list[DeviceSpec] = []
+        #: A command line taken as written (a bug reproducer's): replaces the harness's own
+        #: -nodefaults/-machine/-m part; accel, qtest and QMP are still the harness's.
+        self.raw_args = list(raw_args) if raw_args is not None else None
         if not _NAME_RE.match(machine.split(",")[0]):
             raise ValueError(f"machine type {machine!r} is not a valid name")
 
@@ -266,19 +270,21 @@ class LaunchPlan:
 
 def build_argv(spec: MachineSpec, binary: QemuBinary, workdir: str) -> LaunchPlan:
     """argv for ``spec``: qtest and QMP on sockets in ``workdir``, accel per the binary."""
-    common = [
-        binary.path,
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-machine",
-        spec.machine,
-        "-m",
-        str(spec.memory) if isinstance(spec.memory, str) else f"{spec.memory}M",
-    ]
-    # Debian builds lack the qtest accelerator: TCG with -S keeps firmware and vCPUs from ever
-    # running, so RAM stays zero and BARs unassigned (virtio-facts.md).
+    if spec.raw_args is not None:
+        common = [binary.path, *spec.raw_args]
+    else:
+        common = [
+            binary.path,
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-machine",
+            spec.machine,
+            "-m",
+            str(spec.memory) if isinstance(spec.memory, str) else f"{spec.memory}M",
+        ]
+    # Debian builds lack the qtest accelerator: TCG with -S keeps firmware and vCPUs from
     # running, so RAM stays zero and BARs unassigned (virtio-facts.md); the halt firmware lets
     # resume() make the run state RUNNING without any guest code beyond hlt.
     if binary.has_qtest_accel:
@@ -402,6 +408,7 @@ class QemuMachine:
         self._stopping = False
         self._running = False
         self._plan: LaunchPlan | None = None
+        self._final_stderr: str | None = None
         self._finalizer: Callable[[], object] | None = None
         self.crash: QemuCrashed | None = None
 
@@ -569,6 +576,8 @@ class QemuMachine:
         finally:
             self._close_channels()
             crash = self._check_crash(died_early)
+            if self.workdir:
+                self._final_stderr = self.stderr_text()  # reports may still quote it
             if self._finalizer is not None:
                 self._finalizer()
             if self.workdir:
@@ -688,6 +697,9 @@ class QemuMachine:
         return self._proc is not None and self._proc.poll() is None
 
     def stderr_text(self) -> str:
+        """QEMU's stderr so far (kept after teardown removed the file)."""
+        if self._final_stderr is not None:
+            return self._final_stderr
         try:
             with open(self._stderr_path, "rb") as f:
                 return f.read().decode(errors="replace")

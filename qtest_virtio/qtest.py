@@ -256,6 +256,20 @@ class QtestClient:
             raise ValueError(f"malformed qtest command {command!r}: one line, single spaces")
         return self._command(command).decode("ascii")
 
+    def send_raw(self, line: str) -> str:
+        """Send one line exactly as written (a bug reproducer's) and return QEMU's whole reply
+        line, ``FAIL`` and ``ERR`` included: replaying, they are data, not errors. Only a line
+        break inside it is refused (it would be two commands)."""
+        if "\n" in line or "\r" in line:
+            raise ValueError(f"send_raw: {line[:60]!r} contains a line break")
+        (reply,) = self._exchange((line,), line.encode("latin-1") + b"\n")
+        self.commands_sent += 1
+        text = reply.decode("latin-1")
+        self.history.append((_short(line), _short(text)))
+        if self._log is not None:
+            self._log.write(f"> {_short(line)}\n< {_short(text)}\n")
+        return text
+
     def _command(self, command: str) -> bytes:
         """One command built by this class (well-formed by construction)."""
         data = command.encode("ascii") + b"\n"

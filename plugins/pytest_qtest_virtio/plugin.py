@@ -310,6 +310,43 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             ]
 
 
+def pytest_collect_file(file_path: Any, parent: pytest.Collector) -> pytest.Collector | None:
+    """``*.qtest`` files in a ``reproducers`` directory are tests that pass when QEMU survives."""
+    if file_path.suffix == ".qtest" and file_path.parent.name == "reproducers":
+        return ReproducerFile.from_parent(parent, path=file_path)
+    return None
+
+
+class ReproducerFile(pytest.File):
+    def collect(self) -> Iterator[pytest.Item]:
+        yield ReproducerItem.from_parent(self, name=self.path.stem)
+
+
+class ReproducerItem(pytest.Item):
+    """Replays one bug-report reproducer (qtest_virtio.reproducer) against the binary under test."""
+
+    def runtest(self) -> None:
+        from qtest_virtio.reproducer import describe, load, replay
+
+        try:
+            binary = QemuBinary.get(_qemu_option(self.config))
+        except QemuNotFound as exc:
+            if _required(self.config):
+                pytest.fail(str(exc), pytrace=False)
+            pytest.skip(f"no QEMU binary: {exc}")
+        rep = load(str(self.path))
+        result = replay(rep, qemu=binary.path)
+        self.user_properties.append(("reproducer_outcome", result.outcome))
+        if result.outcome == "cannot-run":
+            pytest.skip(describe(result, rep))
+        if result.outcome != "survived":
+            details = "\n".join([describe(result, rep), *result.notes, result.stderr_tail, result.command_line])
+            pytest.fail(details, pytrace=False)
+
+    def reportinfo(self) -> tuple[Any, int, str]:
+        return self.path, 0, f"reproducer {self.name}"
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     outcome = yield

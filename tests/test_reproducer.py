@@ -1,0 +1,198 @@
+"""Bug-report reproducers: parsing both forms as written, and replay's verdicts against real QEMU
+(survived, crashed, hung, cannot run) with git-bisect-run exit codes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from qtest_virtio import ScenarioError
+from qtest_virtio.binary import QemuBinary
+from qtest_virtio.reproducer import normalize_args, parse, replay
+
+EXE = shutil.which("qtest-virtio")
+SUITE = Path(__file__).resolve().parent.parent / "scenarios" / "reproducers"
+
+SHELL_FORM = """\
+Some mail text before the reproducer.
+cat << EOF | ./qemu-system-i386 -display none -machine accel=qtest, -m 512M \\
+-device virtio-rng-pci -qtest stdio
+writel 0x100000 0x12345678
+readl 0x100000
+EOF
+"""
+
+# A fuzzer reproducer wrapped at 72 columns in the middle of a hex token.
+WRAPPED = """\
+# qemu-args: -machine q35,accel=qtest -nodefaults -display none
+write 0x100000 0x10 0x000102030405060708090a0b0c0d0e0f\\
+0f0e
+b64write 0x100010 0x4 3q2+\\
+7w==
+"""
+
+
+def test_shell_form_with_continuations() -> None:
+    rep = parse(SHELL_FORM, "bug.qtest")
+    assert rep.binary == "./qemu-system-i386"
+    assert rep.args == [
+        "-display",
+        "none",
+        "-machine",
+        "accel=qtest,",
+        "-m",
+        "512M",
+        "-device",
+        "virtio-rng-pci",
+        "-qtest",
+        "stdio",
+    ]
+    assert rep.commands == [(4, "writel 0x100000 0x12345678"), (5, "readl 0x100000")]
+
+
+def test_wrapped_tokens_are_rejoined() -> None:
+    rep = parse(WRAPPED, "fuzz.qtest")
+    assert rep.commands[0] == (2, "write 0x100000 0x10 0x000102030405060708090a0b0c0d0e0f0f0e")
+    assert rep.commands[1] == (4, "b64write 0x100010 0x4 3q2+7w==")
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "message"),
+    [
+        ("outl 0xcf8 0x80000000\n", 1, "not a reproducer"),
+        ("cat << EOF | qemu-system-x86_64 -qtest stdio\nreadl 0\n", 1, "never ends with 'EOF'"),
+        ("# qemu-args: -M q35\n", 1, "no qtest commands"),
+        ("cat << END | qemu-system-x86_64 'unbalanced\nreadl 0\nEND\n", 1, "cannot split"),
+        ("cat << EOF | qemu-system-x86_64 -qtest stdio\nreadl 0\nEOF\nstray text\n", 4, "after the closing delimiter"),
+    ],
+)
+def test_malformed_reproducers_name_file_and_line(text: str, line: int, message: str) -> None:
+    with pytest.raises(ScenarioError, match=message) as err:
+        parse(text, "bad.qtest")
+    assert err.value.path == "bad.qtest" and err.value.line == line
+    assert str(err.value).startswith(f"bad.qtest:{line}: ")
+
+
+def test_normalize_drops_qtest_accel_and_channel(qemu_binary: QemuBinary) -> None:
+    args, notes = normalize_args(
+        ["-machine", "q35,accel=qtest", "-accel", "qtest", "-qtest", "stdio", "-qtest-log", "/dev/null", "-m", "1G"],
+        qemu_binary,
+    )
+    assert args == ["-machine", "q35", "-m", "1G", "-display", "none"]
+    if not qemu_binary.has_qtest_accel:
+        assert any("no qtest accelerator" in n for n in notes)
+    args, _ = normalize_args(["-machine", "accel=qtest,", "-nographic"], qemu_binary)
+    assert args == ["-nographic"]
+
+
+def write(tmp_path: Path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_replay_survives_and_traces(tmp_path: Path, qemu_binary: QemuBinary) -> None:
+    lines: list[str] = []
+    rep = parse(SHELL_FORM, "bug.qtest")
+    result = replay(rep, qemu=qemu_binary.path, trace=True, echo=lines.append)
+    assert result.outcome == "survived" and result.exit_code == 0
+    assert result.commands_run == 2
+    assert lines[1].endswith("->  OK 0x0000000012345678")
+    assert any("replaced by" in n for n in result.notes)  # i386 -> the x86_64 under test
+
+
+def test_replay_wrapped_fuzzer_data_lands(qemu_binary: QemuBinary) -> None:
+    rep = parse(WRAPPED + "read 0x100000 0x14\n", "fuzz.qtest")
+    lines: list[str] = []
+    assert replay(rep, qemu=qemu_binary.path, trace=True, echo=lines.append).outcome == "survived"
+    # write's size (0x10) wins over the 18 bytes of data; b64write's 4 bytes follow
+    assert lines[-1].endswith("OK 0x000102030405060708090a0b0c0d0e0fdeadbeef")
+
+
+def test_replay_crash_is_classified_with_the_assertion(qemu_binary: QemuBinary) -> None:
+    """No QEMU bug needed: qtest's own server asserts on a port past 0xffff (SIGABRT)."""
+    rep = parse("# qemu-args: -M q35 -nodefaults\nreadl 0x100000\ninb 0x10000\nreadl 0x100000\n", "abort.qtest")
+    result = replay(rep, qemu=qemu_binary.path)
+    assert result.outcome == "crashed" and result.exit_code == 1
+    assert result.signal == 6
+    assert "assertion failed" in result.detail
+    assert result.commands_run == 1
+    assert "-qtest stdio" in result.command_line
+
+
+def make_wrapper(tmp_path: Path, qemu: str, action: str) -> str:
+    """A stand-in for a buggy QEMU: runs the real binary, then misbehaves on cue."""
+    script = tmp_path / "qemu-system-x86_64"
+    script.write_text(f'#!/bin/bash\n( sleep 0.5; kill -{action} $$ ) &\nexec {qemu} "$@"\n')
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    return str(script)
+
+
+def test_replay_hang_is_classified(tmp_path: Path, qemu_binary: QemuBinary) -> None:
+    wrapper = make_wrapper(tmp_path, qemu_binary.path, "STOP")
+    commands = "".join("readl 0x100000\n" for _ in range(200))
+    rep = parse(f"# qemu-args: -M q35 -nodefaults\n{commands}", "hang.qtest")
+    import time
+
+    def slow_echo(_: str) -> None:
+        time.sleep(0.005)  # ~1 s of commands: the STOP lands in the middle
+
+    result = replay(rep, qemu=wrapper, timeout=1.0, trace=True, echo=slow_echo)
+    assert result.outcome == "hung" and result.exit_code == 1
+    assert "no reply within 1 s to line" in result.detail
+
+
+def test_replay_cannot_run(qemu_binary: QemuBinary) -> None:
+    rep = parse("# qemu-args: -device no-such-device\nreadl 0\n", "x.qtest")
+    result = replay(rep, qemu=qemu_binary.path)
+    assert result.outcome == "cannot-run" and result.exit_code == 125
+    assert "is not a valid device model name" in result.detail
+
+
+@pytest.mark.skipif(EXE is None, reason="qtest-virtio console script not installed")
+def test_replay_cli_exit_codes(tmp_path: Path, qemu_binary: QemuBinary) -> None:
+    assert EXE
+
+    def run(path: str, *extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [EXE, "replay", path, "--qemu", qemu_binary.path, *extra],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    ok = run(write(tmp_path, "ok.qtest", SHELL_FORM), "--trace")
+    assert ok.returncode == 0 and "survived" in ok.stdout and "->  OK" in ok.stdout
+    crash = run(write(tmp_path, "crash.qtest", "# qemu-args: -M q35\ninb 0x10000\n"))
+    assert crash.returncode == 1 and "crashed (signal 6)" in crash.stdout
+    bad = run(write(tmp_path, "bad.qtest", "hello\n"))
+    assert bad.returncode == 128 and "bad.qtest:1:" in bad.stderr
+    missing = subprocess.run(
+        [EXE, "replay", write(tmp_path, "m.qtest", SHELL_FORM), "--qemu", "/nonexistent"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert missing.returncode == 125
+
+
+def test_bundled_reproducers_are_collected_and_pass(pytester: pytest.Pytester, qemu_binary: QemuBinary) -> None:
+    """scenarios/reproducers/*.qtest are tests that pass when QEMU survives (design.md)."""
+    files = sorted(p.name for p in SUITE.glob("*.qtest"))
+    assert len(files) >= 3
+    for name in files:
+        shutil.copy(SUITE / name, pytester.path / name)
+    os.makedirs(pytester.path / "reproducers")
+    for name in files:
+        shutil.move(str(pytester.path / name), str(pytester.path / "reproducers" / name))
+    res = pytester.runpytest(
+        "-p", "no:hypothesispytest", "-p", "no:benchmark", f"--qemu={qemu_binary.path}", "reproducers"
+    )
+    res.assert_outcomes(passed=len(files))
