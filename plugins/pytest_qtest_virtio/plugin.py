@@ -21,6 +21,7 @@ from qtest_virtio.devices.base import VirtioDriver
 from qtest_virtio.devices.features import DEVICE_FEATURE_BITS
 from qtest_virtio.transport import feature_bit
 from qtest_virtio.transport.layout import FEATURE_BITS
+from qtest_virtio.vm import driver_class
 
 from .params import OptionError, VirtioParam, parse_flags, parse_refuse, parse_transports, virtio_params
 
@@ -239,7 +240,10 @@ def virtio_device(request: pytest.FixtureRequest, machine_factory: MachineFactor
     request.node.stash[PARAM_KEY] = param
     vm = machine_factory(spec)
     request.node.stash[VIRTIO_MACHINE_KEY] = vm
-    driver: VirtioDriver = vm.virtio(dev.id, refuse=param.refuse, **driver_kwargs)
+    # A refusal names a reserved feature or one device's own: each device gets those it has.
+    cls = driver_class(param.device)
+    own = set(FEATURE_BITS.values()) | set(DEVICE_FEATURE_BITS.get(cls.DEVICE_TYPE, {}).values())
+    driver: VirtioDriver = vm.virtio(dev.id, refuse=param.refuse & own, **driver_kwargs)
     requires = request.node.get_closest_marker("virtio_requires")
     for feature in requires.args if requires else ():
         bit = feature_bit(feature, driver.device_bits)

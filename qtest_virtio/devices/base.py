@@ -51,7 +51,7 @@ class VirtioDriver:
         memory: GuestMemory,
         *,
         refuse: Iterable[str] = (),
-        interrupts: str = "msix",
+        interrupts: str = "auto",
         queue_size: int | None = None,
         notify_via: str = "mmio",
     ) -> None:
@@ -61,16 +61,20 @@ class VirtioDriver:
         self.refused_names = set(refuse)
         for name in self.refused_names:
             feature_bit(name, self.device_bits)  # a typo is an error, not a silent no-op
-        if interrupts not in ("msix", "intx", "isr"):
+        if interrupts not in ("auto", "msix", "intx", "isr"):
             raise ValueError(
-                f"interrupts must be 'msix', 'intx' (IOAPIC line) or 'isr' (ISR polling), not {interrupts!r}"
+                f"interrupts must be 'auto', 'msix', 'intx' (IOAPIC line) or 'isr' (ISR polling), not {interrupts!r}"
             )
+        if interrupts == "auto":  # MSI-X where the device has it (virtio-balloon-pci has not)
+            interrupts = "msix" if fn.find_capability(pci_regs.CAP_ID_MSIX) is not None else "isr"
         self.interrupts = interrupts
         self.queue_size = queue_size
         self.transport: VirtioTransport = open_transport(fn, mode, notify_via=notify_via)
         self.queues: list[Virtqueue] = []
         self.msix: Msix | None = None
         self.intx: IntxLine | None = None
+        #: MSI-X vector of each queue as the device accepted it (VIRTIO_MSI_NO_VECTOR: none).
+        self.queue_vectors: dict[int, int] = {}
         self.negotiated = Negotiated(0, 0, 0)
         #: Set by Machine.virtio(): the device's id, and the host end of its backend (if any).
         self.dev_id = ""
@@ -142,6 +146,7 @@ class VirtioDriver:
             got = self.transport.set_queue_vector(index, vector)
             if got != vector:
                 raise TransportError(f"{self.transport}: queue {index} refused MSI-X vector {vector} (read {got:#x})")
+            self.queue_vectors[index] = vector
         return vq
 
     def _setup_msix(self) -> None:
@@ -178,6 +183,7 @@ class VirtioDriver:
         for vq in self.queues:
             vq.release()
         self.queues = []
+        self.queue_vectors.clear()
 
     def reset(self) -> None:
         """Device reset: the device forgets the queues, the driver frees their memory."""
@@ -197,7 +203,12 @@ class VirtioDriver:
     # -- interrupts -----------------------------------------------------------------------
 
     def queue_vector(self, index: int) -> int:
-        return 1 + index
+        """The MSI-X vector queue ``index`` signals on; raises if it has none."""
+        vector = self.queue_vectors.get(index, VIRTIO_MSI_NO_VECTOR)
+        if vector == VIRTIO_MSI_NO_VECTOR:
+            table = self.msix.table_size if self.msix else 0
+            raise TransportError(f"{self.transport}: queue {index} has no MSI-X vector (the table has {table})")
+        return vector
 
     def wait_queue_interrupt(self, index: int, timeout: float = 5.0) -> None:
         """Wait for a queue interrupt: the queue's MSI-X message; or with INTx the IOAPIC line,

@@ -360,9 +360,7 @@ class BlkConfig:
 
         geometry = None
         if "geometry.cylinders" in values:
-            geometry = BlkGeometry(
-                values["geometry.cylinders"], values["geometry.heads"], values["geometry.sectors"]
-            )
+            geometry = BlkGeometry(values["geometry.cylinders"], values["geometry.heads"], values["geometry.sectors"])
         topology = None
         if "topology.physical_block_exp" in values:
             topology = BlkTopology(
@@ -416,7 +414,13 @@ class PendingBlk:
 
 
 class VirtioBlk(VirtioDriver):
-    """The virtio-blk driver: one request queue, or ``num_queues`` with MQ (§5.2.2)."""
+    """The virtio-blk driver: one request queue, or ``num_queues`` with MQ (§5.2.2); every
+    request method takes ``queue=`` to pick the queue.
+
+    The legacy-only feature bits BARRIER and SCSI (§5.2.3.1) are never accepted: QEMU 7.2's
+    legacy-only device offers SCSI even with ``scsi=off``, and the request header is the same
+    ``struct virtio_blk_req`` on every layout (guest-native, so little-endian here).
+    """
 
     DEVICE_TYPE = 2
     FEATURES = frozenset(
@@ -520,7 +524,9 @@ class VirtioBlk(VirtioDriver):
         vq = self.queues[pending.queue]
         used_len, in_data = vq.complete(pending.chain, timeout)
         where = self._where(pending.queue, pending.request, pending.token)
-        return decode_response(pending.request, in_data, used_len, where=where, queue=pending.queue, token=pending.token)
+        return decode_response(
+            pending.request, in_data, used_len, where=where, queue=pending.queue, token=pending.token
+        )
 
     def execute(
         self,
@@ -537,9 +543,7 @@ class VirtioBlk(VirtioDriver):
     def _checked(self, req: BlkRequest, *, queue: int | None, framing: Framing, timeout: float) -> BlkResponse:
         resp = self.execute(req, queue=queue, framing=framing, timeout=timeout)
         if not resp.ok:
-            raise BlkRequestError(
-                f"{self._where(resp.queue, req, resp.token)}: status {resp.status.name}", resp.status
-            )
+            raise BlkRequestError(f"{self._where(resp.queue, req, resp.token)}: status {resp.status.name}", resp.status)
         return resp
 
     def _require(self, feature: str, what: str) -> None:

@@ -128,7 +128,15 @@ class PackedVirtqueue(Virtqueue):
         if not self.in_flight:
             return []
         ring = self.memory.read(self.ring, PACKED_DESC.size * self.size)
-        elems = []
+        elems: list[UsedElem] = []
+        try:
+            self._take_used(ring, elems)
+        except VirtqueueError:
+            self._pending.extend(elems)  # already off the ring: keep them for their waiters
+            raise
+        return elems
+
+    def _take_used(self, ring: bytes, elems: list[UsedElem]) -> None:
         while self.in_flight:
             _, length, buffer_id, flags = _DESC.unpack_from(ring, PACKED_DESC.size * self.next_used)
             avail = 1 if flags & PACKED_F.AVAIL.mask else 0
@@ -146,7 +154,6 @@ class PackedVirtqueue(Virtqueue):
             if chain.indirect_table is not None:
                 self.memory.free(chain.indirect_table)
             elems.append(self._used(buffer_id, length, chain))
-        return elems
 
     def set_interrupts(self, enabled: bool) -> None:
         flags = RING_EVENT_FLAGS_ENABLE if enabled else RING_EVENT_FLAGS_DISABLE

@@ -127,7 +127,21 @@ class SplitVirtqueue(Virtqueue):
                 f"{self.transport}: {self.name}: used.idx moved {count} past last_used={self.last_used}, "
                 f"more than the {self.size} buffers a queue can hold"
             )
-        elems = []
+        elems: list[UsedElem] = []
+        try:
+            self._take_used(ring, count, elems)
+        except VirtqueueError:
+            self._pending.extend(elems)  # already off the ring: keep them for their waiters
+            raise
+        if self.event_idx and self.interrupts_enabled:
+            # Ask for an interrupt when the next buffer is used (§2.7.10). Queued: it reaches
+            # the device before the next chain is published, which is all that matters.
+            self._batch.writew(self.used_event_addr, self.last_used)
+        elif self.event_idx:
+            self._batch.writew(self.used_event_addr, (self.last_used - 1) & 0xFFFF)
+        return elems
+
+    def _take_used(self, ring: bytes, count: int, elems: list[UsedElem]) -> None:
         for _ in range(count):
             slot = self.last_used % self.size
             used_id, length = _USED.unpack_from(ring, SPLIT_USED.size + USED_ELEM.size * slot)
@@ -142,13 +156,6 @@ class SplitVirtqueue(Virtqueue):
                 self.memory.free(chain.indirect_table)
             self.last_used = (self.last_used + 1) & 0xFFFF
             elems.append(self._used(used_id, length, chain))
-        if self.event_idx and self.interrupts_enabled:
-            # Ask for an interrupt when the next buffer is used (§2.7.10). Queued: it reaches
-            # the device before the next chain is published, which is all that matters.
-            self._batch.writew(self.used_event_addr, self.last_used)
-        elif self.event_idx:
-            self._batch.writew(self.used_event_addr, (self.last_used - 1) & 0xFFFF)
-        return elems
 
     def set_interrupts(self, enabled: bool) -> None:
         self.interrupts_enabled = enabled

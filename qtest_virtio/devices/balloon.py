@@ -1,0 +1,406 @@
+"""virtio-balloon, the traditional memory balloon (virtio 1.2 §5.5).
+
+The device asks for pages through ``num_pages``; the driver gives guest pages to it on the
+inflateq (an array of le32 page frame numbers, addresses divided by 4096) and takes them back on
+the deflateq, then tells the device how many pages the balloon holds by writing ``actual``
+(§5.5.6). With STATS_VQ the driver keeps one buffer of tagged statistics in the statsq; the device
+uses it when it wants fresh numbers and the driver answers with a new one (§5.5.6.3).
+
+Queues (§5.5.2): 0 inflateq, 1 deflateq, 2 statsq (STATS_VQ), 3 free_page_vq (FREE_PAGE_HINT).
+The balloon config is little-endian in every mode, legacy included (§5.5.4.1).
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+from ..errors import QtestTimeout, QtestVirtioError
+from ..memory import GuestMemory
+from ..pci import PciFunction
+from ..pci import regs as pci_regs
+from ..registers import Field, Layout
+from ..transport.layout import ISR
+from ..virtqueue import Buf, Virtqueue
+from .base import VirtioDriver
+
+#: struct virtio_balloon_config (§5.5.4).
+BALLOON_CONFIG = Layout(
+    "virtio_balloon_config",
+    [
+        Field("num_pages", 0, 4, "pages the device wants in the balloon"),
+        Field("actual", 4, 4, "pages in the balloon, written by the driver"),
+        Field("free_page_hint_cmd_id", 8, 4, "valid with FREE_PAGE_HINT; read-only for the driver"),
+        Field("poison_val", 12, 4, "valid with PAGE_POISON; written by the driver before DRIVER_OK"),
+    ],
+)
+
+#: struct virtio_balloon_stat (§5.5.6.3), packed: le16 tag, le64 val.
+BALLOON_STAT = Layout("virtio_balloon_stat", [Field("tag", 0, 2), Field("val", 2, 8)])
+_STAT = struct.Struct("<HQ")
+assert _STAT.size == BALLOON_STAT.size
+
+#: Page frame numbers count 4096-byte pages whatever the guest's page size (§5.5.6).
+PFN_SHIFT = 12
+PAGE_SIZE = 1 << PFN_SHIFT
+_PFN = struct.Struct("<I")
+
+#: Queue indices (§5.5.2).
+INFLATEQ = 0
+DEFLATEQ = 1
+STATSQ = 2
+FREE_PAGE_VQ = 3
+QUEUE_NAMES = {INFLATEQ: "inflateq", DEFLATEQ: "deflateq", STATSQ: "statsq", FREE_PAGE_VQ: "free_page_vq"}
+
+#: Reserved free_page_hint_cmd_id values (§5.5.6.5, free page hinting).
+CMD_ID_STOP = 0
+CMD_ID_DONE = 1
+
+
+class StatTag(IntEnum):
+    """virtio_balloon_stat.tag values (§5.5.6.4)."""
+
+    SWAP_IN = 0
+    SWAP_OUT = 1
+    MAJFLT = 2
+    MINFLT = 3
+    MEMFREE = 4
+    MEMTOT = 5
+    AVAIL = 6
+    CACHES = 7
+    HTLB_PGALLOC = 8
+    HTLB_PGFAIL = 9
+
+
+class BalloonError(QtestVirtioError):
+    """The balloon device broke a rule, or the driver was asked for something impossible."""
+
+
+def page_frame(addr: int) -> int:
+    """The PFN of a page address (§5.5.6: the address divided by 4096, a le32 on the wire)."""
+    if addr % PAGE_SIZE:
+        raise BalloonError(f"address {addr:#x} is not 4096-byte aligned")
+    if addr >> (32 + PFN_SHIFT):
+        raise BalloonError(f"address {addr:#x} is past the 32-bit PFN range (16 TiB)")
+    return addr >> PFN_SHIFT
+
+
+def encode_pfns(addrs: Iterable[int]) -> bytes:
+    """The le32 PFN array of an inflate or deflate request."""
+    return b"".join(_PFN.pack(page_frame(addr)) for addr in addrs)
+
+
+def decode_pfns(data: bytes) -> list[int]:
+    """Page addresses of a PFN array; a trailing partial entry is an error."""
+    if len(data) % _PFN.size:
+        raise BalloonError(f"PFN array of {len(data)} bytes is not a whole number of le32 entries")
+    return [pfn << PFN_SHIFT for (pfn,) in _PFN.iter_unpack(data)]
+
+
+def encode_stats(stats: Iterable[tuple[int, int]]) -> bytes:
+    """A statsq buffer: struct virtio_balloon_stat entries in the given order (§5.5.6.3)."""
+    return b"".join(_STAT.pack(tag, value) for tag, value in stats)
+
+
+def decode_stats(data: bytes) -> list[tuple[int, int]]:
+    if len(data) % _STAT.size:
+        raise BalloonError(f"stats buffer of {len(data)} bytes is not a whole number of 10-byte entries")
+    return [(tag, value) for tag, value in _STAT.iter_unpack(data)]
+
+
+@dataclass(frozen=True)
+class BalloonConfig:
+    """struct virtio_balloon_config by field name (§5.5.4); fields past the device's config
+    size read as None."""
+
+    num_pages: int
+    actual: int
+    free_page_hint_cmd_id: int | None = None
+    poison_val: int | None = None
+
+
+class VirtioBalloon(VirtioDriver):
+    """A virtio-balloon driver: inflate/deflate by PFN, ``actual``, the stats queue."""
+
+    DEVICE_TYPE = 5
+    FEATURES = frozenset({"MUST_TELL_HOST", "STATS_VQ", "DEFLATE_ON_OOM", "FREE_PAGE_HINT", "PAGE_POISON"})
+    QUEUES = 2
+    #: PFNs per inflate/deflate descriptor (Linux sends up to 256).
+    PFNS_PER_REQUEST = 256
+
+    def __init__(
+        self,
+        fn: PciFunction,
+        mode: str,
+        memory: GuestMemory,
+        *,
+        interrupts: str = "auto",
+        stats: Mapping[int, int] | Sequence[tuple[int, int]] | None = None,
+        poison_val: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        """``interrupts="auto"``: MSI-X when the function has it (QEMU's virtio-balloon-pci has
+        none), else INTx. ``stats``: the statistics each statsq buffer carries, in order
+        (default: MEMTOT and MEMFREE of the allocator). ``poison_val``: written to the config
+        with PAGE_POISON, and into deflated pages before reuse (§5.5.6.6)."""
+        if interrupts == "auto":
+            interrupts = "msix" if fn.find_capability(pci_regs.CAP_ID_MSIX) is not None else "intx"
+        #: Addresses of the pages in the balloon, in the order they went in.
+        self.pages: list[int] = []
+        self.poison_val = poison_val
+        self._stats: list[tuple[int, int]] | None = None if stats is None else self._stat_list(stats)
+        self._stats_buf: int | None = None
+        self._stats_token: int | None = None
+        #: Tags of the buffers made available since initialization (§5.5.6.3.1: always the same).
+        self._stats_tags: list[int] | None = None
+        #: Statistics requests the device made (buffers it used) since initialization.
+        self.stats_requests = 0
+        super().__init__(fn, mode, memory, interrupts=interrupts, **kwargs)
+
+    @staticmethod
+    def _stat_list(stats: Mapping[int, int] | Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+        pairs = stats.items() if isinstance(stats, Mapping) else stats
+        return [(int(tag), int(value)) for tag, value in pairs]
+
+    # -- initialization (§5.5.5) ----------------------------------------------------------
+
+    def setup_device(self) -> None:
+        """Queue count from the features; with PAGE_POISON, poison_val before DRIVER_OK
+        (§5.5.5 step 4). The free_page_vq is queue 3 (§5.5.2), so with FREE_PAGE_HINT but not
+        STATS_VQ queue 2 is set up too (QEMU always has it) and left unused."""
+        self.QUEUES = 4 if self.has("FREE_PAGE_HINT") else 3 if self.has("STATS_VQ") else 2
+        if self.has("PAGE_POISON"):
+            f = BALLOON_CONFIG.poison_val
+            self.transport.config_write(f.offset, f.width, self.poison_val)
+
+    def create_queue(self, index: int) -> Virtqueue:
+        vq = super().create_queue(index)
+        vq.name = f"{type(self).__name__} {QUEUE_NAMES.get(index, '?')} (queue {index})"
+        return vq
+
+    def initialize(self) -> None:
+        """§3.1.1 to DRIVER_OK, then the first statsq buffer (§5.5.5 steps 2 and 7)."""
+        self._free_stats_buffer()
+        if self.pages:  # a re-initialized device has forgotten the balloon
+            for addr in self.pages:
+                self.memory.free(addr)
+            self.pages = []
+        self.stats_requests = 0
+        super().initialize()
+        if self.has("STATS_VQ"):
+            self._post_stats()
+
+    def reset(self) -> None:
+        super().reset()
+        self._free_stats_buffer()
+
+    def close(self) -> None:
+        """Reset, then give back the balloon's pages and the stats buffer."""
+        super().close()
+        for addr in self.pages:
+            self.memory.free(addr)
+        self.pages = []
+
+    # -- config ---------------------------------------------------------------------------
+
+    def read_config(self) -> BalloonConfig:
+        """struct virtio_balloon_config: num_pages and actual as one consistent snapshot
+        (§2.5.1); free_page_hint_cmd_id and poison_val only when their feature was negotiated
+        (§5.5.4), else None."""
+        head = self.transport.read_config_bytes(0, BALLOON_CONFIG.free_page_hint_cmd_id.offset)
+
+        def optional(f: Field, feature: str) -> int | None:
+            return self.transport.config_read(f.offset, f.width) if self.has(feature) else None
+
+        return BalloonConfig(
+            int.from_bytes(head[BALLOON_CONFIG.num_pages.offset : BALLOON_CONFIG.num_pages.end], "little"),
+            int.from_bytes(head[BALLOON_CONFIG.actual.offset : BALLOON_CONFIG.actual.end], "little"),
+            optional(BALLOON_CONFIG.free_page_hint_cmd_id, "FREE_PAGE_HINT"),
+            optional(BALLOON_CONFIG.poison_val, "PAGE_POISON"),
+        )
+
+    @property
+    def num_pages(self) -> int:
+        """The device's target (pages it wants in the balloon)."""
+        f = BALLOON_CONFIG.num_pages
+        return self.transport.config_read(f.offset, f.width)
+
+    @property
+    def actual(self) -> int:
+        f = BALLOON_CONFIG.actual
+        return self.transport.config_read(f.offset, f.width)
+
+    def set_actual(self, pages: int | None = None) -> None:
+        """Write ``actual`` (default: the pages the balloon holds) in one 4-byte access, as
+        the legacy interface requires (§5.5.6.2.1)."""
+        f = BALLOON_CONFIG.actual
+        self.transport.config_write(f.offset, f.width, len(self.pages) if pages is None else pages)
+
+    def wait_config_change(self, timeout: float = 5.0) -> None:
+        """Wait for a configuration change notification (§4.1.4.5: MSI-X config vector, or
+        the ISR's config bit with INTx)."""
+        if self.msix is not None:
+            self.msix.wait(0, timeout)
+            return
+        deadline = time.monotonic() + timeout
+        isr = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if self.intx is not None and not self.intx.level() and remaining > 0:
+                try:
+                    self.intx.wait(True, remaining)
+                except QtestTimeout:
+                    pass
+            isr = self.transport.read_isr()
+            if isr & ISR.config_change.mask:
+                return
+            if time.monotonic() > deadline:
+                line = f"INTx line {self.intx.gsi} low, " if self.intx is not None else ""
+                raise BalloonError(
+                    f"{self}: no configuration change notification within {timeout:g} s ({line}ISR {isr:#x})"
+                )
+
+    # -- inflate and deflate (§5.5.6) -----------------------------------------------------
+
+    def _pfn_request(self, queue: int, addrs: Sequence[int], timeout: float) -> None:
+        vq = self.queues[queue]
+        requests = [
+            vq.submit([encode_pfns(addrs[i : i + self.PFNS_PER_REQUEST])], [])
+            for i in range(0, len(addrs), self.PFNS_PER_REQUEST)
+        ]
+        for req in requests:
+            vq.complete(req, timeout)
+
+    def inflate(self, count: int, *, update_actual: bool = True, timeout: float = 5.0) -> list[int]:
+        """Give ``count`` free guest pages to the balloon; returns their addresses."""
+        addrs = [self.memory.alloc(PAGE_SIZE, PAGE_SIZE, tag=f"{self} balloon page") for _ in range(count)]
+        try:
+            self.inflate_pages(addrs, update_actual=update_actual, timeout=timeout)
+        except BaseException:
+            for addr in addrs:
+                if addr not in self.pages:
+                    self.memory.free(addr)
+            raise
+        return addrs
+
+    def inflate_pages(self, addrs: Sequence[int], *, update_actual: bool = True, timeout: float = 5.0) -> None:
+        """Give these pages (4096-byte aligned guest allocations) to the balloon: they belong
+        to it from now on, and :meth:`deflate` frees them. The driver must not touch them
+        before the device has used the request (§5.5.6.1)."""
+        for addr in addrs:  # alignment and range checked before anything is sent
+            page_frame(addr)
+        self._pfn_request(INFLATEQ, addrs, timeout)
+        self.pages += addrs
+        if update_actual:
+            self.set_actual()
+
+    def deflate(self, count: int, *, update_actual: bool = True, timeout: float = 5.0) -> list[int]:
+        """Take ``count`` pages back from the balloon (the newest first), wait for the device's
+        acknowledgement (as MUST_TELL_HOST requires), poison them if PAGE_POISON was negotiated,
+        and return them to the allocator."""
+        if count > len(self.pages):
+            raise BalloonError(f"{self}: cannot deflate {count} pages, the balloon holds {len(self.pages)}")
+        addrs = self.pages[len(self.pages) - count :]
+        self._pfn_request(DEFLATEQ, addrs, timeout)
+        del self.pages[len(self.pages) - count :]
+        if self.has("PAGE_POISON"):
+            pattern = self.poison_val.to_bytes(4, "little") * (PAGE_SIZE // 4)
+            for addr in addrs:
+                self.memory.write(addr, pattern)
+        for addr in addrs:
+            self.memory.free(addr)
+        if update_actual:
+            self.set_actual()
+        return addrs
+
+    def follow_target(self, timeout: float = 5.0) -> int:
+        """Inflate or deflate until the balloon holds ``num_pages`` pages, then update
+        ``actual`` (§5.5.6 step 1); returns the new size."""
+        target = self.num_pages
+        if target > len(self.pages):
+            self.inflate(target - len(self.pages), timeout=timeout)
+        elif target < len(self.pages):
+            self.deflate(len(self.pages) - target, timeout=timeout)
+        else:
+            self.set_actual()
+        return len(self.pages)
+
+    # -- statistics (§5.5.6.3) ------------------------------------------------------------
+
+    def default_stats(self) -> list[tuple[int, int]]:
+        return [(int(StatTag.MEMTOT), self.memory.end), (int(StatTag.MEMFREE), self.memory.free_bytes)]
+
+    @property
+    def stats(self) -> list[tuple[int, int]]:
+        """The (tag, value) entries the next statsq buffer carries, in order."""
+        return self._stats if self._stats is not None else self.default_stats()
+
+    @stats.setter
+    def stats(self, stats: Mapping[int, int] | Sequence[tuple[int, int]]) -> None:
+        """New values; the tags must stay those of the buffers already sent (the driver MUST
+        supply the same subset of statistics in all buffers, §5.5.6.3.1) until the device
+        is initialized again."""
+        entries = self._stat_list(stats)
+        tags = sorted(tag for tag, _ in entries)
+        if self._stats_tags is not None and tags != self._stats_tags:
+            raise BalloonError(
+                f"{self}: statistics {tags} differ from the subset {self._stats_tags} already sent; "
+                "all statsq buffers carry the same subset (§5.5.6.3.1): set them before initialize()"
+            )
+        self._stats = entries
+
+    def _post_stats(self) -> None:
+        """Make the one statsq buffer available, initialized with the statistics (§5.5.6.3.1)."""
+        if not self.has("STATS_VQ"):
+            raise BalloonError(f"{self}: STATS_VQ was not negotiated")
+        if self._stats_token is not None:
+            raise BalloonError(f"{self}: a statsq buffer is already available (at most one, §5.5.6.3.1)")
+        entries = self.stats
+        data = encode_stats(entries)
+        self._stats_tags = sorted(tag for tag, _ in entries)
+        if self._stats_buf is not None:
+            self.memory.free(self._stats_buf)
+        self._stats_buf = self.memory.alloc(max(len(data), 1), 16, tag=f"{self} stats")
+        if data:
+            self.memory.write(self._stats_buf, data)
+        vq = self.queues[STATSQ]
+        self._stats_token = vq.add([Buf(self._stats_buf, len(data))])
+        vq.kick()
+
+    def _free_stats_buffer(self) -> None:
+        if self._stats_buf is not None:
+            self.memory.free(self._stats_buf)
+        self._stats_buf = None
+        self._stats_token = None
+        self._stats_tags = None
+
+    def poll_stats(self) -> bool:
+        """If the device has used the statsq buffer (a request for statistics), answer with a
+        fresh one; returns whether it had."""
+        if self._stats_token is None:
+            return False
+        vq = self.queues[STATSQ]
+        elem = vq.poll_used()
+        if elem is None:
+            return False
+        if elem.token != self._stats_token:
+            raise BalloonError(f"{self}: statsq used descriptor {elem.id}, which is not the stats buffer")
+        self._stats_token = None
+        self.stats_requests += 1
+        self._post_stats()
+        return True
+
+    def wait_stats_request(self, timeout: float = 5.0) -> None:
+        """Wait until the device asks for statistics (uses the buffer), and answer it."""
+        deadline = time.monotonic() + timeout
+        while not self.poll_stats():
+            if time.monotonic() > deadline:
+                vq = self.queues[STATSQ]
+                raise BalloonError(
+                    f"{self}: the device did not use the statsq buffer within {timeout:g} s; {vq.describe_state()}"
+                )
+            time.sleep(0.001)

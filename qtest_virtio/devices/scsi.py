@@ -1,0 +1,831 @@
+"""virtio-scsi (SCSI host device, virtio 1.2 §5.6): command requests, task management and events.
+
+Queues: 0 is the controlq, 1 the eventq, 2.. the request queues (``num_queues`` of them, from
+the config). A command request is ``struct virtio_scsi_req_cmd`` (§5.6.6.1): a device-readable
+header (lun, id, task attribute, priority, crn, a ``cdb_size`` CDB) and the data out, then a
+device-writable response (sense_len, residual, status qualifier, SCSI status, virtio response, a
+``sense_size`` sense buffer) and the data in. Task management and asynchronous notification
+requests go on the controlq (§5.6.6.2); the eventq holds device-writable buffers the device
+fills with ``struct virtio_scsi_event`` (§5.6.6.3).
+
+LUNs are 8 bytes: 1, the target, a single-level LUN structure (flat space addressing,
+``0x40 | lun >> 8``, or peripheral addressing for LUNs below 256), four zero bytes (§5.6.6.1).
+Everything is declared once as layouts and packed or parsed by field name.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from ..backends import ImageBackend
+from ..errors import QtestVirtioError
+from ..memory import GuestMemory
+from ..pci import PciFunction
+from ..registers import Field, Layout
+from ..virtqueue import Buf, Request, Virtqueue
+from ..virtqueue.base import InFlight
+from .base import VirtioDriver
+from .blk import pack_fields, read_config_fields, unpack_fields
+
+CONTROLQ = 0
+EVENTQ = 1
+FIRST_REQUEST_QUEUE = 2
+#: Defaults the device MUST put in config after reset (§5.6.4).
+DEFAULT_SENSE_SIZE = 96
+DEFAULT_CDB_SIZE = 32
+
+# -- layouts as data -------------------------------------------------------------------------------
+
+#: struct virtio_scsi_config (§5.6.4).
+SCSI_CONFIG = Layout(
+    "virtio_scsi_config",
+    [
+        Field("num_queues", 0, 4, "request queues"),
+        Field("seg_max", 4, 4),
+        Field("max_sectors", 8, 4),
+        Field("cmd_per_lun", 12, 4),
+        Field("event_info_size", 16, 4),
+        Field("sense_size", 20, 4, "driver-writable; 96 after reset"),
+        Field("cdb_size", 24, 4, "driver-writable; 32 after reset"),
+        Field("max_channel", 28, 2),
+        Field("max_target", 30, 2),
+        Field("max_lun", 32, 4),
+    ],
+    size=36,
+)
+
+#: The fixed device-readable head of struct virtio_scsi_req_cmd; the CDB (cdb_size bytes) follows.
+REQ_CMD = Layout(
+    "virtio_scsi_req_cmd",
+    [Field("lun", 0, 8), Field("id", 8, 8), Field("task_attr", 16, 1), Field("prio", 17, 1), Field("crn", 18, 1)],
+    size=19,
+)
+#: The fixed device-writable head of the response; the sense buffer (sense_size bytes) follows.
+RESP_CMD = Layout(
+    "virtio_scsi_resp_cmd",
+    [
+        Field("sense_len", 0, 4),
+        Field("residual", 4, 4),
+        Field("status_qualifier", 8, 2),
+        Field("status", 10, 1),
+        Field("response", 11, 1),
+    ],
+    size=12,
+)
+#: struct virtio_scsi_ctrl_tmf (§5.6.6.2): device-readable part, then the response byte.
+CTRL_TMF = Layout(
+    "virtio_scsi_ctrl_tmf",
+    [Field("type", 0, 4), Field("subtype", 4, 4), Field("lun", 8, 8), Field("id", 16, 8)],
+    size=24,
+)
+CTRL_TMF_RESP = Layout("virtio_scsi_ctrl_tmf response", [Field("response", 0, 1)], size=1)
+#: struct virtio_scsi_ctrl_an (§5.6.6.2): AN_QUERY / AN_SUBSCRIBE.
+CTRL_AN = Layout(
+    "virtio_scsi_ctrl_an",
+    [Field("type", 0, 4), Field("lun", 4, 8), Field("event_requested", 12, 4)],
+    size=16,
+)
+CTRL_AN_RESP = Layout("virtio_scsi_ctrl_an response", [Field("event_actual", 0, 4), Field("response", 4, 1)], size=5)
+#: struct virtio_scsi_event (§5.6.6.3).
+EVENT = Layout("virtio_scsi_event", [Field("event", 0, 4), Field("lun", 4, 8), Field("reason", 12, 4)], size=16)
+VIRTIO_SCSI_T_EVENTS_MISSED = 0x8000_0000
+
+
+class ScsiResponse(enum.IntEnum):
+    """The virtio ``response`` byte (§5.6.6.1, §5.6.6.2)."""
+
+    OK = 0  # also FUNCTION_COMPLETE for a TMF
+    OVERRUN = 1
+    ABORTED = 2
+    BAD_TARGET = 3
+    RESET = 4
+    BUSY = 5
+    TRANSPORT_FAILURE = 6
+    TARGET_FAILURE = 7
+    NEXUS_FAILURE = 8
+    FAILURE = 9
+    FUNCTION_SUCCEEDED = 10
+    FUNCTION_REJECTED = 11
+    INCORRECT_LUN = 12
+
+
+#: The TMF name of response 0 (§5.6.6.2).
+FUNCTION_COMPLETE = ScsiResponse.OK
+
+
+class ScsiStatus(enum.IntEnum):
+    """SAM status codes, as the device writes them in ``status`` (§5.6.6.1.1)."""
+
+    GOOD = 0x00
+    CHECK_CONDITION = 0x02
+    CONDITION_MET = 0x04
+    BUSY = 0x08
+    RESERVATION_CONFLICT = 0x18
+    TASK_SET_FULL = 0x28
+    ACA_ACTIVE = 0x30
+    TASK_ABORTED = 0x40
+
+
+class TaskAttr(enum.IntEnum):
+    SIMPLE = 0
+    ORDERED = 1
+    HEAD = 2
+    ACA = 3
+
+
+class CtrlType(enum.IntEnum):
+    TMF = 0
+    AN_QUERY = 1
+    AN_SUBSCRIBE = 2
+
+
+class TmfSubtype(enum.IntEnum):
+    """VIRTIO_SCSI_T_TMF_* (§5.6.6.2)."""
+
+    ABORT_TASK = 0
+    ABORT_TASK_SET = 1
+    CLEAR_ACA = 2
+    CLEAR_TASK_SET = 3
+    I_T_NEXUS_RESET = 4
+    LOGICAL_UNIT_RESET = 5
+    QUERY_TASK = 6
+    QUERY_TASK_SET = 7
+
+
+class EventType(enum.IntEnum):
+    NO_EVENT = 0
+    TRANSPORT_RESET = 1
+    ASYNC_NOTIFY = 2
+    PARAM_CHANGE = 3
+
+
+class ResetReason(enum.IntEnum):
+    """``reason`` of a TRANSPORT_RESET event."""
+
+    HARD = 0
+    RESCAN = 1
+    REMOVED = 2
+
+
+class SenseKey(enum.IntEnum):
+    NO_SENSE = 0x0
+    RECOVERED_ERROR = 0x1
+    NOT_READY = 0x2
+    MEDIUM_ERROR = 0x3
+    HARDWARE_ERROR = 0x4
+    ILLEGAL_REQUEST = 0x5
+    UNIT_ATTENTION = 0x6
+    DATA_PROTECT = 0x7
+    ABORTED_COMMAND = 0xB
+
+
+class Op(enum.IntEnum):
+    """The SCSI operation codes the helpers use (SPC, SBC)."""
+
+    TEST_UNIT_READY = 0x00
+    REQUEST_SENSE = 0x03
+    INQUIRY = 0x12
+    READ_CAPACITY_10 = 0x25
+    READ_10 = 0x28
+    WRITE_10 = 0x2A
+    SERVICE_ACTION_IN_16 = 0x9E
+    REPORT_LUNS = 0xA0
+
+
+READ_CAPACITY_16_SA = 0x10
+#: The REPORT LUNS well-known logical unit (§5.6.6.1): 0xC1, 0x01 and six zero bytes.
+REPORT_LUNS_WLUN = bytes([0xC1, 0x01, 0, 0, 0, 0, 0, 0])
+
+
+# -- errors ------------------------------------------------------------------------------------------
+
+
+class ScsiError(QtestVirtioError):
+    """A virtio-scsi request could not be made or did not succeed."""
+
+
+class ScsiProtocolError(ScsiError):
+    """The device broke the protocol: an unknown response or status byte, a sense length past
+    the sense buffer, a residual past the data."""
+
+
+class ScsiCommandError(ScsiError):
+    """A command did not end with response OK and status GOOD; the result is attached."""
+
+    def __init__(self, message: str, result: ScsiResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+# -- encoding ------------------------------------------------------------------------------------------
+
+
+def encode_lun(target: int = 0, lun: int = 0, *, fmt: str = "flat") -> bytes:
+    """The 8-byte LUN field: 1, target, a single-level LUN structure, four zero bytes (§5.6.6.1).
+
+    ``fmt="flat"`` uses flat space addressing (``0x40 | lun >> 8``, as Linux does); ``"peripheral"``
+    the peripheral device addressing method (first byte 0), for LUNs below 256.
+    """
+    if not 0 <= target <= 255:
+        raise ValueError(f"target {target} does not fit in one byte (0..255)")
+    if not 0 <= lun <= 0x3FFF:
+        raise ValueError(f"LUN {lun} does not fit in a single-level LUN structure (0..16383)")
+    if fmt == "flat":
+        level = bytes([0x40 | lun >> 8, lun & 0xFF])
+    elif fmt == "peripheral":
+        if lun > 255:
+            raise ValueError(f"peripheral device addressing holds LUNs 0..255, not {lun}")
+        level = bytes([0, lun])
+    else:
+        raise ValueError(f"LUN format must be 'flat' or 'peripheral', not {fmt!r}")
+    return bytes([1, target]) + level + bytes(4)
+
+
+def decode_lun(lun: bytes) -> tuple[int, int]:
+    """(target, lun) of an 8-byte LUN field in the format :func:`encode_lun` writes."""
+    if len(lun) != 8 or lun[0] != 1:
+        raise ValueError(f"LUN field {lun.hex()} is not 1, target, single-level LUN, 0, 0, 0, 0")
+    method = lun[2] >> 6
+    if method not in (0, 1):
+        raise ValueError(f"LUN field {lun.hex()}: address method {method} is not peripheral (0) or flat (1)")
+    return lun[1], ((lun[2] & 0x3F) << 8) | lun[3]
+
+
+def encode_cmd(
+    lun: bytes,
+    cdb: bytes,
+    cdb_size: int,
+    *,
+    tag: int = 0,
+    task_attr: int = TaskAttr.SIMPLE,
+    prio: int = 0,
+    crn: int = 0,
+) -> bytes:
+    """The device-readable header of a command request, the CDB zero-padded to ``cdb_size``."""
+    if len(cdb) > cdb_size:
+        raise ValueError(f"CDB of {len(cdb)} bytes is longer than cdb_size {cdb_size}")
+    head = pack_fields(
+        REQ_CMD,
+        {"lun": int.from_bytes(lun, "little"), "id": tag, "task_attr": task_attr, "prio": prio, "crn": crn},
+    )
+    return head + cdb.ljust(cdb_size, b"\0")
+
+
+def encode_tmf(subtype: int, lun: bytes, tag: int = 0) -> bytes:
+    return pack_fields(
+        CTRL_TMF,
+        {"type": CtrlType.TMF, "subtype": subtype, "lun": int.from_bytes(lun, "little"), "id": tag},
+    )
+
+
+def encode_an(an_type: int, lun: bytes, event_requested: int) -> bytes:
+    return pack_fields(
+        CTRL_AN, {"type": an_type, "lun": int.from_bytes(lun, "little"), "event_requested": event_requested}
+    )
+
+
+@dataclass(frozen=True)
+class Sense:
+    """The key, ASC and ASCQ of fixed (0x70/0x71) or descriptor (0x72/0x73) sense data (SPC)."""
+
+    key: int
+    asc: int
+    ascq: int
+    raw: bytes
+
+    @classmethod
+    def parse(cls, data: bytes) -> Sense | None:
+        if len(data) < 2:
+            return None
+        code = data[0] & 0x7F
+        if code in (0x70, 0x71) and len(data) >= 14:
+            return cls(data[2] & 0x0F, data[12], data[13], data)
+        if code in (0x72, 0x73) and len(data) >= 4:
+            return cls(data[1] & 0x0F, data[2], data[3], data)
+        return None
+
+    def __str__(self) -> str:
+        try:
+            key = SenseKey(self.key).name
+        except ValueError:
+            key = f"key {self.key:#x}"
+        return f"{key} asc={self.asc:#04x} ascq={self.ascq:#04x}"
+
+
+@dataclass(frozen=True)
+class ScsiResult:
+    """A completed command: unpacks as ``(response, status, sense, data)``."""
+
+    response: ScsiResponse
+    status: int
+    sense: bytes
+    data: bytes
+    residual: int = 0
+    status_qualifier: int = 0
+    used_len: int = 0
+    token: int = -1
+
+    def __iter__(self) -> Iterator[object]:
+        return iter((self.response, self.status, self.sense, self.data))
+
+    @property
+    def good(self) -> bool:
+        return self.response is ScsiResponse.OK and self.status == ScsiStatus.GOOD
+
+    @property
+    def sense_data(self) -> Sense | None:
+        return Sense.parse(self.sense)
+
+    def is_unit_attention(self) -> bool:
+        sense = self.sense_data
+        return (
+            self.response is ScsiResponse.OK
+            and self.status == ScsiStatus.CHECK_CONDITION
+            and sense is not None
+            and sense.key == SenseKey.UNIT_ATTENTION
+        )
+
+    def describe(self) -> str:
+        try:
+            status = ScsiStatus(self.status).name
+        except ValueError:
+            status = f"{self.status:#04x}"
+        sense = self.sense_data
+        return f"response {self.response.name}, status {status}" + (f", sense {sense}" if sense else "")
+
+
+def _response(value: int, where: str) -> ScsiResponse:
+    try:
+        return ScsiResponse(value)
+    except ValueError:
+        raise ScsiProtocolError(f"{where}: unknown response byte {value:#04x}") from None
+
+
+def decode_cmd_response(
+    resp: bytes,
+    data_in: bytes,
+    *,
+    sense_size: int,
+    data_in_len: int,
+    data_out_len: int,
+    where: str,
+    used_len: int = 0,
+    token: int = -1,
+) -> ScsiResult:
+    """Parse the device-writable part of a command request (§5.6.6.1), checking what the device
+    claims against what the driver gave it."""
+    if len(resp) != RESP_CMD.size + sense_size:
+        raise ScsiProtocolError(f"{where}: response header is {len(resp)} bytes, expected {RESP_CMD.size + sense_size}")
+    head = unpack_fields(RESP_CMD, resp)
+    response = _response(head["response"], where)
+    status = head["status"]
+    if response is ScsiResponse.OK and status not in ScsiStatus._value2member_map_:
+        raise ScsiProtocolError(f"{where}: unknown SAM status byte {status:#04x} with response OK")
+    sense_len = head["sense_len"]
+    if sense_len > sense_size:
+        raise ScsiProtocolError(f"{where}: sense_len {sense_len} is past the {sense_size}-byte sense buffer")
+    residual = head["residual"]
+    if response is ScsiResponse.OK and residual > data_in_len + data_out_len:
+        raise ScsiProtocolError(
+            f"{where}: residual {residual} exceeds the {data_in_len + data_out_len} bytes of data of the request"
+        )
+    sense = resp[RESP_CMD.size : RESP_CMD.size + sense_len]
+    transferred = max(0, data_in_len - residual) if data_in_len else 0
+    return ScsiResult(
+        response, status, sense, data_in[:transferred], residual, head["status_qualifier"], used_len, token
+    )
+
+
+@dataclass(frozen=True)
+class ScsiEvent:
+    """One event from the eventq (§5.6.6.3)."""
+
+    event: int
+    lun: bytes
+    reason: int
+
+    @property
+    def missed(self) -> bool:
+        """Bit 31: the device dropped events for want of buffers."""
+        return bool(self.event & VIRTIO_SCSI_T_EVENTS_MISSED)
+
+    @property
+    def type(self) -> int:
+        return self.event & ~VIRTIO_SCSI_T_EVENTS_MISSED
+
+    @classmethod
+    def parse(cls, data: bytes) -> ScsiEvent:
+        f = unpack_fields(EVENT, data)
+        return cls(f["event"], data[4:12], f["reason"])
+
+
+@dataclass(frozen=True)
+class InquiryData:
+    """Standard INQUIRY data (SPC): the fields the tests look at."""
+
+    peripheral_qualifier: int
+    peripheral_type: int
+    version: int
+    response_format: int
+    vendor: str
+    product: str
+    revision: str
+    raw: bytes
+
+    @classmethod
+    def parse(cls, data: bytes) -> InquiryData:
+        if len(data) < 36:
+            raise ScsiError(f"standard INQUIRY data is at least 36 bytes, got {len(data)}")
+        return cls(
+            data[0] >> 5,
+            data[0] & 0x1F,
+            data[2],
+            data[3] & 0x0F,
+            data[8:16].decode("ascii", "replace").strip(),
+            data[16:32].decode("ascii", "replace").strip(),
+            data[32:36].decode("ascii", "replace").strip(),
+            data,
+        )
+
+
+@dataclass(frozen=True)
+class ScsiConfig:
+    num_queues: int
+    seg_max: int
+    max_sectors: int
+    cmd_per_lun: int
+    event_info_size: int
+    sense_size: int
+    cdb_size: int
+    max_channel: int
+    max_target: int
+    max_lun: int
+
+
+# -- CDBs ---------------------------------------------------------------------------------------------
+
+
+def cdb_inquiry(alloc_len: int = 36, *, evpd: bool = False, page: int = 0) -> bytes:
+    return bytes([Op.INQUIRY, int(evpd), page]) + alloc_len.to_bytes(2, "big") + b"\0"
+
+
+def cdb_test_unit_ready() -> bytes:
+    return bytes(6)
+
+
+def cdb_request_sense(alloc_len: int = 96) -> bytes:
+    return bytes([Op.REQUEST_SENSE, 0, 0, 0, alloc_len, 0])
+
+
+def cdb_read_capacity10() -> bytes:
+    return bytes([Op.READ_CAPACITY_10]) + bytes(9)
+
+
+def cdb_read_capacity16(alloc_len: int = 32) -> bytes:
+    return bytes([Op.SERVICE_ACTION_IN_16, READ_CAPACITY_16_SA]) + bytes(8) + alloc_len.to_bytes(4, "big") + bytes(2)
+
+
+def cdb_rw10(op: int, lba: int, blocks: int) -> bytes:
+    if not 0 <= lba <= 0xFFFF_FFFF or not 0 <= blocks <= 0xFFFF:
+        raise ValueError(f"READ/WRITE(10) holds a 32-bit LBA and a 16-bit length, not {lba}/{blocks}")
+    return bytes([op, 0]) + lba.to_bytes(4, "big") + b"\0" + blocks.to_bytes(2, "big") + b"\0"
+
+
+def cdb_report_luns(alloc_len: int = 256) -> bytes:
+    return bytes([Op.REPORT_LUNS, 0, 0, 0, 0, 0]) + alloc_len.to_bytes(4, "big") + b"\0\0"
+
+
+@dataclass
+class PendingCmd:
+    queue: int
+    chain: Request
+    data_in_len: int
+    data_out_len: int
+    sense_size: int
+    what: str
+
+    @property
+    def token(self) -> int:
+        return self.chain.token
+
+
+# -- the driver ---------------------------------------------------------------------------------------
+
+
+class VirtioScsi(VirtioDriver):
+    """The virtio-scsi driver: controlq, eventq (kept populated) and the request queues."""
+
+    DEVICE_TYPE = 8
+    FEATURES = frozenset({"HOTPLUG", "CHANGE"})
+    QUEUES = 3
+    #: Buffers kept on the eventq (§5.6.6.3.1: the driver SHOULD keep it populated).
+    EVENT_BUFFERS = 8
+    #: How many unit attentions :meth:`checked` consumes before giving up.
+    UNIT_ATTENTION_RETRIES = 4
+
+    initial_config: ScsiConfig
+
+    def __init__(
+        self,
+        fn: PciFunction,
+        mode: str,
+        memory: GuestMemory,
+        *,
+        refuse: Iterable[str] = (),
+        interrupts: str = "msix",
+        queue_size: int | None = None,
+        notify_via: str = "mmio",
+        event_buffers: int | None = None,
+        strict_used_len: bool = False,
+    ) -> None:
+        self.event_buffers = self.EVENT_BUFFERS if event_buffers is None else event_buffers
+        self.strict_used_len = strict_used_len
+        #: Used lengths past the chain's device-writable bytes that were tolerated, as
+        #: (queue, descriptor id, used length, device-writable bytes).
+        self.used_len_overruns: list[tuple[int, int, int, int]] = []
+        self._event_allocs: dict[int, int] = {}
+        self._next_tag = 1
+        super().__init__(
+            fn, mode, memory, refuse=refuse, interrupts=interrupts, queue_size=queue_size, notify_via=notify_via
+        )
+
+    def _who(self) -> str:
+        return f"{type(self).__name__} {self.dev_id or self.fn.bdf} ({self.mode})"
+
+    # -- initialization -------------------------------------------------------------------
+
+    def setup_device(self) -> None:
+        """Read the config; one queue per request queue after control and event (§5.6.2)."""
+        self.initial_config = self.config()
+        n = self.initial_config.num_queues
+        if n < 1:
+            raise ScsiError(f"{self._who()}: num_queues is {n}; a SCSI host has at least one request queue")
+        self.QUEUES = FIRST_REQUEST_QUEUE + n
+        self.sense_size = self.initial_config.sense_size
+        self.cdb_size = self.initial_config.cdb_size
+
+    def initialize(self) -> None:
+        super().initialize()
+        if not self.strict_used_len:
+            for vq in self.request_queues:
+                self._tolerate_data_out_in_used_len(vq)
+        self.fill_eventq(self.event_buffers)
+
+    def _tolerate_data_out_in_used_len(self, vq: Virtqueue) -> None:
+        """Workaround for QEMU 7.2, which puts the data-out bytes of a command into its used
+        length (virtio_scsi_complete_req pushes ``qsgl.size`` + the response header length
+        whatever the data direction): a used length past the device-writable bytes, but within
+        the chain's total length, is recorded in :attr:`used_len_overruns` and the request
+        completes. Anything longer is still the virtqueue's error. ``strict_used_len=True``
+        turns this off (the legacy interface's drivers SHOULD ignore used lengths, §5.6.6)."""
+        strict = vq._check_used
+
+        def check(used_id: int, length: int) -> InFlight:
+            chain = vq.in_flight.get(used_id)
+            if chain is not None and length > chain.writable_bytes:
+                readable = sum(b.length for b in chain.bufs if not b.writable)
+                if length <= chain.writable_bytes + readable:
+                    self.used_len_overruns.append((vq.index, used_id, length, chain.writable_bytes))
+                    return strict(used_id, chain.writable_bytes)
+            return strict(used_id, length)
+
+        setattr(vq, "_check_used", check)  # noqa: B010 - instance-level override of one check
+
+    def release_queues(self) -> None:
+        super().release_queues()
+        for addr in self._event_allocs.values():
+            self.memory.free(addr)
+        self._event_allocs.clear()
+
+    # -- config ---------------------------------------------------------------------------
+
+    def read_config(self, *names: str) -> dict[str, int]:
+        return read_config_fields(self.transport, SCSI_CONFIG, names or [f.name for f in SCSI_CONFIG])
+
+    def config(self) -> ScsiConfig:
+        """struct virtio_scsi_config (all fields always present, §5.6.4)."""
+        return ScsiConfig(**self.read_config())
+
+    def set_sense_size(self, size: int) -> None:
+        """Write sense_size (one of the two driver-writable fields); later requests use it."""
+        f = SCSI_CONFIG.sense_size
+        self.transport.config_write(f.offset, f.width, size)
+        self.sense_size = size
+
+    def set_cdb_size(self, size: int) -> None:
+        f = SCSI_CONFIG.cdb_size
+        self.transport.config_write(f.offset, f.width, size)
+        self.cdb_size = size
+
+    @property
+    def image(self) -> ImageBackend:
+        """The raw image behind the scsi-hd (target 0, LUN 0) the harness holds."""
+        if not isinstance(self.backend, ImageBackend):
+            raise ScsiError(f"{self._who()}: the backend is not an image the harness holds ({self.backend!r})")
+        return self.backend
+
+    # -- queues ---------------------------------------------------------------------------
+
+    @property
+    def controlq(self) -> Virtqueue:
+        return self.queues[CONTROLQ]
+
+    @property
+    def eventq(self) -> Virtqueue:
+        return self.queues[EVENTQ]
+
+    @property
+    def request_queues(self) -> list[Virtqueue]:
+        return self.queues[FIRST_REQUEST_QUEUE:]
+
+    def _request_queue(self, queue: int | None) -> int:
+        index = 0 if queue is None else queue
+        if not 0 <= index < len(self.request_queues):
+            raise ScsiError(f"{self._who()}: no request queue {index} ({len(self.request_queues)} set up)")
+        return FIRST_REQUEST_QUEUE + index
+
+    # -- command requests (§5.6.6.1) --------------------------------------------------------
+
+    def submit(
+        self,
+        cdb: bytes,
+        data_out: bytes = b"",
+        data_in_len: int = 0,
+        *,
+        lun: int | bytes = 0,
+        target: int = 0,
+        queue: int | None = None,
+        tag: int | None = None,
+        task_attr: int = TaskAttr.SIMPLE,
+    ) -> PendingCmd:
+        """Make a command request available on request queue ``queue`` (0: the first) and kick."""
+        lun_field = lun if isinstance(lun, bytes) else encode_lun(target, lun)
+        if tag is None:
+            tag, self._next_tag = self._next_tag, self._next_tag + 1
+        header = encode_cmd(lun_field, cdb, self.cdb_size, tag=tag, task_attr=task_attr)
+        index = self._request_queue(queue)
+        in_sizes = [RESP_CMD.size + self.sense_size] + ([data_in_len] if data_in_len else [])
+        out = [header] + ([data_out] if data_out else [])
+        chain = self.queues[index].submit(out, in_sizes)
+        what = f"CDB {cdb[:1].hex()} to LUN {lun_field.hex()} tag {tag}"
+        return PendingCmd(index, chain, data_in_len, len(data_out), self.sense_size, what)
+
+    def complete(self, pending: PendingCmd, timeout: float = 5.0) -> ScsiResult:
+        used_len, in_data = self.queues[pending.queue].complete(pending.chain, timeout)
+        where = f"{self._who()}: queue {pending.queue}, request {pending.token} ({pending.what})"
+        return decode_cmd_response(
+            in_data[0],
+            in_data[1] if len(in_data) > 1 else b"",
+            sense_size=pending.sense_size,
+            data_in_len=pending.data_in_len,
+            data_out_len=pending.data_out_len,
+            where=where,
+            used_len=used_len,
+            token=pending.token,
+        )
+
+    def command(
+        self,
+        cdb: bytes,
+        data_out: bytes = b"",
+        data_in_len: int = 0,
+        lun: int | bytes = 0,
+        *,
+        target: int = 0,
+        queue: int | None = None,
+        timeout: float = 5.0,
+        **kw: int,
+    ) -> ScsiResult:
+        """One command request; unpacks as ``(response, status, sense, data)``."""
+        pending = self.submit(cdb, data_out, data_in_len, lun=lun, target=target, queue=queue, **kw)
+        return self.complete(pending, timeout)
+
+    def checked(self, cdb: bytes, data_out: bytes = b"", data_in_len: int = 0, **kw: object) -> ScsiResult:
+        """A command that must end with response OK and status GOOD. Unit attentions (after a
+        reset, a hotplug on the bus) are consumed and the command retried, as initiators do."""
+        for _ in range(1 + self.UNIT_ATTENTION_RETRIES):
+            result = self.command(cdb, data_out, data_in_len, **kw)  # type: ignore[arg-type]
+            if result.good or not result.is_unit_attention():
+                break
+        if not result.good:
+            raise ScsiCommandError(f"{self._who()}: CDB {cdb.hex()}: {result.describe()}", result)
+        return result
+
+    # -- SCSI helpers ---------------------------------------------------------------------
+
+    def inquiry(self, lun: int = 0, *, target: int = 0, alloc_len: int = 96) -> InquiryData:
+        result = self.checked(cdb_inquiry(alloc_len), data_in_len=alloc_len, lun=lun, target=target)
+        return InquiryData.parse(result.data)
+
+    def test_unit_ready(self, lun: int = 0, *, target: int = 0) -> ScsiResult:
+        """TEST UNIT READY, once (the first one after a reset reports the unit attention)."""
+        return self.command(cdb_test_unit_ready(), lun=lun, target=target)
+
+    def request_sense(self, lun: int = 0, *, target: int = 0, alloc_len: int = 96) -> Sense | None:
+        result = self.command(cdb_request_sense(alloc_len), data_in_len=alloc_len, lun=lun, target=target)
+        if not result.good:
+            raise ScsiCommandError(f"{self._who()}: REQUEST SENSE: {result.describe()}", result)
+        return Sense.parse(result.data)
+
+    def wait_ready(self, lun: int = 0, *, target: int = 0, attempts: int = 4) -> list[ScsiResult]:
+        """TEST UNIT READY until GOOD, consuming unit attentions; returns every result."""
+        results = []
+        for _ in range(attempts):
+            result = self.test_unit_ready(lun, target=target)
+            results.append(result)
+            if result.good:
+                return results
+            if not result.is_unit_attention():
+                break
+        raise ScsiCommandError(f"{self._who()}: LUN {lun} never ready: {results[-1].describe()}", results[-1])
+
+    def read_capacity10(self, lun: int = 0) -> tuple[int, int]:
+        """(last LBA, block length in bytes) from READ CAPACITY(10)."""
+        data = self.checked(cdb_read_capacity10(), data_in_len=8, lun=lun).data
+        return int.from_bytes(data[0:4], "big"), int.from_bytes(data[4:8], "big")
+
+    def read_capacity16(self, lun: int = 0) -> tuple[int, int]:
+        """(last LBA, block length in bytes) from READ CAPACITY(16)."""
+        data = self.checked(cdb_read_capacity16(32), data_in_len=32, lun=lun).data
+        return int.from_bytes(data[0:8], "big"), int.from_bytes(data[8:12], "big")
+
+    def read10(self, lba: int, blocks: int, *, lun: int = 0, block_size: int = 512) -> bytes:
+        return self.checked(cdb_rw10(Op.READ_10, lba, blocks), data_in_len=blocks * block_size, lun=lun).data
+
+    def write10(self, lba: int, data: bytes, *, lun: int = 0, block_size: int = 512) -> None:
+        if not data or len(data) % block_size:
+            raise ValueError(f"WRITE(10) data must be a positive multiple of {block_size} bytes, not {len(data)}")
+        self.checked(cdb_rw10(Op.WRITE_10, lba, len(data) // block_size), data_out=data, lun=lun)
+
+    def report_luns(self, *, target: int = 0) -> list[int]:
+        data = self.checked(cdb_report_luns(256), data_in_len=256, lun=0, target=target).data
+        length = int.from_bytes(data[0:4], "big")
+        entries = data[8 : 8 + length]
+        return [((e[0] & 0x3F) << 8) | e[1] for e in (entries[i : i + 8] for i in range(0, len(entries), 8))]
+
+    # -- controlq (§5.6.6.2) ----------------------------------------------------------------
+
+    def _control(self, out: bytes, resp: Layout, what: str, timeout: float) -> dict[str, int]:
+        used_len, (data,) = self.controlq.complete(self.controlq.submit([out], [resp.size]), timeout)
+        fields = unpack_fields(resp, data)
+        fields["used_len"] = used_len
+        _response(fields["response"], f"{self._who()}: controlq, {what}")
+        return fields
+
+    def tmf(
+        self, subtype: int, lun: int | bytes = 0, *, target: int = 0, tag: int = 0, timeout: float = 5.0
+    ) -> ScsiResponse:
+        """A task management function; returns the device's response (FUNCTION_COMPLETE is 0)."""
+        lun_field = lun if isinstance(lun, bytes) else encode_lun(target, lun)
+        what = f"TMF {subtype} LUN {lun_field.hex()} id {tag}"
+        fields = self._control(encode_tmf(subtype, lun_field, tag), CTRL_TMF_RESP, what, timeout)
+        return ScsiResponse(fields["response"])
+
+    def logical_unit_reset(self, lun: int = 0, *, target: int = 0) -> ScsiResponse:
+        return self.tmf(TmfSubtype.LOGICAL_UNIT_RESET, lun, target=target)
+
+    def abort_task(self, tag: int, lun: int = 0, *, target: int = 0) -> ScsiResponse:
+        return self.tmf(TmfSubtype.ABORT_TASK, lun, target=target, tag=tag)
+
+    def an_query(
+        self, event_requested: int, lun: int = 0, *, target: int = 0, subscribe: bool = False
+    ) -> tuple[ScsiResponse, int]:
+        """Asynchronous notification query (or subscribe): (response, event_actual)."""
+        lun_field = encode_lun(target, lun)
+        kind = CtrlType.AN_SUBSCRIBE if subscribe else CtrlType.AN_QUERY
+        fields = self._control(encode_an(kind, lun_field, event_requested), CTRL_AN_RESP, kind.name, 5.0)
+        return ScsiResponse(fields["response"]), fields["event_actual"]
+
+    # -- eventq (§5.6.6.3) -------------------------------------------------------------------
+
+    def fill_eventq(self, count: int) -> None:
+        """Make ``count`` device-writable event buffers available."""
+        size = max(EVENT.size, self.initial_config.event_info_size)
+        for _ in range(count):
+            addr = self.memory.alloc(size, 16, tag=f"{self._who()} event")
+            token = self.eventq.add([Buf(addr, size, writable=True)])
+            self._event_allocs[token] = addr
+        if count:
+            self.eventq.kick()
+
+    def poll_event(self, timeout: float = 0.0) -> ScsiEvent | None:
+        """The next event (its buffer goes back on the eventq), or None within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            elem = self.eventq.poll_used()
+            if elem is not None:
+                break
+            if time.monotonic() >= deadline:
+                return None
+        addr = self._event_allocs.pop(elem.token)
+        if elem.length and elem.length < EVENT.size:
+            raise ScsiProtocolError(
+                f"{self._who()}: eventq descriptor {elem.id}: used length {elem.length} is shorter than an event"
+            )
+        event = ScsiEvent.parse(self.memory.read(addr, EVENT.size))
+        self.memory.free(addr)
+        self.fill_eventq(1)
+        return event

@@ -1,0 +1,268 @@
+"""virtio-balloon driver: PFN and statistics encoding (no QEMU), and inflate/deflate, the
+target set through QMP, ``actual`` and the stats queue on real QEMU in every transport mode,
+split and packed."""
+
+from __future__ import annotations
+
+import pytest
+
+from qtest_virtio import Machine, MachineSpec, modes
+from qtest_virtio.devices.balloon import (
+    BALLOON_CONFIG,
+    BALLOON_STAT,
+    PAGE_SIZE,
+    BalloonConfig,
+    BalloonError,
+    StatTag,
+    VirtioBalloon,
+    decode_pfns,
+    decode_stats,
+    encode_pfns,
+    encode_stats,
+    page_frame,
+)
+from qtest_virtio.introspect import device_view
+from qtest_virtio.transport.layout import feature_names
+from qtest_virtio.virtqueue import PackedVirtqueue, SplitVirtqueue
+
+LEGACY_LAYOUT = {modes.LEGACY, modes.TRANSITIONAL_LEGACY}
+RINGS = ["split", "packed"]
+RAM = 256 << 20
+#: QEMU's names for the statistics in the guest-stats property, by spec tag.
+QEMU_STAT_NAMES = {
+    StatTag.SWAP_IN: "stat-swap-in",
+    StatTag.SWAP_OUT: "stat-swap-out",
+    StatTag.MAJFLT: "stat-major-faults",
+    StatTag.MINFLT: "stat-minor-faults",
+    StatTag.MEMFREE: "stat-free-memory",
+    StatTag.MEMTOT: "stat-total-memory",
+    StatTag.AVAIL: "stat-available-memory",
+    StatTag.CACHES: "stat-disk-caches",
+    StatTag.HTLB_PGALLOC: "stat-htlb-pgalloc",
+    StatTag.HTLB_PGFAIL: "stat-htlb-pgfail",
+}
+UNSET = (1 << 64) - 1  # QEMU's value for a statistic the driver did not supply
+
+# -- encoding (no QEMU) ----------------------------------------------------------------------
+
+
+def hexs(*fields: str) -> bytes:
+    return b"".join(bytes.fromhex(f) for f in fields)
+
+
+def test_pfn_array() -> None:
+    """PFNs are addresses / 4096 as le32 (§5.5.6)."""
+    data = encode_pfns([0x1000, 0x10_0000, 0xFFFF_F000_000])
+    assert data == hexs("01000000", "00010000", "00f0ffff")
+    assert decode_pfns(data) == [0x1000, 0x10_0000, 0xFFFF_F000_000]
+    assert page_frame(0x2000) == 2
+    with pytest.raises(BalloonError, match="0x1800 is not 4096-byte aligned"):
+        encode_pfns([0x1000, 0x1800])
+    with pytest.raises(BalloonError, match="past the 32-bit PFN range"):
+        page_frame(1 << 44)
+    with pytest.raises(BalloonError, match="not a whole number of le32"):
+        decode_pfns(bytes(6))
+
+
+def test_stats_entries() -> None:
+    """struct virtio_balloon_stat is packed: le16 tag then le64 val, 10 bytes (§5.5.6.3)."""
+    assert [(f.name, f.offset, f.width) for f in BALLOON_STAT] == [("tag", 0, 2), ("val", 2, 8)]
+    data = encode_stats([(StatTag.MEMFREE, 0x0102030405060708), (StatTag.SWAP_IN, 1)])
+    assert data == hexs("0400", "0807060504030201", "0000", "0100000000000000")
+    assert decode_stats(data) == [(4, 0x0102030405060708), (0, 1)]
+    with pytest.raises(BalloonError, match="not a whole number of 10-byte entries"):
+        decode_stats(bytes(12))
+    assert [t.value for t in StatTag] == list(range(10))
+
+
+def test_config_layout() -> None:
+    assert [(f.name, f.offset, f.width) for f in BALLOON_CONFIG] == [
+        ("num_pages", 0, 4),
+        ("actual", 4, 4),
+        ("free_page_hint_cmd_id", 8, 4),
+        ("poison_val", 12, 4),
+    ]
+
+
+# -- real QEMU -------------------------------------------------------------------------------
+
+
+def balloon_machine(machine_factory, mode: str, ring: str = "split", extra_args=(), **props: str) -> Machine:
+    spec = MachineSpec(memory="256M", extra_args=list(extra_args))
+    spec.add_virtio("virtio-balloon-pci", mode=mode, id="bal0", packed="on" if ring == "packed" else "off", **props)
+    return machine_factory(spec)
+
+
+def pages_in_balloon(vm: Machine) -> int:
+    """query-balloon's ``actual`` is the guest size: RAM minus the balloon."""
+    return (RAM - vm.qmp.cmd("query-balloon")["actual"]) // PAGE_SIZE
+
+
+def guest_stats(vm: Machine) -> dict[str, int]:
+    return vm.qmp.cmd("qom-get", path="/machine/peripheral/bal0", property="guest-stats")["stats"]
+
+
+@pytest.mark.parametrize("ring", RINGS)
+@pytest.mark.parametrize("mode", modes.ALL_MODES)
+def test_target_inflate_deflate_actual(machine_factory, mode: str, ring: str) -> None:
+    vm = balloon_machine(machine_factory, mode, ring)
+    bal: VirtioBalloon = vm.virtio("bal0")
+    packed = ring == "packed" and mode not in LEGACY_LAYOUT
+    assert all(isinstance(vq, PackedVirtqueue if packed else SplitVirtqueue) for vq in bal.queues)
+    # QEMU's virtio-balloon-pci has no MSI-X: "auto" picks INTx.
+    assert bal.interrupts == "intx" and bal.msix is None
+    assert (
+        {"STATS_VQ", "PAGE_POISON"} <= bal.negotiated.names <= device_view(vm, "bal0").guest_features | {"ANY_LAYOUT"}
+    )
+    assert len(bal.queues) == 3
+    assert bal.read_config() == BalloonConfig(num_pages=0, actual=0, free_page_hint_cmd_id=None, poison_val=0)
+
+    # The target, in bytes of guest RAM, becomes num_pages with a config change notification.
+    vm.qmp.cmd("balloon", value=RAM - 24 * PAGE_SIZE)
+    bal.wait_config_change(timeout=2)
+    assert bal.num_pages == 24
+    assert bal.follow_target() == 24
+    assert bal.actual == 24 and pages_in_balloon(vm) == 24
+
+    vm.qmp.cmd("balloon", value=RAM - 10 * PAGE_SIZE)
+    bal.wait_config_change(timeout=2)
+    assert bal.follow_target() == 10
+    assert bal.actual == 10 and pages_in_balloon(vm) == 10
+
+    # More pages than one request holds, without updating actual until asked.
+    bal.PFNS_PER_REQUEST = 4
+    bal.inflate(9, update_actual=False)
+    assert pages_in_balloon(vm) == 10 and len(bal.pages) == 19
+    bal.set_actual()
+    assert pages_in_balloon(vm) == 19
+    bal.deflate(19)
+    assert bal.actual == 0 and pages_in_balloon(vm) == 0
+    with pytest.raises(BalloonError, match="cannot deflate 1 pages, the balloon holds 0"):
+        bal.deflate(1)
+    bal.close()
+    vm.memory.check_leaks()
+
+
+@pytest.mark.parametrize("mode", modes.ALL_MODES)
+def test_inflate_hands_exactly_those_pages_to_the_device(machine_factory, mode: str) -> None:
+    """QEMU discards inflated pages (they read back as zeros): the PFNs name the right pages,
+    and the neighbours are untouched."""
+    vm = balloon_machine(machine_factory, mode)
+    bal: VirtioBalloon = vm.virtio("bal0")
+    pages = [vm.memory.alloc(PAGE_SIZE, PAGE_SIZE) for _ in range(4)]
+    for i, page in enumerate(pages):
+        vm.memory.write(page, bytes([0x50 + i]) * PAGE_SIZE)
+    bal.inflate_pages(pages[1:3])
+    assert [vm.memory.read(p, PAGE_SIZE) == bytes(PAGE_SIZE) for p in pages] == [False, True, True, False]
+    assert vm.memory.read(pages[3], 4) == b"SSSS"
+    # PAGE_POISON: deflated pages are written with poison_val before the driver reuses them.
+    bal.deflate(2)
+    assert vm.memory.read(pages[1], 8) == bal.poison_val.to_bytes(4, "little") * 2
+    for p in (pages[0], pages[3]):
+        vm.memory.free(p)
+    with pytest.raises(BalloonError, match="not 4096-byte aligned"):
+        bal.inflate_pages([pages[0] + 16])
+
+
+@pytest.mark.parametrize("ring", RINGS)
+@pytest.mark.parametrize("mode", modes.ALL_MODES)
+def test_stats_queue(machine_factory, mode: str, ring: str) -> None:
+    """The first statsq buffer goes in at initialization; once a polling interval is set the
+    device uses it, the driver answers with fresh statistics and QEMU shows them."""
+    vm = balloon_machine(machine_factory, mode, ring)
+    bal: VirtioBalloon = vm.virtio("bal0", stats={StatTag.MEMTOT: RAM, StatTag.MEMFREE: 1234})
+    assert guest_stats(vm)["stat-free-memory"] == 1234  # QEMU reads the very first buffer too
+    assert bal.poll_stats() is False and bal.stats_requests == 0
+    with pytest.raises(BalloonError, match=r"statistics \[1, 4, 9\] differ from the subset \[4, 5\] already sent"):
+        bal.stats = [(StatTag.MEMFREE, 5555), (StatTag.SWAP_OUT, 7), (StatTag.HTLB_PGFAIL, 1 << 40)]
+    bal.stats = {StatTag.MEMFREE: 4321, StatTag.MEMTOT: RAM}  # new values, same tags: fine
+    bal.reset()
+    bal.stats = [(StatTag.MEMFREE, 5555), (StatTag.SWAP_OUT, 7), (StatTag.HTLB_PGFAIL, 1 << 40)]
+    bal.initialize()
+    assert guest_stats(vm)["stat-free-memory"] == 5555
+    vm.qmp.cmd("qom-set", path="/machine/peripheral/bal0", property="guest-stats-polling-interval", value=1)
+    bal.wait_stats_request(timeout=2)
+    assert bal.stats_requests == 1
+    stats = guest_stats(vm)
+    assert (stats["stat-free-memory"], stats["stat-swap-out"], stats["stat-htlb-pgfail"]) == (5555, 7, 1 << 40)
+    assert stats["stat-total-memory"] == UNSET  # not in this buffer: QEMU forgets the old value
+    assert set(stats) == set(QEMU_STAT_NAMES.values())
+    bal.close()
+    vm.memory.check_leaks()
+
+
+def test_default_stats_describe_the_allocator(machine_factory) -> None:
+    vm = balloon_machine(machine_factory, modes.MODERN)
+    vm.virtio("bal0")
+    stats = guest_stats(vm)
+    assert stats["stat-total-memory"] == vm.memory.end
+    assert 0 < stats["stat-free-memory"] < vm.memory.end
+
+
+@pytest.mark.parametrize("mode", [modes.LEGACY, modes.MODERN])
+def test_refusing_stats_vq(machine_factory, mode: str) -> None:
+    vm = balloon_machine(machine_factory, mode)
+    bal: VirtioBalloon = vm.virtio("bal0", refuse={"STATS_VQ"})
+    assert "STATS_VQ" not in bal.negotiated.names and len(bal.queues) == 2
+    assert guest_stats(vm)["stat-free-memory"] == UNSET
+    assert bal.poll_stats() is False
+    bal.inflate(2)
+    assert pages_in_balloon(vm) == 2
+
+
+@pytest.mark.parametrize("mode", modes.ALL_MODES)
+def test_optional_features(machine_factory, mode: str) -> None:
+    """deflate-on-oom and free-page-hint (which needs an iothread) are offered when set and
+    negotiated unless refused; FREE_PAGE_HINT adds free_page_vq (queue 3) and the command id;
+    PAGE_POISON makes the driver write poison_val before DRIVER_OK."""
+    vm = balloon_machine(
+        machine_factory,
+        mode,
+        extra_args=["-object", "iothread,id=io0"],
+        iothread="io0",
+        **{"deflate-on-oom": "on", "free-page-hint": "on"},
+    )
+    bal: VirtioBalloon = vm.virtio("bal0", poison_val=0xA5A5_5A5A)
+    assert {"DEFLATE_ON_OOM", "FREE_PAGE_HINT", "PAGE_POISON", "STATS_VQ"} <= bal.negotiated.names
+    assert "MUST_TELL_HOST" not in bal.negotiated.names  # QEMU never offers it
+    assert len(bal.queues) == 4 and "free_page_vq (queue 3)" in bal.queues[3].name
+    assert bal.read_config() == BalloonConfig(0, 0, free_page_hint_cmd_id=0, poison_val=0xA5A5_5A5A)
+    bal.close()
+    bal = VirtioBalloon(bal.fn, mode, vm.memory, refuse={"FREE_PAGE_HINT", "PAGE_POISON", "DEFLATE_ON_OOM"})
+    assert not {"DEFLATE_ON_OOM", "FREE_PAGE_HINT", "PAGE_POISON"} & bal.negotiated.names
+    assert not {"DEFLATE_ON_OOM", "FREE_PAGE_HINT", "PAGE_POISON"} & device_view(vm, "bal0").guest_features
+    assert len(bal.queues) == 3
+    assert bal.read_config() == BalloonConfig(0, 0, None, None)
+    bal.close()
+    # free_page_vq keeps index 3 without STATS_VQ (§5.5.2); queue 2 is set up but idle.
+    bal = VirtioBalloon(bal.fn, mode, vm.memory, refuse={"STATS_VQ"})
+    assert "STATS_VQ" not in bal.negotiated.names and "FREE_PAGE_HINT" in bal.negotiated.names
+    assert len(bal.queues) == 4 and not bal.queues[2].in_flight
+    assert bal.poll_stats() is False
+    bal.inflate(3)
+    assert pages_in_balloon(vm) == 3
+    bal.close()
+    vm.memory.check_leaks()
+
+
+def test_features_off_by_property(machine_factory) -> None:
+    """page-poison=off: PAGE_POISON is neither offered nor negotiated; poison_val is not read."""
+    vm = balloon_machine(machine_factory, modes.MODERN, **{"page-poison": "off"})
+    bal: VirtioBalloon = vm.virtio("bal0")
+    offered = set(feature_names(bal.negotiated.offered, bal.device_bits))
+    assert not offered & {"PAGE_POISON", "DEFLATE_ON_OOM", "FREE_PAGE_HINT"} and "STATS_VQ" in offered
+    assert bal.read_config().poison_val is None
+    bal.inflate(1)
+    bal.deflate(1)  # no poisoning without PAGE_POISON
+
+
+@pytest.mark.parametrize("interrupts", ["isr", "intx"])
+def test_config_change_without_msix(machine_factory, interrupts: str) -> None:
+    vm = balloon_machine(machine_factory, modes.TRANSITIONAL_MODERN)
+    bal: VirtioBalloon = vm.virtio("bal0", interrupts=interrupts)
+    assert bal.interrupts == interrupts
+    with pytest.raises(BalloonError, match=r"no configuration change notification within 0\.02 s"):
+        bal.wait_config_change(timeout=0.02)
+    vm.qmp.cmd("balloon", value=RAM - PAGE_SIZE)
+    bal.wait_config_change(timeout=2)
+    assert bal.num_pages == 1
