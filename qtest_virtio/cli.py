@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 
 from . import __name__ as _pkg
 from .binary import QemuBinary, QemuNotFound, UnknownFlag
+from .bisect import BisectError
 from .errors import QemuCrashed, QemuStartError, QtestVirtioError, ScenarioError
 from .machine import MachineSpec
 from .probe import format_report, probe, to_json
@@ -252,6 +253,44 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
+def cmd_bisect_flags(args: argparse.Namespace) -> int:
+    from .bisect import bisect_flags, candidate_changes, parse_changes, subprocess_probe
+
+    binary = QemuBinary.get(args.qemu)
+    given = parse_changes(args.flags, args.refuse)
+    probe = subprocess_probe(args.target, binary.path, [f"--transport={args.transport}"] if args.transport else [])
+    candidates = [] if given else candidate_changes(binary)
+    answer = bisect_flags(probe, given, candidates, say=lambda s: print(s, flush=True))
+    print(answer.line())
+    return EXIT_OK
+
+
+def cmd_bisect(args: argparse.Namespace) -> int:
+    from .bisect import DEFAULT_BUILD, describe_commit, git_bisect
+
+    extra = [
+        f"--{k}={v}" for k, v in (("flags", args.flags), ("refuse", args.refuse), ("transport", args.transport)) if v
+    ]
+    first = git_bisect(
+        args.repo,
+        args.good,
+        args.bad,
+        args.target,
+        build=args.build or DEFAULT_BUILD,
+        binary=args.binary,
+        extra=extra,
+        say=lambda s: print(s, flush=True),
+    )
+    print(f"first bad commit: {describe_commit(args.repo, first)}")
+    return EXIT_OK
+
+
+def cmd_bisect_step(args: argparse.Namespace) -> int:
+    from .bisect import bisect_step
+
+    return bisect_step(args.repo, args.build, args.binary, args.target, args.pytest_args)
+
+
 def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "targets", nargs="*", metavar="TARGET", help="test files, dirs or node ids (default: the bundled suite)"
@@ -279,6 +318,30 @@ def build_parser() -> argparse.ArgumentParser:
     _run_args(c)
     c.add_argument("--output", default=None, help="where to write it (default: the suite's CONFORMANCE.md)")
     c.set_defaults(func=cmd_conformance)
+    bf = sub.add_parser("bisect-flags", help="find the smallest set of flag changes that decides a failing target")
+    bf.add_argument("target", nargs="+", metavar="TARGET")
+    bf.add_argument("--qemu", default=None)
+    bf.add_argument("--flags", default="", metavar="K=V,...", help="the settings it fails with (narrowed down)")
+    bf.add_argument("--refuse", default="", metavar="F,...")
+    bf.add_argument("--transport", default="", metavar="LIST")
+    bf.set_defaults(func=cmd_bisect_flags)
+    bs = sub.add_parser("bisect", help="git bisect a QEMU tree with a build step and a target")
+    bs.add_argument("target", nargs="+", metavar="TARGET")
+    bs.add_argument("--repo", required=True, help="the QEMU source tree (a git repository)")
+    bs.add_argument("--good", required=True)
+    bs.add_argument("--bad", required=True)
+    bs.add_argument("--build", default=None, help="build command run in the tree (default: configure + make)")
+    bs.add_argument("--binary", default="build/qemu-system-x86_64", help="the built binary, relative to --repo")
+    bs.add_argument("--flags", default="")
+    bs.add_argument("--refuse", default="")
+    bs.add_argument("--transport", default="")
+    bs.set_defaults(func=cmd_bisect)
+    st = sub.add_parser("bisect-step", help=argparse.SUPPRESS)
+    st.add_argument("target", nargs="+")
+    st.add_argument("--repo", required=True)
+    st.add_argument("--build", required=True)
+    st.add_argument("--binary", required=True)
+    st.set_defaults(func=cmd_bisect_step, pytest_args=[])
     rp = sub.add_parser("replay", help="replay a QEMU bug-report reproducer (.qtest): survived, crashed or hung")
     rp.add_argument("file", metavar="FILE")
     rp.add_argument("--qemu", default=None, help="QEMU binary (replaces the one named in the file)")
@@ -328,6 +391,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ScenarioError as exc:
         print(f"qtest-virtio: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except BisectError as exc:
+        print(f"qtest-virtio: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except QtestVirtioError as exc:
         print(f"qtest-virtio: failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
