@@ -173,6 +173,8 @@ def _pytest_args(args: argparse.Namespace, binary: QemuBinary) -> list[str]:
         out.append(f"--virtio-transport={args.transport}")
     if args.refuse:
         out.append(f"--virtio-refuse={args.refuse}")
+    if getattr(args, "refuse_each", False):
+        out.append("--virtio-refuse-each")
     jobs = args.jobs
     if jobs != "1":
         import importlib.util
@@ -301,6 +303,11 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transport", default="", metavar="LIST", help="transport modes (default: all four)")
     p.add_argument("--refuse", default="", metavar="F,...", help="features the driver declines")
     p.add_argument("-n", "--jobs", default="2", help="parallel workers (pytest-xdist; 1 = in this process)")
+    p.add_argument(
+        "--refuse-each",
+        action="store_true",
+        help="also run each scenario with each feature its driver implements refused, one at a time",
+    )
     p.set_defaults(pytest_args=[])
 
 

@@ -3,13 +3,18 @@
 # package with its dev extras, editable. Safe to run again. Works from any directory.
 #
 #   bash scripts/setup.sh          # set up only
-#   bash scripts/setup.sh --run    # set up, then run the main job (qtest-virtio probe ...)
+#   bash scripts/setup.sh --run    # set up, then run the main job (qtest-virtio run: the scenario suite)
 set -euo pipefail
 
-usage() { echo "usage: bash scripts/setup.sh [--run]" >&2; }
+usage() { echo "usage: bash scripts/setup.sh [--run [qtest-virtio run arguments...]]" >&2; }
 
 run=0
+run_args=()
 for arg in "$@"; do
+    if [ "$run" -eq 1 ]; then
+        run_args+=("$arg")
+        continue
+    fi
     case "$arg" in
         --run) run=1 ;;
         -h | --help) usage; exit 0 ;;
@@ -59,8 +64,7 @@ echo "setup.sh: installing qtest-virtio (editable, with dev extras)"
 PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 
 if [ "$run" -eq 1 ]; then
-    exec qtest-virtio probe \
-        --device virtio-blk-pci \
-        --device virtio-rng-pci,disable-legacy=on \
-        --device virtio-net-pci,disable-modern=on
+    # The main job: the conformance scenario suite against the installed QEMU, with a summary
+    # table (device x transport x flags). Extra arguments go to `qtest-virtio run`.
+    exec qtest-virtio run "${run_args[@]}"
 fi

@@ -89,6 +89,7 @@ def virtio_params(
     option_flags: Mapping[str, str],
     option_refuse: frozenset[str],
     marker_kwargs: Mapping[str, Any],
+    refuse_each: tuple[str, ...] = (),
 ) -> list[VirtioParam]:
     """Every (mode, ring) a test runs on: the selected modes that the marker allows, split and
     packed rings (packed only where the layout can negotiate it, unless flags force one)."""
@@ -135,6 +136,25 @@ def virtio_params(
                     skip=skip,
                     extra=tuple(kwargs.items()),
                     id_refuse=option_refuse,
+                )
+            )
+    # Each feature refused on its own (issue 4): one extra run per feature, on the layout that
+    # can negotiate them all (modern, split), unless the marker keeps the test off it.
+    if refuse_each and modes.MODERN in selected_modes and modes.MODERN in allowed and "split" in rings:
+        base = {**marker_flags, **option_flags}
+        for feature in refuse_each:
+            if feature in refuse:
+                continue
+            params.append(
+                VirtioParam(
+                    device=device,
+                    mode=modes.MODERN,
+                    ring="split",
+                    flags=tuple(base.items()),
+                    refuse=refuse | {feature},
+                    id_flags=tuple(option_flags.items()),
+                    extra=tuple(kwargs.items()),
+                    id_refuse=option_refuse | {feature},
                 )
             )
     return params

@@ -17,7 +17,7 @@ import pytest
 
 from qtest_virtio import Machine, MachineSpec, QemuCrashed
 from qtest_virtio.binary import DEFAULT_QEMU, QemuBinary, QemuNotFound, UnknownFlag
-from qtest_virtio.devices.base import VirtioDriver
+from qtest_virtio.devices.base import CORE_FEATURES, VirtioDriver
 from qtest_virtio.devices.features import DEVICE_FEATURE_BITS
 from qtest_virtio.transport import feature_bit
 from qtest_virtio.transport.layout import FEATURE_BITS
@@ -71,6 +71,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="features the driver declines even when offered (e.g. EVENT_IDX,INDIRECT_DESC)",
     )
     group.addoption("--qtest-log", default=None, metavar="DIR", help="write each test's qtest command log to DIR")
+    group.addoption(
+        "--virtio-refuse-each",
+        action="store_true",
+        default=False,
+        help="also run every virtio_device test once per feature its driver implements, with that feature "
+        "refused on the driver side (modern layout, split ring)",
+    )
     parser.addini("virtio_transport", "transport modes to run (comma-separated, or all)", default="")
     parser.addini("virtio_flags", "device properties for every virtio device (K=V,...)", default="")
     parser.addini("virtio_refuse", "features the driver declines (F,...)", default="")
@@ -128,13 +135,19 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             '@pytest.mark.virtio_device("DEVICE") naming the device it drives'
         )
     transports, flags, refuse = _virtio_options(metafunc.config)
+    device = str(marker.args[0])
+    refuse_each: tuple[str, ...] = ()
+    if metafunc.config.getoption("--virtio-refuse-each"):
+        cls = driver_class(device)
+        refuse_each = tuple(sorted((CORE_FEATURES - {"VERSION_1"}) | set(cls.FEATURES)))
     try:
         params = virtio_params(
-            str(marker.args[0]),
+            device,
             selected_modes=transports,
             option_flags=flags,
             option_refuse=refuse,
             marker_kwargs=marker.kwargs,
+            refuse_each=refuse_each,
         )
     except OptionError as exc:
         raise pytest.UsageError(f"{metafunc.definition.nodeid}: {exc}") from None
@@ -251,6 +264,8 @@ def virtio_device(request: pytest.FixtureRequest, machine_factory: MachineFactor
             pytest.skip(f"{param.device} in mode {param.mode} does not offer {feature}")
         if feature in param.refuse:
             pytest.skip(f"{feature} is refused on the driver side in this run")
+        if not driver.has(feature):
+            pytest.skip(f"{feature} was not negotiated in this run (a feature it depends on is off)")
     return driver
 
 

@@ -1,0 +1,819 @@
+"""virtio-net (network device, virtio 1.2 §5.1): frames through the transmit and receive
+queues, the per-packet header, the control queue, and the config structure.
+
+Queues (§5.1.2): receiveq1 (0), transmitq1 (1), ..., controlq (2N, N = max_virtqueue_pairs
+with MQ, else 1). Only the first pair is driven. Receive buffers are kept posted: each used
+buffer is made available again once its frame has been read (§5.1.6.3).
+
+Layouts (config, header), control commands and feature dependencies are declared once, as data,
+under the names the spec gives them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+from ..errors import QtestVirtioError
+from ..memory import GuestMemory
+from ..pci import PciFunction
+from ..registers import BitLayout, Bits, Field, Layout
+from ..transport import TransportError, feature_bit
+from ..transport.layout import ISR, feature_names
+from ..virtqueue import Buf, UsedElem, Virtqueue, VirtqueueTimeout
+from .base import VirtioDriver
+
+# -- data: config structure (§5.1.4) -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConfigBytes:
+    """A byte-array member of a config structure (``u8 mac[6]``)."""
+
+    name: str
+    offset: int
+    length: int
+
+
+#: struct virtio_net_config, §5.1.4: ``mac`` is a byte array, the rest little-endian words
+#: (guest-endian on the legacy layout, §5.1.4.3; x86 is little-endian either way).
+NET_CONFIG_MAC = ConfigBytes("mac", 0, 6)
+NET_CONFIG = Layout(
+    "virtio_net_config",
+    [
+        Field("status", 6, 2),
+        Field("max_virtqueue_pairs", 8, 2),
+        Field("mtu", 10, 2),
+        Field("speed", 12, 4),
+        Field("duplex", 16, 1),
+        Field("rss_max_key_size", 17, 1),
+        Field("rss_max_indirection_table_length", 18, 2),
+        Field("supported_hash_types", 20, 4),
+    ],
+    size=24,
+)
+#: A config field exists only if one of these features is offered (§5.1.4).
+NET_CONFIG_EXISTS_IF: dict[str, tuple[str, ...]] = {
+    "mac": ("MAC",),
+    "status": ("STATUS",),
+    "max_virtqueue_pairs": ("MQ", "RSS"),
+    "mtu": ("MTU",),
+    "speed": ("SPEED_DUPLEX",),
+    "duplex": ("SPEED_DUPLEX",),
+    "rss_max_key_size": ("RSS", "HASH_REPORT"),
+    "rss_max_indirection_table_length": ("RSS",),
+    "supported_hash_types": ("RSS", "HASH_REPORT"),
+}
+#: status bits, §5.1.4.
+NET_STATUS = BitLayout("status", [Bits("LINK_UP", 0), Bits("ANNOUNCE", 1)])
+
+# -- data: the per-packet header (§5.1.6) ---------------------------------------------------
+
+#: struct virtio_net_hdr, §5.1.6 (hash fields only with HASH_REPORT).
+NET_HDR = Layout(
+    "virtio_net_hdr",
+    [
+        Field("flags", 0, 1),
+        Field("gso_type", 1, 1),
+        Field("hdr_len", 2, 2),
+        Field("gso_size", 4, 2),
+        Field("csum_start", 6, 2),
+        Field("csum_offset", 8, 2),
+        Field("num_buffers", 10, 2),
+        Field("hash_value", 12, 4),
+        Field("hash_report", 16, 2),
+        Field("padding_reserved", 18, 2),
+    ],
+)
+#: Which optional header fields are present, by negotiated feature: ``num_buffers`` always
+#: with VERSION_1, and on the legacy interface only with MRG_RXBUF (§5.1.6.1).
+NET_HDR_PRESENT_IF: dict[str, tuple[str, ...]] = {
+    "num_buffers": ("VERSION_1", "MRG_RXBUF"),
+    "hash_value": ("HASH_REPORT",),
+    "hash_report": ("HASH_REPORT",),
+    "padding_reserved": ("HASH_REPORT",),
+}
+#: flags, §5.1.6.
+NET_HDR_F = BitLayout("flags", [Bits("NEEDS_CSUM", 0), Bits("DATA_VALID", 1), Bits("RSC_INFO", 2)])
+
+
+class GsoType(IntEnum):
+    """gso_type values, §5.1.6 (ECN is a flag ORed into the others)."""
+
+    NONE = 0
+    TCPV4 = 1
+    UDP = 3
+    TCPV6 = 4
+    UDP_L4 = 5
+    ECN = 0x80
+
+
+def header_size(features: Iterable[str]) -> int:
+    """Bytes of struct virtio_net_hdr for these negotiated features (§5.1.6, §5.1.6.1):
+    10 on the legacy interface without MRG_RXBUF, 12 otherwise, 20 with HASH_REPORT."""
+    names = set(features)
+    size = 0
+    for f in NET_HDR:
+        needs = NET_HDR_PRESENT_IF.get(f.name)
+        if needs is None or names.intersection(needs):
+            size = max(size, f.end)
+    return size
+
+
+@dataclass
+class NetHdr:
+    """One struct virtio_net_hdr; absent optional fields decode as None."""
+
+    flags: int = 0
+    gso_type: int = GsoType.NONE
+    hdr_len: int = 0
+    gso_size: int = 0
+    csum_start: int = 0
+    csum_offset: int = 0
+    num_buffers: int | None = 0
+    hash_value: int | None = None
+    hash_report: int | None = None
+    padding_reserved: int | None = None
+
+    def encode(self, size: int) -> bytes:
+        """The first ``size`` bytes of the header (a size from :func:`header_size`)."""
+        out = bytearray(size)
+        for f in NET_HDR:
+            if f.end > size:
+                continue
+            value = getattr(self, f.name) or 0
+            if value >> (8 * f.width):
+                raise ValueError(f"virtio_net_hdr.{f.name}={value:#x} does not fit in {f.width} bytes")
+            out[f.offset : f.end] = value.to_bytes(f.width, "little")
+        return bytes(out)
+
+    @classmethod
+    def decode(cls, data: bytes) -> NetHdr:
+        """Decode as many fields as ``data`` holds (10, 12 or 20 bytes)."""
+        if len(data) < NET_HDR.csum_offset.end:
+            raise ValueError(f"a virtio_net_hdr has at least {NET_HDR.csum_offset.end} bytes, not {len(data)}")
+        values: dict[str, int | None] = {}
+        for f in NET_HDR:
+            values[f.name] = int.from_bytes(data[f.offset : f.end], "little") if f.end <= len(data) else None
+        return cls(**values)  # type: ignore[arg-type]
+
+    @property
+    def flag_names(self) -> list[str]:
+        return NET_HDR_F.names_set(self.flags)
+
+
+# -- data: control queue (§5.1.6.5) ---------------------------------------------------------
+
+
+class Ack(IntEnum):
+    """The control command ack byte, §5.1.6.5."""
+
+    OK = 0
+    ERR = 1
+
+
+@dataclass(frozen=True)
+class CtrlCommand:
+    """A control command: its class and command codes and the feature that allows it."""
+
+    klass: str
+    name: str
+    class_code: int
+    code: int
+    feature: str
+
+
+_CTRL_CLASSES = {"RX": 0, "MAC": 1, "VLAN": 2, "ANNOUNCE": 3, "MQ": 4, "GUEST_OFFLOADS": 5}
+#: (class, command, code, feature needed), §5.1.6.5.1-§5.1.6.5.6.
+CTRL_COMMANDS: dict[str, CtrlCommand] = {
+    f"{k}_{n}": CtrlCommand(k, n, _CTRL_CLASSES[k], code, feat)
+    for k, n, code, feat in (
+        ("RX", "PROMISC", 0, "CTRL_RX"),
+        ("RX", "ALLMULTI", 1, "CTRL_RX"),
+        ("RX", "ALLUNI", 2, "CTRL_RX_EXTRA"),
+        ("RX", "NOMULTI", 3, "CTRL_RX_EXTRA"),
+        ("RX", "NOUNI", 4, "CTRL_RX_EXTRA"),
+        ("RX", "NOBCAST", 5, "CTRL_RX_EXTRA"),
+        ("MAC", "TABLE_SET", 0, "CTRL_RX"),
+        ("MAC", "ADDR_SET", 1, "CTRL_MAC_ADDR"),
+        ("VLAN", "ADD", 0, "CTRL_VLAN"),
+        ("VLAN", "DEL", 1, "CTRL_VLAN"),
+        ("ANNOUNCE", "ACK", 0, "GUEST_ANNOUNCE"),
+        ("MQ", "VQ_PAIRS_SET", 0, "MQ"),
+        ("GUEST_OFFLOADS", "SET", 0, "CTRL_GUEST_OFFLOADS"),
+    )
+}
+#: What the driver writes into the ack byte before the device gets the command.
+ACK_UNWRITTEN = 0xA5
+#: The rx-mode keywords of :meth:`VirtioNet.set_rx_mode`, by command.
+RX_MODES = ("promisc", "allmulti", "alluni", "nomulti", "nouni", "nobcast")
+
+# -- data: feature dependencies (§5.1.3.1) --------------------------------------------------
+
+#: feature -> clauses that must all hold; a clause holds when any of its features is there.
+#: (CTRL_RX_EXTRA: §5.1.4.2 says a driver SHOULD NOT negotiate it without CTRL_VQ.)
+FEATURE_REQUIRES: dict[str, tuple[tuple[str, ...], ...]] = {
+    "GUEST_TSO4": (("GUEST_CSUM",),),
+    "GUEST_TSO6": (("GUEST_CSUM",),),
+    "GUEST_ECN": (("GUEST_TSO4", "GUEST_TSO6"),),
+    "GUEST_UFO": (("GUEST_CSUM",),),
+    "HOST_TSO4": (("CSUM",),),
+    "HOST_TSO6": (("CSUM",),),
+    "HOST_ECN": (("HOST_TSO4", "HOST_TSO6"),),
+    "HOST_UFO": (("CSUM",),),
+    "CTRL_RX": (("CTRL_VQ",),),
+    "CTRL_VLAN": (("CTRL_VQ",),),
+    "GUEST_ANNOUNCE": (("CTRL_VQ",),),
+    "MQ": (("CTRL_VQ",),),
+    "CTRL_MAC_ADDR": (("CTRL_VQ",),),
+    "CTRL_RX_EXTRA": (("CTRL_VQ",),),
+}
+
+
+def unmet_dependencies(features: Iterable[str]) -> set[str]:
+    """Features of the set whose requirements (§5.1.3.1) the set does not meet, transitively."""
+    kept = set(features)
+    dropped: set[str] = set()
+    changed = True
+    while changed:
+        changed = False
+        for name in sorted(kept):
+            clauses = FEATURE_REQUIRES.get(name, ())
+            if not all(kept.intersection(clause) for clause in clauses):
+                kept.discard(name)
+                dropped.add(name)
+                changed = True
+    return dropped
+
+
+# -- frames and MAC addresses ---------------------------------------------------------------
+
+ETH_HLEN = 14
+#: The largest frame without GSO or MTU: 1500 bytes of payload plus the Ethernet header (§5.1.6.3).
+ETH_MAX_FRAME = 1514
+BROADCAST = b"\xff" * 6
+
+
+def mac_bytes(mac: bytes | str) -> bytes:
+    """``"52:54:00:12:34:56"`` or 6 raw bytes -> 6 bytes."""
+    if isinstance(mac, str):
+        parts = mac.split(":")
+        if len(parts) != 6:
+            raise ValueError(f"MAC address {mac!r} does not have six parts")
+        mac = bytes(int(p, 16) for p in parts)
+    if len(mac) != 6:
+        raise ValueError(f"a MAC address has 6 bytes, not {len(mac)}")
+    return bytes(mac)
+
+
+def mac_str(mac: bytes) -> str:
+    """6 bytes -> ``"52:54:00:12:34:56"`` (QEMU's spelling in query-rx-filter)."""
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+def ethernet_frame(dst: bytes | str, src: bytes | str, ethertype: int, payload: bytes) -> bytes:
+    """An Ethernet II frame (no FCS: neither virtio nor QEMU's socket netdev carries one)."""
+    return mac_bytes(dst) + mac_bytes(src) + ethertype.to_bytes(2, "big") + payload
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+
+class NetError(QtestVirtioError):
+    """A virtio-net operation failed."""
+
+
+class NetDeviceError(NetError):
+    """The device broke a virtio-net rule (a short used length, a bad num_buffers, an ack byte
+    that is neither OK nor ERR); the message names the device, queue and descriptor."""
+
+
+class NetCtrlError(NetError):
+    """The device answered a control command with VIRTIO_NET_ERR."""
+
+    def __init__(self, message: str, command: str, ack: int) -> None:
+        super().__init__(message)
+        self.command = command
+        self.ack = ack
+
+
+# -- results --------------------------------------------------------------------------------
+
+
+@dataclass
+class NetConfig:
+    """struct virtio_net_config by name; None where the field does not exist (§5.1.4)."""
+
+    mac: bytes | None
+    status: int | None
+    max_virtqueue_pairs: int | None
+    mtu: int | None
+    speed: int | None
+    duplex: int | None
+    rss_max_key_size: int | None
+    rss_max_indirection_table_length: int | None
+    supported_hash_types: int | None
+
+    @property
+    def link_up(self) -> bool | None:
+        return None if self.status is None else bool(NET_STATUS.LINK_UP.get(self.status))
+
+    @property
+    def announce(self) -> bool | None:
+        return None if self.status is None else bool(NET_STATUS.ANNOUNCE.get(self.status))
+
+
+@dataclass
+class RxPacket:
+    """One received packet: its header, the frame, and how the device used the buffers."""
+
+    header: NetHdr
+    frame: bytes
+    #: Used length of each buffer the packet took, in order (the first includes the header).
+    used_lengths: list[int]
+    #: Size of each of those buffers, as posted.
+    buffer_sizes: list[int]
+    #: Descriptor ids (split head index / packed buffer id) of those buffers.
+    ids: list[int] = field(default_factory=list)
+
+    @property
+    def buffers(self) -> int:
+        return len(self.used_lengths)
+
+
+# -- the driver -----------------------------------------------------------------------------
+
+RX_QUEUE, TX_QUEUE = 0, 1
+#: Receive buffers posted at DRIVER_OK unless told otherwise.
+DEFAULT_RX_BUFFERS = 32
+
+
+class VirtioNet(VirtioDriver):
+    """virtio-net driver, §5.1: ``send(frame)``, ``receive(timeout)``, control commands, config.
+
+    Extra keywords (``vm.virtio("net0", rx_buffers=..., ...)``): ``rx_buffers`` posted at
+    DRIVER_OK (0: none; post later with :meth:`post_rx_buffers`), ``rx_buffer_size`` bytes per
+    buffer including the header (default: a full frame, or 2048 with MRG_RXBUF),
+    ``rx_poison`` a byte every receive buffer is filled with before it is posted, so a field
+    the device did not write is visible.
+    """
+
+    DEVICE_TYPE = 1
+    FEATURES = frozenset(
+        {
+            "MAC",
+            "MTU",
+            "MRG_RXBUF",
+            "STATUS",
+            "CTRL_VQ",
+            "CTRL_RX",
+            "CTRL_RX_EXTRA",
+            "CTRL_VLAN",
+            "CTRL_MAC_ADDR",
+            "GUEST_ANNOUNCE",
+            "MQ",
+        }
+    )
+    QUEUES = 0  # created in setup_device(): the control queue's index depends on the config
+
+    def __init__(
+        self,
+        fn: PciFunction,
+        mode: str,
+        memory: GuestMemory,
+        *,
+        rx_buffers: int = DEFAULT_RX_BUFFERS,
+        rx_buffer_size: int | None = None,
+        rx_poison: int | None = None,
+        refuse: Iterable[str] = (),
+        interrupts: str = "msix",
+        queue_size: int | None = None,
+        notify_via: str = "mmio",
+    ) -> None:
+        self.rx_buffers_wanted = rx_buffers
+        self.rx_buffer_size_wanted = rx_buffer_size
+        self.rx_poison = rx_poison
+        self._check_rx_options()
+        self.rxq: Virtqueue | None = None
+        self.txq: Virtqueue | None = None
+        self.ctrlq: Virtqueue | None = None
+        self.ctrl_index: int | None = None
+        #: config mtu, read once when MTU is negotiated (the device MUST NOT change it, §5.1.4.1).
+        self.mtu: int | None = None
+        self.rx_buffer_size = 0
+        self._rx_regions: list[int] = []
+        self._rx_posted = 0
+        super().__init__(
+            fn, mode, memory, refuse=refuse, interrupts=interrupts, queue_size=queue_size, notify_via=notify_via
+        )
+
+    # -- initialization (§5.1.5) ----------------------------------------------------------
+
+    def refused_bits(self) -> int:
+        """The user's refusals, plus offered features whose requirements (§5.1.3.1) will not
+        be negotiated: a driver MUST NOT accept those (§2.2.1)."""
+        refused = super().refused_bits()
+        candidates = self.transport.device_features() & self.supported_bits() & ~refused
+        for name in unmet_dependencies(feature_names(candidates, self.device_bits)):
+            refused |= 1 << feature_bit(name, self.device_bits)
+        return refused
+
+    def setup_device(self) -> None:
+        """receiveq1, transmitq1 and, with CTRL_VQ, the control queue at 2N (§5.1.2)."""
+        pairs = 1
+        if self.has("MQ"):
+            pairs = self.transport.config_read(NET_CONFIG.max_virtqueue_pairs.offset, 2)
+            if not 1 <= pairs <= 0x8000:
+                raise NetDeviceError(f"{self._who()}: max_virtqueue_pairs is {pairs}, not 1..0x8000 (§5.1.4.1)")
+        self.mtu = None
+        if self.has("MTU"):
+            self.mtu = self.transport.config_read(NET_CONFIG.mtu.offset, NET_CONFIG.mtu.width)
+        self.rxq = self._queue(RX_QUEUE, "receiveq1")
+        self.txq = self._queue(TX_QUEUE, "transmitq1")
+        if self.has("CTRL_VQ"):
+            self.ctrl_index = 2 * pairs
+            self.ctrlq = self._queue(self.ctrl_index, "controlq")
+
+    def _queue(self, index: int, role: str) -> Virtqueue:
+        vq = self.create_queue(index)
+        vq.name = f"{type(self).__name__} {role} (queue {index})"
+        self.queues.append(vq)
+        return vq
+
+    def initialize(self) -> None:
+        """§3.1.1 through DRIVER_OK, then fill the receive queue (§5.1.5 step 3): buffers are
+        made available only once the device is live, so no notification precedes DRIVER_OK."""
+        super().initialize()
+        self.rx_buffer_size = self.rx_buffer_size_wanted or self.default_rx_buffer_size()
+        if self.has("MRG_RXBUF") and self.rx_buffer_size < self.header_size:
+            raise ValueError(f"with MRG_RXBUF each receive buffer holds at least the {self.header_size}-byte header")
+        if self.rx_buffers_wanted:
+            self.post_rx_buffers(self.rx_buffers_wanted)
+
+    def restart(self, **rx: int | None) -> None:
+        """Reset and initialize again (§3.1.1), with receive-buffer options changed by keyword
+        (``rx_buffers``, ``rx_buffer_size``, ``rx_poison``; None restores the default)."""
+        attrs = {"rx_buffers": "rx_buffers_wanted", "rx_buffer_size": "rx_buffer_size_wanted", "rx_poison": "rx_poison"}
+        for key, value in rx.items():
+            if key not in attrs:
+                raise TypeError(f"restart() takes {', '.join(attrs)}, not {key!r}")
+            setattr(self, attrs[key], DEFAULT_RX_BUFFERS if key == "rx_buffers" and value is None else value)
+        self._check_rx_options()
+        self.initialize()
+
+    def _check_rx_options(self) -> None:
+        if self.rx_buffers_wanted < 0:
+            raise ValueError(f"rx_buffers must be >= 0, not {self.rx_buffers_wanted}")
+        if self.rx_poison is not None and not 0 <= self.rx_poison <= 0xFF:
+            raise ValueError(f"rx_poison must be a byte, not {self.rx_poison}")
+
+    def release_queues(self) -> None:
+        """Free the rings and the receive buffers (after a reset the device forgets them)."""
+        super().release_queues()
+        self.rxq = self.txq = self.ctrlq = None
+        self.ctrl_index = None
+        for addr in self._rx_regions:
+            self.memory.free(addr)
+        self._rx_regions = []
+        self._rx_posted = 0
+
+    # -- facts from the negotiation -------------------------------------------------------
+
+    @property
+    def header_size(self) -> int:
+        return header_size(self.negotiated.names)
+
+    @property
+    def separate_header(self) -> bool:
+        """Legacy without ANY_LAYOUT: the header gets a descriptor of its own (§5.1.6.6)."""
+        return not (self.has("VERSION_1") or self.has("ANY_LAYOUT"))
+
+    @property
+    def max_frame(self) -> int:
+        """The largest frame the driver expects: mtu + 14 with MTU (at least 1514), else 1514."""
+        return ETH_MAX_FRAME if self.mtu is None else max(self.mtu + ETH_HLEN, ETH_MAX_FRAME)
+
+    def default_rx_buffer_size(self) -> int:
+        """A whole frame plus header without MRG_RXBUF (§5.1.6.3.1: at least 1526 bytes), a
+        2 KiB buffer with it."""
+        if self.has("MRG_RXBUF"):
+            return 2048
+        return self.header_size + self.max_frame
+
+    def _who(self) -> str:
+        return f"{type(self).__name__} {self.dev_id or self.fn.bdf} ({self.mode})"
+
+    def _where(self, vq: Virtqueue, elem: UsedElem) -> str:
+        return f"{self._who()}: {vq.name}: descriptor {elem.id}"
+
+    # -- config (§5.1.4) ------------------------------------------------------------------
+
+    def _exists(self, name: str) -> bool:
+        """A config field exists when the device offers one of its features (§5.1.4)."""
+        offered = self.negotiated.offered
+        return any(offered >> feature_bit(f, self.device_bits) & 1 for f in NET_CONFIG_EXISTS_IF[name])
+
+    def read_config(self) -> NetConfig:
+        """The config structure by name, one consistent snapshot (§2.5.1, §5.1.4)."""
+        transport = self.transport
+        for _ in range(100):
+            before = transport.config_generation()
+            values: dict[str, object] = {}
+            if self._exists("mac"):
+                values["mac"] = transport.read_config_bytes(NET_CONFIG_MAC.offset, NET_CONFIG_MAC.length)
+            for f in NET_CONFIG:
+                if self._exists(f.name):
+                    values[f.name] = transport.config_read(f.offset, f.width)
+            if transport.config_generation() == before:
+                names = ("mac", *(f.name for f in NET_CONFIG))
+                return NetConfig(**{n: values.get(n) for n in names})  # type: ignore[arg-type]
+        raise TransportError(f"{self._who()}: config generation never settled")
+
+    @property
+    def mac(self) -> bytes:
+        """The device's MAC address from config (§5.1.4; valid with MAC offered)."""
+        return self.transport.read_config_bytes(NET_CONFIG_MAC.offset, NET_CONFIG_MAC.length)
+
+    @property
+    def status(self) -> int:
+        if not self._exists("status"):
+            raise NetError(f"{self._who()}: config has no status field (STATUS not offered)")
+        return self.transport.config_read(NET_CONFIG.status.offset, NET_CONFIG.status.width)
+
+    @property
+    def link_up(self) -> bool:
+        """LINK_UP from status; without STATUS the driver assumes the link is up (§5.1.4.2)."""
+        if not self._exists("status"):
+            return True
+        return bool(NET_STATUS.LINK_UP.get(self.status))
+
+    def wait_config_interrupt(self, timeout: float = 5.0) -> None:
+        """Wait for a configuration change notification (§4.1.5.3): MSI-X vector 0, or the
+        INTx line / ISR polling with the ISR's config bit (§4.1.4.5)."""
+        if self.msix is not None:
+            self.msix.wait(0, timeout)
+            return
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.intx is not None:
+                self.intx.wait(True, max(deadline - time.monotonic(), 0.001))
+            isr = self.transport.read_isr()
+            if isr & ISR.config_change.mask:
+                return
+            if time.monotonic() > deadline:
+                raise TransportError(f"{self._who()}: no configuration change interrupt within {timeout:g} s")
+            if self.intx is None:
+                time.sleep(0.0005)
+
+    # -- transmit (§5.1.6.2) --------------------------------------------------------------
+
+    def _tx_chain(self, frame: bytes, header: NetHdr | None) -> list[bytes]:
+        if self.mtu is not None and len(frame) > self.mtu + ETH_HLEN:
+            raise NetError(f"{self._who()}: a {len(frame)}-byte frame exceeds mtu {self.mtu} + {ETH_HLEN} (§5.1.4.2)")
+        hdr = (header or NetHdr()).encode(self.header_size)
+        return [hdr, frame] if self.separate_header else [hdr + frame]
+
+    def send(self, frame: bytes, *, header: NetHdr | None = None, timeout: float = 5.0) -> None:
+        """Transmit one frame (header with num_buffers 0, §5.1.6.2.1) and wait until the
+        device has used it."""
+        self.send_many([frame], header=header, timeout=timeout)
+
+    def send_many(self, frames: Sequence[bytes], *, header: NetHdr | None = None, timeout: float = 5.0) -> None:
+        """Transmit several frames with one notification; wait until all are used."""
+        vq = self._need(self.txq, "transmitq1")
+        chains = [self._tx_chain(f, header) for f in frames]
+        allocations: list[int] = []
+        tokens = []
+        for chain in chains:
+            bufs = []
+            for part in chain:
+                addr = self.memory.alloc(max(len(part), 1), 16, tag=f"{vq.name} frame")
+                allocations.append(addr)
+                self.memory.write(addr, part)
+                bufs.append(Buf(addr, len(part)))
+            tokens.append(vq.add(bufs))
+        vq.kick()
+        for token in tokens:
+            vq.wait_for(token, timeout)  # on a timeout the frames stay allocated: still in flight
+        for addr in allocations:
+            self.memory.free(addr)
+
+    # -- receive (§5.1.6.3, §5.1.6.4) -----------------------------------------------------
+
+    def post_rx_buffers(self, count: int, size: int | None = None) -> None:
+        """Make ``count`` more receive buffers of ``size`` bytes available, and notify."""
+        vq = self._need(self.rxq, "receiveq1")
+        size = size or self.rx_buffer_size
+        if count <= 0:
+            return
+        region = self.memory.alloc(count * size, 64, tag=f"{vq.name} buffers")
+        self._rx_regions.append(region)
+        if self.rx_poison is not None:
+            self.memory.write(region, bytes([self.rx_poison]) * (count * size))
+        for i in range(count):
+            vq.add(self._rx_chain(region + i * size, size))
+        self._rx_posted += count
+        vq.kick()
+
+    def _rx_chain(self, addr: int, size: int) -> list[Buf]:
+        """One receive buffer: header and data in separate descriptors on the legacy layout
+        without ANY_LAYOUT (§5.1.6.6); a mergeable buffer stays whole (any of them can be a
+        continuation without a header, as Linux's legacy driver does it)."""
+        hdr = self.header_size
+        if self.separate_header and not self.has("MRG_RXBUF") and size > hdr:
+            return [Buf(addr, hdr, writable=True), Buf(addr + hdr, size - hdr, writable=True)]
+        return [Buf(addr, size, writable=True)]
+
+    def _repost(self, elems: Sequence[UsedElem]) -> None:
+        vq = self._need(self.rxq, "receiveq1")
+        for elem in elems:
+            if self.rx_poison is not None:
+                for b in elem.bufs:
+                    self.memory.write(b.addr, bytes([self.rx_poison]) * b.length)
+            vq.add(elem.bufs)
+        vq.kick()
+
+    @staticmethod
+    def _buf_size(elem: UsedElem) -> int:
+        return sum(b.length for b in elem.bufs)
+
+    def _read_used(self, elem: UsedElem) -> bytes:
+        """The first ``used length`` bytes of a used buffer, across its descriptors."""
+        out = bytearray()
+        left = elem.length
+        for b in elem.bufs:
+            if left <= 0:
+                break
+            n = min(left, b.length)
+            out += self.memory.read(b.addr, n)
+            left -= n
+        return bytes(out)
+
+    def poll_packet(self) -> RxPacket | None:
+        """A received packet if one is used already, else None."""
+        vq = self._need(self.rxq, "receiveq1")
+        first = vq.poll_used()
+        return None if first is None else self._assemble(vq, first, 5.0)
+
+    def receive_packet(self, timeout: float = 5.0) -> RxPacket:
+        """The next received packet with its header and buffer accounting; its buffers are
+        posted again. Raises VirtqueueTimeout when nothing arrives."""
+        vq = self._need(self.rxq, "receiveq1")
+        return self._assemble(vq, vq.wait_used(timeout), timeout)
+
+    def receive(self, timeout: float = 5.0) -> bytes:
+        """The next received frame, header stripped."""
+        return self.receive_packet(timeout).frame
+
+    def _assemble(self, vq: Virtqueue, first: UsedElem, timeout: float) -> RxPacket:
+        hdr_size = self.header_size
+        elems = [first]
+        try:
+            if first.length < hdr_size:
+                raise NetDeviceError(
+                    f"{self._where(vq, first)}: used length {first.length} is shorter than the "
+                    f"{hdr_size}-byte virtio_net_hdr (§5.1.6.4)"
+                )
+            data = self._read_used(first)
+            header = NetHdr.decode(data[:hdr_size])
+            count = 1
+            if self.has("MRG_RXBUF"):
+                count = header.num_buffers or 0
+                if not 1 <= count <= self._rx_posted:
+                    raise NetDeviceError(
+                        f"{self._where(vq, first)}: num_buffers is {header.num_buffers}, not 1..{self._rx_posted} "
+                        f"(the buffers posted) (§5.1.6.4.1)"
+                    )
+            deadline = time.monotonic() + timeout
+            while len(elems) < count:
+                try:
+                    elem = vq.wait_used(max(deadline - time.monotonic(), 0.0))
+                except VirtqueueTimeout as e:
+                    raise NetDeviceError(
+                        f"{self._where(vq, first)}: num_buffers is {count} but only {len(elems)} buffers were "
+                        f"used (§5.1.6.4.1: all buffers of a packet are used together)"
+                    ) from e
+                elems.append(elem)
+                data += self._read_used(elem)
+        finally:
+            self._repost(elems)
+        return RxPacket(
+            header,
+            data[hdr_size:],
+            [e.length for e in elems],
+            [self._buf_size(e) for e in elems],
+            [e.id for e in elems],
+        )
+
+    def drain(self) -> list[RxPacket]:
+        """Every packet already received (to clear the queue between steps)."""
+        out = []
+        while (p := self.poll_packet()) is not None:
+            out.append(p)
+        return out
+
+    # -- control queue (§5.1.6.5) ---------------------------------------------------------
+
+    def ctrl_raw(self, class_code: int, code: int, data: bytes | Sequence[bytes] = b"", *, timeout: float = 5.0) -> int:
+        """Send one control command and return its ack byte (VIRTIO_NET_OK or _ERR). The class
+        and command go in one descriptor, each part of ``data`` in the next ones, the ack in a
+        last device-writable one: the framing legacy devices need without ANY_LAYOUT (§5.1.6.6)."""
+        vq = self._need(self.ctrlq, "controlq (CTRL_VQ not negotiated)")
+        chunks = [data] if isinstance(data, bytes) else list(data)
+        parts = [bytes([class_code, code])] + [c for c in chunks if c]
+        allocations = []
+        bufs = []
+        for part in parts:
+            addr = self.memory.alloc(len(part), 16, tag=f"{vq.name} command")
+            allocations.append(addr)
+            self.memory.write(addr, part)
+            bufs.append(Buf(addr, len(part)))
+        ack_addr = self.memory.alloc(1, 16, tag=f"{vq.name} ack")
+        allocations.append(ack_addr)
+        self.memory.write(ack_addr, bytes([ACK_UNWRITTEN]))
+        bufs.append(Buf(ack_addr, 1, writable=True))
+        token = vq.add(bufs)
+        vq.kick()
+        elem = vq.wait_for(token, timeout)  # on a timeout the buffers stay allocated: still in flight
+        ack = self.memory.read(ack_addr, 1)[0]
+        for addr in allocations:
+            self.memory.free(addr)
+        what = f"command class {class_code} command {code}"
+        if elem.length < 1 and not self.transport.uses_legacy_layout:
+            raise NetDeviceError(f"{self._where(vq, elem)}: {what}: used length 0, the ack byte was not written")
+        if ack == ACK_UNWRITTEN:
+            raise NetDeviceError(
+                f"{self._where(vq, elem)}: {what}: the ack byte still holds the {ACK_UNWRITTEN:#04x} the driver put "
+                f"there: the device used the command without acking it"
+            )
+        if ack not in (Ack.OK, Ack.ERR):
+            raise NetDeviceError(
+                f"{self._where(vq, elem)}: {what}: ack byte {ack:#04x} is neither VIRTIO_NET_OK nor VIRTIO_NET_ERR"
+            )
+        return ack
+
+    def ctrl(
+        self, command: str, data: bytes | Sequence[bytes] = b"", *, force: bool = False, timeout: float = 5.0
+    ) -> None:
+        """Send a named command (``"RX_PROMISC"``, ``"MAC_ADDR_SET"``, ...); raise NetCtrlError
+        on VIRTIO_NET_ERR. The feature that allows the command must be negotiated unless
+        ``force`` (a driver MUST NOT send it otherwise)."""
+        cmd = CTRL_COMMANDS[command]
+        if not force and not self.has(cmd.feature):
+            raise NetError(f"{self._who()}: VIRTIO_NET_CTRL_{command} needs {cmd.feature}, which was not negotiated")
+        ack = self.ctrl_raw(cmd.class_code, cmd.code, data, timeout=timeout)
+        if ack != Ack.OK:
+            raise NetCtrlError(f"{self._who()}: VIRTIO_NET_CTRL_{command} answered VIRTIO_NET_ERR", command, ack)
+
+    def set_rx_mode(self, **modes: bool) -> None:
+        """VIRTIO_NET_CTRL_RX commands (§5.1.6.5.1): ``set_rx_mode(promisc=False, allmulti=True)``."""
+        for name, on in modes.items():
+            if name not in RX_MODES:
+                raise ValueError(f"unknown rx mode {name!r}; known: {', '.join(RX_MODES)}")
+            self.ctrl(f"RX_{name.upper()}", bytes([1 if on else 0]))
+
+    def set_mac(self, mac: bytes | str) -> None:
+        """Set the default MAC: VIRTIO_NET_CTRL_MAC_ADDR_SET (§5.1.6.5.2), or on the legacy
+        interface without CTRL_MAC_ADDR by writing config ``mac`` first to last byte (§5.1.6.5.2.2)."""
+        raw = mac_bytes(mac)
+        if self.has("CTRL_MAC_ADDR"):
+            self.ctrl("MAC_ADDR_SET", raw)
+        elif self.transport.uses_legacy_layout:
+            for i, b in enumerate(raw):
+                self.transport.config_write(NET_CONFIG_MAC.offset + i, 1, b)
+        else:
+            raise NetError(f"{self._who()}: cannot set the MAC: CTRL_MAC_ADDR not negotiated on the modern interface")
+
+    def set_mac_table(self, unicast: Sequence[bytes | str] = (), multicast: Sequence[bytes | str] = ()) -> None:
+        """VIRTIO_NET_CTRL_MAC_TABLE_SET (§5.1.6.5.2): two tables of le32 entries + MACs, one
+        descriptor each (§5.1.6.6)."""
+        tables = [len(t).to_bytes(4, "little") + b"".join(mac_bytes(m) for m in t) for t in (unicast, multicast)]
+        self.ctrl("MAC_TABLE_SET", tables)
+
+    def vlan_add(self, vid: int) -> None:
+        """VIRTIO_NET_CTRL_VLAN_ADD (§5.1.6.5.3)."""
+        self.ctrl("VLAN_ADD", vid.to_bytes(2, "little"))
+
+    def vlan_del(self, vid: int) -> None:
+        """VIRTIO_NET_CTRL_VLAN_DEL (§5.1.6.5.3)."""
+        self.ctrl("VLAN_DEL", vid.to_bytes(2, "little"))
+
+    def announce_ack(self) -> None:
+        """VIRTIO_NET_CTRL_ANNOUNCE_ACK (§5.1.6.5.4): the device clears status ANNOUNCE."""
+        self.ctrl("ANNOUNCE_ACK")
+
+    def set_queue_pairs(self, pairs: int) -> None:
+        """VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET (§5.1.6.5.5). Only pair 1 is set up by this driver,
+        so only 1 is accepted (the driver MUST configure queues before enabling them)."""
+        if pairs != 1:
+            raise ValueError("this driver drives one queue pair; VQ_PAIRS_SET accepts only 1")
+        self.ctrl("MQ_VQ_PAIRS_SET", pairs.to_bytes(2, "little"))
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _need(self, vq: Virtqueue | None, what: str) -> Virtqueue:
+        if vq is None:
+            raise NetError(f"{self._who()}: no {what} set up")
+        return vq
