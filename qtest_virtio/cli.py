@@ -305,8 +305,10 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--jobs", default="2", help="parallel workers (pytest-xdist; 1 = in this process)")
     p.add_argument(
         "--refuse-each",
-        action="store_true",
-        help="also run each scenario with each feature its driver implements refused, one at a time",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run each scenario with each feature its driver implements refused, one at a time "
+        "(modern layout, split ring; on by default: --no-refuse-each turns it off)",
     )
     p.set_defaults(pytest_args=[])
 

@@ -69,6 +69,8 @@ class VirtioParam:
     extra: tuple[tuple[str, Any], ...] = field(default=(), compare=False)
     #: Refusals that come from the option (those of the marker are the same in every run).
     id_refuse: frozenset[str] = frozenset()
+    #: A run added by --virtio-refuse-each (one feature refused on its own).
+    refuse_each: bool = False
 
     @property
     def id(self) -> str:
@@ -155,6 +157,7 @@ def virtio_params(
                     id_flags=tuple(option_flags.items()),
                     extra=tuple(kwargs.items()),
                     id_refuse=option_refuse | {feature},
+                    refuse_each=True,
                 )
             )
     return params

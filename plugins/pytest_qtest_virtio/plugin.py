@@ -326,6 +326,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 ("virtio_ring", param.ring),
                 ("virtio_flags", ",".join(f"{k}={v}" for k, v in param.flags)),
                 ("virtio_id_flags", ",".join(f"{k}={v}" for k, v in param.id_flags)),
+                ("virtio_refuse", ",".join(sorted(param.refuse))),
+                ("virtio_refuse_each", "1" if param.refuse_each else ""),
             ]
 
 

@@ -79,9 +79,12 @@ class ResultCollector:
         """Counts per device x transport x flags (flags include packed=on for packed rings)."""
         rows: dict[tuple[str, str, str], dict[str, int]] = defaultdict(lambda: dict.fromkeys(OUTCOME_ORDER, 0))
         for r in self.results.values():
-            device = r.props.get("virtio_device", "(no device)")
+            device = r.props.get("virtio_device") or ("(reproducers)" if "reproducer_outcome" in r.props else "(other)")
             transport = r.props.get("virtio_transport", "-")
-            flags = r.props.get("virtio_id_flags", "") or "-"
+            flags = r.props.get("virtio_id_flags", "")
+            if r.props.get("virtio_refuse_each"):
+                flags = ",".join(filter(None, (flags, "refuse=each one")))
+            flags = flags or "-"
             rows[(device, transport, flags)][r.outcome] += 1
         cols = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
         header = f"{'device':22} {'transport':20} {'flags':22} " + " ".join(f"{c:>7}" for c in cols)
