@@ -173,7 +173,10 @@ def _pytest_args(args: argparse.Namespace, binary: QemuBinary) -> list[str]:
         out.append(f"--virtio-transport={args.transport}")
     if args.refuse:
         out.append(f"--virtio-refuse={args.refuse}")
-    if getattr(args, "refuse_each", False):
+    refuse_each = getattr(args, "refuse_each", None)
+    if refuse_each is None:  # the main job checks every refusal; a named target is run as named
+        refuse_each = not args.targets
+    if refuse_each:
         out.append("--virtio-refuse-each")
     jobs = args.jobs
     if jobs != "1":
@@ -306,9 +309,9 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--refuse-each",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=None,
         help="also run each scenario with each feature its driver implements refused, one at a time "
-        "(modern layout, split ring; on by default: --no-refuse-each turns it off)",
+        "(modern layout, split ring; default: on for the bundled suite, off for named TARGETS)",
     )
     p.set_defaults(pytest_args=[])
 
@@ -320,6 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
     _machine_args(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_probe)
+    sh = sub.add_parser(
+        "shell", help="an interactive qtest session on a started machine: raw qtest commands and named registers"
+    )
+    from .shell import add_arguments, run_shell
+
+    add_arguments(sh)
+    sh.set_defaults(func=run_shell)
     r = sub.add_parser("run", help="run scenarios (default: the bundled suite) and print a summary table")
     _run_args(r)
     r.set_defaults(func=cmd_run)
@@ -382,7 +392,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if pytest_args:
         args.pytest_args = pytest_args
     if not getattr(args, "func", None):
-        parser.error("a COMMAND is required (run, replay, conformance, probe, flags); see qtest-virtio --help")
+        parser.error(
+            "a COMMAND is required (run, replay, bisect, bisect-flags, conformance, probe, shell, flags); "
+            "see qtest-virtio --help"
+        )
     try:
         return int(args.func(args))
     except UsageError as exc:

@@ -595,6 +595,8 @@ class QemuMachine:
                 with contextlib.suppress(OSError):
                     proc.send_signal(sig)
                     self._signals_sent.add(sig)
+                    if sig == signal.SIGTERM:  # a stopped QEMU (SIGSTOP) acts on it only once continued
+                        proc.send_signal(signal.SIGCONT)
             try:
                 proc.wait(grace)
                 return

@@ -90,6 +90,7 @@ class QtestClient:
         #: reply is never taken for the next command's.
         self._stale_replies = 0
         self._closed_reason = "already closed"
+        self._exchange_sent = 0
         self._buf = bytearray()
         self._scan = 0
         self._dead_hook = dead_hook
@@ -176,14 +177,25 @@ class QtestClient:
         """
         if self._closed:
             raise self._dead(f"qtest connection {self._closed_reason}")
-        sock = self._sock
         view = memoryview(payload)
         total = len(view)
         lines: list[bytes] = []
         wanted = len(commands)
-        sent = 0
         deadline = time.monotonic() + self.timeout
-        buf = self._buf
+        try:
+            return self._exchange_loop(commands, view, lines, wanted, deadline)
+        except (QtestTimeout, QemuCrashed):
+            raise
+        except BaseException:
+            # Interrupted: the replies not read are owed; a half-sent payload cuts the stream.
+            self._timed_out(wanted - len(lines), cut=self._exchange_sent < total)
+            raise
+
+    def _exchange_loop(
+        self, commands: Sequence[str], view: memoryview, lines: list[bytes], wanted: int, deadline: float
+    ) -> list[bytes]:
+        sock, total, buf = self._sock, len(view), self._buf
+        self._exchange_sent = sent = 0
         while True:
             while len(lines) < wanted:
                 i = buf.find(b"\n", self._scan)
@@ -207,6 +219,7 @@ class QtestClient:
             if writable:
                 try:
                     sent += sock.send(view[sent : sent + _SEND_SIZE])
+                    self._exchange_sent = sent
                 except (BlockingIOError, TimeoutError):
                     pass
                 except OSError as exc:
@@ -286,6 +299,12 @@ class QtestClient:
             raise QtestTimeout(command, self.timeout) from None
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise self._dead(f"QEMU closed the qtest socket ({exc.strerror})") from None
+        except BaseException:
+            # Interrupted (Ctrl-C, pytest-timeout's signal) in the middle of sending: QEMU may
+            # hold half a line, so nothing sent later could be parsed.
+            self._timed_out(1, cut=True)
+            raise
+        line = b""
         try:
             while True:
                 i = buf.find(b"\n", self._scan)
@@ -295,7 +314,7 @@ class QtestClient:
                     self._scan = 0
                     if (line[:4] == b"IRQ " or self._stale_replies) and not self._take_line(line):
                         continue
-                    return self._payload(command, line)
+                    break
                 self._scan = len(buf)
                 chunk = self._sock.recv(_RECV_SIZE)
                 if not chunk:
@@ -306,6 +325,14 @@ class QtestClient:
             raise QtestTimeout(command, self.timeout) from None
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise self._dead(f"QEMU closed the qtest socket ({exc.strerror})") from None
+        except QemuCrashed:
+            raise
+        except BaseException:
+            # Interrupted while waiting (Ctrl-C, a timeout signal): the reply is still owed and
+            # must not be taken for the next command's.
+            self._timed_out(1, cut=False)
+            raise
+        return self._payload(command, line)  # the reply is consumed: FAIL raises from here
 
     def pipeline(self, commands: Sequence[str]) -> list[str]:
         """Send many commands before reading their replies: several times faster than one by one.

@@ -527,6 +527,7 @@ def test_timeout_on_stopped_qemu_then_teardown_kills_it(machine_factory: Machine
     with pytest.raises(QtestTimeout):
         vm.qtest.pipeline(["readl 0x0", "readl 0x4"])
     assert time.monotonic() - t0 < 3.0
+    t0 = time.monotonic()
     thread, box = run_bounded(lambda: vm.shutdown(check=False), TEARDOWN_BOUND)
     hung = thread.is_alive()
     if hung:  # clean up before failing
@@ -534,7 +535,9 @@ def test_timeout_on_stopped_qemu_then_teardown_kills_it(machine_factory: Machine
         thread.join(10)
     assert not hung, f"teardown of a stopped QEMU still running after {TEARDOWN_BOUND:g} s"
     assert "error" not in box
-    assert vm.returncode == -signal.SIGKILL
+    # SIGTERM comes with SIGCONT, so the stopped QEMU ends gracefully and fast (no SIGKILL wait).
+    assert vm.returncode in (0, -signal.SIGTERM)
+    assert time.monotonic() - t0 < 2.0
     assert pid_gone(pid)
     assert not os.path.exists(workdir)
 
