@@ -227,3 +227,21 @@ def test_fails(virtio_device):
         capture_output=True, text=True, timeout=120, cwd=inner.path, check=False,
     )  # fmt: skip
     assert res.returncode == 1
+
+
+def test_refuse_each_and_ini_options(pytester: pytest.Pytester, qemu_binary) -> None:
+    """--virtio-refuse-each adds one run per driver feature; the virtio_* ini keys act like options."""
+    pytester.makepyfile(test_rng=RNG_TEST)
+    pytester.makeini(
+        f"[pytest]\nqemu = {qemu_binary.path}\nvirtio_transport = modern\nvirtio_flags = event_idx=off\n"
+        "virtio_refuse = INDIRECT_DESC\n"
+    )
+    res = pytester.runpytest(*INNER, "--collect-only", "-q")
+    ids = [line for line in res.outlines if "::" in line]
+    assert ids == [
+        "test_rng.py::test_read[virtio-rng-pci-modern-event_idx=off-refuse=INDIRECT_DESC]",
+        "test_rng.py::test_read[virtio-rng-pci-modern-event_idx=off-packed=on-refuse=INDIRECT_DESC]",
+    ]
+    res = pytester.runpytest(*INNER, "--virtio-refuse-each", "-v")
+    res.assert_outcomes(passed=2 + 4)  # EVENT_IDX, RING_PACKED, RING_RESET, ANY_LAYOUT; INDIRECT_DESC already
+    res.stdout.fnmatch_lines(["*refuse=EVENT_IDX+INDIRECT_DESC*PASSED*"])
