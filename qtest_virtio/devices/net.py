@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Any
 
 from ..errors import QtestVirtioError
 from ..memory import GuestMemory
@@ -387,10 +388,7 @@ class VirtioNet(VirtioDriver):
         rx_buffers: int = DEFAULT_RX_BUFFERS,
         rx_buffer_size: int | None = None,
         rx_poison: int | None = None,
-        refuse: Iterable[str] = (),
-        interrupts: str = "msix",
-        queue_size: int | None = None,
-        notify_via: str = "mmio",
+        **kwargs: Any,
     ) -> None:
         self.rx_buffers_wanted = rx_buffers
         self.rx_buffer_size_wanted = rx_buffer_size
@@ -405,9 +403,7 @@ class VirtioNet(VirtioDriver):
         self.rx_buffer_size = 0
         self._rx_regions: list[int] = []
         self._rx_posted = 0
-        super().__init__(
-            fn, mode, memory, refuse=refuse, interrupts=interrupts, queue_size=queue_size, notify_via=notify_via
-        )
+        super().__init__(fn, mode, memory, **kwargs)
 
     # -- initialization (§5.1.5) ----------------------------------------------------------
 

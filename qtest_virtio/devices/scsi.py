@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from ..backends import ImageBackend
 from ..errors import QtestVirtioError
@@ -534,12 +535,9 @@ class VirtioScsi(VirtioDriver):
         mode: str,
         memory: GuestMemory,
         *,
-        refuse: Iterable[str] = (),
-        interrupts: str = "msix",
-        queue_size: int | None = None,
-        notify_via: str = "mmio",
         event_buffers: int | None = None,
         strict_used_len: bool = False,
+        **kwargs: Any,
     ) -> None:
         self.event_buffers = self.EVENT_BUFFERS if event_buffers is None else event_buffers
         self.strict_used_len = strict_used_len
@@ -548,9 +546,7 @@ class VirtioScsi(VirtioDriver):
         self.used_len_overruns: list[tuple[int, int, int, int]] = []
         self._event_allocs: dict[int, int] = {}
         self._next_tag = 1
-        super().__init__(
-            fn, mode, memory, refuse=refuse, interrupts=interrupts, queue_size=queue_size, notify_via=notify_via
-        )
+        super().__init__(fn, mode, memory, **kwargs)
 
     def _who(self) -> str:
         return f"{type(self).__name__} {self.dev_id or self.fn.bdf} ({self.mode})"

@@ -123,6 +123,16 @@ class Virtqueue(ABC):
     def add(self, bufs: Sequence[Buf], *, indirect: bool | None = None) -> int:
         """Make a chain available (published at the next kick or flush); returns its token."""
 
+    def _use_indirect(self, bufs: Sequence[Buf], indirect: bool | None) -> bool:
+        """Check a chain before it is laid out; whether it goes through an indirect table
+        (only when INDIRECT_DESC was negotiated, §2.7.5.3 / §2.8.19)."""
+        if not bufs:
+            raise VirtqueueError(f"{self.name}: a chain needs at least one buffer")
+        use_indirect = self.indirect if indirect is None else indirect
+        if use_indirect and not self.indirect:
+            raise VirtqueueError(f"{self.name}: INDIRECT_DESC was not negotiated")
+        return use_indirect
+
     def _track(self, ring_id: int, chain: InFlight) -> int:
         """Record a chain made available under ``ring_id``; returns its unique token."""
         chain.token = self._next_token

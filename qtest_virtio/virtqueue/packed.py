@@ -68,11 +68,7 @@ class PackedVirtqueue(Virtqueue):
         return (PACKED_F.AVAIL.mask if wrap else 0) | (0 if wrap else PACKED_F.USED.mask)
 
     def add(self, bufs: Sequence[Buf], *, indirect: bool | None = None) -> int:
-        if not bufs:
-            raise VirtqueueError(f"{self.name}: a chain needs at least one buffer")
-        use_indirect = self.indirect if indirect is None else indirect
-        if use_indirect and not self.indirect:
-            raise VirtqueueError(f"{self.name}: INDIRECT_DESC was not negotiated")
+        use_indirect = self._use_indirect(bufs, indirect)
         table = None
         if use_indirect and len(bufs) > 1:
             table = self.memory.alloc(PACKED_DESC.size * len(bufs), 16, tag=f"{self.name} indirect")

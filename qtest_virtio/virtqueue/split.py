@@ -71,11 +71,7 @@ class SplitVirtqueue(Virtqueue):
         return flags | (DESC_F.NEXT.mask if has_next else 0)
 
     def add(self, bufs: Sequence[Buf], *, indirect: bool | None = None) -> int:
-        if not bufs:
-            raise VirtqueueError(f"{self.name}: a chain needs at least one buffer")
-        use_indirect = self.indirect if indirect is None else indirect
-        if use_indirect and not self.indirect:
-            raise VirtqueueError(f"{self.name}: INDIRECT_DESC was not negotiated")
+        use_indirect = self._use_indirect(bufs, indirect)
         if use_indirect and len(bufs) > 1:
             table = self.memory.alloc(SPLIT_DESC.size * len(bufs), 16, tag=f"{self.name} indirect")
             entries = b"".join(
