@@ -275,7 +275,8 @@ def qemu(request: pytest.FixtureRequest, machine_factory: MachineFactory) -> Mac
     spec (no devices beyond the machine's own)."""
     if "virtio_device" in request.fixturenames:
         request.getfixturevalue("virtio_device")
-        return request.node.stash[VIRTIO_MACHINE_KEY]
+        vm: Machine = request.node.stash[VIRTIO_MACHINE_KEY]
+        return vm
     return machine_factory()
 
 
@@ -370,7 +371,7 @@ class ReproducerItem(pytest.Item):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    outcome = yield
+    outcome: Any = yield
     report = outcome.get_result()
     if call.when == "call" and call.excinfo is not None and isinstance(call.excinfo.value, QemuCrashed):
         item.stash.setdefault(REPORTED_CRASHES_KEY, []).append(call.excinfo.value)
