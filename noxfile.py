@@ -47,9 +47,10 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """python benchmarks/bench_qtest.py (posargs go to it, e.g. --qemu PATH --json out.json)."""
+    """The benchmarks: qtest client, virtqueues, the whole matrix (posargs go to each, e.g. --qemu PATH)."""
     install(session)
-    session.run("python", "benchmarks/bench_qtest.py", *session.posargs)
+    for script in ("bench_qtest.py", "bench_virtqueue.py", "bench_suite.py"):
+        session.run("python", os.path.join("benchmarks", script), *session.posargs)
 
 
 # -- the scenario suite, once per feature flag ---------------------------------------------------
