@@ -330,6 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(sh)
     sh.set_defaults(func=run_shell)
+    from .fuzz import add_arguments as add_fuzz_arguments
+    from .fuzz import run_fuzz
+
+    fz = sub.add_parser("fuzz", help="hostile-driver fuzzing (hypothesis); shrinks a failure to a .qtest reproducer")
+    add_fuzz_arguments(fz)
+    fz.set_defaults(func=run_fuzz)
     r = sub.add_parser("run", help="run scenarios (default: the bundled suite) and print a summary table")
     _run_args(r)
     r.set_defaults(func=cmd_run)
@@ -393,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.pytest_args = pytest_args
     if not getattr(args, "func", None):
         parser.error(
-            "a COMMAND is required (run, replay, bisect, bisect-flags, conformance, probe, shell, flags); "
+            "a COMMAND is required (run, replay, bisect, bisect-flags, fuzz, conformance, probe, shell, flags); "
             "see qtest-virtio --help"
         )
     try:

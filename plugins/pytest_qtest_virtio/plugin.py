@@ -361,9 +361,17 @@ class ReproducerItem(pytest.Item):
         self.user_properties.append(("reproducer_outcome", result.outcome))
         if result.outcome == "cannot-run":
             pytest.skip(describe(result, rep))
+        # "# xfail: REASON" marks a bug this QEMU still has (strict: survival means it is fixed).
+        xfail = next((c[len("xfail:") :].strip() for c in rep.comments if c.startswith("xfail:")), None)
         if result.outcome != "survived":
+            if xfail is not None:
+                pytest.xfail(f"{xfail} ({describe(result, rep)})")
             details = "\n".join([describe(result, rep), *result.notes, result.stderr_tail, result.command_line])
             pytest.fail(details, pytrace=False)
+        if xfail is not None:
+            pytest.fail(
+                f"XPASS(strict): QEMU survived a reproducer marked 'xfail: {xfail}': remove the line", pytrace=False
+            )
 
     def reportinfo(self) -> tuple[Any, int, str]:
         return self.path, 0, f"reproducer {self.name}"

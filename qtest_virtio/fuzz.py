@@ -1,0 +1,1094 @@
+"""Hostile-driver fuzzing of virtio-pci devices: property-based (hypothesis), with shrinking to a
+``.qtest`` reproducer (issue 7).
+
+A hostile driver is a list of :class:`Action` values. Each renders, against a :class:`Target`
+(the device's register windows, its first queue's ring addresses and the guest RAM bounds), to
+raw qtest command lines. The runner starts a fresh machine per example, brings the real driver
+to DRIVER_OK, sends the actions' commands with ``send_raw`` and checks that QEMU
+
+- is alive and printed no assertion or sanitizer text (``machine.CRASH_MARKERS``),
+- answers a qtest round trip within a bound (else: hung),
+- after a device reset (``driver.initialize()``), serves a valid request (else: unrecovered).
+
+Where the spec says what a device must do but QEMU does otherwise (an error reported without
+DEVICE_NEEDS_RESET, §2.1.2), the runner records an :class:`Observation` and does not fail.
+
+Rendered commands are always well-formed (QEMU's qtest server asserts on malformed lines, and
+that would be a harness bug): :func:`validate_command` is the check, mirroring ``QtestClient``.
+
+hypothesis is imported inside functions only, so ``import qtest_virtio`` stays light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import os
+import random
+import re
+import shlex
+import socket
+import struct
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from . import modes
+from .errors import QemuCrashed, QemuStartError, QtestTimeout, QtestVirtioError
+from .machine import CRASH_MARKERS, MachineSpec
+from .transport import LegacyTransport, ModernTransport
+from .transport.layout import COMMON_CFG, LEGACY_CFG, STATUS
+from .virtqueue import PackedVirtqueue, SplitVirtqueue
+from .virtqueue.layout import PACKED_DESC, SPLIT_AVAIL, SPLIT_DESC, SPLIT_USED, USED_ELEM
+from .vm import Machine
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
+    from hypothesis.strategies import SearchStrategy
+
+    from .reproducer import ReplayResult
+
+U16, U32, U64 = 0xFFFF, 0xFFFF_FFFF, 0xFFFF_FFFF_FFFF_FFFF
+DEVICE_ID = "fuzz0"
+RINGS = ("split", "packed")
+#: Outcomes of one example; every one but "ok" is a failure.
+OUTCOMES = ("ok", "crashed", "hung", "unrecovered")
+
+# -- qtest command validation ------------------------------------------------------------------
+
+_WIDTH_OPS = {
+    "writeb": (U64, 0xFF),
+    "writew": (U64, 0xFFFF),
+    "writel": (U64, U32),
+    "writeq": (U64, U64),
+    "outb": (U16, 0xFF),
+    "outw": (U16, 0xFFFF),
+    "outl": (U16, U32),
+}
+_READ_OPS = {"readb": U64, "readw": U64, "readl": U64, "readq": U64, "inb": U16, "inw": U16, "inl": U16}
+_INT_RE = re.compile(r"^0x[0-9a-f]+$")
+
+
+def _num(cmd: str, word: str, limit: int) -> int:
+    if not _INT_RE.match(word):
+        raise ValueError(f"{cmd!r}: {word!r} is not a lower-case hex number")
+    value = int(word, 16)
+    if value > limit:
+        raise ValueError(f"{cmd!r}: {word} is above {limit:#x}")
+    return value
+
+
+def validate_command(cmd: str) -> None:
+    """Raise ValueError unless ``cmd`` is a qtest line QEMU's server parses without asserting:
+    one line, single spaces, a known op with the right number of in-range hex arguments (the
+    rules ``QtestClient`` applies to its typed methods)."""
+    if not cmd or "\n" in cmd or "\r" in cmd or "  " in cmd or cmd != cmd.strip(" "):
+        raise ValueError(f"malformed qtest command {cmd!r}: one line, single spaces")
+    words = cmd.split(" ")
+    op, args = words[0], words[1:]
+    if op in _WIDTH_OPS:
+        where, limit = _WIDTH_OPS[op]
+        if len(args) != 2:
+            raise ValueError(f"{cmd!r}: {op} takes an address and a value")
+        _num(cmd, args[0], where)
+        _num(cmd, args[1], limit)
+    elif op in _READ_OPS:
+        if len(args) != 1:
+            raise ValueError(f"{cmd!r}: {op} takes one address")
+        _num(cmd, args[0], _READ_OPS[op])
+    elif op == "b64write":
+        if len(args) != 3:
+            raise ValueError(f"{cmd!r}: b64write takes address, size and data")
+        addr, size = _num(cmd, args[0], U64), _num(cmd, args[1], U64)
+        data = base64.b64decode(args[2], validate=True)
+        if size == 0 or len(data) != size or addr + size - 1 > U64:
+            raise ValueError(f"{cmd!r}: size {size} does not match {len(data)} bytes of data, or wraps")
+    elif op == "endianness":
+        if args:
+            raise ValueError(f"{cmd!r}: endianness takes no argument")
+    else:
+        raise ValueError(f"{cmd!r}: {op!r} is not an op the fuzzer renders")
+
+
+# -- the target: where the device's registers and rings are ------------------------------------
+
+
+@dataclass(frozen=True)
+class Window:
+    """A register window of the device: a modern capability's range or the legacy I/O BAR."""
+
+    name: str
+    io: bool
+    base: int
+    length: int
+
+    def _where(self, offset: int) -> int:
+        return (self.base + offset) & (U16 if self.io else U64)
+
+    def read(self, offset: int, width: int) -> str:
+        if self.io:
+            op = {1: "inb", 2: "inw"}.get(width, "inl")  # no 8-byte port access on x86
+        else:
+            op = {1: "readb", 2: "readw", 4: "readl"}.get(width, "readq")
+        return f"{op} {self._where(offset):#x}"
+
+    def write(self, offset: int, width: int, value: int) -> str:
+        if self.io:
+            op, w = {1: ("outb", 1), 2: ("outw", 2)}.get(width, ("outl", 4))
+        else:
+            op, w = {1: ("writeb", 1), 2: ("writew", 2), 4: ("writel", 4)}.get(width, ("writeq", 8))
+        return f"{op} {self._where(offset):#x} {value & ((1 << (8 * w)) - 1):#x}"
+
+
+def _mem_write(addr: int, data: bytes) -> str:
+    addr &= U64
+    data = data[: U64 - addr + 1] or b"\0"
+    if addr + len(data) - 1 > U64:
+        addr = U64 - len(data) + 1
+    return f"b64write {addr:#x} {len(data):#x} {base64.b64encode(data).decode('ascii')}"
+
+
+def _writew(addr: int, value: int) -> str:
+    return f"writew {addr & U64:#x} {value & U16:#x}"
+
+
+@dataclass(frozen=True)
+class Target:
+    """What an action renders against: the device's windows and its queue 0, RAM bounds, a
+    zeroed scratch area for buffers and indirect tables, and the driver's avail index."""
+
+    device: str
+    mode: str
+    legacy: bool
+    windows: tuple[Window, ...]
+    num_queues: int
+    msix_table: int
+    packed: bool
+    queue_size: int
+    #: split: descriptor table, avail ring, used ring; packed: ring, driver and device event areas.
+    desc: int
+    avail: int
+    used: int
+    ram_start: int
+    ram_end: int
+    scratch: int
+    scratch_size: int
+    notify_multiplier: int = 4
+    avail_idx: int = 0
+    #: A valid request for the device: (length, writable, contents) per buffer.
+    request: tuple[tuple[int, bool, bytes], ...] = ((64, True, b""),)
+
+    def window(self, name: str) -> Window | None:
+        return next((w for w in self.windows if w.name == name), None)
+
+    @property
+    def regs(self) -> tuple[Window, Any]:
+        """The window and layout the mode drives: legacy BAR or modern common cfg."""
+        w = self.window("legacy" if self.legacy else "common")
+        assert w is not None, f"{self.mode}: no {'legacy' if self.legacy else 'common'} window"
+        return w, LEGACY_CFG if self.legacy else COMMON_CFG
+
+    def reg_write(self, name: str, value: int) -> str:
+        w, layout = self.regs
+        f = getattr(layout, name)
+        return w.write(f.offset, f.width, value)
+
+    def reg_read(self, name: str) -> str:
+        w, layout = self.regs
+        f = getattr(layout, name)
+        return w.read(f.offset, f.width)
+
+    def notify(self, queue: int) -> list[str]:
+        if self.legacy:
+            return [self.reg_write("queue_notify", queue)]
+        w = self.window("notify")
+        assert w is not None
+        return [w.write((queue * self.notify_multiplier) % max(w.length, 1), 2, queue)]
+
+    def table_addr(self) -> int:
+        return self.scratch + self.scratch_size // 2
+
+
+# -- actions -----------------------------------------------------------------------------------
+
+ADDR_KINDS = ("scratch", "ring", "table", "outside", "top", "low")
+
+
+@dataclass(frozen=True)
+class Addr:
+    """A guest address by intent: in the scratch area, overlapping the ring, the indirect table,
+    past the end of RAM, near 2**64 (so addr+len wraps) or in low memory."""
+
+    kind: str
+    offset: int
+
+    def resolve(self, t: Target) -> int:
+        if self.kind == "scratch":
+            return t.scratch + self.offset % (t.scratch_size // 2)
+        if self.kind == "ring":
+            return t.desc + self.offset % (PACKED_DESC.size * t.queue_size)
+        if self.kind == "table":
+            return t.table_addr()
+        if self.kind == "outside":
+            return (t.ram_end + self.offset) & U64
+        if self.kind == "top":
+            return U64 - (self.offset & 0xFFFF)
+        return self.offset & 0xFFFFF
+
+
+@dataclass(frozen=True)
+class Desc:
+    """One raw descriptor: split (addr, len, flags, next) or packed (addr, len, id, flags)."""
+
+    slot: int
+    addr: Addr
+    length: int
+    flags: int
+    next: int
+
+    def pack_split(self, t: Target) -> bytes:
+        return struct.pack("<QIHH", self.addr.resolve(t), self.length & U32, self.flags & U16, self.next & U16)
+
+    def pack_packed(self, t: Target) -> bytes:
+        return struct.pack("<QIHH", self.addr.resolve(t), self.length & U32, self.next & U16, self.flags & U16)
+
+
+class Action:
+    """A hostile driver step. ``render`` returns the qtest lines; ``Valid`` is run by the driver."""
+
+    def render(self, t: Target) -> list[str]:
+        raise NotImplementedError
+
+    def may_write_status(self) -> bool:
+        """Whether the action may rewrite device_status (a reset clears DEVICE_NEEDS_RESET, so
+        the status read after it says nothing about an error the action caused before)."""
+        return True
+
+
+@dataclass(frozen=True)
+class RegAccess(Action):
+    """Read or write of any width at any offset of a window, unaligned and just past its end."""
+
+    window: int
+    offset: int
+    width: int
+    write: bool
+    value: int
+
+    def may_write_status(self) -> bool:
+        return self.write
+
+    def render(self, t: Target) -> list[str]:
+        w = t.windows[self.window % len(t.windows)]
+        off = self.offset % (w.length + 16)
+        return [w.write(off, self.width, self.value) if self.write else w.read(off, self.width)]
+
+
+@dataclass(frozen=True)
+class StatusWrites(Action):
+    """Device status values in any order (reading back after each)."""
+
+    values: tuple[int, ...]
+
+    def render(self, t: Target) -> list[str]:
+        out: list[str] = []
+        for v in self.values:
+            out += [t.reg_write("device_status", v), t.reg_read("device_status")]
+        return out
+
+
+@dataclass(frozen=True)
+class QueueConfig(Action):
+    """Select any queue (beyond num_queues too), write a size (0, not a power of two), maybe
+    addresses, then maybe enable it (with addresses unset)."""
+
+    queue: int
+    size: int
+    addrs: tuple[Addr, Addr, Addr] | None
+    enable: bool
+
+    def render(self, t: Target) -> list[str]:
+        q = self.queue & U16
+        out = [t.reg_write("queue_select", q)]
+        if t.legacy:
+            pfn = (self.addrs[0].resolve(t) >> 12) & U32 if self.addrs else 0
+            out += [t.reg_read("queue_size"), t.reg_write("queue_address", pfn), t.reg_read("queue_address")]
+            return out
+        out.append(t.reg_write("queue_size", self.size))
+        if self.addrs is not None:
+            for name, a in zip(("queue_desc", "queue_driver", "queue_device"), self.addrs, strict=True):
+                out.append(t.reg_write(name, a.resolve(t)))
+        if self.enable:
+            out.append(t.reg_write("queue_enable", 1))
+        out += [t.reg_read("queue_enable"), t.reg_read("queue_size")]
+        return out
+
+
+@dataclass(frozen=True)
+class MsixVector(Action):
+    """Config or queue MSI-X vector numbers, beyond the table too (read back)."""
+
+    queue: int | None
+    vector: int
+
+    def render(self, t: Target) -> list[str]:
+        out = []
+        if self.queue is not None:
+            out.append(t.reg_write("queue_select", self.queue & U16))
+            name = "queue_msix_vector"
+        else:
+            name = "config_msix_vector"
+        return [*out, t.reg_write(name, self.vector), t.reg_read(name)]
+
+
+@dataclass(frozen=True)
+class Features(Action):
+    """Driver feature words the device never offered (any select value), then FEATURES_OK."""
+
+    low: int
+    high: int
+    select: int
+    reset_first: bool
+
+    def render(self, t: Target) -> list[str]:
+        st = STATUS
+        out: list[str] = []
+        if self.reset_first:
+            out += [t.reg_write("device_status", 0), t.reg_write("device_status", st.ACKNOWLEDGE.mask)]
+            out.append(t.reg_write("device_status", st.ACKNOWLEDGE.mask | st.DRIVER.mask))
+        if t.legacy:
+            return [*out, t.reg_write("driver_features", self.low), t.reg_read("driver_features")]
+        for sel, word in ((0, self.low), (1, self.high), (self.select, self.high ^ self.low)):
+            out += [t.reg_write("driver_feature_select", sel), t.reg_write("driver_feature", word)]
+        ok = st.ACKNOWLEDGE.mask | st.DRIVER.mask | st.FEATURES_OK.mask
+        out += [t.reg_write("device_status", ok), t.reg_read("device_status")]
+        out += [t.reg_write("device_feature_select", self.select), t.reg_read("device_feature")]
+        return out
+
+
+def _request_chain(t: Target, base_slot: int) -> tuple[list[str], int, list[int]]:
+    """A valid request for the device written into the scratch area and descriptor slots:
+    (commands, head slot, slots)."""
+    cmds: list[str] = []
+    addr = t.scratch
+    slots = [(base_slot + i) % t.queue_size for i in range(len(t.request))]
+    for i, (length, writable, data) in enumerate(t.request):
+        if data:
+            cmds.append(_mem_write(addr, data))
+        last = i + 1 == len(t.request)
+        if t.packed:
+            flags = (0 if last else 1) | (2 if writable else 0) | (1 << 7)  # AVAIL=1, USED=0: wrap 1
+            desc = struct.pack("<QIHH", addr, length, slots[0], flags)
+        else:
+            flags = (0 if last else 1) | (2 if writable else 0)
+            desc = struct.pack("<QIHH", addr, length, flags, 0 if last else slots[i + 1])
+        cmds.append(_mem_write(t.desc + SPLIT_DESC.size * slots[i], desc))
+        addr += (length + 15) & ~15
+    return cmds, slots[0], slots
+
+
+def _publish(t: Target, head: int, jump: int) -> list[str]:
+    """Split ring: the head in the avail ring, avail.idx moved by ``jump``."""
+    if t.packed:
+        return []
+    new = (t.avail_idx + jump) & U16
+    slot = t.avail + SPLIT_AVAIL.size + 2 * ((new - 1) % t.queue_size)
+    return [_writew(slot, head), _writew(t.avail + SPLIT_AVAIL.idx.offset, new)]
+
+
+@dataclass(frozen=True)
+class ResetInFlight(Action):
+    """Publish a valid request, notify, then reset the device (status 0) or the queue."""
+
+    queue_reset: bool
+    slot: int
+
+    def render(self, t: Target) -> list[str]:
+        cmds, head, _ = _request_chain(t, self.slot)
+        cmds += _publish(t, head, 1) + t.notify(0)
+        if self.queue_reset and not t.legacy:
+            cmds += [t.reg_write("queue_select", 0), t.reg_write("queue_reset", 1), t.reg_read("queue_reset")]
+        else:
+            cmds += [t.reg_write("device_status", 0), t.reg_read("device_status")]
+        return cmds
+
+
+@dataclass(frozen=True)
+class DescChain(Action):
+    """Raw descriptors (loops through next, next out of range, len 0 or near 2**32, addresses
+    outside RAM or on the ring, INDIRECT with NEXT, nested or odd-sized indirect tables),
+    published with an avail index jump and notified. On a packed ring the same descriptors
+    go into ring slots with whatever AVAIL/USED bits (flipped wrap counters) they carry."""
+
+    descs: tuple[Desc, ...]
+    table: tuple[Desc, ...]
+    head: int | None
+    jump: int
+    notify: bool
+
+    def may_write_status(self) -> bool:
+        return False
+
+    def render(self, t: Target) -> list[str]:
+        out: list[str] = []
+        if self.table:
+            table = b"".join(d.pack_packed(t) if t.packed else d.pack_split(t) for d in self.table)
+            out.append(_mem_write(t.table_addr(), table))
+        for d in self.descs:
+            slot = d.slot % t.queue_size
+            out.append(_mem_write(t.desc + SPLIT_DESC.size * slot, d.pack_packed(t) if t.packed else d.pack_split(t)))
+        head = self.head if self.head is not None else (self.descs[0].slot % t.queue_size if self.descs else 0)
+        out += _publish(t, head, self.jump)
+        if self.notify:
+            out += t.notify(0)
+        return out
+
+
+EVENT_FIELDS = ("used_event", "avail_event", "avail_flags", "used_flags")
+
+
+@dataclass(frozen=True)
+class EventWrite(Action):
+    """used_event/avail_event (split) or the event suppression areas (packed) set to anything."""
+
+    field: str
+    value: int
+    notify: bool
+
+    def may_write_status(self) -> bool:
+        return False
+
+    def render(self, t: Target) -> list[str]:
+        n = t.queue_size
+        if t.packed:
+            addr = {"used_event": t.avail, "avail_flags": t.avail + 2, "avail_event": t.used}.get(
+                self.field, t.used + 2
+            )
+        else:
+            addr = {
+                "used_event": t.avail + SPLIT_AVAIL.size + 2 * n,
+                "avail_event": t.used + SPLIT_USED.size + USED_ELEM.size * n,
+                "avail_flags": t.avail,
+            }.get(self.field, t.used)
+        return [_writew(addr, self.value)] + (t.notify(0) if self.notify else [])
+
+
+@dataclass(frozen=True)
+class Notify(Action):
+    """A notification for any queue number."""
+
+    queue: int
+
+    def may_write_status(self) -> bool:
+        return False
+
+    def render(self, t: Target) -> list[str]:
+        return t.notify(self.queue & U16)
+
+
+@dataclass(frozen=True)
+class Valid(Action):
+    """A valid request through the real driver (its commands are recorded like any other)."""
+
+    def may_write_status(self) -> bool:
+        return False
+
+    def render(self, t: Target) -> list[str]:
+        return []
+
+
+# -- strategies --------------------------------------------------------------------------------
+
+
+def actions_strategy(max_actions: int = 8) -> SearchStrategy[list[Action]]:
+    """Lists of hostile actions. Values are abstract (indices taken modulo the target's
+    windows and queue size), so one strategy serves every device, mode and ring."""
+    from hypothesis import strategies as st
+
+    def boundary(bits: int) -> SearchStrategy[int]:
+        top = (1 << bits) - 1
+        return st.one_of(st.sampled_from([0, 1, 2, 3, top, top - 1, 1 << (bits - 1)]), st.integers(0, top))
+
+    addr = st.builds(Addr, st.sampled_from(ADDR_KINDS), st.integers(0, 0xFFFF))
+    desc_flags = st.one_of(
+        st.sampled_from([0, 1, 2, 3, 4, 5, 6, 7, 0x80, 0x81, 0x8000, 0x8080, 0x8082]), st.integers(0, U16)
+    )
+    length = st.one_of(st.sampled_from([0, 1, 15, 16, 17, 48, 512, U32, U32 - 15, 1 << 31]), st.integers(0, U32))
+    desc = st.builds(
+        Desc,
+        slot=st.integers(0, 1024),
+        addr=addr,
+        length=length,
+        flags=desc_flags,
+        next=st.one_of(st.integers(0, 1024), boundary(16)),
+    )
+    queue = st.one_of(st.integers(0, 4), boundary(16))
+    queue_size = st.one_of(st.sampled_from([0, 1, 3, 5, 255, 256, 257, 1024, 0x8000, 0xFFFF]), boundary(16))
+    status = st.one_of(st.sampled_from([0, 1, 3, 0xB, 0xF, 0x40, 0x80, 0xFF, 4, 8]), st.integers(0, 0xFF))
+    actions: SearchStrategy[Action] = st.one_of(
+        st.builds(
+            RegAccess,
+            window=st.integers(0, 7),
+            offset=st.integers(0, 0x1100),
+            width=st.sampled_from([1, 2, 4, 8]),
+            write=st.booleans(),
+            value=boundary(64),
+        ),
+        st.builds(StatusWrites, st.lists(status, min_size=1, max_size=4).map(tuple)),
+        st.builds(
+            QueueConfig,
+            queue=queue,
+            size=queue_size,
+            addrs=st.none() | st.tuples(addr, addr, addr),
+            enable=st.booleans(),
+        ),
+        st.builds(MsixVector, queue=st.none() | queue, vector=boundary(16)),
+        st.builds(Features, low=boundary(32), high=boundary(32), select=boundary(32), reset_first=st.booleans()),
+        st.builds(ResetInFlight, queue_reset=st.booleans(), slot=st.integers(0, 1024)),
+        st.builds(
+            DescChain,
+            descs=st.lists(desc, min_size=1, max_size=6).map(tuple),
+            table=st.lists(desc, max_size=4).map(tuple),
+            head=st.none() | boundary(16),
+            jump=st.one_of(st.sampled_from([1, 2, 0, 256, 257, 0x8000, U16]), st.integers(0, U16)),
+            notify=st.just(True) | st.booleans(),
+        ),
+        st.builds(EventWrite, st.sampled_from(EVENT_FIELDS), boundary(16), st.booleans()),
+        st.builds(Notify, queue),
+        st.just(Valid()),
+    )
+    return st.lists(actions, min_size=1, max_size=max_actions)
+
+
+# -- devices -----------------------------------------------------------------------------------
+
+
+def _rng_check(driver: Any, timeout: float) -> None:
+    data = driver.read(16, timeout=timeout)
+    if len(data) != 16:
+        raise QtestVirtioError(f"virtio-rng returned {len(data)} bytes for 16")
+
+
+def _blk_check(driver: Any, timeout: float) -> None:
+    data = driver.read(0, 1, timeout=timeout)
+    if len(data) != 512:
+        raise QtestVirtioError(f"virtio-blk read returned {len(data)} bytes for one sector")
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """A device the fuzzer knows: its properties, the valid request it checks recovery with,
+    and that request's buffers for ResetInFlight (length, device-writable, contents)."""
+
+    name: str
+    check: Callable[[Any, float], None]
+    request: tuple[tuple[int, bool, bytes], ...]
+    props: tuple[tuple[str, str], ...] = ()
+
+
+#: Devices, data-driven: add a profile to fuzz another device.
+DEVICES: dict[str, DeviceProfile] = {
+    "virtio-rng-pci": DeviceProfile("virtio-rng-pci", _rng_check, ((64, True, b""),)),
+    "virtio-blk-pci": DeviceProfile(
+        "virtio-blk-pci",
+        _blk_check,
+        ((16, False, struct.pack("<IIQ", 0, 0, 0)), (512, True, b""), (1, True, b"")),
+    ),
+}
+
+
+# -- the runner --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FuzzConfig:
+    device: str
+    mode: str
+    ring: str = "split"
+    qemu: str | None = None
+    #: Seconds without a qtest reply that count as a hang.
+    hang_timeout: float = 3.0
+    #: Timeout of the driver's valid requests interleaved with the abuse (failures are observations).
+    valid_timeout: float = 0.3
+
+    @property
+    def name(self) -> str:
+        return f"{self.device}-{self.mode}-{self.ring}"
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Something QEMU did that the spec does not allow or that is worth knowing, not a failure."""
+
+    kind: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.detail}"
+
+
+@dataclass
+class ExampleResult:
+    config: FuzzConfig
+    actions: list[Action]
+    outcome: str = "ok"
+    detail: str = ""
+    commands: list[str] = field(default_factory=list)
+    args: list[str] = field(default_factory=list)
+    observations: list[Observation] = field(default_factory=list)
+    stderr_tail: str = ""
+    returncode: int | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.outcome != "ok"
+
+    def summary(self) -> str:
+        return f"{self.config.name}: {self.outcome}: {self.detail}"
+
+
+class HarnessBug(Exception):
+    """QEMU answered FAIL/ERR to a command the fuzzer rendered: the rendering is wrong."""
+
+
+Hook = Callable[[Machine, Action], None]
+
+
+class _RecordingSocket(socket.socket):
+    """The qtest socket, keeping a copy of every byte sent (bulk data included), so the
+    reproducer holds exactly what QEMU received."""
+
+    def __init__(self, sock: socket.socket, sink: list[bytes]) -> None:
+        timeout = sock.gettimeout()
+        super().__init__(sock.family, sock.type, sock.proto, fileno=sock.detach())
+        self.settimeout(timeout)
+        self._sink = sink
+
+    def send(self, data: ReadableBuffer, flags: int = 0, /) -> int:
+        n = super().send(data, flags)
+        self._sink.append(bytes(memoryview(data).cast("B")[:n]))
+        return n
+
+    def sendall(self, data: ReadableBuffer, flags: int = 0, /) -> None:
+        super().sendall(data, flags)
+        self._sink.append(bytes(memoryview(data).cast("B")))
+
+
+def _record(vm: Machine) -> list[bytes]:
+    """Start recording what goes to QEMU on the qtest socket."""
+    sink: list[bytes] = []
+    client = vm.qtest
+    client._sock = _RecordingSocket(client._sock, sink)
+    return sink
+
+
+def replay_args(command_line: str) -> list[str]:
+    """A machine's command line (``Machine.command_line()``) as ``# qemu-args:`` for replay:
+    without the binary, the accelerator, -S, the halt firmware and -qtest, which replay adds."""
+    words = shlex.split(command_line)[1:]
+    out: list[str] = []
+    i = 0
+    while i < len(words):
+        w = words[i]
+        if w in ("-accel", "-bios", "-qtest", "-qtest-log"):
+            i += 2
+            continue
+        if w != "-S":
+            out.append(w)
+        i += 1
+    return out
+
+
+def make_target(vm: Machine, driver: Any, device: DeviceProfile) -> Target:
+    """The target of the driver's device: windows from its transport, queue 0's rings, a
+    zeroed scratch area from the guest allocator."""
+    tr = driver.transport
+    fn = driver.fn
+    windows: list[Window] = []
+
+    def bar_window(name: str, index: int, offset: int, length: int) -> None:
+        bar = fn.bar(index)
+        if bar.address is not None:
+            windows.append(Window(name, bar.is_io, bar.address + offset, max(length, 1)))
+
+    mult = 4
+    if isinstance(tr, ModernTransport):
+        for name, cap in (("common", tr.common_cap), ("notify", tr.notify_cap), ("isr", tr.isr_cap)):
+            bar_window(name, cap.bar, cap.offset, cap.length)
+        if tr.device_cap is not None:
+            bar_window("device", tr.device_cap.bar, tr.device_cap.offset, tr.device_cap.length)
+        mult = tr.notify_cap.notify_off_multiplier
+    legacy_bar = next((b for b in fn.bars if b.index == 0 and b.is_io), None)
+    if legacy_bar is not None:
+        bar_window("legacy", 0, 0, legacy_bar.size)
+    vq = driver.queues[0]
+    if isinstance(vq, PackedVirtqueue):
+        desc, avail, used = vq.ring, vq.driver_event, vq.device_event
+    else:
+        assert isinstance(vq, SplitVirtqueue)
+        desc, avail, used = vq.desc, vq.avail, vq.used
+    scratch_size = 0x10000
+    scratch = vm.memory.alloc(scratch_size, 4096, tag="fuzz scratch", zero=True)
+    return Target(
+        device=device.name,
+        mode=driver.mode,
+        legacy=isinstance(tr, LegacyTransport),
+        windows=tuple(windows),
+        num_queues=len(driver.queues),
+        msix_table=driver.msix.table_size if driver.msix is not None else 0,
+        packed=isinstance(vq, PackedVirtqueue),
+        queue_size=vq.size,
+        desc=desc,
+        avail=avail,
+        used=used,
+        ram_start=vm.memory.start,
+        ram_end=vm.memory.end,
+        scratch=scratch,
+        scratch_size=scratch_size,
+        notify_multiplier=mult,
+        request=device.request,
+    )
+
+
+def _normal(exc: BaseException | str) -> str:
+    """A message with numbers and the transport's name taken out, so observations group."""
+    text = str(exc).split("\n")[0]
+    text = re.sub(r"^<[^>]*>: ", "", text)
+    text = re.sub(r"0x[0-9a-f]+|\b\d+\b", "N", text)
+    return text[:100]
+
+
+def _observe_errors(vm: Machine, driver: Any, target: Target, action: Action, seen: int, out: list[Observation]) -> int:
+    """Errors QEMU printed since line ``seen`` (virtio_error and friends), each with whether
+    the device then shows DEVICE_NEEDS_RESET (§2.1.2: it should, in the modern layout)."""
+    lines = vm.stderr_text().splitlines()
+    new = [line for line in lines[seen:] if line.strip() and not any(m in line for m in CRASH_MARKERS)]
+    if new:
+        needs_reset = bool(driver.transport.get_status() & STATUS.DEVICE_NEEDS_RESET.mask)
+        for line in new:
+            what = _normal(line.split(": ", 1)[-1] if line.startswith("qemu-system") else line)
+            if target.legacy:
+                kind = "error reported (legacy layout, no DEVICE_NEEDS_RESET there)"
+            elif action.may_write_status():
+                kind = "error reported (status rewritten by the same action: not checked)"
+            elif needs_reset:
+                kind = "error reported, DEVICE_NEEDS_RESET set"
+            else:
+                kind = "error reported WITHOUT DEVICE_NEEDS_RESET (virtio 1.2 §2.1.2)"
+            out.append(Observation(kind, what))
+    return len(lines)
+
+
+def run_example(config: FuzzConfig, actions: Sequence[Action], *, hook: Hook | None = None) -> ExampleResult:
+    """One example on a fresh machine: initialize, abuse, check, reset, check a valid request."""
+    device = DEVICES[config.device]
+    result = ExampleResult(config, list(actions))
+    spec = MachineSpec(qemu=config.qemu, command_timeout=config.hang_timeout)
+    spec.add_virtio(
+        device.name,
+        dict(device.props),
+        mode=config.mode,
+        id=DEVICE_ID,
+        packed="on" if config.ring == "packed" else "off",
+    )
+    vm = Machine(spec)
+    vm.start()  # QemuStartError: the caller's problem (cannot run here)
+    sink = _record(vm)
+    result.args = replay_args(vm.command_line())
+    phase = "initialization"
+    step = 0
+    seen = 0
+    try:
+        driver = vm.virtio(DEVICE_ID)
+        target = make_target(vm, driver, device)
+        phase = "abuse"
+        for i, action in enumerate(actions, 1):
+            step = i
+            if hook is not None:
+                hook(vm, action)
+            if isinstance(action, Valid):
+                try:
+                    device.check(driver, config.valid_timeout)
+                except (QemuCrashed, QtestTimeout):
+                    raise
+                except QtestVirtioError as exc:
+                    result.observations.append(Observation("valid request during abuse failed", _normal(exc)))
+                seen = _observe_errors(vm, driver, target, action, seen, result.observations)
+                continue
+            if not target.packed:
+                target = replace(target, avail_idx=vm.qtest.readw(target.avail + SPLIT_AVAIL.idx.offset))
+            for cmd in action.render(target):
+                reply = vm.qtest.send_raw(cmd)
+                if not reply.startswith("OK"):
+                    raise HarnessBug(f"{cmd!r} -> {reply!r} (action {action!r})")
+            seen = _observe_errors(vm, driver, target, action, seen, result.observations)
+        phase = "check"
+        step = 0
+        vm.qtest.send_raw("endianness")  # the round trip: QEMU answers within the bound
+        phase = "recovery"
+        driver.initialize()
+        try:
+            device.check(driver, 5.0)
+        except (QemuCrashed, QtestTimeout):
+            raise
+        except QtestVirtioError as exc:
+            result.outcome = "unrecovered"
+            result.detail = f"after a device reset a valid request failed: {str(exc)[:200]}"
+    except QemuCrashed as exc:
+        result.outcome, result.detail = "crashed", exc.summary
+    except QtestTimeout as exc:
+        result.outcome = "hung"
+        where = f"action {step}" if step else phase
+        result.detail = f"no qtest reply within {config.hang_timeout:g} s during {where}: {exc}"
+    except QtestVirtioError as exc:
+        if phase != "abuse":
+            raise
+        # The driver's own read-back (e.g. of ring state) refused what it saw: not QEMU's crash.
+        result.observations.append(Observation("driver error during abuse", _normal(exc)))
+    finally:
+        vm.shutdown(check=False)
+        result.commands = b"".join(sink).decode("latin-1").splitlines()
+        result.stderr_tail = vm.stderr_tail(30)
+        result.returncode = vm.returncode
+    markers = [line.strip() for line in vm.stderr_text().splitlines() if any(m in line for m in CRASH_MARKERS)]
+    if vm.crash is not None and result.outcome in ("ok", "unrecovered"):
+        result.outcome = "crashed"
+        result.detail = markers[0] if markers else vm.crash.summary
+    elif result.outcome == "crashed" and markers:
+        result.detail = markers[0]  # the assertion text says more than "socket closed"
+    return result
+
+
+# -- hypothesis driving and reproducers --------------------------------------------------------
+
+
+@dataclass
+class FuzzReport:
+    config: FuzzConfig
+    seed: int
+    examples: int = 0
+    seconds: float = 0.0
+    failure: ExampleResult | None = None
+    observations: Counter[str] = field(default_factory=Counter)
+    database: str | None = None
+
+
+class _Failed(Exception):
+    pass
+
+
+def _size(actions: Sequence[Action]) -> tuple[int, int]:
+    return len(actions), len(repr(actions))
+
+
+def fuzz_target(
+    config: FuzzConfig,
+    *,
+    max_examples: int = 20,
+    seed: int = 0,
+    database: str | None = None,
+    shrink_seconds: float = 120.0,
+    max_actions: int = 8,
+    hook: Hook | None = None,
+) -> FuzzReport:
+    """Run hypothesis on one (device, mode, ring); on failure, shrink and keep the smallest.
+
+    Shrinking stops costing QEMU starts after ``shrink_seconds``: from then on only the
+    smallest failing case found so far runs for real, so hypothesis ends with it.
+    """
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import seed as hypothesis_seed
+    from hypothesis.database import DirectoryBasedExampleDatabase, InMemoryExampleDatabase
+
+    report = FuzzReport(config, seed, database=database)
+    failures: list[ExampleResult] = []
+    first_failure: list[float] = []
+    started = time.monotonic()
+
+    @hypothesis_seed(seed)
+    @settings(
+        max_examples=max_examples,
+        deadline=None,
+        database=DirectoryBasedExampleDatabase(database) if database else InMemoryExampleDatabase(),
+        suppress_health_check=list(HealthCheck),
+        report_multiple_bugs=False,
+        phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink),
+        print_blob=False,
+    )
+    @given(actions_strategy(max_actions))
+    def prop(actions: list[Action]) -> None:
+        if failures and time.monotonic() - first_failure[0] > shrink_seconds:
+            best = min(failures, key=lambda r: _size(r.actions))
+            if actions != best.actions:
+                return
+        result = run_example(config, actions, hook=hook)
+        report.examples += 1
+        report.observations.update(str(o) for o in result.observations)
+        if result.failed:
+            if not first_failure:
+                first_failure.append(time.monotonic())
+            failures.append(result)
+            raise _Failed(result.summary())
+
+    try:
+        prop()
+    except Exception:
+        if not failures:
+            raise
+        # hypothesis replays the smallest case last; take the smallest in any case.
+        best = min(reversed(failures), key=lambda r: _size(r.actions))
+        report.failure = _delete_actions(best, hook, time.monotonic() + shrink_seconds)
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _delete_actions(best: ExampleResult, hook: Hook | None, deadline: float) -> ExampleResult:
+    """Drop actions one at a time while the failure stays the same kind: hypothesis's shrinker
+    often keeps harmless actions in front of the one that matters."""
+    changed = True
+    while changed and len(best.actions) > 1 and time.monotonic() < deadline:
+        changed = False
+        for i in range(len(best.actions)):
+            candidate = best.actions[:i] + best.actions[i + 1 :]
+            result = run_example(best.config, candidate, hook=hook)
+            if result.outcome == best.outcome:
+                best, changed = result, True
+                break
+    return best
+
+
+def reproducer_text(result: ExampleResult, *, seed: int | None = None) -> str:
+    """The plain ``.qtest`` form: ``# qemu-args:`` then every command QEMU received."""
+    c = result.config
+    lines = [
+        f"# qtest-virtio fuzz: {c.device} mode={c.mode} ring={c.ring}" + (f" seed={seed}" if seed is not None else ""),
+        f"# outcome: {result.outcome}: {result.detail.splitlines()[0] if result.detail else ''}",
+        "# hostile actions (after the driver's initialization to DRIVER_OK):",
+        *(f"#   {a!r}" for a in result.actions),
+        f"# qemu-args: {shlex.join(result.args)}",
+        *result.commands,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_reproducer(result: ExampleResult, out_dir: str, *, seed: int | None = None) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    c = result.config
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = os.path.join(out_dir, f"{c.device}-{c.mode}-{c.ring}-{result.outcome}-{stamp}.qtest")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(reproducer_text(result, seed=seed))
+    return path
+
+
+def verify_reproducer(path: str, *, qemu: str | None, timeout: float) -> ReplayResult:
+    """Replay the written file as ``qtest-virtio replay`` would."""
+    from .reproducer import load, replay
+
+    return replay(load(path), qemu=qemu, timeout=timeout)
+
+
+# -- command line ------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", action="append", default=[], metavar="NAME", help=f"device to fuzz (default: {', '.join(DEVICES)})"
+    )
+    parser.add_argument(
+        "--transport", action="append", default=[], metavar="MODE", help="transport mode (default: all four)"
+    )
+    parser.add_argument("--ring", action="append", default=[], choices=RINGS, help="ring layout (default: both)")
+    parser.add_argument("--seconds", type=float, default=60.0, help="time budget for the whole run")
+    parser.add_argument("--seed", type=int, default=None, help="hypothesis seed (default: random, printed)")
+    parser.add_argument("--out", default="fuzz-out", metavar="DIR", help="where reproducers and the database go")
+    parser.add_argument("--qemu", default=None, help="QEMU binary (default: $QEMU or qemu-system-x86_64)")
+    parser.add_argument("--hang-timeout", type=float, default=3.0, help="seconds without a qtest reply = hang")
+    parser.add_argument("--examples", type=int, default=25, help="examples per target per round")
+
+
+def run_fuzz(args: argparse.Namespace) -> int:
+    """``qtest-virtio fuzz``: 0 nothing found, 1 a failure found and written, 125 cannot run."""
+    from .binary import QemuBinary, QemuNotFound
+
+    try:
+        import hypothesis  # noqa: F401
+    except ImportError:
+        print("qtest-virtio fuzz: needs hypothesis (pip install hypothesis)", file=sys.stderr)
+        return 125
+    devices = args.device or list(DEVICES)
+    for d in devices:
+        if d not in DEVICES:
+            print(f"qtest-virtio fuzz: no fuzz profile for {d!r}; known: {', '.join(DEVICES)}", file=sys.stderr)
+            return 128
+    try:
+        transports = [modes.check_mode(m) for m in (args.transport or modes.ALL_MODES)]
+    except ValueError as exc:
+        print(f"qtest-virtio fuzz: {exc}", file=sys.stderr)
+        return 128
+    rings = args.ring or list(RINGS)
+    try:
+        qemu = QemuBinary.get(args.qemu).path
+    except QemuNotFound as exc:
+        print(f"qtest-virtio fuzz: {exc}", file=sys.stderr)
+        return 125
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 32)
+    db_root = os.path.join(args.out, "hypothesis")
+    print(f"seed {seed}; hypothesis database {os.path.abspath(db_root)}; reproducers to {os.path.abspath(args.out)}")
+    # The legacy layout has no packed rings: those targets would repeat the split ones.
+    targets = [
+        FuzzConfig(d, m, r, qemu, hang_timeout=args.hang_timeout)
+        for d in devices
+        for m in transports
+        for r in rings
+        if not (r == "packed" and modes.USES_LEGACY_LAYOUT[m])
+    ]
+    deadline = time.monotonic() + args.seconds
+    observations: Counter[str] = Counter()
+    total = 0
+    rounds = 0
+    while True:
+        for config in targets:
+            if time.monotonic() >= deadline and rounds:
+                break
+            try:
+                report = fuzz_target(
+                    config,
+                    max_examples=args.examples,
+                    seed=seed + rounds,
+                    database=os.path.join(db_root, config.name),
+                )
+            except QemuStartError as exc:
+                print(f"{config.name}: cannot run here: {str(exc).splitlines()[0]}", file=sys.stderr)
+                return 125
+            total += report.examples
+            observations.update(report.observations)
+            print(
+                f"{config.name}: {report.examples} examples in {report.seconds:.1f} s "
+                f"(round {rounds}, seed {seed + rounds})"
+            )
+            if report.failure is not None:
+                return _report_failure(report, args, qemu, seed + rounds)
+        rounds += 1
+        if time.monotonic() >= deadline:
+            break
+    print(f"nothing found: {total} examples in {rounds} round(s), seed {seed}")
+    for text, n in observations.most_common():
+        print(f"  observed {n}x: {text}")
+    return 0
+
+
+def _report_failure(report: FuzzReport, args: argparse.Namespace, qemu: str, seed: int) -> int:
+    failure = report.failure
+    assert failure is not None
+    path = write_reproducer(failure, args.out, seed=seed)
+    print(f"FOUND {failure.summary()}")
+    print(f"  shrunk to {len(failure.actions)} action(s), {len(failure.commands)} qtest commands: {path}")
+    with contextlib.suppress(QtestVirtioError):
+        verdict = verify_reproducer(path, qemu=qemu, timeout=args.hang_timeout)
+        print(f"  replay: {verdict.outcome}: {verdict.detail}")
+    return 1

@@ -1,0 +1,1 @@
+"""Hostile-driver fuzzing scenarios (qtest_virtio.fuzz) with a tiny default budget."""

@@ -1,0 +1,43 @@
+"""Hostile driver (issue 7): a few hypothesis examples per device x transport x ring, each on a
+fresh machine. QEMU must survive, keep answering qtest, and serve a valid request after a device
+reset. The long campaign is ``qtest-virtio fuzz --seconds N``; here the budget is tiny so the
+ordinary suite stays fast. A failure message names the reproducer written to the test's tmp dir.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qtest_virtio import modes
+from qtest_virtio.binary import QemuBinary
+
+pytest.importorskip("hypothesis", reason="the fuzz scenarios need hypothesis (pip install hypothesis)")
+
+from qtest_virtio.fuzz import DEVICES, FuzzConfig, fuzz_target, verify_reproducer, write_reproducer
+
+#: hypothesis examples per (device, transport, ring): a smoke budget, not a campaign.
+EXAMPLES = 5
+TARGETS = [
+    (device, mode, ring)
+    for device in DEVICES
+    for mode in modes.ALL_MODES
+    for ring in ("split", "packed")
+    if not (ring == "packed" and modes.USES_LEGACY_LAYOUT[mode])
+]
+
+
+@pytest.mark.parametrize(("device", "mode", "ring"), TARGETS, ids=["-".join(t) for t in TARGETS])
+def test_hostile_driver(qemu_binary: QemuBinary, tmp_path: Path, device: str, mode: str, ring: str) -> None:
+    config = FuzzConfig(device, mode, ring, qemu=qemu_binary.path)
+    report = fuzz_target(config, max_examples=EXAMPLES, seed=0, shrink_seconds=30.0)
+    if report.failure is not None:
+        path = write_reproducer(report.failure, str(tmp_path), seed=0)
+        verdict = verify_reproducer(path, qemu=qemu_binary.path, timeout=config.hang_timeout)
+        pytest.fail(
+            f"{report.failure.summary()}\nreproducer: {path} (replay: {verdict.outcome})\n"
+            f"actions: {report.failure.actions!r}\nQEMU stderr:\n{report.failure.stderr_tail}",
+            pytrace=False,
+        )
+    assert report.examples == EXAMPLES
