@@ -357,7 +357,9 @@ class ReproducerItem(pytest.Item):
                 pytest.fail(str(exc), pytrace=False)
             pytest.skip(f"no QEMU binary: {exc}")
         rep = load(str(self.path))
-        result = replay(rep, qemu=binary.path)
+        # "# timeout: S" bounds a reproducer of a hang (the default is replay's 10 s).
+        timeouts = [c[len("timeout:") :].strip() for c in rep.comments if c.startswith("timeout:")]
+        result = replay(rep, qemu=binary.path, timeout=float(timeouts[0]) if timeouts else 10.0)
         self.user_properties.append(("reproducer_outcome", result.outcome))
         if result.outcome == "cannot-run":
             pytest.skip(describe(result, rep))
