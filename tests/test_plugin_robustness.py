@@ -19,9 +19,10 @@ import stat
 import threading
 import time
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import pytest
+from procutil import start_time as _start_time
+from procutil import state as _state
 
 from qtest_virtio import Machine, MachineSpec, QtestVirtioError
 from qtest_virtio.machine import sweep_stale_workdirs
@@ -64,24 +65,6 @@ def records(pytester: pytest.Pytester) -> dict[str, dict[str, object]]:
     if not folder.is_dir():
         return {}
     return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
-
-
-def _start_time(pid: int) -> int | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(text[text.rindex(")") + 2 :].split()[19])
-
-
-def _state(pid: int) -> str:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("State:"):
-                return line.split(None, 1)[1]
-    except OSError:
-        pass
-    return "gone"
 
 
 def wait_gone(rec: dict[str, object], wait: float = GONE_WAIT) -> None:

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pexpect
 import pytest
+from procutil import start_time as _starttime
+from procutil import state as _state
 
 from qtest_virtio import Machine, MachineSpec, QemuCrashed
 from qtest_virtio.shell import RawCommand, Shell, ShellError, _raw_table, hexdump, parse_int, parse_raw
@@ -50,25 +52,6 @@ def shell_command() -> list[str]:
     if exe and _cli_has_shell():
         return [exe, "shell"]
     return [sys.executable, "-m", "qtest_virtio.shell"]
-
-
-def _starttime(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat: tells a process from a later one that reuses its pid."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(text[text.rindex(")") + 2 :].split()[19])
-
-
-def _state(pid: int) -> str:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("State:"):
-                return line.split(None, 1)[1]
-    except OSError:
-        pass
-    return "gone"
 
 
 class Session:
