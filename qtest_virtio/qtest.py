@@ -133,6 +133,20 @@ class QtestClient:
             self._closed_reason = "closed after a timeout in the middle of sending a command"
             self.close()
 
+    def _pop_line(self) -> bytes | None:
+        """The next complete line from the receive buffer (without its newline), or None. The
+        search resumes where the last one stopped, so a long reply is scanned only once."""
+        buf = self._buf
+        i = buf.find(b"\n", self._scan)
+        if i < 0:
+            self._scan = len(buf)
+            return None
+        with memoryview(buf) as mv:
+            line = mv[:i].tobytes()
+        del buf[: i + 1]
+        self._scan = 0
+        return line
+
     def _take_line(self, line: bytes) -> bool:
         """Whether ``line`` is a reply for the caller (IRQ lines and stale replies are not)."""
         if line.startswith(b"IRQ "):
@@ -197,15 +211,7 @@ class QtestClient:
         sock, total, buf = self._sock, len(view), self._buf
         self._exchange_sent = sent = 0
         while True:
-            while len(lines) < wanted:
-                i = buf.find(b"\n", self._scan)
-                if i < 0:
-                    self._scan = len(buf)
-                    break
-                with memoryview(buf) as mv:
-                    line = mv[:i].tobytes()
-                del buf[: i + 1]
-                self._scan = 0
+            while len(lines) < wanted and (line := self._pop_line()) is not None:
                 if self._take_line(line):
                     lines.append(line)
             if len(lines) == wanted:
@@ -307,15 +313,12 @@ class QtestClient:
         line = b""
         try:
             while True:
-                i = buf.find(b"\n", self._scan)
-                if i >= 0:
-                    line = bytes(buf[:i])
-                    del buf[: i + 1]
-                    self._scan = 0
+                popped = self._pop_line()
+                if popped is not None:
+                    line = popped
                     if (line[:4] == b"IRQ " or self._stale_replies) and not self._take_line(line):
                         continue
                     break
-                self._scan = len(buf)
                 chunk = self._sock.recv(_RECV_SIZE)
                 if not chunk:
                     raise self._dead(f"QEMU closed the qtest socket while {command!r} waited for its reply")
@@ -371,15 +374,9 @@ class QtestClient:
         before = len(self.irq_events)
         deadline = time.monotonic() + timeout
         while True:
-            i = self._buf.find(b"\n")
-            while i >= 0:
-                line = bytes(self._buf[:i])
-                del self._buf[: i + 1]
-                if not line.startswith(b"IRQ "):
+            while (line := self._pop_line()) is not None:
+                if self._take_line(line):  # neither an IRQ line nor a reply owed to a timed-out command
                     raise QtestError("(none)", f"unsolicited reply {line!r} with no command in flight")
-                self._record_irq(line)
-                i = self._buf.find(b"\n")
-            self._scan = len(self._buf)
             wait = 0.0 if len(self.irq_events) > before else max(deadline - time.monotonic(), 0.0)
             ready, _, _ = select.select([self._sock], [], [], wait)
             if not ready:

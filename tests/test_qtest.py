@@ -606,3 +606,20 @@ def test_no_stale_reply_after_timeout(machine_factory: MachineFactory) -> None:
     except QtestVirtioError:
         return  # refusing to go on after a timeout is also correct
     assert value == 0x2222, f"readl {RAM + 4:#x} returned the stale reply {value:#x} of readl {RAM:#x}"
+
+
+def test_poll_irqs_drops_a_reply_owed_to_a_timed_out_command(machine_factory: MachineFactory) -> None:
+    """A reply that arrives late, while no command is in flight, belongs to the command that timed
+    out: poll_irqs drops it like any other read does, instead of calling it unsolicited."""
+    vm = machine_factory(MachineSpec(command_timeout=0.3))
+    q = vm.qtest
+    os.kill(vm.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(QtestTimeout):
+            q.readl(RAM)
+    finally:
+        os.kill(vm.pid, signal.SIGCONT)
+    q.poll_irqs(1.0)  # the late "OK 0x..." arrives here
+    assert not q.timed_out  # the owed reply was consumed
+    q.writel(RAM, 0x5A5A)
+    assert q.readl(RAM) == 0x5A5A
