@@ -538,14 +538,18 @@ class QemuMachine:
                 rc = self._proc.wait(2)
             except subprocess.TimeoutExpired:
                 rc = None
-        self.crash = QemuCrashed(
-            f"QEMU died: {reason}",
-            returncode=rc,
+        self.crash = self._crash_report(f"QEMU died: {reason}", rc)
+        return self.crash
+
+    def _crash_report(self, summary: str, returncode: int | None) -> QemuCrashed:
+        """A crash with everything a report quotes: stderr tail, last commands, reproducer."""
+        return QemuCrashed(
+            summary,
+            returncode=returncode,
             stderr_tail=self.stderr_tail(),
             last_commands=self._qtest.last_commands() if self._qtest else [],
             command_line=self.reproducer(),
         )
-        return self.crash
 
     def shutdown(self, check: bool = True) -> None:
         """Stop QEMU (quit, SIGTERM, SIGKILL), remove the workdir; raise QemuCrashed if it had died.
@@ -638,13 +642,8 @@ class QemuMachine:
                 reason = "QEMU exited before the harness stopped it"
             else:
                 reason = "QEMU died by a signal the harness did not send, while stopping"
-            self.crash = QemuCrashed(
-                f"QEMU died: {reason}" if died_early or foreign_signal else f"QEMU reported: {reason}",
-                returncode=rc,
-                stderr_tail=self.stderr_tail(),
-                last_commands=self._qtest.last_commands() if self._qtest else [],
-                command_line=self.reproducer(),
-            )
+            summary = f"QEMU died: {reason}" if died_early or foreign_signal else f"QEMU reported: {reason}"
+            self.crash = self._crash_report(summary, rc)
         return self.crash
 
     # -- access ---------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from qtest_virtio import modes
 
 RINGS = ("split", "packed")
 #: Modes whose register layout can negotiate RING_PACKED (bit 34 needs the 64-bit features).
-PACKED_MODES = frozenset({modes.TRANSITIONAL_MODERN, modes.MODERN})
+PACKED_MODES = frozenset(m for m, legacy in modes.USES_LEGACY_LAYOUT.items() if not legacy)
 
 
 class OptionError(ValueError):
