@@ -28,26 +28,27 @@ import os
 import random
 import re
 import shlex
-import socket
 import struct
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from . import modes
+from .backends import NetBackend, SerialBackend
 from .errors import QemuCrashed, QemuStartError, QtestTimeout, QtestVirtioError
 from .machine import CRASH_MARKERS, MachineSpec
+from .pci.config import CONFIG_ADDRESS_PORT, CONFIG_DATA_PORT, Cf8Access
+from .pci.regs import CONFIG_SPACE_SIZE, MSIX_ENTRY
 from .transport import LegacyTransport, ModernTransport
-from .transport.layout import COMMON_CFG, LEGACY_CFG, STATUS
+from .transport.layout import COMMON_CFG, LEGACY_CFG, STATUS, VIRTIO_PCI_CFG_CAP
 from .virtqueue import PackedVirtqueue, SplitVirtqueue
-from .virtqueue.layout import PACKED_DESC, SPLIT_AVAIL, SPLIT_DESC, SPLIT_USED, USED_ELEM
+from .virtqueue.layout import DESC_F, PACKED_DESC, PACKED_F, SPLIT_AVAIL, SPLIT_DESC, SPLIT_USED, USED_ELEM
 from .vm import Machine
 
 if TYPE_CHECKING:
-    from _typeshed import ReadableBuffer
     from hypothesis.strategies import SearchStrategy
 
     from .reproducer import ReplayResult
@@ -178,9 +179,21 @@ class Target:
     scratch: int
     scratch_size: int
     notify_multiplier: int = 4
+    #: The queue the actions aim at (its rings are desc/avail/used above).
+    queue: int = 0
+    #: Split: the avail index in guest memory; packed: the driver's next ring slot.
     avail_idx: int = 0
-    #: A valid request for the device: (length, writable, contents) per buffer.
+    #: Packed: the driver's wrap counter for ``avail_idx`` (AVAIL = wrap, USED = not wrap).
+    wrap: int = 1
+    #: A valid request for the queue: (length, writable, contents) per buffer.
     request: tuple[tuple[int, bool, bytes], ...] = ((64, True, b""),)
+    #: The function's CF8/CFC address for offset 0 (bus/device/function, enable bit).
+    config_address: int = 0
+    #: Config-space offset of the VIRTIO_PCI_CAP_PCI_CFG capability, 0 without one.
+    pci_cfg_cap: int = 0
+    #: Guest-physical addresses of the MSI-X table and PBA, 0 without MSI-X.
+    msix_table_addr: int = 0
+    msix_pba_addr: int = 0
 
     def window(self, name: str) -> Window | None:
         return next((w for w in self.windows if w.name == name), None)
@@ -211,6 +224,18 @@ class Target:
 
     def table_addr(self) -> int:
         return self.scratch + self.scratch_size // 2
+
+    def config(self, offset: int, width: int, value: int | None) -> list[str]:
+        """A config-space access to the function through CF8/CFC, any width and alignment."""
+        offset %= CONFIG_SPACE_SIZE
+        port = CONFIG_DATA_PORT + (offset & 3)
+        out = [f"outl {CONFIG_ADDRESS_PORT:#x} {self.config_address | (offset & 0xFC):#x}"]
+        if value is None:
+            out.append({1: "inb", 2: "inw"}.get(width, "inl") + f" {port:#x}")
+        else:
+            op, w = {1: ("outb", 1), 2: ("outw", 2)}.get(width, ("outl", 4))
+            out.append(f"{op} {port:#x} {value & ((1 << (8 * w)) - 1):#x}")
+        return out
 
 
 # -- actions -----------------------------------------------------------------------------------
@@ -370,21 +395,32 @@ class Features(Action):
         return out
 
 
-def _request_chain(t: Target, base_slot: int) -> tuple[list[str], int, list[int]]:
-    """A valid request for the device written into the scratch area and descriptor slots:
-    (commands, head slot, slots)."""
+def _packed_avail_flags(wrap: int) -> int:
+    """AVAIL/USED bits of a descriptor made available in lap ``wrap`` (virtio 1.2 §2.8.1)."""
+    return (wrap & 1) << PACKED_F.AVAIL.shift | (~wrap & 1) << PACKED_F.USED.shift
+
+
+def _request_chain(
+    t: Target, base_slot: int, request: Sequence[tuple[int, bool, bytes]] | None = None, buffer_id: int | None = None
+) -> tuple[list[str], int, list[int]]:
+    """A request (the queue's valid one unless given) written into the scratch area and
+    descriptor slots: (commands, head slot, slots). On a packed ring it is flagged available
+    for the driver's current lap and carries ``buffer_id`` (default: the head slot)."""
+    request = t.request if request is None else request
     cmds: list[str] = []
     addr = t.scratch
-    slots = [(base_slot + i) % t.queue_size for i in range(len(t.request))]
-    for i, (length, writable, data) in enumerate(t.request):
+    slots = [(base_slot + i) % t.queue_size for i in range(len(request))]
+    for i, (length, writable, data) in enumerate(request):
         if data:
             cmds.append(_mem_write(addr, data))
-        last = i + 1 == len(t.request)
+        last = i + 1 == len(request)
         if t.packed:
-            flags = (0 if last else 1) | (2 if writable else 0) | (1 << 7)  # AVAIL=1, USED=0: wrap 1
-            desc = struct.pack("<QIHH", addr, length, slots[0], flags)
+            wrap = t.wrap ^ (1 if base_slot + i >= t.queue_size else 0)
+            flags = (0 if last else PACKED_F.NEXT.mask) | (PACKED_F.WRITE.mask if writable else 0)
+            flags |= _packed_avail_flags(wrap)
+            desc = struct.pack("<QIHH", addr, length, slots[0] if buffer_id is None else buffer_id, flags)
         else:
-            flags = (0 if last else 1) | (2 if writable else 0)
+            flags = (0 if last else DESC_F.NEXT.mask) | (DESC_F.WRITE.mask if writable else 0)
             desc = struct.pack("<QIHH", addr, length, flags, 0 if last else slots[i + 1])
         cmds.append(_mem_write(t.desc + SPLIT_DESC.size * slots[i], desc))
         addr += (length + 15) & ~15
@@ -409,9 +445,9 @@ class ResetInFlight(Action):
 
     def render(self, t: Target) -> list[str]:
         cmds, head, _ = _request_chain(t, self.slot)
-        cmds += _publish(t, head, 1) + t.notify(0)
+        cmds += _publish(t, head, 1) + t.notify(t.queue)
         if self.queue_reset and not t.legacy:
-            cmds += [t.reg_write("queue_select", 0), t.reg_write("queue_reset", 1), t.reg_read("queue_reset")]
+            cmds += [t.reg_write("queue_select", t.queue), t.reg_write("queue_reset", 1), t.reg_read("queue_reset")]
         else:
             cmds += [t.reg_write("device_status", 0), t.reg_read("device_status")]
         return cmds
@@ -444,8 +480,128 @@ class DescChain(Action):
         head = self.head if self.head is not None else (self.descs[0].slot % t.queue_size if self.descs else 0)
         out += _publish(t, head, self.jump)
         if self.notify:
-            out += t.notify(0)
+            out += t.notify(t.queue)
         return out
+
+
+@dataclass(frozen=True)
+class IdReuse(Action):
+    """The valid request made available ``copies`` times at once with one buffer id (packed)
+    or one head (split): the device sees an id that is still in flight (virtio 1.2 §2.8.6)."""
+
+    copies: int
+    buffer_id: int
+
+    def may_write_status(self) -> bool:
+        return False
+
+    def render(self, t: Target) -> list[str]:
+        out: list[str] = []
+        step = len(t.request)
+        for c in range(self.copies):
+            base = (t.avail_idx + c * step) if t.packed else 0
+            cmds, head, _ = _request_chain(t, base, buffer_id=self.buffer_id % max(t.queue_size, 1))
+            out += cmds if (t.packed or c == 0) else []
+            out += _publish(replace(t, avail_idx=(t.avail_idx + c) & U16), head, 1)
+        return out + t.notify(t.queue)
+
+
+REQUEST_SHAPES = ("writable_first", "all_readable", "all_writable", "empty_buffers", "one_buffer")
+
+
+@dataclass(frozen=True)
+class MisshapenRequest(Action):
+    """The queue's valid request with its buffers out of shape: device-writable buffers before
+    the readable ones (§2.7.4.2, §2.8.4.2: a driver MUST NOT), all one direction, zero-length
+    buffers, or everything squeezed into one buffer; made available where the device looks next."""
+
+    shape: str
+
+    def may_write_status(self) -> bool:
+        return False
+
+    def render(self, t: Target) -> list[str]:
+        req = list(t.request)
+        if self.shape == "writable_first":
+            req = [b for b in req if b[1]] + [b for b in req if not b[1]]
+        elif self.shape == "all_readable":
+            req = [(n, False, d) for n, _, d in req]
+        elif self.shape == "all_writable":
+            req = [(n, True, b"") for n, _, _ in req]
+        elif self.shape == "empty_buffers":
+            req = [(0, w, b"") for _, w, _ in req]
+        else:
+            req = [(sum(n for n, _, _ in req), False, b"".join(d.ljust(n, b"\0") for n, _, d in req))]
+        base = t.avail_idx if t.packed else 0
+        cmds, head, _ = _request_chain(t, base, req)
+        return cmds + _publish(t, head, 1) + t.notify(t.queue)
+
+
+@dataclass(frozen=True)
+class PciConfig(Action):
+    """A config-space read or write of the function at any offset and width through CF8/CFC:
+    command register, BARs, capabilities, MSI-X control; unaligned too (what a guest may do)."""
+
+    offset: int
+    width: int
+    write: bool
+    value: int
+
+    def may_write_status(self) -> bool:
+        return self.write  # a moved BAR makes the status read-back meaningless
+
+    def render(self, t: Target) -> list[str]:
+        return t.config(self.offset, self.width, self.value if self.write else None)
+
+
+@dataclass(frozen=True)
+class PciCfgWindow(Action):
+    """The VIRTIO_PCI_CAP_PCI_CFG window (virtio 1.2 §4.1.4.9) with any bar, offset and length,
+    then a pci_cfg_data access of any width: the device must bound the access itself."""
+
+    bar: int
+    offset: int
+    length: int
+    width: int
+    write: bool
+    value: int
+
+    def may_write_status(self) -> bool:
+        return self.write
+
+    def render(self, t: Target) -> list[str]:
+        if not t.pci_cfg_cap:
+            return []
+        cap = VIRTIO_PCI_CFG_CAP
+        out = t.config(t.pci_cfg_cap + cap["bar"].offset, cap["bar"].width, self.bar)
+        out += t.config(t.pci_cfg_cap + cap["offset"].offset, cap["offset"].width, self.offset)
+        out += t.config(t.pci_cfg_cap + cap["length"].offset, cap["length"].width, self.length)
+        data = t.pci_cfg_cap + cap.pci_cfg_data.offset
+        return out + t.config(data, self.width, self.value if self.write else None)
+
+
+@dataclass(frozen=True)
+class MsixAccess(Action):
+    """MSI-X table or PBA access at any entry (past the table too), offset and width; the
+    message then goes wherever the entry now points, a guest's own business (PCI 3.0 §6.8.2)."""
+
+    pba: bool
+    offset: int
+    width: int
+    write: bool
+    value: int
+
+    def may_write_status(self) -> bool:
+        return False
+
+    def render(self, t: Target) -> list[str]:
+        base = t.msix_pba_addr if self.pba else t.msix_table_addr
+        if not base:
+            return []
+        span = 8 * (t.msix_table + 2) if self.pba else MSIX_ENTRY.size * (t.msix_table + 2)
+        w = Window("msix-pba" if self.pba else "msix-table", False, base, span)
+        off = self.offset % span
+        return [w.write(off, self.width, self.value) if self.write else w.read(off, self.width)]
 
 
 EVENT_FIELDS = ("used_event", "avail_event", "avail_flags", "used_flags")
@@ -474,7 +630,7 @@ class EventWrite(Action):
                 "avail_event": t.used + SPLIT_USED.size + USED_ELEM.size * n,
                 "avail_flags": t.avail,
             }.get(self.field, t.used)
-        return [_writew(addr, self.value)] + (t.notify(0) if self.notify else [])
+        return [_writew(addr, self.value)] + (t.notify(t.queue) if self.notify else [])
 
 
 @dataclass(frozen=True)
@@ -560,6 +716,32 @@ def actions_strategy(max_actions: int = 8) -> SearchStrategy[list[Action]]:
         st.builds(EventWrite, st.sampled_from(EVENT_FIELDS), boundary(16), st.booleans()),
         st.builds(Notify, queue),
         st.just(Valid()),
+        st.builds(IdReuse, st.integers(2, 3), st.integers(0, 1024)),
+        st.builds(MisshapenRequest, st.sampled_from(REQUEST_SHAPES)),
+        st.builds(
+            PciConfig,
+            offset=st.one_of(st.integers(0, 0x3F), st.integers(0, CONFIG_SPACE_SIZE - 1)),
+            width=st.sampled_from([1, 2, 4]),
+            write=st.booleans(),
+            value=boundary(32),
+        ),
+        st.builds(
+            PciCfgWindow,
+            bar=st.one_of(st.integers(0, 6), boundary(8)),
+            offset=boundary(32),
+            length=st.one_of(st.sampled_from([0, 1, 2, 3, 4, 8]), boundary(32)),
+            width=st.sampled_from([1, 2, 4]),
+            write=st.booleans(),
+            value=boundary(32),
+        ),
+        st.builds(
+            MsixAccess,
+            pba=st.booleans(),
+            offset=st.integers(0, 0x1000),
+            width=st.sampled_from([1, 2, 4, 8]),
+            write=st.booleans(),
+            value=boundary(64),
+        ),
     )
     return st.lists(actions, min_size=1, max_size=max_actions)
 
@@ -567,36 +749,101 @@ def actions_strategy(max_actions: int = 8) -> SearchStrategy[list[Action]]:
 # -- devices -----------------------------------------------------------------------------------
 
 
-def _rng_check(driver: Any, timeout: float) -> None:
+def _rng_check(vm: Machine, driver: Any, timeout: float) -> None:
     data = driver.read(16, timeout=timeout)
     if len(data) != 16:
         raise QtestVirtioError(f"virtio-rng returned {len(data)} bytes for 16")
 
 
-def _blk_check(driver: Any, timeout: float) -> None:
+def _blk_check(vm: Machine, driver: Any, timeout: float) -> None:
     data = driver.read(0, 1, timeout=timeout)
     if len(data) != 512:
         raise QtestVirtioError(f"virtio-blk read returned {len(data)} bytes for one sector")
 
 
+_CHECK_FRAME = bytes.fromhex("020000000001020000000002") + b"\x88\xb5" + b"qtest-virtio fuzz check".ljust(46, b".")
+
+
+def _net_check(vm: Machine, driver: Any, timeout: float) -> None:
+    """A frame transmitted reaches the socket backend (earlier frames of the abuse skipped)."""
+    host = vm.backend(DEVICE_ID)
+    assert isinstance(host, NetBackend)
+    driver.send(_CHECK_FRAME, timeout=timeout)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if host.receive(timeout=max(deadline - time.monotonic(), 0.01)) == _CHECK_FRAME:
+            return
+    raise QtestVirtioError("virtio-net: the transmitted check frame never reached the backend")
+
+
+def _console_check(vm: Machine, driver: Any, timeout: float) -> None:
+    """Bytes written to port 0 reach the chardev behind it."""
+    backend = vm.backend(DEVICE_ID)
+    assert isinstance(backend, SerialBackend)
+    end = backend["console"]
+    driver.write(b"qtest-virtio fuzz check\n", 0, timeout=timeout)
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while b"fuzz check" not in seen:
+        if time.monotonic() > deadline:
+            raise QtestVirtioError(f"virtio-console: port 0 bytes never reached the chardev (got {seen[-64:]!r})")
+        seen += end.read_available(timeout=0.05)
+
+
+def _scsi_check(vm: Machine, driver: Any, timeout: float) -> None:
+    from .devices.scsi import InquiryData, cdb_inquiry
+
+    result = driver.checked(cdb_inquiry(96), data_in_len=96, timeout=timeout)
+    inquiry = InquiryData.parse(result.data)
+    if not inquiry.vendor:
+        raise QtestVirtioError(f"virtio-scsi INQUIRY came back empty: {inquiry!r}")
+
+
+def _balloon_check(vm: Machine, driver: Any, timeout: float) -> None:
+    driver.inflate(1, timeout=timeout)
+    driver.deflate(1, timeout=timeout)
+
+
+Request = tuple[tuple[int, bool, bytes], ...]
+
+_NET_TX: Request = ((12 + len(_CHECK_FRAME), False, bytes(12) + _CHECK_FRAME),)
+#: VIRTIO_NET_CTRL_RX / VIRTIO_NET_CTRL_RX_PROMISC on, then the ack byte (virtio 1.2 §5.1.6.5).
+_NET_CTRL: Request = ((2, False, b"\x00\x00"), (1, False, b"\x01"), (1, True, b""))
+#: VIRTIO_CONSOLE_PORT_READY for port 0 (virtio 1.2 §5.3.6.2).
+_CONSOLE_CONTROL: Request = ((8, False, struct.pack("<IHH", 0, 3, 1)),)
+#: TEST UNIT READY to target 0 LUN 0: virtio_scsi_req_cmd (cdb_size 32), then its response.
+_SCSI_CMD: Request = ((51, False, bytes([1, 0, 0x40, 0]) + bytes(47)), (108, True, b""))
+#: VIRTIO_SCSI_T_TMF / LOGICAL_UNIT_RESET, then the response byte (virtio 1.2 §5.6.6.2).
+_SCSI_TMF: Request = ((24, False, struct.pack("<II", 0, 5) + bytes([1, 0, 0x40, 0]) + bytes(12)), (1, True, b""))
+
+
 @dataclass(frozen=True)
 class DeviceProfile:
-    """A device the fuzzer knows: its properties, the valid request it checks recovery with,
-    and that request's buffers for ResetInFlight (length, device-writable, contents)."""
+    """A device the fuzzer knows: how to check it serves a valid request, and the queues it
+    aims at, each with a valid request's buffers (length, device-writable, contents) that
+    ResetInFlight, IdReuse and MisshapenRequest build on."""
 
     name: str
-    check: Callable[[Any, float], None]
-    request: tuple[tuple[int, bool, bytes], ...]
+    check: Callable[[Machine, Any, float], None]
+    queues: dict[int, Request]
     props: tuple[tuple[str, str], ...] = ()
 
 
-#: Devices, data-driven: add a profile to fuzz another device.
+#: Devices, data-driven: add a profile to fuzz another device. The first queue is the default.
 DEVICES: dict[str, DeviceProfile] = {
-    "virtio-rng-pci": DeviceProfile("virtio-rng-pci", _rng_check, ((64, True, b""),)),
+    "virtio-rng-pci": DeviceProfile("virtio-rng-pci", _rng_check, {0: ((64, True, b""),)}),
     "virtio-blk-pci": DeviceProfile(
         "virtio-blk-pci",
         _blk_check,
-        ((16, False, struct.pack("<IIQ", 0, 0, 0)), (512, True, b""), (1, True, b"")),
+        {0: ((16, False, struct.pack("<IIQ", 0, 0, 0)), (512, True, b""), (1, True, b""))},
+    ),
+    "virtio-net-pci": DeviceProfile("virtio-net-pci", _net_check, {1: _NET_TX, 2: _NET_CTRL}),
+    "virtio-serial-pci": DeviceProfile(
+        "virtio-serial-pci", _console_check, {1: ((8, False, b"fuzzdata"),), 3: _CONSOLE_CONTROL}
+    ),
+    "virtio-scsi-pci": DeviceProfile("virtio-scsi-pci", _scsi_check, {2: _SCSI_CMD, 0: _SCSI_TMF}),
+    "virtio-balloon-pci": DeviceProfile(
+        "virtio-balloon-pci", _balloon_check, {0: ((4, False, bytes(4)),), 2: ((10, False, bytes(10)),)}
     ),
 }
 
@@ -610,14 +857,22 @@ class FuzzConfig:
     mode: str
     ring: str = "split"
     qemu: str | None = None
+    #: The queue the actions aim at; None: the profile's first.
+    queue: int | None = None
     #: Seconds without a qtest reply that count as a hang.
     hang_timeout: float = 3.0
     #: Timeout of the driver's valid requests interleaved with the abuse (failures are observations).
     valid_timeout: float = 0.3
 
     @property
+    def queue_index(self) -> int:
+        return next(iter(DEVICES[self.device].queues)) if self.queue is None else self.queue
+
+    @property
     def name(self) -> str:
-        return f"{self.device}-{self.mode}-{self.ring}"
+        """``device-mode-ring``, with ``-qN`` when the queue is not the profile's first."""
+        default = next(iter(DEVICES[self.device].queues))
+        return f"{self.device}-{self.mode}-{self.ring}" + ("" if self.queue_index == default else f"-q{self.queue}")
 
 
 @dataclass(frozen=True)
@@ -658,34 +913,6 @@ class HarnessBug(Exception):
 Hook = Callable[[Machine, Action], None]
 
 
-class _RecordingSocket(socket.socket):
-    """The qtest socket, keeping a copy of every byte sent (bulk data included), so the
-    reproducer holds exactly what QEMU received."""
-
-    def __init__(self, sock: socket.socket, sink: list[bytes]) -> None:
-        timeout = sock.gettimeout()
-        super().__init__(sock.family, sock.type, sock.proto, fileno=sock.detach())
-        self.settimeout(timeout)
-        self._sink = sink
-
-    def send(self, data: ReadableBuffer, flags: int = 0, /) -> int:
-        n = super().send(data, flags)
-        self._sink.append(bytes(memoryview(data).cast("B")[:n]))
-        return n
-
-    def sendall(self, data: ReadableBuffer, flags: int = 0, /) -> None:
-        super().sendall(data, flags)
-        self._sink.append(bytes(memoryview(data).cast("B")))
-
-
-def _record(vm: Machine) -> list[bytes]:
-    """Start recording what goes to QEMU on the qtest socket."""
-    sink: list[bytes] = []
-    client = vm.qtest
-    client._sock = _RecordingSocket(client._sock, sink)
-    return sink
-
-
 def replay_args(command_line: str) -> list[str]:
     """A machine's command line (``Machine.command_line()``) as ``# qemu-args:`` for replay:
     without the binary, the accelerator, -S, the halt firmware and -qtest, which replay adds."""
@@ -703,9 +930,10 @@ def replay_args(command_line: str) -> list[str]:
     return out
 
 
-def make_target(vm: Machine, driver: Any, device: DeviceProfile) -> Target:
-    """The target of the driver's device: windows from its transport, queue 0's rings, a
-    zeroed scratch area from the guest allocator."""
+def make_target(vm: Machine, driver: Any, device: DeviceProfile, queue: int) -> Target:
+    """The target of the driver's device: windows from its transport, the queue's rings, the
+    function's config address, pci_cfg capability and MSI-X table, and a zeroed scratch area
+    from the guest allocator."""
     tr = driver.transport
     fn = driver.fn
     windows: list[Window] = []
@@ -725,12 +953,15 @@ def make_target(vm: Machine, driver: Any, device: DeviceProfile) -> Target:
     legacy_bar = next((b for b in fn.bars if b.index == 0 and b.is_io), None)
     if legacy_bar is not None:
         bar_window("legacy", 0, 0, legacy_bar.size)
-    vq = driver.queues[0]
+    if queue >= len(driver.queues):
+        raise QtestVirtioError(f"{device.name}: queue {queue} is not set up (the driver has {len(driver.queues)})")
+    vq = driver.queues[queue]
     if isinstance(vq, PackedVirtqueue):
         desc, avail, used = vq.ring, vq.driver_event, vq.device_event
     else:
         assert isinstance(vq, SplitVirtqueue)
         desc, avail, used = vq.desc, vq.avail, vq.used
+    msix = driver.msix
     scratch_size = 0x10000
     scratch = vm.memory.alloc(scratch_size, 4096, tag="fuzz scratch", zero=True)
     return Target(
@@ -750,8 +981,20 @@ def make_target(vm: Machine, driver: Any, device: DeviceProfile) -> Target:
         scratch=scratch,
         scratch_size=scratch_size,
         notify_multiplier=mult,
-        request=device.request,
+        queue=queue,
+        avail_idx=vq.next_avail if isinstance(vq, PackedVirtqueue) else 0,
+        wrap=vq.avail_wrap if isinstance(vq, PackedVirtqueue) else 1,
+        request=device.queues[queue],
+        config_address=Cf8Access.address(fn.bdf_addr, 0),
+        pci_cfg_cap=tr.pci_cfg_cap.cap_offset if isinstance(tr, ModernTransport) and tr.pci_cfg_cap else 0,
+        msix_table_addr=_bar_addr(fn, msix.table_bar, msix.table_offset) if msix else 0,
+        msix_pba_addr=_bar_addr(fn, msix.pba_bar, msix.pba_offset) if msix else 0,
     )
+
+
+def _bar_addr(fn: Any, index: int, offset: int) -> int:
+    address = fn.bar(index).address
+    return 0 if address is None else int(address) + offset
 
 
 def _normal(exc: BaseException | str) -> str:
@@ -797,14 +1040,14 @@ def run_example(config: FuzzConfig, actions: Sequence[Action], *, hook: Hook | N
     )
     vm = Machine(spec)
     vm.start()  # QemuStartError: the caller's problem (cannot run here)
-    sink = _record(vm)
+    sink = vm.qtest.record()
     result.args = replay_args(vm.command_line())
     phase = "initialization"
     step = 0
     seen = 0
     try:
         driver = vm.virtio(DEVICE_ID)
-        target = make_target(vm, driver, device)
+        target = make_target(vm, driver, device, config.queue_index)
         phase = "abuse"
         for i, action in enumerate(actions, 1):
             step = i
@@ -812,14 +1055,17 @@ def run_example(config: FuzzConfig, actions: Sequence[Action], *, hook: Hook | N
                 hook(vm, action)
             if isinstance(action, Valid):
                 try:
-                    device.check(driver, config.valid_timeout)
+                    device.check(vm, driver, config.valid_timeout)
                 except (QemuCrashed, QtestTimeout):
                     raise
                 except QtestVirtioError as exc:
                     result.observations.append(Observation("valid request during abuse failed", _normal(exc)))
                 seen = _observe_errors(vm, driver, target, action, seen, result.observations)
                 continue
-            if not target.packed:
+            if target.packed:
+                vq = driver.queues[target.queue]
+                target = replace(target, avail_idx=vq.next_avail, wrap=vq.avail_wrap)
+            else:
                 target = replace(target, avail_idx=vm.qtest.readw(target.avail + SPLIT_AVAIL.idx.offset))
             for cmd in action.render(target):
                 reply = vm.qtest.send_raw(cmd)
@@ -830,9 +1076,10 @@ def run_example(config: FuzzConfig, actions: Sequence[Action], *, hook: Hook | N
         step = 0
         vm.qtest.send_raw("endianness")  # the round trip: QEMU answers within the bound
         phase = "recovery"
+        driver.fn.restore()  # BARs, decoding, bus master: what config-space abuse may have moved
         driver.initialize()
         try:
-            device.check(driver, 5.0)
+            device.check(vm, driver, 5.0)
         except (QemuCrashed, QtestTimeout):
             raise
         except QtestVirtioError as exc:
@@ -881,6 +1128,17 @@ class _Failed(Exception):
     pass
 
 
+def signature(result: ExampleResult) -> str:
+    """What makes two failures the same bug, for a campaign's de-duplication: a crash by its
+    assertion or signal text, a hang by device and ring, the rest by outcome and message."""
+    c = result.config
+    if result.outcome == "hung":
+        return f"{c.device} {c.ring}: hung"
+    if result.outcome == "crashed":
+        return f"{c.device}: crashed: {_normal(result.detail)}"
+    return f"{c.device} {c.ring}: {result.outcome}: {_normal(result.detail)}"
+
+
 def _size(actions: Sequence[Action]) -> tuple[int, int]:
     return len(actions), len(repr(actions))
 
@@ -894,10 +1152,12 @@ def fuzz_target(
     shrink_seconds: float = 120.0,
     max_actions: int = 8,
     hook: Hook | None = None,
+    known: Container[str] = (),
 ) -> FuzzReport:
     """Run hypothesis on one (device, mode, ring); on failure, shrink and keep the smallest.
 
-    Shrinking stops costing QEMU starts after ``shrink_seconds``: from then on only the
+    A failure whose :func:`signature` is in ``known`` (found earlier in the campaign) is not
+    shrunk. Shrinking stops costing QEMU starts after ``shrink_seconds``: from then on only the
     smallest failing case found so far runs for real, so hypothesis ends with it.
     """
     from hypothesis import HealthCheck, Phase, given, settings
@@ -930,7 +1190,7 @@ def fuzz_target(
         report.observations.update(str(o) for o in result.observations)
         if result.failed:
             if not first_failure:
-                first_failure.append(time.monotonic())
+                first_failure.append(time.monotonic() - (shrink_seconds + 1 if signature(result) in known else 0))
             failures.append(result)
             raise _Failed(result.summary())
 
@@ -941,7 +1201,8 @@ def fuzz_target(
             raise
         # hypothesis replays the smallest case last; take the smallest in any case.
         best = min(reversed(failures), key=lambda r: _size(r.actions))
-        report.failure = _delete_actions(best, hook, time.monotonic() + shrink_seconds)
+        budget = 0.0 if signature(best) in known else shrink_seconds
+        report.failure = _delete_actions(best, hook, time.monotonic() + budget)
     report.seconds = time.monotonic() - started
     return report
 
@@ -979,7 +1240,11 @@ def write_reproducer(result: ExampleResult, out_dir: str, *, seed: int | None = 
     os.makedirs(out_dir, exist_ok=True)
     c = result.config
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = os.path.join(out_dir, f"{c.device}-{c.mode}-{c.ring}-{result.outcome}-{stamp}.qtest")
+    stem = os.path.join(out_dir, f"{c.name}-{result.outcome}-{stamp}")
+    path, n = f"{stem}.qtest", 1
+    while os.path.exists(path):
+        n += 1
+        path = f"{stem}-{n}.qtest"
     with open(path, "w", encoding="utf-8") as f:
         f.write(reproducer_text(result, seed=seed))
     return path
@@ -1009,6 +1274,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--qemu", default=None, help="QEMU binary (default: $QEMU or qemu-system-x86_64)")
     parser.add_argument("--hang-timeout", type=float, default=3.0, help="seconds without a qtest reply = hang")
     parser.add_argument("--examples", type=int, default=25, help="examples per target per round")
+    parser.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="after a find, write its reproducer and go on until the budget is spent (finds de-duplicated)",
+    )
 
 
 def run_fuzz(args: argparse.Namespace) -> int:
@@ -1041,14 +1311,16 @@ def run_fuzz(args: argparse.Namespace) -> int:
     print(f"seed {seed}; hypothesis database {os.path.abspath(db_root)}; reproducers to {os.path.abspath(args.out)}")
     # The legacy layout has no packed rings: those targets would repeat the split ones.
     targets = [
-        FuzzConfig(d, m, r, qemu, hang_timeout=args.hang_timeout)
+        FuzzConfig(d, m, r, qemu, queue=q, hang_timeout=args.hang_timeout)
         for d in devices
+        for q in DEVICES[d].queues
         for m in transports
         for r in rings
         if not (r == "packed" and modes.USES_LEGACY_LAYOUT[m])
     ]
     deadline = time.monotonic() + args.seconds
     observations: Counter[str] = Counter()
+    found: dict[str, str] = {}
     total = 0
     rounds = 0
     while True:
@@ -1061,6 +1333,7 @@ def run_fuzz(args: argparse.Namespace) -> int:
                     max_examples=args.examples,
                     seed=seed + rounds,
                     database=os.path.join(db_root, config.name),
+                    known=found,
                 )
             except QemuStartError as exc:
                 print(f"{config.name}: cannot run here: {str(exc).splitlines()[0]}", file=sys.stderr)
@@ -1069,20 +1342,30 @@ def run_fuzz(args: argparse.Namespace) -> int:
             observations.update(report.observations)
             print(
                 f"{config.name}: {report.examples} examples in {report.seconds:.1f} s "
-                f"(round {rounds}, seed {seed + rounds})"
+                f"(round {rounds}, seed {seed + rounds})",
+                flush=True,
             )
             if report.failure is not None:
-                return _report_failure(report, args, qemu, seed + rounds)
+                sig = signature(report.failure)
+                if sig in found:
+                    print(f"  again: {sig} (as {found[sig]})", flush=True)
+                    continue
+                found[sig] = _report_failure(report, args, qemu, seed + rounds)
+                if not args.keep_going:
+                    return 1
         rounds += 1
         if time.monotonic() >= deadline:
             break
-    print(f"nothing found: {total} examples in {rounds} round(s), seed {seed}")
+    verdict = f"{len(found)} distinct find(s)" if found else "nothing found"
+    print(f"{verdict}: {total} examples in {rounds} round(s), seed {seed}")
+    for sig, path in found.items():
+        print(f"  {sig}: {path}")
     for text, n in observations.most_common():
         print(f"  observed {n}x: {text}")
-    return 0
+    return 1 if found else 0
 
 
-def _report_failure(report: FuzzReport, args: argparse.Namespace, qemu: str, seed: int) -> int:
+def _report_failure(report: FuzzReport, args: argparse.Namespace, qemu: str, seed: int) -> str:
     failure = report.failure
     assert failure is not None
     path = write_reproducer(failure, args.out, seed=seed)
@@ -1091,4 +1374,5 @@ def _report_failure(report: FuzzReport, args: argparse.Namespace, qemu: str, see
     with contextlib.suppress(QtestVirtioError):
         verdict = verify_reproducer(path, qemu=qemu, timeout=args.hang_timeout)
         print(f"  replay: {verdict.outcome}: {verdict.detail}")
-    return 1
+    sys.stdout.flush()
+    return path

@@ -20,7 +20,10 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 from .errors import ClockUnavailable, QemuCrashed, QtestError, QtestTimeout
 
@@ -169,6 +172,14 @@ class QtestClient:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def record(self) -> list[bytes]:
+        """Start keeping a copy of every byte sent to QEMU from now on (bulk data included)
+        and return the list the copies go to: a reproducer then holds exactly what QEMU got,
+        not the ``history`` ring's shortened text."""
+        sink: list[bytes] = []
+        self._sock = _RecordingSocket(self._sock, sink)
+        return sink
 
     def last_commands(self, n: int = 20) -> list[str]:
         """The last ``n`` commands with their replies, oldest first, for failure reports."""
@@ -648,3 +659,22 @@ class CommandBatch:
         if self.commands:
             commands, self.commands = self.commands, []
             self.client._pipeline(commands)
+
+
+class _RecordingSocket(socket.socket):
+    """A socket that appends a copy of whatever it sends to ``sink`` (see ``QtestClient.record``)."""
+
+    def __init__(self, sock: socket.socket, sink: list[bytes]) -> None:
+        timeout = sock.gettimeout()
+        super().__init__(sock.family, sock.type, sock.proto, fileno=sock.detach())
+        self.settimeout(timeout)
+        self._sink = sink
+
+    def send(self, data: ReadableBuffer, flags: int = 0, /) -> int:
+        n = super().send(data, flags)
+        self._sink.append(bytes(memoryview(data).cast("B")[:n]))
+        return n
+
+    def sendall(self, data: ReadableBuffer, flags: int = 0, /) -> None:
+        super().sendall(data, flags)
+        self._sink.append(bytes(memoryview(data).cast("B")))

@@ -4,10 +4,12 @@ aborts) shrinks to a .qtest reproducer that replay classifies the same way."""
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import signal
 import stat
+import struct
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,11 @@ from qtest_virtio.fuzz import (
     Desc,
     DescChain,
     FuzzConfig,
+    IdReuse,
+    MisshapenRequest,
+    MsixAccess,
+    PciCfgWindow,
+    PciConfig,
     RegAccess,
     StatusWrites,
     Target,
@@ -66,8 +73,13 @@ def target(*, legacy: bool, packed: bool, io_base: int = 0xFFF0, queue_size: int
         ram_end=0x1000_0000,
         scratch=0x20_0000,
         scratch_size=0x10000,
-        avail_idx=0xFFFF,
-        request=DEVICES["virtio-blk-pci"].request,
+        avail_idx=0xFFFF if not packed else queue_size - 1,
+        wrap=0,
+        request=DEVICES["virtio-blk-pci"].queues[0],
+        config_address=0x8000_2000,
+        pci_cfg_cap=0 if legacy else 0xE0,
+        msix_table_addr=U64 - 0x1F,
+        msix_pba_addr=U64 - 0x7,
     )
 
 
@@ -119,6 +131,52 @@ def test_descriptor_abuse_renders_raw_fields() -> None:
     assert RegAccess(0, 0x37, 8, True, U64).render(t) == [f"writeq {U64 - 0x3FFF + 0x37:#x} {U64:#x}"]
     legacy = target(legacy=True, packed=False, io_base=0xFFFE)
     assert StatusWrites((0xFF,)).render(legacy) == ["outb 0x10 0xff", "inb 0x10"]  # port wraps in 16 bits
+
+
+def _descs(cmds: list[str]) -> list[tuple[int, int, int, int]]:
+    """The descriptors a rendering writes into the ring: (addr, len, word at 12, word at 14)."""
+    out = []
+    for c in cmds:
+        op, addr, size, data = (c.split(" ") + ["", "", ""])[:4]
+        if op == "b64write" and 0x10_0000 <= int(addr, 16) < 0x10_1000 and int(size, 16) == 16:
+            out.append(struct.unpack("<QIHH", base64.b64decode(data)))
+    return out
+
+
+def test_misshapen_request_puts_writable_buffers_first() -> None:
+    t = target(legacy=False, packed=False)
+    descs = _descs(MisshapenRequest("writable_first").render(t))
+    writable = [bool(flags & 2) for _, _, flags, _ in descs]
+    assert writable == [True, True, False]  # blk: status and data buffers before the header
+    assert [flags & 1 for _, _, flags, _ in descs] == [1, 1, 0]  # still one chain
+
+
+def test_packed_request_follows_the_drivers_lap_and_reuses_ids() -> None:
+    """Made available at the driver's next slot with AVAIL == USED ^ 1 == the wrap counter, and
+    across the end of the ring with the counter flipped (virtio 1.2 §2.8.1)."""
+    t = target(legacy=False, packed=True, queue_size=128)  # avail_idx 127, wrap 0
+    descs = _descs(IdReuse(2, 7).render(t))
+    assert len(descs) == 6 and {buffer_id for _, _, buffer_id, _ in descs} == {7}
+    avail, used = 1 << 7, 1 << 15
+    assert descs[0][3] & (avail | used) == used  # slot 127, lap 0
+    assert all(d[3] & (avail | used) == avail for d in descs[1:])  # slots 0.., lap 1
+
+
+def test_config_space_abuse_goes_through_cf8() -> None:
+    t = target(legacy=False, packed=False)
+    assert PciConfig(0x13, 2, True, 0xABCDE).render(t) == ["outl 0xcf8 0x80002010", "outw 0xcff 0xbcde"]
+    assert PciConfig(0x104, 4, False, 0).render(t) == ["outl 0xcf8 0x80002004", "inl 0xcfc"]
+    window = PciCfgWindow(bar=9, offset=0xFFFF_FFFF, length=4, width=4, write=False, value=0).render(t)
+    assert window[:2] == ["outl 0xcf8 0x800020e4", "outb 0xcfc 0x9"]  # the cap's bar field
+    assert window[-2:] == ["outl 0xcf8 0x800020f0", "inl 0xcfc"]  # pci_cfg_data
+    assert PciCfgWindow(0, 0, 4, 4, True, 1).render(target(legacy=True, packed=False)) == []
+
+
+def test_msix_abuse_stays_in_the_64_bit_space() -> None:
+    t = target(legacy=False, packed=False)
+    assert MsixAccess(pba=True, offset=7, width=8, write=True, value=U64).render(t) == [
+        f"writeq {U64 - 0x7 + 7 & U64:#x} {U64:#x}"
+    ]
 
 
 def test_replay_args_drop_what_replay_adds() -> None:

@@ -156,6 +156,8 @@ class VirtioDriver:
         if self.msix is None:
             self.msix = Msix(self.fn)
             self.msix.route_to_ram(self.memory)
+        else:
+            self.msix.reprogram()
         got = self.transport.set_config_vector(0)
         if got != 0:
             raise TransportError(f"{self.transport}: config vector 0 refused (read {got:#x})")

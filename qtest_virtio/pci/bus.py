@@ -254,6 +254,17 @@ class PciFunction:
                 self.write_config(reg + 4, 4, address >> 32)
         bar.address = address
 
+    def restore(self) -> None:
+        """Put back what a guest may have scribbled over in the header: every assigned BAR's
+        address, the expansion ROM off, I/O and memory decoding and bus mastering on (what a
+        driver re-does after a function reset). Capabilities are left to their owners."""
+        for bar in self.bars:
+            if bar.address is not None:
+                self.set_bar_address(bar, bar.address)
+        if not self.is_bridge:
+            self.config.write("expansion_rom", 0)
+        self.enable()
+
     def _bar_address(self, index: int, offset: int, width: int) -> int:
         bar = self.bar(index)
         if bar.address is None:

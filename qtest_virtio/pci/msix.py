@@ -110,6 +110,14 @@ class Msix:
             self.set_vector(v, region + 4 * v, MESSAGE_DATA_BASE + v)
         self.enable()
 
+    def reprogram(self) -> None:
+        """Write every mailbox vector's entry again, unmask the function and enable MSI-X: the
+        table is guest-writable, so a driver re-programs it at initialization."""
+        for vector, addr in self.mailboxes.items():
+            self.set_vector(vector, addr, MESSAGE_DATA_BASE + vector)
+        self.mask_function(False)
+        self.enable()
+
     def _mailbox(self, vector: int) -> int:
         try:
             return self.mailboxes[vector]
