@@ -485,6 +485,50 @@ class DescChain(Action):
 
 
 @dataclass(frozen=True)
+class LongChain(Action):
+    """A chain longer than the queue without a loop: an indirect table of queue size + ``extra``
+    linked descriptors (§2.7.5.3.1: a device must not accept more than the queue size) or,
+    direct, every slot of the ring chained in turn and the last pointing back at the head."""
+
+    indirect: bool
+    extra: int
+    length: int
+
+    def may_write_status(self) -> bool:
+        return False
+
+    def render(self, t: Target) -> list[str]:
+        size = SPLIT_DESC.size  # a packed descriptor has the same 16 bytes
+        if self.indirect:  # the table goes in the table half of the scratch area
+            count = min(t.queue_size + self.extra, (t.scratch_size // 2) // size)
+        else:
+            count = t.queue_size
+        wrap = _packed_avail_flags(t.wrap) if t.packed else 0
+        flags_of = PACKED_F if t.packed else DESC_F
+        descs = []
+        for i in range(count):
+            addr = t.scratch + (i * 16) % (t.scratch_size // 2)
+            flags = flags_of.NEXT.mask if i + 1 < count or not self.indirect else 0
+            if t.packed:
+                descs.append(struct.pack("<QIHH", addr, self.length & U32, 0, flags | wrap))
+            else:
+                descs.append(struct.pack("<QIHH", addr, self.length & U32, flags, (i + 1) % count))
+        # Split: the chain starts at slot 0; packed: where the device looks next.
+        head = t.avail_idx % t.queue_size if t.packed else 0
+        if self.indirect:
+            table = struct.pack("<QIHH", t.table_addr(), count * size, 0, flags_of.INDIRECT.mask | wrap)
+            if not t.packed:
+                table = struct.pack("<QIHH", t.table_addr(), count * size, flags_of.INDIRECT.mask, 0)
+            out = [_mem_write(t.table_addr(), b"".join(descs)), _mem_write(t.desc + size * head, table)]
+        else:
+            ring = b"".join(descs)
+            out = [_mem_write(t.desc + size * head, ring[: size * (count - head)])]
+            if head:
+                out.append(_mem_write(t.desc, ring[size * (count - head) :]))
+        return out + _publish(t, head, 1) + t.notify(t.queue)
+
+
+@dataclass(frozen=True)
 class IdReuse(Action):
     """The valid request made available ``copies`` times at once with one buffer id (packed)
     or one head (split): the device sees an id that is still in flight (virtio 1.2 §2.8.6)."""
@@ -717,6 +761,7 @@ def actions_strategy(max_actions: int = 8) -> SearchStrategy[list[Action]]:
         st.builds(Notify, queue),
         st.just(Valid()),
         st.builds(IdReuse, st.integers(2, 3), st.integers(0, 1024)),
+        st.builds(LongChain, st.booleans(), st.sampled_from([1, 2, 64]), st.sampled_from([0, 1, 16, 512])),
         st.builds(MisshapenRequest, st.sampled_from(REQUEST_SHAPES)),
         st.builds(
             PciConfig,

@@ -24,6 +24,7 @@ from qtest_virtio.fuzz import (
     DescChain,
     FuzzConfig,
     IdReuse,
+    LongChain,
     MisshapenRequest,
     MsixAccess,
     PciCfgWindow,
@@ -299,3 +300,17 @@ def test_signatures_group_by_assertion_and_come_back_from_reproducers(tmp_path: 
     (tmp_path / "known.qtest").write_text("# xfail: still broken\n" + text)
     (tmp_path / "fixed.qtest").write_text(text.replace("Assertion `addr", "Assertion `other"))
     assert known_signatures(str(tmp_path)) == {signature(crash): str(tmp_path / "known.qtest")}
+
+
+def test_long_chain_outgrows_the_queue() -> None:
+    t = target(legacy=False, packed=False, queue_size=128)
+    cmds = LongChain(indirect=True, extra=2, length=16).render(t)
+    table = base64.b64decode(cmds[0].split(" ")[3])
+    assert len(table) == 16 * 130  # queue size + 2 descriptors, linked 0 -> 1 -> ... -> 129
+    assert struct.unpack_from("<QIHH", table, 16 * 129)[2] == 0  # the last ends the chain
+    ((_, size, flags, _),) = _descs(cmds[1:2])
+    assert size == 16 * 130 and flags == 4  # one INDIRECT descriptor at the head
+    direct = _descs(LongChain(indirect=False, extra=0, length=1).render(t))
+    assert len(direct) == 0  # written as one 2 KiB block: the whole ring
+    ring = base64.b64decode(LongChain(False, 0, 1).render(t)[0].split(" ")[3])
+    assert struct.unpack_from("<QIHH", ring, 16 * 127)[3] == 0  # the last slot points back at the head
