@@ -1,4 +1,4 @@
-"""nox sessions (design.md): tests, suite, flags(...), lint, typecheck, bench.
+"""nox sessions (design.md): tests, suite, flags(...), lint, typecheck, bench; and fuzz (issue 7).
 
 Every session gets its own virtualenv, reused between runs, with the project installed editable
 with its ``dev`` extras. Extra arguments go after ``--`` (``nox -s tests -- --qemu build/qemu-system-x86_64``).
@@ -51,6 +51,15 @@ def bench(session: nox.Session) -> None:
     install(session)
     for script in ("bench_qtest.py", "bench_virtqueue.py", "bench_suite.py"):
         session.run("python", os.path.join("benchmarks", script), *session.posargs)
+
+
+@nox.session
+def fuzz(session: nox.Session) -> None:
+    """A hostile-driver campaign: ``qtest-virtio fuzz --keep-going`` (posargs go to it, e.g.
+    ``-- --device virtio-net-pci --seconds 600 --qemu build/qemu-system-x86_64``)."""
+    install(session)
+    args = session.posargs or ["--seconds", "600"]
+    session.run("qtest-virtio", "fuzz", "--keep-going", *args)
 
 
 # -- the scenario suite, once per feature flag ---------------------------------------------------

@@ -250,7 +250,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     for note in result.notes:
         print(f"note: {note}")
     print(f"{args.file}: {describe(result, rep)}")
-    if result.outcome in ("crashed", "hung") and result.stderr_tail.strip():
+    if result.outcome in ("crashed", "hung", "unrecovered") and result.stderr_tail.strip():
         print("QEMU stderr (tail):")
         print("\n".join("    " + line for line in result.stderr_tail.splitlines()))
     if result.outcome != "survived" and result.command_line:

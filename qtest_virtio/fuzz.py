@@ -38,10 +38,11 @@ from typing import TYPE_CHECKING, Any
 
 from . import modes
 from .backends import NetBackend, SerialBackend
-from .errors import QemuCrashed, QemuStartError, QtestTimeout, QtestVirtioError
+from .errors import QemuCrashed, QemuStartError, QtestTimeout, QtestVirtioError, ScenarioError
 from .machine import CRASH_MARKERS, MachineSpec
 from .pci.config import CONFIG_ADDRESS_PORT, CONFIG_DATA_PORT, Cf8Access
 from .pci.regs import CONFIG_SPACE_SIZE, MSIX_ENTRY
+from .reproducer import FUZZ_CHECK
 from .transport import LegacyTransport, ModernTransport
 from .transport.layout import COMMON_CFG, LEGACY_CFG, STATUS, VIRTIO_PCI_CFG_CAP
 from .virtqueue import PackedVirtqueue, SplitVirtqueue
@@ -51,7 +52,7 @@ from .vm import Machine
 if TYPE_CHECKING:
     from hypothesis.strategies import SearchStrategy
 
-    from .reproducer import ReplayResult
+    from .reproducer import ReplayResult, Reproducer
 
 U16, U32, U64 = 0xFFFF, 0xFFFF_FFFF, 0xFFFF_FFFF_FFFF_FFFF
 DEVICE_ID = "fuzz0"
@@ -942,6 +943,8 @@ class ExampleResult:
     observations: list[Observation] = field(default_factory=list)
     stderr_tail: str = ""
     returncode: int | None = None
+    #: Index in ``commands`` of the first command of the recovery (reset and valid request).
+    recovery_from: int | None = None
 
     @property
     def failed(self) -> bool:
@@ -1071,10 +1074,9 @@ def _observe_errors(vm: Machine, driver: Any, target: Target, action: Action, se
     return len(lines)
 
 
-def run_example(config: FuzzConfig, actions: Sequence[Action], *, hook: Hook | None = None) -> ExampleResult:
-    """One example on a fresh machine: initialize, abuse, check, reset, check a valid request."""
+def _machine(config: FuzzConfig) -> Machine:
+    """The machine an example runs on (and a checked replay rebuilds): the device alone."""
     device = DEVICES[config.device]
-    result = ExampleResult(config, list(actions))
     spec = MachineSpec(qemu=config.qemu, command_timeout=config.hang_timeout)
     spec.add_virtio(
         device.name,
@@ -1083,9 +1085,17 @@ def run_example(config: FuzzConfig, actions: Sequence[Action], *, hook: Hook | N
         id=DEVICE_ID,
         packed="on" if config.ring == "packed" else "off",
     )
-    vm = Machine(spec)
+    return Machine(spec)
+
+
+def run_example(config: FuzzConfig, actions: Sequence[Action], *, hook: Hook | None = None) -> ExampleResult:
+    """One example on a fresh machine: initialize, abuse, check, reset, check a valid request."""
+    device = DEVICES[config.device]
+    result = ExampleResult(config, list(actions))
+    vm = _machine(config)
     vm.start()  # QemuStartError: the caller's problem (cannot run here)
     sink = vm.qtest.record()
+    recovery_at: int | None = None
     result.args = replay_args(vm.command_line())
     phase = "initialization"
     step = 0
@@ -1121,6 +1131,7 @@ def run_example(config: FuzzConfig, actions: Sequence[Action], *, hook: Hook | N
         step = 0
         vm.qtest.send_raw("endianness")  # the round trip: QEMU answers within the bound
         phase = "recovery"
+        recovery_at = sum(len(b) for b in sink)
         driver.fn.restore()  # BARs, decoding, bus master: what config-space abuse may have moved
         driver.initialize()
         try:
@@ -1143,7 +1154,10 @@ def run_example(config: FuzzConfig, actions: Sequence[Action], *, hook: Hook | N
         result.observations.append(Observation("driver error during abuse", _normal(exc)))
     finally:
         vm.shutdown(check=False)
-        result.commands = b"".join(sink).decode("latin-1").splitlines()
+        sent = b"".join(sink)
+        result.commands = sent.decode("latin-1").splitlines()
+        if recovery_at is not None:
+            result.recovery_from = sent[:recovery_at].count(b"\n")
         result.stderr_tail = vm.stderr_tail(30)
         result.returncode = vm.returncode
     markers = [line.strip() for line in vm.stderr_text().splitlines() if any(m in line for m in CRASH_MARKERS)]
@@ -1278,14 +1292,21 @@ def _delete_actions(best: ExampleResult, hook: Hook | None, deadline: float) -> 
 def reproducer_text(result: ExampleResult, *, seed: int | None = None) -> str:
     """The plain ``.qtest`` form: ``# qemu-args:`` then every command QEMU received."""
     c = result.config
+    commands = result.commands
+    check: list[str] = []
+    if result.outcome == "unrecovered" and result.recovery_from is not None:
+        # QEMU lived: the failure is in the recovery, which replay re-runs from this header.
+        commands = commands[: result.recovery_from]
+        check = [f"# {FUZZ_CHECK} device={c.device} mode={c.mode} ring={c.ring} queue={c.queue_index}"]
     lines = [
         f"# qtest-virtio fuzz: {c.device} mode={c.mode} ring={c.ring}" + (f" seed={seed}" if seed is not None else ""),
         f"# outcome: {result.outcome}: {result.detail.splitlines()[0] if result.detail else ''}",
         f"{SIGNATURE_HEADER} {signature(result)}",
         "# hostile actions (after the driver's initialization to DRIVER_OK):",
         *(f"#   {a!r}" for a in result.actions),
+        *check,
         f"# qemu-args: {shlex.join(result.args)}",
-        *result.commands,
+        *commands,
     ]
     return "\n".join(lines) + "\n"
 
@@ -1327,6 +1348,70 @@ def write_reproducer(result: ExampleResult, out_dir: str, *, seed: int | None = 
     return path
 
 
+def replay_checked(
+    rep: Reproducer, *, qemu: str | None, timeout: float, trace: bool = False, echo: object = None
+) -> ReplayResult:
+    """Replay a reproducer whose ``# fuzz-check:`` header asks for the recovery check: the
+    machine the header names, the commands, then a fresh driver (device reset, initialization)
+    and the device's valid request. survived, crashed, hung or unrecovered."""
+    from .binary import QemuBinary
+    from .reproducer import ReplayResult
+
+    line = next(c for c in rep.comments if c.startswith(FUZZ_CHECK))
+    fields = dict(word.partition("=")[::2] for word in line[len(FUZZ_CHECK) :].split())
+    try:
+        config = FuzzConfig(
+            fields["device"],
+            modes.check_mode(fields["mode"]),
+            fields["ring"],
+            QemuBinary.get(qemu).path,
+            queue=int(fields["queue"]),
+            hang_timeout=timeout,
+        )
+        device = DEVICES[config.device]
+    except (KeyError, ValueError) as exc:
+        raise ScenarioError(f"malformed '# {FUZZ_CHECK}' line ({exc}): {line}", path=rep.path) from None
+    vm = _machine(config)
+    try:
+        vm.start()
+    except QemuStartError as exc:
+        return ReplayResult("cannot-run", str(exc).splitlines()[0], command_line=exc.command_line)
+    result = ReplayResult("survived", command_line=vm.command_line())
+    printer = echo if callable(echo) else print
+    where = "the commands"
+    try:
+        vm.resume()  # as in the example: the driver's first step resumed the machine (QMP cont)
+        for n, command in rep.commands:
+            reply = vm.qtest.send_raw(command)
+            result.commands_run += 1
+            if trace:
+                printer(f"{rep.path}:{n}: {command[:160]}  ->  {reply[:160]}")
+        vm.qtest.send_raw("endianness")
+        where = "the recovery"
+        try:
+            driver = vm.virtio(DEVICE_ID)  # enumeration re-assigns the BARs; initialization resets
+            device.check(vm, driver, 5.0)
+            result.detail = f"{result.commands_run} commands, then a device reset and a valid request: served"
+        except (QemuCrashed, QtestTimeout):
+            raise
+        except QtestVirtioError as exc:
+            result.outcome = "unrecovered"
+            result.detail = f"after a device reset a valid request failed: {str(exc)[:200]}"
+    except QemuCrashed as exc:
+        result.outcome, result.detail = "crashed", exc.summary
+    except QtestTimeout as exc:
+        result.outcome, result.detail = "hung", f"no reply within {timeout:g} s during {where}: {exc}"
+    finally:
+        vm.shutdown(check=False)
+    result.returncode = vm.returncode
+    result.stderr_tail = vm.stderr_tail(30)
+    if vm.crash is not None and result.outcome != "hung":
+        markers = [x.strip() for x in vm.stderr_text().splitlines() if any(m in x for m in CRASH_MARKERS)]
+        result.outcome, result.signal = "crashed", vm.crash.signal
+        result.detail = markers[0] if markers else vm.crash.summary
+    return result
+
+
 def verify_reproducer(path: str, *, qemu: str | None, timeout: float) -> ReplayResult:
     """Replay the written file as ``qtest-virtio replay`` would."""
     from .reproducer import load, replay
@@ -1365,7 +1450,10 @@ def run_fuzz(args: argparse.Namespace) -> int:
     try:
         import hypothesis  # noqa: F401
     except ImportError:
-        print("qtest-virtio fuzz: needs hypothesis (pip install hypothesis)", file=sys.stderr)
+        print(
+            "qtest-virtio fuzz: needs hypothesis: pip install 'qtest-virtio[fuzz]' (or pip install hypothesis)",
+            file=sys.stderr,
+        )
         return 125
     devices = args.device or list(DEVICES)
     for d in devices:

@@ -32,6 +32,8 @@ from .machine import CRASH_MARKERS, MachineSpec, QemuMachine
 
 _HEREDOC_RE = re.compile(r"^\s*cat\s*<<\s*-?\s*(['\"]?)(\w+)\1\s*\|\s*(.*)$")
 _QEMU_ARGS_RE = re.compile(r"^#\s*qemu-args:\s*(.*)$")
+#: A comment (``#`` stripped) that makes a fuzzer reproducer end with a recovery check.
+FUZZ_CHECK = "fuzz-check:"
 
 
 @dataclass
@@ -48,7 +50,9 @@ class Reproducer:
 
 @dataclass
 class ReplayResult:
-    """survived | crashed | hung | cannot-run, with what explains it."""
+    """survived | crashed | hung | cannot-run, with what explains it; and for a fuzzer
+    reproducer with a ``# fuzz-check:`` header, unrecovered (QEMU lived, but after a device
+    reset a valid request failed)."""
 
     outcome: str
     detail: str = ""
@@ -62,7 +66,7 @@ class ReplayResult:
     @property
     def exit_code(self) -> int:
         """git bisect run: 0 good, 1 bad, 125 cannot test."""
-        return {"survived": 0, "crashed": 1, "hung": 1, "cannot-run": 125}[self.outcome]
+        return {"survived": 0, "crashed": 1, "hung": 1, "unrecovered": 1, "cannot-run": 125}[self.outcome]
 
 
 def _logical_lines(text: str) -> list[tuple[int, str]]:
@@ -213,7 +217,15 @@ def replay(
     trace: bool = False,
     echo: object = None,
 ) -> ReplayResult:
-    """Run the reproducer on our socket and say whether QEMU survived, crashed or hung."""
+    """Run the reproducer on our socket and say whether QEMU survived, crashed or hung.
+
+    A fuzzer reproducer that ends in a recovery check (``# fuzz-check:``) is replayed by the
+    fuzzer, which rebuilds the machine from the header and runs the check after the commands.
+    """
+    if any(c.startswith(FUZZ_CHECK) for c in rep.comments):
+        from .fuzz import replay_checked
+
+        return replay_checked(rep, qemu=qemu, timeout=timeout, trace=trace, echo=echo)
     binary = QemuBinary.get(qemu)
     args, notes = normalize_args(rep.args, binary)
     if rep.binary and not rep.binary.endswith("x86_64") and "qemu-system" in rep.binary:
@@ -267,4 +279,6 @@ def describe(result: ReplayResult, rep: Reproducer) -> str:
         return f"crashed ({sig}) after {result.commands_run} of {len(rep.commands)} commands: {result.detail}"
     if result.outcome == "hung":
         return f"hung: {result.detail}"
+    if result.outcome == "unrecovered":
+        return f"unrecovered: {result.detail}"
     return f"cannot run here: {result.detail}"

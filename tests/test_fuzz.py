@@ -314,3 +314,29 @@ def test_long_chain_outgrows_the_queue() -> None:
     assert len(direct) == 0  # written as one 2 KiB block: the whole ring
     ring = base64.b64decode(LongChain(False, 0, 1).render(t)[0].split(" ")[3])
     assert struct.unpack_from("<QIHH", ring, 16 * 127)[3] == 0  # the last slot points back at the head
+
+
+def test_unrecovered_is_written_with_its_check_and_replays_the_same(qemu_binary, tmp_path: Path, monkeypatch) -> None:
+    """A device that stays alive but cannot serve after a reset: virtio-rng limited to 16 bytes
+    a minute (max-bytes/period) spends them on the abuse's valid request. The reproducer keeps
+    the commands up to the recovery and a ``# fuzz-check:`` line; replay re-runs the check."""
+    from dataclasses import replace
+
+    from qtest_virtio.fuzz import Valid, run_example
+
+    plain = DEVICES["virtio-rng-pci"]
+    monkeypatch.setitem(DEVICES, "virtio-rng-pci", replace(plain, props=(("max-bytes", "16"), ("period", "60000"))))
+    config = FuzzConfig("virtio-rng-pci", "modern", "split", qemu=qemu_binary.path)
+    result = run_example(config, [Valid()])
+    assert result.outcome == "unrecovered", result.summary()
+    assert result.recovery_from is not None and 0 < result.recovery_from < len(result.commands)
+
+    path = write_reproducer(result, str(tmp_path))
+    text = Path(path).read_text()
+    assert "# fuzz-check: device=virtio-rng-pci mode=modern ring=split queue=0\n" in text
+    assert len(load(path).commands) == result.recovery_from
+    verdict = verify_reproducer(path, qemu=qemu_binary.path, timeout=5.0)
+    assert verdict.outcome == "unrecovered" and verdict.exit_code == 1, verdict
+
+    monkeypatch.setitem(DEVICES, "virtio-rng-pci", plain)  # no rate limit: the same commands recover
+    assert verify_reproducer(path, qemu=qemu_binary.path, timeout=5.0).outcome == "survived"
