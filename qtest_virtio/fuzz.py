@@ -1192,14 +1192,15 @@ _ASSERTION_RE = re.compile(r"([A-Za-z_]\w*): Assertion `(.*)' failed")
 
 def signature(result: ExampleResult) -> str:
     """What makes two failures the same bug, for a campaign's de-duplication: a crash by its
-    assertion or signal text, a hang by device and ring, the rest by outcome and message."""
+    assertion (on any device: the assertions are in QEMU's shared virtio code) or by device and
+    message, a hang by device and ring, the rest by outcome and message."""
     c = result.config
     if result.outcome == "hung":
         return f"{c.device} {c.ring}: hung"
     if result.outcome == "crashed":
         assertion = _ASSERTION_RE.search(result.detail)
         if assertion:  # file and line numbers change with the build; function and condition do not
-            return f"{c.device}: crashed: {assertion.group(1)}: Assertion `{assertion.group(2)}' failed"
+            return f"crashed: {assertion.group(1)}: Assertion `{assertion.group(2)}' failed"
         return f"{c.device}: crashed: {_normal(result.detail)}"
     return f"{c.device} {c.ring}: {result.outcome}: {_normal(result.detail)}"
 

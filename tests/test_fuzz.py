@@ -292,8 +292,8 @@ def test_signatures_group_by_assertion_and_come_back_from_reproducers(tmp_path: 
         detail="qemu-system-x86_64: ./include/exec/memory_ldst_cached.h.inc:30: "
         "address_space_lduw_le_cached: Assertion `addr < cache->len' failed.",
     )
-    expected = "virtio-blk-pci: crashed: address_space_lduw_le_cached: Assertion `addr < cache->len' failed"
-    assert signature(crash) == expected  # no file or line number: those move between builds
+    expected = "crashed: address_space_lduw_le_cached: Assertion `addr < cache->len' failed"
+    assert signature(crash) == expected  # no file, line or device: the assertion is in shared code
     hang = ExampleResult(config, [], outcome="hung", detail="during action 3")
     assert signature(hang) == "virtio-blk-pci packed: hung"
     text = reproducer_text(crash)
