@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import glob
 import os
 import random
 import re
@@ -1180,7 +1181,6 @@ class FuzzReport:
     seconds: float = 0.0
     failure: ExampleResult | None = None
     observations: Counter[str] = field(default_factory=Counter)
-    database: str | None = None
 
 
 class _Failed(Exception):
@@ -1214,7 +1214,6 @@ def fuzz_target(
     *,
     max_examples: int = 20,
     seed: int = 0,
-    database: str | None = None,
     shrink_seconds: float = 120.0,
     max_actions: int = 8,
     hook: Hook | None = None,
@@ -1228,9 +1227,8 @@ def fuzz_target(
     """
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import seed as hypothesis_seed
-    from hypothesis.database import DirectoryBasedExampleDatabase, InMemoryExampleDatabase
 
-    report = FuzzReport(config, seed, database=database)
+    report = FuzzReport(config, seed)
     failures: list[ExampleResult] = []
     first_failure: list[float] = []
     started = time.monotonic()
@@ -1239,7 +1237,7 @@ def fuzz_target(
     @settings(
         max_examples=max_examples,
         deadline=None,
-        database=DirectoryBasedExampleDatabase(database) if database else InMemoryExampleDatabase(),
+        database=None,  # hypothesis ignores it in a seeded run; the kept record is the .qtest files
         suppress_health_check=list(HealthCheck),
         report_multiple_bugs=False,
         phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink),
@@ -1433,10 +1431,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ring", action="append", default=[], choices=RINGS, help="ring layout (default: both)")
     parser.add_argument("--seconds", type=float, default=60.0, help="time budget for the whole run")
     parser.add_argument("--seed", type=int, default=None, help="hypothesis seed (default: random, printed)")
-    parser.add_argument("--out", default="fuzz-out", metavar="DIR", help="where reproducers and the database go")
+    parser.add_argument(
+        "--out", default="fuzz-out", metavar="DIR", help="where reproducers go (earlier ones there are replayed first)"
+    )
     parser.add_argument("--qemu", default=None, help="QEMU binary (default: $QEMU or qemu-system-x86_64)")
     parser.add_argument("--hang-timeout", type=float, default=3.0, help="seconds without a qtest reply = hang")
     parser.add_argument("--examples", type=int, default=25, help="examples per target per round")
+    parser.add_argument(
+        "--shrink-seconds", type=float, default=120.0, help="time spent shrinking a new find (default 120)"
+    )
+    parser.add_argument(
+        "--known",
+        metavar="DIR",
+        default=None,
+        help="reproducers of known bugs (e.g. scenarios/reproducers): finds with their signature are not new",
+    )
     parser.add_argument(
         "--keep-going",
         action="store_true",
@@ -1473,8 +1482,11 @@ def run_fuzz(args: argparse.Namespace) -> int:
         print(f"qtest-virtio fuzz: {exc}", file=sys.stderr)
         return 125
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 32)
-    db_root = os.path.join(args.out, "hypothesis")
-    print(f"seed {seed}; hypothesis database {os.path.abspath(db_root)}; reproducers to {os.path.abspath(args.out)}")
+    earlier = sorted(glob.glob(os.path.join(args.out, "*.qtest")))
+    print(
+        f"seed {seed}; finds kept in {os.path.abspath(args.out)} ({len(earlier)} from earlier runs, replayed first)",
+        flush=True,
+    )
     # The legacy layout has no packed rings: those targets would repeat the split ones.
     targets = [
         FuzzConfig(d, m, r, qemu, queue=q, hang_timeout=args.hang_timeout)
@@ -1486,7 +1498,11 @@ def run_fuzz(args: argparse.Namespace) -> int:
     ]
     deadline = time.monotonic() + args.seconds
     observations: Counter[str] = Counter()
-    found: dict[str, str] = {}
+    known = known_signatures(args.known) if args.known else {}
+    if args.known and not known:
+        print(f"qtest-virtio fuzz: --known {args.known}: no reproducer there has '# xfail:' and '{SIGNATURE_HEADER}'")
+    found: dict[str, str] = dict(known)
+    still = _replay_earlier(earlier, found, qemu, args.hang_timeout)
     total = 0
     rounds = 0
     while True:
@@ -1498,8 +1514,8 @@ def run_fuzz(args: argparse.Namespace) -> int:
                     config,
                     max_examples=args.examples,
                     seed=seed + rounds,
-                    database=os.path.join(db_root, config.name),
                     known=found,
+                    shrink_seconds=args.shrink_seconds,
                 )
             except QemuStartError as exc:
                 print(f"{config.name}: cannot run here: {str(exc).splitlines()[0]}", file=sys.stderr)
@@ -1514,7 +1530,7 @@ def run_fuzz(args: argparse.Namespace) -> int:
             if report.failure is not None:
                 sig = signature(report.failure)
                 if sig in found:
-                    print(f"  again: {sig} (as {found[sig]})", flush=True)
+                    print(f"  {'known' if sig in known else 'again'}: {sig} (as {found[sig]})", flush=True)
                     continue
                 found[sig] = _report_failure(report, args, qemu, seed + rounds)
                 if not args.keep_going:
@@ -1522,13 +1538,39 @@ def run_fuzz(args: argparse.Namespace) -> int:
         rounds += 1
         if time.monotonic() >= deadline:
             break
-    verdict = f"{len(found)} distinct find(s)" if found else "nothing found"
+    new = {sig: path for sig, path in found.items() if sig not in known and path not in earlier}
+    verdict = f"{len(new)} distinct new find(s)" if new else "nothing new found"
+    if still:
+        verdict += f", {len(still)} earlier find(s) still failing"
     print(f"{verdict}: {total} examples in {rounds} round(s), seed {seed}")
-    for sig, path in found.items():
+    for sig, path in new.items():
         print(f"  {sig}: {path}")
     for text, n in observations.most_common():
         print(f"  observed {n}x: {text}")
-    return 1 if found else 0
+    return 1 if new or still else 0
+
+
+def _replay_earlier(paths: list[str], found: dict[str, str], qemu: str, timeout: float) -> list[str]:
+    """Replay the finds an earlier run left in the output directory (what hypothesis's example
+    database would do, which a seeded run does not use): the ones that still fail are not new
+    when found again. Returns those paths."""
+    from .reproducer import load
+
+    still: list[str] = []
+    for path in paths:
+        try:
+            rep = load(path)
+            verdict = verify_reproducer(path, qemu=qemu, timeout=timeout)
+        except QtestVirtioError as exc:
+            print(f"  earlier find {os.path.basename(path)}: cannot replay: {str(exc).splitlines()[0]}")
+            continue
+        print(f"  earlier find {os.path.basename(path)}: {verdict.outcome}", flush=True)
+        if verdict.outcome in ("crashed", "hung", "unrecovered"):
+            still.append(path)
+            for c in rep.comments:
+                if c.startswith(SIGNATURE_HEADER.lstrip("# ")):
+                    found.setdefault(c.split(":", 1)[1].strip(), path)
+    return still
 
 
 def _report_failure(report: FuzzReport, args: argparse.Namespace, qemu: str, seed: int) -> str:

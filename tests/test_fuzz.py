@@ -10,6 +10,7 @@ import shutil
 import signal
 import stat
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -340,3 +341,63 @@ def test_unrecovered_is_written_with_its_check_and_replays_the_same(qemu_binary,
 
     monkeypatch.setitem(DEVICES, "virtio-rng-pci", plain)  # no rate limit: the same commands recover
     assert verify_reproducer(path, qemu=qemu_binary.path, timeout=5.0).outcome == "survived"
+
+
+EXE = shutil.which("qtest-virtio")
+REPRODUCERS = str(Path(__file__).resolve().parent.parent / "scenarios" / "reproducers")
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    assert EXE, "qtest-virtio console script not installed (pip install -e .)"
+    return subprocess.run([EXE, "fuzz", *args], capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_cli_short_campaign_prints_seed_and_finds_nothing(qemu_binary, tmp_path: Path) -> None:
+    res = cli(
+        *("--device", "virtio-rng-pci", "--transport", "modern", "--ring", "split"),
+        *("--examples", "3", "--seconds", "0", "--seed", "7", "--out", str(tmp_path), "--qemu", qemu_binary.path),
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.startswith(f"seed 7; finds kept in {tmp_path} (0 from earlier runs, replayed first)")
+    assert "virtio-rng-pci-modern-split: 3 examples in" in res.stdout
+    assert "nothing new found: 3 examples in 1 round(s), seed 7" in res.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--device", "virtio-gpu-pci"], "no fuzz profile for 'virtio-gpu-pci'; known: virtio-rng-pci, virtio-blk-pci"),
+        (["--transport", "modrn"], "modrn"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_128(args: list[str], message: str) -> None:
+    res = cli(*args)
+    assert res.returncode == 128 and message in res.stderr, res.stderr
+    assert res.stderr.count("\n") == 1
+
+
+def test_cli_known_bug_is_not_new_and_a_new_one_is_written(qemu_binary, tmp_path: Path) -> None:
+    """The packed virtio-blk livelock (a reproducer under scenarios/reproducers): with --known it
+    is reported as known and the run exits 0; without, it is a find: written, replayed, exit 1;
+    a second run into the same directory replays it first and does not report it as new."""
+    common = ("--device", "virtio-blk-pci", "--transport", "modern", "--ring", "packed", "--examples", "5")
+    common += ("--seed", "0", "--seconds", "0", "--hang-timeout", "2", "--qemu", qemu_binary.path)
+    res = cli(*common, "--known", REPRODUCERS, "--out", str(tmp_path / "known"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "  known: virtio-blk-pci packed: hung (as " in res.stdout
+    assert "nothing new found" in res.stdout
+
+    res = cli(*common, "--shrink-seconds", "0", "--out", str(tmp_path / "new"))
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "FOUND virtio-blk-pci-modern-packed: hung: " in res.stdout
+    (written,) = (tmp_path / "new").glob("virtio-blk-pci-modern-packed-hung-*.qtest")
+    assert f"qtest commands: {written}" in res.stdout and "  replay: hung: " in res.stdout
+    assert "# fuzz-signature: virtio-blk-pci packed: hung" in written.read_text()
+
+    # The next run into the same directory replays the find first; found again, it is not new.
+    res = cli(*common, "--shrink-seconds", "0", "--out", str(tmp_path / "new"))
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "(1 from earlier runs, replayed first)" in res.stdout
+    assert f"  earlier find {written.name}: hung" in res.stdout
+    assert f"  again: virtio-blk-pci packed: hung (as {written})" in res.stdout
+    assert "nothing new found, 1 earlier find(s) still failing" in res.stdout
