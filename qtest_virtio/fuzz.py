@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from . import modes
 from .backends import NetBackend, SerialBackend
 from .errors import QemuCrashed, QemuStartError, QtestTimeout, QtestVirtioError, ScenarioError
-from .machine import CRASH_MARKERS, MachineSpec
+from .machine import MachineSpec, is_crash_marker
 from .pci.config import CONFIG_ADDRESS_PORT, CONFIG_DATA_PORT, Cf8Access
 from .pci.regs import CONFIG_SPACE_SIZE, MSIX_ENTRY
 from .reproducer import FUZZ_CHECK
@@ -1063,7 +1063,7 @@ def _observe_errors(vm: Machine, driver: Any, target: Target, action: Action, se
     """Errors QEMU printed since line ``seen`` (virtio_error and friends), each with whether
     the device then shows DEVICE_NEEDS_RESET (§2.1.2: it should, in the modern layout)."""
     lines = vm.stderr_text().splitlines()
-    new = [line for line in lines[seen:] if line.strip() and not any(m in line for m in CRASH_MARKERS)]
+    new = [line for line in lines[seen:] if line.strip() and not is_crash_marker(line)]
     if new:
         needs_reset = bool(driver.transport.get_status() & STATUS.DEVICE_NEEDS_RESET.mask)
         for line in new:
@@ -1166,12 +1166,12 @@ def run_example(config: FuzzConfig, actions: Sequence[Action], *, hook: Hook | N
             result.recovery_from = sent[:recovery_at].count(b"\n")
         result.stderr_tail = vm.stderr_tail(30)
         result.returncode = vm.returncode
-    markers = [line.strip() for line in vm.stderr_text().splitlines() if any(m in line for m in CRASH_MARKERS)]
+    marker = vm.crash_marker()
     if vm.crash is not None and result.outcome in ("ok", "unrecovered"):
         result.outcome = "crashed"
-        result.detail = markers[0] if markers else vm.crash.summary
-    elif result.outcome == "crashed" and markers:
-        result.detail = markers[0]  # the assertion text says more than "socket closed"
+        result.detail = marker or vm.crash.summary
+    elif result.outcome == "crashed" and marker is not None:
+        result.detail = marker  # the assertion text says more than "socket closed"
     return result
 
 
@@ -1359,7 +1359,7 @@ def replay_checked(
     machine the header names, the commands, then a fresh driver (device reset, initialization)
     and the device's valid request. survived, crashed, hung or unrecovered."""
     from .binary import QemuBinary
-    from .reproducer import ReplayResult
+    from .reproducer import ReplayResult, run_commands
 
     line = next(c for c in rep.comments if c.startswith(FUZZ_CHECK))
     fields = dict(word.partition("=")[::2] for word in line[len(FUZZ_CHECK) :].split())
@@ -1381,16 +1381,10 @@ def replay_checked(
     except QemuStartError as exc:
         return ReplayResult("cannot-run", str(exc).splitlines()[0], command_line=exc.command_line)
     result = ReplayResult("survived", command_line=vm.command_line())
-    printer = echo if callable(echo) else print
     where = "the commands"
     try:
         vm.resume()  # as in the example: the driver's first step resumed the machine (QMP cont)
-        for n, command in rep.commands:
-            reply = vm.qtest.send_raw(command)
-            result.commands_run += 1
-            if trace:
-                printer(f"{rep.path}:{n}: {command[:160]}  ->  {reply[:160]}")
-        vm.qtest.send_raw("endianness")
+        run_commands(vm, rep, result, trace=trace, echo=echo)
         where = "the recovery"
         try:
             driver = vm.virtio(DEVICE_ID)  # enumeration re-assigns the BARs; initialization resets
@@ -1410,9 +1404,8 @@ def replay_checked(
     result.returncode = vm.returncode
     result.stderr_tail = vm.stderr_tail(30)
     if vm.crash is not None and result.outcome != "hung":
-        markers = [x.strip() for x in vm.stderr_text().splitlines() if any(m in x for m in CRASH_MARKERS)]
         result.outcome, result.signal = "crashed", vm.crash.signal
-        result.detail = markers[0] if markers else vm.crash.summary
+        result.detail = vm.crash_marker() or vm.crash.summary
     return result
 
 

@@ -49,6 +49,12 @@ CRASH_MARKERS = (
     "core dumped",
 )
 
+
+def is_crash_marker(line: str) -> bool:
+    """Whether a line of QEMU's stderr is one of the ``CRASH_MARKERS``."""
+    return any(m in line for m in CRASH_MARKERS)
+
+
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _MEM_RE = re.compile(r"^(\d+)([KMGT]?)i?B?$", re.IGNORECASE)
 _MEM_UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -633,11 +639,11 @@ class QemuMachine:
         if self._proc is None:
             return None
         rc = self._proc.returncode
-        markers = [line for line in self.stderr_text().splitlines() if any(m in line for m in CRASH_MARKERS)]
+        marker = self.crash_marker()
         foreign_signal = rc is not None and rc < 0 and -rc not in getattr(self, "_signals_sent", set())
-        if died_early or markers or foreign_signal:
-            if markers:
-                reason = markers[0].strip()
+        if died_early or marker is not None or foreign_signal:
+            if marker is not None:
+                reason = marker
             elif died_early:
                 reason = "QEMU exited before the harness stopped it"
             else:
@@ -706,6 +712,11 @@ class QemuMachine:
                 return f.read().decode(errors="replace")
         except (AttributeError, OSError):
             return ""
+
+    def crash_marker(self) -> str | None:
+        """The first assertion or sanitizer line QEMU printed (stripped), if any: it says more
+        about a crash than the exit status."""
+        return next((line.strip() for line in self.stderr_text().splitlines() if is_crash_marker(line)), None)
 
     def stderr_tail(self, lines: int = 20) -> str:
         return "\n".join(self.stderr_text().splitlines()[-lines:])

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from .binary import QemuBinary
 from .errors import QemuCrashed, QemuStartError, QtestTimeout, ScenarioError
-from .machine import CRASH_MARKERS, MachineSpec, QemuMachine
+from .machine import MachineSpec, QemuMachine
 
 _HEREDOC_RE = re.compile(r"^\s*cat\s*<<\s*-?\s*(['\"]?)(\w+)\1\s*\|\s*(.*)$")
 _QEMU_ARGS_RE = re.compile(r"^#\s*qemu-args:\s*(.*)$")
@@ -232,7 +232,6 @@ def replay(
         notes.append(f"{rep.binary.rsplit('/', 1)[-1]} is replaced by {binary.path}")
     spec = MachineSpec(qemu=binary.path, raw_args=args, command_timeout=timeout, start_timeout=max(timeout, 15.0))
     vm = QemuMachine(spec)
-    printer = echo if callable(echo) else print
     try:
         vm.start()
     except QemuStartError as exc:
@@ -240,12 +239,7 @@ def replay(
     result = ReplayResult("survived", notes=notes, command_line=vm.command_line())
     try:
         vm.resume()  # like the qtest accelerator, a RUNNING machine whose only vCPU halts
-        for n, command in rep.commands:
-            reply = vm.qtest.send_raw(command)
-            result.commands_run += 1
-            if trace:
-                printer(f"{rep.path}:{n}: {command[:160]}  ->  {reply[:160]}")
-        vm.qtest.send_raw("endianness")  # one more round trip: QEMU processed everything
+        run_commands(vm, rep, result, trace=trace, echo=echo)
     except QemuCrashed as exc:
         result.outcome, result.detail = "crashed", exc.summary
     except QtestTimeout:
@@ -257,8 +251,8 @@ def replay(
     result.returncode = vm.returncode
     result.stderr_tail = vm.stderr_tail(30)
     if result.outcome != "hung" and crash is not None:
-        markers = [line.strip() for line in vm.stderr_text().splitlines() if any(m in line for m in CRASH_MARKERS)]
-        if crash.returncode == 0 and not markers:
+        marker = vm.crash_marker()
+        if crash.returncode == 0 and marker is None:
             # A clean exit the guest asked for (e.g. an ACPI power-off through PM1_CNT): QEMU
             # did what a machine does, it did not crash.
             result.outcome = "survived"
@@ -266,8 +260,20 @@ def replay(
             return result
         result.outcome = "crashed"
         result.signal = crash.signal
-        result.detail = markers[0] if markers else crash.summary
+        result.detail = marker or crash.summary
     return result
+
+
+def run_commands(vm: QemuMachine, rep: Reproducer, result: ReplayResult, *, trace: bool, echo: object) -> None:
+    """Send the reproducer's commands as written (counted in ``result``, each with its reply
+    through ``echo`` or print when tracing), then one more round trip: QEMU processed them all."""
+    printer = echo if callable(echo) else print
+    for n, command in rep.commands:
+        reply = vm.qtest.send_raw(command)
+        result.commands_run += 1
+        if trace:
+            printer(f"{rep.path}:{n}: {command[:160]}  ->  {reply[:160]}")
+    vm.qtest.send_raw("endianness")
 
 
 def describe(result: ReplayResult, rep: Reproducer) -> str:
