@@ -244,7 +244,11 @@ def replay(
         result.outcome, result.detail = "crashed", exc.summary
     except QtestTimeout:
         result.outcome = "hung"
-        result.detail = f"no reply within {timeout:g} s to line {rep.commands[result.commands_run][0]}"
+        if result.commands_run < len(rep.commands):
+            where = f"line {rep.commands[result.commands_run][0]}"
+        else:  # every command answered; the round trip after the last one was not
+            where = "the round trip after the last command"
+        result.detail = f"no reply within {timeout:g} s to {where}"
     finally:
         vm.shutdown(check=False)
     crash = vm.crash

@@ -147,6 +147,20 @@ def test_replay_hang_is_classified(tmp_path: Path, qemu_binary: QemuBinary) -> N
     assert "no reply within 1 s to line" in result.detail
 
 
+def test_replay_hang_after_the_last_command_is_classified(tmp_path: Path, qemu_binary: QemuBinary) -> None:
+    """Every command answered, then QEMU stops answering: the round trip after the last one hangs."""
+    wrapper = make_wrapper(tmp_path, qemu_binary.path, "STOP")
+    rep = parse("# qemu-args: -M q35 -nodefaults\nreadl 0x100000\n", "late-hang.qtest")
+    import time
+
+    def slow_echo(_: str) -> None:
+        time.sleep(1.0)  # the STOP lands after the only command's reply
+
+    result = replay(rep, qemu=wrapper, timeout=1.0, trace=True, echo=slow_echo)
+    assert result.outcome == "hung" and result.exit_code == 1 and result.commands_run == 1
+    assert result.detail == "no reply within 1 s to the round trip after the last command"
+
+
 def test_replay_cannot_run(qemu_binary: QemuBinary) -> None:
     rep = parse("# qemu-args: -device no-such-device\nreadl 0\n", "x.qtest")
     result = replay(rep, qemu=qemu_binary.path)
