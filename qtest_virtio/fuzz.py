@@ -47,7 +47,16 @@ from .reproducer import FUZZ_CHECK
 from .transport import LegacyTransport, ModernTransport
 from .transport.layout import COMMON_CFG, LEGACY_CFG, STATUS, VIRTIO_PCI_CFG_CAP
 from .virtqueue import PackedVirtqueue, SplitVirtqueue
-from .virtqueue.layout import DESC_F, PACKED_DESC, PACKED_F, SPLIT_AVAIL, SPLIT_DESC, SPLIT_USED, USED_ELEM
+from .virtqueue.layout import (
+    DESC_F,
+    PACKED_DESC,
+    PACKED_F,
+    SPLIT_AVAIL,
+    SPLIT_DESC,
+    SPLIT_USED,
+    USED_ELEM,
+    packed_avail_flags,
+)
 from .vm import Machine
 
 if TYPE_CHECKING:
@@ -57,6 +66,8 @@ if TYPE_CHECKING:
 
 U16, U32, U64 = 0xFFFF, 0xFFFF_FFFF, 0xFFFF_FFFF_FFFF_FFFF
 DEVICE_ID = "fuzz0"
+#: A request's buffers: (length, device-writable, contents) each.
+Request = tuple[tuple[int, bool, bytes], ...]
 RINGS = ("split", "packed")
 #: Outcomes of one example; every one but "ok" is a failure.
 OUTCOMES = ("ok", "crashed", "hung", "unrecovered")
@@ -188,7 +199,7 @@ class Target:
     #: Packed: the driver's wrap counter for ``avail_idx`` (AVAIL = wrap, USED = not wrap).
     wrap: int = 1
     #: A valid request for the queue: (length, writable, contents) per buffer.
-    request: tuple[tuple[int, bool, bytes], ...] = ((64, True, b""),)
+    request: Request = ((64, True, b""),)
     #: The function's CF8/CFC address for offset 0 (bus/device/function, enable bit).
     config_address: int = 0
     #: Config-space offset of the VIRTIO_PCI_CAP_PCI_CFG capability, 0 without one.
@@ -230,14 +241,10 @@ class Target:
     def config(self, offset: int, width: int, value: int | None) -> list[str]:
         """A config-space access to the function through CF8/CFC, any width and alignment."""
         offset %= CONFIG_SPACE_SIZE
-        port = CONFIG_DATA_PORT + (offset & 3)
-        out = [f"outl {CONFIG_ADDRESS_PORT:#x} {self.config_address | (offset & 0xFC):#x}"]
-        if value is None:
-            out.append({1: "inb", 2: "inw"}.get(width, "inl") + f" {port:#x}")
-        else:
-            op, w = {1: ("outb", 1), 2: ("outw", 2)}.get(width, ("outl", 4))
-            out.append(f"{op} {port:#x} {value & ((1 << (8 * w)) - 1):#x}")
-        return out
+        address = Window("config-address", True, CONFIG_ADDRESS_PORT, 4)
+        data = Window("config-data", True, CONFIG_DATA_PORT, 4)
+        access = data.read(offset & 3, width) if value is None else data.write(offset & 3, width, value)
+        return [address.write(0, 4, self.config_address | (offset & 0xFC)), access]
 
 
 # -- actions -----------------------------------------------------------------------------------
@@ -267,6 +274,15 @@ class Addr:
         return self.offset & 0xFFFFF
 
 
+_DESC = struct.Struct("<QIHH")
+
+
+def _pack_desc(packed: bool, addr: int, length: int, flags: int, link: int) -> bytes:
+    """16 bytes of a descriptor: split (addr, len, flags, next) or packed (addr, len, id, flags);
+    ``link`` is the next index or the buffer id."""
+    return _DESC.pack(addr, length, link, flags) if packed else _DESC.pack(addr, length, flags, link)
+
+
 @dataclass(frozen=True)
 class Desc:
     """One raw descriptor: split (addr, len, flags, next) or packed (addr, len, id, flags)."""
@@ -278,10 +294,10 @@ class Desc:
     next: int
 
     def pack_split(self, t: Target) -> bytes:
-        return struct.pack("<QIHH", self.addr.resolve(t), self.length & U32, self.flags & U16, self.next & U16)
+        return _pack_desc(False, self.addr.resolve(t), self.length & U32, self.flags & U16, self.next & U16)
 
     def pack_packed(self, t: Target) -> bytes:
-        return struct.pack("<QIHH", self.addr.resolve(t), self.length & U32, self.next & U16, self.flags & U16)
+        return _pack_desc(True, self.addr.resolve(t), self.length & U32, self.flags & U16, self.next & U16)
 
 
 class Action:
@@ -397,13 +413,8 @@ class Features(Action):
         return out
 
 
-def _packed_avail_flags(wrap: int) -> int:
-    """AVAIL/USED bits of a descriptor made available in lap ``wrap`` (virtio 1.2 §2.8.1)."""
-    return (wrap & 1) << PACKED_F.AVAIL.shift | (~wrap & 1) << PACKED_F.USED.shift
-
-
 def _request_chain(
-    t: Target, base_slot: int, request: Sequence[tuple[int, bool, bytes]] | None = None, buffer_id: int | None = None
+    t: Target, base_slot: int, request: Request | None = None, buffer_id: int | None = None
 ) -> tuple[list[str], int, list[int]]:
     """A request (the queue's valid one unless given) written into the scratch area and
     descriptor slots: (commands, head slot, slots). On a packed ring it is flagged available
@@ -419,11 +430,11 @@ def _request_chain(
         if t.packed:
             wrap = t.wrap ^ (1 if base_slot + i >= t.queue_size else 0)
             flags = (0 if last else PACKED_F.NEXT.mask) | (PACKED_F.WRITE.mask if writable else 0)
-            flags |= _packed_avail_flags(wrap)
-            desc = struct.pack("<QIHH", addr, length, slots[0] if buffer_id is None else buffer_id, flags)
+            flags |= packed_avail_flags(wrap)
+            desc = _pack_desc(True, addr, length, flags, slots[0] if buffer_id is None else buffer_id)
         else:
             flags = (0 if last else DESC_F.NEXT.mask) | (DESC_F.WRITE.mask if writable else 0)
-            desc = struct.pack("<QIHH", addr, length, flags, 0 if last else slots[i + 1])
+            desc = _pack_desc(False, addr, length, flags, 0 if last else slots[i + 1])
         cmds.append(_mem_write(t.desc + SPLIT_DESC.size * slots[i], desc))
         addr += (length + 15) & ~15
     return cmds, slots[0], slots
@@ -505,22 +516,18 @@ class LongChain(Action):
             count = min(t.queue_size + self.extra, (t.scratch_size // 2) // size)
         else:
             count = t.queue_size
-        wrap = _packed_avail_flags(t.wrap) if t.packed else 0
+        avail = packed_avail_flags(t.wrap) if t.packed else 0
         flags_of = PACKED_F if t.packed else DESC_F
         descs = []
         for i in range(count):
             addr = t.scratch + (i * 16) % (t.scratch_size // 2)
             flags = flags_of.NEXT.mask if i + 1 < count or not self.indirect else 0
-            if t.packed:
-                descs.append(struct.pack("<QIHH", addr, self.length & U32, 0, flags | wrap))
-            else:
-                descs.append(struct.pack("<QIHH", addr, self.length & U32, flags, (i + 1) % count))
+            link = 0 if t.packed else (i + 1) % count  # packed: the buffer id
+            descs.append(_pack_desc(t.packed, addr, self.length & U32, flags | avail, link))
         # Split: the chain starts at slot 0; packed: where the device looks next.
         head = t.avail_idx % t.queue_size if t.packed else 0
         if self.indirect:
-            table = struct.pack("<QIHH", t.table_addr(), count * size, 0, flags_of.INDIRECT.mask | wrap)
-            if not t.packed:
-                table = struct.pack("<QIHH", t.table_addr(), count * size, flags_of.INDIRECT.mask, 0)
+            table = _pack_desc(t.packed, t.table_addr(), count * size, flags_of.INDIRECT.mask | avail, 0)
             out = [_mem_write(t.table_addr(), b"".join(descs)), _mem_write(t.desc + size * head, table)]
         else:
             ring = b"".join(descs)
@@ -579,7 +586,7 @@ class MisshapenRequest(Action):
         else:
             req = [(sum(n for n, _, _ in req), False, b"".join(d.ljust(n, b"\0") for n, _, d in req))]
         base = t.avail_idx if t.packed else 0
-        cmds, head, _ = _request_chain(t, base, req)
+        cmds, head, _ = _request_chain(t, base, tuple(req))
         return cmds + _publish(t, head, 1) + t.notify(t.queue)
 
 
@@ -856,8 +863,6 @@ def _balloon_check(vm: Machine, driver: Any, timeout: float) -> None:
     driver.deflate(1, timeout=timeout)
 
 
-Request = tuple[tuple[int, bool, bytes], ...]
-
 _NET_TX: Request = ((12 + len(_CHECK_FRAME), False, bytes(12) + _CHECK_FRAME),)
 #: VIRTIO_NET_CTRL_RX / VIRTIO_NET_CTRL_RX_PROMISC on, then the ack byte (virtio 1.2 §5.1.6.5).
 _NET_CTRL: Request = ((2, False, b"\x00\x00"), (1, False, b"\x01"), (1, True, b""))
@@ -879,6 +884,10 @@ class DeviceProfile:
     check: Callable[[Machine, Any, float], None]
     queues: dict[int, Request]
     props: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def default_queue(self) -> int:
+        return next(iter(self.queues))
 
 
 #: Devices, data-driven: add a profile to fuzz another device. The first queue is the default.
@@ -918,12 +927,12 @@ class FuzzConfig:
 
     @property
     def queue_index(self) -> int:
-        return next(iter(DEVICES[self.device].queues)) if self.queue is None else self.queue
+        return DEVICES[self.device].default_queue if self.queue is None else self.queue
 
     @property
     def name(self) -> str:
         """``device-mode-ring``, with ``-qN`` when the queue is not the profile's first."""
-        default = next(iter(DEVICES[self.device].queues))
+        default = DEVICES[self.device].default_queue
         return f"{self.device}-{self.mode}-{self.ring}" + ("" if self.queue_index == default else f"-q{self.queue}")
 
 
@@ -1330,12 +1339,18 @@ def known_signatures(directory: str) -> dict[str, str]:
             continue
         path = os.path.join(directory, name)
         with open(path, encoding="utf-8") as f:
-            head = [line.strip() for line in f if line.startswith("#")]
-        if any(line.startswith("# xfail:") for line in head):
-            for line in head:
-                if line.startswith(SIGNATURE_HEADER):
-                    out[line[len(SIGNATURE_HEADER) :].strip()] = path
+            comments = [line.strip().lstrip("# ") for line in f if line.startswith("#")]
+        sig = _comment_value(comments, SIGNATURE_HEADER)
+        if sig and _comment_value(comments, "# xfail:") is not None:
+            out[sig] = path
     return out
+
+
+def _comment_value(comments: Sequence[str], header: str) -> str | None:
+    """The value of the first ``# name: value`` header among a reproducer's comments (their
+    text without the ``#``, as ``Reproducer.comments`` holds them)."""
+    prefix = header.lstrip("# ")
+    return next((c[len(prefix) :].strip() for c in comments if c.startswith(prefix)), None)
 
 
 def write_reproducer(result: ExampleResult, out_dir: str, *, seed: int | None = None) -> str:
@@ -1563,11 +1578,11 @@ def _replay_earlier(paths: list[str], found: dict[str, str], qemu: str, timeout:
             print(f"  earlier find {os.path.basename(path)}: cannot replay: {str(exc).splitlines()[0]}")
             continue
         print(f"  earlier find {os.path.basename(path)}: {verdict.outcome}", flush=True)
-        if verdict.outcome in ("crashed", "hung", "unrecovered"):
+        if verdict.exit_code == 1:  # crashed, hung or unrecovered
             still.append(path)
-            for c in rep.comments:
-                if c.startswith(SIGNATURE_HEADER.lstrip("# ")):
-                    found.setdefault(c.split(":", 1)[1].strip(), path)
+            sig = _comment_value(rep.comments, SIGNATURE_HEADER)
+            if sig:
+                found.setdefault(sig, path)
     return still
 
 

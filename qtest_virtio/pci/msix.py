@@ -8,6 +8,7 @@ write there), and the driver polls that word — the message data says which vec
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 
 from ..errors import QtestVirtioError
 from ..memory import GuestMemory
@@ -105,18 +106,21 @@ class Msix:
         """Point vectors 0..n-1 at fresh zeroed words of guest RAM and enable MSI-X."""
         count = self.table_size if vectors is None else vectors
         region = memory.alloc(4 * count, align=64, tag=f"msix mailboxes {self.fn.bdf}", zero=True)
-        for v in range(count):
-            self.mailboxes[v] = region + 4 * v
-            self.set_vector(v, region + 4 * v, MESSAGE_DATA_BASE + v)
+        self.mailboxes.update({v: region + 4 * v for v in range(count)})
+        self._program_mailboxes(range(count))
         self.enable()
 
     def reprogram(self) -> None:
         """Write every mailbox vector's entry again, unmask the function and enable MSI-X: the
         table is guest-writable, so a driver re-programs it at initialization."""
-        for vector, addr in self.mailboxes.items():
-            self.set_vector(vector, addr, MESSAGE_DATA_BASE + vector)
+        self._program_mailboxes(self.mailboxes)
         self.mask_function(False)
         self.enable()
+
+    def _program_mailboxes(self, vectors: Iterable[int]) -> None:
+        """Point each vector's table entry at its mailbox, with its own message data."""
+        for vector in vectors:
+            self.set_vector(vector, self.mailboxes[vector], MESSAGE_DATA_BASE + vector)
 
     def _mailbox(self, vector: int) -> int:
         try:

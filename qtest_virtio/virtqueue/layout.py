@@ -39,6 +39,11 @@ RING_EVENT_FLAGS_DESC = 2
 MAX_QUEUE_SIZE = 32768
 
 
+def packed_avail_flags(wrap: int) -> int:
+    """AVAIL = wrap, USED = !wrap: a descriptor made available in lap ``wrap`` (§2.8.1)."""
+    return (PACKED_F.AVAIL.mask if wrap else 0) | (0 if wrap else PACKED_F.USED.mask)
+
+
 def avail_ring_size(n: int) -> int:
     """flags, idx, ring[n], used_event (§2.7.6)."""
     return SPLIT_AVAIL.size + 2 * n + 2

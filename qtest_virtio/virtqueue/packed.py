@@ -22,6 +22,7 @@ from .layout import (
     RING_EVENT_FLAGS_DISABLE,
     RING_EVENT_FLAGS_ENABLE,
     need_event,
+    packed_avail_flags,
 )
 
 _DESC = struct.Struct("<QIHH")  # PACKED_DESC: addr, len, id, flags
@@ -63,10 +64,6 @@ class PackedVirtqueue(Virtqueue):
     def free_descriptors(self) -> int:
         return self._free_slots
 
-    def _avail_flags(self, wrap: int) -> int:
-        """AVAIL = wrap, USED = !wrap marks a descriptor available (§2.8.1)."""
-        return (PACKED_F.AVAIL.mask if wrap else 0) | (0 if wrap else PACKED_F.USED.mask)
-
     def add(self, bufs: Sequence[Buf], *, indirect: bool | None = None) -> int:
         use_indirect = self._use_indirect(bufs, indirect)
         table = None
@@ -84,7 +81,7 @@ class PackedVirtqueue(Virtqueue):
         slots = []
         for i, (addr, length, flags) in enumerate(chain):
             flags |= PACKED_F.NEXT.mask if i + 1 < len(chain) else 0
-            flags |= self._avail_flags(self.avail_wrap)
+            flags |= packed_avail_flags(self.avail_wrap)
             slot_addr = self.ring + PACKED_DESC.size * self.next_avail
             if i == 0:
                 head_flags = flags
