@@ -228,17 +228,24 @@ exit $rc
 """
 
 
-def test_failure_is_shrunk_written_and_replays_as_crashed(qemu_binary, tmp_path: Path) -> None:
+@pytest.fixture
+def qemu_with_bug(qemu_binary, tmp_path: Path) -> str:
+    """WRAPPER around the real binary: pair it with ``status_write_bug`` as the hook."""
     wrapper = tmp_path / "qemu-with-bug"
     wrapper.write_text(WRAPPER.format(real=qemu_binary.path))
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
     assert shutil.which(str(wrapper))
+    return str(wrapper)
 
-    def hook(vm: Machine, action: Action) -> None:
-        if isinstance(action, StatusWrites):  # the "bug": any status write after DRIVER_OK
-            vm.qtest.send_raw("outb 0x505 0x1")
 
-    config = FuzzConfig("virtio-rng-pci", "modern", "split", qemu=str(wrapper))
+def status_write_bug(vm: Machine, action: Action) -> None:
+    if isinstance(action, StatusWrites):  # the "bug": any status write after DRIVER_OK
+        vm.qtest.send_raw("outb 0x505 0x1")
+
+
+def test_failure_is_shrunk_written_and_replays_as_crashed(qemu_binary, qemu_with_bug: str, tmp_path: Path) -> None:
+    wrapper, hook = qemu_with_bug, status_write_bug
+    config = FuzzConfig("virtio-rng-pci", "modern", "split", qemu=wrapper)
     report = fuzz_target(config, max_examples=40, seed=3, hook=hook, shrink_seconds=8.0)
     failure = report.failure
     assert failure is not None, f"{report.examples} examples found nothing"
@@ -254,7 +261,7 @@ def test_failure_is_shrunk_written_and_replays_as_crashed(qemu_binary, tmp_path:
     assert "-device" in rep.args and not any(a in rep.args for a in ("-S", "-accel", "-qtest"))
     assert any("mode=modern" in c for c in rep.comments)
 
-    verdict = verify_reproducer(path, qemu=str(wrapper), timeout=5.0)
+    verdict = verify_reproducer(path, qemu=wrapper, timeout=5.0)
     assert verdict.outcome == "crashed", verdict
     assert verdict.signal == signal.SIGABRT
     # ...and against the real binary the same commands are harmless (no pvpanic there: it
@@ -264,17 +271,10 @@ def test_failure_is_shrunk_written_and_replays_as_crashed(qemu_binary, tmp_path:
     assert parse(text, path).commands == rep.commands
 
 
-def test_known_failure_is_not_shrunk_again(qemu_binary, tmp_path: Path) -> None:
+def test_known_failure_is_not_shrunk_again(qemu_with_bug: str) -> None:
     """A campaign that already has a bug's reproducer does not spend QEMU starts shrinking it again."""
-    wrapper = tmp_path / "qemu-with-bug"
-    wrapper.write_text(WRAPPER.format(real=qemu_binary.path))
-    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
-
-    def hook(vm: Machine, action: Action) -> None:
-        if isinstance(action, StatusWrites):
-            vm.qtest.send_raw("outb 0x505 0x1")
-
-    config = FuzzConfig("virtio-rng-pci", "modern", "split", qemu=str(wrapper))
+    hook = status_write_bug
+    config = FuzzConfig("virtio-rng-pci", "modern", "split", qemu=qemu_with_bug)
     fresh = fuzz_target(config, max_examples=40, seed=3, hook=hook, shrink_seconds=8.0)
     assert fresh.failure is not None
     again = fuzz_target(config, max_examples=40, seed=3, hook=hook, known={signature(fresh.failure)})
