@@ -162,7 +162,7 @@ def bisect_flags(
 def candidate_changes(binary: QemuBinary, device: str = "virtio-rng-pci") -> list[Change]:
     """Features this binary turns on by default, and the driver-side refusals."""
     props = binary.device_properties(device)
-    out = [Change(p, "off") for p in DEFAULT_ON_FLAGS if p in props and props[p].default in ("true", "on")]
+    out = [Change(p, "off") for p in DEFAULT_ON_FLAGS if p in props and props[p].default == "on"]
     return out + [Change("refuse", f) for f in REFUSABLE]
 
 

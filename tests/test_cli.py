@@ -100,5 +100,5 @@ def test_missing_qemu_on_path() -> None:
 def test_flags_lists_properties_with_defaults(qemu_binary) -> None:
     res = run("flags", "--qemu", qemu_binary.path, "--device", "virtio-rng-pci")
     assert res.returncode == 0, res.stderr
-    assert "event_idx=<bool> (default: true)" in res.stdout
-    assert "packed=<bool> (default: false)" in res.stdout
+    assert "event_idx=<bool> (default: on)" in res.stdout
+    assert "packed=<bool> (default: off)" in res.stdout
