@@ -4,6 +4,7 @@
 #
 #   bash scripts/qemu.sh provide NAME...   # make NAME available; prints "NAME PATH" per binary
 #   bash scripts/qemu.sh path NAME         # the binary's path (provides it first when missing)
+#   bash scripts/qemu.sh path --cached NAME  # the path only when it is already there, else exit 3
 #   bash scripts/qemu.sh list              # the names, and which are in the cache
 #
 # NAMEs:
@@ -214,6 +215,18 @@ provide() {
     esac
 }
 
+# Where NAME lives once provided (the system QEMU: on PATH).
+location() {
+    case "$1" in
+        system) command -v qemu-system-x86_64 || echo "/usr/bin/qemu-system-x86_64" ;;
+        debian-10.0) echo "$CACHE/debian-10.0/bin/qemu-system-x86_64" ;;
+        src-10.0.2) echo "$CACHE/src-10.0.2/build/qemu-system-x86_64" ;;
+        src-newest) echo "$CACHE/src-$(upstream_of "${NEWEST% *}")/build/qemu-system-x86_64" ;;
+        gcov-10.0.2) echo "$CACHE/gcov-10.0.2/build/qemu-system-x86_64" ;;
+        *) die "unknown QEMU name '$1'; known: $(names)" ;;
+    esac
+}
+
 names() { echo "system debian-10.0 src-10.0.2 src-newest gcov-10.0.2"; }
 
 cmd="${1:-}"
@@ -227,11 +240,24 @@ case "$cmd" in
         done
         ;;
     path)
+        if [ "${1:-}" = "--cached" ]; then
+            [ "$#" -eq 2 ] || die "usage: bash scripts/qemu.sh path --cached NAME (NAMEs: $(names))"
+            bin=$(location "$2")
+            if [ -x "$bin" ] && { [ "$2" = system ] || [ "$2" = debian-10.0 ] || [ -f "$(dirname "$(dirname "$bin")")/.built" ]; }; then
+                echo "$bin"
+                exit 0
+            fi
+            echo "qemu.sh: QEMU '$2' is not provided yet: run bash scripts/qemu.sh provide $2" >&2
+            exit 3
+        fi
         [ "$#" -eq 1 ] || die "usage: bash scripts/qemu.sh path NAME (NAMEs: $(names))"
         provide "$1"
         ;;
     list)
-        for name in $(names); do echo "$name"; done
+        for name in $(names); do
+            bin=$(location "$name")
+            if [ -x "$bin" ]; then echo "$name $bin"; else echo "$name (not provided)"; fi
+        done
         ;;
     *)
         die "usage: bash scripts/qemu.sh provide NAME... | path NAME | list (NAMEs: $(names))"

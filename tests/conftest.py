@@ -1,3 +1,36 @@
-"""Shared test configuration."""
+"""Shared test configuration.
+
+Tests that compare QEMU versions use ``provided_qemu(NAME)``: a binary that ``scripts/qemu.sh``
+provides (``system``, ``debian-10.0``, ``src-10.0.2``, ``src-newest``). It is taken from the cache
+only; a missing one fails the test with the command that provides it (CI provides them first), it
+never skips.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from qtest_virtio.binary import QemuBinary
 
 pytest_plugins = ["pytester"]
+
+QEMU_SH = Path(__file__).resolve().parent.parent / "scripts" / "qemu.sh"
+
+
+@pytest.fixture(scope="session")
+def provided_qemu() -> Callable[[str], QemuBinary]:
+    """``provided_qemu("debian-10.0")`` -> that QemuBinary, from scripts/qemu.sh's cache."""
+
+    def get(name: str) -> QemuBinary:
+        res = subprocess.run(
+            ["bash", str(QEMU_SH), "path", "--cached", name], capture_output=True, text=True, check=False
+        )
+        if res.returncode != 0:
+            pytest.fail(res.stderr.strip() or f"scripts/qemu.sh path --cached {name} failed", pytrace=False)
+        return QemuBinary.get(res.stdout.strip())
+
+    return get
