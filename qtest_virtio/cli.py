@@ -102,10 +102,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(to_json(functions), indent=2))
         else:
-            accel = "qtest accelerator" if vm.binary.has_qtest_accel else "no qtest accelerator: TCG, -S, halt firmware"
             header = (
-                f"# {vm.binary.version_text}\n# machine {spec.machine}, {spec.memory} RAM, "
-                f"config access {vm.pci.config.name}, {accel}\n"
+                f"# {vm.binary.identity}\n# {vm.binary.version_text}\n# machine {spec.machine}, {spec.memory} RAM, "
+                f"config access {vm.pci.config.name}\n"
             )
             print(format_report(functions, header), end="")
     return EXIT_OK
@@ -198,6 +197,7 @@ def _run_suite(args: argparse.Namespace) -> tuple[int, Any, QemuBinary]:
     except OptionError as exc:
         raise UsageError(str(exc)) from None
     _check_run_flags(binary, flags)
+    print(binary.identity, flush=True)
     code, collector = run_pytest(_pytest_args(args, binary))
     return code, collector, binary
 
@@ -220,9 +220,9 @@ def _exit_code(code: int, collector: Any) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    code, collector, _ = _run_suite(args)
+    code, collector, binary = _run_suite(args)
     print()
-    print(collector.summary_table())
+    print(collector.summary_table(title=binary.identity))
     return _exit_code(code, collector)
 
 

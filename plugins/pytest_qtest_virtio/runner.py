@@ -75,8 +75,9 @@ class ResultCollector:
             out[r.outcome] += 1
         return out
 
-    def summary_table(self) -> str:
-        """Counts per device x transport x flags (flags include packed=on for packed rings)."""
+    def summary_table(self, title: str = "") -> str:
+        """Counts per device x transport x flags (flags include packed=on for packed rings),
+        under ``title`` (the binary, its version and accelerator) when one is given."""
         rows: dict[tuple[str, str, str], dict[str, int]] = defaultdict(lambda: dict.fromkeys(OUTCOME_ORDER, 0))
         for r in self.results.values():
             device = r.props.get("virtio_device") or ("(reproducers)" if "reproducer_outcome" in r.props else "(other)")
@@ -88,7 +89,8 @@ class ResultCollector:
             rows[(device, transport, flags)][r.outcome] += 1
         cols = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
         header = f"{'device':22} {'transport':20} {'flags':22} " + " ".join(f"{c:>7}" for c in cols)
-        lines = [header, "-" * len(header)]
+        lines = [title] if title else []
+        lines += [header, "-" * len(header)]
         order = {"-": 0, "legacy": 1, "transitional-legacy": 2, "transitional-modern": 3, "modern": 4}
         for (device, transport, flags), c in sorted(
             rows.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 9), kv[0][2])

@@ -1,0 +1,77 @@
+"""More than one QEMU: each binary scripts/qemu.sh provides is told apart by trial, named in the
+output with its version and accelerator, and driven the same way (issue 11)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Callable
+
+import pytest
+
+from qtest_virtio import MachineSpec
+from qtest_virtio.binary import QemuBinary
+from qtest_virtio.vm import Machine
+
+EXE = shutil.which("qtest-virtio")
+ProvidedQemu = Callable[[str], QemuBinary]
+
+#: name -> (version prefix, has the qtest accelerator)
+EXPECTED = {
+    "system": ((7, 2), False),
+    "debian-10.0": ((10, 0), False),
+    "src-newest": ((10, 2), True),
+}
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    assert EXE, "qtest-virtio console script not installed (pip install -e .)"
+    return subprocess.run([EXE, *args], capture_output=True, text=True, timeout=120, check=False)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_accelerator_is_detected_by_trial(provided_qemu: ProvidedQemu, name: str) -> None:
+    binary = provided_qemu(name)
+    version, qtest_accel = EXPECTED[name]
+    assert binary.version[:2] == version
+    # Upstream hides qtest from -accel help; the trial finds it all the same.
+    assert "qtest" not in binary.accelerators
+    assert binary.has_qtest_accel is qtest_accel
+    with Machine(MachineSpec(qemu=binary.path)) as vm:
+        accel = vm.argv[vm.argv.index("-accel") + 1]
+        assert accel == ("qtest" if qtest_accel else "tcg")
+        assert ("-S" in vm.argv) is not qtest_accel
+        # The virtual clock exists exactly where the qtest accelerator does.
+        if qtest_accel:
+            now = vm.qtest.clock_step(1_000_000)
+            assert vm.qtest.clock_step(1_000) == now + 1_000
+        else:
+            from qtest_virtio.errors import ClockUnavailable
+
+            with pytest.raises(ClockUnavailable):
+                vm.qtest.clock_step(1_000)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_probe_names_binary_version_and_accelerator(provided_qemu: ProvidedQemu, name: str) -> None:
+    binary = provided_qemu(name)
+    res = run_cli("probe", "--qemu", binary.path, "--device", "virtio-rng-pci")
+    assert res.returncode == 0, res.stderr
+    first = res.stdout.splitlines()[0]
+    version = ".".join(map(str, binary.version))
+    if EXPECTED[name][1]:
+        assert first == f"# QEMU {version} ({binary.path}), accelerator: qtest"
+    else:
+        assert first == f"# QEMU {version} ({binary.path}), accelerator: tcg (-S; no qtest accelerator in this build)"
+
+
+def test_run_summary_starts_with_the_binary(provided_qemu: ProvidedQemu) -> None:
+    binary = provided_qemu("src-newest")
+    res = run_cli("run", "scenarios/rng/test_rng.py", "--qemu", binary.path, "--transport", "modern", "-n", "1")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr
+    version = ".".join(map(str, binary.version))
+    identity = f"QEMU {version} ({binary.path}), accelerator: qtest"
+    lines = res.stdout.splitlines()
+    assert lines[0] == identity  # said before the run starts
+    title = lines.index(identity, 1)  # and again as the summary's first line
+    assert lines[title + 1].startswith("device ") and lines[title - 1] == ""
