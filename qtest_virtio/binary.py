@@ -12,10 +12,12 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import ClassVar
 
+from . import known_flags
 from .errors import QemuStartError, QtestVirtioError
 
 DEFAULT_QEMU = "qemu-system-x86_64"
@@ -30,6 +32,10 @@ class QemuNotFound(QemuStartError):
 
 class UnknownFlag(QtestVirtioError, ValueError):
     """A device property (or device) the binary does not know; lists the valid ones."""
+
+
+class FlagTypo(QtestVirtioError, ValueError):
+    """A flag no measured QEMU version has: a usage error (128), never "cannot test" (125)."""
 
 
 @dataclass(frozen=True)
@@ -188,3 +194,25 @@ class QemuBinary:
                 raise UnknownFlag(
                     f"{device} has no property {name!r} in {self.path}; valid: {', '.join(sorted(known))}"
                 )
+
+    def check_flags(self, names: Iterable[str], devices: Iterable[str]) -> None:
+        """Every flag name must be a property of one of ``devices`` in this binary. A name some
+        measured version has (known_flags) raises UnknownFlag with those versions (125); a name
+        none has raises FlagTypo with "did you mean" (128)."""
+        have: set[str] = set()
+        for device in devices:
+            if device in self.devices:
+                have |= set(self.device_properties(device))
+        version = ".".join(map(str, self.version))
+        for name in names:
+            if name in have:
+                continue
+            versions = known_flags.PROPERTIES.get(name)
+            if versions:
+                raise UnknownFlag(
+                    f"flag {name!r} is not in QEMU {version} ({self.path}); it is in QEMU {', '.join(versions)}"
+                )
+            close = difflib.get_close_matches(name, sorted(have | set(known_flags.PROPERTIES)), n=3)
+            listing = f"; `qtest-virtio flags --qemu {self.path}` lists them"
+            hint = f"; did you mean {', '.join(close)}?" if close else listing
+            raise FlagTypo(f"unknown flag {name!r}{hint}")

@@ -8,7 +8,6 @@ Exit codes follow ``git bisect run`` (design.md): 0 passed/survived, 1 failed/cr
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import os
 import signal
@@ -19,12 +18,12 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from . import __name__ as _pkg
-from .binary import QemuBinary, QemuNotFound, UnknownFlag
+from .binary import FlagTypo, QemuBinary, QemuNotFound, UnknownFlag
 from .bisect import BisectError
 from .errors import QemuCrashed, QemuStartError, QtestVirtioError, ScenarioError
 from .machine import MachineSpec
 from .probe import format_report, probe, to_json
-from .vm import Machine
+from .vm import DRIVERS, Machine
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -123,20 +122,6 @@ def cmd_flags(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-#: Feature-flag properties this project knows on virtio-pci devices: a name missing from an
-#: (older) binary makes a run untestable (125), a name unknown everywhere is a typo (128).
-KNOWN_FLAGS = frozenset(
-    {
-        "event_idx", "indirect_desc", "packed", "queue_reset", "any_layout", "notify_on_empty",
-        "page-per-vq", "modern-pio-notify", "ioeventfd", "use-disabled-flag", "iommu_platform",
-        "disable-legacy", "disable-modern", "use-started", "vectors", "x-disable-legacy-check",
-        "num-queues", "queue-size", "mrg_rxbuf", "mq", "ctrl_vq", "seg-max-adjust", "discard",
-        "write-zeroes", "deflate-on-oom", "free-page-hint", "max_ports", "emergency-write",
-    }
-)  # fmt: skip
-VIRTIO_DEVICES = ("virtio-blk-pci", "virtio-net-pci", "virtio-rng-pci", "virtio-serial-pci", "virtio-balloon-pci")
-
-
 def _suite_dir() -> str:
     """The bundled scenario suite (shipped in the wheel as qtest_virtio_scenarios)."""
     import importlib.util
@@ -145,22 +130,6 @@ def _suite_dir() -> str:
     if spec is None or not spec.submodule_search_locations:
         raise UsageError("the bundled scenario suite (qtest_virtio_scenarios) is not installed; name TARGETS")
     return next(iter(spec.submodule_search_locations))
-
-
-def _check_run_flags(binary: QemuBinary, flags: dict[str, str]) -> None:
-    """A typo aborts (128); a real flag this binary lacks means 'cannot test here' (125)."""
-    have: set[str] = set()
-    for device in VIRTIO_DEVICES:
-        if device in binary.devices:
-            have |= set(binary.device_properties(device))
-    for name in flags:
-        if name in have:
-            continue
-        if name in KNOWN_FLAGS:
-            raise UnknownFlag(f"flag {name!r} is not supported by {binary.path} ({binary.version_text})")
-        close = difflib.get_close_matches(name, sorted(have | KNOWN_FLAGS), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else f"; see `qtest-virtio flags --qemu {binary.path}`"
-        raise UsageError(f"--flags: unknown flag {name!r}{hint}")
 
 
 def _pytest_args(args: argparse.Namespace, binary: QemuBinary) -> list[str]:
@@ -196,7 +165,10 @@ def _run_suite(args: argparse.Namespace) -> tuple[int, Any, QemuBinary]:
         flags = parse_flags(args.flags)
     except OptionError as exc:
         raise UsageError(str(exc)) from None
-    _check_run_flags(binary, flags)
+    try:  # a typo aborts (128); a real flag this binary lacks means 'cannot test here' (125)
+        binary.check_flags(flags, DRIVERS)
+    except FlagTypo as exc:
+        raise UsageError(f"--flags: {exc}") from None
     print(binary.identity, flush=True)
     code, collector = run_pytest(_pytest_args(args, binary))
     return code, collector, binary
