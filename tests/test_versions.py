@@ -9,9 +9,9 @@ from collections.abc import Callable
 
 import pytest
 
-from qtest_virtio import MachineSpec
+from qtest_virtio import MachineSpec, known_flags
 from qtest_virtio.binary import QemuBinary
-from qtest_virtio.vm import Machine
+from qtest_virtio.vm import DRIVERS, Machine
 
 EXE = shutil.which("qtest-virtio")
 ProvidedQemu = Callable[[str], QemuBinary]
@@ -75,3 +75,41 @@ def test_run_summary_starts_with_the_binary(provided_qemu: ProvidedQemu) -> None
     assert lines[0] == identity  # said before the run starts
     title = lines.index(identity, 1)  # and again as the summary's first line
     assert lines[title + 1].startswith("device ") and lines[title - 1] == ""
+
+
+@pytest.mark.parametrize("name", ["system", "debian-10.0", "src-10.0.2", "src-newest"])
+def test_known_flags_table_matches_the_binary(provided_qemu: ProvidedQemu, name: str) -> None:
+    """known_flags.py was measured on these binaries: a stale table fails here (regenerate it with
+    scripts/flag_table.py)."""
+    binary = provided_qemu(name)
+    version = ".".join(map(str, binary.version))
+    assert version in known_flags.MEASURED_ON
+    have: set[str] = set()
+    for device in DRIVERS:
+        have |= set(binary.device_properties(device))
+    table = {flag for flag, versions in known_flags.PROPERTIES.items() if version in versions}
+    assert table == have, f"run scripts/flag_table.py: differs in {sorted(table ^ have)}"
+
+
+def test_flag_of_a_newer_version_is_untestable_here(provided_qemu: ProvidedQemu) -> None:
+    """in_order (VIRTIO_F_IN_ORDER) came with 10.0: on 7.2 a bisect step must say 125, with the
+    versions that have it, before any QEMU starts; on 10.0 the same command runs."""
+    old, new = provided_qemu("system"), provided_qemu("debian-10.0")
+    target = ["scenarios/rng/test_rng.py", "--transport", "modern", "-n", "1", "--flags", "in_order=on"]
+    res = run_cli("run", *target, "--qemu", old.path)
+    assert res.returncode == 125, res.stdout[-2000:] + res.stderr
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"qtest-virtio: cannot test here: flag 'in_order' is not in QEMU 7.2.22 ({old.path}); "
+        "it is in QEMU 10.0.2, 10.2.2"
+    )
+    res = run_cli("run", *target, "--qemu", new.path)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr
+    assert " passed" in res.stdout and "in_order=on" in res.stdout
+
+
+@pytest.mark.parametrize("name", ["system", "src-newest"])
+def test_flag_no_version_has_is_a_usage_error(provided_qemu: ProvidedQemu, name: str) -> None:
+    binary = provided_qemu(name)
+    res = run_cli("run", "scenarios/rng", "--qemu", binary.path, "--flags", "in_ordr=on")
+    assert res.returncode == 128
+    assert res.stderr.strip() == "qtest-virtio: error: --flags: unknown flag 'in_ordr'; did you mean in_order?"
