@@ -593,10 +593,12 @@ class QtestClient:
     # -- clock and target -----------------------------------------------------------------
 
     def clock_step(self, ns: int | None = None) -> int:
-        """Advance the virtual clock (needs the qtest accelerator; see ClockUnavailable)."""
+        """Advance the virtual clock by ``ns`` (at least 1: QEMU answers a step of 0 with "FAIL
+        could not advance time"), or to the next timer deadline; returns the new time. Needs the
+        qtest accelerator (see ClockUnavailable)."""
         if ns is None:
             return int(self._command("clock_step"))
-        _check_int("clock_step", "ns", ns, 0, _INT64_MAX)
+        _check_int("clock_step", "ns", ns, 1, _INT64_MAX)
         return int(self._command(f"clock_step {ns}"))
 
     def clock_set(self, ns: int) -> int:

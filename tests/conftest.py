@@ -8,6 +8,7 @@ never skips.
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,8 @@ from qtest_virtio.binary import QemuBinary
 pytest_plugins = ["pytester"]
 
 QEMU_SH = Path(__file__).resolve().parent.parent / "scripts" / "qemu.sh"
+#: The environment as the run began: pytester moves HOME, and with it the default cache.
+_ENV = dict(os.environ)
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +30,7 @@ def provided_qemu() -> Callable[[str], QemuBinary]:
 
     def get(name: str) -> QemuBinary:
         res = subprocess.run(
-            ["bash", str(QEMU_SH), "path", "--cached", name], capture_output=True, text=True, check=False
+            ["bash", str(QEMU_SH), "path", "--cached", name], capture_output=True, text=True, check=False, env=_ENV
         )
         if res.returncode != 0:
             pytest.fail(res.stderr.strip() or f"scripts/qemu.sh path --cached {name} failed", pytrace=False)

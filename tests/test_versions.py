@@ -113,3 +113,31 @@ def test_flag_no_version_has_is_a_usage_error(provided_qemu: ProvidedQemu, name:
     res = run_cli("run", "scenarios/rng", "--qemu", binary.path, "--flags", "in_ordr=on")
     assert res.returncode == 128
     assert res.stderr.strip() == "qtest-virtio: error: --flags: unknown flag 'in_ordr'; did you mean in_order?"
+
+
+@pytest.mark.parametrize("name", ["system", "src-newest"])
+def test_virtual_clock_marker_skips_without_the_clock(
+    pytester: pytest.Pytester, provided_qemu: ProvidedQemu, name: str
+) -> None:
+    """``@pytest.mark.virtual_clock`` runs where the build has the qtest accelerator and is a skip
+    naming the binary elsewhere, decided before QEMU starts."""
+    binary = provided_qemu(name)
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.virtual_clock
+        def test_steps(machine_factory):
+            vm = machine_factory()
+            start = vm.qtest.clock_step(1)
+            assert vm.qtest.clock_step(5_000) == start + 5_000
+        """
+    )
+    result = pytester.runpytest_subprocess(f"--qemu={binary.path}", "-rs", "-p", "no:cacheprovider")
+    if binary.has_qtest_accel:
+        result.assert_outcomes(passed=1)
+    else:
+        result.assert_outcomes(skipped=1)
+        result.stdout.fnmatch_lines(
+            [f"*virtual clock not available on this build (no qtest accelerator): QEMU 7.2.22 ({binary.path})*"]
+        )

@@ -37,6 +37,8 @@ MARKERS = (
     "virtio_device(name, transports=..., flags={...}, **backend): the virtio device a test drives",
     "virtio_requires(*features): skip where the device or binary cannot offer these features",
     "conformance(id, spec=section): ties a scenario to a row of the conformance matrix",
+    "virtual_clock: the test steps QEMU's virtual clock (clock_step); skips where the build has no "
+    "qtest accelerator, and so no clock",
 )
 
 
@@ -197,6 +199,8 @@ def machine_factory(request: pytest.FixtureRequest, qemu_binary: QemuBinary) -> 
     Every machine started is shut down after the test (a crash then fails the test's teardown),
     and its state goes into the failure report's ``qemu`` section.
     """
+    if request.node.get_closest_marker("virtual_clock") and not qemu_binary.has_qtest_accel:
+        pytest.skip(f"virtual clock not available on this build (no qtest accelerator): {qemu_binary.identity}")
     started: list[Machine] = []
     request.node.stash[MACHINES_KEY] = started
 

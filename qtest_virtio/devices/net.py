@@ -23,7 +23,7 @@ from ..pci import PciFunction
 from ..registers import BitLayout, Bits, Field, Layout
 from ..transport import TransportError, feature_bit
 from ..transport.layout import ISR, feature_names
-from ..virtqueue import Buf, UsedElem, Virtqueue, VirtqueueTimeout
+from ..virtqueue import Buf, Request, UsedElem, Virtqueue, VirtqueueTimeout
 from .base import VirtioDriver
 
 # -- data: config structure (§5.1.4) -------------------------------------------------------
@@ -575,6 +575,11 @@ class VirtioNet(VirtioDriver):
         """Transmit one frame (header with num_buffers 0, §5.1.6.2.1) and wait until the
         device has used it."""
         self.send_many([frame], header=header, timeout=timeout)
+
+    def transmit(self, frame: bytes, *, header: NetHdr | None = None) -> Request:
+        """Make one frame available and notify, without waiting for the device (a tx=timer
+        device holds it until its timer fires); ``txq.complete(request)`` waits."""
+        return self._need(self.txq, "transmitq1").submit(self._tx_chain(frame, header), [])
 
     def send_many(self, frames: Sequence[bytes], *, header: NetHdr | None = None, timeout: float = 5.0) -> None:
         """Transmit several frames with one notification; wait until all are used."""
