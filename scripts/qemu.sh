@@ -6,6 +6,7 @@
 #   bash scripts/qemu.sh path NAME         # the binary's path (provides it first when missing)
 #   bash scripts/qemu.sh path --cached NAME  # the path only when it is already there, else exit 3
 #   bash scripts/qemu.sh list              # the names, and which are in the cache
+#   bash scripts/qemu.sh version NAME      # the upstream version a source build NAME is (e.g. 10.2.2)
 #
 # NAMEs:
 #   system      Debian's qemu-system-x86 of this release (7.2 on bookworm), installed with apt-get
@@ -252,6 +253,13 @@ case "$cmd" in
         fi
         [ "$#" -eq 1 ] || die "usage: bash scripts/qemu.sh path NAME (NAMEs: $(names))"
         provide "$1"
+        ;;
+    version)
+        case "${1:-}" in
+            src-10.0.2 | gcov-10.0.2) upstream_of "${SRC_10_0_2% *}" ;;
+            src-newest) upstream_of "${NEWEST% *}" ;;
+            *) die "usage: bash scripts/qemu.sh version src-10.0.2|src-newest|gcov-10.0.2" ;;
+        esac
         ;;
     list)
         for name in $(names); do

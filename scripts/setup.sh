@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# Set up qtest-virtio on a Debian machine: QEMU (Debian's qemu-system-x86) when missing, then the
-# package with its dev extras, editable. Safe to run again. Works from any directory.
+# Set up qtest-virtio on a Debian machine: the QEMU binaries (scripts/qemu.sh: Debian's
+# qemu-system-x86, its 10.0 backport, the newest upstream source build; each only when missing),
+# then the package with its dev extras, editable. Safe to run again. Works from any directory.
 #
-#   bash scripts/setup.sh          # set up only
-#   bash scripts/setup.sh --run    # set up, then run the main job (qtest-virtio run: the scenario suite)
+#   bash scripts/setup.sh                # set up only
+#   bash scripts/setup.sh --run          # set up, then run the main job (qtest-virtio run: the scenario suite)
+#   bash scripts/setup.sh --system-only  # only the system QEMU (enough for the main job, not the tests)
 set -euo pipefail
 
-usage() { echo "usage: bash scripts/setup.sh [--run [qtest-virtio run arguments...]]" >&2; }
+usage() { echo "usage: bash scripts/setup.sh [--system-only] [--run [qtest-virtio run arguments...]]" >&2; }
 
 run=0
+system_only=0
 run_args=()
 for arg in "$@"; do
     if [ "$run" -eq 1 ]; then
@@ -17,6 +20,7 @@ for arg in "$@"; do
     fi
     case "$arg" in
         --run) run=1 ;;
+        --system-only) system_only=1 ;;
         -h | --help) usage; exit 0 ;;
         *) echo "setup.sh: unknown argument: $arg" >&2; usage; exit 2 ;;
     esac
@@ -24,6 +28,15 @@ done
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo_root"
+
+# The QEMU binaries the tests compare (scripts/qemu.sh; each cached, reused when there): the system
+# QEMU, Debian's 10.0 backport unpacked beside it, and the newest upstream source build (qtest
+# accelerator). --system-only stops at the system QEMU (enough for the main job).
+if [ "$system_only" -eq 1 ]; then
+    bash scripts/qemu.sh provide system | sed "s/^/setup.sh: QEMU /"
+else
+    bash scripts/qemu.sh provide system debian-10.0 src-newest | sed "s/^/setup.sh: QEMU /"
+fi
 
 # apt-get as root: directly when we are root, else through sudo; one clear line when neither works.
 apt_install() {
@@ -39,16 +52,6 @@ apt_install() {
     "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
     "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
-
-if command -v qemu-system-x86_64 >/dev/null 2>&1; then
-    echo "setup.sh: QEMU found: $(command -v qemu-system-x86_64)"
-else
-    apt_install qemu-system-x86
-    if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
-        echo "setup.sh: qemu-system-x86 installed but qemu-system-x86_64 is still not on PATH" >&2
-        exit 1
-    fi
-fi
 
 # Debian's own python3 comes without pip and refuses system-wide installs (PEP 668). The quick start
 # runs `python3 -m pytest` with that same python3, so the package has to go there.

@@ -8,6 +8,7 @@ import subprocess
 from collections.abc import Callable
 
 import pytest
+from conftest import QEMU_SH
 
 from qtest_virtio import MachineSpec, known_flags
 from qtest_virtio.binary import QemuBinary
@@ -16,11 +17,18 @@ from qtest_virtio.vm import DRIVERS, Machine
 EXE = shutil.which("qtest-virtio")
 ProvidedQemu = Callable[[str], QemuBinary]
 
+
+def _source_version(name: str) -> tuple[int, ...]:
+    """The upstream release scripts/qemu.sh builds for ``name`` (its NEWEST line for src-newest)."""
+    out = subprocess.run(["bash", str(QEMU_SH), "version", name], capture_output=True, text=True, check=True)
+    return tuple(int(x) for x in out.stdout.strip().split("."))
+
+
 #: name -> (version prefix, has the qtest accelerator)
 EXPECTED = {
     "system": ((7, 2), False),
     "debian-10.0": ((10, 0), False),
-    "src-newest": ((10, 2), True),
+    "src-newest": (_source_version("src-newest")[:2], True),
 }
 
 
@@ -77,7 +85,7 @@ def test_run_summary_starts_with_the_binary(provided_qemu: ProvidedQemu) -> None
     assert lines[title + 1].startswith("device ") and lines[title - 1] == ""
 
 
-@pytest.mark.parametrize("name", ["system", "debian-10.0", "src-10.0.2", "src-newest"])
+@pytest.mark.parametrize("name", ["system", "debian-10.0", "src-newest"])
 def test_known_flags_table_matches_the_binary(provided_qemu: ProvidedQemu, name: str) -> None:
     """known_flags.py was measured on these binaries: a stale table fails here (regenerate it with
     scripts/flag_table.py)."""
