@@ -534,6 +534,9 @@ class QemuMachine:
         stderr = self.stderr_text()
         qemu_lines = [line for line in stderr.splitlines() if line.strip()]
         msg = qemu_lines[-1] if qemu_lines else what
+        if msg.startswith("Use ") and len(qemu_lines) > 1:
+            # "unsupported machine type: ..." then "Use -machine help to list ...": keep both
+            msg = f"{qemu_lines[-2]} ({msg})"
         hint = ""
         m = re.search(r"Property '([^.']+)\.([^']+)' not found", msg)
         if m:

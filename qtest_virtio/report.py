@@ -76,7 +76,10 @@ def hang_point(rep: Reproducer, result: ReplayResult) -> str:
     total = len(rep.commands)
     if result.commands_run < total:
         n, command = rep.commands[result.commands_run]
-        return f"command {result.commands_run + 1} of {total} (file line {n}): `{command[:120]}`"
+        where = f"command {result.commands_run + 1} of {total} (file line {n}): `{command[:120]}`"
+        if result.commands_run:
+            where += f", right after `{rep.commands[result.commands_run - 1][1][:120]}` was answered"
+        return where
     return f"the round trip after the last command (all {total} answered)"
 
 
