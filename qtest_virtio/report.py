@@ -17,7 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .binary import QemuNotFound
-from .reproducer import ReplayResult, ReplayRow, Reproducer, shell_words, upstream_args, upstream_command
+from .reproducer import (
+    FUZZ_CHECK,
+    TIMEOUT_HEADER,
+    ReplayResult,
+    ReplayRow,
+    Reproducer,
+    shell_words,
+    upstream_args,
+    upstream_command,
+)
 
 #: The names ``scripts/qemu.sh`` provides that a report replays on by default (not the gcov build).
 PROVIDED = ("system", "debian-10.0", "src-10.0.2", "src-newest")
@@ -120,7 +129,7 @@ def _indent(lines: list[str], by: str = "   ") -> list[str]:
 
 def _prose(rep: Reproducer) -> list[str]:
     """The reproducer's leading comment lines: what its author wrote, before the headers."""
-    headers = ("xfail:", "timeout:", "qtest-virtio fuzz:", "outcome:", "fuzz-signature:", "fuzz-check:", "hostile")
+    headers = ("xfail:", TIMEOUT_HEADER, FUZZ_CHECK, "qtest-virtio fuzz:", "outcome:", "fuzz-signature:", "hostile")
     out: list[str] = []
     for c in rep.comments:
         if c.startswith(headers):
@@ -133,10 +142,9 @@ def _title(rep: Reproducer, hits: list[ReplayRow]) -> str:
     first = hits[0].result
     if first.outcome == "crashed":
         loc = source_location(first.detail)
-        what = first.detail.split(": ", 2)[-1] if loc else first.detail
-        if loc and loc.function:
-            what = f"{loc.function}: {what.split(': ', 1)[-1]}"
-        return f"{what[:120]} (qtest reproducer)"
+        if loc and loc.function:  # "prog: file:line: func: Assertion ..." -> "func: Assertion ..."
+            return f"{loc.function}: {first.detail.split(loc.function + ': ', 1)[-1][:120]} (qtest reproducer)"
+        return f"{first.detail[:120]} (qtest reproducer)"
     if first.outcome == "hung":
         return f"qtest reproducer {os.path.basename(rep.path)}: QEMU stops answering (hang)"
     return f"qtest reproducer {os.path.basename(rep.path)}: device does not recover after a reset"
