@@ -290,6 +290,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .report import provided_binaries, render
     from .reproducer import combined_exit_code, load, replay_rows
 
+    if os.path.isdir(args.file):
+        raise UsageError(f"{args.file} is a folder: report takes one FILE (replay takes a folder)")
+    if args.output not in (None, "-") and not os.access(os.path.dirname(args.output) or ".", os.W_OK):
+        raise UsageError(f"--output {args.output}: its folder does not exist or is not writable")
     rep = load(args.file)  # ScenarioError (file:line) -> 128
     binaries = [QemuBinary.get(q) for q in (args.qemu or provided_binaries())]
     rows = []

@@ -273,6 +273,17 @@ def test_report_of_a_reproducer_that_survives_everywhere_exits_1(tmp_path: Path,
     assert "Reproduces on:\n- none of the versions tried" in res.stdout
 
 
+def test_report_bad_input_is_128_before_anything_runs(tmp_path: Path, qemu_binary: QemuBinary) -> None:
+    folder = run("report", str(SUITE), "--qemu", qemu_binary.path)
+    assert folder.returncode == 128 and "is a folder: report takes one FILE (replay takes a folder)" in folder.stderr
+    ok = write(tmp_path, "ok.qtest", SURVIVES)
+    unwritable = run("report", ok, "--qemu", qemu_binary.path, "-o", str(tmp_path / "no" / "bug.md"))
+    assert unwritable.returncode == 128 and "its folder does not exist" in unwritable.stderr
+    assert len(unwritable.stderr.splitlines()) == 1  # nothing replayed
+    bad = run("report", write(tmp_path, "bad.qtest", "hello\n"), "--qemu", qemu_binary.path)
+    assert bad.returncode == 128 and "bad.qtest:1: not a reproducer" in bad.stderr
+
+
 def test_report_defaults_to_every_provided_binary(tmp_path: Path, provided_qemu: ProvidedQemu) -> None:
     res = run("report", write(tmp_path, "crash.qtest", CRASHES))
     assert res.returncode == 0, res.stderr
