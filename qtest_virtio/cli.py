@@ -443,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout",
         type=float,
         default=None,
+        metavar="S",
         help="seconds without a reply that count as a hang (default: the file's '# timeout:', else 10)",
     )
     rp.add_argument("--trace", action="store_true", help="print each command with its reply")
@@ -459,7 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="QEMU binary to replay on, repeatable (default: every binary scripts/qemu.sh has cached)",
     )
     rr.add_argument("-o", "--output", default=None, metavar="PATH", help="where to write it (default: stdout)")
-    rr.add_argument("--timeout", type=float, default=None, help="seconds without a reply that count as a hang")
+    rr.add_argument(
+        "--timeout", type=float, default=None, metavar="S", help="seconds without a reply that count as a hang"
+    )
     rr.set_defaults(func=cmd_report)
     f = sub.add_parser("flags", help="the device properties (flags) this binary supports, with defaults")
     f.add_argument("--qemu", default=None)
