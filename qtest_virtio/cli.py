@@ -215,19 +215,80 @@ def cmd_conformance(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from .reproducer import describe, load, replay
+    """One FILE on one binary: the verdict with notes, stderr tail and command line. Several
+    files (a DIR) or several --qemu: one row per file and binary, and the combined exit code
+    (reproducer.combined_exit_code: 1 if any row crashed or hung, else 125 if any could not run)."""
+    from .reproducer import collect, combined_exit_code, describe, load, replay, replay_rows, tally, version_labels
 
+    paths = collect(args.file)  # ScenarioError (file:line) -> 128
+    reps = [load(p) for p in paths]  # every file parsed before anything runs
+    qemus = args.qemu or [None]
+    if len(reps) == 1 and len(qemus) == 1 and not os.path.isdir(args.file):
+        rep = reps[0]
+        result = replay(rep, qemu=qemus[0], timeout=args.timeout, trace=args.trace)
+        for note in result.notes:
+            print(f"note: {note}")
+        print(f"{args.file}: {describe(result, rep)}")
+        if result.outcome in ("crashed", "hung", "unrecovered") and result.stderr_tail.strip():
+            print("QEMU stderr (tail):")
+            print("\n".join("    " + line for line in result.stderr_tail.splitlines()))
+        if result.outcome != "survived" and result.command_line:
+            print(f"command line (qtest on stdio): {result.command_line}")
+        return result.exit_code
+    if args.trace:
+        raise UsageError("--trace replays one FILE on one --qemu; name one of each")
+    binaries = [QemuBinary.get(q) for q in qemus]  # a missing one -> 125 before anything runs
+    for b in binaries:
+        print(b.identity)
+    names = {
+        id(rep): os.path.basename(p) if os.path.isdir(args.file) else p for rep, p in zip(reps, paths, strict=True)
+    }
+    width = max(len("reproducer"), *map(len, names.values()))
+    label_width = max(len(lab) for lab in version_labels(binaries))
+    print(f"{'reproducer':<{width}}  {'QEMU':<{label_width}}  verdict")
+    results = []
+    for row in replay_rows(reps, binaries, timeout=args.timeout):
+        results.append(row.result)
+        print(f"{names[id(row.rep)]:<{width}}  {row.label:<{label_width}}  {row.verdict}", flush=True)
+    code = combined_exit_code(results)
+    print(f"{len(reps)} reproducer(s) x {len(binaries)} QEMU binaries: {tally(results)}; exit {code}")
+    return code
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """An upstream-ready report (QEMU's GitLab bug template) of FILE replayed on each binary.
+    0: written and it reproduces somewhere; 1: written, but it reproduces nowhere; 125: no binary
+    could run it."""
+    from .report import provided_binaries, render
+    from .reproducer import combined_exit_code, load, replay_rows
+
+    if os.path.isdir(args.file):
+        raise UsageError(f"{args.file} is a folder: report takes one FILE (replay takes a folder)")
+    if args.output not in (None, "-") and not os.access(os.path.dirname(args.output) or ".", os.W_OK):
+        raise UsageError(f"--output {args.output}: its folder does not exist or is not writable")
     rep = load(args.file)  # ScenarioError (file:line) -> 128
-    result = replay(rep, qemu=args.qemu, timeout=args.timeout, trace=args.trace)
-    for note in result.notes:
-        print(f"note: {note}")
-    print(f"{args.file}: {describe(result, rep)}")
-    if result.outcome in ("crashed", "hung", "unrecovered") and result.stderr_tail.strip():
-        print("QEMU stderr (tail):")
-        print("\n".join("    " + line for line in result.stderr_tail.splitlines()))
-    if result.outcome != "survived" and result.command_line:
-        print(f"command line (qtest on stdio): {result.command_line}")
-    return result.exit_code
+    binaries = [QemuBinary.get(q) for q in (args.qemu or provided_binaries())]
+    rows = []
+    for row in replay_rows([rep], binaries, timeout=args.timeout):
+        print(f"{row.label}: {row.verdict}", file=sys.stderr, flush=True)
+        rows.append(row)
+    text = render(rep, rows)
+    if args.output in (None, "-"):
+        sys.stdout.write(text)
+    else:
+        try:
+            with open(args.output, "w", encoding="utf-8") as f:
+                f.write(text)
+        except OSError as exc:
+            raise UsageError(f"--output {args.output}: cannot write: {exc.strerror}") from None
+        print(f"wrote {args.output}", file=sys.stderr)
+    if all(r.result.outcome == "cannot-run" for r in rows):
+        print("qtest-virtio: cannot test here: no binary could run the reproducer", file=sys.stderr)
+        return EXIT_UNTESTABLE
+    if combined_exit_code(r.result for r in rows) != EXIT_FAILED:
+        print("qtest-virtio: it reproduces on none of these binaries: nothing to report upstream", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def cmd_bisect_flags(args: argparse.Namespace) -> int:
@@ -339,12 +400,42 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--build", required=True)
     st.add_argument("--binary", required=True)
     st.set_defaults(func=cmd_bisect_step, pytest_args=[])
-    rp = sub.add_parser("replay", help="replay a QEMU bug-report reproducer (.qtest): survived, crashed or hung")
-    rp.add_argument("file", metavar="FILE")
-    rp.add_argument("--qemu", default=None, help="QEMU binary (replaces the one named in the file)")
-    rp.add_argument("--timeout", type=float, default=10.0, help="seconds without a reply that count as a hang")
+    rp = sub.add_parser(
+        "replay", help="replay QEMU bug-report reproducers (.qtest) on one or more binaries: survived, crashed or hung"
+    )
+    rp.add_argument("file", metavar="FILE|DIR", help="a .qtest reproducer, or a folder of them")
+    rp.add_argument(
+        "--qemu",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="QEMU binary (replaces the one named in the file); repeat for one row per binary",
+    )
+    rp.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds without a reply that count as a hang (default: the file's '# timeout:', else 10)",
+    )
     rp.add_argument("--trace", action="store_true", help="print each command with its reply")
     rp.set_defaults(func=cmd_replay)
+    rr = sub.add_parser(
+        "report", help="an upstream-ready bug report (QEMU's GitLab template) of a reproducer replayed on each binary"
+    )
+    rr.add_argument("file", metavar="FILE", help="a .qtest reproducer")
+    rr.add_argument(
+        "--qemu",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="QEMU binary to replay on, repeatable (default: every binary scripts/qemu.sh has cached)",
+    )
+    rr.add_argument("-o", "--output", default=None, metavar="PATH", help="where to write it (default: stdout)")
+    rr.add_argument(
+        "--timeout", type=float, default=None, metavar="S", help="seconds without a reply that count as a hang"
+    )
+    rr.set_defaults(func=cmd_report)
     f = sub.add_parser("flags", help="the device properties (flags) this binary supports, with defaults")
     f.add_argument("--qemu", default=None)
     f.add_argument("--device", action="append", default=[], metavar="NAME")
@@ -371,8 +462,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.pytest_args = pytest_args
     if not getattr(args, "func", None):
         parser.error(
-            "a COMMAND is required (run, replay, bisect, bisect-flags, fuzz, conformance, probe, shell, flags); "
-            "see qtest-virtio --help"
+            "a COMMAND is required (run, replay, report, bisect, bisect-flags, fuzz, conformance, probe, shell, "
+            "flags); see qtest-virtio --help"
         )
     try:
         return int(args.func(args))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
 import os
 import re
 import select
@@ -138,7 +139,8 @@ class MachineSpec:
         self.command_timeout = command_timeout
         self.devices: list[DeviceSpec] = []
         #: A command line taken as written (a bug reproducer's): replaces the harness's own
-        #: -nodefaults/-machine/-m part; accel, qtest and QMP are still the harness's.
+        #: -nodefaults/-machine/-m part; qtest and QMP are still the harness's, and so is the
+        #: accelerator unless these arguments name the qtest accelerator themselves.
         self.raw_args = list(raw_args) if raw_args is not None else None
         if not _NAME_RE.match(machine.split(",")[0]):
             raise ValueError(f"machine type {machine!r} is not a valid name")
@@ -274,6 +276,17 @@ class LaunchPlan:
                 h.close()
 
 
+def names_qtest_accel(args: list[str]) -> bool:
+    """Whether a command line asks for the qtest accelerator (``-machine ...,accel=qtest`` or
+    ``-accel qtest``), as published reproducers do."""
+    for opt, value in itertools.pairwise(args):
+        if opt in ("-machine", "-M") and "accel=qtest" in value.split(","):
+            return True
+        if opt == "-accel" and value.split(",")[0] == "qtest":
+            return True
+    return False
+
+
 def build_argv(spec: MachineSpec, binary: QemuBinary, workdir: str) -> LaunchPlan:
     """argv for ``spec``: qtest and QMP on sockets in ``workdir``, accel per the binary."""
     if spec.raw_args is not None:
@@ -294,7 +307,9 @@ def build_argv(spec: MachineSpec, binary: QemuBinary, workdir: str) -> LaunchPla
     # running, so RAM stays zero and BARs unassigned (virtio-facts.md); the halt firmware lets
     # resume() make the run state RUNNING without any guest code beyond hlt.
     if binary.has_qtest_accel:
-        accel = ["-accel", "qtest"]
+        # A reproducer's own ``-machine accel=qtest`` / ``-accel qtest`` is kept as written, and
+        # QEMU refuses "-machine accel=" beside "-accel": then the harness adds none.
+        accel = [] if spec.raw_args is not None and names_qtest_accel(spec.raw_args) else ["-accel", "qtest"]
     else:
         accel = ["-accel", "tcg", "-S", "-bios", halt_firmware()]
     backends: list[str] = []
@@ -519,6 +534,9 @@ class QemuMachine:
         stderr = self.stderr_text()
         qemu_lines = [line for line in stderr.splitlines() if line.strip()]
         msg = qemu_lines[-1] if qemu_lines else what
+        if msg.startswith("Use ") and len(qemu_lines) > 1:
+            # "unsupported machine type: ..." then "Use -machine help to list ...": keep both
+            msg = f"{qemu_lines[-2]} ({msg})"
         hint = ""
         m = re.search(r"Property '([^.']+)\.([^']+)' not found", msg)
         if m:

@@ -22,8 +22,10 @@ where the binary lacks the qtest accelerator (then TCG with ``-S``, as the Machi
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from .binary import QemuBinary
@@ -34,6 +36,9 @@ _HEREDOC_RE = re.compile(r"^\s*cat\s*<<\s*-?\s*(['\"]?)(\w+)\1\s*\|\s*(.*)$")
 _QEMU_ARGS_RE = re.compile(r"^#\s*qemu-args:\s*(.*)$")
 #: A comment (``#`` stripped) that makes a fuzzer reproducer end with a recovery check.
 FUZZ_CHECK = "fuzz-check:"
+#: A comment that bounds the replay of a hang, in seconds (default :data:`DEFAULT_TIMEOUT`).
+TIMEOUT_HEADER = "timeout:"
+DEFAULT_TIMEOUT = 10.0
 
 
 @dataclass
@@ -46,6 +51,8 @@ class Reproducer:
     args: list[str]
     commands: list[tuple[int, str]]
     comments: list[str] = field(default_factory=list)
+    #: ``# timeout: S``: how long a reply may take before the replay counts as hung.
+    timeout: float | None = None
 
 
 @dataclass
@@ -97,6 +104,7 @@ def parse(text: str, path: str = "<reproducer>") -> Reproducer:
     commands: list[tuple[int, str]] = []
     comments: list[str] = []
     heredoc_end: str | None = None
+    timeout: float | None = None
     heredoc_line = 0
     args_text: str | None = None
     done = False
@@ -126,6 +134,8 @@ def parse(text: str, path: str = "<reproducer>") -> Reproducer:
             continue
         if stripped.startswith("#"):
             comments.append(stripped.lstrip("# "))
+            if comments[-1].startswith(TIMEOUT_HEADER):
+                timeout = _parse_timeout(comments[-1][len(TIMEOUT_HEADER) :], path, n)
             continue
         if header:
             commands.append((n, stripped))
@@ -153,7 +163,17 @@ def parse(text: str, path: str = "<reproducer>") -> Reproducer:
     binary, args = (words[0], words[1:]) if "qemu" in words[0].rsplit("/", 1)[-1] else ("", words)
     if not commands:
         raise ScenarioError("no qtest commands", path=path, line=heredoc_line or 1)
-    return Reproducer(path, binary, args, commands, comments)
+    return Reproducer(path, binary, args, commands, comments, timeout)
+
+
+def _parse_timeout(text: str, path: str, line: int) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise ScenarioError(f"'# {TIMEOUT_HEADER} {text.strip()}' is not a number of seconds > 0", path=path, line=line)
+    return value
 
 
 def load(path: str) -> Reproducer:
@@ -170,58 +190,117 @@ def _strip_accel(opts: str) -> str:
     return ",".join(p for p in opts.split(",") if p and p != "accel=qtest")
 
 
+def _without_qtest_channel(args: list[str]) -> list[str]:
+    """``args`` less ``-qtest X`` and ``-qtest-log X`` (the harness's socket, or stdio, replaces them)."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        if args[i] in ("-qtest", "-qtest-log") and i + 1 < len(args):
+            i += 2
+            continue
+        out.append(args[i])
+        i += 1
+    return out
+
+
+def _has_display(args: list[str]) -> bool:
+    return any(a in ("-display", "-nographic", "-vnc") for a in args)
+
+
 def normalize_args(args: list[str], binary: QemuBinary) -> tuple[list[str], list[str]]:
     """The reproducer's arguments for our harness, and notes on what changed.
 
-    Drops ``-qtest X`` and ``-qtest-log X`` (ours replace them), and the qtest accelerator
-    where this binary lacks it (the Machine layer then runs TCG with -S).
+    Drops ``-qtest X`` and ``-qtest-log X`` (ours replace them). ``accel=qtest`` / ``-accel qtest``
+    are kept where this binary has the qtest accelerator (the harness then adds none), and dropped
+    where it lacks it (the Machine layer then runs TCG with -S).
     """
     out: list[str] = []
     notes: list[str] = []
+    rest = _without_qtest_channel(args)
+    keep_accel = binary.has_qtest_accel
     i = 0
-    while i < len(args):
-        a = args[i]
-        nxt = args[i + 1] if i + 1 < len(args) else None
-        if a in ("-qtest", "-qtest-log") and nxt is not None:
-            i += 2
-            continue
-        if a in ("-machine", "-M") and nxt is not None and "accel=qtest" in nxt.split(","):
-            rest = _strip_accel(nxt)
+    while i < len(rest):
+        a = rest[i]
+        nxt = rest[i + 1] if i + 1 < len(rest) else None
+        if not keep_accel and a in ("-machine", "-M") and nxt is not None and "accel=qtest" in nxt.split(","):
+            stripped = _strip_accel(nxt)
             notes.append(f"dropped accel=qtest from {a} {nxt}")
-            if rest:
-                out += [a, rest]
+            if stripped:
+                out += [a, stripped]
             i += 2
             continue
-        if a == "-accel" and nxt is not None and nxt.split(",")[0] == "qtest":
+        if not keep_accel and a == "-accel" and nxt is not None and nxt.split(",")[0] == "qtest":
             notes.append("dropped -accel qtest")
             i += 2
             continue
         out.append(a)
         i += 1
-    if not any(a in ("-display", "-nographic", "-vnc") for a in out):
+    if not _has_display(out):
         # libqtest adds -display none itself, so reproducers taken from qtest tests omit it.
         out += ["-display", "none"]
         notes.append("added -display none (as libqtest does)")
-    if any("accel" in n for n in notes) and not binary.has_qtest_accel:
+    if any("accel" in n for n in notes):
         notes.append("this QEMU has no qtest accelerator: running TCG with -S (and the halt firmware)")
-    elif any("accel" in n for n in notes):
-        notes.append("the harness adds -accel qtest itself")
     return out, notes
+
+
+def upstream_args(rep: Reproducer) -> list[str]:
+    """The reproducer's command line for an upstream build with the qtest accelerator, as QEMU's
+    bug reports write it: ``qemu-system-x86_64 ... -qtest stdio``.
+
+    The arguments are the file's, less its qtest channel; ``-accel qtest`` is added where the
+    file names no accelerator and ``-display none`` where it names no display (as libqtest does).
+    """
+    args = _without_qtest_channel(rep.args)
+    if not any(a == "-accel" or "accel=" in a for a in args):
+        args += ["-accel", "qtest"]
+    if not _has_display(args):
+        args += ["-display", "none"]
+    return ["qemu-system-x86_64", *args, "-qtest", "stdio"]
+
+
+def shell_words(words: Sequence[str], prefix: str = "", width: int = 100) -> str:
+    """``words`` quoted for a POSIX shell, wrapped before ``width`` with ``\\`` continuations
+    (an option stays on the line of its value)."""
+    units: list[str] = []
+    for w in map(shlex.quote, words):
+        if units and units[-1].startswith("-") and " " not in units[-1] and not w.startswith("-"):
+            units[-1] += " " + w
+        else:
+            units.append(w)
+    lines: list[str] = []
+    cur = prefix.rstrip()
+    for u in units:
+        if cur and len(cur) + 1 + len(u) > width - 2:
+            lines.append(cur + " \\")
+            cur = u
+        else:
+            cur = f"{cur} {u}" if cur else u
+    return "\n".join([*lines, cur])
+
+
+def upstream_command(rep: Reproducer, width: int = 100) -> str:
+    """The whole reproducer in the bug-report form: ``cat << EOF | qemu-system-x86_64 ...
+    -qtest stdio``, the commands, ``EOF`` (see :func:`upstream_args`)."""
+    return "\n".join([shell_words(upstream_args(rep), "cat << EOF |", width), *(c for _, c in rep.commands), "EOF"])
 
 
 def replay(
     rep: Reproducer,
     *,
     qemu: str | None = None,
-    timeout: float = 10.0,
+    timeout: float | None = None,
     trace: bool = False,
     echo: object = None,
 ) -> ReplayResult:
-    """Run the reproducer on our socket and say whether QEMU survived, crashed or hung.
+    """Run the reproducer on our socket and say whether QEMU survived, crashed or hung; a reply
+    that takes longer than ``timeout`` (default: the file's ``# timeout:``, else
+    :data:`DEFAULT_TIMEOUT`) is a hang.
 
     A fuzzer reproducer that ends in a recovery check (``# fuzz-check:``) is replayed by the
     fuzzer, which rebuilds the machine from the header and runs the check after the commands.
     """
+    timeout = timeout if timeout is not None else rep.timeout or DEFAULT_TIMEOUT
     if any(c.startswith(FUZZ_CHECK) for c in rep.comments):
         from .fuzz import replay_checked
 
@@ -292,3 +371,78 @@ def describe(result: ReplayResult, rep: Reproducer) -> str:
     if result.outcome == "unrecovered":
         return f"unrecovered: {result.detail}"
     return f"cannot run here: {result.detail}"
+
+
+def collect(target: str) -> list[str]:
+    """``target`` as reproducer paths: the file itself, or a folder's ``*.qtest`` files by name."""
+    if os.path.isdir(target):
+        paths = sorted(os.path.join(target, n) for n in os.listdir(target) if n.endswith(".qtest"))
+        if not paths:
+            raise ScenarioError(
+                "no .qtest reproducers in this folder: give a .qtest file or a folder of them", path=target
+            )
+        return paths
+    if not os.path.exists(target):
+        raise ScenarioError("no such file or folder: give a .qtest file or a folder of them", path=target)
+    return [target]
+
+
+def version_label(binary: QemuBinary) -> str:
+    """The version and the vendor's tag ``--version`` prints, e.g. '7.2.22 (Debian 1:7.2+dfsg-7)';
+    an upstream build prints no tag ('10.2.2')."""
+    version = ".".join(map(str, binary.version)) if binary.version != (0, 0, 0) else binary.version_text
+    tag = re.search(r"version \S+ \((.+)\)\s*$", binary.version_text)
+    return f"{version} ({tag.group(1)})" if tag else version
+
+
+def version_labels(binaries: Sequence[QemuBinary]) -> list[str]:
+    """:func:`version_label` of each, with the path added where two would read the same."""
+    labels = [version_label(b) for b in binaries]
+    return [f"{lab} [{b.path}]" if labels.count(lab) > 1 else lab for lab, b in zip(labels, binaries, strict=True)]
+
+
+@dataclass
+class ReplayRow:
+    """One reproducer replayed on one binary."""
+
+    rep: Reproducer
+    binary: QemuBinary
+    label: str
+    result: ReplayResult
+
+    @property
+    def verdict(self) -> str:
+        return describe(self.result, self.rep)
+
+
+#: Exit codes of several rows, the one that wins first: a reproduced bug is the answer even where
+#: another binary could not run the file; "cannot test" beats "survived" (not all were tested).
+EXIT_PRECEDENCE = (1, 125, 0)
+
+
+def combined_exit_code(results: Iterable[ReplayResult]) -> int:
+    """The exit code of a multi-row replay: 1 if any row crashed, hung or was unrecovered, else
+    125 if any could not run, else 0."""
+    codes = {r.exit_code for r in results}
+    return next((c for c in EXIT_PRECEDENCE if c in codes), 0)
+
+
+def replay_rows(
+    reps: Sequence[Reproducer], binaries: Sequence[QemuBinary], *, timeout: float | None = None
+) -> Iterator[ReplayRow]:
+    """Each reproducer on each binary, in that order; ``timeout`` overrides each file's own
+    ``# timeout:``."""
+    labels = version_labels(binaries)
+    for rep in reps:
+        for binary, label in zip(binaries, labels, strict=True):
+            yield ReplayRow(rep, binary, label, replay(rep, qemu=binary.path, timeout=timeout))
+
+
+#: Verdicts in the order a tally lists them.
+OUTCOMES = ("survived", "crashed", "hung", "unrecovered", "cannot-run")
+
+
+def tally(results: Iterable[ReplayResult]) -> str:
+    """'8 survived, 3 crashed': how many rows had each verdict, in :data:`OUTCOMES` order."""
+    outcomes = [r.outcome for r in results]
+    return ", ".join(f"{outcomes.count(o)} {o}" for o in OUTCOMES if o in outcomes)
