@@ -9,7 +9,9 @@ never skips.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +22,10 @@ from qtest_virtio.binary import QemuBinary
 pytest_plugins = ["pytester"]
 
 QEMU_SH = Path(__file__).resolve().parent.parent / "scripts" / "qemu.sh"
+#: The console script of the interpreter running the tests (this checkout's venv), not another
+#: ``qtest-virtio`` on PATH that may import another checkout.
+_VENV_EXE = Path(sys.executable).with_name("qtest-virtio")
+EXE = str(_VENV_EXE) if _VENV_EXE.exists() else shutil.which("qtest-virtio")
 #: The environment as the run began: pytester moves HOME, and with it the default cache.
 _ENV = dict(os.environ)
 

@@ -3,16 +3,15 @@ end against real QEMU (the git repository is a fake whose commits hold a QEMU wr
 
 from __future__ import annotations
 
-import shutil
 import stat
 import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import EXE
 
 from qtest_virtio.bisect import FAIL, PASS, BisectError, Change, bisect_flags, ddmin, run_args
 
-EXE = shutil.which("qtest-virtio")
 pytestmark = pytest.mark.timeout(300)
 
 NEEDS_EVENT_IDX = """

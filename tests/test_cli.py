@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import EXE
 
 from qtest_virtio.cli import UsageError, split_device_option
 
-# The console script of the interpreter running the tests (this checkout's venv), not another on PATH.
-_VENV_EXE = Path(sys.executable).with_name("qtest-virtio")
-EXE = str(_VENV_EXE) if _VENV_EXE.exists() else shutil.which("qtest-virtio")
 pytestmark = pytest.mark.skipif(EXE is None, reason="qtest-virtio console script not installed (pip install -e .)")
 
 

@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import EXE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -343,7 +344,6 @@ def test_unrecovered_is_written_with_its_check_and_replays_the_same(qemu_binary,
     assert verify_reproducer(path, qemu=qemu_binary.path, timeout=5.0).outcome == "survived"
 
 
-EXE = shutil.which("qtest-virtio")
 REPRODUCERS = str(Path(__file__).resolve().parent.parent / "scenarios" / "reproducers")
 
 

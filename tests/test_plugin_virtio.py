@@ -5,11 +5,11 @@ ids, -k selection, skips decided before QEMU starts, the shared machine, JUnit p
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import xml.etree.ElementTree as ET
 
 import pytest
+from conftest import EXE
 from pytest_qtest_virtio.params import OptionError, parse_flags, parse_refuse, parse_transports, virtio_params
 
 from qtest_virtio import modes
@@ -187,8 +187,6 @@ def test_qtest_log_per_test(inner: pytest.Pytester, qemu_binary) -> None:
 
 
 # -- qtest-virtio run -------------------------------------------------------------------------
-
-EXE = shutil.which("qtest-virtio")
 
 
 @pytest.mark.skipif(EXE is None, reason="qtest-virtio console script not installed")

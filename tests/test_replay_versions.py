@@ -8,13 +8,12 @@ import os
 import platform
 import re
 import shlex
-import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import EXE
 
 from qtest_virtio.binary import QemuBinary
 from qtest_virtio.report import source_location
@@ -28,9 +27,6 @@ from qtest_virtio.reproducer import (
     upstream_command,
 )
 
-# The console script of the interpreter running the tests (this checkout's venv), not another on PATH.
-_VENV_EXE = Path(sys.executable).with_name("qtest-virtio")
-EXE = str(_VENV_EXE) if _VENV_EXE.exists() else shutil.which("qtest-virtio")
 pytestmark = pytest.mark.skipif(EXE is None, reason="qtest-virtio console script not installed (pip install -e .)")
 SUITE = Path(__file__).resolve().parent.parent / "scenarios" / "reproducers"
 #: Aborts 7.2 (an assertion in memory_ldst_cached.h.inc); 10.0 and 10.2 survive it (README table).

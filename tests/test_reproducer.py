@@ -7,18 +7,15 @@ import os
 import shutil
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import EXE
 
 from qtest_virtio import ScenarioError
 from qtest_virtio.binary import QemuBinary
 from qtest_virtio.reproducer import normalize_args, parse, replay
 
-# The console script of the interpreter running the tests (this checkout's venv), not another on PATH.
-_VENV_EXE = Path(sys.executable).with_name("qtest-virtio")
-EXE = str(_VENV_EXE) if _VENV_EXE.exists() else shutil.which("qtest-virtio")
 SUITE = Path(__file__).resolve().parent.parent / "scenarios" / "reproducers"
 
 SHELL_FORM = """\

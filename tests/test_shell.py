@@ -14,7 +14,6 @@ import io
 import os
 import re
 import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import pexpect
 import pytest
+from conftest import EXE
 from procutil import start_time as _starttime
 from procutil import state as _state
 
@@ -48,7 +48,7 @@ def _cli_has_shell() -> bool:
 
 
 def shell_command() -> list[str]:
-    exe = shutil.which("qtest-virtio")
+    exe = EXE
     if exe and _cli_has_shell():
         return [exe, "shell"]
     return [sys.executable, "-m", "qtest_virtio.shell"]

@@ -3,18 +3,16 @@ output with its version and accelerator, and driven the same way (issue 11)."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from collections.abc import Callable
 
 import pytest
-from conftest import QEMU_SH
+from conftest import EXE, QEMU_SH
 
 from qtest_virtio import MachineSpec, known_flags
 from qtest_virtio.binary import QemuBinary
 from qtest_virtio.vm import DRIVERS, Machine
 
-EXE = shutil.which("qtest-virtio")
 ProvidedQemu = Callable[[str], QemuBinary]
 
 
