@@ -7,10 +7,12 @@ accelerator module; see ../shared/virtio-facts.md).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import re
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -21,6 +23,8 @@ from . import known_flags
 from .errors import QemuStartError, QtestVirtioError
 
 DEFAULT_QEMU = "qemu-system-x86_64"
+#: How long a program may take to answer --version before it is not taken for QEMU.
+VERSION_TIMEOUT = 10.0
 #: Options every ``-device`` takes that are not properties (``-device NAME,help`` omits them).
 GENERIC_DEVICE_OPTIONS = frozenset({"id", "bus"})
 INSTALL_HINT = "install Debian's qemu-system-x86 (apt-get install -y qemu-system-x86), pass --qemu PATH or set QEMU"
@@ -28,6 +32,10 @@ INSTALL_HINT = "install Debian's qemu-system-x86 (apt-get install -y qemu-system
 
 class QemuNotFound(QemuStartError):
     """No QEMU binary at the given name or path."""
+
+
+class NotQemu(QemuNotFound):
+    """The program at that path is not a QEMU binary: no --version answer, or not QEMU's."""
 
 
 class UnknownFlag(QtestVirtioError, ValueError):
@@ -84,28 +92,55 @@ class QemuBinary:
         st = os.stat(path)
         key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
         if key not in cls._cache:
-            cls._cache[key] = cls(path)
+            binary = cls(path)
+            binary.version_text  # noqa: B018 -- a program that is not QEMU is refused here, once
+            cls._cache[key] = binary
         return cls._cache[key]
 
-    def _run(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    def _run(self, *args: str, stdin: str | None = None, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+        """Run the binary in a process group of its own, bounded: on a timeout the whole group
+        is ended (a wrapper's children too) and QemuStartError says so. Output is decoded
+        leniently, so a program printing non-UTF-8 cannot crash the harness."""
+        argv = [self.path, *args]
         try:
-            return subprocess.run(
-                [self.path, *args],
-                input=stdin,
-                stdin=subprocess.DEVNULL if stdin is None else None,
-                capture_output=True,
-                text=True,
-                timeout=30,
-                check=False,
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
             )
         except OSError as exc:
             raise QemuStartError(f"cannot run {self.path}: {exc.strerror}") from None
+        try:
+            out, err = proc.communicate(None if stdin is None else stdin.encode(), timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise NotQemu(
+                f"{self.path} did not answer `{' '.join(args)}` within {timeout:g} s: not a QEMU binary? "
+                "(it was stopped with its children); pass --qemu PATH of a qemu-system-x86_64"
+            ) from None
+        return subprocess.CompletedProcess(
+            argv, proc.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+        )
 
     @cached_property
     def version_text(self) -> str:
-        """First line of ``--version``, e.g. 'QEMU emulator version 7.2.22 (Debian ...)'."""
-        out = self._run("--version").stdout.strip().splitlines()
-        return out[0] if out else "unknown"
+        """First line of ``--version``, e.g. 'QEMU emulator version 7.2.22 (Debian ...)'.
+        Anything else is NotQemu (125), before any device question is asked of the program."""
+        res = self._run("--version", timeout=VERSION_TIMEOUT)
+        lines = res.stdout.strip().splitlines()
+        first = lines[0] if lines else ""
+        if res.returncode != 0 or not first:
+            raise NotQemu(
+                f"{self.path} did not answer --version (exit {res.returncode}): not a QEMU binary; "
+                "pass --qemu PATH of a qemu-system-x86_64"
+            )
+        if not _VERSION_RE.search(first) or "QEMU" not in first:
+            raise NotQemu(f"{self.path} is not a QEMU binary: --version printed {first[:80]!r}")
+        return first
 
     @cached_property
     def version(self) -> tuple[int, int, int]:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 
 import pytest
 from conftest import EXE
+from procutil import state
 
 from qtest_virtio.cli import UsageError, split_device_option
 
@@ -101,3 +103,44 @@ def test_flags_lists_properties_with_defaults(qemu_binary) -> None:
     assert res.returncode == 0, res.stderr
     assert "event_idx=<bool> (default: on)" in res.stdout
     assert "packed=<bool> (default: off)" in res.stdout
+
+
+def _program(tmp_path, name: str, body: str) -> str:
+    path = tmp_path / name
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (r"printf '\377\376 garbage\n'", "is not a QEMU binary: --version printed"),
+        ("exit 1", "did not answer --version (exit 1): not a QEMU binary"),
+        ("echo 'echo (GNU coreutils) 9.1'", "is not a QEMU binary: --version printed 'echo (GNU coreutils) 9.1'"),
+    ],
+    ids=["non-utf8", "false", "not-qemu"],
+)
+def test_qemu_that_is_not_qemu_is_untestable(tmp_path, body: str, message: str) -> None:
+    """--qemu naming some other program: one line, 125, before any device question is asked."""
+    qemu = _program(tmp_path, "qemu-system-x86_64", body + "\n")
+    res = run("run", "scenarios/rng", "--qemu", qemu)
+    assert res.returncode == 125, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"qtest-virtio: cannot test here: {qemu} ")
+    assert message in lines[0]
+
+
+def test_qemu_that_hangs_is_stopped_with_its_children(tmp_path) -> None:
+    """A program that never answers --version: 125 after a bounded probe, and its whole process
+    group is gone (a child it started too)."""
+    pidfile = tmp_path / "child.pid"
+    qemu = _program(tmp_path, "qemu-system-x86_64", f"sleep 300 & echo $! > {pidfile}\nwait\n")
+    res = run("run", "scenarios/rng", "--qemu", qemu)
+    assert res.returncode == 125
+    assert f"{qemu} did not answer `--version` within 10 s" in res.stderr
+    child = int(pidfile.read_text())
+    deadline = time.monotonic() + 5
+    while state(child) not in ("gone",) and not state(child).startswith("Z") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert state(child) == "gone" or state(child).startswith("Z"), "the hanging program's child survived"
