@@ -482,7 +482,7 @@ def _heads(vq: Virtqueue) -> list[int]:
 
 def test_split_in_order_descriptors_go_in_ring_order(machine_factory) -> None:
     """With IN_ORDER the driver hands out descriptors from 0 up and round again, each next being
-    x + 1 and 0 after the last (§2.7.5.1); used chains come back to the end of the run."""
+    x + 1 and 0 after the last (§2.7.5.2); used chains come back to the end of the run."""
     vm, vq = _detached_queue(machine_factory, SplitVirtqueue)
     assert isinstance(vq, SplitVirtqueue)
     _chains(vm, vq, [2, 1, 3])

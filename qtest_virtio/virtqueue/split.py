@@ -6,9 +6,9 @@ writes ``used_event`` (after the avail ring) as it consumes; without it, the dev
 flag decides the kick (§2.7.10).
 
 With IN_ORDER the descriptors are handed out in ring order instead, from 0 up and round again
-(§2.7.5: each ``next`` is x + 1, 0 after the last), and one used ring entry may stand for a batch:
-the entry at the position of the batch's first chain names its last chain, and used.idx moves by
-the size of the batch (§2.7.9).
+(§2.7.5, §2.7.5.2: each ``next`` is x + 1, 0 after the last), and one used ring entry may stand
+for a batch: the entry at the position of the batch's first chain names its last chain, and
+used.idx moves by the size of the batch (§2.7.9).
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ class SplitVirtqueue(Virtqueue):
                 raise VirtqueueError(
                     f"{self.transport}: {self.name}: IN_ORDER: used ring entry {slot} names id {used_id}, "
                     f"chain {len(batch)} in the order they were made available, so it stands for a batch of "
-                    f"{len(batch)} (§2.7.9), but used.idx moved only {count - taken} past it: the device used "
+                    f"{len(batch)} (§2.7.9), but used.idx covers only {count - taken} more: the device used "
                     f"id {used_id} before id {batch[0]}"
                 )
             for ring_id in batch[:-1]:  # IN_ORDER: used along with the one the entry names
