@@ -78,8 +78,10 @@ DEVICE_FLAGS: dict[str, tuple[str, ...]] = {
     "modern-pio-notify": ("on", "off"),
     "ioeventfd": ("on", "off"),
     "use-disabled-flag": ("on", "off"),
+    # VIRTIO_F_IN_ORDER: QEMU 10.0 and later (default off); a binary without it cannot run these.
+    "in_order": ("on", "off"),
 }
-DRIVER_REFUSALS = ("EVENT_IDX", "INDIRECT_DESC", "RING_PACKED", "RING_RESET")
+DRIVER_REFUSALS = ("EVENT_IDX", "INDIRECT_DESC", "RING_PACKED", "RING_RESET", "IN_ORDER")
 FLAG_SESSIONS = [f"{k}={v}" for k, values in DEVICE_FLAGS.items() for v in values] + [
     f"refuse={f}" for f in DRIVER_REFUSALS
 ]

@@ -764,6 +764,17 @@ class QemuMachine:
                 self.qmp.cmd("cont")
         self._running = True
 
+    def throttle_reads(self, dev_id: str, iops: int) -> None:
+        """Limit the reads of virtio block device ``dev_id`` to ``iops`` a second with QEMU's
+        I/O throttling (QMP ``block_set_io_throttle``; 0 lifts it and lets held requests go): a
+        way to keep a request in flight while later ones complete. The first read after setting
+        it passes; the next waits about a second on the real-time clock, or, under the qtest
+        accelerator, on the virtual clock, which only ``clock_step`` or lifting it moves on."""
+        if iops < 0:
+            raise ValueError(f"throttle_reads: iops must be >= 0, not {iops}")
+        limits = {"bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": iops, "iops_wr": 0}
+        self.qmp.cmd("block_set_io_throttle", id=f"/machine/peripheral/{dev_id}/virtio-backend", **limits)
+
     def version(self) -> dict[str, object]:
         """QMP ``query-version`` of the running QEMU."""
         result = self.qmp.cmd("query-version")

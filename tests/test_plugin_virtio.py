@@ -241,5 +241,6 @@ def test_refuse_each_and_ini_options(pytester: pytest.Pytester, qemu_binary) -> 
         "test_rng.py::test_read[virtio-rng-pci-modern-event_idx=off-packed=on-refuse=INDIRECT_DESC]",
     ]
     res = pytester.runpytest(*INNER, "--virtio-refuse-each", "-v")
-    res.assert_outcomes(passed=2 + 4)  # EVENT_IDX, RING_PACKED, RING_RESET, ANY_LAYOUT; INDIRECT_DESC already
+    # EVENT_IDX, RING_PACKED, RING_RESET, ANY_LAYOUT, IN_ORDER; INDIRECT_DESC is refused already
+    res.assert_outcomes(passed=2 + 5)
     res.stdout.fnmatch_lines(["*refuse=EVENT_IDX+INDIRECT_DESC*PASSED*"])

@@ -30,7 +30,7 @@ from ..virtqueue import Virtqueue, make_virtqueue
 from .features import DEVICE_FEATURE_BITS
 
 #: Reserved features every driver here implements (the ring machinery is shared).
-CORE_FEATURES = {"VERSION_1", "EVENT_IDX", "INDIRECT_DESC", "RING_PACKED", "RING_RESET", "ANY_LAYOUT"}
+CORE_FEATURES = {"VERSION_1", "EVENT_IDX", "INDIRECT_DESC", "RING_PACKED", "RING_RESET", "ANY_LAYOUT", "IN_ORDER"}
 #: Default queue size asked of modern devices (they may offer more; legacy sizes are fixed).
 DEFAULT_QUEUE_SIZE = 256
 
@@ -139,6 +139,7 @@ class VirtioDriver:
             packed=self.has("RING_PACKED"),
             event_idx=self.has("EVENT_IDX"),
             indirect=self.has("INDIRECT_DESC"),
+            in_order=self.has("IN_ORDER"),
             name=f"{type(self).__name__} queue {index}",
         )
         if self.msix is not None:

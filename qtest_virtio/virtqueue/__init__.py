@@ -30,10 +30,11 @@ def make_virtqueue(
     packed: bool,
     event_idx: bool,
     indirect: bool,
+    in_order: bool = False,
     name: str = "",
 ) -> Virtqueue:
     """The ring layout the negotiated features call for, set up and enabled."""
     cls = PackedVirtqueue if packed else SplitVirtqueue
-    vq = cls(transport, memory, index, size, event_idx=event_idx, indirect=indirect, name=name)
+    vq = cls(transport, memory, index, size, event_idx=event_idx, indirect=indirect, in_order=in_order, name=name)
     vq.setup()
     return vq

@@ -59,6 +59,10 @@ class UsedElem:
     length: int
     bufs: tuple[Buf, ...]
     token: int = -1
+    #: IN_ORDER only: no used entry named this chain; a later one stood for it as part of a
+    #: batch, and the device is taken to have used it completely (§2.7.9, §2.8.8), so
+    #: ``length`` is all its device-writable bytes.
+    skipped: bool = False
 
 
 @dataclass
@@ -85,6 +89,7 @@ class Virtqueue(ABC):
         *,
         event_idx: bool = False,
         indirect: bool = False,
+        in_order: bool = False,
         name: str = "",
     ) -> None:
         if size <= 0 or (size & (size - 1) and not transport.uses_legacy_layout):
@@ -95,12 +100,17 @@ class Virtqueue(ABC):
         self.size = size
         self.event_idx = event_idx
         self.indirect = indirect
+        #: VIRTIO_F_IN_ORDER negotiated: the device uses chains in the order they were made
+        #: available, and one used entry may stand for a batch (§2.7.9, §2.8.8).
+        self.in_order = in_order
         self.name = name or f"{transport.fn.bdf} queue {index}"
         self.in_flight: dict[int, InFlight] = {}
         self._completed: dict[int, UsedElem] = {}
         self._pending: deque[UsedElem] = deque()
         self._next_token = 0
         self._tokens_in_flight: set[int] = set()
+        #: IN_ORDER: the ring ids in flight, in the order they were made available.
+        self._avail_order: deque[int] = deque()
         self._batch = memory.batch()
         self.notifications = 0
         self.kicks_suppressed = 0
@@ -139,6 +149,8 @@ class Virtqueue(ABC):
         self._next_token += 1
         self.in_flight[ring_id] = chain
         self._tokens_in_flight.add(chain.token)
+        if self.in_order:
+            self._avail_order.append(ring_id)
         return chain.token
 
     def _drop_in_flight(self) -> None:
@@ -148,13 +160,31 @@ class Virtqueue(ABC):
                 self.memory.free(chain.indirect_table)
         self.in_flight.clear()
         self._tokens_in_flight.clear()
+        self._avail_order.clear()
         self._pending.clear()
         self._completed.clear()
 
-    def _used(self, ring_id: int, length: int, chain: InFlight) -> UsedElem:
+    def _used(self, ring_id: int, length: int, chain: InFlight, *, skipped: bool = False) -> UsedElem:
         del self.in_flight[ring_id]
         self._tokens_in_flight.discard(chain.token)
-        return UsedElem(ring_id, length, chain.bufs, chain.token)
+        if self.in_order:
+            oldest = self._avail_order.popleft()
+            if oldest != ring_id:  # batches are taken oldest first: this cannot happen
+                raise VirtqueueError(f"{self.name}: IN_ORDER bookkeeping: used {ring_id} before {oldest}")
+        return UsedElem(ring_id, length, chain.bufs, chain.token, skipped)
+
+    def _batch_of(self, used_id: int) -> list[int]:
+        """The chains one used entry stands for: with IN_ORDER, every chain made available up
+        to and including ``used_id``, oldest first (§2.7.9 split, §2.8.8 packed); without it,
+        that chain alone. ``used_id`` must be in flight (checked by :meth:`_check_used`)."""
+        if not self.in_order:
+            return [used_id]
+        batch = []
+        for ring_id in self._avail_order:
+            batch.append(ring_id)
+            if ring_id == used_id:
+                return batch
+        raise VirtqueueError(f"{self.name}: id {used_id} is in flight but not in the available order")
 
     @abstractmethod
     def _needs_notification(self) -> bool:
@@ -205,9 +235,15 @@ class Virtqueue(ABC):
         """A used element must name a chain in flight, and its length fit the writable part."""
         chain = self.in_flight.get(used_id)
         if chain is None:
+            order = ""
+            if self.in_order and self._avail_order:
+                order = (
+                    f"; IN_ORDER: the next chain to be used is id {self._avail_order[0]}, and a chain "
+                    "used out of the order it was made available can show up like this (§2.7.9, §2.8.8)"
+                )
             raise VirtqueueError(
                 f"{self.transport}: {self.name}: device returned id {used_id}, which is not in flight "
-                f"(in flight: {sorted(self.in_flight)[:16]})"
+                f"(in flight: {sorted(self.in_flight)[:16]}){order}"
             )
         if length > chain.writable_bytes:
             raise VirtqueueError(
@@ -227,7 +263,8 @@ class Virtqueue(ABC):
 
     def wait_for(self, token: int, timeout: float = 5.0) -> UsedElem:
         """Wait for one chain (by the token add() returned); others completing meanwhile are
-        kept for their own waiters (in-order completion is not assumed)."""
+        kept for their own waiters (in-order completion is not assumed unless IN_ORDER was
+        negotiated)."""
         deadline = time.monotonic() + timeout
         while True:
             while self._pending:

@@ -5,6 +5,10 @@ A descriptor is available when its AVAIL flag equals the driver's wrap counter a
 inverse; used when both equal the used wrap counter (§2.8.1). The head's flags are written last
 so the device never sees a half-written chain (§2.8.21). The device returns a buffer id and
 skips as many slots as that buffer's chain had; completion order is not assumed.
+
+With IN_ORDER one used descriptor may stand for a batch: it sits where the batch's first chain
+began and carries the buffer id of its last, and the device skips the slots of the whole batch
+(§2.8.8); the chains before the named one are taken as used completely.
 """
 
 from __future__ import annotations
@@ -137,16 +141,25 @@ class PackedVirtqueue(Virtqueue):
             if not (avail == used == self.used_wrap):
                 break
             chain = self._check_used(buffer_id, length)
-            assert isinstance(chain, _PackedChain)
-            self._free_ids.append(buffer_id)
-            self._free_slots += chain.slots
-            self.next_used += chain.slots
-            if self.next_used >= self.size:
-                self.next_used -= self.size
-                self.used_wrap ^= 1
-            if chain.indirect_table is not None:
-                self.memory.free(chain.indirect_table)
+            for earlier_id in self._batch_of(buffer_id)[:-1]:  # IN_ORDER: used along with it
+                earlier = self.in_flight[earlier_id]
+                self._release(earlier_id, earlier)
+                elems.append(self._used(earlier_id, earlier.writable_bytes, earlier, skipped=True))
+            self._release(buffer_id, chain)
             elems.append(self._used(buffer_id, length, chain))
+
+    def _release(self, buffer_id: int, chain: InFlight) -> None:
+        """A used chain's buffer id and slots are free again; the device's next used descriptor
+        is past its slots (§2.8.6), and its indirect table is freed."""
+        assert isinstance(chain, _PackedChain)
+        self._free_ids.append(buffer_id)
+        self._free_slots += chain.slots
+        self.next_used += chain.slots
+        if self.next_used >= self.size:
+            self.next_used -= self.size
+            self.used_wrap ^= 1
+        if chain.indirect_table is not None:
+            self.memory.free(chain.indirect_table)
 
     def set_interrupts(self, enabled: bool) -> None:
         flags = RING_EVENT_FLAGS_ENABLE if enabled else RING_EVENT_FLAGS_DISABLE

@@ -4,11 +4,17 @@ Free descriptors are a stack; a chain links them with NEXT. Indices are free-run
 counters. With EVENT_IDX the driver reads ``avail_event`` (after the used ring) before a kick and
 writes ``used_event`` (after the avail ring) as it consumes; without it, the device's NO_NOTIFY
 flag decides the kick (§2.7.10).
+
+With IN_ORDER the descriptors are handed out in ring order instead, from 0 up and round again
+(§2.7.5, §2.7.5.2: each ``next`` is x + 1, 0 after the last), and one used ring entry may stand
+for a batch: the entry at the position of the batch's first chain names its last chain, and
+used.idx moves by the size of the batch (§2.7.9).
 """
 
 from __future__ import annotations
 
 import struct
+from collections import deque
 from collections.abc import Sequence
 
 from ..transport.legacy import legacy_ring_bytes, legacy_ring_offsets
@@ -48,7 +54,9 @@ class SplitVirtqueue(Virtqueue):
             self._allocs += [self.desc, self.avail, self.used]
         self.used_event_addr = self.avail + SPLIT_AVAIL.size + 2 * n
         self.avail_event_addr = self.used + SPLIT_USED.size + USED_ELEM.size * n
-        self._free = list(range(n - 1, -1, -1))
+        # Free descriptors: a stack (0 on top) or, with IN_ORDER, a queue in ring order. Chains
+        # come back in the order they went out there, so the queue stays one run from next up.
+        self._free: deque[int] = deque(range(n)) if self.in_order else deque(range(n - 1, -1, -1))
         self.avail_idx = 0
         self.kicked_idx = 0
         self.last_used = 0
@@ -85,7 +93,8 @@ class SplitVirtqueue(Virtqueue):
             chain = [(b.addr, b.length, self._desc_flags(b, False)) for b in bufs]
         if len(chain) > len(self._free):
             raise VirtqueueError(f"{self.name}: queue full ({len(self._free)} free descriptors, chain of {len(chain)})")
-        ids = [self._free.pop() for _ in chain]
+        take = self._free.popleft if self.in_order else self._free.pop
+        ids = [take() for _ in chain]
         for i, (addr, length, flags) in enumerate(chain):
             last = i + 1 == len(chain)
             self._batch.memwrite(
@@ -138,7 +147,8 @@ class SplitVirtqueue(Virtqueue):
         return elems
 
     def _take_used(self, ring: bytes, count: int, elems: list[UsedElem]) -> None:
-        for _ in range(count):
+        taken = 0
+        while taken < count:
             slot = self.last_used % self.size
             used_id, length = _USED.unpack_from(ring, SPLIT_USED.size + USED_ELEM.size * slot)
             if used_id >= self.size:
@@ -147,11 +157,32 @@ class SplitVirtqueue(Virtqueue):
                     f"outside the {self.size} descriptors"
                 )
             chain = self._check_used(used_id, length)
-            self._free += reversed(chain.descriptors)
-            if chain.indirect_table is not None:
-                self.memory.free(chain.indirect_table)
-            self.last_used = (self.last_used + 1) & 0xFFFF
+            batch = self._batch_of(used_id)
+            if len(batch) > count - taken:
+                raise VirtqueueError(
+                    f"{self.transport}: {self.name}: IN_ORDER: used ring entry {slot} names id {used_id}, "
+                    f"chain {len(batch)} in the order they were made available, so it stands for a batch of "
+                    f"{len(batch)} (§2.7.9), but used.idx covers only {count - taken} more: the device used "
+                    f"id {used_id} before id {batch[0]}"
+                )
+            for ring_id in batch[:-1]:  # IN_ORDER: used along with the one the entry names
+                earlier = self.in_flight[ring_id]
+                self._release(earlier)
+                elems.append(self._used(ring_id, earlier.writable_bytes, earlier, skipped=True))
+            self._release(chain)
+            self.last_used = (self.last_used + len(batch)) & 0xFFFF
+            taken += len(batch)
             elems.append(self._used(used_id, length, chain))
+
+    def _release(self, chain: InFlight) -> None:
+        """A used chain's descriptors are free again (back on the stack, or at the end of the
+        ring-order queue), and so is its indirect table."""
+        if self.in_order:
+            self._free.extend(chain.descriptors)
+        else:
+            self._free += reversed(chain.descriptors)
+        if chain.indirect_table is not None:
+            self.memory.free(chain.indirect_table)
 
     def set_interrupts(self, enabled: bool) -> None:
         self.interrupts_enabled = enabled
