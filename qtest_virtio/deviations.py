@@ -305,10 +305,14 @@ class TableError(ValueError):
 
 
 def _entry(raw: Mapping[str, Any], where: str) -> Deviation:
-    known = {"id", "does", "strength", "section", "first_seen", "verified_on", "fixed_in", "absent_on", "when"}
+    required = {"id", "does", "strength", "section", "first_seen", "verified_on"}
+    known = required | {"fixed_in", "absent_on", "when"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise TableError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    missing = sorted(required - set(raw))
+    if missing:
+        raise TableError(f"{where}: missing key(s) {', '.join(missing)}")
     try:
         strengths = {s.value: s for s in Strength}
         if raw["strength"] not in strengths:
@@ -330,8 +334,6 @@ def _entry(raw: Mapping[str, Any], where: str) -> Deviation:
                 refused=frozenset(when.get("refused", ())),
             ),
         )
-    except KeyError as exc:
-        raise TableError(f"{where}: missing key {exc.args[0]!r}") from None
     except (TypeError, ValueError, AttributeError) as exc:
         if isinstance(exc, TableError):
             raise
