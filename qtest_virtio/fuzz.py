@@ -33,12 +33,14 @@ import struct
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from . import modes
 from .backends import NetBackend, SerialBackend
+from .deviations import Deviation, TableError, format_version
+from .deviations import table as deviation_table
 from .errors import QemuCrashed, QemuStartError, QtestTimeout, QtestVirtioError, ScenarioError
 from .machine import MachineSpec, is_crash_marker
 from .pci.config import CONFIG_ADDRESS_PORT, CONFIG_DATA_PORT, Cf8Access
@@ -565,7 +567,7 @@ REQUEST_SHAPES = ("writable_first", "all_readable", "all_writable", "empty_buffe
 @dataclass(frozen=True)
 class MisshapenRequest(Action):
     """The queue's valid request with its buffers out of shape: device-writable buffers before
-    the readable ones (virtio 1.2 §2.6.4.2: a driver MUST NOT), all one direction, zero-length
+    the readable ones (virtio 1.2 §2.7.4.2: a driver MUST NOT), all one direction, zero-length
     buffers, or everything squeezed into one buffer; made available where the device looks next."""
 
     shape: str
@@ -1327,21 +1329,28 @@ def reproducer_text(result: ExampleResult, *, seed: int | None = None) -> str:
 SIGNATURE_HEADER = "# fuzz-signature:"
 
 
-def known_signatures(directory: str) -> dict[str, str]:
-    """Signatures of the known bugs in a reproducer directory: the ``# fuzz-signature:`` of
-    each ``.qtest`` that also says ``# xfail:`` (still broken on the QEMU we target) -> path.
-    A campaign or a smoke test passes them as ``known`` so a known bug is not reported anew."""
+def known_signatures(
+    directory: str, version: tuple[int, int, int], deviations: Mapping[str, Deviation] | None = None
+) -> dict[str, str]:
+    """Signatures of the known bugs in a reproducer directory -> path: the ``# fuzz-signature:``
+    of each ``.qtest`` whose file stem is an entry of the deviation table that is live on
+    ``version`` (verified there, or unverified in between; not fixed). A campaign or a smoke
+    test passes them as ``known`` so a known bug is not reported anew."""
+    table = deviations if deviations is not None else deviation_table()
     out: dict[str, str] = {}
     if not os.path.isdir(directory):
         return out
     for name in sorted(os.listdir(directory)):
         if not name.endswith(".qtest"):
             continue
+        entry = table.get(name[: -len(".qtest")])
+        if entry is None or not entry.status(version).live:
+            continue
         path = os.path.join(directory, name)
         with open(path, encoding="utf-8") as f:
             comments = [line.strip().lstrip("# ") for line in f if line.startswith("#")]
         sig = _comment_value(comments, SIGNATURE_HEADER)
-        if sig and _comment_value(comments, "# xfail:") is not None:
+        if sig:
             out[sig] = path
     return out
 
@@ -1457,7 +1466,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--known",
         metavar="DIR",
         default=None,
-        help="reproducers of known bugs (e.g. scenarios/reproducers): finds with their signature are not new",
+        help="reproducers of known bugs (e.g. scenarios/reproducers): a find is known when its reproducer's "
+        "deviation-table entry is live on this QEMU's version",
     )
     parser.add_argument(
         "--keep-going",
@@ -1490,7 +1500,8 @@ def run_fuzz(args: argparse.Namespace) -> int:
         return 128
     rings = args.ring or list(RINGS)
     try:
-        qemu = QemuBinary.get(args.qemu).path
+        binary = QemuBinary.get(args.qemu)
+        qemu = binary.path
     except QemuNotFound as exc:
         print(f"qtest-virtio fuzz: {exc}", file=sys.stderr)
         return 125
@@ -1511,9 +1522,16 @@ def run_fuzz(args: argparse.Namespace) -> int:
     ]
     deadline = time.monotonic() + args.seconds
     observations: Counter[str] = Counter()
-    known = known_signatures(args.known) if args.known else {}
+    try:
+        known = known_signatures(args.known, binary.version) if args.known else {}
+    except TableError as exc:
+        print(f"qtest-virtio fuzz: {exc}", file=sys.stderr)
+        return 128
     if args.known and not known:
-        print(f"qtest-virtio fuzz: --known {args.known}: no reproducer there has '# xfail:' and '{SIGNATURE_HEADER}'")
+        print(
+            f"qtest-virtio fuzz: --known {args.known}: no reproducer there is a deviation-table entry live on "
+            f"QEMU {format_version(binary.version)} with '{SIGNATURE_HEADER}'"
+        )
     found: dict[str, str] = dict(known)
     still = _replay_earlier(earlier, found, qemu, args.hang_timeout)
     total = 0

@@ -11,6 +11,7 @@ import signal
 import stat
 import struct
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from conftest import EXE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from qtest_virtio.deviations import Deviation, Strength
 from qtest_virtio.fuzz import (
     DEVICES,
     Action,
@@ -49,7 +51,7 @@ from qtest_virtio.reproducer import load, parse
 from qtest_virtio.vm import Machine
 
 U64 = (1 << 64) - 1
-KNOWN = known_signatures(str(Path(__file__).resolve().parent.parent / "scenarios" / "reproducers"))
+SUITE_REPRODUCERS = str(Path(__file__).resolve().parent.parent / "scenarios" / "reproducers")
 
 
 def target(*, legacy: bool, packed: bool, io_base: int = 0xFFF0, queue_size: int = 256) -> Target:
@@ -201,15 +203,16 @@ def _gone(pid: int) -> bool:
 @pytest.mark.parametrize("device", list(DEVICES))
 def test_short_run_finds_nothing_and_leaves_no_process(qemu_binary, device: str) -> None:
     pids: list[int] = []
+    known = known_signatures(SUITE_REPRODUCERS, qemu_binary.version)
 
     def hook(vm: Machine, action: Action) -> None:
         pids.append(vm.pid)
 
     for mode in ("legacy", "modern"):
         config = FuzzConfig(device, mode, "packed" if mode == "modern" else "split", qemu=qemu_binary.path)
-        report = fuzz_target(config, max_examples=6, seed=1, hook=hook, known=KNOWN)
+        report = fuzz_target(config, max_examples=6, seed=1, hook=hook, known=known)
         if report.failure is not None:  # a known bug of this QEMU stops the run early; nothing else may
-            assert signature(report.failure) in KNOWN, report.failure.summary()
+            assert signature(report.failure) in known, report.failure.summary()
         else:
             assert report.examples == 6
     assert pids and all(_gone(p) for p in pids)
@@ -299,9 +302,18 @@ def test_signatures_group_by_assertion_and_come_back_from_reproducers(tmp_path: 
     hang = ExampleResult(config, [], outcome="hung", detail="during action 3")
     assert signature(hang) == "virtio-blk-pci packed: hung"
     text = reproducer_text(crash)
-    (tmp_path / "known.qtest").write_text("# xfail: still broken\n" + text)
+    (tmp_path / "known.qtest").write_text(text)
     (tmp_path / "fixed.qtest").write_text(text.replace("Assertion `addr", "Assertion `other"))
-    assert known_signatures(str(tmp_path)) == {signature(crash): str(tmp_path / "known.qtest")}
+    (tmp_path / "unlisted.qtest").write_text(text.replace("Assertion `addr", "Assertion `third"))
+    # A find is known where its reproducer's deviation-table entry is live on the version.
+    table = {
+        stem: Deviation(stem, "aborts", Strength.SHOULD, "2.1.2", (7, 2, 22), ((7, 2, 22),), fixed_in=(10, 0, 2))
+        for stem in ("known", "fixed")
+    }
+    table["fixed"] = replace(table["fixed"], fixed_in=(7, 2, 0))
+    assert known_signatures(str(tmp_path), (7, 2, 22), table) == {signature(crash): str(tmp_path / "known.qtest")}
+    assert known_signatures(str(tmp_path), (8, 0, 0), table) == {signature(crash): str(tmp_path / "known.qtest")}
+    assert known_signatures(str(tmp_path), (10, 0, 2), table) == {}
 
 
 def test_long_chain_outgrows_the_queue() -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -14,6 +15,7 @@ from conftest import EXE
 
 from qtest_virtio import ScenarioError
 from qtest_virtio.binary import QemuBinary
+from qtest_virtio.deviations import table
 from qtest_virtio.reproducer import normalize_args, parse, replay
 
 SUITE = Path(__file__).resolve().parent.parent / "scenarios" / "reproducers"
@@ -214,19 +216,25 @@ def test_bundled_reproducers_are_collected_and_pass(pytester: pytest.Pytester, q
     res = pytester.runpytest(
         "-p", "no:hypothesispytest", "-p", "no:benchmark", f"--qemu={qemu_binary.path}", "reproducers"
     )
-    # "# xfail: ..." marks a bug this QEMU still has (found by fuzzing): it must crash, strictly.
-    known = sum("\n# xfail:" in (SUITE / name).read_text() for name in files)
-    assert known >= 1
-    res.assert_outcomes(passed=len(files) - known, xfailed=known)
+    # A reproducer whose deviation-table entry is live on this version is a bug this QEMU still
+    # has (found by fuzzing): it must fail, and does.
+    live = [n for n in files if (d := table().get(Path(n).stem)) is not None and d.status(qemu_binary.version).live]
+    assert len(live) >= 1
+    res.assert_outcomes(passed=len(files) - len(live), xfailed=len(live))
 
 
-def test_xfail_reproducer_that_survives_fails_strictly(pytester: pytest.Pytester, qemu_binary: QemuBinary) -> None:
+def test_table_reproducer_that_survives_fails_strictly(pytester: pytest.Pytester, qemu_binary: QemuBinary) -> None:
+    """An entry verified on this version whose reproducer survives is an XPASS(strict): a failure
+    that asks for the table to be updated. (An extra table file names the test-only entry.)"""
     (pytester.path / "reproducers").mkdir()
-    (pytester.path / "reproducers" / "fixed.qtest").write_text(
-        "# xfail: pretend this QEMU still has the bug\n# qemu-args: -M q35 -nodefaults\nreadl 0x100000\n"
-    )
+    (pytester.path / "reproducers" / "fixed.qtest").write_text("# qemu-args: -M q35 -nodefaults\nreadl 0x100000\n")
+    version = ".".join(map(str, qemu_binary.version))
+    extra = pytester.path / "extra.json"
+    entry = {"id": "fixed", "does": "pretends to abort", "strength": "SHOULD", "section": "2.1.2"}
+    extra.write_text(json.dumps([{**entry, "first_seen": version, "verified_on": [version]}]))
     res = pytester.runpytest(
-        "-p", "no:hypothesispytest", "-p", "no:benchmark", f"--qemu={qemu_binary.path}", "reproducers"
-    )
+        "-p", "no:hypothesispytest", "-p", "no:benchmark", f"--qemu={qemu_binary.path}", f"--deviations={extra}",
+        "reproducers",
+    )  # fmt: skip
     res.assert_outcomes(failed=1)
-    res.stdout.fnmatch_lines(["*QEMU survived a reproducer marked 'xfail*remove the line*"])
+    res.stdout.fnmatch_lines(["*XPASS(strict)*QEMU does not follow the SHOULD of §2.1.2: pretends to abort*"])

@@ -17,6 +17,7 @@ import pytest
 
 from qtest_virtio import Machine, MachineSpec, QemuCrashed
 from qtest_virtio.binary import DEFAULT_QEMU, QemuBinary, QemuNotFound, UnknownFlag
+from qtest_virtio.deviations import TABLE_ENV, Deviation, Status, TableError, table
 from qtest_virtio.devices.base import CORE_FEATURES, VirtioDriver
 from qtest_virtio.devices.features import DEVICE_FEATURE_BITS
 from qtest_virtio.transport import feature_bit
@@ -32,6 +33,8 @@ PARAM_KEY = pytest.StashKey[VirtioParam]()
 KNOWN_FEATURES = frozenset(FEATURE_BITS.values()).union(*(t.values() for t in DEVICE_FEATURE_BITS.values()))
 #: Crashes the test's call phase already failed with, so teardown does not report them again.
 REPORTED_CRASHES_KEY = pytest.StashKey[list[QemuCrashed]]()
+#: The deviation table of this run (qtest_virtio.deviations), extra table file included.
+DEVIATIONS_KEY = pytest.StashKey[dict[str, Deviation]]()
 
 MARKERS = (
     "virtio_device(name, transports=..., flags={...}, **backend): the virtio device a test drives",
@@ -80,6 +83,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="also run every virtio_device test once per feature its driver implements, with that feature "
         "refused on the driver side (modern layout, split ring)",
     )
+    group.addoption(
+        "--strict-deviations",
+        action="store_true",
+        default=None,
+        help="make every known QEMU deviation a strict xfail, also on versions it was not verified on "
+        "(an XPASS anywhere fails the run)",
+    )
+    group.addoption(
+        "--deviations",
+        default=None,
+        metavar="FILE",
+        help=f"an extra deviation table (JSON; also env {TABLE_ENV}): adds entries, or replaces those of the same id",
+    )
+    parser.addini("strict_deviations", "every known deviation a strict xfail", type="bool", default=False)
     parser.addini("virtio_transport", "transport modes to run (comma-separated, or all)", default="")
     parser.addini("virtio_flags", "device properties for every virtio device (K=V,...)", default="")
     parser.addini("virtio_refuse", "features the driver declines (F,...)", default="")
@@ -98,6 +115,10 @@ def pytest_configure(config: pytest.Config) -> None:
     # pytest's -k grammar has no '=', but ids say "event_idx=off" (design.md): rewrite K=V to
     # K:V, which -k accepts, and give every parametrised item K:V keywords to match.
     _virtio_options(config)  # a malformed option is a usage error now, not a collection error
+    try:
+        config.stash[DEVIATIONS_KEY] = table(config.getoption("--deviations"))
+    except TableError as exc:
+        raise pytest.UsageError(f"{exc}; fix the file or drop --deviations / ${TABLE_ENV}") from None
     keyword = getattr(config.option, "keyword", "")
     if keyword and "=" in keyword:
         config.option.keyword = _K_EQ_V.sub(r"\1:\2", keyword)
@@ -187,6 +208,12 @@ def qemu_binary(pytestconfig: pytest.Config) -> QemuBinary:
         if _required(pytestconfig):
             pytest.fail(f"--qemu-required: {exc}", pytrace=False)
         pytest.skip(f"no QEMU binary (looked for {looked_for!r}): {exc}")
+
+
+@pytest.fixture(scope="session")
+def deviation_table(pytestconfig: pytest.Config) -> dict[str, Deviation]:
+    """The deviation table of this run (qtest_virtio.deviations, with --deviations FILE applied)."""
+    return pytestconfig.stash[DEVIATIONS_KEY]
 
 
 MachineFactory = Callable[..., Machine]
@@ -312,9 +339,11 @@ def qemu_report(vm: Machine) -> str:
     return "\n".join(lines)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Keywords for -k, and properties for JUnit XML and the run summary (set at collection,
-    so a test skipped before QEMU starts still says what it would have run)."""
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Keywords for -k, properties for JUnit XML and the run summary (set at collection, so a
+    test skipped before QEMU starts still says what it would have run), and the xfails of the
+    deviation table for the binary under test."""
+    version = _binary_version(config)
     for item in items:
         conformance = item.get_closest_marker("conformance")
         if conformance is not None and conformance.args:
@@ -334,6 +363,45 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 ("virtio_refuse", ",".join(sorted(param.refuse))),
                 ("virtio_refuse_each", "1" if param.refuse_each else ""),
             ]
+        if version is not None:
+            _mark_deviation(config, item, version, param if isinstance(param, VirtioParam) else None)
+
+
+def _binary_version(config: pytest.Config) -> tuple[int, int, int] | None:
+    """The version of the binary under test, or None when there is none (tests skip then)."""
+    try:
+        return QemuBinary.get(_qemu_option(config)).version
+    except QemuNotFound:
+        return None
+
+
+def _strict_deviations(config: pytest.Config) -> bool:
+    opt = config.getoption("--strict-deviations")
+    return bool(opt) if opt is not None else bool(config.getini("strict_deviations"))
+
+
+def _mark_deviation(
+    config: pytest.Config, item: pytest.Item, version: tuple[int, int, int], param: VirtioParam | None
+) -> None:
+    """A table entry for this test (its conformance id, or a reproducer's file stem) that holds
+    for this run: a strict xfail where verified on this version (or with --strict-deviations),
+    a non-strict one where unverified; nothing where fixed or not yet there (it must pass)."""
+    conformance = item.get_closest_marker("conformance")
+    key = str(conformance.args[0]) if conformance is not None and conformance.args else None
+    if isinstance(item, ReproducerItem):
+        key = item.name
+    entry = config.stash[DEVIATIONS_KEY].get(key) if key else None
+    if entry is None:
+        return
+    if param is not None and not entry.when.matches(
+        transport=param.mode, ring=param.ring, flags=param.flag_dict, refused=param.refuse
+    ):
+        return
+    status = entry.status(version)
+    item.user_properties += [("deviation", entry.id), ("deviation_status", status.value)]
+    if status.live:
+        strict = status is Status.VERIFIED or _strict_deviations(config)
+        item.add_marker(pytest.mark.xfail(strict=strict, reason=entry.describe(version)))
 
 
 def pytest_collect_file(file_path: Any, parent: pytest.Collector) -> pytest.Collector | None:
@@ -367,17 +435,11 @@ class ReproducerItem(pytest.Item):
         self.user_properties.append(("reproducer_outcome", result.outcome))
         if result.outcome == "cannot-run":
             pytest.skip(describe(result, rep))
-        # "# xfail: REASON" marks a bug this QEMU still has (strict: survival means it is fixed).
-        xfail = next((c[len("xfail:") :].strip() for c in rep.comments if c.startswith("xfail:")), None)
+        # A bug this QEMU still has is an entry of the deviation table (an xfail marker, set at
+        # collection): failing here is then the expected outcome, and surviving an XPASS.
         if result.outcome != "survived":
-            if xfail is not None:
-                pytest.xfail(f"{xfail} ({describe(result, rep)})")
             details = "\n".join([describe(result, rep), *result.notes, result.stderr_tail, result.command_line])
             pytest.fail(details, pytrace=False)
-        if xfail is not None:
-            pytest.fail(
-                f"XPASS(strict): QEMU survived a reproducer marked 'xfail: {xfail}': remove the line", pytrace=False
-            )
 
     def reportinfo(self) -> tuple[Any, int, str]:
         return self.path, 0, f"reproducer {self.name}"

@@ -5,7 +5,7 @@ reserved, sector), the data (device-readable for writes, discard and write-zeroe
 device-writable for reads and GET_ID) and one device-writable status byte. The legacy layout
 uses the same struct in guest-native (little) endian. How the request is cut into descriptors is
 a :class:`Framing`: header, data and status in separate buffers (always allowed), the data in
-several segments, or with VERSION_1 / ANY_LAYOUT header and data in one buffer (§2.6.4).
+several segments, or with VERSION_1 / ANY_LAYOUT header and data in one buffer (§2.7.4).
 
 The config structure (§5.2.4) and the request structures are declared once as layouts and read
 or packed by field name. Fields that only exist with a feature are read only when it was

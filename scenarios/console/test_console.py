@@ -15,7 +15,6 @@ import pytest
 
 from qtest_virtio.devices.console import ControlEvent, ControlMessage, VirtioConsole
 from qtest_virtio.transport import feature_bit
-from qtest_virtio.virtqueue import VirtqueueError
 
 pytestmark = pytest.mark.virtio_device("virtio-serial-pci")
 
@@ -108,10 +107,6 @@ def test_port_name_carries_the_name_property(virtio_device, qemu):
 
 
 @pytest.mark.virtio_requires("MULTIPORT")
-@pytest.mark.xfail(
-    strict=True,
-    reason="QEMU 7.2 deviates: PORT_NAME's name is followed by a NUL byte, counted in the used length",
-)
 @pytest.mark.conformance("console-port-name-no-nul", spec="5.3.6.2")
 def test_port_name_has_no_nul_terminator(virtio_device, qemu):
     """PORT_NAME is 'immediately followed by the UTF-8 name of the port ... (without a NUL
@@ -201,12 +196,6 @@ def test_port0_queues_work_without_multiport(virtio_device, qemu):
 
 
 @pytest.mark.virtio_requires("MULTIPORT")
-@pytest.mark.xfail(
-    strict=True,
-    raises=VirtqueueError,
-    reason="QEMU 7.2 deviates: a control message longer than the receive buffer is truncated but its "
-    "full length is reported as the used length",
-)
 @pytest.mark.conformance("console-control-used-length-fits", spec="2.7.8.2")
 def test_control_used_length_never_exceeds_the_buffer(virtio_device, qemu):
     """The device MUST write at least 'used length' bytes into the buffer, so the used length of

@@ -4,8 +4,8 @@ reset. The long campaign is ``qtest-virtio fuzz --seconds N``; here the budget i
 ordinary suite stays fast. A failure message names the reproducer written to the test's tmp dir.
 
 A failure that is a known bug of the QEMU under test (its signature is in a reproducer under
-``scenarios/reproducers/`` that says ``# xfail:``) is an expected failure naming that file, so
-the smoke test stays red only for what is new.
+``scenarios/reproducers/`` whose deviation-table entry is live on this QEMU's version) is an
+expected failure naming that file, so the smoke test stays red only for what is new.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import pytest
 
 from qtest_virtio import modes
 from qtest_virtio.binary import QemuBinary
+from qtest_virtio.deviations import Deviation
 
 pytest.importorskip("hypothesis", reason="the fuzz scenarios need hypothesis (pip install hypothesis)")
 
@@ -29,7 +30,7 @@ from qtest_virtio.fuzz import (
     write_reproducer,
 )
 
-KNOWN = known_signatures(str(Path(__file__).resolve().parent.parent / "reproducers"))
+REPRODUCERS = str(Path(__file__).resolve().parent.parent / "reproducers")
 
 #: hypothesis examples per (device, transport, ring): a smoke budget, not a campaign.
 EXAMPLES = 5
@@ -43,12 +44,24 @@ TARGETS = [
 
 
 @pytest.mark.parametrize(("device", "mode", "ring"), TARGETS, ids=["-".join(t) for t in TARGETS])
-def test_hostile_driver(qemu_binary: QemuBinary, tmp_path: Path, device: str, mode: str, ring: str) -> None:
+def test_hostile_driver(
+    request: pytest.FixtureRequest,
+    qemu_binary: QemuBinary,
+    deviation_table: dict[str, Deviation],
+    tmp_path: Path,
+    device: str,
+    mode: str,
+    ring: str,
+) -> None:
+    known = known_signatures(REPRODUCERS, qemu_binary.version, deviation_table)
     config = FuzzConfig(device, mode, ring, qemu=qemu_binary.path)
-    report = fuzz_target(config, max_examples=EXAMPLES, seed=0, shrink_seconds=30.0, known=KNOWN)
-    if report.failure is not None and signature(report.failure) in KNOWN:
+    report = fuzz_target(config, max_examples=EXAMPLES, seed=0, shrink_seconds=30.0, known=known)
+    if report.failure is not None and signature(report.failure) in known:
         found = signature(report.failure)
-        pytest.xfail(f"known QEMU bug ({Path(KNOWN[found]).name}): {found}")
+        stem = Path(known[found]).stem
+        status = deviation_table[stem].status(qemu_binary.version).value
+        request.node.user_properties += [("deviation", stem), ("deviation_status", status)]
+        pytest.xfail(f"known QEMU bug ({stem}.qtest): {found}")
     if report.failure is not None:
         path = write_reproducer(report.failure, str(tmp_path), seed=0)
         verdict = verify_reproducer(path, qemu=qemu_binary.path, timeout=config.hang_timeout)

@@ -88,11 +88,6 @@ def test_mtu_is_in_range_and_stable(virtio_device, qemu):
 
 @pytest.mark.conformance("net-rx-mtu-limit", spec="5.1.4.1")
 @pytest.mark.virtio_device("virtio-net-pci", flags={"host_mtu": "1400"})
-@pytest.mark.xfail(
-    strict=True,
-    reason="QEMU 7.2 deviates: host_mtu is only advertised; received frames longer than mtu + 14 "
-    "are delivered with gso_type NONE",
-)
 def test_received_frames_longer_than_mtu_are_not_passed(virtio_device, qemu):
     """After VIRTIO_NET_F_MTU is negotiated the device MUST NOT pass received packets that
     exceed mtu plus the Ethernet header with gso_type NONE: a 1514-byte frame with mtu 1400
@@ -130,11 +125,6 @@ def test_max_virtqueue_pairs_is_in_range(virtio_device, qemu):
 
 @pytest.mark.conformance("net-feature-dependencies-offered", spec="2.2.2")
 @pytest.mark.virtio_device("virtio-net-pci", flags={"ctrl_vq": "off"})
-@pytest.mark.xfail(
-    strict=True,
-    reason="QEMU 7.2 deviates: with ctrl_vq=off it still offers CTRL_RX, CTRL_RX_EXTRA, CTRL_VLAN, "
-    "GUEST_ANNOUNCE and CTRL_MAC_ADDR, which all require CTRL_VQ",
-)
 def test_no_feature_is_offered_without_what_it_requires(virtio_device, qemu):
     """The device MUST NOT offer a feature which requires another feature which was not
     offered (§2.2.2, requirements of §5.1.3.1; CTRL_RX_EXTRA: SHOULD NOT, §5.1.4.1): a device

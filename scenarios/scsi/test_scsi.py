@@ -51,10 +51,10 @@ def _hotplug_disk(qemu, bus: str, node: str, target: int) -> str:
 
 @pytest.mark.conformance("scsi-config-defaults", spec="5.6.4")
 def test_sense_and_cdb_size_defaults(virtio_device, qemu):
-    """The default sense_size MUST be 96 and cdb_size 32 (§5.6.4), as written by the device."""
+    """The default sense_size MUST be 96 and cdb_size 32 (§5.6.4), as written by the device.
+    Nothing more: §5.6.4 sets no bound on num_queues or event_info_size."""
     cfg = virtio_device.config()
     assert (cfg.sense_size, cfg.cdb_size) == (DEFAULT_SENSE_SIZE, DEFAULT_CDB_SIZE)
-    assert cfg.num_queues >= 1 and cfg.event_info_size >= 16
 
 
 @pytest.mark.conformance("scsi-config-reset-restores-sizes", spec="5.6.4")
@@ -189,11 +189,6 @@ def test_sense_is_cut_to_the_drivers_sense_size(virtio_device, qemu):
     assert result.used_len <= RESP_CMD.size + 8
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="QEMU 7.2 deviates: virtio-scsi does not implement the REPORT LUNS well-known logical "
-    "unit; a LUN field starting with 0xC1 gets VIRTIO_SCSI_S_BAD_TARGET",
-)
 @pytest.mark.conformance("scsi-report-luns-wlun", spec="5.6.6.1")
 def test_report_luns_well_known_lun(virtio_device, qemu):
     """The virtio-scsi device SHOULD implement the REPORT LUNS well-known logical unit, addressed
@@ -204,11 +199,6 @@ def test_report_luns_well_known_lun(virtio_device, qemu):
     assert int.from_bytes(result.data[0:4], "big") >= 8
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="QEMU 7.2 deviates: the used length of a command with data out counts the data-out "
-    "bytes (virtio_scsi_complete_req pushes qsgl.size + the response size whatever the direction)",
-)
 @pytest.mark.virtio_device("virtio-scsi-pci", transports=MODERN_LAYOUT)
 @pytest.mark.conformance("scsi-write-used-length", spec="2.7.8.2")
 def test_write_used_length_counts_only_device_written_bytes(virtio_device, qemu):

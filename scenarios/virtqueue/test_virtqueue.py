@@ -136,10 +136,13 @@ def raw_used(vm, vq: SplitVirtqueue, timeout: float = SHORT, *, dev_id: str = ""
 
 
 @pytest.mark.conformance("vq-no-use-before-driver-ok", spec="2.1.2")
+@pytest.mark.virtio_device("virtio-rng-pci", transports=MODERN_LAYOUT)
 def test_no_buffer_is_used_before_driver_ok(virtio_device, qemu, monkeypatch):
     """Until the driver sets DRIVER_OK the device neither consumes buffers nor sends used buffer
     notifications (MUST): a request made available and notified during initialization stays
-    untouched, and is served once DRIVER_OK is set."""
+    untouched, and is served once DRIVER_OK is set. Modern layouts only: through the legacy
+    interface drivers used the device before DRIVER_OK, and a transitional device lets them
+    (§3.1.2)."""
     drv = virtio_device
     drv.reset()
     monkeypatch.setattr("qtest_virtio.devices.base.driver_ok", lambda transport: None)
@@ -439,12 +442,6 @@ def test_write_flag_on_the_indirect_descriptor_is_ignored(virtio_device, qemu):
 @pytest.mark.conformance("vq-direct-then-indirect-descriptor", spec="2.7.5.3.2")
 @pytest.mark.virtio_device("virtio-rng-pci", rings=("split",))
 @pytest.mark.virtio_requires("INDIRECT_DESC")
-@pytest.mark.xfail(
-    strict=True,
-    reason="QEMU 7.2 deviates: it only looks for INDIRECT on a chain's head; a direct descriptor "
-    "chained to an indirect one makes it report 'Incorrect order for descriptors' and mark the "
-    "device broken",
-)
 def test_direct_descriptors_followed_by_an_indirect_one(virtio_device, qemu):
     """The device handles a chain of ordinary descriptors ending in one INDIRECT descriptor
     (MUST): a writable direct buffer then a table of two writable buffers is one request of 12
