@@ -114,10 +114,12 @@ class QemuBinary:
             raise QemuStartError(f"cannot run {self.path}: {exc.strerror}") from None
         try:
             out, err = proc.communicate(None if stdin is None else stdin.encode(), timeout=timeout)
-        except subprocess.TimeoutExpired:
+        except BaseException as exc:  # a timeout, or Ctrl-C/SIGTERM meanwhile: never leave the group
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
+            if not isinstance(exc, subprocess.TimeoutExpired):
+                raise
             raise NotQemu(
                 f"{self.path} did not answer `{' '.join(args)}` within {timeout:g} s: not a QEMU binary? "
                 "(it was stopped with its children); pass --qemu PATH of a qemu-system-x86_64"
