@@ -453,12 +453,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
+    """SIGTERM is an interrupt like Ctrl-C: teardown stops QEMU, and pytest ends the session
+    instead of counting a failed test (which would mark a bisect commit bad)."""
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
-        # Make SIGTERM unwind like Ctrl-C, so teardown stops QEMU and removes its directory.
+        # SIGTERM unwinds like Ctrl-C, so teardown stops QEMU and removes its directory.
         signal.signal(signal.SIGTERM, _sigterm)
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -498,8 +500,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"qtest-virtio: failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        print("qtest-virtio: interrupted", file=sys.stderr)
-        return 130
+        print(f"qtest-virtio: interrupted, exit {EXIT_USAGE} (aborts a git bisect run)", file=sys.stderr)
+        return EXIT_USAGE
     except Exception:
         traceback.print_exc()
         print(f"qtest-virtio: internal error in {_pkg} (harness bug), exit {EXIT_USAGE}", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 
@@ -144,3 +145,39 @@ def test_qemu_that_hangs_is_stopped_with_its_children(tmp_path) -> None:
     while state(child) not in ("gone",) and not state(child).startswith("Z") and time.monotonic() < deadline:
         time.sleep(0.05)
     assert state(child) == "gone" or state(child).startswith("Z"), "the hanging program's child survived"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_run_exits_128_and_leaves_no_qemu(qemu_binary, sig: signal.Signals) -> None:
+    """An interrupt of `run` (Ctrl-C, or SIGTERM from a CI cancelling) is 128, which aborts a
+    `git bisect run` instead of marking the commit bad, and every QEMU it started is gone."""
+    assert EXE
+    proc = subprocess.Popen(
+        [EXE, "run", "scenarios/blk", "--qemu", qemu_binary.path, "-n", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while not (started := _qemu_children(proc.pid)) and time.monotonic() < deadline:  # interrupt it mid-test
+        time.sleep(0.02)
+    assert started, "no QEMU started within 30 s"
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128, err[-2000:]
+    assert err.strip().splitlines()[-1] == "qtest-virtio: interrupted, exit 128 (aborts a git bisect run)"
+    assert all(state(pid) == "gone" or state(pid).startswith("Z") for pid in started)
+
+
+def _qemu_children(pid: int) -> list[int]:
+    """QEMU processes below ``pid`` (setpriv execs QEMU, so they are its children)."""
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False).stdout
+    found = []
+    for child in map(int, out.split()):
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                if b"qemu-system" in f.read():
+                    found.append(child)
+        except OSError:
+            pass
+    return found
