@@ -358,6 +358,18 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.set_defaults(pytest_args=[])
 
 
+def _replay_args(p: argparse.ArgumentParser, qemu_help: str) -> None:
+    """--qemu (repeatable) and --timeout, as replay and report both take them."""
+    p.add_argument("--qemu", action="append", default=[], metavar="PATH", help=qemu_help)
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds without a reply that count as a hang (default: the file's '# timeout:', else 10)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="qtest-virtio", description="Drive virtio-pci devices in QEMU's qtest mode.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -413,37 +425,15 @@ def build_parser() -> argparse.ArgumentParser:
         "replay", help="replay QEMU bug-report reproducers (.qtest) on one or more binaries: survived, crashed or hung"
     )
     rp.add_argument("file", metavar="FILE|DIR", help="a .qtest reproducer, or a folder of them")
-    rp.add_argument(
-        "--qemu",
-        action="append",
-        default=[],
-        metavar="PATH",
-        help="QEMU binary (replaces the one named in the file); repeat for one row per binary",
-    )
-    rp.add_argument(
-        "--timeout",
-        type=float,
-        default=None,
-        metavar="S",
-        help="seconds without a reply that count as a hang (default: the file's '# timeout:', else 10)",
-    )
+    _replay_args(rp, "QEMU binary (replaces the one named in the file); repeat for one row per binary")
     rp.add_argument("--trace", action="store_true", help="print each command with its reply")
     rp.set_defaults(func=cmd_replay)
     rr = sub.add_parser(
         "report", help="an upstream-ready bug report (QEMU's GitLab template) of a reproducer replayed on each binary"
     )
     rr.add_argument("file", metavar="FILE", help="a .qtest reproducer")
-    rr.add_argument(
-        "--qemu",
-        action="append",
-        default=[],
-        metavar="PATH",
-        help="QEMU binary to replay on, repeatable (default: every binary scripts/qemu.sh has cached)",
-    )
+    _replay_args(rr, "QEMU binary to replay on, repeatable (default: every binary scripts/qemu.sh has cached)")
     rr.add_argument("-o", "--output", default=None, metavar="PATH", help="where to write it (default: stdout)")
-    rr.add_argument(
-        "--timeout", type=float, default=None, metavar="S", help="seconds without a reply that count as a hang"
-    )
     rr.set_defaults(func=cmd_report)
     f = sub.add_parser("flags", help="the device properties (flags) this binary supports, with defaults")
     f.add_argument("--qemu", default=None)
