@@ -157,6 +157,8 @@ def test_interrupted_run_exits_128_and_leaves_no_qemu(qemu_binary, sig: signal.S
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        # A shell's background job inherits SIGINT ignored, and Python then keeps it so: default it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 30
     while not (started := _qemu_children(proc.pid)) and time.monotonic() < deadline:  # interrupt it mid-test

@@ -337,11 +337,19 @@ def test_unknown_property(qemu_binary: QemuBinary) -> None:
     assert "event_idx" in valid and "serial" in valid and "drive" in valid
 
 
-def test_binary_that_exits_at_once(qemu_binary: QemuBinary) -> None:
+def test_binary_that_exits_at_once(tmp_path: Path, qemu_binary: QemuBinary) -> None:
+    """A QEMU that answers --version but exits as soon as it is started for real."""
+    script = wrapper(tmp_path, f'[ "$1" = --version ] && exec {shlex.quote(qemu_binary.path)} --version\nexit 1\n')
+    _, info = start_expecting(MachineSpec(qemu=script), QemuStartError)
+    assert "exited during start-up" in str(info.value) and "exit status 1" in str(info.value)
+
+
+def test_program_that_is_not_qemu() -> None:
+    """/bin/false is refused before any start: it does not answer --version (issue 12)."""
     false = shutil.which("false")
     assert false
-    _, info = start_expecting(MachineSpec(qemu=false), QemuStartError)
-    assert "exited during start-up" in str(info.value) and "exit status 1" in str(info.value)
+    with pytest.raises(QemuNotFound, match=r"did not answer --version \(exit 1\): not a QEMU binary"):
+        QemuBinary.get(false)
 
 
 @pytest.mark.timeout(30)
@@ -620,7 +628,7 @@ def test_signal_during_quit_is_a_crash(
     that is the QEMU process ending with signal 11 although nobody signalled it. Regression: only
     a death before shutdown began, or a stderr marker, used to count as a crash.
     """
-    script = wrapper(tmp_path, f'{shlex.quote(qemu_binary.path)} "$@"\nkill -SEGV $$\n')
+    script = wrapper(tmp_path, f'{shlex.quote(qemu_binary.path)} "$@"\n[ "$1" = --version ] || kill -SEGV $$\n')
     vm = machine_factory(MachineSpec(qemu=script))
     assert vm.qtest.readl(RAM) == 0
     with pytest.raises(QemuCrashed) as info:

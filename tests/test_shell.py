@@ -70,6 +70,8 @@ class Session:
             encoding="utf-8",
             timeout=COMMAND_TIMEOUT,
             dimensions=(40, 250),
+            # Ctrl-C is a SIGINT: a shell's background job inherits it ignored, so default it.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         self.child.expect(PROMPT, timeout=START_TIMEOUT)
         m = re.search(r"QEMU pid (\d+)", self.child.before)
