@@ -745,7 +745,9 @@ class QemuMachine:
 
     def reproducer(self, commands: int = 20) -> str:
         """A bug-report style reproducer: the command line fed the last qtest commands."""
-        cmds = [c for c, _ in list(self._qtest.history)[-commands:]] if self._qtest else []
+        # History entries in parentheses are notes (a late reply dropped), not commands sent.
+        history = [c for c, _ in self._qtest.history if not c.startswith("(")] if self._qtest else []
+        cmds = history[-commands:]
         if not cmds:
             return self.command_line()
         elided = any("... (" in c for c in cmds)

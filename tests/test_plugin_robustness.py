@@ -186,6 +186,16 @@ def test_hung_qemu_signal_method(pytester: pytest.Pytester, qemu_path: str) -> N
     elapsed = time.monotonic() - started
     result.assert_outcomes(failed=1, passed=1)
     result.stdout.fnmatch_lines(["*Failed: Timeout*3*", "*- qemu -*", "command line (qtest on stdio):"])
+    # The command pytest-timeout interrupted is the last one the section lists.
+    result.stdout.fnmatch_lines(
+        [
+            "last qtest commands:",
+            "    endianness  ->  OK little",
+            "    inl 0xcfc  ->  (no reply: interrupted by Failed)",
+            "=*",
+        ],
+        consecutive=True,
+    )
     assert "test_hangs" in "\n".join(line for line in result.outlines if line.startswith("FAILED"))
     # Not the qtest timeout (120 s): pytest-timeout's, and a bounded teardown.
     assert elapsed < 60, elapsed
