@@ -11,6 +11,7 @@ if Python itself is killed.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import itertools
 import os
@@ -398,6 +399,24 @@ def sweep_stale_workdirs(parent: str | None = None) -> list[str]:
     return removed
 
 
+#: The lists ``watch_machines`` fills in this context (thread or task), innermost last.
+_WATCHERS: contextvars.ContextVar[tuple[list[QemuMachine], ...]] = contextvars.ContextVar(
+    "qtest_virtio_machine_watchers", default=()
+)
+
+
+@contextlib.contextmanager
+def watch_machines() -> Iterator[list[QemuMachine]]:
+    """A list of every machine started in this context from now on, in order, for failure
+    reports of code that starts its own (a reproducer's replay, the fuzzer's checks)."""
+    started: list[QemuMachine] = []
+    token = _WATCHERS.set((*_WATCHERS.get(), started))
+    try:
+        yield started
+    finally:
+        _WATCHERS.reset(token)
+
+
 def _reap(proc: subprocess.Popen[bytes], workdir: str) -> None:
     """Last-resort cleanup (garbage collection / interpreter exit): kill, wait, remove."""
     if proc.poll() is None:
@@ -447,6 +466,8 @@ class QemuMachine:
             raise RuntimeError("machine already started")
         sweep_stale_workdirs()
         self.workdir = tempfile.mkdtemp(prefix=f"{_WORKDIR_PREFIX}{os.getpid()}-")
+        for started in _WATCHERS.get():
+            started.append(self)
         os.chmod(self.workdir, 0o700)  # mkdtemp already makes it 0700; say so explicitly
         try:
             self._launch()

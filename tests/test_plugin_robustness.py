@@ -259,6 +259,50 @@ def test_a_command_interrupted_by_a_signal_does_not_shift_replies(qemu_path: str
         vm.shutdown(check=False)
 
 
+LIVELOCK = os.path.join(
+    os.path.dirname(__file__), os.pardir, "scenarios", "reproducers", "virtio-rng-packed-zero-length-livelock.qtest"
+)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        pytest.param(True, id="qtest-timeout-first"),  # its "# timeout: 3": pytest-timeout ends the teardown
+        pytest.param(False, id="pytest-timeout-first"),  # replay's 10 s: pytest-timeout ends the wait
+    ],
+)
+def test_pytest_timeout_of_a_livelocked_reproducer_reports_qemu(
+    pytester: pytest.Pytester, qemu_path: str, header: bool
+) -> None:
+    """A reproducer item that pytest-timeout ends gets the ``qemu`` section, with the command
+    that got no reply, instead of ~1000 lines of pytest's and pluggy's frames."""
+    with open(LIVELOCK) as f:
+        text = f.read()
+    if not header:
+        text = "".join(line for line in text.splitlines(True) if not line.startswith("# timeout:"))
+    folder = pytester.mkdir("reproducers")
+    (folder / "rng-livelock.qtest").write_text(text)  # a name the deviation table does not know
+    started = time.monotonic()
+    result = pytester.runpytest_subprocess(f"--qemu={qemu_path}", "--timeout=4", "--timeout-method=signal")
+    assert time.monotonic() - started < 60
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    assert "Timeout (>4.0s) from pytest-timeout" in out
+    assert "pluggy/_hooks.py" not in out and "def from_call" not in out, out[:3000]
+    assert len(result.outlines) < 120, len(result.outlines)
+    lines = result.outlines
+    start = next(i for i, line in enumerate(lines) if re.match(r"^-+ qemu -+$", line))
+    end = next(i for i in range(start + 1, len(lines)) if re.match(r"^(==|-{5,} .+ -{5,}$)", lines[i]))
+    section = lines[start + 1 : end]
+    assert section[0] == "command line (qtest on stdio):"
+    assert "-device virtio-rng-pci,id=fuzz0,packed=on" in section[1]
+    assert any("zero sized buffers are not allowed" in line for line in section)
+    commands = section[section.index("last qtest commands:") + 1 :]
+    # The livelock starts with the last b64read or with the round trip after it.
+    assert re.fullmatch(r"    (b64read 0x100010 0x80|endianness)  ->  \(no reply[^)]*\)", commands[-1]), commands[-3:]
+    assert "    writew 0xc0003000 0x0  ->  OK" in commands
+
+
 # -- (c) a QEMU that crashes --------------------------------------------------------------------
 
 WRAPPER = """\
