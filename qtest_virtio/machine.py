@@ -371,11 +371,41 @@ def _spawn_args() -> tuple[list[str], Callable[[], None] | None]:
     return [], _set_pdeathsig
 
 
-def sweep_stale_workdirs(parent: str | None = None) -> list[str]:
-    """Remove workdirs left by a harness process that no longer exists (SIGKILLed Python).
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks) of a process from /proc/PID/stat, or None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()
+    return fields[0], int(fields[19])
 
-    A workdir is named ``qtest-virtio-<pid>-<random>``; QEMU itself died with its parent
-    through PDEATHSIG, only the directory can be left.
+
+def _workdir_prefix() -> str:
+    """``qtest-virtio-<pid>-<start time>-``: the start time tells this process from a later
+    one that reuses its pid."""
+    stat = _proc_stat(os.getpid())
+    return f"{_WORKDIR_PREFIX}{os.getpid()}-{stat[1] if stat else 0}-"
+
+
+def _owner_gone(pid: int, start: int | None) -> bool:
+    """Whether the process that made a workdir has ended. A zombie has: an xdist worker that
+    died stays one until the controller reaps it at the end of the session."""
+    stat = _proc_stat(pid)
+    if stat is None:
+        return True
+    state, started = stat
+    return state in ("Z", "X") or (start is not None and started != start)
+
+
+def sweep_stale_workdirs(parent: str | None = None) -> list[str]:
+    """Remove workdirs left by a harness process that has ended (SIGKILLed or ``os._exit``).
+
+    A workdir is named ``qtest-virtio-<pid>-<start time>-<random>`` (before the start time
+    was added: ``qtest-virtio-<pid>-<random>``). Its owner has ended when no process has that
+    pid, the one that has it is a zombie, or it started at another time (a reused pid). QEMU
+    itself died with its parent through PDEATHSIG, only the directory can be left.
     """
     parent = parent or tempfile.gettempdir()
     removed: list[str] = []
@@ -386,16 +416,13 @@ def sweep_stale_workdirs(parent: str | None = None) -> list[str]:
     for name in names:
         if not name.startswith(_WORKDIR_PREFIX):
             continue
-        pid_text = name[len(_WORKDIR_PREFIX) :].split("-", 1)[0]
-        if not pid_text.isdigit() or int(pid_text) == os.getpid():
+        fields = name[len(_WORKDIR_PREFIX) :].split("-")
+        if not fields[0].isdigit() or int(fields[0]) == os.getpid():
             continue
-        try:
-            os.kill(int(pid_text), 0)
-        except ProcessLookupError:
+        start = int(fields[1]) if len(fields) == 3 and fields[1].isdigit() else None
+        if _owner_gone(int(fields[0]), start):
             shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
             removed.append(name)
-        except PermissionError:
-            continue
     return removed
 
 
@@ -465,7 +492,7 @@ class QemuMachine:
         if self._proc is not None:
             raise RuntimeError("machine already started")
         sweep_stale_workdirs()
-        self.workdir = tempfile.mkdtemp(prefix=f"{_WORKDIR_PREFIX}{os.getpid()}-")
+        self.workdir = tempfile.mkdtemp(prefix=_workdir_prefix())
         for started in _WATCHERS.get():
             started.append(self)
         os.chmod(self.workdir, 0o700)  # mkdtemp already makes it 0700; say so explicitly

@@ -508,6 +508,42 @@ def test_sweep_removes_only_dead_owners(tmp_path: Path) -> None:
     assert not dead.exists() and mine.exists() and live.exists() and other.exists()
 
 
+def _start_time(pid: int) -> int:
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return int(text[text.rindex(")") + 2 :].split()[19])
+
+
+def test_workdir_names_its_owner_with_pid_and_start_time(qemu_binary: QemuBinary) -> None:
+    with Machine(MachineSpec(qemu=qemu_binary.path)) as vm:
+        name = os.path.basename(vm.workdir)
+    assert name.startswith(f"qtest-virtio-{os.getpid()}-{_start_time(os.getpid())}-"), name
+
+
+def test_sweep_removes_dirs_of_zombies_and_of_reused_pids(tmp_path: Path) -> None:
+    """An owner that died but is not reaped yet (a zombie: an xdist worker that os._exit()ed
+    stays one until the session ends) has ended; so has one whose pid a later process took
+    (its start time differs). A live owner with the recorded start time keeps its directory."""
+    zombie = subprocess.Popen(["true"])
+    try:
+        os.waitid(os.P_PID, zombie.pid, os.WEXITED | os.WNOWAIT)  # dead, not reaped
+        parent = os.getppid()
+        dirs = {
+            "zombie-old-form": tmp_path / f"qtest-virtio-{zombie.pid}-abc",
+            "zombie": tmp_path / f"qtest-virtio-{zombie.pid}-{_start_time(zombie.pid)}-abc",
+            "reused-pid": tmp_path / f"qtest-virtio-{parent}-{_start_time(parent) + 1}-def",
+            "live": tmp_path / f"qtest-virtio-{parent}-{_start_time(parent)}-ghi",
+            "live-old-form": tmp_path / f"qtest-virtio-{parent}-12345678",
+        }
+        for d in dirs.values():
+            d.mkdir()
+        assert sorted(sweep_stale_workdirs(str(tmp_path))) == sorted(
+            dirs[k].name for k in ("zombie-old-form", "zombie", "reused-pid")
+        )
+        assert dirs["live"].exists() and dirs["live-old-form"].exists()
+    finally:
+        zombie.wait()
+
+
 # -- crash markers ---------------------------------------------------------------------------
 
 

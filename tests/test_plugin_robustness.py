@@ -152,6 +152,54 @@ def test_xdist_workers_get_private_machines(pytester: pytest.Pytester, qemu_path
         assert writes == [f"> writel 0x100000 {0x1000 + n:#x}"]  # this test's own commands only
 
 
+DYING_WORKER_TESTS = (
+    RECORD
+    + """
+def owner_state(pid):
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "gone"
+    return text[text.rindex(")") + 2 :].split()[0]
+
+
+def test_worker_dies(qemu):
+    record(qemu, "dies")
+    os._exit(1)
+
+
+def test_next_start_sweeps_its_directory(machine_factory):
+    deadline = time.monotonic() + 60
+    while not Path("records", "dies.json").exists():
+        assert time.monotonic() < deadline, "the other worker never started its machine"
+        time.sleep(0.05)
+    dead = json.loads(Path("records", "dies.json").read_text())
+    assert dead["worker"] != os.environ["PYTEST_XDIST_WORKER"]
+    while owner_state(dead["harness"]) not in ("Z", "X", "gone"):
+        assert time.monotonic() < deadline, "the other worker never died"
+        time.sleep(0.05)
+    Path("records", "owner-state.txt").write_text(owner_state(dead["harness"]))
+    machine_factory()  # a start sweeps the directories of harnesses that have ended
+    assert not os.path.exists(dead["workdir"]), dead["workdir"]
+"""
+)
+
+
+def test_xdist_worker_that_dies_leaves_no_directory(pytester: pytest.Pytester, qemu_path: str) -> None:
+    """A worker that dies (os._exit) stays a zombie until the controller reaps it at the end of
+    the session; its directory must not wait that long: the next machine start sweeps it."""
+    pytester.makepyfile(test_dying=DYING_WORKER_TESTS)
+    result = pytester.runpytest_subprocess("-n", "2", f"--qemu={qemu_path}")
+    out = result.stdout.str()
+    assert "1 passed" in out, out[-3000:]
+    assert re.search(r"worker '?gw\d'? crashed|replacing crashed worker", out), out[-3000:]
+    # Z with xdist 3.8: the dead worker stays a zombie until the session ends.
+    assert (pytester.path / "records" / "owner-state.txt").read_text() in ("Z", "X", "gone")
+    rec = records(pytester)["dies"]
+    wait_gone(rec)
+    assert not os.path.exists(str(rec["workdir"]))
+
+
 # -- (b) a hung QEMU under pytest-timeout -------------------------------------------------------
 
 HUNG_TESTS = (
