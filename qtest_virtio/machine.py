@@ -10,6 +10,7 @@ if Python itself is killed.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import ctypes
@@ -24,6 +25,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -444,6 +446,34 @@ def watch_machines() -> Iterator[list[QemuMachine]]:
         _WATCHERS.reset(token)
 
 
+def _thread_event_loop() -> asyncio.AbstractEventLoop | None:
+    """The event loop set for this thread, or None (the main thread's is made on demand, as
+    asyncio.get_event_loop makes it)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return asyncio.get_event_loop()
+    except RuntimeError:
+        return None
+
+
+def _qmp_client(sock: socket.socket) -> tuple[QEMUMonitorProtocol, asyncio.AbstractEventLoop | None]:
+    """qemu.qmp's sync client, and the event loop it made for this thread if it made one.
+
+    The client runs on the thread's event loop and sets a new one where there is none (every
+    thread but the main one). Left set, that loop (an epoll fd and a self-pipe: 3 fds) outlives
+    the thread until a ``gc.collect()``; so a loop made for us is taken off the thread again
+    (the client keeps it) and the machine closes it in teardown.
+    """
+    had_loop = _thread_event_loop() is not None
+    qmp = QEMUMonitorProtocol(sock)
+    loop = getattr(qmp, "_aloop", None)
+    if had_loop or not isinstance(loop, asyncio.AbstractEventLoop):
+        return qmp, None
+    asyncio.set_event_loop(None)
+    return qmp, loop
+
+
 def _reap(proc: subprocess.Popen[bytes], workdir: str) -> None:
     """Last-resort cleanup (garbage collection / interpreter exit): kill, wait, remove."""
     if proc.poll() is None:
@@ -472,6 +502,8 @@ class QemuMachine:
         self._qtest: QtestClient | None = None
         self._qmp: QEMUMonitorProtocol | None = None
         self._qmp_sock: socket.socket | None = None
+        #: The event loop made for the QMP client, when this machine owns it (``_qmp_client``).
+        self._qmp_loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self._running = False
         self._plan: LaunchPlan | None = None
@@ -693,6 +725,7 @@ class QemuMachine:
         if self._qmp is not None:
             with contextlib.suppress(Exception):
                 self._qmp.close()
+        self._close_qmp_loop()
         if self._qmp_sock is not None:
             self._qmp_sock.close()
         if self._plan is not None:
@@ -739,7 +772,8 @@ class QemuMachine:
         """Negotiate QMP within ``timeout``: qemu.qmp's sync connect() has no timeout of its
         own, and a hung or stopped QEMU would block it forever."""
         assert self._qmp_sock is not None
-        qmp = QEMUMonitorProtocol(self._qmp_sock)
+        self._close_qmp_loop()  # a negotiation that failed before
+        qmp, self._qmp_loop = _qmp_client(self._qmp_sock)
         qmp.settimeout(timeout)
         client = qmp._qmp  # the async QMPClient the sync wrapper drives
         client.await_greeting = True
@@ -747,6 +781,7 @@ class QemuMachine:
         try:
             qmp._sync(client.connect(self._qmp_sock), timeout)
         except TimeoutError:
+            self._close_qmp_loop()
             raise QemuCrashed(
                 f"QEMU did not answer QMP negotiation within {timeout:g} s (hung or stopped)",
                 returncode=self.returncode,
@@ -754,6 +789,12 @@ class QemuMachine:
                 command_line=self.command_line(),
             ) from None
         return qmp
+
+    def _close_qmp_loop(self) -> None:
+        loop, self._qmp_loop = self._qmp_loop, None
+        if loop is not None:
+            with contextlib.suppress(Exception):
+                loop.close()
 
     @property
     def pid(self) -> int:

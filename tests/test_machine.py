@@ -6,6 +6,8 @@ start errors, teardown, crash capture) is checked by starting QEMU and asking it
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import re
 import select
@@ -16,6 +18,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -542,6 +545,43 @@ def test_sweep_removes_dirs_of_zombies_and_of_reused_pids(tmp_path: Path) -> Non
         assert dirs["live"].exists() and dirs["live-old-form"].exists()
     finally:
         zombie.wait()
+
+
+@pytest.mark.timeout(60)
+def test_machines_started_from_threads_leave_no_file_descriptors(qemu_binary: QemuBinary) -> None:
+    """qemu.qmp's sync client makes an event loop for a thread that has none (3 fds); the
+    machine closes it in teardown instead of leaving it to the garbage collector."""
+
+    def run() -> None:
+        with Machine(MachineSpec(qemu=qemu_binary.path)) as vm:
+            assert vm.qmp.cmd("query-status")["status"] in ("running", "prelaunch")
+
+    def in_thread() -> None:
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join(30)
+        assert not thread.is_alive()
+
+    def fds() -> list[str]:
+        out = []
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                out.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return sorted(out)
+
+    in_thread()  # first use: imports, the halt firmware, the binary's probes
+    gc.collect()
+    gc.disable()
+    try:
+        before = fds()
+        for _ in range(3):
+            in_thread()
+        after = fds()
+    finally:
+        gc.enable()
+    assert after == before
+    run()  # the main thread's own loop still works after all that
+    in_thread()
 
 
 # -- crash markers ---------------------------------------------------------------------------
