@@ -38,6 +38,8 @@ from .backends import Handle, make_backend
 from .binary import QemuBinary, UnknownFlag
 from .errors import QemuCrashed, QemuStartError, describe_exit
 from .qtest import QtestClient
+from .workdirs import make_workdir
+from .workdirs import sweep_stale_workdirs as sweep_stale_workdirs  # its home was here
 
 PropValue = str | int | bool
 
@@ -357,7 +359,6 @@ def build_argv(spec: MachineSpec, binary: QemuBinary, workdir: str) -> LaunchPla
 _PR_SET_PDEATHSIG = 1
 _prctl = ctypes.CDLL(None, use_errno=True).prctl
 _SETPRIV = shutil.which("setpriv")
-_WORKDIR_PREFIX = "qtest-virtio-"
 
 
 def _set_pdeathsig() -> None:  # pragma: no cover - runs in the child
@@ -371,61 +372,6 @@ def _spawn_args() -> tuple[list[str], Callable[[], None] | None]:
     if _SETPRIV:
         return [_SETPRIV, "--pdeathsig", "KILL", "--"], None
     return [], _set_pdeathsig
-
-
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, start time in clock ticks) of a process from /proc/PID/stat, or None if gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            text = f.read().decode(errors="replace")
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2 :].split()
-    return fields[0], int(fields[19])
-
-
-def _workdir_prefix() -> str:
-    """``qtest-virtio-<pid>-<start time>-``: the start time tells this process from a later
-    one that reuses its pid."""
-    stat = _proc_stat(os.getpid())
-    return f"{_WORKDIR_PREFIX}{os.getpid()}-{stat[1] if stat else 0}-"
-
-
-def _owner_gone(pid: int, start: int | None) -> bool:
-    """Whether the process that made a workdir has ended. A zombie has: an xdist worker that
-    died stays one until the controller reaps it at the end of the session."""
-    stat = _proc_stat(pid)
-    if stat is None:
-        return True
-    state, started = stat
-    return state in ("Z", "X") or (start is not None and started != start)
-
-
-def sweep_stale_workdirs(parent: str | None = None) -> list[str]:
-    """Remove workdirs left by a harness process that has ended (SIGKILLed or ``os._exit``).
-
-    A workdir is named ``qtest-virtio-<pid>-<start time>-<random>`` (before the start time
-    was added: ``qtest-virtio-<pid>-<random>``). Its owner has ended when no process has that
-    pid, the one that has it is a zombie, or it started at another time (a reused pid). QEMU
-    itself died with its parent through PDEATHSIG, only the directory can be left.
-    """
-    parent = parent or tempfile.gettempdir()
-    removed: list[str] = []
-    try:
-        names = os.listdir(parent)
-    except OSError:
-        return removed
-    for name in names:
-        if not name.startswith(_WORKDIR_PREFIX):
-            continue
-        fields = name[len(_WORKDIR_PREFIX) :].split("-")
-        if not fields[0].isdigit() or int(fields[0]) == os.getpid():
-            continue
-        start = int(fields[1]) if len(fields) == 3 and fields[1].isdigit() else None
-        if _owner_gone(int(fields[0]), start):
-            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-            removed.append(name)
-    return removed
 
 
 #: The lists ``watch_machines`` fills in this context (thread or task), innermost last.
@@ -523,11 +469,9 @@ class QemuMachine:
     def start(self) -> None:
         if self._proc is not None:
             raise RuntimeError("machine already started")
-        sweep_stale_workdirs()
-        self.workdir = tempfile.mkdtemp(prefix=_workdir_prefix())
+        self.workdir = make_workdir()
         for started in _WATCHERS.get():
             started.append(self)
-        os.chmod(self.workdir, 0o700)  # mkdtemp already makes it 0700; say so explicitly
         try:
             self._launch()
         except BaseException:
