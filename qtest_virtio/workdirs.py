@@ -37,7 +37,13 @@ def _owner_gone(pid: int, start: int | None) -> bool:
     died stays one until the controller reaps it at the end of the session."""
     stat = _proc_stat(pid)
     if stat is None:
-        return True
+        try:  # no /proc entry, or one this user may not read (hidepid): ask the kernel
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+        return False
     state, started = stat
     return state in ("Z", "X") or (start is not None and started != start)
 

@@ -436,6 +436,8 @@ class ReproducerItem(pytest.Item):
         pytest's runner through pluggy to the wait it interrupted (~1000 lines). Only an
         error of the harness itself keeps a traceback, from ``runtest`` on."""
         exc = excinfo.value
+        if isinstance(exc, pytest.fail.Exception) and not exc.pytrace:
+            return super().repr_failure(excinfo, style)  # the verdict runtest wrote
         if isinstance(exc, pytest.fail.Exception | QtestVirtioError):
             where = _harness_frame(excinfo)
             return f"{type(exc).__name__}: {exc}" + (f"\n(interrupted in {where})" if where else "")
