@@ -10,7 +10,9 @@ if Python itself is killed.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import contextvars
 import ctypes
 import itertools
 import os
@@ -23,6 +25,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -35,6 +38,8 @@ from .backends import Handle, make_backend
 from .binary import QemuBinary, UnknownFlag
 from .errors import QemuCrashed, QemuStartError, describe_exit
 from .qtest import QtestClient
+from .workdirs import make_workdir
+from .workdirs import sweep_stale_workdirs as sweep_stale_workdirs  # its home was here
 
 PropValue = str | int | bool
 
@@ -354,7 +359,6 @@ def build_argv(spec: MachineSpec, binary: QemuBinary, workdir: str) -> LaunchPla
 _PR_SET_PDEATHSIG = 1
 _prctl = ctypes.CDLL(None, use_errno=True).prctl
 _SETPRIV = shutil.which("setpriv")
-_WORKDIR_PREFIX = "qtest-virtio-"
 
 
 def _set_pdeathsig() -> None:  # pragma: no cover - runs in the child
@@ -370,32 +374,50 @@ def _spawn_args() -> tuple[list[str], Callable[[], None] | None]:
     return [], _set_pdeathsig
 
 
-def sweep_stale_workdirs(parent: str | None = None) -> list[str]:
-    """Remove workdirs left by a harness process that no longer exists (SIGKILLed Python).
+#: The lists ``watch_machines`` fills in this context (thread or task), innermost last.
+_WATCHERS: contextvars.ContextVar[tuple[list[QemuMachine], ...]] = contextvars.ContextVar(
+    "qtest_virtio_machine_watchers", default=()
+)
 
-    A workdir is named ``qtest-virtio-<pid>-<random>``; QEMU itself died with its parent
-    through PDEATHSIG, only the directory can be left.
-    """
-    parent = parent or tempfile.gettempdir()
-    removed: list[str] = []
+
+@contextlib.contextmanager
+def watch_machines() -> Iterator[list[QemuMachine]]:
+    """A list of every machine started in this context from now on, in order, for failure
+    reports of code that starts its own (a reproducer's replay, the fuzzer's checks)."""
+    started: list[QemuMachine] = []
+    token = _WATCHERS.set((*_WATCHERS.get(), started))
     try:
-        names = os.listdir(parent)
-    except OSError:
-        return removed
-    for name in names:
-        if not name.startswith(_WORKDIR_PREFIX):
-            continue
-        pid_text = name[len(_WORKDIR_PREFIX) :].split("-", 1)[0]
-        if not pid_text.isdigit() or int(pid_text) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid_text), 0)
-        except ProcessLookupError:
-            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-            removed.append(name)
-        except PermissionError:
-            continue
-    return removed
+        yield started
+    finally:
+        _WATCHERS.reset(token)
+
+
+def _thread_event_loop() -> asyncio.AbstractEventLoop | None:
+    """The event loop set for this thread, or None (the main thread's is made on demand, as
+    asyncio.get_event_loop makes it)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return asyncio.get_event_loop()
+    except RuntimeError:
+        return None
+
+
+def _qmp_client(sock: socket.socket) -> tuple[QEMUMonitorProtocol, asyncio.AbstractEventLoop | None]:
+    """qemu.qmp's sync client, and the event loop it made for this thread if it made one.
+
+    The client runs on the thread's event loop and sets a new one where there is none (every
+    thread but the main one). Left set, that loop (an epoll fd and a self-pipe: 3 fds) outlives
+    the thread until a ``gc.collect()``; so a loop made for us is taken off the thread again
+    (the client keeps it) and the machine closes it in teardown.
+    """
+    had_loop = _thread_event_loop() is not None
+    qmp = QEMUMonitorProtocol(sock)
+    loop = getattr(qmp, "_aloop", None)
+    if had_loop or not isinstance(loop, asyncio.AbstractEventLoop):
+        return qmp, None
+    asyncio.set_event_loop(None)
+    return qmp, loop
 
 
 def _reap(proc: subprocess.Popen[bytes], workdir: str) -> None:
@@ -426,6 +448,8 @@ class QemuMachine:
         self._qtest: QtestClient | None = None
         self._qmp: QEMUMonitorProtocol | None = None
         self._qmp_sock: socket.socket | None = None
+        #: The event loop made for the QMP client, when this machine owns it (``_qmp_client``).
+        self._qmp_loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self._running = False
         self._plan: LaunchPlan | None = None
@@ -445,9 +469,9 @@ class QemuMachine:
     def start(self) -> None:
         if self._proc is not None:
             raise RuntimeError("machine already started")
-        sweep_stale_workdirs()
-        self.workdir = tempfile.mkdtemp(prefix=f"{_WORKDIR_PREFIX}{os.getpid()}-")
-        os.chmod(self.workdir, 0o700)  # mkdtemp already makes it 0700; say so explicitly
+        self.workdir = make_workdir()
+        for started in _WATCHERS.get():
+            started.append(self)
         try:
             self._launch()
         except BaseException:
@@ -645,6 +669,7 @@ class QemuMachine:
         if self._qmp is not None:
             with contextlib.suppress(Exception):
                 self._qmp.close()
+        self._close_qmp_loop()
         if self._qmp_sock is not None:
             self._qmp_sock.close()
         if self._plan is not None:
@@ -691,7 +716,8 @@ class QemuMachine:
         """Negotiate QMP within ``timeout``: qemu.qmp's sync connect() has no timeout of its
         own, and a hung or stopped QEMU would block it forever."""
         assert self._qmp_sock is not None
-        qmp = QEMUMonitorProtocol(self._qmp_sock)
+        self._close_qmp_loop()  # a negotiation that failed before
+        qmp, self._qmp_loop = _qmp_client(self._qmp_sock)
         qmp.settimeout(timeout)
         client = qmp._qmp  # the async QMPClient the sync wrapper drives
         client.await_greeting = True
@@ -699,6 +725,7 @@ class QemuMachine:
         try:
             qmp._sync(client.connect(self._qmp_sock), timeout)
         except TimeoutError:
+            self._close_qmp_loop()
             raise QemuCrashed(
                 f"QEMU did not answer QMP negotiation within {timeout:g} s (hung or stopped)",
                 returncode=self.returncode,
@@ -706,6 +733,12 @@ class QemuMachine:
                 command_line=self.command_line(),
             ) from None
         return qmp
+
+    def _close_qmp_loop(self) -> None:
+        loop, self._qmp_loop = self._qmp_loop, None
+        if loop is not None:
+            with contextlib.suppress(Exception):
+                loop.close()
 
     @property
     def pid(self) -> int:
@@ -745,7 +778,9 @@ class QemuMachine:
 
     def reproducer(self, commands: int = 20) -> str:
         """A bug-report style reproducer: the command line fed the last qtest commands."""
-        cmds = [c for c, _ in list(self._qtest.history)[-commands:]] if self._qtest else []
+        # History entries in parentheses are notes (a late reply dropped), not commands sent.
+        history = [c for c, _ in self._qtest.history if not c.startswith("(")] if self._qtest else []
+        cmds = history[-commands:]
         if not cmds:
             return self.command_line()
         elided = any("... (" in c for c in cmds)

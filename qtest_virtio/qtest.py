@@ -68,6 +68,10 @@ def _short_bytes(line: bytes) -> str:
     return f"{line[:_HISTORY_TEXT].decode('ascii', errors='replace')}... ({len(line)} chars)"
 
 
+def _short_reply(line: bytes) -> str:
+    return line.decode("ascii", errors="replace") if len(line) <= _HISTORY_TEXT else _short_bytes(line)
+
+
 DeadHook = Callable[[str], QemuCrashed]
 
 
@@ -104,6 +108,11 @@ class QtestClient:
         #: Every IRQ transition seen, in order: (line, raised).
         self.irq_events: list[tuple[int, bool]] = []
         self.commands_sent = 0
+        #: The exchange under way: its commands and the replies read so far. Reports list the
+        #: commands still waiting (``last_commands``), and a timeout or an interruption moves
+        #: them into ``history`` with why they have no reply.
+        self._in_flight: Sequence[str] = ()
+        self._in_flight_lines: list[bytes] = []
         self._closed = False
         self._endianness: str | None = None
 
@@ -182,11 +191,31 @@ class QtestClient:
         return sink
 
     def last_commands(self, n: int = 20) -> list[str]:
-        """The last ``n`` commands with their replies, oldest first, for failure reports."""
-        items = list(self.history)[-n:]
+        """The last ``n`` commands with their replies, oldest first, for failure reports; a
+        command still waiting for its reply is among them (``(no reply yet)``)."""
+        items = [*self.history, *self._in_flight_items("no reply yet")][-n:]
         return [f"{cmd}  ->  {reply}" if reply else cmd for cmd, reply in items]
 
+    def _in_flight_items(self, why: str) -> list[tuple[str, str]]:
+        """The exchange under way as history entries: replies read so far, then ``(why)``."""
+        lines = self._in_flight_lines
+        items = [(_short(c), _short_reply(line)) for c, line in zip(self._in_flight, lines, strict=False)]
+        return items + [(_short(c), f"({why})") for c in self._in_flight[len(lines) :]]
+
+    def _begin(self, commands: Sequence[str], lines: list[bytes]) -> None:
+        self._in_flight, self._in_flight_lines = commands, lines
+
+    def _end(self, why: str | None = None) -> None:
+        """The exchange is over; with ``why`` (it failed), what it sent goes into history."""
+        if why is not None and self._in_flight:
+            self.history.extend(self._in_flight_items(why))
+            if self._log is not None:
+                for cmd, reply in self._in_flight_items(why):
+                    self._log.write(f"> {cmd}\n< {reply}\n")
+        self._in_flight, self._in_flight_lines = (), []
+
     def _dead(self, reason: str) -> QemuCrashed:
+        self._end("no reply: QEMU closed the qtest socket")
         self.close()
         if self._dead_hook is not None:
             return self._dead_hook(reason)
@@ -207,14 +236,21 @@ class QtestClient:
         lines: list[bytes] = []
         wanted = len(commands)
         deadline = time.monotonic() + self.timeout
+        self._begin(commands, lines)
         try:
-            return self._exchange_loop(commands, view, lines, wanted, deadline)
-        except (QtestTimeout, QemuCrashed):
+            lines = self._exchange_loop(commands, view, lines, wanted, deadline)
+        except QtestTimeout:
+            self._end(f"no reply within {self.timeout:g} s")
             raise
-        except BaseException:
+        except QemuCrashed:
+            raise
+        except BaseException as exc:
             # Interrupted: the replies not read are owed; a half-sent payload cuts the stream.
+            self._end(f"no reply: interrupted by {type(exc).__name__}")
             self._timed_out(wanted - len(lines), cut=self._exchange_sent < total)
             raise
+        self._end()
+        return lines
 
     def _exchange_loop(
         self, commands: Sequence[str], view: memoryview, lines: list[bytes], wanted: int, deadline: float
@@ -265,7 +301,7 @@ class QtestClient:
 
     def _payload(self, command: str, line: bytes) -> bytes:
         """Check one reply line; return what follows ``OK`` or raise QtestError."""
-        reply = line.decode("ascii", errors="replace") if len(line) <= _HISTORY_TEXT else _short_bytes(line)
+        reply = _short_reply(line)
         self.history.append((command if len(command) <= _HISTORY_TEXT else _short(command), reply))
         if self._log is not None:
             self._log.write(f"> {_short(command)}\n< {reply}\n")
@@ -309,16 +345,19 @@ class QtestClient:
             return self._payload(command, line)
         # Fast path for one short command: the per-op latency budget is a few microseconds.
         buf = self._buf
+        self._in_flight = (command,)
         try:
             self._sock.sendall(data)
         except TimeoutError:
+            self._end(f"no reply within {self.timeout:g} s")
             self._timed_out(1, cut=True)
             raise QtestTimeout(command, self.timeout) from None
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise self._dead(f"QEMU closed the qtest socket ({exc.strerror})") from None
-        except BaseException:
+        except BaseException as exc:
             # Interrupted (Ctrl-C, pytest-timeout's signal) in the middle of sending: QEMU may
             # hold half a line, so nothing sent later could be parsed.
+            self._end(f"no reply: interrupted by {type(exc).__name__}")
             self._timed_out(1, cut=True)
             raise
         line = b""
@@ -335,17 +374,20 @@ class QtestClient:
                     raise self._dead(f"QEMU closed the qtest socket while {command!r} waited for its reply")
                 buf += chunk
         except TimeoutError:
+            self._end(f"no reply within {self.timeout:g} s")
             self._timed_out(1, cut=False)
             raise QtestTimeout(command, self.timeout) from None
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise self._dead(f"QEMU closed the qtest socket ({exc.strerror})") from None
         except QemuCrashed:
             raise
-        except BaseException:
+        except BaseException as exc:
             # Interrupted while waiting (Ctrl-C, a timeout signal): the reply is still owed and
             # must not be taken for the next command's.
+            self._end(f"no reply: interrupted by {type(exc).__name__}")
             self._timed_out(1, cut=False)
             raise
+        self._in_flight = ()
         return self._payload(command, line)  # the reply is consumed: FAIL raises from here
 
     def pipeline(self, commands: Sequence[str]) -> list[str]:

@@ -6,6 +6,8 @@ start errors, teardown, crash capture) is checked by starting QEMU and asking it
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import re
 import select
@@ -16,6 +18,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -514,6 +517,79 @@ def test_sweep_removes_only_dead_owners(tmp_path: Path) -> None:
         (d / "qemu.stderr").write_text("x")
     assert sweep_stale_workdirs(str(tmp_path)) == [dead.name]
     assert not dead.exists() and mine.exists() and live.exists() and other.exists()
+
+
+def _start_time(pid: int) -> int:
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return int(text[text.rindex(")") + 2 :].split()[19])
+
+
+def test_workdir_names_its_owner_with_pid_and_start_time(qemu_binary: QemuBinary) -> None:
+    with Machine(MachineSpec(qemu=qemu_binary.path)) as vm:
+        name = os.path.basename(vm.workdir)
+    assert name.startswith(f"qtest-virtio-{os.getpid()}-{_start_time(os.getpid())}-"), name
+
+
+def test_sweep_removes_dirs_of_zombies_and_of_reused_pids(tmp_path: Path) -> None:
+    """An owner that died but is not reaped yet (a zombie: an xdist worker that os._exit()ed
+    stays one until the session ends) has ended; so has one whose pid a later process took
+    (its start time differs). A live owner with the recorded start time keeps its directory."""
+    zombie = subprocess.Popen(["true"])
+    try:
+        os.waitid(os.P_PID, zombie.pid, os.WEXITED | os.WNOWAIT)  # dead, not reaped
+        parent = os.getppid()
+        dirs = {
+            "zombie-old-form": tmp_path / f"qtest-virtio-{zombie.pid}-abc",
+            "zombie": tmp_path / f"qtest-virtio-{zombie.pid}-{_start_time(zombie.pid)}-abc",
+            "reused-pid": tmp_path / f"qtest-virtio-{parent}-{_start_time(parent) + 1}-def",
+            "live": tmp_path / f"qtest-virtio-{parent}-{_start_time(parent)}-ghi",
+            "live-old-form": tmp_path / f"qtest-virtio-{parent}-12345678",
+        }
+        for d in dirs.values():
+            d.mkdir()
+        assert sorted(sweep_stale_workdirs(str(tmp_path))) == sorted(
+            dirs[k].name for k in ("zombie-old-form", "zombie", "reused-pid")
+        )
+        assert dirs["live"].exists() and dirs["live-old-form"].exists()
+    finally:
+        zombie.wait()
+
+
+@pytest.mark.timeout(60)
+def test_machines_started_from_threads_leave_no_file_descriptors(qemu_binary: QemuBinary) -> None:
+    """qemu.qmp's sync client makes an event loop for a thread that has none (3 fds); the
+    machine closes it in teardown instead of leaving it to the garbage collector."""
+
+    def run() -> None:
+        with Machine(MachineSpec(qemu=qemu_binary.path)) as vm:
+            assert vm.qmp.cmd("query-status")["status"] in ("running", "prelaunch")
+
+    def in_thread() -> None:
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join(30)
+        assert not thread.is_alive()
+
+    def fds() -> list[str]:
+        out = []
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                out.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return sorted(out)
+
+    in_thread()  # first use: imports, the halt firmware, the binary's probes
+    gc.collect()
+    gc.disable()
+    try:
+        before = fds()
+        for _ in range(3):
+            in_thread()
+        after = fds()
+    finally:
+        gc.enable()
+    assert after == before
+    run()  # the main thread's own loop still works after all that
+    in_thread()
 
 
 # -- crash markers ---------------------------------------------------------------------------

@@ -152,6 +152,54 @@ def test_xdist_workers_get_private_machines(pytester: pytest.Pytester, qemu_path
         assert writes == [f"> writel 0x100000 {0x1000 + n:#x}"]  # this test's own commands only
 
 
+DYING_WORKER_TESTS = (
+    RECORD
+    + """
+def owner_state(pid):
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "gone"
+    return text[text.rindex(")") + 2 :].split()[0]
+
+
+def test_worker_dies(qemu):
+    record(qemu, "dies")
+    os._exit(1)
+
+
+def test_next_start_sweeps_its_directory(machine_factory):
+    deadline = time.monotonic() + 60
+    while not Path("records", "dies.json").exists():
+        assert time.monotonic() < deadline, "the other worker never started its machine"
+        time.sleep(0.05)
+    dead = json.loads(Path("records", "dies.json").read_text())
+    assert dead["worker"] != os.environ["PYTEST_XDIST_WORKER"]
+    while owner_state(dead["harness"]) not in ("Z", "X", "gone"):
+        assert time.monotonic() < deadline, "the other worker never died"
+        time.sleep(0.05)
+    Path("records", "owner-state.txt").write_text(owner_state(dead["harness"]))
+    machine_factory()  # a start sweeps the directories of harnesses that have ended
+    assert not os.path.exists(dead["workdir"]), dead["workdir"]
+"""
+)
+
+
+def test_xdist_worker_that_dies_leaves_no_directory(pytester: pytest.Pytester, qemu_path: str) -> None:
+    """A worker that dies (os._exit) stays a zombie until the controller reaps it at the end of
+    the session; its directory must not wait that long: the next machine start sweeps it."""
+    pytester.makepyfile(test_dying=DYING_WORKER_TESTS)
+    result = pytester.runpytest_subprocess("-n", "2", f"--qemu={qemu_path}")
+    out = result.stdout.str()
+    assert "1 passed" in out, out[-3000:]
+    assert re.search(r"worker '?gw\d'? crashed|replacing crashed worker", out), out[-3000:]
+    # Z with xdist 3.8: the dead worker stays a zombie until the session ends.
+    assert (pytester.path / "records" / "owner-state.txt").read_text() in ("Z", "X", "gone")
+    rec = records(pytester)["dies"]
+    wait_gone(rec)
+    assert not os.path.exists(str(rec["workdir"]))
+
+
 # -- (b) a hung QEMU under pytest-timeout -------------------------------------------------------
 
 HUNG_TESTS = (
@@ -186,6 +234,16 @@ def test_hung_qemu_signal_method(pytester: pytest.Pytester, qemu_path: str) -> N
     elapsed = time.monotonic() - started
     result.assert_outcomes(failed=1, passed=1)
     result.stdout.fnmatch_lines(["*Failed: Timeout*3*", "*- qemu -*", "command line (qtest on stdio):"])
+    # The command pytest-timeout interrupted is the last one the section lists.
+    result.stdout.fnmatch_lines(
+        [
+            "last qtest commands:",
+            "    endianness  ->  OK little",
+            "    inl 0xcfc  ->  (no reply: interrupted by Failed)",
+            "=*",
+        ],
+        consecutive=True,
+    )
     assert "test_hangs" in "\n".join(line for line in result.outlines if line.startswith("FAILED"))
     # Not the qtest timeout (120 s): pytest-timeout's, and a bounded teardown.
     assert elapsed < 60, elapsed
@@ -247,6 +305,50 @@ def test_a_command_interrupted_by_a_signal_does_not_shift_replies(qemu_path: str
         with contextlib.suppress(ProcessLookupError):
             os.kill(vm.pid, signal.SIGCONT)
         vm.shutdown(check=False)
+
+
+LIVELOCK = os.path.join(
+    os.path.dirname(__file__), os.pardir, "scenarios", "reproducers", "virtio-rng-packed-zero-length-livelock.qtest"
+)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        pytest.param(True, id="qtest-timeout-first"),  # its "# timeout: 3": pytest-timeout ends the teardown
+        pytest.param(False, id="pytest-timeout-first"),  # replay's 10 s: pytest-timeout ends the wait
+    ],
+)
+def test_pytest_timeout_of_a_livelocked_reproducer_reports_qemu(
+    pytester: pytest.Pytester, qemu_path: str, header: bool
+) -> None:
+    """A reproducer item that pytest-timeout ends gets the ``qemu`` section, with the command
+    that got no reply, instead of ~1000 lines of pytest's and pluggy's frames."""
+    with open(LIVELOCK) as f:
+        text = f.read()
+    if not header:
+        text = "".join(line for line in text.splitlines(True) if not line.startswith("# timeout:"))
+    folder = pytester.mkdir("reproducers")
+    (folder / "rng-livelock.qtest").write_text(text)  # a name the deviation table does not know
+    started = time.monotonic()
+    result = pytester.runpytest_subprocess(f"--qemu={qemu_path}", "--timeout=4", "--timeout-method=signal")
+    assert time.monotonic() - started < 60
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    assert "Timeout (>4.0s) from pytest-timeout" in out
+    assert "pluggy/_hooks.py" not in out and "def from_call" not in out, out[:3000]
+    assert len(result.outlines) < 120, len(result.outlines)
+    lines = result.outlines
+    start = next(i for i, line in enumerate(lines) if re.match(r"^-+ qemu -+$", line))
+    end = next(i for i in range(start + 1, len(lines)) if re.match(r"^(==|-{5,} .+ -{5,}$)", lines[i]))
+    section = lines[start + 1 : end]
+    assert section[0] == "command line (qtest on stdio):"
+    assert "-device virtio-rng-pci,id=fuzz0,packed=on" in section[1]
+    assert any("zero sized buffers are not allowed" in line for line in section)
+    commands = section[section.index("last qtest commands:") + 1 :]
+    # The livelock starts with the last b64read or with the round trip after it.
+    assert re.fullmatch(r"    (b64read 0x100010 0x80|endianness)  ->  \(no reply[^)]*\)", commands[-1]), commands[-3:]
+    assert "    writew 0xc0003000 0x0  ->  OK" in commands
 
 
 # -- (c) a QEMU that crashes --------------------------------------------------------------------

@@ -609,6 +609,66 @@ def test_no_stale_reply_after_timeout(machine_factory: MachineFactory) -> None:
     assert value == 0x2222, f"readl {RAM + 4:#x} returned the stale reply {value:#x} of readl {RAM:#x}"
 
 
+@pytest.mark.timeout(30)
+def test_last_commands_name_the_command_that_got_no_reply(machine_factory: MachineFactory) -> None:
+    """A report lists the command still waiting for its reply: while it waits, after its
+    QtestTimeout (single command and pipeline), and in the reproducer built from history."""
+    vm = machine_factory(MachineSpec(command_timeout=2.0))
+    q = vm.qtest
+    q.writel(RAM, 0x1111)
+    os.kill(vm.pid, signal.SIGSTOP)
+    try:
+        box: dict[str, BaseException] = {}
+
+        def wait_for_readl() -> None:
+            try:
+                q.readl(RAM)
+            except QtestTimeout as exc:
+                box["error"] = exc
+
+        thread = threading.Thread(target=wait_for_readl)
+        thread.start()
+        time.sleep(0.5)  # the readl is waiting now
+        waiting = q.last_commands()
+        thread.join(10)
+        assert isinstance(box.get("error"), QtestTimeout)
+        assert waiting[-2:] == [f"writel {RAM:#x} 0x1111  ->  OK", f"readl {RAM:#x}  ->  (no reply yet)"]
+        assert q.last_commands()[-1] == f"readl {RAM:#x}  ->  (no reply within 2 s)"
+        with pytest.raises(QtestTimeout):
+            q.pipeline([f"readl {RAM:#x}", f"readl {RAM + 4:#x}"])
+        assert q.last_commands(2) == [
+            f"readl {RAM:#x}  ->  (no reply within 2 s)",
+            f"readl {RAM + 4:#x}  ->  (no reply within 2 s)",
+        ]
+        sent = [f"writel {RAM:#x} 0x1111", f"readl {RAM:#x}", f"readl {RAM:#x}", f"readl {RAM + 4:#x}", "EOF"]
+        assert vm.reproducer().splitlines()[-5:] == sent
+    finally:
+        os.kill(vm.pid, signal.SIGCONT)
+    # The late replies are dropped (a note in history); the reproducer lists only commands sent.
+    q.poll_irqs(1.0)
+    assert q.readl(RAM) == 0x1111
+    assert "(reply of a command that timed out)" in [c for c, _ in q.history]
+    assert vm.reproducer().splitlines()[-3:] == [f"readl {RAM + 4:#x}", f"readl {RAM:#x}", "EOF"]
+
+
+@pytest.mark.timeout(30)
+def test_crash_report_names_the_command_that_got_no_reply(machine_factory: MachineFactory) -> None:
+    """QEMU dying while a command waits: the crash's last commands end with that command."""
+    vm = machine_factory()
+    q = vm.qtest
+    q.writel(RAM, 0xAB)
+    os.kill(vm.pid, signal.SIGSTOP)
+    thread, box = run_bounded(lambda: q.readl(RAM), 10.0)
+    time.sleep(0.2)
+    os.kill(vm.pid, signal.SIGKILL)
+    thread.join(10)
+    crash = box.get("error")
+    assert isinstance(crash, QemuCrashed), box
+    assert crash.last_commands[-1] == f"readl {RAM:#x}  ->  (no reply: QEMU closed the qtest socket)"
+    assert crash.last_commands[-2] == f"writel {RAM:#x} 0xab  ->  OK"
+    vm.shutdown(check=False)
+
+
 def test_poll_irqs_drops_a_reply_owed_to_a_timed_out_command(machine_factory: MachineFactory) -> None:
     """A reply that arrives late, while no command is in flight, belongs to the command that timed
     out: poll_irqs drops it like any other read does, instead of calling it unsolicited."""

@@ -14,19 +14,22 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from _pytest._code.code import TerminalRepr, Traceback, TracebackStyle
 
-from qtest_virtio import Machine, MachineSpec, QemuCrashed
+import qtest_virtio
+from qtest_virtio import Machine, MachineSpec, QemuCrashed, QtestVirtioError
 from qtest_virtio.binary import DEFAULT_QEMU, QemuBinary, QemuNotFound, UnknownFlag
 from qtest_virtio.deviations import TABLE_ENV, Deviation, Status, TableError, table
 from qtest_virtio.devices.base import CORE_FEATURES, VirtioDriver
 from qtest_virtio.devices.features import DEVICE_FEATURE_BITS
+from qtest_virtio.machine import QemuMachine, watch_machines
 from qtest_virtio.transport import feature_bit
 from qtest_virtio.transport.layout import FEATURE_BITS
 from qtest_virtio.vm import driver_class
 
 from .params import OptionError, VirtioParam, parse_flags, parse_refuse, parse_transports, virtio_params
 
-MACHINES_KEY = pytest.StashKey[list[Machine]]()
+MACHINES_KEY = pytest.StashKey[list[QemuMachine]]()
 VIRTIO_MACHINE_KEY = pytest.StashKey[Machine]()
 PARAM_KEY = pytest.StashKey[VirtioParam]()
 #: Every feature name a refusal may use: the reserved ones and each device's own.
@@ -228,7 +231,7 @@ def machine_factory(request: pytest.FixtureRequest, qemu_binary: QemuBinary) -> 
     """
     if request.node.get_closest_marker("virtual_clock") and not qemu_binary.has_qtest_accel:
         pytest.skip(f"virtual clock not available on this build (no qtest accelerator): {qemu_binary.identity}")
-    started: list[Machine] = []
+    started: list[QemuMachine] = []
     request.node.stash[MACHINES_KEY] = started
 
     def factory(spec: MachineSpec | None = None, **spec_kwargs: Any) -> Machine:
@@ -323,7 +326,7 @@ def qmp(qemu: Machine) -> Any:
     return qemu.qmp
 
 
-def qemu_report(vm: Machine) -> str:
+def qemu_report(vm: QemuMachine) -> str:
     """The ``qemu`` report section: command line, exit, stderr tail, last qtest commands."""
     crash = vm.crash
     lines = ["command line (qtest on stdio):", "    " + vm.command_line()]
@@ -420,6 +423,30 @@ class ReproducerItem(pytest.Item):
     """Replays one bug-report reproducer (qtest_virtio.reproducer) against the binary under test."""
 
     def runtest(self) -> None:
+        # The replay starts its own machine: the failure report's ``qemu`` section needs it.
+        with watch_machines() as started:
+            self.stash[MACHINES_KEY] = started
+            self._replay()
+
+    def repr_failure(
+        self, excinfo: pytest.ExceptionInfo[BaseException], style: TracebackStyle | None = None
+    ) -> str | TerminalRepr:
+        """A reproducer fails with QEMU's story (the message and the ``qemu`` section), not
+        pytest's: a pytest-timeout inside the replay would otherwise print every frame from
+        pytest's runner through pluggy to the wait it interrupted (~1000 lines). Only an
+        error of the harness itself keeps a traceback, from ``runtest`` on."""
+        exc = excinfo.value
+        if isinstance(exc, pytest.fail.Exception) and not exc.pytrace:
+            return super().repr_failure(excinfo, style)  # the verdict runtest wrote
+        if isinstance(exc, pytest.fail.Exception | QtestVirtioError):
+            where = _harness_frame(excinfo)
+            return f"{type(exc).__name__}: {exc}" + (f"\n(interrupted in {where})" if where else "")
+        return super().repr_failure(excinfo, style="short")
+
+    def _traceback_filter(self, excinfo: pytest.ExceptionInfo[BaseException]) -> Traceback:
+        return excinfo.traceback.cut(path=__file__).filter(excinfo)
+
+    def _replay(self) -> None:
         from qtest_virtio.reproducer import describe, load, replay
 
         try:
@@ -443,6 +470,19 @@ class ReproducerItem(pytest.Item):
 
     def reportinfo(self) -> tuple[Any, int, str]:
         return self.path, 0, f"reproducer {self.name}"
+
+
+_LIBRARY_DIR = os.path.dirname(qtest_virtio.__file__)
+
+
+def _harness_frame(excinfo: pytest.ExceptionInfo[BaseException]) -> str:
+    """``function (file:line)`` of the innermost library frame the exception came through:
+    for a timeout, what the harness was waiting on."""
+    for entry in reversed(excinfo.traceback):
+        path = str(entry.path)
+        if path.startswith(_LIBRARY_DIR + os.sep):
+            return f"{entry.name} ({os.path.relpath(path, os.path.dirname(_LIBRARY_DIR))}:{entry.lineno + 1})"
+    return ""
 
 
 @pytest.hookimpl(hookwrapper=True)
