@@ -247,8 +247,8 @@ def _checked(rep: Reproducer) -> Reproducer:
             check_line(command)
         except ValueError as exc:
             raise ScenarioError(
-                f"malformed qtest command {command[:60]!r}: {exc} (QEMU's qtest server would abort on it; "
-                "that is a broken reproducer, not a QEMU bug)",
+                f"malformed qtest command {command[:60]!r}: {exc} (QEMU's qtest server would abort on it: "
+                "a broken reproducer, not a QEMU bug)",
                 path=rep.path,
                 line=n,
             ) from None
