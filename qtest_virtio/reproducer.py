@@ -1,23 +1,24 @@
 """QEMU bug-report reproducers (``.qtest``): parse them as written, replay them on our socket,
 classify the outcome (design.md, "Reproducer format").
 
-Two forms are accepted:
+The forms accepted (README, "Does this bug report still crash?", has an example of each):
 
-- the shell form of bug reports and patch mails::
-
-      cat << EOF | ./qemu-system-i386 -display none -machine accel=qtest, -m 512M \\
-      -device virtio-blk-pci,drive=d0 -qtest stdio
-      outl 0xcf8 0x80000810
-      ...
-      EOF
-
-- the plain form: ``# qemu-args: ...`` header lines, then one command per line.
+- shell: ``cat << EOF | ./qemu-system-i386 ... -qtest stdio``, the commands, ``EOF`` (a ``$``
+  prompt before it, indented commands and delimiter, ``> `` continuation prompts), or the
+  here-document on QEMU itself (``qemu-system-x86_64 ... -qtest stdio << EOF``);
+- stdio: a command line with ``-qtest stdio`` followed directly by the commands; lines that do not
+  start with a qtest command (prose, fences, pasted replies) are skipped;
+- libqtest: the C form of QEMU's tests/qtest/fuzz-*-test.c (:mod:`.libqtest`);
+- plain: ``# qemu-args: ...`` header lines, then one command per line.
 
 A backslash at the end of a line joins it with the next exactly as the shell does (nothing in
 between), which also rejoins fuzzer reproducers wrapped at 72 columns in the middle of a hex or
 base64 token. The binary named in the file is replaced by the one under test (x86_64 stands in
 for i386); ``-qtest stdio`` by our own socket; ``accel=qtest`` / ``-accel qtest`` are dropped
 where the binary lacks the qtest accelerator (then TCG with ``-S``, as the Machine layer does).
+Each command is checked against QEMU's own argument assertions (:func:`.qtest.check_line`): one
+QEMU would abort on makes the file malformed, not QEMU crashed. After the last command QEMU runs a
+settle period (:func:`settle`) before the verdict.
 """
 
 from __future__ import annotations
