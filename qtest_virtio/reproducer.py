@@ -139,13 +139,16 @@ def _is_command(line: str) -> bool:
 def parse(text: str, path: str = "<reproducer>") -> Reproducer:
     """Parse any accepted form (module docstring); a malformed file raises ScenarioError naming
     the file and line, also for a qtest command QEMU's server would assert on."""
-    if looks_like_c(text):
+    c_form = looks_like_c(text)
+    if c_form and "qtest_quit" in text:  # a C test, even one quoting a shell reproducer in a comment
         return _checked(_from_c(text, path))
     lines = _logical_lines(text)
     # Bug reports wrap the reproducer in prose: what precedes the command line is text.
     opened = next(((i, o) for i, (_, line) in enumerate(lines) if (o := _opener(line)) is not None), None)
     if opened is not None:
         lines = lines[opened[0] :]
+    elif c_form:
+        return _checked(_from_c(text, path))
     header: list[str] = []
     commands: list[tuple[int, str]] = []
     comments: list[str] = []

@@ -74,7 +74,10 @@ EOF
 
 C_FORM = r"""
 /*
- * A fuzzer find as QEMU's tests/qtest/fuzz-*-test.c write it.
+ * A fuzzer find as QEMU's tests/qtest/fuzz-*-test.c write it, from the report's
+cat << EOF | qemu-system-x86_64 -M q35 -device virtio-rng-pci -qtest stdio
+outl 0xcf8 0x80002010
+EOF
  */
 static void test_rng_pokes(void)
 {
@@ -159,7 +162,7 @@ def test_libqtest_c_form_maps_each_call() -> None:
         "memset 0x100020 0x4 0xab",
         "readl 0x100020",
     ]
-    assert rep.commands[0][0] == 9  # the call's own line
+    assert rep.commands[0][0] == 12  # the call's own line (the quoted shell form is a comment)
     assert any("test_rng_pokes()" in n for n in rep.notes)
 
 
