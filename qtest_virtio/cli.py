@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -229,7 +230,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     qemus = args.qemu or [None]
     if len(reps) == 1 and len(qemus) == 1 and not os.path.isdir(args.file):
         rep = reps[0]
-        result = replay(rep, qemu=qemus[0], timeout=args.timeout, trace=args.trace)
+        result = replay(rep, qemu=qemus[0], timeout=args.timeout, settle_s=args.settle, trace=args.trace)
         for note in result.notes:
             print(f"note: {note}")
         print(f"{args.file}: {describe(result, rep)}")
@@ -251,7 +252,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     label_width = max(len(lab) for lab in version_labels(binaries))
     print(f"{'reproducer':<{width}}  {'QEMU':<{label_width}}  verdict")
     results = []
-    for row in replay_rows(reps, binaries, timeout=args.timeout):
+    for row in replay_rows(reps, binaries, timeout=args.timeout, settle_s=args.settle):
         results.append(row.result)
         print(f"{names[id(row.rep)]:<{width}}  {row.label:<{label_width}}  {row.verdict}", flush=True)
     code = combined_exit_code(results)
@@ -273,7 +274,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     rep = load(args.file)  # ScenarioError (file:line) -> 128
     binaries = [QemuBinary.get(q) for q in (args.qemu or provided_binaries())]
     rows = []
-    for row in replay_rows([rep], binaries, timeout=args.timeout):
+    for row in replay_rows([rep], binaries, timeout=args.timeout, settle_s=args.settle):
         print(f"{row.label}: {row.verdict}", file=sys.stderr, flush=True)
         rows.append(row)
     text = render(rep, rows)
@@ -358,8 +359,21 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.set_defaults(pytest_args=[])
 
 
+def _settle_seconds(text: str) -> float:
+    """--settle S: a finite number of seconds, 0 or more (0: judge right after the last command)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0 (e.g. --settle 1)")
+    return value
+
+
 def _replay_args(p: argparse.ArgumentParser, qemu_help: str) -> None:
-    """--qemu (repeatable) and --timeout, as replay and report both take them."""
+    """--qemu (repeatable), --timeout and --settle, as replay and report both take them."""
+    from .reproducer import DEFAULT_SETTLE
+
     p.add_argument("--qemu", action="append", default=[], metavar="PATH", help=qemu_help)
     p.add_argument(
         "--timeout",
@@ -367,6 +381,14 @@ def _replay_args(p: argparse.ArgumentParser, qemu_help: str) -> None:
         default=None,
         metavar="S",
         help="seconds without a reply that count as a hang (default: the file's '# timeout:', else 10)",
+    )
+    p.add_argument(
+        "--settle",
+        type=_settle_seconds,
+        default=DEFAULT_SETTLE,
+        metavar="S",
+        help="seconds QEMU runs after the last command before the verdict, its virtual clock stepped as "
+        f"much where the build has the qtest accelerator (default: {DEFAULT_SETTLE:g})",
     )
 
 

@@ -45,7 +45,7 @@ from .errors import QemuCrashed, QemuStartError, QtestTimeout, QtestVirtioError,
 from .machine import MachineSpec, is_crash_marker
 from .pci.config import CONFIG_ADDRESS_PORT, CONFIG_DATA_PORT, Cf8Access
 from .pci.regs import CONFIG_SPACE_SIZE, MSIX_ENTRY
-from .reproducer import FUZZ_CHECK
+from .reproducer import DEFAULT_SETTLE, FUZZ_CHECK, settle
 from .transport import LegacyTransport, ModernTransport
 from .transport.layout import COMMON_CFG, LEGACY_CFG, STATUS, VIRTIO_PCI_CFG_CAP
 from .virtqueue import PackedVirtqueue, SplitVirtqueue
@@ -914,6 +914,14 @@ DEVICES: dict[str, DeviceProfile] = {
 # -- the runner --------------------------------------------------------------------------------
 
 
+#: Seconds an example's QEMU runs after the last hostile action before the check (replay's
+#: default is 1 s). Shorter on purpose: each example pays it, and a second per example would
+#: halve the examples a budget buys. Deferred work that kills QEMU later still shows: the
+#: recovery that follows (device reset, initialization, a valid request) keeps QEMU running,
+#: and a find is verified by replaying its reproducer with replay's full settle period.
+FUZZ_SETTLE = 0.1
+
+
 @dataclass(frozen=True)
 class FuzzConfig:
     device: str
@@ -1146,7 +1154,7 @@ def run_example(config: FuzzConfig, actions: Sequence[Action], *, hook: Hook | N
             seen = _observe_errors(vm, driver, target, action, seen, result.observations)
         phase = "check"
         step = 0
-        vm.qtest.send_raw("endianness")  # the round trip: QEMU answers within the bound
+        settle(vm, FUZZ_SETTLE)  # deferred work may kill QEMU after the last action
         phase = "recovery"
         recovery_at = sum(len(b) for b in sink)
         driver.fn.restore()  # BARs, decoding, bus master: what config-space abuse may have moved
@@ -1377,7 +1385,13 @@ def write_reproducer(result: ExampleResult, out_dir: str, *, seed: int | None = 
 
 
 def replay_checked(
-    rep: Reproducer, *, qemu: str | None, timeout: float, trace: bool = False, echo: object = None
+    rep: Reproducer,
+    *,
+    qemu: str | None,
+    timeout: float,
+    settle_s: float = DEFAULT_SETTLE,
+    trace: bool = False,
+    echo: object = None,
 ) -> ReplayResult:
     """Replay a reproducer whose ``# fuzz-check:`` header asks for the recovery check: the
     machine the header names, the commands, then a fresh driver (device reset, initialization)
@@ -1409,6 +1423,8 @@ def replay_checked(
     try:
         vm.resume()  # as in the example: the driver's first step resumed the machine (QMP cont)
         run_commands(vm, rep, result, trace=trace, echo=echo)
+        where = "the settle period"
+        settle(vm, settle_s)
         where = "the recovery"
         try:
             driver = vm.virtio(DEVICE_ID)  # enumeration re-assigns the BARs; initialization resets

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 import select
 import socket
 import time
@@ -38,7 +39,7 @@ _HISTORY_TEXT = 160
 
 U8, U16, U32, U64 = 0xFF, 0xFFFF, 0xFFFF_FFFF, 0xFFFF_FFFF_FFFF_FFFF
 _INT32_MIN, _INT32_MAX = -(1 << 31), (1 << 31) - 1
-_INT64_MAX = (1 << 63) - 1
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 def _check_int(command: str, what: str, value: object, lo: int, hi: int) -> int:
@@ -56,6 +57,87 @@ def _check_word(command: str, what: str, value: object) -> str:
     if any(c.isspace() for c in value):
         raise ValueError(f"{command}: {what} {value!r} contains white space")
     return value
+
+
+#: The longest raw line :func:`check_line` accepts. QEMU's line reader rescans its whole buffer
+#: for every 1 KiB it reads, so a line of megabytes costs minutes (see the module docstring);
+#: ``QtestClient.memwrite`` sends 32 KiB chunks instead.
+MAX_LINE = 1 << 20
+_C_INT_RE = re.compile(r"[+-]?(?:0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")
+
+
+def _c_int(command: str, what: str, word: str, lo: int, hi: int) -> int:
+    """``word`` read as QEMU's qemu_strtoul/strtou64/strtoi64 read it (C syntax, base 0: 0x..,
+    decimal, 0.. octal; an unsigned conversion wraps a negative number), then range-checked."""
+    if not _C_INT_RE.fullmatch(word):
+        raise ValueError(f"{command}: {what} {word!r} is not a number (0x.., decimal or 0.. octal)")
+    digits = word.lstrip("+-")
+    if digits[:2] in ("0x", "0X"):
+        value = int(digits[2:], 16)
+    else:
+        value = int(digits, 8 if digits.startswith("0") else 10)
+    if word.startswith("-"):
+        value = -value
+        if lo == 0 and value >= -U64:
+            value &= U64  # strtoul reads "-1" as ULONG_MAX
+    return _check_int(command, what, value, lo, hi)
+
+
+#: The argument checks of QEMU's qtest server (system/qtest.c ``qtest_process_command``): for
+#: each command, its required arguments as (name, low, high) for numbers or None for a word.
+#: QEMU asserts that each is present and parses (and a port is at most 0xffff,
+#: ``read``'s length non-zero); extra words are ignored; an unknown command is answered FAIL.
+_RAW_ARGS: dict[str, tuple[tuple[str, int, int] | None, ...]] = {
+    **{f"out{s}": (("port", 0, U16), ("value", 0, U64)) for s in "bwl"},
+    **{f"in{s}": (("port", 0, U16),) for s in "bwl"},
+    **{f"write{s}": (("address", 0, U64), ("value", 0, U64)) for s in "bwlq"},
+    **{f"read{s}": (("address", 0, U64),) for s in "bwlq"},
+    "read": (("address", 0, U64), ("size", 1, U64)),
+    "b64read": (("address", 0, U64), ("size", 0, U64)),
+    "write": (("address", 0, U64), ("size", 0, U64), None),
+    "b64write": (("address", 0, U64), ("size", 0, U64), None),
+    "memset": (("address", 0, U64), ("size", 0, U64), ("value", 0, U64)),
+    "endianness": (),
+    "clock_step": (),  # its optional step is checked below
+    "clock_set": (("ns", _INT64_MIN, _INT64_MAX),),
+    "irq_intercept_in": (None,),
+    "irq_intercept_out": (None,),
+    "set_irq_in": (None, None, ("line", _INT32_MIN, _INT32_MAX), ("level", _INT32_MIN, _INT32_MAX)),
+    "module_load": (None, None),
+}
+#: Every command QEMU's qtest server knows (``clock_step``/``clock_set`` only with the qtest
+#: accelerator; without it they are answered "FAIL Unknown command").
+COMMANDS = frozenset(_RAW_ARGS)
+
+
+def check_line(line: str) -> None:
+    """Raise ValueError, naming the argument, if QEMU's qtest server would assert on ``line``
+    (and abort: SIGABRT, which a replay would take for a QEMU bug), or if it is longer than
+    :data:`MAX_LINE`. Words are split on single spaces as QEMU splits them, so two spaces make
+    an empty argument. An unknown command passes: QEMU answers it FAIL."""
+    if len(line) > MAX_LINE:
+        raise ValueError(
+            f"a line of {len(line)} characters (at most {MAX_LINE} here: QEMU rescans a long line for "
+            "every 1 KiB it reads); split the write into several commands"
+        )
+    if "\n" in line or "\r" in line:
+        raise ValueError(f"{line[:60]!r} contains a line break")
+    words = line.split(" ")
+    op, given = words[0], words[1:]
+    spec = _RAW_ARGS.get(op)
+    if spec is None:
+        return
+    if len(given) < len(spec):
+        raise ValueError(f"{op} takes {len(spec)} argument(s), got {len(given)}")
+    for arg, word in zip(spec, given, strict=False):
+        if arg is None:
+            if not word:
+                raise ValueError(f"{op}: an empty argument (two spaces in a row)")
+            continue
+        name, lo, hi = arg
+        _c_int(op, name, word, lo, hi)
+    if op == "clock_step" and given:
+        _c_int(op, "ns", given[0], _INT64_MIN, _INT64_MAX)
 
 
 def _short(text: str) -> str:

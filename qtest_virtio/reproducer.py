@@ -1,44 +1,62 @@
 """QEMU bug-report reproducers (``.qtest``): parse them as written, replay them on our socket,
 classify the outcome (design.md, "Reproducer format").
 
-Two forms are accepted:
+The forms accepted (README, "Does this bug report still crash?", has an example of each):
 
-- the shell form of bug reports and patch mails::
-
-      cat << EOF | ./qemu-system-i386 -display none -machine accel=qtest, -m 512M \\
-      -device virtio-blk-pci,drive=d0 -qtest stdio
-      outl 0xcf8 0x80000810
-      ...
-      EOF
-
-- the plain form: ``# qemu-args: ...`` header lines, then one command per line.
+- shell: ``cat << EOF | ./qemu-system-i386 ... -qtest stdio``, the commands, ``EOF`` (a ``$``
+  prompt before it, indented commands and delimiter, ``> `` continuation prompts), or the
+  here-document on QEMU itself (``qemu-system-x86_64 ... -qtest stdio << EOF``);
+- stdio: a command line with ``-qtest stdio`` followed directly by the commands; lines that do not
+  start with a qtest command (prose, fences, pasted replies) are skipped;
+- libqtest: the C form of QEMU's tests/qtest/fuzz-*-test.c (:mod:`.libqtest`);
+- plain: ``# qemu-args: ...`` header lines, then one command per line.
 
 A backslash at the end of a line joins it with the next exactly as the shell does (nothing in
 between), which also rejoins fuzzer reproducers wrapped at 72 columns in the middle of a hex or
 base64 token. The binary named in the file is replaced by the one under test (x86_64 stands in
 for i386); ``-qtest stdio`` by our own socket; ``accel=qtest`` / ``-accel qtest`` are dropped
 where the binary lacks the qtest accelerator (then TCG with ``-S``, as the Machine layer does).
+Each command is checked against QEMU's own argument assertions (:func:`.qtest.check_line`): one
+QEMU would abort on makes the file malformed, not QEMU crashed. After the last command QEMU runs a
+settle period (:func:`settle`) before the verdict.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shlex
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from .binary import QemuBinary
 from .errors import QemuCrashed, QemuStartError, QtestTimeout, ScenarioError
+from .libqtest import looks_like_c, parse_c
 from .machine import MachineSpec, QemuMachine
+from .qtest import COMMANDS, check_line
 
-_HEREDOC_RE = re.compile(r"^\s*cat\s*<<\s*-?\s*(['\"]?)(\w+)\1\s*\|\s*(.*)$")
+#: A shell prompt pasted before a command: ``$ ``, ``user@host:~/qemu$ ``.
+_PROMPT = r"(?:\S*\$\s+)?"
+_HEREDOC_RE = re.compile(rf"^\s*{_PROMPT}cat\s*<<\s*-?\s*(['\"]?)(\w+)\1\s*\|\s*(.*)$")
+#: ``qemu-system-x86_64 ... -qtest stdio << EOF`` (the here-document on QEMU itself).
+_REDIRECT_RE = re.compile(rf"^\s*{_PROMPT}(\S*qemu\S*\s.*?)\s*<<\s*-?\s*(['\"]?)(\w+)\2\s*(.*)$")
+#: A command line that takes the commands on stdin with no here-document.
+_STDIO_RE = re.compile(rf"^\s*{_PROMPT}(\S*qemu\S*(?:\s.*)?\s-qtest\s+stdio(?:\s.*)?)$")
 _QEMU_ARGS_RE = re.compile(r"^#\s*qemu-args:\s*(.*)$")
+#: A continuation prompt (PS2) pasted before the lines of a here-document typed at a terminal.
+_PS2_RE = re.compile(r"^>\s?")
 #: A comment (``#`` stripped) that makes a fuzzer reproducer end with a recovery check.
 FUZZ_CHECK = "fuzz-check:"
 #: A comment that bounds the replay of a hang, in seconds (default :data:`DEFAULT_TIMEOUT`).
 TIMEOUT_HEADER = "timeout:"
 DEFAULT_TIMEOUT = 10.0
+#: Seconds QEMU runs after the last command before the verdict (``replay --settle S``).
+DEFAULT_SETTLE = 1.0
+#: The settle period's slices: each one a ``clock_step`` of as much virtual time where the build
+#: has the qtest accelerator, and a check that QEMU is alive.
+SETTLE_SLICE = 0.05
 
 
 @dataclass
@@ -53,6 +71,10 @@ class Reproducer:
     comments: list[str] = field(default_factory=list)
     #: ``# timeout: S``: how long a reply may take before the replay counts as hung.
     timeout: float | None = None
+    #: shell (a here-document), stdio (commands after the command line), libqtest (C), plain.
+    form: str = "plain"
+    #: What parsing changed or skipped, for the replay's notes.
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -77,10 +99,13 @@ class ReplayResult:
 
 
 def _logical_lines(text: str) -> list[tuple[int, str]]:
-    """Lines with backslash-newline continuations removed, each with its first line number."""
+    """Lines with backslash-newline continuations removed, each with its first line number.
+    Trailing white space (a paste's, a CRLF file's CR) is dropped first, so a backslash followed
+    by spaces still continues the line."""
     out: list[tuple[int, str]] = []
     buf, start = "", 0
     for n, raw in enumerate(text.splitlines(), 1):
+        raw = raw.rstrip()
         if not buf:
             start = n
         if raw.endswith("\\") and not raw.endswith("\\\\"):
@@ -93,13 +118,37 @@ def _logical_lines(text: str) -> list[tuple[int, str]]:
     return out
 
 
+def _opener(line: str) -> tuple[str, str, str | None] | None:
+    """``(form, QEMU command line, here-document delimiter)`` if ``line`` starts a reproducer."""
+    m = _HEREDOC_RE.match(line)
+    if m:
+        return "shell", m.group(3), m.group(2)
+    m = _REDIRECT_RE.match(line)
+    if m:
+        return "shell", f"{m.group(1)} {m.group(4)}".strip(), m.group(3)
+    m = _STDIO_RE.match(line)
+    if m:
+        return "stdio", m.group(1), None
+    return None
+
+
+def _is_command(line: str) -> bool:
+    return line.split(" ", 1)[0] in COMMANDS
+
+
 def parse(text: str, path: str = "<reproducer>") -> Reproducer:
-    """Parse either form; a malformed file raises ScenarioError naming the file and line."""
+    """Parse any accepted form (module docstring); a malformed file raises ScenarioError naming
+    the file and line, also for a qtest command QEMU's server would assert on."""
+    c_form = looks_like_c(text)
+    if c_form and "qtest_quit" in text:  # a C test, even one quoting a shell reproducer in a comment
+        return _checked(_from_c(text, path))
     lines = _logical_lines(text)
-    # Bug reports wrap the reproducer in prose: with a here-document, what precedes it is text.
-    opener = next((i for i, (_, line) in enumerate(lines) if _HEREDOC_RE.match(line)), None)
-    if opener is not None:
-        lines = lines[opener:]
+    # Bug reports wrap the reproducer in prose: what precedes the command line is text.
+    opened = next(((i, o) for i, (_, line) in enumerate(lines) if (o := _opener(line)) is not None), None)
+    if opened is not None:
+        lines = lines[opened[0] :]
+    elif c_form:
+        return _checked(_from_c(text, path))
     header: list[str] = []
     commands: list[tuple[int, str]] = []
     comments: list[str] = []
@@ -107,10 +156,13 @@ def parse(text: str, path: str = "<reproducer>") -> Reproducer:
     timeout: float | None = None
     heredoc_line = 0
     args_text: str | None = None
+    form = "plain"
+    skipped = 0
     done = False
     for n, line in lines:
         stripped = line.strip()
         if heredoc_end is not None:
+            stripped = _PS2_RE.sub("", stripped) if stripped.startswith(">") else stripped
             if stripped == heredoc_end:
                 heredoc_end, done = None, True
                 continue
@@ -123,13 +175,12 @@ def parse(text: str, path: str = "<reproducer>") -> Reproducer:
             continue
         if not stripped:
             continue
-        m = _HEREDOC_RE.match(line)
-        if m and args_text is None:
-            heredoc_end, heredoc_line = m.group(2), n
-            args_text = m.group(3)
+        if args_text is None and header == [] and (o := _opener(line)) is not None:
+            form, args_text, heredoc_end = o
+            heredoc_line = n
             continue
         m = _QEMU_ARGS_RE.match(stripped)
-        if m:
+        if m and form == "plain":
             header.append(m.group(1))
             continue
         if stripped.startswith("#"):
@@ -137,11 +188,21 @@ def parse(text: str, path: str = "<reproducer>") -> Reproducer:
             if comments[-1].startswith(TIMEOUT_HEADER):
                 timeout = _parse_timeout(comments[-1][len(TIMEOUT_HEADER) :], path, n)
             continue
+        if form == "stdio":
+            # Commands typed at QEMU's stdin; prose, replies pasted with them (OK, FAIL) and
+            # Markdown fences are not commands.
+            stripped = _PS2_RE.sub("", stripped) if stripped.startswith(">") else stripped
+            if _is_command(stripped):
+                commands.append((n, stripped))
+            else:
+                skipped += 1
+            continue
         if header:
             commands.append((n, stripped))
             continue
         raise ScenarioError(
-            "not a reproducer: expected 'cat << EOF | qemu-system-... -qtest stdio' or '# qemu-args: ...' "
+            "not a reproducer: expected a QEMU command line ('cat << EOF | qemu-system-... -qtest stdio', "
+            "'qemu ... -qtest stdio' then the commands, qtest_init(\"...\") in C) or '# qemu-args: ...' "
             f"before the first command, found {stripped[:60]!r}",
             path=path,
             line=n,
@@ -152,7 +213,11 @@ def parse(text: str, path: str = "<reproducer>") -> Reproducer:
         )
     if args_text is None:
         if not header:
-            raise ScenarioError("no QEMU command line ('cat << EOF | qemu ...' or '# qemu-args:')", path=path, line=1)
+            raise ScenarioError(
+                "no QEMU command line ('cat << EOF | qemu ...', 'qemu ... -qtest stdio' or '# qemu-args:')",
+                path=path,
+                line=1,
+            )
         args_text = " ".join(header)
     try:
         words = shlex.split(args_text)
@@ -163,7 +228,35 @@ def parse(text: str, path: str = "<reproducer>") -> Reproducer:
     binary, args = (words[0], words[1:]) if "qemu" in words[0].rsplit("/", 1)[-1] else ("", words)
     if not commands:
         raise ScenarioError("no qtest commands", path=path, line=heredoc_line or 1)
-    return Reproducer(path, binary, args, commands, comments, timeout)
+    notes = [f"{skipped} line(s) between the commands that are not qtest commands were skipped"] if skipped else []
+    return _checked(Reproducer(path, binary, args, commands, comments, timeout, form=form, notes=notes))
+
+
+def _from_c(text: str, path: str) -> Reproducer:
+    test = parse_c(text, path)
+    try:
+        args = shlex.split(test.args_text)
+    except ValueError as exc:
+        raise ScenarioError(f"cannot split the QEMU command line: {exc}", path=path, line=test.init_line) from None
+    if not test.commands:
+        raise ScenarioError("no qtest commands between qtest_init and qtest_quit", path=path, line=test.init_line)
+    return Reproducer(path, "", args, test.commands, form="libqtest", notes=test.notes)
+
+
+def _checked(rep: Reproducer) -> Reproducer:
+    """``rep``, once each command passed the qtest client's check of QEMU's own assertions: a
+    command QEMU would abort on makes the file malformed (exit 128), not a QEMU crash."""
+    for n, command in rep.commands:
+        try:
+            check_line(command)
+        except ValueError as exc:
+            raise ScenarioError(
+                f"malformed qtest command {command[:60]!r}: {exc} (QEMU's qtest server would abort on it: "
+                "a broken reproducer, not a QEMU bug)",
+                path=rep.path,
+                line=n,
+            ) from None
+    return rep
 
 
 def _parse_timeout(text: str, path: str, line: int) -> float:
@@ -285,17 +378,57 @@ def upstream_command(rep: Reproducer, width: int = 100) -> str:
     return "\n".join([shell_words(upstream_args(rep), "cat << EOF |", width), *(c for _, c in rep.commands), "EOF"])
 
 
+def machine_type(args: Sequence[str]) -> str | None:
+    """The machine type ``args`` name (``-M pc-q35-5.0``, ``-machine q35,accel=qtest``,
+    ``-machine type=pc``), the last one winning as in QEMU; None if they name none."""
+    found: str | None = None
+    for opt, value in itertools.pairwise(args):
+        if opt in ("-M", "-machine"):
+            for part in value.split(","):
+                if part and "=" not in part:
+                    found = part
+                elif part.startswith("type="):
+                    found = part[len("type=") :]
+    return found
+
+
+def missing_machine(args: Sequence[str], binary: QemuBinary) -> str | None:
+    """'machine type X is not in this binary (it has: ...)', or None when it is there (or the
+    arguments name none, or ask for QEMU's help)."""
+    wanted = machine_type(args)
+    if wanted is None or wanted in ("help", "?") or wanted in binary.machines:
+        return None
+    return f"machine type {wanted} is not in this binary (it has: {', '.join(binary.machines)})"
+
+
+def settle(vm: QemuMachine, seconds: float) -> None:
+    """Let QEMU run ``seconds`` after the last command before judging it: deferred work (bottom
+    halves, timers, I/O completions) may still kill it. Where the qtest accelerator owns the
+    virtual clock, ``clock_step`` moves it on by as much, so virtual-time timers fire too. Then a
+    final round trip: QEMU still answers. QemuCrashed or QtestTimeout from that round trip."""
+    clock = vm.binary.has_qtest_accel
+    deadline = time.monotonic() + seconds
+    while vm.alive and (left := deadline - time.monotonic()) > 0:
+        step = min(SETTLE_SLICE, left)
+        if clock:
+            vm.qtest.send_raw(f"clock_step {max(int(step * 1e9), 1)}")  # FAIL (no timer): still a round trip
+        time.sleep(step)
+    vm.qtest.send_raw("endianness")
+
+
 def replay(
     rep: Reproducer,
     *,
     qemu: str | None = None,
     timeout: float | None = None,
+    settle_s: float = DEFAULT_SETTLE,
     trace: bool = False,
     echo: object = None,
 ) -> ReplayResult:
     """Run the reproducer on our socket and say whether QEMU survived, crashed or hung; a reply
     that takes longer than ``timeout`` (default: the file's ``# timeout:``, else
-    :data:`DEFAULT_TIMEOUT`) is a hang.
+    :data:`DEFAULT_TIMEOUT`) is a hang. After the last command QEMU runs ``settle_s`` more
+    seconds (:func:`settle`) before the verdict.
 
     A fuzzer reproducer that ends in a recovery check (``# fuzz-check:``) is replayed by the
     fuzzer, which rebuilds the machine from the header and runs the check after the commands.
@@ -304,11 +437,15 @@ def replay(
     if any(c.startswith(FUZZ_CHECK) for c in rep.comments):
         from .fuzz import replay_checked
 
-        return replay_checked(rep, qemu=qemu, timeout=timeout, trace=trace, echo=echo)
+        return replay_checked(rep, qemu=qemu, timeout=timeout, settle_s=settle_s, trace=trace, echo=echo)
     binary = QemuBinary.get(qemu)
     args, notes = normalize_args(rep.args, binary)
-    if rep.binary and not rep.binary.endswith("x86_64") and "qemu-system" in rep.binary:
+    notes = [*rep.notes, *notes]
+    if rep.binary and not rep.binary.endswith("x86_64"):
         notes.append(f"{rep.binary.rsplit('/', 1)[-1]} is replaced by {binary.path}")
+    missing = missing_machine(args, binary)
+    if missing is not None:
+        return ReplayResult("cannot-run", missing, notes=notes)
     spec = MachineSpec(qemu=binary.path, raw_args=args, command_timeout=timeout, start_timeout=max(timeout, 15.0))
     vm = QemuMachine(spec)
     try:
@@ -316,17 +453,24 @@ def replay(
     except QemuStartError as exc:
         return ReplayResult("cannot-run", str(exc).splitlines()[0], notes=notes, command_line=exc.command_line)
     result = ReplayResult("survived", notes=notes, command_line=vm.command_line())
+    where = "the round trip after the last command"
+    answered_at: float | None = None  # while the settle period runs
+    died_after: float | None = None
     try:
         vm.resume()  # like the qtest accelerator, a RUNNING machine whose only vCPU halts
         run_commands(vm, rep, result, trace=trace, echo=echo)
+        answered_at = time.monotonic()
+        where = f"the {settle_s:g} s settle period after the last command"
+        settle(vm, settle_s)
+        answered_at = None
     except QemuCrashed as exc:
         result.outcome, result.detail = "crashed", exc.summary
+        if answered_at is not None:
+            died_after = time.monotonic() - answered_at
     except QtestTimeout:
         result.outcome = "hung"
         if result.commands_run < len(rep.commands):
             where = f"line {rep.commands[result.commands_run][0]}"
-        else:  # every command answered; the round trip after the last one was not
-            where = "the round trip after the last command"
         result.detail = f"no reply within {timeout:g} s to {where}"
     finally:
         vm.shutdown(check=False)
@@ -341,6 +485,12 @@ def replay(
             result.outcome = "survived"
             result.detail = f"QEMU shut down cleanly (exit status 0) after {result.commands_run} commands"
             return result
+        if result.outcome == "survived":
+            result.notes.append("QEMU answered everything, then died while it quit (QMP quit at the end)")
+        elif died_after is not None:
+            result.notes.append(
+                f"QEMU died {died_after:.2f} s after its last command was answered (settle period: {settle_s:g} s)"
+            )
         result.outcome = "crashed"
         result.signal = crash.signal
         result.detail = marker or crash.summary
@@ -428,14 +578,19 @@ def combined_exit_code(results: Iterable[ReplayResult]) -> int:
 
 
 def replay_rows(
-    reps: Sequence[Reproducer], binaries: Sequence[QemuBinary], *, timeout: float | None = None
+    reps: Sequence[Reproducer],
+    binaries: Sequence[QemuBinary],
+    *,
+    timeout: float | None = None,
+    settle_s: float = DEFAULT_SETTLE,
 ) -> Iterator[ReplayRow]:
     """Each reproducer on each binary, in that order; ``timeout`` overrides each file's own
     ``# timeout:``."""
     labels = version_labels(binaries)
     for rep in reps:
         for binary, label in zip(binaries, labels, strict=True):
-            yield ReplayRow(rep, binary, label, replay(rep, qemu=binary.path, timeout=timeout))
+            result = replay(rep, qemu=binary.path, timeout=timeout, settle_s=settle_s)
+            yield ReplayRow(rep, binary, label, result)
 
 
 #: Verdicts in the order a tally lists them.

@@ -16,9 +16,11 @@ from conftest import EXE
 from qtest_virtio import ScenarioError
 from qtest_virtio.binary import QemuBinary
 from qtest_virtio.deviations import table
-from qtest_virtio.reproducer import normalize_args, parse, replay
+from qtest_virtio.reproducer import load, normalize_args, parse, replay
 
 SUITE = Path(__file__).resolve().parent.parent / "scenarios" / "reproducers"
+#: Aborts every provided version (address_space_cache_init: Assertion `len > 0').
+ZERO_INDIRECT = SUITE / "virtio-packed-zero-length-indirect-assert.qtest"
 
 SHELL_FORM = """\
 Some mail text before the reproducer.
@@ -122,14 +124,23 @@ def test_replay_wrapped_fuzzer_data_lands(qemu_binary: QemuBinary) -> None:
 
 
 def test_replay_crash_is_classified_with_the_assertion(qemu_binary: QemuBinary) -> None:
-    """No QEMU bug needed: qtest's own server asserts on a port past 0xffff (SIGABRT)."""
-    rep = parse("# qemu-args: -M q35 -nodefaults\nreadl 0x100000\ninb 0x10000\nreadl 0x100000\n", "abort.qtest")
+    """A bug every provided version has: a zero-length indirect table on a packed ring aborts
+    QEMU in address_space_cache_init (its last command is never answered)."""
+    rep = load(str(ZERO_INDIRECT))
     result = replay(rep, qemu=qemu_binary.path)
     assert result.outcome == "crashed" and result.exit_code == 1
     assert result.signal == 6
-    assert "assertion failed" in result.detail
-    assert result.commands_run == 1
+    assert "address_space_cache_init: Assertion `len > 0' failed" in result.detail
+    assert result.commands_run == len(rep.commands) - 1
     assert "-qtest stdio" in result.command_line
+
+
+def test_a_command_qemu_would_assert_on_is_malformed_not_a_crash(qemu_binary: QemuBinary) -> None:
+    """``inb 0x10000`` trips qtest.c's own g_assert (SIGABRT): a broken reproducer (128 with file
+    and line), not a QEMU bug. Nothing is started."""
+    with pytest.raises(ScenarioError, match=r"malformed qtest command 'inb 0x10000': inb: port 0x10000") as err:
+        parse("# qemu-args: -M q35 -nodefaults\nreadl 0x100000\ninb 0x10000\nreadl 0x100000\n", "abort.qtest")
+    assert (err.value.path, err.value.line) == ("abort.qtest", 3)
 
 
 def make_wrapper(tmp_path: Path, qemu: str, action: str) -> str:
@@ -190,8 +201,11 @@ def test_replay_cli_exit_codes(tmp_path: Path, qemu_binary: QemuBinary) -> None:
 
     ok = run(write(tmp_path, "ok.qtest", SHELL_FORM), "--trace")
     assert ok.returncode == 0 and "survived" in ok.stdout and "->  OK" in ok.stdout
-    crash = run(write(tmp_path, "crash.qtest", "# qemu-args: -M q35\ninb 0x10000\n"))
+    crash = run(write(tmp_path, "crash.qtest", ZERO_INDIRECT.read_text()))
     assert crash.returncode == 1 and "crashed (signal 6)" in crash.stdout
+    malformed = run(write(tmp_path, "malformed.qtest", "# qemu-args: -M q35\ninb 0x10000\n"))
+    assert malformed.returncode == 128 and malformed.stdout == ""
+    assert "malformed.qtest:2: malformed qtest command 'inb 0x10000'" in malformed.stderr
     bad = run(write(tmp_path, "bad.qtest", "hello\n"))
     assert bad.returncode == 128 and "bad.qtest:1:" in bad.stderr
     missing = subprocess.run(
