@@ -19,7 +19,7 @@ import pytest
 pytestmark = pytest.mark.virtio_device("virtio-rng-pci", transports=["modern"], rings=("split",))
 
 def test_needs_event_idx(virtio_device):
-    assert "EVENT_IDX" in virtio_device.negotiated.names
+    assert "EVENT_IDX" in virtio_device.negotiated
 """
 
 BREAKS_WITH_EVENT_IDX = NEEDS_EVENT_IDX.replace('"EVENT_IDX" in', '"EVENT_IDX" not in').replace(

@@ -145,7 +145,7 @@ def test_refuse_and_transport_options(inner: pytest.Pytester, qemu_binary) -> No
 import pytest
 @pytest.mark.virtio_device("virtio-rng-pci", rings=("split",))
 def test_refused(virtio_device):
-    assert "EVENT_IDX" not in virtio_device.negotiated.names
+    assert "EVENT_IDX" not in virtio_device.negotiated
     assert virtio_device.transport.mode == "modern"
 """
     )
