@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 
 from . import __name__ as _pkg
 from .binary import FlagTypo, QemuBinary, QemuNotFound, UnknownFlag
-from .bisect import BisectError
+from .bisect import BisectError, BisectUsageError
 from .errors import QemuCrashed, QemuStartError, QtestVirtioError, ScenarioError
 from .machine import MachineSpec
 from .probe import format_report, probe, to_json
@@ -481,6 +481,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"qtest-virtio: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except ScenarioError as exc:
+        print(f"qtest-virtio: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BisectUsageError as exc:
         print(f"qtest-virtio: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except BisectError as exc:

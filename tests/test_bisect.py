@@ -147,3 +147,42 @@ def test_git_bisect_refuses_a_dirty_tree(tmp_path: Path) -> None:
     (repo / "f").write_text("2")
     with pytest.raises(BisectError, match="uncommitted changes"):
         git_bisect(str(repo), "HEAD", "HEAD", ["t.py"], build="true", say=lambda s: None)
+
+
+def _two_commit_repo(tmp_path: Path) -> Path:
+    repo = tmp_path / "r"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    for message in ("one", "two"):
+        who = ("-c", "user.email=t@x", "-c", "user.name=t")
+        subprocess.run(["git", "-C", str(repo), *who, "commit", "-q", "--allow-empty", "-m", message], check=True)
+    return repo
+
+
+@pytest.mark.skipif(EXE is None, reason="qtest-virtio console script not installed")
+@pytest.mark.parametrize(
+    ("where", "good", "bad", "reason"),
+    [
+        ("plain", "HEAD~1", "HEAD", "--repo {plain}: not a git repository"),
+        ("missing", "HEAD~1", "HEAD", "--repo {missing}: cannot change to '{missing}': No such file or directory"),
+        ("repo", "nosuch", "HEAD", "--good nosuch: bad revision 'nosuch'"),
+        ("repo", "HEAD~1", "HEAD^{tree}", "--bad HEAD^{{tree}}: 'HEAD^{{tree}}' does not name one commit"),
+        ("repo", "HEAD", "HEAD~1", "git bisect start HEAD~1 HEAD: Some good revs are not ancestors of the bad rev."),
+    ],
+)
+def test_git_bisect_bad_repo_or_revision_is_a_usage_error(
+    tmp_path: Path, where: str, good: str, bad: str, reason: str
+) -> None:
+    """Nothing to bisect: 128 (aborts an outer bisect) with git's reason on one line, never
+    exit 1 with an empty "did not name a first bad commit", and the repository left as found."""
+    assert EXE
+    dirs = {"plain": tmp_path / "plain", "missing": tmp_path / "missing", "repo": _two_commit_repo(tmp_path)}
+    dirs["plain"].mkdir()
+    res = subprocess.run(
+        [EXE, "bisect", "--repo", str(dirs[where]), "--good", good, "--bad", bad, "--build", "true", "t.py"],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 128, res.stdout + res.stderr
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith("qtest-virtio: error: "), res.stderr
+    assert reason.format(**{k: str(v) for k, v in dirs.items()}) in res.stderr
+    assert not (dirs["repo"] / ".git" / "BISECT_LOG").exists()
