@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from .binary import QemuBinary
 from .errors import QtestVirtioError
+from .machine import escape_option_value, split_option_list
 
 PASS, FAIL, UNTESTABLE, USAGE = 0, 1, 125, 128
 
@@ -46,7 +47,7 @@ class Change:
         return self.key == "refuse"
 
     def __str__(self) -> str:
-        return f"{self.key}={self.value}"
+        return f"{self.key}={escape_option_value(self.value)}"
 
 
 def run_args(changes: Sequence[Change]) -> list[str]:
@@ -173,7 +174,7 @@ def candidate_changes(binary: QemuBinary, device: str = "virtio-rng-pci") -> lis
 
 def parse_changes(flags: str, refuse: str) -> list[Change]:
     out = []
-    for item in (flags or "").split(","):
+    for item in split_option_list(flags or ""):
         if item.strip():
             key, eq, value = item.strip().partition("=")
             if not eq:
