@@ -308,8 +308,14 @@ def cmd_bisect_flags(args: argparse.Namespace) -> int:
 
 
 def cmd_bisect(args: argparse.Namespace) -> int:
+    from pytest_qtest_virtio.params import OptionError, parse_flags
+
     from .bisect import DEFAULT_BUILD, describe_commit, git_bisect
 
+    try:  # the binary is not built yet: its values are checked by each step's run
+        parse_flags(args.flags, option="--flags", transport_option="--transport")
+    except OptionError as exc:
+        raise UsageError(str(exc)) from None
     extra = [
         f"--{k}={v}" for k, v in (("flags", args.flags), ("refuse", args.refuse), ("transport", args.transport)) if v
     ]

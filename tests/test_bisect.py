@@ -186,3 +186,17 @@ def test_git_bisect_bad_repo_or_revision_is_a_usage_error(
     assert res.stderr.count("\n") == 1 and res.stderr.startswith("qtest-virtio: error: "), res.stderr
     assert reason.format(**{k: str(v) for k, v in dirs.items()}) in res.stderr
     assert not (dirs["repo"] / ".git" / "BISECT_LOG").exists()
+
+
+@pytest.mark.skipif(EXE is None, reason="qtest-virtio console script not installed")
+def test_git_bisect_refuses_harness_owned_flags_before_it_starts(tmp_path: Path) -> None:
+    assert EXE
+    repo = _two_commit_repo(tmp_path)
+    res = subprocess.run(
+        [EXE, "bisect", "--repo", str(repo), "--good", "HEAD~1", "--bad", "HEAD", "--build", "true",
+         "--flags", "serial=a,,b,id=x", "t.py"],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 128, res.stdout + res.stderr
+    assert res.stderr.startswith("qtest-virtio: error: --flags: id=x cannot be set: the harness names")
+    assert res.stderr.count("\n") == 1 and not (repo / ".git" / "BISECT_LOG").exists()
