@@ -1522,25 +1522,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _bad_numbers(args: argparse.Namespace) -> str | None:
     """The first numeric option out of range, as a one-line reason (argparse takes -1, nan, inf)."""
-    checks = (
-        (
-            "--seconds",
-            args.seconds,
-            args.seconds > 0,
-            "a positive number of seconds (for exactly one round: --rounds 1)",
-        ),
+    one_round = "a positive number of seconds (for exactly one round: --rounds 1)"
+    checks: tuple[tuple[str, float | None, bool, str], ...] = (
+        ("--seconds", args.seconds, args.seconds > 0, one_round),
         ("--shrink-seconds", args.shrink_seconds, args.shrink_seconds >= 0, "0 or more seconds"),
         ("--hang-timeout", args.hang_timeout, args.hang_timeout > 0, "a positive number of seconds"),
         ("--examples", args.examples, args.examples >= 1, "1 or more"),
         ("--rounds", args.rounds, args.rounds is None or args.rounds >= 1, "1 or more"),
     )
     for option, value, ok, wanted in checks:
-        if not ok or (isinstance(value, float) and not math.isfinite(value)):
-            return (
-                f"{option} {value:g}: must be {wanted}"
-                if isinstance(value, float)
-                else f"{option} {value}: must be {wanted}"
-            )
+        if not ok or (value is not None and not math.isfinite(value)):
+            return f"{option} {value:g}: must be {wanted}"
     return None
 
 
