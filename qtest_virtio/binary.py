@@ -14,7 +14,7 @@ import re
 import shutil
 import signal
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import ClassVar
@@ -46,6 +46,10 @@ class FlagTypo(QtestVirtioError, ValueError):
     """A flag no measured QEMU version has: a usage error (128), never "cannot test" (125)."""
 
 
+class BadFlagValue(QtestVirtioError, ValueError):
+    """A flag value its property's type does not take (``event_idx=maybe``): a usage error (128)."""
+
+
 @dataclass(frozen=True)
 class PropertyInfo:
     """One ``-device NAME,help`` line: ``name=<type> - description (default: value)``."""
@@ -61,6 +65,12 @@ _DEFAULT_RE = re.compile(r"\(default: (?P<default>.*)\)\s*$")
 _DEVICE_RE = re.compile(r'^name "(?P<name>[^"]+)"(?:, bus (?P<bus>[\w-]+))?')
 #: Bool defaults as flag values are written (``event_idx=off``), whatever the version prints.
 _BOOL_SPELLINGS = {"true": "on", "on": "on", "false": "off", "off": "off"}
+#: What QEMU's parser takes for the enumerated property types, and how to name that: a bool
+#: as qapi_bool_parse() reads it (qapi/qapi-util.c), OnOffAuto as qapi/common.json lists it.
+TYPE_VALUES: dict[str, tuple[str, frozenset[str]]] = {
+    "bool": ("on or off", frozenset({"on", "off", "yes", "no", "true", "false", "y", "n"})),
+    "OnOffAuto": ("on, off or auto", frozenset({"on", "off", "auto"})),
+}
 _VERSION_RE = re.compile(r"version (\d+)\.(\d+)\.(\d+)")
 
 
@@ -253,3 +263,17 @@ class QemuBinary:
             listing = f"; `qtest-virtio flags --qemu {self.path}` lists them"
             hint = f"; did you mean {', '.join(close)}?" if close else listing
             raise FlagTypo(f"unknown flag {name!r}{hint}")
+
+    def check_flag_values(self, flags: Mapping[str, str], devices: Iterable[str]) -> None:
+        """Each value must be one its property's type takes (bool: on/off; OnOffAuto:
+        on/off/auto), checked before QEMU starts; raises BadFlagValue naming those values.
+        Names none of ``devices`` has are left to :meth:`check_flags`."""
+        types: dict[str, str] = {}
+        for device in devices:
+            if device in self.devices:
+                for name, info in self.device_properties(device).items():
+                    types.setdefault(name, info.type)
+        for name, value in flags.items():
+            kind = types.get(name, "")
+            if kind in TYPE_VALUES and value not in TYPE_VALUES[kind][1]:
+                raise BadFlagValue(f"flag {name}={value}: {name} is a {kind} property, it takes {TYPE_VALUES[kind][0]}")

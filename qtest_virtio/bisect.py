@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from .binary import QemuBinary
 from .errors import QtestVirtioError
+from .machine import escape_option_value, split_option_list
 
 PASS, FAIL, UNTESTABLE, USAGE = 0, 1, 125, 128
 
@@ -29,6 +30,11 @@ class BisectError(QtestVirtioError):
     """The hunt cannot go on (the target passes as given, the repository is dirty, ...)."""
 
 
+class BisectUsageError(BisectError):
+    """What was asked cannot be bisected at all (no repository there, a revision git does not
+    know): a usage error, 128, with git's own reason."""
+
+
 @dataclass(frozen=True)
 class Change:
     """One flag setting: a device property (``event_idx=off``) or a refusal (``refuse=EVENT_IDX``)."""
@@ -41,7 +47,7 @@ class Change:
         return self.key == "refuse"
 
     def __str__(self) -> str:
-        return f"{self.key}={self.value}"
+        return f"{self.key}={escape_option_value(self.value)}"
 
 
 def run_args(changes: Sequence[Change]) -> list[str]:
@@ -168,7 +174,7 @@ def candidate_changes(binary: QemuBinary, device: str = "virtio-rng-pci") -> lis
 
 def parse_changes(flags: str, refuse: str) -> list[Change]:
     out = []
-    for item in (flags or "").split(","):
+    for item in split_option_list(flags or ""):
         if item.strip():
             key, eq, value = item.strip().partition("=")
             if not eq:
@@ -191,6 +197,30 @@ def _git(repo: str, *args: str, check: bool = True) -> subprocess.CompletedProce
     if check and res.returncode != 0:
         raise BisectError(f"git {' '.join(args)} failed: {res.stderr.strip() or res.stdout.strip()}")
     return res
+
+
+def _git_reason(res: subprocess.CompletedProcess[str]) -> str:
+    """git's message on one line, without its ``fatal:``/``error:`` prefix."""
+    lines = [line.strip() for line in (res.stderr.strip() or res.stdout.strip()).splitlines() if line.strip()]
+    text = " ".join(lines) or f"git exited {res.returncode}"
+    for prefix in ("fatal: ", "error: "):
+        text = text.removeprefix(prefix)
+    return text
+
+
+def check_repo(repo: str, revs: dict[str, str]) -> None:
+    """``repo`` is a git work tree and each of ``revs`` (option -> revision) names a commit;
+    otherwise BisectUsageError with git's reason. ``git bisect start`` would take an unknown
+    revision for a path and bisect with no good commit at all."""
+    res = _git(repo, "rev-parse", "--is-inside-work-tree", check=False)
+    if res.returncode != 0 or res.stdout.strip() != "true":
+        reason = _git_reason(res) if res.returncode != 0 else "it is not a work tree"
+        raise BisectUsageError(f"--repo {repo}: {reason}")
+    for option, rev in revs.items():
+        if _git(repo, "rev-parse", "-q", "--verify", "--end-of-options", f"{rev}^{{commit}}", check=False).returncode:
+            res = _git(repo, "rev-parse", "--end-of-options", rev, "--", check=False)
+            reason = _git_reason(res) if res.returncode != 0 else f"{rev!r} does not name one commit"
+            raise BisectUsageError(f"{option} {rev}: {reason} (in {repo})")
 
 
 def bisect_step(repo: str, build: str, binary: str, target: Sequence[str], extra: Sequence[str]) -> int:
@@ -218,6 +248,7 @@ def git_bisect(
 ) -> str:
     """Run git bisect between ``good`` and ``bad``; returns the first bad commit. The tree is
     left as it was found: bisect reset always runs (also on Ctrl-C)."""
+    check_repo(repo, {"--good": good, "--bad": bad})
     if _git(repo, "status", "--porcelain", "--untracked-files=no").stdout.strip():
         raise BisectError(f"{repo} has uncommitted changes: commit or stash them first")
     if _git(repo, "rev-parse", "-q", "--verify", "BISECT_HEAD", check=False).returncode == 0 or os.path.exists(
@@ -229,7 +260,9 @@ def git_bisect(
         "--build", build, "--binary", binary, *target, *(["--", *extra] if extra else []),
     ]  # fmt: skip
     try:
-        _git(repo, "bisect", "start", bad, good)
+        start = _git(repo, "bisect", "start", bad, good, "--", check=False)
+        if start.returncode != 0:  # e.g. good is not an ancestor of bad
+            raise BisectUsageError(f"git bisect start {bad} {good}: {_git_reason(start)}")
         res = subprocess.run(["git", "-C", repo, "bisect", "run", *step], capture_output=True, text=True, check=False)
         for line in res.stdout.splitlines():
             if line.startswith(("running", "Bisecting:", "bisect step")) or "is the first bad commit" in line:

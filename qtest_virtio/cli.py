@@ -19,10 +19,10 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from . import __name__ as _pkg
-from .binary import FlagTypo, QemuBinary, QemuNotFound, UnknownFlag
-from .bisect import BisectError
+from .binary import BadFlagValue, FlagTypo, QemuBinary, QemuNotFound, UnknownFlag
+from .bisect import BisectError, BisectUsageError
 from .errors import QemuCrashed, QemuStartError, QtestVirtioError, ScenarioError
-from .machine import MachineSpec
+from .machine import MachineSpec, split_option_list
 from .probe import format_report, probe, to_json
 from .vm import DRIVERS, Machine
 
@@ -44,21 +44,7 @@ class _Parser(argparse.ArgumentParser):
 
 def split_device_option(text: str) -> tuple[str, dict[str, str]]:
     """``NAME,PROP=VAL,...`` as QEMU writes it (``,,`` is a literal comma) -> (name, props)."""
-    parts: list[str] = []
-    cur = ""
-    i = 0
-    while i < len(text):
-        if text[i] == ",":
-            if text[i + 1 : i + 2] == ",":
-                cur += ","
-                i += 2
-                continue
-            parts.append(cur)
-            cur = ""
-        else:
-            cur += text[i]
-        i += 1
-    parts.append(cur)
+    parts = split_option_list(text)
     name, props = parts[0], {}
     if not name:
         raise UsageError(f"--device {text!r}: no device name")
@@ -158,20 +144,33 @@ def _pytest_args(args: argparse.Namespace, binary: QemuBinary) -> list[str]:
     return [*out, "-q", "-p", "no:cacheprovider", "-p", "no:benchmark", *args.pytest_args]
 
 
+def _check_run_flags(text: str, binary: QemuBinary) -> dict[str, str]:
+    """``--flags`` as ``run`` passes it to every virtio device: well formed, none the harness
+    owns, each value one its type takes (128), each name in this binary (else 125 or 128)."""
+    from pytest_qtest_virtio.params import OptionError, parse_flags
+
+    try:
+        flags = parse_flags(text, option="--flags", transport_option="--transport")
+    except OptionError as exc:
+        raise UsageError(str(exc)) from None
+    try:  # a typo aborts (128); a real flag this binary lacks means 'cannot test here' (125)
+        binary.check_flags(flags, DRIVERS)
+        binary.check_flag_values(flags, DRIVERS)
+    except (FlagTypo, BadFlagValue) as exc:
+        raise UsageError(f"--flags: {exc}") from None
+    return flags
+
+
 def _run_suite(args: argparse.Namespace) -> tuple[int, Any, QemuBinary]:
-    from pytest_qtest_virtio.params import OptionError, parse_flags, parse_transports
+    from pytest_qtest_virtio.params import OptionError, parse_transports
     from pytest_qtest_virtio.runner import run_pytest
 
     binary = QemuBinary.get(args.qemu)
     try:
         parse_transports(args.transport)
-        flags = parse_flags(args.flags)
     except OptionError as exc:
         raise UsageError(str(exc)) from None
-    try:  # a typo aborts (128); a real flag this binary lacks means 'cannot test here' (125)
-        binary.check_flags(flags, DRIVERS)
-    except FlagTypo as exc:
-        raise UsageError(f"--flags: {exc}") from None
+    _check_run_flags(args.flags, binary)
     print(binary.identity, flush=True)
     code, collector = run_pytest(_pytest_args(args, binary))
     return code, collector, binary
@@ -300,6 +299,7 @@ def cmd_bisect_flags(args: argparse.Namespace) -> int:
     from .bisect import bisect_flags, candidate_changes, parse_changes, subprocess_probe
 
     binary = QemuBinary.get(args.qemu)
+    _check_run_flags(args.flags, binary)  # every probe would end with the same usage error
     given = parse_changes(args.flags, args.refuse)
     probe = subprocess_probe(args.target, binary.path, [f"--transport={args.transport}"] if args.transport else [])
     candidates = [] if given else candidate_changes(binary)
@@ -309,8 +309,14 @@ def cmd_bisect_flags(args: argparse.Namespace) -> int:
 
 
 def cmd_bisect(args: argparse.Namespace) -> int:
+    from pytest_qtest_virtio.params import OptionError, parse_flags
+
     from .bisect import DEFAULT_BUILD, describe_commit, git_bisect
 
+    try:  # the binary is not built yet: its values are checked by each step's run
+        parse_flags(args.flags, option="--flags", transport_option="--transport")
+    except OptionError as exc:
+        raise UsageError(str(exc)) from None
     extra = [
         f"--{k}={v}" for k, v in (("flags", args.flags), ("refuse", args.refuse), ("transport", args.transport)) if v
     ]
@@ -503,6 +509,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"qtest-virtio: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except ScenarioError as exc:
+        print(f"qtest-virtio: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BisectUsageError as exc:
         print(f"qtest-virtio: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except BisectError as exc:

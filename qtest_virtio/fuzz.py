@@ -25,6 +25,7 @@ import argparse
 import base64
 import contextlib
 import glob
+import math
 import os
 import random
 import re
@@ -1205,10 +1206,21 @@ class FuzzReport:
     seconds: float = 0.0
     failure: ExampleResult | None = None
     observations: Counter[str] = field(default_factory=Counter)
+    #: Shrinking ended at the run's deadline: ``failure`` is the smallest found by then.
+    shrink_cut: bool = False
 
 
 class _Failed(Exception):
     pass
+
+
+class FuzzInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during :func:`fuzz_target`; ``report`` holds what was found by then
+    (``failure``: the smallest failing example so far, unshrunk or half shrunk)."""
+
+    def __init__(self, report: FuzzReport) -> None:
+        super().__init__("interrupted")
+        self.report = report
 
 
 _ASSERTION_RE = re.compile(r"([A-Za-z_]\w*): Assertion `(.*)' failed")
@@ -1242,12 +1254,15 @@ def fuzz_target(
     max_actions: int = 8,
     hook: Hook | None = None,
     known: Container[str] = (),
+    deadline: float | None = None,
 ) -> FuzzReport:
     """Run hypothesis on one (device, mode, ring); on failure, shrink and keep the smallest.
 
     A failure whose :func:`signature` is in ``known`` (found earlier in the campaign) is not
-    shrunk. Shrinking stops costing QEMU starts after ``shrink_seconds``: from then on only the
-    smallest failing case found so far runs for real, so hypothesis ends with it.
+    shrunk. Shrinking stops costing QEMU starts after ``shrink_seconds``, or at ``deadline``
+    (``time.monotonic()``; the run's whole budget): from then on only the smallest failing case
+    found so far runs for real, so hypothesis ends with it. No new example starts QEMU after
+    ``deadline``. An interrupt raises :class:`FuzzInterrupted` with what was found by then.
     """
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import seed as hypothesis_seed
@@ -1271,7 +1286,11 @@ def fuzz_target(
     def prop(actions: list[Action]) -> None:
         if failures and signature(failures[0]) in known:
             return  # a known bug: hypothesis's own replays and shrinking would only cost QEMU starts
-        if failures and time.monotonic() - first_failure[0] > shrink_seconds:
+        out_of_time = deadline is not None and time.monotonic() >= deadline
+        if not failures and out_of_time:
+            return  # the budget is spent: the remaining examples cost nothing
+        if failures and (out_of_time or time.monotonic() - first_failure[0] > shrink_seconds):
+            report.shrink_cut = report.shrink_cut or out_of_time
             best = min(failures, key=lambda r: _size(r.actions))
             if actions != best.actions:
                 return
@@ -1285,29 +1304,45 @@ def fuzz_target(
             raise _Failed(result.summary())
 
     try:
-        prop()
-    except Exception:
-        if not failures:
-            raise
-        # hypothesis replays the smallest case last; take the smallest in any case.
-        best = min(reversed(failures), key=lambda r: _size(r.actions))
-        budget = 0.0 if signature(best) in known else shrink_seconds
-        report.failure = _delete_actions(best, hook, time.monotonic() + budget)
+        try:
+            prop()
+        except Exception:
+            if not failures:
+                raise
+            # hypothesis replays the smallest case last; take the smallest in any case.
+            best = min(reversed(failures), key=lambda r: _size(r.actions))
+            report.failure = best
+            end = time.monotonic() + (0.0 if signature(best) in known else shrink_seconds)
+            report.failure = _delete_actions(best, hook, end if deadline is None else min(end, deadline), keep=report)
+            if deadline is not None and time.monotonic() >= deadline and len(report.failure.actions) > 1:
+                report.shrink_cut = True
+    except KeyboardInterrupt:
+        if failures and report.failure is None:
+            report.failure = min(reversed(failures), key=lambda r: _size(r.actions))
+        report.seconds = time.monotonic() - started
+        raise FuzzInterrupted(report) from None
     report.seconds = time.monotonic() - started
     return report
 
 
-def _delete_actions(best: ExampleResult, hook: Hook | None, deadline: float) -> ExampleResult:
+def _delete_actions(
+    best: ExampleResult, hook: Hook | None, deadline: float, *, keep: FuzzReport | None = None
+) -> ExampleResult:
     """Drop actions one at a time while the failure stays the same kind: hypothesis's shrinker
-    often keeps harmless actions in front of the one that matters."""
+    often keeps harmless actions in front of the one that matters. Each smaller failure is
+    kept in ``keep.failure`` as soon as it is found, so an interrupt keeps the smallest."""
     changed = True
     while changed and len(best.actions) > 1 and time.monotonic() < deadline:
         changed = False
         for i in range(len(best.actions)):
+            if time.monotonic() >= deadline:
+                break
             candidate = best.actions[:i] + best.actions[i + 1 :]
             result = run_example(best.config, candidate, hook=hook)
             if result.outcome == best.outcome:
                 best, changed = result, True
+                if keep is not None:
+                    keep.failure = best
                 break
     return best
 
@@ -1467,7 +1502,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--transport", action="append", default=[], metavar="MODE", help="transport mode (default: all four)"
     )
     parser.add_argument("--ring", action="append", default=[], choices=RINGS, help="ring layout (default: both)")
-    parser.add_argument("--seconds", type=float, default=60.0, help="time budget for the whole run")
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=60.0,
+        help="time budget of the whole run, shrinking included (default 60; a shrink still running then keeps "
+        "the smallest reproducer found so far)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=None, metavar="N", help="stop after N rounds (e.g. 1), or at --seconds if sooner"
+    )
     parser.add_argument("--seed", type=int, default=None, help="hypothesis seed (default: random, printed)")
     parser.add_argument(
         "--out", default="fuzz-out", metavar="DIR", help="where reproducers go (earlier ones there are replayed first)"
@@ -1492,9 +1536,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _bad_numbers(args: argparse.Namespace) -> str | None:
+    """The first numeric option out of range, as a one-line reason (argparse takes -1, nan, inf)."""
+    one_round = "a positive number of seconds (for exactly one round: --rounds 1)"
+    checks: tuple[tuple[str, float | None, bool, str], ...] = (
+        ("--seconds", args.seconds, args.seconds > 0, one_round),
+        ("--shrink-seconds", args.shrink_seconds, args.shrink_seconds >= 0, "0 or more seconds"),
+        ("--hang-timeout", args.hang_timeout, args.hang_timeout > 0, "a positive number of seconds"),
+        ("--examples", args.examples, args.examples >= 1, "1 or more"),
+        ("--rounds", args.rounds, args.rounds is None or args.rounds >= 1, "1 or more"),
+    )
+    for option, value, ok, wanted in checks:
+        if not ok or (value is not None and not math.isfinite(value)):
+            return f"{option} {value:g}: must be {wanted}"
+    return None
+
+
 def run_fuzz(args: argparse.Namespace) -> int:
-    """``qtest-virtio fuzz``: 0 nothing found, 1 a failure found and written, 125 cannot run."""
+    """``qtest-virtio fuzz``: 0 nothing found, 1 a failure found and written, 125 cannot run,
+    128 a usage error or an interrupt (what was found by then is written and listed)."""
     from .binary import QemuBinary, QemuNotFound
+
+    bad = _bad_numbers(args)
+    if bad:
+        print(f"qtest-virtio fuzz: {bad}", file=sys.stderr)
+        return 128
 
     try:
         import hypothesis  # noqa: F401
@@ -1549,42 +1615,58 @@ def run_fuzz(args: argparse.Namespace) -> int:
             f"QEMU {format_version(binary.version)} with '{SIGNATURE_HEADER}'"
         )
     found: dict[str, str] = dict(known)
-    still = _replay_earlier(earlier, found, qemu, args.hang_timeout)
     total = 0
     rounds = 0
-    while True:
-        for config in targets:
-            if time.monotonic() >= deadline and rounds:
-                break
-            try:
-                report = fuzz_target(
-                    config,
-                    max_examples=args.examples,
-                    seed=seed + rounds,
-                    known=found,
-                    shrink_seconds=args.shrink_seconds,
+    still: list[str] = []
+    try:
+        still = _replay_earlier(earlier, found, qemu, args.hang_timeout)
+        while True:
+            for config in targets:
+                if time.monotonic() >= deadline:
+                    break
+                try:
+                    report = fuzz_target(
+                        config,
+                        max_examples=args.examples,
+                        seed=seed + rounds,
+                        known=found,
+                        shrink_seconds=args.shrink_seconds,
+                        deadline=deadline,
+                    )
+                except QemuStartError as exc:
+                    print(f"{config.name}: cannot run here: {str(exc).splitlines()[0]}", file=sys.stderr)
+                    return 125
+                except FuzzInterrupted as exc:
+                    total += exc.report.examples
+                    observations.update(exc.report.observations)
+                    _keep_interrupted(exc.report, args, found, seed + rounds)
+                    raise
+                total += report.examples
+                observations.update(report.observations)
+                print(
+                    f"{config.name}: {report.examples} examples in {report.seconds:.1f} s "
+                    f"(round {rounds}, seed {seed + rounds})",
+                    flush=True,
                 )
-            except QemuStartError as exc:
-                print(f"{config.name}: cannot run here: {str(exc).splitlines()[0]}", file=sys.stderr)
-                return 125
-            total += report.examples
-            observations.update(report.observations)
-            print(
-                f"{config.name}: {report.examples} examples in {report.seconds:.1f} s "
-                f"(round {rounds}, seed {seed + rounds})",
-                flush=True,
-            )
-            if report.failure is not None:
-                sig = signature(report.failure)
-                if sig in found:
-                    print(f"  {'known' if sig in known else 'again'}: {sig} (as {found[sig]})", flush=True)
-                    continue
-                found[sig] = _report_failure(report, args, qemu, seed + rounds)
-                if not args.keep_going:
-                    return 1
-        rounds += 1
-        if time.monotonic() >= deadline:
-            break
+                if report.failure is not None:
+                    sig = signature(report.failure)
+                    if sig in found:
+                        print(f"  {'known' if sig in known else 'again'}: {sig} (as {found[sig]})", flush=True)
+                        continue
+                    _report_failure(report, args, qemu, seed + rounds, found)
+                    if not args.keep_going:
+                        return 1
+            rounds += 1
+            if time.monotonic() >= deadline or (args.rounds is not None and rounds >= args.rounds):
+                break
+    except KeyboardInterrupt:
+        new = {sig: path for sig, path in found.items() if sig not in known and path not in earlier}
+        print(f"interrupted: {total} examples, seed {seed}; kept {len(new)} new find(s) in {os.path.abspath(args.out)}")
+        for sig, path in new.items():
+            print(f"  {sig}: {path}")
+        sys.stdout.flush()
+        print("qtest-virtio fuzz: interrupted, exit 128 (aborts a git bisect run)", file=sys.stderr)
+        return 128
     new = {sig: path for sig, path in found.items() if sig not in known and path not in earlier}
     verdict = f"{len(new)} distinct new find(s)" if new else "nothing new found"
     if still:
@@ -1595,6 +1677,17 @@ def run_fuzz(args: argparse.Namespace) -> int:
     for text, n in observations.most_common():
         print(f"  observed {n}x: {text}")
     return 1 if new or still else 0
+
+
+def _keep_interrupted(report: FuzzReport, args: argparse.Namespace, found: dict[str, str], seed: int) -> None:
+    """Write the failure an interrupted target had found (the smallest by then), unreplayed."""
+    failure = report.failure
+    if failure is None or signature(failure) in found:
+        return
+    path = write_reproducer(failure, args.out, seed=seed)
+    found[signature(failure)] = path
+    print(f"FOUND {failure.summary()}")
+    print(f"  interrupted while shrinking: kept the smallest so far, {len(failure.actions)} action(s): {path}")
 
 
 def _replay_earlier(paths: list[str], found: dict[str, str], qemu: str, timeout: float) -> list[str]:
@@ -1620,12 +1713,16 @@ def _replay_earlier(paths: list[str], found: dict[str, str], qemu: str, timeout:
     return still
 
 
-def _report_failure(report: FuzzReport, args: argparse.Namespace, qemu: str, seed: int) -> str:
+def _report_failure(report: FuzzReport, args: argparse.Namespace, qemu: str, seed: int, found: dict[str, str]) -> str:
+    """Write the find, record it in ``found`` (before the replay, which an interrupt may cut
+    short), say what it is and replay the file as ``replay`` would."""
     failure = report.failure
     assert failure is not None
     path = write_reproducer(failure, args.out, seed=seed)
+    found[signature(failure)] = path
     print(f"FOUND {failure.summary()}")
-    print(f"  shrunk to {len(failure.actions)} action(s), {len(failure.commands)} qtest commands: {path}")
+    cut = " (the budget ran out while shrinking: the smallest so far)" if report.shrink_cut else ""
+    print(f"  shrunk to {len(failure.actions)} action(s), {len(failure.commands)} qtest commands{cut}: {path}")
     with contextlib.suppress(QtestVirtioError):
         verdict = verify_reproducer(path, qemu=qemu, timeout=args.hang_timeout)
         print(f"  replay: {verdict.outcome}: {verdict.detail}")

@@ -73,6 +73,27 @@ def escape_option_value(value: str) -> str:
     return value.replace(",", ",,")
 
 
+def split_option_list(text: str) -> list[str]:
+    """Split QEMU's ``a=1,b=2`` syntax at single commas; ``,,`` is a literal comma (the
+    inverse of :func:`escape_option_value`)."""
+    parts: list[str] = []
+    cur: list[str] = []
+    i = 0
+    while i < len(text):
+        if text[i] == ",":
+            if text[i + 1 : i + 2] == ",":
+                cur.append(",")
+                i += 2
+                continue
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(text[i])
+        i += 1
+    parts.append("".join(cur))
+    return parts
+
+
 def format_value(value: PropValue) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"

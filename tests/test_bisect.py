@@ -19,7 +19,7 @@ import pytest
 pytestmark = pytest.mark.virtio_device("virtio-rng-pci", transports=["modern"], rings=("split",))
 
 def test_needs_event_idx(virtio_device):
-    assert "EVENT_IDX" in virtio_device.negotiated.names
+    assert "EVENT_IDX" in virtio_device.negotiated
 """
 
 BREAKS_WITH_EVENT_IDX = NEEDS_EVENT_IDX.replace('"EVENT_IDX" in', '"EVENT_IDX" not in').replace(
@@ -147,3 +147,56 @@ def test_git_bisect_refuses_a_dirty_tree(tmp_path: Path) -> None:
     (repo / "f").write_text("2")
     with pytest.raises(BisectError, match="uncommitted changes"):
         git_bisect(str(repo), "HEAD", "HEAD", ["t.py"], build="true", say=lambda s: None)
+
+
+def _two_commit_repo(tmp_path: Path) -> Path:
+    repo = tmp_path / "r"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    for message in ("one", "two"):
+        who = ("-c", "user.email=t@x", "-c", "user.name=t")
+        subprocess.run(["git", "-C", str(repo), *who, "commit", "-q", "--allow-empty", "-m", message], check=True)
+    return repo
+
+
+@pytest.mark.skipif(EXE is None, reason="qtest-virtio console script not installed")
+@pytest.mark.parametrize(
+    ("where", "good", "bad", "reason"),
+    [
+        ("plain", "HEAD~1", "HEAD", "--repo {plain}: not a git repository"),
+        ("missing", "HEAD~1", "HEAD", "--repo {missing}: cannot change to '{missing}': No such file or directory"),
+        ("repo", "nosuch", "HEAD", "--good nosuch: bad revision 'nosuch'"),
+        ("repo", "HEAD~1", "HEAD^{tree}", "--bad HEAD^{{tree}}: 'HEAD^{{tree}}' does not name one commit"),
+        ("repo", "HEAD", "HEAD~1", "git bisect start HEAD~1 HEAD: Some good revs are not ancestors of the bad rev."),
+    ],
+)
+def test_git_bisect_bad_repo_or_revision_is_a_usage_error(
+    tmp_path: Path, where: str, good: str, bad: str, reason: str
+) -> None:
+    """Nothing to bisect: 128 (aborts an outer bisect) with git's reason on one line, never
+    exit 1 with an empty "did not name a first bad commit", and the repository left as found."""
+    assert EXE
+    dirs = {"plain": tmp_path / "plain", "missing": tmp_path / "missing", "repo": _two_commit_repo(tmp_path)}
+    dirs["plain"].mkdir()
+    res = subprocess.run(
+        [EXE, "bisect", "--repo", str(dirs[where]), "--good", good, "--bad", bad, "--build", "true", "t.py"],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 128, res.stdout + res.stderr
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith("qtest-virtio: error: "), res.stderr
+    assert reason.format(**{k: str(v) for k, v in dirs.items()}) in res.stderr
+    assert not (dirs["repo"] / ".git" / "BISECT_LOG").exists()
+
+
+@pytest.mark.skipif(EXE is None, reason="qtest-virtio console script not installed")
+def test_git_bisect_refuses_harness_owned_flags_before_it_starts(tmp_path: Path) -> None:
+    assert EXE
+    repo = _two_commit_repo(tmp_path)
+    res = subprocess.run(
+        [EXE, "bisect", "--repo", str(repo), "--good", "HEAD~1", "--bad", "HEAD", "--build", "true",
+         "--flags", "serial=a,,b,id=x", "t.py"],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 128, res.stdout + res.stderr
+    assert res.stderr.startswith("qtest-virtio: error: --flags: id=x cannot be set: the harness names")
+    assert res.stderr.count("\n") == 1 and not (repo / ".git" / "BISECT_LOG").exists()

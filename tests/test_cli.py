@@ -92,6 +92,30 @@ def test_bad_input_exit_codes(qemu_binary, args, code, message) -> None:
     assert "Traceback" not in res.stderr
 
 
+@pytest.mark.parametrize(
+    ("command", "flags", "message"),
+    [
+        ("run", "event_idx=maybe", "--flags: flag event_idx=maybe: event_idx is a bool property, it takes on or off"),
+        ("run", "write-cache=sometimes", "write-cache is a OnOffAuto property, it takes on, off or auto"),
+        ("run", "serial=a,id=evil", "--flags: id=evil cannot be set: the harness names every device"),
+        ("run", "drive=d0", "--flags: drive=d0 cannot be set: the harness makes the block backend"),
+        ("run", "disable-modern=on", "disable-modern=on cannot be set: the transport mode chooses it"),
+        ("bisect-flags", "event_idx=maybe", "--flags: flag event_idx=maybe: event_idx is a bool property"),
+        ("bisect-flags", "serial=a,bus=pcie.0", "--flags: bus=pcie.0 cannot be set"),
+    ],
+)
+def test_bad_flags_are_one_line_usage_errors(qemu_binary, tmp_path, command: str, flags: str, message: str) -> None:
+    """A value the property's type does not take, or a property the harness owns: 128 before
+    any QEMU starts, one line naming the values it takes or whose the property is."""
+    target = tmp_path / "test_t.py"
+    target.write_text("def test_t():\n    pass\n")
+    res = run(command, str(target), "--qemu", qemu_binary.path, f"--flags={flags}")
+    assert res.returncode == 128, res.stdout + res.stderr
+    assert message in res.stderr and res.stderr.count("\n") == 1, res.stderr
+    assert "disable-modern" not in message or "select modes with --transport" in res.stderr
+    assert "probe 1" not in res.stdout
+
+
 def test_missing_qemu_on_path() -> None:
     env = {**os.environ, "PATH": "/nonexistent", "QEMU": ""}
     res = run("probe", env=env)

@@ -32,7 +32,7 @@ from qtest_virtio.devices.blk import (
     read_config_fields,
     unpack_fields,
 )
-from qtest_virtio.transport import TransportError
+from qtest_virtio.transport import Negotiated, TransportError
 from qtest_virtio.virtqueue import PackedVirtqueue, Request, SplitVirtqueue
 
 IMAGE = 64 << 20  # MachineSpec's default scratch image
@@ -183,7 +183,7 @@ def fake_blk(status: int) -> VirtioBlk:
     blk.dev_id = "blk7"
     blk.transport = SimpleNamespace(mode="modern")  # type: ignore[assignment]
     blk.queues = [FakeQueue(0), FakeQueue(status)]  # type: ignore[list-item]
-    blk.negotiated = SimpleNamespace(names={"VERSION_1"})  # type: ignore[assignment]
+    blk.negotiated = Negotiated(offered=1 << 32, accepted=1 << 32, refused=0, names=frozenset({"VERSION_1"}))
     return blk
 
 

@@ -100,7 +100,7 @@ def serial_machine(machine_factory, mode: str, ring: str = "split", **props: str
 
 def check_ring(con: VirtioConsole, mode: str, ring: str) -> None:
     packed = ring == "packed" and mode not in LEGACY_LAYOUT
-    assert ("RING_PACKED" in con.negotiated.names) == packed
+    assert ("RING_PACKED" in con.negotiated) == packed
     assert all(isinstance(vq, PackedVirtqueue if packed else SplitVirtqueue) for vq in con.queues)
 
 
@@ -110,7 +110,7 @@ def test_multiport_handshake_and_data(machine_factory, mode: str, ring: str) -> 
     vm = serial_machine(machine_factory, mode, ring)
     con: VirtioConsole = vm.virtio("ser0")
     check_ring(con, mode, ring)
-    assert {"MULTIPORT", "EMERG_WRITE"} <= con.negotiated.names
+    assert {"MULTIPORT", "EMERG_WRITE"} <= con.negotiated
     assert {"MULTIPORT", "EMERG_WRITE"} <= device_view(vm, "ser0").guest_features
     assert con.config.max_nr_ports == 31  # QEMU's max_ports default
     assert len(con.queues) == 2 * 31 + 2
@@ -168,7 +168,7 @@ def test_single_port_without_multiport(machine_factory, mode: str, ring: str) ->
     vm = serial_machine(machine_factory, mode, ring)
     con: VirtioConsole = vm.virtio("ser0", refuse={"MULTIPORT"})
     check_ring(con, mode, ring)
-    assert "MULTIPORT" not in con.negotiated.names and len(con.queues) == 2
+    assert "MULTIPORT" not in con.negotiated and len(con.queues) == 2
     assert sorted(con.ports) == [0] and con.control_log == []
     con.write(b"single port out", 0)
     assert con.backend["console"].read(15, 2) == b"single port out"

@@ -11,6 +11,7 @@ import signal
 import stat
 import struct
 import subprocess
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -367,7 +368,7 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_cli_short_campaign_prints_seed_and_finds_nothing(qemu_binary, tmp_path: Path) -> None:
     res = cli(
         *("--device", "virtio-rng-pci", "--transport", "modern", "--ring", "split"),
-        *("--examples", "3", "--seconds", "0", "--seed", "7", "--out", str(tmp_path), "--qemu", qemu_binary.path),
+        *("--examples", "3", "--rounds", "1", "--seed", "7", "--out", str(tmp_path), "--qemu", qemu_binary.path),
     )
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.startswith(f"seed 7; finds kept in {tmp_path} (0 from earlier runs, replayed first)")
@@ -380,6 +381,13 @@ def test_cli_short_campaign_prints_seed_and_finds_nothing(qemu_binary, tmp_path:
     [
         (["--device", "virtio-gpu-pci"], "no fuzz profile for 'virtio-gpu-pci'; known: virtio-rng-pci, virtio-blk-pci"),
         (["--transport", "modrn"], "modrn"),
+        (["--seconds", "-1"], "--seconds -1: must be a positive number of seconds (for exactly one round: --rounds 1)"),
+        (["--seconds", "0"], "--seconds 0: must be a positive number of seconds"),
+        (["--seconds", "nan"], "--seconds nan: must be a positive number of seconds"),
+        (["--seconds", "inf"], "--seconds inf: must be a positive number of seconds"),
+        (["--rounds", "0"], "--rounds 0: must be 1 or more"),
+        (["--shrink-seconds", "-5"], "--shrink-seconds -5: must be 0 or more seconds"),
+        (["--hang-timeout", "nan"], "--hang-timeout nan: must be a positive number of seconds"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_128(args: list[str], message: str) -> None:
@@ -393,7 +401,7 @@ def test_cli_known_bug_is_not_new_and_a_new_one_is_written(qemu_binary, tmp_path
     is reported as known and the run exits 0; without, it is a find: written, replayed, exit 1;
     a second run into the same directory replays it first and does not report it as new."""
     common = ("--device", "virtio-blk-pci", "--transport", "modern", "--ring", "packed", "--examples", "5")
-    common += ("--seed", "0", "--seconds", "0", "--hang-timeout", "2", "--qemu", qemu_binary.path)
+    common += ("--seed", "0", "--rounds", "1", "--hang-timeout", "2", "--qemu", qemu_binary.path)
     res = cli(*common, "--known", REPRODUCERS, "--out", str(tmp_path / "known"))
     assert res.returncode == 0, res.stdout + res.stderr
     assert "  known: virtio-blk-pci packed: hung (as " in res.stdout
@@ -413,3 +421,65 @@ def test_cli_known_bug_is_not_new_and_a_new_one_is_written(qemu_binary, tmp_path
     assert f"  earlier find {written.name}: hung" in res.stdout
     assert f"  again: virtio-blk-pci packed: hung (as {written})" in res.stdout
     assert "nothing new found, 1 earlier find(s) still failing" in res.stdout
+
+
+BLK_PACKED = ("--device", "virtio-blk-pci", "--transport", "modern", "--ring", "packed", "--seed", "0")
+
+
+def _qemus_of(pid: int) -> list[str]:
+    """QEMU processes a qtest-virtio process started (their sockets are under its private
+    directory, /tmp/qtest-virtio-PID-*), zombies aside."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            zombie = "Z" in next(x for x in (proc / "status").read_text().splitlines() if x.startswith("State:"))
+        except (OSError, StopIteration):
+            continue
+        if "qemu-system" in cmdline and f"qtest-virtio-{pid}-" in cmdline and not zombie:
+            out.append(cmdline)
+    return out
+
+
+def test_cli_seconds_is_the_budget_of_the_whole_run_shrinking_included(qemu_binary, tmp_path: Path) -> None:
+    """The packed virtio-blk livelock is found at once and would take minutes to shrink: the
+    run still ends about when --seconds says (one example and the written file's replay may
+    finish after it), keeping the smallest reproducer found by then."""
+    started = time.monotonic()
+    res = cli(*BLK_PACKED, "--seconds", "10", "--hang-timeout", "2", "--out", str(tmp_path), "--qemu", qemu_binary.path)
+    elapsed = time.monotonic() - started
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert elapsed < 10 + 20, f"{elapsed:.1f} s for a 10 s budget\n{res.stdout}"
+    assert "FOUND virtio-blk-pci-modern-packed: hung: " in res.stdout
+    (written,) = tmp_path.glob("virtio-blk-pci-modern-packed-hung-*.qtest")
+    assert f": {written}" in res.stdout and "  replay: hung: " in res.stdout
+    assert "# fuzz-signature: virtio-blk-pci packed: hung" in written.read_text()
+
+
+def test_cli_sigterm_ends_cleanly_and_keeps_what_was_found(qemu_binary, tmp_path: Path) -> None:
+    """SIGTERM while the livelock is being shrunk: exit 128 (the CLI's interrupt rule), no
+    traceback, the smallest reproducer so far written and listed, no QEMU left behind."""
+    assert EXE
+    argv = [EXE, "fuzz", *BLK_PACKED, "--seconds", "300", "--hang-timeout", "2", "--out", str(tmp_path)]
+    proc = subprocess.Popen(
+        [*argv, "--qemu", qemu_binary.path], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        time.sleep(20)  # the find comes within the first examples; shrinking it takes minutes
+        assert proc.poll() is None, "the run ended before it was interrupted"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 128, out + err
+    assert err == "qtest-virtio fuzz: interrupted, exit 128 (aborts a git bisect run)\n", err
+    (written,) = tmp_path.glob("virtio-blk-pci-modern-packed-hung-*.qtest")
+    assert "FOUND virtio-blk-pci-modern-packed: hung: " in out
+    assert "  interrupted while shrinking: kept the smallest so far, " in out and f": {written}" in out
+    assert f"; kept 1 new find(s) in {tmp_path}" in out and f"  virtio-blk-pci packed: hung: {written}" in out
+    assert "# fuzz-signature: virtio-blk-pci packed: hung" in written.read_text()
+    assert _qemus_of(proc.pid) == []

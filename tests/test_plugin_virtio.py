@@ -10,7 +10,14 @@ import xml.etree.ElementTree as ET
 
 import pytest
 from conftest import EXE
-from pytest_qtest_virtio.params import OptionError, parse_flags, parse_refuse, parse_transports, virtio_params
+from pytest_qtest_virtio.params import (
+    HARNESS_PROPERTIES,
+    OptionError,
+    parse_flags,
+    parse_refuse,
+    parse_transports,
+    virtio_params,
+)
 
 from qtest_virtio import modes
 
@@ -41,6 +48,25 @@ def test_parse_options() -> None:
     with pytest.raises(OptionError, match="not PROPERTY=VALUE"):
         parse_flags("event_idx")
     assert parse_refuse("event_idx,INDIRECT_DESC") == {"EVENT_IDX", "INDIRECT_DESC"}
+
+
+def test_parse_flags_commas_as_qemu_writes_them() -> None:
+    assert parse_flags("serial=a,,b, event_idx=off") == {"serial": "a,b", "event_idx": "off"}
+    assert parse_flags("serial=,,,,x,,") == {"serial": ",,x,"}
+    with pytest.raises(OptionError, match="'b' is not PROPERTY=VALUE"):
+        parse_flags("serial=a,b")
+
+
+@pytest.mark.parametrize("prop", sorted(HARNESS_PROPERTIES))
+def test_parse_flags_refuses_what_the_harness_owns(prop: str) -> None:
+    with pytest.raises(OptionError) as info:
+        parse_flags(f"serial=a,{prop}=x")
+    message = str(info.value)
+    assert message.startswith(f"--virtio-flags: {prop}=x cannot be set: the ") and "\n" not in message
+    if prop.startswith("disable-"):
+        assert "the transport mode chooses it" in message and "--virtio-transport" in message
+    with pytest.raises(OptionError, match=f"--flags: {prop}=x"):
+        parse_flags(f"{prop}=x", option="--flags", transport_option="--transport")
 
 
 def test_params_modes_rings_and_ids() -> None:
@@ -145,7 +171,7 @@ def test_refuse_and_transport_options(inner: pytest.Pytester, qemu_binary) -> No
 import pytest
 @pytest.mark.virtio_device("virtio-rng-pci", rings=("split",))
 def test_refused(virtio_device):
-    assert "EVENT_IDX" not in virtio_device.negotiated.names
+    assert "EVENT_IDX" not in virtio_device.negotiated
     assert virtio_device.transport.mode == "modern"
 """
     )
@@ -153,6 +179,62 @@ def test_refused(virtio_device):
         *INNER, f"--qemu={qemu_binary.path}", "test_refuse.py", "--virtio-refuse=EVENT_IDX", "--virtio-transport=modern"
     )
     res.assert_outcomes(passed=1)
+
+
+BLK_SERIAL_TEST = """
+import pytest
+@pytest.mark.virtio_device("virtio-blk-pci", transports=("modern",), rings=("split",))
+def test_serial(virtio_device):
+    assert virtio_device.get_id() == "a,b"
+"""
+
+
+def test_flag_value_with_a_comma_arrives_literally(pytester: pytest.Pytester, qemu_binary) -> None:
+    pytester.makepyfile(test_serial=BLK_SERIAL_TEST)
+    res = pytester.runpytest(*INNER, f"--qemu={qemu_binary.path}", "--virtio-flags=serial=a,,b")
+    res.assert_outcomes(passed=1)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ("serial=a,id=evil", "--virtio-flags: id=evil cannot be set: the harness names every device it starts"),
+        ("netdev=n0", "--virtio-flags: netdev=n0 cannot be set: the harness makes the network backend"),
+        ("disable-legacy=on", "the transport mode chooses it (modern: disable-legacy=on); select modes with"),
+        ("event_idx=maybe", "--virtio-flags: flag event_idx=maybe: event_idx is a bool property, it takes on or off"),
+        ("write-cache=sometimes", "write-cache is a OnOffAuto property, it takes on, off or auto"),
+    ],
+)
+def test_bad_virtio_flags_are_usage_errors(pytester: pytest.Pytester, qemu_binary, flags: str, message: str) -> None:
+    pytester.makepyfile(test_serial=BLK_SERIAL_TEST)
+    res = pytester.runpytest(*INNER, f"--qemu={qemu_binary.path}", f"--virtio-flags={flags}")
+    assert res.ret == pytest.ExitCode.USAGE_ERROR
+    errors = [line for line in res.errlines if line.strip()]
+    assert len(errors) == 1 and message in errors[0], res.errlines
+    assert not any("Traceback" in line for line in res.outlines + res.errlines)
+
+
+def test_unknown_device_in_marker_is_a_collection_error(pytester: pytest.Pytester, qemu_binary) -> None:
+    """The test file is wrong whatever the binary: an error at collection, not a skip."""
+    pytester.makepyfile(
+        test_typo="""
+import pytest
+@pytest.mark.virtio_device("virtio-blkk-pci")
+def test_x(virtio_device):
+    pass
+
+def test_other():
+    pass
+"""
+    )
+    res = pytester.runpytest(*INNER, f"--qemu={qemu_binary.path}")
+    assert res.ret == pytest.ExitCode.INTERRUPTED  # collection errors stop the session, as pytest does
+    res.assert_outcomes(errors=1)
+    res.stdout.fnmatch_lines(
+        ["*test_typo.py::test_x: @pytest.mark.virtio_device('virtio-blkk-pci') names no device qtest-virtio drives; "
+         "did you mean 'virtio-blk-pci'?*"]
+    )  # fmt: skip
+    assert "skipped" not in res.stdout.str() and "Traceback" not in res.stdout.str()
 
 
 def test_missing_marker_is_a_usage_error(pytester: pytest.Pytester, qemu_binary) -> None:

@@ -74,8 +74,8 @@ def test_initialization_sequence(machine_factory, mode: str) -> None:
     legacy = t.uses_legacy_layout
     expected = {"ACKNOWLEDGE", "DRIVER"} | (set() if legacy else {"FEATURES_OK"})
     assert set(t.status_names()) == expected
-    assert ("VERSION_1" in n.names) == (not legacy)  # modern requires it; legacy cannot have it
-    assert "BAD_FEATURE" not in n.names  # offered to legacy drivers, never to be accepted
+    assert ("VERSION_1" in n) == (not legacy)  # modern requires it; legacy cannot have it
+    assert "BAD_FEATURE" not in n  # offered to legacy drivers, never to be accepted
     assert n.accepted & ~n.offered == 0  # nothing the device did not offer
     assert t.driver_features() == n.accepted
     driver_ok(t)

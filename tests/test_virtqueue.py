@@ -33,7 +33,7 @@ def test_rng_matrix(machine_factory, mode: str, ring: str, event_idx: str, indir
     )
     rng = vm.virtio("rng0")
     vq = rng.queues[0]
-    names = rng.negotiated.names
+    names = rng.negotiated
 
     # Initialization reached DRIVER_OK, and QEMU agrees on status and features.
     assert rng.transport.get_status() & STATUS.DRIVER_OK.mask
@@ -168,7 +168,7 @@ def test_intx_isr_polling_fallback(machine_factory, mode: str) -> None:
 def test_driver_side_refusal(machine_factory, mode: str, feature: str) -> None:
     vm = rng_machine(machine_factory, mode)
     rng = vm.virtio("rng0", refuse={feature})
-    assert feature not in rng.negotiated.names
+    assert feature not in rng.negotiated
     assert rng.negotiated.refused  # offered, declined
     assert feature not in device_view(vm, "rng0").guest_features
     assert feature in device_view(vm, "rng0").host_features
@@ -185,7 +185,7 @@ def test_queue_reset_mid_traffic(machine_factory, mode: str, ring: str) -> None:
     """RING_RESET (§2.6.1): reset a queue with chains in flight, set it up again, use it."""
     vm = rng_machine(machine_factory, mode, packed="on" if ring == "packed" else "off")
     rng = vm.virtio("rng0")
-    assert "RING_RESET" in rng.negotiated.names
+    assert "RING_RESET" in rng.negotiated
     vq = rng.queues[0]
     region = vm.memory.alloc(64)
     vq.add([Buf(region, 8, True)])
@@ -322,7 +322,7 @@ def test_in_order_is_negotiated_where_offered(provided_qemu, machine_factory, na
     vm = _in_order_rng(provided_qemu, machine_factory, name, mode, ring, in_order=in_order)
     rng = vm.virtio("rng0")
     negotiated = in_order == "on" and mode not in LEGACY_LAYOUT
-    assert ("IN_ORDER" in rng.negotiated.names) == negotiated
+    assert ("IN_ORDER" in rng.negotiated) == negotiated
     assert ("IN_ORDER" in device_view(vm, "rng0").guest_features) == negotiated
     vq = rng.queues[0]
     assert vq.in_order == negotiated
@@ -350,7 +350,7 @@ def test_in_order_is_unknown_to_7_2(provided_qemu, machine_factory) -> None:
     vm = machine_factory(spec)
     rng = vm.virtio("rng0")
     assert not rng.negotiated.offered >> 35 & 1
-    assert "IN_ORDER" not in rng.negotiated.names and not rng.queues[0].in_order
+    assert "IN_ORDER" not in rng.negotiated and not rng.queues[0].in_order
     assert len(rng.read(100)) == 100
 
 
@@ -361,7 +361,7 @@ def test_in_order_can_be_refused(provided_qemu, machine_factory, name, ring) -> 
     and the queue runs as without the feature."""
     vm = _in_order_rng(provided_qemu, machine_factory, name, modes.MODERN, ring, in_order="on")
     rng = vm.virtio("rng0", refuse={"IN_ORDER"})
-    assert "IN_ORDER" not in rng.negotiated.names
+    assert "IN_ORDER" not in rng.negotiated
     assert rng.negotiated.refused >> 35 & 1
     view = device_view(vm, "rng0")
     assert "IN_ORDER" in view.host_features and "IN_ORDER" not in view.guest_features
@@ -429,7 +429,7 @@ def test_device_out_of_order_is_caught(provided_qemu, machine_factory, monkeypat
     spec.add_virtio("virtio-blk-pci", mode=modes.MODERN, id="blk0", packed="on" if ring == "packed" else "off")
     vm = machine_factory(spec)
     blk = vm.virtio("blk0")
-    assert "IN_ORDER" not in blk.negotiated.names
+    assert "IN_ORDER" not in blk.negotiated
     negotiated = blk.has
     monkeypatch.setattr(blk, "has", lambda feature: feature == "IN_ORDER" or negotiated(feature))
     blk.initialize()

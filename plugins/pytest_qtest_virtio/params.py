@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qtest_virtio import modes
+from qtest_virtio.machine import split_option_list
 
 RINGS = ("split", "packed")
 #: Modes whose register layout can negotiate RING_PACKED (bit 34 needs the 64-bit features).
@@ -33,17 +34,39 @@ def parse_transports(text: str | Iterable[str] | None) -> tuple[str, ...]:
     return tuple(m for m in modes.ALL_MODES if m in names)
 
 
-def parse_flags(text: str | None) -> dict[str, str]:
-    """``event_idx=off,packed=on`` -> {'event_idx': 'off', 'packed': 'on'}."""
+#: Device properties the harness sets itself, which a flag for every device must not override:
+#: why each is the harness's. The transport mode chooses disable-legacy/-modern (design.md).
+HARNESS_PROPERTIES = {
+    "id": "the harness names every device it starts, and finds its driver by that id",
+    "bus": "the harness places every device on the machine's PCI bus",
+    "addr": "the harness places every device on the machine's PCI bus",
+    "drive": "the harness makes the block backend (a scratch disk image) and wires it",
+    "netdev": "the harness makes the network backend (a socket pair) and wires it",
+    "chardev": "the harness makes the character backend (a socket pair) and wires it",
+    "disable-legacy": "the transport mode chooses it (modern: disable-legacy=on); select modes with {transport}",
+    "disable-modern": "the transport mode chooses it (legacy: disable-modern=on); select modes with {transport}",
+}
+
+
+def parse_flags(
+    text: str | None, option: str = "--virtio-flags", transport_option: str = "--virtio-transport"
+) -> dict[str, str]:
+    """``event_idx=off,packed=on`` -> {'event_idx': 'off', 'packed': 'on'}. Commas split items
+    as QEMU's ``-device`` does: ``serial=a,,b`` is the value ``a,b``. A property the harness
+    owns (:data:`HARNESS_PROPERTIES`) is refused; ``option`` names the option in messages."""
     out: dict[str, str] = {}
-    for item in (text or "").split(","):
+    for item in split_option_list(text or ""):
         item = item.strip()
         if not item:
             continue
         key, eq, value = item.partition("=")
-        if not eq or not key.strip() or not value.strip():
-            raise OptionError(f"--virtio-flags item {item!r} is not PROPERTY=VALUE (e.g. event_idx=off)")
-        out[key.strip()] = value.strip()
+        key, value = key.strip(), value.strip()
+        if not eq or not key or not value:
+            raise OptionError(f"{option} item {item!r} is not PROPERTY=VALUE (e.g. event_idx=off)")
+        if key in HARNESS_PROPERTIES:
+            reason = HARNESS_PROPERTIES[key].format(transport=transport_option)
+            raise OptionError(f"{option}: {key}={value} cannot be set: {reason}")
+        out[key] = value
     return out
 
 

@@ -6,6 +6,7 @@ all driver logic lives in the library. Registered through the ``pytest11`` entry
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import signal
@@ -17,15 +18,15 @@ import pytest
 from _pytest._code.code import TerminalRepr, Traceback, TracebackStyle
 
 import qtest_virtio
-from qtest_virtio import Machine, MachineSpec, QemuCrashed, QtestVirtioError
-from qtest_virtio.binary import DEFAULT_QEMU, QemuBinary, QemuNotFound, UnknownFlag
+from qtest_virtio import Machine, MachineSpec, QemuCrashed, QemuStartError, QtestVirtioError
+from qtest_virtio.binary import DEFAULT_QEMU, BadFlagValue, QemuBinary, QemuNotFound, UnknownFlag
 from qtest_virtio.deviations import TABLE_ENV, Deviation, Status, TableError, table
 from qtest_virtio.devices.base import CORE_FEATURES, VirtioDriver
 from qtest_virtio.devices.features import DEVICE_FEATURE_BITS
 from qtest_virtio.machine import QemuMachine, watch_machines
 from qtest_virtio.transport import feature_bit
 from qtest_virtio.transport.layout import FEATURE_BITS
-from qtest_virtio.vm import driver_class
+from qtest_virtio.vm import DRIVERS, driver_class
 
 from .params import OptionError, VirtioParam, parse_flags, parse_refuse, parse_transports, virtio_params
 
@@ -117,7 +118,8 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", marker)
     # pytest's -k grammar has no '=', but ids say "event_idx=off" (design.md): rewrite K=V to
     # K:V, which -k accepts, and give every parametrised item K:V keywords to match.
-    _virtio_options(config)  # a malformed option is a usage error now, not a collection error
+    _, flags, _ = _virtio_options(config)  # a malformed option is a usage error now, not a collection error
+    _check_flag_values(config, flags)
     try:
         config.stash[DEVIATIONS_KEY] = table(config.getoption("--deviations"))
     except TableError as exc:
@@ -150,6 +152,21 @@ def _virtio_options(config: pytest.Config) -> tuple[tuple[str, ...], dict[str, s
     return transports, flags, refuse
 
 
+def _check_flag_values(config: pytest.Config, flags: dict[str, str]) -> None:
+    """A value its property's type does not take (``event_idx=maybe``) is a usage error, told
+    before anything runs; where there is no binary the tests skip anyway."""
+    if not flags:
+        return
+    try:
+        binary = QemuBinary.get(_qemu_option(config))
+    except QemuStartError:  # no binary, or not QEMU: the tests say so (skip or --qemu-required)
+        return
+    try:
+        binary.check_flag_values(flags, DRIVERS)
+    except BadFlagValue as exc:
+        raise pytest.UsageError(f"--virtio-flags: {exc}") from None
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Tests using ``virtio_device`` run once per selected transport mode and ring layout."""
     if "virtio_device" not in metafunc.fixturenames:
@@ -162,6 +179,15 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         )
     transports, flags, refuse = _virtio_options(metafunc.config)
     device = str(marker.args[0])
+    try:  # the test file is wrong whatever the binary: a collection error, never a skip
+        driver_class(device)
+    except KeyError:
+        close = difflib.get_close_matches(device, list(DRIVERS), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise pytest.Collector.CollectError(
+            f"{metafunc.definition.nodeid}: @pytest.mark.virtio_device({device!r}) names no device qtest-virtio "
+            f"drives; {hint}(devices: {', '.join(DRIVERS)}, also as -transitional/-non-transitional)"
+        ) from None
     refuse_each: tuple[str, ...] = ()
     if metafunc.config.getoption("--virtio-refuse-each"):
         cls = driver_class(device)

@@ -175,7 +175,7 @@ class VirtioDriver:
             self.intx.intercept()
 
     def has(self, feature: str) -> bool:
-        return feature in self.negotiated.names
+        return feature in self.negotiated
 
     def check_status(self) -> int:
         return check_device_status(self.transport)

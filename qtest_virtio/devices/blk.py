@@ -460,7 +460,7 @@ class VirtioBlk(VirtioDriver):
 
     def config(self) -> BlkConfig:
         """The config fields the negotiated features make available (§5.2.4)."""
-        return BlkConfig.from_fields(self.read_config(config_fields_for(self.negotiated.names)))
+        return BlkConfig.from_fields(self.read_config(config_fields_for(self.negotiated)))
 
     def read_config(self, names: Iterable[str]) -> dict[str, int]:
         """Named config fields, as one consistent snapshot (whether available or not)."""

@@ -479,7 +479,7 @@ class VirtioNet(VirtioDriver):
 
     @property
     def header_size(self) -> int:
-        return header_size(self.negotiated.names)
+        return header_size(self.negotiated)
 
     @property
     def separate_header(self) -> bool:

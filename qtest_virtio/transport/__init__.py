@@ -3,7 +3,10 @@ that picks one, and the device initialization sequence of virtio 1.2 §3.1.1."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from collections.abc import Set as AbcSet
+from dataclasses import dataclass
+from typing import TypeVar
 
 from .. import modes
 from ..pci import PciFunction
@@ -29,6 +32,7 @@ __all__ = [
 ]
 
 VERSION_1 = 1 << 32
+_T = TypeVar("_T")
 BAD_FEATURE = 1 << 30
 
 
@@ -83,18 +87,43 @@ def feature_bit(name: str, device_bits: dict[int, str] | None = None) -> int:
     raise ValueError(f"unknown feature {name!r}; known: {', '.join(known)}")
 
 
-@dataclass
-class Negotiated:
-    """What feature negotiation ended with: bits and names, and what the driver declined."""
+@dataclass(frozen=True, eq=False)
+class Negotiated(AbcSet[str]):
+    """What feature negotiation ended with (§3.1.1 step 4): a ``collections.abc.Set`` of the
+    accepted feature names (``"EVENT_IDX" in drv.negotiated``, ``set(drv.negotiated)``, ``==`` a
+    set), plus the raw bits: ``offered``, ``accepted`` and what the driver ``refused``."""
 
     offered: int
     accepted: int
     refused: int
-    names: set[str] = field(default_factory=set)
+    names: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "names", frozenset(self.names))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self.names))
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @classmethod
+    def _from_iterable(cls, it: Iterable[_T]) -> frozenset[_T]:
+        """Set operators (``&``, ``|``, ``-``) give plain frozensets of names: their result has
+        no feature bits to carry."""
+        return frozenset(it)
 
     def has(self, name_or_bit: str | int, device_bits: dict[int, str] | None = None) -> bool:
         bit = name_or_bit if isinstance(name_or_bit, int) else feature_bit(name_or_bit, device_bits)
         return bool(self.accepted >> bit & 1)
+
+    __hash__ = AbcSet._hash
+
+    def __repr__(self) -> str:
+        return f"Negotiated({{{', '.join(map(repr, self))}}}, accepted={self.accepted:#x})"
 
 
 def check_device_status(transport: VirtioTransport) -> int:
@@ -142,7 +171,7 @@ def negotiate(
         if not transport.get_status() & status.FEATURES_OK.mask:
             transport.add_status(status.FAILED.mask)
             raise FeaturesRejected(f"{transport}: device cleared FEATURES_OK for features {accepted:#x}")
-    names = set(layout.feature_names(accepted, device_bits))
+    names = frozenset(layout.feature_names(accepted, device_bits))
     return Negotiated(offered, accepted, offered & refuse, names)
 
 
