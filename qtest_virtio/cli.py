@@ -30,6 +30,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_UNTESTABLE = 125
 EXIT_USAGE = 128
+INTERRUPTED = f"qtest-virtio: interrupted, exit {EXIT_USAGE} (aborts a git bisect run)"
 
 
 class UsageError(Exception):
@@ -180,7 +181,10 @@ def _exit_code(code: int, collector: Any) -> int:
     """pytest's exit code and the outcomes -> the git-bisect-run contract of design.md."""
     counts = collector.counts()
     ran = counts["passed"] + counts["failed"] + counts["error"] + counts["xfailed"] + counts["xpassed"]
-    if code in (2, 3, 4):  # interrupted, internal error, usage error
+    if code == 2:  # pytest caught the interrupt itself
+        print(INTERRUPTED, file=sys.stderr)
+        return EXIT_USAGE
+    if code in (3, 4):  # internal error, usage error
         return EXIT_USAGE
     if code == 5:
         print("qtest-virtio: no tests were collected (check TARGETS and -k)", file=sys.stderr)
@@ -521,7 +525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"qtest-virtio: failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        print(f"qtest-virtio: interrupted, exit {EXIT_USAGE} (aborts a git bisect run)", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return EXIT_USAGE
     except Exception:
         traceback.print_exc()

@@ -1208,6 +1208,9 @@ class FuzzReport:
     observations: Counter[str] = field(default_factory=Counter)
     #: Shrinking ended at the run's deadline: ``failure`` is the smallest found by then.
     shrink_cut: bool = False
+    #: QEMU runs after the first failure (hypothesis's replays and shrinking, then ours): what
+    #: shrinking cost; 0 for a known failure, which is not shrunk again.
+    shrink_runs: int = 0
 
 
 class _Failed(Exception):
@@ -1294,6 +1297,7 @@ def fuzz_target(
             best = min(failures, key=lambda r: _size(r.actions))
             if actions != best.actions:
                 return
+        report.shrink_runs += bool(failures)
         result = run_example(config, actions, hook=hook)
         report.examples += 1
         report.observations.update(str(o) for o in result.observations)
@@ -1338,6 +1342,8 @@ def _delete_actions(
             if time.monotonic() >= deadline:
                 break
             candidate = best.actions[:i] + best.actions[i + 1 :]
+            if keep is not None:
+                keep.shrink_runs += 1
             result = run_example(best.config, candidate, hook=hook)
             if result.outcome == best.outcome:
                 best, changed = result, True

@@ -284,7 +284,9 @@ def test_known_failure_is_not_shrunk_again(qemu_with_bug: str) -> None:
     assert fresh.failure is not None
     again = fuzz_target(config, max_examples=40, seed=3, hook=hook, known={signature(fresh.failure)})
     assert again.failure is not None and signature(again.failure) == signature(fresh.failure)
-    assert again.examples < fresh.examples
+    # Counted, not timed: how many examples ran before the find depends on QEMU's timing.
+    assert fresh.shrink_runs > 0
+    assert again.shrink_runs == 0
 
 
 def test_signatures_group_by_assertion_and_come_back_from_reproducers(tmp_path: Path) -> None:
