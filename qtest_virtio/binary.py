@@ -17,6 +17,7 @@ import subprocess
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import ClassVar
 
 from . import known_flags
@@ -72,6 +73,30 @@ TYPE_VALUES: dict[str, tuple[str, frozenset[str]]] = {
     "OnOffAuto": ("on, off or auto", frozenset({"on", "off", "auto"})),
 }
 _VERSION_RE = re.compile(r"version (\d+)\.(\d+)\.(\d+)")
+
+
+#: The project's own provider of the binaries it is tested on (a source checkout only).
+QEMU_SH = Path(__file__).resolve().parent.parent / "scripts" / "qemu.sh"
+
+
+def cached_qemu(name: str, env: Mapping[str, str] | None = None) -> str:
+    """The path of binary ``name`` (system, debian-10.0, src-10.0.2, src-newest, ...) as
+    ``scripts/qemu.sh path --cached`` finds it, never building it; QemuNotFound (with the script's
+    one line, which says how to provide it) when it is not there."""
+    if not QEMU_SH.is_file():
+        raise QemuNotFound(f"{QEMU_SH} is not there (not a source checkout): name binaries with --qemu")
+    res = subprocess.run(
+        ["bash", str(QEMU_SH), "path", "--cached", name],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=None if env is None else dict(env),
+    )
+    path = res.stdout.strip()
+    if res.returncode != 0 or not path:
+        raise QemuNotFound(res.stderr.strip() or f"scripts/qemu.sh path --cached {name} failed")
+    return path
 
 
 def resolve_qemu(qemu: str | None = None) -> str:
@@ -159,6 +184,12 @@ class QemuBinary:
         m = _VERSION_RE.search(self.version_text)
         return (int(m.group(1)), int(m.group(2)), int(m.group(3))) if m else (0, 0, 0)
 
+    @property
+    def version_string(self) -> str:
+        """'7.2.22': the version as the deviation and flag tables write it (a binary whose
+        --version names none is refused as NotQemu before this is asked)."""
+        return ".".join(map(str, self.version))
+
     @cached_property
     def accelerators(self) -> frozenset[str]:
         """Accelerators ``-accel help`` lists. Upstream never lists qtest there although
@@ -187,8 +218,7 @@ class QemuBinary:
     def identity(self) -> str:
         """One line naming the binary, its version and the accelerator in use, e.g.
         'QEMU 10.0.2 (build/qemu-system-x86_64), accelerator: qtest'."""
-        version = ".".join(map(str, self.version)) if self.version != (0, 0, 0) else self.version_text
-        return f"QEMU {version} ({self.path}), accelerator: {self.accelerator}"
+        return f"QEMU {self.version_string} ({self.path}), accelerator: {self.accelerator}"
 
     @cached_property
     def devices(self) -> dict[str, str]:
@@ -250,7 +280,7 @@ class QemuBinary:
         for device in devices:
             if device in self.devices:
                 have |= set(self.device_properties(device))
-        version = ".".join(map(str, self.version))
+        version = self.version_string
         for name in names:
             if name in have:
                 continue

@@ -11,12 +11,10 @@ from __future__ import annotations
 import os
 import platform
 import re
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-from .binary import QemuNotFound
+from .binary import QEMU_SH, QemuNotFound, cached_qemu
 from .reproducer import (
     FUZZ_CHECK,
     TIMEOUT_HEADER,
@@ -30,7 +28,6 @@ from .reproducer import (
 
 #: The names ``scripts/qemu.sh`` provides that a report replays on by default (not the gcov build).
 PROVIDED = ("system", "debian-10.0", "src-10.0.2", "src-newest")
-QEMU_SH = Path(__file__).resolve().parent.parent / "scripts" / "qemu.sh"
 REPRODUCED = ("crashed", "hung", "unrecovered")
 #: ``file.c:123`` in what QEMU printed: an assertion's ``../system/physmem.c:3848: func:`` or a
 #: sanitizer frame's ``in func ../hw/virtio/virtio.c:1234:5``.
@@ -48,11 +45,11 @@ def provided_binaries(names: Sequence[str] = PROVIDED) -> list[str]:
         )
     paths: list[str] = []
     for name in names:
-        res = subprocess.run(
-            ["bash", str(QEMU_SH), "path", "--cached", name], capture_output=True, text=True, timeout=60, check=False
-        )
-        path = res.stdout.strip()
-        if res.returncode == 0 and path and all(os.path.realpath(p) != os.path.realpath(path) for p in paths):
+        try:
+            path = cached_qemu(name)
+        except QemuNotFound:
+            continue
+        if all(os.path.realpath(p) != os.path.realpath(path) for p in paths):
             paths.append(path)
     if not paths:
         raise QemuNotFound(

@@ -540,9 +540,8 @@ def collect(target: str) -> list[str]:
 def version_label(binary: QemuBinary) -> str:
     """The version and the vendor's tag ``--version`` prints, e.g. '7.2.22 (Debian 1:7.2+dfsg-7)';
     an upstream build prints no tag ('10.2.2')."""
-    version = ".".join(map(str, binary.version)) if binary.version != (0, 0, 0) else binary.version_text
     tag = re.search(r"version \S+ \((.+)\)\s*$", binary.version_text)
-    return f"{version} ({tag.group(1)})" if tag else version
+    return f"{binary.version_string} ({tag.group(1)})" if tag else binary.version_string
 
 
 def version_labels(binaries: Sequence[QemuBinary]) -> list[str]:

@@ -35,10 +35,6 @@ PROPERTIES: dict[str, tuple[str, ...]] = {{
 '''
 
 
-def version_of(binary: QemuBinary) -> str:
-    return ".".join(map(str, binary.version))
-
-
 def properties(binary: QemuBinary) -> set[str]:
     names: set[str] = set()
     for device in DRIVERS:
@@ -53,7 +49,7 @@ def main(paths: list[str]) -> int:
     by_version: dict[str, set[str]] = {}
     for path in paths:
         binary = QemuBinary.get(path)
-        version, names = version_of(binary), properties(binary)
+        version, names = binary.version_string, properties(binary)
         if version in by_version and by_version[version] != names:
             diff = sorted(by_version[version] ^ names)
             print(f"flag_table.py: two QEMU {version} binaries differ in {diff}", file=sys.stderr)

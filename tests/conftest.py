@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from qtest_virtio.binary import QemuBinary
+from qtest_virtio.binary import QemuBinary, QemuNotFound, cached_qemu
 
 pytest_plugins = ["pytester"]
 
-QEMU_SH = Path(__file__).resolve().parent.parent / "scripts" / "qemu.sh"
 #: The console script of the interpreter running the tests (this checkout's venv), not another
 #: ``qtest-virtio`` on PATH that may import another checkout.
 _VENV_EXE = Path(sys.executable).with_name("qtest-virtio")
@@ -35,11 +33,9 @@ def provided_qemu() -> Callable[[str], QemuBinary]:
     """``provided_qemu("debian-10.0")`` -> that QemuBinary, from scripts/qemu.sh's cache."""
 
     def get(name: str) -> QemuBinary:
-        res = subprocess.run(
-            ["bash", str(QEMU_SH), "path", "--cached", name], capture_output=True, text=True, check=False, env=_ENV
-        )
-        if res.returncode != 0:
-            pytest.fail(res.stderr.strip() or f"scripts/qemu.sh path --cached {name} failed", pytrace=False)
-        return QemuBinary.get(res.stdout.strip())
+        try:
+            return QemuBinary.get(cached_qemu(name, env=_ENV))
+        except QemuNotFound as exc:
+            pytest.fail(str(exc), pytrace=False)
 
     return get

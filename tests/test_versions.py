@@ -7,10 +7,10 @@ import subprocess
 from collections.abc import Callable
 
 import pytest
-from conftest import EXE, QEMU_SH
+from conftest import EXE
 
 from qtest_virtio import MachineSpec, known_flags
-from qtest_virtio.binary import QemuBinary
+from qtest_virtio.binary import QEMU_SH, QemuBinary
 from qtest_virtio.vm import DRIVERS, Machine
 
 ProvidedQemu = Callable[[str], QemuBinary]
