@@ -221,7 +221,7 @@ class MachineSpec:
         **properties: PropValue,
     ) -> DeviceSpec:
         """Add a virtio-pci device built for transport ``mode`` (sets disable-legacy/-modern)."""
-        modes.check_mode(mode)
+        mode = modes.check_mode(mode)
         merged = self._props(props, properties)
         for key, value in modes.MODE_PROPERTIES[mode].items():
             if key in merged and merged[key] != value:

@@ -6,16 +6,47 @@ transport layer (which picks the register layout from it); it holds no behaviour
 
 from __future__ import annotations
 
-LEGACY = "legacy"
-TRANSITIONAL_LEGACY = "transitional-legacy"
-TRANSITIONAL_MODERN = "transitional-modern"
-MODERN = "modern"
+from enum import StrEnum
+
+
+class Mode(StrEnum):
+    """A virtio-pci transport mode; prints (and compares equal to) its design.md name."""
+
+    LEGACY = "legacy"
+    TRANSITIONAL_LEGACY = "transitional-legacy"
+    TRANSITIONAL_MODERN = "transitional-modern"
+    MODERN = "modern"
+
+
+class Ring(StrEnum):
+    """A virtqueue format: split (virtio 1.2 §2.7) or packed (§2.8)."""
+
+    SPLIT = "split"
+    PACKED = "packed"
+
+
+class Interrupts(StrEnum):
+    """How a driver learns of used buffers: MSI-X (§4.1.5.1.2), INTx plus the ISR (§4.1.4.5), the
+    ISR alone by polling, or ``auto`` (MSI-X where the function has it)."""
+
+    AUTO = "auto"
+    MSIX = "msix"
+    INTX = "intx"
+    ISR = "isr"
+
+
+LEGACY = Mode.LEGACY
+TRANSITIONAL_LEGACY = Mode.TRANSITIONAL_LEGACY
+TRANSITIONAL_MODERN = Mode.TRANSITIONAL_MODERN
+MODERN = Mode.MODERN
 
 #: "All" transport modes, in the order design.md fixes.
-ALL_MODES: tuple[str, ...] = (LEGACY, TRANSITIONAL_LEGACY, TRANSITIONAL_MODERN, MODERN)
+ALL_MODES: tuple[Mode, ...] = (LEGACY, TRANSITIONAL_LEGACY, TRANSITIONAL_MODERN, MODERN)
+#: Both ring formats, split first.
+RINGS: tuple[Ring, ...] = (Ring.SPLIT, Ring.PACKED)
 
 #: Device properties that make QEMU build the device a mode drives (virtio 1.2 §4.1.2).
-MODE_PROPERTIES: dict[str, dict[str, str]] = {
+MODE_PROPERTIES: dict[Mode, dict[str, str]] = {
     LEGACY: {"disable-legacy": "off", "disable-modern": "on"},
     TRANSITIONAL_LEGACY: {"disable-legacy": "off", "disable-modern": "off"},
     TRANSITIONAL_MODERN: {"disable-legacy": "off", "disable-modern": "off"},
@@ -23,7 +54,7 @@ MODE_PROPERTIES: dict[str, dict[str, str]] = {
 }
 
 #: Which register layout a mode drives the device through.
-USES_LEGACY_LAYOUT: dict[str, bool] = {
+USES_LEGACY_LAYOUT: dict[Mode, bool] = {
     LEGACY: True,
     TRANSITIONAL_LEGACY: True,
     TRANSITIONAL_MODERN: False,
@@ -31,7 +62,13 @@ USES_LEGACY_LAYOUT: dict[str, bool] = {
 }
 
 
-def check_mode(mode: str) -> str:
-    if mode not in MODE_PROPERTIES:
-        raise ValueError(f"unknown transport mode {mode!r}; valid: {', '.join(ALL_MODES)}")
-    return mode
+#: The modes driven through the legacy I/O BAR and through the modern capabilities.
+LEGACY_LAYOUT_MODES: tuple[Mode, ...] = tuple(m for m in ALL_MODES if USES_LEGACY_LAYOUT[m])
+MODERN_LAYOUT_MODES: tuple[Mode, ...] = tuple(m for m in ALL_MODES if not USES_LEGACY_LAYOUT[m])
+
+
+def check_mode(mode: str) -> Mode:
+    try:
+        return Mode(mode)
+    except ValueError:
+        raise ValueError(f"unknown transport mode {mode!r}; valid: {', '.join(ALL_MODES)}") from None

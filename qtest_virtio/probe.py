@@ -52,20 +52,20 @@ def _virtio_cap(fn: PciFunction, offset: int) -> tuple[str, dict[str, int]]:
         lambda off, w: fn.read_config(offset + off, w),
         lambda off, w, v: fn.write_config(offset + off, w, v),
     )
-    cfg_type = block.read("cfg_type")
+    cfg_type = block.read(layout.VIRTIO_PCI_NOTIFY_CAP.cfg_type)
     fields = {f.name: block.read(f) for f in layout.VIRTIO_PCI_CAP}
     name = layout.CFG_TYPE_NAMES.get(cfg_type, f"cfg_type {cfg_type}")
     detail = f"virtio {name}: BAR={fields['bar']} offset={fields['offset']:#06x} length={fields['length']:#x}"
     if cfg_type == layout.CFG_TYPE_NOTIFY:
-        fields["notify_off_multiplier"] = block.read("notify_off_multiplier")
+        fields["notify_off_multiplier"] = block.read(layout.VIRTIO_PCI_NOTIFY_CAP.notify_off_multiplier)
         detail += f" multiplier={fields['notify_off_multiplier']}"
     return detail, fields
 
 
 def _msix_detail(fn: PciFunction, offset: int) -> tuple[str, dict[str, int]]:
     cap = RegisterBlock(pci_regs.MSIX_CAP, lambda off, w: fn.read_config(offset + off, w), lambda *a: None)
-    control = pci_regs.MSIX_CONTROL.decode(cap.read("message_control"))
-    table, pba = cap.read("table"), cap.read("pba")
+    control = pci_regs.MSIX_CONTROL.decode(cap.read(pci_regs.MSIX_CAP.message_control))
+    table, pba = cap.read(pci_regs.MSIX_CAP.table), cap.read(pci_regs.MSIX_CAP.pba)
     fields = {
         "table_size": control["table_size"] + 1,
         "enable": control["enable"],
@@ -124,7 +124,7 @@ def describe_function(fn: PciFunction) -> FunctionInfo:
         elif cap.id == pci_regs.CAP_ID_PCIE:
             ci.detail = _pcie_detail(fn, cap.offset)
         caps.append(ci)
-    pin = fn.config.read("interrupt_pin")
+    pin = fn.config.read(pci_regs.TYPE0_HEADER.interrupt_pin)
     info = FunctionInfo(
         bdf=fn.bdf,
         vendor_id=fn.vendor_id,

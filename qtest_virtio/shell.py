@@ -780,7 +780,7 @@ class Shell:
             raise ShellError(f"{what}: no device selected (select BDF|ID; devices lists them)")
         return self.target
 
-    def _block(self, name: str) -> RegisterBlock:
+    def _block(self, name: str) -> RegisterBlock[Layout]:
         t = self._selected(name)
         if name == "pci":
             return t.fn.config
@@ -836,7 +836,7 @@ class Shell:
             return "exists only while MSI-X is enabled; until then the device config starts here"
         return ""
 
-    def _dump(self, block_name: str, block: RegisterBlock) -> None:
+    def _dump(self, block_name: str, block: RegisterBlock[Layout]) -> None:
         for reg in block.layout:
             label = f"{block_name}.{reg.name}"
             if (block_name, reg.name) in SIDE_EFFECT_READS:
@@ -866,7 +866,10 @@ class Shell:
             yield
             return
         common = t.modern.common
-        saved = {r: common.read(r) for r in ("device_feature_select", "driver_feature_select")}
+        saved = {
+            r: common.read(r)
+            for r in (layout.COMMON_CFG.device_feature_select, layout.COMMON_CFG.driver_feature_select)
+        }
         try:
             yield
         finally:

@@ -147,8 +147,8 @@ def test_modern_bar_reads_num_queues(machine_factory, mmio64: bool) -> None:
     bar4 = fn.bar(4)
     assert bar4.kind == "mem64"
     assert (bar4.address is not None and bar4.address >= 1 << 32) == mmio64
-    assert common_cfg(fn).read("num_queues") == 3
-    assert regs.COMMAND.memory_space.get(fn.config.read("command"))
+    assert common_cfg(fn).read(layout.COMMON_CFG.num_queues) == 3
+    assert regs.COMMAND.memory_space.get(fn.config.read(regs.TYPE0_HEADER.command))
 
 
 def test_bar_access_is_checked(machine_factory) -> None:
@@ -174,13 +174,16 @@ def test_bridges_are_numbered_and_forward(machine_factory) -> None:
     vm.pci.assign_bars()
     bridge = vm.pci.find(bdf="00:05.0")
     assert bridge.is_bridge and bridge.secondary_bus == 1
-    assert bridge.config.read("secondary_bus") == 1 and bridge.config.read("subordinate_bus") == 1
+    assert (
+        bridge.config.read(regs.TYPE1_HEADER.secondary_bus) == 1
+        and bridge.config.read(regs.TYPE1_HEADER.subordinate_bus) == 1
+    )
     blk = vm.pci.find(vendor_id=VIRTIO)
     assert blk.bdf == "01:03.0"
     io = blk.bar(0)
     assert io.address is not None
-    io_base = (bridge.config.read("io_base") & 0xF0) << 8
-    io_limit = ((bridge.config.read("io_limit") & 0xF0) << 8) | 0xFFF
+    io_base = (bridge.config.read(regs.TYPE1_HEADER.io_base) & 0xF0) << 8
+    io_limit = ((bridge.config.read(regs.TYPE1_HEADER.io_limit) & 0xF0) << 8) | 0xFFF
     assert io_base <= io.address and io.address + io.size - 1 <= io_limit
     # The read goes through the bridge's I/O window: VERSION_1 absent, INDIRECT_DESC present.
     names = layout.feature_names(blk.bar_read(0, layout.LEGACY_CFG.device_features.offset, 4))
@@ -196,23 +199,23 @@ def test_find_reports_what_exists(machine_factory) -> None:
         Bdf.parse("nonsense")
 
 
-def _net_driver_ok(vm: Machine, fn: PciFunction, msix: Msix) -> RegisterBlock:
+def _net_driver_ok(vm: Machine, fn: PciFunction, msix: Msix) -> RegisterBlock[layout.CommonCfgLayout]:
     """Bring a modern virtio-net to DRIVER_OK with its config vector routed to MSI-X vector 0,
     register by register (the transport layer proper comes later; this only needs an interrupt
     source)."""
     cfg = common_cfg(fn)
     status = layout.STATUS
-    cfg.write("device_status", 0)
-    cfg.write("device_status", status.ACKNOWLEDGE.mask | status.DRIVER.mask)
-    cfg.write("driver_feature_select", 0)
-    cfg.write("driver_feature", 1 << 16)  # VIRTIO_NET_F_STATUS
-    cfg.write("driver_feature_select", 1)
-    cfg.write("driver_feature", 1)  # VERSION_1
-    cfg.write("device_status", cfg.read("device_status") | status.FEATURES_OK.mask)
-    assert cfg.read("device_status") & status.FEATURES_OK.mask
-    cfg.write("config_msix_vector", 0)
-    assert cfg.read("config_msix_vector") == 0
-    cfg.write("device_status", cfg.read("device_status") | status.DRIVER_OK.mask)
+    cfg.write(layout.COMMON_CFG.device_status, 0)
+    cfg.write(layout.COMMON_CFG.device_status, status.ACKNOWLEDGE.mask | status.DRIVER.mask)
+    cfg.write(layout.COMMON_CFG.driver_feature_select, 0)
+    cfg.write(layout.COMMON_CFG.driver_feature, 1 << 16)  # VIRTIO_NET_F_STATUS
+    cfg.write(layout.COMMON_CFG.driver_feature_select, 1)
+    cfg.write(layout.COMMON_CFG.driver_feature, 1)  # VERSION_1
+    cfg.write(layout.COMMON_CFG.device_status, cfg.read(layout.COMMON_CFG.device_status) | status.FEATURES_OK.mask)
+    assert cfg.read(layout.COMMON_CFG.device_status) & status.FEATURES_OK.mask
+    cfg.write(layout.COMMON_CFG.config_msix_vector, 0)
+    assert cfg.read(layout.COMMON_CFG.config_msix_vector) == 0
+    cfg.write(layout.COMMON_CFG.device_status, cfg.read(layout.COMMON_CFG.device_status) | status.DRIVER_OK.mask)
     return cfg
 
 

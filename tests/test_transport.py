@@ -98,7 +98,7 @@ def test_legacy_queue_size_is_fixed_and_rings_sit_at_a_page_frame(machine_factor
     t = rng.transport
     assert isinstance(t, LegacyTransport)
     size = t.queue_max_size(0)
-    t.regs.write("queue_size", size * 2)  # read-only in the legacy layout
+    t.regs.write(LEGACY_CFG.queue_size, size * 2)  # read-only in the legacy layout
     assert t.queue_max_size(0) == size
     with pytest.raises(TransportError, match="fixed size"):
         t.setup_queue(0, size // 2, 0x200000, 0x200000, 0x201000)
@@ -109,8 +109,8 @@ def test_legacy_queue_size_is_fixed_and_rings_sit_at_a_page_frame(machine_factor
         t.setup_queue(0, size, 0x200000, 0x300000, 0x400000)
     vq = rng.queues[0]
     assert vq.desc % 4096 == 0 and vq.used % 4096 == 0  # used ring on the next page boundary
-    t.regs.write("queue_select", 0)
-    assert t.regs.read("queue_address") == vq.desc >> 12  # the PFN
+    t.regs.write(LEGACY_CFG.queue_select, 0)
+    assert t.regs.read(LEGACY_CFG.queue_address) == vq.desc >> 12  # the PFN
     assert len(rng.read(32)) == 32
 
 
@@ -143,8 +143,8 @@ def test_modern_queue_size_is_writable(machine_factory) -> None:
     t = transport_of(vm, modes.MODERN)
     assert isinstance(t, ModernTransport)
     assert t.queue_max_size(0) == 256
-    t.common.write("queue_size", 16)
-    assert t.common.read("queue_size") == 16
+    t.common.write(COMMON_CFG.queue_size, 16)
+    assert t.common.read(COMMON_CFG.queue_size) == 16
     rng_vm = machine_with(machine_factory, "virtio-rng-pci", modes.MODERN)
     rng = rng_vm.virtio("dev0", queue_size=4)
     assert rng.queues[0].size == 4
@@ -163,7 +163,7 @@ def test_modern_notify_offsets(machine_factory, page_per_vq: str) -> None:
     assert t.num_queues() == 4
     for q in range(4):
         t.select_queue(q)
-        off = t.common.read("queue_notify_off")
+        off = t.common.read(COMMON_CFG.queue_notify_off)
         assert t.notify_address(q) == (t.notify_cap.bar, t.notify_cap.offset + off * mult)
     # and notifying through those addresses works
     rng_vm = machine_with(machine_factory, "virtio-rng-pci", modes.MODERN, **{"page-per-vq": page_per_vq})
@@ -199,10 +199,10 @@ def test_pci_cfg_access_capability_reaches_the_bars(machine_factory) -> None:
     assert isinstance(t, ModernTransport) and t.pci_cfg_cap is not None
     common = t.common_cap
     num_queues = t.pci_cfg_read(common.bar, common.offset + COMMON_CFG.num_queues.offset, 2)
-    assert num_queues == t.common.read("num_queues") == 3
+    assert num_queues == t.common.read(COMMON_CFG.num_queues) == 3
     t.pci_cfg_write(common.bar, common.offset + COMMON_CFG.queue_select.offset, 2, 2)
-    assert t.common.read("queue_select") == 2
-    t.common.write("device_feature_select", 1)
+    assert t.common.read(COMMON_CFG.queue_select) == 2
+    t.common.write(COMMON_CFG.device_feature_select, 1)
     assert t.pci_cfg_read(common.bar, common.offset + COMMON_CFG.device_feature.offset, 4) & 1  # VERSION_1
     assert t.pci_cfg_read(t.isr_cap.bar, t.isr_cap.offset, 1) == 0
 

@@ -385,8 +385,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.extra_keyword_matches.update(("-".join((param.device, param.mode)), param.ring))
             item.user_properties += [
                 ("virtio_device", param.device),
-                ("virtio_transport", param.mode),
-                ("virtio_ring", param.ring),
+                ("virtio_transport", str(param.mode)),
+                ("virtio_ring", str(param.ring)),
                 ("virtio_flags", ",".join(f"{k}={v}" for k, v in param.flags)),
                 ("virtio_id_flags", ",".join(f"{k}={v}" for k, v in param.id_flags)),
                 ("virtio_refuse", ",".join(sorted(param.refuse))),

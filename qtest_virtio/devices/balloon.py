@@ -28,19 +28,25 @@ from ..transport.layout import ISR
 from ..virtqueue import Buf, Virtqueue
 from .base import VirtioDriver
 
+
 #: struct virtio_balloon_config (§5.5.4).
-BALLOON_CONFIG = Layout(
-    "virtio_balloon_config",
-    [
-        Field("num_pages", 0, 4, "pages the device wants in the balloon"),
-        Field("actual", 4, 4, "pages in the balloon, written by the driver"),
-        Field("free_page_hint_cmd_id", 8, 4, "valid with FREE_PAGE_HINT; read-only for the driver"),
-        Field("poison_val", 12, 4, "valid with PAGE_POISON; written by the driver before DRIVER_OK"),
-    ],
-)
+class BalloonConfigLayout(Layout, struct="virtio_balloon_config"):
+    num_pages = Field(0, 4, "pages the device wants in the balloon")
+    actual = Field(4, 4, "pages in the balloon, written by the driver")
+    free_page_hint_cmd_id = Field(8, 4, "valid with FREE_PAGE_HINT; read-only for the driver")
+    poison_val = Field(12, 4, "valid with PAGE_POISON; written by the driver before DRIVER_OK")
+
+
+BALLOON_CONFIG = BalloonConfigLayout()
+
 
 #: struct virtio_balloon_stat (§5.5.6.3), packed: le16 tag, le64 val.
-BALLOON_STAT = Layout("virtio_balloon_stat", [Field("tag", 0, 2), Field("val", 2, 8)])
+class BalloonStatLayout(Layout, struct="virtio_balloon_stat"):
+    tag = Field(0, 2)
+    val = Field(2, 8)
+
+
+BALLOON_STAT = BalloonStatLayout()
 _STAT = struct.Struct("<HQ")
 assert _STAT.size == BALLOON_STAT.size
 

@@ -168,8 +168,8 @@ class VirtioDriver:
         line and watches it, 'isr' relies on polling the ISR register alone."""
         if self.fn.find_capability(pci_regs.CAP_ID_MSIX) is not None:
             Msix(self.fn).enable(False)
-        cmd = self.fn.config.read("command")
-        self.fn.config.write("command", pci_regs.COMMAND.interrupt_disable.set(cmd, 0))
+        cmd = self.fn.config.read(pci_regs.TYPE0_HEADER.command)
+        self.fn.config.write(pci_regs.TYPE0_HEADER.command, pci_regs.COMMAND.interrupt_disable.set(cmd, 0))
         if self.interrupts == "intx" and self.intx is None:
             self.intx = route_intx(self.fn.pci, self.fn)
             self.intx.intercept()

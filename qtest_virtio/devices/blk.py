@@ -32,39 +32,38 @@ ID_BYTES = 20
 
 # -- layouts as data (§5.2.4, §5.2.6) -----------------------------------------------------------
 
+
 #: struct virtio_blk_config (§5.2.4), the fields QEMU 7.2 and virtio 1.2 define.
-BLK_CONFIG = Layout(
-    "virtio_blk_config",
-    [
-        Field("capacity", 0, 8, "device size in 512-byte sectors"),
-        Field("size_max", 8, 4, "maximum size of one segment (SIZE_MAX)"),
-        Field("seg_max", 12, 4, "maximum number of data segments in a request (SEG_MAX)"),
-        Field("geometry.cylinders", 16, 2),
-        Field("geometry.heads", 18, 1),
-        Field("geometry.sectors", 19, 1),
-        Field("blk_size", 20, 4, "optimal block size (BLK_SIZE)"),
-        Field("topology.physical_block_exp", 24, 1),
-        Field("topology.alignment_offset", 25, 1),
-        Field("topology.min_io_size", 26, 2),
-        Field("topology.opt_io_size", 28, 4),
-        Field("writeback", 32, 1, "0 writethrough, 1 writeback (CONFIG_WCE)"),
-        Field("unused0", 33, 1),
-        Field("num_queues", 34, 2, "number of request queues (MQ)"),
-        Field("max_discard_sectors", 36, 4),
-        Field("max_discard_seg", 40, 4),
-        Field("discard_sector_alignment", 44, 4),
-        Field("max_write_zeroes_sectors", 48, 4),
-        Field("max_write_zeroes_seg", 52, 4),
-        Field("write_zeroes_may_unmap", 56, 1),
-        Field("unused1[0]", 57, 1),
-        Field("unused1[1]", 58, 1),
-        Field("unused1[2]", 59, 1),
-        Field("max_secure_erase_sectors", 60, 4),
-        Field("max_secure_erase_seg", 64, 4),
-        Field("secure_erase_sector_alignment", 68, 4),
-    ],
-    size=72,
-)
+class BlkConfigLayout(Layout, struct="virtio_blk_config", size=72):
+    capacity = Field(0, 8, "device size in 512-byte sectors")
+    size_max = Field(8, 4, "maximum size of one segment (SIZE_MAX)")
+    seg_max = Field(12, 4, "maximum number of data segments in a request (SEG_MAX)")
+    geometry_cylinders = Field(16, 2, name="geometry.cylinders")
+    geometry_heads = Field(18, 1, name="geometry.heads")
+    geometry_sectors = Field(19, 1, name="geometry.sectors")
+    blk_size = Field(20, 4, "optimal block size (BLK_SIZE)")
+    topology_physical_block_exp = Field(24, 1, name="topology.physical_block_exp")
+    topology_alignment_offset = Field(25, 1, name="topology.alignment_offset")
+    topology_min_io_size = Field(26, 2, name="topology.min_io_size")
+    topology_opt_io_size = Field(28, 4, name="topology.opt_io_size")
+    writeback = Field(32, 1, "0 writethrough, 1 writeback (CONFIG_WCE)")
+    unused0 = Field(33, 1)
+    num_queues = Field(34, 2, "number of request queues (MQ)")
+    max_discard_sectors = Field(36, 4)
+    max_discard_seg = Field(40, 4)
+    discard_sector_alignment = Field(44, 4)
+    max_write_zeroes_sectors = Field(48, 4)
+    max_write_zeroes_seg = Field(52, 4)
+    write_zeroes_may_unmap = Field(56, 1)
+    unused1_0 = Field(57, 1, name="unused1[0]")
+    unused1_1 = Field(58, 1, name="unused1[1]")
+    unused1_2 = Field(59, 1, name="unused1[2]")
+    max_secure_erase_sectors = Field(60, 4)
+    max_secure_erase_seg = Field(64, 4)
+    secure_erase_sector_alignment = Field(68, 4)
+
+
+BLK_CONFIG = BlkConfigLayout()
 
 #: Which config fields exist with which feature (§5.2.4: only capacity is always present).
 CONFIG_FIELDS_BY_FEATURE: dict[str, tuple[str, ...]] = {
@@ -84,19 +83,33 @@ CONFIG_FIELDS_BY_FEATURE: dict[str, tuple[str, ...]] = {
     "WRITE_ZEROES": ("max_write_zeroes_sectors", "max_write_zeroes_seg", "write_zeroes_may_unmap"),
 }
 
+
 #: The device-readable header of struct virtio_blk_req (§5.2.6).
-REQ_HEADER = Layout(
-    "virtio_blk_req header",
-    [Field("type", 0, 4), Field("reserved", 4, 4), Field("sector", 8, 8)],
-    size=16,
-)
+class ReqHeaderLayout(Layout, struct="virtio_blk_req header", size=16):
+    type = Field(0, 4)
+    reserved = Field(4, 4)
+    sector = Field(8, 8)
+
+
+REQ_HEADER = ReqHeaderLayout()
+
+
 #: One segment of a DISCARD / WRITE_ZEROES / SECURE_ERASE request (§5.2.6).
-DWZ_SEGMENT = Layout(
-    "virtio_blk_discard_write_zeroes",
-    [Field("sector", 0, 8), Field("num_sectors", 8, 4), Field("flags", 12, 4)],
-    size=16,
-)
-DWZ_FLAGS = BitLayout("virtio_blk_discard_write_zeroes.flags", [Bits("unmap", 0), Bits("reserved", 1, 31)])
+class DwzSegmentLayout(Layout, struct="virtio_blk_discard_write_zeroes", size=16):
+    sector = Field(0, 8)
+    num_sectors = Field(8, 4)
+    flags = Field(12, 4)
+
+
+DWZ_SEGMENT = DwzSegmentLayout()
+
+
+class DwzFlagsBits(BitLayout, register="virtio_blk_discard_write_zeroes.flags"):
+    unmap = Bits(0)
+    reserved = Bits(1, 31)
+
+
+DWZ_FLAGS = DwzFlagsBits()
 #: The status byte ends the device-writable part (struct virtio_blk_req.status).
 STATUS_BYTES = 1
 

@@ -27,25 +27,35 @@ from ..registers import Field, Layout
 from ..virtqueue import Buf, UsedElem, Virtqueue
 from .base import VirtioDriver
 
+
 #: struct virtio_console_config (§5.3.4; order as in virtio 1.2 and QEMU/Linux headers).
-CONSOLE_CONFIG = Layout(
-    "virtio_console_config",
-    [
-        Field("cols", 0, 2, "console width, valid with SIZE"),
-        Field("rows", 2, 2, "console height, valid with SIZE"),
-        Field("max_nr_ports", 4, 4, "ports the device supports, valid with MULTIPORT"),
-        Field("emerg_wr", 8, 4, "emergency write: the low byte is output, valid with EMERG_WRITE"),
-    ],
-)
+class ConsoleConfigLayout(Layout, struct="virtio_console_config"):
+    cols = Field(0, 2, "console width, valid with SIZE")
+    rows = Field(2, 2, "console height, valid with SIZE")
+    max_nr_ports = Field(4, 4, "ports the device supports, valid with MULTIPORT")
+    emerg_wr = Field(8, 4, "emergency write: the low byte is output, valid with EMERG_WRITE")
+
+
+CONSOLE_CONFIG = ConsoleConfigLayout()
+
 
 #: struct virtio_console_control (§5.3.6.2): the header of every control message.
-CONSOLE_CONTROL = Layout(
-    "virtio_console_control",
-    [Field("id", 0, 4, "port number"), Field("event", 4, 2), Field("value", 6, 2)],
-)
+class ConsoleControlLayout(Layout, struct="virtio_console_control"):
+    id = Field(0, 4, "port number")
+    event = Field(4, 2)
+    value = Field(6, 2)
+
+
+CONSOLE_CONTROL = ConsoleControlLayout()
+
 
 #: struct virtio_console_resize (§5.3.6.2): follows a RESIZE header.
-CONSOLE_RESIZE = Layout("virtio_console_resize", [Field("cols", 0, 2), Field("rows", 2, 2)])
+class ConsoleResizeLayout(Layout, struct="virtio_console_resize"):
+    cols = Field(0, 2)
+    rows = Field(2, 2)
+
+
+CONSOLE_RESIZE = ConsoleResizeLayout()
 
 #: Queue indices of the control pair (§5.3.2).
 CONTROL_RECEIVEQ = 2

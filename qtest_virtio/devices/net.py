@@ -41,20 +41,20 @@ class ConfigBytes:
 #: struct virtio_net_config, §5.1.4: ``mac`` is a byte array, the rest little-endian words
 #: (guest-endian on the legacy layout, §5.1.4.3; x86 is little-endian either way).
 NET_CONFIG_MAC = ConfigBytes("mac", 0, 6)
-NET_CONFIG = Layout(
-    "virtio_net_config",
-    [
-        Field("status", 6, 2),
-        Field("max_virtqueue_pairs", 8, 2),
-        Field("mtu", 10, 2),
-        Field("speed", 12, 4),
-        Field("duplex", 16, 1),
-        Field("rss_max_key_size", 17, 1),
-        Field("rss_max_indirection_table_length", 18, 2),
-        Field("supported_hash_types", 20, 4),
-    ],
-    size=24,
-)
+
+
+class NetConfigLayout(Layout, struct="virtio_net_config", size=24):
+    status = Field(6, 2)
+    max_virtqueue_pairs = Field(8, 2)
+    mtu = Field(10, 2)
+    speed = Field(12, 4)
+    duplex = Field(16, 1)
+    rss_max_key_size = Field(17, 1)
+    rss_max_indirection_table_length = Field(18, 2)
+    supported_hash_types = Field(20, 4)
+
+
+NET_CONFIG = NetConfigLayout()
 #: A config field exists only if one of these features is offered (§5.1.4).
 NET_CONFIG_EXISTS_IF: dict[str, tuple[str, ...]] = {
     "mac": ("MAC",),
@@ -67,27 +67,34 @@ NET_CONFIG_EXISTS_IF: dict[str, tuple[str, ...]] = {
     "rss_max_indirection_table_length": ("RSS",),
     "supported_hash_types": ("RSS", "HASH_REPORT"),
 }
+
+
 #: status bits, §5.1.4.
-NET_STATUS = BitLayout("status", [Bits("LINK_UP", 0), Bits("ANNOUNCE", 1)])
+class NetStatusBits(BitLayout, register="status"):
+    LINK_UP = Bits(0)
+    ANNOUNCE = Bits(1)
+
+
+NET_STATUS = NetStatusBits()
 
 # -- data: the per-packet header (§5.1.6) ---------------------------------------------------
 
+
 #: struct virtio_net_hdr, §5.1.6 (hash fields only with HASH_REPORT).
-NET_HDR = Layout(
-    "virtio_net_hdr",
-    [
-        Field("flags", 0, 1),
-        Field("gso_type", 1, 1),
-        Field("hdr_len", 2, 2),
-        Field("gso_size", 4, 2),
-        Field("csum_start", 6, 2),
-        Field("csum_offset", 8, 2),
-        Field("num_buffers", 10, 2),
-        Field("hash_value", 12, 4),
-        Field("hash_report", 16, 2),
-        Field("padding_reserved", 18, 2),
-    ],
-)
+class NetHdrLayout(Layout, struct="virtio_net_hdr"):
+    flags = Field(0, 1)
+    gso_type = Field(1, 1)
+    hdr_len = Field(2, 2)
+    gso_size = Field(4, 2)
+    csum_start = Field(6, 2)
+    csum_offset = Field(8, 2)
+    num_buffers = Field(10, 2)
+    hash_value = Field(12, 4)
+    hash_report = Field(16, 2)
+    padding_reserved = Field(18, 2)
+
+
+NET_HDR = NetHdrLayout()
 #: Which optional header fields are present, by negotiated feature: ``num_buffers`` always
 #: with VERSION_1, and on the legacy interface only with MRG_RXBUF (§5.1.6.1).
 NET_HDR_PRESENT_IF: dict[str, tuple[str, ...]] = {
@@ -96,8 +103,16 @@ NET_HDR_PRESENT_IF: dict[str, tuple[str, ...]] = {
     "hash_report": ("HASH_REPORT",),
     "padding_reserved": ("HASH_REPORT",),
 }
+
+
 #: flags, §5.1.6.
-NET_HDR_F = BitLayout("flags", [Bits("NEEDS_CSUM", 0), Bits("DATA_VALID", 1), Bits("RSC_INFO", 2)])
+class NetHdrFBits(BitLayout, register="flags"):
+    NEEDS_CSUM = Bits(0)
+    DATA_VALID = Bits(1)
+    RSC_INFO = Bits(2)
+
+
+NET_HDR_F = NetHdrFBits()
 
 
 class GsoType(IntEnum):

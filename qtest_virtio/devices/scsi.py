@@ -40,58 +40,92 @@ DEFAULT_CDB_SIZE = 32
 
 # -- layouts as data -------------------------------------------------------------------------------
 
+
 #: struct virtio_scsi_config (§5.6.4).
-SCSI_CONFIG = Layout(
-    "virtio_scsi_config",
-    [
-        Field("num_queues", 0, 4, "request queues"),
-        Field("seg_max", 4, 4),
-        Field("max_sectors", 8, 4),
-        Field("cmd_per_lun", 12, 4),
-        Field("event_info_size", 16, 4),
-        Field("sense_size", 20, 4, "driver-writable; 96 after reset"),
-        Field("cdb_size", 24, 4, "driver-writable; 32 after reset"),
-        Field("max_channel", 28, 2),
-        Field("max_target", 30, 2),
-        Field("max_lun", 32, 4),
-    ],
-    size=36,
-)
+class ScsiConfigLayout(Layout, struct="virtio_scsi_config", size=36):
+    num_queues = Field(0, 4, "request queues")
+    seg_max = Field(4, 4)
+    max_sectors = Field(8, 4)
+    cmd_per_lun = Field(12, 4)
+    event_info_size = Field(16, 4)
+    sense_size = Field(20, 4, "driver-writable; 96 after reset")
+    cdb_size = Field(24, 4, "driver-writable; 32 after reset")
+    max_channel = Field(28, 2)
+    max_target = Field(30, 2)
+    max_lun = Field(32, 4)
+
+
+SCSI_CONFIG = ScsiConfigLayout()
+
 
 #: The fixed device-readable head of struct virtio_scsi_req_cmd; the CDB (cdb_size bytes) follows.
-REQ_CMD = Layout(
-    "virtio_scsi_req_cmd",
-    [Field("lun", 0, 8), Field("id", 8, 8), Field("task_attr", 16, 1), Field("prio", 17, 1), Field("crn", 18, 1)],
-    size=19,
-)
+class ReqCmdLayout(Layout, struct="virtio_scsi_req_cmd", size=19):
+    lun = Field(0, 8)
+    id = Field(8, 8)
+    task_attr = Field(16, 1)
+    prio = Field(17, 1)
+    crn = Field(18, 1)
+
+
+REQ_CMD = ReqCmdLayout()
+
+
 #: The fixed device-writable head of the response; the sense buffer (sense_size bytes) follows.
-RESP_CMD = Layout(
-    "virtio_scsi_resp_cmd",
-    [
-        Field("sense_len", 0, 4),
-        Field("residual", 4, 4),
-        Field("status_qualifier", 8, 2),
-        Field("status", 10, 1),
-        Field("response", 11, 1),
-    ],
-    size=12,
-)
+class RespCmdLayout(Layout, struct="virtio_scsi_resp_cmd", size=12):
+    sense_len = Field(0, 4)
+    residual = Field(4, 4)
+    status_qualifier = Field(8, 2)
+    status = Field(10, 1)
+    response = Field(11, 1)
+
+
+RESP_CMD = RespCmdLayout()
+
+
 #: struct virtio_scsi_ctrl_tmf (§5.6.6.2): device-readable part, then the response byte.
-CTRL_TMF = Layout(
-    "virtio_scsi_ctrl_tmf",
-    [Field("type", 0, 4), Field("subtype", 4, 4), Field("lun", 8, 8), Field("id", 16, 8)],
-    size=24,
-)
-CTRL_TMF_RESP = Layout("virtio_scsi_ctrl_tmf response", [Field("response", 0, 1)], size=1)
+class CtrlTmfLayout(Layout, struct="virtio_scsi_ctrl_tmf", size=24):
+    type = Field(0, 4)
+    subtype = Field(4, 4)
+    lun = Field(8, 8)
+    id = Field(16, 8)
+
+
+CTRL_TMF = CtrlTmfLayout()
+
+
+class CtrlTmfRespLayout(Layout, struct="virtio_scsi_ctrl_tmf response", size=1):
+    response = Field(0, 1)
+
+
+CTRL_TMF_RESP = CtrlTmfRespLayout()
+
+
 #: struct virtio_scsi_ctrl_an (§5.6.6.2): AN_QUERY / AN_SUBSCRIBE.
-CTRL_AN = Layout(
-    "virtio_scsi_ctrl_an",
-    [Field("type", 0, 4), Field("lun", 4, 8), Field("event_requested", 12, 4)],
-    size=16,
-)
-CTRL_AN_RESP = Layout("virtio_scsi_ctrl_an response", [Field("event_actual", 0, 4), Field("response", 4, 1)], size=5)
+class CtrlAnLayout(Layout, struct="virtio_scsi_ctrl_an", size=16):
+    type = Field(0, 4)
+    lun = Field(4, 8)
+    event_requested = Field(12, 4)
+
+
+CTRL_AN = CtrlAnLayout()
+
+
+class CtrlAnRespLayout(Layout, struct="virtio_scsi_ctrl_an response", size=5):
+    event_actual = Field(0, 4)
+    response = Field(4, 1)
+
+
+CTRL_AN_RESP = CtrlAnRespLayout()
+
+
 #: struct virtio_scsi_event (§5.6.6.3).
-EVENT = Layout("virtio_scsi_event", [Field("event", 0, 4), Field("lun", 4, 8), Field("reason", 12, 4)], size=16)
+class EventLayout(Layout, struct="virtio_scsi_event", size=16):
+    event = Field(0, 4)
+    lun = Field(4, 8)
+    reason = Field(12, 4)
+
+
+EVENT = EventLayout()
 VIRTIO_SCSI_T_EVENTS_MISSED = 0x8000_0000
 
 

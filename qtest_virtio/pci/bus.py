@@ -86,8 +86,8 @@ class PciFunction:
         self.is_bridge = (self.header_type & regs.HEADER_TYPE_MASK) == 1
         layout = regs.TYPE1_HEADER if self.is_bridge else regs.TYPE0_HEADER
         self.config = RegisterBlock(layout, self.read_config, self.write_config)
-        self.vendor_id = self.config.read("vendor_id")
-        self.device_id = self.config.read("device_id")
+        self.vendor_id = self.config.read(regs.TYPE0_HEADER.vendor_id)
+        self.device_id = self.config.read(regs.TYPE0_HEADER.device_id)
         class_reg = self.read_config(0x08, 4)
         self.revision_id = class_reg & 0xFF
         #: 24-bit class code: base class, subclass, programming interface.
@@ -123,7 +123,7 @@ class PciFunction:
     def subsystem(self) -> tuple[int, int] | None:
         if self.is_bridge:
             return None
-        return self.config.read("subsystem_vendor_id"), self.config.read("subsystem_id")
+        return self.config.read(regs.TYPE0_HEADER.subsystem_vendor_id), self.config.read(regs.TYPE0_HEADER.subsystem_id)
 
     # -- config space ---------------------------------------------------------------------
 
@@ -136,18 +136,18 @@ class PciFunction:
     def enable(self, *, io: bool = True, memory: bool = True, bus_master: bool = True) -> None:
         """Set the command register's decode and bus-master bits (bus master lets MSI-X and
         DMA reach guest RAM)."""
-        cmd = self.config.read("command")
+        cmd = self.config.read(regs.TYPE0_HEADER.command)
         for bit, on in (
             (regs.COMMAND.io_space, io),
             (regs.COMMAND.memory_space, memory),
             (regs.COMMAND.bus_master, bus_master),
         ):
             cmd = bit.set(cmd, 1 if on else 0)
-        self.config.write("command", cmd)
+        self.config.write(regs.TYPE0_HEADER.command, cmd)
 
     @property
     def command_flags(self) -> list[str]:
-        return regs.COMMAND.names_set(self.config.read("command"))
+        return regs.COMMAND.names_set(self.config.read(regs.TYPE0_HEADER.command))
 
     # -- capabilities ---------------------------------------------------------------------
 
@@ -159,10 +159,10 @@ class PciFunction:
         return caps
 
     def _standard_caps(self) -> Iterator[Capability]:
-        if not regs.STATUS.capabilities_list.get(self.config.read("status")):
+        if not regs.STATUS.capabilities_list.get(self.config.read(regs.TYPE0_HEADER.status)):
             return
         seen: set[int] = set()
-        ptr = self.config.read("capabilities_ptr") & 0xFC
+        ptr = self.config.read(regs.TYPE0_HEADER.capabilities_ptr) & 0xFC
         while ptr:
             if ptr in seen or len(seen) >= MAX_CAPABILITIES or ptr < regs.TYPE0_HEADER.size:
                 raise PciError(f"{self.bdf}: capability list loops or points into the header at {ptr:#x}")
@@ -194,8 +194,10 @@ class PciFunction:
     def size_bars(self) -> list[Bar]:
         """Size every BAR the way firmware does (write all ones, read the mask back, restore),
         with decoding off meanwhile so the device never answers at the probe address."""
-        cmd = self.config.read("command")
-        self.config.write("command", cmd & ~(regs.COMMAND.io_space.mask | regs.COMMAND.memory_space.mask))
+        cmd = self.config.read(regs.TYPE0_HEADER.command)
+        self.config.write(
+            regs.TYPE0_HEADER.command, cmd & ~(regs.COMMAND.io_space.mask | regs.COMMAND.memory_space.mask)
+        )
         bars: list[Bar] = []
         index = 0
         count = regs.BAR_COUNT[1 if self.is_bridge else 0]
@@ -234,7 +236,7 @@ class PciFunction:
         rom_mask = self.read_config(rom_reg, 4) & regs.ROM_ADDRESS_MASK
         self.write_config(rom_reg, 4, orig)
         self.rom_size = ((~rom_mask & 0xFFFF_FFFF) + 1) if rom_mask else 0
-        self.config.write("command", cmd)
+        self.config.write(regs.TYPE0_HEADER.command, cmd)
         self.bars = bars
         return bars
 
@@ -262,7 +264,7 @@ class PciFunction:
             if bar.address is not None:
                 self.set_bar_address(bar, bar.address)
         if not self.is_bridge:
-            self.config.write("expansion_rom", 0)
+            self.config.write(regs.TYPE0_HEADER.expansion_rom, 0)
         self.enable()
 
     def _bar_address(self, index: int, offset: int, width: int) -> int:
@@ -370,11 +372,11 @@ class PciBus:
         if secondary > 0xFF:
             raise PciError("ran out of bus numbers")
         self._next_bus += 1
-        bridge.config.write("primary_bus", bridge.bdf_addr.bus)
-        bridge.config.write("secondary_bus", secondary)
-        bridge.config.write("subordinate_bus", 0xFF)
+        bridge.config.write(regs.TYPE1_HEADER.primary_bus, bridge.bdf_addr.bus)
+        bridge.config.write(regs.TYPE1_HEADER.secondary_bus, secondary)
+        bridge.config.write(regs.TYPE1_HEADER.subordinate_bus, 0xFF)
         self._scan(secondary, out)
-        bridge.config.write("subordinate_bus", self._next_bus - 1)
+        bridge.config.write(regs.TYPE1_HEADER.subordinate_bus, self._next_bus - 1)
         bridge.secondary_bus = secondary
 
     def find(
@@ -455,20 +457,20 @@ class PciBus:
         win.mmio = _align(win.mmio, 0x10_0000)
         cfg = bridge.config
         if win.io > io_start:
-            cfg.write("io_base", (io_start >> 8) & 0xF0)
-            cfg.write("io_limit", ((win.io - 1) >> 8) & 0xF0)
-            cfg.write("io_base_upper", 0)
-            cfg.write("io_limit_upper", 0)
+            cfg.write(regs.TYPE1_HEADER.io_base, (io_start >> 8) & 0xF0)
+            cfg.write(regs.TYPE1_HEADER.io_limit, ((win.io - 1) >> 8) & 0xF0)
+            cfg.write(regs.TYPE1_HEADER.io_base_upper, 0)
+            cfg.write(regs.TYPE1_HEADER.io_limit_upper, 0)
         else:  # base above limit closes the window
-            cfg.write("io_base", 0xF0)
-            cfg.write("io_limit", 0x00)
+            cfg.write(regs.TYPE1_HEADER.io_base, 0xF0)
+            cfg.write(regs.TYPE1_HEADER.io_limit, 0x00)
         if win.mmio > mem_start:
-            cfg.write("memory_base", (mem_start >> 16) & 0xFFF0)
-            cfg.write("memory_limit", ((win.mmio - 1) >> 16) & 0xFFF0)
+            cfg.write(regs.TYPE1_HEADER.memory_base, (mem_start >> 16) & 0xFFF0)
+            cfg.write(regs.TYPE1_HEADER.memory_limit, ((win.mmio - 1) >> 16) & 0xFFF0)
         else:
-            cfg.write("memory_base", 0xFFF0)
-            cfg.write("memory_limit", 0x0000)
-        cfg.write("prefetch_base", 0xFFF0)
-        cfg.write("prefetch_limit", 0x0000)
-        cfg.write("prefetch_base_upper", 0)
-        cfg.write("prefetch_limit_upper", 0)
+            cfg.write(regs.TYPE1_HEADER.memory_base, 0xFFF0)
+            cfg.write(regs.TYPE1_HEADER.memory_limit, 0x0000)
+        cfg.write(regs.TYPE1_HEADER.prefetch_base, 0xFFF0)
+        cfg.write(regs.TYPE1_HEADER.prefetch_limit, 0x0000)
+        cfg.write(regs.TYPE1_HEADER.prefetch_base_upper, 0)
+        cfg.write(regs.TYPE1_HEADER.prefetch_limit_upper, 0)

@@ -15,17 +15,35 @@ from dataclasses import dataclass
 
 from ..qtest import QtestClient
 from ..registers import Field, Layout
+from . import regs
 from .bus import PciBus, PciError, PciFunction
 from .config import Bdf
 
+
 #: PIIX3 ISA bridge (00:01.0): PIRQRC[A-D] (82371SB datasheet §2.2.13).
-PIIX3_PIRQRC = Layout("piix3_pirqrc", [Field(f"pirq{c}_route", 0x60 + i, 1) for i, c in enumerate("abcd")])
+class Piix3PirqrcLayout(Layout, struct="piix3_pirqrc"):
+    pirqa_route = Field(0x60, 1)
+    pirqb_route = Field(0x61, 1)
+    pirqc_route = Field(0x62, 1)
+    pirqd_route = Field(0x63, 1)
+
+
+PIIX3_PIRQRC = Piix3PirqrcLayout()
+
+
 #: ICH9 LPC bridge (00:1f.0): PIRQ[A-D]_ROUT at 0x60, PIRQ[E-H]_ROUT at 0x68 (ICH9 datasheet §13.1).
-ICH9_PIRQ_ROUT = Layout(
-    "ich9_pirq_rout",
-    [Field(f"pirq{c}_rout", 0x60 + i, 1) for i, c in enumerate("abcd")]
-    + [Field(f"pirq{c}_rout", 0x68 + i, 1) for i, c in enumerate("efgh")],
-)
+class Ich9PirqRoutLayout(Layout, struct="ich9_pirq_rout"):
+    pirqa_rout = Field(0x60, 1)
+    pirqb_rout = Field(0x61, 1)
+    pirqc_rout = Field(0x62, 1)
+    pirqd_rout = Field(0x63, 1)
+    pirqe_rout = Field(0x68, 1)
+    pirqf_rout = Field(0x69, 1)
+    pirqg_rout = Field(0x6A, 1)
+    pirqh_rout = Field(0x6B, 1)
+
+
+ICH9_PIRQ_ROUT = Ich9PirqRoutLayout()
 FIRMWARE_PIRQ_IRQS = (10, 10, 11, 11, 10, 10, 11, 11)
 PIIX3_ISA = Bdf(0, 1, 0)
 ICH9_LPC = Bdf(0, 0x1F, 0)
@@ -58,7 +76,7 @@ class IntxLine:
 
 def route_intx(pci: PciBus, fn: PciFunction) -> IntxLine:
     """Program the PIRQ router for ``fn``'s pin as firmware would; return the IOAPIC line."""
-    pin = fn.config.read("interrupt_pin")
+    pin = fn.config.read(regs.TYPE0_HEADER.interrupt_pin)
     if pin == 0:
         raise PciError(f"{fn.bdf} uses no INTx pin")
     if fn.bdf_addr.bus != 0:

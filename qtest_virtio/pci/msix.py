@@ -38,10 +38,10 @@ class Msix:
             lambda off, w: fn.read_config(cap.offset + off, w),
             lambda off, w, v: fn.write_config(cap.offset + off, w, v),
         )
-        control = self.cap.read("message_control")
+        control = self.cap.read(regs.MSIX_CAP.message_control)
         self.table_size = regs.MSIX_CONTROL.table_size.get(control) + 1
-        table = self.cap.read("table")
-        pba = self.cap.read("pba")
+        table = self.cap.read(regs.MSIX_CAP.table)
+        pba = self.cap.read(regs.MSIX_CAP.pba)
         self.table_bar = regs.MSIX_BIR.get(table)
         self.table_offset = table & regs.MSIX_OFFSET_MASK
         self.pba_bar = regs.MSIX_BIR.get(pba)
@@ -52,15 +52,15 @@ class Msix:
 
     @property
     def enabled(self) -> bool:
-        return bool(regs.MSIX_CONTROL.enable.get(self.cap.read("message_control")))
+        return bool(regs.MSIX_CONTROL.enable.get(self.cap.read(regs.MSIX_CAP.message_control)))
 
     @property
     def function_masked(self) -> bool:
-        return bool(regs.MSIX_CONTROL.function_mask.get(self.cap.read("message_control")))
+        return bool(regs.MSIX_CONTROL.function_mask.get(self.cap.read(regs.MSIX_CAP.message_control)))
 
     def _set_control(self, bits: Bits, on: bool) -> None:
-        control = self.cap.read("message_control")
-        self.cap.write("message_control", bits.set(control, 1 if on else 0))
+        control = self.cap.read(regs.MSIX_CAP.message_control)
+        self.cap.write(regs.MSIX_CAP.message_control, bits.set(control, 1 if on else 0))
 
     def enable(self, on: bool = True) -> None:
         self._set_control(regs.MSIX_CONTROL.enable, on)
@@ -70,7 +70,7 @@ class Msix:
 
     # -- table and PBA --------------------------------------------------------------------
 
-    def _entry(self, vector: int) -> RegisterBlock:
+    def _entry(self, vector: int) -> RegisterBlock[regs.MsixEntryLayout]:
         if not 0 <= vector < self.table_size:
             raise ValueError(f"{self.fn.bdf}: MSI-X vector {vector} is outside the table of {self.table_size}")
         base = self.table_offset + vector * regs.MSIX_ENTRY.size
@@ -82,16 +82,16 @@ class Msix:
 
     def set_vector(self, vector: int, address: int, data: int, *, masked: bool = False) -> None:
         entry = self._entry(vector)
-        entry.write("message_address", address & 0xFFFF_FFFF)
-        entry.write("message_upper_address", address >> 32)
-        entry.write("message_data", data)
-        entry.write("vector_control", regs.MSIX_VECTOR_MASKED if masked else 0)
+        entry.write(regs.MSIX_ENTRY.message_address, address & 0xFFFF_FFFF)
+        entry.write(regs.MSIX_ENTRY.message_upper_address, address >> 32)
+        entry.write(regs.MSIX_ENTRY.message_data, data)
+        entry.write(regs.MSIX_ENTRY.vector_control, regs.MSIX_VECTOR_MASKED if masked else 0)
 
     def read_vector(self, vector: int) -> dict[str, int]:
         return dict(self._entry(vector).dump())
 
     def mask_vector(self, vector: int, masked: bool = True) -> None:
-        self._entry(vector).write("vector_control", regs.MSIX_VECTOR_MASKED if masked else 0)
+        self._entry(vector).write(regs.MSIX_ENTRY.vector_control, regs.MSIX_VECTOR_MASKED if masked else 0)
 
     def pending(self, vector: int) -> bool:
         """The vector's Pending Bit Array bit: set while a message waits behind a mask."""

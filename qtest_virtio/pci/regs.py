@@ -7,131 +7,149 @@ from __future__ import annotations
 
 from ..registers import BitLayout, Bits, Field, Layout
 
+
 #: Type 0 (endpoint) configuration header, PCI 3.0 §6.1.
-TYPE0_HEADER = Layout(
-    "type0_header",
-    [
-        Field("vendor_id", 0x00, 2),
-        Field("device_id", 0x02, 2),
-        Field("command", 0x04, 2),
-        Field("status", 0x06, 2),
-        Field("revision_id", 0x08, 1),
-        Field("prog_if", 0x09, 1),
-        Field("subclass", 0x0A, 1),
-        Field("base_class", 0x0B, 1),
-        Field("cache_line_size", 0x0C, 1),
-        Field("latency_timer", 0x0D, 1),
-        Field("header_type", 0x0E, 1),
-        Field("bist", 0x0F, 1),
-        Field("bar0", 0x10, 4),
-        Field("bar1", 0x14, 4),
-        Field("bar2", 0x18, 4),
-        Field("bar3", 0x1C, 4),
-        Field("bar4", 0x20, 4),
-        Field("bar5", 0x24, 4),
-        Field("cardbus_cis", 0x28, 4),
-        Field("subsystem_vendor_id", 0x2C, 2),
-        Field("subsystem_id", 0x2E, 2),
-        Field("expansion_rom", 0x30, 4),
-        Field("capabilities_ptr", 0x34, 1),
-        Field("interrupt_line", 0x3C, 1),
-        Field("interrupt_pin", 0x3D, 1),
-        Field("min_gnt", 0x3E, 1),
-        Field("max_lat", 0x3F, 1),
-    ],
-    size=0x40,
-)
+class Type0HeaderLayout(Layout, struct="type0_header", size=0x40):
+    vendor_id = Field(0x00, 2)
+    device_id = Field(0x02, 2)
+    command = Field(0x04, 2)
+    status = Field(0x06, 2)
+    revision_id = Field(0x08, 1)
+    prog_if = Field(0x09, 1)
+    subclass = Field(0x0A, 1)
+    base_class = Field(0x0B, 1)
+    cache_line_size = Field(0x0C, 1)
+    latency_timer = Field(0x0D, 1)
+    header_type = Field(0x0E, 1)
+    bist = Field(0x0F, 1)
+    bar0 = Field(0x10, 4)
+    bar1 = Field(0x14, 4)
+    bar2 = Field(0x18, 4)
+    bar3 = Field(0x1C, 4)
+    bar4 = Field(0x20, 4)
+    bar5 = Field(0x24, 4)
+    cardbus_cis = Field(0x28, 4)
+    subsystem_vendor_id = Field(0x2C, 2)
+    subsystem_id = Field(0x2E, 2)
+    expansion_rom = Field(0x30, 4)
+    capabilities_ptr = Field(0x34, 1)
+    interrupt_line = Field(0x3C, 1)
+    interrupt_pin = Field(0x3D, 1)
+    min_gnt = Field(0x3E, 1)
+    max_lat = Field(0x3F, 1)
+
+
+TYPE0_HEADER = Type0HeaderLayout()
+
 
 #: Type 1 (PCI-to-PCI bridge) header fields past the common first 16 bytes, PCI-PCI Bridge 1.2 §3.2.
-TYPE1_HEADER = Layout(
-    "type1_header",
-    [
-        Field("vendor_id", 0x00, 2),
-        Field("device_id", 0x02, 2),
-        Field("command", 0x04, 2),
-        Field("status", 0x06, 2),
-        Field("header_type", 0x0E, 1),
-        Field("bar0", 0x10, 4),
-        Field("bar1", 0x14, 4),
-        Field("primary_bus", 0x18, 1),
-        Field("secondary_bus", 0x19, 1),
-        Field("subordinate_bus", 0x1A, 1),
-        Field("io_base", 0x1C, 1),
-        Field("io_limit", 0x1D, 1),
-        Field("secondary_status", 0x1E, 2),
-        Field("memory_base", 0x20, 2),
-        Field("memory_limit", 0x22, 2),
-        Field("prefetch_base", 0x24, 2),
-        Field("prefetch_limit", 0x26, 2),
-        Field("prefetch_base_upper", 0x28, 4),
-        Field("prefetch_limit_upper", 0x2C, 4),
-        Field("io_base_upper", 0x30, 2),
-        Field("io_limit_upper", 0x32, 2),
-        Field("capabilities_ptr", 0x34, 1),
-        Field("expansion_rom", 0x38, 4),
-        Field("interrupt_line", 0x3C, 1),
-        Field("interrupt_pin", 0x3D, 1),
-        Field("bridge_control", 0x3E, 2),
-    ],
-    size=0x40,
-)
+class Type1HeaderLayout(Layout, struct="type1_header", size=0x40):
+    vendor_id = Field(0x00, 2)
+    device_id = Field(0x02, 2)
+    command = Field(0x04, 2)
+    status = Field(0x06, 2)
+    header_type = Field(0x0E, 1)
+    bar0 = Field(0x10, 4)
+    bar1 = Field(0x14, 4)
+    primary_bus = Field(0x18, 1)
+    secondary_bus = Field(0x19, 1)
+    subordinate_bus = Field(0x1A, 1)
+    io_base = Field(0x1C, 1)
+    io_limit = Field(0x1D, 1)
+    secondary_status = Field(0x1E, 2)
+    memory_base = Field(0x20, 2)
+    memory_limit = Field(0x22, 2)
+    prefetch_base = Field(0x24, 2)
+    prefetch_limit = Field(0x26, 2)
+    prefetch_base_upper = Field(0x28, 4)
+    prefetch_limit_upper = Field(0x2C, 4)
+    io_base_upper = Field(0x30, 2)
+    io_limit_upper = Field(0x32, 2)
+    capabilities_ptr = Field(0x34, 1)
+    expansion_rom = Field(0x38, 4)
+    interrupt_line = Field(0x3C, 1)
+    interrupt_pin = Field(0x3D, 1)
+    bridge_control = Field(0x3E, 2)
+
+
+TYPE1_HEADER = Type1HeaderLayout()
 
 BAR_COUNT = {0: 6, 1: 2}
 HEADER_TYPE_MASK = 0x7F
 HEADER_MULTIFUNCTION = 0x80
 
-COMMAND = BitLayout(
-    "command",
-    [
-        Bits("io_space", 0),
-        Bits("memory_space", 1),
-        Bits("bus_master", 2),
-        Bits("special_cycles", 3),
-        Bits("mwi_enable", 4),
-        Bits("vga_palette_snoop", 5),
-        Bits("parity_error_response", 6),
-        Bits("serr_enable", 8),
-        Bits("fast_back_to_back", 9),
-        Bits("interrupt_disable", 10),
-    ],
-)
 
-STATUS = BitLayout(
-    "status",
-    [
-        Bits("interrupt_status", 3),
-        Bits("capabilities_list", 4),
-        Bits("mhz66_capable", 5),
-        Bits("fast_back_to_back_capable", 7),
-        Bits("master_data_parity_error", 8),
-        Bits("signaled_target_abort", 11),
-        Bits("received_target_abort", 12),
-        Bits("received_master_abort", 13),
-        Bits("signaled_system_error", 14),
-        Bits("detected_parity_error", 15),
-    ],
-)
+class CommandBits(BitLayout, register="command"):
+    io_space = Bits(0)
+    memory_space = Bits(1)
+    bus_master = Bits(2)
+    special_cycles = Bits(3)
+    mwi_enable = Bits(4)
+    vga_palette_snoop = Bits(5)
+    parity_error_response = Bits(6)
+    serr_enable = Bits(8)
+    fast_back_to_back = Bits(9)
+    interrupt_disable = Bits(10)
+
+
+COMMAND = CommandBits()
+
+
+class StatusBits(BitLayout, register="status"):
+    interrupt_status = Bits(3)
+    capabilities_list = Bits(4)
+    mhz66_capable = Bits(5)
+    fast_back_to_back_capable = Bits(7)
+    master_data_parity_error = Bits(8)
+    signaled_target_abort = Bits(11)
+    received_target_abort = Bits(12)
+    received_master_abort = Bits(13)
+    signaled_system_error = Bits(14)
+    detected_parity_error = Bits(15)
+
+
+STATUS = StatusBits()
+
 
 #: BAR low bits, PCI 3.0 §6.2.5.1.
-BAR = BitLayout(
-    "bar",
-    [
-        Bits("io_space", 0),
-        Bits("memory_type", 1, 2),  # 0: 32-bit, 2: 64-bit
-        Bits("prefetchable", 3),
-    ],
-)
+class BarBits(BitLayout, register="bar"):
+    io_space = Bits(0)
+    memory_type = Bits(1, 2)  # 0: 32-bit, 2: 64-bit
+    prefetchable = Bits(3)
+
+
+BAR = BarBits()
 BAR_IO_MASK = 0xFFFF_FFFC
 BAR_MEM_MASK = 0xFFFF_FFF0
 BAR_MEM_TYPE_64 = 2
 ROM_ADDRESS_MASK = 0xFFFF_F800
 ROM_ENABLE = 0x1
 
+
 #: Common head of every capability in the standard list, PCI 3.0 §6.7.
-CAP_HEADER = Layout("cap_header", [Field("cap_id", 0, 1), Field("cap_next", 1, 1)])
+class CapHeaderLayout(Layout, struct="cap_header"):
+    cap_id = Field(0, 1)
+    cap_next = Field(1, 1)
+
+
+CAP_HEADER = CapHeaderLayout()
+
+
 #: Head of an extended capability (config offset >= 0x100), PCIe 4.0 §7.6.3.
-EXT_CAP_HEADER = Layout("ext_cap_header", [Field("header", 0, 4)])
-EXT_CAP = BitLayout("ext_cap", [Bits("cap_id", 0, 16), Bits("version", 16, 4), Bits("next", 20, 12)])
+class ExtCapHeaderLayout(Layout, struct="ext_cap_header"):
+    header = Field(0, 4)
+
+
+EXT_CAP_HEADER = ExtCapHeaderLayout()
+
+
+class ExtCapBits(BitLayout, register="ext_cap"):
+    cap_id = Bits(0, 16)
+    version = Bits(16, 4)
+    next = Bits(20, 12)
+
+
+EXT_CAP = ExtCapBits()
 EXT_CAP_START = 0x100
 CONFIG_SPACE_SIZE = 0x100
 EXT_CONFIG_SPACE_SIZE = 0x1000
@@ -184,50 +202,69 @@ EXT_CAP_ID_NAMES = {
     0x0023: "Designated Vendor-Specific",
 }
 
+
 #: MSI-X capability structure, PCI 3.0 §6.8.2.
-MSIX_CAP = Layout(
-    "msix_cap",
-    [
-        Field("cap_id", 0x00, 1),
-        Field("cap_next", 0x01, 1),
-        Field("message_control", 0x02, 2),
-        Field("table", 0x04, 4),
-        Field("pba", 0x08, 4),
-    ],
-)
-MSIX_CONTROL = BitLayout(
-    "msix_message_control",
-    [Bits("table_size", 0, 11), Bits("function_mask", 14), Bits("enable", 15)],
-)
-MSIX_BIR = Bits("bir", 0, 3)
+class MsixCapLayout(Layout, struct="msix_cap"):
+    cap_id = Field(0x00, 1)
+    cap_next = Field(0x01, 1)
+    message_control = Field(0x02, 2)
+    table = Field(0x04, 4)
+    pba = Field(0x08, 4)
+
+
+MSIX_CAP = MsixCapLayout()
+
+
+class MsixControlBits(BitLayout, register="msix_message_control"):
+    table_size = Bits(0, 11)
+    function_mask = Bits(14)
+    enable = Bits(15)
+
+
+MSIX_CONTROL = MsixControlBits()
+MSIX_BIR = Bits(0, 3, name="bir")
 MSIX_OFFSET_MASK = 0xFFFF_FFF8
+
+
 #: One MSI-X table entry (16 bytes), PCI 3.0 §6.8.2.6-9.
-MSIX_ENTRY = Layout(
-    "msix_entry",
-    [
-        Field("message_address", 0x0, 4),
-        Field("message_upper_address", 0x4, 4),
-        Field("message_data", 0x8, 4),
-        Field("vector_control", 0xC, 4),
-    ],
-    size=16,
-)
+class MsixEntryLayout(Layout, struct="msix_entry", size=16):
+    message_address = Field(0x0, 4)
+    message_upper_address = Field(0x4, 4)
+    message_data = Field(0x8, 4)
+    vector_control = Field(0xC, 4)
+
+
+MSIX_ENTRY = MsixEntryLayout()
 MSIX_VECTOR_MASKED = 0x1
 
+
 #: MSI capability (32-bit and 64-bit forms share the head), PCI 3.0 §6.8.1.
-MSI_CONTROL = BitLayout(
-    "msi_message_control",
-    [
-        Bits("enable", 0),
-        Bits("multiple_message_capable", 1, 3),
-        Bits("address_64bit", 7),
-        Bits("per_vector_masking", 8),
-    ],
-)
+class MsiControlBits(BitLayout, register="msi_message_control"):
+    enable = Bits(0)
+    multiple_message_capable = Bits(1, 3)
+    address_64bit = Bits(7)
+    per_vector_masking = Bits(8)
+
+
+MSI_CONTROL = MsiControlBits()
+
 
 #: PCI Express capability head (enough to name the port type), PCIe 4.0 §7.5.3.
-PCIE_CAP = Layout("pcie_cap", [Field("cap_id", 0, 1), Field("cap_next", 1, 1), Field("pcie_capabilities", 2, 2)])
-PCIE_CAPS = BitLayout("pcie_capabilities", [Bits("version", 0, 4), Bits("port_type", 4, 4)])
+class PcieCapLayout(Layout, struct="pcie_cap"):
+    cap_id = Field(0, 1)
+    cap_next = Field(1, 1)
+    pcie_capabilities = Field(2, 2)
+
+
+PCIE_CAP = PcieCapLayout()
+
+
+class PcieCapsBits(BitLayout, register="pcie_capabilities"):
+    version = Bits(0, 4)
+    port_type = Bits(4, 4)
+
+
+PCIE_CAPS = PcieCapsBits()
 PCIE_PORT_TYPES = {
     0x0: "Endpoint",
     0x1: "Legacy Endpoint",
@@ -281,8 +318,15 @@ def class_name(base: int, sub: int) -> str:
 
 #: q35's MCH: PCIEXBAR locates the ECAM (MMCONFIG) window (Intel 3 Series datasheet §5.1.11;
 #: QEMU hw/pci-host/q35.c). Firmware programs it; under qtest nobody does, so the harness must.
-MCH_PCIEXBAR = Field("pciexbar", 0x60, 8)
-PCIEXBAR = BitLayout("pciexbar", [Bits("enable", 0), Bits("length", 1, 2)])
+MCH_PCIEXBAR = Field(0x60, 8, name="pciexbar")
+
+
+class PciexbarBits(BitLayout, register="pciexbar"):
+    enable = Bits(0)
+    length = Bits(1, 2)
+
+
+PCIEXBAR = PciexbarBits()
 PCIEXBAR_LENGTH_256M = 0
 PCIEXBAR_DEFAULT_BASE = 0xB000_0000
 ECAM_BUS_SHIFT, ECAM_DEVICE_SHIFT, ECAM_FUNCTION_SHIFT = 20, 15, 12

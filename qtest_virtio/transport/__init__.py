@@ -65,7 +65,7 @@ _KIND_FOR_MODE = {
 
 def open_transport(fn: PciFunction, mode: str, *, notify_via: str = "mmio") -> VirtioTransport:
     """The transport ``mode`` names; refuses (never guesses) when the device is of another kind."""
-    modes.check_mode(mode)
+    mode = modes.check_mode(mode)
     kind = device_kind(fn)
     if kind != _KIND_FOR_MODE[mode]:
         raise TransportError(

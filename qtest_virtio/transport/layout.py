@@ -14,27 +14,36 @@ TRANSITIONAL_ID_RANGE = range(0x1000, 0x1040)
 MODERN_ID_BASE = 0x1040
 MODERN_ID_RANGE = range(MODERN_ID_BASE, 0x1080)
 
+
 #: struct virtio_pci_cap, virtio 1.2 §4.1.4.
-VIRTIO_PCI_CAP = Layout(
-    "virtio_pci_cap",
-    [
-        Field("cap_vndr", 0, 1),
-        Field("cap_next", 1, 1),
-        Field("cap_len", 2, 1),
-        Field("cfg_type", 3, 1),
-        Field("bar", 4, 1),
-        Field("id", 5, 1),
-        Field("offset", 8, 4),
-        Field("length", 12, 4),
-    ],
-    size=16,
-)
+class VirtioPciCapLayout(Layout, struct="virtio_pci_cap", size=16):
+    cap_vndr = Field(0, 1)
+    cap_next = Field(1, 1)
+    cap_len = Field(2, 1)
+    cfg_type = Field(3, 1)
+    bar = Field(4, 1)
+    id = Field(5, 1)
+    offset = Field(8, 4)
+    length = Field(12, 4)
+
+
+VIRTIO_PCI_CAP = VirtioPciCapLayout()
+
+
 #: struct virtio_pci_notify_cap adds the multiplier, §4.1.4.4.
-VIRTIO_PCI_NOTIFY_CAP = Layout(
-    "virtio_pci_notify_cap", [*VIRTIO_PCI_CAP, Field("notify_off_multiplier", 16, 4)], size=20
-)
+class VirtioPciNotifyCapLayout(VirtioPciCapLayout, struct="virtio_pci_notify_cap", size=20):
+    notify_off_multiplier = Field(16, 4)
+
+
+VIRTIO_PCI_NOTIFY_CAP = VirtioPciNotifyCapLayout()
+
+
 #: struct virtio_pci_cfg_cap adds a data window onto any BAR, §4.1.4.9.
-VIRTIO_PCI_CFG_CAP = Layout("virtio_pci_cfg_cap", [*VIRTIO_PCI_CAP, Field("pci_cfg_data", 16, 4)], size=20)
+class VirtioPciCfgCapLayout(VirtioPciCapLayout, struct="virtio_pci_cfg_cap", size=20):
+    pci_cfg_data = Field(16, 4)
+
+
+VIRTIO_PCI_CFG_CAP = VirtioPciCfgCapLayout()
 
 CFG_TYPE_COMMON = 1
 CFG_TYPE_NOTIFY = 2
@@ -53,70 +62,74 @@ CFG_TYPE_NAMES = {
     CFG_TYPE_VENDOR: "vendor_cfg",
 }
 
+
 #: struct virtio_pci_common_cfg, virtio 1.2 §4.1.4.3 (queue_notify_data, queue_reset: 1.2).
-COMMON_CFG = Layout(
-    "common_cfg",
-    [
-        Field("device_feature_select", 0x00, 4),
-        Field("device_feature", 0x04, 4),
-        Field("driver_feature_select", 0x08, 4),
-        Field("driver_feature", 0x0C, 4),
-        Field("config_msix_vector", 0x10, 2),
-        Field("num_queues", 0x12, 2),
-        Field("device_status", 0x14, 1),
-        Field("config_generation", 0x15, 1),
-        Field("queue_select", 0x16, 2),
-        Field("queue_size", 0x18, 2),
-        Field("queue_msix_vector", 0x1A, 2),
-        Field("queue_enable", 0x1C, 2),
-        Field("queue_notify_off", 0x1E, 2),
-        Field("queue_desc", 0x20, 8),
-        Field("queue_driver", 0x28, 8),
-        Field("queue_device", 0x30, 8),
-        Field("queue_notify_data", 0x38, 2),
-        Field("queue_reset", 0x3A, 2),
-    ],
-    size=0x3C,
-)
+class CommonCfgLayout(Layout, struct="common_cfg", size=0x3C):
+    device_feature_select = Field(0x00, 4)
+    device_feature = Field(0x04, 4)
+    driver_feature_select = Field(0x08, 4)
+    driver_feature = Field(0x0C, 4)
+    config_msix_vector = Field(0x10, 2)
+    num_queues = Field(0x12, 2)
+    device_status = Field(0x14, 1)
+    config_generation = Field(0x15, 1)
+    queue_select = Field(0x16, 2)
+    queue_size = Field(0x18, 2)
+    queue_msix_vector = Field(0x1A, 2)
+    queue_enable = Field(0x1C, 2)
+    queue_notify_off = Field(0x1E, 2)
+    queue_desc = Field(0x20, 8)
+    queue_driver = Field(0x28, 8)
+    queue_device = Field(0x30, 8)
+    queue_notify_data = Field(0x38, 2)
+    queue_reset = Field(0x3A, 2)
+
+
+COMMON_CFG = CommonCfgLayout()
+
 
 #: The legacy I/O BAR header, virtio 1.2 §4.1.4.10; with MSI-X enabled two vector registers
 #: follow and the device-specific config moves from 0x14 to 0x18.
-LEGACY_CFG = Layout(
-    "legacy_cfg",
-    [
-        Field("device_features", 0x00, 4),
-        Field("driver_features", 0x04, 4),
-        Field("queue_address", 0x08, 4),
-        Field("queue_size", 0x0C, 2),
-        Field("queue_select", 0x0E, 2),
-        Field("queue_notify", 0x10, 2),
-        Field("device_status", 0x12, 1),
-        Field("isr_status", 0x13, 1),
-        Field("config_msix_vector", 0x14, 2),
-        Field("queue_msix_vector", 0x16, 2),
-    ],
-    size=0x18,
-)
+class LegacyCfgLayout(Layout, struct="legacy_cfg", size=0x18):
+    device_features = Field(0x00, 4)
+    driver_features = Field(0x04, 4)
+    queue_address = Field(0x08, 4)
+    queue_size = Field(0x0C, 2)
+    queue_select = Field(0x0E, 2)
+    queue_notify = Field(0x10, 2)
+    device_status = Field(0x12, 1)
+    isr_status = Field(0x13, 1)
+    config_msix_vector = Field(0x14, 2)
+    queue_msix_vector = Field(0x16, 2)
+
+
+LEGACY_CFG = LegacyCfgLayout()
 LEGACY_DEVICE_CFG_OFFSET = 0x14
 LEGACY_DEVICE_CFG_OFFSET_MSIX = 0x18
 #: Legacy queue addresses are page frame numbers of 4096-byte pages (§4.1.4.10).
 LEGACY_QUEUE_ALIGN_SHIFT = 12
 
+
 #: ISR status bits, §4.1.4.5.
-ISR = BitLayout("isr", [Bits("queue_interrupt", 0), Bits("config_change", 1)])
+class IsrBits(BitLayout, register="isr"):
+    queue_interrupt = Bits(0)
+    config_change = Bits(1)
+
+
+ISR = IsrBits()
+
 
 #: Device status bits, §2.1.
-STATUS = BitLayout(
-    "device_status",
-    [
-        Bits("ACKNOWLEDGE", 0),
-        Bits("DRIVER", 1),
-        Bits("DRIVER_OK", 2),
-        Bits("FEATURES_OK", 3),
-        Bits("DEVICE_NEEDS_RESET", 6),
-        Bits("FAILED", 7),
-    ],
-)
+class StatusBits(BitLayout, register="device_status"):
+    ACKNOWLEDGE = Bits(0)
+    DRIVER = Bits(1)
+    DRIVER_OK = Bits(2)
+    FEATURES_OK = Bits(3)
+    DEVICE_NEEDS_RESET = Bits(6)
+    FAILED = Bits(7)
+
+
+STATUS = StatusBits()
 
 VIRTIO_MSI_NO_VECTOR = 0xFFFF
 

@@ -56,24 +56,24 @@ class LegacyTransport(VirtioTransport):
         return LEGACY_DEVICE_CFG_OFFSET_MSIX if self.msix_enabled else LEGACY_DEVICE_CFG_OFFSET
 
     def get_status(self) -> int:
-        return self.regs.read("device_status")
+        return self.regs.read(LEGACY_CFG.device_status)
 
     def set_status(self, status: int) -> None:
-        self.regs.write("device_status", status)
+        self.regs.write(LEGACY_CFG.device_status, status)
 
     def device_features(self) -> int:
-        return self.regs.read("device_features")
+        return self.regs.read(LEGACY_CFG.device_features)
 
     def driver_features(self) -> int:
-        return self.regs.read("driver_features")
+        return self.regs.read(LEGACY_CFG.driver_features)
 
     def set_driver_features(self, features: int) -> None:
         if features >> 32:
             raise TransportError(f"{self}: the legacy layout has 32 feature bits; asked for {features:#x}")
-        self.regs.write("driver_features", features)
+        self.regs.write(LEGACY_CFG.driver_features, features)
 
     def _select(self, queue: int) -> None:
-        self.regs.write("queue_select", queue)
+        self.regs.write(LEGACY_CFG.queue_select, queue)
 
     def num_queues(self) -> int:
         n = 0
@@ -83,7 +83,7 @@ class LegacyTransport(VirtioTransport):
 
     def queue_max_size(self, queue: int) -> int:
         self._select(queue)
-        return self.regs.read("queue_size")
+        return self.regs.read(LEGACY_CFG.queue_size)
 
     def setup_queue(self, queue: int, size: int, desc: int, driver: int, device: int) -> None:
         fixed = self.queue_max_size(queue)
@@ -97,33 +97,33 @@ class LegacyTransport(VirtioTransport):
                 f"{self}: legacy rings are contiguous: avail at desc+{expected_driver:#x}, "
                 f"used at desc+{expected_device:#x}"
             )
-        self.regs.write("queue_address", desc >> LEGACY_QUEUE_ALIGN_SHIFT)
+        self.regs.write(LEGACY_CFG.queue_address, desc >> LEGACY_QUEUE_ALIGN_SHIFT)
 
     def enable_queue(self, queue: int) -> None:
         """Legacy has no enable register: writing the PFN made the queue live."""
 
     def queue_enabled(self, queue: int) -> bool:
         self._select(queue)
-        return self.regs.read("queue_address") != 0
+        return self.regs.read(LEGACY_CFG.queue_address) != 0
 
     def notify(self, queue: int) -> None:
-        self.regs.write("queue_notify", queue)
+        self.regs.write(LEGACY_CFG.queue_notify, queue)
 
     def read_isr(self) -> int:
-        return self.regs.read("isr_status")
+        return self.regs.read(LEGACY_CFG.isr_status)
 
     def set_config_vector(self, vector: int) -> int:
         if not self.msix_enabled:
             raise TransportError(f"{self}: the legacy MSI-X vector registers exist only while MSI-X is enabled")
-        self.regs.write("config_msix_vector", vector)
-        return self.regs.read("config_msix_vector")
+        self.regs.write(LEGACY_CFG.config_msix_vector, vector)
+        return self.regs.read(LEGACY_CFG.config_msix_vector)
 
     def set_queue_vector(self, queue: int, vector: int) -> int:
         if not self.msix_enabled:
             raise TransportError(f"{self}: the legacy MSI-X vector registers exist only while MSI-X is enabled")
         self._select(queue)
-        self.regs.write("queue_msix_vector", vector)
-        return self.regs.read("queue_msix_vector")
+        self.regs.write(LEGACY_CFG.queue_msix_vector, vector)
+        return self.regs.read(LEGACY_CFG.queue_msix_vector)
 
     def config_read(self, offset: int, width: int) -> int:
         return self.fn.bar_read(LEGACY_BAR, self.device_config_offset + offset, width)

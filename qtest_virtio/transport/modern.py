@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..pci import PciFunction
-from ..registers import Layout, RegisterBlock
+from ..registers import Field, L, RegisterBlock
 from .base import TransportError, VirtioTransport
 from .layout import (
     CFG_TYPE_COMMON,
@@ -22,6 +22,7 @@ from .layout import (
     COMMON_CFG,
     VIRTIO_PCI_CFG_CAP,
     VIRTIO_PCI_NOTIFY_CAP,
+    VirtioPciCfgCapLayout,
 )
 
 
@@ -37,7 +38,7 @@ class VirtioCap:
     notify_off_multiplier: int = 0
 
 
-def cap_block(fn: PciFunction, base: int, cap_layout: Layout) -> RegisterBlock:
+def cap_block(fn: PciFunction, base: int, cap_layout: L) -> RegisterBlock[L]:
     """A capability's registers in config space, by name."""
     return RegisterBlock(
         cap_layout,
@@ -51,10 +52,17 @@ def read_virtio_caps(fn: PciFunction) -> list[VirtioCap]:
     caps = []
     for cap in fn.vendor_capabilities():
         block = cap_block(fn, cap.offset, VIRTIO_PCI_NOTIFY_CAP)
-        cfg_type = block.read("cfg_type")
-        mult = block.read("notify_off_multiplier") if cfg_type == CFG_TYPE_NOTIFY else 0
+        cfg_type = block.read(VIRTIO_PCI_NOTIFY_CAP.cfg_type)
+        mult = block.read(VIRTIO_PCI_NOTIFY_CAP.notify_off_multiplier) if cfg_type == CFG_TYPE_NOTIFY else 0
         caps.append(
-            VirtioCap(cap.offset, cfg_type, block.read("bar"), block.read("offset"), block.read("length"), mult)
+            VirtioCap(
+                cap.offset,
+                cfg_type,
+                block.read(VIRTIO_PCI_NOTIFY_CAP.bar),
+                block.read(VIRTIO_PCI_NOTIFY_CAP.offset),
+                block.read(VIRTIO_PCI_NOTIFY_CAP.length),
+                mult,
+            )
         )
     return caps
 
@@ -107,12 +115,12 @@ class ModernTransport(VirtioTransport):
     # -- status and features --------------------------------------------------------------
 
     def get_status(self) -> int:
-        return self.common.read("device_status")
+        return self.common.read(COMMON_CFG.device_status)
 
     def set_status(self, status: int) -> None:
-        self.common.write("device_status", status)
+        self.common.write(COMMON_CFG.device_status, status)
 
-    def _read64(self, select: str, value: str) -> int:
+    def _read64(self, select: Field, value: Field) -> int:
         bits = 0
         for word in (0, 1):
             self.common.write(select, word)
@@ -120,50 +128,50 @@ class ModernTransport(VirtioTransport):
         return bits
 
     def device_features(self) -> int:
-        return self._read64("device_feature_select", "device_feature")
+        return self._read64(COMMON_CFG.device_feature_select, COMMON_CFG.device_feature)
 
     def driver_features(self) -> int:
-        return self._read64("driver_feature_select", "driver_feature")
+        return self._read64(COMMON_CFG.driver_feature_select, COMMON_CFG.driver_feature)
 
     def set_driver_features(self, features: int) -> None:
         for word in (0, 1):
-            self.common.write("driver_feature_select", word)
-            self.common.write("driver_feature", (features >> (32 * word)) & 0xFFFF_FFFF)
+            self.common.write(COMMON_CFG.driver_feature_select, word)
+            self.common.write(COMMON_CFG.driver_feature, (features >> (32 * word)) & 0xFFFF_FFFF)
 
     # -- queues ---------------------------------------------------------------------------
 
     def select_queue(self, queue: int) -> None:
-        self.common.write("queue_select", queue)
+        self.common.write(COMMON_CFG.queue_select, queue)
 
     def num_queues(self) -> int:
-        return self.common.read("num_queues")
+        return self.common.read(COMMON_CFG.num_queues)
 
     def queue_max_size(self, queue: int) -> int:
         """The maximum size; the driver may write a smaller power of two (§4.1.4.3.2)."""
         self.select_queue(queue)
-        return self.common.read("queue_size")
+        return self.common.read(COMMON_CFG.queue_size)
 
     def setup_queue(self, queue: int, size: int, desc: int, driver: int, device: int) -> None:
         self.select_queue(queue)
-        self.common.write("queue_size", size)
-        self.common.write("queue_desc", desc)
-        self.common.write("queue_driver", driver)
-        self.common.write("queue_device", device)
-        self._notify_offsets[queue] = self.common.read("queue_notify_off")
+        self.common.write(COMMON_CFG.queue_size, size)
+        self.common.write(COMMON_CFG.queue_desc, desc)
+        self.common.write(COMMON_CFG.queue_driver, driver)
+        self.common.write(COMMON_CFG.queue_device, device)
+        self._notify_offsets[queue] = self.common.read(COMMON_CFG.queue_notify_off)
 
     def enable_queue(self, queue: int) -> None:
         self.select_queue(queue)
-        self.common.write("queue_enable", 1)
+        self.common.write(COMMON_CFG.queue_enable, 1)
 
     def queue_enabled(self, queue: int) -> bool:
         self.select_queue(queue)
-        return self.common.read("queue_enable") == 1
+        return self.common.read(COMMON_CFG.queue_enable) == 1
 
     def notify_address(self, queue: int) -> tuple[int, int]:
         """(BAR, offset) the driver writes to notify ``queue`` (§4.1.4.4)."""
         if queue not in self._notify_offsets:
             self.select_queue(queue)
-            self._notify_offsets[queue] = self.common.read("queue_notify_off")
+            self._notify_offsets[queue] = self.common.read(COMMON_CFG.queue_notify_off)
         off = self.notify_cap.offset + self._notify_offsets[queue] * self.notify_cap.notify_off_multiplier
         return self.notify_cap.bar, off
 
@@ -174,9 +182,9 @@ class ModernTransport(VirtioTransport):
     def reset_queue(self, queue: int) -> None:
         """Write queue_reset=1, wait for it to read 0 (§4.1.4.3.2, RING_RESET)."""
         self.select_queue(queue)
-        self.common.write("queue_reset", 1)
+        self.common.write(COMMON_CFG.queue_reset, 1)
         for _ in range(1000):
-            if self.common.read("queue_reset") == 0:
+            if self.common.read(COMMON_CFG.queue_reset) == 0:
                 self._notify_offsets.pop(queue, None)
                 return
         raise TransportError(f"{self}: queue {queue} reset never completed")
@@ -187,13 +195,13 @@ class ModernTransport(VirtioTransport):
         return self.fn.bar_read(self.isr_cap.bar, self.isr_cap.offset, 1)
 
     def set_config_vector(self, vector: int) -> int:
-        self.common.write("config_msix_vector", vector)
-        return self.common.read("config_msix_vector")
+        self.common.write(COMMON_CFG.config_msix_vector, vector)
+        return self.common.read(COMMON_CFG.config_msix_vector)
 
     def set_queue_vector(self, queue: int, vector: int) -> int:
         self.select_queue(queue)
-        self.common.write("queue_msix_vector", vector)
-        return self.common.read("queue_msix_vector")
+        self.common.write(COMMON_CFG.queue_msix_vector, vector)
+        return self.common.read(COMMON_CFG.queue_msix_vector)
 
     # -- device config --------------------------------------------------------------------
 
@@ -217,11 +225,11 @@ class ModernTransport(VirtioTransport):
         self.fn.bar_write(cap.bar, cap.offset + offset, width, value)
 
     def config_generation(self) -> int:
-        return self.common.read("config_generation")
+        return self.common.read(COMMON_CFG.config_generation)
 
     # -- PCI configuration access capability ----------------------------------------------
 
-    def _pci_cfg(self) -> RegisterBlock:
+    def _pci_cfg(self) -> RegisterBlock[VirtioPciCfgCapLayout]:
         if self.pci_cfg_cap is None:
             raise TransportError(f"{self}: no VIRTIO_PCI_CAP_PCI_CFG capability")
         return cap_block(self.fn, self.pci_cfg_cap.cap_offset, VIRTIO_PCI_CFG_CAP)
@@ -230,16 +238,16 @@ class ModernTransport(VirtioTransport):
         """Read a BAR through config space only: set bar/offset/length, read pci_cfg_data
         (§4.1.4.9.1)."""
         cap = self._pci_cfg()
-        cap.write("bar", bar)
-        cap.write("offset", offset)
-        cap.write("length", width)
+        cap.write(VIRTIO_PCI_CFG_CAP.bar, bar)
+        cap.write(VIRTIO_PCI_CFG_CAP.offset, offset)
+        cap.write(VIRTIO_PCI_CFG_CAP.length, width)
         data_offset = VIRTIO_PCI_CFG_CAP.pci_cfg_data.offset
         return self.fn.read_config(self.pci_cfg_cap.cap_offset + data_offset, width)  # type: ignore[union-attr]
 
     def pci_cfg_write(self, bar: int, offset: int, width: int, value: int) -> None:
         cap = self._pci_cfg()
-        cap.write("bar", bar)
-        cap.write("offset", offset)
-        cap.write("length", width)
+        cap.write(VIRTIO_PCI_CFG_CAP.bar, bar)
+        cap.write(VIRTIO_PCI_CFG_CAP.offset, offset)
+        cap.write(VIRTIO_PCI_CFG_CAP.length, width)
         data_offset = VIRTIO_PCI_CFG_CAP.pci_cfg_data.offset
         self.fn.write_config(self.pci_cfg_cap.cap_offset + data_offset, width, value)  # type: ignore[union-attr]

@@ -4,34 +4,84 @@ from __future__ import annotations
 
 from ..registers import BitLayout, Bits, Field, Layout
 
+
 #: struct virtq_desc, §2.7.5.
-SPLIT_DESC = Layout(
-    "virtq_desc",
-    [Field("addr", 0, 8), Field("len", 8, 4), Field("flags", 12, 2), Field("next", 14, 2)],
-    size=16,
-)
-DESC_F = BitLayout("virtq_desc.flags", [Bits("NEXT", 0), Bits("WRITE", 1), Bits("INDIRECT", 2)])
+class SplitDescLayout(Layout, struct="virtq_desc", size=16):
+    addr = Field(0, 8)
+    len = Field(8, 4)
+    flags = Field(12, 2)
+    next = Field(14, 2)
+
+
+SPLIT_DESC = SplitDescLayout()
+
+
+class DescFBits(BitLayout, register="virtq_desc.flags"):
+    NEXT = Bits(0)
+    WRITE = Bits(1)
+    INDIRECT = Bits(2)
+
+
+DESC_F = DescFBits()
+
 
 #: struct virtq_avail head, §2.7.6; ring[queue_size] of le16 follows, then used_event.
-SPLIT_AVAIL = Layout("virtq_avail", [Field("flags", 0, 2), Field("idx", 2, 2)], size=4)
+class SplitAvailLayout(Layout, struct="virtq_avail", size=4):
+    flags = Field(0, 2)
+    idx = Field(2, 2)
+
+
+SPLIT_AVAIL = SplitAvailLayout()
 AVAIL_F_NO_INTERRUPT = 1
+
+
 #: struct virtq_used head, §2.7.8; ring[queue_size] of {le32 id, le32 len} follows, then avail_event.
-SPLIT_USED = Layout("virtq_used", [Field("flags", 0, 2), Field("idx", 2, 2)], size=4)
-USED_ELEM = Layout("virtq_used_elem", [Field("id", 0, 4), Field("len", 4, 4)], size=8)
+class SplitUsedLayout(Layout, struct="virtq_used", size=4):
+    flags = Field(0, 2)
+    idx = Field(2, 2)
+
+
+SPLIT_USED = SplitUsedLayout()
+
+
+class UsedElemLayout(Layout, struct="virtq_used_elem", size=8):
+    id = Field(0, 4)
+    len = Field(4, 4)
+
+
+USED_ELEM = UsedElemLayout()
 USED_F_NO_NOTIFY = 1
 
+
 #: struct pvirtq_desc, §2.8.13.
-PACKED_DESC = Layout(
-    "pvirtq_desc",
-    [Field("addr", 0, 8), Field("len", 8, 4), Field("id", 12, 2), Field("flags", 14, 2)],
-    size=16,
-)
-PACKED_F = BitLayout(
-    "pvirtq_desc.flags",
-    [Bits("NEXT", 0), Bits("WRITE", 1), Bits("INDIRECT", 2), Bits("AVAIL", 7), Bits("USED", 15)],
-)
+class PackedDescLayout(Layout, struct="pvirtq_desc", size=16):
+    addr = Field(0, 8)
+    len = Field(8, 4)
+    id = Field(12, 2)
+    flags = Field(14, 2)
+
+
+PACKED_DESC = PackedDescLayout()
+
+
+class PackedFBits(BitLayout, register="pvirtq_desc.flags"):
+    NEXT = Bits(0)
+    WRITE = Bits(1)
+    INDIRECT = Bits(2)
+    AVAIL = Bits(7)
+    USED = Bits(15)
+
+
+PACKED_F = PackedFBits()
+
+
 #: struct pvirtq_event_suppress, §2.8.14: both the driver and the device area have one.
-EVENT_SUPPRESS = Layout("pvirtq_event_suppress", [Field("off_wrap", 0, 2), Field("flags", 2, 2)], size=4)
+class EventSuppressLayout(Layout, struct="pvirtq_event_suppress", size=4):
+    off_wrap = Field(0, 2)
+    flags = Field(2, 2)
+
+
+EVENT_SUPPRESS = EventSuppressLayout()
 RING_EVENT_FLAGS_ENABLE = 0
 RING_EVENT_FLAGS_DISABLE = 1
 RING_EVENT_FLAGS_DESC = 2

@@ -13,7 +13,6 @@ began and carries the buffer id of its last, and the device skips the slots of t
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,7 +28,7 @@ from .layout import (
     packed_avail_flags,
 )
 
-_DESC = struct.Struct("<QIHH")  # PACKED_DESC: addr, len, id, flags
+_DESC = PACKED_DESC.struct
 _WRAP_BIT = 15
 
 

@@ -13,7 +13,6 @@ used.idx moves by the size of the batch (§2.7.9).
 
 from __future__ import annotations
 
-import struct
 from collections import deque
 from collections.abc import Sequence
 
@@ -32,8 +31,8 @@ from .layout import (
     used_ring_size,
 )
 
-_DESC = struct.Struct("<QIHH")  # SPLIT_DESC: addr, len, flags, next
-_USED = struct.Struct("<II")  # USED_ELEM: id, len
+_DESC = SPLIT_DESC.struct
+_USED = USED_ELEM.struct
 
 
 class SplitVirtqueue(Virtqueue):

@@ -18,7 +18,7 @@ from qtest_virtio import modes
 from qtest_virtio.devices.base import VirtioDriver
 from qtest_virtio.introspect import device_view
 from qtest_virtio.pci import regs as pci_regs
-from qtest_virtio.transport import LegacyTransport, ModernTransport, VirtioTransport
+from qtest_virtio.transport import LegacyTransport, ModernTransport, VirtioTransport, layout
 from qtest_virtio.transport.layout import (
     CFG_TYPE_COMMON,
     CFG_TYPE_DEVICE,
@@ -75,8 +75,8 @@ def queue_regs(t: VirtioTransport):
 def read_vectors(t: VirtioTransport, queue: int) -> tuple[int, int]:
     """(config_msix_vector, queue_msix_vector of ``queue``) as the device presents them."""
     block = queue_regs(t)
-    block.write("queue_select", queue)
-    return block.read("config_msix_vector"), block.read("queue_msix_vector")
+    block.write(block.layout["queue_select"], queue)
+    return block.read(block.layout["config_msix_vector"]), block.read(block.layout["queue_msix_vector"])
 
 
 def quiet(vm, seconds: float = QUIET_WINDOW) -> None:
@@ -112,7 +112,7 @@ def test_transitional_identity(virtio_device):
     fn = virtio_device.fn
     assert fn.revision_id == 0
     assert fn.device_id in range(0x1000, 0x1040)
-    assert fn.config.read("subsystem_id") == ENTROPY_DEVICE_ID
+    assert fn.config.read(pci_regs.TYPE0_HEADER.subsystem_id) == ENTROPY_DEVICE_ID
 
 
 @pytest.mark.conformance("pci-non-transitional-identity", spec="4.1.2.1")
@@ -124,7 +124,7 @@ def test_non_transitional_identity(virtio_device):
     fn = virtio_device.fn
     assert fn.device_id in range(0x1040, 0x1080)
     assert fn.revision_id >= 1
-    assert fn.config.read("subsystem_id") >= 0x40
+    assert fn.config.read(pci_regs.TYPE0_HEADER.subsystem_id) >= 0x40
 
 
 # -- capability structures (§4.1.4) ------------------------------------------------------------
@@ -183,7 +183,7 @@ def test_notify_offsets_stay_within_the_capability(virtio_device):
     assert t.num_queues() == 4
     for q in range(t.num_queues()):
         t.select_queue(q)
-        off = t.common.read("queue_notify_off")
+        off = t.common.read(layout.COMMON_CFG.queue_notify_off)
         assert t.notify_cap.length >= off * t.notify_cap.notify_off_multiplier + 2, f"queue {q}"
 
 
@@ -224,7 +224,7 @@ def test_device_reset_clears_queue_enable(virtio_device):
     assert t.queue_enabled(0)
     t.reset()
     t.select_queue(0)
-    assert t.common.read("queue_enable") == 0
+    assert t.common.read(layout.COMMON_CFG.queue_enable) == 0
 
 
 @pytest.mark.conformance("pci-absent-queue-size-zero", spec="4.1.4.3.1")
@@ -233,8 +233,8 @@ def test_absent_queue_reads_size_zero(virtio_device):
     virtio-rng has one queue; 1, 2 and 1023 (QEMU's last queue slot) are all absent."""
     block = queue_regs(virtio_device.transport)
     for queue in (1, 2, 1023):
-        block.write("queue_select", queue)
-        assert block.read("queue_size") == 0, f"queue {queue}"
+        block.write(block.layout["queue_select"], queue)
+        assert block.read(block.layout["queue_size"]) == 0, f"queue {queue}"
 
 
 @pytest.mark.conformance("pci-large-queue-select-size-zero", spec="4.1.4.3")
@@ -247,12 +247,12 @@ def test_large_queue_select_reads_size_zero(virtio_device):
     driver's further queue writes land on it."""
     block = modern(virtio_device).common
     for queue in (1024, 0x8000, 0xFFFF):
-        block.write("queue_select", 0)
-        block.write("queue_select", queue)
-        assert block.read("queue_select") == queue, (
+        block.write(block.layout["queue_select"], 0)
+        block.write(block.layout["queue_select"], queue)
+        assert block.read(block.layout["queue_select"]) == queue, (
             f"queue_select {queue:#x} reads back {block.read('queue_select'):#x}"
         )
-        assert block.read("queue_size") == 0, f"queue_select {queue:#x}"
+        assert block.read(block.layout["queue_size"]) == 0, f"queue_select {queue:#x}"
 
 
 @pytest.mark.conformance("pci-queue-size-power-of-two", spec="4.1.4.3.1")
@@ -264,8 +264,8 @@ def test_queue_size_is_zero_or_a_power_of_two(virtio_device):
         pytest.skip("the rule is for split rings; this run negotiated RING_PACKED")
     block = queue_regs(t)
     for queue in range(4):
-        block.write("queue_select", queue)
-        size = block.read("queue_size")
+        block.write(block.layout["queue_select"], queue)
+        size = block.read(block.layout["queue_size"])
         assert size & (size - 1) == 0, f"queue {queue} size {size}"
 
 
@@ -276,7 +276,7 @@ def test_driver_can_shrink_the_queue(virtio_device):
     two, the device reads it back and runs the queue at that size (field definition)."""
     t = modern(virtio_device)
     t.select_queue(0)
-    assert t.common.read("queue_size") == 2
+    assert t.common.read(layout.COMMON_CFG.queue_size) == 2
     assert virtio_device.queues[0].size == 2
     for _ in range(5):  # more than twice round the two-entry ring
         assert len(virtio_device.request(8, timeout=1.0)) == 8
@@ -288,11 +288,11 @@ def test_legacy_queue_size_is_read_only(virtio_device):
     """In the legacy register layout queue_size is read-only: a driver's write does not change
     it (the table of §4.1.4.10 marks it R)."""
     t = legacy(virtio_device)
-    t.regs.write("queue_select", 0)
-    size = t.regs.read("queue_size")
+    t.regs.write(layout.LEGACY_CFG.queue_select, 0)
+    size = t.regs.read(layout.LEGACY_CFG.queue_size)
     for value in (size // 2, size * 2, 0):
-        t.regs.write("queue_size", value)
-        assert t.regs.read("queue_size") == size
+        t.regs.write(layout.LEGACY_CFG.queue_size, value)
+        assert t.regs.read(layout.LEGACY_CFG.queue_size) == size
 
 
 @pytest.mark.conformance("pci-feature-select-past-64-reads-zero", spec="4.1.4.3.1")
@@ -302,8 +302,8 @@ def test_device_feature_past_bit_63_reads_zero(virtio_device):
     the driver writes: no feature is defined past bit 63, so selects 2 and up read 0 (MUST)."""
     t = modern(virtio_device)
     for select in (2, 3, 0x80, 0xFFFF_FFFF):
-        t.common.write("device_feature_select", select)
-        assert t.common.read("device_feature") == 0, f"device_feature_select {select:#x}"
+        t.common.write(layout.COMMON_CFG.device_feature_select, select)
+        assert t.common.read(layout.COMMON_CFG.device_feature) == 0, f"device_feature_select {select:#x}"
 
 
 @pytest.mark.conformance("pci-driver-features-read-back", spec="4.1.4.3.1")
@@ -320,8 +320,8 @@ def test_driver_features_read_back(virtio_device):
 def test_modern_layout_offers_version_1(virtio_device):
     """A device driven through the modern layout offers VIRTIO_F_VERSION_1 (MUST)."""
     t = modern(virtio_device)
-    t.common.write("device_feature_select", 1)
-    assert t.common.read("device_feature") >> (VERSION_1 - 32) & 1
+    t.common.write(layout.COMMON_CFG.device_feature_select, 1)
+    assert t.common.read(layout.COMMON_CFG.device_feature) >> (VERSION_1 - 32) & 1
 
 
 @pytest.mark.conformance("pci-unoffered-feature-fails-features-ok", spec="4.1.4.3.1")
@@ -354,8 +354,8 @@ def test_queue_reset_reads_zero_on_an_enabled_queue(virtio_device):
     """With RING_RESET negotiated, queue_reset reads 0 once the queue is enabled (MUST)."""
     t = modern(virtio_device)
     t.select_queue(0)
-    assert t.common.read("queue_enable") == 1
-    assert t.common.read("queue_reset") == 0
+    assert t.common.read(layout.COMMON_CFG.queue_enable) == 1
+    assert t.common.read(layout.COMMON_CFG.queue_reset) == 0
 
 
 @pytest.mark.conformance("pci-queue-reset-completes-disabled", spec="4.1.4.3.1")
@@ -366,12 +366,12 @@ def test_queue_reset_completes_with_the_queue_disabled(virtio_device):
     queue_enable read 0 (MUST)."""
     t = modern(virtio_device)
     t.select_queue(0)
-    t.common.write("queue_reset", 1)
+    t.common.write(layout.COMMON_CFG.queue_reset, 1)
     for _ in range(1000):
-        if t.common.read("queue_reset") == 0:
+        if t.common.read(layout.COMMON_CFG.queue_reset) == 0:
             break
-    assert t.common.read("queue_reset") == 0, "queue reset never completed"
-    assert t.common.read("queue_enable") == 0
+    assert t.common.read(layout.COMMON_CFG.queue_reset) == 0, "queue reset never completed"
+    assert t.common.read(layout.COMMON_CFG.queue_enable) == 0
 
 
 # -- ISR status and INTx (§4.1.4.5) ------------------------------------------------------------
@@ -397,7 +397,7 @@ def test_pci_interrupt_status_follows_isr(virtio_device):
     fn = virtio_device.fn
 
     def interrupt_status() -> bool:
-        return bool(pci_regs.STATUS.interrupt_status.get(fn.config.read("status")))
+        return bool(pci_regs.STATUS.interrupt_status.get(fn.config.read(pci_regs.TYPE0_HEADER.status)))
 
     t = virtio_device.transport
     assert t.read_isr() == 0
@@ -481,12 +481,12 @@ def test_pci_cfg_window_reads_what_the_bar_holds(virtio_device):
     t = modern(virtio_device)
     assert t.pci_cfg_cap is not None
     bar, base = t.common_cap.bar, t.common_cap.offset
-    t.common.write("device_feature_select", 1)
+    t.common.write(layout.COMMON_CFG.device_feature_select, 1)
     t.select_queue(0)
-    for name in ("device_status", "num_queues", "queue_size", "queue_msix_vector", "device_feature"):
-        field = COMMON_CFG[name]
+    c = COMMON_CFG
+    for field in (c.device_status, c.num_queues, c.queue_size, c.queue_msix_vector, c.device_feature):
         via_cfg = t.pci_cfg_read(bar, base + field.offset, field.width)
-        assert via_cfg == t.common.read(name), name
+        assert via_cfg == t.common.read(field), field.name
 
 
 @pytest.mark.conformance("pci-cfg-access-writes-bar", spec="4.1.4.9.1")
@@ -497,12 +497,12 @@ def test_pci_cfg_window_writes_reach_the_bar(virtio_device):
     t = modern(virtio_device)
     bar, base = t.common_cap.bar, t.common_cap.offset
     t.pci_cfg_write(bar, base + COMMON_CFG.device_feature_select.offset, 4, 1)
-    assert t.common.read("device_feature_select") == 1
+    assert t.common.read(layout.COMMON_CFG.device_feature_select) == 1
     t.pci_cfg_write(bar, base + COMMON_CFG.queue_select.offset, 2, 0)
     t.pci_cfg_write(bar, base + COMMON_CFG.queue_msix_vector.offset, 2, 0)
-    assert t.common.read("queue_msix_vector") == 0
+    assert t.common.read(layout.COMMON_CFG.queue_msix_vector) == 0
     t.pci_cfg_write(bar, base + COMMON_CFG.config_msix_vector.offset, 2, 1)
-    assert t.common.read("config_msix_vector") == 1
+    assert t.common.read(layout.COMMON_CFG.config_msix_vector) == 1
 
 
 # -- device-specific configuration (§4.1.3, §4.1.4.3, §4.1.4.10) --------------------------------

@@ -16,7 +16,7 @@ import pytest
 from qtest_virtio import modes
 from qtest_virtio.devices.base import VirtioDriver
 from qtest_virtio.introspect import device_view, queue_view
-from qtest_virtio.transport import ModernTransport
+from qtest_virtio.transport import ModernTransport, layout
 from qtest_virtio.transport.layout import STATUS
 from qtest_virtio.virtqueue import Buf, PackedVirtqueue, SplitVirtqueue
 from qtest_virtio.virtqueue.layout import (
@@ -237,7 +237,7 @@ def test_reset_queue_returns_to_its_default_state(virtio_device, qemu):
         drv.request(8, timeout=SHORT)
     _reset_queue_0(drv)
     t.select_queue(0)
-    assert t.common.read("queue_size") == maximum
+    assert t.common.read(layout.COMMON_CFG.queue_size) == maximum
     view = queue_view(qemu, drv.dev_id, 0)
     assert (view.last_avail_idx, view.used_idx, view.inuse) == (0, 0, 0)
     drv.queues[0].release()
