@@ -12,7 +12,8 @@ import pytest
 from conftest import EXE
 from procutil import state
 
-from qtest_virtio.cli import UsageError, split_device_option
+from qtest_virtio.app.args import split_device_option
+from qtest_virtio.errors import UsageError
 
 pytestmark = pytest.mark.skipif(EXE is None, reason="qtest-virtio console script not installed (pip install -e .)")
 

@@ -1,0 +1,128 @@
+"""Pure logic of the plugin: the parametrisation of virtio_device tests.
+
+No pytest and no QEMU here, so it is unit-tested directly; plugin.py adapts it to pytest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from qtest_virtio import modes
+from qtest_virtio.app.options import OptionError, parse_transports
+
+RINGS = ("split", "packed")
+#: Modes whose register layout can negotiate RING_PACKED (bit 34 needs the 64-bit features).
+PACKED_MODES = frozenset(m for m, legacy in modes.USES_LEGACY_LAYOUT.items() if not legacy)
+
+
+@dataclass(frozen=True)
+class VirtioParam:
+    """One parametrisation of a virtio_device test: the device, its mode and flags."""
+
+    device: str
+    mode: str
+    ring: str
+    #: Device properties: the option's and the marker's, plus packed=on for the packed ring.
+    flags: tuple[tuple[str, str], ...] = ()
+    refuse: frozenset[str] = frozenset()
+    #: Flags that vary between runs (option-given and the ring), shown in the test id.
+    id_flags: tuple[tuple[str, str], ...] = ()
+    #: Why this combination cannot run, decided before QEMU starts ("" when it can).
+    skip: str = ""
+    extra: tuple[tuple[str, Any], ...] = field(default=(), compare=False)
+    #: Refusals that come from the option (those of the marker are the same in every run).
+    id_refuse: frozenset[str] = frozenset()
+    #: A run added by --virtio-refuse-each (one feature refused on its own).
+    refuse_each: bool = False
+
+    @property
+    def id(self) -> str:
+        parts = [self.device, self.mode] + [f"{k}={v}" for k, v in self.id_flags]
+        if self.id_refuse:
+            parts.append("refuse=" + "+".join(sorted(self.id_refuse)))
+        return "-".join(parts)
+
+    @property
+    def flag_dict(self) -> dict[str, str]:
+        return dict(self.flags)
+
+
+def virtio_params(
+    device: str,
+    *,
+    selected_modes: tuple[str, ...],
+    option_flags: Mapping[str, str],
+    option_refuse: frozenset[str],
+    marker_kwargs: Mapping[str, Any],
+    refuse_each: tuple[str, ...] = (),
+) -> list[VirtioParam]:
+    """Every (mode, ring) a test runs on: the selected modes that the marker allows, split and
+    packed rings (packed only where the layout can negotiate it, unless flags force one)."""
+    kwargs = dict(marker_kwargs)
+    allowed = parse_transports(kwargs.pop("transports", None))
+    rings = tuple(kwargs.pop("rings", RINGS))
+    bad_rings = [r for r in rings if r not in RINGS]
+    if bad_rings:
+        raise OptionError(f"virtio_device(rings=...): unknown ring {bad_rings}; valid: split, packed")
+    marker_flags = {k: str(v) for k, v in dict(kwargs.pop("flags", {})).items()}
+    marker_refuse = frozenset(kwargs.pop("refuse", ()))
+    refuse = option_refuse | marker_refuse
+    forced_packed = option_flags.get("packed")
+    params: list[VirtioParam] = []
+    for mode in selected_modes:
+        if mode not in allowed:
+            continue
+        for ring in rings:
+            flags = {**marker_flags, **option_flags}
+            id_flags = dict(option_flags)
+            skip = ""
+            if forced_packed is not None:
+                # The option decides the ring: one run per mode, named by the flag.
+                if ring != rings[0]:
+                    continue
+                ring = "packed" if forced_packed == "on" else "split"
+                if ring == "packed" and mode not in PACKED_MODES:
+                    skip = f"packed=on needs the modern register layout; mode {mode} drives the legacy one"
+                elif ring not in rings:
+                    skip = f"this scenario is for {'/'.join(rings)} rings only; packed={forced_packed} forces {ring}"
+            elif ring == "packed":
+                if mode not in PACKED_MODES:
+                    continue
+                flags["packed"] = "on"
+                id_flags["packed"] = "on"
+            params.append(
+                VirtioParam(
+                    device=device,
+                    mode=mode,
+                    ring=ring,
+                    flags=tuple(flags.items()),
+                    refuse=refuse,
+                    id_flags=tuple(id_flags.items()),
+                    skip=skip,
+                    extra=tuple(kwargs.items()),
+                    id_refuse=option_refuse,
+                )
+            )
+    # Each feature refused on its own (issue 4): one extra run per feature, on the layout that
+    # can negotiate them all (modern, split), unless the marker keeps the test off it.
+    if refuse_each and modes.MODERN in selected_modes and modes.MODERN in allowed and "split" in rings:
+        base = {**marker_flags, **option_flags}
+        for feature in refuse_each:
+            if feature in refuse:
+                continue
+            params.append(
+                VirtioParam(
+                    device=device,
+                    mode=modes.MODERN,
+                    ring="split",
+                    flags=tuple(base.items()),
+                    refuse=refuse | {feature},
+                    id_flags=tuple(option_flags.items()),
+                    extra=tuple(kwargs.items()),
+                    id_refuse=option_refuse | {feature},
+                    refuse_each=True,
+                )
+            )
+    return params
