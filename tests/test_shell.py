@@ -353,6 +353,17 @@ def test_closed_terminal_stops_qemu_and_removes_its_directory(session: Session) 
     assert not os.path.exists(workdir.group(1))
 
 
+def test_sigterm_ends_the_session_as_an_interrupt(session: Session) -> None:
+    """SIGTERM (kill, a CI job cancelled) leaves the shell, not just the line: 128 as for any
+    interrupt of qtest-virtio, QEMU stopped."""
+    session.run("info")
+    time.sleep(0.3)  # let readline reach select(), where it sees signals (see the Ctrl-C test)
+    session.child.kill(signal.SIGTERM)
+    assert session.finish() == 128
+    assert "qtest-virtio: interrupted, exit 128 (aborts a git bisect run)" in session.child.before
+    assert session.qemu_gone()
+
+
 def test_qemu_crash_prints_the_report_and_exits_1(session: Session) -> None:
     session.run("outl 0xcf8 0x80000000")
     os.kill(session.pid, signal.SIGABRT)
