@@ -106,6 +106,11 @@ class QemuCrashed(QtestVirtioError):
         return "\n".join(parts)
 
 
+class UsageError(QtestVirtioError):
+    """Bad input from the user (a command line, an option, a shell command): the message names
+    the problem and the fix, and the console script exits 128 so that a typo aborts a bisect."""
+
+
 class ScenarioError(QtestVirtioError):
     """A scenario or reproducer file is malformed; names the file and line."""
 

@@ -12,7 +12,13 @@ import pytest
 from conftest import EXE
 from procutil import state
 
-from qtest_virtio.cli import UsageError, split_device_option
+from qtest_virtio.app.args import split_device_option
+from qtest_virtio.app.exits import INTERRUPTED, Interrupted, exit_for
+from qtest_virtio.app.options import OptionError
+from qtest_virtio.app.shell import ShellError
+from qtest_virtio.binary import QemuNotFound, UnknownFlag
+from qtest_virtio.bisect import BisectError, BisectUsageError
+from qtest_virtio.errors import QemuCrashed, QemuStartError, QtestError, QtestVirtioError, ScenarioError, UsageError
 
 pytestmark = pytest.mark.skipif(EXE is None, reason="qtest-virtio console script not installed (pip install -e .)")
 
@@ -32,6 +38,40 @@ def test_split_device_option() -> None:
         split_device_option("virtio-blk-pci,event_idx")
     with pytest.raises(UsageError):
         split_device_option(",x=1")
+
+
+@pytest.mark.parametrize(
+    ("exc", "code", "line"),
+    [
+        (UsageError("bad"), 128, "qtest-virtio: error: bad"),
+        (OptionError("bad option"), 128, "qtest-virtio: error: bad option"),
+        (ShellError("bad command"), 128, "qtest-virtio: error: bad command"),
+        (ScenarioError("no EOF", path="r.qtest", line=3), 128, "qtest-virtio: error: r.qtest:3: no EOF"),
+        (BisectUsageError("--good x: unknown"), 128, "qtest-virtio: error: --good x: unknown"),
+        (QemuNotFound("no qemu"), 125, "qtest-virtio: cannot test here: no qemu"),
+        (UnknownFlag("no such flag"), 125, "qtest-virtio: cannot test here: no such flag"),
+        (QemuStartError("refused"), 125, "qtest-virtio: cannot test here: refused"),
+        (QemuCrashed("QEMU died", returncode=-6), 1, "qtest-virtio: QEMU died (killed by signal 6 (SIGABRT))"),
+        (BisectError("build failed"), 1, "qtest-virtio: build failed"),
+        (QtestError("inb 0x10", "FAIL"), 1, "qtest-virtio: failed: qtest command 'inb 0x10' failed: FAIL"),
+        (KeyboardInterrupt(), 128, INTERRUPTED),
+        (Interrupted(signal.SIGTERM), 128, INTERRUPTED),
+        (Interrupted(signal.SIGHUP), 128 + signal.SIGHUP, ""),
+        (RuntimeError("a bug"), 128, "qtest-virtio: internal error in qtest_virtio (harness bug), exit 128"),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else None,
+)
+def test_one_mapping_from_exceptions_to_exit_codes(exc: BaseException, code: int, line: str) -> None:
+    """The contract's codes (design.md): 128 usage/interrupt/harness bug, 125 cannot test here,
+    1 failed; a closed terminal ends as a death by SIGHUP does, with nobody left to tell."""
+    assert exit_for(exc) == (code, line)
+
+
+def test_every_error_of_the_application_layer_is_a_library_error() -> None:
+    for cls in (UsageError, OptionError, ShellError):
+        assert issubclass(cls, QtestVirtioError), cls
+    assert issubclass(OptionError, ValueError)  # callers of parse_flags catch ValueError
+    assert issubclass(Interrupted, KeyboardInterrupt)  # every `except KeyboardInterrupt` still unwinds
 
 
 def test_probe_prints_functions_bars_and_virtio_caps(qemu_binary) -> None:

@@ -10,16 +10,10 @@ import xml.etree.ElementTree as ET
 
 import pytest
 from conftest import EXE
-from pytest_qtest_virtio.params import (
-    HARNESS_PROPERTIES,
-    OptionError,
-    parse_flags,
-    parse_refuse,
-    parse_transports,
-    virtio_params,
-)
+from pytest_qtest_virtio.params import virtio_params
 
 from qtest_virtio import modes
+from qtest_virtio.app.options import HARNESS_PROPERTIES, OptionError, parse_flags, parse_refuse, parse_transports
 
 pytest_plugins = ["pytester"]
 INNER = ["-p", "no:hypothesispytest", "-p", "no:benchmark", "-p", "no:cacheprovider", "-p", "no:xdist"]

@@ -2,7 +2,7 @@
 against real QEMU. Also the testable core (``Shell`` on text streams) and the raw-command checks.
 
 The sessions run ``qtest-virtio shell`` once the CLI has the subcommand, else the stand-alone
-``python3 -m qtest_virtio.shell`` with the same options. TERM=dumb keeps readline's output free
+``python3 -m qtest_virtio.app.shell`` with the same options. TERM=dumb keeps readline's output free
 of terminal escapes, so what the test reads is what a person sees.
 """
 
@@ -28,7 +28,7 @@ from procutil import start_time as _starttime
 from procutil import state as _state
 
 from qtest_virtio import Machine, MachineSpec, QemuCrashed
-from qtest_virtio.shell import RawCommand, Shell, ShellError, _raw_table, hexdump, parse_int, parse_raw
+from qtest_virtio.app.shell import RawCommand, Shell, ShellError, _raw_table, hexdump, parse_int, parse_raw
 
 PROMPT = r"\(qtest[^)]*\) "
 UP = "\x1b[A"
@@ -39,7 +39,7 @@ RNG = "00:02.0"
 
 
 def _cli_has_shell() -> bool:
-    from qtest_virtio.cli import build_parser
+    from qtest_virtio.app.cli import build_parser
 
     for action in build_parser()._actions:
         if isinstance(action, argparse._SubParsersAction):
@@ -51,7 +51,7 @@ def shell_command() -> list[str]:
     exe = EXE
     if exe and _cli_has_shell():
         return [exe, "shell"]
-    return [sys.executable, "-m", "qtest_virtio.shell"]
+    return [sys.executable, "-m", "qtest_virtio.app.shell"]
 
 
 class Session:
@@ -351,6 +351,17 @@ def test_closed_terminal_stops_qemu_and_removes_its_directory(session: Session) 
     assert session.finish() == 128 + signal.SIGHUP
     assert session.qemu_gone()
     assert not os.path.exists(workdir.group(1))
+
+
+def test_sigterm_ends_the_session_as_an_interrupt(session: Session) -> None:
+    """SIGTERM (kill, a CI job cancelled) leaves the shell, not just the line: 128 as for any
+    interrupt of qtest-virtio, QEMU stopped."""
+    session.run("info")
+    time.sleep(0.3)  # let readline reach select(), where it sees signals (see the Ctrl-C test)
+    session.child.kill(signal.SIGTERM)
+    assert session.finish() == 128
+    assert "qtest-virtio: interrupted, exit 128 (aborts a git bisect run)" in session.child.before
+    assert session.qemu_gone()
 
 
 def test_qemu_crash_prints_the_report_and_exits_1(session: Session) -> None:

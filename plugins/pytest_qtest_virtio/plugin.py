@@ -10,7 +10,6 @@ import difflib
 import os
 import re
 import signal
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,6 +18,8 @@ from _pytest._code.code import TerminalRepr, Traceback, TracebackStyle
 
 import qtest_virtio
 from qtest_virtio import Machine, MachineSpec, QemuCrashed, QemuStartError, QtestVirtioError
+from qtest_virtio.app.exits import unwinds_on_default
+from qtest_virtio.app.options import OptionError, parse_flags, parse_refuse, parse_transports
 from qtest_virtio.binary import DEFAULT_QEMU, BadFlagValue, QemuBinary, QemuNotFound, UnknownFlag
 from qtest_virtio.deviations import TABLE_ENV, Deviation, Status, TableError, table
 from qtest_virtio.devices.base import CORE_FEATURES, VirtioDriver
@@ -28,7 +29,7 @@ from qtest_virtio.transport import feature_bit
 from qtest_virtio.transport.layout import FEATURE_BITS
 from qtest_virtio.vm import DRIVERS, driver_class
 
-from .params import OptionError, VirtioParam, parse_flags, parse_refuse, parse_transports, virtio_params
+from .params import VirtioParam, virtio_params
 
 MACHINES_KEY = pytest.StashKey[list[QemuMachine]]()
 VIRTIO_MACHINE_KEY = pytest.StashKey[Machine]()
@@ -129,11 +130,7 @@ def pytest_configure(config: pytest.Config) -> None:
         config.option.keyword = _K_EQ_V.sub(r"\1:\2", keyword)
     # SIGTERM (CI cancelling, `kill`) would end Python without running teardown; make it an
     # exception so every machine's finally-block stops its QEMU and removes its directory.
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) in (
-        signal.SIG_DFL,
-        None,
-    ):
-        signal.signal(signal.SIGTERM, _sigterm)
+    unwinds_on_default(signal.SIGTERM)
 
 
 def _virtio_options(config: pytest.Config) -> tuple[tuple[str, ...], dict[str, str], frozenset[str]]:
@@ -208,10 +205,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         [pytest.param(p, id=p.id) for p in params],
         indirect=True,
     )
-
-
-def _sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
 
 
 def _qemu_option(config: pytest.Config) -> str | None:

@@ -1,8 +1,9 @@
 """``qtest-virtio``: the command line, a thin adapter over the library.
 
-Exit codes follow ``git bisect run`` (design.md): 0 passed/survived, 1 failed/crashed/hung,
-125 cannot be tested here (no binary, QEMU refuses the command line, a flag the binary lacks),
-128 usage error or harness bug (aborts a bisect instead of marking a commit bad).
+Exit codes follow ``git bisect run`` (design.md, mapped in :mod:`.exits`): 0 passed/survived,
+1 failed/crashed/hung, 125 cannot be tested here (no binary, QEMU refuses the command line, a
+flag the binary lacks), 128 usage error or harness bug (aborts a bisect instead of marking a
+commit bad).
 """
 
 from __future__ import annotations
@@ -11,79 +12,24 @@ import argparse
 import json
 import math
 import os
-import signal
 import sys
-import threading
-import traceback
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING
 
-from . import __name__ as _pkg
-from .binary import BadFlagValue, FlagTypo, QemuBinary, QemuNotFound, UnknownFlag
-from .bisect import BisectError, BisectUsageError
-from .errors import QemuCrashed, QemuStartError, QtestVirtioError, ScenarioError
-from .machine import MachineSpec, split_option_list
-from .probe import format_report, probe, to_json
-from .vm import DRIVERS, Machine
+from ..binary import BadFlagValue, FlagTypo, QemuBinary
+from ..errors import UsageError
+from ..probe import format_report, probe, to_json
+from ..vm import DRIVERS, Machine
+from .args import Parser, add_machine_arguments, spec_from_args
+from .exits import EXIT_FAILED, EXIT_OK, EXIT_UNTESTABLE, EXIT_USAGE, INTERRUPTED, guarded
+from .options import parse_flags, parse_transports
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_UNTESTABLE = 125
-EXIT_USAGE = 128
-INTERRUPTED = f"qtest-virtio: interrupted, exit {EXIT_USAGE} (aborts a git bisect run)"
-
-
-class UsageError(Exception):
-    """Bad command-line input: exits 128 so that a typo aborts a bisect."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-
-def split_device_option(text: str) -> tuple[str, dict[str, str]]:
-    """``NAME,PROP=VAL,...`` as QEMU writes it (``,,`` is a literal comma) -> (name, props)."""
-    parts = split_option_list(text)
-    name, props = parts[0], {}
-    if not name:
-        raise UsageError(f"--device {text!r}: no device name")
-    for p in parts[1:]:
-        key, eq, value = p.partition("=")
-        if not eq or not key:
-            raise UsageError(f"--device {text!r}: {p!r} is not PROP=VALUE")
-        props[key] = value
-    return name, props
-
-
-def _machine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--qemu", default=None, help="QEMU binary (default: $QEMU or qemu-system-x86_64 on PATH)")
-    p.add_argument("--machine", default="q35", choices=("q35", "pc"), help="machine type (default q35)")
-    p.add_argument("--memory", default="256M", help="guest RAM (default 256M)")
-    p.add_argument(
-        "--device",
-        action="append",
-        default=[],
-        metavar="NAME[,PROP=VAL...]",
-        help="a -device to add (repeatable); backends such as a scratch disk image are made for you",
-    )
-
-
-def _spec_from(args: argparse.Namespace) -> MachineSpec:
-    spec = MachineSpec(qemu=args.qemu, machine=args.machine, memory=args.memory)
-    binary = QemuBinary.get(args.qemu)
-    for text in args.device:
-        name, props = split_device_option(text)
-        if name not in binary.devices:
-            raise binary.unknown_device(name)
-        binary.check_properties(name, list(props))
-        spec.add_device(name, props)
-    return spec
+if TYPE_CHECKING:  # the runner imports pytest: only ``run`` and ``conformance`` load it
+    from .runner import ResultCollector
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    spec = _spec_from(args)
+    spec = spec_from_args(args)
     with Machine(spec) as vm:
         functions = probe(vm.pci)
         if args.json:
@@ -148,12 +94,7 @@ def _pytest_args(args: argparse.Namespace, binary: QemuBinary) -> list[str]:
 def _check_run_flags(text: str, binary: QemuBinary) -> dict[str, str]:
     """``--flags`` as ``run`` passes it to every virtio device: well formed, none the harness
     owns, each value one its type takes (128), each name in this binary (else 125 or 128)."""
-    from pytest_qtest_virtio.params import OptionError, parse_flags
-
-    try:
-        flags = parse_flags(text, option="--flags", transport_option="--transport")
-    except OptionError as exc:
-        raise UsageError(str(exc)) from None
+    flags = parse_flags(text, option="--flags", transport_option="--transport")  # OptionError: 128
     try:  # a typo aborts (128); a real flag this binary lacks means 'cannot test here' (125)
         binary.check_flags(flags, DRIVERS)
         binary.check_flag_values(flags, DRIVERS)
@@ -162,22 +103,18 @@ def _check_run_flags(text: str, binary: QemuBinary) -> dict[str, str]:
     return flags
 
 
-def _run_suite(args: argparse.Namespace) -> tuple[int, Any, QemuBinary]:
-    from pytest_qtest_virtio.params import OptionError, parse_transports
-    from pytest_qtest_virtio.runner import run_pytest
+def _run_suite(args: argparse.Namespace) -> tuple[int, ResultCollector, QemuBinary]:
+    from .runner import run_pytest
 
     binary = QemuBinary.get(args.qemu)
-    try:
-        parse_transports(args.transport)
-    except OptionError as exc:
-        raise UsageError(str(exc)) from None
+    parse_transports(args.transport)  # OptionError: 128
     _check_run_flags(args.flags, binary)
     print(binary.identity, flush=True)
     code, collector = run_pytest(_pytest_args(args, binary))
     return code, collector, binary
 
 
-def _exit_code(code: int, collector: Any) -> int:
+def _exit_code(code: int, collector: ResultCollector) -> int:
     """pytest's exit code and the outcomes -> the git-bisect-run contract of design.md."""
     counts = collector.counts()
     ran = counts["passed"] + counts["failed"] + counts["error"] + counts["xfailed"] + counts["xpassed"]
@@ -207,7 +144,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_conformance(args: argparse.Namespace) -> int:
-    from pytest_qtest_virtio.runner import conformance_markdown
+    from .runner import conformance_markdown
 
     code, collector, binary = _run_suite(args)
     command = "qtest-virtio conformance" + "".join(
@@ -226,7 +163,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     """One FILE on one binary: the verdict with notes, stderr tail and command line. Several
     files (a DIR) or several --qemu: one row per file and binary, and the combined exit code
     (reproducer.combined_exit_code: 1 if any row crashed or hung, else 125 if any could not run)."""
-    from .reproducer import collect, combined_exit_code, describe, load, replay, replay_rows, tally, version_labels
+    from ..reproducer import collect, combined_exit_code, describe, load, replay, replay_rows, tally, version_labels
 
     paths = collect(args.file)  # ScenarioError (file:line) -> 128
     reps = [load(p) for p in paths]  # every file parsed before anything runs
@@ -267,8 +204,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     """An upstream-ready report (QEMU's GitLab bug template) of FILE replayed on each binary.
     0: written and it reproduces somewhere; 1: written, but it reproduces nowhere; 125: no binary
     could run it."""
-    from .report import provided_binaries, render
-    from .reproducer import combined_exit_code, load, replay_rows
+    from ..report import provided_binaries, render
+    from ..reproducer import combined_exit_code, load, replay_rows
 
     if os.path.isdir(args.file):
         raise UsageError(f"{args.file} is a folder: report takes one FILE (replay takes a folder)")
@@ -300,7 +237,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_bisect_flags(args: argparse.Namespace) -> int:
-    from .bisect import bisect_flags, candidate_changes, parse_changes, subprocess_probe
+    from ..bisect import bisect_flags, candidate_changes, parse_changes, subprocess_probe
 
     binary = QemuBinary.get(args.qemu)
     _check_run_flags(args.flags, binary)  # every probe would end with the same usage error
@@ -313,14 +250,10 @@ def cmd_bisect_flags(args: argparse.Namespace) -> int:
 
 
 def cmd_bisect(args: argparse.Namespace) -> int:
-    from pytest_qtest_virtio.params import OptionError, parse_flags
+    from ..bisect import DEFAULT_BUILD, describe_commit, git_bisect
 
-    from .bisect import DEFAULT_BUILD, describe_commit, git_bisect
-
-    try:  # the binary is not built yet: its values are checked by each step's run
-        parse_flags(args.flags, option="--flags", transport_option="--transport")
-    except OptionError as exc:
-        raise UsageError(str(exc)) from None
+    # The binary is not built yet: its values are checked by each step's run. OptionError: 128.
+    parse_flags(args.flags, option="--flags", transport_option="--transport")
     extra = [
         f"--{k}={v}" for k, v in (("flags", args.flags), ("refuse", args.refuse), ("transport", args.transport)) if v
     ]
@@ -339,7 +272,7 @@ def cmd_bisect(args: argparse.Namespace) -> int:
 
 
 def cmd_bisect_step(args: argparse.Namespace) -> int:
-    from .bisect import bisect_step
+    from ..bisect import bisect_step
 
     return bisect_step(args.repo, args.build, args.binary, args.target, args.pytest_args)
 
@@ -382,7 +315,7 @@ def _settle_seconds(text: str) -> float:
 
 def _replay_args(p: argparse.ArgumentParser, qemu_help: str) -> None:
     """--qemu (repeatable), --timeout and --settle, as replay and report both take them."""
-    from .reproducer import DEFAULT_SETTLE
+    from ..reproducer import DEFAULT_SETTLE
 
     p.add_argument("--qemu", action="append", default=[], metavar="PATH", help=qemu_help)
     p.add_argument(
@@ -403,10 +336,10 @@ def _replay_args(p: argparse.ArgumentParser, qemu_help: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="qtest-virtio", description="Drive virtio-pci devices in QEMU's qtest mode.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    parser = Parser(prog="qtest-virtio", description="Drive virtio-pci devices in QEMU's qtest mode.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     p = sub.add_parser("probe", help="start a machine and print what a driver sees: PCI functions, BARs, capabilities")
-    _machine_args(p)
+    add_machine_arguments(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_probe)
     sh = sub.add_parser(
@@ -416,8 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(sh)
     sh.set_defaults(func=run_shell)
-    from .fuzz import add_arguments as add_fuzz_arguments
-    from .fuzz import run_fuzz
+    from ..fuzz import add_arguments as add_fuzz_arguments
+    from ..fuzz import run_fuzz
 
     fz = sub.add_parser("fuzz", help="hostile-driver fuzzing (hypothesis); shrinks a failure to a .qtest reproducer")
     add_fuzz_arguments(fz)
@@ -474,16 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _sigterm(signum: int, frame: object) -> None:
-    """SIGTERM is an interrupt like Ctrl-C: teardown stops QEMU, and pytest ends the session
-    instead of counting a failed test (which would mark a bisect commit bad)."""
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    if threading.current_thread() is threading.main_thread():
-        # SIGTERM unwinds like Ctrl-C, so teardown stops QEMU and removes its directory.
-        signal.signal(signal.SIGTERM, _sigterm)
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     pytest_args: list[str] = []
@@ -498,39 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "a COMMAND is required (run, replay, report, bisect, bisect-flags, fuzz, conformance, probe, shell, "
             "flags); see qtest-virtio --help"
         )
-    try:
-        return int(args.func(args))
-    except UsageError as exc:
-        print(f"qtest-virtio: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except (QemuNotFound, UnknownFlag) as exc:
-        print(f"qtest-virtio: cannot test here: {exc}", file=sys.stderr)
-        return EXIT_UNTESTABLE
-    except QemuStartError as exc:
-        print(f"qtest-virtio: cannot test here: {exc}", file=sys.stderr)
-        return EXIT_UNTESTABLE
-    except QemuCrashed as exc:
-        print(f"qtest-virtio: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except ScenarioError as exc:
-        print(f"qtest-virtio: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except BisectUsageError as exc:
-        print(f"qtest-virtio: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except BisectError as exc:
-        print(f"qtest-virtio: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except QtestVirtioError as exc:
-        print(f"qtest-virtio: failed: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        print(INTERRUPTED, file=sys.stderr)
-        return EXIT_USAGE
-    except Exception:
-        traceback.print_exc()
-        print(f"qtest-virtio: internal error in {_pkg} (harness bug), exit {EXIT_USAGE}", file=sys.stderr)
-        return EXIT_USAGE
+    return guarded(lambda: int(args.func(args)))
 
 
 if __name__ == "__main__":

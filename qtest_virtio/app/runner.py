@@ -2,6 +2,8 @@
 with a result collector, a summary table (device x transport x flags) and the conformance
 matrix. Works under ``-n`` (xdist): everything it needs travels in the reports'
 ``user_properties``, which the plugin fills at collection and setup.
+
+Application layer: the one part of qtest_virtio that imports pytest (tests/test_layers.py).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ bytes); only the user's terminal is one. With a terminal, input goes through ``r
 with a history file (``$QTEST_VIRTIO_HISTORY``, else ``~/.qtest_virtio_history``).
 
 ``Shell`` is the testable core (a started :class:`Machine` and two text streams);
-``run_shell(args)`` is the ``qtest-virtio shell`` entry point. ``python3 -m qtest_virtio.shell``
+``run_shell(args)`` is the ``qtest-virtio shell`` entry point. ``python3 -m qtest_virtio.app.shell``
 runs it stand-alone with the same options.
 """
 
@@ -30,19 +30,19 @@ import re
 import shlex
 import signal
 import sys
-import threading
-import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, TextIO
+from typing import Any, TextIO
 
-from .errors import QemuCrashed, QtestError, QtestVirtioError
-from .pci import Bdf, EcamAccess, PciError, PciFunction
-from .pci import regs as pci_regs
-from .registers import BitLayout, Field, Layout, RegisterBlock
-from .transport import LegacyTransport, ModernTransport, TransportError, device_kind, layout
-from .transport.modern import read_virtio_caps
-from .vm import Machine
+from ..errors import QemuCrashed, QtestError, QtestVirtioError, UsageError
+from ..pci import Bdf, EcamAccess, PciError, PciFunction
+from ..pci import regs as pci_regs
+from ..registers import BitLayout, Field, Layout, RegisterBlock
+from ..transport import LegacyTransport, ModernTransport, TransportError, device_kind, layout
+from ..transport.modern import read_virtio_caps
+from ..vm import Machine
+from .args import Parser, add_machine_arguments, spec_from_args
+from .exits import Interrupted, guarded, unwinding
 
 HISTORY_ENV = "QTEST_VIRTIO_HISTORY"
 DEFAULT_HISTORY = "~/.qtest_virtio_history"
@@ -60,7 +60,7 @@ _BDF_RE = re.compile(r"^(?:[0-9a-fA-F]{4}:)?[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]
 _ASSIGN_RE = re.compile(r"^([A-Za-z_][\w.\[\]]*)\s*(?:=\s*(\S.*?))?\s*$")
 
 
-class ShellError(Exception):
+class ShellError(UsageError):
     """A command the shell refuses (bad syntax, unknown name): printed, and the shell goes on."""
 
 
@@ -249,7 +249,7 @@ def device_config_layout(device_type: int | None) -> Layout | None:
 
 
 def _device_feature_bits(device_type: int | None) -> dict[int, str]:
-    from .devices.features import DEVICE_FEATURE_BITS
+    from ..devices.features import DEVICE_FEATURE_BITS
 
     return DEVICE_FEATURE_BITS.get(device_type or -1, {})
 
@@ -495,6 +495,8 @@ class Shell:
                     if self.show_prompt:
                         self.say()
                     return 0
+                except Interrupted:  # SIGTERM or a closed terminal: leave, not just a new prompt
+                    raise
                 except KeyboardInterrupt:
                     self.say("^C")
                     continue
@@ -504,6 +506,8 @@ class Shell:
                 except QemuCrashed as exc:
                     self.say(f"QEMU crashed: {exc}")
                     return 1
+                except Interrupted:
+                    raise
                 except KeyboardInterrupt:
                     # The reply of the command in flight would be taken for the next one's.
                     self.say("interrupted while QEMU was answering: the qtest stream is out of step; leaving")
@@ -669,7 +673,7 @@ class Shell:
         return self._targets[fn.bdf_addr]
 
     def do_devices(self, words: list[str]) -> None:
-        from .probe import VENDOR_NAMES
+        from ..probe import VENDOR_NAMES
 
         for fn in self.vm.pci.devices():
             vendor = VENDOR_NAMES.get(fn.vendor_id, f"vendor {fn.vendor_id:04x}")
@@ -715,7 +719,7 @@ class Shell:
             self.say(f"Region {b.index}: {b.describe()}")
 
     def do_caps(self, words: list[str]) -> None:
-        from .probe import describe_function
+        from ..probe import describe_function
 
         fn = self._function_arg(words, "caps")
         t = self.target_of(fn)
@@ -1054,9 +1058,7 @@ def history_path() -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``shell`` options: probe's machine options, and the qtest reply timeout."""
-    from .cli import _machine_args
-
-    _machine_args(parser)
+    add_machine_arguments(parser)
     parser.add_argument(
         "--timeout",
         type=float,
@@ -1072,16 +1074,16 @@ def run_shell(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Tex
     Exit status: 0 after ``quit`` or end of input, 1 when QEMU crashed. Start-up errors
     (unknown device, QEMU refusing the command line) propagate for the CLI to map.
     """
-    from .cli import _spec_from
-
     stdin = stdin if stdin is not None else sys.stdin
     stdout = stdout if stdout is not None else sys.stdout
-    spec = _spec_from(args)
+    spec = spec_from_args(args)
     spec.command_timeout = float(getattr(args, "timeout", DEFAULT_TIMEOUT) or DEFAULT_TIMEOUT)
     interactive = _isatty(stdin) and stdin is sys.stdin and _isatty(stdout)
     transcript = Transcript()
     vm = Machine(spec, qtest_log=transcript)
-    with _hangup_unwinds():
+    # A closed terminal (SIGHUP) unwinds like Ctrl-C would, so QEMU is stopped and its directory
+    # removed instead of being left to PDEATHSIG and the next start's sweep.
+    with unwinding(signal.SIGHUP):
         vm.start()
         code = 1
         try:
@@ -1108,48 +1110,12 @@ def run_shell(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Tex
     return code
 
 
-@contextlib.contextmanager
-def _hangup_unwinds() -> Iterator[None]:
-    """A closed terminal (SIGHUP) unwinds like Ctrl-C would, so QEMU is stopped and its
-    directory removed instead of being left to PDEATHSIG and the next start's sweep."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGHUP, _sigterm)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGHUP, previous)
-
-
-def _sigterm(signum: int, frame: object) -> NoReturn:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python3 -m qtest_virtio.shell``: the same as ``qtest-virtio shell``."""
-    from .binary import QemuNotFound, UnknownFlag
-    from .cli import EXIT_FAILED, EXIT_UNTESTABLE, EXIT_USAGE, UsageError, _Parser
-    from .errors import QemuStartError
-
-    parser = _Parser(prog="qtest-virtio shell", description="An interactive qtest session on a started machine.")
+    """``python3 -m qtest_virtio.app.shell``: the same as ``qtest-virtio shell``."""
+    parser = Parser(prog="qtest-virtio shell", description="An interactive qtest session on a started machine.")
     add_arguments(parser)
     args = parser.parse_args(argv)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _sigterm)
-    try:
-        return run_shell(args)
-    except UsageError as exc:
-        message, code = f"error: {exc}", EXIT_USAGE
-    except (QemuNotFound, UnknownFlag, QemuStartError) as exc:
-        message, code = f"cannot test here: {exc}", EXIT_UNTESTABLE
-    except QemuCrashed as exc:
-        message, code = str(exc), EXIT_FAILED
-    except Exception:
-        traceback.print_exc()
-        message, code = f"internal error (harness bug), exit {EXIT_USAGE}", EXIT_USAGE
-    print(f"qtest-virtio: {message}", file=sys.stderr)
-    return code
+    return guarded(lambda: run_shell(args))
 
 
 if __name__ == "__main__":
