@@ -123,7 +123,7 @@ def qemu_args(session: nox.Session) -> tuple[list[str], list[str]]:
 def run_suite(session: nox.Session, *extra: str) -> None:
     python = shared_python(session)
     qemu, pytest_args = qemu_args(session)
-    cmd = [python, "-m", "qtest_virtio.cli", "run", *qemu, *extra]
+    cmd = [python, "-m", "qtest_virtio.app.cli", "run", *qemu, *extra]
     if pytest_args:
         cmd += ["--", *pytest_args]
     session.run(*cmd, external=True)

@@ -39,7 +39,7 @@ def main() -> int:
 
     cycles = [bare_cycle(args.qemu) for _ in range(20)]
     bare = statistics.median(cycles)
-    cmd = [sys.executable, "-m", "qtest_virtio.cli", "run", "-n", args.jobs, *args.run_args]
+    cmd = [sys.executable, "-m", "qtest_virtio.app.cli", "run", "-n", args.jobs, *args.run_args]
     if args.qemu:
         cmd.append(f"--qemu={args.qemu}")
     t = time.perf_counter()

@@ -63,7 +63,7 @@ def subprocess_probe(target: Sequence[str], qemu: str, extra: Sequence[str] = ()
     """A probe running ``qtest-virtio run TARGET --qemu Q [changes]`` in a fresh process."""
 
     def probe(changes: Sequence[Change]) -> int:
-        cmd = [sys.executable, "-m", "qtest_virtio.cli", "run", *target, f"--qemu={qemu}", "-n", "1", *extra]
+        cmd = [sys.executable, "-m", "qtest_virtio.app.cli", "run", *target, f"--qemu={qemu}", "-n", "1", *extra]
         cmd += run_args(changes)
         return subprocess.run(cmd, capture_output=True, text=True, check=False).returncode
 
@@ -230,7 +230,7 @@ def bisect_step(repo: str, build: str, binary: str, target: Sequence[str], extra
         return UNTESTABLE
     path = binary if os.path.isabs(binary) else os.path.join(repo, binary)
     code = subprocess.run(
-        [sys.executable, "-m", "qtest_virtio.cli", "run", *target, f"--qemu={path}", "-n", "1", *extra], check=False
+        [sys.executable, "-m", "qtest_virtio.app.cli", "run", *target, f"--qemu={path}", "-n", "1", *extra], check=False
     ).returncode
     return code if code in (PASS, FAIL, UNTESTABLE) else USAGE
 
@@ -256,7 +256,7 @@ def git_bisect(
     ):
         raise BisectError(f"{repo} is already bisecting: finish it with git bisect reset")
     step = [
-        sys.executable, "-m", "qtest_virtio.cli", "bisect-step", "--repo", os.path.abspath(repo),
+        sys.executable, "-m", "qtest_virtio.app.cli", "bisect-step", "--repo", os.path.abspath(repo),
         "--build", build, "--binary", binary, *target, *(["--", *extra] if extra else []),
     ]  # fmt: skip
     try:

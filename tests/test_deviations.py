@@ -173,7 +173,7 @@ def run(qemu: QemuBinary, *args: str, extra: list[dict[str, object]] | None = No
         path = tmp / "extra-deviations.json"
         path.write_text(json.dumps(extra))
         env["QTEST_VIRTIO_DEVIATIONS"] = str(path)
-    cmd = [sys.executable, "-m", "qtest_virtio.cli", "run", *args, "--qemu", qemu.path, "-n", "1"]
+    cmd = [sys.executable, "-m", "qtest_virtio.app.cli", "run", *args, "--qemu", qemu.path, "-n", "1"]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
 
 
