@@ -15,8 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .binary import QEMU_SH, QemuNotFound, cached_qemu
+from .fuzz.corpus import FUZZ_CHECK, SIGNATURE_HEADER
+from .outcome import Outcome
 from .reproducer import (
-    FUZZ_CHECK,
     TIMEOUT_HEADER,
     ReplayResult,
     ReplayRow,
@@ -28,7 +29,6 @@ from .reproducer import (
 
 #: The names ``scripts/qemu.sh`` provides that a report replays on by default (not the gcov build).
 PROVIDED = ("system", "debian-10.0", "src-10.0.2", "src-newest")
-REPRODUCED = ("crashed", "hung", "unrecovered")
 #: ``file.c:123`` in what QEMU printed: an assertion's ``../system/physmem.c:3848: func:`` or a
 #: sanitizer frame's ``in func ../hw/virtio/virtio.c:1234:5``.
 _LOCATION_RE = re.compile(r"(?P<file>[^\s:()'`]+\.(?:c|h|inc|cc|cpp|rs)):(?P<line>\d+)(?::\s*(?P<func>\w+):)?")
@@ -91,13 +91,13 @@ def hang_point(rep: Reproducer, result: ReplayResult) -> str:
 
 def failure_point(rep: Reproducer, result: ReplayResult) -> str:
     """What failed, in words: the assertion text, or the command that got no reply."""
-    if result.outcome == "crashed":
+    if result.outcome is Outcome.CRASHED:
         sig = _SIGNALS.get(result.signal, f"signal {result.signal}") if result.signal else None
         how = f"killed by {sig}" if sig else f"exit status {result.returncode}"
         return f"QEMU {how} after command {result.commands_run} of {len(rep.commands)}: {result.detail}"
-    if result.outcome == "hung":
+    if result.outcome is Outcome.HUNG:
         return f"QEMU stops answering qtest at {hang_point(rep, result)} ({result.detail})"
-    if result.outcome == "unrecovered":
+    if result.outcome is Outcome.UNRECOVERED:
         return f"QEMU stays alive but the device does not recover: {result.detail}"
     return result.detail
 
@@ -126,7 +126,8 @@ def _indent(lines: list[str], by: str = "   ") -> list[str]:
 
 def _prose(rep: Reproducer) -> list[str]:
     """The reproducer's leading comment lines: what its author wrote, before the headers."""
-    headers = ("xfail:", TIMEOUT_HEADER, FUZZ_CHECK, "qtest-virtio fuzz:", "outcome:", "fuzz-signature:", "hostile")
+    signature = SIGNATURE_HEADER.lstrip("# ")
+    headers = ("xfail:", TIMEOUT_HEADER, FUZZ_CHECK, "qtest-virtio fuzz:", "outcome:", signature, "hostile")
     out: list[str] = []
     for c in rep.comments:
         if c.startswith(headers):
@@ -137,21 +138,21 @@ def _prose(rep: Reproducer) -> list[str]:
 
 def _title(rep: Reproducer, hits: list[ReplayRow]) -> str:
     first = hits[0].result
-    if first.outcome == "crashed":
+    if first.outcome is Outcome.CRASHED:
         loc = source_location(first.detail)
         if loc and loc.function:  # "prog: file:line: func: Assertion ..." -> "func: Assertion ..."
             return f"{loc.function}: {first.detail.split(loc.function + ': ', 1)[-1][:120]} (qtest reproducer)"
         return f"{first.detail[:120]} (qtest reproducer)"
-    if first.outcome == "hung":
+    if first.outcome is Outcome.HUNG:
         return f"qtest reproducer {os.path.basename(rep.path)}: QEMU stops answering (hang)"
     return f"qtest reproducer {os.path.basename(rep.path)}: device does not recover after a reset"
 
 
 def render(rep: Reproducer, rows: Sequence[ReplayRow]) -> str:
     """The report for ``rep`` from its replays (one row per binary)."""
-    hits = [r for r in rows if r.result.outcome in REPRODUCED]
-    misses = [r for r in rows if r.result.outcome == "survived"]
-    untested = [r for r in rows if r.result.outcome == "cannot-run"]
+    hits = [r for r in rows if r.result.outcome.failed]
+    misses = [r for r in rows if r.result.outcome is Outcome.SURVIVED]
+    untested = [r for r in rows if r.result.outcome is Outcome.CANNOT_RUN]
     versions = [f"{r.label}: `{r.binary.version_text}`" for r in rows]
     cmdline = shell_words(upstream_args(rep))
     out: list[str] = []
@@ -213,9 +214,9 @@ def render(rep: Reproducer, rows: Sequence[ReplayRow]) -> str:
 
 
 _KIND_WORDS = {
-    "crashed": "abort (assertion or signal)",
-    "hung": "stop answering (no qtest reply: hang or livelock)",
-    "unrecovered": "leave the device unusable after a reset",
+    Outcome.CRASHED: "abort (assertion or signal)",
+    Outcome.HUNG: "stop answering (no qtest reply: hang or livelock)",
+    Outcome.UNRECOVERED: "leave the device unusable after a reset",
 }
 
 
@@ -224,8 +225,8 @@ def _items(rows: Sequence[ReplayRow]) -> list[str]:
 
 
 def _expected(rep: Reproducer, result: ReplayResult) -> str:
-    if result.outcome == "crashed":
+    if result.outcome is Outcome.CRASHED:
         return f"QEMU aborts: `{result.detail}`"
-    if result.outcome == "hung":
+    if result.outcome is Outcome.HUNG:
         return f"QEMU stops answering at {hang_point(rep, result)}."
     return f"A device reset and a valid request then fail: {result.detail}"

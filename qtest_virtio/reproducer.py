@@ -18,7 +18,8 @@ for i386); ``-qtest stdio`` by our own socket; ``accel=qtest`` / ``-accel qtest`
 where the binary lacks the qtest accelerator (then TCG with ``-S``, as the Machine layer does).
 Each command is checked against QEMU's own argument assertions (:func:`.qtest.check_line`): one
 QEMU would abort on makes the file malformed, not QEMU crashed. After the last command QEMU runs a
-settle period (:func:`settle`) before the verdict.
+settle period (:func:`~qtest_virtio.outcome.settle`) before the verdict, and the run is judged by
+the classifier the fuzzer uses too (:class:`~qtest_virtio.outcome.Judge`).
 """
 
 from __future__ import annotations
@@ -32,9 +33,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from .binary import QemuBinary
-from .errors import QemuCrashed, QemuStartError, QtestTimeout, ScenarioError
+from .errors import QemuCrashed, QemuStartError, ScenarioError
+from .fuzz.corpus import RecoveryCheck, recovery_check
 from .libqtest import looks_like_c, parse_c
 from .machine import MachineSpec, QemuMachine
+from .outcome import DEFAULT_SETTLE, EXIT_PRECEDENCE, Judge, Outcome, check_recovery, settle
 from .qtest import COMMANDS, check_line
 
 #: A shell prompt pasted before a command: ``$ ``, ``user@host:~/qemu$ ``.
@@ -47,16 +50,9 @@ _STDIO_RE = re.compile(rf"^\s*{_PROMPT}(\S*qemu\S*(?:\s.*)?\s-qtest\s+stdio(?:\s
 _QEMU_ARGS_RE = re.compile(r"^#\s*qemu-args:\s*(.*)$")
 #: A continuation prompt (PS2) pasted before the lines of a here-document typed at a terminal.
 _PS2_RE = re.compile(r"^>\s?")
-#: A comment (``#`` stripped) that makes a fuzzer reproducer end with a recovery check.
-FUZZ_CHECK = "fuzz-check:"
 #: A comment that bounds the replay of a hang, in seconds (default :data:`DEFAULT_TIMEOUT`).
 TIMEOUT_HEADER = "timeout:"
 DEFAULT_TIMEOUT = 10.0
-#: Seconds QEMU runs after the last command before the verdict (``replay --settle S``).
-DEFAULT_SETTLE = 1.0
-#: The settle period's slices: each one a ``clock_step`` of as much virtual time where the build
-#: has the qtest accelerator, and a check that QEMU is alive.
-SETTLE_SLICE = 0.05
 
 
 @dataclass
@@ -83,7 +79,7 @@ class ReplayResult:
     reproducer with a ``# fuzz-check:`` header, unrecovered (QEMU lived, but after a device
     reset a valid request failed)."""
 
-    outcome: str
+    outcome: Outcome
     detail: str = ""
     signal: int | None = None
     returncode: int | None = None
@@ -92,10 +88,13 @@ class ReplayResult:
     command_line: str = ""
     stderr_tail: str = ""
 
+    def __post_init__(self) -> None:
+        self.outcome = Outcome(self.outcome)  # the printed word ("survived") names it too
+
     @property
     def exit_code(self) -> int:
         """git bisect run: 0 good, 1 bad, 125 cannot test."""
-        return {"survived": 0, "crashed": 1, "hung": 1, "unrecovered": 1, "cannot-run": 125}[self.outcome]
+        return self.outcome.exit_code
 
 
 def _logical_lines(text: str) -> list[tuple[int, str]]:
@@ -401,21 +400,6 @@ def missing_machine(args: Sequence[str], binary: QemuBinary) -> str | None:
     return f"machine type {wanted} is not in this binary (it has: {', '.join(binary.machines)})"
 
 
-def settle(vm: QemuMachine, seconds: float) -> None:
-    """Let QEMU run ``seconds`` after the last command before judging it: deferred work (bottom
-    halves, timers, I/O completions) may still kill it. Where the qtest accelerator owns the
-    virtual clock, ``clock_step`` moves it on by as much, so virtual-time timers fire too. Then a
-    final round trip: QEMU still answers. QemuCrashed or QtestTimeout from that round trip."""
-    clock = vm.binary.has_qtest_accel
-    deadline = time.monotonic() + seconds
-    while vm.alive and (left := deadline - time.monotonic()) > 0:
-        step = min(SETTLE_SLICE, left)
-        if clock:
-            vm.qtest.send_raw(f"clock_step {max(int(step * 1e9), 1)}")  # FAIL (no timer): still a round trip
-        time.sleep(step)
-    vm.qtest.send_raw("endianness")
-
-
 def replay(
     rep: Reproducer,
     *,
@@ -428,72 +412,87 @@ def replay(
     """Run the reproducer on our socket and say whether QEMU survived, crashed or hung; a reply
     that takes longer than ``timeout`` (default: the file's ``# timeout:``, else
     :data:`DEFAULT_TIMEOUT`) is a hang. After the last command QEMU runs ``settle_s`` more
-    seconds (:func:`settle`) before the verdict.
+    seconds (:func:`~qtest_virtio.outcome.settle`) before the verdict.
 
-    A fuzzer reproducer that ends in a recovery check (``# fuzz-check:``) is replayed by the
-    fuzzer, which rebuilds the machine from the header and runs the check after the commands.
+    A fuzzer reproducer that ends in a recovery check (``# fuzz-check:``) is replayed on the
+    machine its header names, and the check runs after the commands (:func:`_replay_checked`).
     """
     timeout = timeout if timeout is not None else rep.timeout or DEFAULT_TIMEOUT
-    if any(c.startswith(FUZZ_CHECK) for c in rep.comments):
-        from .fuzz import replay_checked
-
-        return replay_checked(rep, qemu=qemu, timeout=timeout, settle_s=settle_s, trace=trace, echo=echo)
     binary = QemuBinary.get(qemu)
+    check = recovery_check(rep.comments, qemu=binary.path, timeout=timeout, path=rep.path)
+    if check is not None:
+        return _replay_checked(rep, check, timeout=timeout, settle_s=settle_s, trace=trace, echo=echo)
     args, notes = normalize_args(rep.args, binary)
     notes = [*rep.notes, *notes]
     if rep.binary and not rep.binary.endswith("x86_64"):
         notes.append(f"{rep.binary.rsplit('/', 1)[-1]} is replaced by {binary.path}")
     missing = missing_machine(args, binary)
     if missing is not None:
-        return ReplayResult("cannot-run", missing, notes=notes)
+        return ReplayResult(Outcome.CANNOT_RUN, missing, notes=notes)
     spec = MachineSpec(qemu=binary.path, raw_args=args, command_timeout=timeout, start_timeout=max(timeout, 15.0))
     vm = QemuMachine(spec)
     try:
         vm.start()
     except QemuStartError as exc:
-        return ReplayResult("cannot-run", str(exc).splitlines()[0], notes=notes, command_line=exc.command_line)
-    result = ReplayResult("survived", notes=notes, command_line=vm.command_line())
+        return ReplayResult(Outcome.CANNOT_RUN, str(exc).splitlines()[0], notes=notes, command_line=exc.command_line)
+    result = ReplayResult(Outcome.SURVIVED, notes=notes, command_line=vm.command_line())
     where = "the round trip after the last command"
-    answered_at: float | None = None  # while the settle period runs
     died_after: float | None = None
-    try:
+
+    def hung(_: Exception) -> str:
+        at = f"line {rep.commands[result.commands_run][0]}" if result.commands_run < len(rep.commands) else where
+        return f"no reply within {timeout:g} s to {at}"
+
+    with Judge(vm, hung=hung, clean_exit_survives=True) as verdict:
         vm.resume()  # like the qtest accelerator, a RUNNING machine whose only vCPU halts
         run_commands(vm, rep, result, trace=trace, echo=echo)
         answered_at = time.monotonic()
         where = f"the {settle_s:g} s settle period after the last command"
-        settle(vm, settle_s)
-        answered_at = None
-    except QemuCrashed as exc:
-        result.outcome, result.detail = "crashed", exc.summary
-        if answered_at is not None:
+        try:
+            settle(vm, settle_s)
+        except QemuCrashed:
             died_after = time.monotonic() - answered_at
-    except QtestTimeout:
-        result.outcome = "hung"
-        if result.commands_run < len(rep.commands):
-            where = f"line {rep.commands[result.commands_run][0]}"
-        result.detail = f"no reply within {timeout:g} s to {where}"
-    finally:
-        vm.shutdown(check=False)
-    crash = vm.crash
+            raise
     result.returncode = vm.returncode
     result.stderr_tail = vm.stderr_tail(30)
-    if result.outcome != "hung" and crash is not None:
-        marker = vm.crash_marker()
-        if crash.returncode == 0 and marker is None:
-            # A clean exit the guest asked for (e.g. an ACPI power-off through PM1_CNT): QEMU
-            # did what a machine does, it did not crash.
-            result.outcome = "survived"
-            result.detail = f"QEMU shut down cleanly (exit status 0) after {result.commands_run} commands"
-            return result
-        if result.outcome == "survived":
-            result.notes.append("QEMU answered everything, then died while it quit (QMP quit at the end)")
-        elif died_after is not None:
-            result.notes.append(
-                f"QEMU died {died_after:.2f} s after its last command was answered (settle period: {settle_s:g} s)"
-            )
-        result.outcome = "crashed"
-        result.signal = crash.signal
-        result.detail = marker or crash.summary
+    result.outcome, result.detail, result.signal = verdict.outcome, verdict.detail, verdict.signal
+    if verdict.clean_exit and verdict.outcome is Outcome.SURVIVED:
+        # A clean exit the guest asked for (e.g. an ACPI power-off through PM1_CNT): QEMU did
+        # what a machine does, it did not crash.
+        result.detail = f"QEMU shut down cleanly (exit status 0) after {result.commands_run} commands"
+    elif verdict.crashed_after_run:
+        result.notes.append("QEMU answered everything, then died while it quit (QMP quit at the end)")
+    elif died_after is not None and verdict.outcome is Outcome.CRASHED:
+        result.notes.append(
+            f"QEMU died {died_after:.2f} s after its last command was answered (settle period: {settle_s:g} s)"
+        )
+    return result
+
+
+def _replay_checked(
+    rep: Reproducer, check: RecoveryCheck, *, timeout: float, settle_s: float, trace: bool, echo: object
+) -> ReplayResult:
+    """Replay a fuzzer reproducer whose ``# fuzz-check:`` header asks for the recovery check:
+    the machine the header names, the commands, the settle period, then a fresh driver (device
+    reset, initialization) and the device's valid request. survived, crashed, hung or unrecovered."""
+    vm = check.machine()
+    try:
+        vm.start()
+    except QemuStartError as exc:
+        return ReplayResult(Outcome.CANNOT_RUN, str(exc).splitlines()[0], command_line=exc.command_line)
+    result = ReplayResult(Outcome.SURVIVED, command_line=vm.command_line())
+    where = "the commands"
+    with Judge(vm, hung=lambda exc: f"no reply within {timeout:g} s during {where}: {exc}") as verdict:
+        vm.resume()  # as in the example: the driver's first step resumed the machine (QMP cont)
+        run_commands(vm, rep, result, trace=trace, echo=echo)
+        where = "the settle period"
+        settle(vm, settle_s)
+        where = "the recovery"
+        verdict.detail = f"{result.commands_run} commands, then a device reset and a valid request: served"
+        check_recovery(verdict, lambda: check.run(vm))
+    result.returncode = vm.returncode
+    result.stderr_tail = vm.stderr_tail(30)
+    result.outcome, result.detail, result.signal = verdict.outcome, verdict.detail, verdict.signal
     return result
 
 
@@ -511,15 +510,13 @@ def run_commands(vm: QemuMachine, rep: Reproducer, result: ReplayResult, *, trac
 
 def describe(result: ReplayResult, rep: Reproducer) -> str:
     """The verdict line for a human (and a log)."""
-    if result.outcome == "survived":
+    if result.outcome is Outcome.SURVIVED:
         return f"survived: {result.detail or f'{result.commands_run} commands replayed, QEMU alive'}"
-    if result.outcome == "crashed":
+    if result.outcome is Outcome.CRASHED:
         sig = f"signal {result.signal}" if result.signal else f"exit status {result.returncode}"
         return f"crashed ({sig}) after {result.commands_run} of {len(rep.commands)} commands: {result.detail}"
-    if result.outcome == "hung":
-        return f"hung: {result.detail}"
-    if result.outcome == "unrecovered":
-        return f"unrecovered: {result.detail}"
+    if result.outcome in (Outcome.HUNG, Outcome.UNRECOVERED):
+        return f"{result.outcome}: {result.detail}"
     return f"cannot run here: {result.detail}"
 
 
@@ -564,11 +561,6 @@ class ReplayRow:
         return describe(self.result, self.rep)
 
 
-#: Exit codes of several rows, the one that wins first: a reproduced bug is the answer even where
-#: another binary could not run the file; "cannot test" beats "survived" (not all were tested).
-EXIT_PRECEDENCE = (1, 125, 0)
-
-
 def combined_exit_code(results: Iterable[ReplayResult]) -> int:
     """The exit code of a multi-row replay: 1 if any row crashed, hung or was unrecovered, else
     125 if any could not run, else 0."""
@@ -592,11 +584,7 @@ def replay_rows(
             yield ReplayRow(rep, binary, label, result)
 
 
-#: Verdicts in the order a tally lists them.
-OUTCOMES = ("survived", "crashed", "hung", "unrecovered", "cannot-run")
-
-
 def tally(results: Iterable[ReplayResult]) -> str:
-    """'8 survived, 3 crashed': how many rows had each verdict, in :data:`OUTCOMES` order."""
+    """'8 survived, 3 crashed': how many rows had each verdict, in :class:`Outcome` order."""
     outcomes = [r.outcome for r in results]
-    return ", ".join(f"{outcomes.count(o)} {o}" for o in OUTCOMES if o in outcomes)
+    return ", ".join(f"{outcomes.count(o)} {o}" for o in Outcome if o in outcomes)

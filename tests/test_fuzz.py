@@ -45,10 +45,10 @@ from qtest_virtio.fuzz import (
     reproducer_text,
     signature,
     validate_command,
-    verify_reproducer,
     write_reproducer,
 )
-from qtest_virtio.reproducer import load, parse
+from qtest_virtio.outcome import Outcome
+from qtest_virtio.reproducer import load, parse, replay
 from qtest_virtio.vm import Machine
 
 U64 = (1 << 64) - 1
@@ -266,12 +266,12 @@ def test_failure_is_shrunk_written_and_replays_as_crashed(qemu_binary, qemu_with
     assert "-device" in rep.args and not any(a in rep.args for a in ("-S", "-accel", "-qtest"))
     assert any("mode=modern" in c for c in rep.comments)
 
-    verdict = verify_reproducer(path, qemu=wrapper, timeout=5.0)
+    verdict = replay(load(path), qemu=wrapper, timeout=5.0)
     assert verdict.outcome == "crashed", verdict
     assert verdict.signal == signal.SIGABRT
     # ...and against the real binary the same commands are harmless (no pvpanic there: it
     # survives), so the verdict comes from the "bug", not from the reproducer.
-    plain = verify_reproducer(path, qemu=qemu_binary.path, timeout=5.0)
+    plain = replay(load(path), qemu=qemu_binary.path, timeout=5.0)
     assert plain.outcome == "survived", plain
     assert parse(text, path).commands == rep.commands
 
@@ -296,13 +296,13 @@ def test_signatures_group_by_assertion_and_come_back_from_reproducers(tmp_path: 
     crash = ExampleResult(
         config,
         [],
-        outcome="crashed",
+        outcome=Outcome.CRASHED,
         detail="qemu-system-x86_64: ./include/exec/memory_ldst_cached.h.inc:30: "
         "address_space_lduw_le_cached: Assertion `addr < cache->len' failed.",
     )
     expected = "crashed: address_space_lduw_le_cached: Assertion `addr < cache->len' failed"
     assert signature(crash) == expected  # no file, line or device: the assertion is in shared code
-    hang = ExampleResult(config, [], outcome="hung", detail="during action 3")
+    hang = ExampleResult(config, [], outcome=Outcome.HUNG, detail="during action 3")
     assert signature(hang) == "virtio-blk-pci packed: hung"
     text = reproducer_text(crash)
     (tmp_path / "known.qtest").write_text(text)
@@ -352,11 +352,11 @@ def test_unrecovered_is_written_with_its_check_and_replays_the_same(qemu_binary,
     text = Path(path).read_text()
     assert "# fuzz-check: device=virtio-rng-pci mode=modern ring=split queue=0\n" in text
     assert len(load(path).commands) == result.recovery_from
-    verdict = verify_reproducer(path, qemu=qemu_binary.path, timeout=5.0)
+    verdict = replay(load(path), qemu=qemu_binary.path, timeout=5.0)
     assert verdict.outcome == "unrecovered" and verdict.exit_code == 1, verdict
 
     monkeypatch.setitem(DEVICES, "virtio-rng-pci", plain)  # no rate limit: the same commands recover
-    assert verify_reproducer(path, qemu=qemu_binary.path, timeout=5.0).outcome == "survived"
+    assert replay(load(path), qemu=qemu_binary.path, timeout=5.0).outcome == "survived"
 
 
 REPRODUCERS = str(Path(__file__).resolve().parent.parent / "scenarios" / "reproducers")

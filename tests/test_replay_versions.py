@@ -16,6 +16,7 @@ import pytest
 from conftest import EXE
 
 from qtest_virtio.binary import QemuBinary
+from qtest_virtio.outcome import Outcome
 from qtest_virtio.report import source_location
 from qtest_virtio.reproducer import (
     ReplayResult,
@@ -24,6 +25,7 @@ from qtest_virtio.reproducer import (
     parse,
     replay,
     shell_words,
+    tally,
     upstream_command,
 )
 
@@ -212,6 +214,24 @@ def test_combined_exit_code_order() -> None:
     assert of("survived", "cannot-run") == 125
     assert of("cannot-run", "hung", "survived") == 1
     assert of("unrecovered") == 1 and of("crashed", "cannot-run") == 1
+
+
+def test_one_outcome_vocabulary_prints_as_the_cli_does() -> None:
+    """Pure logic: replay and the fuzzer share Outcome; its words, exit codes and tally order."""
+    assert [str(o) for o in Outcome] == ["survived", "crashed", "hung", "unrecovered", "cannot-run"]
+    assert {o: o.exit_code for o in Outcome} == {
+        Outcome.SURVIVED: 0,
+        Outcome.CRASHED: 1,
+        Outcome.HUNG: 1,
+        Outcome.UNRECOVERED: 1,
+        Outcome.CANNOT_RUN: 125,
+    }
+    assert [o for o in Outcome if o.failed] == [Outcome.CRASHED, Outcome.HUNG, Outcome.UNRECOVERED]
+    assert ReplayResult("cannot-run").outcome is Outcome.CANNOT_RUN  # the printed word names it
+    results = [ReplayResult(o) for o in ("hung", "survived", "cannot-run", "survived")]
+    assert tally(results) == "2 survived, 1 hung, 1 cannot-run"
+    with pytest.raises(ValueError):
+        ReplayResult("ok")  # fuzz's old word for survived is gone
 
 
 # -- the upstream report -------------------------------------------------------------------------

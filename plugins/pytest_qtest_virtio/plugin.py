@@ -466,6 +466,7 @@ class ReproducerItem(pytest.Item):
         return excinfo.traceback.cut(path=__file__).filter(excinfo)
 
     def _replay(self) -> None:
+        from qtest_virtio.outcome import Outcome
         from qtest_virtio.reproducer import describe, load, replay
 
         try:
@@ -478,12 +479,12 @@ class ReproducerItem(pytest.Item):
         # "# timeout: S" bounds a reproducer of a hang (the default is replay's 10 s).
         timeouts = [c[len("timeout:") :].strip() for c in rep.comments if c.startswith("timeout:")]
         result = replay(rep, qemu=binary.path, timeout=float(timeouts[0]) if timeouts else 10.0)
-        self.user_properties.append(("reproducer_outcome", result.outcome))
-        if result.outcome == "cannot-run":
+        self.user_properties.append(("reproducer_outcome", result.outcome.value))  # a plain str for xdist
+        if result.outcome is Outcome.CANNOT_RUN:
             pytest.skip(describe(result, rep))
         # A bug this QEMU still has is an entry of the deviation table (an xfail marker, set at
         # collection): failing here is then the expected outcome, and surviving an XPASS.
-        if result.outcome != "survived":
+        if result.outcome is not Outcome.SURVIVED:
             details = "\n".join([describe(result, rep), *result.notes, result.stderr_tail, result.command_line])
             pytest.fail(details, pytrace=False)
 

@@ -26,9 +26,9 @@ from qtest_virtio.fuzz import (
     fuzz_target,
     known_signatures,
     signature,
-    verify_reproducer,
     write_reproducer,
 )
+from qtest_virtio.reproducer import load, replay
 
 REPRODUCERS = str(Path(__file__).resolve().parent.parent / "reproducers")
 
@@ -64,7 +64,7 @@ def test_hostile_driver(
         pytest.xfail(f"known QEMU bug ({stem}.qtest): {found}")
     if report.failure is not None:
         path = write_reproducer(report.failure, str(tmp_path), seed=0)
-        verdict = verify_reproducer(path, qemu=qemu_binary.path, timeout=config.hang_timeout)
+        verdict = replay(load(path), qemu=qemu_binary.path, timeout=config.hang_timeout)
         pytest.fail(
             f"{report.failure.summary()}\nreproducer: {path} (replay: {verdict.outcome})\n"
             f"actions: {report.failure.actions!r}\nQEMU stderr:\n{report.failure.stderr_tail}",

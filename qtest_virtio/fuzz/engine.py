@@ -1,0 +1,541 @@
+"""The fuzzing engine: hypothesis strategies over the actions, the runner (one example on a fresh
+machine: initialize, abuse, check, reset, check a valid request), the failure signature and the
+shrinker that keeps the smallest failing example.
+
+The runner checks that QEMU
+
+- is alive and printed no assertion or sanitizer text (``machine.CRASH_MARKERS``),
+- answers a qtest round trip within a bound (else: hung),
+- after a device reset (``driver.initialize()``), serves a valid request (else: unrecovered),
+
+with the classifier replay uses (:class:`~qtest_virtio.outcome.Judge`). Where the spec says what
+a device must do but QEMU does otherwise (an error reported without DEVICE_NEEDS_RESET, virtio
+1.2 §2.1.2), the runner records an :class:`Observation` and does not fail.
+
+hypothesis is imported inside functions only, so ``import qtest_virtio`` stays light.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import time
+from collections import Counter
+from collections.abc import Callable, Container, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from ..errors import QemuCrashed, QtestTimeout, QtestVirtioError
+from ..machine import MachineSpec, is_crash_marker
+from ..outcome import Judge, Outcome, check_recovery, settle
+from ..pci.regs import CONFIG_SPACE_SIZE
+from ..transport.layout import STATUS
+from ..virtqueue.layout import SPLIT_AVAIL
+from ..vm import Machine
+from .actions import (
+    ADDR_KINDS,
+    EVENT_FIELDS,
+    REQUEST_SHAPES,
+    U16,
+    U32,
+    Action,
+    Addr,
+    Desc,
+    DescChain,
+    EventWrite,
+    Features,
+    IdReuse,
+    LongChain,
+    MisshapenRequest,
+    MsixAccess,
+    MsixVector,
+    Notify,
+    PciCfgWindow,
+    PciConfig,
+    QueueConfig,
+    RegAccess,
+    ResetInFlight,
+    StatusWrites,
+    Target,
+    Valid,
+)
+from .targets import DEVICE_ID, DEVICES, make_target
+
+if TYPE_CHECKING:
+    from hypothesis.strategies import SearchStrategy
+
+RINGS = ("split", "packed")
+
+
+def actions_strategy(max_actions: int = 8) -> SearchStrategy[list[Action]]:
+    """Lists of hostile actions. Values are abstract (indices taken modulo the target's
+    windows and queue size), so one strategy serves every device, mode and ring."""
+    from hypothesis import strategies as st
+
+    def boundary(bits: int) -> SearchStrategy[int]:
+        top = (1 << bits) - 1
+        return st.one_of(st.sampled_from([0, 1, 2, 3, top, top - 1, 1 << (bits - 1)]), st.integers(0, top))
+
+    addr = st.builds(Addr, st.sampled_from(ADDR_KINDS), st.integers(0, 0xFFFF))
+    desc_flags = st.one_of(
+        st.sampled_from([0, 1, 2, 3, 4, 5, 6, 7, 0x80, 0x81, 0x8000, 0x8080, 0x8082]), st.integers(0, U16)
+    )
+    length = st.one_of(st.sampled_from([0, 1, 15, 16, 17, 48, 512, U32, U32 - 15, 1 << 31]), st.integers(0, U32))
+    desc = st.builds(
+        Desc,
+        slot=st.integers(0, 1024),
+        addr=addr,
+        length=length,
+        flags=desc_flags,
+        next=st.one_of(st.integers(0, 1024), boundary(16)),
+    )
+    queue = st.one_of(st.integers(0, 4), boundary(16))
+    queue_size = st.one_of(st.sampled_from([0, 1, 3, 5, 255, 256, 257, 1024, 0x8000, 0xFFFF]), boundary(16))
+    status = st.one_of(st.sampled_from([0, 1, 3, 0xB, 0xF, 0x40, 0x80, 0xFF, 4, 8]), st.integers(0, 0xFF))
+    actions: SearchStrategy[Action] = st.one_of(
+        st.builds(
+            RegAccess,
+            window=st.integers(0, 7),
+            offset=st.integers(0, 0x1100),
+            width=st.sampled_from([1, 2, 4, 8]),
+            write=st.booleans(),
+            value=boundary(64),
+        ),
+        st.builds(StatusWrites, st.lists(status, min_size=1, max_size=4).map(tuple)),
+        st.builds(
+            QueueConfig,
+            queue=queue,
+            size=queue_size,
+            addrs=st.none() | st.tuples(addr, addr, addr),
+            enable=st.booleans(),
+        ),
+        st.builds(MsixVector, queue=st.none() | queue, vector=boundary(16)),
+        st.builds(Features, low=boundary(32), high=boundary(32), select=boundary(32), reset_first=st.booleans()),
+        st.builds(ResetInFlight, queue_reset=st.booleans(), slot=st.integers(0, 1024)),
+        st.builds(
+            DescChain,
+            descs=st.lists(desc, min_size=1, max_size=6).map(tuple),
+            table=st.lists(desc, max_size=4).map(tuple),
+            head=st.none() | boundary(16),
+            jump=st.one_of(st.sampled_from([1, 2, 0, 256, 257, 0x8000, U16]), st.integers(0, U16)),
+            notify=st.just(True) | st.booleans(),
+        ),
+        st.builds(EventWrite, st.sampled_from(EVENT_FIELDS), boundary(16), st.booleans()),
+        st.builds(Notify, queue),
+        st.just(Valid()),
+        st.builds(IdReuse, st.integers(2, 3), st.integers(0, 1024)),
+        st.builds(LongChain, st.booleans(), st.sampled_from([1, 2, 64]), st.sampled_from([0, 1, 16, 512])),
+        st.builds(MisshapenRequest, st.sampled_from(REQUEST_SHAPES)),
+        st.builds(
+            PciConfig,
+            offset=st.one_of(st.integers(0, 0x3F), st.integers(0, CONFIG_SPACE_SIZE - 1)),
+            width=st.sampled_from([1, 2, 4]),
+            write=st.booleans(),
+            value=boundary(32),
+        ),
+        st.builds(
+            PciCfgWindow,
+            bar=st.one_of(st.integers(0, 6), boundary(8)),
+            offset=boundary(32),
+            length=st.one_of(st.sampled_from([0, 1, 2, 3, 4, 8]), boundary(32)),
+            width=st.sampled_from([1, 2, 4]),
+            write=st.booleans(),
+            value=boundary(32),
+        ),
+        st.builds(
+            MsixAccess,
+            pba=st.booleans(),
+            offset=st.integers(0, 0x1000),
+            width=st.sampled_from([1, 2, 4, 8]),
+            write=st.booleans(),
+            value=boundary(64),
+        ),
+    )
+    return st.lists(actions, min_size=1, max_size=max_actions)
+
+
+#: Seconds an example's QEMU runs after the last hostile action before the check (replay's
+#: default is 1 s). Shorter on purpose: each example pays it, and a second per example would
+#: halve the examples a budget buys. Deferred work that kills QEMU later still shows: the
+#: recovery that follows (device reset, initialization, a valid request) keeps QEMU running,
+#: and a find is verified by replaying its reproducer with replay's full settle period.
+FUZZ_SETTLE = 0.1
+
+
+@dataclass(frozen=True)
+class FuzzConfig:
+    device: str
+    mode: str
+    ring: str = "split"
+    qemu: str | None = None
+    #: The queue the actions aim at; None: the profile's first.
+    queue: int | None = None
+    #: Seconds without a qtest reply that count as a hang.
+    hang_timeout: float = 3.0
+    #: Timeout of the driver's valid requests interleaved with the abuse (failures are observations).
+    valid_timeout: float = 0.3
+
+    @property
+    def queue_index(self) -> int:
+        return DEVICES[self.device].default_queue if self.queue is None else self.queue
+
+    @property
+    def name(self) -> str:
+        """``device-mode-ring``, with ``-qN`` when the queue is not the profile's first."""
+        default = DEVICES[self.device].default_queue
+        return f"{self.device}-{self.mode}-{self.ring}" + ("" if self.queue_index == default else f"-q{self.queue}")
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Something QEMU did that the spec does not allow or that is worth knowing, not a failure."""
+
+    kind: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.detail}"
+
+
+@dataclass
+class ExampleResult:
+    config: FuzzConfig
+    actions: list[Action]
+    outcome: Outcome = Outcome.SURVIVED
+    detail: str = ""
+    signal: int | None = None
+    commands: list[str] = field(default_factory=list)
+    args: list[str] = field(default_factory=list)
+    observations: list[Observation] = field(default_factory=list)
+    stderr_tail: str = ""
+    returncode: int | None = None
+    #: Index in ``commands`` of the first command of the recovery (reset and valid request).
+    recovery_from: int | None = None
+
+    def __post_init__(self) -> None:
+        self.outcome = Outcome(self.outcome)  # the printed word ("crashed") names it too
+
+    @property
+    def failed(self) -> bool:
+        return self.outcome.failed
+
+    def summary(self) -> str:
+        return f"{self.config.name}: {self.outcome}: {self.detail}"
+
+
+class HarnessBug(Exception):
+    """QEMU answered FAIL/ERR to a command the fuzzer rendered: the rendering is wrong."""
+
+
+Hook = Callable[[Machine, Action], None]
+
+
+def replay_args(command_line: str) -> list[str]:
+    """A machine's command line (``Machine.command_line()``) as ``# qemu-args:`` for replay:
+    without the binary, the accelerator, -S, the halt firmware and -qtest, which replay adds."""
+    words = shlex.split(command_line)[1:]
+    out: list[str] = []
+    i = 0
+    while i < len(words):
+        w = words[i]
+        if w in ("-accel", "-bios", "-qtest", "-qtest-log"):
+            i += 2
+            continue
+        if w != "-S":
+            out.append(w)
+        i += 1
+    return out
+
+
+def _normal(exc: BaseException | str) -> str:
+    """A message with numbers and the transport's name taken out, so observations group."""
+    text = str(exc).split("\n")[0]
+    text = re.sub(r"^<[^>]*>: ", "", text)
+    text = re.sub(r"0x[0-9a-f]+|\b\d+\b", "N", text)
+    return text[:100]
+
+
+def _observe_errors(vm: Machine, driver: Any, target: Target, action: Action, seen: int, out: list[Observation]) -> int:
+    """Errors QEMU printed since line ``seen`` (virtio_error and friends), each with whether
+    the device then shows DEVICE_NEEDS_RESET (§2.1.2: it should, in the modern layout)."""
+    lines = vm.stderr_text().splitlines()
+    new = [line for line in lines[seen:] if line.strip() and not is_crash_marker(line)]
+    if new:
+        needs_reset = bool(driver.transport.get_status() & STATUS.DEVICE_NEEDS_RESET.mask)
+        for line in new:
+            what = _normal(line.split(": ", 1)[-1] if line.startswith("qemu-system") else line)
+            if target.legacy:
+                kind = "error reported (legacy layout, no DEVICE_NEEDS_RESET there)"
+            elif action.may_write_status():
+                kind = "error reported (status rewritten by the same action: not checked)"
+            elif needs_reset:
+                kind = "error reported, DEVICE_NEEDS_RESET set"
+            else:
+                kind = "error reported WITHOUT DEVICE_NEEDS_RESET (virtio 1.2 §2.1.2)"
+            out.append(Observation(kind, what))
+    return len(lines)
+
+
+def machine_for(config: FuzzConfig) -> Machine:
+    """The machine an example runs on (and a checked replay rebuilds): the device alone."""
+    device = DEVICES[config.device]
+    spec = MachineSpec(qemu=config.qemu, command_timeout=config.hang_timeout)
+    spec.add_virtio(
+        device.name,
+        dict(device.props),
+        mode=config.mode,
+        id=DEVICE_ID,
+        packed="on" if config.ring == "packed" else "off",
+    )
+    return Machine(spec)
+
+
+@dataclass
+class _Progress:
+    """Where an example is, for the hang's detail."""
+
+    phase: str = "initialization"
+    step: int = 0
+
+    @property
+    def where(self) -> str:
+        return f"action {self.step}" if self.step else self.phase
+
+
+def run_example(config: FuzzConfig, actions: Sequence[Action], *, hook: Hook | None = None) -> ExampleResult:
+    """One example on a fresh machine: initialize, abuse, check, reset, check a valid request."""
+    device = DEVICES[config.device]
+    result = ExampleResult(config, list(actions))
+    vm = machine_for(config)
+    vm.start()  # QemuStartError: the caller's problem (cannot run here)
+    sink = vm.qtest.record()
+    recovery_at: int | None = None
+    result.args = replay_args(vm.command_line())
+    progress = _Progress()
+    judge = Judge(
+        vm, hung=lambda exc: f"no qtest reply within {config.hang_timeout:g} s during {progress.where}: {exc}"
+    )
+    try:
+        with judge as verdict:
+            driver = vm.virtio(DEVICE_ID)
+            target = make_target(vm, driver, device, config.queue_index)
+            progress.phase = "abuse"
+            if _abuse(vm, driver, target, actions, result, progress, hook):
+                progress.phase, progress.step = "check", 0
+                settle(vm, FUZZ_SETTLE)  # deferred work may kill QEMU after the last action
+                progress.phase = "recovery"
+                recovery_at = sum(len(b) for b in sink)
+                driver.fn.restore()  # BARs, decoding, bus master: what config-space abuse may have moved
+                driver.initialize()
+                check_recovery(verdict, lambda: device.check(vm, driver, 5.0))
+    finally:
+        sent = b"".join(sink)
+        result.commands = sent.decode("latin-1").splitlines()
+        if recovery_at is not None:
+            result.recovery_from = sent[:recovery_at].count(b"\n")
+        result.stderr_tail = vm.stderr_tail(30)
+        result.returncode = vm.returncode
+    result.outcome, result.detail, result.signal = verdict.outcome, verdict.detail, verdict.signal
+    return result
+
+
+def _abuse(
+    vm: Machine,
+    driver: Any,
+    target: Target,
+    actions: Sequence[Action],
+    result: ExampleResult,
+    progress: _Progress,
+    hook: Hook | None,
+) -> bool:
+    """Send the actions' commands (a ``Valid`` one runs the device's check through the driver);
+    False when the driver's own read-back refused what it saw (an observation: the abuse ends)."""
+    config = result.config
+    device = DEVICES[config.device]
+    seen = 0
+    try:
+        for i, action in enumerate(actions, 1):
+            progress.step = i
+            if hook is not None:
+                hook(vm, action)
+            if isinstance(action, Valid):
+                try:
+                    device.check(vm, driver, config.valid_timeout)
+                except (QemuCrashed, QtestTimeout):
+                    raise
+                except QtestVirtioError as exc:
+                    result.observations.append(Observation("valid request during abuse failed", _normal(exc)))
+                seen = _observe_errors(vm, driver, target, action, seen, result.observations)
+                continue
+            if target.packed:
+                vq = driver.queues[target.queue]
+                target = replace(target, avail_idx=vq.next_avail, wrap=vq.avail_wrap)
+            else:
+                target = replace(target, avail_idx=vm.qtest.readw(target.avail + SPLIT_AVAIL.idx.offset))
+            for cmd in action.render(target):
+                reply = vm.qtest.send_raw(cmd)
+                if not reply.startswith("OK"):
+                    raise HarnessBug(f"{cmd!r} -> {reply!r} (action {action!r})")
+            seen = _observe_errors(vm, driver, target, action, seen, result.observations)
+    except (QemuCrashed, QtestTimeout):
+        raise
+    except QtestVirtioError as exc:
+        # The driver's own read-back (e.g. of ring state) refused what it saw: not QEMU's crash.
+        result.observations.append(Observation("driver error during abuse", _normal(exc)))
+        return False
+    return True
+
+
+@dataclass
+class FuzzReport:
+    config: FuzzConfig
+    seed: int
+    examples: int = 0
+    seconds: float = 0.0
+    failure: ExampleResult | None = None
+    observations: Counter[str] = field(default_factory=Counter)
+    #: Shrinking ended at the run's deadline: ``failure`` is the smallest found by then.
+    shrink_cut: bool = False
+    #: QEMU runs after the first failure (hypothesis's replays and shrinking, then ours): what
+    #: shrinking cost; 0 for a known failure, which is not shrunk again.
+    shrink_runs: int = 0
+
+
+class _Failed(Exception):
+    pass
+
+
+class FuzzInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during :func:`fuzz_target`; ``report`` holds what was found by then
+    (``failure``: the smallest failing example so far, unshrunk or half shrunk)."""
+
+    def __init__(self, report: FuzzReport) -> None:
+        super().__init__("interrupted")
+        self.report = report
+
+
+_ASSERTION_RE = re.compile(r"([A-Za-z_]\w*): Assertion `(.*)' failed")
+
+
+def signature(result: ExampleResult) -> str:
+    """What makes two failures the same bug, for a campaign's de-duplication: a crash by its
+    assertion (on any device: the assertions are in QEMU's shared virtio code) or by device and
+    message, a hang by device and ring, the rest by outcome and message."""
+    c = result.config
+    if result.outcome is Outcome.HUNG:
+        return f"{c.device} {c.ring}: hung"
+    if result.outcome is Outcome.CRASHED:
+        assertion = _ASSERTION_RE.search(result.detail)
+        if assertion:  # file and line numbers change with the build; function and condition do not
+            return f"crashed: {assertion.group(1)}: Assertion `{assertion.group(2)}' failed"
+        return f"{c.device}: crashed: {_normal(result.detail)}"
+    return f"{c.device} {c.ring}: {result.outcome}: {_normal(result.detail)}"
+
+
+def _size(actions: Sequence[Action]) -> tuple[int, int]:
+    return len(actions), len(repr(actions))
+
+
+def fuzz_target(
+    config: FuzzConfig,
+    *,
+    max_examples: int = 20,
+    seed: int = 0,
+    shrink_seconds: float = 120.0,
+    max_actions: int = 8,
+    hook: Hook | None = None,
+    known: Container[str] = (),
+    deadline: float | None = None,
+) -> FuzzReport:
+    """Run hypothesis on one (device, mode, ring); on failure, shrink and keep the smallest.
+
+    A failure whose :func:`signature` is in ``known`` (found earlier in the campaign) is not
+    shrunk. Shrinking stops costing QEMU starts after ``shrink_seconds``, or at ``deadline``
+    (``time.monotonic()``; the run's whole budget): from then on only the smallest failing case
+    found so far runs for real, so hypothesis ends with it. No new example starts QEMU after
+    ``deadline``. An interrupt raises :class:`FuzzInterrupted` with what was found by then.
+    """
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import seed as hypothesis_seed
+
+    report = FuzzReport(config, seed)
+    failures: list[ExampleResult] = []
+    first_failure: list[float] = []
+    started = time.monotonic()
+
+    @hypothesis_seed(seed)
+    @settings(
+        max_examples=max_examples,
+        deadline=None,
+        database=None,  # hypothesis ignores it in a seeded run; the kept record is the .qtest files
+        suppress_health_check=list(HealthCheck),
+        report_multiple_bugs=False,
+        phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink),
+        print_blob=False,
+    )
+    @given(actions_strategy(max_actions))
+    def prop(actions: list[Action]) -> None:
+        if failures and signature(failures[0]) in known:
+            return  # a known bug: hypothesis's own replays and shrinking would only cost QEMU starts
+        out_of_time = deadline is not None and time.monotonic() >= deadline
+        if not failures and out_of_time:
+            return  # the budget is spent: the remaining examples cost nothing
+        if failures and (out_of_time or time.monotonic() - first_failure[0] > shrink_seconds):
+            report.shrink_cut = report.shrink_cut or out_of_time
+            best = min(failures, key=lambda r: _size(r.actions))
+            if actions != best.actions:
+                return
+        report.shrink_runs += bool(failures)
+        result = run_example(config, actions, hook=hook)
+        report.examples += 1
+        report.observations.update(str(o) for o in result.observations)
+        if result.failed:
+            if not first_failure:
+                first_failure.append(time.monotonic())
+            failures.append(result)
+            raise _Failed(result.summary())
+
+    try:
+        try:
+            prop()
+        except Exception:
+            if not failures:
+                raise
+            # hypothesis replays the smallest case last; take the smallest in any case.
+            best = min(reversed(failures), key=lambda r: _size(r.actions))
+            report.failure = best
+            end = time.monotonic() + (0.0 if signature(best) in known else shrink_seconds)
+            report.failure = _delete_actions(best, hook, end if deadline is None else min(end, deadline), keep=report)
+            if deadline is not None and time.monotonic() >= deadline and len(report.failure.actions) > 1:
+                report.shrink_cut = True
+    except KeyboardInterrupt:
+        if failures and report.failure is None:
+            report.failure = min(reversed(failures), key=lambda r: _size(r.actions))
+        report.seconds = time.monotonic() - started
+        raise FuzzInterrupted(report) from None
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _delete_actions(
+    best: ExampleResult, hook: Hook | None, deadline: float, *, keep: FuzzReport | None = None
+) -> ExampleResult:
+    """Drop actions one at a time while the failure stays the same kind: hypothesis's shrinker
+    often keeps harmless actions in front of the one that matters. Each smaller failure is
+    kept in ``keep.failure`` as soon as it is found, so an interrupt keeps the smallest."""
+    changed = True
+    while changed and len(best.actions) > 1 and time.monotonic() < deadline:
+        changed = False
+        for i in range(len(best.actions)):
+            if time.monotonic() >= deadline:
+                break
+            candidate = best.actions[:i] + best.actions[i + 1 :]
+            if keep is not None:
+                keep.shrink_runs += 1
+            result = run_example(best.config, candidate, hook=hook)
+            if result.outcome == best.outcome:
+                best, changed = result, True
+                if keep is not None:
+                    keep.failure = best
+                break
+    return best
