@@ -315,7 +315,7 @@ def _settle_seconds(text: str) -> float:
 
 def _replay_args(p: argparse.ArgumentParser, qemu_help: str) -> None:
     """--qemu (repeatable), --timeout and --settle, as replay and report both take them."""
-    from ..reproducer import DEFAULT_SETTLE
+    from ..outcome import DEFAULT_SETTLE
 
     p.add_argument("--qemu", action="append", default=[], metavar="PATH", help=qemu_help)
     p.add_argument(
@@ -349,8 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(sh)
     sh.set_defaults(func=run_shell)
-    from ..fuzz import add_arguments as add_fuzz_arguments
-    from ..fuzz import run_fuzz
+    from .fuzz_cmd import add_arguments as add_fuzz_arguments
+    from .fuzz_cmd import run_fuzz
 
     fz = sub.add_parser("fuzz", help="hostile-driver fuzzing (hypothesis); shrinks a failure to a .qtest reproducer")
     add_fuzz_arguments(fz)

@@ -34,6 +34,7 @@ from ..fuzz import (
     write_reproducer,
 )
 from ..reproducer import ReplayResult, load, replay
+from .exits import EXIT_FAILED, EXIT_OK, EXIT_UNTESTABLE, EXIT_USAGE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,7 +101,7 @@ def run_fuzz(args: argparse.Namespace) -> int:
     bad = _bad_numbers(args)
     if bad:
         print(f"qtest-virtio fuzz: {bad}", file=sys.stderr)
-        return 128
+        return EXIT_USAGE
 
     try:
         import hypothesis  # noqa: F401
@@ -109,24 +110,24 @@ def run_fuzz(args: argparse.Namespace) -> int:
             "qtest-virtio fuzz: needs hypothesis: pip install 'qtest-virtio[fuzz]' (or pip install hypothesis)",
             file=sys.stderr,
         )
-        return 125
+        return EXIT_UNTESTABLE
     devices = args.device or list(DEVICES)
     for d in devices:
         if d not in DEVICES:
             print(f"qtest-virtio fuzz: no fuzz profile for {d!r}; known: {', '.join(DEVICES)}", file=sys.stderr)
-            return 128
+            return EXIT_USAGE
     try:
         transports = [modes.check_mode(m) for m in (args.transport or modes.ALL_MODES)]
     except ValueError as exc:
         print(f"qtest-virtio fuzz: {exc}", file=sys.stderr)
-        return 128
+        return EXIT_USAGE
     rings = args.ring or list(RINGS)
     try:
         binary = QemuBinary.get(args.qemu)
         qemu = binary.path
     except QemuNotFound as exc:
         print(f"qtest-virtio fuzz: {exc}", file=sys.stderr)
-        return 125
+        return EXIT_UNTESTABLE
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 32)
     earlier = sorted(glob.glob(os.path.join(args.out, "*.qtest")))
     print(
@@ -148,7 +149,7 @@ def run_fuzz(args: argparse.Namespace) -> int:
         known = known_signatures(args.known, binary.version) if args.known else {}
     except TableError as exc:
         print(f"qtest-virtio fuzz: {exc}", file=sys.stderr)
-        return 128
+        return EXIT_USAGE
     if args.known and not known:
         print(
             f"qtest-virtio fuzz: --known {args.known}: no reproducer there is a deviation-table entry live on "
@@ -175,7 +176,7 @@ def run_fuzz(args: argparse.Namespace) -> int:
                     )
                 except QemuStartError as exc:
                     print(f"{config.name}: cannot run here: {str(exc).splitlines()[0]}", file=sys.stderr)
-                    return 125
+                    return EXIT_UNTESTABLE
                 except FuzzInterrupted as exc:
                     total += exc.report.examples
                     observations.update(exc.report.observations)
@@ -195,7 +196,7 @@ def run_fuzz(args: argparse.Namespace) -> int:
                         continue
                     _report_failure(report, args, qemu, seed + rounds, found)
                     if not args.keep_going:
-                        return 1
+                        return EXIT_FAILED
             rounds += 1
             if time.monotonic() >= deadline or (args.rounds is not None and rounds >= args.rounds):
                 break
@@ -206,7 +207,7 @@ def run_fuzz(args: argparse.Namespace) -> int:
             print(f"  {sig}: {path}")
         sys.stdout.flush()
         print("qtest-virtio fuzz: interrupted, exit 128 (aborts a git bisect run)", file=sys.stderr)
-        return 128
+        return EXIT_USAGE
     new = {sig: path for sig, path in found.items() if sig not in known and path not in earlier}
     verdict = f"{len(new)} distinct new find(s)" if new else "nothing new found"
     if still:
@@ -216,7 +217,7 @@ def run_fuzz(args: argparse.Namespace) -> int:
         print(f"  {sig}: {path}")
     for text, n in observations.most_common():
         print(f"  observed {n}x: {text}")
-    return 1 if new or still else 0
+    return EXIT_FAILED if new or still else EXIT_OK
 
 
 def _keep_interrupted(report: FuzzReport, args: argparse.Namespace, found: dict[str, str], seed: int) -> None:
