@@ -29,7 +29,8 @@ PACKAGES: tuple[str, ...] = ("blk", "net", "rng", "console", "balloon", "scsi")
 
 #: QEMU builds each virtio-pci model also as ``-transitional`` and ``-non-transitional``
 #: (hw/virtio/virtio-pci.c, VirtioPCIDeviceTypeInfo); the suffixes fix the mode, the driver is one.
-VARIANT_SUFFIXES: tuple[str, ...] = ("-transitional", "-non-transitional")
+#: The longer suffix first: "-non-transitional" also ends with "-transitional".
+VARIANT_SUFFIXES: tuple[str, ...] = ("-non-transitional", "-transitional")
 
 D = TypeVar("D", bound=VirtioDriver)
 
@@ -83,7 +84,7 @@ class DeviceInfo(Generic[D]):
     @property
     def models(self) -> tuple[str, ...]:
         """The model and its -transitional / -non-transitional variants."""
-        return (self.model, *(self.model + suffix for suffix in VARIANT_SUFFIXES))
+        return (self.model, *(self.model + suffix for suffix in reversed(VARIANT_SUFFIXES)))
 
 
 @functools.cache
