@@ -1,13 +1,10 @@
-"""virtio-balloon, the traditional memory balloon (virtio 1.2 §5.5).
+"""The virtio-balloon driver (virtio 1.2 §5.5): inflate/deflate by PFN, ``actual``, the stats queue.
 
 The device asks for pages through ``num_pages``; the driver gives guest pages to it on the
-inflateq (an array of le32 page frame numbers, addresses divided by 4096) and takes them back on
-the deflateq, then tells the device how many pages the balloon holds by writing ``actual``
-(§5.5.6). With STATS_VQ the driver keeps one buffer of tagged statistics in the statsq; the device
-uses it when it wants fresh numbers and the driver answers with a new one (§5.5.6.3).
-
-Queues (§5.5.2): 0 inflateq, 1 deflateq, 2 statsq (STATS_VQ), 3 free_page_vq (FREE_PAGE_HINT).
-The balloon config is little-endian in every mode, legacy included (§5.5.4.1).
+inflateq and takes them back on the deflateq, then tells the device how many pages the balloon
+holds by writing ``actual`` (§5.5.6). With STATS_VQ the driver keeps one buffer of tagged
+statistics in the statsq; the device uses it when it wants fresh numbers and the driver answers
+with a new one (§5.5.6.3). PFN arrays, statistics and the config are in :mod:`.encoding`.
 """
 
 from __future__ import annotations

@@ -1,13 +1,10 @@
-"""virtio-balloon, the traditional memory balloon (virtio 1.2 §5.5).
-
-The device asks for pages through ``num_pages``; the driver gives guest pages to it on the
-inflateq (an array of le32 page frame numbers, addresses divided by 4096) and takes them back on
-the deflateq, then tells the device how many pages the balloon holds by writing ``actual``
-(§5.5.6). With STATS_VQ the driver keeps one buffer of tagged statistics in the statsq; the device
-uses it when it wants fresh numbers and the driver answers with a new one (§5.5.6.3).
+"""virtio-balloon, the traditional memory balloon (virtio 1.2 §5.5): the encoding of the config,
+the inflateq/deflateq PFN arrays (le32 page frame numbers, addresses divided by 4096, §5.5.6)
+and the statsq's tagged statistics (§5.5.6.3).
 
 Queues (§5.5.2): 0 inflateq, 1 deflateq, 2 statsq (STATS_VQ), 3 free_page_vq (FREE_PAGE_HINT).
 The balloon config is little-endian in every mode, legacy included (§5.5.4.1).
+Pure data and functions (no I/O): unit-testable without QEMU.
 """
 
 from __future__ import annotations
@@ -51,8 +48,7 @@ class BalloonStatLayout(Layout, struct="virtio_balloon_stat"):
 
 
 BALLOON_STAT = BalloonStatLayout()
-_STAT = struct.Struct("<HQ")
-assert _STAT.size == BALLOON_STAT.size
+_STAT = BALLOON_STAT.struct
 
 #: Page frame numbers count 4096-byte pages whatever the guest's page size (§5.5.6).
 PFN_SHIFT = 12

@@ -1,15 +1,7 @@
-"""virtio-blk (block device, virtio 1.2 §5.2): requests, status codes and the config structure.
+"""The virtio-blk driver (virtio 1.2 §5.2): request queues, MQ, framings and the typed config.
 
-A request is ``struct virtio_blk_req`` (§5.2.6): a 16-byte device-readable header (type,
-reserved, sector), the data (device-readable for writes, discard and write-zeroes segments;
-device-writable for reads and GET_ID) and one device-writable status byte. The legacy layout
-uses the same struct in guest-native (little) endian. How the request is cut into descriptors is
-a :class:`Framing`: header, data and status in separate buffers (always allowed), the data in
-several segments, or with VERSION_1 / ANY_LAYOUT header and data in one buffer (§2.7.4).
-
-The config structure (§5.2.4) and the request structures are declared once as layouts and read
-or packed by field name. Fields that only exist with a feature are read only when it was
-negotiated.
+The wire formats (struct virtio_blk_req, struct virtio_blk_config, status codes, framings) are
+in :mod:`.encoding`; this module makes requests available, waits for them and checks them.
 """
 
 from __future__ import annotations

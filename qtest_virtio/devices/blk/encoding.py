@@ -1,4 +1,4 @@
-"""virtio-blk (block device, virtio 1.2 §5.2): requests, status codes and the config structure.
+"""virtio-blk (block device, virtio 1.2 §5.2): the encoding of requests, status codes and the config.
 
 A request is ``struct virtio_blk_req`` (§5.2.6): a 16-byte device-readable header (type,
 reserved, sector), the data (device-readable for writes, discard and write-zeroes segments;
@@ -8,8 +8,8 @@ a :class:`Framing`: header, data and status in separate buffers (always allowed)
 several segments, or with VERSION_1 / ANY_LAYOUT header and data in one buffer (§2.7.4).
 
 The config structure (§5.2.4) and the request structures are declared once as layouts and read
-or packed by field name; each config field names the feature it exists with (``requires``).
-This module is the pure encoding: no I/O, unit-testable without QEMU.
+or packed by field name; each config field names the feature it exists with (``requires``). Pure data and functions
+(no I/O): unit-testable without QEMU.
 """
 
 from __future__ import annotations

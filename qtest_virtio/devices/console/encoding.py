@@ -1,15 +1,9 @@
-"""virtio-console (virtio 1.2 §5.3): ports with a receiveq/transmitq pair each, and with
-MULTIPORT a control queue pair over which the device announces ports and both sides open them.
-
-Queues (§5.3.2): 0/1 are port 0's receiveq/transmitq, 2/3 the control receiveq/transmitq, and
-port N (N >= 1) uses 2N+2 / 2N+3. Without MULTIPORT only port 0 exists and there is no control
-queue. The handshake (§5.3.5, §5.3.6.2): the driver sends DEVICE_READY, the device answers with
-DEVICE_ADD per port, the driver answers each with PORT_READY, and the device follows with
-CONSOLE_PORT (for console ports), PORT_NAME and PORT_OPEN (host side connected). The driver opens
-a port with PORT_OPEN value 1; for a console port it must (§5.3.6.2.2).
+"""virtio-console (virtio 1.2 §5.3): the encoding of the config and the control messages
+(struct virtio_console_control, §5.3.6.2), and the control queues' indices (§5.3.2).
 
 Control messages and data are little-endian; the legacy interface uses the guest's native
 endianness (§5.3.6.3), which is little-endian on x86, so one encoding serves every mode.
+Pure data and functions (no I/O): unit-testable without QEMU.
 """
 
 from __future__ import annotations

@@ -1,12 +1,10 @@
-"""virtio-net (network device, virtio 1.2 §5.1): frames through the transmit and receive
-queues, the per-packet header, the control queue, and the config structure.
+"""The virtio-net driver (virtio 1.2 §5.1): frames through the transmit and receive queues,
+the control queue, and the config structure.
 
 Queues (§5.1.2): receiveq1 (0), transmitq1 (1), ..., controlq (2N, N = max_virtqueue_pairs
 with MQ, else 1). Only the first pair is driven. Receive buffers are kept posted: each used
-buffer is made available again once its frame has been read (§5.1.6.3).
-
-Layouts (config, header), control commands and feature dependencies are declared once, as data,
-under the names the spec gives them.
+buffer is made available again once its frame has been read (§5.1.6.3). Layouts, control
+commands and feature dependencies are in :mod:`.encoding`.
 """
 
 from __future__ import annotations

@@ -1,12 +1,6 @@
-"""virtio-net (network device, virtio 1.2 §5.1): frames through the transmit and receive
-queues, the per-packet header, the control queue, and the config structure.
-
-Queues (§5.1.2): receiveq1 (0), transmitq1 (1), ..., controlq (2N, N = max_virtqueue_pairs
-with MQ, else 1). Only the first pair is driven. Receive buffers are kept posted: each used
-buffer is made available again once its frame has been read (§5.1.6.3).
-
-Layouts (config, header), control commands and feature dependencies are declared once, as data,
-under the names the spec gives them.
+"""virtio-net (network device, virtio 1.2 §5.1): the encoding of the config, the per-packet
+header, the control commands and the feature dependencies, declared once as data under the
+names the spec gives them. Pure data and functions (no I/O): unit-testable without QEMU.
 """
 
 from __future__ import annotations

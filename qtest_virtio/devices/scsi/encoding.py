@@ -1,16 +1,17 @@
-"""virtio-scsi (SCSI host device, virtio 1.2 §5.6): command requests, task management and events.
+"""virtio-scsi (SCSI host device, virtio 1.2 §5.6): the encoding of requests, responses, events,
+LUNs and CDBs.
 
-Queues: 0 is the controlq, 1 the eventq, 2.. the request queues (``num_queues`` of them, from
-the config). A command request is ``struct virtio_scsi_req_cmd`` (§5.6.6.1): a device-readable
-header (lun, id, task attribute, priority, crn, a ``cdb_size`` CDB) and the data out, then a
-device-writable response (sense_len, residual, status qualifier, SCSI status, virtio response, a
-``sense_size`` sense buffer) and the data in. Task management and asynchronous notification
-requests go on the controlq (§5.6.6.2); the eventq holds device-writable buffers the device
-fills with ``struct virtio_scsi_event`` (§5.6.6.3).
+A command request is ``struct virtio_scsi_req_cmd`` (§5.6.6.1): a device-readable header (lun,
+id, task attribute, priority, crn, a ``cdb_size`` CDB) and the data out, then a device-writable
+response (sense_len, residual, status qualifier, SCSI status, virtio response, a ``sense_size``
+sense buffer) and the data in. Task management and asynchronous notification requests go on the
+controlq (§5.6.6.2); the eventq holds device-writable buffers the device fills with
+``struct virtio_scsi_event`` (§5.6.6.3).
 
 LUNs are 8 bytes: 1, the target, a single-level LUN structure (flat space addressing,
 ``0x40 | lun >> 8``, or peripheral addressing for LUNs below 256), four zero bytes (§5.6.6.1).
-Everything is declared once as layouts and packed or parsed by field name.
+Everything is declared once as layouts and packed or parsed by field name. Pure data and
+functions (no I/O): unit-testable without QEMU.
 """
 
 from __future__ import annotations
