@@ -174,7 +174,7 @@ class VirtioDriver:
         if self.interrupts is Interrupts.AUTO:  # MSI-X where the device has it (virtio-balloon-pci has not)
             has_msix = self.fn.find_capability(pci_regs.CAP_ID_MSIX) is not None
             self.interrupts = Interrupts.MSIX if has_msix else self.AUTO_WITHOUT_MSIX
-        self._transport = open_transport(self.fn, self.requested_mode, notify_via=self.notify_via)
+        self._transport = open_transport(self.fn, self.requested_mode.value, notify_via=self.notify_via)
 
     def initialize(self) -> None:
         """Reset, negotiate, route interrupts, set the queues up, DRIVER_OK."""
