@@ -15,22 +15,14 @@ from .errors import (
 from .machine import DeviceSpec, MachineSpec
 from .vm import Machine
 
-_DRIVERS = {
-    "VirtioBlk": "blk",
-    "VirtioNet": "net",
-    "VirtioRng": "rng",
-    "VirtioConsole": "console",
-    "VirtioBalloon": "balloon",
-    "VirtioScsi": "scsi",
-}
-
 
 def __getattr__(name: str) -> object:
-    """The device drivers, imported on first use (``from qtest_virtio import VirtioBlk``)."""
-    if name in _DRIVERS:
-        import importlib
+    """The device drivers, from the device registry on first use (``from qtest_virtio import VirtioBlk``)."""
+    from .devices import registry
 
-        return getattr(importlib.import_module(f".devices.{_DRIVERS[name]}", __name__), name)
+    for info in registry.devices().values():
+        if info.driver.__name__ == name:
+            return info.driver
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

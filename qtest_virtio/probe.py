@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .devices.features import DEVICE_FEATURE_BITS
+from .devices import registry
 from .pci import PciBus, PciFunction
 from .pci import regs as pci_regs
 from .registers import RegisterBlock
@@ -98,7 +98,7 @@ def _offered_features(fn: PciFunction, caps: list[CapabilityInfo], vtype: int) -
     legacy_bar = next((b for b in fn.bars if b.index == 0 and b.is_io), None)
     if legacy_bar is not None and legacy_bar.address is not None:
         bits = fn.bar_read(0, layout.LEGACY_CFG.device_features.offset, 4)
-        offered["legacy"] = layout.feature_names(bits, DEVICE_FEATURE_BITS.get(vtype))
+        offered["legacy"] = layout.feature_names(bits, registry.feature_bits().get(vtype))
     common = next((c for c in caps if c.fields.get("cfg_type") == layout.CFG_TYPE_COMMON), None)
     if common is not None:
         bar, base = common.fields["bar"], common.fields["offset"]
@@ -106,7 +106,7 @@ def _offered_features(fn: PciFunction, caps: list[CapabilityInfo], vtype: int) -
         for word in (0, 1):
             fn.bar_write(bar, base + layout.COMMON_CFG.device_feature_select.offset, 4, word)
             bits |= fn.bar_read(bar, base + layout.COMMON_CFG.device_feature.offset, 4) << (32 * word)
-        offered["modern"] = layout.feature_names(bits, DEVICE_FEATURE_BITS.get(vtype))
+        offered["modern"] = layout.feature_names(bits, registry.feature_bits().get(vtype))
     return offered
 
 

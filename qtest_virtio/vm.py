@@ -6,38 +6,26 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Iterable
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar, overload
 
 from . import modes
-from .devices.base import VirtioDriver
+from .devices import registry
+from .devices.base import DriverError, VirtioDriver
 from .machine import MachineSpec, QemuMachine
 from .memory import GuestMemory
 from .pci import PciBus, PciFunction
 
-#: Device model -> "module:Class" of its driver, imported on first use (the -transitional and
-#: -non-transitional variants map to the same driver).
-DRIVERS: dict[str, str] = {
-    "virtio-blk-pci": "qtest_virtio.devices.blk:VirtioBlk",
-    "virtio-net-pci": "qtest_virtio.devices.net:VirtioNet",
-    "virtio-rng-pci": "qtest_virtio.devices.rng:VirtioRng",
-    "virtio-serial-pci": "qtest_virtio.devices.console:VirtioConsole",
-    "virtio-balloon-pci": "qtest_virtio.devices.balloon:VirtioBalloon",
-    "virtio-scsi-pci": "qtest_virtio.devices.scsi:VirtioScsi",
-}
+D = TypeVar("D", bound=VirtioDriver)
+
+#: Driver class by device model (the -transitional and -non-transitional variants map to the
+#: same driver: :func:`driver_class`), derived from the device registry.
+DRIVERS: dict[str, type[VirtioDriver]] = registry.drivers()
 
 
 def driver_class(device: str) -> type[VirtioDriver]:
-    """The driver class for a device model name."""
-    base = device.removesuffix("-transitional").removesuffix("-non-transitional")
-    try:
-        module, _, name = DRIVERS[base].partition(":")
-    except KeyError:
-        raise KeyError(f"no driver for {device!r}; drivers: {', '.join(sorted(DRIVERS))}") from None
-    cls = getattr(importlib.import_module(module), name)
-    assert isinstance(cls, type) and issubclass(cls, VirtioDriver)
-    return cls
+    """The driver class for a device model name (UnknownDevice, a KeyError, if none)."""
+    return registry.lookup(device).driver
 
 
 class Machine(QemuMachine):
@@ -75,17 +63,46 @@ class Machine(QemuMachine):
                 return self.pci.find(bdf=f"{found['bus']:02x}:{found['slot']:02x}.{found['function']:x}")
         raise KeyError(f"no PCI device with id {dev_id!r}")
 
-    def virtio(self, dev_id: str, *, refuse: Iterable[str] = (), mode: str | None = None, **kw: Any) -> Any:
-        """The device's driver, initialised to DRIVER_OK in the mode its spec was built for."""
+    @overload
+    def virtio(
+        self, dev_id: str, *, refuse: Iterable[str] = (), mode: str | None = None, **kw: Any
+    ) -> VirtioDriver: ...
+
+    @overload
+    def virtio(
+        self, dev_id: str, driver: type[D], *, refuse: Iterable[str] = (), mode: str | None = None, **kw: Any
+    ) -> D: ...
+
+    def virtio(
+        self,
+        dev_id: str,
+        driver: type[VirtioDriver] | None = None,
+        *,
+        refuse: Iterable[str] = (),
+        mode: str | None = None,
+        **kw: Any,
+    ) -> VirtioDriver:
+        """The device's driver, constructed and initialised to DRIVER_OK in the mode its spec
+        was built for. ``driver`` types the result (``vm.virtio("blk0", VirtioBlk)``), or
+        names a subclass of the registered driver to use instead."""
         spec = self.spec.device(dev_id)
         mode = mode or spec.mode or modes.TRANSITIONAL_MODERN
         cls = driver_class(spec.driver)
+        if driver is not None:
+            if issubclass(driver, cls):
+                cls = driver
+            elif not issubclass(cls, driver):
+                raise DriverError(
+                    f"{dev_id} is a {spec.driver}, driven by {cls.__name__}, not {driver.__name__}; "
+                    f"pass {cls.__name__} (or a subclass of it)"
+                )
         fn = self.pci_function(dev_id)
         self.resume()
-        driver = cls(fn, mode, self.memory, refuse=refuse, **kw)
-        driver.dev_id = dev_id
-        driver.backend = self._plan.handles.get(dev_id) if self._plan else None
-        return driver
+        drv = cls(fn, mode, self.memory, refuse=refuse, **kw)
+        drv.dev_id = dev_id
+        drv.backend = self._plan.handles.get(dev_id) if self._plan else None
+        drv.initialize()
+        return drv
 
 
 def _find_qdev(devices: list[dict[str, Any]], dev_id: str) -> dict[str, Any] | None:

@@ -7,14 +7,14 @@ from __future__ import annotations
 import pytest
 
 from qtest_virtio import Machine, MachineSpec, modes
-from qtest_virtio.devices.balloon import (
+from qtest_virtio.devices.balloon.driver import VirtioBalloon
+from qtest_virtio.devices.balloon.encoding import (
     BALLOON_CONFIG,
     BALLOON_STAT,
     PAGE_SIZE,
     BalloonConfig,
     BalloonError,
     StatTag,
-    VirtioBalloon,
     decode_pfns,
     decode_stats,
     encode_pfns,
@@ -107,7 +107,7 @@ def guest_stats(vm: Machine) -> dict[str, int]:
 @pytest.mark.parametrize("mode", modes.ALL_MODES)
 def test_target_inflate_deflate_actual(machine_factory, mode: str, ring: str) -> None:
     vm = balloon_machine(machine_factory, mode, ring)
-    bal: VirtioBalloon = vm.virtio("bal0")
+    bal = vm.virtio("bal0", VirtioBalloon)
     packed = ring == "packed" and mode not in LEGACY_LAYOUT
     assert all(isinstance(vq, PackedVirtqueue if packed else SplitVirtqueue) for vq in bal.queues)
     # QEMU 7.2's virtio-balloon-pci has no MSI-X, so "auto" picks INTx; 10.0 gives it two vectors.
@@ -116,7 +116,7 @@ def test_target_inflate_deflate_actual(machine_factory, mode: str, ring: str) ->
     assert bal.interrupts == ("msix" if has_msix else "intx") and (bal.msix is None) is not has_msix
     assert {"STATS_VQ", "PAGE_POISON"} <= bal.negotiated <= device_view(vm, "bal0").guest_features | {"ANY_LAYOUT"}
     assert len(bal.queues) == 3
-    assert bal.read_config() == BalloonConfig(num_pages=0, actual=0, free_page_hint_cmd_id=None, poison_val=0)
+    assert bal.config() == BalloonConfig(num_pages=0, actual=0, free_page_hint_cmd_id=None, poison_val=0)
 
     # The target, in bytes of guest RAM, becomes num_pages with a config change notification.
     vm.qmp.cmd("balloon", value=RAM - 24 * PAGE_SIZE)
@@ -149,7 +149,7 @@ def test_inflate_hands_exactly_those_pages_to_the_device(machine_factory, mode: 
     """QEMU discards inflated pages (they read back as zeros): the PFNs name the right pages,
     and the neighbours are untouched."""
     vm = balloon_machine(machine_factory, mode)
-    bal: VirtioBalloon = vm.virtio("bal0")
+    bal = vm.virtio("bal0", VirtioBalloon)
     pages = [vm.memory.alloc(PAGE_SIZE, PAGE_SIZE) for _ in range(4)]
     for i, page in enumerate(pages):
         vm.memory.write(page, bytes([0x50 + i]) * PAGE_SIZE)
@@ -171,7 +171,7 @@ def test_stats_queue(machine_factory, mode: str, ring: str) -> None:
     """The first statsq buffer goes in at initialization; once a polling interval is set the
     device uses it, the driver answers with fresh statistics and QEMU shows them."""
     vm = balloon_machine(machine_factory, mode, ring)
-    bal: VirtioBalloon = vm.virtio("bal0", stats={StatTag.MEMTOT: RAM, StatTag.MEMFREE: 1234})
+    bal = vm.virtio("bal0", VirtioBalloon, stats={StatTag.MEMTOT: RAM, StatTag.MEMFREE: 1234})
     assert guest_stats(vm)["stat-free-memory"] == 1234  # QEMU reads the very first buffer too
     assert bal.poll_stats() is False and bal.stats_requests == 0
     with pytest.raises(BalloonError, match=r"statistics \[1, 4, 9\] differ from the subset \[4, 5\] already sent"):
@@ -205,7 +205,7 @@ def test_default_stats_describe_the_allocator(machine_factory) -> None:
 @pytest.mark.parametrize("mode", [modes.LEGACY, modes.MODERN])
 def test_refusing_stats_vq(machine_factory, mode: str) -> None:
     vm = balloon_machine(machine_factory, mode)
-    bal: VirtioBalloon = vm.virtio("bal0", refuse={"STATS_VQ"})
+    bal = vm.virtio("bal0", VirtioBalloon, refuse={"STATS_VQ"})
     assert "STATS_VQ" not in bal.negotiated and len(bal.queues) == 2
     assert guest_stats(vm)["stat-free-memory"] == UNSET
     assert bal.poll_stats() is False
@@ -225,20 +225,24 @@ def test_optional_features(machine_factory, mode: str) -> None:
         iothread="io0",
         **{"deflate-on-oom": "on", "free-page-hint": "on"},
     )
-    bal: VirtioBalloon = vm.virtio("bal0", poison_val=0xA5A5_5A5A)
+    bal = vm.virtio("bal0", VirtioBalloon, poison_val=0xA5A5_5A5A)
     assert {"DEFLATE_ON_OOM", "FREE_PAGE_HINT", "PAGE_POISON", "STATS_VQ"} <= bal.negotiated
     assert "MUST_TELL_HOST" not in bal.negotiated  # QEMU never offers it
     assert len(bal.queues) == 4 and "free_page_vq (queue 3)" in bal.queues[3].name
-    assert bal.read_config() == BalloonConfig(0, 0, free_page_hint_cmd_id=0, poison_val=0xA5A5_5A5A)
+    assert bal.config() == BalloonConfig(0, 0, free_page_hint_cmd_id=0, poison_val=0xA5A5_5A5A)
     bal.close()
     bal = VirtioBalloon(bal.fn, mode, vm.memory, refuse={"FREE_PAGE_HINT", "PAGE_POISON", "DEFLATE_ON_OOM"})
+    assert not bal.initialized and not bal.queues  # construction does no I/O
+    bal.initialize()
     assert not {"DEFLATE_ON_OOM", "FREE_PAGE_HINT", "PAGE_POISON"} & bal.negotiated
     assert not {"DEFLATE_ON_OOM", "FREE_PAGE_HINT", "PAGE_POISON"} & device_view(vm, "bal0").guest_features
     assert len(bal.queues) == 3
-    assert bal.read_config() == BalloonConfig(0, 0, None, None)
+    assert bal.config() == BalloonConfig(0, 0, None, None)
     bal.close()
     # free_page_vq keeps index 3 without STATS_VQ (§5.5.2); queue 2 is set up but idle.
     bal = VirtioBalloon(bal.fn, mode, vm.memory, refuse={"STATS_VQ"})
+    assert not bal.initialized and not bal.queues  # construction does no I/O
+    bal.initialize()
     assert "STATS_VQ" not in bal.negotiated and "FREE_PAGE_HINT" in bal.negotiated
     assert len(bal.queues) == 4 and not bal.queues[2].in_flight
     assert bal.poll_stats() is False
@@ -251,10 +255,10 @@ def test_optional_features(machine_factory, mode: str) -> None:
 def test_features_off_by_property(machine_factory) -> None:
     """page-poison=off: PAGE_POISON is neither offered nor negotiated; poison_val is not read."""
     vm = balloon_machine(machine_factory, modes.MODERN, **{"page-poison": "off"})
-    bal: VirtioBalloon = vm.virtio("bal0")
+    bal = vm.virtio("bal0", VirtioBalloon)
     offered = set(feature_names(bal.negotiated.offered, bal.device_bits))
     assert not offered & {"PAGE_POISON", "DEFLATE_ON_OOM", "FREE_PAGE_HINT"} and "STATS_VQ" in offered
-    assert bal.read_config().poison_val is None
+    assert bal.config().poison_val is None
     bal.inflate(1)
     bal.deflate(1)  # no poisoning without PAGE_POISON
 
@@ -262,7 +266,7 @@ def test_features_off_by_property(machine_factory) -> None:
 @pytest.mark.parametrize("interrupts", ["isr", "intx"])
 def test_config_change_without_msix(machine_factory, interrupts: str) -> None:
     vm = balloon_machine(machine_factory, modes.TRANSITIONAL_MODERN)
-    bal: VirtioBalloon = vm.virtio("bal0", interrupts=interrupts)
+    bal = vm.virtio("bal0", VirtioBalloon, interrupts=interrupts)
     assert bal.interrupts == interrupts
     with pytest.raises(BalloonError, match=r"no configuration change notification within 0\.02 s"):
         bal.wait_config_change(timeout=0.02)

@@ -8,8 +8,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from qtest_virtio import Machine, MachineSpec, modes
-from qtest_virtio.devices.blk import (
+from qtest_virtio import Machine, modes
+from qtest_virtio.devices.base import VirtioDriver, existing_fields, read_config
+from qtest_virtio.devices.blk.driver import VirtioBlk
+from qtest_virtio.devices.blk.encoding import (
     BLK_CONFIG,
     MERGED,
     SEPARATE,
@@ -21,25 +23,16 @@ from qtest_virtio.devices.blk import (
     BlkRequestError,
     BlkStatus,
     Framing,
-    VirtioBlk,
-    config_fields_for,
     decode_id,
     decode_response,
     encode_dwz_segment,
     encode_header,
-    pack_fields,
     parse_status,
-    read_config_fields,
-    unpack_fields,
 )
 from qtest_virtio.transport import Negotiated, TransportError
 from qtest_virtio.virtqueue import PackedVirtqueue, Request, SplitVirtqueue
 
 IMAGE = 64 << 20  # MachineSpec's default scratch image
-LEGACY_LAYOUT = {modes.LEGACY, modes.TRANSITIONAL_LEGACY}
-MODES_RINGS = [(m, "split") for m in modes.ALL_MODES] + [
-    (m, "packed") for m in (modes.TRANSITIONAL_MODERN, modes.MODERN)
-]
 
 
 # -- encoding and decoding, no QEMU -----------------------------------------------------------------
@@ -61,12 +54,12 @@ def test_discard_write_zeroes_segment() -> None:
 
 
 def test_pack_and_unpack_by_field_name() -> None:
-    data = pack_fields(BLK_CONFIG, {"capacity": 1 << 40, "seg_max": 254, "writeback": 1})
+    data = BLK_CONFIG.pack({"capacity": 1 << 40, "seg_max": 254, "writeback": 1})
     assert len(data) == BLK_CONFIG.size
-    values = unpack_fields(BLK_CONFIG, data)
+    values = BLK_CONFIG.unpack(data)
     assert values["capacity"] == 1 << 40 and values["seg_max"] == 254 and values["writeback"] == 1
     assert values["size_max"] == 0
-    assert "max_discard_sectors" not in unpack_fields(BLK_CONFIG, data[:36])  # past the data given
+    assert "max_discard_sectors" not in BLK_CONFIG.unpack(data[:36])  # past the data given
 
 
 def test_framing_layouts() -> None:
@@ -125,9 +118,22 @@ def test_request_describe() -> None:
 
 
 def test_config_fields_follow_features() -> None:
-    assert config_fields_for([]) == ["capacity"]
-    names = config_fields_for(["MQ", "SEG_MAX", "GEOMETRY", "EVENT_IDX"])
-    assert names == ["capacity", "seg_max", "geometry.cylinders", "geometry.heads", "geometry.sectors", "num_queues"]
+    """Only capacity (and the padding unused0 beside it) exist without features (§5.2.4)."""
+
+    def names(features: set[str]) -> list[str]:
+        return [f.name for f in existing_fields(BLK_CONFIG, features)]
+
+    assert names(set()) == ["capacity", "unused0"]
+    assert names({"MQ", "SEG_MAX", "GEOMETRY", "EVENT_IDX"}) == [
+        "capacity",
+        "seg_max",
+        "geometry.cylinders",
+        "geometry.heads",
+        "geometry.sectors",
+        "unused0",
+        "num_queues",
+    ]
+    assert "unused1[0]" in names({"WRITE_ZEROES"}) and "max_secure_erase_seg" in names({"SECURE_ERASE"})
     cfg = BlkConfig.from_fields(
         {"capacity": 8, "geometry.cylinders": 2, "geometry.heads": 3, "geometry.sectors": 4, "num_queues": 2}
     )
@@ -154,12 +160,13 @@ class FakeConfigTransport:
 
 
 def test_config_snapshot_rereads_while_generation_moves() -> None:
-    data = pack_fields(BLK_CONFIG, {"capacity": 0x1_2345_6789, "blk_size": 4096})
+    data = BLK_CONFIG.pack({"capacity": 0x1_2345_6789, "blk_size": 4096})
     t = FakeConfigTransport(data, bumps=2)
-    assert read_config_fields(t, BLK_CONFIG, ["capacity", "blk_size"]) == {"capacity": 0x1_2345_6789, "blk_size": 4096}
+    fields = [BLK_CONFIG.capacity, BLK_CONFIG.blk_size]
+    assert read_config(t, BLK_CONFIG, fields) == {"capacity": 0x1_2345_6789, "blk_size": 4096}  # type: ignore[arg-type]
     assert t.reads.count((0, 4)) >= 2 and (4, 4) in t.reads  # capacity in halves, re-read
     with pytest.raises(TransportError, match="never settled"):
-        read_config_fields(FakeConfigTransport(data, bumps=10**6), BLK_CONFIG, ["capacity"])
+        read_config(FakeConfigTransport(data, bumps=10**6), BLK_CONFIG, [BLK_CONFIG.capacity])  # type: ignore[arg-type]
 
 
 class FakeQueue:
@@ -179,9 +186,10 @@ class FakeQueue:
 
 
 def fake_blk(status: int) -> VirtioBlk:
-    blk = VirtioBlk.__new__(VirtioBlk)
+    """A driver constructed without a device: construction does no I/O (only initialize() does)."""
+    blk = VirtioBlk(SimpleNamespace(bdf="00:07.0"), "modern", None)  # type: ignore[arg-type]
+    assert not blk.initialized
     blk.dev_id = "blk7"
-    blk.transport = SimpleNamespace(mode="modern")  # type: ignore[assignment]
     blk.queues = [FakeQueue(0), FakeQueue(status)]  # type: ignore[list-item]
     blk.negotiated = Negotiated(offered=1 << 32, accepted=1 << 32, refused=0, names=frozenset({"VERSION_1"}))
     return blk
@@ -201,21 +209,13 @@ def test_unknown_status_byte_names_device_queue_and_request() -> None:
 # -- against QEMU ------------------------------------------------------------------------------------
 
 
-def blk_machine(machine_factory, mode: str, ring: str = "split", backend: str | None = None, **props: str) -> Machine:
-    spec = MachineSpec()
-    packed = "on" if ring == "packed" else "off"
-    spec.add_virtio("virtio-blk-pci", mode=mode, id="blk0", packed=packed, backend=backend, **props)
-    return machine_factory(spec)
-
-
-@pytest.mark.parametrize(("mode", "ring"), MODES_RINGS)
-def test_read_write_round_trip(machine_factory, mode: str, ring: str) -> None:
-    vm = blk_machine(machine_factory, mode, ring, serial="QTEST-0123456789ABCD")
-    blk: VirtioBlk = vm.virtio("blk0")
-    assert isinstance(
-        blk.queues[0], PackedVirtqueue if ring == "packed" and mode not in LEGACY_LAYOUT else SplitVirtqueue
-    )
-    assert blk.backend is vm.backend("blk0") and blk.image.path.endswith("blk0.img")
+@pytest.mark.virtio_device("virtio-blk-pci", flags={"serial": "QTEST-0123456789ABCD"})
+def test_read_write_round_trip(virtio_device: VirtioDriver, qemu: Machine, request: pytest.FixtureRequest) -> None:
+    assert isinstance(virtio_device, VirtioBlk)
+    blk, vm = virtio_device, qemu
+    packed = request.node.callspec.params["virtio_device"].ring == "packed"  # the plugin's parametrisation
+    assert isinstance(blk.queues[0], PackedVirtqueue if packed else SplitVirtqueue)
+    assert blk.backend is vm.backend(blk.dev_id) and blk.image.path.endswith(f"{blk.dev_id}.img")
 
     cfg = blk.config()
     assert cfg.capacity == IMAGE // 512 == blk.capacity
@@ -241,10 +241,10 @@ def test_read_write_round_trip(machine_factory, mode: str, ring: str) -> None:
     vm.memory.check_leaks()
 
 
-@pytest.mark.parametrize(("mode", "ring"), MODES_RINGS)
-def test_framings_and_indirect(machine_factory, mode: str, ring: str) -> None:
-    vm = blk_machine(machine_factory, mode, ring)
-    blk: VirtioBlk = vm.virtio("blk0")
+@pytest.mark.virtio_device("virtio-blk-pci")
+def test_framings_and_indirect(virtio_device: VirtioDriver, qemu: Machine) -> None:
+    assert isinstance(virtio_device, VirtioBlk)
+    blk, vm, mode = virtio_device, qemu, virtio_device.mode
     data = os.urandom(2048)
     any_layout = blk.has("VERSION_1") or blk.has("ANY_LAYOUT")
     assert any_layout == (mode != modes.LEGACY)  # QEMU's legacy-only device drops ANY_LAYOUT
@@ -266,17 +266,17 @@ def test_framings_and_indirect(machine_factory, mode: str, ring: str) -> None:
     vm.memory.check_leaks()
 
 
-@pytest.mark.parametrize("mode", modes.ALL_MODES)
-def test_status_codes(machine_factory, mode: str) -> None:
-    vm = blk_machine(machine_factory, mode)
-    blk: VirtioBlk = vm.virtio("blk0")
+@pytest.mark.virtio_device("virtio-blk-pci", rings=["split"])
+def test_status_codes(virtio_device: VirtioDriver) -> None:
+    assert isinstance(virtio_device, VirtioBlk)
+    blk, mode = virtio_device, virtio_device.mode
     cap = blk.capacity
     assert blk.execute(BlkRequest(BlkReqType.IN, cap, data_in_len=512)).status is BlkStatus.IOERR
     assert blk.execute(BlkRequest(BlkReqType.OUT, cap - 1, data_out=bytes(1024))).status is BlkStatus.IOERR
     assert blk.execute(BlkRequest(0x55)).status is BlkStatus.UNSUPP
     assert blk.execute(BlkRequest(BlkReqType.GET_LIFETIME, data_in_len=8)).status is BlkStatus.UNSUPP  # no LIFETIME
     with pytest.raises(
-        BlkRequestError, match=rf"VirtioBlk blk0 \({mode}\): queue 0, request \d+ \(IN sector {cap}"
+        BlkRequestError, match=rf"VirtioBlk {blk.dev_id} \({mode}\): queue 0, request \d+ \(IN sector {cap}"
     ) as e:
         blk.read(cap, 1)
     assert e.value.status is BlkStatus.IOERR
@@ -287,10 +287,10 @@ def test_status_codes(machine_factory, mode: str) -> None:
         blk.read(0, 1, queue=1)
 
 
-@pytest.mark.parametrize("mode", modes.ALL_MODES)
-def test_discard_and_write_zeroes(machine_factory, mode: str) -> None:
-    vm = blk_machine(machine_factory, mode)
-    blk: VirtioBlk = vm.virtio("blk0")
+@pytest.mark.virtio_device("virtio-blk-pci", rings=["split"])
+def test_discard_and_write_zeroes(virtio_device: VirtioDriver, qemu: Machine) -> None:
+    assert isinstance(virtio_device, VirtioBlk)
+    blk, vm = virtio_device, qemu
     cfg = blk.config()
     assert cfg.max_discard_seg == 1 and cfg.max_write_zeroes_seg == 1 and cfg.max_write_zeroes_sectors
     pattern = b"\xa5" * 4096
@@ -307,10 +307,10 @@ def test_discard_and_write_zeroes(machine_factory, mode: str) -> None:
     vm.memory.check_leaks()
 
 
-@pytest.mark.parametrize(("mode", "ring"), MODES_RINGS)
-def test_multiqueue(machine_factory, mode: str, ring: str) -> None:
-    vm = blk_machine(machine_factory, mode, ring, **{"num-queues": "3"})
-    blk: VirtioBlk = vm.virtio("blk0")
+@pytest.mark.virtio_device("virtio-blk-pci", flags={"num-queues": "3"})
+def test_multiqueue(virtio_device: VirtioDriver, qemu: Machine) -> None:
+    assert isinstance(virtio_device, VirtioBlk)
+    blk, vm = virtio_device, qemu
     assert blk.has("MQ") and blk.config().num_queues == 3 and len(blk.queues) == 3
     # One request outstanding on every queue at once; each completes on its own queue.
     pending = [blk.submit(BlkRequest(BlkReqType.OUT, 8 * q, data_out=bytes([q + 1]) * 512), queue=q) for q in range(3)]
@@ -321,14 +321,16 @@ def test_multiqueue(machine_factory, mode: str, ring: str) -> None:
     for q in range(3):
         assert blk.read(8 * q, 1, queue=next(queues)) == bytes([q + 1]) * 512
     assert blk.image.read(8 * 512, 1) == b"\x02"
-    refused: VirtioBlk = vm.virtio("blk0", refuse={"MQ"})
+    refused = vm.virtio(blk.dev_id, VirtioBlk, refuse={"MQ"})
     assert not refused.has("MQ") and len(refused.queues) == 1 and refused.config().num_queues is None
 
 
-@pytest.mark.parametrize("mode", [modes.LEGACY, modes.MODERN])
-def test_seg_max_and_null_backend(machine_factory, mode: str) -> None:
-    vm = blk_machine(machine_factory, mode, backend="null")
-    blk: VirtioBlk = vm.virtio("blk0", refuse={"INDIRECT_DESC"})
+@pytest.mark.virtio_device(
+    "virtio-blk-pci", transports=[modes.LEGACY, modes.MODERN], rings=["split"], refuse={"INDIRECT_DESC"}, backend="null"
+)
+def test_seg_max_and_null_backend(virtio_device: VirtioDriver) -> None:
+    assert isinstance(virtio_device, VirtioBlk)
+    blk = virtio_device
     with pytest.raises(BlkError, match="not an image"):
         blk.image  # noqa: B018
     seg_max = blk.config().seg_max
@@ -342,14 +344,14 @@ def test_seg_max_and_null_backend(machine_factory, mode: str) -> None:
     assert blk.read(0, 1) == bytes(512)
 
 
-@pytest.mark.parametrize("mode", modes.ALL_MODES)
-def test_writeback_and_refused_features(machine_factory, mode: str) -> None:
-    vm = blk_machine(machine_factory, mode)
-    blk: VirtioBlk = vm.virtio("blk0")
+@pytest.mark.virtio_device("virtio-blk-pci", rings=["split"])
+def test_writeback_and_refused_features(virtio_device: VirtioDriver, qemu: Machine) -> None:
+    assert isinstance(virtio_device, VirtioBlk)
+    blk, vm = virtio_device, qemu
     for value in (0, 1):
         blk.set_writeback(bool(value))
         assert blk.config().writeback == value
-    bare: VirtioBlk = vm.virtio("blk0", refuse={"FLUSH", "CONFIG_WCE", "DISCARD", "WRITE_ZEROES", "SEG_MAX"})
+    bare = vm.virtio(blk.dev_id, VirtioBlk, refuse={"FLUSH", "CONFIG_WCE", "DISCARD", "WRITE_ZEROES", "SEG_MAX"})
     cfg = bare.config()
     assert cfg.writeback is None and cfg.max_discard_sectors is None and cfg.seg_max is None
     with pytest.raises(BlkError, match="needs FLUSH"):

@@ -9,7 +9,8 @@ import time
 import pytest
 
 from qtest_virtio import Machine, MachineSpec, modes
-from qtest_virtio.devices.console import (
+from qtest_virtio.devices.console.driver import VirtioConsole
+from qtest_virtio.devices.console.encoding import (
     CONSOLE_CONFIG,
     CONSOLE_CONTROL,
     CONTROL_RECEIVEQ,
@@ -18,7 +19,6 @@ from qtest_virtio.devices.console import (
     ConsoleTimeout,
     ControlEvent,
     ControlMessage,
-    VirtioConsole,
 )
 from qtest_virtio.introspect import device_view
 from qtest_virtio.virtqueue import PackedVirtqueue, SplitVirtqueue, VirtqueueError
@@ -108,11 +108,11 @@ def check_ring(con: VirtioConsole, mode: str, ring: str) -> None:
 @pytest.mark.parametrize("mode", modes.ALL_MODES)
 def test_multiport_handshake_and_data(machine_factory, mode: str, ring: str) -> None:
     vm = serial_machine(machine_factory, mode, ring)
-    con: VirtioConsole = vm.virtio("ser0")
+    con = vm.virtio("ser0", VirtioConsole)
     check_ring(con, mode, ring)
     assert {"MULTIPORT", "EMERG_WRITE"} <= con.negotiated
     assert {"MULTIPORT", "EMERG_WRITE"} <= device_view(vm, "ser0").guest_features
-    assert con.config.max_nr_ports == 31  # QEMU's max_ports default
+    assert con.initial_config.max_nr_ports == con.max_nr_ports == 31  # QEMU's max_ports default
     assert len(con.queues) == 2 * 31 + 2
 
     # The handshake: DEVICE_ADD for both ports answer DEVICE_READY; after each PORT_READY the
@@ -166,7 +166,7 @@ def test_multiport_handshake_and_data(machine_factory, mode: str, ring: str) -> 
 def test_single_port_without_multiport(machine_factory, mode: str, ring: str) -> None:
     """Refusing MULTIPORT: port 0 only, its two queues, no control queue (§5.3.2)."""
     vm = serial_machine(machine_factory, mode, ring)
-    con: VirtioConsole = vm.virtio("ser0", refuse={"MULTIPORT"})
+    con = vm.virtio("ser0", VirtioConsole, refuse={"MULTIPORT"})
     check_ring(con, mode, ring)
     assert "MULTIPORT" not in con.negotiated and len(con.queues) == 2
     assert sorted(con.ports) == [0] and con.control_log == []
@@ -187,7 +187,7 @@ def test_bulk_both_ways(machine_factory, mode: str) -> None:
     """More than one transmit buffer (TX_CHUNK) and more than the posted receive buffers: the
     driver re-posts receive buffers as the device fills them."""
     vm = serial_machine(machine_factory, mode)
-    con: VirtioConsole = vm.virtio("ser0", nr_ports=2)
+    con = vm.virtio("ser0", VirtioConsole, nr_ports=2)
     end = con.backend["port1"]
     out = bytes(i * 7 & 0xFF for i in range(150_000))
     con.write(out, 1)
@@ -203,11 +203,13 @@ def test_nr_ports_and_max_ports(machine_factory, mode: str) -> None:
     """max_ports=4: config says 4 and the driver sets up 2*4+2 queues; nr_ports=2 limits the
     driver to the first two ports' queues."""
     vm = serial_machine(machine_factory, mode, max_ports="4")
-    con: VirtioConsole = vm.virtio("ser0")
-    assert con.read_config().max_nr_ports == 4 and len(con.queues) == 10
+    con = vm.virtio("ser0", VirtioConsole)
+    assert con.config().max_nr_ports == 4 and len(con.queues) == 10
     assert sorted(con.ports) == [0, 1]
     con.close()
     con2 = VirtioConsole(con.fn, mode, vm.memory, nr_ports=2)
+    assert not con2.initialized and not con2.queues  # construction does no I/O
+    con2.initialize()
     assert len(con2.queues) == 6 and sorted(con2.ports) == [0, 1]
     con2.close()
     vm.memory.check_leaks()
@@ -217,7 +219,7 @@ def test_open_and_close_a_port(machine_factory) -> None:
     """open_ports=False opens only the console port (which the driver must open); host data
     for a closed port waits until the driver sends PORT_OPEN."""
     vm = serial_machine(machine_factory, modes.MODERN)
-    con: VirtioConsole = vm.virtio("ser0", open_ports=False, nr_ports=2)
+    con = vm.virtio("ser0", VirtioConsole, open_ports=False, nr_ports=2)
     assert con.ports[0].guest_open and not con.ports[1].guest_open
     con.backend["port1"].write(b"early")
     with pytest.raises(ConsoleError, match="port 1 is not open on the guest side"):
@@ -236,7 +238,7 @@ def test_open_and_close_a_port(machine_factory) -> None:
 def test_host_disconnect_is_announced(machine_factory, mode: str) -> None:
     """Closing the host end of port 1's chardev: the device sends PORT_OPEN value 0."""
     vm = serial_machine(machine_factory, mode)
-    con: VirtioConsole = vm.virtio("ser0", nr_ports=2)
+    con = vm.virtio("ser0", VirtioConsole, nr_ports=2)
     assert con.ports[1].host_open
     con.backend["port1"].close()
     deadline = time.monotonic() + 2
@@ -250,7 +252,7 @@ def test_host_disconnect_is_announced(machine_factory, mode: str) -> None:
 def test_emergency_write_on_reset_device(machine_factory, mode: str) -> None:
     """EMERG_WRITE: writing emerg_wr outputs its low byte on the console, even after a reset."""
     vm = serial_machine(machine_factory, mode)
-    con: VirtioConsole = vm.virtio("ser0", nr_ports=2)
+    con = vm.virtio("ser0", VirtioConsole, nr_ports=2)
     con.emergency_write(ord("!"))
     assert con.backend["console"].read(1, 2) == b"!"
     con.reset()
@@ -261,7 +263,7 @@ def test_emergency_write_on_reset_device(machine_factory, mode: str) -> None:
 
 def test_intx_interrupts(machine_factory) -> None:
     vm = serial_machine(machine_factory, modes.TRANSITIONAL_MODERN)
-    con: VirtioConsole = vm.virtio("ser0", interrupts="intx", nr_ports=2)
+    con = vm.virtio("ser0", VirtioConsole, interrupts="intx", nr_ports=2)
     assert con.msix is None and con.intx is not None
     con.backend["console"].write(b"irq")
     assert con.read(3) == b"irq"
@@ -270,7 +272,7 @@ def test_intx_interrupts(machine_factory) -> None:
 
 def test_read_timeout_says_what_arrived(machine_factory) -> None:
     vm = serial_machine(machine_factory, modes.MODERN)
-    con: VirtioConsole = vm.virtio("ser0", nr_ports=2)
+    con = vm.virtio("ser0", VirtioConsole, nr_ports=2)
     con.backend["port1"].write(b"abc")
     with pytest.raises(ConsoleTimeout, match=r"port 1: 3 of 10 bytes within 0.05 s \(so far b'abc'\)"):
         con.read(10, 1, timeout=0.05)
@@ -280,7 +282,7 @@ def test_bad_control_message_names_device_queue_descriptor(machine_factory) -> N
     """An unknown control event from the device is an error naming the device, the control
     receiveq and the descriptor (the device's message is corrupted in guest memory here)."""
     vm = serial_machine(machine_factory, modes.MODERN)
-    con: VirtioConsole = vm.virtio("ser0", handshake=False, nr_ports=2)
+    con = vm.virtio("ser0", VirtioConsole, handshake=False, nr_ports=2)
     assert con.control_log == [] and con.port_table == {}
     con.send_control(ControlMessage(0, ControlEvent.DEVICE_READY, 1))
     pool = con._pools[CONTROL_RECEIVEQ]
@@ -293,7 +295,7 @@ def test_bad_control_message_names_device_queue_descriptor(machine_factory) -> N
 def test_device_event_sent_by_driver_side_is_rejected(machine_factory) -> None:
     """A driver-to-device event (PORT_READY) arriving on the control receiveq is an error."""
     vm = serial_machine(machine_factory, modes.MODERN)
-    con: VirtioConsole = vm.virtio("ser0", handshake=False, nr_ports=2)
+    con = vm.virtio("ser0", VirtioConsole, handshake=False, nr_ports=2)
     con.send_control(ControlMessage(0, ControlEvent.DEVICE_READY, 1))
     for addr in con._pools[CONTROL_RECEIVEQ].addrs:
         vm.memory.write(addr + CONSOLE_CONTROL.event.offset, bytes([ControlEvent.PORT_READY, 0]))
@@ -305,7 +307,7 @@ def test_short_control_buffer_used_length(machine_factory) -> None:
     """QEMU 7.2 reports the whole PORT_NAME message length as the used length even when the
     control receive buffer is shorter: the ring layer names queue and descriptor."""
     vm = serial_machine(machine_factory, modes.MODERN)
-    con: VirtioConsole = vm.virtio("ser0", handshake=False, nr_ports=2)
+    con = vm.virtio("ser0", VirtioConsole, handshake=False, nr_ports=2)
     con.CONTROL_BUFFER_SIZE = 12
     con.handshake = True
     with pytest.raises(VirtqueueError, match=r"control receiveq \(queue 2\): descriptor \d+: used length 26 is longer"):

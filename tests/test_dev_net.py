@@ -9,14 +9,14 @@ import time
 import pytest
 
 from qtest_virtio import MachineSpec, modes
-from qtest_virtio.devices.features import DEVICE_FEATURE_BITS
-from qtest_virtio.devices.net import (
+from qtest_virtio.devices.net.driver import VirtioNet
+from qtest_virtio.devices.net.encoding import (
     ACK_UNWRITTEN,
     BROADCAST,
     CTRL_COMMANDS,
+    FEATURE_BITS,
     FEATURE_REQUIRES,
     NET_CONFIG,
-    NET_CONFIG_EXISTS_IF,
     NET_CONFIG_MAC,
     NET_HDR,
     Ack,
@@ -25,7 +25,6 @@ from qtest_virtio.devices.net import (
     NetDeviceError,
     NetError,
     NetHdr,
-    VirtioNet,
     ethernet_frame,
     header_size,
     mac_bytes,
@@ -37,7 +36,7 @@ from qtest_virtio.transport.layout import feature_names
 from qtest_virtio.virtqueue import PackedVirtqueue, SplitVirtqueue, VirtqueueError, VirtqueueTimeout
 from qtest_virtio.virtqueue.layout import SPLIT_USED, USED_ELEM
 
-NET_FEATURES = set(DEVICE_FEATURE_BITS[1].values())
+NET_FEATURES = set(FEATURE_BITS.values())
 LEGACY_LAYOUT = {modes.LEGACY, modes.TRANSITIONAL_LEGACY}
 PEER = "02:00:00:00:00:01"
 CTRL_DEPENDENTS = {"CTRL_RX_EXTRA", "CTRL_MAC_ADDR", "GUEST_ANNOUNCE", "CTRL_VLAN", "MQ"}
@@ -77,8 +76,9 @@ def test_header_layout_is_the_spec_struct() -> None:
     config = {f.name: (f.offset, f.width) for f in NET_CONFIG}
     assert config["status"] == (6, 2) and config["max_virtqueue_pairs"] == (8, 2) and config["mtu"] == (10, 2)
     assert config["speed"] == (12, 4) and config["duplex"] == (16, 1)
-    assert (NET_CONFIG_MAC.offset, NET_CONFIG_MAC.length) == (0, 6)
-    assert set(NET_CONFIG_EXISTS_IF) == {"mac"} | {f.name for f in NET_CONFIG}
+    assert [(f.name, f.offset, f.width) for f in NET_CONFIG_MAC] == [(f"mac[{i}]", i, 1) for i in range(6)]
+    assert all(f.requires for f in NET_CONFIG)  # every net config field exists with a feature (§5.1.4)
+    assert NET_CONFIG.max_virtqueue_pairs.requires == "MQ|RSS" and NET_CONFIG.mtu.requires == "MTU"
 
 
 def test_header_encodes_little_endian_fields() -> None:
@@ -344,7 +344,7 @@ def test_ctrl_ack_err_and_feature_gate(machine_factory, mode: str) -> None:
 @pytest.mark.parametrize("mode", modes.ALL_MODES)
 def test_config_and_link_status(machine_factory, mode: str, interrupts: str) -> None:
     vm, net, _ = start(machine_factory, mode, mac="52:54:00:ab:cd:ef", driver={"interrupts": interrupts})
-    config = net.read_config()
+    config = net.config()
     assert config.mac == bytes.fromhex("525400abcdef") == net.mac
     assert config.link_up is True and net.link_up
     assert config.max_virtqueue_pairs is None and config.mtu is None  # MQ, MTU not offered
@@ -359,7 +359,7 @@ def test_config_and_link_status(machine_factory, mode: str, interrupts: str) -> 
 @pytest.mark.parametrize("mode", modes.ALL_MODES)
 def test_mtu_and_multiqueue_config(machine_factory, mode: str) -> None:
     _vm, net, host = start(machine_factory, mode, host_mtu="1400", mq="on")
-    config = net.read_config()
+    config = net.config()
     assert (config.mtu, config.max_virtqueue_pairs) == (1400, 1)
     assert net.mtu == 1400 and net.has("MQ") and net.ctrl_index == 2
     net.set_queue_pairs(1)
@@ -373,12 +373,12 @@ def test_mtu_and_multiqueue_config(machine_factory, mode: str) -> None:
 @pytest.mark.parametrize("mode", modes.ALL_MODES)
 def test_announce(machine_factory, mode: str) -> None:
     vm, net, _ = start(machine_factory, mode)
-    assert net.read_config().announce is False
+    assert net.config().announce is False
     vm.qmp.cmd("announce-self", initial=50, max=100, rounds=1, step=100)
     net.wait_config_interrupt(timeout=2)
-    assert net.read_config().announce is True
+    assert net.config().announce is True
     net.announce_ack()
-    assert net.read_config().announce is False
+    assert net.config().announce is False
 
 
 @pytest.mark.parametrize(("mode", "ring"), RINGS)

@@ -8,9 +8,10 @@ import os
 
 import pytest
 
-from qtest_virtio import Machine, MachineSpec, modes
-from qtest_virtio.devices.blk import pack_fields
-from qtest_virtio.devices.scsi import (
+from qtest_virtio import Machine, modes
+from qtest_virtio.devices.base import VirtioDriver
+from qtest_virtio.devices.scsi.driver import VirtioScsi
+from qtest_virtio.devices.scsi.encoding import (
     CTRL_AN,
     CTRL_TMF,
     REQ_CMD,
@@ -30,7 +31,6 @@ from qtest_virtio.devices.scsi import (
     Sense,
     SenseKey,
     TmfSubtype,
-    VirtioScsi,
     cdb_inquiry,
     cdb_read_capacity16,
     cdb_rw10,
@@ -45,9 +45,6 @@ from qtest_virtio.devices.scsi import (
 from qtest_virtio.virtqueue import VirtqueueError
 
 IMAGE = 64 << 20
-MODES_RINGS = [(m, "split") for m in modes.ALL_MODES] + [
-    (m, "packed") for m in (modes.TRANSITIONAL_MODERN, modes.MODERN)
-]
 
 
 # -- encoding and decoding, no QEMU -----------------------------------------------------------------
@@ -88,9 +85,7 @@ def test_request_layouts() -> None:
 
 
 def response(response: int = 0, status: int = 0, sense: bytes = b"", residual: int = 0, sense_size: int = 96) -> bytes:
-    head = pack_fields(
-        RESP_CMD, {"sense_len": len(sense), "residual": residual, "status": status, "response": response}
-    )
+    head = RESP_CMD.pack({"sense_len": len(sense), "residual": residual, "status": status, "response": response})
     return head + sense.ljust(sense_size, b"\0")
 
 
@@ -141,16 +136,11 @@ def test_sense_event_and_inquiry_parsing() -> None:
 # -- against QEMU ------------------------------------------------------------------------------------
 
 
-def scsi_machine(machine_factory, mode: str, ring: str = "split", **props: str) -> Machine:
-    spec = MachineSpec()
-    spec.add_virtio("virtio-scsi-pci", mode=mode, id="scsi0", packed="on" if ring == "packed" else "off", **props)
-    return machine_factory(spec)
-
-
-@pytest.mark.parametrize(("mode", "ring"), MODES_RINGS)
-def test_commands_on_a_disk(machine_factory, mode: str, ring: str) -> None:
-    vm = scsi_machine(machine_factory, mode, ring)
-    scsi: VirtioScsi = vm.virtio("scsi0")
+@pytest.mark.virtio_device("virtio-scsi-pci")
+def test_commands_on_a_disk(virtio_device: VirtioDriver, qemu: Machine) -> None:
+    vm = qemu
+    assert isinstance(virtio_device, VirtioScsi)
+    scsi = virtio_device
     cfg = scsi.config()
     assert (cfg.sense_size, cfg.cdb_size, cfg.num_queues, cfg.event_info_size) == (96, 32, 1, 16)
     assert len(scsi.queues) == 3 and len(scsi.request_queues) == 1
@@ -180,10 +170,10 @@ def test_commands_on_a_disk(machine_factory, mode: str, ring: str) -> None:
     vm.memory.check_leaks()
 
 
-@pytest.mark.parametrize("mode", modes.ALL_MODES)
-def test_error_responses(machine_factory, mode: str) -> None:
-    vm = scsi_machine(machine_factory, mode)
-    scsi: VirtioScsi = vm.virtio("scsi0")
+@pytest.mark.virtio_device("virtio-scsi-pci", rings=["split"])
+def test_error_responses(virtio_device: VirtioDriver) -> None:
+    assert isinstance(virtio_device, VirtioScsi)
+    scsi = virtio_device
     scsi.wait_ready()
     # No target 4: the request is never processed.
     assert scsi.command(cdb_test_unit_ready(), target=4).response is ScsiResponse.BAD_TARGET
@@ -197,7 +187,7 @@ def test_error_responses(machine_factory, mode: str) -> None:
     assert not scsi.has("INOUT")
     r = scsi.command(cdb_rw10(Op.WRITE_10, 0, 1), data_out=bytes(512), data_in_len=512)
     assert r.response is ScsiResponse.FAILURE
-    with pytest.raises(ScsiCommandError, match=r"VirtioScsi scsi0 .*response BAD_TARGET") as err:
+    with pytest.raises(ScsiCommandError, match=rf"VirtioScsi {scsi.dev_id} .*response BAD_TARGET") as err:
         scsi.checked(cdb_test_unit_ready(), target=9)
     assert err.value.result.response is ScsiResponse.BAD_TARGET
     with pytest.raises(ScsiError, match="no request queue 1"):
@@ -205,10 +195,11 @@ def test_error_responses(machine_factory, mode: str) -> None:
     assert scsi.test_unit_ready().good  # the device carries on
 
 
-@pytest.mark.parametrize(("mode", "ring"), MODES_RINGS)
-def test_task_management(machine_factory, mode: str, ring: str) -> None:
-    vm = scsi_machine(machine_factory, mode, ring)
-    scsi: VirtioScsi = vm.virtio("scsi0")
+@pytest.mark.virtio_device("virtio-scsi-pci")
+def test_task_management(virtio_device: VirtioDriver, qemu: Machine) -> None:
+    vm = qemu
+    assert isinstance(virtio_device, VirtioScsi)
+    scsi = virtio_device
     scsi.wait_ready()
     assert scsi.logical_unit_reset() is ScsiResponse.OK  # FUNCTION_COMPLETE
     after = scsi.test_unit_ready()
@@ -224,13 +215,16 @@ def test_task_management(machine_factory, mode: str, ring: str) -> None:
     vm.memory.check_leaks()
 
 
-@pytest.mark.parametrize("mode", modes.ALL_MODES)
-def test_hotplug_events(machine_factory, mode: str) -> None:
-    vm = scsi_machine(machine_factory, mode)
-    scsi: VirtioScsi = vm.virtio("scsi0")
+@pytest.mark.virtio_device("virtio-scsi-pci", rings=["split"])
+def test_hotplug_events(virtio_device: VirtioDriver, qemu: Machine) -> None:
+    vm = qemu
+    assert isinstance(virtio_device, VirtioScsi)
+    scsi = virtio_device
     assert scsi.has("HOTPLUG") and scsi.poll_event() is None
     vm.qmp.cmd("blockdev-add", driver="null-co", **{"node-name": "hp", "read-zeroes": True, "size": 1 << 20})
-    vm.qmp.cmd("device_add", driver="scsi-hd", bus="scsi0.0", drive="hp", id="hp-disk", **{"scsi-id": 2, "lun": 0})
+    vm.qmp.cmd(
+        "device_add", driver="scsi-hd", bus=f"{scsi.dev_id}.0", drive="hp", id="hp-disk", **{"scsi-id": 2, "lun": 0}
+    )
     ev = scsi.poll_event(2.0)
     assert ev is not None and not ev.missed
     assert (ev.type, ev.reason, decode_lun(ev.lun)) == (EventType.TRANSPORT_RESET, ResetReason.RESCAN, (2, 0))
@@ -245,40 +239,44 @@ def test_hotplug_events(machine_factory, mode: str) -> None:
     vm.memory.check_leaks()
 
 
-@pytest.mark.parametrize("mode", [modes.LEGACY, modes.MODERN])
-def test_events_missed_without_buffers(machine_factory, mode: str) -> None:
-    vm = scsi_machine(machine_factory, mode)
-    scsi: VirtioScsi = vm.virtio("scsi0", event_buffers=0)
+@pytest.mark.virtio_device("virtio-scsi-pci", transports=[modes.LEGACY, modes.MODERN], rings=["split"])
+def test_events_missed_without_buffers(virtio_device: VirtioDriver, qemu: Machine) -> None:
+    vm = qemu
+    virtio_device.close()  # this test drives the device with its own options
+    scsi = vm.virtio(virtio_device.dev_id, VirtioScsi, event_buffers=0)
     vm.qmp.cmd("blockdev-add", driver="null-co", **{"node-name": "hp", "size": 1 << 20})
-    vm.qmp.cmd("device_add", driver="scsi-hd", bus="scsi0.0", drive="hp", **{"scsi-id": 1})
+    vm.qmp.cmd("device_add", driver="scsi-hd", bus=f"{scsi.dev_id}.0", drive="hp", **{"scsi-id": 1})
     assert scsi.poll_event(0.05) is None  # nowhere to put it
     scsi.fill_eventq(1)
     ev = scsi.poll_event(2.0)
     assert ev is not None and ev.missed and ev.type == EventType.NO_EVENT
 
 
-@pytest.mark.parametrize("mode", modes.ALL_MODES)
-def test_write_used_length_quirk(machine_factory, mode: str) -> None:
+@pytest.mark.virtio_device("virtio-scsi-pci", rings=["split"])
+def test_write_used_length_quirk(virtio_device: VirtioDriver, qemu: Machine) -> None:
     """QEMU 7.2 counts the data out in a write's used length; tolerated and recorded by default,
     a clear virtqueue error with strict_used_len."""
-    vm = scsi_machine(machine_factory, mode)
-    scsi: VirtioScsi = vm.virtio("scsi0")
+    vm = qemu
+    assert isinstance(virtio_device, VirtioScsi)
+    scsi = virtio_device
     scsi.wait_ready()
     scsi.write10(0, bytes(1024))
     assert scsi.used_len_overruns == [(2, scsi.used_len_overruns[0][1], 108 + 1024, 108)]
     r = scsi.command(cdb_rw10(Op.READ_10, 0, 2), data_in_len=1024)
     assert r.used_len == 108 + 1024 and len(scsi.used_len_overruns) == 1
-    strict: VirtioScsi = vm.virtio("scsi0", strict_used_len=True)
+    strict = vm.virtio(scsi.dev_id, VirtioScsi, strict_used_len=True)
     with pytest.raises(
         VirtqueueError, match=r"VirtioScsi queue 2: descriptor \d+: used length 620 is longer than the 108"
     ):
         strict.command(cdb_rw10(Op.WRITE_10, 0, 1), data_out=bytes(512))
 
 
-@pytest.mark.parametrize("mode", [modes.TRANSITIONAL_LEGACY, modes.MODERN])
-def test_config_sizes_and_queues(machine_factory, mode: str) -> None:
-    vm = scsi_machine(machine_factory, mode, num_queues="2")
-    scsi: VirtioScsi = vm.virtio("scsi0")
+@pytest.mark.virtio_device(
+    "virtio-scsi-pci", transports=[modes.TRANSITIONAL_LEGACY, modes.MODERN], rings=["split"], flags={"num_queues": "2"}
+)
+def test_config_sizes_and_queues(virtio_device: VirtioDriver) -> None:
+    assert isinstance(virtio_device, VirtioScsi)
+    scsi = virtio_device
     assert len(scsi.request_queues) == 2 and scsi.config().num_queues == 2
     scsi.wait_ready()
     assert scsi.command(cdb_test_unit_ready(), queue=1).good

@@ -22,12 +22,12 @@ from qtest_virtio.app.exits import unwinds_on_default
 from qtest_virtio.app.options import OptionError, parse_flags, parse_refuse, parse_transports
 from qtest_virtio.binary import DEFAULT_QEMU, BadFlagValue, QemuBinary, QemuNotFound, UnknownFlag
 from qtest_virtio.deviations import TABLE_ENV, Deviation, Status, TableError, table
+from qtest_virtio.devices import registry
 from qtest_virtio.devices.base import CORE_FEATURES, VirtioDriver
-from qtest_virtio.devices.features import DEVICE_FEATURE_BITS
 from qtest_virtio.machine import QemuMachine, watch_machines
 from qtest_virtio.transport import feature_bit
 from qtest_virtio.transport.layout import FEATURE_BITS
-from qtest_virtio.vm import DRIVERS, driver_class
+from qtest_virtio.vm import DRIVERS
 
 from .params import VirtioParam, virtio_params
 
@@ -35,7 +35,7 @@ MACHINES_KEY = pytest.StashKey[list[QemuMachine]]()
 VIRTIO_MACHINE_KEY = pytest.StashKey[Machine]()
 PARAM_KEY = pytest.StashKey[VirtioParam]()
 #: Every feature name a refusal may use: the reserved ones and each device's own.
-KNOWN_FEATURES = frozenset(FEATURE_BITS.values()).union(*(t.values() for t in DEVICE_FEATURE_BITS.values()))
+KNOWN_FEATURES = frozenset(FEATURE_BITS.values()).union(*(t.values() for t in registry.feature_bits().values()))
 #: Crashes the test's call phase already failed with, so teardown does not report them again.
 REPORTED_CRASHES_KEY = pytest.StashKey[list[QemuCrashed]]()
 #: The deviation table of this run (qtest_virtio.deviations), extra table file included.
@@ -177,8 +177,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     transports, flags, refuse = _virtio_options(metafunc.config)
     device = str(marker.args[0])
     try:  # the test file is wrong whatever the binary: a collection error, never a skip
-        driver_class(device)
-    except KeyError:
+        info = registry.lookup(device)
+    except registry.UnknownDevice:
         close = difflib.get_close_matches(device, list(DRIVERS), n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise pytest.Collector.CollectError(
@@ -187,7 +187,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         ) from None
     refuse_each: tuple[str, ...] = ()
     if metafunc.config.getoption("--virtio-refuse-each"):
-        cls = driver_class(device)
+        cls = info.driver
         refuse_each = tuple(sorted((CORE_FEATURES - {"VERSION_1"}) | set(cls.FEATURES)))
     try:
         params = virtio_params(
@@ -286,7 +286,9 @@ def machine_factory(request: pytest.FixtureRequest, qemu_binary: QemuBinary) -> 
 
 
 @pytest.fixture
-def virtio_device(request: pytest.FixtureRequest, machine_factory: MachineFactory, qemu_binary: QemuBinary) -> Any:
+def virtio_device(
+    request: pytest.FixtureRequest, machine_factory: MachineFactory, qemu_binary: QemuBinary
+) -> VirtioDriver:
     """The driver of the device the ``virtio_device`` marker names, at DRIVER_OK with its
     queues ready, on a fresh machine; parametrised over transport modes and ring layouts."""
     param = getattr(request, "param", None)
@@ -307,9 +309,8 @@ def virtio_device(request: pytest.FixtureRequest, machine_factory: MachineFactor
     vm = machine_factory(spec)
     request.node.stash[VIRTIO_MACHINE_KEY] = vm
     # A refusal names a reserved feature or one device's own: each device gets those it has.
-    cls = driver_class(param.device)
-    own = set(FEATURE_BITS.values()) | set(DEVICE_FEATURE_BITS.get(cls.DEVICE_TYPE, {}).values())
-    driver: VirtioDriver = vm.virtio(dev.id, refuse=param.refuse & own, **driver_kwargs)
+    own = set(FEATURE_BITS.values()) | set(registry.lookup(param.device).feature_bits.values())
+    driver = vm.virtio(dev.id, VirtioDriver, refuse=param.refuse & own, **driver_kwargs)
     requires = request.node.get_closest_marker("virtio_requires")
     for feature in requires.args if requires else ():
         bit = feature_bit(feature, driver.device_bits)

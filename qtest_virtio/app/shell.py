@@ -224,34 +224,18 @@ def parse_raw(words: Sequence[str], table: dict[str, RawCommand]) -> tuple[RawCo
 
 # -- what the shell knows about one PCI function -----------------------------------------------
 
-#: Device-specific config layouts, by virtio device ID (imported on first use).
-DEVICE_CONFIG_LAYOUTS = {
-    1: "qtest_virtio.devices.net:NET_CONFIG",
-    2: "qtest_virtio.devices.blk:BLK_CONFIG",
-    3: "qtest_virtio.devices.console:CONSOLE_CONFIG",
-    5: "qtest_virtio.devices.balloon:BALLOON_CONFIG",
-    8: "qtest_virtio.devices.scsi:SCSI_CONFIG",
-}
-
 
 def device_config_layout(device_type: int | None) -> Layout | None:
-    spec = DEVICE_CONFIG_LAYOUTS.get(device_type or -1)
-    if spec is None:
-        return None
-    import importlib
+    """The device-specific config layout of a virtio device ID (from the device registry)."""
+    from ..devices import registry
 
-    module, _, name = spec.partition(":")
-    try:
-        found = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        return None
-    return found if isinstance(found, Layout) else None
+    return registry.config_layouts().get(device_type or -1)
 
 
 def _device_feature_bits(device_type: int | None) -> dict[int, str]:
-    from ..devices.features import DEVICE_FEATURE_BITS
+    from ..devices import registry
 
-    return DEVICE_FEATURE_BITS.get(device_type or -1, {})
+    return registry.feature_bits().get(device_type or -1, {})
 
 
 @dataclass

@@ -9,12 +9,16 @@ INTx with the ISR register).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Set
+from typing import ClassVar
 
+from ..errors import QtestVirtioError
 from ..memory import GuestMemory
+from ..modes import Interrupts, Mode, check_mode
 from ..pci import Msix, PciFunction
 from ..pci import regs as pci_regs
 from ..pci.intx import IntxLine, route_intx
+from ..registers import Field, Layout
 from ..transport import (
     Negotiated,
     TransportError,
@@ -27,22 +31,72 @@ from ..transport import (
 )
 from ..transport.layout import ISR, VIRTIO_MSI_NO_VECTOR
 from ..virtqueue import Virtqueue, make_virtqueue
-from .features import DEVICE_FEATURE_BITS
 
 #: Reserved features every driver here implements (the ring machinery is shared).
 CORE_FEATURES = {"VERSION_1", "EVENT_IDX", "INDIRECT_DESC", "RING_PACKED", "RING_RESET", "ANY_LAYOUT", "IN_ORDER"}
 #: Default queue size asked of modern devices (they may offer more; legacy sizes are fixed).
 DEFAULT_QUEUE_SIZE = 256
+#: How often a config snapshot is retried while the generation moves before giving up.
+CONFIG_RETRIES = 100
+
+
+class DriverError(QtestVirtioError):
+    """A driver was used against its life cycle (before :meth:`VirtioDriver.initialize`)."""
+
+
+# -- device-specific configuration (virtio 1.2 §2.5) ------------------------------------------
+
+
+def field_exists(f: Field, features: Set[str]) -> bool:
+    """A config field exists when it needs no feature, or when one of the features its
+    ``requires`` names is in ``features`` (§2.5; ``"MQ|RSS"`` is "MQ or RSS", as §5.1.4
+    words it)."""
+    return f.requires is None or any(name in features for name in f.requires.split("|"))
+
+
+def existing_fields(layout: Layout, features: Set[str]) -> list[Field]:
+    """The fields of ``layout`` that exist with ``features``, in offset order."""
+    return [f for f in layout if field_exists(f, features)]
+
+
+def read_config(transport: VirtioTransport, layout: Layout, fields: Iterable[Field]) -> dict[str, int]:
+    """One consistent snapshot of config fields by name, each read at its own width: re-read
+    while config_generation moves (§2.5.1, §4.1.4.3.1; legacy has none). 64-bit fields are two
+    32-bit reads, low half first (§4.1.3.1), which the legacy I/O BAR needs anyway."""
+    wanted = list(fields)
+    for _ in range(CONFIG_RETRIES):
+        before = transport.config_generation()
+        values: dict[str, int] = {}
+        for f in wanted:
+            if f.width == 8:
+                values[f.name] = transport.config_read(f.offset, 4) | transport.config_read(f.offset + 4, 4) << 32
+            else:
+                values[f.name] = transport.config_read(f.offset, f.width)
+        if transport.config_generation() == before:
+            return values
+    raise TransportError(f"{transport}: config generation never settled while reading {layout.name}")
 
 
 class VirtioDriver:
-    """Base of the device drivers. Subclasses set DEVICE_TYPE, FEATURES and QUEUES."""
+    """Base of the device drivers. Subclasses set DEVICE_TYPE, CONFIG_LAYOUT, FEATURE_BITS
+    (from their device's encoding module), FEATURES and QUEUES.
 
-    DEVICE_TYPE = 0
+    The life cycle is explicit: construction only records the arguments (no I/O);
+    :meth:`initialize` opens the transport and runs §3.1.1 to DRIVER_OK, and may be called
+    again to reinitialise. ``Machine.virtio()`` does both."""
+
+    #: Virtio device ID (virtio 1.2 §5).
+    DEVICE_TYPE: ClassVar[int] = 0
+    #: The device-specific configuration layout (§2.5), None where the device has none.
+    CONFIG_LAYOUT: ClassVar[Layout | None] = None
+    #: Device-specific feature bits by number, named as the spec names them without prefix.
+    FEATURE_BITS: ClassVar[Mapping[int, str]] = {}
     #: Device-specific feature names this driver implements.
     FEATURES: frozenset[str] = frozenset()
     #: Queues this driver sets up at initialization.
     QUEUES = 1
+    #: What ``interrupts="auto"`` means on a function without MSI-X.
+    AUTO_WITHOUT_MSIX: ClassVar[Interrupts] = Interrupts.ISR
 
     def __init__(
         self,
@@ -51,25 +105,26 @@ class VirtioDriver:
         memory: GuestMemory,
         *,
         refuse: Iterable[str] = (),
-        interrupts: str = "auto",
+        interrupts: str = Interrupts.AUTO,
         queue_size: int | None = None,
         notify_via: str = "mmio",
     ) -> None:
         self.fn = fn
         self.memory = memory
-        self.device_bits = DEVICE_FEATURE_BITS.get(self.DEVICE_TYPE, {})
+        self.requested_mode: Mode = check_mode(mode)
+        self.device_bits: dict[int, str] = dict(self.FEATURE_BITS)
         self.refused_names = set(refuse)
         for name in self.refused_names:
             feature_bit(name, self.device_bits)  # a typo is an error, not a silent no-op
-        if interrupts not in ("auto", "msix", "intx", "isr"):
+        try:
+            self.interrupts = Interrupts(interrupts)
+        except ValueError:
             raise ValueError(
                 f"interrupts must be 'auto', 'msix', 'intx' (IOAPIC line) or 'isr' (ISR polling), not {interrupts!r}"
-            )
-        if interrupts == "auto":  # MSI-X where the device has it (virtio-balloon-pci has not)
-            interrupts = "msix" if fn.find_capability(pci_regs.CAP_ID_MSIX) is not None else "isr"
-        self.interrupts = interrupts
+            ) from None
         self.queue_size = queue_size
-        self.transport: VirtioTransport = open_transport(fn, mode, notify_via=notify_via)
+        self.notify_via = notify_via
+        self._transport: VirtioTransport | None = None
         self.queues: list[Virtqueue] = []
         self.msix: Msix | None = None
         self.intx: IntxLine | None = None
@@ -79,14 +134,24 @@ class VirtioDriver:
         #: Set by Machine.virtio(): the device's id, and the host end of its backend (if any).
         self.dev_id = ""
         self.backend: object | None = None
-        self.initialize()
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.fn.bdf} {self.transport.mode}>"
+        return f"<{type(self).__name__} {self.fn.bdf} {self.mode}>"
+
+    @property
+    def transport(self) -> VirtioTransport:
+        """The register layout the mode drives the device through (opened by initialize())."""
+        if self._transport is None:
+            raise DriverError(f"{type(self).__name__} {self.fn.bdf}: not initialised yet; call initialize() first")
+        return self._transport
+
+    @property
+    def initialized(self) -> bool:
+        return self._transport is not None
 
     @property
     def mode(self) -> str:
-        return self.transport.mode
+        return self.requested_mode
 
     # -- initialization (§3.1.1) ----------------------------------------------------------
 
@@ -102,8 +167,18 @@ class VirtioDriver:
             bits |= 1 << feature_bit(name, self.device_bits)
         return bits
 
+    def _open(self) -> None:
+        """Find the mode's registers and decide ``auto`` interrupts (the first I/O)."""
+        if self._transport is not None:
+            return
+        if self.interrupts is Interrupts.AUTO:  # MSI-X where the device has it (virtio-balloon-pci has not)
+            has_msix = self.fn.find_capability(pci_regs.CAP_ID_MSIX) is not None
+            self.interrupts = Interrupts.MSIX if has_msix else self.AUTO_WITHOUT_MSIX
+        self._transport = open_transport(self.fn, self.requested_mode.value, notify_via=self.notify_via)
+
     def initialize(self) -> None:
         """Reset, negotiate, route interrupts, set the queues up, DRIVER_OK."""
+        self._open()
         self.release_queues()
         self.negotiated = negotiate(
             self.transport,
@@ -111,7 +186,7 @@ class VirtioDriver:
             refuse=self.refused_bits(),
             device_bits=self.device_bits,
         )
-        if self.interrupts == "msix":
+        if self.interrupts is Interrupts.MSIX:
             self._setup_msix()
         else:
             self._setup_intx()
@@ -119,6 +194,29 @@ class VirtioDriver:
         for q in range(self.QUEUES):
             self.queues.append(self.create_queue(q))
         driver_ok(self.transport)
+
+    # -- device-specific configuration (§2.5) ---------------------------------------------
+
+    def config_features(self) -> Set[str]:
+        """The features that decide which config fields exist: the negotiated ones (§2.5)."""
+        return self.negotiated
+
+    def read_config(self, names: Iterable[str] | None = None) -> dict[str, int]:
+        """Config fields by name as one consistent snapshot (:func:`read_config`); by default
+        every field that exists with :meth:`config_features`. Named fields are read whether
+        they exist or not (a test may read what a driver should not rely on)."""
+        layout = self.CONFIG_LAYOUT
+        if layout is None:
+            raise DriverError(f"{type(self).__name__}: the device has no device-specific configuration")
+        fields = existing_fields(layout, self.config_features()) if names is None else [layout[n] for n in names]
+        return read_config(self.transport, layout, fields)
+
+    def write_config(self, f: Field, value: int) -> None:
+        """Write one config field at its width (the driver-writable ones, §2.5)."""
+        layout = self.CONFIG_LAYOUT
+        if layout is None or f not in layout:
+            raise DriverError(f"{type(self).__name__}: {f.name} is not a field of its config")
+        self.transport.config_write(f.offset, f.width, value)
 
     def setup_device(self) -> None:
         """Device-specific steps between FEATURES_OK and queue setup (§3.1.1 step 7)."""
@@ -170,7 +268,7 @@ class VirtioDriver:
             Msix(self.fn).enable(False)
         cmd = self.fn.config.read(pci_regs.TYPE0_HEADER.command)
         self.fn.config.write(pci_regs.TYPE0_HEADER.command, pci_regs.COMMAND.interrupt_disable.set(cmd, 0))
-        if self.interrupts == "intx" and self.intx is None:
+        if self.interrupts is Interrupts.INTX and self.intx is None:
             self.intx = route_intx(self.fn.pci, self.fn)
             self.intx.intercept()
 
@@ -194,7 +292,10 @@ class VirtioDriver:
         self.release_queues()
 
     def close(self) -> None:
-        """Reset the device and free everything the driver allocated in guest RAM."""
+        """Reset the device and free everything the driver allocated in guest RAM (nothing to
+        do before initialize())."""
+        if self._transport is None:
+            return
         self.reset()
         if self.msix is not None:
             self.msix.enable(False)

@@ -14,6 +14,7 @@ import struct
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ..devices.registry import FuzzRequest
 from ..pci.config import CONFIG_ADDRESS_PORT, CONFIG_DATA_PORT
 from ..pci.regs import CONFIG_SPACE_SIZE, MSIX_ENTRY
 from ..transport.layout import COMMON_CFG, LEGACY_CFG, STATUS, VIRTIO_PCI_CFG_CAP
@@ -30,7 +31,7 @@ from ..virtqueue.layout import (
 
 U16, U32, U64 = 0xFFFF, 0xFFFF_FFFF, 0xFFFF_FFFF_FFFF_FFFF
 #: A request's buffers: (length, device-writable, contents) each.
-Request = tuple[tuple[int, bool, bytes], ...]
+Request = FuzzRequest
 
 # -- qtest command validation ------------------------------------------------------------------
 

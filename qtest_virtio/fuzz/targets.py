@@ -2,18 +2,16 @@
 check that the device serves one) and the :class:`~.actions.Target` of a started driver (its
 register windows, rings, config address and MSI-X table).
 
-Data-driven: add a profile to :data:`DEVICES` to fuzz another device.
+Derived from the device registry: a registered device is a fuzz target.
 """
 
 from __future__ import annotations
 
-import struct
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..backends import NetBackend, SerialBackend
+from ..devices import registry
 from ..errors import QtestVirtioError
 from ..pci.config import Cf8Access
 from ..transport import LegacyTransport, ModernTransport
@@ -23,77 +21,6 @@ from .actions import Request, Target, Window
 
 #: The id of the device under fuzz in the example's machine.
 DEVICE_ID = "fuzz0"
-
-
-def _rng_check(vm: Machine, driver: Any, timeout: float) -> None:
-    data = driver.read(16, timeout=timeout)
-    if len(data) != 16:
-        raise QtestVirtioError(f"virtio-rng returned {len(data)} bytes for 16")
-
-
-def _blk_check(vm: Machine, driver: Any, timeout: float) -> None:
-    data = driver.read(0, 1, timeout=timeout)
-    if len(data) != 512:
-        raise QtestVirtioError(f"virtio-blk read returned {len(data)} bytes for one sector")
-
-
-_CHECK_FRAME = bytes.fromhex("020000000001020000000002") + b"\x88\xb5" + b"qtest-virtio fuzz check".ljust(46, b".")
-
-
-def _net_check(vm: Machine, driver: Any, timeout: float) -> None:
-    """A frame transmitted reaches the socket backend (earlier frames of the abuse skipped)."""
-    host = vm.backend(DEVICE_ID)
-    assert isinstance(host, NetBackend)
-    while host.pending():  # the abuse's frames: a peer that never reads stalls the transmit path
-        host.receive(timeout=timeout)
-    driver.send(_CHECK_FRAME, timeout=timeout)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if host.receive(timeout=max(deadline - time.monotonic(), 0.01)) == _CHECK_FRAME:
-            return
-    raise QtestVirtioError("virtio-net: the transmitted check frame never reached the backend")
-
-
-def _console_check(vm: Machine, driver: Any, timeout: float) -> None:
-    """Bytes written to port 0 reach the chardev behind it."""
-    backend = vm.backend(DEVICE_ID)
-    assert isinstance(backend, SerialBackend)
-    end = backend["console"]
-    # The abuse's bytes first: a chardev whose peer never reads stays full (1-byte writes fill
-    # a socket's buffer after a few hundred), and what the port is given then is not delivered.
-    end.read_available(timeout=0.05)
-    driver.write(b"qtest-virtio fuzz check\n", 0, timeout=timeout)
-    seen = b""
-    deadline = time.monotonic() + timeout
-    while b"fuzz check" not in seen:
-        if time.monotonic() > deadline:
-            raise QtestVirtioError(f"virtio-console: port 0 bytes never reached the chardev (got {seen[-64:]!r})")
-        seen += end.read_available(timeout=0.05)
-
-
-def _scsi_check(vm: Machine, driver: Any, timeout: float) -> None:
-    from ..devices.scsi import InquiryData, cdb_inquiry
-
-    result = driver.checked(cdb_inquiry(96), data_in_len=96, timeout=timeout)
-    inquiry = InquiryData.parse(result.data)
-    if not inquiry.vendor:
-        raise QtestVirtioError(f"virtio-scsi INQUIRY came back empty: {inquiry!r}")
-
-
-def _balloon_check(vm: Machine, driver: Any, timeout: float) -> None:
-    driver.inflate(1, timeout=timeout)
-    driver.deflate(1, timeout=timeout)
-
-
-_NET_TX: Request = ((12 + len(_CHECK_FRAME), False, bytes(12) + _CHECK_FRAME),)
-#: VIRTIO_NET_CTRL_RX / VIRTIO_NET_CTRL_RX_PROMISC on, then the ack byte (virtio 1.2 §5.1.6.5).
-_NET_CTRL: Request = ((2, False, b"\x00\x00"), (1, False, b"\x01"), (1, True, b""))
-#: VIRTIO_CONSOLE_PORT_READY for port 0 (virtio 1.2 §5.3.6.2).
-_CONSOLE_CONTROL: Request = ((8, False, struct.pack("<IHH", 0, 3, 1)),)
-#: TEST UNIT READY to target 0 LUN 0: virtio_scsi_req_cmd (cdb_size 32), then its response.
-_SCSI_CMD: Request = ((51, False, bytes([1, 0, 0x40, 0]) + bytes(47)), (108, True, b""))
-#: VIRTIO_SCSI_T_TMF / LOGICAL_UNIT_RESET, then the response byte (virtio 1.2 §5.6.6.2).
-_SCSI_TMF: Request = ((24, False, struct.pack("<II", 0, 5) + bytes([1, 0, 0x40, 0]) + bytes(12)), (1, True, b""))
 
 
 @dataclass(frozen=True)
@@ -112,23 +39,14 @@ class DeviceProfile:
         return next(iter(self.queues))
 
 
-#: Devices, data-driven: add a profile to fuzz another device. The first queue is the default.
-DEVICES: dict[str, DeviceProfile] = {
-    "virtio-rng-pci": DeviceProfile("virtio-rng-pci", _rng_check, {0: ((64, True, b""),)}),
-    "virtio-blk-pci": DeviceProfile(
-        "virtio-blk-pci",
-        _blk_check,
-        {0: ((16, False, struct.pack("<IIQ", 0, 0, 0)), (512, True, b""), (1, True, b""))},
-    ),
-    "virtio-net-pci": DeviceProfile("virtio-net-pci", _net_check, {1: _NET_TX, 2: _NET_CTRL}),
-    "virtio-serial-pci": DeviceProfile(
-        "virtio-serial-pci", _console_check, {1: ((8, False, b"fuzzdata"),), 3: _CONSOLE_CONTROL}
-    ),
-    "virtio-scsi-pci": DeviceProfile("virtio-scsi-pci", _scsi_check, {2: _SCSI_CMD, 0: _SCSI_TMF}),
-    "virtio-balloon-pci": DeviceProfile(
-        "virtio-balloon-pci", _balloon_check, {0: ((4, False, bytes(4)),), 2: ((10, False, bytes(10)),)}
-    ),
-}
+def _profile(model: str, info: registry.DeviceInfo[Any]) -> DeviceProfile:
+    check = info.fuzz.check
+    return DeviceProfile(model, lambda vm, driver, timeout: check(driver, timeout), dict(info.fuzz.queues))
+
+
+#: Every registered device's profile (devices/<name>/__init__.py holds its queues, valid requests
+#: and check); the first queue is the default.
+DEVICES: dict[str, DeviceProfile] = {model: _profile(model, info) for model, info in registry.devices().items()}
 
 
 def make_target(vm: Machine, driver: Any, device: DeviceProfile, queue: int) -> Target:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import pytest
 
-from qtest_virtio.devices.balloon import BALLOON_CONFIG, PAGE_SIZE, StatTag, VirtioBalloon
+from qtest_virtio.devices.balloon.driver import VirtioBalloon
+from qtest_virtio.devices.balloon.encoding import BALLOON_CONFIG, PAGE_SIZE, StatTag
 from qtest_virtio.transport.layout import ISR
 
 pytestmark = pytest.mark.virtio_device("virtio-balloon-pci")
@@ -84,7 +85,7 @@ def test_target_appears_in_num_pages(virtio_device, qemu):
     assert bal.num_pages == 40
     _set_target(qemu, 3)
     assert bal.num_pages == 3
-    assert bal.read_config().actual == 0  # the device does not move actual itself
+    assert bal.config().actual == 0  # the device does not move actual itself
 
 
 @pytest.mark.virtio_device("virtio-balloon-pci", interrupts="intx")

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from qtest_virtio.devices.balloon import StatTag
+from qtest_virtio.devices.balloon.encoding import StatTag
 
 pytestmark = [pytest.mark.virtio_device("virtio-balloon-pci"), pytest.mark.virtual_clock]
 

@@ -15,7 +15,7 @@ import os
 import pytest
 
 from qtest_virtio import modes
-from qtest_virtio.devices.blk import (
+from qtest_virtio.devices.blk.encoding import (
     BLK_CONFIG,
     ID_BYTES,
     MERGED,
@@ -33,7 +33,6 @@ from qtest_virtio.virtqueue import Buf
 pytestmark = pytest.mark.virtio_device("virtio-blk-pci")
 
 #: Layouts where the used length is a rule: legacy drivers SHOULD ignore it (§5.2.6.3).
-MODERN_LAYOUT = [modes.TRANSITIONAL_MODERN, modes.MODERN]
 PATTERN = 0xEE
 SERIAL = "QTEST-BLK-SERIAL-01"
 
@@ -88,7 +87,7 @@ def test_write_then_read_returns_the_data_and_the_image_holds_it(virtio_device, 
     assert virtio_device.read(2000, 1) == host
 
 
-@pytest.mark.virtio_device("virtio-blk-pci", transports=MODERN_LAYOUT)
+@pytest.mark.virtio_device("virtio-blk-pci", transports=modes.MODERN_LAYOUT_MODES)
 @pytest.mark.conformance("blk-read-used-length", spec="2.7.8.2")
 def test_read_used_length_covers_data_and_status(virtio_device, qemu):
     """The device writes at least the used length's worth of bytes from the first writable buffer
@@ -104,7 +103,7 @@ def test_read_used_length_covers_data_and_status(virtio_device, qemu):
     _free(qemu, addrs)
 
 
-@pytest.mark.virtio_device("virtio-blk-pci", transports=MODERN_LAYOUT)
+@pytest.mark.virtio_device("virtio-blk-pci", transports=modes.MODERN_LAYOUT_MODES)
 @pytest.mark.conformance("blk-ioerr-used-length", spec="2.7.8.2")
 def test_failed_read_used_length_counts_only_written_bytes(virtio_device, qemu):
     """The device MUST write at least len bytes before it returns a buffer (§2.7.8.2): a read past
@@ -174,7 +173,7 @@ def test_config_wce_comes_with_flush(virtio_device, qemu):
 
 
 @pytest.mark.virtio_requires("CONFIG_WCE")
-@pytest.mark.virtio_device("virtio-blk-pci", refuse={"FLUSH"}, transports=MODERN_LAYOUT)
+@pytest.mark.virtio_device("virtio-blk-pci", refuse={"FLUSH"}, transports=modes.MODERN_LAYOUT_MODES)
 @pytest.mark.conformance("blk-writeback-zero-without-flush", spec="5.2.5.2")
 def test_writeback_is_zero_when_flush_is_not_negotiated(virtio_device, qemu):
     """If VIRTIO_BLK_F_CONFIG_WCE is negotiated but VIRTIO_BLK_F_FLUSH is not, the device MUST
@@ -205,7 +204,7 @@ def test_request_with_seg_max_segments_succeeds(virtio_device, qemu):
     assert qemu.backend(virtio_device.dev_id).read(sector * 512, len(data)) == data
 
 
-@pytest.mark.virtio_device("virtio-blk-pci", transports=MODERN_LAYOUT)
+@pytest.mark.virtio_device("virtio-blk-pci", transports=modes.MODERN_LAYOUT_MODES)
 @pytest.mark.conformance("blk-config-generation-stable", spec="4.1.4.3.1")
 def test_config_generation_is_stable_while_nothing_changes(virtio_device, qemu):
     """The device changes config_generation only when a config field changed (§4.1.4.3.1, §2.5):
@@ -258,7 +257,7 @@ def test_get_id_of_20_bytes_has_no_terminator(virtio_device, qemu):
     assert resp.ok and resp.data == b"0123456789ABCDEFGHIJ"
 
 
-@pytest.mark.virtio_device("virtio-blk-pci", flags={"serial": "abc"}, transports=MODERN_LAYOUT)
+@pytest.mark.virtio_device("virtio-blk-pci", flags={"serial": "abc"}, transports=modes.MODERN_LAYOUT_MODES)
 @pytest.mark.conformance("blk-get-id-used-length", spec="2.7.8.2")
 def test_get_id_used_length_counts_written_bytes(virtio_device, qemu):
     """The device MUST write at least the used length's worth of bytes (§2.7.8.2): a GET_ID

@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from qtest_virtio.devices.console import ControlEvent, ControlMessage, VirtioConsole
+from qtest_virtio.devices.console.driver import VirtioConsole
+from qtest_virtio.devices.console.encoding import ControlEvent, ControlMessage
 from qtest_virtio.transport import feature_bit
 
 pytestmark = pytest.mark.virtio_device("virtio-serial-pci")
@@ -61,9 +62,9 @@ def test_device_add_names_new_ports_below_max_nr_ports(virtio_device, qemu):
     greater than max_nr_ports (here 2, exactly the two ports plugged in). Level: MUST NOT."""
     con: VirtioConsole = virtio_device
     ids = [m.id for m in _events(con, ControlEvent.DEVICE_ADD)]
-    assert con.config.max_nr_ports == 2
+    assert con.max_nr_ports == 2
     assert len(ids) == len(set(ids)), f"a port was added twice: {ids}"
-    assert all(i < con.config.max_nr_ports for i in ids), f"DEVICE_ADD ids {ids} vs max_nr_ports 2"
+    assert all(i < con.max_nr_ports for i in ids), f"DEVICE_ADD ids {ids} vs max_nr_ports 2"
 
 
 @pytest.mark.virtio_device("virtio-serial-pci", flags={"max_ports": "4"})
@@ -74,7 +75,7 @@ def test_max_nr_ports_reports_the_port_capacity(virtio_device, qemu):
     covers every port it announces, and the queues it implies (2 * max_nr_ports + 2) exist.
     Level: device behaviour the spec describes, without a MUST keyword."""
     con: VirtioConsole = virtio_device
-    cfg = con.read_config()
+    cfg = con.config()
     assert cfg.max_nr_ports == 4
     assert len(con.port_table) <= cfg.max_nr_ports
     last = 2 * cfg.max_nr_ports + 1

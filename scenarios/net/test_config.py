@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from qtest_virtio.devices.net import FEATURE_REQUIRES, NET_STATUS, ethernet_frame, mac_bytes
+from qtest_virtio.devices.net.encoding import FEATURE_REQUIRES, NET_STATUS, ethernet_frame, mac_bytes
 from qtest_virtio.transport.layout import feature_names
 
 pytestmark = pytest.mark.virtio_device("virtio-net-pci")
@@ -33,7 +33,7 @@ def test_config_mac_is_the_devices_address(virtio_device, qemu):
     definition, §5.1.4; no MUST keyword, the field's meaning)."""
     net = virtio_device
     _need(net, "MAC")
-    assert net.read_config().mac == mac_bytes(MAC)
+    assert net.config().mac == mac_bytes(MAC)
     (info,) = qemu.qmp.cmd("query-rx-filter", name=net.dev_id)
     assert info["main-mac"] == MAC
 
@@ -45,11 +45,11 @@ def test_link_status_follows_the_link(virtio_device, qemu):
     (§4.1.5.3); the statement is the field's definition with STATUS offered."""
     net = virtio_device
     _need(net, "STATUS")
-    assert net.read_config().link_up is True
+    assert net.config().link_up is True
     for up in (False, True, False):
         qemu.qmp.cmd("set_link", name=net.dev_id, up=up)
         net.wait_config_interrupt(timeout=2)
-        config = net.read_config()
+        config = net.config()
         assert config.status is not None
         assert bool(NET_STATUS.LINK_UP.get(config.status)) is up
 
@@ -62,11 +62,11 @@ def test_config_generation_moves_when_status_changes(virtio_device, qemu):
     net = virtio_device
     _need(net, "STATUS")
     before = net.transport.config_generation()
-    assert net.read_config().link_up is True
+    assert net.config().link_up is True
     qemu.qmp.cmd("set_link", name=net.dev_id, up=False)
     net.wait_config_interrupt(timeout=2)
     assert net.transport.config_generation() != before
-    assert net.read_config().link_up is False
+    assert net.config().link_up is False
 
 
 @pytest.mark.conformance("net-mtu-valid", spec="5.1.4.1")
@@ -76,14 +76,14 @@ def test_mtu_is_in_range_and_stable(virtio_device, qemu):
     and MUST NOT modify it once set: it reads the same after traffic and a device reset."""
     net = virtio_device
     _need(net, "MTU")
-    mtu = net.read_config().mtu
+    mtu = net.config().mtu
     assert mtu is not None and 68 <= mtu <= 65535
     assert mtu >= 1280
     frame = ethernet_frame(PEER, PEER, 0x88B5, bytes(mtu))
     net.send(frame)
     assert qemu.backend(net.dev_id).receive(timeout=2) == frame
     net.restart()
-    assert net.read_config().mtu == mtu
+    assert net.config().mtu == mtu
 
 
 @pytest.mark.conformance("net-rx-mtu-limit", spec="5.1.4.1")
@@ -94,7 +94,7 @@ def test_received_frames_longer_than_mtu_are_not_passed(virtio_device, qemu):
     never reaches the driver, while an mtu-sized one does (MUST)."""
     net = virtio_device
     _need(net, "MTU")
-    mtu = net.read_config().mtu
+    mtu = net.config().mtu
     too_big = ethernet_frame(net.mac, PEER, 0x88B5, bytes(i & 0xFF for i in range(mtu + 1)))
     fits = ethernet_frame(net.mac, PEER, 0x88B5, b"\x5a" * mtu)
     if not net.has("MRG_RXBUF"):  # buffers that could hold it: only the mtu rule may keep it out
@@ -116,7 +116,7 @@ def test_max_virtqueue_pairs_is_in_range(virtio_device, qemu):
     net = virtio_device
     if "MQ" not in _offered(net):
         pytest.skip("MQ not offered")
-    pairs = net.read_config().max_virtqueue_pairs
+    pairs = net.config().max_virtqueue_pairs
     assert pairs is not None and 1 <= pairs <= 0x8000
     if net.has("MQ"):
         assert net.ctrl_index == 2 * pairs

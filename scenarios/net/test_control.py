@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from qtest_virtio.devices.net import BROADCAST, ethernet_frame, mac_bytes, mac_str
+from qtest_virtio.devices.net.encoding import BROADCAST, ethernet_frame, mac_bytes, mac_str
 
 pytestmark = pytest.mark.virtio_device("virtio-net-pci")
 
@@ -212,12 +212,12 @@ def test_announce_ack_clears_the_announce_bit(virtio_device, qemu):
     before marking the command used (MUST)."""
     net = virtio_device
     _need(net, "GUEST_ANNOUNCE", "STATUS")
-    assert net.read_config().announce is False
+    assert net.config().announce is False
     qemu.qmp.cmd("announce-self", initial=50, max=100, rounds=1, step=100)
     net.wait_config_interrupt(timeout=2)
-    assert net.read_config().announce is True
+    assert net.config().announce is True
     net.announce_ack()
-    assert net.read_config().announce is False
+    assert net.config().announce is False
 
 
 @pytest.mark.conformance("net-ctrl-ack-err-malformed", spec="5.1.6.5")

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from qtest_virtio.devices.net import NET_HDR, GsoType, NetHdr, ethernet_frame
+from qtest_virtio.devices.net.encoding import NET_HDR, GsoType, NetHdr, ethernet_frame
 from qtest_virtio.virtqueue import VirtqueueTimeout
 
 pytestmark = pytest.mark.virtio_device("virtio-net-pci")
@@ -77,7 +77,7 @@ def test_frames_up_to_mtu_are_forwarded_whole(virtio_device, qemu):
     mtu plus the Ethernet header with gso_type NONE, without fragmentation (MUST)."""
     _need(virtio_device, "MTU")
     host = qemu.backend(virtio_device.dev_id)
-    mtu = virtio_device.read_config().mtu
+    mtu = virtio_device.config().mtu
     for size in (mtu + 14, mtu + 13, 60):
         frame = _frame(PEER, size, seed=size)
         virtio_device.send(frame)

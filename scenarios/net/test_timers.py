@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from qtest_virtio.devices.net import ethernet_frame, mac_bytes
+from qtest_virtio.devices.net.encoding import ethernet_frame, mac_bytes
 
 #: A transmit timer period unlike QEMU's default (150 us), so that honouring x-txtimer shows.
 TX_TIMER_NS = 2_000_000

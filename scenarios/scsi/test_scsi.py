@@ -14,7 +14,7 @@ import os
 import pytest
 
 from qtest_virtio import modes
-from qtest_virtio.devices.scsi import (
+from qtest_virtio.devices.scsi.encoding import (
     DEFAULT_CDB_SIZE,
     DEFAULT_SENSE_SIZE,
     REPORT_LUNS_WLUN,
@@ -36,7 +36,6 @@ from qtest_virtio.devices.scsi import (
 pytestmark = pytest.mark.virtio_device("virtio-scsi-pci")
 
 #: Layouts where the used length is a rule: legacy drivers SHOULD ignore it (§5.6.6).
-MODERN_LAYOUT = [modes.TRANSITIONAL_MODERN, modes.MODERN]
 #: How long the eventq is watched for an event that must not come.
 QUIET_WINDOW = 0.05
 
@@ -175,7 +174,7 @@ def test_transfer_larger_than_buffers_gets_overrun(virtio_device, qemu):
     assert qemu.backend(virtio_device.dev_id).read(0, 512) == bytes(512)
 
 
-@pytest.mark.virtio_device("virtio-scsi-pci", transports=MODERN_LAYOUT)
+@pytest.mark.virtio_device("virtio-scsi-pci", transports=modes.MODERN_LAYOUT_MODES)
 @pytest.mark.conformance("scsi-sense-size-honoured", spec="5.6.4")
 def test_sense_is_cut_to_the_drivers_sense_size(virtio_device, qemu):
     """sense_size is the maximum size of the sense data the device will write (§5.6.4): with it
@@ -199,7 +198,7 @@ def test_report_luns_well_known_lun(virtio_device, qemu):
     assert int.from_bytes(result.data[0:4], "big") >= 8
 
 
-@pytest.mark.virtio_device("virtio-scsi-pci", transports=MODERN_LAYOUT)
+@pytest.mark.virtio_device("virtio-scsi-pci", transports=modes.MODERN_LAYOUT_MODES)
 @pytest.mark.conformance("scsi-write-used-length", spec="2.7.8.2")
 def test_write_used_length_counts_only_device_written_bytes(virtio_device, qemu):
     """The device MUST write at least len bytes to the buffers, from the first device-writable one

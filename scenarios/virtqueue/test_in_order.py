@@ -22,8 +22,8 @@ import time
 import pytest
 
 from qtest_virtio import modes
-from qtest_virtio.devices.blk import BlkReqType, BlkStatus, encode_header
-from qtest_virtio.devices.net import ethernet_frame
+from qtest_virtio.devices.blk.encoding import BlkReqType, BlkStatus, encode_header
+from qtest_virtio.devices.net.encoding import ethernet_frame
 from qtest_virtio.introspect import queue_view
 from qtest_virtio.virtqueue import Buf, PackedVirtqueue, UsedElem, Virtqueue
 

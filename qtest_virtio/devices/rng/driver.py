@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from .base import VirtioDriver
+from ..base import VirtioDriver
+from . import encoding
 
 
 class VirtioRng(VirtioDriver):
-    DEVICE_TYPE = 4
+    DEVICE_TYPE = encoding.DEVICE_ID
+    FEATURE_BITS = encoding.FEATURE_BITS
     QUEUES = 1
 
     def request(self, size: int, *, indirect: bool | None = None, timeout: float = 5.0) -> bytes:

@@ -1,138 +1,50 @@
-"""virtio-balloon, the traditional memory balloon (virtio 1.2 §5.5).
+"""The virtio-balloon driver (virtio 1.2 §5.5): inflate/deflate by PFN, ``actual``, the stats queue.
 
 The device asks for pages through ``num_pages``; the driver gives guest pages to it on the
-inflateq (an array of le32 page frame numbers, addresses divided by 4096) and takes them back on
-the deflateq, then tells the device how many pages the balloon holds by writing ``actual``
-(§5.5.6). With STATS_VQ the driver keeps one buffer of tagged statistics in the statsq; the device
-uses it when it wants fresh numbers and the driver answers with a new one (§5.5.6.3).
-
-Queues (§5.5.2): 0 inflateq, 1 deflateq, 2 statsq (STATS_VQ), 3 free_page_vq (FREE_PAGE_HINT).
-The balloon config is little-endian in every mode, legacy included (§5.5.4.1).
+inflateq and takes them back on the deflateq, then tells the device how many pages the balloon
+holds by writing ``actual`` (§5.5.6). With STATS_VQ the driver keeps one buffer of tagged
+statistics in the statsq; the device uses it when it wants fresh numbers and the driver answers
+with a new one (§5.5.6.3). PFN arrays, statistics and the config are in :mod:`.encoding`.
 """
 
 from __future__ import annotations
 
-import struct
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from enum import IntEnum
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..errors import QtestTimeout, QtestVirtioError
-from ..memory import GuestMemory
-from ..pci import PciFunction
-from ..pci import regs as pci_regs
-from ..registers import Field, Layout
-from ..transport.layout import ISR
-from ..virtqueue import Buf, Virtqueue
-from .base import VirtioDriver
-
-
-#: struct virtio_balloon_config (§5.5.4).
-class BalloonConfigLayout(Layout, struct="virtio_balloon_config"):
-    num_pages = Field(0, 4, "pages the device wants in the balloon")
-    actual = Field(4, 4, "pages in the balloon, written by the driver")
-    free_page_hint_cmd_id = Field(8, 4, "valid with FREE_PAGE_HINT; read-only for the driver")
-    poison_val = Field(12, 4, "valid with PAGE_POISON; written by the driver before DRIVER_OK")
-
-
-BALLOON_CONFIG = BalloonConfigLayout()
-
-
-#: struct virtio_balloon_stat (§5.5.6.3), packed: le16 tag, le64 val.
-class BalloonStatLayout(Layout, struct="virtio_balloon_stat"):
-    tag = Field(0, 2)
-    val = Field(2, 8)
-
-
-BALLOON_STAT = BalloonStatLayout()
-_STAT = struct.Struct("<HQ")
-assert _STAT.size == BALLOON_STAT.size
-
-#: Page frame numbers count 4096-byte pages whatever the guest's page size (§5.5.6).
-PFN_SHIFT = 12
-PAGE_SIZE = 1 << PFN_SHIFT
-_PFN = struct.Struct("<I")
-
-#: Queue indices (§5.5.2).
-INFLATEQ = 0
-DEFLATEQ = 1
-STATSQ = 2
-FREE_PAGE_VQ = 3
-QUEUE_NAMES = {INFLATEQ: "inflateq", DEFLATEQ: "deflateq", STATSQ: "statsq", FREE_PAGE_VQ: "free_page_vq"}
-
-#: Reserved free_page_hint_cmd_id values (§5.5.6.5, free page hinting).
-CMD_ID_STOP = 0
-CMD_ID_DONE = 1
-
-
-class StatTag(IntEnum):
-    """virtio_balloon_stat.tag values (§5.5.6.4)."""
-
-    SWAP_IN = 0
-    SWAP_OUT = 1
-    MAJFLT = 2
-    MINFLT = 3
-    MEMFREE = 4
-    MEMTOT = 5
-    AVAIL = 6
-    CACHES = 7
-    HTLB_PGALLOC = 8
-    HTLB_PGFAIL = 9
-
-
-class BalloonError(QtestVirtioError):
-    """The balloon device broke a rule, or the driver was asked for something impossible."""
-
-
-def page_frame(addr: int) -> int:
-    """The PFN of a page address (§5.5.6: the address divided by 4096, a le32 on the wire)."""
-    if addr % PAGE_SIZE:
-        raise BalloonError(f"address {addr:#x} is not 4096-byte aligned")
-    if addr >> (32 + PFN_SHIFT):
-        raise BalloonError(f"address {addr:#x} is past the 32-bit PFN range (16 TiB)")
-    return addr >> PFN_SHIFT
-
-
-def encode_pfns(addrs: Iterable[int]) -> bytes:
-    """The le32 PFN array of an inflate or deflate request."""
-    return b"".join(_PFN.pack(page_frame(addr)) for addr in addrs)
-
-
-def decode_pfns(data: bytes) -> list[int]:
-    """Page addresses of a PFN array; a trailing partial entry is an error."""
-    if len(data) % _PFN.size:
-        raise BalloonError(f"PFN array of {len(data)} bytes is not a whole number of le32 entries")
-    return [pfn << PFN_SHIFT for (pfn,) in _PFN.iter_unpack(data)]
-
-
-def encode_stats(stats: Iterable[tuple[int, int]]) -> bytes:
-    """A statsq buffer: struct virtio_balloon_stat entries in the given order (§5.5.6.3)."""
-    return b"".join(_STAT.pack(tag, value) for tag, value in stats)
-
-
-def decode_stats(data: bytes) -> list[tuple[int, int]]:
-    if len(data) % _STAT.size:
-        raise BalloonError(f"stats buffer of {len(data)} bytes is not a whole number of 10-byte entries")
-    return [(tag, value) for tag, value in _STAT.iter_unpack(data)]
-
-
-@dataclass(frozen=True)
-class BalloonConfig:
-    """struct virtio_balloon_config by field name (§5.5.4); fields past the device's config
-    size read as None."""
-
-    num_pages: int
-    actual: int
-    free_page_hint_cmd_id: int | None = None
-    poison_val: int | None = None
+from ...errors import QtestTimeout
+from ...memory import GuestMemory
+from ...modes import Interrupts
+from ...pci import PciFunction
+from ...transport.layout import ISR
+from ...virtqueue import Buf, Virtqueue
+from ..base import VirtioDriver
+from . import encoding
+from .encoding import (
+    BALLOON_CONFIG,
+    DEFLATEQ,
+    INFLATEQ,
+    PAGE_SIZE,
+    QUEUE_NAMES,
+    STATSQ,
+    BalloonConfig,
+    BalloonError,
+    StatTag,
+    encode_pfns,
+    encode_stats,
+    page_frame,
+)
 
 
 class VirtioBalloon(VirtioDriver):
     """A virtio-balloon driver: inflate/deflate by PFN, ``actual``, the stats queue."""
 
-    DEVICE_TYPE = 5
+    DEVICE_TYPE = encoding.DEVICE_ID
+    CONFIG_LAYOUT = BALLOON_CONFIG
+    FEATURE_BITS = encoding.FEATURE_BITS
+    #: ``interrupts="auto"`` without MSI-X (QEMU's virtio-balloon-pci has none): INTx.
+    AUTO_WITHOUT_MSIX = Interrupts.INTX
     FEATURES = frozenset({"MUST_TELL_HOST", "STATS_VQ", "DEFLATE_ON_OOM", "FREE_PAGE_HINT", "PAGE_POISON"})
     QUEUES = 2
     #: PFNs per inflate/deflate descriptor (Linux sends up to 256).
@@ -144,17 +56,13 @@ class VirtioBalloon(VirtioDriver):
         mode: str,
         memory: GuestMemory,
         *,
-        interrupts: str = "auto",
         stats: Mapping[int, int] | Sequence[tuple[int, int]] | None = None,
         poison_val: int = 0,
         **kwargs: Any,
     ) -> None:
-        """``interrupts="auto"``: MSI-X when the function has it (QEMU's virtio-balloon-pci has
-        none), else INTx. ``stats``: the statistics each statsq buffer carries, in order
+        """``stats``: the statistics each statsq buffer carries, in order
         (default: MEMTOT and MEMFREE of the allocator). ``poison_val``: written to the config
         with PAGE_POISON, and into deflated pages before reuse (§5.5.6.6)."""
-        if interrupts == "auto":
-            interrupts = "msix" if fn.find_capability(pci_regs.CAP_ID_MSIX) is not None else "intx"
         #: Addresses of the pages in the balloon, in the order they went in.
         self.pages: list[int] = []
         self.poison_val = poison_val
@@ -165,7 +73,7 @@ class VirtioBalloon(VirtioDriver):
         self._stats_tags: list[int] | None = None
         #: Statistics requests the device made (buffers it used) since initialization.
         self.stats_requests = 0
-        super().__init__(fn, mode, memory, interrupts=interrupts, **kwargs)
+        super().__init__(fn, mode, memory, **kwargs)
 
     @staticmethod
     def _stat_list(stats: Mapping[int, int] | Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -180,8 +88,7 @@ class VirtioBalloon(VirtioDriver):
         STATS_VQ queue 2 is set up too (QEMU always has it) and left unused."""
         self.QUEUES = 4 if self.has("FREE_PAGE_HINT") else 3 if self.has("STATS_VQ") else 2
         if self.has("PAGE_POISON"):
-            f = BALLOON_CONFIG.poison_val
-            self.transport.config_write(f.offset, f.width, self.poison_val)
+            self.write_config(BALLOON_CONFIG.poison_val, self.poison_val)
 
     def create_queue(self, index: int) -> Virtqueue:
         vq = super().create_queue(index)
@@ -213,38 +120,24 @@ class VirtioBalloon(VirtioDriver):
 
     # -- config ---------------------------------------------------------------------------
 
-    def read_config(self) -> BalloonConfig:
-        """struct virtio_balloon_config: num_pages and actual as one consistent snapshot
-        (§2.5.1); free_page_hint_cmd_id and poison_val only when their feature was negotiated
-        (§5.5.4), else None."""
-        head = self.transport.read_config_bytes(0, BALLOON_CONFIG.free_page_hint_cmd_id.offset)
-
-        def optional(f: Field, feature: str) -> int | None:
-            return self.transport.config_read(f.offset, f.width) if self.has(feature) else None
-
-        return BalloonConfig(
-            int.from_bytes(head[BALLOON_CONFIG.num_pages.offset : BALLOON_CONFIG.num_pages.end], "little"),
-            int.from_bytes(head[BALLOON_CONFIG.actual.offset : BALLOON_CONFIG.actual.end], "little"),
-            optional(BALLOON_CONFIG.free_page_hint_cmd_id, "FREE_PAGE_HINT"),
-            optional(BALLOON_CONFIG.poison_val, "PAGE_POISON"),
-        )
+    def config(self) -> BalloonConfig:
+        """struct virtio_balloon_config as one consistent snapshot (§2.5.1); free_page_hint_cmd_id
+        and poison_val only when their feature was negotiated (§5.5.4), else None."""
+        return BalloonConfig.from_fields(self.read_config())
 
     @property
     def num_pages(self) -> int:
         """The device's target (pages it wants in the balloon)."""
-        f = BALLOON_CONFIG.num_pages
-        return self.transport.config_read(f.offset, f.width)
+        return self.read_config(["num_pages"])["num_pages"]
 
     @property
     def actual(self) -> int:
-        f = BALLOON_CONFIG.actual
-        return self.transport.config_read(f.offset, f.width)
+        return self.read_config(["actual"])["actual"]
 
     def set_actual(self, pages: int | None = None) -> None:
         """Write ``actual`` (default: the pages the balloon holds) in one 4-byte access, as
         the legacy interface requires (§5.5.6.2.1)."""
-        f = BALLOON_CONFIG.actual
-        self.transport.config_write(f.offset, f.width, len(self.pages) if pages is None else pages)
+        self.write_config(BALLOON_CONFIG.actual, len(self.pages) if pages is None else pages)
 
     def wait_config_change(self, timeout: float = 5.0) -> None:
         """Wait for a configuration change notification (§4.1.4.5: MSI-X config vector, or

@@ -1,363 +1,45 @@
-"""virtio-net (network device, virtio 1.2 §5.1): frames through the transmit and receive
-queues, the per-packet header, the control queue, and the config structure.
+"""The virtio-net driver (virtio 1.2 §5.1): frames through the transmit and receive queues,
+the control queue, and the config structure.
 
 Queues (§5.1.2): receiveq1 (0), transmitq1 (1), ..., controlq (2N, N = max_virtqueue_pairs
 with MQ, else 1). Only the first pair is driven. Receive buffers are kept posted: each used
-buffer is made available again once its frame has been read (§5.1.6.3).
-
-Layouts (config, header), control commands and feature dependencies are declared once, as data,
-under the names the spec gives them.
+buffer is made available again once its frame has been read (§5.1.6.3). Layouts, control
+commands and feature dependencies are in :mod:`.encoding`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from enum import IntEnum
+from collections.abc import Sequence
 from typing import Any
 
-from ..errors import QtestVirtioError
-from ..memory import GuestMemory
-from ..pci import PciFunction
-from ..registers import BitLayout, Bits, Field, Layout
-from ..transport import TransportError, feature_bit
-from ..transport.layout import ISR, feature_names
-from ..virtqueue import Buf, Request, UsedElem, Virtqueue, VirtqueueTimeout
-from .base import VirtioDriver
-
-# -- data: config structure (§5.1.4) -------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ConfigBytes:
-    """A byte-array member of a config structure (``u8 mac[6]``)."""
-
-    name: str
-    offset: int
-    length: int
-
-
-#: struct virtio_net_config, §5.1.4: ``mac`` is a byte array, the rest little-endian words
-#: (guest-endian on the legacy layout, §5.1.4.3; x86 is little-endian either way).
-NET_CONFIG_MAC = ConfigBytes("mac", 0, 6)
-
-
-class NetConfigLayout(Layout, struct="virtio_net_config", size=24):
-    status = Field(6, 2)
-    max_virtqueue_pairs = Field(8, 2)
-    mtu = Field(10, 2)
-    speed = Field(12, 4)
-    duplex = Field(16, 1)
-    rss_max_key_size = Field(17, 1)
-    rss_max_indirection_table_length = Field(18, 2)
-    supported_hash_types = Field(20, 4)
-
-
-NET_CONFIG = NetConfigLayout()
-#: A config field exists only if one of these features is offered (§5.1.4).
-NET_CONFIG_EXISTS_IF: dict[str, tuple[str, ...]] = {
-    "mac": ("MAC",),
-    "status": ("STATUS",),
-    "max_virtqueue_pairs": ("MQ", "RSS"),
-    "mtu": ("MTU",),
-    "speed": ("SPEED_DUPLEX",),
-    "duplex": ("SPEED_DUPLEX",),
-    "rss_max_key_size": ("RSS", "HASH_REPORT"),
-    "rss_max_indirection_table_length": ("RSS",),
-    "supported_hash_types": ("RSS", "HASH_REPORT"),
-}
-
-
-#: status bits, §5.1.4.
-class NetStatusBits(BitLayout, register="status"):
-    LINK_UP = Bits(0)
-    ANNOUNCE = Bits(1)
-
-
-NET_STATUS = NetStatusBits()
-
-# -- data: the per-packet header (§5.1.6) ---------------------------------------------------
-
-
-#: struct virtio_net_hdr, §5.1.6 (hash fields only with HASH_REPORT).
-class NetHdrLayout(Layout, struct="virtio_net_hdr"):
-    flags = Field(0, 1)
-    gso_type = Field(1, 1)
-    hdr_len = Field(2, 2)
-    gso_size = Field(4, 2)
-    csum_start = Field(6, 2)
-    csum_offset = Field(8, 2)
-    num_buffers = Field(10, 2)
-    hash_value = Field(12, 4)
-    hash_report = Field(16, 2)
-    padding_reserved = Field(18, 2)
-
-
-NET_HDR = NetHdrLayout()
-#: Which optional header fields are present, by negotiated feature: ``num_buffers`` always
-#: with VERSION_1, and on the legacy interface only with MRG_RXBUF (§5.1.6.1).
-NET_HDR_PRESENT_IF: dict[str, tuple[str, ...]] = {
-    "num_buffers": ("VERSION_1", "MRG_RXBUF"),
-    "hash_value": ("HASH_REPORT",),
-    "hash_report": ("HASH_REPORT",),
-    "padding_reserved": ("HASH_REPORT",),
-}
-
-
-#: flags, §5.1.6.
-class NetHdrFBits(BitLayout, register="flags"):
-    NEEDS_CSUM = Bits(0)
-    DATA_VALID = Bits(1)
-    RSC_INFO = Bits(2)
-
-
-NET_HDR_F = NetHdrFBits()
-
-
-class GsoType(IntEnum):
-    """gso_type values, §5.1.6 (ECN is a flag ORed into the others)."""
-
-    NONE = 0
-    TCPV4 = 1
-    UDP = 3
-    TCPV6 = 4
-    UDP_L4 = 5
-    ECN = 0x80
-
-
-def header_size(features: Iterable[str]) -> int:
-    """Bytes of struct virtio_net_hdr for these negotiated features (§5.1.6, §5.1.6.1):
-    10 on the legacy interface without MRG_RXBUF, 12 otherwise, 20 with HASH_REPORT."""
-    names = set(features)
-    size = 0
-    for f in NET_HDR:
-        needs = NET_HDR_PRESENT_IF.get(f.name)
-        if needs is None or names.intersection(needs):
-            size = max(size, f.end)
-    return size
-
-
-@dataclass
-class NetHdr:
-    """One struct virtio_net_hdr; absent optional fields decode as None."""
-
-    flags: int = 0
-    gso_type: int = GsoType.NONE
-    hdr_len: int = 0
-    gso_size: int = 0
-    csum_start: int = 0
-    csum_offset: int = 0
-    num_buffers: int | None = 0
-    hash_value: int | None = None
-    hash_report: int | None = None
-    padding_reserved: int | None = None
-
-    def encode(self, size: int) -> bytes:
-        """The first ``size`` bytes of the header (a size from :func:`header_size`)."""
-        out = bytearray(size)
-        for f in NET_HDR:
-            if f.end > size:
-                continue
-            value = getattr(self, f.name) or 0
-            if value >> (8 * f.width):
-                raise ValueError(f"virtio_net_hdr.{f.name}={value:#x} does not fit in {f.width} bytes")
-            out[f.offset : f.end] = value.to_bytes(f.width, "little")
-        return bytes(out)
-
-    @classmethod
-    def decode(cls, data: bytes) -> NetHdr:
-        """Decode as many fields as ``data`` holds (10, 12 or 20 bytes)."""
-        if len(data) < NET_HDR.csum_offset.end:
-            raise ValueError(f"a virtio_net_hdr has at least {NET_HDR.csum_offset.end} bytes, not {len(data)}")
-        values: dict[str, int | None] = {}
-        for f in NET_HDR:
-            values[f.name] = int.from_bytes(data[f.offset : f.end], "little") if f.end <= len(data) else None
-        return cls(**values)  # type: ignore[arg-type]
-
-    @property
-    def flag_names(self) -> list[str]:
-        return NET_HDR_F.names_set(self.flags)
-
-
-# -- data: control queue (§5.1.6.5) ---------------------------------------------------------
-
-
-class Ack(IntEnum):
-    """The control command ack byte, §5.1.6.5."""
-
-    OK = 0
-    ERR = 1
-
-
-@dataclass(frozen=True)
-class CtrlCommand:
-    """A control command: its class and command codes and the feature that allows it."""
-
-    klass: str
-    name: str
-    class_code: int
-    code: int
-    feature: str
-
-
-_CTRL_CLASSES = {"RX": 0, "MAC": 1, "VLAN": 2, "ANNOUNCE": 3, "MQ": 4, "GUEST_OFFLOADS": 5}
-#: (class, command, code, feature needed), §5.1.6.5.1-§5.1.6.5.6.
-CTRL_COMMANDS: dict[str, CtrlCommand] = {
-    f"{k}_{n}": CtrlCommand(k, n, _CTRL_CLASSES[k], code, feat)
-    for k, n, code, feat in (
-        ("RX", "PROMISC", 0, "CTRL_RX"),
-        ("RX", "ALLMULTI", 1, "CTRL_RX"),
-        ("RX", "ALLUNI", 2, "CTRL_RX_EXTRA"),
-        ("RX", "NOMULTI", 3, "CTRL_RX_EXTRA"),
-        ("RX", "NOUNI", 4, "CTRL_RX_EXTRA"),
-        ("RX", "NOBCAST", 5, "CTRL_RX_EXTRA"),
-        ("MAC", "TABLE_SET", 0, "CTRL_RX"),
-        ("MAC", "ADDR_SET", 1, "CTRL_MAC_ADDR"),
-        ("VLAN", "ADD", 0, "CTRL_VLAN"),
-        ("VLAN", "DEL", 1, "CTRL_VLAN"),
-        ("ANNOUNCE", "ACK", 0, "GUEST_ANNOUNCE"),
-        ("MQ", "VQ_PAIRS_SET", 0, "MQ"),
-        ("GUEST_OFFLOADS", "SET", 0, "CTRL_GUEST_OFFLOADS"),
-    )
-}
-#: What the driver writes into the ack byte before the device gets the command.
-ACK_UNWRITTEN = 0xA5
-#: The rx-mode keywords of :meth:`VirtioNet.set_rx_mode`, by command.
-RX_MODES = ("promisc", "allmulti", "alluni", "nomulti", "nouni", "nobcast")
-
-# -- data: feature dependencies (§5.1.3.1) --------------------------------------------------
-
-#: feature -> clauses that must all hold; a clause holds when any of its features is there.
-#: (CTRL_RX_EXTRA: §5.1.4.2 says a driver SHOULD NOT negotiate it without CTRL_VQ.)
-FEATURE_REQUIRES: dict[str, tuple[tuple[str, ...], ...]] = {
-    "GUEST_TSO4": (("GUEST_CSUM",),),
-    "GUEST_TSO6": (("GUEST_CSUM",),),
-    "GUEST_ECN": (("GUEST_TSO4", "GUEST_TSO6"),),
-    "GUEST_UFO": (("GUEST_CSUM",),),
-    "HOST_TSO4": (("CSUM",),),
-    "HOST_TSO6": (("CSUM",),),
-    "HOST_ECN": (("HOST_TSO4", "HOST_TSO6"),),
-    "HOST_UFO": (("CSUM",),),
-    "CTRL_RX": (("CTRL_VQ",),),
-    "CTRL_VLAN": (("CTRL_VQ",),),
-    "GUEST_ANNOUNCE": (("CTRL_VQ",),),
-    "MQ": (("CTRL_VQ",),),
-    "CTRL_MAC_ADDR": (("CTRL_VQ",),),
-    "CTRL_RX_EXTRA": (("CTRL_VQ",),),
-}
-
-
-def unmet_dependencies(features: Iterable[str]) -> set[str]:
-    """Features of the set whose requirements (§5.1.3.1) the set does not meet, transitively."""
-    kept = set(features)
-    dropped: set[str] = set()
-    changed = True
-    while changed:
-        changed = False
-        for name in sorted(kept):
-            clauses = FEATURE_REQUIRES.get(name, ())
-            if not all(kept.intersection(clause) for clause in clauses):
-                kept.discard(name)
-                dropped.add(name)
-                changed = True
-    return dropped
-
-
-# -- frames and MAC addresses ---------------------------------------------------------------
-
-ETH_HLEN = 14
-#: The largest frame without GSO or MTU: 1500 bytes of payload plus the Ethernet header (§5.1.6.3).
-ETH_MAX_FRAME = 1514
-BROADCAST = b"\xff" * 6
-
-
-def mac_bytes(mac: bytes | str) -> bytes:
-    """``"52:54:00:12:34:56"`` or 6 raw bytes -> 6 bytes."""
-    if isinstance(mac, str):
-        parts = mac.split(":")
-        if len(parts) != 6:
-            raise ValueError(f"MAC address {mac!r} does not have six parts")
-        mac = bytes(int(p, 16) for p in parts)
-    if len(mac) != 6:
-        raise ValueError(f"a MAC address has 6 bytes, not {len(mac)}")
-    return bytes(mac)
-
-
-def mac_str(mac: bytes) -> str:
-    """6 bytes -> ``"52:54:00:12:34:56"`` (QEMU's spelling in query-rx-filter)."""
-    return ":".join(f"{b:02x}" for b in mac)
-
-
-def ethernet_frame(dst: bytes | str, src: bytes | str, ethertype: int, payload: bytes) -> bytes:
-    """An Ethernet II frame (no FCS: neither virtio nor QEMU's socket netdev carries one)."""
-    return mac_bytes(dst) + mac_bytes(src) + ethertype.to_bytes(2, "big") + payload
-
-
-# -- errors ---------------------------------------------------------------------------------
-
-
-class NetError(QtestVirtioError):
-    """A virtio-net operation failed."""
-
-
-class NetDeviceError(NetError):
-    """The device broke a virtio-net rule (a short used length, a bad num_buffers, an ack byte
-    that is neither OK nor ERR); the message names the device, queue and descriptor."""
-
-
-class NetCtrlError(NetError):
-    """The device answered a control command with VIRTIO_NET_ERR."""
-
-    def __init__(self, message: str, command: str, ack: int) -> None:
-        super().__init__(message)
-        self.command = command
-        self.ack = ack
-
-
-# -- results --------------------------------------------------------------------------------
-
-
-@dataclass
-class NetConfig:
-    """struct virtio_net_config by name; None where the field does not exist (§5.1.4)."""
-
-    mac: bytes | None
-    status: int | None
-    max_virtqueue_pairs: int | None
-    mtu: int | None
-    speed: int | None
-    duplex: int | None
-    rss_max_key_size: int | None
-    rss_max_indirection_table_length: int | None
-    supported_hash_types: int | None
-
-    @property
-    def link_up(self) -> bool | None:
-        return None if self.status is None else bool(NET_STATUS.LINK_UP.get(self.status))
-
-    @property
-    def announce(self) -> bool | None:
-        return None if self.status is None else bool(NET_STATUS.ANNOUNCE.get(self.status))
-
-
-@dataclass
-class RxPacket:
-    """One received packet: its header, the frame, and how the device used the buffers."""
-
-    header: NetHdr
-    frame: bytes
-    #: Used length of each buffer the packet took, in order (the first includes the header).
-    used_lengths: list[int]
-    #: Size of each of those buffers, as posted.
-    buffer_sizes: list[int]
-    #: Descriptor ids (split head index / packed buffer id) of those buffers.
-    ids: list[int] = field(default_factory=list)
-
-    @property
-    def buffers(self) -> int:
-        return len(self.used_lengths)
-
+from ...memory import GuestMemory
+from ...pci import PciFunction
+from ...transport import TransportError, feature_bit
+from ...transport.layout import ISR, feature_names
+from ...virtqueue import Buf, Request, UsedElem, Virtqueue, VirtqueueTimeout
+from ..base import VirtioDriver, field_exists
+from . import encoding
+from .encoding import (
+    ACK_UNWRITTEN,
+    CTRL_COMMANDS,
+    ETH_HLEN,
+    ETH_MAX_FRAME,
+    NET_CONFIG,
+    NET_CONFIG_MAC,
+    NET_STATUS,
+    RX_MODES,
+    Ack,
+    NetConfig,
+    NetCtrlError,
+    NetDeviceError,
+    NetError,
+    NetHdr,
+    RxPacket,
+    header_size,
+    mac_bytes,
+    unmet_dependencies,
+)
 
 # -- the driver -----------------------------------------------------------------------------
 
@@ -376,7 +58,9 @@ class VirtioNet(VirtioDriver):
     the device did not write is visible.
     """
 
-    DEVICE_TYPE = 1
+    DEVICE_TYPE = encoding.DEVICE_ID
+    CONFIG_LAYOUT = NET_CONFIG
+    FEATURE_BITS = encoding.FEATURE_BITS
     FEATURES = frozenset(
         {
             "MAC",
@@ -435,12 +119,12 @@ class VirtioNet(VirtioDriver):
         """receiveq1, transmitq1 and, with CTRL_VQ, the control queue at 2N (§5.1.2)."""
         pairs = 1
         if self.has("MQ"):
-            pairs = self.transport.config_read(NET_CONFIG.max_virtqueue_pairs.offset, 2)
+            pairs = self.read_config(["max_virtqueue_pairs"])["max_virtqueue_pairs"]
             if not 1 <= pairs <= 0x8000:
                 raise NetDeviceError(f"{self._who()}: max_virtqueue_pairs is {pairs}, not 1..0x8000 (§5.1.4.1)")
         self.mtu = None
         if self.has("MTU"):
-            self.mtu = self.transport.config_read(NET_CONFIG.mtu.offset, NET_CONFIG.mtu.width)
+            self.mtu = self.read_config(["mtu"])["mtu"]
         self.rxq = self._queue(RX_QUEUE, "receiveq1")
         self.txq = self._queue(TX_QUEUE, "transmitq1")
         if self.has("CTRL_VQ"):
@@ -521,42 +205,33 @@ class VirtioNet(VirtioDriver):
 
     # -- config (§5.1.4) ------------------------------------------------------------------
 
-    def _exists(self, name: str) -> bool:
-        """A config field exists when the device offers one of its features (§5.1.4)."""
-        offered = self.negotiated.offered
-        return any(offered >> feature_bit(f, self.device_bits) & 1 for f in NET_CONFIG_EXISTS_IF[name])
+    def config_features(self) -> frozenset[str]:
+        """A net config field exists when the device *offers* one of its features (§5.1.4
+        says "exists only if VIRTIO_NET_F_MAC is set", which the device does by offering it)."""
+        return frozenset(feature_names(self.negotiated.offered, self.device_bits))
 
-    def read_config(self) -> NetConfig:
+    def config(self) -> NetConfig:
         """The config structure by name, one consistent snapshot (§2.5.1, §5.1.4)."""
-        transport = self.transport
-        for _ in range(100):
-            before = transport.config_generation()
-            values: dict[str, object] = {}
-            if self._exists("mac"):
-                values["mac"] = transport.read_config_bytes(NET_CONFIG_MAC.offset, NET_CONFIG_MAC.length)
-            for f in NET_CONFIG:
-                if self._exists(f.name):
-                    values[f.name] = transport.config_read(f.offset, f.width)
-            if transport.config_generation() == before:
-                names = ("mac", *(f.name for f in NET_CONFIG))
-                return NetConfig(**{n: values.get(n) for n in names})  # type: ignore[arg-type]
-        raise TransportError(f"{self._who()}: config generation never settled")
+        return NetConfig.from_fields(self.read_config())
 
     @property
     def mac(self) -> bytes:
         """The device's MAC address from config (§5.1.4; valid with MAC offered)."""
-        return self.transport.read_config_bytes(NET_CONFIG_MAC.offset, NET_CONFIG_MAC.length)
+        return bytes(self.read_config([f.name for f in NET_CONFIG_MAC]).values())
+
+    def _has_status(self) -> bool:
+        return field_exists(NET_CONFIG.status, self.config_features())
 
     @property
     def status(self) -> int:
-        if not self._exists("status"):
+        if not self._has_status():
             raise NetError(f"{self._who()}: config has no status field (STATUS not offered)")
-        return self.transport.config_read(NET_CONFIG.status.offset, NET_CONFIG.status.width)
+        return self.read_config(["status"])["status"]
 
     @property
     def link_up(self) -> bool:
         """LINK_UP from status; without STATUS the driver assumes the link is up (§5.1.4.2)."""
-        if not self._exists("status"):
+        if not self._has_status():
             return True
         return bool(NET_STATUS.LINK_UP.get(self.status))
 
@@ -797,8 +472,8 @@ class VirtioNet(VirtioDriver):
         if self.has("CTRL_MAC_ADDR"):
             self.ctrl("MAC_ADDR_SET", raw)
         elif self.transport.uses_legacy_layout:
-            for i, b in enumerate(raw):
-                self.transport.config_write(NET_CONFIG_MAC.offset + i, 1, b)
+            for f, b in zip(NET_CONFIG_MAC, raw, strict=True):
+                self.write_config(f, b)
         else:
             raise NetError(f"{self._who()}: cannot set the MAC: CTRL_MAC_ADDR not negotiated on the modern interface")
 

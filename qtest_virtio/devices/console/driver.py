@@ -1,15 +1,12 @@
-"""virtio-console (virtio 1.2 §5.3): ports with a receiveq/transmitq pair each, and with
-MULTIPORT a control queue pair over which the device announces ports and both sides open them.
+"""The virtio-console driver (virtio 1.2 §5.3): ports, the multiport handshake, data both ways.
 
 Queues (§5.3.2): 0/1 are port 0's receiveq/transmitq, 2/3 the control receiveq/transmitq, and
 port N (N >= 1) uses 2N+2 / 2N+3. Without MULTIPORT only port 0 exists and there is no control
 queue. The handshake (§5.3.5, §5.3.6.2): the driver sends DEVICE_READY, the device answers with
 DEVICE_ADD per port, the driver answers each with PORT_READY, and the device follows with
 CONSOLE_PORT (for console ports), PORT_NAME and PORT_OPEN (host side connected). The driver opens
-a port with PORT_OPEN value 1; for a console port it must (§5.3.6.2.2).
-
-Control messages and data are little-endian; the legacy interface uses the guest's native
-endianness (§5.3.6.3), which is little-endian on x86, so one encoding serves every mode.
+a port with PORT_OPEN value 1; for a console port it must (§5.3.6.2.2). The control messages and
+the config are in :mod:`.encoding`.
 """
 
 from __future__ import annotations
@@ -17,159 +14,24 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from enum import IntEnum
 from typing import Any
 
-from ..errors import QtestVirtioError
-from ..memory import GuestMemory
-from ..pci import PciFunction
-from ..registers import Field, Layout
-from ..virtqueue import Buf, UsedElem, Virtqueue
-from .base import VirtioDriver
-
-
-#: struct virtio_console_config (§5.3.4; order as in virtio 1.2 and QEMU/Linux headers).
-class ConsoleConfigLayout(Layout, struct="virtio_console_config"):
-    cols = Field(0, 2, "console width, valid with SIZE")
-    rows = Field(2, 2, "console height, valid with SIZE")
-    max_nr_ports = Field(4, 4, "ports the device supports, valid with MULTIPORT")
-    emerg_wr = Field(8, 4, "emergency write: the low byte is output, valid with EMERG_WRITE")
-
-
-CONSOLE_CONFIG = ConsoleConfigLayout()
-
-
-#: struct virtio_console_control (§5.3.6.2): the header of every control message.
-class ConsoleControlLayout(Layout, struct="virtio_console_control"):
-    id = Field(0, 4, "port number")
-    event = Field(4, 2)
-    value = Field(6, 2)
-
-
-CONSOLE_CONTROL = ConsoleControlLayout()
-
-
-#: struct virtio_console_resize (§5.3.6.2): follows a RESIZE header.
-class ConsoleResizeLayout(Layout, struct="virtio_console_resize"):
-    cols = Field(0, 2)
-    rows = Field(2, 2)
-
-
-CONSOLE_RESIZE = ConsoleResizeLayout()
-
-#: Queue indices of the control pair (§5.3.2).
-CONTROL_RECEIVEQ = 2
-CONTROL_TRANSMITQ = 3
-
-
-class ControlEvent(IntEnum):
-    """virtio_console_control.event values (§5.3.6.2)."""
-
-    DEVICE_READY = 0
-    DEVICE_ADD = 1
-    DEVICE_REMOVE = 2
-    PORT_READY = 3
-    CONSOLE_PORT = 4
-    RESIZE = 5
-    PORT_OPEN = 6
-    PORT_NAME = 7
-
-
-#: Events only the device sends; a driver receiving another one has been sent garbage.
-DEVICE_EVENTS = frozenset(
-    {
-        ControlEvent.DEVICE_ADD,
-        ControlEvent.DEVICE_REMOVE,
-        ControlEvent.CONSOLE_PORT,
-        ControlEvent.RESIZE,
-        ControlEvent.PORT_OPEN,
-        ControlEvent.PORT_NAME,
-    }
+from ...memory import GuestMemory
+from ...pci import PciFunction
+from ...virtqueue import Buf, UsedElem, Virtqueue
+from ..base import VirtioDriver
+from . import encoding
+from .encoding import (
+    CONSOLE_CONFIG,
+    CONTROL_RECEIVEQ,
+    CONTROL_TRANSMITQ,
+    DEVICE_EVENTS,
+    ConsoleConfig,
+    ConsoleError,
+    ConsoleTimeout,
+    ControlEvent,
+    ControlMessage,
 )
-
-
-class ConsoleError(QtestVirtioError):
-    """The console device sent something the spec does not allow, or a port misbehaved."""
-
-
-class ConsoleTimeout(ConsoleError):
-    """Fewer bytes arrived on a port than asked for within the timeout."""
-
-
-def _get(f: Field, data: bytes) -> int:
-    return int.from_bytes(data[f.offset : f.end], "little")
-
-
-def _put(layout: Layout, **values: int) -> bytes:
-    out = bytearray(layout.size)
-    for name, value in values.items():
-        f = layout[name]
-        out[f.offset : f.end] = value.to_bytes(f.width, "little")
-    return bytes(out)
-
-
-@dataclass(frozen=True)
-class ControlMessage:
-    """One control message: the header fields, and what follows the header (PORT_NAME's name,
-    RESIZE's size)."""
-
-    id: int
-    event: int
-    value: int = 0
-    payload: bytes = b""
-
-    def encode(self) -> bytes:
-        return _put(CONSOLE_CONTROL, id=self.id, event=self.event, value=self.value) + self.payload
-
-    @classmethod
-    def decode(cls, data: bytes, where: str = "control message") -> ControlMessage:
-        """Parse a message; ``where`` names device, queue and descriptor in the error."""
-        if len(data) < CONSOLE_CONTROL.size:
-            raise ConsoleError(
-                f"{where}: {len(data)} bytes is shorter than the {CONSOLE_CONTROL.size}-byte "
-                f"struct virtio_console_control (§5.3.6.2): {data.hex()}"
-            )
-        return cls(
-            _get(CONSOLE_CONTROL.id, data),
-            _get(CONSOLE_CONTROL.event, data),
-            _get(CONSOLE_CONTROL.value, data),
-            bytes(data[CONSOLE_CONTROL.size :]),
-        )
-
-    @property
-    def event_name(self) -> str:
-        try:
-            return ControlEvent(self.event).name
-        except ValueError:
-            return f"unknown event {self.event}"
-
-    @property
-    def name(self) -> str:
-        """PORT_NAME's UTF-8 name (§5.3.6.2: no NUL terminator; one is tolerated here)."""
-        return self.payload.removesuffix(b"\0").decode("utf-8", errors="replace")
-
-    @property
-    def resize(self) -> tuple[int, int]:
-        """RESIZE's (cols, rows)."""
-        return _get(CONSOLE_RESIZE.cols, self.payload), _get(CONSOLE_RESIZE.rows, self.payload)
-
-    def __str__(self) -> str:
-        extra = f" payload={self.payload!r}" if self.payload else ""
-        return f"{self.event_name}(id={self.id}, value={self.value}{extra})"
-
-
-@dataclass(frozen=True)
-class ConsoleConfig:
-    """struct virtio_console_config, by field name (§5.3.4)."""
-
-    cols: int
-    rows: int
-    max_nr_ports: int
-    emerg_wr: int
-
-    @classmethod
-    def decode(cls, data: bytes) -> ConsoleConfig:
-        return cls(**{f.name: _get(f, data) for f in CONSOLE_CONFIG})
 
 
 @dataclass
@@ -209,7 +71,9 @@ class _RxPool:
 class VirtioConsole(VirtioDriver):
     """A virtio-console driver (§5.3): ports, the multiport handshake, data both ways."""
 
-    DEVICE_TYPE = 3
+    DEVICE_TYPE = encoding.DEVICE_ID
+    CONFIG_LAYOUT = CONSOLE_CONFIG
+    FEATURE_BITS = encoding.FEATURE_BITS
     FEATURES = frozenset({"MULTIPORT", "EMERG_WRITE"})
     QUEUES = 2
 
@@ -240,7 +104,8 @@ class VirtioConsole(VirtioDriver):
         self.open_ports = open_ports
         self.nr_ports = nr_ports
         self.handshake = handshake
-        self.config = ConsoleConfig(0, 0, 1, 0)
+        #: The config as read between FEATURES_OK and DRIVER_OK (§3.1.1 step 7).
+        self.initial_config = ConsoleConfig()
         self.port_table: dict[int, Port] = {}
         #: Every control message received / sent, in order.
         self.control_log: list[Received] = []
@@ -255,17 +120,22 @@ class VirtioConsole(VirtioDriver):
     def multiport(self) -> bool:
         return self.has("MULTIPORT")
 
-    def read_config(self) -> ConsoleConfig:
-        """struct virtio_console_config, read as one consistent snapshot (§2.5.1)."""
-        return ConsoleConfig.decode(self.transport.read_config_bytes(0, CONSOLE_CONFIG.size))
+    def config(self) -> ConsoleConfig:
+        """struct virtio_console_config as the negotiated features make it exist (§5.3.4)."""
+        return ConsoleConfig.from_fields(self.read_config())
+
+    @property
+    def max_nr_ports(self) -> int:
+        """Ports the device supports: ``max_nr_ports`` with MULTIPORT, else port 0 alone."""
+        return (self.initial_config.max_nr_ports or 0) if self.multiport else 1
 
     def setup_device(self) -> None:
         """Read the config; with MULTIPORT, queues for ``max_nr_ports`` ports (§5.3.5 step 3)."""
-        self.config = self.read_config()
+        self.initial_config = self.config()
         if self.multiport:
-            if self.config.max_nr_ports < 1:
-                raise ConsoleError(f"{self}: MULTIPORT negotiated but max_nr_ports is {self.config.max_nr_ports}")
-            ports = self.config.max_nr_ports if self.nr_ports is None else min(self.nr_ports, self.config.max_nr_ports)
+            if self.max_nr_ports < 1:
+                raise ConsoleError(f"{self}: MULTIPORT negotiated but max_nr_ports is {self.max_nr_ports}")
+            ports = self.max_nr_ports if self.nr_ports is None else min(self.nr_ports, self.max_nr_ports)
             self.QUEUES = 2 * ports + 2
         else:
             self.QUEUES = 2
@@ -414,9 +284,9 @@ class VirtioConsole(VirtioDriver):
         if msg.event == ControlEvent.DEVICE_ADD:
             if msg.id in self.port_table:
                 raise ConsoleError(f"{where}: {msg} adds port {msg.id}, which already exists (§5.3.6.2.1)")
-            if msg.id >= self.config.max_nr_ports:
+            if msg.id >= self.max_nr_ports:
                 raise ConsoleError(
-                    f"{where}: {msg} adds port {msg.id}, not below max_nr_ports={self.config.max_nr_ports} (§5.3.6.2.1)"
+                    f"{where}: {msg} adds port {msg.id}, not below max_nr_ports={self.max_nr_ports} (§5.3.6.2.1)"
                 )
             ok = self.tx_queue(msg.id) < len(self.queues)
             self.port_table[msg.id] = Port(msg.id)
@@ -527,4 +397,4 @@ class VirtioConsole(VirtioDriver):
     def emergency_write(self, char: int) -> None:
         """Write ``emerg_wr`` (EMERG_WRITE, §5.3.4): the device outputs its low byte; allowed
         at any time, even before initialization (§5.3.5.1)."""
-        self.transport.config_write(CONSOLE_CONFIG.emerg_wr.offset, CONSOLE_CONFIG.emerg_wr.width, char)
+        self.write_config(CONSOLE_CONFIG.emerg_wr, char)
