@@ -20,9 +20,11 @@ After rust-vmm virtio-queue's mock driver, each type has one job:
 
 from __future__ import annotations
 
+import struct
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import TypeVar
+from dataclasses import astuple, dataclass, field
+from typing import ClassVar, Self, TypeVar
 
 from .errors import QtestError, QtestVirtioError
 from .memory import GuestBus, GuestMemory
@@ -32,6 +34,7 @@ from .virtqueue.layout import (
     AVAIL_F_NO_INTERRUPT,
     DESC_F,
     EVENT_SUPPRESS,
+    EVENT_WRAP_BIT,
     PACKED_DESC,
     PACKED_F,
     RING_EVENT_FLAGS_DESC,
@@ -43,6 +46,7 @@ from .virtqueue.layout import (
     USED_F_NO_NOTIFY,
     need_event,
     packed_avail_flags,
+    packed_need_event,
 )
 from .virtqueue.packed import PackedVirtqueue
 
@@ -75,7 +79,6 @@ __all__ = [
 ]
 
 _WIDTHS = {"b": 1, "w": 2, "l": 4, "q": 8}
-_WRAP_BIT = 15
 
 
 class RingError(QtestVirtioError):
@@ -282,44 +285,44 @@ class FakeTransport:
 
 # -- descriptors and hand-built rings ------------------------------------------------------------
 
-D = TypeVar("D", "SplitDesc", "PackedDesc")
-_SPLIT = SPLIT_DESC.struct
-_PACKED = PACKED_DESC.struct
+D = TypeVar("D", bound="_RingDesc")
 _USED = USED_ELEM.struct
 
 
 @dataclass(frozen=True)
-class SplitDesc:
+class _RingDesc:
+    """A ring descriptor as a value: packed and unpacked with its layout's struct."""
+
+    _STRUCT: ClassVar[struct.Struct]
+
+    def pack(self) -> bytes:
+        return self._STRUCT.pack(*astuple(self))
+
+    @classmethod
+    def unpack(cls, raw: bytes, offset: int = 0) -> Self:
+        return cls(*cls._STRUCT.unpack_from(raw, offset))
+
+
+@dataclass(frozen=True)
+class SplitDesc(_RingDesc):
     """struct virtq_desc (§2.7.5), fields as the spec names them."""
 
+    _STRUCT = SPLIT_DESC.struct
     addr: int
     len: int
     flags: int = 0
     next: int = 0
 
-    def pack(self) -> bytes:
-        return _SPLIT.pack(self.addr, self.len, self.flags, self.next)
-
-    @classmethod
-    def unpack(cls, raw: bytes, offset: int = 0) -> SplitDesc:
-        return cls(*_SPLIT.unpack_from(raw, offset))
-
 
 @dataclass(frozen=True)
-class PackedDesc:
+class PackedDesc(_RingDesc):
     """struct pvirtq_desc (§2.8.13), fields as the spec names them."""
 
+    _STRUCT = PACKED_DESC.struct
     addr: int
     len: int
     id: int = 0
     flags: int = 0
-
-    def pack(self) -> bytes:
-        return _PACKED.pack(self.addr, self.len, self.id, self.flags)
-
-    @classmethod
-    def unpack(cls, raw: bytes, offset: int = 0) -> PackedDesc:
-        return cls(*_PACKED.unpack_from(raw, offset))
 
 
 def write_desc_table(bus: GuestBus, addr: int, descs: Sequence[SplitDesc | PackedDesc]) -> int:
@@ -562,7 +565,26 @@ def _buf(addr: int, length: int, flags: int) -> Buf:
     return Buf(addr, length, writable=bool(flags & DESC_F.WRITE.mask))
 
 
-class SplitDevice:
+class _DeviceSide(ABC):
+    """What both device halves share: serving whatever the driver made available."""
+
+    @abstractmethod
+    def pop(self) -> Chain | None: ...
+
+    @abstractmethod
+    def _use(self, chain: Chain, length: int) -> None: ...
+
+    def serve_all(self, length: int | None = None) -> list[Chain]:
+        """Use every available chain, in ring order, each with ``length`` (default: all its
+        writable bytes, without writing them): the device end of a unit test's round trip."""
+        served = []
+        while (chain := self.pop()) is not None:
+            self._use(chain, sum(b.length for b in chain.writable) if length is None else length)
+            served.append(chain)
+        return served
+
+
+class SplitDevice(_DeviceSide):
     """The device's half of a split ring (§2.7): available chains taken in ring order, used
     elements returned, notification decided from avail.flags or used_event (§2.7.7.2)."""
 
@@ -627,6 +649,9 @@ class SplitDevice:
         self.used_idx = (self.used_idx + covers) & 0xFFFF
         self.ring.set_used_idx(self.used_idx)
 
+    def _use(self, chain: Chain, length: int) -> None:
+        self.push(chain.id, length)
+
     def interrupt_due(self) -> bool:
         """Whether the driver asked to be told of the entries used since the last call."""
         old, self._signalled = self._signalled, self.used_idx
@@ -643,7 +668,7 @@ class SplitDevice:
         self.ring.set_avail_event(idx)
 
 
-class PackedDevice:
+class PackedDevice(_DeviceSide):
     """The device's half of a packed ring (§2.8): available descriptors recognised by their
     AVAIL/USED bits against the wrap counters, used descriptors written over the first slot of
     a chain and the chain's slots skipped, notification decided from the driver event
@@ -695,6 +720,9 @@ class PackedDevice:
             self.next_used -= self.ring.size
             self.used_wrap ^= 1
 
+    def _use(self, chain: Chain, length: int) -> None:
+        self.push(chain.id, length, chain.slots)
+
     def interrupt_due(self) -> bool:
         """Driver event suppression (§2.8.10): ENABLE, DISABLE, or DESC naming the used slot
         (and wrap) the driver wants to hear about."""
@@ -705,16 +733,11 @@ class PackedDevice:
             return False
         if flags != RING_EVENT_FLAGS_DESC:
             return True
-        event, event_wrap = off_wrap & 0x7FFF, off_wrap >> _WRAP_BIT
-        if event_wrap != new_wrap:
-            event -= self.ring.size
-        if old_wrap != new_wrap:
-            old -= self.ring.size
-        return need_event(event & 0xFFFF, new & 0xFFFF, old & 0xFFFF)
+        return packed_need_event(off_wrap, self.ring.size, (old, old_wrap), (new, new_wrap))
 
     def kick_at(self, slot: int, wrap: int) -> None:
         """Ask for a kick once the driver makes ``slot`` (in lap ``wrap``) available (DESC)."""
-        self.ring.set_device_event(RING_EVENT_FLAGS_DESC, slot | wrap << _WRAP_BIT)
+        self.ring.set_device_event(RING_EVENT_FLAGS_DESC, slot | wrap << EVENT_WRAP_BIT)
 
     def suppress_kicks(self, suppress: bool) -> None:
         self.ring.set_device_event(RING_EVENT_FLAGS_DISABLE if suppress else 0)
