@@ -492,6 +492,26 @@ def test_packed_kick_event_in_the_next_lap() -> None:
     assert kicks == [False, False, False, False, False, True]
 
 
+def test_packed_kick_for_a_chain_across_the_wrap() -> None:
+    """A chain from the last slot into the next lap moves the driver's position from (3, lap 1)
+    to (1, lap 0): an event at slot 3 of lap 0 is still ahead, reached three chains later."""
+    guest, vq, device = packed_queue(size=4, event_idx=True)
+    bufs = testing.alloc_bufs(guest.memory, [8, 8])
+    for _ in range(3):
+        vq.add(bufs[:1])
+        vq.kick()
+    device.serve_all()
+    device.kick_at(3, 0)
+    kicks = []
+    for parts in (bufs, bufs[:1], bufs[:1], bufs[:1]):
+        while vq.poll_used():
+            pass
+        vq.add(parts)
+        kicks.append(vq.kick())
+        assert len(device.serve_all()) == 1
+    assert kicks == [False, False, False, True]
+
+
 def test_packed_interrupts_follow_driver_event() -> None:
     guest, vq, device = packed_queue(size=4)
     (buf,) = testing.alloc_bufs(guest.memory, [8])
