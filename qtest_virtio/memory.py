@@ -11,15 +11,44 @@ import bisect
 import os
 import sys
 from dataclasses import dataclass
+from typing import Protocol
 
 from .errors import QtestVirtioError
-from .qtest import CommandBatch, QtestClient
 
 RAM_START = 1 << 20
 #: Highest RAM address below 4 GiB on both pc and q35, whatever -m says (q35 puts its ECAM
 #: window at 0xB0000000 and ends low RAM there).
 LOW_RAM_LIMIT = 0xB000_0000
 PAGE_SIZE = 4096
+
+
+class WriteBatch(Protocol):
+    """Writes queued and sent in order by :meth:`flush` (``qtest.CommandBatch``): the rings
+    publish through one so descriptors land before the index that makes them available
+    (virtio 1.2 §2.7.13)."""
+
+    def __len__(self) -> int: ...
+    def writeb(self, addr: int, value: int) -> None: ...
+    def writew(self, addr: int, value: int) -> None: ...
+    def writel(self, addr: int, value: int) -> None: ...
+    def writeq(self, addr: int, value: int) -> None: ...
+    def memwrite(self, addr: int, data: bytes) -> None: ...
+    def flush(self) -> None: ...
+
+
+class GuestBus(Protocol):
+    """The guest-memory half of the qtest client, all the allocator and the rings call:
+    ``qtest.QtestClient`` over QEMU, ``testing.FakeQtest`` over a bytearray (ring unit tests)."""
+
+    def readw(self, addr: int) -> int: ...
+    def readl(self, addr: int) -> int: ...
+    def readq(self, addr: int) -> int: ...
+    def writew(self, addr: int, value: int) -> None: ...
+    def writel(self, addr: int, value: int) -> None: ...
+    def memread(self, addr: int, size: int) -> bytes: ...
+    def memwrite(self, addr: int, data: bytes | bytearray | memoryview) -> None: ...
+    def memset(self, addr: int, size: int, value: int = 0) -> None: ...
+    def batch(self) -> WriteBatch: ...
 
 
 class OutOfGuestMemory(QtestVirtioError):
@@ -41,7 +70,7 @@ class Allocation:
 class GuestMemory:
     """First-fit allocator over ``[start, end)`` with coalescing free list."""
 
-    def __init__(self, qtest: QtestClient, ram_bytes: int, *, start: int = RAM_START) -> None:
+    def __init__(self, qtest: GuestBus, ram_bytes: int, *, start: int = RAM_START) -> None:
         self.qtest = qtest
         self.start = start
         self.end = min(ram_bytes, LOW_RAM_LIMIT)
@@ -123,7 +152,7 @@ class GuestMemory:
     def write32(self, addr: int, value: int) -> None:
         self.qtest.writel(addr, value)
 
-    def batch(self) -> CommandBatch:
+    def batch(self) -> WriteBatch:
         """Collect writes and send them pipelined, in order, in one round trip."""
         return self.qtest.batch()
 

@@ -9,7 +9,14 @@ from __future__ import annotations
 from enum import StrEnum
 
 
-class Mode(StrEnum):
+class _Name(StrEnum):
+    """A StrEnum that also reprs as its plain string, so messages read ``mode 'modern'``."""
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+class Mode(_Name):
     """A virtio-pci transport mode; prints (and compares equal to) its design.md name."""
 
     LEGACY = "legacy"
@@ -18,14 +25,14 @@ class Mode(StrEnum):
     MODERN = "modern"
 
 
-class Ring(StrEnum):
+class Ring(_Name):
     """A virtqueue format: split (virtio 1.2 §2.7) or packed (§2.8)."""
 
     SPLIT = "split"
     PACKED = "packed"
 
 
-class Interrupts(StrEnum):
+class Interrupts(_Name):
     """How a driver learns of used buffers: MSI-X (§4.1.5.1.2), INTx plus the ISR (§4.1.4.5), the
     ISR alone by polling, or ``auto`` (MSI-X where the function has it)."""
 

@@ -1,6 +1,7 @@
 """A newcomer's tests: written only against design.md's "Stable Python surface" and its pytest
 plugin section (names, fixtures, markers, options), as a user who read nothing else would.
-If one of these fails, the documented contract is broken, whatever the rest of the suite says."""
+If one of these fails, the documented contract is broken, whatever the rest of the suite says.
+(The modern-layout mode set is the library's own; tests/test_testing.py pins it to design.md's names.)"""
 
 from __future__ import annotations
 
@@ -10,8 +11,7 @@ import os
 import pytest
 
 from qtest_virtio import Machine, MachineSpec
-
-MODERN_LAYOUT = ("transitional-modern", "modern")
+from qtest_virtio.testing import MODERN_LAYOUT_MODES
 
 
 @pytest.fixture
@@ -63,6 +63,6 @@ def test_plugin_surface(virtio_device, qemu, qtest, qmp) -> None:  # type: ignor
     """The fixtures of design.md's plugin section, on each selected transport mode and ring."""
     assert len(virtio_device.read(16)) == 16
     mode = virtio_device.transport.mode
-    assert ("VERSION_1" in virtio_device.negotiated) == (mode in MODERN_LAYOUT)
+    assert ("VERSION_1" in virtio_device.negotiated) == (mode in MODERN_LAYOUT_MODES)
     assert "BAD_FEATURE" not in set(virtio_device.negotiated)
     assert qemu.pid > 0 and qtest is qemu.qtest and qmp is qemu.qmp

@@ -10,11 +10,10 @@ import pytest
 
 from qtest_virtio import Machine, MachineSpec, modes
 from qtest_virtio.introspect import device_view, queue_view
+from qtest_virtio.testing import LEGACY_LAYOUT_MODES, MODERN_LAYOUT_MODES, PackedDesc, PackedRing, SplitRing
 from qtest_virtio.transport.layout import STATUS
 from qtest_virtio.virtqueue import Buf, PackedVirtqueue, SplitVirtqueue, UsedElem, Virtqueue, VirtqueueError
-from qtest_virtio.virtqueue.layout import DESC_F, PACKED_DESC, PACKED_F, SPLIT_DESC
-
-LEGACY_LAYOUT = {modes.LEGACY, modes.TRANSITIONAL_LEGACY}
+from qtest_virtio.virtqueue.layout import DESC_F, PACKED_F
 
 
 def rng_machine(machine_factory, mode: str, **props: str) -> Machine:
@@ -39,17 +38,17 @@ def test_rng_matrix(machine_factory, mode: str, ring: str, event_idx: str, indir
     assert rng.transport.get_status() & STATUS.DRIVER_OK.mask
     view = device_view(vm, "rng0")
     assert {"ACKNOWLEDGE", "DRIVER", "DRIVER_OK"} <= view.status
-    assert ("FEATURES_OK" in view.status) == (mode not in LEGACY_LAYOUT)  # legacy has no FEATURES_OK
+    assert ("FEATURES_OK" in view.status) == (mode not in LEGACY_LAYOUT_MODES)  # legacy has no FEATURES_OK
     assert {n for n in names if n != "ANY_LAYOUT"} <= view.guest_features | {"ANY_LAYOUT"}
 
     # A feature the device does not offer is never asked for; the legacy layout cannot see
     # RING_PACKED (bit 34) and falls back to split rings; modern always has VERSION_1.
     assert ("EVENT_IDX" in names) == (event_idx == "on")
     assert ("INDIRECT_DESC" in names) == (indirect == "on")
-    packed = ring == "packed" and mode not in LEGACY_LAYOUT
+    packed = ring == "packed" and mode not in LEGACY_LAYOUT_MODES
     assert ("RING_PACKED" in names) == packed
     assert isinstance(vq, PackedVirtqueue if packed else SplitVirtqueue)
-    assert ("VERSION_1" in names) == (mode not in LEGACY_LAYOUT)
+    assert ("VERSION_1" in names) == (mode not in LEGACY_LAYOUT_MODES)
     assert rng.transport.driver_features() == rng.negotiated.accepted
 
     # Requests complete with the right lengths, and each raises the queue's MSI-X vector.
@@ -68,10 +67,10 @@ def test_rng_matrix(machine_factory, mode: str, ring: str, event_idx: str, indir
     assert used_slots == (1 if indirect == "on" else 3)
     head = next(iter(vq.in_flight.values())).descriptors[0]  # the chain's first ring slot
     if packed:
-        flags = vm.qtest.readw(vq.ring + PACKED_DESC.size * head + PACKED_DESC.flags.offset)
+        flags = PackedRing.of(vq).flags(head)
         assert bool(flags & PACKED_F.INDIRECT.mask) == (indirect == "on")
     else:
-        flags = vm.qtest.readw(vq.desc + SPLIT_DESC.size * head + SPLIT_DESC.flags.offset)
+        flags = SplitRing.of(vq).read_desc(head).flags
         assert bool(flags & DESC_F.INDIRECT.mask) == (indirect == "on")
     vq.kick()
     elem = vq.wait_for(token)
@@ -114,7 +113,7 @@ def test_split_index_wraps_past_2_16(machine_factory, mode: str) -> None:
     vm.memory.free(buf.addr)
 
 
-@pytest.mark.parametrize("mode", [modes.TRANSITIONAL_MODERN, modes.MODERN])
+@pytest.mark.parametrize("mode", MODERN_LAYOUT_MODES)
 def test_packed_wrap_counters(machine_factory, mode: str) -> None:
     """Chains of mixed lengths make the ring wrap at odd positions many times (§2.8.1)."""
     vm = rng_machine(machine_factory, mode, packed="on", indirect_desc="off")
@@ -180,7 +179,7 @@ def test_driver_side_refusal(machine_factory, mode: str, feature: str) -> None:
 
 
 @pytest.mark.parametrize("ring", ["split", "packed"])
-@pytest.mark.parametrize("mode", [modes.TRANSITIONAL_MODERN, modes.MODERN])
+@pytest.mark.parametrize("mode", MODERN_LAYOUT_MODES)
 def test_queue_reset_mid_traffic(machine_factory, mode: str, ring: str) -> None:
     """RING_RESET (§2.6.1): reset a queue with chains in flight, set it up again, use it."""
     vm = rng_machine(machine_factory, mode, packed="on" if ring == "packed" else "off")
@@ -232,13 +231,14 @@ def test_device_bugs_are_reported_by_name(machine_factory) -> None:
     token = vq.add([Buf(region, 8, True)])
     head = next(iter(vq.in_flight))
     # Play a broken device: write a used element claiming 4096 bytes, then bump used.idx.
-    vm.qtest.memwrite(vq.used + 4, struct.pack("<II", head, 4096))
-    vm.qtest.writew(vq.used + 2, 1)
+    ring = SplitRing.of(vq)
+    ring.set_used_entry(0, head, 4096)
+    ring.set_used_idx(1)
     with pytest.raises(VirtqueueError, match=r"queue 0: descriptor \d+: used length 4096 is longer than the 8"):
         vq.wait_for(token)
-    vm.qtest.memwrite(vq.used + 12, struct.pack("<II", 5, 1))
-    vm.qtest.writew(vq.used + 2, 2)
-    vq.last_used = 1
+    ring.set_used_entry(1, 5, 1)
+    ring.set_used_idx(2)
+    vq.consumed_by_hand()  # past the bad entry
     with pytest.raises(VirtqueueError, match="device returned id 5, which is not in flight"):
         vq.poll_used()
 
@@ -299,10 +299,7 @@ def test_readable_and_writable_buffers_in_one_chain(machine_factory, ring: str) 
 
 # -- VIRTIO_F_IN_ORDER (§6.2, §2.7.9, §2.8.8) ------------------------------------------------------
 
-MODERN_LAYOUT = [modes.TRANSITIONAL_MODERN, modes.MODERN]
 IN_ORDER_BINARIES = ["debian-10.0", "src-newest"]
-_USED_ELEM = struct.Struct("<II")
-_PDESC = struct.Struct("<QIHH")  # pvirtq_desc: addr, len, id, flags
 
 
 def _in_order_rng(provided_qemu, machine_factory, name: str, mode: str, ring: str = "split", **props: str) -> Machine:
@@ -321,7 +318,7 @@ def test_in_order_is_negotiated_where_offered(provided_qemu, machine_factory, na
     descriptors handed out in ring order, requests served on both rings."""
     vm = _in_order_rng(provided_qemu, machine_factory, name, mode, ring, in_order=in_order)
     rng = vm.virtio("rng0")
-    negotiated = in_order == "on" and mode not in LEGACY_LAYOUT
+    negotiated = in_order == "on" and mode not in LEGACY_LAYOUT_MODES
     assert ("IN_ORDER" in rng.negotiated) == negotiated
     assert ("IN_ORDER" in device_view(vm, "rng0").guest_features) == negotiated
     vq = rng.queues[0]
@@ -465,14 +462,15 @@ def _chains(vm: Machine, vq: Virtqueue, lengths: list[int]) -> list[int]:
     return tokens
 
 
-def _split_used(vm: Machine, vq: SplitVirtqueue, slot: int, used_id: int, length: int, idx: int) -> None:
-    vm.qtest.memwrite(vq.used + 4 + 8 * slot, _USED_ELEM.pack(used_id, length))
-    vm.qtest.writew(vq.used + 2, idx)
+def _split_used(vq: SplitVirtqueue, slot: int, used_id: int, length: int, idx: int) -> None:
+    ring = SplitRing.of(vq)
+    ring.set_used_entry(slot, used_id, length)
+    ring.set_used_idx(idx)
 
 
-def _packed_used(vm: Machine, vq: PackedVirtqueue, slot: int, buffer_id: int, length: int) -> None:
+def _packed_used(vq: PackedVirtqueue, slot: int, buffer_id: int, length: int) -> None:
     flags = PACKED_F.AVAIL.mask | PACKED_F.USED.mask  # used in the first lap (wrap counter 1)
-    vm.qtest.memwrite(vq.ring + PACKED_DESC.size * slot, _PDESC.pack(0, length, buffer_id, flags))
+    PackedRing.of(vq).write_desc(slot, PackedDesc(0, length, buffer_id, flags))
 
 
 def _heads(vq: Virtqueue) -> list[int]:
@@ -487,13 +485,12 @@ def test_split_in_order_descriptors_go_in_ring_order(machine_factory) -> None:
     assert isinstance(vq, SplitVirtqueue)
     _chains(vm, vq, [2, 1, 3])
     assert [c.descriptors for c in vq.in_flight.values()] == [[0, 1], [2], [3, 4, 5]]
-    _split_used(vm, vq, 0, 3, 12, 3)  # one entry for the batch of all three
+    _split_used(vq, 0, 3, 12, 3)  # one entry for the batch of all three
     elems = [vq.poll_used() for _ in range(3)]
     assert [e.skipped for e in elems if e] == [True, True, False]
     _chains(vm, vq, [3])
     assert [c.descriptors for c in vq.in_flight.values()] == [[6, 7, 0]]
-    table = vm.memory.read(vq.desc, SPLIT_DESC.size * vq.size)
-    nxt = [struct.unpack_from("<QIHH", table, SPLIT_DESC.size * d)[2:] for d in (6, 7)]
+    nxt = [(desc.flags, desc.next) for desc in map(SplitRing.of(vq).read_desc, (6, 7))]
     assert nxt == [(DESC_F.WRITE.mask | DESC_F.NEXT.mask, 7), (DESC_F.WRITE.mask | DESC_F.NEXT.mask, 0)]
 
 
@@ -505,8 +502,8 @@ def test_split_in_order_batches_are_taken_whole(machine_factory) -> None:
     assert isinstance(vq, SplitVirtqueue)
     tokens = _chains(vm, vq, [1, 2, 1, 1])
     heads = _heads(vq)
-    _split_used(vm, vq, 0, heads[2], 3, 3)  # a batch of three
-    _split_used(vm, vq, 3, heads[3], 2, 4)  # then one on its own
+    _split_used(vq, 0, heads[2], 3, 3)  # a batch of three
+    _split_used(vq, 3, heads[3], 2, 4)  # then one on its own
     elems = [vq.wait_used(1.0) for _ in tokens]
     assert [(e.token, e.length, e.skipped) for e in elems] == [
         (tokens[0], 4, True),
@@ -528,12 +525,12 @@ def test_split_in_order_wrong_order_is_caught(machine_factory) -> None:
     assert isinstance(vq, SplitVirtqueue)
     _chains(vm, vq, [1, 1, 1])
     heads = _heads(vq)
-    _split_used(vm, vq, 0, heads[1], 4, 1)  # chain 1 used, chain 0 not
+    _split_used(vq, 0, heads[1], 4, 1)  # chain 1 used, chain 0 not
     with pytest.raises(VirtqueueError, match=rf"IN_ORDER: used ring entry 0 names id {heads[1]}, chain 2 .*batch of 2"):
         vq.poll_used()
-    _split_used(vm, vq, 0, heads[1], 4, 2)  # now a batch of two: fine
+    _split_used(vq, 0, heads[1], 4, 2)  # now a batch of two: fine
     assert None not in (vq.poll_used(), vq.poll_used())
-    _split_used(vm, vq, 2, heads[0], 4, 3)  # chain 0 again, where chain 2 belongs
+    _split_used(vq, 2, heads[0], 4, 3)  # chain 0 again, where chain 2 belongs
     with pytest.raises(
         VirtqueueError,
         match=rf"id {heads[0]}, which is not in flight.*IN_ORDER: the next chain to be used is id {heads[2]}",
@@ -552,7 +549,7 @@ def test_split_without_in_order_reads_the_same_ring_as_an_error(machine_factory)
     _chains(vm, vq, [1, 1, 1])
     heads = _heads(vq)
     assert heads == [0, 1, 2]
-    _split_used(vm, vq, 0, heads[2], 4, 3)
+    _split_used(vq, 0, heads[2], 4, 3)
     # Entry 1 reads id 0 (chain 0, in flight), entry 2 id 0 again: not in flight any more.
     with pytest.raises(VirtqueueError, match="device returned id 0, which is not in flight") as err:
         vq.poll_used()
@@ -569,8 +566,8 @@ def test_packed_in_order_batches_are_taken_whole(machine_factory) -> None:
     assert isinstance(vq, PackedVirtqueue)
     tokens = _chains(vm, vq, [2, 1, 3, 1])
     ids = _heads(vq)
-    _packed_used(vm, vq, 0, ids[2], 5)  # chains 0-2: slots 0..5
-    _packed_used(vm, vq, 6, ids[3], 1)
+    _packed_used(vq, 0, ids[2], 5)  # chains 0-2: slots 0..5
+    _packed_used(vq, 6, ids[3], 1)
     elems = [vq.wait_used(1.0) for _ in tokens]
     assert [(e.token, e.length, e.skipped) for e in elems] == [
         (tokens[0], 8, True),
@@ -591,9 +588,9 @@ def test_packed_in_order_wrong_order_is_caught(machine_factory) -> None:
     assert isinstance(vq, PackedVirtqueue)
     _chains(vm, vq, [1, 2, 1])
     ids = _heads(vq)
-    _packed_used(vm, vq, 0, ids[1], 4)  # reads as a batch of chains 0 and 1 (slots 0..2)
+    _packed_used(vq, 0, ids[1], 4)  # reads as a batch of chains 0 and 1 (slots 0..2)
     assert None not in (vq.poll_used(), vq.poll_used())
-    _packed_used(vm, vq, 3, ids[0], 4)  # chain 0 once more, where chain 2's slot is
+    _packed_used(vq, 3, ids[0], 4)  # chain 0 once more, where chain 2's slot is
     with pytest.raises(
         VirtqueueError,
         match=rf"id {ids[0]}, which is not in flight.*IN_ORDER: the next chain to be used is id {ids[2]}",

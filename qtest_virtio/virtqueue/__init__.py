@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from ..memory import GuestMemory
-from ..transport import VirtioTransport
-from .base import Buf, Request, UsedElem, Virtqueue, VirtqueueError, VirtqueueTimeout
+from .base import Buf, QueueTransport, Request, UsedElem, Virtqueue, VirtqueueError, VirtqueueTimeout
 from .packed import PackedVirtqueue
 from .split import SplitVirtqueue
 
 __all__ = [
     "Buf",
     "PackedVirtqueue",
+    "QueueTransport",
     "Request",
     "SplitVirtqueue",
     "UsedElem",
@@ -22,7 +22,7 @@ __all__ = [
 
 
 def make_virtqueue(
-    transport: VirtioTransport,
+    transport: QueueTransport,
     memory: GuestMemory,
     index: int,
     size: int,

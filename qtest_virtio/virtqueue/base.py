@@ -12,10 +12,30 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from ..errors import QtestVirtioError
 from ..memory import GuestMemory
-from ..transport import VirtioTransport
+
+
+class _Function(Protocol):
+    @property
+    def bdf(self) -> str: ...
+
+
+class QueueTransport(Protocol):
+    """What a virtqueue asks of its transport: the ring layout rule, where to tell the device
+    the rings are, the kick, and the status (for messages). ``transport.VirtioTransport`` is
+    one; ``testing.FakeTransport`` another, for ring unit tests without QEMU."""
+
+    @property
+    def uses_legacy_layout(self) -> bool: ...
+    @property
+    def fn(self) -> _Function: ...
+    def setup_queue(self, queue: int, size: int, desc: int, driver: int, device: int) -> None: ...
+    def enable_queue(self, queue: int) -> None: ...
+    def notify(self, queue: int) -> None: ...
+    def get_status(self) -> int: ...
 
 
 class VirtqueueError(QtestVirtioError):
@@ -82,7 +102,7 @@ class Virtqueue(ABC):
 
     def __init__(
         self,
-        transport: VirtioTransport,
+        transport: QueueTransport,
         memory: GuestMemory,
         index: int,
         size: int,

@@ -85,6 +85,8 @@ EVENT_SUPPRESS = EventSuppressLayout()
 RING_EVENT_FLAGS_ENABLE = 0
 RING_EVENT_FLAGS_DISABLE = 1
 RING_EVENT_FLAGS_DESC = 2
+#: off_wrap: the event's descriptor offset in bits 0-14, its wrap counter in bit 15 (§2.8.14).
+EVENT_WRAP_BIT = 15
 
 MAX_QUEUE_SIZE = 32768
 
@@ -107,3 +109,17 @@ def used_ring_size(n: int) -> int:
 def need_event(event: int, new: int, old: int) -> bool:
     """vring_need_event (§2.7.10): did the index move past ``event`` between old and new?"""
     return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+
+
+def packed_need_event(off_wrap: int, size: int, old: tuple[int, int], new: tuple[int, int]) -> bool:
+    """Has a packed ring position moved past the event an event suppression structure names
+    with RING_EVENT_FLAGS_DESC (§2.8.10)? ``off_wrap`` is the event's slot and lap (wrap counter
+    in bit 15); ``old`` and ``new`` are (slot, wrap counter) before and after. All three go on
+    one running scale across the wrap, as Linux and QEMU put them, then :func:`need_event`."""
+    event, event_wrap = off_wrap & ((1 << EVENT_WRAP_BIT) - 1), off_wrap >> EVENT_WRAP_BIT
+    (old_slot, old_wrap), (new_slot, new_wrap) = old, new
+    if event_wrap != new_wrap:
+        event -= size
+    if old_wrap != new_wrap:
+        old_slot -= size
+    return need_event(event & 0xFFFF, new_slot & 0xFFFF, old_slot & 0xFFFF)

@@ -24,12 +24,11 @@ from .layout import (
     RING_EVENT_FLAGS_DESC,
     RING_EVENT_FLAGS_DISABLE,
     RING_EVENT_FLAGS_ENABLE,
-    need_event,
     packed_avail_flags,
+    packed_need_event,
 )
 
 _DESC = PACKED_DESC.struct
-_WRAP_BIT = 15
 
 
 @dataclass
@@ -111,13 +110,7 @@ class PackedVirtqueue(Virtqueue):
             return False
         if flags != RING_EVENT_FLAGS_DESC or not self.event_idx:
             return True
-        event, event_wrap = off_wrap & 0x7FFF, off_wrap >> _WRAP_BIT
-        # Put all three positions on one running scale across the wrap, as Linux does.
-        if event_wrap != new_wrap:
-            event -= self.size
-        if old_wrap != new_wrap:
-            old -= self.size
-        return need_event(event & 0xFFFF, new & 0xFFFF, old & 0xFFFF)
+        return packed_need_event(off_wrap, self.size, (old, old_wrap), (new, new_wrap))
 
     def _collect(self) -> list[UsedElem]:
         self.flush()

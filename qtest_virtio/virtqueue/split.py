@@ -108,6 +108,19 @@ class SplitVirtqueue(Virtqueue):
         self._batch.writew(self.avail + SPLIT_AVAIL.idx.offset, self.avail_idx)
         return token
 
+    def published_by_hand(self, entries: int = 1) -> None:
+        """Count ``entries`` avail ring entries someone else wrote at ``avail_idx`` on (a
+        hand-built chain, ``testing.publish_by_hand``) and notified the device of: the driver's
+        next entry goes after them and its next kick compares from there (§2.7.13, §2.7.10).
+        Their chains are not tracked: read their used entries by hand too."""
+        self.avail_idx = (self.avail_idx + entries) & 0xFFFF
+        self.kicked_idx = self.avail_idx
+
+    def consumed_by_hand(self, entries: int = 1) -> None:
+        """Skip ``entries`` used ring entries at ``last_used`` that someone else read (the used
+        side of hand-built chains, or an entry a test wrote to play a broken device)."""
+        self.last_used = (self.last_used + entries) & 0xFFFF
+
     def _needs_notification(self) -> bool:
         old, new = self.kicked_idx, self.avail_idx
         self.kicked_idx = new

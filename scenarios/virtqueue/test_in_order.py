@@ -21,13 +21,12 @@ import time
 
 import pytest
 
-from qtest_virtio import modes
 from qtest_virtio.devices.blk.encoding import BlkReqType, BlkStatus, encode_header
 from qtest_virtio.devices.net.encoding import ethernet_frame
 from qtest_virtio.introspect import queue_view
+from qtest_virtio.testing import MODERN_LAYOUT_MODES, alloc_bufs, pattern
 from qtest_virtio.virtqueue import Buf, PackedVirtqueue, UsedElem, Virtqueue
 
-MODERN_LAYOUT = [modes.TRANSITIONAL_MODERN, modes.MODERN]
 IN_ORDER_ON = {"in_order": "on"}
 PATTERN = 0xEE
 SHORT = 2.0
@@ -39,17 +38,7 @@ SECTOR = 512
 
 def _buffers(qemu, sizes: list[int]) -> list[Buf]:
     """Device-writable buffers pre-filled with PATTERN, so bytes the device did not write show."""
-    out = []
-    for size in sizes:
-        addr = qemu.memory.alloc(size, tag="in-order scenario")
-        qemu.qtest.memset(addr, size, PATTERN)
-        out.append(Buf(addr, size, writable=True))
-    return out
-
-
-def _stream(n: int, seed: int) -> bytes:
-    """Recognisable bytes: none is 0 or PATTERN."""
-    return bytes((seed + 7 * i) % 230 + 1 for i in range(n))
+    return alloc_bufs(qemu.memory, sizes, fill=PATTERN, tag="in-order scenario")
 
 
 def _device_used_position(qemu, drv, vq: Virtqueue) -> tuple[int, int]:
@@ -77,7 +66,7 @@ def _written(qemu, buf: Buf) -> bytes:
 
 
 @pytest.mark.conformance("vq-in-order-used-in-avail-order", spec="6.2")
-@pytest.mark.virtio_device("virtio-blk-pci", transports=MODERN_LAYOUT, flags={**IN_ORDER_ON, "serial": SERIAL})
+@pytest.mark.virtio_device("virtio-blk-pci", transports=MODERN_LAYOUT_MODES, flags={**IN_ORDER_ON, "serial": SERIAL})
 @pytest.mark.virtio_requires("IN_ORDER")
 def test_held_request_is_not_overtaken(virtio_device, qemu):
     """With IN_ORDER negotiated the device uses buffers in the order they were made available
@@ -88,7 +77,7 @@ def test_held_request_is_not_overtaken(virtio_device, qemu):
     for chains used completely, §2.7.9 / §2.8.8)."""
     blk = virtio_device
     vq = blk.queues[0]
-    data = _stream(8 * SECTOR, seed=3)
+    data = pattern(8 * SECTOR, seed=3)
     blk.image.write(0, data)
     qemu.throttle_reads(blk.dev_id, 1)
     blk.read(8, 1)  # spends the throttle's budget: the next read waits
@@ -128,7 +117,7 @@ def test_held_request_is_not_overtaken(virtio_device, qemu):
 
 
 @pytest.mark.conformance("vq-in-order-net-rx-in-order", spec="6.2")
-@pytest.mark.virtio_device("virtio-net-pci", transports=MODERN_LAYOUT, flags=IN_ORDER_ON)
+@pytest.mark.virtio_device("virtio-net-pci", transports=MODERN_LAYOUT_MODES, flags=IN_ORDER_ON)
 @pytest.mark.virtio_requires("IN_ORDER")
 def test_receive_buffers_are_used_in_order(virtio_device, qemu):
     """With IN_ORDER the device fills receive buffers in the order they were made available
@@ -139,7 +128,7 @@ def test_receive_buffers_are_used_in_order(virtio_device, qemu):
     net.restart(rx_buffer_size=net.header_size + 600, rx_buffers=24, rx_poison=PATTERN)
     host = qemu.backend(net.dev_id)
     frames = [
-        ethernet_frame(net.mac, "02:00:00:00:00:01", 0x88B5, _stream(size - 14, seed=i))
+        ethernet_frame(net.mac, "02:00:00:00:00:01", 0x88B5, pattern(size - 14, seed=i))
         for i, size in enumerate((60, 1514, 64, 600, 1000))
     ]
     # Without MRG_RXBUF (refused in this run) a frame must fit one buffer.
@@ -156,7 +145,7 @@ def test_receive_buffers_are_used_in_order(virtio_device, qemu):
 
 
 @pytest.mark.conformance("vq-in-order-net-tx-in-order", spec="6.2")
-@pytest.mark.virtio_device("virtio-net-pci", transports=MODERN_LAYOUT, flags=IN_ORDER_ON)
+@pytest.mark.virtio_device("virtio-net-pci", transports=MODERN_LAYOUT_MODES, flags=IN_ORDER_ON)
 @pytest.mark.virtio_requires("IN_ORDER")
 def test_transmit_buffers_are_used_in_order(virtio_device, qemu):
     """With IN_ORDER the device uses transmit buffers in the order they were made available
@@ -165,7 +154,7 @@ def test_transmit_buffers_are_used_in_order(virtio_device, qemu):
     net = virtio_device
     host = qemu.backend(net.dev_id)
     frames = [
-        ethernet_frame("02:00:00:00:00:01", net.mac, 0x88B5, _stream(size, seed=i))
+        ethernet_frame("02:00:00:00:00:01", net.mac, 0x88B5, pattern(size, seed=i))
         for i, size in enumerate((46, 1500, 100, 46, 700, 1200, 46, 300))
     ]
     net.send_many(frames, timeout=SHORT)
@@ -188,7 +177,7 @@ def _stream_in_order(drv, qemu) -> None:
     vq = drv.queues[0]
     sizes = [3, 5, 9, 4]
     bufs = _buffers(qemu, sizes)
-    data = _stream(sum(sizes), seed=5)
+    data = pattern(sum(sizes), seed=5)
     qemu.backend(drv.dev_id).write(data)
     tokens = [vq.add([b]) for b in bufs]
     vq.kick()
@@ -210,7 +199,7 @@ def _stream_in_order(drv, qemu) -> None:
 
 @pytest.mark.conformance("vq-in-order-split-batch", spec="2.7.9")
 @pytest.mark.virtio_device(
-    "virtio-rng-pci", rings=("split",), transports=MODERN_LAYOUT, flags=IN_ORDER_ON, backend="fifo"
+    "virtio-rng-pci", rings=("split",), transports=MODERN_LAYOUT_MODES, flags=IN_ORDER_ON, backend="fifo"
 )
 @pytest.mark.virtio_requires("IN_ORDER")
 def test_split_used_entries_account_for_batches(virtio_device, qemu):
@@ -224,7 +213,7 @@ def test_split_used_entries_account_for_batches(virtio_device, qemu):
 
 @pytest.mark.conformance("vq-in-order-packed-batch", spec="2.8.8")
 @pytest.mark.virtio_device(
-    "virtio-rng-pci", rings=("packed",), transports=MODERN_LAYOUT, flags=IN_ORDER_ON, backend="fifo"
+    "virtio-rng-pci", rings=("packed",), transports=MODERN_LAYOUT_MODES, flags=IN_ORDER_ON, backend="fifo"
 )
 @pytest.mark.virtio_requires("IN_ORDER")
 def test_packed_used_descriptors_account_for_batches(virtio_device, qemu):

@@ -8,14 +8,24 @@ Some scenarios write ring entries by hand to build chains the library's driver n
 
 from __future__ import annotations
 
-import struct
 import time
 
 import pytest
 
-from qtest_virtio import modes
 from qtest_virtio.devices.base import VirtioDriver
 from qtest_virtio.introspect import device_view, queue_view
+from qtest_virtio.testing import (
+    MODERN_LAYOUT_MODES,
+    PackedDesc,
+    PackedRing,
+    SplitDesc,
+    SplitRing,
+    alloc_bufs,
+    pattern,
+    publish_by_hand,
+    take_used_by_hand,
+    write_desc_table,
+)
 from qtest_virtio.transport import ModernTransport, layout
 from qtest_virtio.transport.layout import STATUS
 from qtest_virtio.virtqueue import Buf, PackedVirtqueue, SplitVirtqueue
@@ -27,19 +37,16 @@ from qtest_virtio.virtqueue.layout import (
     SPLIT_AVAIL,
     SPLIT_DESC,
     SPLIT_USED,
-    USED_ELEM,
     USED_F_NO_NOTIFY,
 )
 
 pytestmark = pytest.mark.virtio_device("virtio-rng-pci")
 
-MODERN_LAYOUT = [modes.TRANSITIONAL_MODERN, modes.MODERN]
 #: How long "nothing happens" is watched (the device's work runs in QEMU's main loop).
 QUIET_WINDOW = 0.02
 #: Timeout for work that must happen (a failure should not cost the default 5 s).
 SHORT = 2.0
 FILL = 0xEE
-_DESC = struct.Struct("<QIHH")  # split virtq_desc and packed pvirtq_desc have the same shape
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -53,17 +60,7 @@ def quiet(vm, seconds: float = QUIET_WINDOW) -> None:
 
 
 def buffers(vm, sizes: list[int], *, writable: bool = True, fill: int = FILL) -> list[Buf]:
-    out = []
-    for size in sizes:
-        addr = vm.memory.alloc(size, tag="virtqueue scenario")
-        vm.qtest.memset(addr, size, fill)
-        out.append(Buf(addr, size, writable))
-    return out
-
-
-def stream(n: int, seed: int = 0) -> bytes:
-    """Recognisable bytes: no value repeats within 230 bytes, none is 0 or FILL."""
-    return bytes((seed + 7 * i) % 230 + 1 for i in range(n))
+    return alloc_bufs(vm.memory, sizes, writable=writable, fill=fill, tag="virtqueue scenario")
 
 
 def split(drv: VirtioDriver) -> SplitVirtqueue:
@@ -90,34 +87,18 @@ def warm_up(drv: VirtioDriver) -> None:
     drv.msix.wait(drv.queue_vector(0), timeout=SHORT)
 
 
-def used_idx(vm, vq: SplitVirtqueue) -> int:
-    return vm.qtest.readw(vq.used + SPLIT_USED.idx.offset)
-
-
-def wait_used_idx(vm, vq: SplitVirtqueue, value: int, timeout: float = SHORT) -> None:
+def wait_used_idx(vq: SplitVirtqueue, value: int, timeout: float = SHORT) -> None:
+    ring = SplitRing.of(vq)
     deadline = time.monotonic() + timeout
-    while used_idx(vm, vq) != value & 0xFFFF:
-        assert time.monotonic() < deadline, f"used.idx stays {used_idx(vm, vq)}, expected {value & 0xFFFF}"
-
-
-def publish_raw(vm, vq: SplitVirtqueue, head: int, descriptors: dict[int, bytes], *, bump: bool = True) -> None:
-    """Write descriptors and an avail ring entry by hand (after the library's queued writes);
-    ``bump`` makes it available by moving avail.idx, and keeps the library's index in step."""
-    vq.flush()
-    for slot, raw in descriptors.items():
-        vm.qtest.memwrite(vq.desc + SPLIT_DESC.size * slot, raw)
-    vm.qtest.writew(vq.avail + SPLIT_AVAIL.size + 2 * (vq.avail_idx % vq.size), head)
-    if bump:
-        vq.avail_idx = (vq.avail_idx + 1) & 0xFFFF
-        vq.kicked_idx = vq.avail_idx
-        vm.qtest.writew(vq.avail + SPLIT_AVAIL.idx.offset, vq.avail_idx)
+    while ring.used_idx() != value & 0xFFFF:
+        assert time.monotonic() < deadline, f"used.idx stays {ring.used_idx()}, expected {value & 0xFFFF}"
 
 
 def raw_used(vm, vq: SplitVirtqueue, timeout: float = SHORT, *, dev_id: str = "") -> tuple[int, int]:
     """The next used element of a chain published by hand: (id, len). Fails fast, naming the
     reason, if the device gives up on the queue instead."""
     deadline = time.monotonic() + timeout
-    while used_idx(vm, vq) == vq.last_used:
+    while (entry := take_used_by_hand(vq)) is None:
         status = vq.transport.get_status()
         broken = bool(dev_id) and device_view(vm, dev_id).broken
         assert not status & STATUS.DEVICE_NEEDS_RESET.mask and not broken, (
@@ -125,18 +106,14 @@ def raw_used(vm, vq: SplitVirtqueue, timeout: float = SHORT, *, dev_id: str = ""
             f"QEMU said: {vm.stderr_tail().strip().splitlines()[-1:]}"
         )
         assert time.monotonic() < deadline, f"nothing used within {timeout} s; {vq.describe_state()}"
-    slot = vq.last_used % vq.size
-    elem = vm.qtest.memread(vq.used + SPLIT_USED.size + USED_ELEM.size * slot, USED_ELEM.size)
-    vq.last_used = (vq.last_used + 1) & 0xFFFF
-    used_id, length = struct.unpack("<II", elem)
-    return used_id, length
+    return entry
 
 
 # -- device status and resets (§2.1.2, §2.4.1) --------------------------------------------------
 
 
 @pytest.mark.conformance("vq-no-use-before-driver-ok", spec="2.1.2")
-@pytest.mark.virtio_device("virtio-rng-pci", transports=MODERN_LAYOUT)
+@pytest.mark.virtio_device("virtio-rng-pci", transports=MODERN_LAYOUT_MODES)
 def test_no_buffer_is_used_before_driver_ok(virtio_device, qemu, monkeypatch):
     """Until the driver sets DRIVER_OK the device neither consumes buffers nor sends used buffer
     notifications (MUST): a request made available and notified during initialization stays
@@ -171,15 +148,13 @@ def test_reset_device_leaves_the_rings_alone(virtio_device, qemu):
     (buf,) = buffers(qemu, [16])
     vq.add([buf])
     vq.flush()
-    if isinstance(vq, SplitVirtqueue):
-        watched, size = vq.used, SPLIT_USED.size + USED_ELEM.size * vq.size
-    else:
-        watched, size = vq.ring, PACKED_DESC.size * vq.size
-    ring_before = qemu.memory.read(watched, size)
+    assert isinstance(vq, SplitVirtqueue | PackedVirtqueue)
+    device_area = SplitRing.of(vq).used_area if isinstance(vq, SplitVirtqueue) else PackedRing.of(vq).read_ring
+    ring_before = device_area()
     drv.transport.reset()
     drv.transport.notify(0)
     quiet(qemu)
-    assert qemu.memory.read(watched, size) == ring_before, "the device wrote the used ring after reset"
+    assert device_area() == ring_before, "the device wrote the used ring after reset"
     assert qemu.memory.read(buf.addr, 16) == bytes([FILL]) * 16
     assert drv.transport.read_isr() == 0
     drv.initialize()
@@ -197,7 +172,7 @@ def _reset_queue_0(drv: VirtioDriver) -> ModernTransport:
 
 
 @pytest.mark.conformance("vq-queue-reset-stops-the-queue", spec="2.6.1.1.1")
-@pytest.mark.virtio_device("virtio-rng-pci", transports=MODERN_LAYOUT, flags={"queue_reset": "on"})
+@pytest.mark.virtio_device("virtio-rng-pci", transports=MODERN_LAYOUT_MODES, flags={"queue_reset": "on"})
 @pytest.mark.virtio_requires("RING_RESET")
 def test_reset_queue_is_not_executed(virtio_device, qemu):
     """After the driver resets a queue the device executes no request from it and sends no
@@ -220,7 +195,7 @@ def test_reset_queue_is_not_executed(virtio_device, qemu):
 
 
 @pytest.mark.conformance("vq-queue-reset-default-state", spec="2.6.1.1.1")
-@pytest.mark.virtio_device("virtio-rng-pci", transports=MODERN_LAYOUT, flags={"queue_reset": "on"}, queue_size=4)
+@pytest.mark.virtio_device("virtio-rng-pci", transports=MODERN_LAYOUT_MODES, flags={"queue_reset": "on"}, queue_size=4)
 @pytest.mark.virtio_requires("RING_RESET")
 def test_reset_queue_returns_to_its_default_state(virtio_device, qemu):
     """A queue reset puts the queue back in its default state, available and used state
@@ -246,7 +221,7 @@ def test_reset_queue_returns_to_its_default_state(virtio_device, qemu):
 
 
 @pytest.mark.conformance("vq-queue-reenable-new-size", spec="2.6.1.2.1")
-@pytest.mark.virtio_device("virtio-rng-pci", transports=MODERN_LAYOUT, flags={"queue_reset": "on"})
+@pytest.mark.virtio_device("virtio-rng-pci", transports=MODERN_LAYOUT_MODES, flags={"queue_reset": "on"})
 @pytest.mark.virtio_requires("RING_RESET")
 def test_reenabled_queue_runs_at_the_new_size(virtio_device, qemu):
     """Re-enabling a reset queue, the device follows the configuration the driver wrote this
@@ -310,11 +285,12 @@ def test_descriptor_table_is_not_written(virtio_device, qemu):
     chains = [buffers(qemu, [4, 4, 4]), buffers(qemu, [8]), buffers(qemu, [2, 6])]
     tokens = [vq.add(bufs) for bufs in chains]
     vq.flush()
-    table = qemu.memory.read(vq.desc, SPLIT_DESC.size * vq.size)
+    ring = SplitRing.of(vq)
+    table = ring.read_table()
     vq.kick()
     for token in tokens:
         vq.wait_for(token, timeout=SHORT)
-    assert qemu.memory.read(vq.desc, SPLIT_DESC.size * vq.size) == table
+    assert ring.read_table() == table
 
 
 @pytest.mark.conformance("vq-split-no-use-past-avail-idx", spec="2.7.6")
@@ -327,21 +303,22 @@ def test_entry_past_avail_idx_is_not_used(virtio_device, qemu):
     vq = split(drv)
     (buf,) = buffers(qemu, [8])
     head = vq.size - 1  # a slot the library does not hand out first
-    publish_raw(qemu, vq, head, {head: _DESC.pack(buf.addr, 8, DESC_F.WRITE.mask, 0)}, bump=False)
+    publish_by_hand(vq, head, {head: SplitDesc(buf.addr, 8, DESC_F.WRITE.mask)}, make_available=False)
     drv.transport.notify(0)
     quiet(qemu)
-    assert used_idx(qemu, vq) == vq.last_used == vq.avail_idx
+    ring = SplitRing.of(vq)
+    assert ring.used_idx() == vq.last_used == vq.avail_idx
     assert qemu.memory.read(buf.addr, 8) == bytes([FILL]) * 8
-    publish_raw(qemu, vq, head, {})
+    publish_by_hand(vq, head, {})
     drv.transport.notify(0)
     used_id, length = raw_used(qemu, vq, dev_id=drv.dev_id)
     assert used_id == head
     assert 1 <= length <= 8
-    assert used_idx(qemu, vq) == vq.avail_idx
+    assert ring.used_idx() == vq.avail_idx
 
 
 @pytest.mark.conformance("vq-packed-no-use-without-avail-flag", spec="2.8.15")
-@pytest.mark.virtio_device("virtio-rng-pci", rings=("packed",), transports=MODERN_LAYOUT)
+@pytest.mark.virtio_device("virtio-rng-pci", rings=("packed",), transports=MODERN_LAYOUT_MODES)
 def test_packed_descriptor_is_not_used_until_marked_available(virtio_device, qemu):
     """The device uses a packed descriptor only after it sees the descriptor's AVAIL flag change
     (MUST): a fully written descriptor whose flags still have AVAIL at its initial value is not
@@ -352,10 +329,11 @@ def test_packed_descriptor_is_not_used_until_marked_available(virtio_device, qem
     slot = vq.next_avail
     assert vq.avail_wrap == 1  # a fresh ring: available means AVAIL=1, USED=0
     vq.flush()
-    qemu.qtest.memwrite(vq.ring + PACKED_DESC.size * slot, _DESC.pack(buf.addr, 8, 0, PACKED_F.WRITE.mask))
+    ring = PackedRing.of(vq)
+    ring.write_desc(slot, PackedDesc(buf.addr, 8, 0, PACKED_F.WRITE.mask))
     drv.transport.notify(0)
     quiet(qemu)
-    flags = qemu.qtest.readw(vq.ring + PACKED_DESC.size * slot + PACKED_DESC.flags.offset)
+    flags = ring.flags(slot)
     assert flags == PACKED_F.WRITE.mask, f"the device changed the descriptor's flags to {flags:#x}"
     assert qemu.memory.read(buf.addr, 8) == bytes([FILL]) * 8
     assert queue_view(qemu, drv.dev_id, 0).last_avail_idx == 0
@@ -365,7 +343,7 @@ def test_packed_descriptor_is_not_used_until_marked_available(virtio_device, qem
 
 
 @pytest.mark.conformance("vq-packed-used-flags-match-wrap", spec="2.8.1")
-@pytest.mark.virtio_device("virtio-rng-pci", rings=("packed",), transports=MODERN_LAYOUT, queue_size=4)
+@pytest.mark.virtio_device("virtio-rng-pci", rings=("packed",), transports=MODERN_LAYOUT_MODES, queue_size=4)
 def test_packed_used_descriptor_flags(virtio_device, qemu):
     """The device marks a descriptor used by setting both AVAIL and USED to its ring wrap
     counter, which starts at 1 and flips each time it uses the last descriptor: checked on a
@@ -401,7 +379,7 @@ def test_indirect_table_is_followed(virtio_device, qemu):
     drv = virtio_device
     vq = drv.queues[0]
     bufs = buffers(qemu, [4, 4, 4])
-    data = stream(12, seed=1)
+    data = pattern(12, seed=1)
     qemu.backend(drv.dev_id).write(data)
     free = vq.free_descriptors
     token = vq.add(bufs, indirect=True)
@@ -423,17 +401,19 @@ def test_write_flag_on_the_indirect_descriptor_is_ignored(virtio_device, qemu):
     vq = split(drv)
     bufs = buffers(qemu, [4, 4])
     table = qemu.memory.alloc(2 * SPLIT_DESC.size, tag="indirect table")
-    entries = _DESC.pack(bufs[0].addr, 4, DESC_F.WRITE.mask | DESC_F.NEXT.mask, 1) + _DESC.pack(
-        bufs[1].addr, 4, DESC_F.WRITE.mask, 0
-    )
-    qemu.qtest.memwrite(table, entries)
+    entries = [
+        SplitDesc(bufs[0].addr, 4, DESC_F.WRITE.mask | DESC_F.NEXT.mask, 1),
+        SplitDesc(bufs[1].addr, 4, DESC_F.WRITE.mask),
+    ]
+    length = write_desc_table(qemu.qtest, table, entries)
     head = vq.size - 1
     flags = DESC_F.INDIRECT.mask | DESC_F.WRITE.mask
-    publish_raw(qemu, vq, head, {head: _DESC.pack(table, len(entries), flags, 0)})
+    publish_by_hand(vq, head, {head: SplitDesc(table, length, flags)})
     drv.transport.notify(0)
-    used_id, length = raw_used(qemu, vq, dev_id=drv.dev_id)
-    assert used_id == head and 1 <= length <= 8
-    assert qemu.memory.read(table, len(entries)) == entries, "the device wrote into the indirect table"
+    used_id, used_len = raw_used(qemu, vq, dev_id=drv.dev_id)
+    assert used_id == head and 1 <= used_len <= 8
+    written = qemu.memory.read(table, length)
+    assert written == b"".join(d.pack() for d in entries), "the device wrote into the indirect table"
     # The first writable buffer got entropy; compare all of it (one random byte equals the fill
     # marker once in 256 runs).
     assert qemu.memory.read(bufs[0].addr, 4) != bytes([FILL]) * 4
@@ -450,19 +430,21 @@ def test_direct_descriptors_followed_by_an_indirect_one(virtio_device, qemu):
     vq = split(drv)
     direct, *tabled = buffers(qemu, [4, 4, 4])
     table = qemu.memory.alloc(2 * SPLIT_DESC.size, tag="indirect table")
-    qemu.qtest.memwrite(
+    length = write_desc_table(
+        qemu.qtest,
         table,
-        _DESC.pack(tabled[0].addr, 4, DESC_F.WRITE.mask | DESC_F.NEXT.mask, 1)
-        + _DESC.pack(tabled[1].addr, 4, DESC_F.WRITE.mask, 0),
+        [
+            SplitDesc(tabled[0].addr, 4, DESC_F.WRITE.mask | DESC_F.NEXT.mask, 1),
+            SplitDesc(tabled[1].addr, 4, DESC_F.WRITE.mask),
+        ],
     )
     head, tail = vq.size - 1, vq.size - 2
-    publish_raw(
-        qemu,
+    publish_by_hand(
         vq,
         head,
         {
-            head: _DESC.pack(direct.addr, 4, DESC_F.WRITE.mask | DESC_F.NEXT.mask, tail),
-            tail: _DESC.pack(table, 2 * SPLIT_DESC.size, DESC_F.INDIRECT.mask, 0),
+            head: SplitDesc(direct.addr, 4, DESC_F.WRITE.mask | DESC_F.NEXT.mask, tail),
+            tail: SplitDesc(table, length, DESC_F.INDIRECT.mask),
         },
     )
     drv.transport.notify(0)
@@ -474,14 +456,14 @@ def test_direct_descriptors_followed_by_an_indirect_one(virtio_device, qemu):
 
 
 @pytest.mark.conformance("vq-packed-processed-in-ring-order", spec="2.8.12")
-@pytest.mark.virtio_device("virtio-rng-pci", rings=("packed",), transports=MODERN_LAYOUT, backend="fifo")
+@pytest.mark.virtio_device("virtio-rng-pci", rings=("packed",), transports=MODERN_LAYOUT_MODES, backend="fifo")
 def test_packed_descriptors_are_processed_in_ring_order(virtio_device, qemu):
     """The device starts processing available descriptors in the order they sit in the ring
     (MUST): four buffers made available at once receive the entropy stream in ring order."""
     drv = virtio_device
     vq = packed(drv)
     bufs = buffers(qemu, [4, 4, 4, 4])
-    data = stream(16, seed=2)
+    data = pattern(16, seed=2)
     qemu.backend(drv.dev_id).write(data)
     tokens = [vq.add([b]) for b in bufs]
     vq.kick()
@@ -493,7 +475,7 @@ def test_packed_descriptors_are_processed_in_ring_order(virtio_device, qemu):
 
 @pytest.mark.conformance("vq-packed-chain-used-in-order", spec="2.8.18")
 @pytest.mark.virtio_device(
-    "virtio-rng-pci", rings=("packed",), transports=MODERN_LAYOUT, backend="fifo", refuse={"INDIRECT_DESC"}
+    "virtio-rng-pci", rings=("packed",), transports=MODERN_LAYOUT_MODES, backend="fifo", refuse={"INDIRECT_DESC"}
 )
 def test_packed_chain_is_used_in_list_order(virtio_device, qemu):
     """The device uses the descriptors of a NEXT-chained list in the order the driver made them
@@ -501,7 +483,7 @@ def test_packed_chain_is_used_in_list_order(virtio_device, qemu):
     drv = virtio_device
     vq = packed(drv)
     bufs = buffers(qemu, [3, 5, 9])
-    data = stream(17, seed=4)
+    data = pattern(17, seed=4)
     qemu.backend(drv.dev_id).write(data)
     free = vq.free_descriptors
     token = vq.add(bufs)
@@ -609,7 +591,7 @@ def _event_idx_run(drv: VirtioDriver, qemu, *, ahead: int, count: int) -> list[b
     for i in range(count):
         tokens.append(vq.add([buf]))
         vq.kick()
-        wait_used_idx(qemu, vq, start + i + 1)
+        wait_used_idx(vq, start + i + 1)
         quiet(qemu, 0.002)
         fired.append(msix.fired(drv.queue_vector(0)))
     for token in tokens:
@@ -655,7 +637,7 @@ def test_event_idx_device_ignores_the_no_interrupt_flag(virtio_device, qemu):
     (buf,) = buffers(qemu, [8])
     token = vq.add([buf])
     vq.kick()
-    wait_used_idx(qemu, vq, vq.last_used + 1)
+    wait_used_idx(vq, vq.last_used + 1)
     quiet(qemu, 0.002)
     assert msix.fired(drv.queue_vector(0)), "NO_INTERRUPT suppressed a notification used_event asked for"
     vq.wait_for(token, timeout=SHORT)
