@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import stat
-import struct
 import subprocess
 import time
 from dataclasses import replace
@@ -49,6 +48,8 @@ from qtest_virtio.fuzz import (
 )
 from qtest_virtio.outcome import Outcome
 from qtest_virtio.reproducer import load, parse, replay
+from qtest_virtio.testing import SplitDesc
+from qtest_virtio.virtqueue.layout import SPLIT_DESC
 from qtest_virtio.vm import Machine
 
 U64 = (1 << 64) - 1
@@ -148,7 +149,7 @@ def _descs(cmds: list[str]) -> list[tuple[int, int, int, int]]:
     for c in cmds:
         op, addr, size, data = [*c.split(" "), "", "", ""][:4]
         if op == "b64write" and 0x10_0000 <= int(addr, 16) < 0x10_1000 and int(size, 16) == 16:
-            out.append(struct.unpack("<QIHH", base64.b64decode(data)))
+            out.append(SPLIT_DESC.struct.unpack(base64.b64decode(data)))
     return out
 
 
@@ -324,13 +325,13 @@ def test_long_chain_outgrows_the_queue() -> None:
     cmds = LongChain(indirect=True, extra=2, length=16).render(t)
     table = base64.b64decode(cmds[0].split(" ")[3])
     assert len(table) == 16 * 130  # queue size + 2 descriptors, linked 0 -> 1 -> ... -> 129
-    assert struct.unpack_from("<QIHH", table, 16 * 129)[2] == 0  # the last ends the chain
+    assert SplitDesc.unpack(table, 16 * 129).flags == 0  # the last ends the chain
     ((_, size, flags, _),) = _descs(cmds[1:2])
     assert size == 16 * 130 and flags == 4  # one INDIRECT descriptor at the head
     direct = _descs(LongChain(indirect=False, extra=0, length=1).render(t))
     assert len(direct) == 0  # written as one 2 KiB block: the whole ring
     ring = base64.b64decode(LongChain(False, 0, 1).render(t)[0].split(" ")[3])
-    assert struct.unpack_from("<QIHH", ring, 16 * 127)[3] == 0  # the last slot points back at the head
+    assert SplitDesc.unpack(ring, 16 * 127).next == 0  # the last slot points back at the head
 
 
 def test_unrecovered_is_written_with_its_check_and_replays_the_same(qemu_binary, tmp_path: Path, monkeypatch) -> None:
@@ -381,7 +382,7 @@ def test_cli_short_campaign_prints_seed_and_finds_nothing(qemu_binary, tmp_path:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--device", "virtio-gpu-pci"], "no fuzz profile for 'virtio-gpu-pci'; known: virtio-rng-pci, virtio-blk-pci"),
+        (["--device", "virtio-gpu-pci"], "no fuzz profile for 'virtio-gpu-pci'; known: virtio-blk-pci, virtio-net-pci"),
         (["--transport", "modrn"], "modrn"),
         (["--seconds", "-1"], "--seconds -1: must be a positive number of seconds (for exactly one round: --rounds 1)"),
         (["--seconds", "0"], "--seconds 0: must be a positive number of seconds"),

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import re
-import struct
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -235,13 +234,14 @@ class Addr:
         return self.offset & 0xFFFFF
 
 
-_DESC = struct.Struct("<QIHH")
-
-
 def _pack_desc(packed: bool, addr: int, length: int, flags: int, link: int) -> bytes:
     """16 bytes of a descriptor: split (addr, len, flags, next) or packed (addr, len, id, flags);
     ``link`` is the next index or the buffer id."""
-    return _DESC.pack(addr, length, link, flags) if packed else _DESC.pack(addr, length, flags, link)
+    return (
+        PACKED_DESC.struct.pack(addr, length, link, flags)
+        if packed
+        else SPLIT_DESC.struct.pack(addr, length, flags, link)
+    )
 
 
 @dataclass(frozen=True)

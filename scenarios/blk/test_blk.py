@@ -27,6 +27,7 @@ from qtest_virtio.devices.blk.encoding import (
     encode_dwz_segment,
     encode_header,
 )
+from qtest_virtio.testing import alloc_bufs
 from qtest_virtio.transport import feature_bit
 from qtest_virtio.virtqueue import Buf
 
@@ -42,11 +43,7 @@ def _chain(qemu, header: bytes, writable: list[int]) -> tuple[list[Buf], list[in
     PATTERN (data buffers, then the status byte last)."""
     hdr = qemu.memory.alloc(len(header), tag="blk scenario header")
     qemu.memory.write(hdr, header)
-    bufs = [Buf(hdr, len(header))]
-    for size in writable:
-        addr = qemu.memory.alloc(size, tag="blk scenario in")
-        qemu.qtest.memset(addr, size, PATTERN)
-        bufs.append(Buf(addr, size, writable=True))
+    bufs = [Buf(hdr, len(header)), *alloc_bufs(qemu.memory, writable, fill=PATTERN, tag="blk scenario in")]
     return bufs, [b.addr for b in bufs]
 
 

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from qtest_virtio.testing import alloc_bufs, pattern
 from qtest_virtio.virtqueue import Buf
 
 pytestmark = pytest.mark.virtio_device("virtio-rng-pci", backend="fifo")
@@ -18,26 +19,16 @@ pytestmark = pytest.mark.virtio_device("virtio-rng-pci", backend="fifo")
 PENDING_WINDOW = 0.05
 
 
-def _stream(n: int, seed: int = 0) -> bytes:
-    """Recognisable bytes: no value repeats within 230 bytes, none is 0 or the 0xEE fill."""
-    return bytes((seed + 7 * i) % 230 + 1 for i in range(n))
-
-
 def _in_buffers(vm, sizes: list[int]) -> list[Buf]:
     """Device-writable buffers filled with 0xEE, so untouched bytes stand out."""
-    bufs = []
-    for size in sizes:
-        addr = vm.memory.alloc(size, tag="rng scenario")
-        vm.qtest.memset(addr, size, 0xEE)
-        bufs.append(Buf(addr, size, writable=True))
-    return bufs
+    return alloc_bufs(vm.memory, sizes, fill=0xEE, tag="rng scenario")
 
 
 @pytest.mark.conformance("rng-fills-buffer-with-entropy", spec="5.4.6.2")
 def test_request_is_filled_from_the_entropy_source(virtio_device, qemu):
     """The device puts at least one random byte into a request buffer, and what it reports as
     used (the used length) is entropy from its source, in order (MUST)."""
-    data = _stream(32)
+    data = pattern(32)
     qemu.backend(virtio_device.dev_id).write(data)
     got = virtio_device.request(32)
     assert 1 <= len(got) <= 32
@@ -49,7 +40,7 @@ def test_partial_fill_is_reported_by_the_used_length(virtio_device, qemu):
     """The device may use less than the whole buffer (MAY); when it does, the used length says
     exactly how many bytes it placed, and those bytes come first in the buffer (MUST, with the
     used-ring rule of §2.7.8.2)."""
-    data = _stream(5, seed=3)
+    data = pattern(5, seed=3)
     qemu.backend(virtio_device.dev_id).write(data)
     got = virtio_device.request(64)
     assert 1 <= len(got) <= len(data)
@@ -67,7 +58,7 @@ def test_request_waits_for_entropy_instead_of_completing_empty(virtio_device, qe
     deadline = time.monotonic() + PENDING_WINDOW
     while time.monotonic() < deadline:
         assert vq.poll_used() is None, "the device returned a request while its entropy source was empty"
-    data = _stream(16, seed=9)
+    data = pattern(16, seed=9)
     qemu.backend(virtio_device.dev_id).write(data)
     elem = vq.wait_for(token)
     assert 1 <= elem.length <= 16
@@ -81,7 +72,7 @@ def test_each_of_several_requests_gets_entropy(virtio_device, qemu):
     vq = virtio_device.queues[0]
     bufs = _in_buffers(qemu, [8, 8, 8, 8])
     tokens = [vq.add([b]) for b in bufs]
-    data = _stream(32, seed=5)
+    data = pattern(32, seed=5)
     qemu.backend(virtio_device.dev_id).write(data)
     vq.kick()
     for n, token in enumerate(tokens):
@@ -99,7 +90,7 @@ def test_chained_buffers_are_filled_from_the_first_one(virtio_device, qemu):
     (MUST), so the buffers read back in chain order as the entropy stream."""
     vq = virtio_device.queues[0]
     bufs = _in_buffers(qemu, [3, 5, 9])
-    data = _stream(17, seed=11)
+    data = pattern(17, seed=11)
     qemu.backend(virtio_device.dev_id).write(data)
     token = vq.add(bufs)
     vq.kick()
