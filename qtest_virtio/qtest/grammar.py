@@ -100,7 +100,7 @@ class Arg:
         """A wire word read as QEMU reads it; ``strict`` also wants the client's range and form."""
         if self.kind is ArgKind.INT:
             lo, hi = (self.lo, self.hi) if strict else (self.wire_lo, self.wire_hi)
-            value = _c_int(op, self.name, word, lo, hi)
+            value = _c_int(op, self.name, word, lo, hi, unsigned=self.wire_lo == 0)
             if strict and word != self.text(value):
                 raise MalformedCommand(op, f"{op}: {self.name} {word!r} is not written {self.text(value)!r}")
             return value
@@ -139,7 +139,7 @@ def check_span(op: str, addr: object, size: object, min_size: int = 1) -> tuple[
     return a, n
 
 
-def _c_int(op: str, what: str, word: str, lo: int, hi: int) -> int:
+def _c_int(op: str, what: str, word: str, lo: int, hi: int, *, unsigned: bool) -> int:
     """``word`` read as QEMU's qemu_strtoul/strtou64/strtoi64 read it (C syntax, base 0: 0x..,
     decimal, 0.. octal; an unsigned conversion wraps a negative number), then range-checked."""
     if not _C_INT_RE.fullmatch(word):
@@ -151,7 +151,7 @@ def _c_int(op: str, what: str, word: str, lo: int, hi: int) -> int:
         value = int(digits, 8 if digits.startswith("0") else 10)
     if word.startswith("-"):
         value = -value
-        if lo == 0 and value >= -U64:
+        if unsigned and value >= -U64:
             value &= U64  # strtoul reads "-1" as ULONG_MAX
     return check_int(op, what, value, lo, hi)
 
