@@ -38,8 +38,7 @@ from typing import Any, NoReturn, TextIO
 from .errors import MalformedCommand, QemuCrashed, QtestError, QtestVirtioError
 from .pci import Bdf, EcamAccess, PciError, PciFunction
 from .pci import regs as pci_regs
-from .qtest import GRAMMAR, ArgKind, Command, CommandSpec, Reply
-from .qtest.grammar import INT64_MAX
+from .qtest import GRAMMAR, INT64_MAX, ArgKind, Command, CommandSpec, Reply
 from .registers import BitLayout, Field, Layout, RegisterBlock
 from .transport import LegacyTransport, ModernTransport, TransportError, device_kind, layout
 from .transport.modern import read_virtio_caps
