@@ -42,6 +42,23 @@ class ClockUnavailable(QtestError):
         )
 
 
+class MalformedCommand(QtestError, ValueError):
+    """A qtest command refused before it is sent: QEMU's qtest server would ``g_assert`` on it
+    (SIGABRT), or a typed call's argument is out of its range. ``str()`` is one line naming the
+    command, the argument and the limit (``outb: value 0x100 is outside 0x0..0xff``). Also a
+    ValueError: a bad argument is a caller's mistake, as for any Python call."""
+
+    def __init__(self, command: str, message: str) -> None:
+        self.command = command
+        self.message = message
+        Exception.__init__(self, message)
+
+
+class UnknownCommand(MalformedCommand):
+    """A line whose first word is no command QEMU's qtest server dispatches (it answers such a
+    line ``FAIL Unknown command``, so a replay may still send it)."""
+
+
 class QemuStartError(QtestVirtioError):
     """QEMU refused the command line or never became ready; carries QEMU's own message."""
 

@@ -8,18 +8,20 @@ write a fuzzer find as C calls, and a bug report often pastes one::
     qtest_quit(s);
 
 ``qtest_init("...")`` (or ``qtest_initf`` with constant arguments) is the command line; each call
-becomes the qtest line libqtest (tests/qtest/libqtest.c) sends for it; ``qtest_quit`` ends the
-test. A file with several tests replays its first one. Only constant arguments can be replayed.
+becomes the qtest line libqtest (tests/qtest/libqtest.c) sends for it, written by the grammar
+(``Command.unchecked``: the reproducer's validation judges it with the file's other lines);
+``qtest_quit`` ends the test. A file with several tests replays its first one. Only constant
+arguments can be replayed.
 """
 
 from __future__ import annotations
 
 import ast
-import base64
 import re
 from dataclasses import dataclass, field
 
 from .errors import ScenarioError
+from .qtest import Command
 
 _INIT_RE = re.compile(r"\bqtest_(init|initf)\s*\(")
 _CALL_RE = re.compile(r"\bqtest_(\w+)\s*\(")
@@ -198,47 +200,46 @@ def _command(name: str, a: list[str], path: str, line: int) -> str | None:
         if len(a) != k:
             raise ScenarioError(f"qtest_{name} takes {k + 1} arguments, got {len(a) + 1}", path=path, line=line)
 
-    if re.fullmatch(r"out[bwl]", name):
+    def num(i: int) -> int:
+        return _int(a[i], path, line)
+
+    def text(i: int) -> str:
+        return _string(a[i], path, line).decode("latin-1")
+
+    if re.fullmatch(r"out[bwl]|write[bwlq]", name):
         want(2)
-        return f"{name} {_int(a[0], path, line):#x} {_int(a[1], path, line):#x}"
+        return Command.unchecked(name, num(0), num(1)).encode()
     if re.fullmatch(r"in[bwl]|read[bwlq]", name):
         want(1)
-        return f"{name} {_int(a[0], path, line):#x}"
-    if re.fullmatch(r"write[bwlq]", name):
-        want(2)
-        return f"{name} {_int(a[0], path, line):#x} {_int(a[1], path, line):#x}"
+        return Command.unchecked(name, num(0)).encode()
     if name in ("bufwrite", "memwrite"):
         want(3)
-        addr, data, size = _int(a[0], path, line), _string(a[1], path, line), _int(a[2], path, line)
+        addr, data, size = num(0), _string(a[1], path, line), num(2)
         if size > len(data) + 1:  # the literal's NUL is the one byte past it C may read
             raise ScenarioError(
                 f"qtest_{name}: size {size} is more than the {len(data)} bytes given", path=path, line=line
             )
         data = (data + b"\0")[:size]
-        if name == "memwrite":
-            return f"write {addr:#x} {size:#x} 0x{data.hex()}"
-        return f"b64write {addr:#x} {size:#x} {base64.b64encode(data).decode('ascii')}"
+        return Command.unchecked("write" if name == "memwrite" else "b64write", addr, size, data).encode()
     if name in ("bufread", "memread"):
         want(3)
-        op = "b64read" if name == "bufread" else "read"
-        return f"{op} {_int(a[0], path, line):#x} {_int(a[2], path, line):#x}"
+        return Command.unchecked("b64read" if name == "bufread" else "read", num(0), num(2)).encode()
     if name == "memset":
         want(3)
-        return f"memset {_int(a[0], path, line):#x} {_int(a[2], path, line):#x} {_int(a[1], path, line):#x}"
+        return Command.unchecked("memset", num(0), num(2), num(1)).encode()
     if name == "clock_step_next":
         want(0)
-        return "clock_step"
+        return Command.unchecked("clock_step").encode()
     if name in ("clock_step", "clock_set"):
         want(1)
-        return f"{name} {_int(a[0], path, line)}"
+        return Command.unchecked(name, num(0)).encode()
     if name in ("irq_intercept_in", "irq_intercept_out"):
         want(1)
-        return f"{name} {_string(a[0], path, line).decode('latin-1')}"
+        return Command.unchecked(name, text(0)).encode()
     if name == "set_irq_in":
         want(4)
-        qom = _string(a[0], path, line).decode("latin-1")
-        gpio = "unnamed-gpio-in" if a[1] == "NULL" else _string(a[1], path, line).decode("latin-1")
-        return f"set_irq_in {qom} {gpio} {_int(a[2], path, line)} {_int(a[3], path, line)}"
+        gpio = "unnamed-gpio-in" if a[1] == "NULL" else text(1)
+        return Command.unchecked("set_irq_in", text(0), gpio, num(2), num(3)).encode()
     if name in _QUERIES:
         return None
     raise ScenarioError(

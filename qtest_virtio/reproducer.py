@@ -16,10 +16,11 @@ between), which also rejoins fuzzer reproducers wrapped at 72 columns in the mid
 base64 token. The binary named in the file is replaced by the one under test (x86_64 stands in
 for i386); ``-qtest stdio`` by our own socket; ``accel=qtest`` / ``-accel qtest`` are dropped
 where the binary lacks the qtest accelerator (then TCG with ``-S``, as the Machine layer does).
-Each command is checked against QEMU's own argument assertions (:func:`.qtest.check_line`): one
-QEMU would abort on makes the file malformed, not QEMU crashed. After the last command QEMU runs a
-settle period (:func:`~qtest_virtio.outcome.settle`) before the verdict, and the run is judged by
-the classifier the fuzzer uses too (:class:`~qtest_virtio.outcome.Judge`).
+Each command is checked against QEMU's own argument assertions (``Command.parse(line,
+strict=False)``, :mod:`.qtest.grammar`): one QEMU would abort on makes the file malformed, not
+QEMU crashed. After the last command QEMU runs a settle period (:func:`~qtest_virtio.outcome.settle`)
+before the verdict, and the run is judged by the classifier the fuzzer uses too
+(:class:`~qtest_virtio.outcome.Judge`).
 """
 
 from __future__ import annotations
@@ -33,12 +34,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from .binary import QemuBinary
-from .errors import QemuCrashed, QemuStartError, ScenarioError
+from .errors import MalformedCommand, QemuCrashed, QemuStartError, ScenarioError, UnknownCommand
 from .fuzz.corpus import RecoveryCheck, recovery_check
 from .libqtest import looks_like_c, parse_c
 from .machine import MachineSpec, QemuMachine
 from .outcome import DEFAULT_SETTLE, EXIT_PRECEDENCE, Judge, Outcome, check_recovery, settle
-from .qtest import COMMANDS, check_line
+from .qtest import COMMANDS, Command
 
 #: A shell prompt pasted before a command: ``$ ``, ``user@host:~/qemu$ ``.
 _PROMPT = r"(?:\S*\$\s+)?"
@@ -243,12 +244,15 @@ def _from_c(text: str, path: str) -> Reproducer:
 
 
 def _checked(rep: Reproducer) -> Reproducer:
-    """``rep``, once each command passed the qtest client's check of QEMU's own assertions: a
-    command QEMU would abort on makes the file malformed (exit 128), not a QEMU crash."""
+    """``rep``, once each command passed the grammar's check of QEMU's own assertions: a
+    command QEMU would abort on makes the file malformed (exit 128), not a QEMU crash. An
+    unknown command passes: QEMU answers it FAIL."""
     for n, command in rep.commands:
         try:
-            check_line(command)
-        except ValueError as exc:
+            Command.parse(command, strict=False)
+        except UnknownCommand:
+            pass
+        except MalformedCommand as exc:
             raise ScenarioError(
                 f"malformed qtest command {command[:60]!r}: {exc} (QEMU's qtest server would abort on it: "
                 "a broken reproducer, not a QEMU bug)",

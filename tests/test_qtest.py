@@ -1,4 +1,4 @@
-"""The qtest wire client (qtest_virtio/qtest.py) against a real QEMU: no fakes.
+"""The qtest wire client (qtest_virtio/qtest/client.py) against a real QEMU: no fakes.
 
 Every test starts its own QEMU through the plugin's fixtures (~40 ms each) so that a test which
 kills, stops or confuses QEMU cannot leak into the next one.
@@ -26,6 +26,7 @@ from qtest_virtio import (
     QtestVirtioError,
 )
 from qtest_virtio.binary import QemuBinary
+from qtest_virtio.errors import MalformedCommand
 from qtest_virtio.qtest import READ_CHUNK, WRITE_CHUNK, QtestClient
 
 MachineFactory = Callable[..., Machine]
@@ -269,9 +270,9 @@ BAD_CALLS: list[Any] = [
     pytest.param(lambda q: q.outb(0x10000, 0), "port", id="outb-port>0xffff"),
     pytest.param(lambda q: q.inl(0x10000), "port", id="inl-port>0xffff"),
     pytest.param(lambda q: q.inb(-1), "port", id="inb-negative-port"),
-    pytest.param(lambda q: q.readl(-4), "address", id="readl-negative-address"),
-    pytest.param(lambda q: q.writeq(-8, 0), "address", id="writeq-negative-address"),
-    pytest.param(lambda q: q.readq(1 << 64), "address", id="readq-address>64bit"),
+    pytest.param(lambda q: q.readl(-4), "readl: addr -0x4 is outside", id="readl-negative-address"),
+    pytest.param(lambda q: q.writeq(-8, 0), "writeq: addr -0x8 is outside", id="writeq-negative-address"),
+    pytest.param(lambda q: q.readq(1 << 64), "readq: addr 0x10000000000000000 is outside", id="readq-address>64bit"),
     pytest.param(lambda q: q.outb(0x80, 0x100), "value", id="outb-value-too-wide"),
     pytest.param(lambda q: q.outw(0x80, 0x10000), "value", id="outw-value-too-wide"),
     pytest.param(lambda q: q.outl(0x80, 1 << 32), "value", id="outl-value-too-wide"),
@@ -302,12 +303,14 @@ BAD_CALLS: list[Any] = [
 
 @pytest.mark.parametrize(("call", "what"), BAD_CALLS)
 def test_bad_argument_raises_before_sending(qemu: Machine, call: Call, what: str) -> None:
-    """Each malformed argument is a ValueError raised before sending: QEMU would g_assert on it."""
+    """Each malformed argument is a ValueError (the grammar's one-line MalformedCommand) raised
+    before sending: QEMU would g_assert on it."""
     q = qemu.qtest
     history = len(q.history)
     sent = q.commands_sent
-    with pytest.raises(ValueError, match=what):
+    with pytest.raises(ValueError, match=what) as info:
         call(q)
+    assert isinstance(info.value, MalformedCommand) and "\n" not in str(info.value)
     assert q.commands_sent == sent
     assert len(q.history) == history
     assert qemu.alive

@@ -28,7 +28,8 @@ from procutil import start_time as _starttime
 from procutil import state as _state
 
 from qtest_virtio import Machine, MachineSpec, QemuCrashed
-from qtest_virtio.app.shell import RawCommand, Shell, ShellError, _raw_table, hexdump, parse_int, parse_raw
+from qtest_virtio.app.shell import Shell, ShellError, _raw_table, hexdump, parse_int, parse_raw
+from qtest_virtio.qtest import CommandSpec
 
 PROMPT = r"\(qtest[^)]*\) "
 UP = "\x1b[A"
@@ -452,7 +453,7 @@ def test_shell_core_end_of_input_is_exit_0(machine_factory) -> None:  # type: ig
 
 # -- pure parts -------------------------------------------------------------------------------------
 
-TABLE: dict[str, RawCommand] = _raw_table(256 << 20)
+TABLE: dict[str, CommandSpec] = _raw_table(256 << 20)
 
 
 @pytest.mark.parametrize(

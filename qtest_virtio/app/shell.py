@@ -19,7 +19,6 @@ runs it stand-alone with the same options.
 from __future__ import annotations
 
 import argparse
-import base64
 import binascii
 import contextlib
 import difflib
@@ -34,9 +33,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from ..errors import QemuCrashed, QtestError, QtestVirtioError, UsageError
+from ..errors import MalformedCommand, QemuCrashed, QtestError, QtestVirtioError, UsageError
 from ..pci import Bdf, EcamAccess, PciError, PciFunction
 from ..pci import regs as pci_regs
+from ..qtest import GRAMMAR, INT64_MAX, ArgKind, Command, CommandSpec, Reply
 from ..registers import BitLayout, Field, Layout, RegisterBlock
 from ..transport import LegacyTransport, ModernTransport, TransportError, device_kind, layout
 from ..transport.modern import read_virtio_caps
@@ -54,8 +54,6 @@ MAX_WRITE = 1 << 20
 DEFAULT_TIMEOUT = 10.0
 EXIT_INTERRUPTED = 130
 
-U8, U16, U32, U64 = 0xFF, 0xFFFF, 0xFFFF_FFFF, 0xFFFF_FFFF_FFFF_FFFF
-_INT64_MAX = (1 << 63) - 1
 _BDF_RE = re.compile(r"^(?:[0-9a-fA-F]{4}:)?[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$")
 _ASSIGN_RE = re.compile(r"^([A-Za-z_][\w.\[\]]*)\s*(?:=\s*(\S.*?))?\s*$")
 
@@ -114,61 +112,18 @@ def _first_line(exc: BaseException) -> str:
 # -- raw qtest commands -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Arg:
-    name: str
-    kind: str  # "int", "word", "hex" (0x-prefixed bytes), "b64"
-    lo: int = 0
-    hi: int = 0
-
-
-@dataclass(frozen=True)
-class RawCommand:
-    """How one qtest command is checked and its reply decoded."""
-
-    name: str
-    args: tuple[_Arg, ...]
-    reply: str  # "ok", "int", "hex", "b64", "text", "ns"
-    width: int = 0  # bytes of an "int" reply
-    optional: int = 0  # trailing arguments that may be left out
-    space: str = ""  # "io" or "mem": the first argument's address space, for naming it
-
-    def usage(self) -> str:
-        names = [a.name.upper() for a in self.args]
-        if self.optional:
-            names[-self.optional :] = [f"[{n}]" for n in names[-self.optional :]]
-        return " ".join([self.name, *names])
-
-
-def _raw_table(max_memset: int) -> dict[str, RawCommand]:
-    port, addr = _Arg("port", "int", 0, U16), _Arg("addr", "int", 0, U64)
-    limits = {"b": U8, "w": U16, "l": U32, "q": U64}
-    widths = {"b": 1, "w": 2, "l": 4, "q": 8}
-    table: dict[str, RawCommand] = {}
-    for s in "bwl":
-        table[f"out{s}"] = RawCommand(f"out{s}", (port, _Arg("value", "int", 0, limits[s])), "ok", space="io")
-        table[f"in{s}"] = RawCommand(f"in{s}", (port,), "int", widths[s], space="io")
-    for s in "bwlq":
-        table[f"write{s}"] = RawCommand(f"write{s}", (addr, _Arg("value", "int", 0, limits[s])), "ok", space="mem")
-        table[f"read{s}"] = RawCommand(f"read{s}", (addr,), "int", widths[s], space="mem")
-    dump = _Arg("size", "int", 1, MAX_DUMP)
-    put = _Arg("size", "int", 1, MAX_WRITE)
-    table["read"] = RawCommand("read", (addr, dump), "hex")
-    table["b64read"] = RawCommand("b64read", (addr, dump), "b64")
-    table["write"] = RawCommand("write", (addr, put, _Arg("data", "hex")), "ok")
-    table["b64write"] = RawCommand("b64write", (addr, put, _Arg("data", "b64")), "ok")
-    table["memset"] = RawCommand(
-        "memset", (addr, _Arg("size", "int", 0, max_memset), _Arg("value", "int", 0, U8)), "ok"
-    )
-    table["endianness"] = RawCommand("endianness", (), "text")
-    ns = _Arg("ns", "int", 0, _INT64_MAX)
-    table["clock_step"] = RawCommand("clock_step", (ns,), "ns", optional=1)
-    table["clock_set"] = RawCommand("clock_set", (ns,), "ns")
-    qom = _Arg("qom_path", "word")
-    table["irq_intercept_in"] = RawCommand("irq_intercept_in", (qom,), "ok")
-    table["irq_intercept_out"] = RawCommand("irq_intercept_out", (qom, _Arg("gpio_name", "word")), "ok", optional=1)
-    table["module_load"] = RawCommand("module_load", (_Arg("prefix", "word"), _Arg("name", "word")), "ok")
-    return table
+def _raw_table(max_memset: int) -> dict[str, CommandSpec]:
+    """The grammar's commands the shell sends, with the shell's own limits on top of QEMU's."""
+    dump, put = (1, MAX_DUMP), (1, MAX_WRITE)
+    limits: dict[str, dict[str, tuple[int, int]]] = {
+        "read": {"size": dump},
+        "b64read": {"size": dump},
+        "write": {"size": put},
+        "b64write": {"size": put},
+        "memset": {"size": (0, max_memset)},
+        "clock_step": {"ns": (0, INT64_MAX)},  # a step of 0 is QEMU's to refuse (FAIL)
+    }
+    return {n: spec.with_limits(**limits.get(n, {})) for n, spec in GRAMMAR.items() if n not in REFUSED_RAW}
 
 
 #: Commands QEMU accepts that the shell will not send: QEMU asserts on arguments nobody can
@@ -179,47 +134,45 @@ REFUSED_RAW = {
 }
 
 
-def parse_raw(words: Sequence[str], table: dict[str, RawCommand]) -> tuple[RawCommand, str, bytes | None]:
+def parse_raw(words: Sequence[str], table: dict[str, CommandSpec]) -> tuple[Command, str, bytes | None]:
     """Check a raw qtest command; return it, its canonical wire form, and the data it writes.
 
-    Raises ShellError with a message naming the argument: nothing malformed reaches QEMU.
+    Numbers are read the shell's way (:func:`parse_int`), data as hex or base64; the grammar
+    then checks them against ``table``'s limits. Raises ShellError with a message naming the
+    argument: nothing malformed reaches QEMU.
     """
     op = words[0]
     cmd = table[op]
     given = list(words[1:])
-    need = len(cmd.args) - cmd.optional
-    if not need <= len(given) <= len(cmd.args):
-        count = f"{need}" if not cmd.optional else f"{need} to {len(cmd.args)}"
-        raise ShellError(f"{op} takes {count} argument(s), got {len(given)}; usage: {cmd.usage()}")
-    out: list[str] = [op]
-    values: dict[str, int] = {}
+    values: list[int | str | bytes] = []
     data: bytes | None = None
-    for arg, text in zip(cmd.args, given, strict=False):
-        if arg.kind == "int":
-            value = parse_int(text, f"{op}: {arg.name}")
-            if not arg.lo <= value <= arg.hi:
-                raise ShellError(f"{op}: {arg.name} {value:#x} is outside {arg.lo:#x}..{arg.hi:#x}")
-            values[arg.name] = value
-            out.append(str(value) if arg.name == "ns" else f"{value:#x}")
-        elif arg.kind == "word":
-            out.append(text)
-        elif arg.kind == "hex":
-            digits = text[2:] if text.lower().startswith("0x") else text
-            if not re.fullmatch(r"[0-9a-fA-F]*", digits) or len(digits) % 2:
-                raise ShellError(f"{op}: data {text!r} is not hex bytes (like 0xdeadbeef)")
-            data = bytes.fromhex(digits)
-            out.append("0x" + data.hex())
-        else:
-            try:
-                data = binascii.a2b_base64(text.encode("ascii"), strict_mode=True)
-            except (binascii.Error, UnicodeEncodeError):
-                raise ShellError(f"{op}: data {text!r} is not base64") from None
-            out.append(base64.b64encode(data).decode("ascii"))
-    if data is not None and len(data) != values["size"]:
-        raise ShellError(f"{op}: size {values['size']:#x} but the data has {len(data):#x} bytes")
-    if "addr" in values and "size" in values and values["addr"] + max(values["size"], 1) - 1 > U64:
-        raise ShellError(f"{op}: {values['addr']:#x}+{values['size']:#x} wraps past the end of the address space")
-    return cmd, " ".join(out), data
+    try:
+        cmd.check_count(len(given))
+        for arg, text in zip(cmd.args, given, strict=False):
+            if arg.kind is ArgKind.INT:
+                values.append(parse_int(text, f"{op}: {arg.name}"))
+            elif arg.kind is ArgKind.WORD:
+                values.append(text)
+            else:
+                data = _raw_data(op, arg.kind, text)
+                values.append(data)
+        command = cmd.build(*values)
+    except MalformedCommand as exc:
+        raise ShellError(str(exc)) from None
+    return command, command.encode(), data
+
+
+def _raw_data(op: str, kind: ArgKind, text: str) -> bytes:
+    """Data typed at the shell: hex bytes (``0x`` optional, any case) or base64."""
+    if kind is ArgKind.HEX:
+        digits = text[2:] if text.lower().startswith("0x") else text
+        if not re.fullmatch(r"[0-9a-fA-F]*", digits) or len(digits) % 2:
+            raise ShellError(f"{op}: data {text!r} is not hex bytes (like 0xdeadbeef)")
+        return bytes.fromhex(digits)
+    try:
+        return binascii.a2b_base64(text.encode("ascii"), strict_mode=True)
+    except (binascii.Error, UnicodeEncodeError):
+        raise ShellError(f"{op}: data {text!r} is not base64") from None
 
 
 # -- what the shell knows about one PCI function -----------------------------------------------
@@ -573,38 +526,23 @@ class Shell:
     # -- raw commands ---------------------------------------------------------------------
 
     def _raw(self, words: list[str]) -> None:
-        cmd, wire, _ = parse_raw(words, self.raw)
+        command, wire, _ = parse_raw(words, self.raw)
         reply = self.vm.qtest.command(wire)
-        where = ""
+        cmd, where = command.spec, ""
         if cmd.space:
-            name = self.name_address(cmd.space, parse_int(words[1]))
+            name = self.name_address(cmd.space, command.get_int(cmd.args[0].name))
             where = f"  [{name}]" if name else ""
-        if cmd.reply == "int":
-            self.say(f"{fmt_int(int(reply, 16), cmd.width)}{where}")
-        elif cmd.reply == "ns":
-            self.say(f"{int(reply)} ns")
-        elif cmd.reply in ("hex", "b64"):
-            addr, size = parse_int(words[1]), parse_int(words[2])
-            raw = self._decode_buffer(cmd.reply, wire, reply, size)
-            for text in hexdump(raw, addr):
+        if cmd.reply is Reply.INT:
+            self.say(f"{fmt_int(command.reply_int(reply.encode('ascii')), cmd.width)}{where}")
+        elif cmd.reply is Reply.NS:
+            self.say(f"{command.reply_int(reply.encode('ascii'))} ns")
+        elif cmd.reply in (Reply.HEX, Reply.B64):
+            for text in hexdump(command.reply_bytes(reply.encode("ascii")), command.get_int("addr")):
                 self.say(text)
-        elif cmd.reply == "text":
+        elif cmd.reply is Reply.TEXT:
             self.say(reply)
         else:
             self.say(f"OK{where}")
-
-    @staticmethod
-    def _decode_buffer(kind: str, wire: str, reply: str, size: int) -> bytes:
-        try:
-            if kind == "hex":
-                raw = bytes.fromhex(reply[2:] if reply.startswith("0x") else reply)
-            else:
-                raw = binascii.a2b_base64(reply)
-        except (ValueError, binascii.Error) as exc:
-            raise QtestError(wire, f"undecodable reply: {exc}") from None
-        if len(raw) != size:
-            raise QtestError(wire, f"asked for {size} bytes, got {len(raw)}")
-        return raw
 
     def name_address(self, space: str, addr: int) -> str:
         """The register (or BAR) an I/O port or memory address falls on, if the shell knows it."""

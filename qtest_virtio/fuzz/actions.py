@@ -3,19 +3,20 @@
 bounds), to raw qtest command lines.
 
 Rendered commands are always well-formed (QEMU's qtest server asserts on malformed lines, and
-that would be a harness bug): :func:`validate_command` is the check, mirroring ``QtestClient``.
+that would be a harness bug): :func:`validate_command` is the check, the grammar's strict
+``Command.parse`` (the lines the client itself writes).
 """
 
 from __future__ import annotations
 
-import base64
-import re
 from dataclasses import dataclass, replace
 from typing import Any
 
 from ..devices.registry import FuzzRequest
+from ..errors import MalformedCommand
 from ..pci.config import CONFIG_ADDRESS_PORT, CONFIG_DATA_PORT
 from ..pci.regs import CONFIG_SPACE_SIZE, MSIX_ENTRY
+from ..qtest import Command, Space, access
 from ..transport.layout import COMMON_CFG, LEGACY_CFG, STATUS, VIRTIO_PCI_CFG_CAP
 from ..virtqueue.layout import (
     DESC_F,
@@ -34,58 +35,19 @@ Request = FuzzRequest
 
 # -- qtest command validation ------------------------------------------------------------------
 
-_WIDTH_OPS = {
-    "writeb": (U64, 0xFF),
-    "writew": (U64, 0xFFFF),
-    "writel": (U64, U32),
-    "writeq": (U64, U64),
-    "outb": (U16, 0xFF),
-    "outw": (U16, 0xFFFF),
-    "outl": (U16, U32),
-}
-_READ_OPS = {"readb": U64, "readw": U64, "readl": U64, "readq": U64, "inb": U16, "inw": U16, "inl": U16}
-_INT_RE = re.compile(r"^0x[0-9a-f]+$")
-
-
-def _num(cmd: str, word: str, limit: int) -> int:
-    if not _INT_RE.match(word):
-        raise ValueError(f"{cmd!r}: {word!r} is not a lower-case hex number")
-    value = int(word, 16)
-    if value > limit:
-        raise ValueError(f"{cmd!r}: {word} is above {limit:#x}")
-    return value
+#: The commands actions render; anything else in a rendering is a harness bug.
+FUZZ_OPS = frozenset(
+    {"writeb", "writew", "writel", "writeq", "outb", "outw", "outl"}
+    | {"readb", "readw", "readl", "readq", "inb", "inw", "inl", "b64write", "endianness"}
+)
 
 
 def validate_command(cmd: str) -> None:
-    """Raise ValueError unless ``cmd`` is a qtest line QEMU's server parses without asserting:
-    one line, single spaces, a known op with the right number of in-range hex arguments (the
-    rules ``QtestClient`` applies to its typed methods)."""
-    if not cmd or "\n" in cmd or "\r" in cmd or "  " in cmd or cmd != cmd.strip(" "):
-        raise ValueError(f"malformed qtest command {cmd!r}: one line, single spaces")
-    words = cmd.split(" ")
-    op, args = words[0], words[1:]
-    if op in _WIDTH_OPS:
-        where, limit = _WIDTH_OPS[op]
-        if len(args) != 2:
-            raise ValueError(f"{cmd!r}: {op} takes an address and a value")
-        _num(cmd, args[0], where)
-        _num(cmd, args[1], limit)
-    elif op in _READ_OPS:
-        if len(args) != 1:
-            raise ValueError(f"{cmd!r}: {op} takes one address")
-        _num(cmd, args[0], _READ_OPS[op])
-    elif op == "b64write":
-        if len(args) != 3:
-            raise ValueError(f"{cmd!r}: b64write takes address, size and data")
-        addr, size = _num(cmd, args[0], U64), _num(cmd, args[1], U64)
-        data = base64.b64decode(args[2], validate=True)
-        if size == 0 or len(data) != size or addr + size - 1 > U64:
-            raise ValueError(f"{cmd!r}: size {size} does not match {len(data)} bytes of data, or wraps")
-    elif op == "endianness":
-        if args:
-            raise ValueError(f"{cmd!r}: endianness takes no argument")
-    else:
-        raise ValueError(f"{cmd!r}: {op!r} is not an op the fuzzer renders")
+    """Raise :class:`MalformedCommand` (a ValueError) unless ``cmd`` is a line the client itself
+    would write (the grammar's strict parse) and one of the ops actions render."""
+    command = Command.parse(cmd)
+    if command.name not in FUZZ_OPS:
+        raise MalformedCommand(command.name, f"{cmd!r}: {command.name!r} is not an op the fuzzer renders")
 
 
 # -- the target: where the device's registers and rings are ------------------------------------
@@ -103,19 +65,17 @@ class Window:
     def _where(self, offset: int) -> int:
         return (self.base + offset) & (U16 if self.io else U64)
 
+    @property
+    def space(self) -> Space:
+        return Space.IO if self.io else Space.MEM
+
     def read(self, offset: int, width: int) -> str:
-        if self.io:
-            op = {1: "inb", 2: "inw"}.get(width, "inl")  # no 8-byte port access on x86
-        else:
-            op = {1: "readb", 2: "readw", 4: "readl"}.get(width, "readq")
-        return f"{op} {self._where(offset):#x}"
+        """The access of ``width`` bytes (the widest there is beyond it: ports stop at 4)."""
+        return access(self.space, width, write=False).build(self._where(offset)).encode()
 
     def write(self, offset: int, width: int, value: int) -> str:
-        if self.io:
-            op, w = {1: ("outb", 1), 2: ("outw", 2)}.get(width, ("outl", 4))
-        else:
-            op, w = {1: ("writeb", 1), 2: ("writew", 2), 4: ("writel", 4)}.get(width, ("writeq", 8))
-        return f"{op} {self._where(offset):#x} {value & ((1 << (8 * w)) - 1):#x}"
+        spec = access(self.space, width, write=True)
+        return spec.build(self._where(offset), value & spec.arg("value").hi).encode()
 
 
 def _mem_write(addr: int, data: bytes) -> str:
@@ -123,11 +83,11 @@ def _mem_write(addr: int, data: bytes) -> str:
     data = data[: U64 - addr + 1] or b"\0"
     if addr + len(data) - 1 > U64:
         addr = U64 - len(data) + 1
-    return f"b64write {addr:#x} {len(data):#x} {base64.b64encode(data).decode('ascii')}"
+    return Command.build("b64write", addr, len(data), data).encode()
 
 
 def _writew(addr: int, value: int) -> str:
-    return f"writew {addr & U64:#x} {value & U16:#x}"
+    return Command.build("writew", addr & U64, value & U16).encode()
 
 
 @dataclass(frozen=True)
