@@ -202,21 +202,18 @@ class VirtioPciMap:
             kind = DeviceKind.TRANSITIONAL if has_modern else DeviceKind.LEGACY
         msix = MsixCapability.find(fn)
         msix_table = msix_pba = None
-        if msix is not None:
-
-            def access_of(index: int) -> Access:
-                bar = bars.get(index)
-                return Access.IO if bar is not None and bar.is_io else Access.MEM
-
+        if msix is not None and msix.table_bar in bars and msix.pba_bar in bars:
+            table_bar, pba_bar = bars[msix.table_bar], bars[msix.pba_bar]
             msix_table = Window(
                 "msix_table",
-                access_of(msix.table_bar),
+                Access.IO if table_bar.is_io else Access.MEM,
                 msix.table_bar,
                 msix.table_offset,
                 msix.table_bytes,
                 pci_regs.MSIX_ENTRY,
             )
-            msix_pba = Window("msix_pba", access_of(msix.pba_bar), msix.pba_bar, msix.pba_offset, msix.pba_bytes, None)
+            pba_access = Access.IO if pba_bar.is_io else Access.MEM
+            msix_pba = Window("msix_pba", pba_access, msix.pba_bar, msix.pba_offset, msix.pba_bytes, None)
         return cls(
             fn=fn,
             kind=kind,
