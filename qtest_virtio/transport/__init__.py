@@ -69,8 +69,8 @@ def open_transport(fn: PciFunction, mode: str, *, notify_via: str = "mmio") -> V
     kind = device_kind(fn)
     if kind != _KIND_FOR_MODE[mode]:
         raise TransportError(
-            f"{fn.bdf} is a {kind} virtio device but mode {mode!r} drives a {_KIND_FOR_MODE[mode]} one "
-            f"(build it with MachineSpec.add_virtio(..., mode={mode!r}))"
+            f"{fn.bdf} is a {kind} virtio device but mode '{mode}' drives a {_KIND_FOR_MODE[mode]} one "
+            f"(build it with MachineSpec.add_virtio(..., mode='{mode}'))"
         )
     if modes.USES_LEGACY_LAYOUT[mode]:
         return LegacyTransport(fn, mode)

@@ -29,7 +29,7 @@ class LegacyTransport(VirtioTransport):
         if self.map.legacy is None:
             raise TransportError(
                 f"{fn.bdf} has no legacy I/O BAR0: the device is modern-only (disable-legacy=on), "
-                f"mode {mode!r} needs a legacy or transitional device"
+                f"mode '{mode}' needs a legacy or transitional device"
             )
         self.regs = self.map.block(self.map.legacy)
 

@@ -27,7 +27,7 @@ class ModernTransport(VirtioTransport):
         if vmap.common is None or vmap.isr is None:
             raise TransportError(
                 f"{fn.bdf} has no virtio common/ISR capability: the device is legacy-only "
-                f"(disable-modern=on), mode {mode!r} needs a modern or transitional device"
+                f"(disable-modern=on), mode '{mode}' needs a modern or transitional device"
             )
         if notify_via not in ("mmio", "pio"):
             raise ValueError(f"notify_via must be 'mmio' or 'pio', not {notify_via!r}")
