@@ -354,6 +354,10 @@ def test_pci_map_matches_the_capability_list(machine_factory, machine: str, mode
         got = {name: (w.access, w.bar, w.offset, w.length) for name, w in vmap.windows().items()}
         want = _expected_windows(fn)
         assert got == want, f"{dev_id} {mode}"
+        raw_bar_caps = [c for c in _raw_caps(fn) if c["id"] == 0x09 and c["cfg_type"] != 5]
+        assert [(w.cap and w.cap.cfg_type, w.bar, w.offset, w.length) for w in vmap.cap_windows] == [
+            (c["cfg_type"], c["bar"], c["offset"], c["length"]) for c in raw_bar_caps
+        ]
         modern_layout = mode != modes.LEGACY
         assert {"common", "notify", "isr", "device", "pci_cfg"} <= set(got) if modern_layout else "common" not in got
         assert vmap.has_legacy_bar == (mode != modes.MODERN) == ("legacy" in got)

@@ -100,6 +100,11 @@ class ModernTransport(VirtioTransport):
         self.select_queue(queue)
         return self.common.read(COMMON_CFG.queue_enable) == 1
 
+    @property
+    def notify_off_multiplier(self) -> int:
+        """The multiplier of the notify structure this transport kicks through (§4.1.4.4)."""
+        return self._notify_multiplier
+
     def notify_address(self, queue: int) -> tuple[int, int]:
         """(BAR, offset) the driver writes to notify ``queue`` (§4.1.4.4)."""
         if queue not in self._notify_offsets:

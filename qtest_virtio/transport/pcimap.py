@@ -137,6 +137,9 @@ class VirtioPciMap:
     fn: PciFunction
     kind: DeviceKind
     caps: tuple[VirtioCap, ...]
+    #: A window for every capability in a sized BAR (all but the PCI cfg one), in list order,
+    #: named as the spec names its type ("common_cfg", "notify_cfg", "shared_memory_cfg", ...).
+    cap_windows: tuple[Window[None], ...]
     msix: MsixCapability | None
     common: Window[vlayout.CommonCfgLayout] | None
     notify: Window[None] | None
@@ -163,19 +166,20 @@ class VirtioPciMap:
         bars = {b.index: b for b in fn.bars}
         caps = decode_virtio_caps(fn)
 
-        def window(name: str, cap: VirtioCap, want: Access | None = None) -> Window[None] | None:
-            bar = bars.get(cap.bar)
-            if bar is None:
-                return None
-            access = Access.IO if bar.is_io else Access.MEM
-            if want is not None and access != want:
-                return None
-            return Window(name, access, cap.bar, cap.offset, cap.length, None, cap)
+        # One window per capability in a sized BAR, named as the spec names its type.
+        def access(index: int) -> Access:
+            return Access.IO if bars[index].is_io else Access.MEM
+
+        cap_windows = tuple(
+            Window(cap.name, access(cap.bar), cap.bar, cap.offset, cap.length, None, cap)
+            for cap in caps
+            if cap.cfg_type != vlayout.CFG_TYPE_PCI and cap.bar in bars
+        )
 
         def first(name: str, cfg_type: int, want: Access | None = None) -> Window[None] | None:
-            for cap in caps:
-                if cap.cfg_type == cfg_type and (w := window(name, cap, want)) is not None:
-                    return w
+            for w in cap_windows:
+                if w.cap is not None and w.cap.cfg_type == cfg_type and want in (None, w.access):
+                    return Window(name, w.access, w.bar, w.offset, w.length, None, w.cap)
             return None
 
         common_w = first("common", vlayout.CFG_TYPE_COMMON)
@@ -203,21 +207,20 @@ class VirtioPciMap:
         msix = MsixCapability.find(fn)
         msix_table = msix_pba = None
         if msix is not None and msix.table_bar in bars and msix.pba_bar in bars:
-            table_bar, pba_bar = bars[msix.table_bar], bars[msix.pba_bar]
             msix_table = Window(
                 "msix_table",
-                Access.IO if table_bar.is_io else Access.MEM,
+                access(msix.table_bar),
                 msix.table_bar,
                 msix.table_offset,
                 msix.table_bytes,
                 pci_regs.MSIX_ENTRY,
             )
-            pba_access = Access.IO if pba_bar.is_io else Access.MEM
-            msix_pba = Window("msix_pba", pba_access, msix.pba_bar, msix.pba_offset, msix.pba_bytes, None)
+            msix_pba = Window("msix_pba", access(msix.pba_bar), msix.pba_bar, msix.pba_offset, msix.pba_bytes, None)
         return cls(
             fn=fn,
             kind=kind,
             caps=caps,
+            cap_windows=cap_windows,
             msix=msix,
             common=common,
             notify=first("notify", vlayout.CFG_TYPE_NOTIFY, Access.MEM),
