@@ -134,7 +134,8 @@ class VirtioPciMap:
     ``msix_table`` and ``msix_pba`` come from the MSI-X capability. A window the function does
     not have is None."""
 
-    fn: PciFunction
+    #: The function, held weakly so the per-function cache never keeps a dead machine alive.
+    _fn: weakref.ReferenceType[PciFunction] = field(repr=False)
     kind: DeviceKind
     caps: tuple[VirtioCap, ...]
     #: A window for every capability in a sized BAR (all but the PCI cfg one), in list order,
@@ -217,7 +218,7 @@ class VirtioPciMap:
             )
             msix_pba = Window("msix_pba", access(msix.pba_bar), msix.pba_bar, msix.pba_offset, msix.pba_bytes, None)
         return cls(
-            fn=fn,
+            _fn=weakref.ref(fn),
             kind=kind,
             caps=caps,
             cap_windows=cap_windows,
@@ -235,6 +236,13 @@ class VirtioPciMap:
         )
 
     # -- what the function is -------------------------------------------------------------
+
+    @property
+    def fn(self) -> PciFunction:
+        fn = self._fn()
+        if fn is None:
+            raise TransportError("the PCI function of this virtio-pci map is gone (its machine was closed)")
+        return fn
 
     @property
     def has_legacy_bar(self) -> bool:
