@@ -8,8 +8,8 @@ length, register layout, how it is reached), with the notify multiplier and the 
 It is the only decoder of the virtio capabilities: the transports and ``probe`` read it.
 
 The map is built once per function and BAR sizing (``VirtioPciMap.of(fn)``): capabilities are
-read-only to the driver, and BAR addresses are looked up at access time, so a guest that moves
-a BAR still reaches the window through it.
+read-only to the driver, so a window is BAR index + offset, and its address is looked up from
+the BAR at access time (``address``), where ``PciFunction.restore`` puts it back after abuse.
 """
 
 from __future__ import annotations

@@ -247,12 +247,12 @@ def test_large_queue_select_reads_size_zero(virtio_device):
     driver's further queue writes land on it."""
     block = modern(virtio_device).common
     for queue in (1024, 0x8000, 0xFFFF):
-        block.write(block.layout["queue_select"], 0)
-        block.write(block.layout["queue_select"], queue)
-        assert block.read(block.layout["queue_select"]) == queue, (
-            f"queue_select {queue:#x} reads back {block.read('queue_select'):#x}"
+        block.write(COMMON_CFG.queue_select, 0)
+        block.write(COMMON_CFG.queue_select, queue)
+        assert block.read(COMMON_CFG.queue_select) == queue, (
+            f"queue_select {queue:#x} reads back {block.read(COMMON_CFG.queue_select):#x}"
         )
-        assert block.read(block.layout["queue_size"]) == 0, f"queue_select {queue:#x}"
+        assert block.read(COMMON_CFG.queue_size) == 0, f"queue_select {queue:#x}"
 
 
 @pytest.mark.conformance("pci-queue-size-power-of-two", spec="4.1.4.3.1")
