@@ -11,10 +11,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .devices import registry
-from .pci import PciBus, PciFunction
+from .pci import MsixCapability, PciBus, PciFunction
 from .pci import regs as pci_regs
-from .registers import RegisterBlock
-from .transport import layout
+from .transport import DeviceKind, VirtioCap, VirtioPciMap, layout
 
 VENDOR_NAMES = {0x8086: "Intel Corporation", 0x1AF4: "Red Hat, Inc.", 0x1B36: "Red Hat, Inc.", 0x1234: "QEMU"}
 
@@ -46,34 +45,24 @@ class FunctionInfo:
     virtio: dict[str, Any] | None = None
 
 
-def _virtio_cap(fn: PciFunction, offset: int) -> tuple[str, dict[str, int]]:
-    block = RegisterBlock(
-        layout.VIRTIO_PCI_NOTIFY_CAP,
-        lambda off, w: fn.read_config(offset + off, w),
-        lambda off, w, v: fn.write_config(offset + off, w, v),
-    )
-    cfg_type = block.read(layout.VIRTIO_PCI_NOTIFY_CAP.cfg_type)
-    fields = {f.name: block.read(f) for f in layout.VIRTIO_PCI_CAP}
-    name = layout.CFG_TYPE_NAMES.get(cfg_type, f"cfg_type {cfg_type}")
-    detail = f"virtio {name}: BAR={fields['bar']} offset={fields['offset']:#06x} length={fields['length']:#x}"
-    if cfg_type == layout.CFG_TYPE_NOTIFY:
-        fields["notify_off_multiplier"] = block.read(layout.VIRTIO_PCI_NOTIFY_CAP.notify_off_multiplier)
-        detail += f" multiplier={fields['notify_off_multiplier']}"
-    return detail, fields
+def _virtio_cap_detail(cap: VirtioCap) -> tuple[str, dict[str, int]]:
+    detail = f"virtio {cap.name}: BAR={cap.bar} offset={cap.offset:#06x} length={cap.length:#x}"
+    if cap.cfg_type == layout.CFG_TYPE_NOTIFY:
+        detail += f" multiplier={cap.notify_off_multiplier}"
+    return detail, dict(cap.fields)
 
 
 def _msix_detail(fn: PciFunction, offset: int) -> tuple[str, dict[str, int]]:
-    cap = RegisterBlock(pci_regs.MSIX_CAP, lambda off, w: fn.read_config(offset + off, w), lambda *a: None)
-    control = pci_regs.MSIX_CONTROL.decode(cap.read(pci_regs.MSIX_CAP.message_control))
-    table, pba = cap.read(pci_regs.MSIX_CAP.table), cap.read(pci_regs.MSIX_CAP.pba)
+    msix = MsixCapability.at(fn, offset)
+    control = msix.control(fn)
     fields = {
-        "table_size": control["table_size"] + 1,
+        "table_size": msix.table_size,
         "enable": control["enable"],
         "function_mask": control["function_mask"],
-        "table_bar": pci_regs.MSIX_BIR.get(table),
-        "table_offset": table & pci_regs.MSIX_OFFSET_MASK,
-        "pba_bar": pci_regs.MSIX_BIR.get(pba),
-        "pba_offset": pba & pci_regs.MSIX_OFFSET_MASK,
+        "table_bar": msix.table_bar,
+        "table_offset": msix.table_offset,
+        "pba_bar": msix.pba_bar,
+        "pba_offset": msix.pba_offset,
     }
     detail = (
         f"Enable{'+' if fields['enable'] else '-'} Count={fields['table_size']} "
@@ -91,34 +80,42 @@ def _pcie_detail(fn: PciFunction, offset: int) -> str:
     )
 
 
-def _offered_features(fn: PciFunction, caps: list[CapabilityInfo], vtype: int) -> dict[str, list[str]]:
+def _offered_features(vmap: VirtioPciMap, vtype: int) -> dict[str, list[str]]:
     """Device features as each register layout presents them (reading them changes nothing
     but the feature-select register)."""
     offered: dict[str, list[str]] = {}
-    legacy_bar = next((b for b in fn.bars if b.index == 0 and b.is_io), None)
-    if legacy_bar is not None and legacy_bar.address is not None:
-        bits = fn.bar_read(0, layout.LEGACY_CFG.device_features.offset, 4)
-        offered["legacy"] = layout.feature_names(bits, registry.feature_bits().get(vtype))
-    common = next((c for c in caps if c.fields.get("cfg_type") == layout.CFG_TYPE_COMMON), None)
-    if common is not None:
-        bar, base = common.fields["bar"], common.fields["offset"]
+    device_bits = registry.feature_bits().get(vtype)
+    if vmap.legacy is not None and vmap.address(vmap.legacy) is not None:
+        bits = vmap.block(vmap.legacy).read(layout.LEGACY_CFG.device_features)
+        offered["legacy"] = layout.feature_names(bits, device_bits)
+    if vmap.common is not None:
+        common = vmap.block(vmap.common)
         bits = 0
         for word in (0, 1):
-            fn.bar_write(bar, base + layout.COMMON_CFG.device_feature_select.offset, 4, word)
-            bits |= fn.bar_read(bar, base + layout.COMMON_CFG.device_feature.offset, 4) << (32 * word)
-        offered["modern"] = layout.feature_names(bits, registry.feature_bits().get(vtype))
+            common.write(layout.COMMON_CFG.device_feature_select, word)
+            bits |= common.read(layout.COMMON_CFG.device_feature) << (32 * word)
+        offered["modern"] = layout.feature_names(bits, device_bits)
     return offered
+
+
+#: probe's words for the device kinds (its report and JSON have always said these).
+_KIND_WORDS = {
+    DeviceKind.LEGACY: "legacy-only",
+    DeviceKind.TRANSITIONAL: "transitional",
+    DeviceKind.MODERN: "modern-only",
+}
 
 
 def describe_function(fn: PciFunction) -> FunctionInfo:
     caps: list[CapabilityInfo] = []
     is_virtio = fn.vendor_id == layout.VIRTIO_PCI_VENDOR_ID
+    vmap = VirtioPciMap.of(fn) if is_virtio else None
     for cap in fn.capabilities():
         ci = CapabilityInfo(cap.offset, cap.id, cap.name, cap.extended)
         if cap.extended:
             ci.detail = f"version {cap.version}"
-        elif cap.id == pci_regs.CAP_ID_VENDOR and is_virtio:
-            ci.detail, ci.fields = _virtio_cap(fn, cap.offset)
+        elif cap.id == pci_regs.CAP_ID_VENDOR and vmap is not None and (vcap := vmap.cap_at(cap.offset)):
+            ci.detail, ci.fields = _virtio_cap_detail(vcap)
         elif cap.id == pci_regs.CAP_ID_MSIX:
             ci.detail, ci.fields = _msix_detail(fn, cap.offset)
         elif cap.id == pci_regs.CAP_ID_PCIE:
@@ -149,17 +146,14 @@ def describe_function(fn: PciFunction) -> FunctionInfo:
         rom_size=fn.rom_size,
         capabilities=caps,
     )
-    if is_virtio:
+    if vmap is not None:
         vtype = layout.virtio_device_type(fn.device_id, fn.subsystem[1] if fn.subsystem else None)
         if vtype is not None:
-            has_legacy = any(b.index == 0 and b.is_io for b in fn.bars) and fn.device_id < layout.MODERN_ID_BASE
-            has_modern = any(c.fields.get("cfg_type") == layout.CFG_TYPE_COMMON for c in caps)
-            kind = "transitional" if has_legacy and has_modern else ("legacy-only" if has_legacy else "modern-only")
             info.virtio = {
                 "device_type": vtype,
                 "device_name": layout.DEVICE_TYPES.get(vtype, f"type {vtype}"),
-                "kind": kind,
-                "offered_features": _offered_features(fn, caps, vtype),
+                "kind": _KIND_WORDS[vmap.kind],
+                "offered_features": _offered_features(vmap, vtype),
             }
     return info
 

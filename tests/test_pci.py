@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 
 from qtest_virtio import Machine, MachineSpec
+from qtest_virtio.errors import QtestVirtioError
 from qtest_virtio.pci import Bdf, Cf8Access, EcamAccess, Msix, PciBus, PciError, PciFunction, regs
 from qtest_virtio.registers import RegisterBlock
-from qtest_virtio.transport import layout
+from qtest_virtio.transport import VirtioPciMap, layout
 
 HOST_BRIDGE = {"q35": (0x8086, 0x29C0), "pc": (0x8086, 0x1237)}
 VIRTIO = layout.VIRTIO_PCI_VENDOR_ID
@@ -75,7 +76,7 @@ def test_virtio_capabilities_per_device_kind(machine_factory, mode, device_id, c
     cap_ids = [c.id for c in fn.capabilities()]
     assert regs.CAP_ID_MSIX in cap_ids
     assert set(virtio_caps(fn)) == cfg_types
-    assert any(b.index == 0 and b.is_io for b in fn.bars) == io_bar
+    assert VirtioPciMap.of(fn).has_legacy_bar == io_bar
     for cfg in virtio_caps(fn).values():
         if cfg["cfg_type"] != layout.CFG_TYPE_PCI:
             bar = fn.bar(cfg["bar"])
@@ -194,6 +195,7 @@ def test_find_reports_what_exists(machine_factory) -> None:
     vm = machine_factory(MachineSpec())
     with pytest.raises(PciError, match=r"no PCI function with vendor_id=0x1af4.*found 00:00.0 8086:29c0"):
         vm.pci.find(vendor_id=VIRTIO)
+    assert issubclass(PciError, QtestVirtioError)  # caught with the library's other failures
     assert Bdf.parse("0000:00:1f.2") == Bdf(0, 0x1F, 2)
     with pytest.raises(ValueError):
         Bdf.parse("nonsense")

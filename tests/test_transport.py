@@ -9,12 +9,17 @@ import pytest
 
 from qtest_virtio import Machine, MachineSpec, modes
 from qtest_virtio.introspect import device_view
-from qtest_virtio.pci import Msix
+from qtest_virtio.pci import Msix, PciFunction
+from qtest_virtio.pci.regs import MSIX_ENTRY
 from qtest_virtio.transport import (
+    Access,
+    DeviceKind,
     DeviceNeedsReset,
     LegacyTransport,
     ModernTransport,
     TransportError,
+    VirtioPciMap,
+    device_kind,
     driver_ok,
     negotiate,
     open_transport,
@@ -158,13 +163,13 @@ def test_modern_notify_offsets(machine_factory, page_per_vq: str) -> None:
     )
     t = transport_of(vm, modes.MODERN)
     assert isinstance(t, ModernTransport)
-    mult = t.notify_cap.notify_off_multiplier
+    mult = t.map.notify_off_multiplier
     assert mult == (0x1000 if page_per_vq == "on" else 4)
     assert t.num_queues() == 4
     for q in range(4):
         t.select_queue(q)
         off = t.common.read(COMMON_CFG.queue_notify_off)
-        assert t.notify_address(q) == (t.notify_cap.bar, t.notify_cap.offset + off * mult)
+        assert t.notify_address(q) == (t.notify_window.bar, t.notify_window.offset + off * mult)
     # and notifying through those addresses works
     rng_vm = machine_with(machine_factory, "virtio-rng-pci", modes.MODERN, **{"page-per-vq": page_per_vq})
     assert len(rng_vm.virtio("dev0").read(64)) == 64
@@ -173,7 +178,10 @@ def test_modern_notify_offsets(machine_factory, page_per_vq: str) -> None:
 def test_modern_pio_notify(machine_factory) -> None:
     vm = machine_with(machine_factory, "virtio-rng-pci", modes.MODERN, **{"modern-pio-notify": "on"})
     rng = vm.virtio("dev0", notify_via="pio")
-    assert rng.fn.bar(rng.transport.notify_cap.bar).is_io
+    t = rng.transport
+    assert isinstance(t, ModernTransport) and t.notify_window.bar is not None
+    assert t.notify_window.access == Access.IO and rng.fn.bar(t.notify_window.bar).is_io
+    assert t.notify_window == t.map.notify_io != t.map.notify  # the I/O structure, not the memory one
     assert len(rng.read(64)) == 64
     plain = machine_with(machine_factory, "virtio-rng-pci", modes.MODERN)
     with pytest.raises(TransportError, match="modern-pio-notify=on"):
@@ -196,15 +204,16 @@ def test_pci_cfg_access_capability_reaches_the_bars(machine_factory) -> None:
     """§4.1.4.9: the same registers read and written through config space alone."""
     vm = machine_with(machine_factory, "virtio-blk-pci", modes.MODERN, **{"num-queues": "3"})
     t = transport_of(vm, modes.MODERN)
-    assert isinstance(t, ModernTransport) and t.pci_cfg_cap is not None
-    common = t.common_cap
+    assert isinstance(t, ModernTransport) and t.map.pci_cfg is not None
+    common, isr = t.map.common, t.map.isr
+    assert common is not None and common.bar is not None and isr is not None and isr.bar is not None
     num_queues = t.pci_cfg_read(common.bar, common.offset + COMMON_CFG.num_queues.offset, 2)
     assert num_queues == t.common.read(COMMON_CFG.num_queues) == 3
     t.pci_cfg_write(common.bar, common.offset + COMMON_CFG.queue_select.offset, 2, 2)
     assert t.common.read(COMMON_CFG.queue_select) == 2
     t.common.write(COMMON_CFG.device_feature_select, 1)
     assert t.pci_cfg_read(common.bar, common.offset + COMMON_CFG.device_feature.offset, 4) & 1  # VERSION_1
-    assert t.pci_cfg_read(t.isr_cap.bar, t.isr_cap.offset, 1) == 0
+    assert t.pci_cfg_read(isr.bar, isr.offset, 1) == 0
 
 
 def _publish_broken_chain(vm: Machine, rng) -> None:
@@ -262,3 +271,111 @@ def test_config_change_interrupt_on_the_config_vector(machine_factory, mode: str
     vm.qmp.cmd("block_resize", **{"node-name": "dev0-backend", "size": 2 * IMAGE})
     msix.wait(0)
     assert t.config_read(0, 8) == 2 * IMAGE // 512
+
+
+# -- the virtio-pci map (§4.1.4) -----------------------------------------------------------------
+
+
+def _raw_caps(fn: PciFunction) -> list[dict[str, int]]:
+    """The capability list walked with plain config reads at the specs' byte offsets (PCI 3.0
+    §6.7: next pointer at +1; virtio 1.2 §4.1.4: struct virtio_pci_cap; PCI 3.0 §6.8.2: MSI-X),
+    independent of the decoders under test."""
+    read = fn.read_config
+    caps: list[dict[str, int]] = []
+    ptr = read(0x34, 1) & 0xFC if read(0x06, 2) & 0x10 else 0
+    while ptr:
+        cap = {"at": ptr, "id": read(ptr, 1)}
+        if cap["id"] == 0x09:
+            cap |= {"cap_len": read(ptr + 2, 1), "cfg_type": read(ptr + 3, 1), "bar": read(ptr + 4, 1)}
+            cap |= {"offset": read(ptr + 8, 4), "length": read(ptr + 12, 4)}
+            if cap["cfg_type"] == 2:
+                cap["multiplier"] = read(ptr + 16, 4)
+        elif cap["id"] == 0x11:
+            cap |= {"control": read(ptr + 2, 2), "table": read(ptr + 4, 4), "pba": read(ptr + 8, 4)}
+        caps.append(cap)
+        ptr = read(ptr + 1, 1) & 0xFC
+    return caps
+
+
+def _bar_is_io(fn: PciFunction, index: int) -> bool:
+    return bool(fn.read_config(0x10 + 4 * index, 4) & 1)
+
+
+def _expected_windows(fn: PciFunction) -> dict[str, tuple[str, int | None, int, int]]:
+    """name -> (access, BAR, offset, length) as the raw capability list and BAR registers say."""
+    want: dict[str, tuple[str, int | None, int, int]] = {}
+    raw = _raw_caps(fn)
+    names = {1: "common", 3: "isr", 4: "device"}
+    for cap in (c for c in raw if c["id"] == 0x09):
+        bar, io = cap["bar"], _bar_is_io(fn, cap["bar"]) if cap["bar"] < 6 else False
+        access = "io" if io else "mem"
+        if cap["cfg_type"] == 5:
+            want.setdefault("pci_cfg", ("config", None, cap["at"], cap["cap_len"]))
+        elif cap["cfg_type"] == 2:
+            want.setdefault("notify_io" if io else "notify", (access, bar, cap["offset"], cap["length"]))
+        elif cap["cfg_type"] in names:
+            want.setdefault(names[cap["cfg_type"]], (access, bar, cap["offset"], cap["length"]))
+    if _bar_is_io(fn, 0) and fn.device_id < 0x1040:
+        want["legacy"] = ("io", 0, 0, fn.bar(0).size)
+    for cap in (c for c in raw if c["id"] == 0x11):
+        vectors = (cap["control"] & 0x7FF) + 1
+        table_bar, pba_bar = cap["table"] & 7, cap["pba"] & 7
+        table_access = "io" if _bar_is_io(fn, table_bar) else "mem"
+        pba_access = "io" if _bar_is_io(fn, pba_bar) else "mem"
+        want["msix_table"] = (table_access, table_bar, cap["table"] & ~7, vectors * 16)
+        want["msix_pba"] = (pba_access, pba_bar, cap["pba"] & ~7, (vectors + 63) // 64 * 8)
+    return want
+
+
+_KIND_OF_MODE = {
+    modes.LEGACY: DeviceKind.LEGACY,
+    modes.TRANSITIONAL_LEGACY: DeviceKind.TRANSITIONAL,
+    modes.TRANSITIONAL_MODERN: DeviceKind.TRANSITIONAL,
+    modes.MODERN: DeviceKind.MODERN,
+}
+
+
+@pytest.mark.parametrize("machine", ["q35", "pc"])
+@pytest.mark.parametrize("mode", modes.ALL_MODES)
+def test_pci_map_matches_the_capability_list(machine_factory, machine: str, mode: str) -> None:
+    """The map of virtio-blk (with MSI-X) and virtio-balloon (without) names the windows the
+    capability list and BAR registers hold, each with its BAR, offset, length and layout."""
+    spec = MachineSpec(machine=machine)
+    spec.add_virtio("virtio-blk-pci", mode=mode, id="blk0")
+    spec.add_virtio("virtio-balloon-pci", mode=mode, id="balloon0")
+    vm = machine_factory(spec)
+    unsized = next(f for f in vm.pci.devices() if f.vendor_id == VIRTIO_PCI_VENDOR_ID)
+    before = VirtioPciMap.of(unsized)
+    assert set(before.windows()) <= {"pci_cfg"}  # no BAR sized yet: only config space is reached
+    for dev_id, has_msix in (("blk0", True), ("balloon0", False)):
+        fn = vm.pci_function(dev_id)
+        vmap = VirtioPciMap.of(fn)
+        assert vmap is VirtioPciMap.of(fn) and vmap is not before  # built once per sizing
+        got = {name: (w.access, w.bar, w.offset, w.length) for name, w in vmap.windows().items()}
+        want = _expected_windows(fn)
+        assert got == want, f"{dev_id} {mode}"
+        raw_bar_caps = [c for c in _raw_caps(fn) if c["id"] == 0x09 and c["cfg_type"] != 5]
+        assert [(w.cap and w.cap.cfg_type, w.bar, w.offset, w.length) for w in vmap.cap_windows] == [
+            (c["cfg_type"], c["bar"], c["offset"], c["length"]) for c in raw_bar_caps
+        ]
+        modern_layout = mode != modes.LEGACY
+        assert {"common", "notify", "isr", "device", "pci_cfg"} <= set(got) if modern_layout else "common" not in got
+        assert vmap.has_legacy_bar == (mode != modes.MODERN) == ("legacy" in got)
+        assert ("msix_table" in got) == has_msix, f"{dev_id}: MSI-X expected {has_msix}"
+        assert vmap.kind == _KIND_OF_MODE[modes.Mode(mode)] == device_kind(fn)
+        # Each window carries its typed layout, and its bytes are reached through it.
+        if vmap.common is not None:
+            assert vmap.common.layout is COMMON_CFG and vmap.device is not None and vmap.device.layout is None
+            assert vmap.notify_off_multiplier == next(c["multiplier"] for c in _raw_caps(fn) if c.get("cfg_type") == 2)
+            common = vmap.block(vmap.common)
+            assert common.read(COMMON_CFG.num_queues) == fn.bar_read(4, vmap.common.offset + 0x12, 2)
+        if vmap.legacy is not None:
+            assert vmap.legacy.layout is LEGACY_CFG
+            offered = vmap.block(vmap.legacy).read(LEGACY_CFG.device_features)
+            assert offered == fn.bar_read(0, 0, 4) and not offered >> 32
+            assert vmap.legacy_device(False).offset == 0x14 and vmap.legacy_device(True).offset == 0x18
+        if dev_id == "blk0":  # capacity, in sectors, at the start of the device config
+            for window in (w for w in (vmap.device, vmap.legacy and vmap.legacy_device()) if w is not None):
+                assert vmap.read(window, 0, 4) == IMAGE // 512, window.name
+        if vmap.msix_table is not None:
+            assert vmap.msix_table.layout is MSIX_ENTRY and not vmap.msix_enabled()

@@ -38,8 +38,7 @@ from ..pci import Bdf, EcamAccess, PciError, PciFunction
 from ..pci import regs as pci_regs
 from ..qtest import GRAMMAR, INT64_MAX, ArgKind, Command, CommandSpec, Reply
 from ..registers import BitLayout, Field, Layout, RegisterBlock
-from ..transport import LegacyTransport, ModernTransport, TransportError, device_kind, layout
-from ..transport.modern import read_virtio_caps
+from ..transport import LegacyTransport, ModernTransport, TransportError, VirtioPciMap, device_kind, layout
 from ..vm import Machine
 from .args import Parser, add_machine_arguments, spec_from_args
 from .exits import Interrupted, guarded, unwinding
@@ -217,7 +216,7 @@ class Target:
         legacy_mode = "legacy" if t.kind == "legacy" else "transitional-legacy"
         with contextlib.suppress(TransportError):
             t.modern = ModernTransport(fn, modern_mode)
-        if fn.device_id < layout.MODERN_ID_BASE:
+        if VirtioPciMap.of(fn).has_legacy_bar:
             with contextlib.suppress(TransportError):
                 t.legacy = LegacyTransport(fn, legacy_mode)
         t.device_bits = _device_feature_bits(t.device_type)
@@ -274,29 +273,20 @@ def build_regions(functions: Sequence[PciFunction]) -> list[Region]:
         vtype = layout.virtio_device_type(fn.device_id, subsystem[1] if subsystem else None)
         if vtype is None:
             continue
-        legacy_bar = bars.get(0)
-        if legacy_bar is not None and legacy_bar.is_io and fn.device_id < layout.MODERN_ID_BASE:
-            regions.append(
-                Region(
-                    "io",
-                    legacy_bar.address or 0,
-                    layout.LEGACY_DEVICE_CFG_OFFSET,
-                    f"{fn.bdf} legacy",
-                    layout.LEGACY_CFG,
-                )
-            )
-        for cap in read_virtio_caps(fn):
-            bar = bars.get(cap.bar)
-            if bar is None or cap.cfg_type == layout.CFG_TYPE_PCI or not cap.length:
+        vmap = VirtioPciMap.of(fn)
+        if vmap.legacy is not None and (start := vmap.address(vmap.legacy)) is not None:
+            label = f"{fn.bdf} legacy"
+            regions.append(Region("io", start, layout.LEGACY_DEVICE_CFG_OFFSET, label, layout.LEGACY_CFG))
+        for w in vmap.cap_windows:
+            start = vmap.address(w)
+            if start is None or w.cap is None or not w.length:
                 continue
-            name = layout.CFG_TYPE_NAMES.get(cap.cfg_type, f"cfg_type{cap.cfg_type}")
             block: Layout | None = None
-            if cap.cfg_type == layout.CFG_TYPE_COMMON:
+            if w.cap.cfg_type == layout.CFG_TYPE_COMMON:
                 block = layout.COMMON_CFG
-            elif cap.cfg_type == layout.CFG_TYPE_DEVICE:
+            elif w.cap.cfg_type == layout.CFG_TYPE_DEVICE:
                 block = device_config_layout(vtype)
-            start = (bar.address or 0) + cap.offset
-            regions.append(Region("io" if bar.is_io else "mem", start, cap.length, f"{fn.bdf} {name}", block))
+            regions.append(Region(w.access, start, w.length, f"{fn.bdf} {w.name}", block))
     return regions
 
 

@@ -547,9 +547,9 @@ class PciCfgWindow(Action):
         if not t.pci_cfg_cap:
             return []
         cap = VIRTIO_PCI_CFG_CAP
-        out = t.config(t.pci_cfg_cap + cap["bar"].offset, cap["bar"].width, self.bar)
-        out += t.config(t.pci_cfg_cap + cap["offset"].offset, cap["offset"].width, self.offset)
-        out += t.config(t.pci_cfg_cap + cap["length"].offset, cap["length"].width, self.length)
+        out = t.config(t.pci_cfg_cap + cap.bar.offset, cap.bar.width, self.bar)
+        out += t.config(t.pci_cfg_cap + cap.offset.offset, cap.offset.width, self.offset)
+        out += t.config(t.pci_cfg_cap + cap.length.offset, cap.length.width, self.length)
         data = t.pci_cfg_cap + cap.pci_cfg_data.offset
         return out + t.config(data, self.width, self.value if self.write else None)
 

@@ -14,7 +14,8 @@ from typing import Any
 from ..devices import registry
 from ..errors import QtestVirtioError
 from ..pci.config import Cf8Access
-from ..transport import LegacyTransport, ModernTransport
+from ..transport import Access, LegacyTransport, ModernTransport, VirtioPciMap
+from ..transport import Window as MapWindow
 from ..virtqueue import PackedVirtqueue, SplitVirtqueue
 from ..vm import Machine
 from .actions import Request, Target, Window
@@ -55,23 +56,17 @@ def make_target(vm: Machine, driver: Any, device: DeviceProfile, queue: int) -> 
     from the guest allocator."""
     tr = driver.transport
     fn = driver.fn
-    windows: list[Window] = []
-
-    def bar_window(name: str, index: int, offset: int, length: int) -> None:
-        bar = fn.bar(index)
-        if bar.address is not None:
-            windows.append(Window(name, bar.is_io, bar.address + offset, max(length, 1)))
-
+    vmap = VirtioPciMap.of(fn)
+    regions: list[MapWindow[Any] | None] = [vmap.legacy]
     mult = 4
     if isinstance(tr, ModernTransport):
-        for name, cap in (("common", tr.common_cap), ("notify", tr.notify_cap), ("isr", tr.isr_cap)):
-            bar_window(name, cap.bar, cap.offset, cap.length)
-        if tr.device_cap is not None:
-            bar_window("device", tr.device_cap.bar, tr.device_cap.offset, tr.device_cap.length)
-        mult = tr.notify_cap.notify_off_multiplier
-    legacy_bar = next((b for b in fn.bars if b.index == 0 and b.is_io), None)
-    if legacy_bar is not None:
-        bar_window("legacy", 0, 0, legacy_bar.size)
+        regions = [vmap.common, tr.notify_window, vmap.isr, vmap.device, vmap.legacy]
+        mult = tr.notify_off_multiplier
+    windows = [
+        Window(w.name, w.access == Access.IO, start, max(w.length, 1))
+        for w in regions
+        if w is not None and (start := vmap.address(w)) is not None
+    ]
     if queue >= len(driver.queues):
         raise QtestVirtioError(f"{device.name}: queue {queue} is not set up (the driver has {len(driver.queues)})")
     vq = driver.queues[queue]
@@ -105,12 +100,7 @@ def make_target(vm: Machine, driver: Any, device: DeviceProfile, queue: int) -> 
         wrap=vq.avail_wrap if isinstance(vq, PackedVirtqueue) else 1,
         request=device.queues[queue],
         config_address=Cf8Access.address(fn.bdf_addr, 0),
-        pci_cfg_cap=tr.pci_cfg_cap.cap_offset if isinstance(tr, ModernTransport) and tr.pci_cfg_cap else 0,
-        msix_table_addr=_bar_addr(fn, msix.table_bar, msix.table_offset) if msix else 0,
-        msix_pba_addr=_bar_addr(fn, msix.pba_bar, msix.pba_offset) if msix else 0,
+        pci_cfg_cap=vmap.pci_cfg.offset if isinstance(tr, ModernTransport) and vmap.pci_cfg else 0,
+        msix_table_addr=(vmap.address(vmap.msix_table) or 0) if msix and vmap.msix_table else 0,
+        msix_pba_addr=(vmap.address(vmap.msix_pba) or 0) if msix and vmap.msix_pba else 0,
     )
-
-
-def _bar_addr(fn: Any, index: int, offset: int) -> int:
-    address = fn.bar(index).address
-    return 0 if address is None else int(address) + offset

@@ -2,7 +2,7 @@
 
 from .bus import Bar, Capability, PciBus, PciError, PciFunction
 from .config import Bdf, Cf8Access, ConfigAccess, EcamAccess
-from .msix import Msix, MsixTimeout
+from .msix import Msix, MsixCapability, MsixTimeout
 
 __all__ = [
     "Bar",
@@ -12,6 +12,7 @@ __all__ = [
     "ConfigAccess",
     "EcamAccess",
     "Msix",
+    "MsixCapability",
     "MsixTimeout",
     "PciBus",
     "PciError",

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from ..errors import QtestVirtioError
 from ..qtest import QtestClient
 from ..registers import RegisterBlock
 from . import regs
@@ -70,8 +71,9 @@ class Capability:
         return regs.CAP_ID_NAMES.get(self.id, f"Capability {self.id:#04x}")
 
 
-class PciError(Exception):
-    """Malformed config space (a capability loop, a BAR that cannot be placed, ...)."""
+class PciError(QtestVirtioError):
+    """Malformed config space (a capability loop, a BAR that cannot be placed, ...) or an access
+    to a BAR that is not there."""
 
 
 class PciFunction:

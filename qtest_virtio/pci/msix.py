@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from ..errors import QtestVirtioError
 from ..memory import GuestMemory
@@ -24,35 +25,96 @@ class MsixTimeout(QtestVirtioError):
     """No MSI-X message arrived for a vector within the timeout."""
 
 
+@dataclass(frozen=True)
+class MsixCapability:
+    """The MSI-X capability as decoded once (PCI 3.0 §6.8.2): where it sits in config space,
+    the table size, and the BAR/offset of the vector table and of the Pending Bit Array.
+
+    These are read-only to software; only Message Control's enable and mask bits change, so
+    they are read live (:meth:`control`). This is the one decoder of the capability: ``Msix``,
+    the virtio-pci map and ``probe`` all read it."""
+
+    offset: int
+    table_size: int
+    table_bar: int
+    table_offset: int
+    pba_bar: int
+    pba_offset: int
+
+    @classmethod
+    def find(cls, fn: PciFunction) -> MsixCapability | None:
+        """The function's MSI-X capability, or None when it has none."""
+        cap = fn.find_capability(regs.CAP_ID_MSIX)
+        return None if cap is None else cls.at(fn, cap.offset)
+
+    @classmethod
+    def at(cls, fn: PciFunction, offset: int) -> MsixCapability:
+        """Decode the MSI-X capability found at ``offset`` in ``fn``'s config space."""
+        block = _cap_registers(fn, offset)
+        control = block.read(regs.MSIX_CAP.message_control)
+        table, pba = block.read(regs.MSIX_CAP.table), block.read(regs.MSIX_CAP.pba)
+        return cls(
+            offset=offset,
+            table_size=regs.MSIX_CONTROL.table_size.get(control) + 1,
+            table_bar=regs.MSIX_BIR.get(table),
+            table_offset=table & regs.MSIX_OFFSET_MASK,
+            pba_bar=regs.MSIX_BIR.get(pba),
+            pba_offset=pba & regs.MSIX_OFFSET_MASK,
+        )
+
+    @property
+    def table_bytes(self) -> int:
+        """Length of the vector table: one 16-byte entry per vector."""
+        return self.table_size * regs.MSIX_ENTRY.size
+
+    @property
+    def pba_bytes(self) -> int:
+        """Length of the PBA: one bit per vector, in whole QWORDs (PCI 3.0 §6.8.2.7)."""
+        return (self.table_size + 63) // 64 * 8
+
+    def registers(self, fn: PciFunction) -> RegisterBlock[regs.MsixCapLayout]:
+        """The capability's registers in ``fn``'s config space, by name."""
+        return _cap_registers(fn, self.offset)
+
+    def control(self, fn: PciFunction) -> dict[str, int]:
+        """Message Control decoded now (table_size, function_mask, enable)."""
+        return regs.MSIX_CONTROL.decode(self.registers(fn).read(regs.MSIX_CAP.message_control))
+
+    def enabled(self, fn: PciFunction) -> bool:
+        return bool(self.control(fn)["enable"])
+
+
+def _cap_registers(fn: PciFunction, offset: int) -> RegisterBlock[regs.MsixCapLayout]:
+    return RegisterBlock(
+        regs.MSIX_CAP,
+        lambda off, w: fn.read_config(offset + off, w),
+        lambda off, w, v: fn.write_config(offset + off, w, v),
+    )
+
+
 class Msix:
-    """The MSI-X capability of one function (PCI 3.0 §6.8.2)."""
+    """The MSI-X capability of one function (PCI 3.0 §6.8.2): control, table, PBA, mailboxes."""
 
     def __init__(self, fn: PciFunction) -> None:
-        cap = fn.find_capability(regs.CAP_ID_MSIX)
-        if cap is None:
+        capability = MsixCapability.find(fn)
+        if capability is None:
             raise PciError(f"{fn.bdf} has no MSI-X capability")
         self.fn = fn
-        self.offset = cap.offset
-        self.cap = RegisterBlock(
-            regs.MSIX_CAP,
-            lambda off, w: fn.read_config(cap.offset + off, w),
-            lambda off, w, v: fn.write_config(cap.offset + off, w, v),
-        )
-        control = self.cap.read(regs.MSIX_CAP.message_control)
-        self.table_size = regs.MSIX_CONTROL.table_size.get(control) + 1
-        table = self.cap.read(regs.MSIX_CAP.table)
-        pba = self.cap.read(regs.MSIX_CAP.pba)
-        self.table_bar = regs.MSIX_BIR.get(table)
-        self.table_offset = table & regs.MSIX_OFFSET_MASK
-        self.pba_bar = regs.MSIX_BIR.get(pba)
-        self.pba_offset = pba & regs.MSIX_OFFSET_MASK
+        self.capability = capability
+        self.offset = capability.offset
+        self.cap = capability.registers(fn)
+        self.table_size = capability.table_size
+        self.table_bar = capability.table_bar
+        self.table_offset = capability.table_offset
+        self.pba_bar = capability.pba_bar
+        self.pba_offset = capability.pba_offset
         self.mailboxes: dict[int, int] = {}
 
     # -- control --------------------------------------------------------------------------
 
     @property
     def enabled(self) -> bool:
-        return bool(regs.MSIX_CONTROL.enable.get(self.cap.read(regs.MSIX_CAP.message_control)))
+        return self.capability.enabled(self.fn)
 
     @property
     def function_masked(self) -> bool:

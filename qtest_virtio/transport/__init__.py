@@ -13,16 +13,22 @@ from ..pci import PciFunction
 from . import layout
 from .base import TransportError, VirtioTransport
 from .legacy import LegacyTransport
-from .modern import ModernTransport, read_virtio_caps
+from .modern import ModernTransport
+from .pcimap import Access, DeviceKind, VirtioCap, VirtioPciMap, Window
 
 __all__ = [
+    "Access",
+    "DeviceKind",
     "DeviceNeedsReset",
     "FeaturesRejected",
     "LegacyTransport",
     "ModernTransport",
     "Negotiated",
     "TransportError",
+    "VirtioCap",
+    "VirtioPciMap",
     "VirtioTransport",
+    "Window",
     "check_device_status",
     "device_kind",
     "driver_ok",
@@ -44,22 +50,16 @@ class DeviceNeedsReset(TransportError):
     """The device set DEVICE_NEEDS_RESET (§2.1.1): it hit an error it cannot recover from."""
 
 
-def device_kind(fn: PciFunction) -> str:
+def device_kind(fn: PciFunction) -> DeviceKind:
     """'legacy', 'transitional' or 'modern', from what the function actually exposes."""
-    has_io_bar = any(b.index == 0 and b.is_io for b in fn.bars)
-    has_modern = any(c.cfg_type == layout.CFG_TYPE_COMMON for c in read_virtio_caps(fn))
-    if fn.device_id in layout.MODERN_ID_RANGE:
-        return "modern"
-    if has_io_bar and has_modern:
-        return "transitional"
-    return "legacy" if has_io_bar else "modern"
+    return VirtioPciMap.of(fn).kind
 
 
 _KIND_FOR_MODE = {
-    modes.LEGACY: "legacy",
-    modes.TRANSITIONAL_LEGACY: "transitional",
-    modes.TRANSITIONAL_MODERN: "transitional",
-    modes.MODERN: "modern",
+    modes.LEGACY: DeviceKind.LEGACY,
+    modes.TRANSITIONAL_LEGACY: DeviceKind.TRANSITIONAL,
+    modes.TRANSITIONAL_MODERN: DeviceKind.TRANSITIONAL,
+    modes.MODERN: DeviceKind.MODERN,
 }
 
 
@@ -69,8 +69,8 @@ def open_transport(fn: PciFunction, mode: str, *, notify_via: str = "mmio") -> V
     kind = device_kind(fn)
     if kind != _KIND_FOR_MODE[mode]:
         raise TransportError(
-            f"{fn.bdf} is a {kind} virtio device but mode {mode!r} drives a {_KIND_FOR_MODE[mode]} one "
-            f"(build it with MachineSpec.add_virtio(..., mode={mode!r}))"
+            f"{fn.bdf} is a {kind} virtio device but mode '{mode}' drives a {_KIND_FOR_MODE[mode]} one "
+            f"(build it with MachineSpec.add_virtio(..., mode='{mode}'))"
         )
     if modes.USES_LEGACY_LAYOUT[mode]:
         return LegacyTransport(fn, mode)

@@ -9,51 +9,38 @@ or at 0x18 once MSI-X is enabled (two vector registers are inserted before it).
 from __future__ import annotations
 
 from ..pci import PciFunction
-from ..pci import regs as pci_regs
-from ..registers import RegisterBlock
 from .base import TransportError, VirtioTransport
-from .layout import (
-    LEGACY_CFG,
-    LEGACY_DEVICE_CFG_OFFSET,
-    LEGACY_DEVICE_CFG_OFFSET_MSIX,
-    LEGACY_QUEUE_ALIGN_SHIFT,
-)
+from .layout import LEGACY_CFG, LEGACY_QUEUE_ALIGN_SHIFT
+from .pcimap import VirtioPciMap
 
-LEGACY_BAR = 0
 #: No legacy device has more queues than this; counting stops at the first size 0.
 MAX_LEGACY_QUEUES = 1024
 
 
 class LegacyTransport(VirtioTransport):
+    """The legacy layout over the ``legacy`` window of the function's :class:`VirtioPciMap`."""
+
     uses_legacy_layout = True
 
     def __init__(self, fn: PciFunction, mode: str) -> None:
         self.fn = fn
         self.mode = mode
-        bar = next((b for b in fn.bars if b.index == LEGACY_BAR), None)
-        if bar is None or not bar.is_io:
+        self.map = VirtioPciMap.of(fn)
+        if self.map.legacy is None:
             raise TransportError(
                 f"{fn.bdf} has no legacy I/O BAR0: the device is modern-only (disable-legacy=on), "
-                f"mode {mode!r} needs a legacy or transitional device"
+                f"mode '{mode}' needs a legacy or transitional device"
             )
-        self.regs = RegisterBlock(
-            LEGACY_CFG,
-            lambda off, w: fn.bar_read(LEGACY_BAR, off, w),
-            lambda off, w, v: fn.bar_write(LEGACY_BAR, off, w, v),
-        )
-        self._msix_cap = fn.find_capability(pci_regs.CAP_ID_MSIX)
+        self.regs = self.map.block(self.map.legacy)
 
     @property
     def msix_enabled(self) -> bool:
-        if self._msix_cap is None:
-            return False
-        control = self.fn.read_config(self._msix_cap.offset + pci_regs.MSIX_CAP.message_control.offset, 2)
-        return bool(pci_regs.MSIX_CONTROL.enable.get(control))
+        return self.map.msix_enabled()
 
     @property
     def device_config_offset(self) -> int:
         """Where the device-specific config starts in BAR0: it moves with MSI-X (§4.1.4.10)."""
-        return LEGACY_DEVICE_CFG_OFFSET_MSIX if self.msix_enabled else LEGACY_DEVICE_CFG_OFFSET
+        return self.map.legacy_device().offset
 
     def get_status(self) -> int:
         return self.regs.read(LEGACY_CFG.device_status)
@@ -126,10 +113,10 @@ class LegacyTransport(VirtioTransport):
         return self.regs.read(LEGACY_CFG.queue_msix_vector)
 
     def config_read(self, offset: int, width: int) -> int:
-        return self.fn.bar_read(LEGACY_BAR, self.device_config_offset + offset, width)
+        return self.map.read(self.map.legacy_device(), offset, width)
 
     def config_write(self, offset: int, width: int, value: int) -> None:
-        self.fn.bar_write(LEGACY_BAR, self.device_config_offset + offset, width, value)
+        self.map.write(self.map.legacy_device(), offset, width, value)
 
 
 def legacy_ring_offsets(size: int) -> tuple[int, int]:

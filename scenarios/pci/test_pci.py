@@ -39,8 +39,8 @@ from qtest_virtio.transport.layout import (
 
 pytestmark = pytest.mark.virtio_device("virtio-rng-pci", rings=("split",))
 
-MODERN_LAYOUT = [modes.TRANSITIONAL_MODERN, modes.MODERN]
-LEGACY_LAYOUT = [modes.LEGACY, modes.TRANSITIONAL_LEGACY]
+MODERN_LAYOUT = modes.MODERN_LAYOUT_MODES
+LEGACY_LAYOUT = modes.LEGACY_LAYOUT_MODES
 ENTROPY_DEVICE_ID = 4
 VERSION_1 = 32
 NOTIFICATION_DATA = 38
@@ -136,8 +136,8 @@ def test_capability_length_covers_the_structure(virtio_device):
     """Every virtio vendor capability's cap_len includes the whole virtio_pci_cap and the extra
     data its type adds (the notify multiplier, the PCI cfg data window) (MUST)."""
     t = modern(virtio_device)
-    assert t.caps, "no virtio vendor capability"
-    for cap in t.caps:
+    assert t.map.caps, "no virtio vendor capability"
+    for cap in t.map.caps:
         length = cap_len(t.fn, cap.cap_offset)
         assert length >= CAP_MIN_LEN.get(cap.cfg_type, VIRTIO_PCI_CAP.size), (
             f"capability at {cap.cap_offset:#x} (cfg_type {cap.cfg_type}) has cap_len {length}"
@@ -150,7 +150,7 @@ def test_common_cfg_capability(virtio_device):
     """There is at least one common configuration capability, and its offset in the BAR is
     4-byte aligned (MUST)."""
     t = modern(virtio_device)
-    common = [c for c in t.caps if c.cfg_type == CFG_TYPE_COMMON]
+    common = [c for c in t.map.caps if c.cfg_type == CFG_TYPE_COMMON]
     assert common
     for cap in common:
         assert cap.offset % 4 == 0, f"common cfg at BAR{cap.bar}+{cap.offset:#x}"
@@ -164,7 +164,7 @@ def test_notify_capability_layout(virtio_device):
     2-byte aligned and notify_off_multiplier is 0 or an even power of two (MUST)."""
     t = modern(virtio_device)
     assert not t.device_features() >> NOTIFICATION_DATA & 1, "NOTIFICATION_DATA rules are not checked here"
-    notify = [c for c in t.caps if c.cfg_type == CFG_TYPE_NOTIFY]
+    notify = [c for c in t.map.caps if c.cfg_type == CFG_TYPE_NOTIFY]
     assert notify
     for cap in notify:
         mult = cap.notify_off_multiplier
@@ -184,7 +184,7 @@ def test_notify_offsets_stay_within_the_capability(virtio_device):
     for q in range(t.num_queues()):
         t.select_queue(q)
         off = t.common.read(layout.COMMON_CFG.queue_notify_off)
-        assert t.notify_cap.length >= off * t.notify_cap.notify_off_multiplier + 2, f"queue {q}"
+        assert t.notify_window.length >= off * t.map.notify_off_multiplier + 2, f"queue {q}"
 
 
 @pytest.mark.conformance("pci-device-cfg-capability", spec="4.1.4.6.1")
@@ -193,7 +193,7 @@ def test_device_cfg_capability(virtio_device):
     """A device type with device-specific configuration (block) presents a device cfg
     capability, at a 4-byte aligned offset (MUST)."""
     t = modern(virtio_device)
-    device = [c for c in t.caps if c.cfg_type == CFG_TYPE_DEVICE]
+    device = [c for c in t.map.caps if c.cfg_type == CFG_TYPE_DEVICE]
     assert device
     for cap in device:
         assert cap.offset % 4 == 0
@@ -479,8 +479,8 @@ def test_pci_cfg_window_reads_what_the_bar_holds(virtio_device):
     1-, 2- and 4-byte common configuration fields read the same through it as through the BAR
     (MUST)."""
     t = modern(virtio_device)
-    assert t.pci_cfg_cap is not None
-    bar, base = t.common_cap.bar, t.common_cap.offset
+    assert t.map.pci_cfg is not None and t.map.common is not None
+    bar, base = t.map.common.bar, t.map.common.offset
     t.common.write(layout.COMMON_CFG.device_feature_select, 1)
     t.select_queue(0)
     c = COMMON_CFG
@@ -495,7 +495,8 @@ def test_pci_cfg_window_writes_reach_the_bar(virtio_device):
     """A write of pci_cfg_data performs a write of cap.length bytes at cap.offset in BAR
     cap.bar: registers written through the window read back through the BAR (MUST)."""
     t = modern(virtio_device)
-    bar, base = t.common_cap.bar, t.common_cap.offset
+    assert t.map.common is not None
+    bar, base = t.map.common.bar, t.map.common.offset
     t.pci_cfg_write(bar, base + COMMON_CFG.device_feature_select.offset, 4, 1)
     assert t.common.read(layout.COMMON_CFG.device_feature_select) == 1
     t.pci_cfg_write(bar, base + COMMON_CFG.queue_select.offset, 2, 0)
