@@ -13,6 +13,8 @@ import time
 
 import pytest
 
+from qtest_virtio import Machine
+from qtest_virtio.backends import SerialBackend
 from qtest_virtio.devices.console.driver import VirtioConsole
 from qtest_virtio.devices.console.encoding import ControlEvent, ControlMessage
 from qtest_virtio.transport import feature_bit
@@ -31,6 +33,13 @@ def _restart(con: VirtioConsole, **attrs: object) -> None:
     con.initialize()
 
 
+def _serial(vm: Machine, con: VirtioConsole) -> SerialBackend:
+    """The host ends of the controller's ports (``["console"]``, ``["port1"]``)."""
+    backend = vm.backend(con.dev_id)
+    assert isinstance(backend, SerialBackend), f"{con.dev_id}'s backend is {backend!r}, not its serial ports"
+    return backend
+
+
 def _events(con: VirtioConsole, event: ControlEvent) -> list[ControlMessage]:
     return [r.message for r in con.control_log if r.message.event == event]
 
@@ -42,7 +51,7 @@ def _data_ports(con: VirtioConsole) -> list[int]:
 
 @pytest.mark.virtio_requires("MULTIPORT")
 @pytest.mark.conformance("console-device-add-per-port", spec="5.3.6")
-def test_device_add_for_each_port_after_device_ready(virtio_device, qemu):
+def test_device_add_for_each_port_after_device_ready(virtio_device: VirtioConsole, qemu: Machine) -> None:
     """With MULTIPORT, the device announces every active port with DEVICE_ADD (§5.3.6 item 4)
     once the driver has said DEVICE_READY (§5.3.5 step 3), and sends nothing before that.
     Level: device behaviour the spec describes, without a MUST keyword."""
@@ -57,7 +66,7 @@ def test_device_add_for_each_port_after_device_ready(virtio_device, qemu):
 @pytest.mark.virtio_device("virtio-serial-pci", flags={"max_ports": "2"})
 @pytest.mark.virtio_requires("MULTIPORT")
 @pytest.mark.conformance("console-device-add-ids-valid", spec="5.3.6.2.1")
-def test_device_add_names_new_ports_below_max_nr_ports(virtio_device, qemu):
+def test_device_add_names_new_ports_below_max_nr_ports(virtio_device: VirtioConsole, qemu: Machine) -> None:
     """The device MUST NOT name a port that already exists in DEVICE_ADD, nor one equal to or
     greater than max_nr_ports (here 2, exactly the two ports plugged in). Level: MUST NOT."""
     con: VirtioConsole = virtio_device
@@ -70,7 +79,7 @@ def test_device_add_names_new_ports_below_max_nr_ports(virtio_device, qemu):
 @pytest.mark.virtio_device("virtio-serial-pci", flags={"max_ports": "4"})
 @pytest.mark.virtio_requires("MULTIPORT")
 @pytest.mark.conformance("console-max-nr-ports", spec="5.3.4")
-def test_max_nr_ports_reports_the_port_capacity(virtio_device, qemu):
+def test_max_nr_ports_reports_the_port_capacity(virtio_device: VirtioConsole, qemu: Machine) -> None:
     """With MULTIPORT, max_nr_ports is valid: the device's port capacity (max_ports=4), which
     covers every port it announces, and the queues it implies (2 * max_nr_ports + 2) exist.
     Level: device behaviour the spec describes, without a MUST keyword."""
@@ -84,7 +93,7 @@ def test_max_nr_ports_reports_the_port_capacity(virtio_device, qemu):
 
 @pytest.mark.virtio_requires("MULTIPORT")
 @pytest.mark.conformance("console-console-port-announced", spec="5.3.6.2")
-def test_console_port_is_nominated_with_console_port(virtio_device, qemu):
+def test_console_port_is_nominated_with_console_port(virtio_device: VirtioConsole, qemu: Machine) -> None:
     """The device nominates the console port with CONSOLE_PORT (value 1) once the driver has
     answered its DEVICE_ADD with PORT_READY; a generic port is not nominated.
     Level: device behaviour the spec describes, without a MUST keyword."""
@@ -99,7 +108,7 @@ def test_console_port_is_nominated_with_console_port(virtio_device, qemu):
 
 @pytest.mark.virtio_requires("MULTIPORT")
 @pytest.mark.conformance("console-port-name-tag", spec="5.3.6.2")
-def test_port_name_carries_the_name_property(virtio_device, qemu):
+def test_port_name_carries_the_name_property(virtio_device: VirtioConsole, qemu: Machine) -> None:
     """PORT_NAME gives each named port its tag: the UTF-8 name after the control header is the
     port's ``name`` property. Level: device behaviour the spec describes, without a MUST keyword."""
     con: VirtioConsole = virtio_device
@@ -109,7 +118,7 @@ def test_port_name_carries_the_name_property(virtio_device, qemu):
 
 @pytest.mark.virtio_requires("MULTIPORT")
 @pytest.mark.conformance("console-port-name-no-nul", spec="5.3.6.2")
-def test_port_name_has_no_nul_terminator(virtio_device, qemu):
+def test_port_name_has_no_nul_terminator(virtio_device: VirtioConsole, qemu: Machine) -> None:
     """PORT_NAME is 'immediately followed by the UTF-8 name of the port ... (without a NUL
     terminator)': the used length is header + name, nothing more. Level: the message format
     the spec defines (no MUST keyword)."""
@@ -123,13 +132,13 @@ def test_port_name_has_no_nul_terminator(virtio_device, qemu):
 
 @pytest.mark.virtio_requires("MULTIPORT")
 @pytest.mark.conformance("console-port-open-host-state", spec="5.3.6.2")
-def test_port_open_reports_the_host_side_state(virtio_device, qemu):
+def test_port_open_reports_the_host_side_state(virtio_device: VirtioConsole, qemu: Machine) -> None:
     """PORT_OPEN from the device says whether the host side is open: value 1 for each
     connected port after PORT_READY, value 0 when the host closes its end.
     Level: device behaviour the spec describes, without a MUST keyword."""
     con: VirtioConsole = virtio_device
     assert {(m.id, m.value) for m in _events(con, ControlEvent.PORT_OPEN)} == {(0, 1), (1, 1)}
-    qemu.backend(con.dev_id)["port1"].close()
+    _serial(qemu, con)["port1"].close()
     deadline = time.monotonic() + 2
     while con.ports[1].host_open and time.monotonic() < deadline:
         time.sleep(0.001)
@@ -137,12 +146,12 @@ def test_port_open_reports_the_host_side_state(virtio_device, qemu):
 
 
 @pytest.mark.conformance("console-tx-data-unmodified", spec="5.3.6")
-def test_transmitted_bytes_arrive_unmodified(virtio_device, qemu):
+def test_transmitted_bytes_arrive_unmodified(virtio_device: VirtioConsole, qemu: Machine) -> None:
     """Output placed in a port's transmitq reaches that port's host end byte for byte, in
     order, on every port (§5.3.6 item 1); the device writes nothing into a transmit buffer.
     Level: device behaviour the spec describes, without a MUST keyword."""
     con: VirtioConsole = virtio_device
-    backend = qemu.backend(con.dev_id)
+    backend = _serial(qemu, con)
     for port in _data_ports(con):
         end = backend[PORTS[port][0]]
         chunks = [bytes(range(256)), b"\0" * 17, f"port {port}: done\r\n".encode(), bytes(range(255, -1, -1)) * 40]
@@ -154,12 +163,12 @@ def test_transmitted_bytes_arrive_unmodified(virtio_device, qemu):
 
 
 @pytest.mark.conformance("console-rx-used-length", spec="5.3.6")
-def test_host_bytes_arrive_with_used_length_equal_to_bytes(virtio_device, qemu):
+def test_host_bytes_arrive_with_used_length_equal_to_bytes(virtio_device: VirtioConsole, qemu: Machine) -> None:
     """Bytes the host writes to a port arrive in a buffer of that port's receiveq, and the used
     length is exactly the number of bytes placed (§5.3.6 item 2; the used length rule of §2.7.8.2
     is a MUST)."""
     con: VirtioConsole = virtio_device
-    backend = qemu.backend(con.dev_id)
+    backend = _serial(qemu, con)
     for port in _data_ports(con):
         sent = f"host to port {port}\0\xff".encode("latin-1")
         backend[PORTS[port][0]].write(sent)
@@ -167,7 +176,7 @@ def test_host_bytes_arrive_with_used_length_equal_to_bytes(virtio_device, qemu):
 
 
 @pytest.mark.conformance("console-emerg-wr-unconfigured", spec="5.3.5.1")
-def test_emergency_write_on_an_unconfigured_device(virtio_device, qemu):
+def test_emergency_write_on_an_unconfigured_device(virtio_device: VirtioConsole, qemu: Machine) -> None:
     """The device MUST allow a write to emerg_wr even on an unconfigured device, and SHOULD
     output its lower byte: after a reset (status 0), writing 0x...21 prints '!' on the console,
     whether or not the driver acknowledged EMERG_WRITE."""
@@ -177,18 +186,18 @@ def test_emergency_write_on_an_unconfigured_device(virtio_device, qemu):
     con.reset()
     assert con.transport.get_status() == 0
     con.emergency_write(0x7E7E_7E21)
-    assert qemu.backend(con.dev_id)["console"].read(1, timeout=2) == b"!"
+    assert _serial(qemu, con)["console"].read(1, timeout=2) == b"!"
 
 
 @pytest.mark.virtio_device("virtio-serial-pci", refuse={"MULTIPORT"})
 @pytest.mark.conformance("console-port0-without-multiport", spec="5.3.2")
-def test_port0_queues_work_without_multiport(virtio_device, qemu):
+def test_port0_queues_work_without_multiport(virtio_device: VirtioConsole, qemu: Machine) -> None:
     """'The port 0 receive and transmit queues always exist': with MULTIPORT not negotiated,
     port 0 moves data both ways over queues 0 and 1 with no control queue.
     Level: device behaviour the spec describes, without a MUST keyword."""
     con: VirtioConsole = virtio_device
     assert not con.multiport and len(con.queues) == 2
-    end = qemu.backend(con.dev_id)["console"]
+    end = _serial(qemu, con)["console"]
     out, back = b"guest to host, single port", b"host to guest, single port"
     con.write(out, 0)
     assert end.read(len(out), timeout=2) == out
@@ -198,7 +207,7 @@ def test_port0_queues_work_without_multiport(virtio_device, qemu):
 
 @pytest.mark.virtio_requires("MULTIPORT")
 @pytest.mark.conformance("console-control-used-length-fits", spec="2.7.8.2")
-def test_control_used_length_never_exceeds_the_buffer(virtio_device, qemu):
+def test_control_used_length_never_exceeds_the_buffer(virtio_device: VirtioConsole, qemu: Machine) -> None:
     """The device MUST write at least 'used length' bytes into the buffer, so the used length of
     a control message can never exceed the control receive buffer: with 12-byte buffers a
     PORT_NAME (8-byte header + 17-byte name) must not be reported as longer than 12 bytes."""

@@ -14,10 +14,14 @@ import time
 
 import pytest
 
-from qtest_virtio import modes
+from qtest_virtio import Machine, modes
 from qtest_virtio.devices.base import VirtioDriver
+from qtest_virtio.devices.blk.driver import VirtioBlk
+from qtest_virtio.devices.rng.driver import VirtioRng
 from qtest_virtio.introspect import device_view
+from qtest_virtio.pci import PciFunction
 from qtest_virtio.pci import regs as pci_regs
+from qtest_virtio.registers import Layout, RegisterBlock
 from qtest_virtio.transport import LegacyTransport, ModernTransport, VirtioTransport, layout
 from qtest_virtio.transport.layout import (
     CFG_TYPE_COMMON,
@@ -67,9 +71,20 @@ def legacy(drv: VirtioDriver) -> LegacyTransport:
     return t
 
 
-def queue_regs(t: VirtioTransport):
+def queue_regs(t: VirtioTransport) -> RegisterBlock[Layout]:
     """The register block that holds queue_select / queue_size in this layout."""
-    return t.regs if isinstance(t, LegacyTransport) else t.common  # type: ignore[attr-defined]
+    if isinstance(t, LegacyTransport):
+        return t.regs
+    assert isinstance(t, ModernTransport), f"{t} drives neither the legacy nor the modern layout"
+    return t.common
+
+
+def common_in_bar(t: ModernTransport) -> tuple[int, int]:
+    """(BAR, offset) of the common configuration structure: where a pci_cfg window access
+    aimed at it goes (§4.1.4.9)."""
+    common = t.map.common
+    assert common is not None and common.bar is not None, f"{t}: no common configuration in a BAR"
+    return common.bar, common.offset
 
 
 def read_vectors(t: VirtioTransport, queue: int) -> tuple[int, int]:
@@ -79,14 +94,14 @@ def read_vectors(t: VirtioTransport, queue: int) -> tuple[int, int]:
     return block.read(block.layout["config_msix_vector"]), block.read(block.layout["queue_msix_vector"])
 
 
-def quiet(vm, seconds: float = QUIET_WINDOW) -> None:
+def quiet(vm: Machine, seconds: float = QUIET_WINDOW) -> None:
     """Give the device's main loop a few turns (each qtest command is one) to do anything."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         vm.qtest.readl(0)
 
 
-def cap_len(fn, cap_offset: int) -> int:
+def cap_len(fn: PciFunction, cap_offset: int) -> int:
     return fn.read_config(cap_offset + VIRTIO_PCI_CAP.cap_len.offset, 1)
 
 
@@ -94,7 +109,7 @@ def cap_len(fn, cap_offset: int) -> int:
 
 
 @pytest.mark.conformance("pci-vendor-and-device-id", spec="4.1.2.1")
-def test_vendor_and_device_id(virtio_device):
+def test_vendor_and_device_id(virtio_device: VirtioRng) -> None:
     """The function carries the virtio vendor ID, and a device ID that is either 0x1040 plus
     the virtio device ID or the transitional ID listed for that device type (MUST)."""
     fn = virtio_device.fn
@@ -105,7 +120,7 @@ def test_vendor_and_device_id(virtio_device):
 
 @pytest.mark.conformance("pci-transitional-identity", spec="4.1.2.3")
 @pytest.mark.virtio_device("virtio-rng-pci", rings=("split",), transports=[*LEGACY_LAYOUT, modes.TRANSITIONAL_MODERN])
-def test_transitional_identity(virtio_device):
+def test_transitional_identity(virtio_device: VirtioRng) -> None:
     """A device a legacy driver may bind (transitional, and here also the legacy-only build)
     has revision 0, a device ID in 0x1000-0x103f and the virtio device ID as its subsystem
     device ID (MUST)."""
@@ -117,7 +132,7 @@ def test_transitional_identity(virtio_device):
 
 @pytest.mark.conformance("pci-non-transitional-identity", spec="4.1.2.1")
 @pytest.mark.virtio_device("virtio-rng-pci", rings=("split",), transports=[modes.MODERN])
-def test_non_transitional_identity(virtio_device):
+def test_non_transitional_identity(virtio_device: VirtioRng) -> None:
     """A modern-only device keeps legacy drivers away: device ID 0x1040-0x107f, revision 1 or
     more, subsystem device ID 0x40 or more (SHOULD: asserted, as a legacy driver binding a
     modern-only device would misbehave, and QEMU does all three)."""
@@ -132,7 +147,7 @@ def test_non_transitional_identity(virtio_device):
 
 @pytest.mark.conformance("pci-cap-len-covers-structure", spec="4.1.4.2")
 @pytest.mark.virtio_device("virtio-rng-pci", rings=("split",), transports=MODERN_LAYOUT)
-def test_capability_length_covers_the_structure(virtio_device):
+def test_capability_length_covers_the_structure(virtio_device: VirtioRng) -> None:
     """Every virtio vendor capability's cap_len includes the whole virtio_pci_cap and the extra
     data its type adds (the notify multiplier, the PCI cfg data window) (MUST)."""
     t = modern(virtio_device)
@@ -146,7 +161,7 @@ def test_capability_length_covers_the_structure(virtio_device):
 
 @pytest.mark.conformance("pci-common-cfg-capability", spec="4.1.4.3.1")
 @pytest.mark.virtio_device("virtio-rng-pci", rings=("split",), transports=MODERN_LAYOUT)
-def test_common_cfg_capability(virtio_device):
+def test_common_cfg_capability(virtio_device: VirtioRng) -> None:
     """There is at least one common configuration capability, and its offset in the BAR is
     4-byte aligned (MUST)."""
     t = modern(virtio_device)
@@ -159,7 +174,7 @@ def test_common_cfg_capability(virtio_device):
 
 @pytest.mark.conformance("pci-notify-capability-layout", spec="4.1.4.4.1")
 @pytest.mark.virtio_device("virtio-rng-pci", rings=("split",), transports=MODERN_LAYOUT)
-def test_notify_capability_layout(virtio_device):
+def test_notify_capability_layout(virtio_device: VirtioRng) -> None:
     """There is at least one notification capability; without NOTIFICATION_DATA its offset is
     2-byte aligned and notify_off_multiplier is 0 or an even power of two (MUST)."""
     t = modern(virtio_device)
@@ -176,7 +191,7 @@ def test_notify_capability_layout(virtio_device):
 @pytest.mark.virtio_device(
     "virtio-blk-pci", rings=("split",), transports=MODERN_LAYOUT, backend="null", flags={"num-queues": "4"}
 )
-def test_notify_offsets_stay_within_the_capability(virtio_device):
+def test_notify_offsets_stay_within_the_capability(virtio_device: VirtioBlk) -> None:
     """For every queue, cap.length >= queue_notify_off * notify_off_multiplier + 2: each queue's
     notification address lies inside the notification structure (MUST)."""
     t = modern(virtio_device)
@@ -189,7 +204,7 @@ def test_notify_offsets_stay_within_the_capability(virtio_device):
 
 @pytest.mark.conformance("pci-device-cfg-capability", spec="4.1.4.6.1")
 @pytest.mark.virtio_device("virtio-blk-pci", rings=("split",), transports=MODERN_LAYOUT, backend="null")
-def test_device_cfg_capability(virtio_device):
+def test_device_cfg_capability(virtio_device: VirtioBlk) -> None:
     """A device type with device-specific configuration (block) presents a device cfg
     capability, at a 4-byte aligned offset (MUST)."""
     t = modern(virtio_device)
@@ -204,7 +219,7 @@ def test_device_cfg_capability(virtio_device):
 
 
 @pytest.mark.conformance("pci-reset-reads-zero", spec="4.1.4.3.1")
-def test_device_reset_reads_back_zero(virtio_device, qemu):
+def test_device_reset_reads_back_zero(virtio_device: VirtioRng, qemu: Machine) -> None:
     """Writing 0 to device_status resets the device, which then presents 0 there (MUST; the
     legacy layout's status register does the same)."""
     t = virtio_device.transport
@@ -218,7 +233,7 @@ def test_device_reset_reads_back_zero(virtio_device, qemu):
 
 @pytest.mark.conformance("pci-reset-clears-queue-enable", spec="4.1.4.3.1")
 @pytest.mark.virtio_device("virtio-rng-pci", rings=("split",), transports=MODERN_LAYOUT)
-def test_device_reset_clears_queue_enable(virtio_device):
+def test_device_reset_clears_queue_enable(virtio_device: VirtioRng) -> None:
     """After a device reset, queue_enable reads 0 (MUST)."""
     t = modern(virtio_device)
     assert t.queue_enabled(0)
@@ -228,7 +243,7 @@ def test_device_reset_clears_queue_enable(virtio_device):
 
 
 @pytest.mark.conformance("pci-absent-queue-size-zero", spec="4.1.4.3.1")
-def test_absent_queue_reads_size_zero(virtio_device):
+def test_absent_queue_reads_size_zero(virtio_device: VirtioRng) -> None:
     """With queue_select naming a queue the device does not have, queue_size reads 0 (MUST).
     virtio-rng has one queue; 1, 2 and 1023 (QEMU's last queue slot) are all absent."""
     block = queue_regs(virtio_device.transport)
@@ -239,7 +254,7 @@ def test_absent_queue_reads_size_zero(virtio_device):
 
 @pytest.mark.conformance("pci-large-queue-select-size-zero", spec="4.1.4.3")
 @pytest.mark.virtio_device("virtio-rng-pci", rings=("split",), transports=MODERN_LAYOUT)
-def test_large_queue_select_reads_size_zero(virtio_device):
+def test_large_queue_select_reads_size_zero(virtio_device: VirtioRng) -> None:
     """queue_select is a 16-bit read-write field of the common configuration (§4.1.4.3, the
     structure's definition: descriptive, no MUST keeps a value past the device's queues). A
     device that keeps any value there names an unavailable queue, whose queue_size then MUST
@@ -257,7 +272,7 @@ def test_large_queue_select_reads_size_zero(virtio_device):
 
 @pytest.mark.conformance("pci-queue-size-power-of-two", spec="4.1.4.3.1")
 @pytest.mark.virtio_device("virtio-blk-pci", rings=("split",), backend="null", flags={"num-queues": "3"})
-def test_queue_size_is_zero_or_a_power_of_two(virtio_device):
+def test_queue_size_is_zero_or_a_power_of_two(virtio_device: VirtioBlk) -> None:
     """Without RING_PACKED, every queue's queue_size is 0 or a power of two (MUST)."""
     t = virtio_device.transport
     if "RING_PACKED" in virtio_device.negotiated:
@@ -271,7 +286,7 @@ def test_queue_size_is_zero_or_a_power_of_two(virtio_device):
 
 @pytest.mark.conformance("pci-queue-size-driver-writable", spec="4.1.4.3")
 @pytest.mark.virtio_device("virtio-rng-pci", transports=MODERN_LAYOUT, queue_size=2)
-def test_driver_can_shrink_the_queue(virtio_device):
+def test_driver_can_shrink_the_queue(virtio_device: VirtioRng) -> None:
     """On the modern layout queue_size is read-write: the driver may write a smaller power of
     two, the device reads it back and runs the queue at that size (field definition)."""
     t = modern(virtio_device)
@@ -284,7 +299,7 @@ def test_driver_can_shrink_the_queue(virtio_device):
 
 @pytest.mark.conformance("pci-legacy-queue-size-read-only", spec="4.1.4.10")
 @pytest.mark.virtio_device("virtio-rng-pci", rings=("split",), transports=LEGACY_LAYOUT)
-def test_legacy_queue_size_is_read_only(virtio_device):
+def test_legacy_queue_size_is_read_only(virtio_device: VirtioRng) -> None:
     """In the legacy register layout queue_size is read-only: a driver's write does not change
     it (the table of §4.1.4.10 marks it R)."""
     t = legacy(virtio_device)
@@ -297,7 +312,7 @@ def test_legacy_queue_size_is_read_only(virtio_device):
 
 @pytest.mark.conformance("pci-feature-select-past-64-reads-zero", spec="4.1.4.3.1")
 @pytest.mark.virtio_device("virtio-rng-pci", rings=("split",), transports=MODERN_LAYOUT)
-def test_device_feature_past_bit_63_reads_zero(virtio_device):
+def test_device_feature_past_bit_63_reads_zero(virtio_device: VirtioRng) -> None:
     """device_feature shows the offered bits from device_feature_select * 32 on, for any select
     the driver writes: no feature is defined past bit 63, so selects 2 and up read 0 (MUST)."""
     t = modern(virtio_device)
@@ -307,7 +322,7 @@ def test_device_feature_past_bit_63_reads_zero(virtio_device):
 
 
 @pytest.mark.conformance("pci-driver-features-read-back", spec="4.1.4.3.1")
-def test_driver_features_read_back(virtio_device):
+def test_driver_features_read_back(virtio_device: VirtioRng) -> None:
     """The device presents the valid feature bits the driver wrote to driver_feature (MUST;
     the legacy layout's 32-bit driver features register likewise)."""
     negotiated = virtio_device.negotiated
@@ -317,7 +332,7 @@ def test_driver_features_read_back(virtio_device):
 
 @pytest.mark.conformance("pci-offers-version-1", spec="6.2")
 @pytest.mark.virtio_device("virtio-rng-pci", rings=("split",), transports=MODERN_LAYOUT)
-def test_modern_layout_offers_version_1(virtio_device):
+def test_modern_layout_offers_version_1(virtio_device: VirtioRng) -> None:
     """A device driven through the modern layout offers VIRTIO_F_VERSION_1 (MUST)."""
     t = modern(virtio_device)
     t.common.write(layout.COMMON_CFG.device_feature_select, 1)
@@ -326,7 +341,7 @@ def test_modern_layout_offers_version_1(virtio_device):
 
 @pytest.mark.conformance("pci-unoffered-feature-fails-features-ok", spec="4.1.4.3.1")
 @pytest.mark.virtio_device("virtio-rng-pci", rings=("split",), transports=MODERN_LAYOUT)
-def test_unoffered_feature_is_refused_at_features_ok(virtio_device, qemu):
+def test_unoffered_feature_is_refused_at_features_ok(virtio_device: VirtioRng, qemu: Machine) -> None:
     """A device may ignore driver_feature writes of bits it never offered (presenting 0), or
     mirror them, "but it will still have to check them when the driver sets FEATURES_OK" (the
     note of §4.1.4.3.1). So a device that reads an unoffered bit back must not accept
@@ -350,7 +365,7 @@ def test_unoffered_feature_is_refused_at_features_ok(virtio_device, qemu):
 @pytest.mark.conformance("pci-queue-reset-reads-zero-when-enabled", spec="4.1.4.3.1")
 @pytest.mark.virtio_device("virtio-rng-pci", transports=MODERN_LAYOUT, flags={"queue_reset": "on"})
 @pytest.mark.virtio_requires("RING_RESET")
-def test_queue_reset_reads_zero_on_an_enabled_queue(virtio_device):
+def test_queue_reset_reads_zero_on_an_enabled_queue(virtio_device: VirtioRng) -> None:
     """With RING_RESET negotiated, queue_reset reads 0 once the queue is enabled (MUST)."""
     t = modern(virtio_device)
     t.select_queue(0)
@@ -361,7 +376,7 @@ def test_queue_reset_reads_zero_on_an_enabled_queue(virtio_device):
 @pytest.mark.conformance("pci-queue-reset-completes-disabled", spec="4.1.4.3.1")
 @pytest.mark.virtio_device("virtio-rng-pci", transports=MODERN_LAYOUT, flags={"queue_reset": "on"})
 @pytest.mark.virtio_requires("RING_RESET")
-def test_queue_reset_completes_with_the_queue_disabled(virtio_device):
+def test_queue_reset_completes_with_the_queue_disabled(virtio_device: VirtioRng) -> None:
     """Writing 1 to queue_reset resets the queue; when the reset is done, both queue_reset and
     queue_enable read 0 (MUST)."""
     t = modern(virtio_device)
@@ -379,7 +394,7 @@ def test_queue_reset_completes_with_the_queue_disabled(virtio_device):
 
 @pytest.mark.conformance("pci-isr-cleared-by-read", spec="4.1.4.5.1")
 @pytest.mark.virtio_device("virtio-rng-pci", rings=("split",), interrupts="isr")
-def test_isr_is_cleared_by_reading_it(virtio_device):
+def test_isr_is_cleared_by_reading_it(virtio_device: VirtioRng) -> None:
     """With MSI-X off, a used buffer sets the ISR queue bit; the driver's read returns it and
     resets ISR status to 0 (MUST)."""
     t = virtio_device.transport
@@ -391,7 +406,7 @@ def test_isr_is_cleared_by_reading_it(virtio_device):
 
 @pytest.mark.conformance("pci-isr-mirrored-in-pci-status", spec="4.1.4.5.1")
 @pytest.mark.virtio_device("virtio-rng-pci", rings=("split",), interrupts="isr")
-def test_pci_interrupt_status_follows_isr(virtio_device):
+def test_pci_interrupt_status_follows_isr(virtio_device: VirtioRng) -> None:
     """With MSI-X off, the Interrupt Status bit of the PCI Status register is the OR of the ISR
     bits: clear while ISR is 0, set after a used buffer, clear again once ISR is read (MUST)."""
     fn = virtio_device.fn
@@ -410,7 +425,7 @@ def test_pci_interrupt_status_follows_isr(virtio_device):
 
 @pytest.mark.conformance("pci-isr-set-before-intx", spec="4.1.4.5.1")
 @pytest.mark.virtio_device("virtio-rng-pci", rings=("split",), interrupts="intx")
-def test_isr_queue_bit_is_set_when_intx_fires(virtio_device):
+def test_isr_queue_bit_is_set_when_intx_fires(virtio_device: VirtioRng) -> None:
     """With MSI-X off, the device sets the ISR queue bit before it raises INTx for a used
     buffer, so a driver that sees the line up and reads ISR finds the reason (MUST)."""
     intx = virtio_device.intx
@@ -425,7 +440,7 @@ def test_isr_queue_bit_is_set_when_intx_fires(virtio_device):
 
 
 @pytest.mark.conformance("pci-msix-any-valid-vector", spec="4.1.5.1.2.1")
-def test_every_valid_vector_can_be_mapped(virtio_device):
+def test_every_valid_vector_can_be_mapped(virtio_device: VirtioRng) -> None:
     """Configuration changes and the queue can each be mapped to any vector of the MSI-X table,
     and reading the vector register returns the mapping (MUST)."""
     t, msix = virtio_device.transport, virtio_device.msix
@@ -436,7 +451,7 @@ def test_every_valid_vector_can_be_mapped(virtio_device):
 
 
 @pytest.mark.conformance("pci-msix-failed-mapping-reads-no-vector", spec="4.1.5.1.2.1")
-def test_vector_outside_the_table_reads_no_vector(virtio_device):
+def test_vector_outside_the_table_reads_no_vector(virtio_device: VirtioRng) -> None:
     """A mapping the device cannot honour (a vector past its MSI-X table) is reported by reading
     back NO_VECTOR (MUST)."""
     t, msix = virtio_device.transport, virtio_device.msix
@@ -447,7 +462,7 @@ def test_vector_outside_the_table_reads_no_vector(virtio_device):
 
 
 @pytest.mark.conformance("pci-msix-unmapped-after-reset", spec="4.1.5.1.2.1")
-def test_reset_unmaps_every_vector(virtio_device):
+def test_reset_unmaps_every_vector(virtio_device: VirtioRng) -> None:
     """After a device reset, the configuration-change event and every queue are unmapped:
     their vector registers read NO_VECTOR (MUST)."""
     t = virtio_device.transport
@@ -457,7 +472,7 @@ def test_reset_unmaps_every_vector(virtio_device):
 
 
 @pytest.mark.conformance("pci-no-vector-no-interrupt", spec="4.1.5.3.1")
-def test_queue_on_no_vector_raises_nothing(virtio_device, qemu):
+def test_queue_on_no_vector_raises_nothing(virtio_device: VirtioRng, qemu: Machine) -> None:
     """With MSI-X enabled and the queue's vector NO_VECTOR, a used buffer delivers no
     interrupt for that queue (MUST)."""
     t, msix = virtio_device.transport, virtio_device.msix
@@ -474,13 +489,13 @@ def test_queue_on_no_vector_raises_nothing(virtio_device, qemu):
 
 @pytest.mark.conformance("pci-cfg-access-reads-bar", spec="4.1.4.9.1")
 @pytest.mark.virtio_device("virtio-rng-pci", rings=("split",), transports=MODERN_LAYOUT)
-def test_pci_cfg_window_reads_what_the_bar_holds(virtio_device):
+def test_pci_cfg_window_reads_what_the_bar_holds(virtio_device: VirtioRng) -> None:
     """A read of pci_cfg_data performs a read of cap.length bytes at cap.offset in BAR cap.bar:
     1-, 2- and 4-byte common configuration fields read the same through it as through the BAR
     (MUST)."""
     t = modern(virtio_device)
-    assert t.map.pci_cfg is not None and t.map.common is not None
-    bar, base = t.map.common.bar, t.map.common.offset
+    assert t.map.pci_cfg is not None
+    bar, base = common_in_bar(t)
     t.common.write(layout.COMMON_CFG.device_feature_select, 1)
     t.select_queue(0)
     c = COMMON_CFG
@@ -491,12 +506,11 @@ def test_pci_cfg_window_reads_what_the_bar_holds(virtio_device):
 
 @pytest.mark.conformance("pci-cfg-access-writes-bar", spec="4.1.4.9.1")
 @pytest.mark.virtio_device("virtio-rng-pci", rings=("split",), transports=MODERN_LAYOUT)
-def test_pci_cfg_window_writes_reach_the_bar(virtio_device):
+def test_pci_cfg_window_writes_reach_the_bar(virtio_device: VirtioRng) -> None:
     """A write of pci_cfg_data performs a write of cap.length bytes at cap.offset in BAR
     cap.bar: registers written through the window read back through the BAR (MUST)."""
     t = modern(virtio_device)
-    assert t.map.common is not None
-    bar, base = t.map.common.bar, t.map.common.offset
+    bar, base = common_in_bar(t)
     t.pci_cfg_write(bar, base + COMMON_CFG.device_feature_select.offset, 4, 1)
     assert t.common.read(layout.COMMON_CFG.device_feature_select) == 1
     t.pci_cfg_write(bar, base + COMMON_CFG.queue_select.offset, 2, 0)
@@ -509,13 +523,13 @@ def test_pci_cfg_window_writes_reach_the_bar(virtio_device):
 # -- device-specific configuration (§4.1.3, §4.1.4.3, §4.1.4.10) --------------------------------
 
 
-def _resize(qemu, drv: VirtioDriver, size: int) -> None:
+def _resize(qemu: Machine, drv: VirtioDriver, size: int) -> None:
     qemu.qmp.cmd("block_resize", **{"node-name": f"{drv.dev_id}-backend", "size": size})
 
 
 @pytest.mark.conformance("pci-config-generation-changes", spec="4.1.4.3.1")
 @pytest.mark.virtio_device("virtio-blk-pci", rings=("split",), transports=MODERN_LAYOUT)
-def test_config_generation_changes_with_the_config(virtio_device, qemu):
+def test_config_generation_changes_with_the_config(virtio_device: VirtioBlk, qemu: Machine) -> None:
     """After the driver reads a configuration field that changed since it last read the
     configuration, config_generation reads a different value (MUST); while nothing changes it
     stays put."""
@@ -530,7 +544,7 @@ def test_config_generation_changes_with_the_config(virtio_device, qemu):
 
 @pytest.mark.conformance("pci-64bit-config-halves", spec="4.1.3.2")
 @pytest.mark.virtio_device("virtio-blk-pci", rings=("split",), transports=MODERN_LAYOUT)
-def test_64bit_config_field_halves_read_independently(virtio_device, qemu):
+def test_64bit_config_field_halves_read_independently(virtio_device: VirtioBlk, qemu: Machine) -> None:
     """A 64-bit configuration field (virtio-blk's capacity) can be read as its low and high
     32-bit halves independently, in either order (MUST)."""
     t = modern(virtio_device)
@@ -544,7 +558,7 @@ def test_64bit_config_field_halves_read_independently(virtio_device, qemu):
 
 @pytest.mark.conformance("pci-legacy-config-any-width", spec="4.1.4.10")
 @pytest.mark.virtio_device("virtio-blk-pci", rings=("split",), transports=LEGACY_LAYOUT)
-def test_legacy_device_config_reads_the_same_at_any_width(virtio_device):
+def test_legacy_device_config_reads_the_same_at_any_width(virtio_device: VirtioBlk) -> None:
     """Through the legacy interface the driver may read device-specific configuration with any
     access width, and gets the same bytes as with the natural widths (MUST)."""
     t = legacy(virtio_device)
@@ -557,7 +571,7 @@ def test_legacy_device_config_reads_the_same_at_any_width(virtio_device):
 
 @pytest.mark.conformance("pci-config-change-sets-isr", spec="4.1.4.5.1")
 @pytest.mark.virtio_device("virtio-blk-pci", rings=("split",), interrupts="isr")
-def test_config_change_sets_the_isr_config_bit(virtio_device, qemu):
+def test_config_change_sets_the_isr_config_bit(virtio_device: VirtioBlk, qemu: Machine) -> None:
     """The device sets the Device Configuration Interrupt bit in ISR status before it sends a
     configuration change notification (MUST): with MSI-X off, the bit is there once the new
     configuration is visible."""
@@ -571,7 +585,7 @@ def test_config_change_sets_the_isr_config_bit(virtio_device, qemu):
 
 @pytest.mark.conformance("pci-config-no-vector-no-interrupt", spec="4.1.5.4.1")
 @pytest.mark.virtio_device("virtio-blk-pci", rings=("split",))
-def test_config_change_on_no_vector_raises_nothing(virtio_device, qemu):
+def test_config_change_on_no_vector_raises_nothing(virtio_device: VirtioBlk, qemu: Machine) -> None:
     """With MSI-X enabled and config_msix_vector NO_VECTOR, a configuration change delivers no
     interrupt (MUST)."""
     t, msix = virtio_device.transport, virtio_device.msix

@@ -21,11 +21,19 @@ import time
 
 import pytest
 
+from qtest_virtio import Machine
+from qtest_virtio.backends import NetBackend, RngFifo
+from qtest_virtio.devices.base import VirtioDriver
+from qtest_virtio.devices.blk.driver import VirtioBlk
 from qtest_virtio.devices.blk.encoding import BlkReqType, BlkStatus, encode_header
+from qtest_virtio.devices.net.driver import VirtioNet
 from qtest_virtio.devices.net.encoding import ethernet_frame
+from qtest_virtio.devices.rng.driver import VirtioRng
 from qtest_virtio.introspect import queue_view
 from qtest_virtio.testing import MODERN_LAYOUT_MODES, alloc_bufs, pattern
-from qtest_virtio.virtqueue import Buf, PackedVirtqueue, UsedElem, Virtqueue
+from qtest_virtio.virtqueue import Buf, PackedVirtqueue, SplitVirtqueue, UsedElem, Virtqueue
+
+from ._support import backend
 
 IN_ORDER_ON = {"in_order": "on"}
 PATTERN = 0xEE
@@ -36,24 +44,31 @@ SERIAL = "QTEST-IN-ORDER-01"
 SECTOR = 512
 
 
-def _buffers(qemu, sizes: list[int]) -> list[Buf]:
+def _buffers(qemu: Machine, sizes: list[int]) -> list[Buf]:
     """Device-writable buffers pre-filled with PATTERN, so bytes the device did not write show."""
     return alloc_bufs(qemu.memory, sizes, fill=PATTERN, tag="in-order scenario")
 
 
-def _device_used_position(qemu, drv, vq: Virtqueue) -> tuple[int, int]:
+def _driver_used(vq: Virtqueue) -> int:
+    """Where the driver, having skipped over every batch, reads the next used entry: the packed
+    ring's next_used slot, the split ring's last_used index."""
+    if isinstance(vq, PackedVirtqueue):
+        return vq.next_used
+    assert isinstance(vq, SplitVirtqueue), f"{vq!r} is neither a split nor a packed ring"
+    return vq.last_used
+
+
+def _device_used_position(qemu: Machine, drv: VirtioDriver, vq: Virtqueue) -> tuple[int, int]:
     """(QEMU's used index, the driver's): where the device writes its next used entry, and where
     the driver, having skipped over every batch, reads the next one."""
     view = queue_view(qemu, drv.dev_id, 0)
-    if isinstance(vq, PackedVirtqueue):
-        return view.used_idx, vq.next_used
-    return view.used_idx, vq.last_used
+    return view.used_idx, _driver_used(vq)
 
 
 # -- the order itself (§6.2), where QEMU completes out of order without the feature -------------
 
 
-def _blk_request(qemu, req_type: BlkReqType, sector: int, data_len: int) -> list[Buf]:
+def _blk_request(qemu: Machine, req_type: BlkReqType, sector: int, data_len: int) -> list[Buf]:
     """header, a data-in buffer and the status byte, both pre-filled with PATTERN."""
     header = encode_header(req_type, sector)
     hdr = qemu.memory.alloc(len(header), tag="in-order scenario header")
@@ -61,14 +76,14 @@ def _blk_request(qemu, req_type: BlkReqType, sector: int, data_len: int) -> list
     return [Buf(hdr, len(header)), *_buffers(qemu, [data_len, 1])]
 
 
-def _written(qemu, buf: Buf) -> bytes:
+def _written(qemu: Machine, buf: Buf) -> bytes:
     return qemu.memory.read(buf.addr, buf.length)
 
 
 @pytest.mark.conformance("vq-in-order-used-in-avail-order", spec="6.2")
 @pytest.mark.virtio_device("virtio-blk-pci", transports=MODERN_LAYOUT_MODES, flags={**IN_ORDER_ON, "serial": SERIAL})
 @pytest.mark.virtio_requires("IN_ORDER")
-def test_held_request_is_not_overtaken(virtio_device, qemu):
+def test_held_request_is_not_overtaken(virtio_device: VirtioBlk, qemu: Machine) -> None:
     """With IN_ORDER negotiated the device uses buffers in the order they were made available
     (MUST, §6.2). A READ that QEMU's I/O throttling holds, then a GET_ID behind it: without
     IN_ORDER QEMU answers the GET_ID at once and the READ later (tests/test_virtqueue.py shows
@@ -119,14 +134,14 @@ def test_held_request_is_not_overtaken(virtio_device, qemu):
 @pytest.mark.conformance("vq-in-order-net-rx-in-order", spec="6.2")
 @pytest.mark.virtio_device("virtio-net-pci", transports=MODERN_LAYOUT_MODES, flags=IN_ORDER_ON)
 @pytest.mark.virtio_requires("IN_ORDER")
-def test_receive_buffers_are_used_in_order(virtio_device, qemu):
+def test_receive_buffers_are_used_in_order(virtio_device: VirtioNet, qemu: Machine) -> None:
     """With IN_ORDER the device fills receive buffers in the order they were made available
     (MUST, §6.2): frames of mixed sizes, some spanning several small buffers where MRG_RXBUF is
     negotiated, arrive whole and in sequence, and the device's used index ends where the
     driver's reading of the ring does."""
     net = virtio_device
     net.restart(rx_buffer_size=net.header_size + 600, rx_buffers=24, rx_poison=PATTERN)
-    host = qemu.backend(net.dev_id)
+    host = backend(qemu, net, NetBackend)
     frames = [
         ethernet_frame(net.mac, "02:00:00:00:00:01", 0x88B5, pattern(size - 14, seed=i))
         for i, size in enumerate((60, 1514, 64, 600, 1000))
@@ -139,20 +154,18 @@ def test_receive_buffers_are_used_in_order(virtio_device, qemu):
     assert [p.frame for p in packets] == sent
     rx = net.rxq
     assert rx is not None
-    assert queue_view(qemu, net.dev_id, 0).used_idx == (
-        rx.next_used if isinstance(rx, PackedVirtqueue) else rx.last_used
-    )
+    assert queue_view(qemu, net.dev_id, 0).used_idx == _driver_used(rx)
 
 
 @pytest.mark.conformance("vq-in-order-net-tx-in-order", spec="6.2")
 @pytest.mark.virtio_device("virtio-net-pci", transports=MODERN_LAYOUT_MODES, flags=IN_ORDER_ON)
 @pytest.mark.virtio_requires("IN_ORDER")
-def test_transmit_buffers_are_used_in_order(virtio_device, qemu):
+def test_transmit_buffers_are_used_in_order(virtio_device: VirtioNet, qemu: Machine) -> None:
     """With IN_ORDER the device uses transmit buffers in the order they were made available
     (MUST, §6.2): eight frames made available with one notification are used in that order
     (the driver would report a chain used out of order) and reach the link in that order."""
     net = virtio_device
-    host = qemu.backend(net.dev_id)
+    host = backend(qemu, net, NetBackend)
     frames = [
         ethernet_frame("02:00:00:00:00:01", net.mac, 0x88B5, pattern(size, seed=i))
         for i, size in enumerate((46, 1500, 100, 46, 700, 1200, 46, 300))
@@ -161,15 +174,13 @@ def test_transmit_buffers_are_used_in_order(virtio_device, qemu):
     assert [host.receive(timeout=SHORT) for _ in frames] == frames
     tx = net.txq
     assert tx is not None
-    assert queue_view(qemu, net.dev_id, 1).used_idx == (
-        tx.next_used if isinstance(tx, PackedVirtqueue) else tx.last_used
-    )
+    assert queue_view(qemu, net.dev_id, 1).used_idx == _driver_used(tx)
 
 
 # -- batches (§2.7.9 split, §2.8.8 packed) ------------------------------------------------------
 
 
-def _stream_in_order(drv, qemu) -> None:
+def _stream_in_order(drv: VirtioRng, qemu: Machine) -> None:
     """Four buffers made available at once and filled from one entropy stream: whatever batches
     the device writes, the chains come back in order, the device's used index ends where the
     driver's skipping over batches took it, every buffer holds the next piece of the stream, and
@@ -178,7 +189,7 @@ def _stream_in_order(drv, qemu) -> None:
     sizes = [3, 5, 9, 4]
     bufs = _buffers(qemu, sizes)
     data = pattern(sum(sizes), seed=5)
-    qemu.backend(drv.dev_id).write(data)
+    backend(qemu, drv, RngFifo).write(data)
     tokens = [vq.add([b]) for b in bufs]
     vq.kick()
     elems = [vq.wait_used(SHORT) for _ in tokens]
@@ -202,7 +213,7 @@ def _stream_in_order(drv, qemu) -> None:
     "virtio-rng-pci", rings=("split",), transports=MODERN_LAYOUT_MODES, flags=IN_ORDER_ON, backend="fifo"
 )
 @pytest.mark.virtio_requires("IN_ORDER")
-def test_split_used_entries_account_for_batches(virtio_device, qemu):
+def test_split_used_entries_account_for_batches(virtio_device: VirtioRng, qemu: Machine) -> None:
     """With IN_ORDER a split ring's used entry for a batch sits at the position of the batch's
     first chain and names its last, used.idx moves by the size of the batch, and the chains no
     entry names were used completely (§2.7.9)."""
@@ -216,7 +227,7 @@ def test_split_used_entries_account_for_batches(virtio_device, qemu):
     "virtio-rng-pci", rings=("packed",), transports=MODERN_LAYOUT_MODES, flags=IN_ORDER_ON, backend="fifo"
 )
 @pytest.mark.virtio_requires("IN_ORDER")
-def test_packed_used_descriptors_account_for_batches(virtio_device, qemu):
+def test_packed_used_descriptors_account_for_batches(virtio_device: VirtioRng, qemu: Machine) -> None:
     """With IN_ORDER a packed ring's used descriptor for a batch overwrites the batch's first
     available descriptor and carries the buffer id of its last, the device skips the slots of the
     whole batch, and the buffers no descriptor names were used completely (§2.8.8)."""

@@ -12,7 +12,10 @@ import time
 
 import pytest
 
+from qtest_virtio import Machine
+from qtest_virtio.backends import RngFifo
 from qtest_virtio.devices.base import VirtioDriver
+from qtest_virtio.devices.rng.driver import VirtioRng
 from qtest_virtio.introspect import device_view, queue_view
 from qtest_virtio.testing import (
     MODERN_LAYOUT_MODES,
@@ -40,6 +43,8 @@ from qtest_virtio.virtqueue.layout import (
     USED_F_NO_NOTIFY,
 )
 
+from ._support import backend
+
 pytestmark = pytest.mark.virtio_device("virtio-rng-pci")
 
 #: How long "nothing happens" is watched (the device's work runs in QEMU's main loop).
@@ -52,14 +57,14 @@ FILL = 0xEE
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def quiet(vm, seconds: float = QUIET_WINDOW) -> None:
+def quiet(vm: Machine, seconds: float = QUIET_WINDOW) -> None:
     """Give the device's main loop a few turns (each qtest command is one) to do anything."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         vm.qtest.readl(0)
 
 
-def buffers(vm, sizes: list[int], *, writable: bool = True, fill: int = FILL) -> list[Buf]:
+def buffers(vm: Machine, sizes: list[int], *, writable: bool = True, fill: int = FILL) -> list[Buf]:
     return alloc_bufs(vm.memory, sizes, writable=writable, fill=fill, tag="virtqueue scenario")
 
 
@@ -79,7 +84,7 @@ def packed(drv: VirtioDriver) -> PackedVirtqueue:
     return vq
 
 
-def warm_up(drv: VirtioDriver) -> None:
+def warm_up(drv: VirtioRng) -> None:
     """One request and its interrupt: QEMU notifies the first used buffer after queue setup
     whatever the suppression fields say (it has no earlier notification to compare with)."""
     assert drv.msix is not None
@@ -94,7 +99,7 @@ def wait_used_idx(vq: SplitVirtqueue, value: int, timeout: float = SHORT) -> Non
         assert time.monotonic() < deadline, f"used.idx stays {ring.used_idx()}, expected {value & 0xFFFF}"
 
 
-def raw_used(vm, vq: SplitVirtqueue, timeout: float = SHORT, *, dev_id: str = "") -> tuple[int, int]:
+def raw_used(vm: Machine, vq: SplitVirtqueue, timeout: float = SHORT, *, dev_id: str = "") -> tuple[int, int]:
     """The next used element of a chain published by hand: (id, len). Fails fast, naming the
     reason, if the device gives up on the queue instead."""
     deadline = time.monotonic() + timeout
@@ -114,7 +119,9 @@ def raw_used(vm, vq: SplitVirtqueue, timeout: float = SHORT, *, dev_id: str = ""
 
 @pytest.mark.conformance("vq-no-use-before-driver-ok", spec="2.1.2")
 @pytest.mark.virtio_device("virtio-rng-pci", transports=MODERN_LAYOUT_MODES)
-def test_no_buffer_is_used_before_driver_ok(virtio_device, qemu, monkeypatch):
+def test_no_buffer_is_used_before_driver_ok(
+    virtio_device: VirtioRng, qemu: Machine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Until the driver sets DRIVER_OK the device neither consumes buffers nor sends used buffer
     notifications (MUST): a request made available and notified during initialization stays
     untouched, and is served once DRIVER_OK is set. Modern layouts only: through the legacy
@@ -139,7 +146,7 @@ def test_no_buffer_is_used_before_driver_ok(virtio_device, qemu, monkeypatch):
 
 
 @pytest.mark.conformance("vq-device-reset-stops-queues", spec="2.4.1")
-def test_reset_device_leaves_the_rings_alone(virtio_device, qemu):
+def test_reset_device_leaves_the_rings_alone(virtio_device: VirtioRng, qemu: Machine) -> None:
     """Once a reset has completed (status reads 0) the device neither uses the queues nor
     notifies until the driver initializes it again (MUST): a chain published before the reset
     and notified after it is never used."""
@@ -174,7 +181,7 @@ def _reset_queue_0(drv: VirtioDriver) -> ModernTransport:
 @pytest.mark.conformance("vq-queue-reset-stops-the-queue", spec="2.6.1.1.1")
 @pytest.mark.virtio_device("virtio-rng-pci", transports=MODERN_LAYOUT_MODES, flags={"queue_reset": "on"})
 @pytest.mark.virtio_requires("RING_RESET")
-def test_reset_queue_is_not_executed(virtio_device, qemu):
+def test_reset_queue_is_not_executed(virtio_device: VirtioRng, qemu: Machine) -> None:
     """After the driver resets a queue the device executes no request from it and sends no
     notification for it (MUST): a chain published before the reset and notified after it stays
     unused."""
@@ -197,7 +204,7 @@ def test_reset_queue_is_not_executed(virtio_device, qemu):
 @pytest.mark.conformance("vq-queue-reset-default-state", spec="2.6.1.1.1")
 @pytest.mark.virtio_device("virtio-rng-pci", transports=MODERN_LAYOUT_MODES, flags={"queue_reset": "on"}, queue_size=4)
 @pytest.mark.virtio_requires("RING_RESET")
-def test_reset_queue_returns_to_its_default_state(virtio_device, qemu):
+def test_reset_queue_returns_to_its_default_state(virtio_device: VirtioRng, qemu: Machine) -> None:
     """A queue reset puts the queue back in its default state, available and used state
     included (MUST): queue_size reads the device's maximum again, QEMU's own indices are 0, and
     fresh rings are served from their first entry."""
@@ -223,7 +230,7 @@ def test_reset_queue_returns_to_its_default_state(virtio_device, qemu):
 @pytest.mark.conformance("vq-queue-reenable-new-size", spec="2.6.1.2.1")
 @pytest.mark.virtio_device("virtio-rng-pci", transports=MODERN_LAYOUT_MODES, flags={"queue_reset": "on"})
 @pytest.mark.virtio_requires("RING_RESET")
-def test_reenabled_queue_runs_at_the_new_size(virtio_device, qemu):
+def test_reenabled_queue_runs_at_the_new_size(virtio_device: VirtioRng, qemu: Machine) -> None:
     """Re-enabling a reset queue, the device follows the configuration the driver wrote this
     time, such as a smaller queue size (MUST): a 2-entry queue in new memory is served
     correctly across several wraps."""
@@ -245,7 +252,7 @@ def test_reenabled_queue_runs_at_the_new_size(virtio_device, qemu):
 
 
 @pytest.mark.conformance("vq-readable-buffer-not-written", spec="2.7.5.1")
-def test_device_readable_buffer_is_not_written(virtio_device, qemu):
+def test_device_readable_buffer_is_not_written(virtio_device: VirtioRng, qemu: Machine) -> None:
     """The device never writes a device-readable buffer (MUST; the packed ring's §2.8.15 says
     the same): in a chain of a readable then a writable buffer, the readable one is intact."""
     drv = virtio_device
@@ -259,7 +266,7 @@ def test_device_readable_buffer_is_not_written(virtio_device, qemu):
 
 
 @pytest.mark.conformance("vq-used-len-counts-written-bytes", spec="2.7.8.2")
-def test_used_length_counts_only_device_written_bytes(virtio_device, qemu):
+def test_used_length_counts_only_device_written_bytes(virtio_device: VirtioRng, qemu: Machine) -> None:
     """The used length is what the device wrote into the writable part of the chain: never more
     than the writable bytes, readable bytes not counted, and at least that many bytes written
     from the first writable buffer on (MUST)."""
@@ -277,7 +284,7 @@ def test_used_length_counts_only_device_written_bytes(virtio_device, qemu):
 
 @pytest.mark.conformance("vq-split-descriptor-table-not-written", spec="2.7.5.1")
 @pytest.mark.virtio_device("virtio-rng-pci", rings=("split",), refuse={"INDIRECT_DESC"})
-def test_descriptor_table_is_not_written(virtio_device, qemu):
+def test_descriptor_table_is_not_written(virtio_device: VirtioRng, qemu: Machine) -> None:
     """The device never writes a descriptor table entry (MUST): the table reads the same after
     the device has used every chain in it."""
     drv = virtio_device
@@ -295,7 +302,7 @@ def test_descriptor_table_is_not_written(virtio_device, qemu):
 
 @pytest.mark.conformance("vq-split-no-use-past-avail-idx", spec="2.7.6")
 @pytest.mark.virtio_device("virtio-rng-pci", rings=("split",))
-def test_entry_past_avail_idx_is_not_used(virtio_device, qemu):
+def test_entry_past_avail_idx_is_not_used(virtio_device: VirtioRng, qemu: Machine) -> None:
     """Only ring entries below avail.idx are available: a descriptor and ring entry written but
     not yet counted in idx are left alone even when the device is notified, so used.idx never
     runs ahead of avail.idx; counting it makes the device use it."""
@@ -319,7 +326,7 @@ def test_entry_past_avail_idx_is_not_used(virtio_device, qemu):
 
 @pytest.mark.conformance("vq-packed-no-use-without-avail-flag", spec="2.8.15")
 @pytest.mark.virtio_device("virtio-rng-pci", rings=("packed",), transports=MODERN_LAYOUT_MODES)
-def test_packed_descriptor_is_not_used_until_marked_available(virtio_device, qemu):
+def test_packed_descriptor_is_not_used_until_marked_available(virtio_device: VirtioRng, qemu: Machine) -> None:
     """The device uses a packed descriptor only after it sees the descriptor's AVAIL flag change
     (MUST): a fully written descriptor whose flags still have AVAIL at its initial value is not
     used when the device is notified."""
@@ -344,7 +351,7 @@ def test_packed_descriptor_is_not_used_until_marked_available(virtio_device, qem
 
 @pytest.mark.conformance("vq-packed-used-flags-match-wrap", spec="2.8.1")
 @pytest.mark.virtio_device("virtio-rng-pci", rings=("packed",), transports=MODERN_LAYOUT_MODES, queue_size=4)
-def test_packed_used_descriptor_flags(virtio_device, qemu):
+def test_packed_used_descriptor_flags(virtio_device: VirtioRng, qemu: Machine) -> None:
     """The device marks a descriptor used by setting both AVAIL and USED to its ring wrap
     counter, which starts at 1 and flips each time it uses the last descriptor: checked on a
     4-entry ring over three wraps."""
@@ -373,14 +380,14 @@ def test_packed_used_descriptor_flags(virtio_device, qemu):
 @pytest.mark.conformance("vq-indirect-table-followed", spec="2.7.5.3")
 @pytest.mark.virtio_device("virtio-rng-pci", backend="fifo")
 @pytest.mark.virtio_requires("INDIRECT_DESC")
-def test_indirect_table_is_followed(virtio_device, qemu):
+def test_indirect_table_is_followed(virtio_device: VirtioRng, qemu: Machine) -> None:
     """With INDIRECT_DESC, a single ring descriptor flagged INDIRECT stands for the table it
     points at: the device fills the table's buffers, in table order (packed: §2.8.7)."""
     drv = virtio_device
     vq = drv.queues[0]
     bufs = buffers(qemu, [4, 4, 4])
     data = pattern(12, seed=1)
-    qemu.backend(drv.dev_id).write(data)
+    backend(qemu, drv, RngFifo).write(data)
     free = vq.free_descriptors
     token = vq.add(bufs, indirect=True)
     assert free - vq.free_descriptors == 1  # one ring slot for three buffers
@@ -394,7 +401,7 @@ def test_indirect_table_is_followed(virtio_device, qemu):
 @pytest.mark.conformance("vq-indirect-write-flag-ignored", spec="2.7.5.3.2")
 @pytest.mark.virtio_device("virtio-rng-pci", rings=("split",))
 @pytest.mark.virtio_requires("INDIRECT_DESC")
-def test_write_flag_on_the_indirect_descriptor_is_ignored(virtio_device, qemu):
+def test_write_flag_on_the_indirect_descriptor_is_ignored(virtio_device: VirtioRng, qemu: Machine) -> None:
     """The device ignores VIRTQ_DESC_F_WRITE on a descriptor that points at an indirect table
     (MUST): it does not treat the table as a buffer to write, it follows it."""
     drv = virtio_device
@@ -422,7 +429,7 @@ def test_write_flag_on_the_indirect_descriptor_is_ignored(virtio_device, qemu):
 @pytest.mark.conformance("vq-direct-then-indirect-descriptor", spec="2.7.5.3.2")
 @pytest.mark.virtio_device("virtio-rng-pci", rings=("split",))
 @pytest.mark.virtio_requires("INDIRECT_DESC")
-def test_direct_descriptors_followed_by_an_indirect_one(virtio_device, qemu):
+def test_direct_descriptors_followed_by_an_indirect_one(virtio_device: VirtioRng, qemu: Machine) -> None:
     """The device handles a chain of ordinary descriptors ending in one INDIRECT descriptor
     (MUST): a writable direct buffer then a table of two writable buffers is one request of 12
     bytes."""
@@ -457,14 +464,14 @@ def test_direct_descriptors_followed_by_an_indirect_one(virtio_device, qemu):
 
 @pytest.mark.conformance("vq-packed-processed-in-ring-order", spec="2.8.12")
 @pytest.mark.virtio_device("virtio-rng-pci", rings=("packed",), transports=MODERN_LAYOUT_MODES, backend="fifo")
-def test_packed_descriptors_are_processed_in_ring_order(virtio_device, qemu):
+def test_packed_descriptors_are_processed_in_ring_order(virtio_device: VirtioRng, qemu: Machine) -> None:
     """The device starts processing available descriptors in the order they sit in the ring
     (MUST): four buffers made available at once receive the entropy stream in ring order."""
     drv = virtio_device
     vq = packed(drv)
     bufs = buffers(qemu, [4, 4, 4, 4])
     data = pattern(16, seed=2)
-    qemu.backend(drv.dev_id).write(data)
+    backend(qemu, drv, RngFifo).write(data)
     tokens = [vq.add([b]) for b in bufs]
     vq.kick()
     elems = [vq.wait_for(t, timeout=SHORT) for t in tokens]
@@ -477,14 +484,14 @@ def test_packed_descriptors_are_processed_in_ring_order(virtio_device, qemu):
 @pytest.mark.virtio_device(
     "virtio-rng-pci", rings=("packed",), transports=MODERN_LAYOUT_MODES, backend="fifo", refuse={"INDIRECT_DESC"}
 )
-def test_packed_chain_is_used_in_list_order(virtio_device, qemu):
+def test_packed_chain_is_used_in_list_order(virtio_device: VirtioRng, qemu: Machine) -> None:
     """The device uses the descriptors of a NEXT-chained list in the order the driver made them
     available (MUST): a three-descriptor chain is filled first to last."""
     drv = virtio_device
     vq = packed(drv)
     bufs = buffers(qemu, [3, 5, 9])
     data = pattern(17, seed=4)
-    qemu.backend(drv.dev_id).write(data)
+    backend(qemu, drv, RngFifo).write(data)
     free = vq.free_descriptors
     token = vq.add(bufs)
     assert free - vq.free_descriptors == 3  # three ring slots: a direct chain
@@ -499,7 +506,7 @@ def test_packed_chain_is_used_in_list_order(virtio_device, qemu):
 
 
 @pytest.mark.conformance("vq-spurious-notification-harmless", spec="2.7.10.2")
-def test_spurious_notifications_are_handled(virtio_device, qemu):
+def test_spurious_notifications_are_handled(virtio_device: VirtioRng, qemu: Machine) -> None:
     """The device copes with notifications that announce nothing new (MUST): no buffer is used,
     no error is flagged, and the queue keeps working."""
     drv = virtio_device
@@ -517,7 +524,7 @@ def test_spurious_notifications_are_handled(virtio_device, qemu):
 
 @pytest.mark.conformance("vq-used-flags-valid", spec="2.7.10.2")
 @pytest.mark.virtio_device("virtio-rng-pci", rings=("split",), refuse={"EVENT_IDX"})
-def test_used_flags_are_zero_or_one_without_event_idx(virtio_device, qemu):
+def test_used_flags_are_zero_or_one_without_event_idx(virtio_device: VirtioRng, qemu: Machine) -> None:
     """Without EVENT_IDX the device keeps the used ring's flags at 0 or 1 (MUST)."""
     drv = virtio_device
     vq = split(drv)
@@ -530,7 +537,7 @@ def test_used_flags_are_zero_or_one_without_event_idx(virtio_device, qemu):
 @pytest.mark.conformance("vq-used-flags-zero-with-event-idx", spec="2.7.10.2")
 @pytest.mark.virtio_device("virtio-rng-pci", rings=("split",))
 @pytest.mark.virtio_requires("EVENT_IDX")
-def test_used_flags_are_zero_with_event_idx(virtio_device, qemu):
+def test_used_flags_are_zero_with_event_idx(virtio_device: VirtioRng, qemu: Machine) -> None:
     """With EVENT_IDX the device keeps the used ring's flags at 0 (MUST); it suppresses
     notifications through avail_event instead."""
     drv = virtio_device
@@ -543,7 +550,7 @@ def test_used_flags_are_zero_with_event_idx(virtio_device, qemu):
 
 @pytest.mark.conformance("vq-no-interrupt-clear-notifies", spec="2.7.7.2")
 @pytest.mark.virtio_device("virtio-rng-pci", rings=("split",), refuse={"EVENT_IDX"})
-def test_notification_sent_when_flags_ask_for_it(virtio_device, qemu):
+def test_notification_sent_when_flags_ask_for_it(virtio_device: VirtioRng, qemu: Machine) -> None:
     """Without EVENT_IDX, after each used buffer the device notifies if the available ring's
     flags are 0 (MUST), and it ignores used_event (MUST): here used_event holds a value that
     would suppress every notification were it honoured."""
@@ -559,7 +566,7 @@ def test_notification_sent_when_flags_ask_for_it(virtio_device, qemu):
 
 @pytest.mark.conformance("vq-no-interrupt-set-suppresses", spec="2.7.7.2")
 @pytest.mark.virtio_device("virtio-rng-pci", rings=("split",), refuse={"EVENT_IDX"})
-def test_notification_suppressed_by_no_interrupt(virtio_device, qemu):
+def test_notification_suppressed_by_no_interrupt(virtio_device: VirtioRng, qemu: Machine) -> None:
     """Without EVENT_IDX, the device should not notify while the available ring's flags are 1
     (VIRTQ_AVAIL_F_NO_INTERRUPT) (SHOULD NOT: asserted; spurious interrupts are legal but a
     device that ignores the hint costs every driver an interrupt per buffer, and QEMU honours
@@ -576,7 +583,7 @@ def test_notification_suppressed_by_no_interrupt(virtio_device, qemu):
         assert not msix.fired(drv.queue_vector(0)), f"request {i}: notified despite NO_INTERRUPT"
 
 
-def _event_idx_run(drv: VirtioDriver, qemu, *, ahead: int, count: int) -> list[bool]:
+def _event_idx_run(drv: VirtioRng, qemu: Machine, *, ahead: int, count: int) -> list[bool]:
     """With used_event set ``ahead`` entries past the next used index, make ``count`` buffers
     available one at a time and say, for each, whether it was notified."""
     vq = split(drv)
@@ -602,7 +609,7 @@ def _event_idx_run(drv: VirtioDriver, qemu, *, ahead: int, count: int) -> list[b
 @pytest.mark.conformance("vq-used-event-notifies", spec="2.7.7.2")
 @pytest.mark.virtio_device("virtio-rng-pci", rings=("split",))
 @pytest.mark.virtio_requires("EVENT_IDX")
-def test_used_event_reached_sends_a_notification(virtio_device, qemu):
+def test_used_event_reached_sends_a_notification(virtio_device: VirtioRng, qemu: Machine) -> None:
     """With EVENT_IDX, when the device places a used entry at the index used_event names, it
     sends a notification (MUST): used_event two entries ahead, the third buffer notifies."""
     fired = _event_idx_run(virtio_device, qemu, ahead=2, count=3)
@@ -612,7 +619,7 @@ def test_used_event_reached_sends_a_notification(virtio_device, qemu):
 @pytest.mark.conformance("vq-used-event-suppresses", spec="2.7.7.2")
 @pytest.mark.virtio_device("virtio-rng-pci", rings=("split",))
 @pytest.mark.virtio_requires("EVENT_IDX")
-def test_used_event_not_reached_sends_nothing(virtio_device, qemu):
+def test_used_event_not_reached_sends_nothing(virtio_device: VirtioRng, qemu: Machine) -> None:
     """With EVENT_IDX, used entries placed before the index used_event names should not be
     notified (SHOULD NOT: asserted, since QEMU implements it and losing it would double the
     interrupt rate of every EVENT_IDX driver)."""
@@ -623,7 +630,7 @@ def test_used_event_not_reached_sends_nothing(virtio_device, qemu):
 @pytest.mark.conformance("vq-event-idx-ignores-no-interrupt", spec="2.7.7.2")
 @pytest.mark.virtio_device("virtio-rng-pci", rings=("split",))
 @pytest.mark.virtio_requires("EVENT_IDX")
-def test_event_idx_device_ignores_the_no_interrupt_flag(virtio_device, qemu):
+def test_event_idx_device_ignores_the_no_interrupt_flag(virtio_device: VirtioRng, qemu: Machine) -> None:
     """With EVENT_IDX the device ignores the low bit of the available ring's flags (MUST):
     NO_INTERRUPT set while used_event asks for the next entry still gets a notification."""
     drv = virtio_device
