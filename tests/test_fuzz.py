@@ -486,3 +486,23 @@ def test_cli_sigterm_ends_cleanly_and_keeps_what_was_found(qemu_binary, tmp_path
     assert f"; kept 1 new find(s) in {tmp_path}" in out and f"  virtio-blk-pci packed: hung: {written}" in out
     assert "# fuzz-signature: virtio-blk-pci packed: hung" in written.read_text()
     assert _qemus_of(proc.pid) == []
+
+
+def test_a_crash_without_assertion_is_one_bug_whatever_the_socket_said() -> None:
+    """The client sees a dead QEMU as "Broken pipe" or "Connection reset by peer" by timing, and
+    the device may print different errors first: neither splits one bug in two."""
+    from qtest_virtio.fuzz import ExampleResult
+
+    config = FuzzConfig("virtio-rng-pci", "modern", "split")
+    one = ExampleResult(config, [], outcome=Outcome.CRASHED, detail="QEMU died (Broken pipe)", returncode=-6)
+    two = ExampleResult(
+        config,
+        [],
+        outcome=Outcome.CRASHED,
+        detail="QEMU died (Connection reset by peer)",
+        stderr_tail="qemu-system-x86_64: Guest moved used index from 3 to 9",
+        returncode=-6,
+    )
+    assert signature(one) == signature(two) == "virtio-rng-pci: crashed: killed by signal 6 (SIGABRT)"
+    segv = ExampleResult(config, [], outcome=Outcome.CRASHED, detail="QEMU died (Broken pipe)", returncode=-11)
+    assert signature(segv) != signature(one)

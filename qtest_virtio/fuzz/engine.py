@@ -25,7 +25,7 @@ from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from ..errors import QemuCrashed, QtestTimeout, QtestVirtioError
+from ..errors import QemuCrashed, QtestTimeout, QtestVirtioError, describe_exit
 from ..machine import MachineSpec, is_crash_marker
 from ..outcome import Judge, Outcome, check_recovery, settle
 from ..pci.regs import CONFIG_SPACE_SIZE
@@ -420,7 +420,9 @@ _ASSERTION_RE = re.compile(r"([A-Za-z_]\w*): Assertion `(.*)' failed")
 def signature(result: ExampleResult) -> str:
     """What makes two failures the same bug, for a campaign's de-duplication: a crash by its
     assertion (on any device: the assertions are in QEMU's shared virtio code) or by device and
-    message, a hang by device and ring, the rest by outcome and message."""
+    signal or exit status (not by the client's view of the dead socket, "Broken pipe" or
+    "Connection reset", which is timing, nor by what the device printed before, which varies
+    with the example), a hang by device and ring, the rest by outcome and message."""
     c = result.config
     if result.outcome is Outcome.HUNG:
         return f"{c.device} {c.ring}: hung"
@@ -428,7 +430,7 @@ def signature(result: ExampleResult) -> str:
         assertion = _ASSERTION_RE.search(result.detail)
         if assertion:  # file and line numbers change with the build; function and condition do not
             return f"crashed: {assertion.group(1)}: Assertion `{assertion.group(2)}' failed"
-        return f"{c.device}: crashed: {_normal(result.detail)}"
+        return f"{c.device}: crashed: {describe_exit(result.returncode)}"
     return f"{c.device} {c.ring}: {result.outcome}: {_normal(result.detail)}"
 
 
