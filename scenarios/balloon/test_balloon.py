@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 
+from qtest_virtio import Machine
 from qtest_virtio.devices.balloon.driver import VirtioBalloon
 from qtest_virtio.devices.balloon.encoding import BALLOON_CONFIG, PAGE_SIZE, StatTag
 from qtest_virtio.transport.layout import ISR
@@ -75,7 +76,7 @@ def _request_stats(bal: VirtioBalloon, qemu, stats: list[tuple[int, int]]) -> di
 
 
 @pytest.mark.conformance("balloon-target-in-num-pages", spec="5.5.6")
-def test_target_appears_in_num_pages(virtio_device, qemu):
+def test_target_appears_in_num_pages(virtio_device: VirtioBalloon, qemu: Machine) -> None:
     """The device asks for memory through num_pages: a target set by the host is what the
     driver reads there (§5.5.6 item 1), and shrinking the request lowers it again.
     Level: device behaviour the spec describes, without a MUST keyword."""
@@ -90,7 +91,7 @@ def test_target_appears_in_num_pages(virtio_device, qemu):
 
 @pytest.mark.virtio_device("virtio-balloon-pci", interrupts="intx")
 @pytest.mark.conformance("balloon-config-change-isr", spec="4.1.4.5.1")
-def test_target_change_sets_the_config_bit_in_isr(virtio_device, qemu):
+def test_target_change_sets_the_config_bit_in_isr(virtio_device: VirtioBalloon, qemu: Machine) -> None:
     """Without MSI-X, the device MUST set the Device Configuration Interrupt bit in ISR status
     before sending a configuration change notification: a new target raises INTx with ISR
     bit 1 set, and the ISR read deasserts it."""
@@ -107,7 +108,7 @@ def test_target_change_sets_the_config_bit_in_isr(virtio_device, qemu):
 
 @pytest.mark.virtio_device("virtio-balloon-pci", transports=MODERN_TRANSPORTS)
 @pytest.mark.conformance("balloon-config-generation", spec="4.1.4.3.1")
-def test_target_change_moves_config_generation(virtio_device, qemu):
+def test_target_change_moves_config_generation(virtio_device: VirtioBalloon, qemu: Machine) -> None:
     """The device MUST present a changed config_generation after the driver has read a
     device-specific configuration value which has changed since (num_pages here)."""
     bal: VirtioBalloon = virtio_device
@@ -119,7 +120,7 @@ def test_target_change_moves_config_generation(virtio_device, qemu):
 
 
 @pytest.mark.conformance("balloon-inflate-deflate-acknowledged", spec="5.5.6")
-def test_inflate_and_deflate_requests_are_used(virtio_device, qemu):
+def test_inflate_and_deflate_requests_are_used(virtio_device: VirtioBalloon, qemu: Machine) -> None:
     """The device acknowledges inflate and deflate requests by using the descriptor (§5.5.6
     item 4), writing nothing into these device-readable buffers (used length 0, §2.7.8.2).
     Level: device behaviour the spec describes, without a MUST keyword."""
@@ -131,7 +132,7 @@ def test_inflate_and_deflate_requests_are_used(virtio_device, qemu):
 
 
 @pytest.mark.conformance("balloon-actual-reflected", spec="5.5.6")
-def test_actual_written_by_the_driver_is_what_the_device_reports(virtio_device, qemu):
+def test_actual_written_by_the_driver_is_what_the_device_reports(virtio_device: VirtioBalloon, qemu: Machine) -> None:
     """Once the driver updates actual after an inflation, the device holds that value: it reads
     back from the config and the host sees the balloon at that size (query-balloon); likewise
     after a deflation. Level: device behaviour the spec describes, without a MUST keyword."""
@@ -148,7 +149,7 @@ def test_actual_written_by_the_driver_is_what_the_device_reports(virtio_device, 
 
 @pytest.mark.virtio_requires("STATS_VQ")
 @pytest.mark.conformance("balloon-stats-consumed", spec="5.5.6.3")
-def test_stats_buffer_is_used_and_its_statistics_consumed(virtio_device, qemu):
+def test_stats_buffer_is_used_and_its_statistics_consumed(virtio_device: VirtioBalloon, qemu: Machine) -> None:
     """A request for statistics: the device uses the one statsq buffer, the driver answers with
     a fresh buffer, and the device pops it and consumes the statistics (guest-stats shows them).
     Level: device behaviour the spec describes, without a MUST keyword."""
@@ -162,7 +163,7 @@ def test_stats_buffer_is_used_and_its_statistics_consumed(virtio_device, qemu):
 
 @pytest.mark.virtio_requires("STATS_VQ")
 @pytest.mark.conformance("balloon-stats-unknown-tags-ignored", spec="5.5.6.3.2")
-def test_unknown_stat_tags_are_ignored(virtio_device, qemu):
+def test_unknown_stat_tags_are_ignored(virtio_device: VirtioBalloon, qemu: Machine) -> None:
     """Within a statsq buffer the device MUST ignore entries with tags it does not recognize:
     tags no spec defines, around known ones, change nothing but the known statistics (names a
     newer QEMU adds for tags of its own stay unset)."""
@@ -177,7 +178,7 @@ def test_unknown_stat_tags_are_ignored(virtio_device, qemu):
 
 @pytest.mark.virtio_requires("STATS_VQ")
 @pytest.mark.conformance("balloon-stats-any-order", spec="5.5.6.3.2")
-def test_stat_entries_are_accepted_in_any_order(virtio_device, qemu):
+def test_stat_entries_are_accepted_in_any_order(virtio_device: VirtioBalloon, qemu: Machine) -> None:
     """The device MUST accept struct virtio_balloon_stat entries in any order: every tag, in
     descending order, each with a distinct value, arrives under its own name."""
     bal: VirtioBalloon = virtio_device
@@ -188,7 +189,7 @@ def test_stat_entries_are_accepted_in_any_order(virtio_device, qemu):
 
 @pytest.mark.virtio_device("virtio-balloon-pci", transports=LEGACY_TRANSPORTS)
 @pytest.mark.conformance("balloon-legacy-actual-whole-value", spec="5.5.6.2.1")
-def test_legacy_actual_is_used_only_once_complete(virtio_device, qemu):
+def test_legacy_actual_is_used_only_once_complete(virtio_device: VirtioBalloon, qemu: Machine) -> None:
     """Legacy interface: the device SHOULD NOT use the actual value until the last, most
     significant byte has been written. Writing actual = 0x00000105 byte by byte from the least
     significant end, the host must not see 5 pages after the first byte."""
@@ -204,7 +205,7 @@ def test_legacy_actual_is_used_only_once_complete(virtio_device, qemu):
 @pytest.mark.virtio_device("virtio-balloon-pci", transports=LEGACY_TRANSPORTS)
 @pytest.mark.virtio_requires("STATS_VQ")
 @pytest.mark.conformance("balloon-legacy-first-stats-ignored", spec="5.5.6.3.3")
-def test_legacy_first_stats_buffer_is_ignored(virtio_device, qemu):
+def test_legacy_first_stats_buffer_is_ignored(virtio_device: VirtioBalloon, qemu: Machine) -> None:
     """Legacy interface: the device SHOULD ignore all values in the first statsq buffer the
     driver supplies after initialization (historically uninitialized), so guest-stats shows no
     statistic until the first requested buffer."""

@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+from qtest_virtio import Machine
+from qtest_virtio.devices.balloon.driver import VirtioBalloon
 from qtest_virtio.devices.balloon.encoding import StatTag
 
 pytestmark = [pytest.mark.virtio_device("virtio-balloon-pci"), pytest.mark.virtual_clock]
@@ -43,7 +45,7 @@ def _need_stats(bal) -> None:
         pytest.skip("STATS_VQ not negotiated in this run")
 
 
-def test_statistics_are_requested_once_per_interval(virtio_device, qemu):
+def test_statistics_are_requested_once_per_interval(virtio_device: VirtioBalloon, qemu: Machine) -> None:
     """Setting the interval asks at once; after each answer the next request comes exactly one
     interval of virtual time later, not a millisecond sooner, and carries the answer's values
     into guest-stats."""
@@ -65,7 +67,7 @@ def test_statistics_are_requested_once_per_interval(virtio_device, qemu):
         assert stats["stat-total-memory"] == bal.memory.end
 
 
-def test_interval_zero_stops_the_requests(virtio_device, qemu):
+def test_interval_zero_stops_the_requests(virtio_device: VirtioBalloon, qemu: Machine) -> None:
     """guest-stats-polling-interval 0 destroys the timer: however much virtual time passes, the
     device keeps the buffer; a new interval asks at once again."""
     bal = virtio_device

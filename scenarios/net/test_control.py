@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pytest
 
+from qtest_virtio import Machine
+from qtest_virtio.devices.net.driver import VirtioNet
 from qtest_virtio.devices.net.encoding import BROADCAST, ethernet_frame, mac_bytes, mac_str
 
 pytestmark = pytest.mark.virtio_device("virtio-net-pci")
@@ -52,7 +54,7 @@ def _delivered(qemu, net, frame: bytes, marker_to: bytes | str | None = None) ->
 
 
 @pytest.mark.conformance("net-ctrl-mac-addr-set", spec="5.1.6.5.2.1")
-def test_mac_addr_set_is_acked_and_applied(virtio_device, qemu):
+def test_mac_addr_set_is_acked_and_applied(virtio_device: VirtioNet, qemu: Machine) -> None:
     """VIRTIO_NET_CTRL_MAC_ADDR_SET is acked VIRTIO_NET_OK, and with MAC negotiated the device
     MUST update config ``mac`` before it consumes the command: the new address reads back as
     soon as the ack is there, QEMU's filter uses it, and frames to it are accepted (MUST)."""
@@ -68,7 +70,7 @@ def test_mac_addr_set_is_acked_and_applied(virtio_device, qemu):
 
 
 @pytest.mark.conformance("net-ctrl-promisc", spec="5.1.6.5.1")
-def test_promisc_is_acked_and_applied(virtio_device, qemu):
+def test_promisc_is_acked_and_applied(virtio_device: VirtioNet, qemu: Machine) -> None:
     """With CTRL_RX the device MUST support VIRTIO_NET_CTRL_RX_PROMISC (acked OK, QEMU's filter
     follows it both ways); while promiscuous it SHOULD receive all packets, a frame to a
     foreign unicast address included (MUST / SHOULD)."""
@@ -82,7 +84,7 @@ def test_promisc_is_acked_and_applied(virtio_device, qemu):
 
 
 @pytest.mark.conformance("net-ctrl-allmulti", spec="5.1.6.5.1")
-def test_allmulti_is_acked_and_applied(virtio_device, qemu):
+def test_allmulti_is_acked_and_applied(virtio_device: VirtioNet, qemu: Machine) -> None:
     """With CTRL_RX the device MUST support VIRTIO_NET_CTRL_RX_ALLMULTI; when on it SHOULD
     allow all incoming multicast packets (MUST / SHOULD)."""
     net = virtio_device
@@ -95,7 +97,7 @@ def test_allmulti_is_acked_and_applied(virtio_device, qemu):
 
 
 @pytest.mark.conformance("net-ctrl-rx-extra", spec="5.1.6.5.1")
-def test_rx_extra_commands_are_supported(virtio_device, qemu):
+def test_rx_extra_commands_are_supported(virtio_device: VirtioNet, qemu: Machine) -> None:
     """With CTRL_RX_EXTRA the device MUST support ALLUNI, NOMULTI, NOUNI and NOBCAST: each is
     acked OK and QEMU's filter state follows (MUST)."""
     net = virtio_device
@@ -113,7 +115,7 @@ def test_rx_extra_commands_are_supported(virtio_device, qemu):
 
 
 @pytest.mark.conformance("net-ctrl-nobcast", spec="5.1.6.5.1")
-def test_nobcast_suppresses_broadcast(virtio_device, qemu):
+def test_nobcast_suppresses_broadcast(virtio_device: VirtioNet, qemu: Machine) -> None:
     """When broadcast receive is suppressed (NOBCAST on) the device SHOULD NOT send broadcast
     packets to the driver, even with ALLMULTI on; with it off, broadcast comes through (SHOULD)."""
     net = virtio_device
@@ -127,7 +129,7 @@ def test_nobcast_suppresses_broadcast(virtio_device, qemu):
 
 
 @pytest.mark.conformance("net-rx-filter-foreign-mac", spec="5.1.6.5.2.1")
-def test_frames_for_other_addresses_are_dropped(virtio_device, qemu):
+def test_frames_for_other_addresses_are_dropped(virtio_device: VirtioNet, qemu: Machine) -> None:
     """Out of promiscuous mode the device SHOULD drop incoming packets whose destination matches
     neither ``mac`` nor the MAC filtering table (SHOULD), and still deliver its own. All-multicast
     is turned off explicitly: the spec gives it no value after reset (§5.1.6.5.1)."""
@@ -140,7 +142,7 @@ def test_frames_for_other_addresses_are_dropped(virtio_device, qemu):
 
 
 @pytest.mark.conformance("net-ctrl-mac-table-set", spec="5.1.6.5.2.1")
-def test_mac_table_is_updated_before_the_command_is_used(virtio_device, qemu):
+def test_mac_table_is_updated_before_the_command_is_used(virtio_device: VirtioNet, qemu: Machine) -> None:
     """The device MUST update the MAC filtering table before it consumes
     VIRTIO_NET_CTRL_MAC_TABLE_SET: once acked, QEMU's filter lists both tables and frames to
     those addresses pass the filter (MUST)."""
@@ -157,7 +159,7 @@ def test_mac_table_is_updated_before_the_command_is_used(virtio_device, qemu):
 
 
 @pytest.mark.conformance("net-mac-table-empty-on-reset", spec="5.1.6.5.2.1")
-def test_mac_table_is_empty_after_reset(virtio_device, qemu):
+def test_mac_table_is_empty_after_reset(virtio_device: VirtioNet, qemu: Machine) -> None:
     """The device MUST have an empty MAC filtering table on reset: a table set before a device
     reset is gone after it, and the default address is back (MUST)."""
     net = virtio_device
@@ -173,7 +175,7 @@ def test_mac_table_is_empty_after_reset(virtio_device, qemu):
 
 
 @pytest.mark.conformance("net-vlan-filter", spec="5.1.6.5.3")
-def test_vlan_table_filters_tagged_frames(virtio_device, qemu):
+def test_vlan_table_filters_tagged_frames(virtio_device: VirtioNet, qemu: Machine) -> None:
     """With CTRL_VLAN the device MUST accept VLAN-tagged packets whose tag is in the filter table
     and SHOULD drop those whose tag is not (the table starts empty); tested out of promiscuous
     mode (MUST / SHOULD)."""
@@ -194,7 +196,7 @@ def test_vlan_table_filters_tagged_frames(virtio_device, qemu):
 
 @pytest.mark.conformance("net-vlan-accept-all-without-ctrl-vlan", spec="5.1.6.5.3")
 @pytest.mark.virtio_device("virtio-net-pci", refuse={"CTRL_VLAN"})
-def test_without_ctrl_vlan_tagged_frames_pass(virtio_device, qemu):
+def test_without_ctrl_vlan_tagged_frames_pass(virtio_device: VirtioNet, qemu: Machine) -> None:
     """When VIRTIO_NET_F_CTRL_VLAN is not negotiated the device MUST accept all VLAN-tagged
     packets (checked out of promiscuous mode, where a filter would show) (MUST)."""
     net = virtio_device
@@ -206,7 +208,7 @@ def test_without_ctrl_vlan_tagged_frames_pass(virtio_device, qemu):
 
 
 @pytest.mark.conformance("net-announce-ack-clears", spec="5.1.6.5.4")
-def test_announce_ack_clears_the_announce_bit(virtio_device, qemu):
+def test_announce_ack_clears_the_announce_bit(virtio_device: VirtioNet, qemu: Machine) -> None:
     """With GUEST_ANNOUNCE the device asks for an announcement with VIRTIO_NET_S_ANNOUNCE (and a
     configuration change notification); it MUST clear the bit upon VIRTIO_NET_CTRL_ANNOUNCE_ACK
     before marking the command used (MUST)."""
@@ -221,7 +223,7 @@ def test_announce_ack_clears_the_announce_bit(virtio_device, qemu):
 
 
 @pytest.mark.conformance("net-ctrl-ack-err-malformed", spec="5.1.6.5")
-def test_malformed_command_is_acked_err(virtio_device, qemu):
+def test_malformed_command_is_acked_err(virtio_device: VirtioNet, qemu: Machine) -> None:
     """The device sets the ack byte of every command: VIRTIO_NET_OK for a well-formed one and
     VIRTIO_NET_ERR for one it cannot apply (a PROMISC command without its data byte), and a
     rejected command changes nothing (the ack's definition, §5.1.6.5)."""

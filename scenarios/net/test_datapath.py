@@ -13,6 +13,8 @@ import time
 
 import pytest
 
+from qtest_virtio import Machine
+from qtest_virtio.devices.net.driver import VirtioNet
 from qtest_virtio.devices.net.encoding import NET_HDR, GsoType, NetHdr, ethernet_frame
 from qtest_virtio.virtqueue import VirtqueueTimeout
 
@@ -47,7 +49,7 @@ def _need_not(net, *features: str) -> None:
 
 
 @pytest.mark.conformance("net-tx-frame-intact", spec="5.1.6.2.2")
-def test_transmitted_frame_arrives_unmodified(virtio_device, qemu):
+def test_transmitted_frame_arrives_unmodified(virtio_device: VirtioNet, qemu: Machine) -> None:
     """Without VIRTIO_NET_HDR_F_NEEDS_CSUM in flags the device MUST NOT use csum_start and
     csum_offset: frames sent with those fields set to nonsense reach the link byte for byte,
     header stripped (MUST)."""
@@ -61,7 +63,7 @@ def test_transmitted_frame_arrives_unmodified(virtio_device, qemu):
 
 
 @pytest.mark.conformance("net-tx-unknown-flags-ignored", spec="5.1.6.2.2")
-def test_transmit_ignores_unknown_header_flags(virtio_device, qemu):
+def test_transmit_ignores_unknown_header_flags(virtio_device: VirtioNet, qemu: Machine) -> None:
     """The device MUST ignore flag bits that it does not recognize: bits 3-7 of flags set on a
     transmitted packet change nothing about the frame on the link (MUST)."""
     host = qemu.backend(virtio_device.dev_id)
@@ -72,7 +74,7 @@ def test_transmit_ignores_unknown_header_flags(virtio_device, qemu):
 
 @pytest.mark.conformance("net-tx-mtu-forwarded", spec="5.1.4.1")
 @pytest.mark.virtio_device("virtio-net-pci", flags={"host_mtu": "1400"})
-def test_frames_up_to_mtu_are_forwarded_whole(virtio_device, qemu):
+def test_frames_up_to_mtu_are_forwarded_whole(virtio_device: VirtioNet, qemu: Machine) -> None:
     """With VIRTIO_NET_F_MTU negotiated the device MUST forward transmitted packets of up to
     mtu plus the Ethernet header with gso_type NONE, without fragmentation (MUST)."""
     _need(virtio_device, "MTU")
@@ -88,7 +90,7 @@ def test_frames_up_to_mtu_are_forwarded_whole(virtio_device, qemu):
 
 
 @pytest.mark.conformance("net-rx-used-length", spec="2.7.8.2")
-def test_received_frame_and_used_length(virtio_device, qemu):
+def test_received_frame_and_used_length(virtio_device: VirtioNet, qemu: Machine) -> None:
     """An injected frame lands in one receive buffer right after the virtio_net_hdr, and the
     used length is exactly header + frame: the device MUST write at least the used length's
     worth of bytes from the start of the buffer (§2.7.8.2), and the driver learns the frame's
@@ -105,7 +107,7 @@ def test_received_frame_and_used_length(virtio_device, qemu):
 
 
 @pytest.mark.conformance("net-rx-hdr-no-offloads", spec="5.1.6.4.1")
-def test_received_header_reports_no_offloads(virtio_device, qemu):
+def test_received_header_reports_no_offloads(virtio_device: VirtioNet, qemu: Machine) -> None:
     """Without GUEST_CSUM the device MUST set flags to zero; without GUEST_TSO4/TSO6/UFO it MUST
     set gso_type to VIRTIO_NET_HDR_GSO_NONE (MUST; the fields are checked in buffers that held
     0xEE before the device wrote them)."""
@@ -121,7 +123,7 @@ def test_received_header_reports_no_offloads(virtio_device, qemu):
 
 
 @pytest.mark.conformance("net-rx-num-buffers-mrg", spec="5.1.6.4.1")
-def test_num_buffers_counts_the_buffers_used(virtio_device, qemu):
+def test_num_buffers_counts_the_buffers_used(virtio_device: VirtioNet, qemu: Machine) -> None:
     """With MRG_RXBUF the device MUST set num_buffers to the number of buffers the packet
     (header included) is spread over; 128-byte buffers make a 1514-byte frame take 12 (MUST)."""
     net = virtio_device
@@ -138,7 +140,7 @@ def test_num_buffers_counts_the_buffers_used(virtio_device, qemu):
 
 
 @pytest.mark.conformance("net-rx-mrg-buffers-filled", spec="5.1.6.4.1")
-def test_spread_packet_fills_all_but_the_last_buffer(virtio_device, qemu):
+def test_spread_packet_fills_all_but_the_last_buffer(virtio_device: VirtioNet, qemu: Machine) -> None:
     """A packet spread over several buffers: the device MUST use all buffers but the last
     completely, up to the full length of each, and only the first starts with a header (MUST)."""
     net = virtio_device
@@ -156,7 +158,7 @@ def test_spread_packet_fills_all_but_the_last_buffer(virtio_device, qemu):
 
 @pytest.mark.conformance("net-rx-num-buffers-one", spec="5.1.6.4.1")
 @pytest.mark.virtio_device("virtio-net-pci", flags={"mrg_rxbuf": "off"}, transports=["transitional-modern", "modern"])
-def test_num_buffers_is_one_without_mrg_rxbuf(virtio_device, qemu):
+def test_num_buffers_is_one_without_mrg_rxbuf(virtio_device: VirtioNet, qemu: Machine) -> None:
     """If MRG_RXBUF has not been negotiated the device MUST set num_buffers to 1 (the field
     exists in every 1.x header; buffers held 0xEE before the device wrote them) (MUST)."""
     net = virtio_device
@@ -172,7 +174,7 @@ def test_num_buffers_is_one_without_mrg_rxbuf(virtio_device, qemu):
 
 @pytest.mark.conformance("net-rx-single-buffer-without-mrg", spec="5.1.6.3.2")
 @pytest.mark.virtio_device("virtio-net-pci", flags={"mrg_rxbuf": "off"})
-def test_without_mrg_rxbuf_a_packet_never_spans_buffers(virtio_device, qemu):
+def test_without_mrg_rxbuf_a_packet_never_spans_buffers(virtio_device: VirtioNet, qemu: Machine) -> None:
     """The device MUST use only a single buffer per packet if MRG_RXBUF was not negotiated:
     with buffers too small for a 1514-byte frame, that frame never comes back spread over
     several of them, and a frame that fits still arrives in exactly one (MUST)."""
@@ -191,7 +193,7 @@ def test_without_mrg_rxbuf_a_packet_never_spans_buffers(virtio_device, qemu):
 
 @pytest.mark.conformance("net-rx-legacy-hdr-10-bytes", spec="5.1.6.1")
 @pytest.mark.virtio_device("virtio-net-pci", flags={"mrg_rxbuf": "off"}, transports=["legacy", "transitional-legacy"])
-def test_legacy_header_without_mrg_rxbuf_is_10_bytes(virtio_device, qemu):
+def test_legacy_header_without_mrg_rxbuf_is_10_bytes(virtio_device: VirtioNet, qemu: Machine) -> None:
     """On the legacy interface without MRG_RXBUF, struct virtio_net_hdr has no num_buffers and
     is 10 bytes: transitional devices MUST use that layout, so the frame starts at byte 10 and
     the used length is 10 + frame (MUST)."""
@@ -211,7 +213,7 @@ def test_legacy_header_without_mrg_rxbuf_is_10_bytes(virtio_device, qemu):
 
 
 @pytest.mark.conformance("net-rx-waits-for-buffers", spec="5.1.6.3")
-def test_no_frame_is_delivered_without_receive_buffers(virtio_device, qemu):
+def test_no_frame_is_delivered_without_receive_buffers(virtio_device: VirtioNet, qemu: Machine) -> None:
     """With no receive buffer available the device places nothing in the receive queue (it only
     fills buffers the driver made available, §2.7: MUST); the frames wait or are dropped, and
     whatever arrives once buffers are posted is intact. Not their order: §5.1.6.3 does not

@@ -15,6 +15,8 @@ import time
 
 import pytest
 
+from qtest_virtio import Machine
+from qtest_virtio.devices.net.driver import VirtioNet
 from qtest_virtio.devices.net.encoding import ethernet_frame, mac_bytes
 
 #: A transmit timer period unlike QEMU's default (150 us), so that honouring x-txtimer shows.
@@ -40,7 +42,7 @@ def _settle(qemu) -> None:
 
 
 @pytest.mark.virtual_clock
-def test_tx_timer_holds_frames_for_its_period(virtio_device, qemu):
+def test_tx_timer_holds_frames_for_its_period(virtio_device: VirtioNet, qemu: Machine) -> None:
     """tx=timer: the first notification arms a timer of x-txtimer ns on the virtual clock and
     turns notifications off; the frame reaches the link when the timer fires, not before, and is
     used with length 0 (§2.7.8.2: nothing device-writable)."""
@@ -59,7 +61,7 @@ def test_tx_timer_holds_frames_for_its_period(virtio_device, qemu):
 
 
 @pytest.mark.virtual_clock
-def test_tx_timer_rearms_for_the_next_burst(virtio_device, qemu):
+def test_tx_timer_rearms_for_the_next_burst(virtio_device: VirtioNet, qemu: Machine) -> None:
     """After a flush the timer is idle again: the next frame waits a whole period of its own,
     counted from its notification, not from the first frame's."""
     net = virtio_device
@@ -79,7 +81,7 @@ def test_tx_timer_rearms_for_the_next_burst(virtio_device, qemu):
 
 
 @pytest.mark.virtual_clock
-def test_tx_timer_flushes_at_once_on_a_notification_while_armed(virtio_device, qemu):
+def test_tx_timer_flushes_at_once_on_a_notification_while_armed(virtio_device: VirtioNet, qemu: Machine) -> None:
     """A notification while the timer is armed flushes every frame made available so far at once,
     without the clock moving (the timer is for batching, not a minimum delay)."""
     net = virtio_device
@@ -106,7 +108,7 @@ def _check_rarp(frame: bytes, mac: bytes) -> None:
 
 
 @pytest.mark.virtio_device("virtio-net-pci")
-def test_announce_self_sends_one_rarp_per_round(virtio_device, qemu):
+def test_announce_self_sends_one_rarp_per_round(virtio_device: VirtioNet, qemu: Machine) -> None:
     """QMP announce-self: one RARP from the NIC's MAC on the link per round, the first at once and
     the next ones ``initial`` ms and more apart, then nothing. Its rounds run on the realtime
     clock (net/announce.c qemu_announce_self), so this runs on every build."""
