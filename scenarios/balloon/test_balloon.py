@@ -9,6 +9,8 @@ in the balloon, and ``query-balloon`` answers RAM - actual * 4096.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 
 from qtest_virtio import Machine
@@ -45,25 +47,31 @@ def _assert_stats(stats: dict[str, int], sent: dict[StatTag, int]) -> None:
     assert {k: v for k, v in stats.items() if v != UNSET} == {QEMU_STAT_NAMES[t]: v for t, v in sent.items()}
 
 
-def _ram(qemu) -> int:
+def _ram(qemu: Machine) -> int:
     return int(qemu.spec.memory_bytes)
 
 
-def _set_target(qemu, pages: int) -> None:
+def _set_target(qemu: Machine, pages: int) -> None:
     """QMP ``balloon``: the guest should shrink by ``pages`` pages."""
     qemu.qmp.cmd("balloon", value=_ram(qemu) - pages * PAGE_SIZE)
 
 
-def _balloon_pages(qemu) -> int:
+def _balloon_pages(qemu: Machine) -> int:
     """The balloon size QEMU reports (query-balloon's actual is the guest size in bytes)."""
-    return (_ram(qemu) - qemu.qmp.cmd("query-balloon")["actual"]) // PAGE_SIZE
+    info = qemu.qmp.cmd("query-balloon")
+    assert isinstance(info, dict), f"query-balloon returned {info!r}"
+    actual: int = info["actual"]
+    return (_ram(qemu) - actual) // PAGE_SIZE
 
 
-def _guest_stats(qemu, dev_id: str) -> dict[str, int]:
-    return qemu.qmp.cmd("qom-get", path=f"/machine/peripheral/{dev_id}", property="guest-stats")["stats"]
+def _guest_stats(qemu: Machine, dev_id: str) -> dict[str, int]:
+    result = qemu.qmp.cmd("qom-get", path=f"/machine/peripheral/{dev_id}", property="guest-stats")
+    assert isinstance(result, dict), f"guest-stats is {result!r}"
+    stats: dict[str, int] = result["stats"]
+    return stats
 
 
-def _request_stats(bal: VirtioBalloon, qemu, stats: list[tuple[int, int]]) -> dict[str, int]:
+def _request_stats(bal: VirtioBalloon, qemu: Machine, stats: Sequence[tuple[int, int]]) -> dict[str, int]:
     """Initialize the device again so that every statsq buffer carries ``stats`` (the driver
     MUST keep the same subset, §5.5.6.3.1), make the device ask for statistics (a polling
     interval), answer, and return what QEMU then shows."""

@@ -26,21 +26,23 @@ SECOND_NS = 1_000_000_000
 EARLY_NS = INTERVAL_S * SECOND_NS - 1_000_000
 
 
-def _set_interval(qemu, dev_id: str, seconds: int) -> None:
+def _set_interval(qemu: Machine, dev_id: str, seconds: int) -> None:
     path = f"/machine/peripheral/{dev_id}"
     qemu.qmp.cmd("qom-set", path=path, property="guest-stats-polling-interval", value=seconds)
 
 
-def _wait_guest_stats(qemu, dev_id: str, want: dict[str, int], timeout: float = 2.0) -> dict[str, int]:
+def _wait_guest_stats(qemu: Machine, dev_id: str, want: dict[str, int], timeout: float = 2.0) -> dict[str, int]:
     """guest-stats once the device has read the answer (a notification it handles on its own time)."""
     deadline = time.monotonic() + timeout
     while True:
-        stats = qemu.qmp.cmd("qom-get", path=f"/machine/peripheral/{dev_id}", property="guest-stats")["stats"]
+        result = qemu.qmp.cmd("qom-get", path=f"/machine/peripheral/{dev_id}", property="guest-stats")
+        assert isinstance(result, dict), f"guest-stats is {result!r}"
+        stats: dict[str, int] = result["stats"]
         if all(stats.get(k) == v for k, v in want.items()) or time.monotonic() > deadline:
             return stats
 
 
-def _need_stats(bal) -> None:
+def _need_stats(bal: VirtioBalloon) -> None:
     if not bal.has("STATS_VQ"):
         pytest.skip("STATS_VQ not negotiated in this run")
 

@@ -11,19 +11,15 @@ from qtest_virtio.devices.net.driver import VirtioNet
 from qtest_virtio.devices.net.encoding import FEATURE_REQUIRES, NET_STATUS, ethernet_frame, mac_bytes
 from qtest_virtio.transport.layout import feature_names
 
+from ._support import backend, need, rx_filter
+
 pytestmark = pytest.mark.virtio_device("virtio-net-pci")
 
 PEER = "02:00:00:00:00:01"
 MAC = "52:54:00:c0:ff:ee"
 
 
-def _need(net, *features: str) -> None:
-    missing = [f for f in features if not net.has(f)]
-    if missing:
-        pytest.skip(f"{', '.join(missing)} not negotiated in this run")
-
-
-def _offered(net) -> set[str]:
+def _offered(net: VirtioNet) -> set[str]:
     return set(feature_names(net.negotiated.offered, net.device_bits))
 
 
@@ -34,9 +30,9 @@ def test_config_mac_is_the_devices_address(virtio_device: VirtioNet, qemu: Machi
     address the device was built with, which its receive filter also uses (§5.1.3 feature
     definition, §5.1.4; no MUST keyword, the field's meaning)."""
     net = virtio_device
-    _need(net, "MAC")
+    need(net, "MAC")
     assert net.config().mac == mac_bytes(MAC)
-    (info,) = qemu.qmp.cmd("query-rx-filter", name=net.dev_id)
+    info = rx_filter(qemu, net)
     assert info["main-mac"] == MAC
 
 
@@ -46,7 +42,7 @@ def test_link_status_follows_the_link(virtio_device: VirtioNet, qemu: Machine) -
     it goes down, and each change is signalled by a configuration change notification
     (§4.1.5.3); the statement is the field's definition with STATUS offered."""
     net = virtio_device
-    _need(net, "STATUS")
+    need(net, "STATUS")
     assert net.config().link_up is True
     for up in (False, True, False):
         qemu.qmp.cmd("set_link", name=net.dev_id, up=up)
@@ -62,7 +58,7 @@ def test_config_generation_moves_when_status_changes(virtio_device: VirtioNet, q
     """The device MUST present a changed config_generation after the driver has read a config
     field if any part of the config changed since: a link change rewrites status (MUST)."""
     net = virtio_device
-    _need(net, "STATUS")
+    need(net, "STATUS")
     before = net.transport.config_generation()
     assert net.config().link_up is True
     qemu.qmp.cmd("set_link", name=net.dev_id, up=False)
@@ -77,13 +73,13 @@ def test_mtu_is_in_range_and_stable(virtio_device: VirtioNet, qemu: Machine) -> 
     """With MTU offered the device MUST set mtu between 68 and 65535 (SHOULD at least 1280),
     and MUST NOT modify it once set: it reads the same after traffic and a device reset."""
     net = virtio_device
-    _need(net, "MTU")
+    need(net, "MTU")
     mtu = net.config().mtu
     assert mtu is not None and 68 <= mtu <= 65535
     assert mtu >= 1280
     frame = ethernet_frame(PEER, PEER, 0x88B5, bytes(mtu))
     net.send(frame)
-    assert qemu.backend(net.dev_id).receive(timeout=2) == frame
+    assert backend(qemu, net).receive(timeout=2) == frame
     net.restart()
     assert net.config().mtu == mtu
 
@@ -95,13 +91,14 @@ def test_received_frames_longer_than_mtu_are_not_passed(virtio_device: VirtioNet
     exceed mtu plus the Ethernet header with gso_type NONE: a 1514-byte frame with mtu 1400
     never reaches the driver, while an mtu-sized one does (MUST)."""
     net = virtio_device
-    _need(net, "MTU")
+    need(net, "MTU")
     mtu = net.config().mtu
+    assert mtu is not None, "MTU negotiated, but the config has no mtu"
     too_big = ethernet_frame(net.mac, PEER, 0x88B5, bytes(i & 0xFF for i in range(mtu + 1)))
     fits = ethernet_frame(net.mac, PEER, 0x88B5, b"\x5a" * mtu)
     if not net.has("MRG_RXBUF"):  # buffers that could hold it: only the mtu rule may keep it out
         net.restart(rx_buffer_size=net.header_size + len(too_big), rx_buffers=4)
-    host = qemu.backend(net.dev_id)
+    host = backend(qemu, net)
     host.send(too_big)
     host.send(fits)
     first = net.receive_packet(timeout=2)
