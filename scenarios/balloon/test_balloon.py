@@ -9,8 +9,11 @@ in the balloon, and ``query-balloon`` answers RAM - actual * 4096.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 
+from qtest_virtio import Machine
 from qtest_virtio.devices.balloon.driver import VirtioBalloon
 from qtest_virtio.devices.balloon.encoding import BALLOON_CONFIG, PAGE_SIZE, StatTag
 from qtest_virtio.transport.layout import ISR
@@ -44,25 +47,31 @@ def _assert_stats(stats: dict[str, int], sent: dict[StatTag, int]) -> None:
     assert {k: v for k, v in stats.items() if v != UNSET} == {QEMU_STAT_NAMES[t]: v for t, v in sent.items()}
 
 
-def _ram(qemu) -> int:
+def _ram(qemu: Machine) -> int:
     return int(qemu.spec.memory_bytes)
 
 
-def _set_target(qemu, pages: int) -> None:
+def _set_target(qemu: Machine, pages: int) -> None:
     """QMP ``balloon``: the guest should shrink by ``pages`` pages."""
     qemu.qmp.cmd("balloon", value=_ram(qemu) - pages * PAGE_SIZE)
 
 
-def _balloon_pages(qemu) -> int:
+def _balloon_pages(qemu: Machine) -> int:
     """The balloon size QEMU reports (query-balloon's actual is the guest size in bytes)."""
-    return (_ram(qemu) - qemu.qmp.cmd("query-balloon")["actual"]) // PAGE_SIZE
+    info = qemu.qmp.cmd("query-balloon")
+    assert isinstance(info, dict), f"query-balloon returned {info!r}"
+    actual: int = info["actual"]
+    return (_ram(qemu) - actual) // PAGE_SIZE
 
 
-def _guest_stats(qemu, dev_id: str) -> dict[str, int]:
-    return qemu.qmp.cmd("qom-get", path=f"/machine/peripheral/{dev_id}", property="guest-stats")["stats"]
+def _guest_stats(qemu: Machine, dev_id: str) -> dict[str, int]:
+    result = qemu.qmp.cmd("qom-get", path=f"/machine/peripheral/{dev_id}", property="guest-stats")
+    assert isinstance(result, dict), f"guest-stats is {result!r}"
+    stats: dict[str, int] = result["stats"]
+    return stats
 
 
-def _request_stats(bal: VirtioBalloon, qemu, stats: list[tuple[int, int]]) -> dict[str, int]:
+def _request_stats(bal: VirtioBalloon, qemu: Machine, stats: Sequence[tuple[int, int]]) -> dict[str, int]:
     """Initialize the device again so that every statsq buffer carries ``stats`` (the driver
     MUST keep the same subset, §5.5.6.3.1), make the device ask for statistics (a polling
     interval), answer, and return what QEMU then shows."""
@@ -75,7 +84,7 @@ def _request_stats(bal: VirtioBalloon, qemu, stats: list[tuple[int, int]]) -> di
 
 
 @pytest.mark.conformance("balloon-target-in-num-pages", spec="5.5.6")
-def test_target_appears_in_num_pages(virtio_device, qemu):
+def test_target_appears_in_num_pages(virtio_device: VirtioBalloon, qemu: Machine) -> None:
     """The device asks for memory through num_pages: a target set by the host is what the
     driver reads there (§5.5.6 item 1), and shrinking the request lowers it again.
     Level: device behaviour the spec describes, without a MUST keyword."""
@@ -90,7 +99,7 @@ def test_target_appears_in_num_pages(virtio_device, qemu):
 
 @pytest.mark.virtio_device("virtio-balloon-pci", interrupts="intx")
 @pytest.mark.conformance("balloon-config-change-isr", spec="4.1.4.5.1")
-def test_target_change_sets_the_config_bit_in_isr(virtio_device, qemu):
+def test_target_change_sets_the_config_bit_in_isr(virtio_device: VirtioBalloon, qemu: Machine) -> None:
     """Without MSI-X, the device MUST set the Device Configuration Interrupt bit in ISR status
     before sending a configuration change notification: a new target raises INTx with ISR
     bit 1 set, and the ISR read deasserts it."""
@@ -107,7 +116,7 @@ def test_target_change_sets_the_config_bit_in_isr(virtio_device, qemu):
 
 @pytest.mark.virtio_device("virtio-balloon-pci", transports=MODERN_TRANSPORTS)
 @pytest.mark.conformance("balloon-config-generation", spec="4.1.4.3.1")
-def test_target_change_moves_config_generation(virtio_device, qemu):
+def test_target_change_moves_config_generation(virtio_device: VirtioBalloon, qemu: Machine) -> None:
     """The device MUST present a changed config_generation after the driver has read a
     device-specific configuration value which has changed since (num_pages here)."""
     bal: VirtioBalloon = virtio_device
@@ -119,7 +128,7 @@ def test_target_change_moves_config_generation(virtio_device, qemu):
 
 
 @pytest.mark.conformance("balloon-inflate-deflate-acknowledged", spec="5.5.6")
-def test_inflate_and_deflate_requests_are_used(virtio_device, qemu):
+def test_inflate_and_deflate_requests_are_used(virtio_device: VirtioBalloon, qemu: Machine) -> None:
     """The device acknowledges inflate and deflate requests by using the descriptor (§5.5.6
     item 4), writing nothing into these device-readable buffers (used length 0, §2.7.8.2).
     Level: device behaviour the spec describes, without a MUST keyword."""
@@ -131,7 +140,7 @@ def test_inflate_and_deflate_requests_are_used(virtio_device, qemu):
 
 
 @pytest.mark.conformance("balloon-actual-reflected", spec="5.5.6")
-def test_actual_written_by_the_driver_is_what_the_device_reports(virtio_device, qemu):
+def test_actual_written_by_the_driver_is_what_the_device_reports(virtio_device: VirtioBalloon, qemu: Machine) -> None:
     """Once the driver updates actual after an inflation, the device holds that value: it reads
     back from the config and the host sees the balloon at that size (query-balloon); likewise
     after a deflation. Level: device behaviour the spec describes, without a MUST keyword."""
@@ -148,7 +157,7 @@ def test_actual_written_by_the_driver_is_what_the_device_reports(virtio_device, 
 
 @pytest.mark.virtio_requires("STATS_VQ")
 @pytest.mark.conformance("balloon-stats-consumed", spec="5.5.6.3")
-def test_stats_buffer_is_used_and_its_statistics_consumed(virtio_device, qemu):
+def test_stats_buffer_is_used_and_its_statistics_consumed(virtio_device: VirtioBalloon, qemu: Machine) -> None:
     """A request for statistics: the device uses the one statsq buffer, the driver answers with
     a fresh buffer, and the device pops it and consumes the statistics (guest-stats shows them).
     Level: device behaviour the spec describes, without a MUST keyword."""
@@ -162,7 +171,7 @@ def test_stats_buffer_is_used_and_its_statistics_consumed(virtio_device, qemu):
 
 @pytest.mark.virtio_requires("STATS_VQ")
 @pytest.mark.conformance("balloon-stats-unknown-tags-ignored", spec="5.5.6.3.2")
-def test_unknown_stat_tags_are_ignored(virtio_device, qemu):
+def test_unknown_stat_tags_are_ignored(virtio_device: VirtioBalloon, qemu: Machine) -> None:
     """Within a statsq buffer the device MUST ignore entries with tags it does not recognize:
     tags no spec defines, around known ones, change nothing but the known statistics (names a
     newer QEMU adds for tags of its own stay unset)."""
@@ -177,7 +186,7 @@ def test_unknown_stat_tags_are_ignored(virtio_device, qemu):
 
 @pytest.mark.virtio_requires("STATS_VQ")
 @pytest.mark.conformance("balloon-stats-any-order", spec="5.5.6.3.2")
-def test_stat_entries_are_accepted_in_any_order(virtio_device, qemu):
+def test_stat_entries_are_accepted_in_any_order(virtio_device: VirtioBalloon, qemu: Machine) -> None:
     """The device MUST accept struct virtio_balloon_stat entries in any order: every tag, in
     descending order, each with a distinct value, arrives under its own name."""
     bal: VirtioBalloon = virtio_device
@@ -188,7 +197,7 @@ def test_stat_entries_are_accepted_in_any_order(virtio_device, qemu):
 
 @pytest.mark.virtio_device("virtio-balloon-pci", transports=LEGACY_TRANSPORTS)
 @pytest.mark.conformance("balloon-legacy-actual-whole-value", spec="5.5.6.2.1")
-def test_legacy_actual_is_used_only_once_complete(virtio_device, qemu):
+def test_legacy_actual_is_used_only_once_complete(virtio_device: VirtioBalloon, qemu: Machine) -> None:
     """Legacy interface: the device SHOULD NOT use the actual value until the last, most
     significant byte has been written. Writing actual = 0x00000105 byte by byte from the least
     significant end, the host must not see 5 pages after the first byte."""
@@ -204,7 +213,7 @@ def test_legacy_actual_is_used_only_once_complete(virtio_device, qemu):
 @pytest.mark.virtio_device("virtio-balloon-pci", transports=LEGACY_TRANSPORTS)
 @pytest.mark.virtio_requires("STATS_VQ")
 @pytest.mark.conformance("balloon-legacy-first-stats-ignored", spec="5.5.6.3.3")
-def test_legacy_first_stats_buffer_is_ignored(virtio_device, qemu):
+def test_legacy_first_stats_buffer_is_ignored(virtio_device: VirtioBalloon, qemu: Machine) -> None:
     """Legacy interface: the device SHOULD ignore all values in the first statsq buffer the
     driver supplies after initialization (historically uninitialized), so guest-stats shows no
     statistic until the first requested buffer."""

@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+from qtest_virtio import Machine
+from qtest_virtio.devices.balloon.driver import VirtioBalloon
 from qtest_virtio.devices.balloon.encoding import StatTag
 
 pytestmark = [pytest.mark.virtio_device("virtio-balloon-pci"), pytest.mark.virtual_clock]
@@ -24,26 +26,28 @@ SECOND_NS = 1_000_000_000
 EARLY_NS = INTERVAL_S * SECOND_NS - 1_000_000
 
 
-def _set_interval(qemu, dev_id: str, seconds: int) -> None:
+def _set_interval(qemu: Machine, dev_id: str, seconds: int) -> None:
     path = f"/machine/peripheral/{dev_id}"
     qemu.qmp.cmd("qom-set", path=path, property="guest-stats-polling-interval", value=seconds)
 
 
-def _wait_guest_stats(qemu, dev_id: str, want: dict[str, int], timeout: float = 2.0) -> dict[str, int]:
+def _wait_guest_stats(qemu: Machine, dev_id: str, want: dict[str, int], timeout: float = 2.0) -> dict[str, int]:
     """guest-stats once the device has read the answer (a notification it handles on its own time)."""
     deadline = time.monotonic() + timeout
     while True:
-        stats = qemu.qmp.cmd("qom-get", path=f"/machine/peripheral/{dev_id}", property="guest-stats")["stats"]
+        result = qemu.qmp.cmd("qom-get", path=f"/machine/peripheral/{dev_id}", property="guest-stats")
+        assert isinstance(result, dict), f"guest-stats is {result!r}"
+        stats: dict[str, int] = result["stats"]
         if all(stats.get(k) == v for k, v in want.items()) or time.monotonic() > deadline:
             return stats
 
 
-def _need_stats(bal) -> None:
+def _need_stats(bal: VirtioBalloon) -> None:
     if not bal.has("STATS_VQ"):
         pytest.skip("STATS_VQ not negotiated in this run")
 
 
-def test_statistics_are_requested_once_per_interval(virtio_device, qemu):
+def test_statistics_are_requested_once_per_interval(virtio_device: VirtioBalloon, qemu: Machine) -> None:
     """Setting the interval asks at once; after each answer the next request comes exactly one
     interval of virtual time later, not a millisecond sooner, and carries the answer's values
     into guest-stats."""
@@ -65,7 +69,7 @@ def test_statistics_are_requested_once_per_interval(virtio_device, qemu):
         assert stats["stat-total-memory"] == bal.memory.end
 
 
-def test_interval_zero_stops_the_requests(virtio_device, qemu):
+def test_interval_zero_stops_the_requests(virtio_device: VirtioBalloon, qemu: Machine) -> None:
     """guest-stats-polling-interval 0 destroys the timer: however much virtual time passes, the
     device keeps the buffer; a new interval asks at once again."""
     bal = virtio_device

@@ -2,7 +2,7 @@
 driver can check.
 
 The default backend is a raw image in the machine's private directory; the test reads and writes
-it from the host (``qemu.backend(dev_id)``), so what the device claims to have stored is checked
+it from the host (``virtio_device.image``), so what the device claims to have stored is checked
 where it is stored. Requests are made with the driver's request API; where a rule is about bytes
 the device writes, the buffers are laid out by hand and pre-filled with a pattern so that
 untouched bytes stand out.
@@ -14,7 +14,8 @@ import os
 
 import pytest
 
-from qtest_virtio import modes
+from qtest_virtio import Machine, modes
+from qtest_virtio.devices.blk.driver import VirtioBlk
 from qtest_virtio.devices.blk.encoding import (
     BLK_CONFIG,
     ID_BYTES,
@@ -38,7 +39,7 @@ PATTERN = 0xEE
 SERIAL = "QTEST-BLK-SERIAL-01"
 
 
-def _chain(qemu, header: bytes, writable: list[int]) -> tuple[list[Buf], list[int]]:
+def _chain(qemu: Machine, header: bytes, writable: list[int]) -> tuple[list[Buf], list[int]]:
     """A request laid out by hand: the header, then device-writable buffers pre-filled with
     PATTERN (data buffers, then the status byte last)."""
     hdr = qemu.memory.alloc(len(header), tag="blk scenario header")
@@ -47,7 +48,7 @@ def _chain(qemu, header: bytes, writable: list[int]) -> tuple[list[Buf], list[in
     return bufs, [b.addr for b in bufs]
 
 
-def _run(virtio_device, qemu, bufs: list[Buf]) -> int:
+def _run(virtio_device: VirtioBlk, qemu: Machine, bufs: list[Buf]) -> int:
     """Make the chain available on queue 0, wait for it, return the used length."""
     vq = virtio_device.queues[0]
     token = vq.add(bufs)
@@ -55,26 +56,26 @@ def _run(virtio_device, qemu, bufs: list[Buf]) -> int:
     return vq.wait_for(token).length
 
 
-def _free(qemu, addrs: list[int]) -> None:
+def _free(qemu: Machine, addrs: list[int]) -> None:
     for addr in addrs:
         qemu.memory.free(addr)
 
 
 @pytest.mark.conformance("blk-capacity-matches-backend", spec="5.2.4")
-def test_capacity_is_backend_size_in_sectors(virtio_device, qemu):
+def test_capacity_is_backend_size_in_sectors(virtio_device: VirtioBlk, qemu: Machine) -> None:
     """capacity is the device size in 512-byte sectors: the image's size / 512, and reading the
     last sector works while the one past it does not (§5.2.4)."""
-    image = qemu.backend(virtio_device.dev_id)
+    image = virtio_device.image
     cap = virtio_device.config().capacity
     assert cap == image.size // 512 == os.path.getsize(image.path) // 512
     assert virtio_device.execute(BlkRequest(BlkReqType.IN, cap - 1, data_in_len=512)).status is BlkStatus.OK
 
 
 @pytest.mark.conformance("blk-write-read-round-trip", spec="5.2.6")
-def test_write_then_read_returns_the_data_and_the_image_holds_it(virtio_device, qemu):
+def test_write_then_read_returns_the_data_and_the_image_holds_it(virtio_device: VirtioBlk, qemu: Machine) -> None:
     """A VIRTIO_BLK_T_OUT writes data at sector*512 of the device, a VIRTIO_BLK_T_IN returns it
     (§5.2.6): the host image holds the bytes written, and bytes the host puts there read back."""
-    image = qemu.backend(virtio_device.dev_id)
+    image = virtio_device.image
     data = os.urandom(3 * 512)
     virtio_device.write(1000, data)
     assert image.read(1000 * 512, len(data)) == data
@@ -86,12 +87,12 @@ def test_write_then_read_returns_the_data_and_the_image_holds_it(virtio_device, 
 
 @pytest.mark.virtio_device("virtio-blk-pci", transports=modes.MODERN_LAYOUT_MODES)
 @pytest.mark.conformance("blk-read-used-length", spec="2.7.8.2")
-def test_read_used_length_covers_data_and_status(virtio_device, qemu):
+def test_read_used_length_covers_data_and_status(virtio_device: VirtioBlk, qemu: Machine) -> None:
     """The device writes at least the used length's worth of bytes from the first writable buffer
     (MUST, §2.7.8.2) and the driver may rely on nothing past it (§2.7.8.1): a successful read's
     used length covers the data and the status byte, and those bytes were written."""
     data = os.urandom(1024)
-    qemu.backend(virtio_device.dev_id).write(64 * 512, data)
+    virtio_device.image.write(64 * 512, data)
     bufs, addrs = _chain(qemu, encode_header(BlkReqType.IN, 64), [1024, 1])
     used = _run(virtio_device, qemu, bufs)
     assert used == 1024 + 1
@@ -102,7 +103,7 @@ def test_read_used_length_covers_data_and_status(virtio_device, qemu):
 
 @pytest.mark.virtio_device("virtio-blk-pci", transports=modes.MODERN_LAYOUT_MODES)
 @pytest.mark.conformance("blk-ioerr-used-length", spec="2.7.8.2")
-def test_failed_read_used_length_counts_only_written_bytes(virtio_device, qemu):
+def test_failed_read_used_length_counts_only_written_bytes(virtio_device: VirtioBlk, qemu: Machine) -> None:
     """The device MUST write at least len bytes before it returns a buffer (§2.7.8.2): a read past
     the capacity writes only the status byte (IOERR), so a used length above 1 must come with
     the data buffer written too (it is pre-filled with a pattern to tell)."""
@@ -116,7 +117,7 @@ def test_failed_read_used_length_counts_only_written_bytes(virtio_device, qemu):
 
 
 @pytest.mark.conformance("blk-unsupported-request-unsupp", spec="5.2.6")
-def test_unsupported_request_types_get_unsupp(virtio_device, qemu):
+def test_unsupported_request_types_get_unsupp(virtio_device: VirtioBlk, qemu: Machine) -> None:
     """The status is VIRTIO_BLK_S_UNSUPP for a request the device does not support (§5.2.6): an
     undefined type, and GET_LIFETIME / SECURE_ERASE when their features are not offered."""
     offered = virtio_device.negotiated.offered
@@ -133,10 +134,10 @@ def test_unsupported_request_types_get_unsupp(virtio_device, qemu):
 
 
 @pytest.mark.conformance("blk-read-past-capacity-ioerr", spec="5.2.6")
-def test_request_past_capacity_gets_ioerr(virtio_device, qemu):
+def test_request_past_capacity_gets_ioerr(virtio_device: VirtioBlk, qemu: Machine) -> None:
     """VIRTIO_BLK_S_IOERR reports a device or driver error (§5.2.6): a read or write that starts
     at, or runs past, the capacity fails, and a write that fails stores nothing."""
-    image = qemu.backend(virtio_device.dev_id)
+    image = virtio_device.image
     cap = virtio_device.config().capacity
     assert virtio_device.execute(BlkRequest(BlkReqType.IN, cap, data_in_len=512)).status is BlkStatus.IOERR
     assert virtio_device.execute(BlkRequest(BlkReqType.IN, cap - 1, data_in_len=1024)).status is BlkStatus.IOERR
@@ -148,18 +149,18 @@ def test_request_past_capacity_gets_ioerr(virtio_device, qemu):
 
 @pytest.mark.virtio_requires("FLUSH")
 @pytest.mark.conformance("blk-flush-completes-ok", spec="5.2.6.2")
-def test_flush_completes_with_ok(virtio_device, qemu):
+def test_flush_completes_with_ok(virtio_device: VirtioBlk, qemu: Machine) -> None:
     """With VIRTIO_BLK_F_FLUSH negotiated, a VIRTIO_BLK_T_FLUSH after completed writes completes
     with OK (§5.2.6.2: the writes are then stable), and the image holds the writes."""
     data = os.urandom(512)
     virtio_device.write(77, data)
     resp = virtio_device.execute(BlkRequest(BlkReqType.FLUSH))
     assert resp.status is BlkStatus.OK and resp.used_len <= 1
-    assert qemu.backend(virtio_device.dev_id).read(77 * 512, 512) == data
+    assert virtio_device.image.read(77 * 512, 512) == data
 
 
 @pytest.mark.conformance("blk-flush-offered-with-config-wce", spec="5.2.5.2")
-def test_config_wce_comes_with_flush(virtio_device, qemu):
+def test_config_wce_comes_with_flush(virtio_device: VirtioBlk, qemu: Machine) -> None:
     """Devices SHOULD always offer VIRTIO_BLK_F_FLUSH, and MUST offer it if they offer
     VIRTIO_BLK_F_CONFIG_WCE (§5.2.5.2)."""
     offered = virtio_device.negotiated.offered
@@ -172,7 +173,7 @@ def test_config_wce_comes_with_flush(virtio_device, qemu):
 @pytest.mark.virtio_requires("CONFIG_WCE")
 @pytest.mark.virtio_device("virtio-blk-pci", refuse={"FLUSH"}, transports=modes.MODERN_LAYOUT_MODES)
 @pytest.mark.conformance("blk-writeback-zero-without-flush", spec="5.2.5.2")
-def test_writeback_is_zero_when_flush_is_not_negotiated(virtio_device, qemu):
+def test_writeback_is_zero_when_flush_is_not_negotiated(virtio_device: VirtioBlk, qemu: Machine) -> None:
     """If VIRTIO_BLK_F_CONFIG_WCE is negotiated but VIRTIO_BLK_F_FLUSH is not, the device MUST
     initialize writeback to 0 (§5.2.5.2): read once the features are final, and after
     DRIVER_OK. Modern layouts only: through the legacy interface the device MUST NOT change
@@ -184,11 +185,12 @@ def test_writeback_is_zero_when_flush_is_not_negotiated(virtio_device, qemu):
 
 @pytest.mark.virtio_requires("SEG_MAX")
 @pytest.mark.conformance("blk-seg-max-honoured", spec="5.2.4")
-def test_request_with_seg_max_segments_succeeds(virtio_device, qemu):
+def test_request_with_seg_max_segments_succeeds(virtio_device: VirtioBlk, qemu: Machine) -> None:
     """seg_max is the maximum number of segments in a request (§5.2.4): a read and a write of
     exactly seg_max data buffers (each within size_max when that is offered) succeed."""
     cfg = virtio_device.config()
     seg_max = cfg.seg_max
+    assert seg_max is not None, "SEG_MAX negotiated, but the config has no seg_max"
     assert 1 <= seg_max <= virtio_device.queues[0].size
     seg = min(512, cfg.size_max) if cfg.size_max else 512
     framing = Framing(segment_size=seg)
@@ -198,12 +200,12 @@ def test_request_with_seg_max_segments_succeeds(virtio_device, qemu):
     assert virtio_device.execute(BlkRequest(BlkReqType.OUT, sector, data_out=data), framing=framing).ok
     resp = virtio_device.execute(BlkRequest(BlkReqType.IN, sector, data_in_len=len(data)), framing=framing)
     assert resp.ok and resp.data == data
-    assert qemu.backend(virtio_device.dev_id).read(sector * 512, len(data)) == data
+    assert virtio_device.image.read(sector * 512, len(data)) == data
 
 
 @pytest.mark.virtio_device("virtio-blk-pci", transports=modes.MODERN_LAYOUT_MODES)
 @pytest.mark.conformance("blk-config-generation-stable", spec="4.1.4.3.1")
-def test_config_generation_is_stable_while_nothing_changes(virtio_device, qemu):
+def test_config_generation_is_stable_while_nothing_changes(virtio_device: VirtioBlk, qemu: Machine) -> None:
     """The device changes config_generation only when a config field changed (§4.1.4.3.1, §2.5):
     reads of the whole config with nothing changing see one generation and the same values."""
     transport = virtio_device.transport
@@ -219,14 +221,14 @@ def test_config_generation_is_stable_while_nothing_changes(virtio_device, qemu):
 
 
 @pytest.mark.conformance("blk-config-unused0-zero", spec="5.2.5.2")
-def test_config_padding_unused0_is_zero(virtio_device, qemu):
+def test_config_padding_unused0_is_zero(virtio_device: VirtioBlk, qemu: Machine) -> None:
     """The device MUST initialize the padding byte unused0 to 0 (§5.2.5.2)."""
     assert virtio_device.read_config(["unused0"]) == {"unused0": 0}
 
 
 @pytest.mark.virtio_requires("SECURE_ERASE")
 @pytest.mark.conformance("blk-config-unused1-zero", spec="5.2.5.2")
-def test_config_padding_unused1_is_zero(virtio_device, qemu):
+def test_config_padding_unused1_is_zero(virtio_device: VirtioBlk, qemu: Machine) -> None:
     """The device MUST initialize the padding bytes unused1 to 0 (§5.2.5.2). They pad the config
     up to max_secure_erase_sectors, so they exist only when SECURE_ERASE is offered (a field
     exists where its feature says so, §2.5); without it they lie past the device's config space
@@ -237,7 +239,7 @@ def test_config_padding_unused1_is_zero(virtio_device, qemu):
 
 @pytest.mark.virtio_device("virtio-blk-pci", flags={"serial": SERIAL})
 @pytest.mark.conformance("blk-get-id-returns-serial", spec="5.2.6")
-def test_get_id_returns_the_serial(virtio_device, qemu):
+def test_get_id_returns_the_serial(virtio_device: VirtioBlk, qemu: Machine) -> None:
     """VIRTIO_BLK_T_GET_ID fetches the device ID string, NUL-padded ASCII of up to 20 bytes
     (§5.2.6): the serial QEMU was given, terminated by a NUL since it is shorter than 20."""
     resp = virtio_device.execute(BlkRequest(BlkReqType.GET_ID, data_in_len=ID_BYTES))
@@ -248,7 +250,7 @@ def test_get_id_returns_the_serial(virtio_device, qemu):
 
 @pytest.mark.virtio_device("virtio-blk-pci", flags={"serial": "0123456789ABCDEFGHIJ"})
 @pytest.mark.conformance("blk-get-id-20-bytes-unterminated", spec="5.2.6")
-def test_get_id_of_20_bytes_has_no_terminator(virtio_device, qemu):
+def test_get_id_of_20_bytes_has_no_terminator(virtio_device: VirtioBlk, qemu: Machine) -> None:
     """If the device ID string is 20 bytes long there is no NUL terminator (§5.2.6)."""
     resp = virtio_device.execute(BlkRequest(BlkReqType.GET_ID, data_in_len=ID_BYTES))
     assert resp.ok and resp.data == b"0123456789ABCDEFGHIJ"
@@ -256,7 +258,7 @@ def test_get_id_of_20_bytes_has_no_terminator(virtio_device, qemu):
 
 @pytest.mark.virtio_device("virtio-blk-pci", flags={"serial": "abc"}, transports=modes.MODERN_LAYOUT_MODES)
 @pytest.mark.conformance("blk-get-id-used-length", spec="2.7.8.2")
-def test_get_id_used_length_counts_written_bytes(virtio_device, qemu):
+def test_get_id_used_length_counts_written_bytes(virtio_device: VirtioBlk, qemu: Machine) -> None:
     """The device MUST write at least the used length's worth of bytes (§2.7.8.2): a GET_ID
     reported as 21 bytes used has its 20-byte ID written in full, NUL-padded (§5.2.6)."""
     bufs, addrs = _chain(qemu, encode_header(BlkReqType.GET_ID), [ID_BYTES, 1])
@@ -270,10 +272,10 @@ def test_get_id_used_length_counts_written_bytes(virtio_device, qemu):
 
 @pytest.mark.virtio_requires("WRITE_ZEROES")
 @pytest.mark.conformance("blk-write-zeroes-reads-zero", spec="5.2.6.2")
-def test_write_zeroes_range_reads_back_zero(virtio_device, qemu):
+def test_write_zeroes_range_reads_back_zero(virtio_device: VirtioBlk, qemu: Machine) -> None:
     """After a write zeroes command completes, reads of its range MUST return zeroes, whether
     unmap was set or clear (§5.2.6.2); the host image holds zeroes there, the rest is intact."""
-    image = qemu.backend(virtio_device.dev_id)
+    image = virtio_device.image
     pattern = os.urandom(8 * 512)
     virtio_device.write(300, pattern)
     virtio_device.write_zeroes(301, 2)
@@ -285,10 +287,10 @@ def test_write_zeroes_range_reads_back_zero(virtio_device, qemu):
 
 @pytest.mark.virtio_requires("DISCARD")
 @pytest.mark.conformance("blk-discard-unmap-flag-unsupp", spec="5.2.6.2")
-def test_discard_with_unmap_flag_gets_unsupp(virtio_device, qemu):
+def test_discard_with_unmap_flag_gets_unsupp(virtio_device: VirtioBlk, qemu: Machine) -> None:
     """The device MUST set the status to VIRTIO_BLK_S_UNSUPP for discard commands if the unmap
     flag is set (§5.2.6.2); the same discard without the flag succeeds."""
-    image = qemu.backend(virtio_device.dev_id)
+    image = virtio_device.image
     data = os.urandom(512)
     virtio_device.write(500, data)
     bad = BlkRequest(BlkReqType.DISCARD, data_out=encode_dwz_segment(500, 1, unmap=True))
@@ -300,7 +302,7 @@ def test_discard_with_unmap_flag_gets_unsupp(virtio_device, qemu):
 
 @pytest.mark.virtio_requires("DISCARD")
 @pytest.mark.conformance("blk-discard-unknown-flag-unsupp", spec="5.2.6.2")
-def test_discard_with_unknown_flag_gets_unsupp(virtio_device, qemu):
+def test_discard_with_unknown_flag_gets_unsupp(virtio_device: VirtioBlk, qemu: Machine) -> None:
     """The device MUST set the status to VIRTIO_BLK_S_UNSUPP for discard commands if any
     unknown flag is set (§5.2.6.2)."""
     for flags in (1 << 1, 1 << 31):
@@ -310,10 +312,10 @@ def test_discard_with_unknown_flag_gets_unsupp(virtio_device, qemu):
 
 @pytest.mark.virtio_requires("WRITE_ZEROES")
 @pytest.mark.conformance("blk-write-zeroes-unknown-flag-unsupp", spec="5.2.6.2")
-def test_write_zeroes_with_unknown_flag_gets_unsupp(virtio_device, qemu):
+def test_write_zeroes_with_unknown_flag_gets_unsupp(virtio_device: VirtioBlk, qemu: Machine) -> None:
     """The device MUST set the status to VIRTIO_BLK_S_UNSUPP for write zeroes commands if any
     unknown flag is set (§5.2.6.2), and then leaves the data alone."""
-    image = qemu.backend(virtio_device.dev_id)
+    image = virtio_device.image
     data = os.urandom(512)
     virtio_device.write(600, data)
     for flags in (1 << 1, 1 | 1 << 7):
@@ -323,13 +325,13 @@ def test_write_zeroes_with_unknown_flag_gets_unsupp(virtio_device, qemu):
 
 
 @pytest.mark.conformance("blk-any-descriptor-layout", spec="2.7.4.1")
-def test_requests_in_any_descriptor_layout(virtio_device, qemu):
+def test_requests_in_any_descriptor_layout(virtio_device: VirtioBlk, qemu: Machine) -> None:
     """The device MUST NOT make assumptions about the particular arrangement of descriptors
     (§2.7.4.1) once VERSION_1 or ANY_LAYOUT is negotiated: header and data in one buffer, data
     and status in one buffer, the header split over two, the data over many all work."""
     if not (virtio_device.has("VERSION_1") or virtio_device.has("ANY_LAYOUT")):
         pytest.skip("neither VERSION_1 nor ANY_LAYOUT negotiated: the legacy framing rules apply")
-    image = qemu.backend(virtio_device.dev_id)
+    image = virtio_device.image
     layouts = [SEPARATE, MERGED, Framing(split_header=True), Framing(split_header=True, segment_size=96)]
     for i, framing in enumerate(layouts):
         sector = 700 + 4 * i
@@ -343,11 +345,11 @@ def test_requests_in_any_descriptor_layout(virtio_device, qemu):
 @pytest.mark.virtio_requires("MQ")
 @pytest.mark.virtio_device("virtio-blk-pci", flags={"num-queues": "4"})
 @pytest.mark.conformance("blk-multiqueue-every-queue-serves", spec="5.2.2")
-def test_every_request_queue_serves_requests(virtio_device, qemu):
+def test_every_request_queue_serves_requests(virtio_device: VirtioBlk, qemu: Machine) -> None:
     """With VIRTIO_BLK_F_MQ the device has num_queues request queues (§5.2.2, §5.2.4): the config
     says 4 (the num-queues property) and a request on each queue is used on that queue."""
     assert virtio_device.config().num_queues == 4 and len(virtio_device.queues) == 4
-    image = qemu.backend(virtio_device.dev_id)
+    image = virtio_device.image
     pending = [
         virtio_device.submit(BlkRequest(BlkReqType.OUT, 900 + q, data_out=bytes([0x30 + q]) * 512), queue=q)
         for q in range(4)

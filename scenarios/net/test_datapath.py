@@ -13,8 +13,12 @@ import time
 
 import pytest
 
+from qtest_virtio import Machine
+from qtest_virtio.devices.net.driver import VirtioNet
 from qtest_virtio.devices.net.encoding import NET_HDR, GsoType, NetHdr, ethernet_frame
 from qtest_virtio.virtqueue import VirtqueueTimeout
+
+from ._support import backend, need, need_not
 
 pytestmark = pytest.mark.virtio_device("virtio-net-pci")
 
@@ -30,28 +34,15 @@ def _frame(dst: bytes | str, size: int, seed: int = 0) -> bytes:
     return ethernet_frame(dst, PEER, 0x88B5, body)
 
 
-def _need(net, *features: str) -> None:
-    """Skip where a feature the statement is about was not negotiated (refused, not offered)."""
-    missing = [f for f in features if not net.has(f)]
-    if missing:
-        pytest.skip(f"{', '.join(missing)} not negotiated in this run")
-
-
-def _need_not(net, *features: str) -> None:
-    present = [f for f in features if net.has(f)]
-    if present:
-        pytest.skip(f"{', '.join(present)} negotiated in this run; the statement is about its absence")
-
-
 # -- transmit (§5.1.6.2) ---------------------------------------------------------------------
 
 
 @pytest.mark.conformance("net-tx-frame-intact", spec="5.1.6.2.2")
-def test_transmitted_frame_arrives_unmodified(virtio_device, qemu):
+def test_transmitted_frame_arrives_unmodified(virtio_device: VirtioNet, qemu: Machine) -> None:
     """Without VIRTIO_NET_HDR_F_NEEDS_CSUM in flags the device MUST NOT use csum_start and
     csum_offset: frames sent with those fields set to nonsense reach the link byte for byte,
     header stripped (MUST)."""
-    host = qemu.backend(virtio_device.dev_id)
+    host = backend(qemu, virtio_device)
     header = NetHdr(csum_start=7, csum_offset=3)
     for i, size in enumerate(SIZES):
         frame = _frame(PEER, size, seed=i)
@@ -61,10 +52,10 @@ def test_transmitted_frame_arrives_unmodified(virtio_device, qemu):
 
 
 @pytest.mark.conformance("net-tx-unknown-flags-ignored", spec="5.1.6.2.2")
-def test_transmit_ignores_unknown_header_flags(virtio_device, qemu):
+def test_transmit_ignores_unknown_header_flags(virtio_device: VirtioNet, qemu: Machine) -> None:
     """The device MUST ignore flag bits that it does not recognize: bits 3-7 of flags set on a
     transmitted packet change nothing about the frame on the link (MUST)."""
-    host = qemu.backend(virtio_device.dev_id)
+    host = backend(qemu, virtio_device)
     frame = _frame(PEER, 200)
     virtio_device.send(frame, header=NetHdr(flags=0xF8))
     assert host.receive(timeout=2) == frame
@@ -72,12 +63,13 @@ def test_transmit_ignores_unknown_header_flags(virtio_device, qemu):
 
 @pytest.mark.conformance("net-tx-mtu-forwarded", spec="5.1.4.1")
 @pytest.mark.virtio_device("virtio-net-pci", flags={"host_mtu": "1400"})
-def test_frames_up_to_mtu_are_forwarded_whole(virtio_device, qemu):
+def test_frames_up_to_mtu_are_forwarded_whole(virtio_device: VirtioNet, qemu: Machine) -> None:
     """With VIRTIO_NET_F_MTU negotiated the device MUST forward transmitted packets of up to
     mtu plus the Ethernet header with gso_type NONE, without fragmentation (MUST)."""
-    _need(virtio_device, "MTU")
-    host = qemu.backend(virtio_device.dev_id)
+    need(virtio_device, "MTU")
+    host = backend(qemu, virtio_device)
     mtu = virtio_device.config().mtu
+    assert mtu is not None, "MTU negotiated, but the config has no mtu"
     for size in (mtu + 14, mtu + 13, 60):
         frame = _frame(PEER, size, seed=size)
         virtio_device.send(frame)
@@ -88,14 +80,14 @@ def test_frames_up_to_mtu_are_forwarded_whole(virtio_device, qemu):
 
 
 @pytest.mark.conformance("net-rx-used-length", spec="2.7.8.2")
-def test_received_frame_and_used_length(virtio_device, qemu):
+def test_received_frame_and_used_length(virtio_device: VirtioNet, qemu: Machine) -> None:
     """An injected frame lands in one receive buffer right after the virtio_net_hdr, and the
     used length is exactly header + frame: the device MUST write at least the used length's
     worth of bytes from the start of the buffer (§2.7.8.2), and the driver learns the frame's
     length from it alone (§5.1.6.4), so it can be neither short nor padded (MUST)."""
     net = virtio_device
     net.restart(rx_poison=POISON)
-    host = qemu.backend(net.dev_id)
+    host = backend(qemu, net)
     for i, size in enumerate(SIZES):
         frame = _frame(net.mac, size, seed=i)
         host.send(frame)
@@ -105,15 +97,15 @@ def test_received_frame_and_used_length(virtio_device, qemu):
 
 
 @pytest.mark.conformance("net-rx-hdr-no-offloads", spec="5.1.6.4.1")
-def test_received_header_reports_no_offloads(virtio_device, qemu):
+def test_received_header_reports_no_offloads(virtio_device: VirtioNet, qemu: Machine) -> None:
     """Without GUEST_CSUM the device MUST set flags to zero; without GUEST_TSO4/TSO6/UFO it MUST
     set gso_type to VIRTIO_NET_HDR_GSO_NONE (MUST; the fields are checked in buffers that held
     0xEE before the device wrote them)."""
     net = virtio_device
-    _need_not(net, "GUEST_CSUM", "GUEST_TSO4", "GUEST_TSO6", "GUEST_UFO")
+    need_not(net, "GUEST_CSUM", "GUEST_TSO4", "GUEST_TSO6", "GUEST_UFO")
     net.restart(rx_poison=POISON)
     frame = _frame(net.mac, 128)
-    qemu.backend(net.dev_id).send(frame)
+    backend(qemu, net).send(frame)
     pkt = net.receive_packet(timeout=2)
     assert pkt.frame == frame
     assert pkt.header.flags == 0
@@ -121,13 +113,13 @@ def test_received_header_reports_no_offloads(virtio_device, qemu):
 
 
 @pytest.mark.conformance("net-rx-num-buffers-mrg", spec="5.1.6.4.1")
-def test_num_buffers_counts_the_buffers_used(virtio_device, qemu):
+def test_num_buffers_counts_the_buffers_used(virtio_device: VirtioNet, qemu: Machine) -> None:
     """With MRG_RXBUF the device MUST set num_buffers to the number of buffers the packet
     (header included) is spread over; 128-byte buffers make a 1514-byte frame take 12 (MUST)."""
     net = virtio_device
-    _need(net, "MRG_RXBUF")
+    need(net, "MRG_RXBUF")
     net.restart(rx_buffer_size=128, rx_buffers=64, rx_poison=POISON)
-    host = qemu.backend(net.dev_id)
+    host = backend(qemu, net)
     for size in (60, 116, 117, 1514):
         frame = _frame(net.mac, size, seed=size)
         host.send(frame)
@@ -138,14 +130,14 @@ def test_num_buffers_counts_the_buffers_used(virtio_device, qemu):
 
 
 @pytest.mark.conformance("net-rx-mrg-buffers-filled", spec="5.1.6.4.1")
-def test_spread_packet_fills_all_but_the_last_buffer(virtio_device, qemu):
+def test_spread_packet_fills_all_but_the_last_buffer(virtio_device: VirtioNet, qemu: Machine) -> None:
     """A packet spread over several buffers: the device MUST use all buffers but the last
     completely, up to the full length of each, and only the first starts with a header (MUST)."""
     net = virtio_device
-    _need(net, "MRG_RXBUF")
+    need(net, "MRG_RXBUF")
     net.restart(rx_buffer_size=200, rx_buffers=32, rx_poison=POISON)
     frame = _frame(net.mac, 1514, seed=5)
-    qemu.backend(net.dev_id).send(frame)
+    backend(qemu, net).send(frame)
     pkt = net.receive_packet(timeout=2)
     assert pkt.buffers > 1
     assert pkt.used_lengths[:-1] == pkt.buffer_sizes[:-1]
@@ -156,15 +148,15 @@ def test_spread_packet_fills_all_but_the_last_buffer(virtio_device, qemu):
 
 @pytest.mark.conformance("net-rx-num-buffers-one", spec="5.1.6.4.1")
 @pytest.mark.virtio_device("virtio-net-pci", flags={"mrg_rxbuf": "off"}, transports=["transitional-modern", "modern"])
-def test_num_buffers_is_one_without_mrg_rxbuf(virtio_device, qemu):
+def test_num_buffers_is_one_without_mrg_rxbuf(virtio_device: VirtioNet, qemu: Machine) -> None:
     """If MRG_RXBUF has not been negotiated the device MUST set num_buffers to 1 (the field
     exists in every 1.x header; buffers held 0xEE before the device wrote them) (MUST)."""
     net = virtio_device
-    _need(net, "VERSION_1")
-    _need_not(net, "MRG_RXBUF")
+    need(net, "VERSION_1")
+    need_not(net, "MRG_RXBUF")
     net.restart(rx_poison=POISON)
     frame = _frame(net.mac, 100)
-    qemu.backend(net.dev_id).send(frame)
+    backend(qemu, net).send(frame)
     pkt = net.receive_packet(timeout=2)
     assert pkt.frame == frame
     assert pkt.header.num_buffers == 1
@@ -172,14 +164,14 @@ def test_num_buffers_is_one_without_mrg_rxbuf(virtio_device, qemu):
 
 @pytest.mark.conformance("net-rx-single-buffer-without-mrg", spec="5.1.6.3.2")
 @pytest.mark.virtio_device("virtio-net-pci", flags={"mrg_rxbuf": "off"})
-def test_without_mrg_rxbuf_a_packet_never_spans_buffers(virtio_device, qemu):
+def test_without_mrg_rxbuf_a_packet_never_spans_buffers(virtio_device: VirtioNet, qemu: Machine) -> None:
     """The device MUST use only a single buffer per packet if MRG_RXBUF was not negotiated:
     with buffers too small for a 1514-byte frame, that frame never comes back spread over
     several of them, and a frame that fits still arrives in exactly one (MUST)."""
     net = virtio_device
-    _need_not(net, "MRG_RXBUF")
+    need_not(net, "MRG_RXBUF")
     net.restart(rx_buffer_size=net.header_size + 600, rx_buffers=8, rx_poison=POISON)
-    host = qemu.backend(net.dev_id)
+    host = backend(qemu, net)
     big, small = _frame(net.mac, 1514, seed=1), _frame(net.mac, 600, seed=2)
     host.send(big)
     host.send(small)
@@ -191,34 +183,34 @@ def test_without_mrg_rxbuf_a_packet_never_spans_buffers(virtio_device, qemu):
 
 @pytest.mark.conformance("net-rx-legacy-hdr-10-bytes", spec="5.1.6.1")
 @pytest.mark.virtio_device("virtio-net-pci", flags={"mrg_rxbuf": "off"}, transports=["legacy", "transitional-legacy"])
-def test_legacy_header_without_mrg_rxbuf_is_10_bytes(virtio_device, qemu):
+def test_legacy_header_without_mrg_rxbuf_is_10_bytes(virtio_device: VirtioNet, qemu: Machine) -> None:
     """On the legacy interface without MRG_RXBUF, struct virtio_net_hdr has no num_buffers and
     is 10 bytes: transitional devices MUST use that layout, so the frame starts at byte 10 and
     the used length is 10 + frame (MUST)."""
     net = virtio_device
-    _need_not(net, "VERSION_1", "MRG_RXBUF")
+    need_not(net, "VERSION_1", "MRG_RXBUF")
     assert net.header_size == NET_HDR.csum_offset.end == 10
     net.restart(rx_poison=POISON)
     frame = _frame(net.mac, 300)
-    qemu.backend(net.dev_id).send(frame)
+    backend(qemu, net).send(frame)
     pkt = net.receive_packet(timeout=2)
     assert pkt.used_lengths == [10 + len(frame)]
     assert pkt.frame == frame
     assert pkt.header.num_buffers is None
     # And the transmit side takes the same 10-byte header.
     net.send(frame)
-    assert qemu.backend(net.dev_id).receive(timeout=2) == frame
+    assert backend(qemu, net).receive(timeout=2) == frame
 
 
 @pytest.mark.conformance("net-rx-waits-for-buffers", spec="5.1.6.3")
-def test_no_frame_is_delivered_without_receive_buffers(virtio_device, qemu):
+def test_no_frame_is_delivered_without_receive_buffers(virtio_device: VirtioNet, qemu: Machine) -> None:
     """With no receive buffer available the device places nothing in the receive queue (it only
     fills buffers the driver made available, §2.7: MUST); the frames wait or are dropped, and
     whatever arrives once buffers are posted is intact. Not their order: §5.1.6.3 does not
     require in-order delivery of frames that waited."""
     net = virtio_device
     net.restart(rx_buffers=0, rx_poison=POISON)
-    host = qemu.backend(net.dev_id)
+    host = backend(qemu, net)
     frames = [_frame(net.mac, 100 + 50 * i, seed=i) for i in range(3)]
     for f in frames:
         host.send(f)

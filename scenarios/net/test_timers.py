@@ -15,7 +15,11 @@ import time
 
 import pytest
 
+from qtest_virtio import Machine
+from qtest_virtio.devices.net.driver import VirtioNet
 from qtest_virtio.devices.net.encoding import ethernet_frame, mac_bytes
+
+from ._support import backend, txq
 
 #: A transmit timer period unlike QEMU's default (150 us), so that honouring x-txtimer shows.
 TX_TIMER_NS = 2_000_000
@@ -32,7 +36,7 @@ def _frame(seed: int) -> bytes:
     return ethernet_frame(PEER, "02:00:00:00:00:02", 0x88B5, bytes((seed + i) & 0xFF for i in range(64)))
 
 
-def _settle(qemu) -> None:
+def _settle(qemu: Machine) -> None:
     """With ioeventfd QEMU kicks every queue once at DRIVER_OK (virtio_device_start_ioeventfd_impl),
     which arms the timer on an empty ring; a notification while it is armed would flush at once.
     One period of virtual time lets that timer run out, so the next notification arms afresh."""
@@ -40,12 +44,12 @@ def _settle(qemu) -> None:
 
 
 @pytest.mark.virtual_clock
-def test_tx_timer_holds_frames_for_its_period(virtio_device, qemu):
+def test_tx_timer_holds_frames_for_its_period(virtio_device: VirtioNet, qemu: Machine) -> None:
     """tx=timer: the first notification arms a timer of x-txtimer ns on the virtual clock and
     turns notifications off; the frame reaches the link when the timer fires, not before, and is
     used with length 0 (§2.7.8.2: nothing device-writable)."""
     net = virtio_device
-    host = qemu.backend(net.dev_id)
+    host = backend(qemu, net)
     _settle(qemu)
     frame = _frame(1)
     request = net.transmit(frame)
@@ -54,44 +58,44 @@ def test_tx_timer_holds_frames_for_its_period(virtio_device, qemu):
     assert not host.pending(HELD_WINDOW), f"the frame left before {TX_TIMER_NS} ns of virtual time"
     qemu.qtest.clock_step(1_000)
     assert host.receive(timeout=2) == frame
-    assert net.txq.complete(request, timeout=2)[0] == 0
+    assert txq(net).complete(request, timeout=2)[0] == 0
     assert not host.pending()
 
 
 @pytest.mark.virtual_clock
-def test_tx_timer_rearms_for_the_next_burst(virtio_device, qemu):
+def test_tx_timer_rearms_for_the_next_burst(virtio_device: VirtioNet, qemu: Machine) -> None:
     """After a flush the timer is idle again: the next frame waits a whole period of its own,
     counted from its notification, not from the first frame's."""
     net = virtio_device
-    host = qemu.backend(net.dev_id)
+    host = backend(qemu, net)
     _settle(qemu)
     first = net.transmit(_frame(1))
     qemu.qtest.clock_step(TX_TIMER_NS)
     assert host.receive(timeout=2) == _frame(1)
-    net.txq.complete(first, timeout=2)
+    txq(net).complete(first, timeout=2)
     qemu.qtest.clock_step(TX_TIMER_NS // 2)  # time passes with nothing to send
     second = net.transmit(_frame(2))
     qemu.qtest.clock_step(TX_TIMER_NS - 1_000)
     assert not host.pending(HELD_WINDOW), "the second frame rode on the first period"
     qemu.qtest.clock_step(1_000)
     assert host.receive(timeout=2) == _frame(2)
-    net.txq.complete(second, timeout=2)
+    txq(net).complete(second, timeout=2)
 
 
 @pytest.mark.virtual_clock
-def test_tx_timer_flushes_at_once_on_a_notification_while_armed(virtio_device, qemu):
+def test_tx_timer_flushes_at_once_on_a_notification_while_armed(virtio_device: VirtioNet, qemu: Machine) -> None:
     """A notification while the timer is armed flushes every frame made available so far at once,
     without the clock moving (the timer is for batching, not a minimum delay)."""
     net = virtio_device
-    host = qemu.backend(net.dev_id)
+    host = backend(qemu, net)
     _settle(qemu)
     first = net.transmit(_frame(1))
     assert not host.pending(HELD_WINDOW)
     second = net.transmit(_frame(2))  # notifies or not, as the ring's suppression says
-    net.txq.kick(force=True)
+    txq(net).kick(force=True)
     assert [host.receive(timeout=2), host.receive(timeout=2)] == [_frame(1), _frame(2)]
     for request in (first, second):
-        assert net.txq.complete(request, timeout=2)[0] == 0
+        assert txq(net).complete(request, timeout=2)[0] == 0
 
 
 def _check_rarp(frame: bytes, mac: bytes) -> None:
@@ -106,12 +110,12 @@ def _check_rarp(frame: bytes, mac: bytes) -> None:
 
 
 @pytest.mark.virtio_device("virtio-net-pci")
-def test_announce_self_sends_one_rarp_per_round(virtio_device, qemu):
+def test_announce_self_sends_one_rarp_per_round(virtio_device: VirtioNet, qemu: Machine) -> None:
     """QMP announce-self: one RARP from the NIC's MAC on the link per round, the first at once and
     the next ones ``initial`` ms and more apart, then nothing. Its rounds run on the realtime
     clock (net/announce.c qemu_announce_self), so this runs on every build."""
     net = virtio_device
-    host = qemu.backend(net.dev_id)
+    host = backend(qemu, net)
     qemu.resume()  # frames from a stopped VM are queued, not sent
     mac = mac_bytes(net.mac)
     rounds, initial = 3, 40
