@@ -33,15 +33,15 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from ..errors import MalformedCommand, QemuCrashed, QtestError, QtestVirtioError, UsageError
-from ..pci import Bdf, EcamAccess, PciError, PciFunction
-from ..pci import regs as pci_regs
-from ..qtest import GRAMMAR, INT64_MAX, ArgKind, Command, CommandSpec, Reply
-from ..registers import BitLayout, Field, Layout, RegisterBlock
-from ..transport import LegacyTransport, ModernTransport, TransportError, VirtioPciMap, device_kind, layout
-from ..vm import Machine
-from .args import Parser, add_machine_arguments, spec_from_args
-from .exits import Interrupted, guarded, unwinding
+from ...errors import MalformedCommand, QemuCrashed, QtestError, QtestVirtioError, UsageError
+from ...pci import Bdf, EcamAccess, PciError, PciFunction
+from ...pci import regs as pci_regs
+from ...qtest import GRAMMAR, INT64_MAX, ArgKind, Command, CommandSpec, Reply
+from ...registers import BitLayout, Field, Layout, RegisterBlock
+from ...transport import LegacyTransport, ModernTransport, TransportError, VirtioPciMap, device_kind, layout
+from ...vm import Machine
+from ..args import Parser, add_machine_arguments, spec_from_args
+from ..exits import Interrupted, guarded, unwinding
 
 HISTORY_ENV = "QTEST_VIRTIO_HISTORY"
 DEFAULT_HISTORY = "~/.qtest_virtio_history"
@@ -179,13 +179,13 @@ def _raw_data(op: str, kind: ArgKind, text: str) -> bytes:
 
 def device_config_layout(device_type: int | None) -> Layout | None:
     """The device-specific config layout of a virtio device ID (from the device registry)."""
-    from ..devices import registry
+    from ...devices import registry
 
     return registry.config_layouts().get(device_type or -1)
 
 
 def _device_feature_bits(device_type: int | None) -> dict[int, str]:
-    from ..devices import registry
+    from ...devices import registry
 
     return registry.feature_bits().get(device_type or -1, {})
 
@@ -585,7 +585,7 @@ class Shell:
         return self._targets[fn.bdf_addr]
 
     def do_devices(self, words: list[str]) -> None:
-        from ..probe import VENDOR_NAMES
+        from ...probe import VENDOR_NAMES
 
         for fn in self.vm.pci.devices():
             vendor = VENDOR_NAMES.get(fn.vendor_id, f"vendor {fn.vendor_id:04x}")
@@ -631,7 +631,7 @@ class Shell:
             self.say(f"Region {b.index}: {b.describe()}")
 
     def do_caps(self, words: list[str]) -> None:
-        from ..probe import describe_function
+        from ...probe import describe_function
 
         fn = self._function_arg(words, "caps")
         t = self.target_of(fn)
