@@ -21,14 +21,16 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import pexpect
+import pexpect  # type: ignore[import-untyped]  # no stubs in the dev environment
 import pytest
 from conftest import EXE
 from procutil import start_time as _starttime
 from procutil import state as _state
+from pytest_qtest_virtio.plugin import MachineFactory
 
 from qtest_virtio import Machine, MachineSpec, QemuCrashed
-from qtest_virtio.app.shell import Shell, ShellError, _raw_table, hexdump, parse_int, parse_raw
+from qtest_virtio.app.shell import Shell, ShellError, hexdump, parse_int, parse_raw, raw_table
+from qtest_virtio.binary import QemuBinary
 from qtest_virtio.qtest import CommandSpec
 
 PROMPT = r"\(qtest[^)]*\) "
@@ -85,7 +87,8 @@ class Session:
         """Type ``line`` and Enter; what the shell printed, without the echo of the line."""
         self.child.send(line + "\r")
         self.child.expect(PROMPT)
-        _, _, out = self.child.before.partition("\r\n")
+        before: str = self.child.before
+        _, _, out = before.partition("\r\n")
         return out.replace("\r\n", "\n")
 
     def qemu_alive(self) -> bool:
@@ -118,7 +121,7 @@ class Session:
 
 
 @pytest.fixture
-def qemu_path(qemu_binary) -> str:  # type: ignore[no-untyped-def]
+def qemu_path(qemu_binary: QemuBinary) -> str:
     return str(qemu_binary.path)
 
 
@@ -428,7 +431,7 @@ def test_unknown_device_is_untestable_before_the_prompt(qemu_path: str, tmp_path
 # -- the core on text streams (what an embedding tool would use) -------------------------------
 
 
-def test_shell_core_on_streams(machine_factory) -> None:  # type: ignore[no-untyped-def]
+def test_shell_core_on_streams(machine_factory: MachineFactory) -> None:
     spec = MachineSpec(machine="q35")
     spec.add_virtio("virtio-rng-pci", mode="modern", id="rng0")
     vm = machine_factory(spec)
@@ -444,7 +447,7 @@ def test_shell_core_on_streams(machine_factory) -> None:  # type: ignore[no-unty
     assert vm.alive  # the caller owns the machine
 
 
-def test_shell_core_end_of_input_is_exit_0(machine_factory) -> None:  # type: ignore[no-untyped-def]
+def test_shell_core_end_of_input_is_exit_0(machine_factory: MachineFactory) -> None:
     vm = machine_factory()
     out = io.StringIO()
     assert Shell(vm, io.StringIO("endianness\n"), out, prompt=True).run() == 0
@@ -453,7 +456,7 @@ def test_shell_core_end_of_input_is_exit_0(machine_factory) -> None:  # type: ig
 
 # -- pure parts -------------------------------------------------------------------------------------
 
-TABLE: dict[str, CommandSpec] = _raw_table(256 << 20)
+TABLE: dict[str, CommandSpec] = raw_table(256 << 20)
 
 
 @pytest.mark.parametrize(
