@@ -145,7 +145,6 @@ def test_cycle_finder_finds_a_cycle() -> None:
 #: room that will split it. The list may only shrink.
 OVERSIZE: dict[str, str] = {
     "qtest_virtio.app.shell": "the shell's commands, decoders and session split into app/shell/",
-    "qtest_virtio.machine": "process and argv apart from the Machine (before migration lands, issue 15)",
 }
 
 
