@@ -1,4 +1,4 @@
-"""The process layer (qtest_virtio/machine.py, binary.py) against the real QEMU binary.
+"""The process layer (the qtest_virtio/machine package, binary.py) against the real QEMU binary.
 
 Spec-building rules are checked as plain unit tests; everything about the process (argv, escaping,
 start errors, teardown, crash capture) is checked by starting QEMU and asking it (QMP, /proc).
@@ -22,19 +22,28 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
+from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from qtest_virtio import Machine, MachineSpec, QemuCrashed, QemuStartError, modes
 from qtest_virtio.binary import QemuBinary, QemuNotFound, UnknownFlag
-from qtest_virtio.machine import escape_option_value, format_value, parse_memory, sweep_stale_workdirs
+from qtest_virtio.machine import escape_option_value, format_value, parse_memory
+from qtest_virtio.workdirs import sweep_stale_workdirs
 
 MachineFactory = Callable[..., Machine]
 
 RAM = 0x100000
 #: virtio-pci device IDs of an rng device: transitional (legacy ID) and modern-only.
 RNG_TRANSITIONAL_ID, RNG_MODERN_ID = 0x1005, 0x1044
+
+E = TypeVar("E", bound=Exception)
+
+
+def qmp_cmd(qmp: QEMUMonitorProtocol, command: str, **args: object) -> Any:
+    """A QMP command's return value, read as the JSON it is (qemu.qmp types it ``object``)."""
+    return qmp.cmd(command, **args)
 
 
 def pid_gone(pid: int) -> bool:
@@ -63,7 +72,7 @@ def assert_cleaned_up(pid: int, workdir: str) -> None:
 def pci_ids(vm: Machine) -> dict[str, int]:
     """qdev id -> PCI device ID, as QEMU reports them (query-pci)."""
     out: dict[str, int] = {}
-    for bus in vm.qmp.cmd("query-pci"):
+    for bus in qmp_cmd(vm.qmp, "query-pci"):
         for dev in bus["devices"]:
             if dev.get("qdev_id"):
                 out[dev["qdev_id"]] = dev["id"]["device"]
@@ -100,7 +109,7 @@ def test_argv_is_a_list_run_without_a_shell(machine_factory: MachineFactory, qem
     else:
         assert accel == "tcg" and "-S" in argv
         assert "qtest" not in [argv[j + 1] for j, a in enumerate(argv) if a == "-accel"]
-        assert vm.qmp.cmd("query-status")["status"] == "prelaunch"
+        assert qmp_cmd(vm.qmp, "query-status")["status"] == "prelaunch"
     with open(f"/proc/{vm.pid}/cmdline", "rb") as f:
         cmdline = f.read().split(b"\0")[:-1]
     if cmdline[0] == argv[0].encode():
@@ -167,7 +176,7 @@ def test_comma_in_value_cannot_inject_an_option(machine_factory: MachineFactory)
     vm = machine_factory(spec)
     assert qom_get(vm, dev.id, "serial") == "a,id=evil,b"
     assert qom_get(vm, shell.id, "serial") == "$(id) `x`;'q\" b"
-    names = {p["name"] for p in vm.qmp.cmd("qom-list", path="/machine/peripheral")}
+    names = {p["name"] for p in qmp_cmd(vm.qmp, "qom-list", path="/machine/peripheral")}
     assert {"blk0", "blk1"} <= names and "evil" not in names
 
 
@@ -280,7 +289,7 @@ def test_parse_memory() -> None:
 def test_memory_reaches_qemu(machine_factory: MachineFactory, memory: int | str) -> None:
     vm = machine_factory(memory=memory)
     expected = parse_memory(memory)
-    assert vm.qmp.cmd("query-memory-size-summary")["base-memory"] == expected
+    assert qmp_cmd(vm.qmp, "query-memory-size-summary")["base-memory"] == expected
     vm.qtest.writel(expected - 4, 0xABCD)  # the last RAM word exists
     assert vm.qtest.readl(expected - 4) == 0xABCD
 
@@ -308,7 +317,7 @@ def test_auto_ids_and_duplicates() -> None:
 # -- bad input: clear errors, no process left ------------------------------------------------
 
 
-def start_expecting(spec: MachineSpec, error: type[Exception]) -> tuple[Machine, pytest.ExceptionInfo[Exception]]:
+def start_expecting(spec: MachineSpec, error: type[E]) -> tuple[Machine, pytest.ExceptionInfo[E]]:
     """Start ``spec`` expecting ``error``; checks nothing of that machine is left."""
     vm = Machine(spec)
     with pytest.raises(error) as info:
@@ -562,7 +571,7 @@ def test_machines_started_from_threads_leave_no_file_descriptors(qemu_binary: Qe
 
     def run() -> None:
         with Machine(MachineSpec(qemu=qemu_binary.path)) as vm:
-            assert vm.qmp.cmd("query-status")["status"] in ("running", "prelaunch")
+            assert qmp_cmd(vm.qmp, "query-status")["status"] in ("running", "prelaunch")
 
     def in_thread() -> None:
         thread = threading.Thread(target=run)
@@ -717,7 +726,7 @@ def test_qtest_and_qmp_reach_the_same_qemu(qemu: Machine, qtest: Any, qmp: Any) 
     """The fixtures' two channels end in one process: a qtest write is visible to the monitor."""
     assert qtest is qemu.qtest and qmp is qemu.qmp
     qtest.writel(RAM, 0xC0FFEE11)
-    out = qmp.cmd("human-monitor-command", **{"command-line": f"xp /1wx {RAM:#x}"})
+    out = qmp_cmd(qmp, "human-monitor-command", **{"command-line": f"xp /1wx {RAM:#x}"})
     assert "0xc0ffee11" in out
     if not qemu.binary.has_qtest_accel:
-        assert qmp.cmd("query-status")["running"] is False  # -S: no vCPU ever ran
+        assert qmp_cmd(qmp, "query-status")["running"] is False  # -S: no vCPU ever ran

@@ -1,0 +1,366 @@
+"""QemuMachine: one started QEMU in qtest mode, from a spec to teardown.
+
+It ties the layer together: argv from launch.py, the process and its channels from process.py,
+and what a failure report quotes (stderr, the last qtest commands, a reproducer). Teardown always
+runs: QMP ``quit``, then SIGTERM, then SIGKILL, then the directory is removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import weakref
+from collections.abc import Callable, Iterator
+from typing import TextIO
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from ..backends import Handle
+from ..binary import QemuBinary, UnknownFlag
+from ..errors import QemuCrashed, QemuStartError, describe_exit
+from ..qtest import QtestClient
+from ..workdirs import make_workdir
+from . import process
+from .launch import LaunchPlan, build_argv
+from .spec import MachineSpec
+
+#: The lists ``watch_machines`` fills in this context (thread or task), innermost last.
+_WATCHERS: contextvars.ContextVar[tuple[list[QemuMachine], ...]] = contextvars.ContextVar(
+    "qtest_virtio_machine_watchers", default=()
+)
+
+
+@contextlib.contextmanager
+def watch_machines() -> Iterator[list[QemuMachine]]:
+    """A list of every machine started in this context from now on, in order, for failure
+    reports of code that starts its own (a reproducer's replay, the fuzzer's checks)."""
+    started: list[QemuMachine] = []
+    token = _WATCHERS.set((*_WATCHERS.get(), started))
+    try:
+        yield started
+    finally:
+        _WATCHERS.reset(token)
+
+
+class QemuMachine:
+    """A started QEMU in qtest mode. Use as a context manager; teardown always runs.
+
+    Attributes: ``qtest`` (:class:`QtestClient`), ``qmp`` (qemu.qmp's sync client),
+    ``pid``, ``argv``, ``workdir``, ``binary``.
+    """
+
+    def __init__(self, spec: MachineSpec, *, qtest_log: TextIO | None = None) -> None:
+        self.spec = spec
+        self.binary = QemuBinary.get(spec.qemu)
+        self._qtest_log = qtest_log
+        self.workdir = ""
+        self.argv: list[str] = []
+        self._repro_argv: list[str] = []
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._qtest: QtestClient | None = None
+        self._qmp: QEMUMonitorProtocol | None = None
+        self._qmp_sock: socket.socket | None = None
+        #: The event loop made for the QMP client, when this machine owns it (``process.connect_qmp``).
+        self._qmp_loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
+        self._running = False
+        self._plan: LaunchPlan | None = None
+        self._final_stderr: str | None = None
+        self._finalizer: Callable[[], object] | None = None
+        self.crash: QemuCrashed | None = None
+
+    # -- life cycle -----------------------------------------------------------------------
+
+    def __enter__(self) -> QemuMachine:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        self.shutdown(check=exc is None)
+
+    def start(self) -> None:
+        if self._proc is not None:
+            raise RuntimeError("machine already started")
+        self.workdir = make_workdir()
+        for started in _WATCHERS.get():
+            started.append(self)
+        try:
+            self._launch()
+        except BaseException:
+            self.shutdown(check=False)
+            raise
+
+    def _launch(self) -> None:
+        plan = build_argv(self.spec, self.binary, self.workdir)
+        self._plan = plan
+        self.argv, self._repro_argv = plan.argv, plan.repro_argv
+        listeners: dict[str, socket.socket] = {}
+        try:
+            listeners = process.listen(self.workdir, ("qtest", "qmp"))
+            self._stderr_path = os.path.join(self.workdir, "qemu.stderr")
+            self._proc = process.spawn(self.argv, self._stderr_path, plan.pass_fds)
+            plan.close_child_fds()
+            self._finalizer = weakref.finalize(self, process.reap, self._proc, self.workdir)
+            conns = process.accept(self._proc, listeners, self.spec.start_timeout, self._start_error)
+        finally:
+            process.close_listeners(self.workdir, listeners)
+        self._qtest = QtestClient(
+            conns["qtest"], timeout=self.spec.command_timeout, dead_hook=self._crashed, log=self._qtest_log
+        )
+        self._qmp_sock = conns["qmp"]
+        try:
+            # The first reply proves the main loop runs. QMP is negotiated on first use: its
+            # greeting waits in the socket, and most tests never need it (saves ~1.5 ms).
+            self._qtest.endianness()
+        except QemuCrashed as exc:
+            raise self._start_error("QEMU exited during start-up") from exc
+
+    def _start_error(self, what: str) -> QemuStartError:
+        if self._proc is not None and "did not connect" not in what:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(2)  # it is exiting: let its last words reach stderr
+        stderr = self.stderr_text()
+        qemu_lines = [line for line in stderr.splitlines() if line.strip()]
+        msg = qemu_lines[-1] if qemu_lines else what
+        if msg.startswith("Use ") and len(qemu_lines) > 1:
+            # "unsupported machine type: ..." then "Use -machine help to list ...": keep both
+            msg = f"{qemu_lines[-2]} ({msg})"
+        hint = ""
+        m = re.search(r"Property '([^.']+)\.([^']+)' not found", msg)
+        if m:
+            with contextlib.suppress(UnknownFlag):
+                valid = sorted(self.binary.device_properties(m.group(1)))
+                hint = f"; valid properties of {m.group(1)}: {', '.join(valid)}"
+        m2 = re.search(r"'([^']+)' is not a valid device model name", msg)
+        if m2:
+            hint = str(self.binary.unknown_device(m2.group(1))).partition(";")[2]
+            hint = f";{hint}" if hint else ""
+        status = describe_exit(self._proc.poll() if self._proc else None)
+        return QemuStartError(
+            f"QEMU refused to start ({status}): {msg}{hint}",
+            command_line=self.command_line(),
+            stderr=stderr,
+        )
+
+    def _crashed(self, reason: str) -> QemuCrashed:
+        """Build the crash report once QEMU is gone (called by the qtest client on EOF)."""
+        rc = None
+        if self._proc is not None:
+            try:
+                rc = self._proc.wait(2)
+            except subprocess.TimeoutExpired:
+                rc = None
+        self.crash = self._crash_report(f"QEMU died: {reason}", rc)
+        return self.crash
+
+    def _crash_report(self, summary: str, returncode: int | None) -> QemuCrashed:
+        """A crash with everything a report quotes: stderr tail, last commands, reproducer."""
+        return QemuCrashed(
+            summary,
+            returncode=returncode,
+            stderr_tail=self.stderr_tail(),
+            last_commands=self._qtest.last_commands() if self._qtest else [],
+            command_line=self.reproducer(),
+        )
+
+    def shutdown(self, check: bool = True) -> None:
+        """Stop QEMU (quit, SIGTERM, SIGKILL), remove the workdir; raise QemuCrashed if it had died.
+
+        With ``check=False`` a crash is recorded in ``self.crash`` but not raised.
+        """
+        if self._stopping:
+            return
+        self._stopping = True
+        died_early = False
+        self._signals_sent: set[int] = set()
+        try:
+            proc = self._proc
+            if proc is not None:
+                died_early = proc.poll() is not None
+                # A QEMU that already failed to answer qtest in time gets no QMP round: it
+                # would only spend the same timeout again before the signals.
+                hung = self._qtest is not None and self._qtest.timed_out
+                quit_sent = False
+                if not died_early and not hung and self._qmp_sock is not None:
+                    with contextlib.suppress(Exception):
+                        if self._qmp is None:
+                            self._qmp = self._connect_qmp(2.0)
+                        self._qmp.settimeout(2.0)
+                        self._qmp.cmd("quit")
+                        quit_sent = True
+                process.wait_or_kill(proc, quit_sent=quit_sent, signals_sent=self._signals_sent)
+        finally:
+            self._close_channels()
+            crash = self._check_crash(died_early)
+            if self.workdir:
+                self._final_stderr = self.stderr_text()  # reports may still quote it
+            if self._finalizer is not None:
+                self._finalizer()
+            if self.workdir:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+        if crash is not None and check:
+            raise crash
+
+    def backend(self, dev_id: str) -> Handle:
+        """The host end of a device's backend (image, net socket, serial ports, rng FIFO)."""
+        plan = self._plan
+        if plan is None or dev_id not in plan.handles:
+            have = ", ".join(plan.handles) if plan else "none (not started)"
+            raise KeyError(f"device {dev_id!r} has no backend the harness holds; devices with one: {have}")
+        return plan.handles[dev_id]
+
+    def _close_channels(self) -> None:
+        if self._qtest is not None:
+            self._qtest.close()
+        if self._qmp is not None:
+            with contextlib.suppress(Exception):
+                self._qmp.close()
+        self._close_qmp_loop()
+        if self._qmp_sock is not None:
+            self._qmp_sock.close()
+        if self._plan is not None:
+            self._plan.close()
+
+    def _check_crash(self, died_early: bool) -> QemuCrashed | None:
+        """A crash is: QEMU gone before we stopped it, or an assertion/sanitizer on stderr."""
+        if self.crash is not None:
+            return self.crash
+        if self._proc is None:
+            return None
+        rc = self._proc.returncode
+        marker = self.crash_marker()
+        foreign_signal = rc is not None and rc < 0 and -rc not in getattr(self, "_signals_sent", set())
+        if died_early or marker is not None or foreign_signal:
+            if marker is not None:
+                reason = marker
+            elif died_early:
+                reason = "QEMU exited before the harness stopped it"
+            else:
+                reason = "QEMU died by a signal the harness did not send, while stopping"
+            summary = f"QEMU died: {reason}" if died_early or foreign_signal else f"QEMU reported: {reason}"
+            self.crash = self._crash_report(summary, rc)
+        return self.crash
+
+    # -- access ---------------------------------------------------------------------------
+
+    @property
+    def qtest(self) -> QtestClient:
+        if self._qtest is None:
+            raise RuntimeError("machine not started")
+        return self._qtest
+
+    @property
+    def qmp(self) -> QEMUMonitorProtocol:
+        """qemu.qmp's synchronous client, negotiated on first use."""
+        if self._qmp is None:
+            if self._qmp_sock is None:
+                raise RuntimeError("machine not started")
+            self._qmp = self._connect_qmp(self.spec.command_timeout)
+        return self._qmp
+
+    def _connect_qmp(self, timeout: float) -> QEMUMonitorProtocol:
+        """Negotiate QMP within ``timeout``; a QEMU that does not answer is reported as hung."""
+        assert self._qmp_sock is not None
+        self._close_qmp_loop()  # a negotiation that failed before
+        try:
+            qmp, self._qmp_loop = process.connect_qmp(self._qmp_sock, timeout)
+        except TimeoutError:
+            raise QemuCrashed(
+                f"QEMU did not answer QMP negotiation within {timeout:g} s (hung or stopped)",
+                returncode=self.returncode,
+                stderr_tail=self.stderr_tail(),
+                command_line=self.command_line(),
+            ) from None
+        return qmp
+
+    def _close_qmp_loop(self) -> None:
+        loop, self._qmp_loop = self._qmp_loop, None
+        process.close_loop(loop)
+
+    @property
+    def pid(self) -> int:
+        if self._proc is None:
+            raise RuntimeError("machine not started")
+        return self._proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.poll() if self._proc is not None else None
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def stderr_text(self) -> str:
+        """QEMU's stderr so far (kept after teardown removed the file)."""
+        if self._final_stderr is not None:
+            return self._final_stderr
+        try:
+            with open(self._stderr_path, "rb") as f:
+                return f.read().decode(errors="replace")
+        except (AttributeError, OSError):
+            return ""
+
+    def crash_marker(self) -> str | None:
+        """The first assertion or sanitizer line QEMU printed (stripped), if any: it says more
+        about a crash than the exit status."""
+        return next((line.strip() for line in self.stderr_text().splitlines() if process.is_crash_marker(line)), None)
+
+    def stderr_tail(self, lines: int = 20) -> str:
+        return "\n".join(self.stderr_text().splitlines()[-lines:])
+
+    def command_line(self) -> str:
+        """The QEMU command line with qtest on stdio, for a human to paste."""
+        return shlex.join(self._repro_argv)
+
+    def reproducer(self, commands: int = 20) -> str:
+        """A bug-report style reproducer: the command line fed the last qtest commands."""
+        # History entries in parentheses are notes (a late reply dropped), not commands sent.
+        history = [c for c, _ in self._qtest.history if not c.startswith("(")] if self._qtest else []
+        cmds = history[-commands:]
+        if not cmds:
+            return self.command_line()
+        elided = any("... (" in c for c in cmds)
+        note = "\n# (bulk data of long commands elided)" if elided else ""
+        return f"cat << EOF | {self.command_line()}\n" + "\n".join(cmds) + f"\nEOF{note}"
+
+    def resume(self) -> None:
+        """Make the run state RUNNING (devices such as virtio-rng and virtio-net's receive
+        path only work then). Without the qtest accelerator this starts the vCPU on the halt
+        firmware, which stops it at its first instruction. Idempotent."""
+        if self._running:
+            return
+        if not self.binary.has_qtest_accel:
+            status = self.qmp.cmd("query-status")
+            if isinstance(status, dict) and status.get("status") != "running":
+                self.qmp.cmd("cont")
+        self._running = True
+
+    def throttle_reads(self, dev_id: str, iops: int) -> None:
+        """Limit the reads of virtio block device ``dev_id`` to ``iops`` a second with QEMU's
+        I/O throttling (QMP ``block_set_io_throttle``; 0 lifts it and lets held requests go): a
+        way to keep a request in flight while later ones complete. The first read after setting
+        it passes; the next waits about a second on the real-time clock, or, under the qtest
+        accelerator, on the virtual clock, which only ``clock_step`` or lifting it moves on."""
+        if iops < 0:
+            raise ValueError(f"throttle_reads: iops must be >= 0, not {iops}")
+        limits = {"bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": iops, "iops_wr": 0}
+        self.qmp.cmd("block_set_io_throttle", id=f"/machine/peripheral/{dev_id}/virtio-backend", **limits)
+
+    def version(self) -> dict[str, object]:
+        """QMP ``query-version`` of the running QEMU."""
+        result = self.qmp.cmd("query-version")
+        assert isinstance(result, dict)
+        return result
+
+    def processes(self) -> Iterator[int]:
+        """Pids this machine owns (for leak checks in tests)."""
+        if self._proc is not None and self._proc.poll() is None:
+            yield self._proc.pid

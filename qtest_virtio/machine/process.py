@@ -1,0 +1,218 @@
+"""The QEMU process and its channels: spawn it so it dies with us, accept its qtest and QMP
+connections, stop it (quit, SIGTERM, SIGKILL), reap it, and set up the QMP client.
+
+QEMU connects, as a client, to Unix sockets the harness listens on in a fresh 0700 directory
+(the layout libqtest uses). QEMU is started with PR_SET_PDEATHSIG so that it dies with us if
+Python itself is killed, and in its own session so that a Ctrl-C reaches Python first.
+None of this knows what a machine spec is: it takes argv and paths.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import warnings
+from collections.abc import Callable
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+#: Lines in QEMU's stderr that mean it hit an assertion or a sanitizer, even if it survived.
+CRASH_MARKERS = (
+    "Assertion",
+    "assertion failed",
+    "Bail out!",
+    "AddressSanitizer",
+    "LeakSanitizer",
+    "UndefinedBehaviorSanitizer",
+    "runtime error:",
+    "core dumped",
+)
+
+
+def is_crash_marker(line: str) -> bool:
+    """Whether a line of QEMU's stderr is one of the ``CRASH_MARKERS``."""
+    return any(m in line for m in CRASH_MARKERS)
+
+
+_PR_SET_PDEATHSIG = 1
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+_SETPRIV = shutil.which("setpriv")
+
+
+def _set_pdeathsig() -> None:  # pragma: no cover - runs in the child
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def _spawn_args() -> tuple[list[str], Callable[[], None] | None]:
+    """How to make QEMU die with us: util-linux ``setpriv --pdeathsig`` keeps Popen on its
+    vfork path (a preexec_fn forces fork, ~2 ms more per start); the fallback is prctl in
+    a preexec_fn."""
+    if _SETPRIV:
+        return [_SETPRIV, "--pdeathsig", "KILL", "--"], None
+    return [], _set_pdeathsig
+
+
+def spawn(argv: list[str], stderr_path: str, pass_fds: list[int]) -> subprocess.Popen[bytes]:
+    """Start QEMU with stdout and stderr to ``stderr_path``, stdin closed, in its own session
+    (a Ctrl-C reaches Python, whose teardown then stops QEMU in order), dying with us."""
+    prefix, preexec = _spawn_args()
+    with open(stderr_path, "wb") as err:
+        return subprocess.Popen(
+            prefix + argv,
+            stdin=subprocess.DEVNULL,
+            stdout=err,
+            stderr=err,
+            start_new_session=True,
+            preexec_fn=preexec,
+            pass_fds=pass_fds,
+        )
+
+
+def listen(workdir: str, names: tuple[str, ...]) -> dict[str, socket.socket]:
+    """A listening Unix socket ``NAME.sock`` in ``workdir`` for each name, for QEMU to connect to."""
+    listeners: dict[str, socket.socket] = {}
+    try:
+        for name in names:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listeners[name] = s
+            s.bind(os.path.join(workdir, f"{name}.sock"))
+            s.listen(1)
+    except BaseException:
+        close_listeners(workdir, listeners)
+        raise
+    return listeners
+
+
+def close_listeners(workdir: str, listeners: dict[str, socket.socket]) -> None:
+    """Close the listening sockets and remove their files (the accepted connections stay)."""
+    for name, s in listeners.items():
+        s.close()
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(workdir, f"{name}.sock"))
+
+
+def accept(
+    proc: subprocess.Popen[bytes],
+    listeners: dict[str, socket.socket],
+    timeout: float,
+    fail: Callable[[str], BaseException],
+) -> dict[str, socket.socket]:
+    """QEMU's connection on each listener, by name, within ``timeout`` seconds; ``fail(what)``
+    is raised if QEMU exits first or the time runs out (a pidfd wakes us on its exit)."""
+    deadline = time.monotonic() + timeout
+    conns: dict[str, socket.socket] = {}
+    try:
+        pidfd: int | None = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        pidfd = None
+    try:
+        while len(conns) < len(listeners):
+            waiting = [s for n, s in listeners.items() if n not in conns]
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise fail(f"QEMU did not connect within {timeout:g} s")
+            watch: list[socket.socket | int] = [*waiting, *([pidfd] if pidfd is not None else [])]
+            ready, _, _ = select.select(watch, [], [], min(remaining, 0.05 if pidfd is None else remaining))
+            for name, s in listeners.items():
+                if s in ready:
+                    conns[name] = s.accept()[0]
+            if proc.poll() is not None and len(conns) < len(listeners):
+                raise fail("QEMU exited during start-up")
+    except BaseException:
+        for c in conns.values():
+            c.close()
+        raise
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+    return conns
+
+
+def wait_or_kill(proc: subprocess.Popen[bytes], *, quit_sent: bool, signals_sent: set[int]) -> None:
+    """Wait for a QMP ``quit`` to take effect, then SIGTERM, then SIGKILL; each signal sent is
+    added to ``signals_sent`` (any other signal QEMU died of is a crash)."""
+    steps: list[tuple[signal.Signals | None, float]] = [(signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)]
+    if quit_sent:
+        steps.insert(0, (None, 3.0))
+    for sig, grace in steps:
+        if sig is not None and proc.poll() is None:
+            with contextlib.suppress(OSError):
+                proc.send_signal(sig)
+                signals_sent.add(sig)
+                if sig == signal.SIGTERM:  # a stopped QEMU (SIGSTOP) acts on it only once continued
+                    proc.send_signal(signal.SIGCONT)
+        try:
+            proc.wait(grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def reap(proc: subprocess.Popen[bytes], workdir: str) -> None:
+    """Last-resort cleanup (garbage collection / interpreter exit): kill, wait, remove."""
+    if proc.poll() is None:
+        with contextlib.suppress(OSError):
+            proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _thread_event_loop() -> asyncio.AbstractEventLoop | None:
+    """The event loop set for this thread, or None (the main thread's is made on demand, as
+    asyncio.get_event_loop makes it)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return asyncio.get_event_loop()
+    except RuntimeError:
+        return None
+
+
+def _qmp_client(sock: socket.socket) -> tuple[QEMUMonitorProtocol, asyncio.AbstractEventLoop | None]:
+    """qemu.qmp's sync client, and the event loop it made for this thread if it made one.
+
+    The client runs on the thread's event loop and sets a new one where there is none (every
+    thread but the main one). Left set, that loop (an epoll fd and a self-pipe: 3 fds) outlives
+    the thread until a ``gc.collect()``; so a loop made for us is taken off the thread again
+    (the client keeps it) and the machine closes it in teardown.
+    """
+    had_loop = _thread_event_loop() is not None
+    qmp = QEMUMonitorProtocol(sock)
+    loop = getattr(qmp, "_aloop", None)
+    if had_loop or not isinstance(loop, asyncio.AbstractEventLoop):
+        return qmp, None
+    asyncio.set_event_loop(None)
+    return qmp, loop
+
+
+def connect_qmp(sock: socket.socket, timeout: float) -> tuple[QEMUMonitorProtocol, asyncio.AbstractEventLoop | None]:
+    """Negotiate QMP on ``sock`` within ``timeout`` (TimeoutError otherwise): qemu.qmp's sync
+    connect() has no timeout of its own, and a hung or stopped QEMU would block it forever.
+    Returns the client and the event loop made for it, which the caller closes (``close_loop``)."""
+    qmp, loop = _qmp_client(sock)
+    qmp.settimeout(timeout)
+    client = qmp._qmp  # the async QMPClient the sync wrapper drives
+    client.await_greeting = True
+    client.negotiate = True
+    try:
+        qmp._sync(client.connect(sock), timeout)
+    except BaseException:  # TimeoutError above all: the caller keeps no client, so no loop
+        close_loop(loop)
+        raise
+    return qmp, loop
+
+
+def close_loop(loop: asyncio.AbstractEventLoop | None) -> None:
+    """Close an event loop ``connect_qmp`` made (None: nothing to close)."""
+    if loop is not None:
+        with contextlib.suppress(Exception):
+            loop.close()

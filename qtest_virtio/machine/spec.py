@@ -1,0 +1,191 @@
+"""What to start: a machine spec and its devices, and QEMU's ``key=value,...`` option syntax.
+
+Nothing here runs QEMU or touches a file; launch.py turns a spec into argv. Property values are
+escaped for QEMU's option syntax (a comma is doubled), so a value cannot inject another option.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from .. import modes
+
+PropValue = str | int | bool
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_MEM_RE = re.compile(r"^(\d+)([KMGT]?)i?B?$", re.IGNORECASE)
+_MEM_UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def escape_option_value(value: str) -> str:
+    """Escape a value for QEMU's ``key=value,key=value`` syntax: a comma is written twice."""
+    if "\0" in value:
+        raise ValueError(f"option value {value!r} contains a NUL byte")
+    return value.replace(",", ",,")
+
+
+def split_option_list(text: str) -> list[str]:
+    """Split QEMU's ``a=1,b=2`` syntax at single commas; ``,,`` is a literal comma (the
+    inverse of :func:`escape_option_value`)."""
+    parts: list[str] = []
+    cur: list[str] = []
+    i = 0
+    while i < len(text):
+        if text[i] == ",":
+            if text[i + 1 : i + 2] == ",":
+                cur.append(",")
+                i += 2
+                continue
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(text[i])
+        i += 1
+    parts.append("".join(cur))
+    return parts
+
+
+def format_value(value: PropValue) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+def parse_memory(memory: str | int) -> int:
+    """Bytes in a ``-m`` size ('256M', '1G', or a number of MiB as QEMU takes it)."""
+    if isinstance(memory, int):
+        return memory << 20
+    m = _MEM_RE.match(memory.strip())
+    if not m:
+        raise ValueError(f"memory size {memory!r} is not like '256M' or '1G'")
+    return int(m.group(1)) * _MEM_UNITS[m.group(2).upper()]
+
+
+@dataclass
+class DeviceSpec:
+    """One ``-device``: driver, properties in order, and what the harness adds for it."""
+
+    driver: str
+    props: dict[str, str] = field(default_factory=dict)
+    #: Transport mode for virtio devices (``None`` for a plain device).
+    mode: str | None = None
+    #: Backend kind the machine creates when the device needs one ('image', 'null', or a path).
+    backend: str | None = None
+    image_size: int = 64 << 20
+
+    @property
+    def id(self) -> str:
+        return self.props["id"]
+
+    def option(self, extra: Mapping[str, str] | None = None) -> str:
+        """The ``-device`` argument, every value escaped (``extra``: harness-made wiring)."""
+        props = {**self.props, **(extra or {})}
+        parts = [self.driver] + [f"{k}={escape_option_value(v)}" for k, v in props.items()]
+        return ",".join(parts)
+
+
+def _short_name(driver: str) -> str:
+    name = driver.removeprefix("virtio-").removesuffix("-pci").replace("-", "_")
+    return name or "dev"
+
+
+class MachineSpec:
+    """What to start: binary, machine type, RAM, devices. Turns into an argv list.
+
+    ``add_device("virtio-blk-pci", event_idx="off")`` takes properties as keywords; names that
+    are not Python identifiers (``page-per-vq``) go in the positional mapping.
+    """
+
+    def __init__(
+        self,
+        qemu: str | None = None,
+        machine: str = "q35",
+        memory: str | int = "256M",
+        *,
+        extra_args: list[str] | None = None,
+        start_timeout: float = 15.0,
+        command_timeout: float = 30.0,
+        raw_args: list[str] | None = None,
+    ) -> None:
+        self.qemu = qemu
+        self.machine = machine
+        self.memory = memory
+        self.memory_bytes = parse_memory(memory)
+        self.extra_args = list(extra_args or [])
+        self.start_timeout = start_timeout
+        self.command_timeout = command_timeout
+        self.devices: list[DeviceSpec] = []
+        #: A command line taken as written (a bug reproducer's): replaces the harness's own
+        #: -nodefaults/-machine/-m part; qtest and QMP are still the harness's, and so is the
+        #: accelerator unless these arguments name the qtest accelerator themselves.
+        self.raw_args = list(raw_args) if raw_args is not None else None
+        if not _NAME_RE.match(machine.split(",")[0]):
+            raise ValueError(f"machine type {machine!r} is not a valid name")
+
+    def _props(self, props: Mapping[str, PropValue] | None, kwargs: Mapping[str, PropValue]) -> dict[str, str]:
+        merged: dict[str, str] = {}
+        for key, value in {**(props or {}), **kwargs}.items():
+            if not _NAME_RE.match(key):
+                raise ValueError(f"property name {key!r} is not valid (letters, digits, '_', '-', '.')")
+            merged[key] = format_value(value)
+        return merged
+
+    def _new_id(self, driver: str) -> str:
+        base = _short_name(driver)
+        used = {d.props.get("id") for d in self.devices}
+        n = 0
+        while f"{base}{n}" in used:
+            n += 1
+        return f"{base}{n}"
+
+    def add_device(
+        self,
+        driver: str,
+        props: Mapping[str, PropValue] | None = None,
+        /,
+        *,
+        backend: str | None = None,
+        image_size: int = 64 << 20,
+        **properties: PropValue,
+    ) -> DeviceSpec:
+        """Add a ``-device``; returns its spec (its ``id`` is made up when not given)."""
+        if not _NAME_RE.match(driver):
+            raise ValueError(f"device name {driver!r} is not valid")
+        merged = self._props(props, properties)
+        if "id" in merged and any(d.props.get("id") == merged["id"] for d in self.devices):
+            raise ValueError(f"device id {merged['id']!r} is used twice")
+        merged.setdefault("id", self._new_id(driver))
+        merged = {"id": merged.pop("id"), **merged}
+        dev = DeviceSpec(driver, merged, backend=backend, image_size=image_size)
+        self.devices.append(dev)
+        return dev
+
+    def add_virtio(
+        self,
+        driver: str,
+        props: Mapping[str, PropValue] | None = None,
+        /,
+        *,
+        mode: str = modes.TRANSITIONAL_MODERN,
+        backend: str | None = None,
+        image_size: int = 64 << 20,
+        **properties: PropValue,
+    ) -> DeviceSpec:
+        """Add a virtio-pci device built for transport ``mode`` (sets disable-legacy/-modern)."""
+        mode = modes.check_mode(mode)
+        merged = self._props(props, properties)
+        for key, value in modes.MODE_PROPERTIES[mode].items():
+            if key in merged and merged[key] != value:
+                raise ValueError(f"mode {mode!r} needs {key}={value}, but {key}={merged[key]} was given")
+            merged[key] = value
+        dev = self.add_device(driver, merged, backend=backend, image_size=image_size)
+        dev.mode = mode
+        return dev
+
+    def device(self, dev_id: str) -> DeviceSpec:
+        for d in self.devices:
+            if d.props.get("id") == dev_id:
+                return d
+        raise KeyError(f"no device with id {dev_id!r}; ids: {', '.join(d.id for d in self.devices)}")
