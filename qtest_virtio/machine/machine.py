@@ -18,7 +18,7 @@ import socket
 import subprocess
 import weakref
 from collections.abc import Callable, Iterator
-from typing import TextIO
+from typing import Any, TextIO, TypeVar, overload
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
@@ -35,6 +35,9 @@ from .spec import MachineSpec
 _WATCHERS: contextvars.ContextVar[tuple[list[QemuMachine], ...]] = contextvars.ContextVar(
     "qtest_virtio_machine_watchers", default=()
 )
+
+#: The type a caller expects a backend handle to be (Machine.backend(dev_id, kind)).
+H = TypeVar("H")
 
 
 @contextlib.contextmanager
@@ -208,13 +211,21 @@ class QemuMachine:
         if crash is not None and check:
             raise crash
 
-    def backend(self, dev_id: str) -> Handle:
-        """The host end of a device's backend (image, net socket, serial ports, rng FIFO)."""
+    @overload
+    def backend(self, dev_id: str) -> Handle: ...
+    @overload
+    def backend(self, dev_id: str, kind: type[H]) -> H: ...
+    def backend(self, dev_id: str, kind: type[Any] | None = None) -> Any:
+        """The host end of a device's backend (image, net socket, serial ports, rng FIFO); with
+        ``kind`` (``NetBackend``, ``RngFifo``, ...) checked to be one, and typed as one."""
         plan = self._plan
         if plan is None or dev_id not in plan.handles:
             have = ", ".join(plan.handles) if plan else "none (not started)"
             raise KeyError(f"device {dev_id!r} has no backend the harness holds; devices with one: {have}")
-        return plan.handles[dev_id]
+        end = plan.handles[dev_id]
+        if kind is not None and not isinstance(end, kind):
+            raise TypeError(f"device {dev_id!r}'s backend is a {type(end).__name__}, not a {kind.__name__}")
+        return end
 
     def _close_channels(self) -> None:
         if self._qtest is not None:

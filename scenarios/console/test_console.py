@@ -33,13 +33,6 @@ def _restart(con: VirtioConsole, **attrs: object) -> None:
     con.initialize()
 
 
-def _serial(vm: Machine, con: VirtioConsole) -> SerialBackend:
-    """The host ends of the controller's ports (``["console"]``, ``["port1"]``)."""
-    backend = vm.backend(con.dev_id)
-    assert isinstance(backend, SerialBackend), f"{con.dev_id}'s backend is {backend!r}, not its serial ports"
-    return backend
-
-
 def _events(con: VirtioConsole, event: ControlEvent) -> list[ControlMessage]:
     return [r.message for r in con.control_log if r.message.event == event]
 
@@ -138,7 +131,7 @@ def test_port_open_reports_the_host_side_state(virtio_device: VirtioConsole, qem
     Level: device behaviour the spec describes, without a MUST keyword."""
     con: VirtioConsole = virtio_device
     assert {(m.id, m.value) for m in _events(con, ControlEvent.PORT_OPEN)} == {(0, 1), (1, 1)}
-    _serial(qemu, con)["port1"].close()
+    qemu.backend(con.dev_id, SerialBackend)["port1"].close()
     deadline = time.monotonic() + 2
     while con.ports[1].host_open and time.monotonic() < deadline:
         time.sleep(0.001)
@@ -151,7 +144,7 @@ def test_transmitted_bytes_arrive_unmodified(virtio_device: VirtioConsole, qemu:
     order, on every port (§5.3.6 item 1); the device writes nothing into a transmit buffer.
     Level: device behaviour the spec describes, without a MUST keyword."""
     con: VirtioConsole = virtio_device
-    backend = _serial(qemu, con)
+    backend = qemu.backend(con.dev_id, SerialBackend)
     for port in _data_ports(con):
         end = backend[PORTS[port][0]]
         chunks = [bytes(range(256)), b"\0" * 17, f"port {port}: done\r\n".encode(), bytes(range(255, -1, -1)) * 40]
@@ -168,7 +161,7 @@ def test_host_bytes_arrive_with_used_length_equal_to_bytes(virtio_device: Virtio
     length is exactly the number of bytes placed (§5.3.6 item 2; the used length rule of §2.7.8.2
     is a MUST)."""
     con: VirtioConsole = virtio_device
-    backend = _serial(qemu, con)
+    backend = qemu.backend(con.dev_id, SerialBackend)
     for port in _data_ports(con):
         sent = f"host to port {port}\0\xff".encode("latin-1")
         backend[PORTS[port][0]].write(sent)
@@ -186,7 +179,7 @@ def test_emergency_write_on_an_unconfigured_device(virtio_device: VirtioConsole,
     con.reset()
     assert con.transport.get_status() == 0
     con.emergency_write(0x7E7E_7E21)
-    assert _serial(qemu, con)["console"].read(1, timeout=2) == b"!"
+    assert qemu.backend(con.dev_id, SerialBackend)["console"].read(1, timeout=2) == b"!"
 
 
 @pytest.mark.virtio_device("virtio-serial-pci", refuse={"MULTIPORT"})
@@ -197,7 +190,7 @@ def test_port0_queues_work_without_multiport(virtio_device: VirtioConsole, qemu:
     Level: device behaviour the spec describes, without a MUST keyword."""
     con: VirtioConsole = virtio_device
     assert not con.multiport and len(con.queues) == 2
-    end = _serial(qemu, con)["console"]
+    end = qemu.backend(con.dev_id, SerialBackend)["console"]
     out, back = b"guest to host, single port", b"host to guest, single port"
     con.write(out, 0)
     assert end.read(len(out), timeout=2) == out

@@ -1,5 +1,5 @@
-"""What the virtio-net scenarios share: skips on the negotiated features, and the harness's
-handles narrowed to their types (the socket netdev's end, QEMU's receive filter, transmitq1)."""
+"""What the virtio-net scenarios share: skips on the negotiated features, QEMU's receive filter,
+and transmitq1 narrowed to its type."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 
 from qtest_virtio import Machine
-from qtest_virtio.backends import NetBackend
 from qtest_virtio.devices.net.driver import VirtioNet
 from qtest_virtio.virtqueue import Virtqueue
 
@@ -25,13 +24,6 @@ def need_not(net: VirtioNet, *features: str) -> None:
     present = [f for f in features if net.has(f)]
     if present:
         pytest.skip(f"{', '.join(present)} negotiated in this run; the statement is about its absence")
-
-
-def backend(qemu: Machine, net: VirtioNet) -> NetBackend:
-    """The other end of the NIC's socket netdev, which the test holds (``qemu.backend``)."""
-    end = qemu.backend(net.dev_id)
-    assert isinstance(end, NetBackend), f"{net.dev_id}: the backend is not a socket the test holds ({end!r})"
-    return end
 
 
 def rx_filter(qemu: Machine, net: VirtioNet) -> dict[str, Any]:

@@ -7,11 +7,12 @@ from __future__ import annotations
 import pytest
 
 from qtest_virtio import Machine
+from qtest_virtio.backends import NetBackend
 from qtest_virtio.devices.net.driver import VirtioNet
 from qtest_virtio.devices.net.encoding import FEATURE_REQUIRES, NET_STATUS, ethernet_frame, mac_bytes
 from qtest_virtio.transport.layout import feature_names
 
-from ._support import backend, need, rx_filter
+from ._support import need, rx_filter
 
 pytestmark = pytest.mark.virtio_device("virtio-net-pci")
 
@@ -79,7 +80,7 @@ def test_mtu_is_in_range_and_stable(virtio_device: VirtioNet, qemu: Machine) -> 
     assert mtu >= 1280
     frame = ethernet_frame(PEER, PEER, 0x88B5, bytes(mtu))
     net.send(frame)
-    assert backend(qemu, net).receive(timeout=2) == frame
+    assert qemu.backend(net.dev_id, NetBackend).receive(timeout=2) == frame
     net.restart()
     assert net.config().mtu == mtu
 
@@ -98,7 +99,7 @@ def test_received_frames_longer_than_mtu_are_not_passed(virtio_device: VirtioNet
     fits = ethernet_frame(net.mac, PEER, 0x88B5, b"\x5a" * mtu)
     if not net.has("MRG_RXBUF"):  # buffers that could hold it: only the mtu rule may keep it out
         net.restart(rx_buffer_size=net.header_size + len(too_big), rx_buffers=4)
-    host = backend(qemu, net)
+    host = qemu.backend(net.dev_id, NetBackend)
     host.send(too_big)
     host.send(fits)
     first = net.receive_packet(timeout=2)

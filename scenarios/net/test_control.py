@@ -9,10 +9,11 @@ from __future__ import annotations
 import pytest
 
 from qtest_virtio import Machine
+from qtest_virtio.backends import NetBackend
 from qtest_virtio.devices.net.driver import VirtioNet
 from qtest_virtio.devices.net.encoding import BROADCAST, ethernet_frame, mac_bytes, mac_str
 
-from ._support import backend, need, rx_filter
+from ._support import need, rx_filter
 
 pytestmark = pytest.mark.virtio_device("virtio-net-pci")
 
@@ -32,7 +33,7 @@ def _tagged(dst: bytes | str, vid: int) -> bytes:
 
 def _delivered(qemu: Machine, net: VirtioNet, frame: bytes, marker_to: bytes | str | None = None) -> bool:
     """Inject ``frame`` then a marker the device accepts; True if ``frame`` came first."""
-    host = backend(qemu, net)
+    host = qemu.backend(net.dev_id, NetBackend)
     marker = _frame(marker_to or net.mac, 64, seed=0x77)
     host.send(frame)
     host.send(marker)

@@ -14,11 +14,12 @@ import time
 import pytest
 
 from qtest_virtio import Machine
+from qtest_virtio.backends import NetBackend
 from qtest_virtio.devices.net.driver import VirtioNet
 from qtest_virtio.devices.net.encoding import NET_HDR, GsoType, NetHdr, ethernet_frame
 from qtest_virtio.virtqueue import VirtqueueTimeout
 
-from ._support import backend, need, need_not
+from ._support import need, need_not
 
 pytestmark = pytest.mark.virtio_device("virtio-net-pci")
 
@@ -42,7 +43,7 @@ def test_transmitted_frame_arrives_unmodified(virtio_device: VirtioNet, qemu: Ma
     """Without VIRTIO_NET_HDR_F_NEEDS_CSUM in flags the device MUST NOT use csum_start and
     csum_offset: frames sent with those fields set to nonsense reach the link byte for byte,
     header stripped (MUST)."""
-    host = backend(qemu, virtio_device)
+    host = qemu.backend(virtio_device.dev_id, NetBackend)
     header = NetHdr(csum_start=7, csum_offset=3)
     for i, size in enumerate(SIZES):
         frame = _frame(PEER, size, seed=i)
@@ -55,7 +56,7 @@ def test_transmitted_frame_arrives_unmodified(virtio_device: VirtioNet, qemu: Ma
 def test_transmit_ignores_unknown_header_flags(virtio_device: VirtioNet, qemu: Machine) -> None:
     """The device MUST ignore flag bits that it does not recognize: bits 3-7 of flags set on a
     transmitted packet change nothing about the frame on the link (MUST)."""
-    host = backend(qemu, virtio_device)
+    host = qemu.backend(virtio_device.dev_id, NetBackend)
     frame = _frame(PEER, 200)
     virtio_device.send(frame, header=NetHdr(flags=0xF8))
     assert host.receive(timeout=2) == frame
@@ -67,7 +68,7 @@ def test_frames_up_to_mtu_are_forwarded_whole(virtio_device: VirtioNet, qemu: Ma
     """With VIRTIO_NET_F_MTU negotiated the device MUST forward transmitted packets of up to
     mtu plus the Ethernet header with gso_type NONE, without fragmentation (MUST)."""
     need(virtio_device, "MTU")
-    host = backend(qemu, virtio_device)
+    host = qemu.backend(virtio_device.dev_id, NetBackend)
     mtu = virtio_device.config().mtu
     assert mtu is not None, "MTU negotiated, but the config has no mtu"
     for size in (mtu + 14, mtu + 13, 60):
@@ -87,7 +88,7 @@ def test_received_frame_and_used_length(virtio_device: VirtioNet, qemu: Machine)
     length from it alone (§5.1.6.4), so it can be neither short nor padded (MUST)."""
     net = virtio_device
     net.restart(rx_poison=POISON)
-    host = backend(qemu, net)
+    host = qemu.backend(net.dev_id, NetBackend)
     for i, size in enumerate(SIZES):
         frame = _frame(net.mac, size, seed=i)
         host.send(frame)
@@ -105,7 +106,7 @@ def test_received_header_reports_no_offloads(virtio_device: VirtioNet, qemu: Mac
     need_not(net, "GUEST_CSUM", "GUEST_TSO4", "GUEST_TSO6", "GUEST_UFO")
     net.restart(rx_poison=POISON)
     frame = _frame(net.mac, 128)
-    backend(qemu, net).send(frame)
+    qemu.backend(net.dev_id, NetBackend).send(frame)
     pkt = net.receive_packet(timeout=2)
     assert pkt.frame == frame
     assert pkt.header.flags == 0
@@ -119,7 +120,7 @@ def test_num_buffers_counts_the_buffers_used(virtio_device: VirtioNet, qemu: Mac
     net = virtio_device
     need(net, "MRG_RXBUF")
     net.restart(rx_buffer_size=128, rx_buffers=64, rx_poison=POISON)
-    host = backend(qemu, net)
+    host = qemu.backend(net.dev_id, NetBackend)
     for size in (60, 116, 117, 1514):
         frame = _frame(net.mac, size, seed=size)
         host.send(frame)
@@ -137,7 +138,7 @@ def test_spread_packet_fills_all_but_the_last_buffer(virtio_device: VirtioNet, q
     need(net, "MRG_RXBUF")
     net.restart(rx_buffer_size=200, rx_buffers=32, rx_poison=POISON)
     frame = _frame(net.mac, 1514, seed=5)
-    backend(qemu, net).send(frame)
+    qemu.backend(net.dev_id, NetBackend).send(frame)
     pkt = net.receive_packet(timeout=2)
     assert pkt.buffers > 1
     assert pkt.used_lengths[:-1] == pkt.buffer_sizes[:-1]
@@ -156,7 +157,7 @@ def test_num_buffers_is_one_without_mrg_rxbuf(virtio_device: VirtioNet, qemu: Ma
     need_not(net, "MRG_RXBUF")
     net.restart(rx_poison=POISON)
     frame = _frame(net.mac, 100)
-    backend(qemu, net).send(frame)
+    qemu.backend(net.dev_id, NetBackend).send(frame)
     pkt = net.receive_packet(timeout=2)
     assert pkt.frame == frame
     assert pkt.header.num_buffers == 1
@@ -171,7 +172,7 @@ def test_without_mrg_rxbuf_a_packet_never_spans_buffers(virtio_device: VirtioNet
     net = virtio_device
     need_not(net, "MRG_RXBUF")
     net.restart(rx_buffer_size=net.header_size + 600, rx_buffers=8, rx_poison=POISON)
-    host = backend(qemu, net)
+    host = qemu.backend(net.dev_id, NetBackend)
     big, small = _frame(net.mac, 1514, seed=1), _frame(net.mac, 600, seed=2)
     host.send(big)
     host.send(small)
@@ -192,14 +193,14 @@ def test_legacy_header_without_mrg_rxbuf_is_10_bytes(virtio_device: VirtioNet, q
     assert net.header_size == NET_HDR.csum_offset.end == 10
     net.restart(rx_poison=POISON)
     frame = _frame(net.mac, 300)
-    backend(qemu, net).send(frame)
+    qemu.backend(net.dev_id, NetBackend).send(frame)
     pkt = net.receive_packet(timeout=2)
     assert pkt.used_lengths == [10 + len(frame)]
     assert pkt.frame == frame
     assert pkt.header.num_buffers is None
     # And the transmit side takes the same 10-byte header.
     net.send(frame)
-    assert backend(qemu, net).receive(timeout=2) == frame
+    assert qemu.backend(net.dev_id, NetBackend).receive(timeout=2) == frame
 
 
 @pytest.mark.conformance("net-rx-waits-for-buffers", spec="5.1.6.3")
@@ -210,7 +211,7 @@ def test_no_frame_is_delivered_without_receive_buffers(virtio_device: VirtioNet,
     require in-order delivery of frames that waited."""
     net = virtio_device
     net.restart(rx_buffers=0, rx_poison=POISON)
-    host = backend(qemu, net)
+    host = qemu.backend(net.dev_id, NetBackend)
     frames = [_frame(net.mac, 100 + 50 * i, seed=i) for i in range(3)]
     for f in frames:
         host.send(f)

@@ -16,10 +16,11 @@ import time
 import pytest
 
 from qtest_virtio import Machine
+from qtest_virtio.backends import NetBackend
 from qtest_virtio.devices.net.driver import VirtioNet
 from qtest_virtio.devices.net.encoding import ethernet_frame, mac_bytes
 
-from ._support import backend, txq
+from ._support import txq
 
 #: A transmit timer period unlike QEMU's default (150 us), so that honouring x-txtimer shows.
 TX_TIMER_NS = 2_000_000
@@ -49,7 +50,7 @@ def test_tx_timer_holds_frames_for_its_period(virtio_device: VirtioNet, qemu: Ma
     turns notifications off; the frame reaches the link when the timer fires, not before, and is
     used with length 0 (§2.7.8.2: nothing device-writable)."""
     net = virtio_device
-    host = backend(qemu, net)
+    host = qemu.backend(net.dev_id, NetBackend)
     _settle(qemu)
     frame = _frame(1)
     request = net.transmit(frame)
@@ -67,7 +68,7 @@ def test_tx_timer_rearms_for_the_next_burst(virtio_device: VirtioNet, qemu: Mach
     """After a flush the timer is idle again: the next frame waits a whole period of its own,
     counted from its notification, not from the first frame's."""
     net = virtio_device
-    host = backend(qemu, net)
+    host = qemu.backend(net.dev_id, NetBackend)
     _settle(qemu)
     first = net.transmit(_frame(1))
     qemu.qtest.clock_step(TX_TIMER_NS)
@@ -87,7 +88,7 @@ def test_tx_timer_flushes_at_once_on_a_notification_while_armed(virtio_device: V
     """A notification while the timer is armed flushes every frame made available so far at once,
     without the clock moving (the timer is for batching, not a minimum delay)."""
     net = virtio_device
-    host = backend(qemu, net)
+    host = qemu.backend(net.dev_id, NetBackend)
     _settle(qemu)
     first = net.transmit(_frame(1))
     assert not host.pending(HELD_WINDOW)
@@ -115,7 +116,7 @@ def test_announce_self_sends_one_rarp_per_round(virtio_device: VirtioNet, qemu: 
     the next ones ``initial`` ms and more apart, then nothing. Its rounds run on the realtime
     clock (net/announce.c qemu_announce_self), so this runs on every build."""
     net = virtio_device
-    host = backend(qemu, net)
+    host = qemu.backend(net.dev_id, NetBackend)
     qemu.resume()  # frames from a stopped VM are queued, not sent
     mac = mac_bytes(net.mac)
     rounds, initial = 3, 40

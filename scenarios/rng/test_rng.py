@@ -22,13 +22,6 @@ pytestmark = pytest.mark.virtio_device("virtio-rng-pci", backend="fifo")
 PENDING_WINDOW = 0.05
 
 
-def _fifo(vm: Machine, driver: VirtioRng) -> RngFifo:
-    """The FIFO the device reads its entropy from (``backend="fifo"``)."""
-    fifo = vm.backend(driver.dev_id)
-    assert isinstance(fifo, RngFifo), f"{driver.dev_id}'s backend is {fifo!r}, not the rng FIFO"
-    return fifo
-
-
 def _in_buffers(vm: Machine, sizes: list[int]) -> list[Buf]:
     """Device-writable buffers filled with 0xEE, so untouched bytes stand out."""
     return alloc_bufs(vm.memory, sizes, fill=0xEE, tag="rng scenario")
@@ -39,7 +32,7 @@ def test_request_is_filled_from_the_entropy_source(virtio_device: VirtioRng, qem
     """The device puts at least one random byte into a request buffer, and what it reports as
     used (the used length) is entropy from its source, in order (MUST)."""
     data = pattern(32)
-    _fifo(qemu, virtio_device).write(data)
+    qemu.backend(virtio_device.dev_id, RngFifo).write(data)
     got = virtio_device.request(32)
     assert 1 <= len(got) <= 32
     assert got == data[: len(got)]
@@ -51,7 +44,7 @@ def test_partial_fill_is_reported_by_the_used_length(virtio_device: VirtioRng, q
     exactly how many bytes it placed, and those bytes come first in the buffer (MUST, with the
     used-ring rule of §2.7.8.2)."""
     data = pattern(5, seed=3)
-    _fifo(qemu, virtio_device).write(data)
+    qemu.backend(virtio_device.dev_id, RngFifo).write(data)
     got = virtio_device.request(64)
     assert 1 <= len(got) <= len(data)
     assert got == data[: len(got)]
@@ -69,7 +62,7 @@ def test_request_waits_for_entropy_instead_of_completing_empty(virtio_device: Vi
     while time.monotonic() < deadline:
         assert vq.poll_used() is None, "the device returned a request while its entropy source was empty"
     data = pattern(16, seed=9)
-    _fifo(qemu, virtio_device).write(data)
+    qemu.backend(virtio_device.dev_id, RngFifo).write(data)
     elem = vq.wait_for(token)
     assert 1 <= elem.length <= 16
     assert qemu.memory.read(buf.addr, elem.length) == data[: elem.length]
@@ -83,7 +76,7 @@ def test_each_of_several_requests_gets_entropy(virtio_device: VirtioRng, qemu: M
     bufs = _in_buffers(qemu, [8, 8, 8, 8])
     tokens = [vq.add([b]) for b in bufs]
     data = pattern(32, seed=5)
-    _fifo(qemu, virtio_device).write(data)
+    qemu.backend(virtio_device.dev_id, RngFifo).write(data)
     vq.kick()
     for n, token in enumerate(tokens):
         elem = vq.wait_for(token)
@@ -101,7 +94,7 @@ def test_chained_buffers_are_filled_from_the_first_one(virtio_device: VirtioRng,
     vq = virtio_device.queues[0]
     bufs = _in_buffers(qemu, [3, 5, 9])
     data = pattern(17, seed=11)
-    _fifo(qemu, virtio_device).write(data)
+    qemu.backend(virtio_device.dev_id, RngFifo).write(data)
     token = vq.add(bufs)
     vq.kick()
     elem = vq.wait_for(token)

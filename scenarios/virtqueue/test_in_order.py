@@ -33,8 +33,6 @@ from qtest_virtio.introspect import queue_view
 from qtest_virtio.testing import MODERN_LAYOUT_MODES, alloc_bufs, pattern
 from qtest_virtio.virtqueue import Buf, PackedVirtqueue, SplitVirtqueue, UsedElem, Virtqueue
 
-from ._support import backend
-
 IN_ORDER_ON = {"in_order": "on"}
 PATTERN = 0xEE
 SHORT = 2.0
@@ -141,7 +139,7 @@ def test_receive_buffers_are_used_in_order(virtio_device: VirtioNet, qemu: Machi
     driver's reading of the ring does."""
     net = virtio_device
     net.restart(rx_buffer_size=net.header_size + 600, rx_buffers=24, rx_poison=PATTERN)
-    host = backend(qemu, net, NetBackend)
+    host = qemu.backend(net.dev_id, NetBackend)
     frames = [
         ethernet_frame(net.mac, "02:00:00:00:00:01", 0x88B5, pattern(size - 14, seed=i))
         for i, size in enumerate((60, 1514, 64, 600, 1000))
@@ -165,7 +163,7 @@ def test_transmit_buffers_are_used_in_order(virtio_device: VirtioNet, qemu: Mach
     (MUST, §6.2): eight frames made available with one notification are used in that order
     (the driver would report a chain used out of order) and reach the link in that order."""
     net = virtio_device
-    host = backend(qemu, net, NetBackend)
+    host = qemu.backend(net.dev_id, NetBackend)
     frames = [
         ethernet_frame("02:00:00:00:00:01", net.mac, 0x88B5, pattern(size, seed=i))
         for i, size in enumerate((46, 1500, 100, 46, 700, 1200, 46, 300))
@@ -189,7 +187,7 @@ def _stream_in_order(drv: VirtioRng, qemu: Machine) -> None:
     sizes = [3, 5, 9, 4]
     bufs = _buffers(qemu, sizes)
     data = pattern(sum(sizes), seed=5)
-    backend(qemu, drv, RngFifo).write(data)
+    qemu.backend(drv.dev_id, RngFifo).write(data)
     tokens = [vq.add([b]) for b in bufs]
     vq.kick()
     elems = [vq.wait_used(SHORT) for _ in tokens]

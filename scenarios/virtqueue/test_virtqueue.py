@@ -43,8 +43,6 @@ from qtest_virtio.virtqueue.layout import (
     USED_F_NO_NOTIFY,
 )
 
-from ._support import backend
-
 pytestmark = pytest.mark.virtio_device("virtio-rng-pci")
 
 #: How long "nothing happens" is watched (the device's work runs in QEMU's main loop).
@@ -387,7 +385,7 @@ def test_indirect_table_is_followed(virtio_device: VirtioRng, qemu: Machine) -> 
     vq = drv.queues[0]
     bufs = buffers(qemu, [4, 4, 4])
     data = pattern(12, seed=1)
-    backend(qemu, drv, RngFifo).write(data)
+    qemu.backend(drv.dev_id, RngFifo).write(data)
     free = vq.free_descriptors
     token = vq.add(bufs, indirect=True)
     assert free - vq.free_descriptors == 1  # one ring slot for three buffers
@@ -471,7 +469,7 @@ def test_packed_descriptors_are_processed_in_ring_order(virtio_device: VirtioRng
     vq = packed(drv)
     bufs = buffers(qemu, [4, 4, 4, 4])
     data = pattern(16, seed=2)
-    backend(qemu, drv, RngFifo).write(data)
+    qemu.backend(drv.dev_id, RngFifo).write(data)
     tokens = [vq.add([b]) for b in bufs]
     vq.kick()
     elems = [vq.wait_for(t, timeout=SHORT) for t in tokens]
@@ -491,7 +489,7 @@ def test_packed_chain_is_used_in_list_order(virtio_device: VirtioRng, qemu: Mach
     vq = packed(drv)
     bufs = buffers(qemu, [3, 5, 9])
     data = pattern(17, seed=4)
-    backend(qemu, drv, RngFifo).write(data)
+    qemu.backend(drv.dev_id, RngFifo).write(data)
     free = vq.free_descriptors
     token = vq.add(bufs)
     assert free - vq.free_descriptors == 3  # three ring slots: a direct chain
