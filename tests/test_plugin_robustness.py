@@ -48,7 +48,7 @@ def record(vm, name):
 
 
 @pytest.fixture
-def qemu_path(qemu_binary) -> str:  # type: ignore[no-untyped-def]
+def qemu_path(qemu_binary) -> str:
     return str(qemu_binary.path)
 
 
@@ -456,7 +456,7 @@ def test_qtest_log_per_test_and_junit_properties(pytester: pytest.Pytester, qemu
     assert "> b64read" in text["rng"] or "> read" in text["rng"]
 
     cases = {case.get("name"): case for case in ET.parse(pytester.path / "out.xml").iter("testcase")}
-    props = {name: {p.get("name"): p.get("value") for p in case.iter("property")} for name, case in cases.items()}
+    props = {name: {p.attrib["name"]: p.get("value") for p in case.iter("property")} for name, case in cases.items()}
     rng = props["test_rng[virtio-rng-pci-modern]"]
     assert rng["virtio_device"] == "virtio-rng-pci"
     assert rng["virtio_transport"] == "modern"
