@@ -145,7 +145,8 @@ class FakeConfigTransport:
     """Config space as bytes, with a generation counter that moves ``bumps`` times."""
 
     def __init__(self, data: bytes, bumps: int) -> None:
-        self.data, self.bumps, self.generation, self.reads = data, bumps, 0, []
+        self.data, self.bumps, self.generation = data, bumps, 0
+        self.reads: list[tuple[int, int]] = []
 
     def config_generation(self) -> int:
         if self.bumps:
