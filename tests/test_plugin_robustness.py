@@ -131,7 +131,9 @@ def test_xdist_workers_get_private_machines(pytester: pytest.Pytester, qemu_path
     assert len(set(workdirs)) == 6
     sockets: list[str] = []
     for r in recs.values():
-        paths = _socket_paths(list(r["argv"]))  # type: ignore[call-overload]
+        argv = r["argv"]  # a JSON list of strings
+        assert isinstance(argv, list)
+        paths = _socket_paths(argv)
         assert len(paths) == 2 and all(os.path.dirname(p) == r["workdir"] for p in paths), r["argv"]
         sockets += paths
         assert os.path.basename(str(r["workdir"])).startswith(f"qtest-virtio-{r['harness']}-")
