@@ -13,10 +13,12 @@ import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from qtest_virtio.binary import QemuBinary, QemuNotFound, cached_qemu
+from qtest_virtio.machine import QemuMachine
 
 pytest_plugins = ["pytester"]
 
@@ -39,3 +41,10 @@ def provided_qemu() -> Callable[[str], QemuBinary]:
             pytest.fail(str(exc), pytrace=False)
 
     return get
+
+
+def qmp_object(vm: QemuMachine, command: str, **args: object) -> dict[str, Any]:
+    """QMP ``command``'s result where it is a JSON object (qemu.qmp types every result ``object``)."""
+    result = vm.qmp.cmd(command, **args)
+    assert isinstance(result, dict), f"QMP {command} returned {result!r}, not an object"
+    return result

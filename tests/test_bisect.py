@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import stat
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,7 @@ def test_bisect_flags_narrows_given_flags() -> None:
     given = changes("event_idx=off", "indirect_desc=off", "packed=on", "refuse=RING_RESET")
     seen: list[str] = []
 
-    def probe(cs: list[Change]) -> int:
+    def probe(cs: Sequence[Change]) -> int:
         return FAIL if Change("packed", "on") in cs else PASS
 
     answer = bisect_flags(probe, given, [], say=seen.append)
@@ -54,7 +55,7 @@ def test_bisect_flags_narrows_given_flags() -> None:
 def test_bisect_flags_finds_what_to_turn_off() -> None:
     candidates = changes("event_idx=off", "indirect_desc=off", "refuse=EVENT_IDX")
 
-    def probe(cs: list[Change]) -> int:
+    def probe(cs: Sequence[Change]) -> int:
         return PASS if Change("indirect_desc", "off") in cs else FAIL
 
     answer = bisect_flags(probe, [], candidates, say=lambda s: None)

@@ -5,6 +5,8 @@ split and packed."""
 from __future__ import annotations
 
 import pytest
+from conftest import qmp_object
+from pytest_qtest_virtio.plugin import MachineFactory
 
 from qtest_virtio import Machine, MachineSpec, modes
 from qtest_virtio.devices.balloon.driver import VirtioBalloon
@@ -88,19 +90,24 @@ def test_config_layout() -> None:
 # -- real QEMU -------------------------------------------------------------------------------
 
 
-def balloon_machine(machine_factory, mode: str, ring: str = "split", extra_args=(), **props: str) -> Machine:
+def balloon_machine(
+    machine_factory: MachineFactory, mode: str, ring: str = "split", extra_args=(), **props: str
+) -> Machine:
     spec = MachineSpec(memory="256M", extra_args=list(extra_args))
-    spec.add_virtio("virtio-balloon-pci", mode=mode, id="bal0", packed="on" if ring == "packed" else "off", **props)
+    packed = "on" if ring == "packed" else "off"
+    spec.add_virtio("virtio-balloon-pci", {"id": "bal0", "packed": packed, **props}, mode=mode)
     return machine_factory(spec)
 
 
 def pages_in_balloon(vm: Machine) -> int:
     """query-balloon's ``actual`` is the guest size: RAM minus the balloon."""
-    return (RAM - vm.qmp.cmd("query-balloon")["actual"]) // PAGE_SIZE
+    actual: int = qmp_object(vm, "query-balloon")["actual"]
+    return (RAM - actual) // PAGE_SIZE
 
 
 def guest_stats(vm: Machine) -> dict[str, int]:
-    return vm.qmp.cmd("qom-get", path="/machine/peripheral/bal0", property="guest-stats")["stats"]
+    stats: dict[str, int] = qmp_object(vm, "qom-get", path="/machine/peripheral/bal0", property="guest-stats")["stats"]
+    return stats
 
 
 @pytest.mark.parametrize("ring", RINGS)

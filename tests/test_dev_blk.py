@@ -142,10 +142,12 @@ def test_config_fields_follow_features() -> None:
 
 
 class FakeConfigTransport:
-    """Config space as bytes, with a generation counter that moves ``bumps`` times."""
+    """Config space as bytes, with a generation counter that moves ``bumps`` times: only the two
+    accessors read_config uses, so it is passed where a VirtioTransport is typed."""
 
     def __init__(self, data: bytes, bumps: int) -> None:
-        self.data, self.bumps, self.generation, self.reads = data, bumps, 0, []
+        self.data, self.bumps, self.generation = data, bumps, 0
+        self.reads: list[tuple[int, int]] = []
 
     def config_generation(self) -> int:
         if self.bumps:
@@ -163,10 +165,10 @@ def test_config_snapshot_rereads_while_generation_moves() -> None:
     data = BLK_CONFIG.pack({"capacity": 0x1_2345_6789, "blk_size": 4096})
     t = FakeConfigTransport(data, bumps=2)
     fields = [BLK_CONFIG.capacity, BLK_CONFIG.blk_size]
-    assert read_config(t, BLK_CONFIG, fields) == {"capacity": 0x1_2345_6789, "blk_size": 4096}  # type: ignore[arg-type]
+    assert read_config(t, BLK_CONFIG, fields) == {"capacity": 0x1_2345_6789, "blk_size": 4096}  # type: ignore[arg-type]  # fake
     assert t.reads.count((0, 4)) >= 2 and (4, 4) in t.reads  # capacity in halves, re-read
     with pytest.raises(TransportError, match="never settled"):
-        read_config(FakeConfigTransport(data, bumps=10**6), BLK_CONFIG, [BLK_CONFIG.capacity])  # type: ignore[arg-type]
+        read_config(FakeConfigTransport(data, bumps=10**6), BLK_CONFIG, [BLK_CONFIG.capacity])  # type: ignore[arg-type]  # fake
 
 
 class FakeQueue:
@@ -187,10 +189,10 @@ class FakeQueue:
 
 def fake_blk(status: int) -> VirtioBlk:
     """A driver constructed without a device: construction does no I/O (only initialize() does)."""
-    blk = VirtioBlk(SimpleNamespace(bdf="00:07.0"), "modern", None)  # type: ignore[arg-type]
+    blk = VirtioBlk(SimpleNamespace(bdf="00:07.0"), "modern", None)  # type: ignore[arg-type]  # no device: construction does no I/O
     assert not blk.initialized
     blk.dev_id = "blk7"
-    blk.queues = [FakeQueue(0), FakeQueue(status)]  # type: ignore[list-item]
+    blk.queues = [FakeQueue(0), FakeQueue(status)]  # type: ignore[list-item]  # fakes answering with status
     blk.negotiated = Negotiated(offered=1 << 32, accepted=1 << 32, refused=0, names=frozenset({"VERSION_1"}))
     return blk
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 import time
 
 import pytest
+from pytest_qtest_virtio.plugin import MachineFactory
 
 from qtest_virtio import Machine, MachineSpec, modes
+from qtest_virtio.backends import SerialBackend
 from qtest_virtio.devices.console.driver import VirtioConsole
 from qtest_virtio.devices.console.encoding import (
     CONSOLE_CONFIG,
@@ -92,10 +94,18 @@ def test_queue_numbering() -> None:
 # -- real QEMU -------------------------------------------------------------------------------
 
 
-def serial_machine(machine_factory, mode: str, ring: str = "split", **props: str) -> Machine:
+def serial_machine(machine_factory: MachineFactory, mode: str, ring: str = "split", **props: str) -> Machine:
     spec = MachineSpec()
-    spec.add_virtio("virtio-serial-pci", mode=mode, id="ser0", packed="on" if ring == "packed" else "off", **props)
+    spec.add_virtio(
+        "virtio-serial-pci", {"id": "ser0", "packed": "on" if ring == "packed" else "off", **props}, mode=mode
+    )
     return machine_factory(spec)
+
+
+def ports_of(con: VirtioConsole) -> SerialBackend:
+    """The host ends of the console's ports (``Machine.virtio`` sets the driver's backend)."""
+    assert isinstance(con.backend, SerialBackend)
+    return con.backend
 
 
 def check_ring(con: VirtioConsole, mode: str, ring: str) -> None:
@@ -149,7 +159,7 @@ def test_multiport_handshake_and_data(machine_factory, mode: str, ring: str) -> 
     )
 
     # Data both ways on both ports, byte for byte.
-    be = con.backend
+    be = ports_of(con)
     for port, end in ((0, be["console"]), (1, be["port1"])):
         out = bytes(range(256)) + f"port {port} in {mode}".encode()
         con.write(out, port)
@@ -171,8 +181,8 @@ def test_single_port_without_multiport(machine_factory, mode: str, ring: str) ->
     assert "MULTIPORT" not in con.negotiated and len(con.queues) == 2
     assert sorted(con.ports) == [0] and con.control_log == []
     con.write(b"single port out", 0)
-    assert con.backend["console"].read(15, 2) == b"single port out"
-    con.backend["console"].write(b"single port in")
+    assert ports_of(con)["console"].read(15, 2) == b"single port out"
+    ports_of(con)["console"].write(b"single port in")
     assert con.read(14) == b"single port in"
     with pytest.raises(ConsoleError, match="port 1 was not announced"):
         con.write(b"x", 1)
@@ -188,7 +198,7 @@ def test_bulk_both_ways(machine_factory, mode: str) -> None:
     driver re-posts receive buffers as the device fills them."""
     vm = serial_machine(machine_factory, mode)
     con = vm.virtio("ser0", VirtioConsole, nr_ports=2)
-    end = con.backend["port1"]
+    end = ports_of(con)["port1"]
     out = bytes(i * 7 & 0xFF for i in range(150_000))
     con.write(out, 1)
     assert end.read(len(out), 5) == out
@@ -221,7 +231,7 @@ def test_open_and_close_a_port(machine_factory) -> None:
     vm = serial_machine(machine_factory, modes.MODERN)
     con = vm.virtio("ser0", VirtioConsole, open_ports=False, nr_ports=2)
     assert con.ports[0].guest_open and not con.ports[1].guest_open
-    con.backend["port1"].write(b"early")
+    ports_of(con)["port1"].write(b"early")
     with pytest.raises(ConsoleError, match="port 1 is not open on the guest side"):
         con.read(5, 1, timeout=0.05)
     con.open_port(1)
@@ -240,7 +250,7 @@ def test_host_disconnect_is_announced(machine_factory, mode: str) -> None:
     vm = serial_machine(machine_factory, mode)
     con = vm.virtio("ser0", VirtioConsole, nr_ports=2)
     assert con.ports[1].host_open
-    con.backend["port1"].close()
+    ports_of(con)["port1"].close()
     deadline = time.monotonic() + 2
     while con.ports[1].host_open and time.monotonic() < deadline:
         time.sleep(0.001)
@@ -254,18 +264,18 @@ def test_emergency_write_on_reset_device(machine_factory, mode: str) -> None:
     vm = serial_machine(machine_factory, mode)
     con = vm.virtio("ser0", VirtioConsole, nr_ports=2)
     con.emergency_write(ord("!"))
-    assert con.backend["console"].read(1, 2) == b"!"
+    assert ports_of(con)["console"].read(1, 2) == b"!"
     con.reset()
     assert con.transport.get_status() == 0
     con.emergency_write(0x1234_5641)  # only the low byte counts
-    assert con.backend["console"].read(1, 2) == b"A"
+    assert ports_of(con)["console"].read(1, 2) == b"A"
 
 
 def test_intx_interrupts(machine_factory) -> None:
     vm = serial_machine(machine_factory, modes.TRANSITIONAL_MODERN)
     con = vm.virtio("ser0", VirtioConsole, interrupts="intx", nr_ports=2)
     assert con.msix is None and con.intx is not None
-    con.backend["console"].write(b"irq")
+    ports_of(con)["console"].write(b"irq")
     assert con.read(3) == b"irq"
     con.wait_queue_interrupt(0, timeout=1)
 
@@ -273,7 +283,7 @@ def test_intx_interrupts(machine_factory) -> None:
 def test_read_timeout_says_what_arrived(machine_factory) -> None:
     vm = serial_machine(machine_factory, modes.MODERN)
     con = vm.virtio("ser0", VirtioConsole, nr_ports=2)
-    con.backend["port1"].write(b"abc")
+    ports_of(con)["port1"].write(b"abc")
     with pytest.raises(ConsoleTimeout, match=r"port 1: 3 of 10 bytes within 0.05 s \(so far b'abc'\)"):
         con.read(10, 1, timeout=0.05)
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Any
 
 import pytest
+from pytest_qtest_virtio.plugin import MachineFactory
 
-from qtest_virtio import MachineSpec, modes
+from qtest_virtio import Machine, MachineSpec, modes
 from qtest_virtio.devices.net.driver import VirtioNet
 from qtest_virtio.devices.net.encoding import (
     ACK_UNWRITTEN,
@@ -156,9 +158,9 @@ RINGS = [
 ]
 
 
-def net_machine(machine_factory, mode: str, ring: str = "split", **props: str):
+def net_machine(machine_factory: MachineFactory, mode: str, ring: str = "split", **props: str) -> Machine:
     spec = MachineSpec()
-    spec.add_virtio("virtio-net-pci", mode=mode, id="net0", packed="on" if ring == "packed" else "off", **props)
+    spec.add_virtio("virtio-net-pci", {"id": "net0", "packed": "on" if ring == "packed" else "off", **props}, mode=mode)
     return machine_factory(spec)
 
 
@@ -177,8 +179,11 @@ def frame_to(dst: bytes | str, size: int, seed: int = 0) -> bytes:
     return ethernet_frame(dst, PEER, 0x88B5, payload(size - 14, seed))
 
 
-def rx_filter(vm) -> dict:
-    (info,) = vm.qmp.cmd("query-rx-filter", name="net0")
+def rx_filter(vm: Machine) -> dict[str, Any]:
+    filters = vm.qmp.cmd("query-rx-filter", name="net0")  # qemu.qmp types the result as object
+    assert isinstance(filters, list)
+    (info,) = filters
+    assert isinstance(info, dict)
     return info
 
 

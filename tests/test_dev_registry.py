@@ -11,8 +11,8 @@ from qtest_virtio.devices import registry
 from qtest_virtio.devices.base import DriverError, VirtioDriver, existing_fields, field_exists
 from qtest_virtio.devices.blk.encoding import BLK_CONFIG
 from qtest_virtio.devices.net.encoding import NET_CONFIG
+from qtest_virtio.errors import QtestError
 from qtest_virtio.modes import Interrupts
-from qtest_virtio.qtest import QtestError
 from qtest_virtio.transport import layout
 
 QEMU_SRC = "/root/.cache/qtest-virtio/src-10.2.2/hw/virtio"
@@ -46,9 +46,9 @@ def test_every_table_is_derived() -> None:
     assert registry.feature_bits()[2][9] == "FLUSH" and registry.feature_bits()[4] == {}
     assert set(registry.config_layouts()) == {1, 2, 3, 5, 8}  # virtio-rng has no config (§5.4.4)
     assert registry.config_layouts()[2] is BLK_CONFIG
-    assert qtest_virtio.VirtioScsi is registry.devices()["virtio-scsi-pci"].driver  # type: ignore[attr-defined]
+    assert qtest_virtio.VirtioScsi is registry.devices()["virtio-scsi-pci"].driver
     with pytest.raises(AttributeError):
-        qtest_virtio.VirtioGpu  # type: ignore[attr-defined]  # noqa: B018
+        qtest_virtio.VirtioGpu  # noqa: B018
 
 
 def test_lookup_takes_variants_and_names_the_fix() -> None:
@@ -103,18 +103,18 @@ class _NoFunction:
     bdf = "00:09.0"
 
     def __getattr__(self, name: str) -> object:
-        raise QtestError(f"construction touched the device ({name})")
+        raise QtestError(name, "construction touched the device")
 
 
 def test_construction_does_no_io() -> None:
     """A driver records its arguments; the transport appears with initialize() (here: never)."""
     for info in registry.devices().values():
-        drv = info.driver(_NoFunction(), "modern", None, interrupts="auto")  # type: ignore[arg-type]
+        drv = info.driver(_NoFunction(), "modern", None, interrupts="auto")
         assert not drv.initialized and drv.interrupts is Interrupts.AUTO and drv.mode == "modern"
         with pytest.raises(DriverError, match="not initialised yet; call initialize"):
             drv.transport  # noqa: B018
         drv.close()  # nothing allocated, nothing to do
     with pytest.raises(ValueError, match="interrupts must be"):
-        registry.devices()["virtio-rng-pci"].driver(_NoFunction(), "modern", None, interrupts="msi")  # type: ignore[arg-type]
+        registry.devices()["virtio-rng-pci"].driver(_NoFunction(), "modern", None, interrupts="msi")
     with pytest.raises(ValueError, match="unknown transport mode"):
-        registry.devices()["virtio-rng-pci"].driver(_NoFunction(), "legacy-ish", None)  # type: ignore[arg-type]
+        registry.devices()["virtio-rng-pci"].driver(_NoFunction(), "legacy-ish", None)

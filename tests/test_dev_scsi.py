@@ -60,7 +60,7 @@ def test_lun_encoding() -> None:
         assert decode_lun(encode_lun(target, lun, fmt=fmt)) == (target, lun)
     for bad in ({"target": 256}, {"lun": 16384}, {"lun": 256, "fmt": "peripheral"}, {"fmt": "extended"}):
         with pytest.raises(ValueError):
-            encode_lun(**bad)  # type: ignore[arg-type]
+            encode_lun(**bad)
     with pytest.raises(ValueError, match="not 1, target"):
         decode_lun(bytes([0xC1, 1, 0, 0, 0, 0, 0, 0]))
 

@@ -52,7 +52,7 @@ def entry(**kw: object) -> Deviation:
         "verified_on": ((7, 2, 22), (10, 0, 2)),
     }
     base.update(kw)
-    return Deviation(**base)  # type: ignore[arg-type]
+    return Deviation(**base)  # type: ignore[arg-type]  # kw may give any field any value, wrong ones on purpose
 
 
 # -- the table as data ---------------------------------------------------------------------------

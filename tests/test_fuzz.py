@@ -403,7 +403,8 @@ def test_cli_known_bug_is_not_new_and_a_new_one_is_written(qemu_binary, tmp_path
     """The packed virtio-blk livelock (a reproducer under scenarios/reproducers): with --known it
     is reported as known and the run exits 0; without, it is a find: written, replayed, exit 1;
     a second run into the same directory replays it first and does not report it as new."""
-    common = ("--device", "virtio-blk-pci", "--transport", "modern", "--ring", "packed", "--examples", "5")
+    common: tuple[str, ...] = ("--device", "virtio-blk-pci", "--transport", "modern", "--ring", "packed")
+    common += ("--examples", "5")
     common += ("--seed", "0", "--rounds", "1", "--hang-timeout", "2", "--qemu", qemu_binary.path)
     res = cli(*common, "--known", REPRODUCERS, "--out", str(tmp_path / "known"))
     assert res.returncode == 0, res.stdout + res.stderr

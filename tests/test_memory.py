@@ -64,7 +64,8 @@ def test_errors_name_the_problem() -> None:
 def test_leak_check_lists_owner_and_tag() -> None:
     m = mem()
     a = m.alloc(32, tag="avail ring")
-    assert m.owner(a + 5) is not None and m.owner(a + 5).tag == "avail ring"  # type: ignore[union-attr]
+    owner = m.owner(a + 5)
+    assert owner is not None and owner.tag == "avail ring"
     with pytest.raises(GuestMemoryLeak, match=r"1 guest allocation.*avail ring from test_memory.py:\d+"):
         m.check_leaks()
     m.free(a)

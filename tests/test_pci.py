@@ -16,17 +16,19 @@ VIRTIO = layout.VIRTIO_PCI_VENDOR_ID
 
 def virtio_caps(fn: PciFunction) -> dict[int, dict[str, int]]:
     """cfg_type -> decoded virtio_pci_cap fields, for every virtio vendor capability."""
-    out = {}
+    out: dict[int, dict[str, int]] = {}
     for cap in fn.vendor_capabilities():
-        block = RegisterBlock(
-            layout.VIRTIO_PCI_CAP, lambda o, w, c=cap.offset: fn.read_config(c + o, w), lambda *a: None
-        )
+
+        def read(o: int, w: int, c: int = cap.offset) -> int:
+            return fn.read_config(c + o, w)
+
+        block = RegisterBlock(layout.VIRTIO_PCI_CAP, read, lambda *a: None)
         fields = dict(block.dump())
         out[fields["cfg_type"]] = fields
     return out
 
 
-def common_cfg(fn: PciFunction) -> RegisterBlock:
+def common_cfg(fn: PciFunction) -> RegisterBlock[layout.CommonCfgLayout]:
     cap = virtio_caps(fn)[layout.CFG_TYPE_COMMON]
     bar, base = cap["bar"], cap["offset"]
     return RegisterBlock(

@@ -48,7 +48,7 @@ def record(vm, name):
 
 
 @pytest.fixture
-def qemu_path(qemu_binary) -> str:  # type: ignore[no-untyped-def]
+def qemu_path(qemu_binary) -> str:
     return str(qemu_binary.path)
 
 
@@ -131,7 +131,9 @@ def test_xdist_workers_get_private_machines(pytester: pytest.Pytester, qemu_path
     assert len(set(workdirs)) == 6
     sockets: list[str] = []
     for r in recs.values():
-        paths = _socket_paths(list(r["argv"]))  # type: ignore[call-overload]
+        argv = r["argv"]  # a JSON list of strings
+        assert isinstance(argv, list)
+        paths = _socket_paths(argv)
         assert len(paths) == 2 and all(os.path.dirname(p) == r["workdir"] for p in paths), r["argv"]
         sockets += paths
         assert os.path.basename(str(r["workdir"])).startswith(f"qtest-virtio-{r['harness']}-")
@@ -456,7 +458,7 @@ def test_qtest_log_per_test_and_junit_properties(pytester: pytest.Pytester, qemu
     assert "> b64read" in text["rng"] or "> read" in text["rng"]
 
     cases = {case.get("name"): case for case in ET.parse(pytester.path / "out.xml").iter("testcase")}
-    props = {name: {p.get("name"): p.get("value") for p in case.iter("property")} for name, case in cases.items()}
+    props = {name: {p.attrib["name"]: p.get("value") for p in case.iter("property")} for name, case in cases.items()}
     rng = props["test_rng[virtio-rng-pci-modern]"]
     assert rng["virtio_device"] == "virtio-rng-pci"
     assert rng["virtio_transport"] == "modern"

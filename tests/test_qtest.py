@@ -15,6 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from conftest import qmp_object
+from pytest_qtest_virtio.plugin import MachineFactory
 
 from qtest_virtio import (
     ClockUnavailable,
@@ -28,8 +30,6 @@ from qtest_virtio import (
 from qtest_virtio.binary import QemuBinary
 from qtest_virtio.errors import MalformedCommand
 from qtest_virtio.qtest import READ_CHUNK, WRITE_CHUNK, QtestClient
-
-MachineFactory = Callable[..., Machine]
 
 #: Guest RAM well above the legacy VGA/BIOS holes below 1 MiB.
 RAM = 0x100000
@@ -489,7 +489,7 @@ def test_sigabrt_raises_qemu_crashed(machine_factory: MachineFactory) -> None:
     with pytest.raises(QemuCrashed) as info:
         vm.qtest.readl(RAM)
     crash = info.value
-    assert crash.signal == signal.SIGABRT == 6
+    assert crash.signal == signal.SIGABRT.value == 6
     assert crash.returncode == -6
     text = str(crash)
     assert "signal 6" in text and "SIGABRT" in text
@@ -518,7 +518,7 @@ def test_timeout_on_stopped_qemu_then_teardown_kills_it(machine_factory: Machine
     vm = machine_factory(MachineSpec(command_timeout=0.5))
     pid, workdir = vm.pid, vm.workdir
     # -S (prelaunch) without the qtest accelerator; with it the machine runs from the start.
-    assert vm.qmp.cmd("query-status")["status"] == ("running" if vm.binary.has_qtest_accel else "prelaunch")
+    assert qmp_object(vm, "query-status")["status"] == ("running" if vm.binary.has_qtest_accel else "prelaunch")
     os.kill(pid, signal.SIGSTOP)
     t0 = time.monotonic()
     with pytest.raises(QtestTimeout) as info:

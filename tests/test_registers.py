@@ -41,7 +41,7 @@ def test_layout_errors() -> None:
     with pytest.raises(TypeError, match="shadows"):
 
         class Shadow(Layout, struct="shadow"):
-            size = Field(0, 1)
+            size = Field(0, 1)  # type: ignore[assignment]  # the shadowing this test expects refused
 
     with pytest.raises(KeyError):
         _ = layout.COMMON_CFG["nope"]

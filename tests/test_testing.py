@@ -551,7 +551,9 @@ def test_packed_in_order_batch_skips_every_slot() -> None:
     vq.kick()
     popped = [device.pop() for _ in chains]
     assert all(popped)
-    device.push(popped[-1].id, 5, slots=6)  # type: ignore[union-attr]
+    last = popped[-1]
+    assert last is not None
+    device.push(last.id, 5, slots=6)
     elems = [vq.wait_used(0) for _ in tokens]
     assert [(e.token, e.skipped) for e in elems] == [(tokens[0], True), (tokens[1], True), (tokens[2], False)]
     assert (vq.next_used, vq.used_wrap) == (6, 1) == (device.next_used, device.used_wrap)

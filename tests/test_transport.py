@@ -6,8 +6,10 @@ from __future__ import annotations
 import struct
 
 import pytest
+from pytest_qtest_virtio.plugin import MachineFactory
 
 from qtest_virtio import Machine, MachineSpec, modes
+from qtest_virtio.devices.rng.driver import VirtioRng
 from qtest_virtio.introspect import device_view
 from qtest_virtio.pci import Msix, PciFunction
 from qtest_virtio.pci.regs import MSIX_ENTRY
@@ -26,15 +28,16 @@ from qtest_virtio.transport import (
 )
 from qtest_virtio.transport.layout import COMMON_CFG, LEGACY_CFG, STATUS, VIRTIO_PCI_VENDOR_ID
 from qtest_virtio.transport.legacy import legacy_ring_offsets
+from qtest_virtio.virtqueue import SplitVirtqueue
 from qtest_virtio.virtqueue.layout import DESC_F, SPLIT_AVAIL
 
 ALL_BITS = (1 << 64) - 1
 IMAGE = 64 << 20  # the scratch image MachineSpec makes for virtio-blk
 
 
-def machine_with(machine_factory, driver: str, mode: str, **props: str) -> Machine:
+def machine_with(machine_factory: MachineFactory, driver: str, mode: str, **props: str) -> Machine:
     spec = MachineSpec()
-    spec.add_virtio(driver, mode=mode, id="dev0", **props)
+    spec.add_virtio(driver, {"id": "dev0", **props}, mode=mode)
     vm = machine_factory(spec)
     vm.pci.assign_bars()
     return vm
@@ -99,7 +102,7 @@ def test_modern_cannot_refuse_version_1(machine_factory) -> None:
 @pytest.mark.parametrize("mode", [modes.LEGACY, modes.TRANSITIONAL_LEGACY])
 def test_legacy_queue_size_is_fixed_and_rings_sit_at_a_page_frame(machine_factory, mode: str) -> None:
     vm = machine_with(machine_factory, "virtio-rng-pci", mode)
-    rng = vm.virtio("dev0", mode=mode)
+    rng = vm.virtio("dev0", VirtioRng, mode=mode)
     t = rng.transport
     assert isinstance(t, LegacyTransport)
     size = t.queue_max_size(0)
@@ -113,6 +116,7 @@ def test_legacy_queue_size_is_fixed_and_rings_sit_at_a_page_frame(machine_factor
     with pytest.raises(TransportError, match="contiguous"):
         t.setup_queue(0, size, 0x200000, 0x300000, 0x400000)
     vq = rng.queues[0]
+    assert isinstance(vq, SplitVirtqueue)  # the legacy layout has no packed ring
     assert vq.desc % 4096 == 0 and vq.used % 4096 == 0  # used ring on the next page boundary
     t.regs.write(LEGACY_CFG.queue_select, 0)
     assert t.regs.read(LEGACY_CFG.queue_address) == vq.desc >> 12  # the PFN
@@ -151,7 +155,7 @@ def test_modern_queue_size_is_writable(machine_factory) -> None:
     t.common.write(COMMON_CFG.queue_size, 16)
     assert t.common.read(COMMON_CFG.queue_size) == 16
     rng_vm = machine_with(machine_factory, "virtio-rng-pci", modes.MODERN)
-    rng = rng_vm.virtio("dev0", queue_size=4)
+    rng = rng_vm.virtio("dev0", VirtioRng, queue_size=4)
     assert rng.queues[0].size == 4
     assert len(rng.read(100)) == 100
 
@@ -172,12 +176,12 @@ def test_modern_notify_offsets(machine_factory, page_per_vq: str) -> None:
         assert t.notify_address(q) == (t.notify_window.bar, t.notify_window.offset + off * mult)
     # and notifying through those addresses works
     rng_vm = machine_with(machine_factory, "virtio-rng-pci", modes.MODERN, **{"page-per-vq": page_per_vq})
-    assert len(rng_vm.virtio("dev0").read(64)) == 64
+    assert len(rng_vm.virtio("dev0", VirtioRng).read(64)) == 64
 
 
 def test_modern_pio_notify(machine_factory) -> None:
     vm = machine_with(machine_factory, "virtio-rng-pci", modes.MODERN, **{"modern-pio-notify": "on"})
-    rng = vm.virtio("dev0", notify_via="pio")
+    rng = vm.virtio("dev0", VirtioRng, notify_via="pio")
     t = rng.transport
     assert isinstance(t, ModernTransport) and t.notify_window.bar is not None
     assert t.notify_window.access == Access.IO and rng.fn.bar(t.notify_window.bar).is_io
@@ -230,7 +234,7 @@ def test_device_needs_reset_is_reported_then_reset_recovers(machine_factory) -> 
     """A 1.x device that detects an error sets DEVICE_NEEDS_RESET (§2.1.2); we report it, and a
     reset brings the device back."""
     vm = machine_with(machine_factory, "virtio-rng-pci", modes.MODERN, packed="off")
-    rng = vm.virtio("dev0")
+    rng = vm.virtio("dev0", VirtioRng)
     _publish_broken_chain(vm, rng)
     with pytest.raises(DeviceNeedsReset, match="DEVICE_NEEDS_RESET"):
         rng.check_status()
@@ -244,7 +248,7 @@ def test_legacy_device_breaks_silently_on_the_same_error(machine_factory) -> Non
     """What QEMU does where the spec gives legacy devices no NEEDS_RESET bit: it stops
     answering the queue (QMP says broken); a reset recovers it."""
     vm = machine_with(machine_factory, "virtio-rng-pci", modes.LEGACY)
-    rng = vm.virtio("dev0", mode=modes.LEGACY)
+    rng = vm.virtio("dev0", VirtioRng, mode=modes.LEGACY)
     _publish_broken_chain(vm, rng)
     assert rng.check_status() & STATUS.DEVICE_NEEDS_RESET.mask == 0
     assert device_view(vm, "dev0").broken

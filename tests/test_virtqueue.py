@@ -7,8 +7,10 @@ import struct
 import time
 
 import pytest
+from pytest_qtest_virtio.plugin import MachineFactory
 
 from qtest_virtio import Machine, MachineSpec, modes
+from qtest_virtio.devices.rng.driver import VirtioRng
 from qtest_virtio.introspect import device_view, queue_view
 from qtest_virtio.testing import LEGACY_LAYOUT_MODES, MODERN_LAYOUT_MODES, PackedDesc, PackedRing, SplitRing
 from qtest_virtio.transport.layout import STATUS
@@ -16,9 +18,9 @@ from qtest_virtio.virtqueue import Buf, PackedVirtqueue, SplitVirtqueue, UsedEle
 from qtest_virtio.virtqueue.layout import DESC_F, PACKED_F
 
 
-def rng_machine(machine_factory, mode: str, **props: str) -> Machine:
+def rng_machine(machine_factory: MachineFactory, mode: str, **props: str) -> Machine:
     spec = MachineSpec()
-    spec.add_virtio("virtio-rng-pci", mode=mode, id="rng0", **props)
+    spec.add_virtio("virtio-rng-pci", {"id": "rng0", **props}, mode=mode)
     return machine_factory(spec)
 
 
@@ -30,7 +32,7 @@ def test_rng_matrix(machine_factory, mode: str, ring: str, event_idx: str, indir
     vm = rng_machine(
         machine_factory, mode, packed="on" if ring == "packed" else "off", event_idx=event_idx, indirect_desc=indirect
     )
-    rng = vm.virtio("rng0")
+    rng = vm.virtio("rng0", VirtioRng)
     vq = rng.queues[0]
     names = rng.negotiated
 
@@ -66,7 +68,7 @@ def test_rng_matrix(machine_factory, mode: str, ring: str, event_idx: str, indir
     used_slots = free_before - vq.free_descriptors
     assert used_slots == (1 if indirect == "on" else 3)
     head = next(iter(vq.in_flight.values())).descriptors[0]  # the chain's first ring slot
-    if packed:
+    if isinstance(vq, PackedVirtqueue):  # packed, as asserted above
         flags = PackedRing.of(vq).flags(head)
         assert bool(flags & PACKED_F.INDIRECT.mask) == (indirect == "on")
     else:
@@ -80,7 +82,7 @@ def test_rng_matrix(machine_factory, mode: str, ring: str, event_idx: str, indir
 
     # The device's queue indices agree with the driver's.
     q = queue_view(vm, "rng0", 0)
-    if packed:
+    if isinstance(vq, PackedVirtqueue):
         assert (q.last_avail_idx, q.used_idx) == (vq.next_avail, vq.next_used)
     else:
         assert (q.last_avail_idx, q.used_idx) == (vq.avail_idx, vq.last_used)
@@ -92,7 +94,7 @@ def test_rng_matrix(machine_factory, mode: str, ring: str, event_idx: str, indir
 def test_split_index_wraps_past_2_16(machine_factory, mode: str) -> None:
     """65 552 requests: avail.idx and used.idx wrap around 16 bits (§2.7.6, §2.7.8)."""
     vm = rng_machine(machine_factory, mode, event_idx="on")
-    rng = vm.virtio("rng0")
+    rng = vm.virtio("rng0", VirtioRng)
     vq = rng.queues[0]
     n = vq.size
     buf = Buf(vm.memory.alloc(8 * n), 8, writable=True)
@@ -117,7 +119,7 @@ def test_split_index_wraps_past_2_16(machine_factory, mode: str) -> None:
 def test_packed_wrap_counters(machine_factory, mode: str) -> None:
     """Chains of mixed lengths make the ring wrap at odd positions many times (§2.8.1)."""
     vm = rng_machine(machine_factory, mode, packed="on", indirect_desc="off")
-    rng = vm.virtio("rng0")
+    rng = vm.virtio("rng0", VirtioRng)
     vq = rng.queues[0]
     assert isinstance(vq, PackedVirtqueue)
     region = vm.memory.alloc(4096)
@@ -143,7 +145,7 @@ def test_intx_line_rises_and_falls(machine_factory, machine: str, mode: str) -> 
     spec = MachineSpec(machine=machine)
     spec.add_virtio("virtio-rng-pci", mode=mode, id="rng0")
     vm = machine_factory(spec)
-    rng = vm.virtio("rng0", interrupts="intx")
+    rng = vm.virtio("rng0", VirtioRng, interrupts="intx")
     assert rng.msix is None and rng.intx is not None
     assert rng.intx.gsi in ((10, 11) if machine == "pc" else range(16, 24))
     assert not rng.intx.level()
@@ -156,7 +158,7 @@ def test_intx_line_rises_and_falls(machine_factory, machine: str, mode: str) -> 
 @pytest.mark.parametrize("mode", modes.ALL_MODES)
 def test_intx_isr_polling_fallback(machine_factory, mode: str) -> None:
     vm = rng_machine(machine_factory, mode)
-    rng = vm.virtio("rng0", interrupts="isr")
+    rng = vm.virtio("rng0", VirtioRng, interrupts="isr")
     rng.request(16)
     rng.wait_queue_interrupt(0)
     assert rng.transport.read_isr() == 0
@@ -166,7 +168,7 @@ def test_intx_isr_polling_fallback(machine_factory, mode: str) -> None:
 @pytest.mark.parametrize("mode", modes.ALL_MODES)
 def test_driver_side_refusal(machine_factory, mode: str, feature: str) -> None:
     vm = rng_machine(machine_factory, mode)
-    rng = vm.virtio("rng0", refuse={feature})
+    rng = vm.virtio("rng0", VirtioRng, refuse={feature})
     assert feature not in rng.negotiated
     assert rng.negotiated.refused  # offered, declined
     assert feature not in device_view(vm, "rng0").guest_features
@@ -183,7 +185,7 @@ def test_driver_side_refusal(machine_factory, mode: str, feature: str) -> None:
 def test_queue_reset_mid_traffic(machine_factory, mode: str, ring: str) -> None:
     """RING_RESET (§2.6.1): reset a queue with chains in flight, set it up again, use it."""
     vm = rng_machine(machine_factory, mode, packed="on" if ring == "packed" else "off")
-    rng = vm.virtio("rng0")
+    rng = vm.virtio("rng0", VirtioRng)
     assert "RING_RESET" in rng.negotiated
     vq = rng.queues[0]
     region = vm.memory.alloc(64)
@@ -205,7 +207,7 @@ def test_queue_reset_mid_traffic(machine_factory, mode: str, ring: str) -> None:
 @pytest.mark.parametrize("mode", modes.ALL_MODES)
 def test_device_reset_mid_traffic(machine_factory, mode: str, ring: str) -> None:
     vm = rng_machine(machine_factory, mode, packed="on" if ring == "packed" else "off")
-    rng = vm.virtio("rng0")
+    rng = vm.virtio("rng0", VirtioRng)
     region = vm.memory.alloc(64)
     rng.queues[0].add([Buf(region, 8, True)])
     rng.queues[0].flush()
@@ -224,7 +226,7 @@ def test_device_bugs_are_reported_by_name(machine_factory) -> None:
     """A used length longer than the chain, or an id not in flight, names device, queue and
     descriptor instead of failing somewhere deep (§2.7.8.2)."""
     vm = rng_machine(machine_factory, modes.MODERN)
-    rng = vm.virtio("rng0")
+    rng = vm.virtio("rng0", VirtioRng)
     vq = rng.queues[0]
     assert isinstance(vq, SplitVirtqueue)
     region = vm.memory.alloc(16)
@@ -250,7 +252,7 @@ def test_driver_suppresses_interrupts(machine_factory, mode: str, ring: str, eve
     """NO_INTERRUPT / used_event (split) and driver event flags (packed) stop the queue's MSI-X
     message; enabling them again brings it back. Completion is found by polling either way."""
     vm = rng_machine(machine_factory, mode, packed="on" if ring == "packed" else "off", event_idx=event_idx)
-    rng = vm.virtio("rng0")
+    rng = vm.virtio("rng0", VirtioRng)
     assert rng.msix is not None
     vq = rng.queues[0]
     # QEMU signals the first used buffer after queue setup whatever used_event says (it has no
@@ -272,7 +274,7 @@ def test_msix_vectors_and_no_vector(machine_factory, mode: str) -> None:
     """A queue on VIRTIO_MSI_NO_VECTOR raises nothing; a vector past the table is refused
     (reads back NO_VECTOR, §4.1.5.1.2); a valid one delivers to its own mailbox."""
     vm = rng_machine(machine_factory, mode)
-    rng = vm.virtio("rng0")
+    rng = vm.virtio("rng0", VirtioRng)
     assert rng.msix is not None
     t = rng.transport
     assert t.set_queue_vector(0, 0xFFFF) == 0xFFFF
@@ -290,7 +292,7 @@ def test_msix_vectors_and_no_vector(machine_factory, mode: str) -> None:
 def test_readable_and_writable_buffers_in_one_chain(machine_factory, ring: str) -> None:
     """The used length counts only what the device wrote into the writable part (§2.7.8)."""
     vm = rng_machine(machine_factory, modes.MODERN, packed="on" if ring == "packed" else "off")
-    rng = vm.virtio("rng0")
+    rng = vm.virtio("rng0", VirtioRng)
     length, (data,) = rng.queues[0].exchange([b"driver-to-device"], [24])
     assert length == 24 and len(data) == 24
     with pytest.raises(VirtqueueError, match="at least one buffer"):
@@ -302,9 +304,11 @@ def test_readable_and_writable_buffers_in_one_chain(machine_factory, ring: str) 
 IN_ORDER_BINARIES = ["debian-10.0", "src-newest"]
 
 
-def _in_order_rng(provided_qemu, machine_factory, name: str, mode: str, ring: str = "split", **props: str) -> Machine:
+def _in_order_rng(
+    provided_qemu, machine_factory: MachineFactory, name: str, mode: str, ring: str = "split", **props: str
+) -> Machine:
     spec = MachineSpec(qemu=provided_qemu(name).path)
-    spec.add_virtio("virtio-rng-pci", mode=mode, id="rng0", packed="on" if ring == "packed" else "off", **props)
+    spec.add_virtio("virtio-rng-pci", {"id": "rng0", "packed": "on" if ring == "packed" else "off", **props}, mode=mode)
     return machine_factory(spec)
 
 
@@ -317,7 +321,7 @@ def test_in_order_is_negotiated_where_offered(provided_qemu, machine_factory, na
     layouts (the legacy one shows bits 0-31 only), QEMU agrees, and the queue runs in-order: split
     descriptors handed out in ring order, requests served on both rings."""
     vm = _in_order_rng(provided_qemu, machine_factory, name, mode, ring, in_order=in_order)
-    rng = vm.virtio("rng0")
+    rng = vm.virtio("rng0", VirtioRng)
     negotiated = in_order == "on" and mode not in LEGACY_LAYOUT_MODES
     assert ("IN_ORDER" in rng.negotiated) == negotiated
     assert ("IN_ORDER" in device_view(vm, "rng0").guest_features) == negotiated
@@ -345,7 +349,7 @@ def test_in_order_is_unknown_to_7_2(provided_qemu, machine_factory) -> None:
     spec = MachineSpec(qemu=binary.path)
     spec.add_virtio("virtio-rng-pci", mode=modes.MODERN, id="rng0")
     vm = machine_factory(spec)
-    rng = vm.virtio("rng0")
+    rng = vm.virtio("rng0", VirtioRng)
     assert not rng.negotiated.offered >> 35 & 1
     assert "IN_ORDER" not in rng.negotiated and not rng.queues[0].in_order
     assert len(rng.read(100)) == 100
@@ -357,7 +361,7 @@ def test_in_order_can_be_refused(provided_qemu, machine_factory, name, ring) -> 
     """refuse={"IN_ORDER"} (--refuse IN_ORDER, --virtio-refuse IN_ORDER): offered, declined,
     and the queue runs as without the feature."""
     vm = _in_order_rng(provided_qemu, machine_factory, name, modes.MODERN, ring, in_order="on")
-    rng = vm.virtio("rng0", refuse={"IN_ORDER"})
+    rng = vm.virtio("rng0", VirtioRng, refuse={"IN_ORDER"})
     assert "IN_ORDER" not in rng.negotiated
     assert rng.negotiated.refused >> 35 & 1
     view = device_view(vm, "rng0")
@@ -448,7 +452,7 @@ def _detached_queue(machine_factory, cls: type[Virtqueue], size: int = 8) -> tup
     never told DRIVER_OK nor notified, so it leaves the rings alone and the test plays the
     device by writing the used side itself. Any QEMU will do."""
     vm = rng_machine(machine_factory, modes.MODERN)
-    rng = vm.virtio("rng0")
+    rng = vm.virtio("rng0", VirtioRng)
     rng.reset()
     vq = cls(rng.transport, vm.memory, 0, size, in_order=True, indirect=True)
     vq.setup()
@@ -542,7 +546,7 @@ def test_split_without_in_order_reads_the_same_ring_as_an_error(machine_factory)
     """Without IN_ORDER nothing changes: the batch entry of the test above names one chain only,
     and the zeroed entries after it name a chain twice."""
     vm = rng_machine(machine_factory, modes.MODERN)
-    rng = vm.virtio("rng0")
+    rng = vm.virtio("rng0", VirtioRng)
     rng.reset()
     vq = SplitVirtqueue(rng.transport, vm.memory, 0, 8)
     vq.setup()
