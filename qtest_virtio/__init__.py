@@ -3,6 +3,8 @@
 The stable names (design.md) are importable from here.
 """
 
+from typing import TYPE_CHECKING
+
 from .errors import (
     ClockUnavailable,
     QemuCrashed,
@@ -14,6 +16,14 @@ from .errors import (
 )
 from .machine import DeviceSpec, MachineSpec
 from .vm import Machine
+
+if TYPE_CHECKING:  # design.md's stable driver names, typed for mypy; at run time from the registry
+    from .devices.balloon.driver import VirtioBalloon
+    from .devices.blk.driver import VirtioBlk
+    from .devices.console.driver import VirtioConsole
+    from .devices.net.driver import VirtioNet
+    from .devices.rng.driver import VirtioRng
+    from .devices.scsi.driver import VirtioScsi
 
 
 def __getattr__(name: str) -> object:

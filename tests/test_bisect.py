@@ -1,3 +1,5 @@
+# mypy: allow-untyped-defs, allow-incomplete-defs, allow-untyped-calls
+# (test functions take pytest fixtures, typed where the fixtures are defined; the rest is strict)
 """Regression hunting: delta debugging over flags (pure), then bisect-flags and git bisect end to
 end against real QEMU (the git repository is a fake whose commits hold a QEMU wrapper)."""
 

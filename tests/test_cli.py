@@ -1,3 +1,5 @@
+# mypy: allow-untyped-defs, allow-incomplete-defs, allow-untyped-calls
+# (test functions take pytest fixtures, typed where the fixtures are defined; the rest is strict)
 """`qtest-virtio` as a user runs it: the installed console script, real QEMU, exit codes."""
 
 from __future__ import annotations

@@ -1,3 +1,5 @@
+# mypy: allow-untyped-defs, allow-incomplete-defs, allow-untyped-calls
+# (test functions take pytest fixtures, typed where the fixtures are defined; the rest is strict)
 """A newcomer's tests: written only against design.md's "Stable Python surface" and its pytest
 plugin section (names, fixtures, markers, options), as a user who read nothing else would.
 If one of these fails, the documented contract is broken, whatever the rest of the suite says.

@@ -1,3 +1,5 @@
+# mypy: allow-untyped-defs, allow-incomplete-defs, allow-untyped-calls
+# (test functions take pytest fixtures, typed where the fixtures are defined; the rest is strict)
 """virtio-balloon driver: PFN and statistics encoding (no QEMU), and inflate/deflate, the
 target set through QMP, ``actual`` and the stats queue on real QEMU in every transport mode,
 split and packed."""

@@ -1,3 +1,5 @@
+# mypy: allow-untyped-defs, allow-incomplete-defs, allow-untyped-calls
+# (test functions take pytest fixtures, typed where the fixtures are defined; the rest is strict)
 """virtio-console driver: control message encoding (no QEMU), and the multiport handshake and
 data both ways on real QEMU (virtio-serial-pci with a virtconsole and a virtserialport on
 socketpair chardevs), in every transport mode, split and packed."""

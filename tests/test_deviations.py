@@ -1,3 +1,5 @@
+# mypy: allow-untyped-defs, allow-incomplete-defs, allow-untyped-calls
+# (test functions take pytest fixtures, typed where the fixtures are defined; the rest is strict)
 """The deviation table (qtest_virtio.deviations) and what the plugin and ``qtest-virtio run`` make
 of it: a strict xfail on a verified version, a plain pass requirement where fixed (or not yet
 there), a non-strict xfail on an unverified version whose XPASS is listed as "possibly fixed"

@@ -1,3 +1,5 @@
+# mypy: allow-untyped-defs, allow-incomplete-defs, allow-untyped-calls
+# (test functions take pytest fixtures, typed where the fixtures are defined; the rest is strict)
 """The hostile-driver fuzzer: actions render to well-formed qtest lines (no QEMU), short runs
 find nothing on the installed QEMU and leave no process, and the failure path (a "QEMU" that
 aborts) shrinks to a .qtest reproducer that replay classifies the same way."""

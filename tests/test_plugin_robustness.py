@@ -1,3 +1,5 @@
+# mypy: allow-untyped-defs, allow-incomplete-defs, allow-untyped-calls
+# (test functions take pytest fixtures, typed where the fixtures are defined; the rest is strict)
 """The plugin where runs go wrong or go wide, with real QEMU, through pytester: pytest-xdist
 workers side by side, a hung QEMU under pytest-timeout (signal and thread methods), a QEMU that
 crashes mid-test, and what a run leaves for CI (per-test qtest logs, JUnit properties).
@@ -25,7 +27,7 @@ from procutil import start_time as _start_time
 from procutil import state as _state
 
 from qtest_virtio import Machine, MachineSpec, QtestVirtioError
-from qtest_virtio.machine import sweep_stale_workdirs
+from qtest_virtio.workdirs import sweep_stale_workdirs
 
 #: Waits are generous (a loaded 2-core machine) but bounded.
 GONE_WAIT = 15.0

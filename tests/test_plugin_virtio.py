@@ -1,3 +1,5 @@
+# mypy: allow-untyped-defs, allow-incomplete-defs, allow-untyped-calls
+# (test functions take pytest fixtures, typed where the fixtures are defined; the rest is strict)
 """The plugin's virtio_device machinery: parametrisation logic (pure), and through pytester:
 ids, -k selection, skips decided before QEMU starts, the shared machine, JUnit properties,
 --qtest-log, and qtest-virtio run's summary and exit codes."""

@@ -1,3 +1,5 @@
+# mypy: allow-untyped-defs, allow-incomplete-defs, allow-untyped-calls
+# (test functions take pytest fixtures, typed where the fixtures are defined; the rest is strict)
 """The qtest wire client (qtest_virtio/qtest/client.py) against a real QEMU: no fakes.
 
 Every test starts its own QEMU through the plugin's fixtures (~40 ms each) so that a test which

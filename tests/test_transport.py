@@ -1,3 +1,5 @@
+# mypy: allow-untyped-defs, allow-incomplete-defs, allow-untyped-calls
+# (test functions take pytest fixtures, typed where the fixtures are defined; the rest is strict)
 """Transport layer against real QEMU: the legacy I/O BAR and the modern capabilities, the rules
 that differ between them, and the initialization sequence of virtio 1.2 §3.1.1."""
 

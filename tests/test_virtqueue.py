@@ -1,3 +1,5 @@
+# mypy: allow-untyped-defs, allow-incomplete-defs, allow-untyped-calls
+# (test functions take pytest fixtures, typed where the fixtures are defined; the rest is strict)
 """Virtqueues against real QEMU, with virtio-rng as the simplest device (a request is one
 device-writable buffer): every transport mode x {split, packed} x event_idx x indirect_desc."""
 

@@ -9,7 +9,6 @@ QEMU connects, as a client, to two Unix sockets the harness listens on in a fres
 directory (the layout libqtest uses): one for qtest, one for QMP.
 """
 
-from ..workdirs import sweep_stale_workdirs
 from .launch import LaunchPlan, build_argv, halt_firmware, names_qtest_accel
 from .machine import QemuMachine, watch_machines
 from .process import CRASH_MARKERS, is_crash_marker
@@ -30,6 +29,5 @@ __all__ = [
     "names_qtest_accel",
     "parse_memory",
     "split_option_list",
-    "sweep_stale_workdirs",
     "watch_machines",
 ]
