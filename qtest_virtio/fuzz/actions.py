@@ -77,6 +77,10 @@ class Window:
         spec = access(self.space, width, write=True)
         return spec.build(self._where(offset), value & spec.arg("value").hi).encode()
 
+    def rw(self, offset: int, width: int, value: int | None) -> str:
+        """The read (``value`` None) or the write of ``value``."""
+        return self.read(offset, width) if value is None else self.write(offset, width, value)
+
 
 def _mem_write(addr: int, data: bytes) -> str:
     addr &= U64
@@ -163,8 +167,7 @@ class Target:
         offset %= CONFIG_SPACE_SIZE
         address = Window("config-address", True, CONFIG_ADDRESS_PORT, 4)
         data = Window("config-data", True, CONFIG_DATA_PORT, 4)
-        access = data.read(offset & 3, width) if value is None else data.write(offset & 3, width, value)
-        return [address.write(0, 4, self.config_address | (offset & 0xFC)), access]
+        return [address.write(0, 4, self.config_address | (offset & 0xFC)), data.rw(offset & 3, width, value)]
 
 
 # -- actions -----------------------------------------------------------------------------------
@@ -249,7 +252,7 @@ class RegAccess(Action):
     def render(self, t: Target) -> list[str]:
         w = t.windows[self.window % len(t.windows)]
         off = self.offset % (w.length + 16)
-        return [w.write(off, self.width, self.value) if self.write else w.read(off, self.width)]
+        return [w.rw(off, self.width, self.value if self.write else None)]
 
 
 @dataclass(frozen=True)
@@ -575,7 +578,7 @@ class MsixAccess(Action):
         span = 8 * (t.msix_table + 2) if self.pba else MSIX_ENTRY.size * (t.msix_table + 2)
         w = Window("msix-pba" if self.pba else "msix-table", False, base, span)
         off = self.offset % span
-        return [w.write(off, self.width, self.value) if self.write else w.read(off, self.width)]
+        return [w.rw(off, self.width, self.value if self.write else None)]
 
 
 EVENT_FIELDS = ("used_event", "avail_event", "avail_flags", "used_flags")
