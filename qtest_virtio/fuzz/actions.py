@@ -236,8 +236,24 @@ class Action:
         return True
 
 
+class _Access(Action):
+    """A register access of the fuzzed ``width``: a write of ``value`` or a read."""
+
+    width: int
+    write: bool
+    value: int
+
+    @property
+    def written(self) -> int | None:
+        """The value written, None for a read (what :meth:`Window.rw` and ``Target.config`` take)."""
+        return self.value if self.write else None
+
+    def may_write_status(self) -> bool:
+        return self.write  # PciConfig: a moved BAR makes the status read-back meaningless too
+
+
 @dataclass(frozen=True)
-class RegAccess(Action):
+class RegAccess(_Access):
     """Read or write of any width at any offset of a window, unaligned and just past its end."""
 
     window: int
@@ -246,13 +262,10 @@ class RegAccess(Action):
     write: bool
     value: int
 
-    def may_write_status(self) -> bool:
-        return self.write
-
     def render(self, t: Target) -> list[str]:
         w = t.windows[self.window % len(t.windows)]
         off = self.offset % (w.length + 16)
-        return [w.rw(off, self.width, self.value if self.write else None)]
+        return [w.rw(off, self.width, self.written)]
 
 
 @dataclass(frozen=True)
@@ -515,7 +528,7 @@ class MisshapenRequest(Action):
 
 
 @dataclass(frozen=True)
-class PciConfig(Action):
+class PciConfig(_Access):
     """A config-space read or write of the function at any offset and width through CF8/CFC:
     command register, BARs, capabilities, MSI-X control; unaligned too (what a guest may do)."""
 
@@ -524,15 +537,12 @@ class PciConfig(Action):
     write: bool
     value: int
 
-    def may_write_status(self) -> bool:
-        return self.write  # a moved BAR makes the status read-back meaningless
-
     def render(self, t: Target) -> list[str]:
-        return t.config(self.offset, self.width, self.value if self.write else None)
+        return t.config(self.offset, self.width, self.written)
 
 
 @dataclass(frozen=True)
-class PciCfgWindow(Action):
+class PciCfgWindow(_Access):
     """The VIRTIO_PCI_CAP_PCI_CFG window (virtio 1.2 §4.1.4.9) with any bar, offset and length,
     then a pci_cfg_data access of any width: the device must bound the access itself."""
 
@@ -543,9 +553,6 @@ class PciCfgWindow(Action):
     write: bool
     value: int
 
-    def may_write_status(self) -> bool:
-        return self.write
-
     def render(self, t: Target) -> list[str]:
         if not t.pci_cfg_cap:
             return []
@@ -554,11 +561,11 @@ class PciCfgWindow(Action):
         out += t.config(t.pci_cfg_cap + cap.offset.offset, cap.offset.width, self.offset)
         out += t.config(t.pci_cfg_cap + cap.length.offset, cap.length.width, self.length)
         data = t.pci_cfg_cap + cap.pci_cfg_data.offset
-        return out + t.config(data, self.width, self.value if self.write else None)
+        return out + t.config(data, self.width, self.written)
 
 
 @dataclass(frozen=True)
-class MsixAccess(Action):
+class MsixAccess(_Access):
     """MSI-X table or PBA access at any entry (past the table too), offset and width; the
     message then goes wherever the entry now points, a guest's own business (PCI 3.0 §6.8.2)."""
 
@@ -578,7 +585,7 @@ class MsixAccess(Action):
         span = 8 * (t.msix_table + 2) if self.pba else MSIX_ENTRY.size * (t.msix_table + 2)
         w = Window("msix-pba" if self.pba else "msix-table", False, base, span)
         off = self.offset % span
-        return [w.rw(off, self.width, self.value if self.write else None)]
+        return [w.rw(off, self.width, self.written)]
 
 
 EVENT_FIELDS = ("used_event", "avail_event", "avail_flags", "used_flags")
