@@ -31,7 +31,7 @@ from ..transport import (
     open_transport,
 )
 from ..transport.layout import ISR, VIRTIO_MSI_NO_VECTOR
-from ..virtqueue import Virtqueue, make_virtqueue
+from ..virtqueue import Request, Virtqueue, make_virtqueue
 
 #: Reserved features every driver here implements (the ring machinery is shared).
 CORE_FEATURES = {"VERSION_1", "EVENT_IDX", "INDIRECT_DESC", "RING_PACKED", "RING_RESET", "ANY_LAYOUT", "IN_ORDER"}
@@ -76,6 +76,18 @@ def read_config(transport: VirtioTransport, layout: Layout, fields: Iterable[Fie
         if transport.config_generation() == before:
             return values
     raise TransportError(f"{transport}: config generation never settled while reading {layout.name}")
+
+
+class Pending:
+    """What a driver's record of a request made available and not yet completed holds: the
+    queue and the chain :meth:`Virtqueue.submit` built, whose token names the request."""
+
+    queue: int
+    chain: Request
+
+    @property
+    def token(self) -> int:
+        return self.chain.token
 
 
 class VirtioDriver:

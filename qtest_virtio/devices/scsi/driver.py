@@ -17,7 +17,7 @@ from ...pci import PciFunction
 from ...registers import Layout
 from ...virtqueue import Buf, Request, Virtqueue
 from ...virtqueue.base import InFlight
-from ..base import VirtioDriver
+from ..base import Pending, VirtioDriver
 from . import encoding
 from .encoding import (
     CONTROLQ,
@@ -74,17 +74,15 @@ class CommandOptions(SubmitOptions, total=False):
 
 
 @dataclass
-class PendingCmd:
+class PendingCmd(Pending):
+    """A command request made available: what decoding its response needs."""
+
     queue: int
     chain: Request
     data_in_len: int
     data_out_len: int
     sense_size: int
     what: str
-
-    @property
-    def token(self) -> int:
-        return self.chain.token
 
 
 # -- the driver ---------------------------------------------------------------------------------------
