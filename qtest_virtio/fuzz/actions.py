@@ -10,7 +10,7 @@ that would be a harness bug): :func:`validate_command` is the check, the grammar
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, ClassVar
 
 from ..devices.registry import FuzzRequest
 from ..errors import MalformedCommand
@@ -230,10 +230,13 @@ class Action:
     def render(self, t: Target) -> list[str]:
         raise NotImplementedError
 
+    #: False for an action that never rewrites device_status (memory, MSI-X, notifications).
+    writes_status: ClassVar[bool] = True
+
     def may_write_status(self) -> bool:
         """Whether the action may rewrite device_status (a reset clears DEVICE_NEEDS_RESET, so
         the status read after it says nothing about an error the action caused before)."""
-        return True
+        return self.writes_status
 
 
 class _Access(Action):
@@ -249,7 +252,8 @@ class _Access(Action):
         return self.value if self.write else None
 
     def may_write_status(self) -> bool:
-        return self.write  # PciConfig: a moved BAR makes the status read-back meaningless too
+        # a write only (PciConfig: a moved BAR makes the status read-back meaningless too)
+        return self.write and self.writes_status
 
 
 @dataclass(frozen=True)
@@ -416,8 +420,7 @@ class DescChain(Action):
     jump: int
     notify: bool
 
-    def may_write_status(self) -> bool:
-        return False
+    writes_status = False
 
     def render(self, t: Target) -> list[str]:
         out: list[str] = []
@@ -444,8 +447,7 @@ class LongChain(Action):
     extra: int
     length: int
 
-    def may_write_status(self) -> bool:
-        return False
+    writes_status = False
 
     def render(self, t: Target) -> list[str]:
         size = SPLIT_DESC.size  # a packed descriptor has the same 16 bytes
@@ -482,8 +484,7 @@ class IdReuse(Action):
     copies: int
     buffer_id: int
 
-    def may_write_status(self) -> bool:
-        return False
+    writes_status = False
 
     def render(self, t: Target) -> list[str]:
         out: list[str] = []
@@ -507,8 +508,7 @@ class MisshapenRequest(Action):
 
     shape: str
 
-    def may_write_status(self) -> bool:
-        return False
+    writes_status = False
 
     def render(self, t: Target) -> list[str]:
         req = list(t.request)
@@ -575,8 +575,7 @@ class MsixAccess(_Access):
     write: bool
     value: int
 
-    def may_write_status(self) -> bool:
-        return False
+    writes_status = False
 
     def render(self, t: Target) -> list[str]:
         base = t.msix_pba_addr if self.pba else t.msix_table_addr
@@ -599,8 +598,7 @@ class EventWrite(Action):
     value: int
     notify: bool
 
-    def may_write_status(self) -> bool:
-        return False
+    writes_status = False
 
     def render(self, t: Target) -> list[str]:
         n = t.queue_size
@@ -623,8 +621,7 @@ class Notify(Action):
 
     queue: int
 
-    def may_write_status(self) -> bool:
-        return False
+    writes_status = False
 
     def render(self, t: Target) -> list[str]:
         return t.notify(self.queue & U16)
@@ -634,8 +631,7 @@ class Notify(Action):
 class Valid(Action):
     """A valid request through the real driver (its commands are recorded like any other)."""
 
-    def may_write_status(self) -> bool:
-        return False
+    writes_status = False
 
     def render(self, t: Target) -> list[str]:
         return []
