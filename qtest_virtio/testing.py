@@ -89,7 +89,33 @@ class RingError(QtestVirtioError):
 # -- the fake qtest endpoint ---------------------------------------------------------------------
 
 
-class FakeQtest:
+class _WordWrites:
+    """The client's writeb .. writeq, values checked as it checks them; ``_put`` applies one
+    (:class:`FakeQtest`) or queues it (:class:`FakeBatch`)."""
+
+    def _put(self, op: str, addr: int, value: int, width: int) -> None:
+        raise NotImplementedError
+
+    def _word(self, op: str, addr: int, value: int) -> None:
+        width = _WIDTHS[op[-1]]
+        if not 0 <= value < 1 << (8 * width):
+            raise ValueError(f"{op}: value {value:#x} does not fit in {width} bytes")
+        self._put(op, addr, value, width)
+
+    def writeb(self, addr: int, value: int) -> None:
+        self._word("writeb", addr, value)
+
+    def writew(self, addr: int, value: int) -> None:
+        self._word("writew", addr, value)
+
+    def writel(self, addr: int, value: int) -> None:
+        self._word("writel", addr, value)
+
+    def writeq(self, addr: int, value: int) -> None:
+        self._word("writeq", addr, value)
+
+
+class FakeQtest(_WordWrites):
     """Guest RAM ``[base, base + ram_bytes)`` in a bytearray, behind the client's memory calls.
 
     Arguments are checked as the client checks them before sending (``ValueError``); an
@@ -124,10 +150,7 @@ class FakeQtest:
         if len(data):
             self.writes.append((addr, len(data)))
 
-    def _word(self, op: str, addr: int, value: int) -> None:
-        width = _WIDTHS[op[-1]]
-        if not 0 <= value < 1 << (8 * width):
-            raise ValueError(f"{op}: value {value:#x} does not fit in {width} bytes")
+    def _put(self, op: str, addr: int, value: int, width: int) -> None:
         self._store(op, addr, value.to_bytes(width, "little"))
 
     def _load(self, op: str, addr: int) -> int:
@@ -144,18 +167,6 @@ class FakeQtest:
 
     def readq(self, addr: int) -> int:
         return self._load("readq", addr)
-
-    def writeb(self, addr: int, value: int) -> None:
-        self._word("writeb", addr, value)
-
-    def writew(self, addr: int, value: int) -> None:
-        self._word("writew", addr, value)
-
-    def writel(self, addr: int, value: int) -> None:
-        self._word("writel", addr, value)
-
-    def writeq(self, addr: int, value: int) -> None:
-        self._word("writeq", addr, value)
 
     def memread(self, addr: int, size: int) -> bytes:
         return bytes(self.ram[self._span("memread", addr, size)])
@@ -191,7 +202,7 @@ class FakeQtest:
         return FakeBatch(self)
 
 
-class FakeBatch:
+class FakeBatch(_WordWrites):
     """Writes checked when queued and applied in order at :meth:`flush`, as ``CommandBatch``
     sends them: nothing queued is visible in RAM before then."""
 
@@ -202,24 +213,9 @@ class FakeBatch:
     def __len__(self) -> int:
         return len(self._queued)
 
-    def _word(self, op: str, addr: int, value: int) -> None:
-        width = _WIDTHS[op[-1]]
-        if not 0 <= value < 1 << (8 * width):
-            raise ValueError(f"{op}: value {value:#x} does not fit in {width} bytes")
+    def _put(self, op: str, addr: int, value: int, width: int) -> None:
         self.bus._span(op, addr, width)
         self._queued.append((op, addr, value))
-
-    def writeb(self, addr: int, value: int) -> None:
-        self._word("writeb", addr, value)
-
-    def writew(self, addr: int, value: int) -> None:
-        self._word("writew", addr, value)
-
-    def writel(self, addr: int, value: int) -> None:
-        self._word("writel", addr, value)
-
-    def writeq(self, addr: int, value: int) -> None:
-        self._word("writeq", addr, value)
 
     def memwrite(self, addr: int, data: bytes) -> None:
         if data:
@@ -342,25 +338,23 @@ def read_desc_table(bus: GuestBus, addr: int, length: int, kind: type[D]) -> lis
 
 
 class _DescRing(Generic[D]):
-    """What the split and packed views share: a bus, a queue size and a table of ``D``
-    descriptors, one 16-byte slot each (§2.7.5, §2.8.13); ``slot_addr`` is the layout's rule."""
+    """What the split and packed views share: a table of ``D`` descriptors, 16 bytes a slot
+    (§2.7.5, §2.8.13). Each view is a dataclass of the bus, the size and the queue's three
+    areas (§2.6) as its layout names them, and has its own ``slot_addr`` rule."""
 
     bus: GuestBus
     size: int
     _kind: type[D]
 
     if TYPE_CHECKING:
-        # Each view is a dataclass of the bus, the size and the queue's three areas (§2.6:
-        # descriptor, driver and device area), in that order, named as its layout names them.
+
         def __init__(self, bus: GuestBus, size: int, desc_area: int, driver_area: int, device_area: int) -> None: ...
+        def slot_addr(self, slot: int) -> int: ...
 
     @classmethod
     def at(cls, bus: GuestBus, config: QueueConfig) -> Self:
         """The rings a driver told a :class:`FakeTransport` about."""
         return cls(bus, config.size, config.desc, config.driver, config.device)
-
-    def slot_addr(self, slot: int) -> int:
-        raise NotImplementedError
 
     def write_desc(self, slot: int, desc: D) -> None:
         self.bus.memwrite(self.slot_addr(slot), desc.pack())
@@ -368,8 +362,7 @@ class _DescRing(Generic[D]):
     def read_desc(self, slot: int) -> D:
         return self._kind.unpack(self.bus.memread(self.slot_addr(slot), self._kind._STRUCT.size))
 
-    def read_table(self) -> bytes:
-        """Every slot of the table (packed: the whole ring)."""
+    def read_table(self) -> bytes:  # packed: the whole ring
         return self.bus.memread(self.slot_addr(0), self._kind._STRUCT.size * self.size)
 
 
@@ -440,8 +433,7 @@ class SplitRing(_DescRing[SplitDesc]):
     def used_entry(self, pos: int) -> tuple[int, int]:
         """(id, len) of the used element at ``pos``."""
         raw = self.bus.memread(self.used + SPLIT_USED.size + USED_ELEM.size * (pos % self.size), USED_ELEM.size)
-        used_id, length = _USED.unpack(raw)
-        return used_id, length
+        return _USED.unpack(raw)
 
     def set_used_entry(self, pos: int, used_id: int, length: int) -> None:
         self.bus.memwrite(self.used + SPLIT_USED.size + USED_ELEM.size * (pos % self.size), _USED.pack(used_id, length))
@@ -477,8 +469,7 @@ class PackedRing(_DescRing[PackedDesc]):
     def of(cls, vq: PackedVirtqueue) -> PackedRing:
         return cls(vq.memory.qtest, vq.size, vq.ring, vq.driver_event, vq.device_event)
 
-    def slot_addr(self, slot: int) -> int:
-        """Slots are taken modulo the size: a free-running position works too."""
+    def slot_addr(self, slot: int) -> int:  # modulo the size: a free-running position works too
         return self.ring + PACKED_DESC.size * (slot % self.size)
 
     def flags(self, slot: int) -> int:
@@ -487,8 +478,7 @@ class PackedRing(_DescRing[PackedDesc]):
     def set_flags(self, slot: int, flags: int) -> None:
         self.bus.writew(self.slot_addr(slot) + PACKED_DESC.flags.offset, flags)
 
-    def read_ring(self) -> bytes:
-        return self.read_table()
+    read_ring = _DescRing.read_table
 
     def _event(self, addr: int) -> tuple[int, int]:
         raw = self.bus.readl(addr)
