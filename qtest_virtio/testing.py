@@ -24,7 +24,7 @@ import struct
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import astuple, dataclass, field
-from typing import ClassVar, Self, TypeVar
+from typing import TYPE_CHECKING, ClassVar, Generic, Self, TypeVar
 
 from .errors import QtestError, QtestVirtioError
 from .memory import GuestBus, GuestMemory
@@ -89,7 +89,33 @@ class RingError(QtestVirtioError):
 # -- the fake qtest endpoint ---------------------------------------------------------------------
 
 
-class FakeQtest:
+class _WordWrites:
+    """The client's writeb .. writeq, values checked as it checks them; ``_put`` applies one
+    (:class:`FakeQtest`) or queues it (:class:`FakeBatch`)."""
+
+    def _put(self, op: str, addr: int, value: int, width: int) -> None:
+        raise NotImplementedError
+
+    def _word(self, op: str, addr: int, value: int) -> None:
+        width = _WIDTHS[op[-1]]
+        if not 0 <= value < 1 << (8 * width):
+            raise ValueError(f"{op}: value {value:#x} does not fit in {width} bytes")
+        self._put(op, addr, value, width)
+
+    def writeb(self, addr: int, value: int) -> None:
+        self._word("writeb", addr, value)
+
+    def writew(self, addr: int, value: int) -> None:
+        self._word("writew", addr, value)
+
+    def writel(self, addr: int, value: int) -> None:
+        self._word("writel", addr, value)
+
+    def writeq(self, addr: int, value: int) -> None:
+        self._word("writeq", addr, value)
+
+
+class FakeQtest(_WordWrites):
     """Guest RAM ``[base, base + ram_bytes)`` in a bytearray, behind the client's memory calls.
 
     Arguments are checked as the client checks them before sending (``ValueError``); an
@@ -124,10 +150,7 @@ class FakeQtest:
         if len(data):
             self.writes.append((addr, len(data)))
 
-    def _word(self, op: str, addr: int, value: int) -> None:
-        width = _WIDTHS[op[-1]]
-        if not 0 <= value < 1 << (8 * width):
-            raise ValueError(f"{op}: value {value:#x} does not fit in {width} bytes")
+    def _put(self, op: str, addr: int, value: int, width: int) -> None:
         self._store(op, addr, value.to_bytes(width, "little"))
 
     def _load(self, op: str, addr: int) -> int:
@@ -144,18 +167,6 @@ class FakeQtest:
 
     def readq(self, addr: int) -> int:
         return self._load("readq", addr)
-
-    def writeb(self, addr: int, value: int) -> None:
-        self._word("writeb", addr, value)
-
-    def writew(self, addr: int, value: int) -> None:
-        self._word("writew", addr, value)
-
-    def writel(self, addr: int, value: int) -> None:
-        self._word("writel", addr, value)
-
-    def writeq(self, addr: int, value: int) -> None:
-        self._word("writeq", addr, value)
 
     def memread(self, addr: int, size: int) -> bytes:
         return bytes(self.ram[self._span("memread", addr, size)])
@@ -191,7 +202,7 @@ class FakeQtest:
         return FakeBatch(self)
 
 
-class FakeBatch:
+class FakeBatch(_WordWrites):
     """Writes checked when queued and applied in order at :meth:`flush`, as ``CommandBatch``
     sends them: nothing queued is visible in RAM before then."""
 
@@ -202,24 +213,9 @@ class FakeBatch:
     def __len__(self) -> int:
         return len(self._queued)
 
-    def _word(self, op: str, addr: int, value: int) -> None:
-        width = _WIDTHS[op[-1]]
-        if not 0 <= value < 1 << (8 * width):
-            raise ValueError(f"{op}: value {value:#x} does not fit in {width} bytes")
+    def _put(self, op: str, addr: int, value: int, width: int) -> None:
         self.bus._span(op, addr, width)
         self._queued.append((op, addr, value))
-
-    def writeb(self, addr: int, value: int) -> None:
-        self._word("writeb", addr, value)
-
-    def writew(self, addr: int, value: int) -> None:
-        self._word("writew", addr, value)
-
-    def writel(self, addr: int, value: int) -> None:
-        self._word("writel", addr, value)
-
-    def writeq(self, addr: int, value: int) -> None:
-        self._word("writeq", addr, value)
 
     def memwrite(self, addr: int, data: bytes) -> None:
         if data:
@@ -341,8 +337,37 @@ def read_desc_table(bus: GuestBus, addr: int, length: int, kind: type[D]) -> lis
     return [kind.unpack(raw, off) for off in range(0, length, SPLIT_DESC.size)]
 
 
+class _DescRing(Generic[D]):
+    """What the split and packed views share: a table of ``D`` descriptors, 16 bytes a slot
+    (§2.7.5, §2.8.13). Each view is a dataclass of the bus, the size and the queue's three
+    areas (§2.6) as its layout names them, and has its own ``slot_addr`` rule."""
+
+    bus: GuestBus
+    size: int
+    _kind: type[D]
+
+    if TYPE_CHECKING:
+
+        def __init__(self, bus: GuestBus, size: int, desc_area: int, driver_area: int, device_area: int) -> None: ...
+        def slot_addr(self, slot: int) -> int: ...
+
+    @classmethod
+    def at(cls, bus: GuestBus, config: QueueConfig) -> Self:
+        """The rings a driver told a :class:`FakeTransport` about."""
+        return cls(bus, config.size, config.desc, config.driver, config.device)
+
+    def write_desc(self, slot: int, desc: D) -> None:
+        self.bus.memwrite(self.slot_addr(slot), desc.pack())
+
+    def read_desc(self, slot: int) -> D:
+        return self._kind.unpack(self.bus.memread(self.slot_addr(slot), self._kind._STRUCT.size))
+
+    def read_table(self) -> bytes:  # packed: the whole ring
+        return self.bus.memread(self.slot_addr(0), self._kind._STRUCT.size * self.size)
+
+
 @dataclass(frozen=True)
-class SplitRing:
+class SplitRing(_DescRing[SplitDesc]):
     """A split virtqueue's descriptor table, available and used rings at given addresses
     (§2.7.5, §2.7.6, §2.7.8), entry by entry. Ring positions are free-running indexes: they
     are taken modulo the size."""
@@ -352,26 +377,16 @@ class SplitRing:
     desc: int
     avail: int
     used: int
+    _kind = SplitDesc
 
     @classmethod
     def of(cls, vq: SplitVirtqueue) -> SplitRing:
         """The rings a set-up queue laid out, on its own bus."""
         return cls(vq.memory.qtest, vq.size, vq.desc, vq.avail, vq.used)
 
-    @classmethod
-    def at(cls, bus: GuestBus, config: QueueConfig) -> SplitRing:
-        """The rings a driver told a :class:`FakeTransport` about."""
-        return cls(bus, config.size, config.desc, config.driver, config.device)
-
-    # descriptor table
-    def write_desc(self, slot: int, desc: SplitDesc) -> None:
-        self.bus.memwrite(self.desc + SPLIT_DESC.size * slot, desc.pack())
-
-    def read_desc(self, slot: int) -> SplitDesc:
-        return SplitDesc.unpack(self.bus.memread(self.desc + SPLIT_DESC.size * slot, SPLIT_DESC.size))
-
-    def read_table(self) -> bytes:
-        return self.bus.memread(self.desc, SPLIT_DESC.size * self.size)
+    # descriptor table: slots as the driver numbers them (not taken modulo the size)
+    def slot_addr(self, slot: int) -> int:
+        return self.desc + SPLIT_DESC.size * slot
 
     # available ring (driver area)
     def avail_flags(self) -> int:
@@ -418,8 +433,7 @@ class SplitRing:
     def used_entry(self, pos: int) -> tuple[int, int]:
         """(id, len) of the used element at ``pos``."""
         raw = self.bus.memread(self.used + SPLIT_USED.size + USED_ELEM.size * (pos % self.size), USED_ELEM.size)
-        used_id, length = _USED.unpack(raw)
-        return used_id, length
+        return _USED.unpack(raw)
 
     def set_used_entry(self, pos: int, used_id: int, length: int) -> None:
         self.bus.memwrite(self.used + SPLIT_USED.size + USED_ELEM.size * (pos % self.size), _USED.pack(used_id, length))
@@ -440,7 +454,7 @@ class SplitRing:
 
 
 @dataclass(frozen=True)
-class PackedRing:
+class PackedRing(_DescRing[PackedDesc]):
     """A packed virtqueue's descriptor ring and its two event suppression structures (§2.8.13,
     §2.8.14), slot by slot."""
 
@@ -449,23 +463,14 @@ class PackedRing:
     ring: int
     driver_event: int
     device_event: int
+    _kind = PackedDesc
 
     @classmethod
     def of(cls, vq: PackedVirtqueue) -> PackedRing:
         return cls(vq.memory.qtest, vq.size, vq.ring, vq.driver_event, vq.device_event)
 
-    @classmethod
-    def at(cls, bus: GuestBus, config: QueueConfig) -> PackedRing:
-        return cls(bus, config.size, config.desc, config.driver, config.device)
-
-    def slot_addr(self, slot: int) -> int:
+    def slot_addr(self, slot: int) -> int:  # modulo the size: a free-running position works too
         return self.ring + PACKED_DESC.size * (slot % self.size)
-
-    def write_desc(self, slot: int, desc: PackedDesc) -> None:
-        self.bus.memwrite(self.slot_addr(slot), desc.pack())
-
-    def read_desc(self, slot: int) -> PackedDesc:
-        return PackedDesc.unpack(self.bus.memread(self.slot_addr(slot), PACKED_DESC.size))
 
     def flags(self, slot: int) -> int:
         return self.bus.readw(self.slot_addr(slot) + PACKED_DESC.flags.offset)
@@ -473,12 +478,14 @@ class PackedRing:
     def set_flags(self, slot: int, flags: int) -> None:
         self.bus.writew(self.slot_addr(slot) + PACKED_DESC.flags.offset, flags)
 
-    def read_ring(self) -> bytes:
-        return self.bus.memread(self.ring, PACKED_DESC.size * self.size)
+    read_ring = _DescRing.read_table
 
     def _event(self, addr: int) -> tuple[int, int]:
         raw = self.bus.readl(addr)
         return raw & 0xFFFF, raw >> 16
+
+    def _set_event(self, addr: int, flags: int, off_wrap: int) -> None:
+        self.bus.writel(addr, off_wrap | flags << 8 * EVENT_SUPPRESS.flags.offset)
 
     def driver_event_fields(self) -> tuple[int, int]:
         """(off_wrap, flags) of the driver event suppression structure: what the device reads."""
@@ -489,10 +496,10 @@ class PackedRing:
         return self._event(self.device_event)
 
     def set_driver_event(self, flags: int, off_wrap: int = 0) -> None:
-        self.bus.writel(self.driver_event, off_wrap | flags << 8 * EVENT_SUPPRESS.flags.offset)
+        self._set_event(self.driver_event, flags, off_wrap)
 
     def set_device_event(self, flags: int, off_wrap: int = 0) -> None:
-        self.bus.writel(self.device_event, off_wrap | flags << 8 * EVENT_SUPPRESS.flags.offset)
+        self._set_event(self.device_event, flags, off_wrap)
 
 
 def publish_by_hand(

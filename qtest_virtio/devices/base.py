@@ -22,6 +22,7 @@ from ..registers import Field, Layout
 from ..transport import (
     Negotiated,
     TransportError,
+    VirtioPciMap,
     VirtioTransport,
     check_device_status,
     driver_ok,
@@ -30,7 +31,7 @@ from ..transport import (
     open_transport,
 )
 from ..transport.layout import ISR, VIRTIO_MSI_NO_VECTOR
-from ..virtqueue import Virtqueue, make_virtqueue
+from ..virtqueue import Request, Virtqueue, make_virtqueue
 
 #: Reserved features every driver here implements (the ring machinery is shared).
 CORE_FEATURES = {"VERSION_1", "EVENT_IDX", "INDIRECT_DESC", "RING_PACKED", "RING_RESET", "ANY_LAYOUT", "IN_ORDER"}
@@ -75,6 +76,18 @@ def read_config(transport: VirtioTransport, layout: Layout, fields: Iterable[Fie
         if transport.config_generation() == before:
             return values
     raise TransportError(f"{transport}: config generation never settled while reading {layout.name}")
+
+
+class Pending:
+    """What a driver's record of a request made available and not yet completed holds: the
+    queue and the chain :meth:`Virtqueue.submit` built, whose token names the request."""
+
+    queue: int
+    chain: Request
+
+    @property
+    def token(self) -> int:
+        return self.chain.token
 
 
 class VirtioDriver:
@@ -172,7 +185,7 @@ class VirtioDriver:
         if self._transport is not None:
             return
         if self.interrupts is Interrupts.AUTO:  # MSI-X where the device has it (virtio-balloon-pci has not)
-            has_msix = self.fn.find_capability(pci_regs.CAP_ID_MSIX) is not None
+            has_msix = VirtioPciMap.of(self.fn).msix is not None
             self.interrupts = Interrupts.MSIX if has_msix else self.AUTO_WITHOUT_MSIX
         self._transport = open_transport(self.fn, self.requested_mode.value, notify_via=self.notify_via)
 
@@ -250,7 +263,7 @@ class VirtioDriver:
 
     def _setup_msix(self) -> None:
         """Vector 0 for config changes, 1.. for the queues (§4.1.5.1.2); messages to RAM."""
-        if self.fn.find_capability(pci_regs.CAP_ID_MSIX) is None:
+        if VirtioPciMap.of(self.fn).msix is None:
             raise TransportError(f"{self.fn.bdf} has no MSI-X capability (vectors=0?); use interrupts='intx'")
         if self.msix is None:
             self.msix = Msix(self.fn)
@@ -264,7 +277,7 @@ class VirtioDriver:
     def _setup_intx(self) -> None:
         """INTx: MSI-X off, interrupt-disable clear; 'intx' also routes the pin to an IOAPIC
         line and watches it, 'isr' relies on polling the ISR register alone."""
-        if self.fn.find_capability(pci_regs.CAP_ID_MSIX) is not None:
+        if VirtioPciMap.of(self.fn).msix is not None:
             Msix(self.fn).enable(False)
         cmd = self.fn.config.read(pci_regs.TYPE0_HEADER.command)
         self.fn.config.write(pci_regs.TYPE0_HEADER.command, pci_regs.COMMAND.interrupt_disable.set(cmd, 0))

@@ -10,7 +10,7 @@ that would be a harness bug): :func:`validate_command` is the check, the grammar
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, ClassVar
 
 from ..devices.registry import FuzzRequest
 from ..errors import MalformedCommand
@@ -76,6 +76,10 @@ class Window:
     def write(self, offset: int, width: int, value: int) -> str:
         spec = access(self.space, width, write=True)
         return spec.build(self._where(offset), value & spec.arg("value").hi).encode()
+
+    def rw(self, offset: int, width: int, value: int | None) -> str:
+        """The read (``value`` None) or the write of ``value``."""
+        return self.read(offset, width) if value is None else self.write(offset, width, value)
 
 
 def _mem_write(addr: int, data: bytes) -> str:
@@ -163,8 +167,7 @@ class Target:
         offset %= CONFIG_SPACE_SIZE
         address = Window("config-address", True, CONFIG_ADDRESS_PORT, 4)
         data = Window("config-data", True, CONFIG_DATA_PORT, 4)
-        access = data.read(offset & 3, width) if value is None else data.write(offset & 3, width, value)
-        return [address.write(0, 4, self.config_address | (offset & 0xFC)), access]
+        return [address.write(0, 4, self.config_address | (offset & 0xFC)), data.rw(offset & 3, width, value)]
 
 
 # -- actions -----------------------------------------------------------------------------------
@@ -227,14 +230,34 @@ class Action:
     def render(self, t: Target) -> list[str]:
         raise NotImplementedError
 
+    #: False for an action that never rewrites device_status (memory, MSI-X, notifications).
+    writes_status: ClassVar[bool] = True
+
     def may_write_status(self) -> bool:
         """Whether the action may rewrite device_status (a reset clears DEVICE_NEEDS_RESET, so
         the status read after it says nothing about an error the action caused before)."""
-        return True
+        return self.writes_status
+
+
+class _Access(Action):
+    """A register access of the fuzzed ``width``: a write of ``value`` or a read."""
+
+    width: int
+    write: bool
+    value: int
+
+    @property
+    def written(self) -> int | None:
+        """The value written, None for a read (what :meth:`Window.rw` and ``Target.config`` take)."""
+        return self.value if self.write else None
+
+    def may_write_status(self) -> bool:
+        # a write only (PciConfig: a moved BAR makes the status read-back meaningless too)
+        return self.write and self.writes_status
 
 
 @dataclass(frozen=True)
-class RegAccess(Action):
+class RegAccess(_Access):
     """Read or write of any width at any offset of a window, unaligned and just past its end."""
 
     window: int
@@ -243,13 +266,10 @@ class RegAccess(Action):
     write: bool
     value: int
 
-    def may_write_status(self) -> bool:
-        return self.write
-
     def render(self, t: Target) -> list[str]:
         w = t.windows[self.window % len(t.windows)]
         off = self.offset % (w.length + 16)
-        return [w.write(off, self.width, self.value) if self.write else w.read(off, self.width)]
+        return [w.rw(off, self.width, self.written)]
 
 
 @dataclass(frozen=True)
@@ -400,8 +420,7 @@ class DescChain(Action):
     jump: int
     notify: bool
 
-    def may_write_status(self) -> bool:
-        return False
+    writes_status = False
 
     def render(self, t: Target) -> list[str]:
         out: list[str] = []
@@ -428,8 +447,7 @@ class LongChain(Action):
     extra: int
     length: int
 
-    def may_write_status(self) -> bool:
-        return False
+    writes_status = False
 
     def render(self, t: Target) -> list[str]:
         size = SPLIT_DESC.size  # a packed descriptor has the same 16 bytes
@@ -466,8 +484,7 @@ class IdReuse(Action):
     copies: int
     buffer_id: int
 
-    def may_write_status(self) -> bool:
-        return False
+    writes_status = False
 
     def render(self, t: Target) -> list[str]:
         out: list[str] = []
@@ -491,8 +508,7 @@ class MisshapenRequest(Action):
 
     shape: str
 
-    def may_write_status(self) -> bool:
-        return False
+    writes_status = False
 
     def render(self, t: Target) -> list[str]:
         req = list(t.request)
@@ -512,7 +528,7 @@ class MisshapenRequest(Action):
 
 
 @dataclass(frozen=True)
-class PciConfig(Action):
+class PciConfig(_Access):
     """A config-space read or write of the function at any offset and width through CF8/CFC:
     command register, BARs, capabilities, MSI-X control; unaligned too (what a guest may do)."""
 
@@ -521,15 +537,12 @@ class PciConfig(Action):
     write: bool
     value: int
 
-    def may_write_status(self) -> bool:
-        return self.write  # a moved BAR makes the status read-back meaningless
-
     def render(self, t: Target) -> list[str]:
-        return t.config(self.offset, self.width, self.value if self.write else None)
+        return t.config(self.offset, self.width, self.written)
 
 
 @dataclass(frozen=True)
-class PciCfgWindow(Action):
+class PciCfgWindow(_Access):
     """The VIRTIO_PCI_CAP_PCI_CFG window (virtio 1.2 §4.1.4.9) with any bar, offset and length,
     then a pci_cfg_data access of any width: the device must bound the access itself."""
 
@@ -540,9 +553,6 @@ class PciCfgWindow(Action):
     write: bool
     value: int
 
-    def may_write_status(self) -> bool:
-        return self.write
-
     def render(self, t: Target) -> list[str]:
         if not t.pci_cfg_cap:
             return []
@@ -551,11 +561,11 @@ class PciCfgWindow(Action):
         out += t.config(t.pci_cfg_cap + cap.offset.offset, cap.offset.width, self.offset)
         out += t.config(t.pci_cfg_cap + cap.length.offset, cap.length.width, self.length)
         data = t.pci_cfg_cap + cap.pci_cfg_data.offset
-        return out + t.config(data, self.width, self.value if self.write else None)
+        return out + t.config(data, self.width, self.written)
 
 
 @dataclass(frozen=True)
-class MsixAccess(Action):
+class MsixAccess(_Access):
     """MSI-X table or PBA access at any entry (past the table too), offset and width; the
     message then goes wherever the entry now points, a guest's own business (PCI 3.0 §6.8.2)."""
 
@@ -565,8 +575,7 @@ class MsixAccess(Action):
     write: bool
     value: int
 
-    def may_write_status(self) -> bool:
-        return False
+    writes_status = False
 
     def render(self, t: Target) -> list[str]:
         base = t.msix_pba_addr if self.pba else t.msix_table_addr
@@ -575,7 +584,7 @@ class MsixAccess(Action):
         span = 8 * (t.msix_table + 2) if self.pba else MSIX_ENTRY.size * (t.msix_table + 2)
         w = Window("msix-pba" if self.pba else "msix-table", False, base, span)
         off = self.offset % span
-        return [w.write(off, self.width, self.value) if self.write else w.read(off, self.width)]
+        return [w.rw(off, self.width, self.written)]
 
 
 EVENT_FIELDS = ("used_event", "avail_event", "avail_flags", "used_flags")
@@ -589,8 +598,7 @@ class EventWrite(Action):
     value: int
     notify: bool
 
-    def may_write_status(self) -> bool:
-        return False
+    writes_status = False
 
     def render(self, t: Target) -> list[str]:
         n = t.queue_size
@@ -613,8 +621,7 @@ class Notify(Action):
 
     queue: int
 
-    def may_write_status(self) -> bool:
-        return False
+    writes_status = False
 
     def render(self, t: Target) -> list[str]:
         return t.notify(self.queue & U16)
@@ -624,8 +631,7 @@ class Notify(Action):
 class Valid(Action):
     """A valid request through the real driver (its commands are recorded like any other)."""
 
-    def may_write_status(self) -> bool:
-        return False
+    writes_status = False
 
     def render(self, t: Target) -> list[str]:
         return []

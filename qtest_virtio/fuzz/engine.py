@@ -32,33 +32,8 @@ from ..pci.regs import CONFIG_SPACE_SIZE
 from ..transport.layout import STATUS
 from ..virtqueue.layout import SPLIT_AVAIL
 from ..vm import Machine
-from .actions import (
-    ADDR_KINDS,
-    EVENT_FIELDS,
-    REQUEST_SHAPES,
-    U16,
-    U32,
-    Action,
-    Addr,
-    Desc,
-    DescChain,
-    EventWrite,
-    Features,
-    IdReuse,
-    LongChain,
-    MisshapenRequest,
-    MsixAccess,
-    MsixVector,
-    Notify,
-    PciCfgWindow,
-    PciConfig,
-    QueueConfig,
-    RegAccess,
-    ResetInFlight,
-    StatusWrites,
-    Target,
-    Valid,
-)
+from . import actions as act
+from .actions import U16, U32, Action, Target, Valid
 from .targets import DEVICE_ID, DEVICES, make_target
 
 if TYPE_CHECKING:
@@ -76,13 +51,13 @@ def actions_strategy(max_actions: int = 8) -> SearchStrategy[list[Action]]:
         top = (1 << bits) - 1
         return st.one_of(st.sampled_from([0, 1, 2, 3, top, top - 1, 1 << (bits - 1)]), st.integers(0, top))
 
-    addr = st.builds(Addr, st.sampled_from(ADDR_KINDS), st.integers(0, 0xFFFF))
+    addr = st.builds(act.Addr, st.sampled_from(act.ADDR_KINDS), st.integers(0, 0xFFFF))
     desc_flags = st.one_of(
         st.sampled_from([0, 1, 2, 3, 4, 5, 6, 7, 0x80, 0x81, 0x8000, 0x8080, 0x8082]), st.integers(0, U16)
     )
     length = st.one_of(st.sampled_from([0, 1, 15, 16, 17, 48, 512, U32, U32 - 15, 1 << 31]), st.integers(0, U32))
     desc = st.builds(
-        Desc,
+        act.Desc,
         slot=st.integers(0, 1024),
         addr=addr,
         length=length,
@@ -94,47 +69,47 @@ def actions_strategy(max_actions: int = 8) -> SearchStrategy[list[Action]]:
     status = st.one_of(st.sampled_from([0, 1, 3, 0xB, 0xF, 0x40, 0x80, 0xFF, 4, 8]), st.integers(0, 0xFF))
     actions: SearchStrategy[Action] = st.one_of(
         st.builds(
-            RegAccess,
+            act.RegAccess,
             window=st.integers(0, 7),
             offset=st.integers(0, 0x1100),
             width=st.sampled_from([1, 2, 4, 8]),
             write=st.booleans(),
             value=boundary(64),
         ),
-        st.builds(StatusWrites, st.lists(status, min_size=1, max_size=4).map(tuple)),
+        st.builds(act.StatusWrites, st.lists(status, min_size=1, max_size=4).map(tuple)),
         st.builds(
-            QueueConfig,
+            act.QueueConfig,
             queue=queue,
             size=queue_size,
             addrs=st.none() | st.tuples(addr, addr, addr),
             enable=st.booleans(),
         ),
-        st.builds(MsixVector, queue=st.none() | queue, vector=boundary(16)),
-        st.builds(Features, low=boundary(32), high=boundary(32), select=boundary(32), reset_first=st.booleans()),
-        st.builds(ResetInFlight, queue_reset=st.booleans(), slot=st.integers(0, 1024)),
+        st.builds(act.MsixVector, queue=st.none() | queue, vector=boundary(16)),
+        st.builds(act.Features, low=boundary(32), high=boundary(32), select=boundary(32), reset_first=st.booleans()),
+        st.builds(act.ResetInFlight, queue_reset=st.booleans(), slot=st.integers(0, 1024)),
         st.builds(
-            DescChain,
+            act.DescChain,
             descs=st.lists(desc, min_size=1, max_size=6).map(tuple),
             table=st.lists(desc, max_size=4).map(tuple),
             head=st.none() | boundary(16),
             jump=st.one_of(st.sampled_from([1, 2, 0, 256, 257, 0x8000, U16]), st.integers(0, U16)),
             notify=st.just(True) | st.booleans(),
         ),
-        st.builds(EventWrite, st.sampled_from(EVENT_FIELDS), boundary(16), st.booleans()),
-        st.builds(Notify, queue),
-        st.just(Valid()),
-        st.builds(IdReuse, st.integers(2, 3), st.integers(0, 1024)),
-        st.builds(LongChain, st.booleans(), st.sampled_from([1, 2, 64]), st.sampled_from([0, 1, 16, 512])),
-        st.builds(MisshapenRequest, st.sampled_from(REQUEST_SHAPES)),
+        st.builds(act.EventWrite, st.sampled_from(act.EVENT_FIELDS), boundary(16), st.booleans()),
+        st.builds(act.Notify, queue),
+        st.just(act.Valid()),
+        st.builds(act.IdReuse, st.integers(2, 3), st.integers(0, 1024)),
+        st.builds(act.LongChain, st.booleans(), st.sampled_from([1, 2, 64]), st.sampled_from([0, 1, 16, 512])),
+        st.builds(act.MisshapenRequest, st.sampled_from(act.REQUEST_SHAPES)),
         st.builds(
-            PciConfig,
+            act.PciConfig,
             offset=st.one_of(st.integers(0, 0x3F), st.integers(0, CONFIG_SPACE_SIZE - 1)),
             width=st.sampled_from([1, 2, 4]),
             write=st.booleans(),
             value=boundary(32),
         ),
         st.builds(
-            PciCfgWindow,
+            act.PciCfgWindow,
             bar=st.one_of(st.integers(0, 6), boundary(8)),
             offset=boundary(32),
             length=st.one_of(st.sampled_from([0, 1, 2, 3, 4, 8]), boundary(32)),
@@ -143,7 +118,7 @@ def actions_strategy(max_actions: int = 8) -> SearchStrategy[list[Action]]:
             value=boundary(32),
         ),
         st.builds(
-            MsixAccess,
+            act.MsixAccess,
             pba=st.booleans(),
             offset=st.integers(0, 0x1000),
             width=st.sampled_from([1, 2, 4, 8]),

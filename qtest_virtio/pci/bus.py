@@ -15,7 +15,7 @@ from ..errors import QtestVirtioError
 from ..qtest import QtestClient
 from ..registers import RegisterBlock
 from . import regs
-from .config import Bdf, Cf8Access, ConfigAccess, EcamAccess
+from .config import Bdf, Cf8Access, ConfigAccess, EcamAccess, mmio_read, mmio_write, port_read, port_write
 
 #: Address windows the harness assigns from (libqos uses the same I/O start on pc).
 IO_WINDOW = (0xC000, 0x1_0000)
@@ -284,8 +284,8 @@ class PciFunction:
         if self.bar(index).is_io:
             if width == 8:
                 return q.inl(addr) | q.inl(addr + 4) << 32
-            return {1: q.inb, 2: q.inw, 4: q.inl}[width](addr)
-        return {1: q.readb, 2: q.readw, 4: q.readl, 8: q.readq}[width](addr)
+            return port_read(q, addr, width)
+        return mmio_read(q, addr, width)
 
     def bar_write(self, index: int, offset: int, width: int, value: int) -> None:
         addr = self._bar_address(index, offset, width)
@@ -295,9 +295,9 @@ class PciFunction:
                 q.outl(addr, value & 0xFFFF_FFFF)
                 q.outl(addr + 4, value >> 32)
                 return
-            {1: q.outb, 2: q.outw, 4: q.outl}[width](addr, value)
+            port_write(q, addr, width, value)
             return
-        {1: q.writeb, 2: q.writew, 4: q.writel, 8: q.writeq}[width](addr, value)
+        mmio_write(q, addr, width, value)
 
 
 @dataclass

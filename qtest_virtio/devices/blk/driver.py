@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from ...backends import ImageBackend
 from ...virtqueue import Request, Virtqueue
-from ..base import VirtioDriver
+from ..base import Pending, VirtioDriver
 from . import encoding
 from .encoding import (
     BLK_CONFIG,
@@ -32,17 +32,13 @@ from .encoding import (
 
 
 @dataclass
-class PendingBlk:
-    """A request made available and not yet completed."""
+class PendingBlk(Pending):
+    """A request made available and not yet completed, with the framing it went out in."""
 
     request: BlkRequest
     framing: Framing
     queue: int
     chain: Request
-
-    @property
-    def token(self) -> int:
-        return self.chain.token
 
 
 # -- the driver -----------------------------------------------------------------------------------

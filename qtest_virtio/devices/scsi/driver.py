@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from ...backends import ImageBackend
 from ...memory import GuestMemory
@@ -17,7 +17,7 @@ from ...pci import PciFunction
 from ...registers import Layout
 from ...virtqueue import Buf, Request, Virtqueue
 from ...virtqueue.base import InFlight
-from ..base import VirtioDriver
+from ..base import Pending, VirtioDriver
 from . import encoding
 from .encoding import (
     CONTROLQ,
@@ -57,18 +57,32 @@ from .encoding import (
 )
 
 
+class SubmitOptions(TypedDict, total=False):
+    """The keyword options of :meth:`VirtioScsi.submit` that the wrappers pass through."""
+
+    target: int
+    queue: int | None
+    tag: int | None
+    task_attr: int
+
+
+class CommandOptions(SubmitOptions, total=False):
+    """:meth:`VirtioScsi.command`'s options, as :meth:`VirtioScsi.checked` passes them on."""
+
+    lun: int | bytes
+    timeout: float
+
+
 @dataclass
-class PendingCmd:
+class PendingCmd(Pending):
+    """A command request made available: what decoding its response needs."""
+
     queue: int
     chain: Request
     data_in_len: int
     data_out_len: int
     sense_size: int
     what: str
-
-    @property
-    def token(self) -> int:
-        return self.chain.token
 
 
 # -- the driver ---------------------------------------------------------------------------------------
@@ -245,20 +259,21 @@ class VirtioScsi(VirtioDriver):
         data_in_len: int = 0,
         lun: int | bytes = 0,
         *,
-        target: int = 0,
-        queue: int | None = None,
         timeout: float = 5.0,
-        **kw: int,
+        **kw: Unpack[SubmitOptions],
     ) -> ScsiResult:
-        """One command request; unpacks as ``(response, status, sense, data)``."""
-        pending = self.submit(cdb, data_out, data_in_len, lun=lun, target=target, queue=queue, **kw)
+        """One command request (:meth:`submit`, then :meth:`complete`); unpacks as
+        ``(response, status, sense, data)``."""
+        pending = self.submit(cdb, data_out, data_in_len, lun=lun, **kw)
         return self.complete(pending, timeout)
 
-    def checked(self, cdb: bytes, data_out: bytes = b"", data_in_len: int = 0, **kw: object) -> ScsiResult:
+    def checked(
+        self, cdb: bytes, data_out: bytes = b"", data_in_len: int = 0, **kw: Unpack[CommandOptions]
+    ) -> ScsiResult:
         """A command that must end with response OK and status GOOD. Unit attentions (after a
         reset, a hotplug on the bus) are consumed and the command retried, as initiators do."""
         for _ in range(1 + self.UNIT_ATTENTION_RETRIES):
-            result = self.command(cdb, data_out, data_in_len, **kw)  # type: ignore[arg-type]
+            result = self.command(cdb, data_out, data_in_len, **kw)
             if result.good or not result.is_unit_attention():
                 break
         if not result.good:
