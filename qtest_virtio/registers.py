@@ -55,6 +55,23 @@ class Field:
         return int.from_bytes(data[self.offset : self.end], "little")
 
 
+T = TypeVar("T", "Field", "Bits")
+
+
+def _declared(cls: type, kind: type[T], inherited: dict[str, T], base: type) -> dict[str, T]:
+    """The ``kind`` class attributes of ``cls`` by spec name, after the ones it inherits; a name
+    that shadows the base class's own attributes or repeats one is a declaration error."""
+    found = dict(inherited)
+    for attr, value in vars(cls).items():
+        if isinstance(value, kind):
+            if hasattr(base, attr):
+                raise TypeError(f"{cls.__name__}.{attr}: the name shadows a {base.__name__} attribute")
+            if value.name in found:
+                raise TypeError(f"{cls.__name__}: duplicate name {value.name!r}")
+            found[value.name] = value
+    return found
+
+
 class Layout:
     """An ordered set of registers, declared as :class:`Field` class attributes of a subclass.
 
@@ -67,15 +84,7 @@ class Layout:
 
     def __init_subclass__(cls, *, struct: str = "", size: int | None = None, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
-        fields = dict(cls._fields)
-        for attr, value in vars(cls).items():
-            if isinstance(value, Field):
-                if hasattr(Layout, attr):
-                    raise TypeError(f"{cls.__name__}.{attr}: register name shadows a Layout attribute")
-                if value.name in fields:
-                    raise TypeError(f"{cls.__name__}: duplicate register name {value.name!r}")
-                fields[value.name] = value
-        cls._fields = fields
+        cls._fields = fields = _declared(cls, Field, cls._fields, Layout)
         cls.name = struct or cls.name or cls.__name__
         ends = [f.end for f in fields.values()]
         cls.size = size if size is not None else max(ends, default=0)
@@ -164,13 +173,7 @@ class BitLayout:
 
     def __init_subclass__(cls, *, register: str = "", **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
-        bits = dict(cls._bits)
-        for attr, value in vars(cls).items():
-            if isinstance(value, Bits):
-                if hasattr(BitLayout, attr):
-                    raise TypeError(f"{cls.__name__}.{attr}: bit name shadows a BitLayout attribute")
-                bits[value.name] = value
-        cls._bits = bits
+        cls._bits = _declared(cls, Bits, cls._bits, BitLayout)
         cls.name = register or cls.name or cls.__name__
 
     def __iter__(self) -> Iterator[Bits]:
