@@ -25,13 +25,13 @@ from qtest_virtio.devices.balloon.encoding import (
     encode_stats,
     page_frame,
 )
+from qtest_virtio.devices.base import VirtioDriver
 from qtest_virtio.introspect import device_view
 from qtest_virtio.pci import regs as pci_regs
 from qtest_virtio.transport.layout import feature_names
 from qtest_virtio.virtqueue import PackedVirtqueue, SplitVirtqueue
 
 LEGACY_LAYOUT = {modes.LEGACY, modes.TRANSITIONAL_LEGACY}
-RINGS = ["split", "packed"]
 RAM = 256 << 20
 #: QEMU's names for the statistics in the guest-stats property, by spec tag.
 QEMU_STAT_NAMES = {
@@ -92,12 +92,11 @@ def test_config_layout() -> None:
 # -- real QEMU -------------------------------------------------------------------------------
 
 
-def balloon_machine(
-    machine_factory: MachineFactory, mode: str, ring: str = "split", extra_args=(), **props: str
-) -> Machine:
+def balloon_machine(machine_factory: MachineFactory, mode: str, extra_args=(), **props: str) -> Machine:
+    """A machine for the tests the virtio_device marker cannot start (an iothread object,
+    a driver built with its own options per run); the marker's machines have the same 256M."""
     spec = MachineSpec(memory="256M", extra_args=list(extra_args))
-    packed = "on" if ring == "packed" else "off"
-    spec.add_virtio("virtio-balloon-pci", {"id": "bal0", "packed": packed, **props}, mode=mode)
+    spec.add_virtio("virtio-balloon-pci", {"id": "bal0", **props}, mode=mode)
     return machine_factory(spec)
 
 
@@ -107,23 +106,39 @@ def pages_in_balloon(vm: Machine) -> int:
     return (RAM - actual) // PAGE_SIZE
 
 
-def guest_stats(vm: Machine) -> dict[str, int]:
-    stats: dict[str, int] = qmp_object(vm, "qom-get", path="/machine/peripheral/bal0", property="guest-stats")["stats"]
+def guest_stats(vm: Machine, dev_id: str = "bal0") -> dict[str, int]:
+    path = f"/machine/peripheral/{dev_id}"
+    stats: dict[str, int] = qmp_object(vm, "qom-get", path=path, property="guest-stats")["stats"]
     return stats
 
 
-@pytest.mark.parametrize("ring", RINGS)
-@pytest.mark.parametrize("mode", modes.ALL_MODES)
-def test_target_inflate_deflate_actual(machine_factory, mode: str, ring: str) -> None:
-    vm = balloon_machine(machine_factory, mode, ring)
-    bal = vm.virtio("bal0", VirtioBalloon)
-    packed = ring == "packed" and mode not in LEGACY_LAYOUT
+def ring_of(request: pytest.FixtureRequest) -> str:
+    """The ring layout the plugin parametrised this run with."""
+    return str(request.node.callspec.params["virtio_device"].ring)
+
+
+@pytest.mark.virtio_device("virtio-balloon-pci")
+def test_target_inflate_deflate_actual(virtio_device: VirtioDriver, qemu: Machine, request) -> None:
+    target_inflate_deflate_actual(virtio_device, qemu, ring_of(request))
+
+
+@pytest.mark.virtio_device(
+    "virtio-balloon-pci", transports=sorted(LEGACY_LAYOUT), rings=["split"], flags={"packed": "on"}
+)
+def test_target_inflate_deflate_actual_packed_flag_on_legacy_layout(virtio_device: VirtioDriver, qemu: Machine) -> None:
+    """packed=on where the legacy register layout cannot negotiate RING_PACKED: split rings."""
+    target_inflate_deflate_actual(virtio_device, qemu, "packed")
+
+
+def target_inflate_deflate_actual(bal: VirtioDriver, vm: Machine, ring: str) -> None:
+    assert isinstance(bal, VirtioBalloon)
+    packed = ring == "packed" and bal.mode not in LEGACY_LAYOUT
     assert all(isinstance(vq, PackedVirtqueue if packed else SplitVirtqueue) for vq in bal.queues)
     # QEMU 7.2's virtio-balloon-pci has no MSI-X, so "auto" picks INTx; 10.0 gives it two vectors.
     has_msix = bal.fn.find_capability(pci_regs.CAP_ID_MSIX) is not None
     assert has_msix is (vm.binary.version >= (10, 0, 0))
     assert bal.interrupts == ("msix" if has_msix else "intx") and (bal.msix is None) is not has_msix
-    assert {"STATS_VQ", "PAGE_POISON"} <= bal.negotiated <= device_view(vm, "bal0").guest_features | {"ANY_LAYOUT"}
+    assert {"STATS_VQ", "PAGE_POISON"} <= bal.negotiated <= device_view(vm, bal.dev_id).guest_features | {"ANY_LAYOUT"}
     assert len(bal.queues) == 3
     assert bal.config() == BalloonConfig(num_pages=0, actual=0, free_page_hint_cmd_id=None, poison_val=0)
 
@@ -153,12 +168,12 @@ def test_target_inflate_deflate_actual(machine_factory, mode: str, ring: str) ->
     vm.memory.check_leaks()
 
 
-@pytest.mark.parametrize("mode", modes.ALL_MODES)
-def test_inflate_hands_exactly_those_pages_to_the_device(machine_factory, mode: str) -> None:
+@pytest.mark.virtio_device("virtio-balloon-pci", rings=["split"])
+def test_inflate_hands_exactly_those_pages_to_the_device(virtio_device: VirtioDriver, qemu: Machine) -> None:
     """QEMU discards inflated pages (they read back as zeros): the PFNs name the right pages,
     and the neighbours are untouched."""
-    vm = balloon_machine(machine_factory, mode)
-    bal = vm.virtio("bal0", VirtioBalloon)
+    vm, bal = qemu, virtio_device
+    assert isinstance(bal, VirtioBalloon)
     pages = [vm.memory.alloc(PAGE_SIZE, PAGE_SIZE) for _ in range(4)]
     for i, page in enumerate(pages):
         vm.memory.write(page, bytes([0x50 + i]) * PAGE_SIZE)
@@ -174,14 +189,24 @@ def test_inflate_hands_exactly_those_pages_to_the_device(machine_factory, mode: 
         bal.inflate_pages([pages[0] + 16])
 
 
-@pytest.mark.parametrize("ring", RINGS)
-@pytest.mark.parametrize("mode", modes.ALL_MODES)
-def test_stats_queue(machine_factory, mode: str, ring: str) -> None:
+@pytest.mark.virtio_device("virtio-balloon-pci")
+def test_stats_queue(virtio_device: VirtioDriver, qemu: Machine) -> None:
+    stats_queue(virtio_device, qemu)
+
+
+@pytest.mark.virtio_device(
+    "virtio-balloon-pci", transports=sorted(LEGACY_LAYOUT), rings=["split"], flags={"packed": "on"}
+)
+def test_stats_queue_packed_flag_on_legacy_layout(virtio_device: VirtioDriver, qemu: Machine) -> None:
+    stats_queue(virtio_device, qemu)
+
+
+def stats_queue(device: VirtioDriver, vm: Machine) -> None:
     """The first statsq buffer goes in at initialization; once a polling interval is set the
     device uses it, the driver answers with fresh statistics and QEMU shows them."""
-    vm = balloon_machine(machine_factory, mode, ring)
-    bal = vm.virtio("bal0", VirtioBalloon, stats={StatTag.MEMTOT: RAM, StatTag.MEMFREE: 1234})
-    assert guest_stats(vm)["stat-free-memory"] == 1234  # QEMU reads the very first buffer too
+    device.close()  # this test drives the device with statistics of its own from the start
+    bal = vm.virtio(device.dev_id, VirtioBalloon, stats={StatTag.MEMTOT: RAM, StatTag.MEMFREE: 1234})
+    assert guest_stats(vm, bal.dev_id)["stat-free-memory"] == 1234  # QEMU reads the very first buffer too
     assert bal.poll_stats() is False and bal.stats_requests == 0
     with pytest.raises(BalloonError, match=r"statistics \[1, 4, 9\] differ from the subset \[4, 5\] already sent"):
         bal.stats = [(StatTag.MEMFREE, 5555), (StatTag.SWAP_OUT, 7), (StatTag.HTLB_PGFAIL, 1 << 40)]
@@ -189,11 +214,11 @@ def test_stats_queue(machine_factory, mode: str, ring: str) -> None:
     bal.reset()
     bal.stats = [(StatTag.MEMFREE, 5555), (StatTag.SWAP_OUT, 7), (StatTag.HTLB_PGFAIL, 1 << 40)]
     bal.initialize()
-    assert guest_stats(vm)["stat-free-memory"] == 5555
-    vm.qmp.cmd("qom-set", path="/machine/peripheral/bal0", property="guest-stats-polling-interval", value=1)
+    assert guest_stats(vm, bal.dev_id)["stat-free-memory"] == 5555
+    vm.qmp.cmd("qom-set", path=f"/machine/peripheral/{bal.dev_id}", property="guest-stats-polling-interval", value=1)
     bal.wait_stats_request(timeout=2)
     assert bal.stats_requests == 1
-    stats = guest_stats(vm)
+    stats = guest_stats(vm, bal.dev_id)
     assert (stats["stat-free-memory"], stats["stat-swap-out"], stats["stat-htlb-pgfail"]) == (5555, 7, 1 << 40)
     assert stats["stat-total-memory"] == UNSET  # not in this buffer: QEMU forgets the old value
     # Every name we know is shown; a newer QEMU shows more (10.0: stat-oom-kills, ...), all unset.
@@ -203,20 +228,22 @@ def test_stats_queue(machine_factory, mode: str, ring: str) -> None:
     vm.memory.check_leaks()
 
 
-def test_default_stats_describe_the_allocator(machine_factory) -> None:
-    vm = balloon_machine(machine_factory, modes.MODERN)
-    vm.virtio("bal0")
-    stats = guest_stats(vm)
+@pytest.mark.virtio_device("virtio-balloon-pci", transports=[modes.MODERN], rings=["split"])
+def test_default_stats_describe_the_allocator(virtio_device: VirtioDriver, qemu: Machine) -> None:
+    vm = qemu
+    stats = guest_stats(vm, virtio_device.dev_id)
     assert stats["stat-total-memory"] == vm.memory.end
     assert 0 < stats["stat-free-memory"] < vm.memory.end
 
 
-@pytest.mark.parametrize("mode", [modes.LEGACY, modes.MODERN])
-def test_refusing_stats_vq(machine_factory, mode: str) -> None:
-    vm = balloon_machine(machine_factory, mode)
-    bal = vm.virtio("bal0", VirtioBalloon, refuse={"STATS_VQ"})
+@pytest.mark.virtio_device(
+    "virtio-balloon-pci", transports=[modes.LEGACY, modes.MODERN], rings=["split"], refuse={"STATS_VQ"}
+)
+def test_refusing_stats_vq(virtio_device: VirtioDriver, qemu: Machine) -> None:
+    vm, bal = qemu, virtio_device
+    assert isinstance(bal, VirtioBalloon)
     assert "STATS_VQ" not in bal.negotiated and len(bal.queues) == 2
-    assert guest_stats(vm)["stat-free-memory"] == UNSET
+    assert guest_stats(vm, bal.dev_id)["stat-free-memory"] == UNSET
     assert bal.poll_stats() is False
     bal.inflate(2)
     assert pages_in_balloon(vm) == 2
@@ -261,10 +288,13 @@ def test_optional_features(machine_factory, mode: str) -> None:
     vm.memory.check_leaks()
 
 
-def test_features_off_by_property(machine_factory) -> None:
+@pytest.mark.virtio_device(
+    "virtio-balloon-pci", transports=[modes.MODERN], rings=["split"], flags={"page-poison": "off"}
+)
+def test_features_off_by_property(virtio_device: VirtioDriver) -> None:
     """page-poison=off: PAGE_POISON is neither offered nor negotiated; poison_val is not read."""
-    vm = balloon_machine(machine_factory, modes.MODERN, **{"page-poison": "off"})
-    bal = vm.virtio("bal0", VirtioBalloon)
+    bal = virtio_device
+    assert isinstance(bal, VirtioBalloon)
     offered = set(feature_names(bal.negotiated.offered, bal.device_bits))
     assert not offered & {"PAGE_POISON", "DEFLATE_ON_OOM", "FREE_PAGE_HINT"} and "STATS_VQ" in offered
     assert bal.config().poison_val is None
