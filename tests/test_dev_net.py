@@ -13,6 +13,7 @@ import pytest
 from pytest_qtest_virtio.plugin import MachineFactory
 
 from qtest_virtio import Machine, MachineSpec, modes
+from qtest_virtio.devices.base import VirtioDriver
 from qtest_virtio.devices.net.driver import VirtioNet
 from qtest_virtio.devices.net.encoding import (
     ACK_UNWRITTEN,
@@ -173,6 +174,12 @@ def start(machine_factory, mode: str, ring: str = "split", *, refuse=(), driver=
     return vm, net, vm.backend("net0")
 
 
+def driven(device: VirtioDriver, vm: Machine):
+    """The marker's driver as the VirtioNet it is, and the host end of its network backend."""
+    assert isinstance(device, VirtioNet)
+    return vm, device, vm.backend(device.dev_id)
+
+
 def payload(n: int, seed: int = 0) -> bytes:
     return bytes((seed + 13 * i + 5) & 0xFF for i in range(n))
 
@@ -181,8 +188,8 @@ def frame_to(dst: bytes | str, size: int, seed: int = 0) -> bytes:
     return ethernet_frame(dst, PEER, 0x88B5, payload(size - 14, seed))
 
 
-def rx_filter(vm: Machine) -> dict[str, Any]:
-    filters = vm.qmp.cmd("query-rx-filter", name="net0")  # qemu.qmp types the result as object
+def rx_filter(vm: Machine, net: VirtioNet) -> dict[str, Any]:
+    filters = vm.qmp.cmd("query-rx-filter", name=net.dev_id)  # qemu.qmp types the result as object
     assert isinstance(filters, list)
     (info,) = filters
     assert isinstance(info, dict)
@@ -242,13 +249,13 @@ def test_mrg_rxbuf_spreads_a_frame_over_buffers(machine_factory, mode: str, ring
     vm.memory.check_leaks()
 
 
-@pytest.mark.parametrize("mode", modes.ALL_MODES)
-def test_refusing_ctrl_vq_drops_what_depends_on_it(machine_factory, mode: str) -> None:
-    vm, net, host = start(machine_factory, mode, refuse={"CTRL_VQ"})
+@pytest.mark.virtio_device("virtio-net-pci", rings=["split"], refuse={"CTRL_VQ"})
+def test_refusing_ctrl_vq_drops_what_depends_on_it(virtio_device: VirtioDriver, qemu: Machine) -> None:
+    vm, net, host = driven(virtio_device, qemu)
     for dependent in ("CTRL_RX", "CTRL_RX_EXTRA", "CTRL_VLAN", "CTRL_MAC_ADDR", "GUEST_ANNOUNCE"):
         assert not net.has(dependent)
     assert net.ctrlq is None and net.ctrl_index is None and len(net.queues) == 2
-    assert "CTRL_VQ" not in device_view(vm, "net0").guest_features
+    assert "CTRL_VQ" not in device_view(vm, net.dev_id).guest_features
     with pytest.raises(NetError, match="controlq"):
         net.ctrl_raw(0, 0, b"\x01")
     with pytest.raises(NetError, match="needs CTRL_RX"):
@@ -260,44 +267,46 @@ def test_refusing_ctrl_vq_drops_what_depends_on_it(machine_factory, mode: str) -
     assert host.receive(timeout=2) == frame
 
 
-@pytest.mark.parametrize("mode", [modes.TRANSITIONAL_MODERN, modes.MODERN])
-def test_device_without_ctrl_vq_still_gets_a_consistent_feature_set(machine_factory, mode: str) -> None:
+@pytest.mark.virtio_device(
+    "virtio-net-pci", transports=[modes.TRANSITIONAL_MODERN, modes.MODERN], rings=["split"], flags={"ctrl_vq": "off"}
+)
+def test_device_without_ctrl_vq_still_gets_a_consistent_feature_set(virtio_device: VirtioDriver, qemu: Machine) -> None:
     """ctrl_vq=off: QEMU still offers CTRL_RX & co.; the driver must not accept them (§2.2.1)."""
-    _vm, net, _ = start(machine_factory, mode, ctrl_vq="off")
+    _vm, net, _ = driven(virtio_device, qemu)
     offered = set(feature_names(net.negotiated.offered, net.device_bits))
     assert "CTRL_VQ" not in offered and "CTRL_RX" in offered
     assert not {"CTRL_RX", "CTRL_MAC_ADDR", "CTRL_VLAN", "GUEST_ANNOUNCE"} & net.negotiated
     assert net.ctrlq is None
 
 
-@pytest.mark.parametrize(("mode", "ring"), RINGS)
-def test_ctrl_mac_and_rx_mode(machine_factory, mode: str, ring: str) -> None:
-    vm, net, _host = start(machine_factory, mode, ring)
-    assert mac_str(net.mac) == rx_filter(vm)["main-mac"] == "52:54:00:12:34:56"
+@pytest.mark.virtio_device("virtio-net-pci")
+def test_ctrl_mac_and_rx_mode(virtio_device: VirtioDriver, qemu: Machine) -> None:
+    vm, net, _host = driven(virtio_device, qemu)
+    assert mac_str(net.mac) == rx_filter(vm, net)["main-mac"] == "52:54:00:12:34:56"
     net.set_mac("02:11:22:33:44:55")
-    assert rx_filter(vm)["main-mac"] == "02:11:22:33:44:55"
+    assert rx_filter(vm, net)["main-mac"] == "02:11:22:33:44:55"
     assert net.mac == bytes.fromhex("021122334455")
-    assert rx_filter(vm)["promiscuous"] is True  # QEMU's default after reset
+    assert rx_filter(vm, net)["promiscuous"] is True  # QEMU's default after reset
     net.set_rx_mode(promisc=False)
-    assert rx_filter(vm)["promiscuous"] is False
+    assert rx_filter(vm, net)["promiscuous"] is False
     net.set_rx_mode(allmulti=True, alluni=True)
-    info = rx_filter(vm)
+    info = rx_filter(vm, net)
     assert (info["multicast"], info["unicast"]) == ("all", "all")
     net.set_rx_mode(allmulti=False, alluni=False, promisc=True)
-    info = rx_filter(vm)
+    info = rx_filter(vm, net)
     assert (info["multicast"], info["unicast"], info["promiscuous"]) == ("normal", "normal", True)
     net.set_mac_table([OTHER], ["01:00:5e:00:00:01"])
-    info = rx_filter(vm)
+    info = rx_filter(vm, net)
     assert (info["unicast-table"], info["multicast-table"]) == ([OTHER], ["01:00:5e:00:00:01"])
     # A reset forgets all of it.
     net.restart()
-    info = rx_filter(vm)
+    info = rx_filter(vm, net)
     assert (info["main-mac"], info["unicast-table"], info["multicast-table"]) == ("52:54:00:12:34:56", [], [])
 
 
-@pytest.mark.parametrize("mode", modes.ALL_MODES)
-def test_rx_filtering_applies(machine_factory, mode: str) -> None:
-    vm, net, host = start(machine_factory, mode)
+@pytest.mark.virtio_device("virtio-net-pci", rings=["split"])
+def test_rx_filtering_applies(virtio_device: VirtioDriver, qemu: Machine) -> None:
+    vm, net, host = driven(virtio_device, qemu)
     me = net.mac
     marker = frame_to(me, 80, seed=99)
 
@@ -325,14 +334,16 @@ def test_rx_filtering_applies(machine_factory, mode: str) -> None:
     vlan5 = ethernet_frame(me, PEER, 0x8100, b"\x00\x05\x08\x00" + payload(60))
     assert not delivered(vlan5)  # CTRL_VLAN negotiated: empty table
     net.vlan_add(5)
-    assert delivered(vlan5) and rx_filter(vm)["vlan-table"] == [5]
+    assert delivered(vlan5) and rx_filter(vm, net)["vlan-table"] == [5]
     net.vlan_del(5)
     assert not delivered(vlan5)
 
 
-@pytest.mark.parametrize("mode", [modes.LEGACY, modes.MODERN])
-def test_ctrl_ack_err_and_feature_gate(machine_factory, mode: str) -> None:
-    _vm, net, _ = start(machine_factory, mode, refuse={"CTRL_RX_EXTRA"})
+@pytest.mark.virtio_device(
+    "virtio-net-pci", transports=[modes.LEGACY, modes.MODERN], rings=["split"], refuse={"CTRL_RX_EXTRA"}
+)
+def test_ctrl_ack_err_and_feature_gate(virtio_device: VirtioDriver, qemu: Machine) -> None:
+    _vm, net, _ = driven(virtio_device, qemu)
     assert net.ctrl_raw(0, 0) == Ack.ERR  # PROMISC without its data byte
     assert net.ctrl_raw(0x7F, 0) == Ack.ERR  # unknown class
     with pytest.raises(NetCtrlError, match="RX_PROMISC answered VIRTIO_NET_ERR") as info:
@@ -363,9 +374,9 @@ def test_config_and_link_status(machine_factory, mode: str, interrupts: str) -> 
     assert net.link_up
 
 
-@pytest.mark.parametrize("mode", modes.ALL_MODES)
-def test_mtu_and_multiqueue_config(machine_factory, mode: str) -> None:
-    _vm, net, host = start(machine_factory, mode, host_mtu="1400", mq="on")
+@pytest.mark.virtio_device("virtio-net-pci", rings=["split"], flags={"host_mtu": "1400", "mq": "on"})
+def test_mtu_and_multiqueue_config(virtio_device: VirtioDriver, qemu: Machine) -> None:
+    _vm, net, host = driven(virtio_device, qemu)
     config = net.config()
     assert (config.mtu, config.max_virtqueue_pairs) == (1400, 1)
     assert net.mtu == 1400 and net.has("MQ") and net.ctrl_index == 2
@@ -377,9 +388,9 @@ def test_mtu_and_multiqueue_config(machine_factory, mode: str) -> None:
         net.send(frame_to(PEER, 1415))
 
 
-@pytest.mark.parametrize("mode", modes.ALL_MODES)
-def test_announce(machine_factory, mode: str) -> None:
-    vm, net, _ = start(machine_factory, mode)
+@pytest.mark.virtio_device("virtio-net-pci", rings=["split"])
+def test_announce(virtio_device: VirtioDriver, qemu: Machine) -> None:
+    vm, net, _ = driven(virtio_device, qemu)
     assert net.config().announce is False
     vm.qmp.cmd("announce-self", initial=50, max=100, rounds=1, step=100)
     net.wait_config_interrupt(timeout=2)
@@ -401,12 +412,14 @@ def test_frames_wait_for_rx_buffers(machine_factory, mode: str, ring: str) -> No
     assert [net.receive(timeout=2) for _ in frames[1:]] == frames[1:]
 
 
-@pytest.mark.parametrize("mode", [modes.TRANSITIONAL_LEGACY, modes.MODERN])
-def test_legacy_sets_mac_through_config(machine_factory, mode: str) -> None:
-    vm, net, _ = start(machine_factory, mode, refuse={"CTRL_MAC_ADDR"})
-    if mode in LEGACY_LAYOUT:
+@pytest.mark.virtio_device(
+    "virtio-net-pci", transports=[modes.TRANSITIONAL_LEGACY, modes.MODERN], rings=["split"], refuse={"CTRL_MAC_ADDR"}
+)
+def test_legacy_sets_mac_through_config(virtio_device: VirtioDriver, qemu: Machine) -> None:
+    vm, net, _ = driven(virtio_device, qemu)
+    if net.mode in LEGACY_LAYOUT:
         net.set_mac("02:44:44:44:44:44")
-        assert rx_filter(vm)["main-mac"] == "02:44:44:44:44:44" == mac_str(net.mac)
+        assert rx_filter(vm, net)["main-mac"] == "02:44:44:44:44:44" == mac_str(net.mac)
     else:
         with pytest.raises(NetError, match="CTRL_MAC_ADDR not negotiated"):
             net.set_mac("02:44:44:44:44:44")
@@ -426,14 +439,15 @@ def test_legacy_framing_without_any_layout(machine_factory, mrg: str) -> None:
         net.send(frame)
         assert host.receive(timeout=2) == frame
     net.set_mac_table([OTHER], ["01:00:5e:00:00:01", "01:00:5e:00:00:02"])
-    info = rx_filter(vm)
+    info = rx_filter(vm, net)
     assert info["unicast-table"] == [OTHER] and len(info["multicast-table"]) == 2
     net.set_rx_mode(promisc=False)
-    assert rx_filter(vm)["promiscuous"] is False
+    assert rx_filter(vm, net)["promiscuous"] is False
 
 
-def test_restart_changes_rx_options(machine_factory) -> None:
-    _vm, net, host = start(machine_factory, modes.MODERN)
+@pytest.mark.virtio_device("virtio-net-pci", transports=[modes.MODERN], rings=["split"])
+def test_restart_changes_rx_options(virtio_device: VirtioDriver, qemu: Machine) -> None:
+    _vm, net, host = driven(virtio_device, qemu)
     net.restart(rx_buffer_size=64, rx_buffers=48, rx_poison=0x5A)
     frame = frame_to(net.mac, 600)
     host.send(frame)
@@ -454,8 +468,11 @@ def test_restart_changes_rx_options(machine_factory) -> None:
     ("ack", "message"),
     [(0x07, "ack byte 0x07 is neither VIRTIO_NET_OK nor VIRTIO_NET_ERR"), (ACK_UNWRITTEN, "without acking it")],
 )
-def test_bad_ack_byte_is_reported(machine_factory, monkeypatch, ack: int, message: str) -> None:
-    vm, net, _ = start(machine_factory, modes.MODERN)
+@pytest.mark.virtio_device("virtio-net-pci", transports=[modes.MODERN], rings=["split"])
+def test_bad_ack_byte_is_reported(
+    virtio_device: VirtioDriver, qemu: Machine, monkeypatch, ack: int, message: str
+) -> None:
+    vm, net, _ = driven(virtio_device, qemu)
     vq = net.ctrlq
     real_wait = vq.wait_for
 
@@ -466,13 +483,14 @@ def test_bad_ack_byte_is_reported(machine_factory, monkeypatch, ack: int, messag
 
     monkeypatch.setattr(vq, "wait_for", device_writes_garbage)
     with pytest.raises(
-        NetDeviceError, match=r"net0 \(modern\): VirtioNet controlq \(queue 2\): descriptor \d+: .*" + message
+        NetDeviceError, match=rf"{net.dev_id} \(modern\): VirtioNet controlq \(queue 2\): descriptor \d+: .*" + message
     ):
         net.set_rx_mode(promisc=True)
 
 
-def test_short_used_length_is_reported(machine_factory, monkeypatch) -> None:
-    _vm, net, host = start(machine_factory, modes.MODERN)
+@pytest.mark.virtio_device("virtio-net-pci", transports=[modes.MODERN], rings=["split"])
+def test_short_used_length_is_reported(virtio_device: VirtioDriver, qemu: Machine, monkeypatch) -> None:
+    _vm, net, host = driven(virtio_device, qemu)
     real_wait = net.rxq.wait_used
     monkeypatch.setattr(net.rxq, "wait_used", lambda t=5.0: dataclasses.replace(real_wait(t), length=5))
     host.send(frame_to(net.mac, 100))
@@ -480,8 +498,9 @@ def test_short_used_length_is_reported(machine_factory, monkeypatch) -> None:
         net.receive(timeout=2)
 
 
-def test_bad_num_buffers_is_reported(machine_factory, monkeypatch) -> None:
-    vm, net, host = start(machine_factory, modes.MODERN)
+@pytest.mark.virtio_device("virtio-net-pci", transports=[modes.MODERN], rings=["split"])
+def test_bad_num_buffers_is_reported(virtio_device: VirtioDriver, qemu: Machine, monkeypatch) -> None:
+    vm, net, host = driven(virtio_device, qemu)
     real_wait = net.rxq.wait_used
 
     def zero_num_buffers(timeout: float = 5.0):
@@ -508,7 +527,8 @@ def test_used_length_past_the_buffer_is_reported(machine_factory) -> None:
         net.receive(timeout=1)
 
 
-def test_missing_frame_times_out(machine_factory) -> None:
-    _vm, net, _ = start(machine_factory, modes.MODERN)
+@pytest.mark.virtio_device("virtio-net-pci", transports=[modes.MODERN], rings=["split"])
+def test_missing_frame_times_out(virtio_device: VirtioDriver, qemu: Machine) -> None:
+    _vm, net, _ = driven(virtio_device, qemu)
     with pytest.raises(VirtqueueTimeout, match="receiveq1"):
         net.receive(timeout=0.05)
