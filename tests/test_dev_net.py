@@ -10,9 +10,8 @@ import time
 from typing import Any
 
 import pytest
-from pytest_qtest_virtio.plugin import MachineFactory
 
-from qtest_virtio import Machine, MachineSpec, modes
+from qtest_virtio import Machine, modes
 from qtest_virtio.devices.base import VirtioDriver
 from qtest_virtio.devices.net.driver import VirtioNet
 from qtest_virtio.devices.net.encoding import (
@@ -153,29 +152,14 @@ def test_mac_helpers() -> None:
 
 # -- against QEMU ---------------------------------------------------------------------------
 
-RINGS = [
-    pytest.param(mode, ring, id=f"{mode}-{ring}")
-    for mode in modes.ALL_MODES
-    for ring in ("split", "packed")
-    if ring == "split" or mode not in LEGACY_LAYOUT
-]
 
-
-def net_machine(machine_factory: MachineFactory, mode: str, ring: str = "split", **props: str) -> Machine:
-    spec = MachineSpec()
-    spec.add_virtio("virtio-net-pci", {"id": "net0", "packed": "on" if ring == "packed" else "off", **props}, mode=mode)
-    return machine_factory(spec)
-
-
-def start(machine_factory, mode: str, ring: str = "split", *, refuse=(), driver=None, **props: str):
-    vm = net_machine(machine_factory, mode, ring, **props)
-    net = vm.virtio("net0", refuse=refuse, **(driver or {}))
-    assert isinstance(net, VirtioNet)
-    return vm, net, vm.backend("net0")
-
-
-def driven(device: VirtioDriver, vm: Machine):
-    """The marker's driver as the VirtioNet it is, and the host end of its network backend."""
+def driven(device: VirtioDriver, vm: Machine, **options: Any):
+    """The marker's driver as the VirtioNet it is, and the host end of its network backend.
+    With driver options (``rx_buffers=``, ``interrupts=``...), which the marker does not pass,
+    its driver is closed and the device driven again with them."""
+    if options:
+        device.close()
+        device = vm.virtio(device.dev_id, VirtioNet, **options)
     assert isinstance(device, VirtioNet)
     return vm, device, vm.backend(device.dev_id)
 
@@ -199,11 +183,24 @@ def rx_filter(vm: Machine, net: VirtioNet) -> dict[str, Any]:
 SIZES = (14, 60, 61, 64, 128, 511, 1000, 1513, 1514)
 
 
-@pytest.mark.parametrize("mrg", ["on", "off"], ids=lambda v: f"mrg_rxbuf={v}")
-@pytest.mark.parametrize(("mode", "ring"), RINGS)
-def test_frames_both_ways(machine_factory, mode: str, ring: str, mrg: str) -> None:
-    vm, net, host = start(machine_factory, mode, ring, mrg_rxbuf=mrg, driver={"rx_poison": 0xEE})
-    legacy = mode in LEGACY_LAYOUT
+def ring_of(request: pytest.FixtureRequest) -> str:
+    """The ring layout the plugin parametrised this run with."""
+    return str(request.node.callspec.params["virtio_device"].ring)
+
+
+@pytest.mark.virtio_device("virtio-net-pci", flags={"mrg_rxbuf": "on"})
+def test_frames_both_ways(virtio_device: VirtioDriver, qemu: Machine, request) -> None:
+    frames_both_ways(virtio_device, qemu, ring_of(request), "on")
+
+
+@pytest.mark.virtio_device("virtio-net-pci", flags={"mrg_rxbuf": "off"})
+def test_frames_both_ways_without_mrg_rxbuf(virtio_device: VirtioDriver, qemu: Machine, request) -> None:
+    frames_both_ways(virtio_device, qemu, ring_of(request), "off")
+
+
+def frames_both_ways(device: VirtioDriver, qemu: Machine, ring: str, mrg: str) -> None:
+    vm, net, host = driven(device, qemu, rx_poison=0xEE)
+    legacy = net.mode in LEGACY_LAYOUT
     assert isinstance(net.rxq, PackedVirtqueue if ring == "packed" and not legacy else SplitVirtqueue)
     assert net.has("MRG_RXBUF") == (mrg == "on")
     assert net.header_size == (10 if legacy and mrg == "off" else 12)
@@ -229,9 +226,9 @@ def test_frames_both_ways(machine_factory, mode: str, ring: str, mrg: str) -> No
     vm.memory.check_leaks()
 
 
-@pytest.mark.parametrize(("mode", "ring"), RINGS)
-def test_mrg_rxbuf_spreads_a_frame_over_buffers(machine_factory, mode: str, ring: str) -> None:
-    vm, net, host = start(machine_factory, mode, ring, driver={"rx_buffer_size": 128, "rx_buffers": 40})
+@pytest.mark.virtio_device("virtio-net-pci")
+def test_mrg_rxbuf_spreads_a_frame_over_buffers(virtio_device: VirtioDriver, qemu: Machine) -> None:
+    vm, net, host = driven(virtio_device, qemu, rx_buffer_size=128, rx_buffers=40)
     assert net.has("MRG_RXBUF") and net.header_size == 12
     frame = frame_to(net.mac, 1514)
     host.send(frame)
@@ -359,17 +356,18 @@ def test_ctrl_ack_err_and_feature_gate(virtio_device: VirtioDriver, qemu: Machin
 
 
 @pytest.mark.parametrize("interrupts", ["msix", "intx", "isr"])
-@pytest.mark.parametrize("mode", modes.ALL_MODES)
-def test_config_and_link_status(machine_factory, mode: str, interrupts: str) -> None:
-    vm, net, _ = start(machine_factory, mode, mac="52:54:00:ab:cd:ef", driver={"interrupts": interrupts})
+@pytest.mark.virtio_device("virtio-net-pci", rings=["split"], flags={"mac": "52:54:00:ab:cd:ef"})
+def test_config_and_link_status(virtio_device: VirtioDriver, qemu: Machine, interrupts: str) -> None:
+    vm, net, _ = driven(virtio_device, qemu, interrupts=interrupts)
+    assert net.interrupts == interrupts
     config = net.config()
     assert config.mac == bytes.fromhex("525400abcdef") == net.mac
     assert config.link_up is True and net.link_up
     assert config.max_virtqueue_pairs is None and config.mtu is None  # MQ, MTU not offered
-    vm.qmp.cmd("set_link", name="net0", up=False)
+    vm.qmp.cmd("set_link", name=net.dev_id, up=False)
     net.wait_config_interrupt(timeout=2)
     assert not net.link_up
-    vm.qmp.cmd("set_link", name="net0", up=True)
+    vm.qmp.cmd("set_link", name=net.dev_id, up=True)
     net.wait_config_interrupt(timeout=2)
     assert net.link_up
 
@@ -399,9 +397,9 @@ def test_announce(virtio_device: VirtioDriver, qemu: Machine) -> None:
     assert net.config().announce is False
 
 
-@pytest.mark.parametrize(("mode", "ring"), RINGS)
-def test_frames_wait_for_rx_buffers(machine_factory, mode: str, ring: str) -> None:
-    _vm, net, host = start(machine_factory, mode, ring, driver={"rx_buffers": 0})
+@pytest.mark.virtio_device("virtio-net-pci")
+def test_frames_wait_for_rx_buffers(virtio_device: VirtioDriver, qemu: Machine) -> None:
+    _vm, net, host = driven(virtio_device, qemu, rx_buffers=0)
     frames = [frame_to(net.mac, 200 + i, seed=i) for i in range(3)]
     for f in frames:
         host.send(f)
@@ -425,11 +423,24 @@ def test_legacy_sets_mac_through_config(virtio_device: VirtioDriver, qemu: Machi
             net.set_mac("02:44:44:44:44:44")
 
 
-@pytest.mark.parametrize("mrg", ["on", "off"], ids=lambda v: f"mrg_rxbuf={v}")
-def test_legacy_framing_without_any_layout(machine_factory, mrg: str) -> None:
+@pytest.mark.virtio_device(
+    "virtio-net-pci", transports=[modes.LEGACY], rings=["split"], flags={"any_layout": "off", "mrg_rxbuf": "on"}
+)
+def test_legacy_framing_without_any_layout(virtio_device: VirtioDriver, qemu: Machine) -> None:
+    legacy_framing_without_any_layout(virtio_device, qemu, "on")
+
+
+@pytest.mark.virtio_device(
+    "virtio-net-pci", transports=[modes.LEGACY], rings=["split"], flags={"any_layout": "off", "mrg_rxbuf": "off"}
+)
+def test_legacy_framing_without_any_layout_or_mrg_rxbuf(virtio_device: VirtioDriver, qemu: Machine) -> None:
+    legacy_framing_without_any_layout(virtio_device, qemu, "off")
+
+
+def legacy_framing_without_any_layout(device: VirtioDriver, qemu: Machine, mrg: str) -> None:
     """Legacy without ANY_LAYOUT: the header in a descriptor of its own, control commands split
     into class+command, data parts and ack (§5.1.6.6)."""
-    vm, net, host = start(machine_factory, modes.LEGACY, any_layout="off", mrg_rxbuf=mrg)
+    vm, net, host = driven(device, qemu)
     assert not net.has("ANY_LAYOUT") and net.separate_header
     assert len(next(iter(net.rxq.in_flight.values())).bufs) == (1 if mrg == "on" else 2)
     for size in (14, 600, 1514):
@@ -514,9 +525,10 @@ def test_bad_num_buffers_is_reported(virtio_device: VirtioDriver, qemu: Machine,
         net.receive(timeout=2)
 
 
-def test_used_length_past_the_buffer_is_reported(machine_factory) -> None:
+@pytest.mark.virtio_device("virtio-net-pci", transports=[modes.MODERN], rings=["split"])
+def test_used_length_past_the_buffer_is_reported(virtio_device: VirtioDriver, qemu: Machine) -> None:
     """Play a broken device on the split used ring: an entry longer than the buffer."""
-    vm, net, _ = start(machine_factory, modes.MODERN, driver={"rx_buffers": 1})
+    vm, net, _ = driven(virtio_device, qemu, rx_buffers=1)
     vq = net.rxq
     assert isinstance(vq, SplitVirtqueue)
     (head,) = vq.in_flight
