@@ -93,8 +93,8 @@ def test_config_layout() -> None:
 
 
 def balloon_machine(machine_factory: MachineFactory, mode: str, extra_args=(), **props: str) -> Machine:
-    """A machine for the tests the virtio_device marker cannot start (an iothread object,
-    a driver built with its own options per run); the marker's machines have the same 256M."""
+    """A machine with more than the virtio_device marker starts (an iothread object); the
+    marker's machines have the same 256M."""
     spec = MachineSpec(memory="256M", extra_args=list(extra_args))
     spec.add_virtio("virtio-balloon-pci", {"id": "bal0", **props}, mode=mode)
     return machine_factory(spec)
@@ -303,9 +303,11 @@ def test_features_off_by_property(virtio_device: VirtioDriver) -> None:
 
 
 @pytest.mark.parametrize("interrupts", ["isr", "intx"])
-def test_config_change_without_msix(machine_factory, interrupts: str) -> None:
-    vm = balloon_machine(machine_factory, modes.TRANSITIONAL_MODERN)
-    bal = vm.virtio("bal0", VirtioBalloon, interrupts=interrupts)
+@pytest.mark.virtio_device("virtio-balloon-pci", transports=[modes.TRANSITIONAL_MODERN], rings=["split"])
+def test_config_change_without_msix(virtio_device: VirtioDriver, qemu: Machine, interrupts: str) -> None:
+    vm = qemu
+    virtio_device.close()  # the marker starts its driver with the default interrupts: drive it again
+    bal = vm.virtio(virtio_device.dev_id, VirtioBalloon, interrupts=interrupts)
     assert bal.interrupts == interrupts
     with pytest.raises(BalloonError, match=r"no configuration change notification within 0\.02 s"):
         bal.wait_config_change(timeout=0.02)
