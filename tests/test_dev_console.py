@@ -7,12 +7,13 @@ socketpair chardevs), in every transport mode, split and packed."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
-from pytest_qtest_virtio.plugin import MachineFactory
 
-from qtest_virtio import Machine, MachineSpec, modes
+from qtest_virtio import Machine, modes
 from qtest_virtio.backends import SerialBackend
+from qtest_virtio.devices.base import VirtioDriver
 from qtest_virtio.devices.console.driver import VirtioConsole
 from qtest_virtio.devices.console.encoding import (
     CONSOLE_CONFIG,
@@ -28,7 +29,6 @@ from qtest_virtio.introspect import device_view
 from qtest_virtio.virtqueue import PackedVirtqueue, SplitVirtqueue, VirtqueueError
 
 LEGACY_LAYOUT = {modes.LEGACY, modes.TRANSITIONAL_LEGACY}
-RINGS = ["split", "packed"]
 CONSOLE_NAME = "org.qtest.console"
 PORT1_NAME = "org.qtest.port1"
 NUL = b"\0"  # QEMU 7.2 terminates PORT_NAME's name (the spec says it does not)
@@ -96,12 +96,26 @@ def test_queue_numbering() -> None:
 # -- real QEMU -------------------------------------------------------------------------------
 
 
-def serial_machine(machine_factory: MachineFactory, mode: str, ring: str = "split", **props: str) -> Machine:
-    spec = MachineSpec()
-    spec.add_virtio(
-        "virtio-serial-pci", {"id": "ser0", "packed": "on" if ring == "packed" else "off", **props}, mode=mode
-    )
-    return machine_factory(spec)
+def driven(device: VirtioDriver, vm: Machine, **options: Any) -> VirtioConsole:
+    """The marker's driver as the VirtioConsole it is. With driver options (``nr_ports=``,
+    ``handshake=``...), which the marker does not pass, its driver is closed and the device
+    driven again with them."""
+    if options:
+        device.close()
+        device = vm.virtio(device.dev_id, VirtioConsole, **options)
+    assert isinstance(device, VirtioConsole)
+    return device
+
+
+def ring_of(request: pytest.FixtureRequest) -> str:
+    """The ring layout the plugin parametrised this run with."""
+    return str(request.node.callspec.params["virtio_device"].ring)
+
+
+#: The marker's runs where packed=on meets a legacy register layout (split rings, all the same).
+PACKED_ON_LEGACY_LAYOUT = pytest.mark.virtio_device(
+    "virtio-serial-pci", transports=sorted(LEGACY_LAYOUT), rings=["split"], flags={"packed": "on"}
+)
 
 
 def ports_of(con: VirtioConsole) -> SerialBackend:
@@ -116,14 +130,21 @@ def check_ring(con: VirtioConsole, mode: str, ring: str) -> None:
     assert all(isinstance(vq, PackedVirtqueue if packed else SplitVirtqueue) for vq in con.queues)
 
 
-@pytest.mark.parametrize("ring", RINGS)
-@pytest.mark.parametrize("mode", modes.ALL_MODES)
-def test_multiport_handshake_and_data(machine_factory, mode: str, ring: str) -> None:
-    vm = serial_machine(machine_factory, mode, ring)
-    con = vm.virtio("ser0", VirtioConsole)
+@pytest.mark.virtio_device("virtio-serial-pci")
+def test_multiport_handshake_and_data(virtio_device: VirtioDriver, qemu: Machine, request) -> None:
+    multiport_handshake_and_data(driven(virtio_device, qemu), qemu, ring_of(request))
+
+
+@PACKED_ON_LEGACY_LAYOUT
+def test_multiport_handshake_and_data_packed_flag_on_legacy_layout(virtio_device: VirtioDriver, qemu: Machine) -> None:
+    multiport_handshake_and_data(driven(virtio_device, qemu), qemu, "packed")
+
+
+def multiport_handshake_and_data(con: VirtioConsole, vm: Machine, ring: str) -> None:
+    mode = con.mode
     check_ring(con, mode, ring)
     assert {"MULTIPORT", "EMERG_WRITE"} <= con.negotiated
-    assert {"MULTIPORT", "EMERG_WRITE"} <= device_view(vm, "ser0").guest_features
+    assert {"MULTIPORT", "EMERG_WRITE"} <= device_view(vm, con.dev_id).guest_features
     assert con.initial_config.max_nr_ports == con.max_nr_ports == 31  # QEMU's max_ports default
     assert len(con.queues) == 2 * 31 + 2
 
@@ -173,13 +194,21 @@ def test_multiport_handshake_and_data(machine_factory, mode: str, ring: str) -> 
     vm.memory.check_leaks()
 
 
-@pytest.mark.parametrize("ring", RINGS)
-@pytest.mark.parametrize("mode", modes.ALL_MODES)
-def test_single_port_without_multiport(machine_factory, mode: str, ring: str) -> None:
+@pytest.mark.virtio_device("virtio-serial-pci", refuse={"MULTIPORT"})
+def test_single_port_without_multiport(virtio_device: VirtioDriver, qemu: Machine, request) -> None:
+    single_port_without_multiport(driven(virtio_device, qemu), qemu, ring_of(request))
+
+
+@pytest.mark.virtio_device(
+    "virtio-serial-pci", transports=sorted(LEGACY_LAYOUT), rings=["split"], flags={"packed": "on"}, refuse={"MULTIPORT"}
+)
+def test_single_port_without_multiport_packed_flag_on_legacy_layout(virtio_device: VirtioDriver, qemu: Machine) -> None:
+    single_port_without_multiport(driven(virtio_device, qemu), qemu, "packed")
+
+
+def single_port_without_multiport(con: VirtioConsole, vm: Machine, ring: str) -> None:
     """Refusing MULTIPORT: port 0 only, its two queues, no control queue (§5.3.2)."""
-    vm = serial_machine(machine_factory, mode, ring)
-    con = vm.virtio("ser0", VirtioConsole, refuse={"MULTIPORT"})
-    check_ring(con, mode, ring)
+    check_ring(con, con.mode, ring)
     assert "MULTIPORT" not in con.negotiated and len(con.queues) == 2
     assert sorted(con.ports) == [0] and con.control_log == []
     con.write(b"single port out", 0)
@@ -194,12 +223,11 @@ def test_single_port_without_multiport(machine_factory, mode: str, ring: str) ->
     vm.memory.check_leaks()
 
 
-@pytest.mark.parametrize("mode", [modes.TRANSITIONAL_LEGACY, modes.MODERN])
-def test_bulk_both_ways(machine_factory, mode: str) -> None:
+@pytest.mark.virtio_device("virtio-serial-pci", transports=[modes.TRANSITIONAL_LEGACY, modes.MODERN], rings=["split"])
+def test_bulk_both_ways(virtio_device: VirtioDriver, qemu: Machine) -> None:
     """More than one transmit buffer (TX_CHUNK) and more than the posted receive buffers: the
     driver re-posts receive buffers as the device fills them."""
-    vm = serial_machine(machine_factory, mode)
-    con = vm.virtio("ser0", VirtioConsole, nr_ports=2)
+    con = driven(virtio_device, qemu, nr_ports=2)
     end = ports_of(con)["port1"]
     out = bytes(i * 7 & 0xFF for i in range(150_000))
     con.write(out, 1)
@@ -210,12 +238,12 @@ def test_bulk_both_ways(machine_factory, mode: str) -> None:
     assert con.read_available(1) == b""
 
 
-@pytest.mark.parametrize("mode", modes.ALL_MODES)
-def test_nr_ports_and_max_ports(machine_factory, mode: str) -> None:
+@pytest.mark.virtio_device("virtio-serial-pci", rings=["split"], flags={"max_ports": "4"})
+def test_nr_ports_and_max_ports(virtio_device: VirtioDriver, qemu: Machine) -> None:
     """max_ports=4: config says 4 and the driver sets up 2*4+2 queues; nr_ports=2 limits the
     driver to the first two ports' queues."""
-    vm = serial_machine(machine_factory, mode, max_ports="4")
-    con = vm.virtio("ser0", VirtioConsole)
+    vm, con = qemu, driven(virtio_device, qemu)
+    mode = con.mode
     assert con.config().max_nr_ports == 4 and len(con.queues) == 10
     assert sorted(con.ports) == [0, 1]
     con.close()
@@ -227,11 +255,11 @@ def test_nr_ports_and_max_ports(machine_factory, mode: str) -> None:
     vm.memory.check_leaks()
 
 
-def test_open_and_close_a_port(machine_factory) -> None:
+@pytest.mark.virtio_device("virtio-serial-pci", transports=[modes.MODERN], rings=["split"])
+def test_open_and_close_a_port(virtio_device: VirtioDriver, qemu: Machine) -> None:
     """open_ports=False opens only the console port (which the driver must open); host data
     for a closed port waits until the driver sends PORT_OPEN."""
-    vm = serial_machine(machine_factory, modes.MODERN)
-    con = vm.virtio("ser0", VirtioConsole, open_ports=False, nr_ports=2)
+    con = driven(virtio_device, qemu, open_ports=False, nr_ports=2)
     assert con.ports[0].guest_open and not con.ports[1].guest_open
     ports_of(con)["port1"].write(b"early")
     with pytest.raises(ConsoleError, match="port 1 is not open on the guest side"):
@@ -246,11 +274,10 @@ def test_open_and_close_a_port(machine_factory) -> None:
         con.open_port(5)
 
 
-@pytest.mark.parametrize("mode", [modes.LEGACY, modes.MODERN])
-def test_host_disconnect_is_announced(machine_factory, mode: str) -> None:
+@pytest.mark.virtio_device("virtio-serial-pci", transports=[modes.LEGACY, modes.MODERN], rings=["split"])
+def test_host_disconnect_is_announced(virtio_device: VirtioDriver, qemu: Machine) -> None:
     """Closing the host end of port 1's chardev: the device sends PORT_OPEN value 0."""
-    vm = serial_machine(machine_factory, mode)
-    con = vm.virtio("ser0", VirtioConsole, nr_ports=2)
+    con = driven(virtio_device, qemu, nr_ports=2)
     assert con.ports[1].host_open
     ports_of(con)["port1"].close()
     deadline = time.monotonic() + 2
@@ -260,11 +287,10 @@ def test_host_disconnect_is_announced(machine_factory, mode: str) -> None:
     assert con.ports[0].host_open
 
 
-@pytest.mark.parametrize("mode", modes.ALL_MODES)
-def test_emergency_write_on_reset_device(machine_factory, mode: str) -> None:
+@pytest.mark.virtio_device("virtio-serial-pci", rings=["split"])
+def test_emergency_write_on_reset_device(virtio_device: VirtioDriver, qemu: Machine) -> None:
     """EMERG_WRITE: writing emerg_wr outputs its low byte on the console, even after a reset."""
-    vm = serial_machine(machine_factory, mode)
-    con = vm.virtio("ser0", VirtioConsole, nr_ports=2)
+    con = driven(virtio_device, qemu, nr_ports=2)
     con.emergency_write(ord("!"))
     assert ports_of(con)["console"].read(1, 2) == b"!"
     con.reset()
@@ -273,28 +299,28 @@ def test_emergency_write_on_reset_device(machine_factory, mode: str) -> None:
     assert ports_of(con)["console"].read(1, 2) == b"A"
 
 
-def test_intx_interrupts(machine_factory) -> None:
-    vm = serial_machine(machine_factory, modes.TRANSITIONAL_MODERN)
-    con = vm.virtio("ser0", VirtioConsole, interrupts="intx", nr_ports=2)
+@pytest.mark.virtio_device("virtio-serial-pci", transports=[modes.TRANSITIONAL_MODERN], rings=["split"])
+def test_intx_interrupts(virtio_device: VirtioDriver, qemu: Machine) -> None:
+    con = driven(virtio_device, qemu, interrupts="intx", nr_ports=2)
     assert con.msix is None and con.intx is not None
     ports_of(con)["console"].write(b"irq")
     assert con.read(3) == b"irq"
     con.wait_queue_interrupt(0, timeout=1)
 
 
-def test_read_timeout_says_what_arrived(machine_factory) -> None:
-    vm = serial_machine(machine_factory, modes.MODERN)
-    con = vm.virtio("ser0", VirtioConsole, nr_ports=2)
+@pytest.mark.virtio_device("virtio-serial-pci", transports=[modes.MODERN], rings=["split"])
+def test_read_timeout_says_what_arrived(virtio_device: VirtioDriver, qemu: Machine) -> None:
+    con = driven(virtio_device, qemu, nr_ports=2)
     ports_of(con)["port1"].write(b"abc")
     with pytest.raises(ConsoleTimeout, match=r"port 1: 3 of 10 bytes within 0.05 s \(so far b'abc'\)"):
         con.read(10, 1, timeout=0.05)
 
 
-def test_bad_control_message_names_device_queue_descriptor(machine_factory) -> None:
+@pytest.mark.virtio_device("virtio-serial-pci", transports=[modes.MODERN], rings=["split"])
+def test_bad_control_message_names_device_queue_descriptor(virtio_device: VirtioDriver, qemu: Machine) -> None:
     """An unknown control event from the device is an error naming the device, the control
     receiveq and the descriptor (the device's message is corrupted in guest memory here)."""
-    vm = serial_machine(machine_factory, modes.MODERN)
-    con = vm.virtio("ser0", VirtioConsole, handshake=False, nr_ports=2)
+    vm, con = qemu, driven(virtio_device, qemu, handshake=False, nr_ports=2)
     assert con.control_log == [] and con.port_table == {}
     con.send_control(ControlMessage(0, ControlEvent.DEVICE_READY, 1))
     pool = con._pools[CONTROL_RECEIVEQ]
@@ -304,10 +330,10 @@ def test_bad_control_message_names_device_queue_descriptor(machine_factory) -> N
         con.poll_control()
 
 
-def test_device_event_sent_by_driver_side_is_rejected(machine_factory) -> None:
+@pytest.mark.virtio_device("virtio-serial-pci", transports=[modes.MODERN], rings=["split"])
+def test_device_event_sent_by_driver_side_is_rejected(virtio_device: VirtioDriver, qemu: Machine) -> None:
     """A driver-to-device event (PORT_READY) arriving on the control receiveq is an error."""
-    vm = serial_machine(machine_factory, modes.MODERN)
-    con = vm.virtio("ser0", VirtioConsole, handshake=False, nr_ports=2)
+    vm, con = qemu, driven(virtio_device, qemu, handshake=False, nr_ports=2)
     con.send_control(ControlMessage(0, ControlEvent.DEVICE_READY, 1))
     for addr in con._pools[CONTROL_RECEIVEQ].addrs:
         vm.memory.write(addr + CONSOLE_CONTROL.event.offset, bytes([ControlEvent.PORT_READY, 0]))
@@ -315,11 +341,11 @@ def test_device_event_sent_by_driver_side_is_rejected(machine_factory) -> None:
         con.poll_control()
 
 
-def test_short_control_buffer_used_length(machine_factory) -> None:
+@pytest.mark.virtio_device("virtio-serial-pci", transports=[modes.MODERN], rings=["split"])
+def test_short_control_buffer_used_length(virtio_device: VirtioDriver, qemu: Machine) -> None:
     """QEMU 7.2 reports the whole PORT_NAME message length as the used length even when the
     control receive buffer is shorter: the ring layer names queue and descriptor."""
-    vm = serial_machine(machine_factory, modes.MODERN)
-    con = vm.virtio("ser0", VirtioConsole, handshake=False, nr_ports=2)
+    con = driven(virtio_device, qemu, handshake=False, nr_ports=2)
     con.CONTROL_BUFFER_SIZE = 12
     con.handshake = True
     with pytest.raises(VirtqueueError, match=r"control receiveq \(queue 2\): descriptor \d+: used length 26 is longer"):
