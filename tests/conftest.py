@@ -13,12 +13,14 @@ import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
 from qtest_virtio.binary import QemuBinary, QemuNotFound, cached_qemu
+from qtest_virtio.devices.base import VirtioDriver
 from qtest_virtio.machine import QemuMachine
+from qtest_virtio.vm import Machine
 
 pytest_plugins = ["pytester"]
 
@@ -48,3 +50,22 @@ def qmp_object(vm: QemuMachine, command: str, **args: object) -> dict[str, Any]:
     result = vm.qmp.cmd(command, **args)
     assert isinstance(result, dict), f"QMP {command} returned {result!r}, not an object"
     return result
+
+
+D = TypeVar("D", bound=VirtioDriver)
+
+
+def ring_of(request: pytest.FixtureRequest) -> str:
+    """The ring layout the plugin's ``virtio_device`` marker parametrised this run with."""
+    return str(request.node.callspec.params["virtio_device"].ring)
+
+
+def redriven(device: VirtioDriver, vm: Machine, driver: type[D], **options: Any) -> D:
+    """The marker's driver as the ``driver`` class it is. With driver options the marker does not
+    pass (``nr_ports=``, ``rx_buffers=``, ``interrupts=``...), it is closed and the device driven
+    again with them."""
+    if options:
+        device.close()
+        return vm.virtio(device.dev_id, driver, **options)
+    assert isinstance(device, driver)
+    return device

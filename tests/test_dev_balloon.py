@@ -7,7 +7,7 @@ split and packed."""
 from __future__ import annotations
 
 import pytest
-from conftest import qmp_object
+from conftest import qmp_object, ring_of
 from pytest_qtest_virtio.plugin import MachineFactory
 
 from qtest_virtio import Machine, MachineSpec, modes
@@ -110,11 +110,6 @@ def guest_stats(vm: Machine, dev_id: str = "bal0") -> dict[str, int]:
     path = f"/machine/peripheral/{dev_id}"
     stats: dict[str, int] = qmp_object(vm, "qom-get", path=path, property="guest-stats")["stats"]
     return stats
-
-
-def ring_of(request: pytest.FixtureRequest) -> str:
-    """The ring layout the plugin parametrised this run with."""
-    return str(request.node.callspec.params["virtio_device"].ring)
 
 
 @pytest.mark.virtio_device("virtio-balloon-pci")

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import pytest
+from conftest import redriven, ring_of
 
 from qtest_virtio import Machine, modes
 from qtest_virtio.backends import SerialBackend
@@ -97,19 +98,7 @@ def test_queue_numbering() -> None:
 
 
 def driven(device: VirtioDriver, vm: Machine, **options: Any) -> VirtioConsole:
-    """The marker's driver as the VirtioConsole it is. With driver options (``nr_ports=``,
-    ``handshake=``...), which the marker does not pass, its driver is closed and the device
-    driven again with them."""
-    if options:
-        device.close()
-        device = vm.virtio(device.dev_id, VirtioConsole, **options)
-    assert isinstance(device, VirtioConsole)
-    return device
-
-
-def ring_of(request: pytest.FixtureRequest) -> str:
-    """The ring layout the plugin parametrised this run with."""
-    return str(request.node.callspec.params["virtio_device"].ring)
+    return redriven(device, vm, VirtioConsole, **options)
 
 
 #: The marker's runs where packed=on meets a legacy register layout (split rings, all the same).

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import pytest
+from conftest import redriven, ring_of
 
 from qtest_virtio import Machine, modes
 from qtest_virtio.devices.base import VirtioDriver
@@ -157,11 +158,8 @@ def driven(device: VirtioDriver, vm: Machine, **options: Any):
     """The marker's driver as the VirtioNet it is, and the host end of its network backend.
     With driver options (``rx_buffers=``, ``interrupts=``...), which the marker does not pass,
     its driver is closed and the device driven again with them."""
-    if options:
-        device.close()
-        device = vm.virtio(device.dev_id, VirtioNet, **options)
-    assert isinstance(device, VirtioNet)
-    return vm, device, vm.backend(device.dev_id)
+    net = redriven(device, vm, VirtioNet, **options)
+    return vm, net, vm.backend(net.dev_id)
 
 
 def payload(n: int, seed: int = 0) -> bytes:
@@ -181,11 +179,6 @@ def rx_filter(vm: Machine, net: VirtioNet) -> dict[str, Any]:
 
 
 SIZES = (14, 60, 61, 64, 128, 511, 1000, 1513, 1514)
-
-
-def ring_of(request: pytest.FixtureRequest) -> str:
-    """The ring layout the plugin parametrised this run with."""
-    return str(request.node.callspec.params["virtio_device"].ring)
 
 
 @pytest.mark.virtio_device("virtio-net-pci", flags={"mrg_rxbuf": "on"})
