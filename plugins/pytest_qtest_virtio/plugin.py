@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from _pytest._code.code import TerminalRepr, Traceback, TracebackStyle
+from qemu.qmp.legacy import QEMUMonitorProtocol
 
 import qtest_virtio
 from qtest_virtio import Machine, MachineSpec, QemuCrashed, QemuStartError, QtestVirtioError
@@ -25,6 +26,7 @@ from qtest_virtio.deviations import TABLE_ENV, Deviation, Status, TableError, ta
 from qtest_virtio.devices import registry
 from qtest_virtio.devices.base import CORE_FEATURES, VirtioDriver
 from qtest_virtio.machine import QemuMachine, watch_machines
+from qtest_virtio.qtest import QtestClient
 from qtest_virtio.transport import feature_bit
 from qtest_virtio.transport.layout import FEATURE_BITS
 from qtest_virtio.vm import DRIVERS
@@ -335,13 +337,13 @@ def qemu(request: pytest.FixtureRequest, machine_factory: MachineFactory) -> Mac
 
 
 @pytest.fixture
-def qtest(qemu: Machine) -> Any:
+def qtest(qemu: Machine) -> QtestClient:
     """The qtest client of the ``qemu`` fixture's machine."""
     return qemu.qtest
 
 
 @pytest.fixture
-def qmp(qemu: Machine) -> Any:
+def qmp(qemu: Machine) -> QEMUMonitorProtocol:
     """The QMP client (qemu.qmp) of the ``qemu`` fixture's machine."""
     return qemu.qmp
 
