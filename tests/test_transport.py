@@ -15,6 +15,7 @@ from qtest_virtio.devices.rng.driver import VirtioRng
 from qtest_virtio.introspect import device_view
 from qtest_virtio.pci import Msix, PciFunction
 from qtest_virtio.pci.regs import MSIX_ENTRY
+from qtest_virtio.testing import SplitDesc, SplitRing
 from qtest_virtio.transport import (
     Access,
     DeviceKind,
@@ -31,7 +32,7 @@ from qtest_virtio.transport import (
 from qtest_virtio.transport.layout import COMMON_CFG, LEGACY_CFG, STATUS, VIRTIO_PCI_VENDOR_ID
 from qtest_virtio.transport.legacy import legacy_ring_offsets
 from qtest_virtio.virtqueue import SplitVirtqueue
-from qtest_virtio.virtqueue.layout import DESC_F, SPLIT_AVAIL
+from qtest_virtio.virtqueue.layout import DESC_F
 
 ALL_BITS = (1 << 64) - 1
 IMAGE = 64 << 20  # the scratch image MachineSpec makes for virtio-blk
@@ -226,9 +227,10 @@ def _publish_broken_chain(vm: Machine, rng) -> None:
     """A descriptor whose NEXT points past the table: QEMU must give up on the device."""
     vq = rng.queues[0]
     slot = vq._free[-1]
-    vm.qtest.memwrite(vq.desc + 16 * slot, struct.pack("<QIHH", 0x200000, 8, DESC_F.NEXT.mask | DESC_F.WRITE.mask, 200))
-    vm.qtest.writew(vq.avail + SPLIT_AVAIL.size, slot)
-    vm.qtest.writew(vq.avail + SPLIT_AVAIL.idx.offset, 1)
+    ring = SplitRing.of(vq)
+    ring.write_desc(slot, SplitDesc(0x200000, 8, DESC_F.NEXT.mask | DESC_F.WRITE.mask, 200))
+    ring.set_avail_entry(0, slot)
+    ring.set_avail_idx(1)
     rng.transport.notify(0)
 
 
