@@ -12,9 +12,9 @@ from typing import Any
 from qtest_virtio import modes
 from qtest_virtio.app.options import OptionError, parse_transports
 
-RINGS = ("split", "packed")
+RINGS = modes.RINGS
 #: Modes whose register layout can negotiate RING_PACKED (bit 34 needs the 64-bit features).
-PACKED_MODES = frozenset(m for m, legacy in modes.USES_LEGACY_LAYOUT.items() if not legacy)
+PACKED_MODES = frozenset(modes.MODERN_LAYOUT_MODES)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from .. import modes
 from ..errors import QemuCrashed, QtestTimeout, QtestVirtioError, describe_exit
 from ..machine import MachineSpec, is_crash_marker
 from ..outcome import Judge, Outcome, check_recovery, settle
@@ -39,7 +40,8 @@ from .targets import DEVICE_ID, DEVICES, make_target
 if TYPE_CHECKING:
     from hypothesis.strategies import SearchStrategy
 
-RINGS = ("split", "packed")
+#: The ring layouts a campaign covers: all of them (modes.RINGS).
+RINGS = modes.RINGS
 
 
 def actions_strategy(max_actions: int = 8) -> SearchStrategy[list[Action]]:
