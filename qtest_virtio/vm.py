@@ -18,10 +18,6 @@ from .pci import PciBus, PciFunction
 
 D = TypeVar("D", bound=VirtioDriver)
 
-#: Driver class by device model (the -transitional and -non-transitional variants map to the
-#: same driver: :func:`driver_class`), derived from the device registry.
-DRIVERS: dict[str, type[VirtioDriver]] = registry.drivers()
-
 
 def driver_class(device: str) -> type[VirtioDriver]:
     """The driver class for a device model name (UnknownDevice, a KeyError, if none)."""

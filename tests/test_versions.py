@@ -11,7 +11,8 @@ from conftest import EXE
 
 from qtest_virtio import MachineSpec, known_flags
 from qtest_virtio.binary import QEMU_SH, QemuBinary
-from qtest_virtio.vm import DRIVERS, Machine
+from qtest_virtio.devices import registry
+from qtest_virtio.vm import Machine
 
 ProvidedQemu = Callable[[str], QemuBinary]
 
@@ -91,7 +92,7 @@ def test_known_flags_table_matches_the_binary(provided_qemu: ProvidedQemu, name:
     version = ".".join(map(str, binary.version))
     assert version in known_flags.MEASURED_ON
     have: set[str] = set()
-    for device in DRIVERS:
+    for device in registry.drivers():
         have |= set(binary.device_properties(device))
     table = {flag for flag, versions in known_flags.PROPERTIES.items() if version in versions}
     assert table == have, f"run scripts/flag_table.py: differs in {sorted(table ^ have)}"

@@ -29,7 +29,6 @@ from qtest_virtio.machine import QemuMachine, watch_machines
 from qtest_virtio.qtest import QtestClient
 from qtest_virtio.transport import feature_bit
 from qtest_virtio.transport.layout import FEATURE_BITS
-from qtest_virtio.vm import DRIVERS
 
 from .params import VirtioParam, virtio_params
 
@@ -161,7 +160,7 @@ def _check_flag_values(config: pytest.Config, flags: dict[str, str]) -> None:
     except QemuStartError:  # no binary, or not QEMU: the tests say so (skip or --qemu-required)
         return
     try:
-        binary.check_flag_values(flags, DRIVERS)
+        binary.check_flag_values(flags, registry.drivers())
     except BadFlagValue as exc:
         raise pytest.UsageError(f"--virtio-flags: {exc}") from None
 
@@ -181,11 +180,11 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     try:  # the test file is wrong whatever the binary: a collection error, never a skip
         info = registry.lookup(device)
     except registry.UnknownDevice:
-        close = difflib.get_close_matches(device, list(DRIVERS), n=1)
+        close = difflib.get_close_matches(device, list(registry.drivers()), n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise pytest.Collector.CollectError(
             f"{metafunc.definition.nodeid}: @pytest.mark.virtio_device({device!r}) names no device qtest-virtio "
-            f"drives; {hint}(devices: {', '.join(DRIVERS)}, also as -transitional/-non-transitional)"
+            f"drives; {hint}(devices: {', '.join(registry.drivers())}, also as -transitional/-non-transitional)"
         ) from None
     refuse_each: tuple[str, ...] = ()
     if metafunc.config.getoption("--virtio-refuse-each"):

@@ -17,9 +17,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ..binary import BadFlagValue, FlagTypo, QemuBinary
+from ..devices import registry
 from ..errors import UsageError
 from ..probe import format_report, probe, to_json
-from ..vm import DRIVERS, Machine
+from ..vm import Machine
 from .args import Parser, add_machine_arguments, spec_from_args
 from .exits import EXIT_FAILED, EXIT_OK, EXIT_UNTESTABLE, EXIT_USAGE, INTERRUPTED, guarded
 from .options import parse_flags, parse_transports
@@ -96,8 +97,8 @@ def _check_run_flags(text: str, binary: QemuBinary) -> dict[str, str]:
     owns, each value one its type takes (128), each name in this binary (else 125 or 128)."""
     flags = parse_flags(text, option="--flags", transport_option="--transport")  # OptionError: 128
     try:  # a typo aborts (128); a real flag this binary lacks means 'cannot test here' (125)
-        binary.check_flags(flags, DRIVERS)
-        binary.check_flag_values(flags, DRIVERS)
+        binary.check_flags(flags, registry.drivers())
+        binary.check_flag_values(flags, registry.drivers())
     except (FlagTypo, BadFlagValue) as exc:
         raise UsageError(f"--flags: {exc}") from None
     return flags
