@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up qtest-virtio on a Debian machine: the QEMU binaries (scripts/qemu.sh: Debian's
-# qemu-system-x86, its 10.0 backport, the newest upstream source build; each only when missing),
+# qemu-system-x86, its 10.0 backport, the newest upstream source build, the gcov build of 10.0.2;
+# each only when missing),
 # then the package with its dev extras, editable. Safe to run again. Works from any directory.
 #
 #   bash scripts/setup.sh                # set up only
@@ -30,12 +31,12 @@ repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo_root"
 
 # The QEMU binaries the tests compare (scripts/qemu.sh; each cached, reused when there): the system
-# QEMU, Debian's 10.0 backport unpacked beside it, and the newest upstream source build (qtest
-# accelerator). --system-only stops at the system QEMU (enough for the main job).
+# QEMU, Debian's 10.0 backport unpacked beside it, the newest upstream source build (qtest
+# accelerator) and the gcov build of 10.0.2 (the coverage tool's tests). --system-only stops at the system QEMU (enough for the main job).
 if [ "$system_only" -eq 1 ]; then
     bash scripts/qemu.sh provide system | sed "s/^/setup.sh: QEMU /"
 else
-    bash scripts/qemu.sh provide system debian-10.0 src-newest | sed "s/^/setup.sh: QEMU /"
+    bash scripts/qemu.sh provide system debian-10.0 src-newest gcov-10.0.2 | sed "s/^/setup.sh: QEMU /"
 fi
 
 # apt-get as root: directly when we are root, else through sudo; one clear line when neither works.

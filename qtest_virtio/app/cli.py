@@ -138,9 +138,14 @@ def _exit_code(code: int, collector: ResultCollector) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    code, collector, binary = _run_suite(args)
-    print()
-    print(collector.summary_table(title=binary.identity))
+    from . import coverage_cmd
+
+    with coverage_cmd.measuring(args) as measurement:
+        code, collector, binary = _run_suite(args)
+        print()
+        print(collector.summary_table(title=binary.identity))
+        if measurement is not None:
+            coverage_cmd.print_report(measurement, binary.identity)
     return _exit_code(code, collector)
 
 
@@ -358,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     fz.set_defaults(func=run_fuzz)
     r = sub.add_parser("run", help="run scenarios (default: the bundled suite) and print a summary table")
     _run_args(r)
+    from .coverage_cmd import add_arguments as add_coverage_arguments
+
+    add_coverage_arguments(r)
     r.set_defaults(func=cmd_run)
     c = sub.add_parser("conformance", help="run the suite and write the conformance matrix (CONFORMANCE.md)")
     _run_args(c)
