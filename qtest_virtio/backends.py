@@ -5,7 +5,10 @@
   from the host), ``null`` (null-co, read-zeroes), or the path of an existing image;
 - virtio-scsi: the same image behind a ``scsi-hd`` on the controller's bus;
 - virtio-net: ``-netdev socket`` on one end of a socketpair; the test holds the other
-  (``NetBackend``: QEMU's stream framing, a 4-byte big-endian length before each frame);
+  (``NetBackend``: QEMU's stream framing, a 4-byte big-endian length before each frame); or,
+  with ``backend="tap"`` (``"tap,queues=N"`` for multiqueue), a tap interface with a virtio-net
+  header that we create and hand to QEMU, seen from the host through a packet socket
+  (``TapBackend``: offloads, multiqueue, RSS and hash reports need a peer with a vnet header);
 - virtio-serial: a ``virtconsole`` and a ``virtserialport``, each on a socketpair chardev
   (``SerialBackend``: one ``ChardevEnd`` per port);
 - virtio-rng: ``rng-random`` on a FIFO the test writes (``RngFifo``), with ``backend="fifo"``;
@@ -18,6 +21,8 @@ so there the same devices get backends that need nothing from us (null-co, hubpo
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import itertools
 import os
 import select
 import socket
@@ -116,6 +121,117 @@ class NetBackend:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class BackendUnavailable(BackendError):
+    """This host cannot provide the backend (a tap without root or /dev/net/tun): a test that
+    needs it cannot run here, which is not a failure of QEMU."""
+
+
+#: Linux's tun/tap and packet-socket constants (linux/if_tun.h, linux/if_packet.h, linux/if.h).
+TUNSETIFF = 0x400454CA
+IFF_TAP, IFF_NO_PI, IFF_MULTI_QUEUE, IFF_VNET_HDR = 0x0002, 0x1000, 0x0100, 0x4000
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+ETH_P_ALL, SOL_PACKET, PACKET_VNET_HDR, PACKET_OUTGOING = 0x0003, 263, 15, 4
+#: struct virtio_net_hdr (virtio 1.2 §5.1.6, without num_buffers): what the kernel puts before a
+#: frame on a packet socket with PACKET_VNET_HDR, and takes before one we send.
+VNET_HDR = struct.Struct("<BBHHHH")
+_tap_names = itertools.count()
+
+
+def _tap_name() -> str:
+    """An interface name no other test process of this host uses at the same time (<= 15 chars)."""
+    return f"qtv{os.getpid() % 1000000}t{next(_tap_names) % 1000}"
+
+
+class TapBackend:
+    """A tap interface QEMU reads and writes through the fds we hand it, one per queue pair.
+
+    The host side is a packet socket bound to the interface with PACKET_VNET_HDR: every frame
+    the guest transmits arrives with the virtio-net header QEMU gave the kernel, and a frame we
+    send carries the header we give (GSO, checksum offload). IPv6 is off on the interface, so the
+    kernel itself sends nothing there; the frames we inject are not read back as ours.
+    """
+
+    def __init__(self, queues: int = 1) -> None:
+        if not os.path.exists("/dev/net/tun"):
+            raise BackendUnavailable("a tap backend needs /dev/net/tun (modprobe tun)")
+        self.name = _tap_name()
+        self.queues = queues
+        self.fds: list[int] = []
+        flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (IFF_MULTI_QUEUE if queues > 1 else 0)
+        try:
+            for _ in range(queues):
+                fd = os.open("/dev/net/tun", os.O_RDWR)
+                self.fds.append(fd)
+                fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", self.name.encode(), flags))
+        except PermissionError as exc:
+            self.close()
+            raise BackendUnavailable(f"a tap backend needs root (CAP_NET_ADMIN): {exc}") from None
+        except OSError:
+            self.close()
+            raise
+        ipv6 = f"/proc/sys/net/ipv6/conf/{self.name}/disable_ipv6"
+        if os.path.exists(ipv6):
+            with open(ipv6, "w") as f:
+                f.write("1")
+        self._set_up()
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        self.sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+        self.sock.bind((self.name, ETH_P_ALL))
+
+    def hand_over(self) -> list[int]:
+        """The queue fds, for QEMU to inherit: from now on the launch plan closes our copies
+        (once QEMU runs, or when it fails to), so the interface lives as long as QEMU does."""
+        fds, self.fds = self.fds, []
+        self.queues = len(fds)
+        return fds
+
+    def _set_up(self) -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as ctl:
+            ifr = struct.pack("16sH", self.name.encode(), 0)
+            (current,) = struct.unpack_from("H", fcntl.ioctl(ctl, SIOCGIFFLAGS, ifr), 16)
+            fcntl.ioctl(ctl, SIOCSIFFLAGS, struct.pack("16sH", self.name.encode(), current | IFF_UP))
+
+    def send(self, frame: bytes, header: bytes = bytes(VNET_HDR.size)) -> None:
+        """Inject a frame (after its virtio-net header); it arrives on one of QEMU's queues."""
+        self.sock.send(header + frame)
+
+    def receive_with_header(self, timeout: float = 5.0) -> tuple[bytes, bytes]:
+        """(virtio-net header, frame) of the next frame the guest transmitted."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([self.sock], [], [], remaining)[0]:
+                raise BackendError(f"no frame from the guest on {self.name} within {timeout} s")
+            data, address = self.sock.recvfrom(1 << 17)
+            if address[2] == PACKET_OUTGOING:  # one we injected ourselves
+                continue
+            return data[: VNET_HDR.size], data[VNET_HDR.size :]
+
+    def receive(self, timeout: float = 5.0) -> bytes:
+        """The next frame the guest transmitted."""
+        return self.receive_with_header(timeout)[1]
+
+    def pending(self, timeout: float = 0.0) -> bool:
+        return bool(select.select([self.sock], [], [], timeout)[0])
+
+    def close(self) -> None:
+        with contextlib.suppress(AttributeError, OSError):
+            self.sock.close()
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds = []
+
+
+def _tap_queues(kind: str) -> int:
+    """``tap`` -> 1, ``tap,queues=4`` -> 4."""
+    _, _, option = kind.partition(",")
+    key, _, value = option.partition("=")
+    if option and (key != "queues" or not value.isdigit() or not 1 <= int(value) <= 16):
+        raise BackendError(f"backend {kind!r}: write tap or tap,queues=N (N from 1 to 16)")
+    return int(value) if option else 1
 
 
 class ChardevEnd:
@@ -221,6 +337,21 @@ def make_backend(driver: str, dev_id: str, props: dict[str, str], kind: str | No
         opt, repro, handle = _image(dev_id, kind or "image", size, workdir)
         disk = f"scsi-hd,bus={dev_id}.0,drive={dev_id}-backend,id={dev_id}-hd,channel=0,scsi-id=0,lun=0"
         return Backend(["-blockdev", opt], ["-blockdev", repro], devices=[disk], repro_devices=[disk], handle=handle)
+    if base == "virtio-net-pci" and "netdev" not in props and kind and kind.split(",")[0] == "tap":
+        tap = TapBackend(_tap_queues(kind))
+        netdev = f"{dev_id}-netdev"
+        fds = tap.hand_over()
+        for fd in fds:
+            os.set_inheritable(fd, True)
+        joined = ":".join(map(str, fds))
+        option = f"tap,id={netdev},fd={joined}" if len(fds) == 1 else f"tap,id={netdev},fds={joined}"
+        return Backend(
+            ["-netdev", f"{option},vhost=off"],
+            ["-netdev", f"hubport,id={netdev},hubid=0"],
+            {"netdev": netdev},
+            child_fds=fds,
+            handle=tap,
+        )
     if base == "virtio-net-pci" and "netdev" not in props:
         ours, theirs = _socketpair()
         netdev = f"{dev_id}-netdev"
