@@ -23,7 +23,7 @@ def _frame(dst: bytes | str, src: bytes | str, size: int, seed: int) -> bytes:
 def test_frames_cross_the_tap_both_ways(qemu_binary, queues: int) -> None:  # type: ignore[no-untyped-def]
     spec = MachineSpec(qemu=qemu_binary.path)
     props = {"mq": "on"} if queues > 1 else {}
-    spec.add_virtio("virtio-net-pci", mode="modern", id="n0", backend=f"tap,queues={queues}", **props)
+    spec.add_virtio("virtio-net-pci", props, mode="modern", id="n0", backend=f"tap,queues={queues}")
     with Machine(spec) as vm:
         net = vm.virtio("n0", VirtioNet)
         host = vm.backend("n0", TapBackend)
