@@ -1,0 +1,251 @@
+"""A hostile driver (virtio 1.2 §2.1.2): chains that break one descriptor rule each, and the
+device's answer. The device SHOULD set DEVICE_NEEDS_RESET when it enters an error state that
+needs a reset, and once DRIVER_OK is set it MUST then send a configuration change notification;
+it must not crash, must stop using the queue, and a reset brings it back (``_hostile``).
+
+Two devices, because QEMU finds a broken chain in two places: virtio-rng sizes a request with
+``virtqueue_get_avail_bytes`` before it pops anything, virtio-balloon pops straight away
+(``virtqueue_pop``). Each runs the layouts its own path rejects: the flaws only ``virtqueue_pop``
+sees (a zero-length buffer, a buffer outside guest RAM, a device-writable buffer before a
+device-readable one) pass virtio-rng's sizing and reach the same pop as on virtio-balloon, where
+on a packed ring virtio-rng then spins for good (reproducer
+``virtio-rng-packed-zero-length-livelock.qtest``), so they run on virtio-balloon only.
+
+Layouts that need a field one ring format does not have run on that ring alone: a ``next``
+index (out of the table, or looping inside an indirect table) and the available ring's index
+and entries exist only in split rings (§2.7.5, §2.7.6); packed chains run in ring order
+(§2.8.6), so their loop is a chain longer than the ring.
+
+On the legacy layout (no VERSION_1) there is no DEVICE_NEEDS_RESET: QEMU marks the device
+broken, says nothing to the driver, and otherwise behaves the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import pytest
+
+from qtest_virtio import Machine
+from qtest_virtio.devices.base import VirtioDriver
+from qtest_virtio.testing import PackedDesc, SplitDesc
+from qtest_virtio.virtqueue.layout import DESC_F, PACKED_F
+
+from ._hostile import OUTSIDE_RAM, PAGE, Hostile
+
+
+@dataclass(frozen=True)
+class Case:
+    """One broken layout: its conformance id, what it breaks, and how it is laid out."""
+
+    name: str
+    breaks: str  # the driver rule, with its section
+    split: Callable[[Hostile], None] | None = None
+    packed: Callable[[Hostile], None] | None = None
+    indirect: bool = False
+
+    @property
+    def id(self) -> str:
+        return f"vq-hostile-{self.name}"
+
+    def lay_out(self, h: Hostile) -> None:
+        build = self.packed if h.packed else self.split
+        assert build is not None, f"{self.name} has no {'packed' if h.packed else 'split'} layout"
+        build(h)
+
+
+# -- the layouts -----------------------------------------------------------------------------
+
+
+def _split_loop(h: Hostile) -> None:
+    a, b = h.slot(0), h.slot(1)
+    p = h.payload()
+    h.publish_split(a, {a: p.split(next_slot=b), b: p.split(next_slot=a)})
+
+
+def _packed_longer_than_ring(h: Hostile) -> None:
+    p = h.payload().packed()
+    h.publish_packed([p] * h.size, endless=True)
+
+
+def _split_next_out_of_table(h: Hostile) -> None:
+    a = h.slot(0)
+    h.publish_split(a, {a: h.payload().split(next_slot=h.size)})
+
+
+def _split_head_out_of_table(h: Hostile) -> None:
+    h.publish_split(h.size, {})
+
+
+def _split_avail_idx_jump(h: Hostile) -> None:
+    h.move_avail_idx(h.size + 1)
+
+
+def _indirect_entries(h: Hostile, n: int) -> list[SplitDesc] | list[PackedDesc]:
+    ps = [h.payload() for _ in range(n)]
+    if h.packed:
+        return [p.packed() for p in ps]
+    return [p.split(next_slot=i + 1) for i, p in enumerate(ps[:-1])] + [ps[-1].split()]
+
+
+def _indirect_head(h: Hostile, addr: int, length: int) -> None:
+    if h.packed:
+        h.publish_packed([PackedDesc(addr, length, 0, PACKED_F.INDIRECT.mask)])
+    else:
+        a = h.slot(0)
+        h.publish_split(a, {a: SplitDesc(addr, length, DESC_F.INDIRECT.mask)})
+
+
+def _indirect_bad_length(h: Hostile) -> None:
+    addr, length = h.table(_indirect_entries(h, 2))
+    _indirect_head(h, addr, length - 8)  # one and a half descriptors
+
+
+def _indirect_unmappable(h: Hostile) -> None:
+    _indirect_head(h, h.straddling_ram_end(32), 32)
+
+
+def _split_indirect_loop(h: Hostile) -> None:
+    p, q = h.payload(), h.payload()
+    addr, length = h.table([p.split(next_slot=1), q.split(next_slot=0)])
+    _indirect_head(h, addr, length)
+
+
+def _zero_length(h: Hostile) -> None:
+    p = h.payload()
+    if h.packed:
+        h.publish_packed([PackedDesc(p.addr, 0, 0, p.packed().flags)])
+    else:
+        a = h.slot(0)
+        h.publish_split(a, {a: SplitDesc(p.addr, 0, p.split_flags)})
+
+
+def _outside_ram(h: Hostile) -> None:
+    """Two pages of unassigned memory: more than QEMU's one-page bounce buffer can stand for."""
+    flags = DESC_F.WRITE.mask if h.payload().writable else 0
+    if h.packed:
+        h.publish_packed([PackedDesc(OUTSIDE_RAM, 2 * PAGE, 0, flags)])
+    else:
+        a = h.slot(0)
+        h.publish_split(a, {a: SplitDesc(OUTSIDE_RAM, 2 * PAGE, flags)})
+
+
+def _writable_first(h: Hostile) -> None:
+    readable = h.payload()
+    assert not readable.writable, "a device whose requests are device-readable"
+    out = h.vm.memory.alloc(16, 16, tag="hostile writable")
+    if h.packed:
+        h.publish_packed([PackedDesc(out, 16, 0, PACKED_F.WRITE.mask), readable.packed()])
+    else:
+        a, b = h.slot(0), h.slot(1)
+        h.publish_split(a, {a: SplitDesc(out, 16, DESC_F.WRITE.mask | DESC_F.NEXT.mask, b), b: readable.split()})
+
+
+LOOP = Case(
+    "descriptor-loop",
+    "loops in a chain (§2.7.5.2), a list longer than the queue size (§2.8.17)",
+    _split_loop,
+    _packed_longer_than_ring,
+)
+INDIRECT_BAD_LENGTH = Case(
+    "indirect-table-length",
+    "an indirect table is whole descriptors (§2.7.5.3, §2.8.7)",
+    _indirect_bad_length,
+    _indirect_bad_length,
+    indirect=True,
+)
+INDIRECT_UNMAPPABLE = Case(
+    "indirect-table-outside-ram",
+    "an indirect table is guest memory (§2.7.5.3, §2.8.7): this one runs past the end of RAM",
+    _indirect_unmappable,
+    _indirect_unmappable,
+    indirect=True,
+)
+NEXT_OUT_OF_TABLE = Case(
+    "next-outside-table", "next names a descriptor of the table (§2.7.5)", _split_next_out_of_table
+)
+HEAD_OUT_OF_TABLE = Case(
+    "avail-head-outside-table", "a ring entry names the head of a chain in the table (§2.7.6)", _split_head_out_of_table
+)
+AVAIL_IDX_JUMP = Case(
+    "avail-idx-jump",
+    "no more than queue size chains are available (§2.7.6, §2.7.13.1): idx moved by size + 1",
+    _split_avail_idx_jump,
+)
+INDIRECT_LOOP = Case(
+    "indirect-loop",
+    "no loop in a chain (§2.7.5.2), here inside an indirect table (§2.7.5.3)",
+    _split_indirect_loop,
+    indirect=True,
+)
+ZERO_LENGTH = Case(
+    "zero-length-buffer",
+    "a buffer has at least one byte (§2.7.5 Element Length, §2.8.4: each element has a length)",
+    _zero_length,
+    _zero_length,
+)
+OUTSIDE_RAM_CASE = Case(
+    "buffer-outside-ram", "addr is a guest-physical address of memory (§2.7.5, §2.8.13)", _outside_ram, _outside_ram
+)
+WRITABLE_FIRST = Case(
+    "writable-before-readable",
+    "device-writable elements after the device-readable ones (§2.7.4.2, §2.8.17)",
+    _writable_first,
+    _writable_first,
+)
+
+
+def params(cases: Sequence[Case]) -> list[object]:
+    return [pytest.param(c, id=c.name, marks=pytest.mark.conformance(c.id, spec="2.1.2")) for c in cases]
+
+
+def run(case: Case, drv: VirtioDriver, vm: Machine) -> None:
+    """Lay the broken chain out; the device gives up on it; a reset brings it back."""
+    if case.indirect and not drv.has("INDIRECT_DESC"):
+        pytest.skip("INDIRECT_DESC is not negotiated in this run: a driver may not use indirect tables")
+    h = Hostile(vm, drv)
+    h.clear_notifications()
+    used_before = h.used_idx()
+    case.lay_out(h)
+    h.expect_given_up(f"{case.name} ({case.breaks})", used_before=used_before)
+    h.recover()
+
+
+# -- virtio-rng: found while sizing the request (virtqueue_get_avail_bytes) --------------------
+
+
+@pytest.mark.virtio_device("virtio-rng-pci", queue_size=16)
+@pytest.mark.parametrize("case", params([LOOP, INDIRECT_BAD_LENGTH, INDIRECT_UNMAPPABLE]))
+def test_rng_gives_up_on_a_broken_chain(virtio_device: VirtioDriver, qemu: Machine, case: Case) -> None:
+    """A chain the device cannot follow: DEVICE_NEEDS_RESET and a config change notification
+    (modern), the device broken (legacy); nothing used until reset and re-initialized."""
+    run(case, virtio_device, qemu)
+
+
+@pytest.mark.virtio_device("virtio-rng-pci", queue_size=16, rings=("split",))
+@pytest.mark.parametrize("case", params([NEXT_OUT_OF_TABLE, INDIRECT_LOOP, HEAD_OUT_OF_TABLE, AVAIL_IDX_JUMP]))
+def test_rng_gives_up_on_a_broken_split_ring(virtio_device: VirtioDriver, qemu: Machine, case: Case) -> None:
+    """The same for what only a split ring can get wrong: a next index or an available ring
+    entry outside the table, a loop inside an indirect table, avail.idx moved past a queue."""
+    run(case, virtio_device, qemu)
+
+
+# -- virtio-balloon: found while popping the request (virtqueue_pop) --------------------------
+
+
+@pytest.mark.virtio_device("virtio-balloon-pci", queue_size=16)
+@pytest.mark.parametrize(
+    "case", params([LOOP, INDIRECT_BAD_LENGTH, INDIRECT_UNMAPPABLE, ZERO_LENGTH, OUTSIDE_RAM_CASE, WRITABLE_FIRST])
+)
+def test_balloon_gives_up_on_a_broken_chain(virtio_device: VirtioDriver, qemu: Machine, case: Case) -> None:
+    """A chain the device cannot take as a request, found as it pops it: the device gives up
+    on the queue as above."""
+    run(case, virtio_device, qemu)
+
+
+@pytest.mark.virtio_device("virtio-balloon-pci", queue_size=16, rings=("split",))
+@pytest.mark.parametrize("case", params([NEXT_OUT_OF_TABLE, INDIRECT_LOOP, HEAD_OUT_OF_TABLE]))
+def test_balloon_gives_up_on_a_broken_split_ring(virtio_device: VirtioDriver, qemu: Machine, case: Case) -> None:
+    """The split-ring-only layouts, found as the device pops them."""
+    run(case, virtio_device, qemu)
