@@ -111,10 +111,12 @@ class Hostile:
         self.vm.qtest.memwrite(addr, raw)
         return addr, len(raw)
 
-    def straddling_ram_end(self, length: int) -> int:
-        """An address whose ``length`` bytes start in the last 16 bytes of RAM and run past it
-        (QEMU maps guest memory one region at a time: such a range cannot be mapped)."""
-        addr = self.vm.memory.end - 16
+    def straddling_ram_end(self, length: int, align: int = 16) -> int:
+        """An ``align``-aligned address whose ``length`` bytes start in the last ``align`` bytes
+        of RAM and run past its end (QEMU maps guest memory one region at a time: such a range
+        cannot be mapped as one piece)."""
+        assert length > align, f"{length} bytes at {align} bytes before the end of RAM stay inside it"
+        addr = self.vm.memory.end - align
         assert self.vm.memory.owner(addr) is None, "the allocator reached the end of RAM"
         return addr
 
@@ -182,6 +184,11 @@ class Hostile:
     def used_idx(self) -> int:
         """The device's used index for queue 0, as QEMU holds it (QMP)."""
         return queue_view(self.vm, self.drv.dev_id, 0).used_idx
+
+    def expect_said(self, why: str, message: str) -> None:
+        """QEMU's diagnostic names the flaw the layout has (not another one it tripped on)."""
+        tail = self.vm.stderr_tail(50)
+        assert message in tail, f"{why}: QEMU did not say {message!r}; its stderr ends: {tail[-300:]!r}"
 
     def expect_given_up(self, why: str, *, used_before: int = 0) -> None:
         """The device gave up on the queue: status (modern) or QMP (legacy) says so, the
