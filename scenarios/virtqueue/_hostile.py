@@ -29,7 +29,15 @@ from qtest_virtio.devices.balloon.driver import VirtioBalloon
 from qtest_virtio.devices.base import VirtioDriver
 from qtest_virtio.devices.rng.driver import VirtioRng
 from qtest_virtio.introspect import device_view, queue_view
-from qtest_virtio.testing import PackedDesc, PackedRing, SplitDesc, SplitRing, available_flags, publish_by_hand
+from qtest_virtio.testing import (
+    PackedDesc,
+    PackedRing,
+    SplitDesc,
+    SplitRing,
+    available_flags,
+    publish_by_hand,
+    take_used_by_hand,
+)
 from qtest_virtio.transport.layout import ISR, STATUS
 from qtest_virtio.virtqueue import PackedVirtqueue, SplitVirtqueue
 from qtest_virtio.virtqueue.layout import DESC_F, PACKED_F
@@ -87,7 +95,6 @@ class Hostile:
         self.size = vq.size
         self.packed = isinstance(vq, PackedVirtqueue)
         self._next_slot, self._wrap = (vq.next_avail, vq.avail_wrap) if isinstance(vq, PackedVirtqueue) else (0, 1)
-        self._payloads: list[tuple[int, int]] = []
         self.legacy = not drv.has("VERSION_1")
 
     # -- buffers ----------------------------------------------------------------------------
@@ -97,7 +104,6 @@ class Hostile:
         if isinstance(self.drv, VirtioRng):
             addr = self.vm.memory.alloc(16, 16, tag="hostile payload")
             self.vm.qtest.memset(addr, 16, FILL)
-            self._payloads.append((addr, 16))
             return Payload(addr, 16, True)
         assert isinstance(self.drv, VirtioBalloon)
         addr = self.vm.memory.alloc(4, 16, tag="hostile pfn")
@@ -167,6 +173,39 @@ class Hostile:
                 self._next_slot, self._wrap = 0, self._wrap ^ 1
         ring.set_flags(head_slot, head_flags)
         self.drv.transport.notify(0)
+
+    # -- chains the device takes -----------------------------------------------------------
+
+    def take_used(self, count: int = 1) -> list[tuple[int, int]]:
+        """The next ``count`` used elements of hand-built chains, (id, len) each, in the order
+        the device wrote them; the library's queue is moved past them so it can go on."""
+        out: list[tuple[int, int]] = []
+        deadline = time.monotonic() + SHORT
+        while len(out) < count:
+            entry = self._poll_used()
+            if entry is not None:
+                out.append(entry)
+                continue
+            status = self.drv.transport.get_status()
+            assert not status & STATUS.DEVICE_NEEDS_RESET.mask, f"the device gave up (status {status:#x})"
+            assert time.monotonic() < deadline, f"{len(out)} of {count} chains used within {SHORT} s"
+        if isinstance(self.vq, PackedVirtqueue):  # the driver's next slot is where the hand left off
+            self.vq.next_avail, self.vq.avail_wrap = self._next_slot, self._wrap
+            self.vq.kicked_avail, self.vq.kicked_wrap = self._next_slot, self._wrap
+        return out
+
+    def _poll_used(self) -> tuple[int, int] | None:
+        if isinstance(self.vq, SplitVirtqueue):
+            return take_used_by_hand(self.vq)
+        vq = self.vq
+        desc = PackedRing.of(vq).read_desc(vq.next_used)
+        used = bool(desc.flags & PACKED_F.USED.mask)
+        if used != bool(vq.used_wrap) or bool(desc.flags & PACKED_F.AVAIL.mask) != used:
+            return None
+        vq.next_used += 1
+        if vq.next_used == vq.size:
+            vq.next_used, vq.used_wrap = 0, vq.used_wrap ^ 1
+        return desc.id, desc.len
 
     # -- what the device must do ------------------------------------------------------------
 

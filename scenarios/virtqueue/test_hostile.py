@@ -28,13 +28,15 @@ from dataclasses import dataclass
 import pytest
 
 from qtest_virtio import Machine
+from qtest_virtio.backends import RngFifo
 from qtest_virtio.devices.base import VirtioDriver
+from qtest_virtio.devices.rng.driver import VirtioRng
 from qtest_virtio.introspect import device_view
-from qtest_virtio.testing import MODERN_LAYOUT_MODES, PackedDesc, SplitDesc
+from qtest_virtio.testing import MODERN_LAYOUT_MODES, PackedDesc, SplitDesc, pattern
 from qtest_virtio.transport import DeviceNeedsReset
 from qtest_virtio.virtqueue.layout import DESC_F, PACKED_F
 
-from ._hostile import OUTSIDE_RAM, PAGE, Hostile
+from ._hostile import FILL, OUTSIDE_RAM, PAGE, SHORT, Hostile, Payload
 
 
 @dataclass(frozen=True)
@@ -358,3 +360,106 @@ def test_rng_gives_up_on_a_split_ring_area_outside_ram(
     """The available or the used ring runs past the end of RAM. Split rings only: a packed
     ring's driver and device areas are 4 bytes, 4-aligned (§2.8.10.1), and cannot straddle it."""
     _rings_outside_ram(virtio_device, qemu, monkeypatch, area)
+
+
+# -- layouts QEMU does not take for errors ----------------------------------------------------
+#
+# A driver must not put INDIRECT inside an indirect table, nor INDIRECT and NEXT on one
+# descriptor (§2.7.5.3.1, §2.8.19), but no device requirement says what then: QEMU follows the
+# one table it was given and goes on. For packed rings §2.8.7 does say it: flags other than
+# WRITE in an indirect table are reserved and ignored by the device.
+
+
+def _nested_indirect(h: Hostile, fifo: RngFifo) -> None:
+    """An indirect table whose one entry is flagged INDIRECT (and WRITE), pointing at a second
+    table: the device takes the entry for a plain device-writable buffer, so the entropy lands
+    in the second table and the buffer that table names is never written."""
+    inner = h.payload()
+    inner_table, inner_len = h.table([inner.packed() if h.packed else inner.split()])
+    nested = Payload(inner_table, inner_len, True)
+    if h.packed:
+        entry: SplitDesc | PackedDesc = PackedDesc(
+            nested.addr, nested.len, 0, PACKED_F.WRITE.mask | PACKED_F.INDIRECT.mask
+        )
+    else:
+        entry = SplitDesc(nested.addr, nested.len, DESC_F.WRITE.mask | DESC_F.INDIRECT.mask)
+    before = h.vm.qtest.memread(inner_table, inner_len)
+    outer, outer_len = h.table([entry])
+    data = pattern(inner_len, seed=7)
+    fifo.write(data)
+    _indirect_head(h, outer, outer_len)
+    ((used_id, length),) = h.take_used()
+    assert used_id == (0 if h.packed else h.slot(0))
+    assert 1 <= length <= inner_len
+    written = h.vm.qtest.memread(inner_table, inner_len)
+    assert written[:length] == data[:length], f"the entry was not used as a buffer: {before.hex()} -> {written.hex()}"
+    assert h.vm.qtest.memread(inner.addr, inner.len) == bytes([FILL]) * inner.len, "a nested table was followed"
+
+
+@pytest.mark.conformance("vq-packed-indirect-entry-flags-ignored", spec="2.8.7")
+@pytest.mark.virtio_device(
+    "virtio-rng-pci", queue_size=16, rings=("packed",), transports=MODERN_LAYOUT_MODES, backend="fifo"
+)
+@pytest.mark.virtio_requires("INDIRECT_DESC")
+def test_packed_indirect_flag_inside_a_table_is_ignored(virtio_device: VirtioDriver, qemu: Machine) -> None:
+    """In a packed indirect table only WRITE is a valid flag; the others are reserved and
+    ignored by the device (§2.8.7): an entry flagged INDIRECT is a plain buffer, and the
+    queue goes on working."""
+    h = Hostile(qemu, virtio_device)
+    _nested_indirect(h, qemu.backend(virtio_device.dev_id, RngFifo))
+    _still_working(h)
+
+
+@pytest.mark.virtio_device("virtio-rng-pci", queue_size=16, rings=("split",), backend="fifo")
+@pytest.mark.virtio_requires("INDIRECT_DESC")
+def test_split_nested_indirect_table_is_not_followed(virtio_device: VirtioDriver, qemu: Machine) -> None:
+    """Regression (QEMU's behaviour; the driver broke §2.7.5.3.1): in a split indirect table an
+    entry flagged INDIRECT is a plain buffer too, not an error, and the queue goes on working."""
+    h = Hostile(qemu, virtio_device)
+    _nested_indirect(h, qemu.backend(virtio_device.dev_id, RngFifo))
+    _still_working(h)
+
+
+@pytest.mark.virtio_device("virtio-rng-pci", queue_size=16, backend="fifo")
+@pytest.mark.virtio_requires("INDIRECT_DESC")
+def test_indirect_descriptor_with_next(virtio_device: VirtioDriver, qemu: Machine) -> None:
+    """Regression (QEMU's behaviour; the driver broke §2.7.5.3.1 / §2.8.19): a descriptor with
+    both INDIRECT and NEXT. The device follows the table and ends the chain there. On a split
+    ring the descriptor NEXT names is never looked at; on a packed ring the next slot, made
+    available after it, is the head of a chain of its own and is used as one."""
+    h = Hostile(qemu, virtio_device)
+    fifo = qemu.backend(virtio_device.dev_id, RngFifo)
+    tabled, extra = h.payload(), h.payload()
+    data = pattern(2 * tabled.len, seed=9)
+    fifo.write(data)
+    if h.packed:
+        table, length = h.table([tabled.packed()])
+        h.publish_packed(
+            [
+                PackedDesc(table, length, 0, PACKED_F.INDIRECT.mask),
+                PackedDesc(extra.addr, extra.len, 1, PACKED_F.WRITE.mask),
+            ]
+        )
+        (first_id, first_len), (second_id, second_len) = h.take_used(2)
+        assert (first_id, second_id) == (0, 1), "the slot after the indirect one was not a chain of its own"
+        assert first_len == tabled.len and second_len == extra.len
+        assert h.vm.qtest.memread(extra.addr, extra.len) == data[tabled.len :]
+    else:
+        table, length = h.table([tabled.split()])
+        a, b = h.slot(0), h.slot(1)
+        flags = DESC_F.INDIRECT.mask | DESC_F.NEXT.mask
+        h.publish_split(a, {a: SplitDesc(table, length, flags, b), b: extra.split()})
+        ((used_id, used_len),) = h.take_used()
+        assert used_id == a and 1 <= used_len <= tabled.len
+        assert h.vm.qtest.memread(extra.addr, extra.len) == bytes([FILL]) * extra.len, "NEXT was followed"
+    assert h.vm.qtest.memread(tabled.addr, 1) == data[:1]
+    _still_working(h)
+
+
+def _still_working(h: Hostile) -> None:
+    """Not an error: no DEVICE_NEEDS_RESET, not broken, and the driver's next request is served."""
+    h.drv.check_status()
+    assert not device_view(h.vm, h.drv.dev_id).broken
+    assert isinstance(h.drv, VirtioRng)
+    h.vm.backend(h.drv.dev_id, RngFifo).write(pattern(8))
+    assert len(h.drv.request(8, timeout=SHORT)) >= 1
