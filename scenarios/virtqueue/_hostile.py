@@ -143,10 +143,12 @@ class Hostile:
         self.drv.transport.notify(0)
 
     def move_avail_idx(self, by: int) -> None:
-        """avail.idx moved by ``by`` in one step, whatever the ring holds, then notified."""
-        ring = SplitRing.of(self.split_vq)
-        self.split_vq.flush()
-        ring.set_avail_idx(ring.avail_idx() + by)
+        """avail.idx moved by ``by`` in one step, whatever the ring holds, then notified (the
+        driver's own index moves with it: what it publishes next goes after)."""
+        vq = self.split_vq
+        vq.flush()
+        vq.published_by_hand(by)
+        SplitRing.of(vq).set_avail_idx(vq.avail_idx)
         self.drv.transport.notify(0)
 
     # -- packed rings -----------------------------------------------------------------------
