@@ -1,8 +1,8 @@
 """A hostile driver's rings, and what a device that meets one must do (virtio 1.2 §2.1.2).
 
-The hand-built layouts break one driver rule each (§2.7.5.2, §2.7.5.3.1, §2.7.6.1, §2.8.17,
-§2.8.19); everything else about the chain is what the device expects, so the flaw is the only
-reason to give up. :class:`Hostile` lays them out on queue 0 over the rings the library set up
+The hand-built layouts break one driver rule each (§2.7.4.2, §2.7.5, §2.7.5.2, §2.7.5.3.1,
+§2.7.6, §2.8.7, §2.8.17, §2.8.19); everything else about the chain is what the device expects,
+so the flaw is the only reason to give up. :class:`Hostile` lays them out on queue 0 over the rings the library set up
 (split: slots from the top of the table, which the library hands out last; packed: from the
 driver's next slot on), and :meth:`Hostile.expect_given_up` checks the device's answer:
 
@@ -197,6 +197,8 @@ class Hostile:
         return out
 
     def _poll_used(self) -> tuple[int, int] | None:
+        """Packed: every hand-built chain taken here is one slot (one buffer, or one indirect
+        descriptor), so the next used descriptor is one slot on (§2.8.6)."""
         if isinstance(self.vq, SplitVirtqueue):
             return take_used_by_hand(self.vq)
         vq = self.vq

@@ -5,11 +5,12 @@ it must not crash, must stop using the queue, and a reset brings it back (``_hos
 
 Two devices, because QEMU finds a broken chain in two places: virtio-rng sizes a request with
 ``virtqueue_get_avail_bytes`` before it pops anything, virtio-balloon pops straight away
-(``virtqueue_pop``). Each runs the layouts its own path rejects: the flaws only ``virtqueue_pop``
-sees (a zero-length buffer, a buffer outside guest RAM, a device-writable buffer before a
-device-readable one) pass virtio-rng's sizing and reach the same pop as on virtio-balloon, where
-on a packed ring virtio-rng then spins for good (reproducer
-``virtio-rng-packed-zero-length-livelock.qtest``), so they run on virtio-balloon only.
+(``virtqueue_pop``). Each runs the layouts its own path rejects. The flaws only
+``virtqueue_pop`` sees (a zero-length buffer, a buffer outside guest RAM, an indirect table past
+QEMU's 1024 buffers, a device-writable buffer before a device-readable one) pass virtio-rng's
+sizing and reach the same pop as on virtio-balloon, where on a packed ring virtio-rng then
+spins for good (reproducer ``virtio-rng-packed-zero-length-livelock.qtest``): they run on
+virtio-balloon only.
 
 Layouts that need a field one ring format does not have run on that ring alone: a ``next``
 index (out of the table, or looping inside an indirect table) and the available ring's index
