@@ -44,7 +44,7 @@ from ._hostile import FILL, OUTSIDE_RAM, PAGE, SHORT, Hostile, Payload
 class Case:
     """One broken layout: its conformance id, what it breaks, and how it is laid out."""
 
-    name: str
+    conformance: pytest.MarkDecorator  # the requirement: §2.1.2 for every layout
     breaks: str  # the driver rule, with its section
     said: str  # what QEMU reports (7.2 to 10.2 alike), so the scenario knows which flaw it hit
     split: Callable[[Hostile], None] | None = None
@@ -52,8 +52,8 @@ class Case:
     indirect: bool = False
 
     @property
-    def id(self) -> str:
-        return f"vq-hostile-{self.name}"
+    def name(self) -> str:
+        return str(self.conformance.args[0]).removeprefix("vq-hostile-")
 
     def lay_out(self, h: Hostile) -> None:
         build = self.packed if h.packed else self.split
@@ -161,14 +161,14 @@ def _writable_first(h: Hostile) -> None:
 
 
 LOOP = Case(
-    "descriptor-loop",
+    pytest.mark.conformance("vq-hostile-descriptor-loop", spec="2.1.2"),
     "loops in a chain (§2.7.5.2), a list longer than the queue size (§2.8.17)",
     "Looped descriptor",
     _split_loop,
     _packed_longer_than_ring,
 )
 INDIRECT_BAD_LENGTH = Case(
-    "indirect-table-length",
+    pytest.mark.conformance("vq-hostile-indirect-table-length", spec="2.1.2"),
     "an indirect table is whole descriptors (§2.7.5.3, §2.8.7)",
     "Invalid size for indirect buffer table",
     _indirect_bad_length,
@@ -176,7 +176,7 @@ INDIRECT_BAD_LENGTH = Case(
     indirect=True,
 )
 INDIRECT_UNMAPPABLE = Case(
-    "indirect-table-outside-ram",
+    pytest.mark.conformance("vq-hostile-indirect-table-outside-ram", spec="2.1.2"),
     "an indirect table is guest memory (§2.7.5.3, §2.8.7): this one runs past the end of RAM",
     "Cannot map indirect buffer",
     _indirect_unmappable,
@@ -184,43 +184,46 @@ INDIRECT_UNMAPPABLE = Case(
     indirect=True,
 )
 NEXT_OUT_OF_TABLE = Case(
-    "next-outside-table", "next names a descriptor of the table (§2.7.5)", "Desc next is", _split_next_out_of_table
+    pytest.mark.conformance("vq-hostile-next-outside-table", spec="2.1.2"),
+    "next names a descriptor of the table (§2.7.5)",
+    "Desc next is",
+    _split_next_out_of_table,
 )
 HEAD_OUT_OF_TABLE = Case(
-    "avail-head-outside-table",
+    pytest.mark.conformance("vq-hostile-avail-head-outside-table", spec="2.1.2"),
     "a ring entry names the head of a chain in the table (§2.7.6)",
     "is available",
     _split_head_out_of_table,
 )
 AVAIL_IDX_JUMP = Case(
-    "avail-idx-jump",
+    pytest.mark.conformance("vq-hostile-avail-idx-jump", spec="2.1.2"),
     "at most Queue Size buffers are in the queue (§2.7, §2.7.6): idx moved by size + 1",
     "Guest moved used index",
     _split_avail_idx_jump,
 )
 INDIRECT_LOOP = Case(
-    "indirect-loop",
+    pytest.mark.conformance("vq-hostile-indirect-loop", spec="2.1.2"),
     "no loop in a chain (§2.7.5.2), here inside an indirect table (§2.7.5.3)",
     "Looped descriptor",
     _split_indirect_loop,
     indirect=True,
 )
 ZERO_LENGTH = Case(
-    "zero-length-buffer",
+    pytest.mark.conformance("vq-hostile-zero-length-buffer", spec="2.1.2"),
     "a buffer of no bytes (no rule allows or forbids one; QEMU takes it for an error)",
     "zero sized buffers are not allowed",
     _zero_length,
     _zero_length,
 )
 OUTSIDE_RAM_CASE = Case(
-    "buffer-outside-ram",
+    pytest.mark.conformance("vq-hostile-buffer-outside-ram", spec="2.1.2"),
     "addr is a guest-physical address (§2.7.5, §2.8.13): two pages far past RAM",
     "bogus descriptor or out of resources",
     _outside_ram,
     _outside_ram,
 )
 INDIRECT_TOO_LONG = Case(
-    "indirect-table-too-long",
+    pytest.mark.conformance("vq-hostile-indirect-table-too-long", spec="2.1.2"),
     "a chain no longer than the queue size, indirect ones too (§2.7.5.3.1, §2.8.19): 1025 entries",
     "too many write descriptors in indirect table",
     _indirect_too_long,
@@ -228,7 +231,7 @@ INDIRECT_TOO_LONG = Case(
     indirect=True,
 )
 WRITABLE_FIRST = Case(
-    "writable-before-readable",
+    pytest.mark.conformance("vq-hostile-writable-before-readable", spec="2.1.2"),
     "device-writable elements after the device-readable ones (§2.7.4.2, §2.8.17)",
     "Incorrect order for descriptors",
     _writable_first,
@@ -237,7 +240,7 @@ WRITABLE_FIRST = Case(
 
 
 def params(cases: Sequence[Case]) -> list[object]:
-    return [pytest.param(c, id=c.name, marks=pytest.mark.conformance(c.id, spec="2.1.2")) for c in cases]
+    return [pytest.param(c, id=c.name, marks=c.conformance) for c in cases]
 
 
 def run(case: Case, drv: VirtioDriver, vm: Machine) -> None:
