@@ -2,9 +2,10 @@
 
 The hand-built layouts break one driver rule each (§2.7.4.2, §2.7.5, §2.7.5.2, §2.7.5.3.1,
 §2.7.6, §2.8.7, §2.8.17, §2.8.19); everything else about the chain is what the device expects,
-so the flaw is the only reason to give up. :class:`Hostile` lays them out on queue 0 over the rings the library set up
-(split: slots from the top of the table, which the library hands out last; packed: from the
-driver's next slot on), and :meth:`Hostile.expect_given_up` checks the device's answer:
+so the flaw is the only reason to give up. :class:`Hostile` lays them out on a queue (0 unless
+told) over the rings the library set up (split: slots from the top of the table, which the
+library hands out last; packed: from the driver's next slot on), and
+:meth:`Hostile.expect_given_up` checks the device's answer:
 
 - modern layout (VERSION_1 negotiated): DEVICE_NEEDS_RESET in device_status, then a
   configuration change notification, since DRIVER_OK is set (§2.1.2: SHOULD, then MUST);
@@ -84,12 +85,14 @@ class Payload:
 
 
 class Hostile:
-    """Queue 0 of a device at DRIVER_OK, for hand-built chains (one queue's worth, no reuse)."""
+    """One queue of a device at DRIVER_OK (queue 0 unless told), for hand-built chains (one
+    queue's worth, no slot used twice)."""
 
-    def __init__(self, vm: Machine, drv: VirtioDriver) -> None:
+    def __init__(self, vm: Machine, drv: VirtioDriver, queue: int = 0) -> None:
         self.vm = vm
         self.drv = drv
-        vq = drv.queues[0]
+        self.queue = queue
+        vq = drv.queues[queue]
         assert isinstance(vq, SplitVirtqueue | PackedVirtqueue)
         self.vq = vq
         self.size = vq.size
@@ -140,7 +143,7 @@ class Hostile:
     def publish_split(self, head: int, descs: dict[int, SplitDesc]) -> None:
         """Descriptors written, ``head`` made available (avail.idx moved by one), notified."""
         publish_by_hand(self.split_vq, head, descs)
-        self.drv.transport.notify(0)
+        self.drv.transport.notify(self.queue)
 
     def move_avail_idx(self, by: int) -> None:
         """avail.idx moved by ``by`` in one step, whatever the ring holds, then notified (the
@@ -149,7 +152,7 @@ class Hostile:
         vq.flush()
         vq.published_by_hand(by)
         SplitRing.of(vq).set_avail_idx(vq.avail_idx)
-        self.drv.transport.notify(0)
+        self.drv.transport.notify(self.queue)
 
     # -- packed rings -----------------------------------------------------------------------
 
@@ -174,7 +177,7 @@ class Hostile:
             if self._next_slot == self.size:
                 self._next_slot, self._wrap = 0, self._wrap ^ 1
         ring.set_flags(head_slot, head_flags)
-        self.drv.transport.notify(0)
+        self.drv.transport.notify(self.queue)
 
     # -- chains the device takes -----------------------------------------------------------
 
@@ -225,8 +228,8 @@ class Hostile:
         return bool(self.drv.transport.read_isr() & ISR.config_change.mask)
 
     def used_idx(self) -> int:
-        """The device's used index for queue 0, as QEMU holds it (QMP)."""
-        return queue_view(self.vm, self.drv.dev_id, 0).used_idx
+        """The device's used index for the queue, as QEMU holds it (QMP)."""
+        return queue_view(self.vm, self.drv.dev_id, self.queue).used_idx
 
     def expect_said(self, why: str, message: str) -> None:
         """QEMU's diagnostic names the flaw the layout has (not another one it tripped on)."""

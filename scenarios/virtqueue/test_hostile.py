@@ -23,6 +23,7 @@ broken, says nothing to the driver, and otherwise behaves the same.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -30,9 +31,10 @@ import pytest
 
 from qtest_virtio import Machine
 from qtest_virtio.backends import RngFifo
+from qtest_virtio.devices.balloon.encoding import STATSQ
 from qtest_virtio.devices.base import VirtioDriver
 from qtest_virtio.devices.rng.driver import VirtioRng
-from qtest_virtio.introspect import device_view
+from qtest_virtio.introspect import device_view, queue_view
 from qtest_virtio.testing import MODERN_LAYOUT_MODES, PackedDesc, SplitDesc, pattern
 from qtest_virtio.transport import DeviceNeedsReset
 from qtest_virtio.virtqueue.layout import DESC_F, PACKED_F
@@ -467,3 +469,33 @@ def _still_working(h: Hostile) -> None:
     assert isinstance(h.drv, VirtioRng)
     h.vm.backend(h.drv.dev_id, RngFifo).write(pattern(8))
     assert len(h.drv.request(8, timeout=SHORT)) >= 1
+
+
+# -- more buffers than the queue holds ----------------------------------------------------------
+
+
+@pytest.mark.conformance("vq-hostile-more-buffers-than-queue-size", spec="2.1.2")
+@pytest.mark.virtio_device("virtio-balloon-pci", queue_size=1, transports=MODERN_LAYOUT_MODES)
+@pytest.mark.virtio_requires("STATS_VQ")
+def test_balloon_gives_up_on_more_buffers_than_the_queue_holds(virtio_device: VirtioDriver, qemu: Machine) -> None:
+    """At most Queue Size buffers are in a queue (§2.7, §2.8): with 1-entry queues, the device
+    holds the driver's statistics buffer until it wants statistics (§5.5.6.3), and a second
+    buffer made available on the statsq (its one descriptor slot named again) is one too many.
+    Modern layouts only: the legacy layout has no queue size to choose (§4.1.4.10), and at the
+    device's 128 the balloon never holds more than that one buffer."""
+    drv = virtio_device
+    h = Hostile(qemu, drv, queue=STATSQ)
+    deadline = time.monotonic() + SHORT
+    while queue_view(qemu, drv.dev_id, STATSQ).inuse != 1:  # the device took the first buffer
+        assert time.monotonic() < deadline, "the device never took the driver's statistics buffer"
+    h.clear_notifications()
+    used_before = h.used_idx()
+    p = h.payload()
+    if h.packed:
+        h.publish_packed([p.packed()])
+    else:
+        h.publish_split(0, {})  # the slot of the buffer the device holds
+    why = "more buffers than the queue size (§2.7, §2.8)"
+    h.expect_given_up(why, used_before=used_before)
+    h.expect_said(why, "Virtqueue size exceeded")
+    h.recover()
