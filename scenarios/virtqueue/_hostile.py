@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from qtest_virtio import Machine
 from qtest_virtio.devices.balloon.driver import VirtioBalloon
+from qtest_virtio.devices.balloon.encoding import PAGE_SIZE, encode_pfns
 from qtest_virtio.devices.base import VirtioDriver
 from qtest_virtio.devices.rng.driver import VirtioRng
 from qtest_virtio.introspect import device_view, queue_view
@@ -51,7 +52,7 @@ FILL = 0xEE
 #: A guest-physical address far above the 256 MiB of RAM and every BAR the harness assigns:
 #: unassigned memory, which QEMU can only reach through a bounce buffer of one page at a time.
 OUTSIDE_RAM = 0x40_0000_0000
-PAGE = 4096
+PAGE = PAGE_SIZE
 
 
 def quiet(vm: Machine, seconds: float = QUIET_WINDOW) -> None:
@@ -109,9 +110,10 @@ class Hostile:
             self.vm.qtest.memset(addr, 16, FILL)
             return Payload(addr, 16, True)
         assert isinstance(self.drv, VirtioBalloon)
-        addr = self.vm.memory.alloc(4, 16, tag="hostile pfn")
-        self.vm.qtest.writel(addr, OUTSIDE_RAM // PAGE)
-        return Payload(addr, 4, False)
+        pfns = encode_pfns([OUTSIDE_RAM])
+        addr = self.vm.memory.alloc(len(pfns), 16, tag="hostile pfn")
+        self.vm.qtest.memwrite(addr, pfns)
+        return Payload(addr, len(pfns), False)
 
     def table(self, descs: Sequence[SplitDesc | PackedDesc]) -> tuple[int, int]:
         """An indirect table in guest RAM: (address, length in bytes)."""

@@ -37,7 +37,15 @@ from qtest_virtio.devices.rng.driver import VirtioRng
 from qtest_virtio.introspect import device_view, queue_view
 from qtest_virtio.testing import MODERN_LAYOUT_MODES, PackedDesc, SplitDesc, pattern
 from qtest_virtio.transport import DeviceNeedsReset
-from qtest_virtio.virtqueue.layout import DESC_F, PACKED_F
+from qtest_virtio.virtqueue.layout import (
+    DESC_F,
+    EVENT_SUPPRESS,
+    PACKED_DESC,
+    PACKED_F,
+    SPLIT_DESC,
+    avail_ring_size,
+    used_ring_size,
+)
 
 from ._hostile import FILL, OUTSIDE_RAM, PAGE, SHORT, Hostile, Payload
 
@@ -330,7 +338,10 @@ def _rings_outside_ram(drv: VirtioDriver, vm: Machine, monkeypatch: pytest.Monke
     def misplaced(queue: int, size: int, desc: int, driver: int, device: int) -> None:
         where = [desc, driver, device]
         if queue == 0:
-            sizes = [size * 16, 6 + 2 * size, 6 + 8 * size] if not h.packed else [size * 16, 4, 4]
+            if h.packed:
+                sizes = [PACKED_DESC.size * size, EVENT_SUPPRESS.size, EVENT_SUPPRESS.size]
+            else:
+                sizes = [SPLIT_DESC.size * size, avail_ring_size(size), used_ring_size(size)]
             where[index] = h.straddling_ram_end(sizes[index], align)
         setup_queue(queue, size, *where)
 
