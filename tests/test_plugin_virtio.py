@@ -322,3 +322,40 @@ def test_refuse_each_and_ini_options(pytester: pytest.Pytester, qemu_binary) -> 
     # EVENT_IDX, RING_PACKED, RING_RESET, ANY_LAYOUT, IN_ORDER; INDIRECT_DESC is refused already
     res.assert_outcomes(passed=2 + 5)
     res.stdout.fnmatch_lines(["*refuse=EVENT_IDX+INDIRECT_DESC*PASSED*"])
+
+
+def test_marker_narrows_refuse_each(pytester: pytest.Pytester, qemu_binary) -> None:
+    """virtio_device(refuse_each=False) keeps a scenario out of the refusal runs, a list keeps
+    only those refusals; a name the driver cannot refuse is a usage error naming the valid ones."""
+    pytester.makepyfile(
+        test_narrow="""
+import pytest
+
+@pytest.mark.virtio_device("virtio-rng-pci", transports="modern", rings=("split",), refuse_each=False)
+def test_none(virtio_device):
+    assert virtio_device.read(4)
+
+@pytest.mark.virtio_device("virtio-rng-pci", transports="modern", rings=("split",), refuse_each=["EVENT_IDX"])
+def test_one(virtio_device):
+    assert virtio_device.read(4)
+"""
+    )
+    res = pytester.runpytest(*INNER, f"--qemu={qemu_binary.path}", "--virtio-refuse-each", "--collect-only", "-q")
+    ids = [line for line in res.outlines if "::" in line]
+    assert ids == [
+        "test_narrow.py::test_none[virtio-rng-pci-modern]",
+        "test_narrow.py::test_one[virtio-rng-pci-modern]",
+        "test_narrow.py::test_one[virtio-rng-pci-modern-refuse=EVENT_IDX]",
+    ]
+    pytester.makepyfile(
+        test_bad="""
+import pytest
+
+@pytest.mark.virtio_device("virtio-rng-pci", refuse_each=["EVENT_IDXX"])
+def test_bad(virtio_device):
+    pass
+"""
+    )
+    res = pytester.runpytest(*INNER, f"--qemu={qemu_binary.path}", "--virtio-refuse-each", "test_bad.py")
+    assert res.ret != 0
+    res.stdout.fnmatch_lines(["*refuse_each=...): EVENT_IDXX is no feature this driver can refuse; valid: *EVENT_IDX*"])

@@ -69,6 +69,7 @@ def virtio_params(
     marker_flags = {k: str(v) for k, v in dict(kwargs.pop("flags", {})).items()}
     marker_refuse = frozenset(kwargs.pop("refuse", ()))
     refuse = option_refuse | marker_refuse
+    refuse_each = _marker_refuse_each(kwargs.pop("refuse_each", None), refuse_each)
     forced_packed = option_flags.get("packed")
     params: list[VirtioParam] = []
     for mode in selected_modes:
@@ -126,3 +127,22 @@ def virtio_params(
                 )
             )
     return params
+
+
+def _marker_refuse_each(wanted: object, offered: tuple[str, ...]) -> tuple[str, ...]:
+    """The marker's ``refuse_each=``: None (every feature the driver implements), False (none:
+    the scenario's path does not depend on any optional feature), or the feature names whose
+    refusal changes what the scenario checks. Names outside the driver's are a usage error."""
+    if wanted is None or not offered:
+        return offered
+    if wanted is False:
+        return ()
+    if isinstance(wanted, str) or not isinstance(wanted, (tuple, list, set, frozenset)):
+        raise OptionError(f"virtio_device(refuse_each=...): give False or a list of feature names, not {wanted!r}")
+    unknown = sorted(set(map(str, wanted)) - set(offered))
+    if unknown:
+        raise OptionError(
+            f"virtio_device(refuse_each=...): {', '.join(unknown)} is no feature this driver can refuse; "
+            f"valid: {', '.join(offered)}"
+        )
+    return tuple(f for f in offered if f in set(map(str, wanted)))
