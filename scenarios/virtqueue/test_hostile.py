@@ -270,7 +270,7 @@ def run(case: Case, drv: VirtioDriver, vm: Machine) -> None:
 # -- virtio-rng: found while sizing the request (virtqueue_get_avail_bytes) --------------------
 
 
-@pytest.mark.virtio_device("virtio-rng-pci", queue_size=16)
+@pytest.mark.virtio_device("virtio-rng-pci", refuse_each=False, queue_size=16)
 @pytest.mark.parametrize("case", params([LOOP, INDIRECT_BAD_LENGTH, INDIRECT_UNMAPPABLE]))
 def test_rng_gives_up_on_a_broken_chain(virtio_device: VirtioDriver, qemu: Machine, case: Case) -> None:
     """A chain the device cannot follow: DEVICE_NEEDS_RESET and a config change notification
@@ -278,7 +278,7 @@ def test_rng_gives_up_on_a_broken_chain(virtio_device: VirtioDriver, qemu: Machi
     run(case, virtio_device, qemu)
 
 
-@pytest.mark.virtio_device("virtio-rng-pci", queue_size=16, rings=("split",))
+@pytest.mark.virtio_device("virtio-rng-pci", refuse_each=False, queue_size=16, rings=("split",))
 @pytest.mark.parametrize("case", params([NEXT_OUT_OF_TABLE, INDIRECT_LOOP, HEAD_OUT_OF_TABLE, AVAIL_IDX_JUMP]))
 def test_rng_gives_up_on_a_broken_split_ring(virtio_device: VirtioDriver, qemu: Machine, case: Case) -> None:
     """The same for what only a split ring can get wrong: a next index or an available ring
@@ -289,7 +289,7 @@ def test_rng_gives_up_on_a_broken_split_ring(virtio_device: VirtioDriver, qemu: 
 # -- virtio-balloon: found while popping the request (virtqueue_pop) --------------------------
 
 
-@pytest.mark.virtio_device("virtio-balloon-pci", queue_size=16)
+@pytest.mark.virtio_device("virtio-balloon-pci", refuse_each=False, queue_size=16)
 @pytest.mark.parametrize(
     "case",
     params(
@@ -310,7 +310,7 @@ def test_balloon_gives_up_on_a_broken_chain(virtio_device: VirtioDriver, qemu: M
     run(case, virtio_device, qemu)
 
 
-@pytest.mark.virtio_device("virtio-balloon-pci", queue_size=16, rings=("split",))
+@pytest.mark.virtio_device("virtio-balloon-pci", refuse_each=False, queue_size=16, rings=("split",))
 @pytest.mark.parametrize("case", params([NEXT_OUT_OF_TABLE, INDIRECT_LOOP, HEAD_OUT_OF_TABLE]))
 def test_balloon_gives_up_on_a_broken_split_ring(virtio_device: VirtioDriver, qemu: Machine, case: Case) -> None:
     """The split-ring-only layouts, found as the device pops them."""
@@ -357,7 +357,7 @@ def _rings_outside_ram(drv: VirtioDriver, vm: Machine, monkeypatch: pytest.Monke
 
 
 @pytest.mark.conformance("vq-hostile-ring-outside-ram", spec="2.1.2")
-@pytest.mark.virtio_device("virtio-rng-pci", queue_size=16, transports=MODERN_LAYOUT_MODES)
+@pytest.mark.virtio_device("virtio-rng-pci", refuse_each=False, queue_size=16, transports=MODERN_LAYOUT_MODES)
 def test_rng_gives_up_on_a_descriptor_area_outside_ram(
     virtio_device: VirtioDriver, qemu: Machine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -369,7 +369,9 @@ def test_rng_gives_up_on_a_descriptor_area_outside_ram(
 
 
 @pytest.mark.conformance("vq-hostile-ring-outside-ram", spec="2.1.2")
-@pytest.mark.virtio_device("virtio-rng-pci", queue_size=16, transports=MODERN_LAYOUT_MODES, rings=("split",))
+@pytest.mark.virtio_device(
+    "virtio-rng-pci", refuse_each=False, queue_size=16, transports=MODERN_LAYOUT_MODES, rings=("split",)
+)
 @pytest.mark.parametrize("area", ["driver", "device"])
 def test_rng_gives_up_on_a_split_ring_area_outside_ram(
     virtio_device: VirtioDriver, qemu: Machine, monkeypatch: pytest.MonkeyPatch, area: str
@@ -415,7 +417,12 @@ def _nested_indirect(h: Hostile, fifo: RngFifo) -> None:
 
 @pytest.mark.conformance("vq-packed-indirect-entry-flags-ignored", spec="2.8.7")
 @pytest.mark.virtio_device(
-    "virtio-rng-pci", queue_size=16, rings=("packed",), transports=MODERN_LAYOUT_MODES, backend="fifo"
+    "virtio-rng-pci",
+    refuse_each=False,
+    queue_size=16,
+    rings=("packed",),
+    transports=MODERN_LAYOUT_MODES,
+    backend="fifo",
 )
 @pytest.mark.virtio_requires("INDIRECT_DESC")
 def test_packed_indirect_flag_inside_a_table_is_ignored(virtio_device: VirtioDriver, qemu: Machine) -> None:
@@ -427,7 +434,7 @@ def test_packed_indirect_flag_inside_a_table_is_ignored(virtio_device: VirtioDri
     _still_working(h)
 
 
-@pytest.mark.virtio_device("virtio-rng-pci", queue_size=16, rings=("split",), backend="fifo")
+@pytest.mark.virtio_device("virtio-rng-pci", refuse_each=False, queue_size=16, rings=("split",), backend="fifo")
 @pytest.mark.virtio_requires("INDIRECT_DESC")
 def test_split_nested_indirect_table_is_not_followed(virtio_device: VirtioDriver, qemu: Machine) -> None:
     """Regression (QEMU's behaviour; the driver broke §2.7.5.3.1): in a split indirect table an
@@ -437,7 +444,7 @@ def test_split_nested_indirect_table_is_not_followed(virtio_device: VirtioDriver
     _still_working(h)
 
 
-@pytest.mark.virtio_device("virtio-rng-pci", queue_size=16, backend="fifo")
+@pytest.mark.virtio_device("virtio-rng-pci", refuse_each=False, queue_size=16, backend="fifo")
 @pytest.mark.virtio_requires("INDIRECT_DESC")
 def test_indirect_descriptor_with_next(virtio_device: VirtioDriver, qemu: Machine) -> None:
     """Regression (QEMU's behaviour; the driver broke §2.7.5.3.1 / §2.8.19): a descriptor with
@@ -486,7 +493,7 @@ def _still_working(h: Hostile) -> None:
 
 
 @pytest.mark.conformance("vq-hostile-more-buffers-than-queue-size", spec="2.1.2")
-@pytest.mark.virtio_device("virtio-balloon-pci", queue_size=1, transports=MODERN_LAYOUT_MODES)
+@pytest.mark.virtio_device("virtio-balloon-pci", refuse_each=False, queue_size=1, transports=MODERN_LAYOUT_MODES)
 @pytest.mark.virtio_requires("STATS_VQ")
 def test_balloon_gives_up_on_more_buffers_than_the_queue_holds(virtio_device: VirtioDriver, qemu: Machine) -> None:
     """At most Queue Size buffers are in a queue (§2.7, §2.8): with 1-entry queues, the device
