@@ -19,7 +19,7 @@ on the modern layout (``transitional-modern``, ``modern``); the scenario without
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from itertools import count
 
@@ -73,7 +73,7 @@ class Flow:
             return Ipv4(f"10.0.{self.host}.1", "10.0.0.2", **fields)  # type: ignore[arg-type]
         return Ipv6(f"fd00::{self.host}:1", "fd00::2", **fields)  # type: ignore[arg-type]
 
-    def segment(self, payload: bytes = b"", *, ip: dict[str, object] | None = None, **tcp: object) -> TcpPacket:
+    def segment(self, payload: bytes = b"", *, ip: Mapping[str, object] | None = None, **tcp: object) -> TcpPacket:
         """A segment at the flow's current sequence number (not advancing it)."""
         fields: dict[str, object] = {
             "sequence_number": self.seq,
@@ -85,7 +85,7 @@ class Flow:
         header = Tcp(self.source_port, self.destination_port, **fields)  # type: ignore[arg-type]
         return TcpPacket(self.mac, PEER_MAC, self.ip(**(ip or {})), header, payload)
 
-    def data(self, size: int, *, ip: dict[str, object] | None = None, **tcp: object) -> TcpPacket:
+    def data(self, size: int, *, ip: Mapping[str, object] | None = None, **tcp: object) -> TcpPacket:
         """The next in-sequence data segment of ``size`` payload bytes; the flow moves past it."""
         payload = bytes((self.seq + i) & 0xFF for i in range(size))
         seg = self.segment(payload, ip=ip, **tcp)
@@ -223,7 +223,8 @@ def test_largest_run_ends_before_the_ip_length_overflows(net: VirtioNet, qemu: M
     _held(net, "45 full-sized segments")
     _send(qemu, net, extra)
     pkt = _expect_run(net, run, "ipv4")
-    assert TcpPacket.decode(pkt.frame).ip.total_length == 40 + 45 * 1448
+    ip = TcpPacket.decode(pkt.frame).ip
+    assert isinstance(ip, Ipv4) and ip.total_length == 40 + 45 * 1448
     _expect_as_sent(net, extra, "the segment that did not fit")
 
 
@@ -312,13 +313,9 @@ def test_acks_after_a_held_ack(net: VirtioNet, qemu: Machine) -> None:
     _send(qemu, net, flow.segment(sequence_number=flow.seq + 200, flags=ACK | TcpFlags.FIN))
     _expect_run(net, [ack, data], "ipv4")
     net.receive_packet(timeout=2)  # the FIN
-    for what, later in (
-        ("a duplicate ACK", {}),
-        ("an ACK of 100 more bytes", {"acknowledgment_number": flow.ack + 100}),
-        ("an ACK beyond the window", {"acknowledgment_number": flow.ack + 70000}),
-    ):
+    for what, more in (("a duplicate ACK", 0), ("an ACK of 100 more bytes", 100), ("an ACK beyond the window", 70000)):
         flow = next(flows)
-        first, second = flow.segment(), flow.segment(**later)
+        first, second = flow.segment(), flow.segment(acknowledgment_number=flow.ack + more)
         _send(qemu, net, first)
         _held(net, f"a pure ACK before {what}")
         _send(qemu, net, second)
@@ -431,7 +428,9 @@ def test_malformed_lengths_pass_uncoalesced(net: VirtioNet, qemu: Machine) -> No
         run = [flow.data(100), flow.data(100)]
         _send(qemu, net, *run)
         long_len = {"total_length": 20 + 20 + 500} if family == "ipv4" else {"payload_length": 20 + 500}
-        cases = [("an IP length past the frame", flow.segment(bytes(100), ip=long_len))]
+        cases: list[tuple[str, TcpPacket | bytes]] = [
+            ("an IP length past the frame", flow.segment(bytes(100), ip=long_len))
+        ]
         if family == "ipv4":
             cases.append(("an IP length shorter than the headers", flow.segment(bytes(100), ip={"total_length": 30})))
         cases.append(("a frame cut inside the TCP header", flow.segment(bytes(100)).encode()[: 14 + 20 + 10]))

@@ -48,7 +48,7 @@ def internet_checksum(data: bytes) -> int:
     """The 16-bit ones' complement of the ones' complement sum (RFC 1071)."""
     if len(data) % 2:
         data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
@@ -291,9 +291,9 @@ class TcpPacket:
 
 def udp_frame(
     dst_mac: bytes | str, src_mac: bytes | str, ip: Ipv4 | Ipv6, ports: tuple[int, int], data: bytes
-) -> bytes:  # noqa: E501
+) -> bytes:
     """An Ethernet frame with one UDP datagram (RFC 768), its checksum computed (IPv6 needs one)."""
-    ip = replace(ip, **({"protocol": IpProto.UDP} if isinstance(ip, Ipv4) else {"next_header": IpProto.UDP}))
+    ip = replace(ip, protocol=IpProto.UDP) if isinstance(ip, Ipv4) else replace(ip, next_header=IpProto.UDP)
     length = 8 + len(data)
     header = struct.pack("!HHHH", ports[0], ports[1], length, 0)
     checksum = internet_checksum(ip.pseudo_header(length) + header + data) or 0xFFFF
