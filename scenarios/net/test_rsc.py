@@ -186,11 +186,14 @@ def test_in_sequence_segments_arrive_as_one_packet(net: VirtioNet, qemu: Machine
     """Three in-sequence segments of one flow become one TCP packet whose payload is theirs in
     order; with RSC_EXT the device MUST set VIRTIO_NET_HDR_F_RSC_INFO, the number of coalesced
     segments in csum_start and of duplicated ACKs (none) in csum_offset, gso_type TCPV4 or TCPV6
-    (MUST). A FIN ends the run: the run comes first, then the FIN as sent."""
+    (MUST). A SYN passes the held run at once; a FIN ends it: the run, then the FIN as sent."""
     flow = Flow(net.mac, family, next(_ports))
     run = [flow.data(100), flow.data(200), flow.data(300, flags=ACK | TcpFlags.PSH, window=0x6000)]
     _send(qemu, net, *run)
     _held(net, "three in-sequence segments")
+    syn = flow.segment(flags=TcpFlags.SYN)
+    _send(qemu, net, syn)
+    _expect_as_sent(net, syn, "a SYN, which bypasses the held run")
     fin = flow.segment(flags=ACK | TcpFlags.FIN)
     _send(qemu, net, fin)
     _expect_run(net, run, family)
@@ -378,26 +381,26 @@ def test_ip_and_tcp_options_are_not_coalesced(net: VirtioNet, qemu: Machine) -> 
         _expect_as_sent(net, stamped, f"{family} with a TCP timestamp option")
 
 
-def test_two_flows_coalesce_separately(net: VirtioNet, qemu: Machine) -> None:
-    """Segments of two flows, interleaved, make two runs: ending one flow's run delivers that run
-    only; the other stays held until its own flow ends it."""
-    a = Flow(net.mac, "ipv4", next(_ports))
-    b = Flow(net.mac, "ipv4", next(_ports), host=2)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_two_flows_coalesce_separately(net: VirtioNet, qemu: Machine, family: str) -> None:
+    """Segments of two flows (other source address, other port), interleaved, make two runs:
+    ending the later flow's run delivers that run only; the first stays held until its own flow
+    ends it."""
+    a = Flow(net.mac, family, next(_ports))
+    b = Flow(net.mac, family, next(_ports), host=2)
     run_a, run_b = [], []
     for _ in range(3):
         run_a.append(a.data(70))
         run_b.append(b.data(110))
         _send(qemu, net, run_a[-1], run_b[-1])
     _held(net, "two interleaved runs")
-    fin_a = a.segment(flags=ACK | TcpFlags.FIN)
-    _send(qemu, net, fin_a)
-    _expect_run(net, run_a, "ipv4")
-    _expect_as_sent(net, fin_a, "the first flow's FIN")
-    _held(net, "the second flow's run")
-    fin_b = b.segment(flags=ACK | TcpFlags.FIN)
-    _send(qemu, net, fin_b)
-    _expect_run(net, run_b, "ipv4")
-    _expect_as_sent(net, fin_b, "the second flow's FIN")
+    for flow, run, which in ((b, run_b, "second"), (a, run_a, "first")):
+        fin = flow.segment(flags=ACK | TcpFlags.FIN)
+        _send(qemu, net, fin)
+        _expect_run(net, run, family)
+        _expect_as_sent(net, fin, f"the {which} flow's FIN")
+        if flow is b:
+            _held(net, "the first flow's run")
 
 
 def test_non_tcp_frames_pass_at_once(net: VirtioNet, qemu: Machine) -> None:
@@ -419,10 +422,10 @@ def test_non_tcp_frames_pass_at_once(net: VirtioNet, qemu: Machine) -> None:
     _expect_run(net, run, "ipv4")
 
 
-def test_malformed_lengths_pass_uncoalesced(net: VirtioNet, qemu: Machine) -> None:
+def test_malformed_segments_pass_uncoalesced(net: VirtioNet, qemu: Machine) -> None:
     """A segment whose IP length claims more than the frame holds, or less than IP and TCP headers
-    need, and a frame too short for the headers, are passed through at once, as sent; the flow's
-    run stays held."""
+    need, an IPv4 frame whose header says version 6, and a frame too short for the headers are
+    passed through at once, as sent; the flow's run stays held."""
     for family in FAMILIES:
         flow = Flow(net.mac, family, next(_ports))
         run = [flow.data(100), flow.data(100)]
@@ -433,6 +436,7 @@ def test_malformed_lengths_pass_uncoalesced(net: VirtioNet, qemu: Machine) -> No
         ]
         if family == "ipv4":
             cases.append(("an IP length shorter than the headers", flow.segment(bytes(100), ip={"total_length": 30})))
+            cases.append(("IP version 6 under the IPv4 ethertype", flow.segment(bytes(100), ip={"version": 6})))
         cases.append(("a frame cut inside the TCP header", flow.segment(bytes(100)).encode()[: 14 + 20 + 10]))
         for what, bad in cases:
             _send(qemu, net, bad)
