@@ -114,9 +114,10 @@ def _held(net: VirtioNet, what: str) -> None:
 
 
 def _normalised(frame: bytes) -> bytes:
-    """The TCP frame with its IPv4 header and TCP checksums recomputed: QEMU rewrites the length
-    of a coalesced packet but not its checksums, which no receiver of an RSC packet relies on
-    (§5.1.6.4: the driver MUST NOT rely on a checksum unless NEEDS_CSUM or DATA_VALID says so)."""
+    """The TCP frame with its IPv4 header and TCP checksums recomputed, for comparing contents:
+    QEMU rewrites the IP length of a coalesced packet but leaves both checksums as the first
+    segment had them. What the TCP checksum of such a packet should hold (the pseudo-header sum,
+    with NEEDS_CSUM) is net-rsc-gso-fields's matter, not these scenarios'."""
     pkt = TcpPacket.decode(frame)
     if isinstance(pkt.ip, Ipv4):
         pkt.ip.header_checksum = None
@@ -146,8 +147,9 @@ def _gso_type(family: str) -> int:
     return GsoType.TCPV4 if family == "ipv4" else GsoType.TCPV6
 
 
-def _expect_run(net: VirtioNet, segments: list[TcpPacket], family: str, *, dup_acks: int = 0) -> RxPacket:
-    """The next packet is the run of ``segments``, coalesced, with the RSC header fields."""
+def _expect_run(net: VirtioNet, segments: list[TcpPacket], family: str) -> RxPacket:
+    """The next packet is the run of ``segments``, coalesced, with the RSC header fields (no run
+    here takes in a duplicated ACK: QEMU ends a run at one, test_acks_after_a_held_ack)."""
     pkt = net.receive_packet(timeout=2)
     assert _normalised(pkt.frame) == _normalised(_coalesced(segments)), (
         f"expected the {len(segments)} segments as one packet of {sum(len(s.payload) for s in segments)} "
@@ -157,7 +159,7 @@ def _expect_run(net: VirtioNet, segments: list[TcpPacket], family: str, *, dup_a
     assert h.flags & NET_HDR_F.RSC_INFO.mask, f"a coalesced packet without VIRTIO_NET_HDR_F_RSC_INFO: {h}"
     assert h.gso_type == _gso_type(family), f"gso_type {h.gso_type}, expected {_gso_type(family)} for {family}"
     assert h.csum_start == len(segments), f"csum_start {h.csum_start}: {len(segments)} segments were coalesced"
-    assert h.csum_offset == dup_acks, f"csum_offset {h.csum_offset}: {dup_acks} duplicated ACKs were received"
+    assert h.csum_offset == 0, f"csum_offset {h.csum_offset}: no duplicated ACK went into this packet"
     return pkt
 
 
@@ -366,7 +368,10 @@ def test_what_passes_a_held_run(net: VirtioNet, qemu: Machine) -> None:
         strays: list[tuple[str, TcpPacket | bytes]] = [
             ("UDP", udp_frame(net.mac, PEER_MAC, flow.ip(), (5353, 5353), bytes(range(32)))),
             ("an IP length past the frame", flow.segment(bytes(100), ip=_ip_length(family, 20 + 20 + 500))),
-            ("a frame cut inside the TCP header", flow.segment(bytes(100)).encode()[: 14 + 20 + 10]),
+            (
+                "a frame cut inside the TCP header",
+                flow.segment(bytes(100)).encode()[: 14 + flow.ip().header_length + 10],
+            ),
         ]
         if family == "ipv4":
             strays += [
