@@ -222,8 +222,9 @@ class VirtioNet(VirtioDriver):
         return ETH_MAX_FRAME if self.mtu is None else max(self.mtu + ETH_HLEN, ETH_MAX_FRAME)
 
     def default_rx_buffer_size(self) -> int:
-        """A whole frame plus header without MRG_RXBUF (§5.1.6.3.1: at least 1526 bytes), a
-        2 KiB buffer with it."""
+        """A whole frame plus header without MRG_RXBUF (§5.1.6.3.1: at least 1526 bytes), or the
+        largest GSO packet plus header where GUEST_TSO4/6 (UFO, USO) let the device send one;
+        a 2 KiB buffer with MRG_RXBUF."""
         if self.has("MRG_RXBUF"):
             return 2048
         if any(self.has(f) for f in GUEST_GSO_FEATURES):
