@@ -297,6 +297,20 @@ DEVIATIONS: tuple[Deviation, ...] = (
         "it livelocks on a packed virtio-scsi chain with its writable buffers first",
         "virtio-scsi-packed-writable-first-livelock",
     ),
+    # -- virtio-net receive segment coalescing (scenarios/net/test_rsc.py, on a tap) -------------
+    Deviation(
+        "net-rsc-gso-fields",
+        "a coalesced packet (gso_type TCPV4/TCPV6) has flags RSC_INFO alone, without NEEDS_CSUM, and "
+        "its gso_size stays what the backend's header held (0), not the MSS (virtio_net_rsc_drain_seg)",
+        Strength.MUST, "5.1.6.4.1", QEMU_7_2_22, CHECKED,
+    ),
+    Deviation(
+        "net-rsc-ecn-not-coalesced",
+        "without GUEST_ECN it coalesces a segment with CWR into a TCPV4/TCPV6 packet: "
+        "virtio_net_rsc_tcp_ctrl_check masks the TCP flags to their low six bits before it looks for "
+        "ECE and CWR",
+        Strength.SHOULD, "5.1.6.4.1", QEMU_7_2_22, CHECKED,
+    ),
 )  # fmt: skip
 
 

@@ -41,6 +41,18 @@ from .encoding import (
     unmet_dependencies,
 )
 
+# -- receive segment coalescing (RSC) ---------------------------------------------------------
+
+#: What a driver that takes coalesced TCP segments negotiates with ``rsc=True``: RSC_EXT
+#: (§5.1.6.4), GUEST_TSO4/6 (coalesced packets are large TCP packets, §5.1.6.4) with the
+#: GUEST_CSUM they require, and HOST_TSO4/6 with CSUM, which RSC_EXT requires (§5.1.3.1). The
+#: driver never sets gso_type or NEEDS_CSUM on what it sends, which those features allow, not ask.
+RSC_FEATURES = frozenset({"RSC_EXT", "GUEST_CSUM", "GUEST_TSO4", "GUEST_TSO6", "CSUM", "HOST_TSO4", "HOST_TSO6"})
+#: Features after which a received packet can be larger than a frame (§5.1.6.3).
+GUEST_GSO_FEATURES = ("GUEST_TSO4", "GUEST_TSO6", "GUEST_UFO", "GUEST_USO4", "GUEST_USO6")
+#: The largest packet then: Ethernet + IPv6 header + 65535 bytes of payload (§5.1.6.3).
+GSO_MAX_PACKET = 14 + 40 + 65535
+
 # -- the driver -----------------------------------------------------------------------------
 
 RX_QUEUE, TX_QUEUE = 0, 1
@@ -55,7 +67,8 @@ class VirtioNet(VirtioDriver):
     DRIVER_OK (0: none; post later with :meth:`post_rx_buffers`), ``rx_buffer_size`` bytes per
     buffer including the header (default: a full frame, or 2048 with MRG_RXBUF),
     ``rx_poison`` a byte every receive buffer is filled with before it is posted, so a field
-    the device did not write is visible.
+    the device did not write is visible, ``rsc`` negotiates receive segment coalescing
+    (:data:`RSC_FEATURES`, or later :meth:`set_rsc`).
     """
 
     DEVICE_TYPE = encoding.DEVICE_ID
@@ -87,8 +100,11 @@ class VirtioNet(VirtioDriver):
         rx_buffers: int = DEFAULT_RX_BUFFERS,
         rx_buffer_size: int | None = None,
         rx_poison: int | None = None,
+        rsc: bool = False,
         **kwargs: Any,
     ) -> None:
+        #: Negotiate receive segment coalescing and the offloads it needs (:data:`RSC_FEATURES`).
+        self.rsc = rsc
         self.rx_buffers_wanted = rx_buffers
         self.rx_buffer_size_wanted = rx_buffer_size
         self.rx_poison = rx_poison
@@ -105,6 +121,14 @@ class VirtioNet(VirtioDriver):
         super().__init__(fn, mode, memory, **kwargs)
 
     # -- initialization (§5.1.5) ----------------------------------------------------------
+
+    def supported_bits(self) -> int:
+        """The implemented features, plus :data:`RSC_FEATURES` when ``rsc`` asks for them."""
+        bits = super().supported_bits()
+        if self.rsc:
+            for name in RSC_FEATURES:
+                bits |= 1 << feature_bit(name, self.device_bits)
+        return bits
 
     def refused_bits(self) -> int:
         """The user's refusals, plus offered features whose requirements (§5.1.3.1) will not
@@ -158,6 +182,13 @@ class VirtioNet(VirtioDriver):
         self._check_rx_options()
         self.initialize()
 
+    def set_rsc(self, on: bool = True) -> None:
+        """Negotiate (or stop negotiating) :data:`RSC_FEATURES` where offered: a reset and a new
+        initialization (§3.1.1), receive-buffer options kept. The plugin's fixture gives a driver
+        without it; a scenario about coalescing turns it on first."""
+        self.rsc = on
+        self.initialize()
+
     def _check_rx_options(self) -> None:
         if self.rx_buffers_wanted < 0:
             raise ValueError(f"rx_buffers must be >= 0, not {self.rx_buffers_wanted}")
@@ -191,10 +222,13 @@ class VirtioNet(VirtioDriver):
         return ETH_MAX_FRAME if self.mtu is None else max(self.mtu + ETH_HLEN, ETH_MAX_FRAME)
 
     def default_rx_buffer_size(self) -> int:
-        """A whole frame plus header without MRG_RXBUF (§5.1.6.3.1: at least 1526 bytes), a
-        2 KiB buffer with it."""
+        """A whole frame plus header without MRG_RXBUF (§5.1.6.3.1: at least 1526 bytes), or the
+        largest GSO packet plus header where GUEST_TSO4/6 (UFO, USO) let the device send one;
+        a 2 KiB buffer with MRG_RXBUF."""
         if self.has("MRG_RXBUF"):
             return 2048
+        if any(self.has(f) for f in GUEST_GSO_FEATURES):
+            return self.header_size + GSO_MAX_PACKET  # §5.1.6.3.1: the largest coalesced/GSO packet
         return self.header_size + self.max_frame
 
     def _who(self) -> str:

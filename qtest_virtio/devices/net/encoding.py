@@ -258,6 +258,7 @@ FEATURE_REQUIRES: dict[str, tuple[tuple[str, ...], ...]] = {
     "MQ": (("CTRL_VQ",),),
     "CTRL_MAC_ADDR": (("CTRL_VQ",),),
     "CTRL_RX_EXTRA": (("CTRL_VQ",),),
+    "RSC_EXT": (("HOST_TSO4", "HOST_TSO6"),),
 }
 
 
