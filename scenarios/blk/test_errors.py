@@ -20,13 +20,23 @@ import time
 
 import pytest
 
-from qtest_virtio import Machine
+from qtest_virtio import Machine, modes
 from qtest_virtio.backends import blkdebug_kind
 from qtest_virtio.devices.blk.driver import PendingBlk, VirtioBlk
-from qtest_virtio.devices.blk.encoding import SECTOR_SIZE, BlkReqType, BlkRequest, BlkStatus, encode_header
-from qtest_virtio.testing import alloc_bufs
+from qtest_virtio.devices.blk.encoding import (
+    SCSI_INHDR,
+    SCSI_SENSE_BYTES,
+    SECTOR_SIZE,
+    ZONE_APPEND_SECTOR_BYTES,
+    ZONE_DESCRIPTOR_BYTES,
+    ZONE_REPORT_HEADER_BYTES,
+    ZONE_REQUEST_TYPES,
+    BlkReqType,
+    BlkRequest,
+    BlkStatus,
+    encode_header,
+)
 from qtest_virtio.transport import feature_bit
-from qtest_virtio.virtqueue import Buf
 from qtest_virtio.virtqueue.base import VirtqueueTimeout
 
 #: The sectors the faults of these scenarios sit on (nothing else touches them).
@@ -208,3 +218,53 @@ def test_write_to_read_only_device_gets_ioerr(virtio_device: VirtioBlk, qemu: Ma
     assert virtio_device.execute(req).status is BlkStatus.IOERR
     assert image.read(100 * SECTOR_SIZE, SECTOR_SIZE) == data
     assert virtio_device.read(100, 1) == data
+
+
+@pytest.mark.conformance("blk-zone-request-without-zoned-unsupp", spec="5.2.6.2")
+def test_zone_requests_without_zoned_get_unsupp(virtio_device: VirtioBlk, qemu: Machine) -> None:
+    """If VIRTIO_BLK_F_ZONED is not negotiated, the device MUST reject ZONE_REPORT, ZONE_OPEN,
+    ZONE_CLOSE, ZONE_FINISH, ZONE_APPEND, ZONE_RESET and ZONE_RESET_ALL with VIRTIO_BLK_S_UNSUPP
+    (§5.2.6.2 as virtio 1.3 adds zoned devices): a report with room for a descriptor, an append of
+    one sector (its append_sector before the status), the zone commands without data. The image
+    is not written and the device keeps working. (The driver never accepts ZONED; the backend
+    here is a plain file, so QEMU offers it on no build.)"""
+    assert not virtio_device.negotiated.offered >> 17 & 1, "a plain image offered VIRTIO_BLK_F_ZONED"
+    image = virtio_device.image
+    before = image.read(0, 8 * SECTOR_SIZE)
+    for req_type in ZONE_REQUEST_TYPES:
+        if req_type == BlkReqType.ZONE_REPORT:
+            req = BlkRequest(req_type, 0, data_in_len=ZONE_REPORT_HEADER_BYTES + ZONE_DESCRIPTOR_BYTES)
+        elif req_type == BlkReqType.ZONE_APPEND:
+            req = BlkRequest(req_type, 0, data_out=b"\x88" * SECTOR_SIZE, data_in_len=ZONE_APPEND_SECTOR_BYTES)
+        else:
+            req = BlkRequest(req_type, 0)
+        assert virtio_device.execute(req).status is BlkStatus.UNSUPP, req.describe()
+    assert image.read(0, 8 * SECTOR_SIZE) == before
+    assert virtio_device.read(0, 8) == before
+
+
+def _scsi_request(blk: VirtioBlk, qemu: Machine, out: list[bytes], writable: list[int]) -> list[bytes]:
+    """A SCSI packet command in separate buffers (the legacy framing of §5.2.6.4); the
+    device-writable buffers once it is used."""
+    vq = blk.queues[0]
+    return vq.complete(vq.submit(out, writable))[1]
+
+
+def test_scsi_packet_command_is_refused(virtio_device: VirtioBlk, qemu: Machine) -> None:
+    """VIRTIO_BLK_T_SCSI_CMD: QEMU offers VIRTIO_BLK_F_SCSI only on a legacy-only device (one
+    without VERSION_1 in its features: virtio_blk_get_features, kept for migration) and runs no SCSI command anywhere
+    (virtio_blk_handle_scsi): a well-formed request (header and CDB, then sense, in-header and
+    status) completes with VIRTIO_BLK_S_UNSUPP and a non-zero ``errors`` word, so a guest's
+    ioctl fails; one without the sense and in-header buffers completes with IOERR. On the modern
+    layouts the type is one the spec does not define, refused the same way (§5.2.6)."""
+    blk = virtio_device
+    scsi_offered = bool(blk.negotiated.offered >> feature_bit("SCSI", blk.device_bits) & 1)
+    assert scsi_offered == (blk.mode == modes.LEGACY)
+    inquiry = bytes([0x12, 0, 0, 0, 96, 0])
+    header = encode_header(BlkReqType.SCSI_CMD)
+    sense, inhdr, status = _scsi_request(blk, qemu, [header, inquiry], [SCSI_SENSE_BYTES, SCSI_INHDR.size, 1])
+    assert status == bytes([BlkStatus.UNSUPP])
+    assert SCSI_INHDR.unpack(inhdr)["errors"] != 0
+    inhdr, status = _scsi_request(blk, qemu, [header, inquiry], [SCSI_INHDR.size, 1])
+    assert status == bytes([BlkStatus.IOERR])
+    assert blk.read(0, 1) == blk.image.read(0, SECTOR_SIZE)
