@@ -124,7 +124,8 @@ class BlockFault:
             elif opt in FAULT_ERRNOS:
                 err = opt
             else:
-                raise BackendError(f"blkdebug fault {text!r}: {opt!r} is not 'once' nor one of {', '.join(FAULT_ERRNOS)}")
+                known = ", ".join(FAULT_ERRNOS)
+                raise BackendError(f"blkdebug fault {text!r}: {opt!r} is neither 'once' nor an errno ({known})")
         if iotype not in FAULT_IOTYPES:
             raise BackendError(f"blkdebug fault {text!r}: I/O type {iotype!r} is not one of {', '.join(FAULT_IOTYPES)}")
         if sector and not sector.isdigit():

@@ -70,7 +70,9 @@ def _io_errors(qemu: Machine) -> list[dict[str, object]]:
 
 def _io_status(qemu: Machine, blk: VirtioBlk) -> object:
     """query-block's io-status of the device (present where the policy can stop the VM)."""
-    for dev in qemu.qmp.cmd("query-block"):  # type: ignore[union-attr]
+    devices = qemu.qmp.cmd("query-block")
+    assert isinstance(devices, list)
+    for dev in devices:
         if str(dev.get("qdev", "")).startswith(f"/machine/peripheral/{blk.dev_id}/"):
             return dev.get("io-status")
     raise AssertionError(f"query-block lists no device {blk.dev_id}")
@@ -149,7 +151,9 @@ def test_werror_stop_keeps_a_failing_write_until_reset(virtio_device: VirtioBlk,
     assert blk.image.read((BAD_WRITE + 8) * SECTOR_SIZE, SECTOR_SIZE) == data
 
 
-@pytest.mark.virtio_device("virtio-blk-pci", flags={"werror": "report"}, backend=blkdebug_kind(f"write@{BAD_WRITE}:once"))
+@pytest.mark.virtio_device(
+    "virtio-blk-pci", flags={"werror": "report"}, backend=blkdebug_kind(f"write@{BAD_WRITE}:once")
+)
 def test_werror_report_completes_the_write_with_ioerr(virtio_device: VirtioBlk, qemu: Machine) -> None:
     """werror=report: the failing write completes with VIRTIO_BLK_S_IOERR (§5.2.6: a device
     error), stores nothing, the VM keeps running (BLOCK_IO_ERROR with action report); the next
@@ -262,7 +266,7 @@ def test_scsi_packet_command_is_refused(virtio_device: VirtioBlk, qemu: Machine)
     assert scsi_offered == (blk.mode == modes.LEGACY)
     inquiry = bytes([0x12, 0, 0, 0, 96, 0])
     header = encode_header(BlkReqType.SCSI_CMD)
-    sense, inhdr, status = _scsi_request(blk, qemu, [header, inquiry], [SCSI_SENSE_BYTES, SCSI_INHDR.size, 1])
+    _sense, inhdr, status = _scsi_request(blk, qemu, [header, inquiry], [SCSI_SENSE_BYTES, SCSI_INHDR.size, 1])
     assert status == bytes([BlkStatus.UNSUPP])
     assert SCSI_INHDR.unpack(inhdr)["errors"] != 0
     inhdr, status = _scsi_request(blk, qemu, [header, inquiry], [SCSI_INHDR.size, 1])

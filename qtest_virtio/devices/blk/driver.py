@@ -171,7 +171,8 @@ class VirtioBlk(VirtioDriver):
                 allocations.append(addr)
                 in_bufs.append(Buf(addr, size, writable=True))
             token = vq.add([*bufs, *in_bufs])
-            pending.append(PendingBlk(req, framing, index, Request(token, allocations[: len(out)], in_bufs, allocations)))
+            chain = Request(token, allocations[: len(out)], in_bufs, allocations)
+            pending.append(PendingBlk(req, framing, index, chain))
         vq.kick()
         return pending
 
