@@ -290,6 +290,22 @@ def _image(dev_id: str, kind: str, size: int, workdir: str) -> tuple[str, str, I
     return opt, opt, ImageBackend(path, size)
 
 
+def _blk_backend(dev_id: str, kind: str, size: int, workdir: str) -> Backend:
+    """virtio-blk's drive (an image kind, see :func:`_image`); an ``iothread`` item in the kind
+    (``image,iothread``) also gives the device an IOThread of its own (``-object iothread``,
+    the device's ``iothread`` property), so its queues are served there instead of the main loop."""
+    items = kind.split(",")
+    iothread = "iothread" in items[1:]
+    opt, repro, handle = _image(dev_id, ",".join(i for i in items if i != "iothread"), size, workdir)
+    backend = Backend(["-blockdev", opt], ["-blockdev", repro], {"drive": f"{dev_id}-backend"}, handle=handle)
+    if iothread:
+        thread = ["-object", f"iothread,id={dev_id}-iothread"]
+        backend.args += thread
+        backend.repro_args += thread
+        backend.wiring["iothread"] = f"{dev_id}-iothread"
+    return backend
+
+
 def _scratch_image(dev_id: str, size: int, workdir: str) -> str:
     """A sparse file of ``size`` bytes in the machine's private directory."""
     path = os.path.join(workdir, f"{dev_id}.img")
@@ -302,9 +318,7 @@ def make_backend(driver: str, dev_id: str, props: dict[str, str], kind: str | No
     """The backend ``driver`` needs, unless the user wired one in by property."""
     base = driver.removesuffix("-transitional").removesuffix("-non-transitional")
     if base == "virtio-blk-pci" and "drive" not in props:
-        opt, repro, handle = _image(dev_id, kind or "image", size, workdir)
-        node = f"{dev_id}-backend"
-        return Backend(["-blockdev", opt], ["-blockdev", repro], {"drive": node}, handle=handle)
+        return _blk_backend(dev_id, kind or "image", size, workdir)
     if base == "virtio-scsi-pci" and kind != "none":
         opt, repro, handle = _image(dev_id, kind or "image", size, workdir)
         disk = f"scsi-hd,bus={dev_id}.0,drive={dev_id}-backend,id={dev_id}-hd,channel=0,scsi-id=0,lun=0"

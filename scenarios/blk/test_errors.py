@@ -34,9 +34,12 @@ from qtest_virtio.devices.blk.encoding import (
     BlkReqType,
     BlkRequest,
     BlkStatus,
+    encode_dwz_segment,
     encode_header,
 )
+from qtest_virtio.introspect import device_view
 from qtest_virtio.transport import feature_bit
+from qtest_virtio.transport.layout import STATUS
 from qtest_virtio.virtqueue.base import VirtqueueTimeout
 
 #: The sectors the faults of these scenarios sit on (nothing else touches them).
@@ -272,3 +275,35 @@ def test_scsi_packet_command_is_refused(virtio_device: VirtioBlk, qemu: Machine)
     inhdr, status = _scsi_request(blk, qemu, [header, inquiry], [SCSI_INHDR.size, 1])
     assert status == bytes([BlkStatus.IOERR])
     assert blk.read(0, 1) == blk.image.read(0, SECTOR_SIZE)
+
+
+@pytest.mark.parametrize(
+    ("what", "out", "writable"),
+    [
+        ("missing headers", [encode_header(BlkReqType.OUT, 8), b"\x99" * SECTOR_SIZE], []),
+        ("header too short", [encode_header(BlkReqType.DISCARD), encode_dwz_segment(8, 1)[:8]], [1]),
+    ],
+    ids=["no-status-buffer", "short-discard-segment"],
+)
+def test_malformed_request_breaks_the_device_until_reset(
+    virtio_device: VirtioBlk, qemu: Machine, what: str, out: list[bytes], writable: list[int]
+) -> None:
+    """A request the device cannot even parse (no device-writable buffer for the status; a
+    discard segment shorter than struct virtio_blk_discard_write_zeroes) is a driver error QEMU
+    does not answer: the device stops using buffers (virtio_error: QMP says broken) and, on the
+    modern layouts, sets DEVICE_NEEDS_RESET (§2.1.2: it SHOULD); the legacy layout has no such
+    bit. A reset brings it back, and it works."""
+    blk = virtio_device
+    vq = blk.queues[0]
+    vq.submit(out, writable)
+    deadline = time.monotonic() + 2
+    while not device_view(qemu, blk.dev_id).broken:
+        assert time.monotonic() < deadline, "the device went on as if the request were well formed"
+        time.sleep(0.01)
+    assert vq.poll_used() is None
+    needs_reset = bool(blk.transport.get_status() & STATUS.DEVICE_NEEDS_RESET.mask)
+    assert needs_reset == (not blk.transport.uses_legacy_layout)
+    assert what in qemu.stderr_text()
+    blk.initialize()
+    assert not device_view(qemu, blk.dev_id).broken
+    assert blk.read(8, 1) == bytes(SECTOR_SIZE)
