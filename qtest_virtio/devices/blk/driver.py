@@ -134,6 +134,12 @@ class VirtioBlk(VirtioDriver):
     ) -> PendingBlk:
         """Make ``req`` available on request queue ``queue`` (0 by default) and kick."""
         index, vq = self._queue(queue)
+        self._check_framing(req, framing)
+        out, in_sizes = framing.layout(req)
+        chain = vq.submit(out, in_sizes, indirect=indirect)
+        return PendingBlk(req, framing, index, chain)
+
+    def _check_framing(self, req: BlkRequest, framing: Framing) -> None:
         if framing.needs_any_layout and not (self.has("VERSION_1") or self.has("ANY_LAYOUT")):
             raise BlkError(
                 f"{self._who()}: {framing} needs VERSION_1 or ANY_LAYOUT; the legacy framing rules apply (§5.2.6.3)"
@@ -143,9 +149,6 @@ class VirtioBlk(VirtioDriver):
             segments = framing.data_segments(req)
             if segments > seg_max:
                 raise BlkError(f"{self._who()}: {segments} data segments exceed seg_max {seg_max} (§5.2.4)")
-        out, in_sizes = framing.layout(req)
-        chain = vq.submit(out, in_sizes, indirect=indirect)
-        return PendingBlk(req, framing, index, chain)
 
     def submit_batch(
         self, reqs: list[BlkRequest], *, queue: int | None = None, framing: Framing = SEPARATE
@@ -156,6 +159,7 @@ class VirtioBlk(VirtioDriver):
         index, vq = self._queue(queue)
         pending = []
         for req in reqs:
+            self._check_framing(req, framing)
             out, in_sizes = framing.layout(req)
             allocations: list[int] = []
             bufs: list[Buf] = []
