@@ -68,40 +68,31 @@ def _segments(*ranges: tuple[int, int]) -> bytes:
 # -- discard and write zeroes ---------------------------------------------------------------------
 
 
-@pytest.mark.virtio_requires("DISCARD")
+@pytest.mark.virtio_requires("DISCARD", "WRITE_ZEROES")
 @pytest.mark.virtio_device("virtio-blk-pci", flags=LIMITS)
-def test_discard_limits_are_reported_and_held(virtio_device: VirtioBlk, qemu: Machine) -> None:
-    """With DISCARD the config says max_discard_sectors (the max-discard-sectors property),
-    max_discard_seg 1 (QEMU takes one segment) and discard_sector_alignment (discard_granularity
-    / 512) (§5.2.4). A discard of max_discard_sectors succeeds; one sector more, a range past the
-    capacity, IOERR; two segments, UNSUPP."""
+def test_discard_and_write_zeroes_limits_are_reported_and_held(virtio_device: VirtioBlk, qemu: Machine) -> None:
+    """The config says max_discard_sectors and max_write_zeroes_sectors (the properties),
+    max_discard_seg and max_write_zeroes_seg 1 (QEMU takes one segment), discard_sector_alignment
+    (discard_granularity / 512) and write_zeroes_may_unmap 1 (§5.2.4). A discard of
+    max_discard_sectors succeeds; one sector more, or a range past the capacity, is IOERR; two
+    segments are UNSUPP. A write zeroes of max_write_zeroes_sectors zeroes its range; one sector
+    more is IOERR and two segments UNSUPP, both leaving the data as it was."""
     blk = virtio_device
     cfg = blk.config()
     assert (cfg.max_discard_sectors, cfg.max_discard_seg, cfg.discard_sector_alignment) == (MAX_DISCARD, 1, 8)
-    cases = [
-        (_segments((0, MAX_DISCARD)), BlkStatus.OK),
-        (_segments((0, MAX_DISCARD + 1)), BlkStatus.IOERR),
-        (_segments((cfg.capacity - 8, 16)), BlkStatus.IOERR),
-        (_segments((0, 8), (64, 8)), BlkStatus.UNSUPP),
-    ]
-    for data, expected in cases:
-        assert blk.execute(BlkRequest(BlkReqType.DISCARD, data_out=data)).status is expected, data.hex()
-
-
-@pytest.mark.virtio_requires("WRITE_ZEROES")
-@pytest.mark.virtio_device("virtio-blk-pci", flags=LIMITS)
-def test_write_zeroes_limits_are_reported_and_held(virtio_device: VirtioBlk, qemu: Machine) -> None:
-    """With WRITE_ZEROES the config says max_write_zeroes_sectors (the property),
-    max_write_zeroes_seg 1 and write_zeroes_may_unmap 1 (§5.2.4). A write zeroes of
-    max_write_zeroes_sectors zeroes its range; one sector more is IOERR and leaves the data; two
-    segments are UNSUPP and leave it too."""
-    blk = virtio_device
-    cfg = blk.config()
     assert (cfg.max_write_zeroes_sectors, cfg.max_write_zeroes_seg, cfg.write_zeroes_may_unmap) == (
         MAX_WRITE_ZEROES,
         1,
         1,
     )
+    discards = [
+        (_segments((0, MAX_DISCARD)), BlkStatus.OK),
+        (_segments((0, MAX_DISCARD + 1)), BlkStatus.IOERR),
+        (_segments((cfg.capacity - 8, 16)), BlkStatus.IOERR),
+        (_segments((0, 8), (64, 8)), BlkStatus.UNSUPP),
+    ]
+    for segments, expected in discards:
+        assert blk.execute(BlkRequest(BlkReqType.DISCARD, data_out=segments)).status is expected, segments.hex()
     data = os.urandom((MAX_WRITE_ZEROES + 1) * SECTOR_SIZE)
     blk.write(256, data)
     for segments, expected in [
