@@ -40,6 +40,7 @@ FEATURE_BITS: dict[int, str] = {
     14: "WRITE_ZEROES",
     15: "LIFETIME",
     16: "SECURE_ERASE",
+    17: "ZONED",  # virtio 1.3; this driver never accepts it
 }
 
 SECTOR_SIZE = 512
