@@ -98,6 +98,74 @@ class ImageBackend:
         pass
 
 
+#: The errno a blkdebug fault returns, by name (Linux's numbers: QEMU hands -errno on as is).
+FAULT_ERRNOS = {"EPERM": 1, "EIO": 5, "ENOSPC": 28, "EDQUOT": 122}
+#: The I/O kinds blkdebug can fail (QAPI BlkdebugIOType, QEMU 4.1 and later).
+FAULT_IOTYPES = ("read", "write", "write-zeroes", "discard", "flush")
+
+
+@dataclass(frozen=True)
+class BlockFault:
+    """One blkdebug ``inject-error`` rule: I/O of ``iotype`` that touches ``sector`` (any
+    sector when None) fails with ``errno``; with ``once`` only the first such request fails, so
+    that a retry succeeds (block/blkdebug.c ``rule_check`` drops a once-rule when it fires).
+
+    Written in a backend kind as ``IOTYPE[@SECTOR][:ERRNO][:once]`` (``write@2048:once``,
+    ``read@64:ENOSPC``). The rule is armed when the node opens (blkdebug event ``none``)."""
+
+    iotype: str
+    sector: int | None = None
+    errno: str = "EIO"
+    once: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> BlockFault:
+        head, *opts = text.split(":")
+        iotype, _, sector = head.partition("@")
+        err, once = "EIO", False
+        for opt in opts:
+            if opt == "once":
+                once = True
+            elif opt in FAULT_ERRNOS:
+                err = opt
+            else:
+                known = ", ".join(FAULT_ERRNOS)
+                raise BackendError(f"blkdebug fault {text!r}: {opt!r} is neither 'once' nor an errno ({known})")
+        if iotype not in FAULT_IOTYPES:
+            raise BackendError(f"blkdebug fault {text!r}: I/O type {iotype!r} is not one of {', '.join(FAULT_IOTYPES)}")
+        if sector and not sector.isdigit():
+            raise BackendError(f"blkdebug fault {text!r}: write the sector after '@' as a number")
+        return cls(iotype, int(sector) if sector else None, err, once)
+
+    def __str__(self) -> str:
+        where = "" if self.sector is None else f"@{self.sector}"
+        return f"{self.iotype}{where}:{self.errno}" + (":once" if self.once else "")
+
+    def options(self, index: int) -> str:
+        """The rule as blkdebug's ``inject-error.N.*`` options."""
+        key = f"inject-error.{index}"
+        opts = [f"{key}.event=none", f"{key}.iotype={self.iotype}", f"{key}.errno={FAULT_ERRNOS[self.errno]}"]
+        if self.sector is not None:
+            opts.append(f"{key}.sector={self.sector}")
+        if self.once:
+            opts.append(f"{key}.once=on")
+        return ",".join(opts)
+
+
+def blkdebug_kind(*faults: BlockFault | str) -> str:
+    """The backend kind of a raw image behind blkdebug with these faults, for ``backend=`` of
+    ``add_virtio`` and of the ``virtio_device`` marker: ``blkdebug,write@2048:once,...``."""
+    return ",".join(["blkdebug", *(str(f) for f in faults)])
+
+
+class FaultyImage(ImageBackend):
+    """An image behind blkdebug: the test holds the file and knows the faults QEMU injects."""
+
+    def __init__(self, path: str, size: int, faults: tuple[BlockFault, ...]) -> None:
+        super().__init__(path, size)
+        self.faults = faults
+
+
 class NetBackend:
     """The host end of a ``-netdev socket`` stream: frames in and out of the guest's NIC."""
 
@@ -308,31 +376,65 @@ def _socketpair() -> tuple[socket.socket, socket.socket]:
 
 
 def _image(dev_id: str, kind: str, size: int, workdir: str) -> tuple[str, str, ImageBackend | None]:
-    """(blockdev option, reproducer blockdev option, handle) for an image-kind backend."""
+    """(blockdev option, reproducer blockdev option, handle) for an image-kind backend:
+    ``null``, ``image`` (``image,read-only=on`` opens it read-only), ``blkdebug,FAULT,...``
+    (:class:`BlockFault`: the image behind blkdebug), or the path of an existing image."""
     node = f"{dev_id}-backend"
     if kind == "null":
         opt = f"driver=null-co,node-name={node},read-zeroes=on,size={size}"
         return opt, opt, None
-    if kind == "image":
-        path = os.path.join(workdir, f"{dev_id}.img")
-        with open(path, "wb") as f:
-            f.truncate(size)
-        repro = f"driver=raw,node-name={node},file.driver=null-co,file.read-zeroes=on,file.size={size}"
-    else:  # the path of an existing image, which outlives the test
-        path = kind
-        size = os.path.getsize(path)
-        repro = f"driver=raw,node-name={node},file.driver=file,file.filename={_escape(path)}"
+    name, *options = kind.split(",")
+    if name == "blkdebug":
+        faults = tuple(BlockFault.parse(text) for text in options)
+        path = _scratch_image(dev_id, size, workdir)
+        rules = "".join(f",{fault.options(i)}" for i, fault in enumerate(faults))
+        opt = f"driver=blkdebug,node-name={node},image.driver=file,image.filename={_escape(path)}{rules}"
+        repro = f"driver=blkdebug,node-name={node},image.driver=null-co,image.read-zeroes=on,image.size={size}{rules}"
+        return opt, repro, FaultyImage(path, size, faults)
+    if name == "image":
+        if options not in ([], ["read-only=on"]):
+            raise BackendError(f"backend {kind!r}: write image or image,read-only=on")
+        read_only = ",read-only=on" if options else ""
+        path = _scratch_image(dev_id, size, workdir)
+        repro = f"driver=raw,node-name={node}{read_only},file.driver=null-co,file.read-zeroes=on,file.size={size}"
+        opt = f"driver=raw,node-name={node}{read_only},file.driver=file,file.filename={_escape(path)}"
+        return opt, repro, ImageBackend(path, size)
+    # the path of an existing image, which outlives the test
+    path = kind
+    size = os.path.getsize(path)
     opt = f"driver=raw,node-name={node},file.driver=file,file.filename={_escape(path)}"
-    return opt, repro, ImageBackend(path, size)
+    return opt, opt, ImageBackend(path, size)
+
+
+def _blk_backend(dev_id: str, kind: str, size: int, workdir: str) -> Backend:
+    """virtio-blk's drive (an image kind, see :func:`_image`); an ``iothread`` item in the kind
+    (``image,iothread``) also gives the device an IOThread of its own (``-object iothread``,
+    the device's ``iothread`` property), so its queues are served there instead of the main loop."""
+    items = kind.split(",")
+    iothread = "iothread" in items[1:]
+    opt, repro, handle = _image(dev_id, ",".join(i for i in items if i != "iothread"), size, workdir)
+    backend = Backend(["-blockdev", opt], ["-blockdev", repro], {"drive": f"{dev_id}-backend"}, handle=handle)
+    if iothread:
+        thread = ["-object", f"iothread,id={dev_id}-iothread"]
+        backend.args += thread
+        backend.repro_args += thread
+        backend.wiring["iothread"] = f"{dev_id}-iothread"
+    return backend
+
+
+def _scratch_image(dev_id: str, size: int, workdir: str) -> str:
+    """A sparse file of ``size`` bytes in the machine's private directory."""
+    path = os.path.join(workdir, f"{dev_id}.img")
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
 
 
 def make_backend(driver: str, dev_id: str, props: dict[str, str], kind: str | None, size: int, workdir: str) -> Backend:
     """The backend ``driver`` needs, unless the user wired one in by property."""
     base = driver.removesuffix("-transitional").removesuffix("-non-transitional")
     if base == "virtio-blk-pci" and "drive" not in props:
-        opt, repro, handle = _image(dev_id, kind or "image", size, workdir)
-        node = f"{dev_id}-backend"
-        return Backend(["-blockdev", opt], ["-blockdev", repro], {"drive": node}, handle=handle)
+        return _blk_backend(dev_id, kind or "image", size, workdir)
     if base == "virtio-scsi-pci" and kind != "none":
         opt, repro, handle = _image(dev_id, kind or "image", size, workdir)
         disk = f"scsi-hd,bus={dev_id}.0,drive={dev_id}-backend,id={dev_id}-hd,channel=0,scsi-id=0,lun=0"

@@ -40,6 +40,7 @@ FEATURE_BITS: dict[int, str] = {
     14: "WRITE_ZEROES",
     15: "LIFETIME",
     16: "SECURE_ERASE",
+    17: "ZONED",  # virtio 1.3; this driver never accepts it
 }
 
 SECTOR_SIZE = 512
@@ -108,6 +109,19 @@ class DwzFlagsBits(BitLayout, register="virtio_blk_discard_write_zeroes.flags"):
 
 
 DWZ_FLAGS = DwzFlagsBits()
+#: Legacy SCSI packet commands (struct virtio_scsi_pc_req, §5.2.6.4): the sense buffer, then
+#: the four words the device reports in, then the status byte.
+SCSI_SENSE_BYTES = 96
+
+
+class ScsiInhdrLayout(Layout, struct="virtio_scsi_pc_req in-header", size=16):
+    errors = Field(0, 4)
+    data_len = Field(4, 4)
+    sense_len = Field(8, 4)
+    residual = Field(12, 4)
+
+
+SCSI_INHDR = ScsiInhdrLayout()
 #: The status byte ends the device-writable part (struct virtio_blk_req.status).
 STATUS_BYTES = 1
 
@@ -117,12 +131,38 @@ class BlkReqType(enum.IntEnum):
 
     IN = 0
     OUT = 1
+    SCSI_CMD = 2  # legacy, with VIRTIO_BLK_F_SCSI (§5.2.6.4)
     FLUSH = 4
     GET_ID = 8
     GET_LIFETIME = 10
     DISCARD = 11
     WRITE_ZEROES = 13
     SECURE_ERASE = 14
+    # zoned block devices, with VIRTIO_BLK_F_ZONED (bit 17; virtio 1.3 §5.2.6)
+    ZONE_APPEND = 15
+    ZONE_REPORT = 16
+    ZONE_OPEN = 18
+    ZONE_CLOSE = 20
+    ZONE_FINISH = 22
+    ZONE_RESET = 24
+    ZONE_RESET_ALL = 26
+
+
+#: The request types of zoned devices, which a device without VIRTIO_BLK_F_ZONED refuses.
+ZONE_REQUEST_TYPES = (
+    BlkReqType.ZONE_APPEND,
+    BlkReqType.ZONE_REPORT,
+    BlkReqType.ZONE_OPEN,
+    BlkReqType.ZONE_CLOSE,
+    BlkReqType.ZONE_FINISH,
+    BlkReqType.ZONE_RESET,
+    BlkReqType.ZONE_RESET_ALL,
+)
+#: struct virtio_blk_zone_report's header and one struct virtio_blk_zone_descriptor.
+ZONE_REPORT_HEADER_BYTES = 64
+ZONE_DESCRIPTOR_BYTES = 64
+#: ZONE_APPEND's device-writable append_sector before the status (struct virtio_blk_req_za).
+ZONE_APPEND_SECTOR_BYTES = 8
 
 
 class BlkStatus(enum.IntEnum):
