@@ -48,7 +48,9 @@ BAD_READ = 4096
 #: How long a request the VM holds is watched before concluding it stays held.
 HELD_WINDOW = 0.2
 
-pytestmark = pytest.mark.virtio_device("virtio-blk-pci")
+#: The error policies live in the block layer, not in the rings: no refusal changes what these
+#: scenarios check, so they stay out of the --virtio-refuse-each runs (refuse_each=False).
+pytestmark = pytest.mark.virtio_device("virtio-blk-pci", refuse_each=False)
 
 
 def _status(qemu: Machine) -> dict[str, object]:
@@ -105,6 +107,7 @@ def _stop_then_retry(blk: VirtioBlk, qemu: Machine, req: BlkRequest, operation: 
 
 @pytest.mark.virtio_device(
     "virtio-blk-pci",
+    refuse_each=False,
     flags={"werror": "stop", "rerror": "stop"},
     backend=blkdebug_kind(f"write@{BAD_WRITE}:once", f"read@{BAD_READ}:once"),
 )
@@ -129,7 +132,9 @@ def test_stop_policy_holds_the_request_and_retries_it_after_cont(virtio_device: 
     assert resp.ok and resp.data == data
 
 
-@pytest.mark.virtio_device("virtio-blk-pci", flags={"werror": "stop"}, backend=blkdebug_kind(f"write@{BAD_WRITE}"))
+@pytest.mark.virtio_device(
+    "virtio-blk-pci", refuse_each=False, flags={"werror": "stop"}, backend=blkdebug_kind(f"write@{BAD_WRITE}")
+)
 def test_werror_stop_keeps_a_failing_write_until_reset(virtio_device: VirtioBlk, qemu: Machine) -> None:
     """werror=stop with a fault that persists: the retry after ``cont`` fails again and the VM
     stops again, the request still held. A device reset drops what the VM holds
@@ -155,6 +160,7 @@ def test_werror_stop_keeps_a_failing_write_until_reset(virtio_device: VirtioBlk,
 
 @pytest.mark.virtio_device(
     "virtio-blk-pci",
+    refuse_each=False,
     flags={"werror": "report", "rerror": "ignore"},
     backend=blkdebug_kind(f"write@{BAD_WRITE}:once", f"read@{BAD_READ}:once"),
 )
@@ -183,7 +189,9 @@ def test_report_and_ignore_policies_complete_the_request(virtio_device: VirtioBl
 
 
 @pytest.mark.virtio_device(
-    "virtio-blk-pci", backend=blkdebug_kind(f"write@{BAD_WRITE}:EIO:once", f"write@{BAD_WRITE + 8}:ENOSPC:once")
+    "virtio-blk-pci",
+    refuse_each=False,
+    backend=blkdebug_kind(f"write@{BAD_WRITE}:EIO:once", f"write@{BAD_WRITE + 8}:ENOSPC:once"),
 )
 def test_werror_enospc_default_stops_only_when_the_disk_is_full(virtio_device: VirtioBlk, qemu: Machine) -> None:
     """The default werror=enospc: an EIO write error is reported (IOERR, the VM runs on), an
@@ -205,7 +213,7 @@ def test_werror_enospc_default_stops_only_when_the_disk_is_full(virtio_device: V
 # -- requests the device refuses ----------------------------------------------------------------
 
 
-@pytest.mark.virtio_device("virtio-blk-pci", backend="image,read-only=on")
+@pytest.mark.virtio_device("virtio-blk-pci", refuse_each=False, backend="image,read-only=on")
 @pytest.mark.conformance("blk-read-only-write-ioerr", spec="5.2.6.2")
 def test_write_to_read_only_device_gets_ioerr(virtio_device: VirtioBlk, qemu: Machine) -> None:
     """A device MUST set the status to VIRTIO_BLK_S_IOERR for a write request if VIRTIO_BLK_F_RO

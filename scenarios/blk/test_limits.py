@@ -31,7 +31,7 @@ from qtest_virtio.devices.blk.encoding import (
 )
 from qtest_virtio.transport import feature_bit
 
-pytestmark = pytest.mark.virtio_device("virtio-blk-pci")
+pytestmark = pytest.mark.virtio_device("virtio-blk-pci", refuse_each=False)
 
 MAX_DISCARD = 64
 MAX_WRITE_ZEROES = 32
@@ -69,7 +69,7 @@ def _segments(*ranges: tuple[int, int]) -> bytes:
 
 
 @pytest.mark.virtio_requires("DISCARD", "WRITE_ZEROES")
-@pytest.mark.virtio_device("virtio-blk-pci", flags=LIMITS)
+@pytest.mark.virtio_device("virtio-blk-pci", flags=LIMITS, refuse_each=["DISCARD", "WRITE_ZEROES"])
 def test_discard_and_write_zeroes_limits_are_reported_and_held(virtio_device: VirtioBlk, qemu: Machine) -> None:
     """The config says max_discard_sectors and max_write_zeroes_sectors (the properties),
     max_discard_seg and max_write_zeroes_seg 1 (QEMU takes one segment), discard_sector_alignment
@@ -106,7 +106,9 @@ def test_discard_and_write_zeroes_limits_are_reported_and_held(virtio_device: Vi
 
 
 @pytest.mark.virtio_requires("BLK_SIZE")
-@pytest.mark.virtio_device("virtio-blk-pci", flags={"logical_block_size": "4096", "physical_block_size": "4096"})
+@pytest.mark.virtio_device(
+    "virtio-blk-pci", refuse_each=False, flags={"logical_block_size": "4096", "physical_block_size": "4096"}
+)
 def test_logical_block_size_is_reported_and_io_must_align_to_it(virtio_device: VirtioBlk, qemu: Machine) -> None:
     """logical_block_size=4096: blk_size says 4096 (§5.2.4; the protocol's unit stays 512
     bytes), and QEMU completes I/O that does not start and end on a 4096-byte block with IOERR
@@ -125,7 +127,7 @@ def test_logical_block_size_is_reported_and_io_must_align_to_it(virtio_device: V
 
 
 @pytest.mark.virtio_requires("CONFIG_WCE")
-@pytest.mark.virtio_device("virtio-blk-pci", flags={"write-cache": "off"})
+@pytest.mark.virtio_device("virtio-blk-pci", flags={"write-cache": "off"}, refuse_each=["FLUSH"])
 @pytest.mark.conformance("blk-writeback-sets-the-cache-mode", spec="5.2.5")
 def test_writeback_field_switches_the_cache_mode(virtio_device: VirtioBlk, qemu: Machine) -> None:
     """With CONFIG_WCE the cache mode can be read or set through writeback, 0 writethrough, 1
@@ -184,7 +186,7 @@ def test_adjacent_requests_in_one_notification_are_merged(virtio_device: VirtioB
         assert blk.image.read(30 * SECTOR_SIZE, 2 * SECTOR_SIZE) == bytes([30]) * 512 + bytes([31]) * 512
 
 
-@pytest.mark.virtio_device("virtio-blk-pci", flags={"request-merging": "off"})
+@pytest.mark.virtio_device("virtio-blk-pci", refuse_each=False, flags={"request-merging": "off"})
 def test_request_merging_off_keeps_requests_apart(virtio_device: VirtioBlk, qemu: Machine) -> None:
     """request-merging=off: the same batch of adjacent writes is submitted one by one (no
     wr_merged), and a read between writes changes nothing either; all complete with their data."""
@@ -235,7 +237,7 @@ def _thread_syscalls(qemu: Machine, thread_id: int) -> tuple[int, int]:
     return int(fields["syscr"]), int(fields["syscw"])
 
 
-@pytest.mark.virtio_device("virtio-blk-pci", backend="image,iothread", flags={"num-queues": "2"})
+@pytest.mark.virtio_device("virtio-blk-pci", refuse_each=False, backend="image,iothread", flags={"num-queues": "2"})
 def test_requests_are_served_in_the_iothread(virtio_device: VirtioBlk, qemu: Machine) -> None:
     """With an IOThread (``iothread`` property) the device serves every request queue there:
     writes and reads on each queue complete with their data, and the IOThread is the thread
@@ -256,7 +258,7 @@ def test_requests_are_served_in_the_iothread(virtio_device: VirtioBlk, qemu: Mac
     assert reads >= 1 and writes >= 2 * queues, f"the IOThread made {reads} reads, {writes} writes"
 
 
-@pytest.mark.virtio_device("virtio-blk-pci", flags={"ioeventfd": "off"})
+@pytest.mark.virtio_device("virtio-blk-pci", refuse_each=False, flags={"ioeventfd": "off"})
 def test_requests_are_served_without_ioeventfd(virtio_device: VirtioBlk, qemu: Machine) -> None:
     """ioeventfd=off: a notification is handled in the thread the driver's register write lands
     in (virtio_blk_handle_output, with no event notifier in between); requests complete with
