@@ -359,3 +359,24 @@ def test_bad(virtio_device):
     res = pytester.runpytest(*INNER, f"--qemu={qemu_binary.path}", "--virtio-refuse-each", "test_bad.py")
     assert res.ret != 0
     res.stdout.fnmatch_lines(["*refuse_each=...): EVENT_IDXX is no feature this driver can refuse; valid: *EVENT_IDX*"])
+
+
+def test_marker_passes_driver_options_to_the_driver(pytester: pytest.Pytester, qemu_binary) -> None:
+    """A marker keyword the device's driver takes (its constructor's, or a base's) goes to the
+    driver; the rest go to the machine spec (backend=, image_size=)."""
+    pytester.makepyfile(
+        test_opts="""
+import pytest
+
+@pytest.mark.virtio_device("virtio-serial-pci", transports="modern", rings=("split",), nr_ports=2, open_ports=False)
+def test_serial(virtio_device):
+    assert virtio_device.nr_ports == 2
+
+@pytest.mark.virtio_device("virtio-blk-pci", transports="modern", rings=("split",), queue_size=8, image_size=1 << 20)
+def test_blk(virtio_device):
+    assert virtio_device.queues[0].size == 8
+    assert virtio_device.capacity == (1 << 20) // 512
+"""
+    )
+    res = pytester.runpytest(*INNER, f"--qemu={qemu_binary.path}")
+    res.assert_outcomes(passed=2)

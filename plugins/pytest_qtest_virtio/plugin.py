@@ -304,7 +304,8 @@ def virtio_device(
     except UnknownFlag as exc:
         pytest.skip(f"{qemu_binary.path} cannot run this: {exc}")
     extra = dict(param.extra)
-    driver_kwargs = {k: extra.pop(k) for k in ("interrupts", "queue_size", "notify_via") if k in extra}
+    options = registry.lookup(param.device).driver.option_names()  # the rest go to the MachineSpec
+    driver_kwargs = {k: extra.pop(k) for k in list(extra) if k in options}
     spec = MachineSpec(qemu=qemu_binary.path, machine=_machine_option(request.config))
     dev = spec.add_virtio(param.device, flags, mode=param.mode, **extra)
     request.node.stash[PARAM_KEY] = param

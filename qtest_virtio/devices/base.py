@@ -8,6 +8,7 @@ INTx with the ISR register).
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Iterable, Mapping, Set
 from typing import ClassVar
@@ -110,6 +111,21 @@ class VirtioDriver:
     QUEUES = 1
     #: What ``interrupts="auto"`` means on a function without MSI-X.
     AUTO_WITHOUT_MSIX: ClassVar[Interrupts] = Interrupts.ISR
+
+    @classmethod
+    def option_names(cls) -> frozenset[str]:
+        """The keyword options this driver's constructor takes, its own and every base's (a
+        subclass passes the rest on with ``**kwargs``): what a test may hand it, as the plugin's
+        marker does. ``refuse`` is not among them: refusals have their own option."""
+        names: set[str] = set()
+        for klass in cls.__mro__:
+            init = klass.__dict__.get("__init__")
+            if init is None:
+                continue
+            names.update(
+                p.name for p in inspect.signature(init).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY
+            )
+        return frozenset(names - {"refuse"})
 
     def __init__(
         self,
