@@ -20,8 +20,20 @@ import pytest
 
 from qtest_virtio import Machine
 from qtest_virtio.devices.scsi.driver import PendingCmd, PendingTmf, VirtioScsi
-from qtest_virtio.devices.scsi.encoding import FIRST_REQUEST_QUEUE, Op, ScsiResponse, TmfSubtype, cdb_rw10
-from qtest_virtio.introspect import queue_view
+from qtest_virtio.devices.scsi.encoding import (
+    CTRL_AN_RESP,
+    FIRST_REQUEST_QUEUE,
+    CtrlType,
+    Op,
+    ScsiResponse,
+    TmfSubtype,
+    cdb_rw10,
+    encode_an,
+    encode_lun,
+    encode_tmf,
+)
+from qtest_virtio.introspect import device_view, queue_view
+from qtest_virtio.transport.layout import STATUS
 
 pytestmark = pytest.mark.virtio_device("virtio-scsi-pci")
 
@@ -180,3 +192,31 @@ def test_resets_complete_the_commands_in_flight_first(
     _throttle(qemu, scsi, 0)
     after = scsi.test_unit_ready()
     assert after.is_unit_attention() and after.sense_data is not None and after.sense_data.asc == 0x29
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        pytest.param(b"\0\0", id="shorter-than-type"),
+        pytest.param(encode_tmf(TmfSubtype.QUERY_TASK_SET, encode_lun(0, 0))[:12], id="short-tmf"),
+        pytest.param(encode_an(CtrlType.AN_QUERY, encode_lun(0, 0), 0)[:8], id="short-an"),
+    ],
+)
+def test_truncated_control_request_breaks_the_device(
+    virtio_device: VirtioScsi, qemu: Machine, request_bytes: bytes
+) -> None:
+    """Regression (QEMU's virtio_scsi_bad_req): a controlq request shorter than its type's
+    device-readable part is never used; QEMU reports "wrong size for virtio-scsi headers" and
+    marks the device broken, with DEVICE_NEEDS_RESET where VERSION_1 was negotiated (§2.1.2).
+    After a device reset the controlq serves TMFs again."""
+    scsi = virtio_device
+    scsi.controlq.submit([request_bytes], [CTRL_AN_RESP.size])
+    deadline = time.monotonic() + 2.0
+    while not device_view(qemu, scsi.dev_id).broken:
+        assert time.monotonic() < deadline, "the device took the truncated request without an error"
+    assert scsi.controlq.poll_used() is None
+    needs_reset = bool(scsi.transport.get_status() & STATUS.DEVICE_NEEDS_RESET.mask)
+    assert needs_reset == scsi.has("VERSION_1")
+    scsi.initialize()
+    assert not device_view(qemu, scsi.dev_id).broken
+    assert scsi.tmf(TmfSubtype.QUERY_TASK_SET, 0) is ScsiResponse.OK
