@@ -80,6 +80,8 @@ class VirtioBalloon(VirtioDriver):
         self._stats_tags: list[int] | None = None
         #: Statistics requests the device made (buffers it used) since initialization.
         self.stats_requests = 0
+        #: The reporting_vq's index, decided by setup_device from what the device offers.
+        self.reporting_queue = FREE_PAGE_VQ + 1
         super().__init__(fn, mode, memory, **kwargs)
 
     @staticmethod
@@ -106,7 +108,8 @@ class VirtioBalloon(VirtioDriver):
 
     def create_queue(self, index: int) -> Virtqueue:
         vq = super().create_queue(index)
-        vq.name = f"{type(self).__name__} {QUEUE_NAMES.get(index, '?')} (queue {index})"
+        name = "reporting_vq" if self.has("PAGE_REPORTING") and index == self.reporting_queue else None
+        vq.name = f"{type(self).__name__} {name or QUEUE_NAMES.get(index, '?')} (queue {index})"
         return vq
 
     def initialize(self) -> None:
