@@ -311,6 +311,16 @@ DEVIATIONS: tuple[Deviation, ...] = (
         "ECE and CWR",
         Strength.SHOULD, "5.1.6.4.1", QEMU_7_2_22, CHECKED,
     ),
+    # -- issue 14, scsibal: virtio-scsi TMFs with a command in flight -----------------------------
+    Deviation(
+        "scsi-tmf-abort-completes-commands",
+        "ABORT TASK, ABORT TASK SET and CLEAR TASK SET with a command in flight deadlock the main "
+        "loop: virtio_scsi_do_tmf_aio_context holds the LUN's requests_lock while "
+        "scsi_req_cancel_async -> scsi_req_dequeue takes it again, so neither the command nor the "
+        "TMF is ever completed and QEMU stops answering",
+        Strength.MUST, "5.6.6.2", QEMU_10_0_2, (QEMU_10_0_2,),
+        fixed_in=QEMU_10_2_2, absent_on=(QEMU_7_2_22,),
+    ),
 )  # fmt: skip
 
 

@@ -1,4 +1,5 @@
-"""The virtio-balloon driver (virtio 1.2 §5.5): inflate/deflate by PFN, ``actual``, the stats queue.
+"""The virtio-balloon driver (virtio 1.2 §5.5): inflate/deflate by PFN, ``actual``, the stats queue,
+free page hinting and free page reporting.
 
 The device asks for pages through ``num_pages``; the driver gives guest pages to it on the
 inflateq and takes them back on the deflateq, then tells the device how many pages the balloon
@@ -17,13 +18,16 @@ from ...errors import QtestTimeout
 from ...memory import GuestMemory
 from ...modes import Interrupts
 from ...pci import PciFunction
+from ...transport import feature_bit
 from ...transport.layout import ISR
 from ...virtqueue import Buf, Virtqueue
 from ..base import VirtioDriver
 from . import encoding
 from .encoding import (
     BALLOON_CONFIG,
+    CMD_ID_STOP,
     DEFLATEQ,
+    FREE_PAGE_VQ,
     INFLATEQ,
     PAGE_SIZE,
     QUEUE_NAMES,
@@ -31,6 +35,7 @@ from .encoding import (
     BalloonConfig,
     BalloonError,
     StatTag,
+    encode_cmd_id,
     encode_pfns,
     encode_stats,
     page_frame,
@@ -45,7 +50,9 @@ class VirtioBalloon(VirtioDriver):
     FEATURE_BITS = encoding.FEATURE_BITS
     #: ``interrupts="auto"`` without MSI-X (QEMU's virtio-balloon-pci has none): INTx.
     AUTO_WITHOUT_MSIX = Interrupts.INTX
-    FEATURES = frozenset({"MUST_TELL_HOST", "STATS_VQ", "DEFLATE_ON_OOM", "FREE_PAGE_HINT", "PAGE_POISON"})
+    FEATURES = frozenset(
+        {"MUST_TELL_HOST", "STATS_VQ", "DEFLATE_ON_OOM", "FREE_PAGE_HINT", "PAGE_POISON", "PAGE_REPORTING"}
+    )
     QUEUES = 2
     #: PFNs per inflate/deflate descriptor (Linux sends up to 256).
     PFNS_PER_REQUEST = 256
@@ -73,6 +80,8 @@ class VirtioBalloon(VirtioDriver):
         self._stats_tags: list[int] | None = None
         #: Statistics requests the device made (buffers it used) since initialization.
         self.stats_requests = 0
+        #: The reporting_vq's index, decided by setup_device from what the device offers.
+        self.reporting_queue = FREE_PAGE_VQ + 1
         super().__init__(fn, mode, memory, **kwargs)
 
     @staticmethod
@@ -85,14 +94,22 @@ class VirtioBalloon(VirtioDriver):
     def setup_device(self) -> None:
         """Queue count from the features; with PAGE_POISON, poison_val before DRIVER_OK
         (§5.5.5 step 4). The free_page_vq is queue 3 (§5.5.2), so with FREE_PAGE_HINT but not
-        STATS_VQ queue 2 is set up too (QEMU always has it) and left unused."""
+        STATS_VQ queue 2 is set up too (QEMU always has it) and left unused. The reporting_vq
+        comes after the queues QEMU creates (virtio_balloon_device_realize: statsq always, the
+        free_page_vq whenever it offers FREE_PAGE_HINT), so it is queue 4 or, without hinting
+        offered, 3."""
         self.QUEUES = 4 if self.has("FREE_PAGE_HINT") else 3 if self.has("STATS_VQ") else 2
+        hint_offered = self.negotiated.offered >> feature_bit("FREE_PAGE_HINT", self.device_bits) & 1
+        self.reporting_queue = FREE_PAGE_VQ + hint_offered
+        if self.has("PAGE_REPORTING"):
+            self.QUEUES = self.reporting_queue + 1
         if self.has("PAGE_POISON"):
             self.write_config(BALLOON_CONFIG.poison_val, self.poison_val)
 
     def create_queue(self, index: int) -> Virtqueue:
         vq = super().create_queue(index)
-        vq.name = f"{type(self).__name__} {QUEUE_NAMES.get(index, '?')} (queue {index})"
+        name = "reporting_vq" if self.has("PAGE_REPORTING") and index == self.reporting_queue else None
+        vq.name = f"{type(self).__name__} {name or QUEUE_NAMES.get(index, '?')} (queue {index})"
         return vq
 
     def initialize(self) -> None:
@@ -303,3 +320,53 @@ class VirtioBalloon(VirtioDriver):
                     f"{self}: the device did not use the statsq buffer within {timeout:g} s; {vq.describe_state()}"
                 )
             time.sleep(0.001)
+
+    # -- free page hinting (§5.5.6.5) ---------------------------------------------------------
+
+    @property
+    def free_page_hint_cmd_id(self) -> int:
+        """The config's command ID: a non-reserved value starts a round of hinting, STOP and
+        DONE end it (§5.5.6.5)."""
+        return self.read_config(["free_page_hint_cmd_id"])["free_page_hint_cmd_id"]
+
+    def _free_page_vq(self) -> Virtqueue:
+        if not self.has("FREE_PAGE_HINT"):
+            raise BalloonError(f"{self}: FREE_PAGE_HINT was not negotiated")
+        return self.queues[FREE_PAGE_VQ]
+
+    def send_cmd_id(self, cmd_id: int, timeout: float = 5.0) -> None:
+        """An output buffer of 4 bytes holding ``cmd_id`` on the free_page_vq (§5.5.6.5.1): the
+        current command ID starts hinting, CMD_ID_STOP ends it; wait until it is used."""
+        vq = self._free_page_vq()
+        vq.complete(vq.submit([encode_cmd_id(cmd_id)], []), timeout)
+
+    def hint_free_pages(self, addrs: Sequence[int], timeout: float = 5.0) -> None:
+        """Each page (4096-byte aligned) as an input buffer of its own on the free_page_vq, as
+        Linux hints them (§5.5.6.5 step 2b); wait until the device has used them all."""
+        vq = self._free_page_vq()
+        for addr in addrs:
+            page_frame(addr)
+        tokens = [vq.add([Buf(addr, PAGE_SIZE, writable=True)]) for addr in addrs]
+        vq.kick()
+        for token in tokens:
+            vq.wait_for(token, timeout)
+
+    def stop_hinting(self, timeout: float = 5.0) -> None:
+        """The driver has no more pages to hint: an output buffer with CMD_ID_STOP (§5.5.6.5.1)."""
+        self.send_cmd_id(CMD_ID_STOP, timeout)
+
+    # -- free page reporting (§5.5.6.7) -------------------------------------------------------
+
+    def report_free_pages(self, addrs: Sequence[int], timeout: float = 5.0) -> int:
+        """One report: the pages (4096-byte aligned, free in the guest) as the device-writable
+        buffers of one chain on the reporting_vq; wait for the device's acknowledgement (it uses
+        the chain, §5.5.6.7 step 3) and return its used length. Until then the driver MUST NOT
+        use the pages (§5.5.6.7.1)."""
+        if not self.has("PAGE_REPORTING"):
+            raise BalloonError(f"{self}: PAGE_REPORTING was not negotiated")
+        for addr in addrs:
+            page_frame(addr)
+        vq = self.queues[self.reporting_queue]
+        token = vq.add([Buf(addr, PAGE_SIZE, writable=True) for addr in addrs])
+        vq.kick()
+        return vq.wait_for(token, timeout).length

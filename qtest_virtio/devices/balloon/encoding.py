@@ -62,9 +62,17 @@ STATSQ = 2
 FREE_PAGE_VQ = 3
 QUEUE_NAMES = {INFLATEQ: "inflateq", DEFLATEQ: "deflateq", STATSQ: "statsq", FREE_PAGE_VQ: "free_page_vq"}
 
-#: Reserved free_page_hint_cmd_id values (§5.5.6.5, free page hinting).
+#: Reserved free_page_hint_cmd_id values (§5.5.6.5, free page hinting); any other is a command ID.
 CMD_ID_STOP = 0
 CMD_ID_DONE = 1
+#: The size of every output buffer on the free_page_vq: one command ID (§5.5.6.5.1).
+_CMD_ID = struct.Struct("<I")
+
+
+def encode_cmd_id(cmd_id: int) -> bytes:
+    """A free_page_vq output buffer: the le32 command ID (guest-native on the legacy interface,
+    little-endian on x86 too, §5.5.6.5.3)."""
+    return _CMD_ID.pack(cmd_id)
 
 
 class StatTag(IntEnum):

@@ -85,6 +85,15 @@ class PendingCmd(Pending):
     what: str
 
 
+@dataclass
+class PendingTmf(Pending):
+    """A task management function made available on the controlq."""
+
+    queue: int
+    chain: Request
+    what: str
+
+
 # -- the driver ---------------------------------------------------------------------------------------
 
 
@@ -345,10 +354,22 @@ class VirtioScsi(VirtioDriver):
         self, subtype: int, lun: int | bytes = 0, *, target: int = 0, tag: int = 0, timeout: float = 5.0
     ) -> ScsiResponse:
         """A task management function; returns the device's response (FUNCTION_COMPLETE is 0)."""
+        return self.complete_tmf(self.submit_tmf(subtype, lun, target=target, tag=tag), timeout)
+
+    def submit_tmf(self, subtype: int, lun: int | bytes = 0, *, target: int = 0, tag: int = 0) -> PendingTmf:
+        """Make a task management function available on the controlq and kick, without
+        waiting: a TMF that affects commands in flight completes only after them (§5.6.6.2)."""
         lun_field = lun if isinstance(lun, bytes) else encode_lun(target, lun)
-        what = f"TMF {subtype} LUN {lun_field.hex()} id {tag}"
-        fields = self._control(encode_tmf(subtype, lun_field, tag), CTRL_TMF_RESP, what, timeout)
-        return ScsiResponse(fields["response"])
+        what = f"TMF {TmfSubtype(subtype).name if subtype in TmfSubtype._value2member_map_ else subtype}"
+        what += f" LUN {lun_field.hex()} id {tag}"
+        chain = self.controlq.submit([encode_tmf(subtype, lun_field, tag)], [CTRL_TMF_RESP.size])
+        return PendingTmf(CONTROLQ, chain, what)
+
+    def complete_tmf(self, pending: PendingTmf, timeout: float = 5.0) -> ScsiResponse:
+        """Wait for a TMF :meth:`submit_tmf` made available; its response byte."""
+        _, (data,) = self.controlq.complete(pending.chain, timeout)
+        value = CTRL_TMF_RESP.unpack(data)["response"]
+        return parse_response(value, f"{self._who()}: controlq, {pending.what}")
 
     def logical_unit_reset(self, lun: int = 0, *, target: int = 0) -> ScsiResponse:
         return self.tmf(TmfSubtype.LOGICAL_UNIT_RESET, lun, target=target)
