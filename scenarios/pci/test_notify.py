@@ -1,0 +1,168 @@
+"""virtio-pci notifications and ISR status (virtio 1.2 §4.1.4.4, §4.1.4.5, §4.1.5.2): the
+notification structure in an I/O BAR (QEMU's ``modern-pio-notify=on``), what reading the
+notification structure does (nothing), and ISR status being read-only, on both register layouts.
+
+Driven on virtio-rng: one queue whose requests are device-writable buffers, so "the device
+took the chain" is visible in QEMU's queue status and in the used ring.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from qtest_virtio import Machine, modes
+from qtest_virtio.devices.rng.driver import VirtioRng
+from qtest_virtio.introspect import queue_view
+from qtest_virtio.testing import alloc_bufs
+from qtest_virtio.transport import LegacyTransport, ModernTransport, VirtioTransport
+from qtest_virtio.transport.layout import CFG_TYPE_NOTIFY, ISR, LEGACY_CFG
+from qtest_virtio.virtqueue import SplitVirtqueue
+
+pytestmark = pytest.mark.virtio_device("virtio-rng-pci")
+
+MODERN_LAYOUT = modes.MODERN_LAYOUT_MODES
+SHORT = 2.0
+#: How long "nothing happens" is watched (the device's work runs in QEMU's main loop).
+QUIET_WINDOW = 0.02
+PIO_NOTIFY = {"modern-pio-notify": "on"}
+
+
+def modern(drv: VirtioRng) -> ModernTransport:
+    t = drv.transport
+    assert isinstance(t, ModernTransport), f"{t} does not drive the modern layout"
+    return t
+
+
+def quiet(vm: Machine, seconds: float = QUIET_WINDOW) -> None:
+    """Give the device's main loop a few turns (each qtest command is one) to do anything."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        vm.qtest.readl(0)
+
+
+def post_unnotified(drv: VirtioRng, qemu: Machine) -> int:
+    """Make a one-buffer chain available without notifying; returns its token. QEMU's queue
+    status confirms the device has not taken it."""
+    vq = drv.queues[0]
+    token = vq.add(alloc_bufs(drv.memory, [16], fill=0), indirect=False)
+    vq.flush()
+    quiet(qemu)
+    assert vq.poll_used() is None
+    return token
+
+
+def write_isr(t: VirtioTransport, value: int) -> None:
+    """A driver write to ISR status, through the layout's own access path."""
+    if isinstance(t, LegacyTransport):
+        t.regs.write(LEGACY_CFG.isr_status, value)
+    else:
+        assert isinstance(t, ModernTransport)
+        t.map.write(t.isr_window, 0, 1, value)
+
+
+# -- notification structure in an I/O BAR (§4.1.4.4) ---------------------------------------------
+
+
+@pytest.mark.conformance("pci-notify-io-cap-layout", spec="4.1.4.4.1")
+@pytest.mark.virtio_device("virtio-rng-pci", rings=("split",), transports=MODERN_LAYOUT, flags=PIO_NOTIFY)
+def test_pio_notify_capability_layout(virtio_device: VirtioRng) -> None:
+    """With ``modern-pio-notify=on`` a second notification capability points into an I/O BAR.
+    Its offset is 2-byte aligned, notify_off_multiplier is 0 or an even power of two, and
+    cap.length covers queue_notify_off * multiplier + 2 for every queue (MUST); QEMU gives it
+    multiplier 0, one shared 16-bit notification register for all queues."""
+    t = modern(virtio_device)
+    io = t.map.notify_io
+    assert io is not None and io.cap is not None, "no notify capability in an I/O BAR"
+    assert t.fn.bar(io.cap.bar).is_io
+    notify = [c for c in t.map.caps if c.cfg_type == CFG_TYPE_NOTIFY]
+    assert len(notify) == 2, "a memory notify structure and an I/O one"
+    mult = io.cap.notify_off_multiplier
+    assert io.cap.offset % 2 == 0
+    assert mult == 0
+    for q in range(t.num_queues()):
+        t.select_queue(q)
+        assert io.length >= t.common.read(t.common.layout["queue_notify_off"]) * mult + 2
+
+
+@pytest.mark.conformance("pci-notify-io-kicks-the-queue", spec="4.1.5.2")
+@pytest.mark.virtio_device("virtio-rng-pci", transports=MODERN_LAYOUT, flags=PIO_NOTIFY, notify_via="pio")
+def test_requests_complete_when_notified_through_the_port(virtio_device: VirtioRng, qemu: Machine) -> None:
+    """The driver notifies by writing the queue index to the queue's notification address
+    (§4.1.5.2), here the I/O port of the I/O notify structure; the device then processes the
+    queue: a chain made available without a notification stays put until the port write, and
+    then completes; a run of requests round the ring all complete."""
+    drv = virtio_device
+    t = modern(drv)
+    assert t.notify_window.access == "io"
+    vq = drv.queues[0]
+    token = post_unnotified(drv, qemu)
+    before = vq.notifications
+    vq.kick(force=True)
+    assert vq.notifications == before + 1
+    assert vq.wait_for(token, timeout=SHORT).length > 0
+    for _ in range(vq.size + 2):
+        assert len(drv.request(8, timeout=SHORT)) > 0
+
+
+@pytest.mark.virtio_device("virtio-rng-pci", rings=("split",), transports=MODERN_LAYOUT, flags=PIO_NOTIFY)
+def test_port_write_of_a_missing_queue_notifies_nothing(virtio_device: VirtioRng, qemu: Machine) -> None:
+    """With one register for all queues, the value written selects the queue (virtio_pci
+    notify_write_pio): a write naming a queue the device does not have, or QEMU's past-the-end
+    1024, does not run queue 0; writing 0 then does. (Regression: the spec defines only the
+    driver's write of a valid index.)"""
+    drv = virtio_device
+    t = modern(drv)
+    io = t.map.notify_io
+    assert io is not None
+    vq = drv.queues[0]
+    assert isinstance(vq, SplitVirtqueue)
+    token = post_unnotified(drv, qemu)
+    for value in (1, 5, 1024, 0xFFFF):
+        t.map.write(io, 0, 2, value)
+    quiet(qemu)
+    assert vq.poll_used() is None
+    assert queue_view(qemu, drv.dev_id, 0).last_avail_idx == (vq.avail_idx - 1) & 0xFFFF
+    t.map.write(io, 0, 2, 0)
+    assert vq.wait_for(token, timeout=SHORT).length > 0
+
+
+@pytest.mark.virtio_device("virtio-rng-pci", rings=("split",), transports=MODERN_LAYOUT, flags=PIO_NOTIFY)
+def test_reading_the_notify_structure_notifies_nothing(virtio_device: VirtioRng, qemu: Machine) -> None:
+    """The notification structure is written by the driver (§4.1.4.4); QEMU reads it as 0 at
+    every width, in the memory BAR and the I/O BAR, and a read does not notify: a chain left
+    unnotified stays unused until the driver's write. (Regression: the spec does not define a
+    read.)"""
+    drv = virtio_device
+    t = modern(drv)
+    token = post_unnotified(drv, qemu)
+    windows = [w for w in (t.map.notify, t.map.notify_io) if w is not None]
+    assert len(windows) == 2
+    for window in windows:
+        for width in (1, 2, 4):
+            assert t.map.read(window, 0, width) == 0, f"{window} read at width {width}"
+    quiet(qemu)
+    assert drv.queues[0].poll_used() is None
+    drv.queues[0].kick(force=True)
+    assert drv.queues[0].wait_for(token, timeout=SHORT).length > 0
+
+
+# -- ISR status (§4.1.4.5) -------------------------------------------------------------------------
+
+
+@pytest.mark.conformance("pci-isr-read-only", spec="4.1.4.5")
+@pytest.mark.virtio_device("virtio-rng-pci", rings=("split",), interrupts="isr")
+def test_isr_status_ignores_driver_writes(virtio_device: VirtioRng) -> None:
+    """ISR status is read-only to the driver (the field's R in §4.1.4.5 and in the legacy table
+    of §4.1.4.10): a write of 0 does not clear a pending queue interrupt (the next read still
+    returns it, and clears it, MUST of §4.1.4.5.1), and a write of ones sets nothing."""
+    drv = virtio_device
+    t = drv.transport
+    assert t.read_isr() == 0
+    drv.request(8, timeout=SHORT)
+    write_isr(t, 0)
+    assert t.read_isr() & ISR.queue_interrupt.mask, "a write of 0 cleared ISR status"
+    assert t.read_isr() == 0, "the read did not clear ISR status"
+    write_isr(t, 0xFF)
+    assert t.read_isr() == 0, "a write of ones set ISR bits"
