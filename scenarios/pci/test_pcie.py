@@ -1,0 +1,193 @@
+"""The virtio function as a PCI / PCI Express function (virtio 1.2 §4.1, PCIe 4.0 §6.6.2 and
+§7.5.3, PCI PM 1.2 §3.2): placed behind a q35 ``pcie-root-port`` it is a PCI Express endpoint
+with its capabilities (PM, optional AER and ATS), a Function Level Reset resets the virtio
+device, and the command register's Bus Master Enable gates the device's DMA.
+
+Regression scenarios (the virtio spec leaves PCI Express to the PCI specifications): what they
+assert is the PCI Express behaviour QEMU implements for virtio-pci (hw/virtio/virtio-pci.c
+virtio_pci_realize, virtio_write_config). The ring layout does not change any of it, so they
+run on split rings; QEMU makes the function Express only where modern is on
+(virtio_pci_dc_realize), so the legacy-only build is checked for the opposite.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from qtest_virtio import Machine, modes
+from qtest_virtio.devices.rng.driver import VirtioRng
+from qtest_virtio.introspect import device_view, queue_view
+from qtest_virtio.pci import PciFunction, regs
+from qtest_virtio.pci.bus import Capability
+from qtest_virtio.registers import Layout, RegisterBlock
+from qtest_virtio.testing import alloc_bufs
+from qtest_virtio.transport import ModernTransport, layout
+from qtest_virtio.virtqueue import SplitVirtqueue
+
+pytestmark = pytest.mark.virtio_device("virtio-rng-pci", rings=("split",), pcie_root_port=True)
+
+MODERN_LAYOUT = modes.MODERN_LAYOUT_MODES
+SHORT = 2.0
+QUIET_WINDOW = 0.02
+PCIE_ENDPOINT = 0x0
+DRIVER_OK = layout.STATUS.DRIVER_OK.mask
+
+
+def quiet(vm: Machine, seconds: float = QUIET_WINDOW) -> None:
+    """Give the device's main loop a few turns (each qtest command is one) to do anything."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        vm.qtest.readl(0)
+
+
+def cap_block(fn: PciFunction, cap: Capability, layout_: Layout) -> RegisterBlock[Layout]:
+    return RegisterBlock(
+        layout_,
+        lambda off, w: fn.read_config(cap.offset + off, w),
+        lambda off, w, v: fn.write_config(cap.offset + off, w, v),
+    )
+
+
+def pcie_cap(fn: PciFunction) -> RegisterBlock[Layout]:
+    cap = fn.find_capability(regs.CAP_ID_PCIE)
+    assert cap is not None, f"{fn.bdf} has no PCI Express capability"
+    return cap_block(fn, cap, regs.PCIE_CAP)
+
+
+def ext_cap(fn: PciFunction, cap_id: int) -> Capability | None:
+    return next((c for c in fn.extended_capabilities() if c.id == cap_id), None)
+
+
+def post_unnotified(drv: VirtioRng) -> int:
+    vq = drv.queues[0]
+    token = vq.add(alloc_bufs(drv.memory, [16], fill=0), indirect=False)
+    vq.flush()
+    return token
+
+
+# -- placement --------------------------------------------------------------------------------------
+
+
+def test_placement_behind_a_root_port(virtio_device: VirtioRng) -> None:
+    """Behind a root port the function sits on the port's secondary bus. Where modern is on it
+    is a PCI Express Endpoint (capability version 2) with a Power Management capability that
+    says PCI PM 1.2 (PMC version 3); the legacy-only build stays a conventional function (no
+    PCI Express capability). Either way requests complete through the bridge."""
+    drv = virtio_device
+    fn = drv.fn
+    assert fn.bdf_addr.bus != 0
+    express = fn.find_capability(regs.CAP_ID_PCIE)
+    if drv.mode == modes.LEGACY:
+        assert express is None, "a legacy-only virtio function became PCI Express"
+    else:
+        caps = regs.PCIE_CAPS.decode(pcie_cap(fn).read(regs.PCIE_CAP.pcie_capabilities))
+        assert (caps["port_type"], caps["version"]) == (PCIE_ENDPOINT, 2)
+        pm = fn.find_capability(regs.CAP_ID_PM)
+        assert pm is not None, "no Power Management capability"
+        assert regs.PMC.version.get(cap_block(fn, pm, regs.PM_CAP).read(regs.PM_CAP.pmc)) == 3
+        ids = {c.id for c in fn.extended_capabilities()}
+        assert not ids & {regs.EXT_CAP_ID_AER, regs.EXT_CAP_ID_ATS}, "AER/ATS present without aer=on/ats=on"
+    for _ in range(3):
+        assert len(drv.request(8, timeout=SHORT)) > 0
+
+
+@pytest.mark.virtio_device(
+    "virtio-rng-pci", rings=("split",), pcie_root_port=True, transports=MODERN_LAYOUT, flags={"aer": "on", "ats": "on"}
+)
+def test_aer_and_ats_capabilities(virtio_device: VirtioRng) -> None:
+    """``aer=on`` and ``ats=on`` add the Advanced Error Reporting and Address Translation
+    Services extended capabilities. ATS Control's Enable bit and Smallest Translation Unit
+    are read-write (PCIe 4.0 §10.5.1.3) and read back as written; the read-only ATS
+    Capability register ignores a write; the device keeps working with ATS on and off."""
+    drv = virtio_device
+    fn = drv.fn
+    aer = ext_cap(fn, regs.EXT_CAP_ID_AER)
+    ats = ext_cap(fn, regs.EXT_CAP_ID_ATS)
+    assert aer is not None, "aer=on but no AER capability"
+    assert ats is not None, "ats=on but no ATS capability"
+    block = cap_block(fn, ats, regs.ATS_CAP)
+    ctrl = regs.ATS_CONTROL
+    assert not ctrl.enable.get(block.read(regs.ATS_CAP.ats_control)), "ATS enabled out of reset"
+    capability = block.read(regs.ATS_CAP.ats_capability)
+    block.write(regs.ATS_CAP.ats_capability, capability ^ 0xFFFF)
+    assert block.read(regs.ATS_CAP.ats_capability) == capability
+    for stu in (0, 5):
+        value = ctrl.smallest_translation_unit.set(ctrl.enable.set(0, 1), stu)
+        block.write(regs.ATS_CAP.ats_control, value)
+        assert block.read(regs.ATS_CAP.ats_control) == value
+        assert len(drv.request(8, timeout=SHORT)) > 0
+    block.write(regs.ATS_CAP.ats_control, 0)
+    assert block.read(regs.ATS_CAP.ats_control) == 0
+    assert len(drv.request(8, timeout=SHORT)) > 0
+
+
+# -- Function Level Reset (PCIe 4.0 §6.6.2) --------------------------------------------------------
+
+
+@pytest.mark.virtio_device("virtio-rng-pci", rings=("split",), pcie_root_port=True, transports=MODERN_LAYOUT)
+def test_function_level_reset_resets_the_device(virtio_device: VirtioRng, qemu: Machine) -> None:
+    """The endpoint advertises Function Level Reset (Device Capabilities bit 28); writing
+    Initiate FLR resets the function (PCIe 4.0 §6.6.2): the header comes back unprogrammed
+    (no decode, no bus mastering), MSI-X is off, and the virtio device is reset: device_status
+    0, the queue disabled and unmapped, QEMU's view empty. A driver that programs the function
+    again runs it as before."""
+    drv = virtio_device
+    fn = drv.fn
+    express = pcie_cap(fn)
+    devcap = express.read(regs.PCIE_CAP.device_capabilities)
+    assert regs.PCIE_DEVCAP.function_level_reset_capability.get(devcap), "no FLR capability"
+    assert len(drv.request(8, timeout=SHORT)) > 0
+    assert drv.msix is not None and drv.msix.enabled
+    control = express.read(regs.PCIE_CAP.device_control)
+    express.write(regs.PCIE_CAP.device_control, regs.PCIE_DEVCTL.initiate_function_level_reset.set(control, 1))
+    command = fn.config.read(regs.TYPE0_HEADER.command)
+    assert not command & (regs.COMMAND.memory_space.mask | regs.COMMAND.bus_master.mask)
+    assert not drv.msix.enabled
+    assert not device_view(qemu, drv.dev_id).status
+    assert queue_view(qemu, drv.dev_id, 0).desc == 0
+    fn.restore()
+    t = drv.transport
+    assert isinstance(t, ModernTransport)
+    assert t.get_status() == 0
+    t.select_queue(0)
+    assert t.common.read(layout.COMMON_CFG.queue_enable) == 0
+    assert t.common.read(layout.COMMON_CFG.queue_msix_vector) == layout.VIRTIO_MSI_NO_VECTOR
+    drv.initialize()
+    assert len(drv.request(8, timeout=SHORT)) > 0
+
+
+# -- Bus Master Enable (PCI 3.0 §6.2.2) -------------------------------------------------------------
+
+
+def test_bus_master_off_stops_the_device(virtio_device: VirtioRng, qemu: Machine) -> None:
+    """With Bus Master Enable cleared a function may not issue memory requests (PCI 3.0 §6.2.2,
+    the command register). QEMU disables the device and drops DRIVER_OK from device_status
+    (virtio_write_config): a chain made available and notified stays unused, QEMU takes
+    nothing from the ring, and with the bit set again the device stays stopped until the
+    driver sets DRIVER_OK again; then the chain completes on the next notification."""
+    drv = virtio_device
+    fn, t = drv.fn, drv.transport
+    vq = drv.queues[0]
+    assert isinstance(vq, SplitVirtqueue)
+    assert len(drv.request(8, timeout=SHORT)) > 0
+    running = t.get_status()
+    assert running & DRIVER_OK
+    fn.enable(bus_master=False)
+    assert "bus_master" not in fn.command_flags
+    assert t.get_status() == running & ~DRIVER_OK
+    assert device_view(qemu, drv.dev_id).raw["disabled"] is True
+    token = post_unnotified(drv)
+    vq.kick(force=True)
+    quiet(qemu)
+    assert vq.poll_used() is None
+    assert queue_view(qemu, drv.dev_id, 0).last_avail_idx == (vq.avail_idx - 1) & 0xFFFF
+    fn.enable(bus_master=True)
+    assert device_view(qemu, drv.dev_id).raw["disabled"] is False
+    vq.kick(force=True)
+    quiet(qemu)
+    assert vq.poll_used() is None, "the device ran without DRIVER_OK"
+    t.add_status(DRIVER_OK)
+    vq.kick(force=True)
+    assert vq.wait_for(token, timeout=SHORT).length > 0
