@@ -16,11 +16,16 @@ from typing import Any
 import pytest
 from qemu.qmp import ExecuteError
 
-from qtest_virtio import Machine
+from qtest_virtio import Machine, modes
+from qtest_virtio.devices.balloon.encoding import BALLOON_CONFIG
+from qtest_virtio.devices.base import VirtioDriver
 from qtest_virtio.devices.rng.driver import VirtioRng
 from qtest_virtio.introspect import backend_path, queue_view
+from qtest_virtio.registers import Field
 from qtest_virtio.testing import alloc_bufs
-from qtest_virtio.virtqueue import SplitVirtqueue
+from qtest_virtio.transport import LegacyTransport, ModernTransport, VirtioTransport
+from qtest_virtio.transport.layout import COMMON_CFG, LEGACY_CFG
+from qtest_virtio.virtqueue import PackedVirtqueue, SplitVirtqueue
 from qtest_virtio.virtqueue.layout import DESC_F, SPLIT_DESC
 
 pytestmark = pytest.mark.virtio_device("virtio-rng-pci")
@@ -180,3 +185,97 @@ def test_queue_status_indices_follow_the_driver(virtio_device: VirtioRng, qemu: 
         else:
             assert view.last_avail_idx == view.used_idx == n % vq.size, f"request {n}"
         assert view.inuse == 0
+
+
+# -- the transport's registers read back (virtio 1.2 §4.1.4.3, §4.1.4.10) --------------------------
+
+
+def _halves(t: ModernTransport, field: Field) -> int:
+    """A 64-bit common configuration field read as its low and high 32-bit halves (QEMU keeps
+    them as two registers)."""
+    common = t.map.common
+    assert common is not None
+    return t.map.read(common, field.offset, 4) | t.map.read(common, field.offset + 4, 4) << 32
+
+
+@pytest.mark.conformance("pci-queue-addresses-read-back", spec="4.1.4.3")
+@pytest.mark.virtio_device("virtio-rng-pci", transports=modes.MODERN_LAYOUT_MODES)
+def test_modern_queue_registers_read_back(virtio_device: VirtioRng, qemu: Machine) -> None:
+    """The driver-written common configuration fields are read-write (§4.1.4.3, each field's
+    RW): queue_desc, queue_driver and queue_device read back, in 32-bit halves, the ring
+    addresses the driver wrote, which are also the addresses QEMU's queue status reports;
+    driver_feature_select reads back the value written; queue_reset reads 0 on a live queue."""
+    drv = virtio_device
+    t = drv.transport
+    assert isinstance(t, ModernTransport)
+    vq = drv.queues[0]
+    if isinstance(vq, SplitVirtqueue):
+        addrs = (vq.desc, vq.avail, vq.used)
+    else:
+        assert isinstance(vq, PackedVirtqueue)
+        addrs = (vq.ring, vq.driver_event, vq.device_event)
+    t.select_queue(0)
+    c = COMMON_CFG
+    assert tuple(_halves(t, f) for f in (c.queue_desc, c.queue_driver, c.queue_device)) == addrs
+    view = queue_view(qemu, drv.dev_id, 0)
+    assert (view.desc, view.avail, view.used) == addrs
+    for select in (1, 0, 7):
+        t.common.write(c.driver_feature_select, select)
+        assert t.common.read(c.driver_feature_select) == select
+    assert t.common.read(c.queue_reset) == 0
+    assert len(drv.request(8, timeout=SHORT)) > 0
+
+
+@pytest.mark.virtio_device("virtio-rng-pci", rings=("split",), transports=modes.LEGACY_LAYOUT_MODES)
+def test_legacy_queue_registers_read_back(virtio_device: VirtioRng, qemu: Machine) -> None:
+    """Legacy layout (§4.1.4.10): queue_address reads back the ring's page frame number (the
+    4096-byte aligned ring QEMU also reports), queue_select reads back the queue selected; a
+    select past QEMU's 1024 queues is ignored, leaving queue 0 selected (regression: the
+    legacy layout defines no such value)."""
+    drv = virtio_device
+    t = drv.transport
+    assert isinstance(t, LegacyTransport)
+    vq = split_queue(drv)
+    t.regs.write(LEGACY_CFG.queue_select, 0)
+    assert t.regs.read(LEGACY_CFG.queue_select) == 0
+    assert t.regs.read(LEGACY_CFG.queue_address) << 12 == vq.desc == queue_view(qemu, drv.dev_id, 0).desc
+    for select in (1024, 0xFFFF):
+        t.regs.write(LEGACY_CFG.queue_select, select)
+        assert t.regs.read(LEGACY_CFG.queue_select) == 0, f"queue_select {select:#x}"
+    assert t.regs.read(LEGACY_CFG.queue_address) << 12 == vq.desc
+    t.regs.write(LEGACY_CFG.queue_select, 3)
+    assert (t.regs.read(LEGACY_CFG.queue_select), t.regs.read(LEGACY_CFG.queue_address)) == (3, 0)
+
+
+# -- device configuration writes at each width (§4.1.3.1, §4.1.4.10) -------------------------------
+
+BALLOON_ACTUAL = BALLOON_CONFIG.actual
+
+
+def balloon_pages(qemu: Machine) -> int:
+    """Pages in the balloon as QEMU sees them: query-balloon answers RAM - actual * 4096."""
+    raw = qemu.qmp.cmd("query-balloon")
+    assert isinstance(raw, dict)
+    return (qemu.spec.memory_bytes - int(raw["actual"])) // 4096
+
+
+def _write_actual(t: VirtioTransport, value: int, width: int) -> None:
+    for off in range(0, 4, width):
+        t.config_write(BALLOON_ACTUAL.offset + off, width, value >> (8 * off) & ((1 << (8 * width)) - 1))
+
+
+@pytest.mark.virtio_device("virtio-balloon-pci", rings=("split",))
+def test_balloon_actual_written_at_each_width(virtio_device: VirtioDriver, qemu: Machine) -> None:
+    """virtio-balloon's ``actual`` is the device-specific field the driver writes (§5.5.4). A
+    4-byte write (the access width §4.1.3.1 asks of a driver for a 32-bit field) reaches the
+    device: it reads back and QEMU's query-balloon follows. The legacy interface allows any
+    width (§4.1.4.10), and QEMU's modern config takes 1- and 2-byte writes alike: written
+    whole in pieces, the value reads back and QEMU follows (only the final value is checked:
+    partial legacy values are deviation balloon-legacy-actual-whole-value's subject)."""
+    drv = virtio_device
+    t = drv.transport
+    assert balloon_pages(qemu) == 0
+    for width, value in ((4, 0x123), (2, 0x10203), (1, 0x80), (4, 0)):
+        _write_actual(t, value, width)
+        assert t.config_read(BALLOON_ACTUAL.offset, 4) == value, f"{width}-byte writes"
+        assert balloon_pages(qemu) == value, f"{width}-byte writes of {value:#x}"
