@@ -1,6 +1,7 @@
 """virtio-pci notifications and ISR status (virtio 1.2 §4.1.4.4, §4.1.4.5, §4.1.5.2): the
 notification structure in an I/O BAR (QEMU's ``modern-pio-notify=on``), what reading the
-notification structure does (nothing), and ISR status being read-only, on both register layouts.
+notification structure does (nothing), ISR status being read-only on both register layouts,
+and notifications while the VM is stopped (served at ``cont``).
 
 Driven on virtio-rng: one queue whose requests are device-writable buffers, so "the device
 took the chain" is visible in QEMU's queue status and in the used ring.
@@ -17,7 +18,7 @@ from qtest_virtio.devices.rng.driver import VirtioRng
 from qtest_virtio.introspect import queue_view
 from qtest_virtio.testing import alloc_bufs
 from qtest_virtio.transport import LegacyTransport, ModernTransport, VirtioTransport
-from qtest_virtio.transport.layout import CFG_TYPE_NOTIFY, ISR, LEGACY_CFG
+from qtest_virtio.transport.layout import CFG_TYPE_NOTIFY, ISR, LEGACY_CFG, STATUS
 from qtest_virtio.virtqueue import SplitVirtqueue
 
 pytestmark = pytest.mark.virtio_device("virtio-rng-pci")
@@ -166,3 +167,71 @@ def test_isr_status_ignores_driver_writes(virtio_device: VirtioRng) -> None:
     assert t.read_isr() == 0, "the read did not clear ISR status"
     write_isr(t, 0xFF)
     assert t.read_isr() == 0, "a write of ones set ISR bits"
+
+
+# -- notifications while the VM is stopped -----------------------------------------------------------
+
+
+def _running(qemu: Machine) -> bool:
+    status = qemu.qmp.cmd("query-status")
+    assert isinstance(status, dict)
+    return bool(status["running"])
+
+
+@pytest.mark.virtio_device("virtio-rng-pci")
+def test_notification_while_stopped_is_served_at_cont(virtio_device: VirtioRng, qemu: Machine) -> None:
+    """While the VM is stopped (QMP ``stop``) the device runs nothing: a chain notified then
+    stays unused, and QEMU takes nothing from the ring. At ``cont`` the device picks up what
+    was made available meanwhile and the chain completes (QEMU's run-state handling:
+    virtio_vmstate_change / virtio_pci_vmstate_change; regression)."""
+    drv = virtio_device
+    vq = drv.queues[0]
+    assert len(drv.request(8, timeout=SHORT)) > 0
+    token = post_unnotified(drv, qemu)
+    qemu.qmp.cmd("stop")
+    try:
+        assert not _running(qemu)
+        vq.kick(force=True)
+        quiet(qemu)
+        assert vq.poll_used() is None, "the device ran while the VM was stopped"
+        assert queue_view(qemu, drv.dev_id, 0).inuse == 0
+    finally:
+        qemu.qmp.cmd("cont")
+    assert _running(qemu)
+    assert vq.wait_for(token, timeout=SHORT).length > 0
+    assert len(drv.request(8, timeout=SHORT)) > 0
+
+
+def _driver_ok_without_bus_master(drv: VirtioRng) -> None:
+    """Play a driver that runs the device with Bus Master Enable clear (Linux before 2.6.34):
+    clear the bit (QEMU then drops DRIVER_OK, see test_pcie) and set DRIVER_OK again."""
+    fn, t = drv.fn, drv.transport
+    fn.enable(bus_master=False)
+    assert "bus_master" not in fn.command_flags
+    t.add_status(STATUS.DRIVER_OK.mask)
+    assert t.get_status() & STATUS.DRIVER_OK.mask
+
+
+@pytest.mark.virtio_device("virtio-rng-pci", rings=("split",), flags={"virtio-pci-bus-master-bug-migration": "on"})
+def test_bus_master_bug_compat_sets_bus_master_at_cont(virtio_device: VirtioRng, qemu: Machine) -> None:
+    """``virtio-pci-bus-master-bug-migration=on`` keeps a compatibility rule for drivers that
+    never set Bus Master Enable: when the VM resumes with the device started (DRIVER_OK) and
+    the bit clear, QEMU sets the bit itself (virtio_pci_vmstate_change). (The rule is for
+    drivers that never cleared the bit; this one did, so QEMU still holds the device disabled,
+    which is not asserted here.)"""
+    drv = virtio_device
+    _driver_ok_without_bus_master(drv)
+    qemu.qmp.cmd("stop")
+    qemu.qmp.cmd("cont")
+    assert "bus_master" in drv.fn.command_flags, "QEMU did not set Bus Master Enable at cont"
+
+
+@pytest.mark.virtio_device("virtio-rng-pci", rings=("split",))
+def test_resume_leaves_bus_master_alone(virtio_device: VirtioRng, qemu: Machine) -> None:
+    """The counterpart: without the compatibility property, stop/cont keeps Bus Master Enable
+    as the driver left it (clear)."""
+    drv = virtio_device
+    _driver_ok_without_bus_master(drv)
+    qemu.qmp.cmd("stop")
+    qemu.qmp.cmd("cont")
+    assert "bus_master" not in drv.fn.command_flags
