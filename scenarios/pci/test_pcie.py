@@ -13,17 +13,18 @@ run on split rings; QEMU makes the function Express only where modern is on
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import pytest
 
-from qtest_virtio import Machine, modes
+from qtest_virtio import Machine, MachineSpec, QemuStartError, modes
 from qtest_virtio.devices.rng.driver import VirtioRng
 from qtest_virtio.introspect import device_view, queue_view
 from qtest_virtio.pci import PciFunction, regs
 from qtest_virtio.pci.bus import Capability
 from qtest_virtio.registers import Layout, RegisterBlock
 from qtest_virtio.testing import alloc_bufs
-from qtest_virtio.transport import ModernTransport, layout
+from qtest_virtio.transport import FeaturesRejected, ModernTransport, layout
 from qtest_virtio.virtqueue import SplitVirtqueue
 
 pytestmark = pytest.mark.virtio_device("virtio-rng-pci", rings=("split",), pcie_root_port=True)
@@ -33,6 +34,11 @@ SHORT = 2.0
 QUIET_WINDOW = 0.02
 PCIE_ENDPOINT = 0x0
 DRIVER_OK = layout.STATUS.DRIVER_OK.mask
+#: The plugin's machine_factory fixture: starts a Machine from a MachineSpec.
+MachineFactory = Callable[[MachineSpec], Machine]
+ENTROPY_DEVICE_ID = 4
+MODERN_RNG_ID = layout.MODERN_ID_BASE + ENTROPY_DEVICE_ID
+TRANSITIONAL_RNG_ID = next(pci_id for pci_id, t in layout.TRANSITIONAL_DEVICE_TYPES.items() if t == ENTROPY_DEVICE_ID)
 
 
 def quiet(vm: Machine, seconds: float = QUIET_WINDOW) -> None:
@@ -191,3 +197,99 @@ def test_bus_master_off_stops_the_device(virtio_device: VirtioRng, qemu: Machine
     t.add_status(DRIVER_OK)
     vq.kick(force=True)
     assert vq.wait_for(token, timeout=SHORT).length > 0
+
+
+# -- what QEMU chooses when the command line does not (virtio_pci_realize) ----------------------------
+
+
+def test_disable_legacy_auto_follows_the_placement(machine_factory: MachineFactory) -> None:
+    """With disable-legacy left at ``auto`` QEMU builds a modern-only device behind a PCI
+    Express port (device ID 0x1040 + 4, revision 1, no legacy I/O BAR) and a transitional one
+    on q35's root bus (device ID 0x1005, legacy I/O BAR 0). Not parametrised over modes: the
+    point is the mode QEMU picks when the harness does not pick one."""
+    spec = MachineSpec(machine="q35")
+    spec.add_device("pcie-root-port", id="rp0", chassis=1, slot=1)
+    spec.add_device("virtio-rng-pci", id="behind", bus="rp0")
+    spec.add_device("virtio-rng-pci", id="root")
+    vm = machine_factory(spec)
+    behind, root = vm.pci_function("behind"), vm.pci_function("root")
+    assert (behind.device_id, behind.revision_id) == (MODERN_RNG_ID, 1)
+    assert behind.find_capability(regs.CAP_ID_PCIE) is not None
+    assert not any(b.is_io for b in behind.bars), "a modern-only device has a legacy I/O BAR"
+    assert root.device_id == TRANSITIONAL_RNG_ID
+    assert root.bar(0).is_io
+    for dev_id, mode in (("behind", modes.MODERN), ("root", modes.TRANSITIONAL_MODERN)):
+        assert len(vm.virtio(dev_id, VirtioRng, mode=mode).request(8, timeout=SHORT)) > 0
+
+
+@pytest.mark.virtio_device(
+    "virtio-rng-pci",
+    rings=("split",),
+    pcie_root_port=True,
+    transports=MODERN_LAYOUT,
+    flags={"x-pcie-pm-no-soft-reset": "on"},
+)
+def test_pm_no_soft_reset_and_power_state(virtio_device: VirtioRng) -> None:
+    """``x-pcie-pm-no-soft-reset=on`` sets PMCSR's No_Soft_Reset bit (PCI PM 1.2 §3.2.4);
+    PowerState is read-write (x-pcie-pm-init): D3hot and D0 read back as written, and the
+    device serves requests again in D0."""
+    drv = virtio_device
+    fn = drv.fn
+    pm = fn.find_capability(regs.CAP_ID_PM)
+    assert pm is not None
+    block = cap_block(fn, pm, regs.PM_CAP)
+    pmcsr = block.read(regs.PM_CAP.pmcsr)
+    assert regs.PMCSR.no_soft_reset.get(pmcsr) == 1
+    assert regs.PMCSR.power_state.get(pmcsr) == regs.PM_STATE_D0
+    for state in (regs.PM_STATE_D3HOT, regs.PM_STATE_D0):
+        block.write(regs.PM_CAP.pmcsr, regs.PMCSR.power_state.set(pmcsr, state))
+        assert regs.PMCSR.power_state.get(block.read(regs.PM_CAP.pmcsr)) == state
+    assert len(drv.request(8, timeout=SHORT)) > 0
+
+
+@pytest.mark.virtio_device("virtio-rng-pci", rings=("split",), flags={"vectors": "4096"})
+def test_too_many_vectors_leaves_the_function_without_msix(virtio_device: VirtioRng, qemu: Machine) -> None:
+    """An MSI-X table has at most 2048 entries (PCI 3.0 §6.8.2.3, Table Size is 11 bits): asked
+    for 4096 vectors, QEMU warns and builds the function without MSI-X, and the driver runs it
+    on INTx / ISR status."""
+    drv = virtio_device
+    assert drv.fn.find_capability(regs.CAP_ID_MSIX) is None
+    assert drv.msix is None
+    assert "unable to init msix vectors to 4096" in qemu.stderr_tail()
+    assert len(drv.request(8, timeout=SHORT)) > 0
+
+
+# -- VIRTIO_F_ACCESS_PLATFORM (virtio 1.2 §6.1, §6.2) ------------------------------------------------
+
+
+class PlatformRng(VirtioRng):
+    """A virtio-rng driver that accepts VIRTIO_F_ACCESS_PLATFORM (here no IOMMU translates:
+    the addresses it gives are guest-physical, as for any driver)."""
+
+    FEATURES = VirtioRng.FEATURES | {"ACCESS_PLATFORM"}
+
+
+def test_access_platform_needs_the_modern_only_device(machine_factory: MachineFactory) -> None:
+    """``iommu_platform=on`` (VIRTIO_F_ACCESS_PLATFORM) exists only without the legacy
+    interface: QEMU refuses a transitional or legacy device with it, naming the reason."""
+    for mode in (modes.TRANSITIONAL_MODERN, modes.LEGACY):
+        spec = MachineSpec(machine="q35")
+        spec.add_virtio("virtio-rng-pci", mode=mode, iommu_platform="on")
+        with pytest.raises(QemuStartError, match="VIRTIO_F_IOMMU_PLATFORM was supported by neither legacy"):
+            machine_factory(spec)
+
+
+def test_access_platform_must_be_accepted(machine_factory: MachineFactory) -> None:
+    """With ``iommu_platform=on`` the device offers VIRTIO_F_ACCESS_PLATFORM; a device MAY fail
+    to operate if the driver does not accept it (§6.2), and QEMU does: FEATURES_OK does not
+    stick for a feature set without it. A driver that accepts it gets FEATURES_OK and, with
+    no IOMMU in the platform, its guest-physical buffers are used as they are. Modern mode
+    only: the feature cannot exist with the legacy interface (the scenario above)."""
+    spec = MachineSpec(machine="q35")
+    spec.add_virtio("virtio-rng-pci", mode=modes.MODERN, id="plat", iommu_platform="on")
+    vm = machine_factory(spec)
+    with pytest.raises(FeaturesRejected):
+        vm.virtio("plat", VirtioRng)
+    drv = vm.virtio("plat", PlatformRng)
+    assert "ACCESS_PLATFORM" in drv.negotiated
+    assert len(drv.request(8, timeout=SHORT)) > 0
