@@ -14,6 +14,8 @@ import time
 import pytest
 
 from qtest_virtio import Machine, modes
+from qtest_virtio.devices.base import VirtioDriver
+from qtest_virtio.devices.blk.driver import VirtioBlk
 from qtest_virtio.devices.rng.driver import VirtioRng
 from qtest_virtio.introspect import queue_view
 from qtest_virtio.testing import alloc_bufs
@@ -235,3 +237,34 @@ def test_resume_leaves_bus_master_alone(virtio_device: VirtioRng, qemu: Machine)
     qemu.qmp.cmd("stop")
     qemu.qmp.cmd("cont")
     assert "bus_master" not in drv.fn.command_flags
+
+
+# -- one page per queue (page-per-vq=on) ---------------------------------------------------------------
+
+
+@pytest.mark.conformance("pci-notify-page-per-vq", spec="4.1.4.4.1")
+@pytest.mark.virtio_device(
+    "virtio-blk-pci",
+    rings=("split",),
+    transports=MODERN_LAYOUT,
+    backend="null",
+    flags={"page-per-vq": "on", "num-queues": "3"},
+)
+def test_page_per_vq_notify_layout(virtio_device: VirtioDriver) -> None:
+    """``page-per-vq=on`` gives each queue its own 4096-byte page of the notification
+    structure: notify_off_multiplier is 4096 (0 or an even power of two, MUST), every queue's
+    address queue_notify_off * 4096 lies inside cap.length (MUST) and no two queues share one;
+    requests on every queue complete when notified at their own address."""
+    drv = virtio_device
+    t = drv.transport
+    assert isinstance(t, ModernTransport)
+    assert t.notify_off_multiplier == 4096
+    addresses = []
+    for q in range(t.num_queues()):
+        bar, off = t.notify_address(q)
+        assert off + 2 <= t.notify_window.offset + t.notify_window.length, f"queue {q}"
+        addresses.append((bar, off))
+    assert len(set(addresses)) == t.num_queues() == 3
+    assert isinstance(drv, VirtioBlk)
+    for q in range(3):
+        assert drv.read(q, 1, queue=q) == bytes(512)

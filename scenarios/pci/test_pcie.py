@@ -17,7 +17,8 @@ from collections.abc import Callable
 
 import pytest
 
-from qtest_virtio import Machine, MachineSpec, QemuStartError, modes
+from qtest_virtio import Machine, MachineSpec, QemuCrashed, QemuStartError, modes
+from qtest_virtio.binary import QemuBinary
 from qtest_virtio.devices.rng.driver import VirtioRng
 from qtest_virtio.introspect import device_view, queue_view
 from qtest_virtio.pci import PciFunction, regs
@@ -64,6 +65,22 @@ def pcie_cap(fn: PciFunction) -> RegisterBlock[Layout]:
 
 def ext_cap(fn: PciFunction, cap_id: int) -> Capability | None:
     return next((c for c in fn.extended_capabilities() if c.id == cap_id), None)
+
+
+def refusal(qemu_binary: QemuBinary, spec: MachineSpec) -> str:
+    """QEMU's message when it refuses ``spec`` at start (before or just after the qtest socket
+    is up: both happen); fails the test if QEMU starts."""
+    spec.qemu = qemu_binary.path
+    vm = Machine(spec)
+    try:
+        vm.start()
+    except QemuStartError as exc:
+        return f"{exc}\n{exc.stderr}"
+    except QemuCrashed as exc:
+        return f"{exc}\n{exc.stderr_tail}"
+    finally:
+        vm.shutdown(check=False)
+    pytest.fail(f"QEMU started: {vm.command_line()}")
 
 
 def post_unnotified(drv: VirtioRng) -> int:
@@ -269,14 +286,13 @@ class PlatformRng(VirtioRng):
     FEATURES = VirtioRng.FEATURES | {"ACCESS_PLATFORM"}
 
 
-def test_access_platform_needs_the_modern_only_device(machine_factory: MachineFactory) -> None:
+def test_access_platform_needs_the_modern_only_device(qemu_binary: QemuBinary) -> None:
     """``iommu_platform=on`` (VIRTIO_F_ACCESS_PLATFORM) exists only without the legacy
     interface: QEMU refuses a transitional or legacy device with it, naming the reason."""
     for mode in (modes.TRANSITIONAL_MODERN, modes.LEGACY):
         spec = MachineSpec(machine="q35")
         spec.add_virtio("virtio-rng-pci", mode=mode, iommu_platform="on")
-        with pytest.raises(QemuStartError, match="VIRTIO_F_IOMMU_PLATFORM was supported by neither legacy"):
-            machine_factory(spec)
+        assert "VIRTIO_F_IOMMU_PLATFORM was supported by neither legacy" in refusal(qemu_binary, spec), mode
 
 
 def test_access_platform_must_be_accepted(machine_factory: MachineFactory) -> None:
@@ -293,3 +309,13 @@ def test_access_platform_must_be_accepted(machine_factory: MachineFactory) -> No
     drv = vm.virtio("plat", PlatformRng)
     assert "ACCESS_PLATFORM" in drv.negotiated
     assert len(drv.request(8, timeout=SHORT)) > 0
+
+
+def test_a_device_needs_one_layout(qemu_binary: QemuBinary) -> None:
+    """QEMU refuses a virtio-pci device with both the legacy and the modern interface disabled,
+    naming both properties (virtio_pci_realize): there would be nothing for a driver to bind."""
+    spec = MachineSpec(machine="q35")
+    spec.add_device("virtio-rng-pci", {"disable-legacy": "on", "disable-modern": "on"})
+    message = refusal(qemu_binary, spec)
+    assert "neither modern nor legacy mode is enabled" in message
+    assert "disable-modern or disable-legacy" in message

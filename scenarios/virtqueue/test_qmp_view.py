@@ -20,11 +20,11 @@ from qtest_virtio import Machine, modes
 from qtest_virtio.devices.balloon.encoding import BALLOON_CONFIG
 from qtest_virtio.devices.base import VirtioDriver
 from qtest_virtio.devices.rng.driver import VirtioRng
-from qtest_virtio.introspect import backend_path, queue_view
+from qtest_virtio.introspect import backend_path, device_view, queue_view
 from qtest_virtio.registers import Field
 from qtest_virtio.testing import alloc_bufs
 from qtest_virtio.transport import LegacyTransport, ModernTransport, VirtioTransport
-from qtest_virtio.transport.layout import COMMON_CFG, LEGACY_CFG
+from qtest_virtio.transport.layout import COMMON_CFG, LEGACY_CFG, STATUS
 from qtest_virtio.virtqueue import PackedVirtqueue, SplitVirtqueue
 from qtest_virtio.virtqueue.layout import DESC_F, SPLIT_DESC
 
@@ -245,6 +245,47 @@ def test_legacy_queue_registers_read_back(virtio_device: VirtioRng, qemu: Machin
     assert t.regs.read(LEGACY_CFG.queue_address) << 12 == vq.desc
     t.regs.write(LEGACY_CFG.queue_select, 3)
     assert (t.regs.read(LEGACY_CFG.queue_select), t.regs.read(LEGACY_CFG.queue_address)) == (3, 0)
+
+
+@pytest.mark.conformance("pci-cfg-access-byte-write", spec="4.1.4.9.1")
+@pytest.mark.virtio_device("virtio-rng-pci", rings=("split",), transports=modes.MODERN_LAYOUT_MODES)
+def test_pci_cfg_window_byte_write_resets_the_device(virtio_device: VirtioRng, qemu: Machine) -> None:
+    """A 1-byte write through the PCI configuration access capability performs the write in
+    the BAR (MUST): 0 written to device_status that way resets the device, which device_status
+    read through the BAR and QEMU's view both show; the driver then starts it again."""
+    drv = virtio_device
+    t = drv.transport
+    assert isinstance(t, ModernTransport)
+    common = t.map.common
+    assert common is not None and common.bar is not None
+    assert t.get_status() & STATUS.DRIVER_OK.mask
+    t.pci_cfg_write(common.bar, common.offset + COMMON_CFG.device_status.offset, 1, 0)
+    assert t.get_status() == 0
+    assert not device_view(qemu, drv.dev_id).status
+    assert t.pci_cfg_read(common.bar, common.offset + COMMON_CFG.device_status.offset, 1) == 0
+    drv.initialize()
+    assert len(drv.request(8, timeout=SHORT)) > 0
+
+
+@pytest.mark.conformance("pci-queue-enable-zero-needs-reset", spec="2.1.2")
+@pytest.mark.virtio_device("virtio-rng-pci", rings=("split",), transports=modes.MODERN_LAYOUT_MODES)
+def test_queue_enable_zero_sets_needs_reset(virtio_device: VirtioRng, qemu: Machine) -> None:
+    """The driver MUST NOT write 0 to queue_enable (§4.1.4.3.2). A device in an error state
+    that needs a reset SHOULD set DEVICE_NEEDS_RESET (§2.1.2), and QEMU does so for this one:
+    device_status gains DEVICE_NEEDS_RESET, QEMU reports the device broken, the queue stays
+    enabled; a reset and a new initialization bring it back."""
+    drv = virtio_device
+    t = drv.transport
+    assert isinstance(t, ModernTransport)
+    t.select_queue(0)
+    t.common.write(COMMON_CFG.queue_enable, 0)
+    assert t.get_status() & STATUS.DEVICE_NEEDS_RESET.mask
+    view = device_view(qemu, drv.dev_id)
+    assert view.broken and "DEVICE_NEEDS_RESET" in view.status
+    assert t.queue_enabled(0)
+    drv.initialize()
+    assert not t.get_status() & STATUS.DEVICE_NEEDS_RESET.mask
+    assert len(drv.request(8, timeout=SHORT)) > 0
 
 
 # -- device configuration writes at each width (§4.1.3.1, §4.1.4.10) -------------------------------
