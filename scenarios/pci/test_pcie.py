@@ -18,7 +18,10 @@ from collections.abc import Callable
 import pytest
 
 from qtest_virtio import Machine, MachineSpec, QemuCrashed, QemuStartError, modes
+from qtest_virtio.backends import NetBackend
 from qtest_virtio.binary import QemuBinary
+from qtest_virtio.devices.net.driver import VirtioNet
+from qtest_virtio.devices.net.encoding import ethernet_frame
 from qtest_virtio.devices.rng.driver import VirtioRng
 from qtest_virtio.introspect import device_view, queue_view
 from qtest_virtio.pci import PciFunction, regs
@@ -35,6 +38,7 @@ SHORT = 2.0
 QUIET_WINDOW = 0.02
 PCIE_ENDPOINT = 0x0
 DRIVER_OK = layout.STATUS.DRIVER_OK.mask
+PEER_MAC = "02:00:00:00:00:01"
 #: The plugin's machine_factory fixture: starts a Machine from a MachineSpec.
 MachineFactory = Callable[[MachineSpec], Machine]
 ENTROPY_DEVICE_ID = 4
@@ -144,6 +148,26 @@ def test_aer_and_ats_capabilities(virtio_device: VirtioRng) -> None:
     block.write(regs.ATS_CAP.ats_control, 0)
     assert block.read(regs.ATS_CAP.ats_control) == 0
     assert len(drv.request(8, timeout=SHORT)) > 0
+
+
+@pytest.mark.virtio_device(
+    "virtio-net-pci", rings=("split",), pcie_root_port=True, transports=MODERN_LAYOUT, flags={"ats": "on"}
+)
+def test_ats_enable_on_a_device_with_an_iotlb_hook(virtio_device: VirtioNet, qemu: Machine) -> None:
+    """virtio-net is the device type whose ATS Control write reaches a device hook (the vhost
+    IOTLB notifiers, idle without vhost): Enable reads back set and clear, and frames injected
+    on the backend are received in between."""
+    net = virtio_device
+    ats = ext_cap(net.fn, regs.EXT_CAP_ID_ATS)
+    assert ats is not None
+    block = cap_block(net.fn, ats, regs.ATS_CAP)
+    host = qemu.backend(net.dev_id, NetBackend)
+    for seed, on in ((1, 1), (2, 0)):
+        block.write(regs.ATS_CAP.ats_control, regs.ATS_CONTROL.enable.set(0, on))
+        assert regs.ATS_CONTROL.enable.get(block.read(regs.ATS_CAP.ats_control)) == on
+        frame = ethernet_frame(net.mac, PEER_MAC, 0x88B5, bytes((seed + i) & 0xFF for i in range(64)))
+        host.send(frame)
+        assert net.receive(timeout=SHORT) == frame
 
 
 # -- Function Level Reset (PCIe 4.0 §6.6.2) --------------------------------------------------------

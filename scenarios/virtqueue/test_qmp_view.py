@@ -288,6 +288,28 @@ def test_queue_enable_zero_sets_needs_reset(virtio_device: VirtioRng, qemu: Mach
     assert len(drv.request(8, timeout=SHORT)) > 0
 
 
+@pytest.mark.virtio_device("virtio-rng-pci", rings=("split",), transports=modes.MODERN_LAYOUT_MODES)
+def test_pci_cfg_window_past_the_structures_touches_nothing(virtio_device: VirtioRng, qemu: Machine) -> None:
+    """A driver MUST NOT use the PCI configuration access window outside the BAR ranges of the
+    other virtio structures (§4.1.4.9.2). QEMU drops such a write and a read through it
+    returns nothing new (regression, robustness): offsets just past the modern BAR, where
+    device_status and queue_enable would alias, change neither, and the device keeps running."""
+    drv = virtio_device
+    t = drv.transport
+    assert isinstance(t, ModernTransport)
+    common = t.map.common
+    assert common is not None and common.bar is not None
+    end = t.fn.bar(common.bar).size
+    status = t.get_status()
+    for field in (COMMON_CFG.device_status, COMMON_CFG.queue_enable):
+        t.pci_cfg_write(common.bar, end + field.offset, field.width, 0)
+        t.pci_cfg_read(common.bar, end + field.offset, field.width)
+    assert t.get_status() == status
+    assert t.queue_enabled(0)
+    assert device_view(qemu, drv.dev_id).status >= {"DRIVER_OK"}
+    assert len(drv.request(8, timeout=SHORT)) > 0
+
+
 # -- device configuration writes at each width (§4.1.3.1, §4.1.4.10) -------------------------------
 
 BALLOON_ACTUAL = BALLOON_CONFIG.actual
