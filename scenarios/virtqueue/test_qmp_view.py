@@ -187,6 +187,24 @@ def test_queue_status_indices_follow_the_driver(virtio_device: VirtioRng, qemu: 
         assert view.inuse == 0
 
 
+def test_device_status_view_follows_the_driver(virtio_device: VirtioRng, qemu: Machine) -> None:
+    """``x-query-virtio-status`` agrees with the transport: the status bits it lists are those
+    device_status reads, the guest features are the set the driver accepted (ANY_LAYOUT aside:
+    QEMU keeps it implicit with VERSION_1), every one of them among the host features, and the
+    device is not broken; after a reset its status list is empty."""
+    drv = virtio_device
+    t = drv.transport
+    view = device_view(qemu, drv.dev_id)
+    assert view.status == set(STATUS.names_set(t.get_status()))
+    assert {"ACKNOWLEDGE", "DRIVER", "DRIVER_OK"} <= view.status
+    accepted = set(drv.negotiated) - {"ANY_LAYOUT"}
+    assert view.guest_features - {"ANY_LAYOUT"} == accepted
+    assert view.guest_features <= view.host_features
+    assert view.broken is False
+    t.reset()
+    assert device_view(qemu, drv.dev_id).status == set()
+
+
 # -- the transport's registers read back (virtio 1.2 §4.1.4.3, §4.1.4.10) --------------------------
 
 
