@@ -328,6 +328,26 @@ def test_pci_cfg_window_past_the_structures_touches_nothing(virtio_device: Virti
     assert len(drv.request(8, timeout=SHORT)) > 0
 
 
+@pytest.mark.virtio_device("virtio-rng-pci", rings=("split",), transports=modes.LEGACY_LAYOUT_MODES)
+def test_legacy_bad_feature_bit_means_no_features(virtio_device: VirtioRng, qemu: Machine) -> None:
+    """Legacy bit 30 (VIRTIO_F_BAD_FEATURE, virtio 0.9.5 Appendix B) is a trap QEMU offers in
+    the legacy layout: no driver implements it, so a driver that accepts it accepts bits
+    blindly. QEMU then takes the device's fallback set instead, empty for virtio-rng:
+    driver_features reads 0 and QEMU's view holds no guest feature. A fresh initialization
+    (which declines bit 30) negotiates normally again (regression)."""
+    drv = virtio_device
+    t = drv.transport
+    assert isinstance(t, LegacyTransport)
+    offered = t.regs.read(LEGACY_CFG.device_features)
+    assert offered >> 30 & 1, "QEMU no longer offers VIRTIO_F_BAD_FEATURE"
+    t.regs.write(LEGACY_CFG.driver_features, offered | 1 << 30)
+    assert t.regs.read(LEGACY_CFG.driver_features) == 0
+    assert device_view(qemu, drv.dev_id).guest_features == set()
+    drv.initialize()
+    assert t.regs.read(LEGACY_CFG.driver_features) == drv.negotiated.accepted
+    assert len(drv.request(8, timeout=SHORT)) > 0
+
+
 # -- device configuration writes at each width (§4.1.3.1, §4.1.4.10) -------------------------------
 
 BALLOON_ACTUAL = BALLOON_CONFIG.actual
