@@ -19,7 +19,7 @@ import pytest
 
 from qtest_virtio import Machine, MachineSpec, QemuCrashed, QemuStartError, modes
 from qtest_virtio.backends import NetBackend
-from qtest_virtio.binary import QemuBinary
+from qtest_virtio.binary import QemuBinary, UnknownFlag
 from qtest_virtio.devices.net.driver import VirtioNet
 from qtest_virtio.devices.net.encoding import ethernet_frame
 from qtest_virtio.devices.rng.driver import VirtioRng
@@ -29,6 +29,7 @@ from qtest_virtio.pci.bus import Capability
 from qtest_virtio.registers import Layout, RegisterBlock
 from qtest_virtio.testing import alloc_bufs
 from qtest_virtio.transport import FeaturesRejected, ModernTransport, layout
+from qtest_virtio.transport.pcimap import VirtioPciMap
 from qtest_virtio.virtqueue import SplitVirtqueue
 
 pytestmark = pytest.mark.virtio_device("virtio-rng-pci", rings=("split",), pcie_root_port=True)
@@ -343,3 +344,40 @@ def test_a_device_needs_one_layout(qemu_binary: QemuBinary) -> None:
     message = refusal(qemu_binary, spec)
     assert "neither modern nor legacy mode is enabled" in message
     assert "disable-modern or disable-legacy" in message
+
+
+# -- a shared memory region (§4.1.4.7) -----------------------------------------------------------------
+
+GPU_HOSTMEM = 64 << 20
+GPU_SHM_ID_HOST_VISIBLE = 1  # VIRTIO_GPU_SHM_ID_HOST_VISIBLE: virtio-gpu host visible memory (virtio 1.2 §5.7)
+
+
+@pytest.mark.conformance("pci-shm-cap-within-bar", spec="4.1.4.7.1")
+def test_shared_memory_capability(qemu_binary: QemuBinary, machine_factory: MachineFactory) -> None:
+    """A device with a shared memory region describes it with a VIRTIO_PCI_CAP_SHARED_MEMORY_CFG
+    capability (struct virtio_pci_cap64): the region given by offset/offset_hi and
+    length/length_hi MUST lie within the BAR cap.bar names, and cap.id MUST be unique for the
+    device. Driven on virtio-gpu-pci with ``hostmem`` (no driver: only the function is read),
+    whose modern structures then move to another BAR than the region's."""
+    try:
+        qemu_binary.check_properties("virtio-gpu-pci", ["hostmem"])
+    except UnknownFlag as exc:
+        pytest.skip(f"{qemu_binary.path} cannot run this: {exc}")
+    spec = MachineSpec(machine="q35")
+    spec.add_device("virtio-gpu-pci", id="gpu", hostmem=str(GPU_HOSTMEM))
+    vm = machine_factory(spec)
+    fn = vm.pci_function("gpu")
+    vmap = VirtioPciMap.of(fn)
+    shm = [c for c in vmap.caps if c.cfg_type == layout.CFG_TYPE_SHARED_MEMORY]
+    assert len(shm) == 1, "virtio-gpu with hostmem presents one shared memory region"
+    ids = [c.id for c in shm]
+    assert len(set(ids)) == len(ids)
+    cap = shm[0]
+    assert cap.cap_len >= layout.VIRTIO_PCI_CAP64.size
+    raw = b"".join(fn.read_config(cap.cap_offset + at, 4).to_bytes(4, "little") for at in range(0, 24, 4))
+    fields = layout.VIRTIO_PCI_CAP64.unpack(raw)
+    offset = fields["offset_hi"] << 32 | fields["offset"]
+    length = fields["length_hi"] << 32 | fields["length"]
+    assert (cap.id, length) == (GPU_SHM_ID_HOST_VISIBLE, GPU_HOSTMEM)
+    assert offset + length <= fn.bar(cap.bar).size, f"region {offset:#x}+{length:#x} past BAR{cap.bar}"
+    assert vmap.common is not None and vmap.common.bar != cap.bar
