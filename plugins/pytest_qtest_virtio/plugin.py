@@ -330,14 +330,15 @@ def virtio_device(
 #: Where the virtio_device marker can place the device beyond the machine's root bus.
 ROOT_PORT_ID = "rp0"
 IOTHREAD_ID = "io0"
-IOTHREAD_DEVICES = ("virtio-blk-pci", "virtio-scsi-pci")
+IOTHREAD_DEVICES = ("virtio-blk-pci", "virtio-scsi-pci", "virtio-balloon-pci")
 
 
 def _placement(device: str, spec: MachineSpec, extra: dict[str, Any]) -> dict[str, str]:
     """The marker's ``pcie_root_port=True`` (the device behind a ``pcie-root-port`` of q35: a
     PCI Express endpoint) and ``iothread=True`` (an ``-object iothread`` the device's
-    ``iothread`` property names: virtio-blk/-scsi dataplane) as spec additions; returns the
-    device properties they need (params.py checked the values are bools).
+    ``iothread`` property names: virtio-blk/-scsi dataplane, virtio-balloon's free page
+    hinting) as spec additions; returns the device properties they need (params.py checked
+    the values are bools).
 
     ``iothread`` is a link property (``<link<iothread>>``), which QemuBinary's property list
     does not parse, so the devices that have it are named here (all of 7.2 to 10.2 agree)."""

@@ -269,25 +269,3 @@ def test_page_per_vq_notify_layout(virtio_device: VirtioDriver) -> None:
     assert isinstance(drv, VirtioBlk)
     for q in range(3):
         assert drv.read(q, 1, queue=q) == bytes(512)
-
-
-# -- notifications served by an iothread (virtio-blk dataplane) -----------------------------------------
-
-
-@pytest.mark.virtio_device("virtio-blk-pci", iothread=True, flags={"num-queues": "2"})
-def test_requests_complete_on_an_iothread(virtio_device: VirtioDriver, qemu: Machine) -> None:
-    """With ``iothread=`` virtio-blk serves its queues in the iothread (the dataplane: QEMU
-    hands the queues' host notifiers to the iothread's event loop, and interrupts go through
-    guest notifiers). For the driver nothing changes (§4.1.5.2: it notifies, the device uses
-    the buffers): writes then reads alternating between both queues return the data, and the
-    device is bound to the iothread QMP lists."""
-    drv = virtio_device
-    assert isinstance(drv, VirtioBlk)
-    threads = qemu.qmp.cmd("query-iothreads")
-    assert isinstance(threads, list) and [t["id"] for t in threads] == ["io0"]
-    assert qemu.qmp.cmd("qom-get", path=f"/machine/peripheral/{drv.dev_id}", property="iothread") == "/objects/io0"
-    for n in range(10):
-        queue = n % 2
-        data = bytes((n + i) & 0xFF for i in range(512))
-        drv.write(n, data, queue=queue, timeout=SHORT)
-        assert drv.read(n, 1, queue=1 - queue, timeout=SHORT) == data, f"round {n}"
