@@ -251,6 +251,7 @@ def test_resume_leaves_bus_master_alone(virtio_device: VirtioRng, qemu: Machine)
     backend="null",
     flags={"page-per-vq": "on", "num-queues": "3"},
 )
+@pytest.mark.virtio_requires("MQ")
 def test_page_per_vq_notify_layout(virtio_device: VirtioDriver) -> None:
     """``page-per-vq=on`` gives each queue its own 4096-byte page of the notification
     structure: notify_off_multiplier is 4096 (0 or an even power of two, MUST), every queue's
