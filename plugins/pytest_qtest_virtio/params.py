@@ -15,6 +15,8 @@ from qtest_virtio.app.options import OptionError, parse_transports
 RINGS = modes.RINGS
 #: Modes whose register layout can negotiate RING_PACKED (bit 34 needs the 64-bit features).
 PACKED_MODES = frozenset(modes.MODERN_LAYOUT_MODES)
+#: Marker kwargs that place the device (a pcie-root-port of q35, an -object iothread): bools.
+PLACEMENT_KWARGS = ("pcie_root_port", "iothread")
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,9 @@ def virtio_params(
     bad_rings = [r for r in rings if r not in RINGS]
     if bad_rings:
         raise OptionError(f"virtio_device(rings=...): unknown ring {bad_rings}; valid: split, packed")
+    for key in PLACEMENT_KWARGS:
+        if not isinstance(kwargs.get(key, False), bool):
+            raise OptionError(f"virtio_device({key}={kwargs[key]!r}) takes True or False")
     marker_flags = {k: str(v) for k, v in dict(kwargs.pop("flags", {})).items()}
     marker_refuse = frozenset(kwargs.pop("refuse", ()))
     refuse = option_refuse | marker_refuse

@@ -249,11 +249,17 @@ class MsiControlBits(BitLayout, register="msi_message_control"):
 MSI_CONTROL = MsiControlBits()
 
 
-#: PCI Express capability head (enough to name the port type), PCIe 4.0 §7.5.3.
+#: PCI Express capability, its device and link registers (PCIe 4.0 §7.5.3.1-§7.5.3.8).
 class PcieCapLayout(Layout, struct="pcie_cap"):
     cap_id = Field(0, 1)
     cap_next = Field(1, 1)
     pcie_capabilities = Field(2, 2)
+    device_capabilities = Field(0x4, 4)
+    device_control = Field(0x8, 2)
+    device_status = Field(0xA, 2)
+    link_capabilities = Field(0xC, 4)
+    link_control = Field(0x10, 2)
+    link_status = Field(0x12, 2)
 
 
 PCIE_CAP = PcieCapLayout()
@@ -265,6 +271,79 @@ class PcieCapsBits(BitLayout, register="pcie_capabilities"):
 
 
 PCIE_CAPS = PcieCapsBits()
+
+
+#: Device Capabilities (PCIe 4.0 §7.5.3.3).
+class PcieDevCapBits(BitLayout, register="device_capabilities"):
+    max_payload_size_supported = Bits(0, 3)
+    role_based_error_reporting = Bits(15)
+    function_level_reset_capability = Bits(28)
+
+
+PCIE_DEVCAP = PcieDevCapBits()
+
+
+#: Device Control (PCIe 4.0 §7.5.3.4).
+class PcieDevCtlBits(BitLayout, register="device_control"):
+    correctable_error_reporting_enable = Bits(0)
+    non_fatal_error_reporting_enable = Bits(1)
+    fatal_error_reporting_enable = Bits(2)
+    unsupported_request_reporting_enable = Bits(3)
+    initiate_function_level_reset = Bits(15)
+
+
+PCIE_DEVCTL = PcieDevCtlBits()
+
+#: Extended capability IDs the harness checks (PCI Code and ID Assignment spec §3).
+EXT_CAP_ID_AER = 0x0001
+EXT_CAP_ID_ATS = 0x000F
+
+
+#: Address Translation Services extended capability (PCIe 4.0 §10.5.1).
+class AtsCapLayout(Layout, struct="ats_ext_cap"):
+    header = Field(0, 4)
+    ats_capability = Field(4, 2)
+    ats_control = Field(6, 2)
+
+
+ATS_CAP = AtsCapLayout()
+
+
+class AtsControlBits(BitLayout, register="ats_control"):
+    smallest_translation_unit = Bits(0, 5)
+    enable = Bits(15)
+
+
+ATS_CONTROL = AtsControlBits()
+
+#: Power Management capability (PCI Bus Power Management Interface 1.2 §3.2).
+CAP_ID_PM = 0x01
+
+
+class PmCapLayout(Layout, struct="pm_cap"):
+    cap_id = Field(0, 1)
+    cap_next = Field(1, 1)
+    pmc = Field(2, 2)
+    pmcsr = Field(4, 2)
+
+
+PM_CAP = PmCapLayout()
+
+
+class PmcBits(BitLayout, register="pmc"):
+    version = Bits(0, 3)
+
+
+PMC = PmcBits()
+
+
+class PmcsrBits(BitLayout, register="pmcsr"):
+    power_state = Bits(0, 2)
+    no_soft_reset = Bits(3)
+
+
+PMCSR = PmcsrBits()
+PM_STATE_D0, PM_STATE_D3HOT = 0, 3
 PCIE_PORT_TYPES = {
     0x0: "Endpoint",
     0x1: "Legacy Endpoint",

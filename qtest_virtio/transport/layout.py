@@ -45,6 +45,15 @@ class VirtioPciCfgCapLayout(VirtioPciCapLayout, struct="virtio_pci_cfg_cap", siz
 
 VIRTIO_PCI_CFG_CAP = VirtioPciCfgCapLayout()
 
+
+#: struct virtio_pci_cap64 (shared memory regions) adds the high halves, §4.1.4.7.
+class VirtioPciCap64Layout(VirtioPciCapLayout, struct="virtio_pci_cap64", size=24):
+    offset_hi = Field(16, 4)
+    length_hi = Field(20, 4)
+
+
+VIRTIO_PCI_CAP64 = VirtioPciCap64Layout()
+
 CFG_TYPE_COMMON = 1
 CFG_TYPE_NOTIFY = 2
 CFG_TYPE_ISR = 3
