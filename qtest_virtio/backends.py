@@ -407,19 +407,10 @@ def _image(dev_id: str, kind: str, size: int, workdir: str) -> tuple[str, str, I
 
 
 def _blk_backend(dev_id: str, kind: str, size: int, workdir: str) -> Backend:
-    """virtio-blk's drive (an image kind, see :func:`_image`); an ``iothread`` item in the kind
-    (``image,iothread``) also gives the device an IOThread of its own (``-object iothread``,
-    the device's ``iothread`` property), so its queues are served there instead of the main loop."""
-    items = kind.split(",")
-    iothread = "iothread" in items[1:]
-    opt, repro, handle = _image(dev_id, ",".join(i for i in items if i != "iothread"), size, workdir)
-    backend = Backend(["-blockdev", opt], ["-blockdev", repro], {"drive": f"{dev_id}-backend"}, handle=handle)
-    if iothread:
-        thread = ["-object", f"iothread,id={dev_id}-iothread"]
-        backend.args += thread
-        backend.repro_args += thread
-        backend.wiring["iothread"] = f"{dev_id}-iothread"
-    return backend
+    """virtio-blk's drive (an image kind, see :func:`_image`). An IOThread is no backend: the
+    plugin's ``virtio_device(iothread=True)`` adds the object and the device's property."""
+    opt, repro, handle = _image(dev_id, kind, size, workdir)
+    return Backend(["-blockdev", opt], ["-blockdev", repro], {"drive": f"{dev_id}-backend"}, handle=handle)
 
 
 def _scratch_image(dev_id: str, size: int, workdir: str) -> str:

@@ -61,7 +61,8 @@ class PropertyInfo:
     description: str
 
 
-_PROP_RE = re.compile(r"^\s+(?P<name>[\w.-]+)=<(?P<type>[^>]*)>\s*(?:-\s*(?P<rest>.*))?$")
+#: ``name=<type>``, where a link property's type nests: ``iothread=<link<iothread>>``.
+_PROP_RE = re.compile(r"^\s+(?P<name>[\w.-]+)=<(?P<type>link<[^>]*>|[^>]*)>\s*(?:-\s*(?P<rest>.*))?$")
 _DEFAULT_RE = re.compile(r"\(default: (?P<default>.*)\)\s*$")
 _DEVICE_RE = re.compile(r'^name "(?P<name>[^"]+)"(?:, bus (?P<bus>[\w-]+))?')
 #: Bool defaults as flag values are written (``event_idx=off``), whatever the version prints.

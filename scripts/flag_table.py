@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from qtest_virtio.binary import QemuBinary
-from qtest_virtio.vm import DRIVERS
+from qtest_virtio.devices import registry
 
 OUT = Path(__file__).resolve().parent.parent / "qtest_virtio" / "known_flags.py"
 
@@ -37,7 +37,7 @@ PROPERTIES: dict[str, tuple[str, ...]] = {{
 
 def properties(binary: QemuBinary) -> set[str]:
     names: set[str] = set()
-    for device in DRIVERS:
+    for device in registry.drivers():
         names |= set(binary.device_properties(device))
     return names
 

@@ -306,7 +306,7 @@ def virtio_device(
     spec = MachineSpec(qemu=qemu_binary.path, machine=_machine_option(request.config))
     placement = _placement(param.device, spec, extra)
     try:  # decided before QEMU starts: a flag this binary lacks is a skip, not a failure
-        qemu_binary.check_properties(param.device, [*flags, *(p for p in placement if p != "iothread")])
+        qemu_binary.check_properties(param.device, [*flags, *placement])
     except UnknownFlag as exc:
         pytest.skip(f"{qemu_binary.path} cannot run this: {exc}")
     extra.update(placement)
@@ -335,7 +335,6 @@ def virtio_device(
 #: Where the virtio_device marker can place the device beyond the machine's root bus.
 ROOT_PORT_ID = "rp0"
 IOTHREAD_ID = "io0"
-IOTHREAD_DEVICES = ("virtio-blk-pci", "virtio-scsi-pci", "virtio-balloon-pci")
 
 
 def _placement(device: str, spec: MachineSpec, extra: dict[str, Any]) -> dict[str, str]:
@@ -343,10 +342,8 @@ def _placement(device: str, spec: MachineSpec, extra: dict[str, Any]) -> dict[st
     PCI Express endpoint) and ``iothread=True`` (an ``-object iothread`` the device's
     ``iothread`` property names: virtio-blk/-scsi dataplane, virtio-balloon's free page
     hinting) as spec additions; returns the device properties they need (params.py checked
-    the values are bools).
-
-    ``iothread`` is a link property (``<link<iothread>>``), which QemuBinary's property list
-    does not parse, so the devices that have it are named here (all of 7.2 to 10.2 agree)."""
+    the values are bools). A device without an ``iothread`` property is a skip, as any flag the
+    binary lacks (the caller checks them against ``-device NAME,help``)."""
     props: dict[str, str] = {}
     if extra.pop("pcie_root_port", False):
         if "q35" not in spec.machine:
@@ -354,8 +351,6 @@ def _placement(device: str, spec: MachineSpec, extra: dict[str, Any]) -> dict[st
         spec.add_device("pcie-root-port", id=ROOT_PORT_ID, chassis=1, slot=1)
         props["bus"] = ROOT_PORT_ID
     if extra.pop("iothread", False):
-        if not device.startswith(IOTHREAD_DEVICES):
-            pytest.skip(f"{device} has no iothread property (only {', '.join(IOTHREAD_DEVICES)} run on an iothread)")
         spec.extra_args += ["-object", f"iothread,id={IOTHREAD_ID}"]
         props["iothread"] = IOTHREAD_ID
     return props

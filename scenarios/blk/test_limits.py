@@ -237,7 +237,7 @@ def _thread_syscalls(qemu: Machine, thread_id: int) -> tuple[int, int]:
     return int(fields["syscr"]), int(fields["syscw"])
 
 
-@pytest.mark.virtio_device("virtio-blk-pci", refuse_each=False, backend="image,iothread", flags={"num-queues": "2"})
+@pytest.mark.virtio_device("virtio-blk-pci", refuse_each=False, iothread=True, flags={"num-queues": "2"})
 def test_requests_are_served_in_the_iothread(virtio_device: VirtioBlk, qemu: Machine) -> None:
     """With an IOThread (``iothread`` property) the device serves every request queue there:
     writes and reads on each queue complete with their data, and the IOThread is the thread

@@ -22,7 +22,7 @@ from qtest_virtio.pci.msix import Msix
 from qtest_virtio.transport import LegacyTransport, ModernTransport, VirtioTransport
 from qtest_virtio.transport.layout import COMMON_CFG, LEGACY_CFG
 
-pytestmark = pytest.mark.virtio_device("virtio-rng-pci", interrupts="msix")
+pytestmark = pytest.mark.virtio_device("virtio-rng-pci", refuse_each=False, interrupts="msix")
 
 SHORT = 2.0
 QUIET_WINDOW = 0.02

@@ -23,7 +23,7 @@ from qtest_virtio.transport import LegacyTransport, ModernTransport, VirtioTrans
 from qtest_virtio.transport.layout import CFG_TYPE_NOTIFY, ISR, LEGACY_CFG, STATUS
 from qtest_virtio.virtqueue import SplitVirtqueue
 
-pytestmark = pytest.mark.virtio_device("virtio-rng-pci")
+pytestmark = pytest.mark.virtio_device("virtio-rng-pci", refuse_each=False)
 
 MODERN_LAYOUT = modes.MODERN_LAYOUT_MODES
 SHORT = 2.0
@@ -69,7 +69,9 @@ def write_isr(t: VirtioTransport, value: int) -> None:
 
 
 @pytest.mark.conformance("pci-notify-io-cap-layout", spec="4.1.4.4.1")
-@pytest.mark.virtio_device("virtio-rng-pci", rings=("split",), transports=MODERN_LAYOUT, flags=PIO_NOTIFY)
+@pytest.mark.virtio_device(
+    "virtio-rng-pci", refuse_each=False, rings=("split",), transports=MODERN_LAYOUT, flags=PIO_NOTIFY
+)
 def test_pio_notify_capability_layout(virtio_device: VirtioRng) -> None:
     """With ``modern-pio-notify=on`` a second notification capability points into an I/O BAR.
     Its offset is 2-byte aligned, notify_off_multiplier is 0 or an even power of two, and
@@ -90,7 +92,9 @@ def test_pio_notify_capability_layout(virtio_device: VirtioRng) -> None:
 
 
 @pytest.mark.conformance("pci-notify-io-kicks-the-queue", spec="4.1.5.2")
-@pytest.mark.virtio_device("virtio-rng-pci", transports=MODERN_LAYOUT, flags=PIO_NOTIFY, notify_via="pio")
+@pytest.mark.virtio_device(
+    "virtio-rng-pci", refuse_each=False, transports=MODERN_LAYOUT, flags=PIO_NOTIFY, notify_via="pio"
+)
 def test_requests_complete_when_notified_through_the_port(virtio_device: VirtioRng, qemu: Machine) -> None:
     """The driver notifies by writing the queue index to the queue's notification address
     (§4.1.5.2), here the I/O port of the I/O notify structure; the device then processes the
@@ -109,7 +113,9 @@ def test_requests_complete_when_notified_through_the_port(virtio_device: VirtioR
         assert len(drv.request(8, timeout=SHORT)) > 0
 
 
-@pytest.mark.virtio_device("virtio-rng-pci", rings=("split",), transports=MODERN_LAYOUT, flags=PIO_NOTIFY)
+@pytest.mark.virtio_device(
+    "virtio-rng-pci", refuse_each=False, rings=("split",), transports=MODERN_LAYOUT, flags=PIO_NOTIFY
+)
 def test_port_write_of_a_missing_queue_notifies_nothing(virtio_device: VirtioRng, qemu: Machine) -> None:
     """With one register for all queues, the value written selects the queue (virtio_pci
     notify_write_pio): a write naming a queue the device does not have, or QEMU's past-the-end
@@ -132,7 +138,9 @@ def test_port_write_of_a_missing_queue_notifies_nothing(virtio_device: VirtioRng
     assert vq.wait_for(token, timeout=SHORT).length > 0
 
 
-@pytest.mark.virtio_device("virtio-rng-pci", rings=("split",), transports=MODERN_LAYOUT, flags=PIO_NOTIFY)
+@pytest.mark.virtio_device(
+    "virtio-rng-pci", refuse_each=False, rings=("split",), transports=MODERN_LAYOUT, flags=PIO_NOTIFY
+)
 def test_reading_the_notify_structure_notifies_nothing(virtio_device: VirtioRng, qemu: Machine) -> None:
     """The notification structure is written by the driver (§4.1.4.4); QEMU reads it as 0 at
     every width, in the memory BAR and the I/O BAR, and a read does not notify: a chain left
@@ -156,7 +164,7 @@ def test_reading_the_notify_structure_notifies_nothing(virtio_device: VirtioRng,
 
 
 @pytest.mark.conformance("pci-isr-read-only", spec="4.1.4.5")
-@pytest.mark.virtio_device("virtio-rng-pci", rings=("split",), interrupts="isr")
+@pytest.mark.virtio_device("virtio-rng-pci", refuse_each=False, rings=("split",), interrupts="isr")
 def test_isr_status_ignores_driver_writes(virtio_device: VirtioRng) -> None:
     """ISR status is read-only to the driver (the field's R in §4.1.4.5 and in the legacy table
     of §4.1.4.10): a write of 0 does not clear a pending queue interrupt (the next read still
@@ -181,7 +189,7 @@ def _running(qemu: Machine) -> bool:
     return bool(status["running"])
 
 
-@pytest.mark.virtio_device("virtio-rng-pci")
+@pytest.mark.virtio_device("virtio-rng-pci", refuse_each=False)
 def test_notification_while_stopped_is_served_at_cont(virtio_device: VirtioRng, qemu: Machine) -> None:
     """While the VM is stopped (QMP ``stop``) the device runs nothing: a chain notified then
     stays unused, and QEMU takes nothing from the ring. At ``cont`` the device picks up what
@@ -215,7 +223,9 @@ def _driver_ok_without_bus_master(drv: VirtioRng) -> None:
     assert t.get_status() & STATUS.DRIVER_OK.mask
 
 
-@pytest.mark.virtio_device("virtio-rng-pci", rings=("split",), flags={"virtio-pci-bus-master-bug-migration": "on"})
+@pytest.mark.virtio_device(
+    "virtio-rng-pci", refuse_each=False, rings=("split",), flags={"virtio-pci-bus-master-bug-migration": "on"}
+)
 def test_bus_master_bug_compat_sets_bus_master_at_cont(virtio_device: VirtioRng, qemu: Machine) -> None:
     """``virtio-pci-bus-master-bug-migration=on`` keeps a compatibility rule for drivers that
     never set Bus Master Enable: when the VM resumes with the device started (DRIVER_OK) and
@@ -229,7 +239,7 @@ def test_bus_master_bug_compat_sets_bus_master_at_cont(virtio_device: VirtioRng,
     assert "bus_master" in drv.fn.command_flags, "QEMU did not set Bus Master Enable at cont"
 
 
-@pytest.mark.virtio_device("virtio-rng-pci", rings=("split",))
+@pytest.mark.virtio_device("virtio-rng-pci", refuse_each=False, rings=("split",))
 def test_resume_leaves_bus_master_alone(virtio_device: VirtioRng, qemu: Machine) -> None:
     """The counterpart: without the compatibility property, stop/cont keeps Bus Master Enable
     as the driver left it (clear)."""
@@ -246,6 +256,7 @@ def test_resume_leaves_bus_master_alone(virtio_device: VirtioRng, qemu: Machine)
 @pytest.mark.conformance("pci-notify-page-per-vq", spec="4.1.4.4.1")
 @pytest.mark.virtio_device(
     "virtio-blk-pci",
+    refuse_each=False,
     rings=("split",),
     transports=MODERN_LAYOUT,
     backend="null",

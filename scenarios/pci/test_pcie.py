@@ -32,7 +32,7 @@ from qtest_virtio.transport import FeaturesRejected, ModernTransport, layout
 from qtest_virtio.transport.pcimap import VirtioPciMap
 from qtest_virtio.virtqueue import SplitVirtqueue
 
-pytestmark = pytest.mark.virtio_device("virtio-rng-pci", rings=("split",), pcie_root_port=True)
+pytestmark = pytest.mark.virtio_device("virtio-rng-pci", refuse_each=False, rings=("split",), pcie_root_port=True)
 
 MODERN_LAYOUT = modes.MODERN_LAYOUT_MODES
 SHORT = 2.0
@@ -122,7 +122,12 @@ def test_placement_behind_a_root_port(virtio_device: VirtioRng) -> None:
 
 
 @pytest.mark.virtio_device(
-    "virtio-rng-pci", rings=("split",), pcie_root_port=True, transports=MODERN_LAYOUT, flags={"aer": "on", "ats": "on"}
+    "virtio-rng-pci",
+    refuse_each=False,
+    rings=("split",),
+    pcie_root_port=True,
+    transports=MODERN_LAYOUT,
+    flags={"aer": "on", "ats": "on"},
 )
 def test_aer_and_ats_capabilities(virtio_device: VirtioRng) -> None:
     """``aer=on`` and ``ats=on`` add the Advanced Error Reporting and Address Translation
@@ -152,7 +157,12 @@ def test_aer_and_ats_capabilities(virtio_device: VirtioRng) -> None:
 
 
 @pytest.mark.virtio_device(
-    "virtio-net-pci", rings=("split",), pcie_root_port=True, transports=MODERN_LAYOUT, flags={"ats": "on"}
+    "virtio-net-pci",
+    refuse_each=False,
+    rings=("split",),
+    pcie_root_port=True,
+    transports=MODERN_LAYOUT,
+    flags={"ats": "on"},
 )
 def test_ats_enable_on_a_device_with_an_iotlb_hook(virtio_device: VirtioNet, qemu: Machine) -> None:
     """virtio-net is the device type whose ATS Control write reaches a device hook (the vhost
@@ -174,7 +184,9 @@ def test_ats_enable_on_a_device_with_an_iotlb_hook(virtio_device: VirtioNet, qem
 # -- Function Level Reset (PCIe 4.0 §6.6.2) --------------------------------------------------------
 
 
-@pytest.mark.virtio_device("virtio-rng-pci", rings=("split",), pcie_root_port=True, transports=MODERN_LAYOUT)
+@pytest.mark.virtio_device(
+    "virtio-rng-pci", refuse_each=False, rings=("split",), pcie_root_port=True, transports=MODERN_LAYOUT
+)
 def test_function_level_reset_resets_the_device(virtio_device: VirtioRng, qemu: Machine) -> None:
     """The endpoint advertises Function Level Reset (Device Capabilities bit 28); writing
     Initiate FLR resets the function (PCIe 4.0 §6.6.2): the header comes back unprogrammed
@@ -266,6 +278,7 @@ def test_disable_legacy_auto_follows_the_placement(machine_factory: MachineFacto
 
 @pytest.mark.virtio_device(
     "virtio-rng-pci",
+    refuse_each=False,
     rings=("split",),
     pcie_root_port=True,
     transports=MODERN_LAYOUT,
@@ -289,7 +302,7 @@ def test_pm_no_soft_reset_and_power_state(virtio_device: VirtioRng) -> None:
     assert len(drv.request(8, timeout=SHORT)) > 0
 
 
-@pytest.mark.virtio_device("virtio-rng-pci", rings=("split",), flags={"vectors": "4096"})
+@pytest.mark.virtio_device("virtio-rng-pci", refuse_each=False, rings=("split",), flags={"vectors": "4096"})
 def test_too_many_vectors_leaves_the_function_without_msix(virtio_device: VirtioRng, qemu: Machine) -> None:
     """An MSI-X table has at most 2048 entries (PCI 3.0 §6.8.2.3, Table Size is 11 bits): asked
     for 4096 vectors, QEMU warns and builds the function without MSI-X, and the driver runs it
