@@ -68,9 +68,9 @@ def delivered(qemu: Machine, net: VirtioNet, frame: bytes, marker_to: bytes | st
 def gave_up(qemu: Machine, net: VirtioNet) -> bool:
     """QEMU marked the device broken (virtio_error); with VERSION_1 it also sets
     DEVICE_NEEDS_RESET (§2.1.2), which the driver reads in device_status."""
+    status = net.transport.get_status()  # qtest first: a QEMU that died raises QemuCrashed here
     view = device_view(qemu, net.dev_id)
     if net.has("VERSION_1"):
-        status = net.transport.get_status()
         assert bool(status & STATUS.DEVICE_NEEDS_RESET.mask) == view.broken, (
             f"QMP broken={view.broken}, but device_status is {status:#x}"
         )

@@ -18,7 +18,6 @@ import pytest
 
 from qtest_virtio import Machine, MachineSpec, QemuStartError
 from qtest_virtio.binary import QemuBinary
-from qtest_virtio.modes import MODERN_LAYOUT_MODES
 from qtest_virtio.devices.net.driver import VirtioNet
 from qtest_virtio.devices.net.encoding import (
     CTRL_COMMANDS,
@@ -31,6 +30,7 @@ from qtest_virtio.devices.net.encoding import (
     mac_table_data,
     vlan_frame,
 )
+from qtest_virtio.modes import MODERN_LAYOUT_MODES
 
 from ._support import delivered, need, rx_filter
 
