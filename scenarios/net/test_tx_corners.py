@@ -205,6 +205,91 @@ def test_link_down_drops_frames_the_tx_timer_holds(virtio_device: VirtioNet, qem
     assert not host.pending(WINDOW), "a frame went out while the link was down"
 
 
+TIMER = pytest.mark.virtio_device("virtio-net-pci", flags={"tx": "timer", "x-txtimer": str(TX_TIMER_NS)})
+
+
+@pytest.mark.virtual_clock
+@TIMER
+def test_tx_timer_drops_frames_sent_while_the_link_is_down(virtio_device: VirtioNet, qemu: Machine) -> None:
+    """Regression (virtio_net_handle_tx_timer): with tx=timer and the link already down, a
+    notification does not arm the timer: the chain is used at once, with length 0, and no
+    period later anything reaches the backend."""
+    net = virtio_device
+    host = qemu.backend(net.dev_id, NetBackend)
+    qemu.qtest.clock_step(TX_TIMER_NS)
+    qemu.qmp.cmd("set_link", name=net.dev_id, up=False)
+    request = net.transmit(_frame(PEER, seed=43))
+    assert txq(net).complete(request, timeout=2)[0] == 0
+    qemu.qtest.clock_step(2 * TX_TIMER_NS)
+    assert not host.pending(WINDOW), "a frame went out while the link was down"
+
+
+@pytest.mark.virtual_clock
+@pytest.mark.virtio_device("virtio-net-pci", flags={"tx": "timer", "x-txtimer": str(TX_TIMER_NS), "x-txburst": "1"})
+def test_tx_timer_sends_one_burst_per_period(virtio_device: VirtioNet, qemu: Machine) -> None:
+    """Regression (virtio_net_tx_timer): with tx=timer a flush that sends a whole burst
+    (x-txburst) re-arms the timer instead of polling on: with a burst of one, three frames
+    behind one notification leave one per period, in order, and each chain is used as its
+    frame leaves."""
+    net = virtio_device
+    host = qemu.backend(net.dev_id, NetBackend)
+    qemu.qtest.clock_step(TX_TIMER_NS)
+    frames = [_frame(PEER, seed=44 + i) for i in range(3)]
+    requests = [net.transmit(f) for f in frames]
+    assert not host.pending(WINDOW)
+    for frame, request in zip(frames, requests, strict=True):
+        qemu.qtest.clock_step(TX_TIMER_NS)
+        assert host.receive(timeout=2) == frame
+        assert txq(net).complete(request, timeout=2)[0] == 0
+        assert not host.pending(WINDOW), "more than one frame left in one period with x-txburst=1"
+
+
+# -- a stopped VM -----------------------------------------------------------------------------
+
+
+def test_stopped_vm_holds_the_data_path(virtio_device: VirtioNet, qemu: Machine) -> None:
+    """Regression (virtio_net_handle_tx_bh, virtio_net_can_receive, virtio_net_set_status): while
+    the VM is stopped (QMP stop) the device neither sends what the driver makes available nor
+    fills receive buffers; both wait, and on cont the frame goes out and the received one is
+    delivered, intact and once."""
+    net = virtio_device
+    host = qemu.backend(net.dev_id, NetBackend)
+    qemu.qmp.cmd("stop")
+    request = net.transmit(_frame(PEER, seed=90))
+    incoming = _frame(net.mac, 400, seed=91)
+    host.send(incoming)
+    _quiet(qemu)
+    assert not host.pending(WINDOW), "a frame went out while the VM was stopped"
+    assert txq(net).poll_used() is None, "a chain was used while the VM was stopped"
+    assert net.poll_packet() is None, "a frame was delivered while the VM was stopped"
+    qemu.qmp.cmd("cont")
+    assert host.receive(timeout=2) == _frame(PEER, seed=90)
+    assert txq(net).complete(request, timeout=2)[0] == 0
+    assert net.receive(timeout=2) == incoming
+    assert not host.pending(WINDOW) and net.poll_packet() is None
+
+
+@pytest.mark.virtual_clock
+@pytest.mark.virtio_device("virtio-net-pci", flags={"tx": "timer", "x-txtimer": str(TX_TIMER_NS), "ioeventfd": "off"})
+def test_tx_timer_restarts_its_period_on_cont(virtio_device: VirtioNet, qemu: Machine) -> None:
+    """Regression (virtio_net_set_status): a frame the tx timer holds when the VM stops stays
+    held, and on cont the timer is armed afresh: the frame leaves one whole period after cont,
+    not before. Without ioeventfd: with it, cont restarts the host notifiers, whose kick of every
+    queue flushes an armed tx timer at once (virtio_device_start_ioeventfd_impl)."""
+    net = virtio_device
+    host = qemu.backend(net.dev_id, NetBackend)
+    qemu.qtest.clock_step(TX_TIMER_NS)
+    request = net.transmit(_frame(PEER, seed=92))
+    qemu.qtest.clock_step(TX_TIMER_NS // 2)
+    qemu.qmp.cmd("stop")
+    qemu.qmp.cmd("cont")
+    qemu.qtest.clock_step(TX_TIMER_NS - 1_000)
+    assert not host.pending(WINDOW), "the held frame left before a whole period after cont"
+    qemu.qtest.clock_step(1_000)
+    assert host.receive(timeout=2) == _frame(PEER, seed=92)
+    assert txq(net).complete(request, timeout=2)[0] == 0
+
+
 # -- a backend that cannot take frames right away ---------------------------------------------
 
 
