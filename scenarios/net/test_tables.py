@@ -12,11 +12,13 @@ that looks at frames turns it off first (and needs CTRL_RX for that).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import pytest
 
 from qtest_virtio import Machine, MachineSpec, QemuStartError
+from qtest_virtio.backends import NetBackend
 from qtest_virtio.binary import QemuBinary
 from qtest_virtio.devices.net.driver import VirtioNet
 from qtest_virtio.devices.net.encoding import (
@@ -31,8 +33,11 @@ from qtest_virtio.devices.net.encoding import (
     vlan_frame,
 )
 from qtest_virtio.modes import MODERN_LAYOUT_MODES
+from qtest_virtio.testing import alloc_bufs, free_bufs
+from qtest_virtio.transport import feature_bit
+from qtest_virtio.transport.layout import STATUS
 
-from ._support import delivered, need, rx_filter
+from ._support import delivered, gave_up, need, rx_filter
 
 pytestmark = pytest.mark.virtio_device("virtio-net-pci")
 
@@ -269,3 +274,107 @@ def test_invalid_link_properties_refuse_to_start(
     spec.add_virtio("virtio-net-pci", {prop: value}, mode="modern", id="net0")
     with pytest.raises(QemuStartError, match=says.replace("(", r"\(")):
         machine_factory(spec)
+
+
+# -- control commands the device cannot act on (§5.1.6.5) -------------------------------------
+
+
+@pytest.mark.parametrize("parts", [[b"\x00\x00\x01"], [b"\x00"]], ids=["no-ack-buffer", "one-byte-header"])
+def test_control_chain_without_its_framing_breaks_the_device(
+    virtio_device: VirtioNet, qemu: Machine, parts: list[bytes]
+) -> None:
+    """Regression (virtio_net_handle_ctrl_iov): every control command is a class and command
+    byte, its data, then a device-writable ack byte (§5.1.6.5); a chain with no writable byte
+    for the ack, or with less than the two header bytes, is a driver error: QEMU uses nothing
+    and gives up on the device (DEVICE_NEEDS_RESET with VERSION_1, §2.1.2) until it is reset."""
+    net = virtio_device
+    need(net, "CTRL_RX")
+    vq = net.ctrlq
+    assert vq is not None
+    bufs = alloc_bufs(net.memory, [len(p) for p in parts], writable=False, tag="ctrl corner")
+    for b, p in zip(bufs, parts, strict=True):
+        net.memory.write(b.addr, p)
+    chain = list(bufs)
+    if parts == [b"\x00"]:
+        (ack,) = alloc_bufs(net.memory, [1], fill=0xA5, tag="ctrl corner")
+        chain.append(ack)
+    vq.add(chain)
+    vq.kick()
+    deadline = time.monotonic() + 2
+    while not gave_up(qemu, net):
+        assert time.monotonic() < deadline, "a control chain without its framing did not break the device"
+    assert vq.poll_used() is None
+    net.restart()
+    free_bufs(net.memory, chain)
+    assert not gave_up(qemu, net)
+    net.set_rx_mode(promisc=False)
+    assert rx_filter(qemu, net)["promiscuous"] is False
+
+
+def test_announce_ack_without_an_announcement_is_acked_err(virtio_device: VirtioNet, qemu: Machine) -> None:
+    """Regression (virtio_net_handle_announce): VIRTIO_NET_CTRL_ANNOUNCE_ACK acknowledges an
+    announcement the device asked for (§5.1.6.5.4); with none pending (status ANNOUNCE clear)
+    QEMU acks it VIRTIO_NET_ERR, as it does an ANNOUNCE command code that does not exist."""
+    net = virtio_device
+    need(net, "GUEST_ANNOUNCE")
+    if net.has("STATUS"):
+        assert net.config().announce is False
+    with pytest.raises(NetCtrlError):
+        net.announce_ack()
+    ack = CTRL_COMMANDS["ANNOUNCE_ACK"]
+    assert net.ctrl_raw(ack.class_code, 1) == Ack.ERR
+
+
+# -- properties the device is built with -------------------------------------------------------
+
+
+@pytest.mark.virtio_device("virtio-net-pci", flags={"failover": "on"}, transports=MODERN_LAYOUT_MODES)
+def test_failover_offers_standby(virtio_device: VirtioNet, qemu: Machine) -> None:
+    """Regression (virtio_net_device_realize): failover=on makes the device offer
+    VIRTIO_NET_F_STANDBY, "may act as a standby for a primary device with the same MAC"
+    (§5.1.3); the device works as a NIC meanwhile. Modern layout only: bit 62 is beyond the 32
+    legacy feature bits."""
+    net = virtio_device
+    assert net.negotiated.offered >> feature_bit("STANDBY", net.device_bits) & 1
+    net.send(_frame(PEER, seed=9))
+    assert qemu.backend(net.dev_id, NetBackend).receive(timeout=2) == _frame(PEER, seed=9)
+
+
+@pytest.mark.virtio_device("virtio-net-pci", flags={"tx": "fast"})
+def test_unknown_tx_mode_falls_back_to_bh(virtio_device: VirtioNet, qemu: Machine) -> None:
+    """Regression (virtio_net_device_realize): a tx= other than timer or bh is not an error; QEMU
+    warns and uses the bottom half, so a frame leaves at once on its notification."""
+    net = virtio_device
+    assert "Defaulting to" in qemu.stderr_tail(50) and "bh" in qemu.stderr_tail(50)
+    net.send(_frame(PEER, seed=10))
+    assert qemu.backend(net.dev_id, NetBackend).receive(timeout=2) == _frame(PEER, seed=10)
+
+
+#: Feature bit 30 of the legacy interface (virtio 0.9.5 VIRTIO_F_BAD_FEATURE; §6.3 reserves it:
+#: "used by qemu's implementation to check for experimental early versions of virtio").
+BAD_FEATURE = 30
+#: What QEMU grants a legacy driver that sets it (virtio_net_bad_features: "Linux kernel 2.6.25").
+BAD_FEATURE_GRANTS = ("MAC", "CSUM", "HOST_TSO4", "HOST_TSO6", "HOST_ECN")
+
+
+@pytest.mark.virtio_device("virtio-net-pci", transports=["legacy", "transitional-legacy"])
+def test_legacy_bad_feature_gets_the_old_linux_set(virtio_device: VirtioNet, qemu: Machine) -> None:
+    """Regression (virtio_ioport_write, virtio_net_bad_features): a legacy driver that writes
+    reserved bit 30 into its features (§6.3: bit 30 marks early drivers that did not negotiate)
+    gets, instead of what it wrote, the features Linux 2.6.25 understood that the device offers:
+    MAC, and the host offloads where the backend has them (a socket has none). Legacy layout
+    only: the modern feature registers know no such bit."""
+    net = virtio_device
+    t = net.transport
+    net.reset()
+    t.add_status(STATUS.ACKNOWLEDGE.mask)
+    t.add_status(STATUS.DRIVER.mask)
+    t.set_driver_features(1 << BAD_FEATURE | 1 << feature_bit("MRG_RXBUF", net.device_bits))
+    granted = 0
+    for name in BAD_FEATURE_GRANTS:
+        granted |= 1 << feature_bit(name, net.device_bits)
+    assert t.driver_features() == granted & t.device_features()
+    assert t.driver_features() >> feature_bit("MAC", net.device_bits) & 1
+    net.restart()
+    net.send(_frame(PEER, seed=11))
+    assert qemu.backend(net.dev_id, NetBackend).receive(timeout=2) == _frame(PEER, seed=11)
