@@ -142,6 +142,33 @@ def test_reset_control_queue_runs_again(virtio_device: VirtioNet, qemu: Machine)
     assert (info["promiscuous"], info["multicast"]) == (False, "all")
 
 
+@pytest.mark.conformance("net-tx-queue-reset-backend-busy", spec="2.6.1.1.1")
+@RESET
+@pytest.mark.virtio_requires("RING_RESET")
+def test_reset_tx_queue_while_the_backend_holds_a_frame(virtio_device: VirtioNet, qemu: Machine) -> None:
+    """The device MUST reset a queue the driver resets (MUST), also while its backend cannot
+    take the frame it is sending: with the socket full (the test reads nothing), transmitq1 is
+    reset; the reset completes (queue_reset reads 0 again), the device has not given up, and
+    once the socket is drained the re-enabled queue transmits. What the backend got of the
+    frames in flight is not checked: a reset may cut them."""
+    net = virtio_device
+    host = qemu.backend(net.dev_id, NetBackend)
+    frames = [_frame(PEER, BIG, seed=i) for i in range(_frames_to_fill(host))]
+    requests = [net.transmit(f) for f in frames]
+    used = _used_within(txq(net), 3 * WINDOW)
+    assert len(used) < len(frames), "every frame was used although the backend read none"
+    net.reset_queue(TX_QUEUE)
+    for r in requests:
+        for addr in r.allocations:
+            net.memory.free(addr)
+    assert not gave_up(qemu, net)
+    while host.pending(WINDOW):
+        host.sock.recv(1 << 20)
+    net.reenable_queue(TX_QUEUE)
+    request = net.transmit(_frame(PEER, seed=7))
+    assert txq(net).complete(request, timeout=2)[0] == 0
+
+
 # -- the link (QMP set_link) ------------------------------------------------------------------
 
 
