@@ -321,13 +321,13 @@ def test_tx_timer_restarts_its_period_on_cont(virtio_device: VirtioNet, qemu: Ma
 
 
 def _frames_to_fill(host: NetBackend) -> int:
-    """Enough BIG frames to fill the socket buffer twice over (QEMU's end has the same default
-    size as ours: net.core.wmem_default)."""
+    """More BIG frames than the socket buffer holds (QEMU's end has the same default size as
+    ours: net.core.wmem_default), so some wait and some are not even taken from the ring."""
     size = max(
         host.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
         host.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
     )
-    return 2 * size // BIG + 4
+    return size // BIG + 3
 
 
 def _blocked_backend_holds_the_chains(net: VirtioNet, qemu: Machine) -> None:
@@ -440,7 +440,7 @@ def _broken_by(net: VirtioNet, qemu: Machine, parts: list[bytes], what: str) -> 
     vq = txq(net)
     vq.add(bufs)
     vq.kick()
-    deadline = time.monotonic() + 2
+    deadline = time.monotonic() + 5  # generous: a loaded machine is slow, a pass is fast
     while not gave_up(qemu, net):
         assert time.monotonic() < deadline, f"{what} did not break the device"
     assert not host.pending(WINDOW)
@@ -491,7 +491,7 @@ def test_rx_buffer_the_device_cannot_write_breaks_it(virtio_device: VirtioNet, q
         vq.add(c)
     vq.kick()
     qemu.backend(net.dev_id, NetBackend).send(_frame(net.mac, 1000, seed=71))
-    deadline = time.monotonic() + 2
+    deadline = time.monotonic() + 5  # generous: a loaded machine is slow, a pass is fast
     while not gave_up(qemu, net):
         assert time.monotonic() < deadline, "a receive chain without writable buffers did not break the device"
     with pytest.raises(VirtqueueTimeout):
