@@ -1,7 +1,7 @@
 """virtio-net, the corners of the data path on the socket backend: queue reset on a live device
 (RING_RESET, §2.6.1), the link going down (QMP ``set_link``), a backend that cannot take frames
 right away, QEMU's transmit burst limit, descriptor layouts the device must not assume
-(§2.6.4), and the chains a driver must never make (the device gives up on them, §2.1.2).
+(§2.7.4), and the chains a driver must never make (the device gives up on them, §2.1.2).
 
 The backend is a socket netdev whose other end the test holds (``qemu.backend(dev_id)``). QEMU
 writes each transmitted frame to it (net/socket.c ``net_socket_receive``); when the socket
@@ -52,6 +52,13 @@ def _used_within(vq: Virtqueue, seconds: float) -> list[UsedElem]:
         if (elem := vq.poll_used()) is not None:
             out.append(elem)
     return out
+
+
+def _quiet(qemu: Machine, seconds: float = WINDOW) -> None:
+    """Main-loop turns (each qtest command is one) for QEMU to read its sockets in."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        qemu.qtest.readl(0)
 
 
 def _chain(net: VirtioNet, parts: list[bytes]) -> list[Buf]:
@@ -170,13 +177,6 @@ def test_reset_tx_queue_while_the_backend_holds_a_frame(virtio_device: VirtioNet
 
 
 # -- the link (QMP set_link) ------------------------------------------------------------------
-
-
-def _quiet(qemu: Machine, seconds: float = WINDOW) -> None:
-    """Main-loop turns (each qtest command is one) for QEMU to read its sockets in."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        qemu.qtest.readl(0)
 
 
 @pytest.mark.conformance("net-link-down-drop", spec="5.1.6.2")
@@ -381,13 +381,13 @@ def test_tx_burst_limit_does_not_strand_frames(virtio_device: VirtioNet, qemu: M
     assert not host.pending(WINDOW)
 
 
-# -- descriptor layouts (§2.6.4) ---------------------------------------------------------------
+# -- descriptor layouts (§2.7.4) ---------------------------------------------------------------
 
 
-@pytest.mark.conformance("net-tx-any-layout", spec="2.6.4.1")
+@pytest.mark.conformance("net-tx-any-layout", spec="2.7.4.1")
 def test_tx_header_split_over_descriptors(virtio_device: VirtioNet, qemu: Machine) -> None:
     """The device MUST NOT make assumptions about the arrangement of descriptors (MUST; with
-    VERSION_1, or ANY_LAYOUT on the legacy interface, §2.6.4.3): a transmit chain whose
+    VERSION_1, or ANY_LAYOUT on the legacy interface, §2.7.4.3): a transmit chain whose
     virtio_net_hdr is split over two descriptors, the second also holding the frame's first
     bytes, and the rest of the frame in two more, reaches the link as that frame, header
     stripped."""
@@ -406,7 +406,7 @@ def test_tx_header_split_over_descriptors(virtio_device: VirtioNet, qemu: Machin
     free_bufs(net.memory, bufs)
 
 
-@pytest.mark.conformance("net-rx-any-layout", spec="2.6.4.1")
+@pytest.mark.conformance("net-rx-any-layout", spec="2.7.4.1")
 def test_rx_buffer_split_over_descriptors(virtio_device: VirtioNet, qemu: Machine) -> None:
     """The same on receive: a buffer made of descriptors of 3, 9 and 2000 bytes gets the header
     across the first two and the frame after it, and the used length counts both (MUST)."""
