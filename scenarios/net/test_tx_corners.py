@@ -369,6 +369,38 @@ def test_tx_burst_of_one_with_a_blocked_backend(virtio_device: VirtioNet, qemu: 
     _blocked_backend_holds_the_chains(virtio_device, qemu)
 
 
+@pytest.mark.virtual_clock
+@pytest.mark.virtio_device("virtio-net-pci", flags={"tx": "timer", "x-txtimer": str(TX_TIMER_NS), "x-txburst": "1"})
+def test_tx_timer_waits_for_a_blocked_backend(virtio_device: VirtioNet, qemu: Machine) -> None:
+    """Regression (virtio_net_tx_timer, virtio_net_tx_complete with tx=timer): one frame per
+    period while the socket takes them; once it is full, further periods send and use nothing
+    more; as the backend drains, each completion re-arms the timer for the rest, so every
+    frame arrives, in order, and every chain is used."""
+    net = virtio_device
+    host = qemu.backend(net.dev_id, NetBackend)
+    qemu.qtest.clock_step(TX_TIMER_NS)
+    frames = [_frame(PEER, BIG, seed=i) for i in range(_frames_to_fill(host))]
+    vq = txq(net)
+    requests = [net.transmit(f) for f in frames]
+    for _ in range(len(frames) + 2):
+        qemu.qtest.clock_step(TX_TIMER_NS)
+    used = _used_within(vq, 3 * WINDOW)
+    assert len(used) < len(frames), "every frame was used although the backend read none"
+    qemu.qtest.clock_step(TX_TIMER_NS)
+    assert _used_within(vq, WINDOW) == [], "a chain was used while the backend still held its frame"
+    for i, f in enumerate(frames):
+        for _ in range(3):  # a period or two for the re-armed timer, no more
+            if host.pending(WINDOW):
+                break
+            qemu.qtest.clock_step(TX_TIMER_NS)
+        assert host.receive(timeout=5) == f, f"frame {i} of {len(frames)} arrived altered or out of order"
+    for r in requests[len(used) :]:
+        assert vq.complete(r, timeout=5)[0] == 0
+    for r in requests[: len(used)]:
+        for addr in r.allocations:
+            net.memory.free(addr)
+
+
 @pytest.mark.virtio_device("virtio-net-pci", flags={"x-txburst": "2"})
 def test_tx_burst_limit_does_not_strand_frames(virtio_device: VirtioNet, qemu: Machine) -> None:
     """Regression (virtio_net_tx_bh): x-txburst=2 lets one flush send two frames; eight frames
