@@ -321,6 +321,30 @@ DEVIATIONS: tuple[Deviation, ...] = (
         Strength.MUST, "5.6.6.2", QEMU_10_0_2, (QEMU_10_0_2,),
         fixed_in=QEMU_10_2_2, absent_on=(QEMU_7_2_22,),
     ),
+    # -- virtio-net: control tables and data-path corners (issue 14) -------------------------
+    Deviation(
+        "net-link-down-drop",
+        "on a packed ring, the transmit chains it drops while the link is down "
+        "(virtqueue_packed_drop_all) are pushed without being counted in flight, so the queue's "
+        "in-use count wraps to 2^32-1 and device notifications stay disabled: the next chain made "
+        "available while the link is down is never used, and once the link is back, popping a "
+        "chain fails with 'Virtqueue size exceeded' and marks the device broken",
+        Strength.DESCRIPTIVE, "5.1.6.2", QEMU_7_2_22, CHECKED, when=Condition(rings=frozenset({"packed"})),
+    ),
+    Deviation(
+        "net-tx-short-header-needs-reset",
+        "it aborts (util/iov.c iov_copy: Assertion `offset == 0') on a transmit chain shorter than "
+        "virtio_net_hdr instead of failing the device (10.0 checks the length first: "
+        "'virtio-net header is invalid')",
+        Strength.SHOULD, "2.1.2", QEMU_7_2_22, (QEMU_7_2_22,), fixed_in=QEMU_10_0_2,
+    ),
+    Deviation(
+        "net-tx-queue-reset-backend-busy",
+        "it aborts (flush_or_purge_queued_packets: Assertion `!async_tx.elem') when transmitq1 is "
+        "reset while the backend still holds one of its frames: purging that frame completes it "
+        "(virtio_net_tx_complete), which pops and sends the next chain before the queue is reset",
+        Strength.MUST, "2.6.1.1.1", QEMU_7_2_22, CHECKED,
+    ),
 )  # fmt: skip
 
 

@@ -64,9 +64,7 @@ def test_iothread_and_root_port_place_the_device(pytester: pytest.Pytester, qemu
     pytester.makepyfile(test_placed=PLACED)
     res = pytester.runpytest(*INNER, f"--qemu={qemu_binary.path}", "-rs")
     res.assert_outcomes(passed=2, skipped=1)
-    res.stdout.fnmatch_lines(
-        ["*virtio-rng-pci has no property 'iothread'*"]
-    )
+    res.stdout.fnmatch_lines(["*virtio-rng-pci has no property 'iothread'*"])
 
 
 def test_root_port_skips_on_pc(pytester: pytest.Pytester, qemu_binary) -> None:

@@ -8,7 +8,11 @@ from typing import Any
 import pytest
 
 from qtest_virtio import Machine
+from qtest_virtio.backends import NetBackend
 from qtest_virtio.devices.net.driver import VirtioNet
+from qtest_virtio.devices.net.encoding import ethernet_frame
+from qtest_virtio.introspect import device_view
+from qtest_virtio.transport.layout import STATUS
 from qtest_virtio.virtqueue import Virtqueue
 
 
@@ -39,3 +43,35 @@ def txq(net: VirtioNet) -> Virtqueue:
     """transmitq1, which the driver sets up with the device (§5.1.2)."""
     assert net.txq is not None, f"{net.dev_id}: transmitq1 is not set up"
     return net.txq
+
+
+def marker_frame(dst: bytes | str, seed: int = 0x77) -> bytes:
+    """A small frame to an address the device accepts, sent after one it may drop."""
+    return ethernet_frame(dst, "02:00:00:00:00:01", 0x88B5, bytes((seed + 5 * i) & 0xFF for i in range(50)))
+
+
+def delivered(qemu: Machine, net: VirtioNet, frame: bytes, marker_to: bytes | str | None = None) -> bool:
+    """Inject ``frame`` then a marker the device accepts; True if ``frame`` came first (so
+    "dropped" is an observation, not a timeout)."""
+    host = qemu.backend(net.dev_id, NetBackend)
+    marker = marker_frame(marker_to or net.mac)
+    host.send(frame)
+    host.send(marker)
+    got = net.receive(timeout=2)
+    if got == marker:
+        return False
+    assert got == frame, "a frame came back altered"
+    assert net.receive(timeout=2) == marker
+    return True
+
+
+def gave_up(qemu: Machine, net: VirtioNet) -> bool:
+    """QEMU marked the device broken (virtio_error); with VERSION_1 it also sets
+    DEVICE_NEEDS_RESET (§2.1.2), which the driver reads in device_status."""
+    status = net.transport.get_status()  # qtest first: a QEMU that died raises QemuCrashed here
+    view = device_view(qemu, net.dev_id)
+    if net.has("VERSION_1"):
+        assert bool(status & STATUS.DEVICE_NEEDS_RESET.mask) == view.broken, (
+            f"QMP broken={view.broken}, but device_status is {status:#x}"
+        )
+    return view.broken

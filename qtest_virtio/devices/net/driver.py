@@ -542,3 +542,48 @@ class VirtioNet(VirtioDriver):
         if vq is None:
             raise NetError(f"{self._who()}: no {what} set up")
         return vq
+
+    # -- queue reset (RING_RESET, §2.6.1) -------------------------------------------------
+
+    def _role(self, index: int) -> tuple[str, str]:
+        """The attribute and spec name of queue ``index`` (receiveq1, transmitq1, controlq)."""
+        roles = {RX_QUEUE: ("rxq", "receiveq1"), TX_QUEUE: ("txq", "transmitq1")}
+        if self.ctrl_index is not None:
+            roles[self.ctrl_index] = ("ctrlq", "controlq")
+        if index not in roles:
+            raise ValueError(f"{self._who()}: queue {index} is none of {sorted(roles)} this driver sets up")
+        return roles[index]
+
+    def reset_queue(self, index: int) -> None:
+        """Reset one queue of the live device (§2.6.1.1: the register is on the modern layout
+        only) and drop the driver's ring; with RING_RESET negotiated. The receive buffers of a
+        reset receiveq1 stay allocated, so a test can look at them, until :meth:`reenable_queue`."""
+        if not self.has("RING_RESET"):
+            raise NetError(f"{self._who()}: queue reset needs RING_RESET, which was not negotiated")
+        attr, role = self._role(index)
+        vq = self._need(getattr(self, attr), role)
+        self.transport.reset_queue(index)
+        vq.release()
+        self.queues.remove(vq)
+        self.queue_vectors.pop(index, None)
+        setattr(self, attr, None)
+
+    def reenable_queue(self, index: int) -> None:
+        """Set a reset queue up again in fresh ring memory and enable it (§2.6.1.2); a
+        receiveq1 gets ``rx_buffers`` fresh buffers, the old ones are freed."""
+        attr, role = self._role(index)
+        if getattr(self, attr) is not None:
+            raise NetError(f"{self._who()}: {role} was not reset")
+        setattr(self, attr, self._queue(index, role))
+        if index == RX_QUEUE:
+            for addr in self._rx_regions:
+                self.memory.free(addr)
+            self._rx_regions = []
+            self._rx_posted = 0
+            if self.rx_buffers_wanted:
+                self.post_rx_buffers(self.rx_buffers_wanted)
+
+    def rx_buffers_posted(self) -> list[Buf]:
+        """The receive buffers the device holds now (made available, not yet used)."""
+        vq = self._need(self.rxq, "receiveq1")
+        return [b for chain in vq.in_flight.values() for b in chain.bufs]

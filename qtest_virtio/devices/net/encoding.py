@@ -387,3 +387,21 @@ class RxPacket:
     @property
     def buffers(self) -> int:
         return len(self.used_lengths)
+
+
+# -- control command data and tagged frames (§5.1.6.5.2, §5.1.6.5.3) -----------------------
+
+
+def mac_table_data(macs: Iterable[bytes | str], *, entries: int | None = None) -> bytes:
+    """One table of VIRTIO_NET_CTRL_MAC_TABLE_SET: a le32 entry count then the addresses;
+    ``entries`` overrides the count (a table that claims more than it holds)."""
+    raw = [mac_bytes(m) for m in macs]
+    count = len(raw) if entries is None else entries
+    return count.to_bytes(4, "little") + b"".join(raw)
+
+
+def vlan_frame(dst: bytes | str, src: bytes | str, vid: int, ethertype: int, payload: bytes) -> bytes:
+    """An 802.1Q-tagged Ethernet frame: TPID 0x8100, priority 0, VLAN id ``vid`` (0..4095)."""
+    if not 0 <= vid < 4096:
+        raise ValueError(f"a VLAN id has 12 bits, not {vid}")
+    return ethernet_frame(dst, src, 0x8100, vid.to_bytes(2, "big") + ethertype.to_bytes(2, "big") + payload)
