@@ -602,6 +602,19 @@ class VirtioNet(VirtioDriver):
             mask |= 1 << feature_bit(name, self.device_bits)
         self.ctrl("GUEST_OFFLOADS_SET", mask.to_bytes(8, "little"), force=force)
 
+    def receive_any(self, timeout: float = 5.0) -> tuple[int, RxPacket]:
+        """(pair, packet): the next packet on any receive queue set up, the lowest pair first
+        when several hold one. Raises VirtqueueTimeout when nothing arrives."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for pair in range(len(self.rxqs)):
+                packet = self.poll_packet(pair=pair)
+                if packet is not None:
+                    return pair, packet
+            if time.monotonic() > deadline:
+                raise VirtqueueTimeout(f"{self._who()}: nothing received on {len(self.rxqs)} queue(s) in {timeout:g} s")
+            time.sleep(0.0005)
+
     def _rx(self, pair: int) -> Virtqueue:
         if not 0 <= pair < len(self.rxqs):
             raise NetError(f"{self._who()}: no receiveq{pair + 1} set up ({len(self.rxqs)} pair(s))")
