@@ -181,3 +181,13 @@ def parse_frame(frame: bytes) -> ParsedFrame:
     seq = int.from_bytes(frame[l4 + 4 : l4 + 8], "big") if proto == IPPROTO_TCP else 0
     hlen = (frame[l4 + 12] >> 4) * 4 if proto == IPPROTO_TCP else UDP_HLEN
     return ParsedFrame(flow, l4, frame[l4 + hlen : end], seq)
+
+
+def complete_checksum(frame: bytes, csum_start: int, csum_offset: int) -> bytes:
+    """What a NEEDS_CSUM receiver does (§5.1.6.2 point 2): the ones' complement checksum from
+    ``csum_start`` to the end, stored at ``csum_start + csum_offset``."""
+    at = csum_start + csum_offset
+    if not csum_start < at + 2 <= len(frame):
+        raise ValueError(f"csum_start {csum_start} + csum_offset {csum_offset} is outside a {len(frame)}-byte frame")
+    value = checksum(frame[csum_start:])
+    return frame[:at] + value.to_bytes(2, "big") + frame[at + 2 :]
