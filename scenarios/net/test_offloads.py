@@ -19,6 +19,7 @@ from qtest_virtio.devices.net.driver import VirtioNet
 from qtest_virtio.devices.net.encoding import CTRL_COMMANDS, NET_HDR_F, Ack, GsoType, NetHdr, RxPacket
 from qtest_virtio.devices.net.packets import (
     IPPROTO_TCP,
+    IPPROTO_UDP,
     L4_CSUM_OFFSET,
     Flow,
     complete_checksum,
@@ -210,3 +211,24 @@ def test_transmit_offload_header_reaches_the_peer(virtio_device: VirtioNet, qemu
         assert got == frame
         fields = (header.flags, header.gso_type, header.hdr_len, header.gso_size, header.csum_start, header.csum_offset)
         assert VNET_HDR.unpack(raw) == fields
+
+
+@pytest.mark.conformance("net-rx-dhcp-checksum-completed", spec="5.1.6.4.1")
+def test_partial_dhcp_reply_arrives_checksummed(virtio_device: VirtioNet, qemu: Machine) -> None:
+    """QEMU completes the checksum of a partially checksummed IPv4 UDP packet from the bootps
+    port (67) below 1500 bytes and clears NEEDS_CSUM, for DHCP clients that read raw sockets
+    and never look at the header (work_around_broken_dhclient); other UDP packets keep
+    NEEDS_CSUM (regression; both are valid headers under GUEST_CSUM, §5.1.6.4.1)."""
+    net = _offloading(virtio_device)
+    host = qemu.backend(net.dev_id, TapBackend)
+    udp_csum = L4_CSUM_OFFSET[IPPROTO_UDP]
+    for sport, completed in ((67, True), (1067, False)):
+        flow = Flow("10.0.0.1", "10.0.0.2", sport, 68, IPPROTO_UDP)
+        partial = ip_frame(flow, _payload(300), dst_mac=net.mac, src_mac=PEER, partial=True)
+        host.send(partial, VNET_HDR.pack(NEEDS_CSUM, GsoType.NONE, 0, 0, CSUM_START, udp_csum))
+        packet = net.receive_packet(timeout=2)
+        if completed:
+            assert packet.header.flags == 0
+            assert packet.frame == ip_frame(flow, _payload(300), dst_mac=net.mac, src_mac=PEER)
+        else:
+            _assert_valid_partial(packet, partial)
