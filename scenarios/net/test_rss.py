@@ -213,3 +213,33 @@ def test_reset_forgets_the_hash_config(virtio_device: VirtioNet, qemu: Machine) 
     assert _receive(qemu, net, frame)[1:] == packet_hash(frame, ALL_BUT_EX, KEY)
     net.restart()
     assert _receive(qemu, net, frame)[1:] == (HashReport.NONE, 0)
+
+
+@pytest.mark.conformance("net-rss-reset-queue-drops", spec="5.1.6.5.7.3")
+def test_rss_drops_packets_for_a_queue_being_reset(virtio_device: VirtioNet, qemu: Machine) -> None:
+    """If the destination receive queue is being reset the device MUST drop the packet: with
+    every hashed packet steered to receiveq2 and that queue reset, a packet for it arrives
+    nowhere, not later on the re-enabled queue either, while unclassified packets still reach
+    receiveq1 (MUST). QEMU stops reading the tap queue paired with a reset receive queue, so
+    the frames used are ones the kernel puts on other tap queues: found first under automatic
+    steering, where a frame lands on the receive queue of its tap queue. HASH_REPORT is
+    negotiated too, so QEMU steers in software on every build."""
+    net = _rss(virtio_device, "HASH_REPORT")
+    need(net, "RING_RESET", "MQ")
+    net.set_queue_pairs(PAIRS)
+    candidates = _frames(net)
+    entry = [_receive(qemu, net, f)[0] for f in candidates]
+    config = RssConfig(HashType.IPv4, (1,), KEY, unclassified_queue=0, max_tx_vq=PAIRS)
+    hashed = [f for f, q in zip(candidates, entry, strict=True) if q != 1 and config.queue_for(f) == 1]
+    others = [f for f, q in zip(candidates, entry, strict=True) if q != 1 and config.queue_for(f) == 0]
+    if not hashed or not others:
+        pytest.skip(f"the kernel put the candidate frames on tap queues {entry}: none left to steer around queue 1")
+    net.set_rss(config)
+    assert _receive(qemu, net, hashed[0])[0] == 1
+    net.reset_rx_queue(1)
+    qemu.backend(net.dev_id, TapBackend).send(hashed[0])
+    assert _receive(qemu, net, others[0])[0] == 0, "a packet for a queue not being reset"
+    net.enable_rx_queue(1)
+    assert _receive(qemu, net, others[0])[0] == 0
+    assert all(not net.drain(pair=p) for p in range(PAIRS)), "the packet for the queue being reset was delivered"
+    assert _receive(qemu, net, hashed[0])[0] == 1

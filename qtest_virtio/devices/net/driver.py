@@ -615,6 +615,25 @@ class VirtioNet(VirtioDriver):
                 raise VirtqueueTimeout(f"{self._who()}: nothing received on {len(self.rxqs)} queue(s) in {timeout:g} s")
             time.sleep(0.0005)
 
+    def reset_rx_queue(self, pair: int) -> None:
+        """Reset receiveq ``pair + 1`` alone (RING_RESET, §2.6.1.1): the device forgets its
+        ring; :meth:`enable_rx_queue` sets it up again."""
+        self.transport.reset_queue(2 * pair)
+
+    def enable_rx_queue(self, pair: int) -> None:
+        """Re-enable receiveq ``pair + 1`` after :meth:`reset_rx_queue` with a fresh ring and
+        ``rx_buffers`` buffers posted (§2.6.1.2)."""
+        old = self._rx(pair)
+        old.release()
+        vq = self.create_queue(2 * pair)
+        vq.name = old.name
+        self.queues[self.queues.index(old)] = vq
+        self.rxqs[pair] = vq
+        if pair == 0:
+            self.rxq = vq
+        self._rx_posted[pair] = 0
+        self.post_rx_buffers(self.rx_buffers_wanted, pair=pair)
+
     def _rx(self, pair: int) -> Virtqueue:
         if not 0 <= pair < len(self.rxqs):
             raise NetError(f"{self._who()}: no receiveq{pair + 1} set up ({len(self.rxqs)} pair(s))")
