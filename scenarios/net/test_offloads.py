@@ -11,6 +11,8 @@ of one packet cannot be reordered; the test still reassembles them by TCP sequen
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import pytest
 
 from qtest_virtio import Machine
@@ -28,8 +30,6 @@ from qtest_virtio.devices.net.packets import (
 
 from ._support import need, need_not
 
-pytestmark = pytest.mark.virtio_device("virtio-net-pci", backend="tap")
-
 PEER = "02:00:00:00:00:01"
 NEEDS_CSUM = NET_HDR_F.NEEDS_CSUM.mask
 INBOUND = Flow("10.0.0.1", "10.0.0.2", 1234, 80, IpProto.TCP)
@@ -38,8 +38,21 @@ CSUM_START = 14 + INBOUND.l3_len
 CSUM_OFFSET = L4_CSUM_OFFSET[IpProto.TCP]
 MSS = 1000
 #: What the driver accepts when offered: the receive and transmit offloads and their control.
-OFFLOADS = {"CSUM", "HOST_TSO4", "GUEST_CSUM", "GUEST_TSO4", "CTRL_GUEST_OFFLOADS"}
+OFFLOADS = frozenset({"CSUM", "HOST_TSO4", "GUEST_CSUM", "GUEST_TSO4", "CTRL_GUEST_OFFLOADS"})
 GUEST_OFFLOADS_SET = CTRL_COMMANDS["GUEST_OFFLOADS_SET"]
+
+
+def offload_device(accept: Iterable[str] = OFFLOADS) -> pytest.MarkDecorator:
+    """The marker of an offload scenario: the tap, the driver accepting ``accept`` when offered.
+    Of the refusal runs only MRG_RXBUF's changes what is checked (how a whole GSO packet is laid
+    out in the receive buffers); the other refusals touch nothing these scenarios use, or refuse
+    CTRL_VQ, which only skips."""
+    return pytest.mark.virtio_device(
+        "virtio-net-pci", backend="tap", accept=tuple(sorted(accept)), refuse_each=["MRG_RXBUF"]
+    )
+
+
+pytestmark = offload_device()
 
 
 def _payload(size: int) -> bytes:
@@ -79,9 +92,8 @@ def _segments(net: VirtioNet, count: int) -> list[RxPacket]:
 
 
 def _offloading(net: VirtioNet) -> VirtioNet:
-    """The driver reconfigured to accept OFFLOADS; skip where one is missing, or the control
+    """The driver (accepting OFFLOADS, the marker's): skip where one is missing, or the control
     queue their command needs (§5.1.3.1 lists no requirement for CTRL_GUEST_OFFLOADS)."""
-    net.configure(accept=OFFLOADS)
     need(net, *OFFLOADS, "CTRL_VQ")
     return net
 
@@ -152,11 +164,11 @@ def test_guest_offloads_set_outside_the_negotiated_is_refused(virtio_device: Vir
 
 
 @pytest.mark.conformance("net-guest-offloads-need-ctrl", spec="5.1.6.5.8")
+@offload_device({"GUEST_CSUM"})
 def test_guest_offloads_set_needs_its_feature(virtio_device: VirtioNet, qemu: Machine) -> None:
     """GUEST_OFFLOADS_SET exists only with CTRL_GUEST_OFFLOADS negotiated; QEMU answers it with
     VIRTIO_NET_ERR otherwise, and the negotiated offloads stay on (regression)."""
     net = virtio_device
-    net.configure(accept={"GUEST_CSUM"})
     need(net, "GUEST_CSUM", "CTRL_VQ")
     need_not(net, "CTRL_GUEST_OFFLOADS")
     assert net.ctrl_raw(GUEST_OFFLOADS_SET.class_code, GUEST_OFFLOADS_SET.code, bytes(8)) == Ack.ERR
@@ -166,6 +178,7 @@ def test_guest_offloads_set_needs_its_feature(virtio_device: VirtioNet, qemu: Ma
 
 
 @pytest.mark.conformance("net-rx-no-guest-offloads", spec="5.1.6.4.1")
+@offload_device(())
 def test_without_guest_offloads_packets_arrive_complete(virtio_device: VirtioNet, qemu: Machine) -> None:
     """Without GUEST_CSUM the device MUST set flags to zero and SHOULD supply a fully
     checksummed packet; without GUEST_TSO4 it MUST NOT set gso_type TCPV4: a partial packet

@@ -46,11 +46,18 @@ ACK = TcpFlags.ACK
 
 def rsc_device(refuse: tuple[str, ...] = (), **flags: object) -> pytest.MarkDecorator:
     """The marker of a scenario about coalescing: the tap, the modern layout, RSC_FLAGS changed by
-    ``flags``. Of the refusal runs only MRG_RXBUF's changes what is checked (how a coalesced packet
-    is laid out in the receive buffers)."""
+    ``flags``, the driver accepting RSC_FEATURES (``rsc=True``). Of the refusal runs only
+    MRG_RXBUF's changes what is checked (how a coalesced packet is laid out in the receive
+    buffers)."""
     changed = {**RSC_FLAGS, **{k: str(v) for k, v in flags.items()}}
     return pytest.mark.virtio_device(
-        "virtio-net-pci", backend="tap", transports=MODERN, flags=changed, refuse=refuse, refuse_each=["MRG_RXBUF"]
+        "virtio-net-pci",
+        backend="tap",
+        transports=MODERN,
+        flags=changed,
+        refuse=refuse,
+        rsc=True,
+        refuse_each=["MRG_RXBUF"],
     )
 
 
@@ -99,8 +106,7 @@ class Flow:
 
 @pytest.fixture
 def net(virtio_device: VirtioNet) -> VirtioNet:
-    """The driver, reinitialised to negotiate RSC_EXT with GUEST_TSO4/6 (where not refused)."""
-    virtio_device.set_rsc()
+    """The driver, negotiating RSC_EXT with GUEST_TSO4/6 (where not refused); skip without it."""
     need(virtio_device, "RSC_EXT")
     return virtio_device
 
@@ -436,13 +442,12 @@ def test_interval_timer_drains_held_runs(net: VirtioNet, qemu: Machine) -> None:
 
 
 @pytest.mark.conformance("net-rsc-info-not-negotiated", spec="5.1.6.4.1")
-@pytest.mark.virtio_device("virtio-net-pci", backend="tap", flags={"guest_rsc_ext": "off"}, refuse_each=False)
+@pytest.mark.virtio_device("virtio-net-pci", backend="tap", flags={"guest_rsc_ext": "off"}, rsc=True, refuse_each=False)
 def test_without_rsc_ext_segments_arrive_one_by_one(virtio_device: VirtioNet, qemu: Machine) -> None:
     """With RSC_EXT not negotiated (the device does not offer it; on the legacy interface it
     cannot) the device MUST NOT set VIRTIO_NET_HDR_F_RSC_INFO; QEMU coalesces nothing then, even
     with GUEST_TSO4/6: every segment arrives at once, as sent (MUST)."""
     net = virtio_device
-    net.set_rsc()
     need_not(net, "RSC_EXT")
     for family in FAMILIES:
         flow = Flow(net.mac, family, next(_ports))
