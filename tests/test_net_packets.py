@@ -1,4 +1,4 @@
-"""The IPv4/IPv6/TCP/UDP builder the RSC scenarios inject frames with
+"""The IPv4/IPv6/TCP/UDP builder and parser the RSC, RSS and offload scenarios use
 (qtest_virtio.devices.net.packets): pure logic, checked against published vectors and frames
 Linux accepted."""
 
@@ -11,13 +11,17 @@ import pytest
 from qtest_virtio.devices.net.packets import (
     ETH_P_IP,
     ETH_P_IPV6,
+    Flow,
     IpProto,
     Ipv4,
     Ipv6,
     Tcp,
     TcpFlags,
     TcpPacket,
+    complete_checksum,
     internet_checksum,
+    ip_frame,
+    parse_frame,
     timestamp_option,
     udp_frame,
 )
@@ -105,3 +109,17 @@ def test_misaligned_options_are_refused() -> None:
         Tcp(1, 2, options=b"\x01").encode(b"", Ipv4("10.0.0.1", "10.0.0.2"))
     with pytest.raises(ValueError, match="of 4 bytes is needed"):
         Ipv4("fd00::1", "10.0.0.2").encode(0)
+
+
+@pytest.mark.parametrize("proto", [IpProto.TCP, IpProto.UDP])
+@pytest.mark.parametrize(("src", "dst"), [("10.1.2.3", "10.4.5.6"), ("fd00::1", "fd00::2")])
+def test_frames_parse_back_and_partial_checksums_complete(proto: int, src: str, dst: str) -> None:
+    flow = Flow(src, dst, 1234, 80, proto)
+    full = ip_frame(flow, bytes(range(77)), dst_mac=MACS[0], src_mac=MACS[1])
+    parsed = parse_frame(full)
+    assert (parsed.flow, parsed.payload, parsed.l4_offset) == (flow, bytes(range(77)), 14 + flow.l3_len)
+    assert parsed.l4_checksum_ok(full)
+    partial = ip_frame(flow, bytes(range(77)), dst_mac=MACS[0], src_mac=MACS[1], partial=True)
+    assert not parse_frame(partial).l4_checksum_ok(partial)
+    offset = 16 if proto == IpProto.TCP else 6
+    assert complete_checksum(partial, 14 + flow.l3_len, offset) == full

@@ -9,7 +9,7 @@ import pytest
 
 from qtest_virtio import Machine, MachineSpec
 from qtest_virtio.backends import VNET_HDR, BackendError, TapBackend, _tap_queues
-from qtest_virtio.devices.net.driver import VirtioNet
+from qtest_virtio.devices.net.driver import RSC_FEATURES, VirtioNet
 from qtest_virtio.devices.net.encoding import ethernet_frame
 
 PEER = "02:00:00:00:00:01"
@@ -59,3 +59,23 @@ def test_a_closed_backend_gives_its_interface_back() -> None:
     assert os.path.exists(f"/sys/class/net/{name}")
     tap.close()
     assert not os.path.exists(f"/sys/class/net/{name}")
+
+
+def test_optional_features_have_one_opt_in(qemu_binary) -> None:  # type: ignore[no-untyped-def]
+    """accept= decides the optional bits; rsc=True is accept=RSC_FEATURES, set_rsc() adds or
+    takes them out of the same set and reinitializes. On a tap QEMU offers the offloads."""
+    spec = MachineSpec(qemu=qemu_binary.path)
+    spec.add_virtio("virtio-net-pci", {"guest_rsc_ext": "on"}, mode="modern", id="n0", backend="tap")
+    with Machine(spec) as vm:
+        with pytest.raises(ValueError, match="GUEST_USO4 is not an optional feature"):
+            vm.virtio("n0", VirtioNet, accept=["GUEST_USO4"])
+        net = vm.virtio("n0", VirtioNet)
+        assert not net.rsc and not {"RSC_EXT", "GUEST_CSUM", "CSUM", "HASH_REPORT"} & net.negotiated
+        net = vm.virtio("n0", VirtioNet, rsc=True, accept=["CTRL_GUEST_OFFLOADS"])
+        assert net.rsc and net.accepted == RSC_FEATURES | {"CTRL_GUEST_OFFLOADS"}
+        assert RSC_FEATURES | {"CTRL_GUEST_OFFLOADS"} <= set(net.negotiated)
+        net.set_rsc(False)
+        assert not net.rsc and net.accepted == {"CTRL_GUEST_OFFLOADS"}
+        assert "CTRL_GUEST_OFFLOADS" in net.negotiated and not RSC_FEATURES & net.negotiated
+        net.set_rsc()
+        assert set(net.negotiated) >= RSC_FEATURES

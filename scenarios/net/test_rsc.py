@@ -46,11 +46,18 @@ ACK = TcpFlags.ACK
 
 def rsc_device(refuse: tuple[str, ...] = (), **flags: object) -> pytest.MarkDecorator:
     """The marker of a scenario about coalescing: the tap, the modern layout, RSC_FLAGS changed by
-    ``flags``. Of the refusal runs only MRG_RXBUF's changes what is checked (how a coalesced packet
-    is laid out in the receive buffers)."""
+    ``flags``, the driver accepting RSC_FEATURES (``rsc=True``). Of the refusal runs only
+    MRG_RXBUF's changes what is checked (how a coalesced packet is laid out in the receive
+    buffers)."""
     changed = {**RSC_FLAGS, **{k: str(v) for k, v in flags.items()}}
     return pytest.mark.virtio_device(
-        "virtio-net-pci", backend="tap", transports=MODERN, flags=changed, refuse=refuse, refuse_each=["MRG_RXBUF"]
+        "virtio-net-pci",
+        backend="tap",
+        transports=MODERN,
+        flags=changed,
+        refuse=refuse,
+        rsc=True,
+        refuse_each=["MRG_RXBUF"],
     )
 
 
@@ -60,7 +67,7 @@ _ports = count(40000)
 
 
 @dataclass
-class Flow:
+class Connection:
     """One TCP connection as its sender writes it: consecutive segments, in sequence."""
 
     mac: bytes
@@ -99,8 +106,7 @@ class Flow:
 
 @pytest.fixture
 def net(virtio_device: VirtioNet) -> VirtioNet:
-    """The driver, reinitialised to negotiate RSC_EXT with GUEST_TSO4/6 (where not refused)."""
-    virtio_device.set_rsc()
+    """The driver, negotiating RSC_EXT with GUEST_TSO4/6 (where not refused); skip without it."""
     need(virtio_device, "RSC_EXT")
     return virtio_device
 
@@ -188,7 +194,7 @@ def test_in_sequence_segments_arrive_as_one_packet(net: VirtioNet, qemu: Machine
     duplicated ACKs (none) in csum_offset, and gso_type TCPV4 or TCPV6 (MUST). IPv4 and IPv6; a
     SYN passes the held run at once; a FIN ends it: the run, then the FIN as sent."""
     for family in FAMILIES:
-        flow = Flow(net.mac, family, next(_ports))
+        flow = Connection(net.mac, family, next(_ports))
         run = [
             flow.data(100),
             flow.data(200, window=0x1000),
@@ -212,7 +218,7 @@ def test_coalesced_packet_carries_needs_csum_and_mss(net: VirtioNet, qemu: Machi
     """A coalesced packet has gso_type TCPV4, so the device MUST also set
     VIRTIO_NET_HDR_F_NEEDS_CSUM in flags and gso_size to the MSS: the segments' payload size
     (MUST)."""
-    flow = Flow(net.mac, "ipv4", next(_ports))
+    flow = Connection(net.mac, "ipv4", next(_ports))
     run = [flow.data(536) for _ in range(3)]
     _send(qemu, net, *run, flow.segment(flags=ACK | TcpFlags.FIN))
     pkt = _expect_run(net, run, "ipv4")
@@ -227,7 +233,7 @@ def test_cwr_segment_is_not_coalesced_without_guest_ecn(net: VirtioNet, qemu: Ma
     reaches the driver inside a coalesced packet (SHOULD; QEMU lists CWR and ECE among the bits
     that end a run, but masks the flags to the low six bits first)."""
     need_not(net, "GUEST_ECN")
-    flow = Flow(net.mac, "ipv4", next(_ports))
+    flow = Connection(net.mac, "ipv4", next(_ports))
     sent = [flow.data(64), flow.data(64, flags=ACK | TcpFlags.CWR)]
     _send(qemu, net, *sent, flow.segment(flags=ACK | TcpFlags.FIN))
     payload = b""
@@ -245,7 +251,7 @@ def test_bad_checksum_is_never_reported_valid(net: VirtioNet, qemu: Machine) -> 
     """A segment with a wrong TCP checksum joins a run or not as the device likes, but the
     device MUST validate the checksum before it sets VIRTIO_NET_HDR_F_DATA_VALID: no packet that
     carries the bad segment's bytes says DATA_VALID (MUST; QEMU checks no checksum here)."""
-    flow = Flow(net.mac, "ipv4", next(_ports))
+    flow = Connection(net.mac, "ipv4", next(_ports))
     good = flow.data(100)
     bad = flow.data(100, checksum=0xBAD0)
     _send(qemu, net, good, bad, flow.segment(flags=ACK | TcpFlags.FIN))
@@ -260,7 +266,9 @@ def test_bad_checksum_is_never_reported_valid(net: VirtioNet, qemu: Machine) -> 
 # -- what ends a run (QEMU: virtio_net_rsc_tcp_ctrl_check, _coalesce_data, _handle_ack) -----------
 
 
-def _run_then(qemu: Machine, net: VirtioNet, flow: Flow, run: list[TcpPacket], ender: TcpPacket, what: str) -> None:
+def _run_then(
+    qemu: Machine, net: VirtioNet, flow: Connection, run: list[TcpPacket], ender: TcpPacket, what: str
+) -> None:
     """``run`` is held; ``ender`` ends it: the run is delivered, then ``ender`` as sent."""
     _send(qemu, net, *run)
     _held(net, f"the run before {what}")
@@ -277,24 +285,24 @@ def test_what_ends_a_run(net: VirtioNet, qemu: Machine) -> None:
     the IPv4 packet past 65535 bytes (45 segments of 1448 bytes make 65200: the 46th does not fit;
     the 65 KiB packet takes 33 mergeable buffers, so more are posted)."""
     for bit in (TcpFlags.FIN, TcpFlags.RST, TcpFlags.URG):
-        flow = Flow(net.mac, "ipv4", next(_ports))
+        flow = Connection(net.mac, "ipv4", next(_ports))
         run = [flow.data(64), flow.data(64)]
         _run_then(
             qemu, net, flow, run, flow.data(64, flags=ACK | bit, urgent_pointer=bit == TcpFlags.URG), str(bit.name)
         )
     for family in FAMILIES:
-        flow = Flow(net.mac, family, next(_ports))
+        flow = Connection(net.mac, family, next(_ports))
         run = [flow.data(90), flow.data(90)]
         _run_then(qemu, net, flow, run, flow.data(90, options=timestamp_option(12345)), "a timestamp option")
     for what, offset in (("a segment after a gap", 1000), ("a segment before the run", -5000)):
-        flow = Flow(net.mac, "ipv4", next(_ports))
+        flow = Connection(net.mac, "ipv4", next(_ports))
         run = [flow.data(100), flow.data(100)]
         _run_then(qemu, net, flow, run, flow.segment(bytes(50), sequence_number=flow.seq + offset), what)
-    flow = Flow(net.mac, "ipv4", next(_ports))
+    flow = Connection(net.mac, "ipv4", next(_ports))
     run = [flow.data(100), flow.data(100)]
     _run_then(qemu, net, flow, run, replace(run[0]), "the run's first segment again")
     net.restart(rx_buffers=64)
-    flow = Flow(net.mac, "ipv4", next(_ports))
+    flow = Connection(net.mac, "ipv4", next(_ports))
     run = [flow.data(1448) for _ in range(45)]
     _run_then(qemu, net, flow, run, flow.data(1448), "a segment past 65535 bytes of IP packet")
 
@@ -305,7 +313,7 @@ def test_acks_after_a_held_ack(net: VirtioNet, qemu: Machine) -> None:
     sent; an ACK that acknowledges more, or far more than a window, ends it the same way; the same
     ACK with another window is folded into the held one, which then carries the new window and
     counts one segment."""
-    flow = Flow(net.mac, "ipv4", next(_ports))
+    flow = Connection(net.mac, "ipv4", next(_ports))
     ack = flow.segment()
     data = flow.segment(bytes(range(200)))
     _send(qemu, net, ack, data)
@@ -315,14 +323,14 @@ def test_acks_after_a_held_ack(net: VirtioNet, qemu: Machine) -> None:
     _expect_run(net, [ack, data], "ipv4")
     _expect_as_sent(net, fin, "the FIN after data joined an ACK")
     for what, more in (("a duplicate ACK", 0), ("an ACK of 100 more bytes", 100), ("an ACK beyond the window", 70000)):
-        flow = Flow(net.mac, "ipv4", next(_ports))
+        flow = Connection(net.mac, "ipv4", next(_ports))
         first, second = flow.segment(), flow.segment(acknowledgment_number=flow.ack + more)
         _send(qemu, net, first)
         _held(net, f"a pure ACK before {what}")
         _send(qemu, net, second)
         _expect_as_sent(net, first, f"the held ACK before {what}")
         _expect_as_sent(net, second, what)
-    flow = Flow(net.mac, "ipv4", next(_ports))
+    flow = Connection(net.mac, "ipv4", next(_ports))
     first, update = flow.segment(), flow.segment(window=flow.window + 0x100)
     _send(qemu, net, first, update)
     _held(net, "a window update of a held ACK")
@@ -339,8 +347,8 @@ def test_two_flows_coalesce_separately(net: VirtioNet, qemu: Machine) -> None:
     ending the later flow's run delivers that run only; the first stays held until its own flow
     ends it. IPv4 and IPv6."""
     for family in FAMILIES:
-        a = Flow(net.mac, family, next(_ports))
-        b = Flow(net.mac, family, next(_ports), host=2)
+        a = Connection(net.mac, family, next(_ports))
+        b = Connection(net.mac, family, next(_ports), host=2)
         run_a, run_b = [], []
         for _ in range(3):
             run_a.append(a.data(70))
@@ -366,7 +374,7 @@ def test_what_passes_a_held_run(net: VirtioNet, qemu: Machine) -> None:
     frame (IPv4, IPv6) or shorter than the headers, an IPv4 frame whose header says version 6, and
     a frame cut inside the TCP header."""
     for family in FAMILIES:
-        flow = Flow(net.mac, family, next(_ports))
+        flow = Connection(net.mac, family, next(_ports))
         run = [flow.data(100), flow.data(100)]
         _send(qemu, net, *run)
         strays: list[tuple[str, TcpPacket | bytes]] = [
@@ -415,7 +423,7 @@ def test_interval_timer_drains_held_runs(net: VirtioNet, qemu: Machine) -> None:
     the runs must come rsc_interval (300 ms) after the first segment, not sooner."""
     stepped = qemu.binary.has_qtest_accel
     for family in FAMILIES if stepped else ["ipv4"]:
-        a, b = Flow(net.mac, family, next(_ports)), Flow(net.mac, family, next(_ports), host=2)
+        a, b = Connection(net.mac, family, next(_ports)), Connection(net.mac, family, next(_ports), host=2)
         run_a = [a.data(60), a.data(60), a.data(60)]
         run_b = [b.data(90), b.data(90)]
         start = time.monotonic()
@@ -436,16 +444,15 @@ def test_interval_timer_drains_held_runs(net: VirtioNet, qemu: Machine) -> None:
 
 
 @pytest.mark.conformance("net-rsc-info-not-negotiated", spec="5.1.6.4.1")
-@pytest.mark.virtio_device("virtio-net-pci", backend="tap", flags={"guest_rsc_ext": "off"}, refuse_each=False)
+@pytest.mark.virtio_device("virtio-net-pci", backend="tap", flags={"guest_rsc_ext": "off"}, rsc=True, refuse_each=False)
 def test_without_rsc_ext_segments_arrive_one_by_one(virtio_device: VirtioNet, qemu: Machine) -> None:
     """With RSC_EXT not negotiated (the device does not offer it; on the legacy interface it
     cannot) the device MUST NOT set VIRTIO_NET_HDR_F_RSC_INFO; QEMU coalesces nothing then, even
     with GUEST_TSO4/6: every segment arrives at once, as sent (MUST)."""
     net = virtio_device
-    net.set_rsc()
     need_not(net, "RSC_EXT")
     for family in FAMILIES:
-        flow = Flow(net.mac, family, next(_ports))
+        flow = Connection(net.mac, family, next(_ports))
         for seg in (flow.data(100), flow.data(100), flow.data(100)):
             _send(qemu, net, seg)
             _expect_as_sent(net, seg, f"{family} without RSC_EXT")
@@ -458,11 +465,11 @@ def test_rsc_follows_guest_tso_per_family(net: VirtioNet, qemu: Machine) -> None
     arrive one by one while IPv6 segments are coalesced."""
     need(net, "GUEST_TSO6")
     need_not(net, "GUEST_TSO4")
-    v4 = Flow(net.mac, "ipv4", next(_ports))
+    v4 = Connection(net.mac, "ipv4", next(_ports))
     for seg in (v4.data(100), v4.data(100)):
         _send(qemu, net, seg)
         _expect_as_sent(net, seg, "IPv4 without GUEST_TSO4")
-    v6 = Flow(net.mac, "ipv6", next(_ports))
+    v6 = Connection(net.mac, "ipv6", next(_ports))
     run = [v6.data(100), v6.data(100)]
     _send(qemu, net, *run)
     _held(net, "an IPv6 run with GUEST_TSO6")

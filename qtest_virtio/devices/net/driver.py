@@ -2,15 +2,16 @@
 the control queue, and the config structure.
 
 Queues (§5.1.2): receiveq1 (0), transmitq1 (1), ..., controlq (2N, N = max_virtqueue_pairs
-with MQ, else 1). Only the first pair is driven. Receive buffers are kept posted: each used
-buffer is made available again once its frame has been read (§5.1.6.3). Layouts, control
-commands and feature dependencies are in :mod:`.encoding`.
+with MQ or RSS, else 1). The first pair is driven unless ``queue_pairs=`` asks for more.
+Receive buffers are kept posted: each used buffer is made available again once its frame has
+been read (§5.1.6.3). Layouts, control commands and feature dependencies are in
+:mod:`.encoding`; RSS and hash reports in :mod:`.rss`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ...memory import GuestMemory
@@ -25,6 +26,9 @@ from .encoding import (
     CTRL_COMMANDS,
     ETH_HLEN,
     ETH_MAX_FRAME,
+    GSO_MAX_PACKET,
+    GUEST_GSO_FEATURES,
+    GUEST_OFFLOADS,
     NET_CONFIG,
     NET_CONFIG_MAC,
     NET_STATUS,
@@ -40,18 +44,15 @@ from .encoding import (
     mac_bytes,
     unmet_dependencies,
 )
+from .rss import HashConfig, RssConfig
 
 # -- receive segment coalescing (RSC) ---------------------------------------------------------
 
-#: What a driver that takes coalesced TCP segments negotiates with ``rsc=True``: RSC_EXT
+#: What a driver that takes coalesced TCP segments accepts with ``rsc=True``: RSC_EXT
 #: (§5.1.6.4), GUEST_TSO4/6 (coalesced packets are large TCP packets, §5.1.6.4) with the
 #: GUEST_CSUM they require, and HOST_TSO4/6 with CSUM, which RSC_EXT requires (§5.1.3.1). The
 #: driver never sets gso_type or NEEDS_CSUM on what it sends, which those features allow, not ask.
 RSC_FEATURES = frozenset({"RSC_EXT", "GUEST_CSUM", "GUEST_TSO4", "GUEST_TSO6", "CSUM", "HOST_TSO4", "HOST_TSO6"})
-#: Features after which a received packet can be larger than a frame (§5.1.6.3).
-GUEST_GSO_FEATURES = ("GUEST_TSO4", "GUEST_TSO6", "GUEST_UFO", "GUEST_USO4", "GUEST_USO6")
-#: The largest packet then: Ethernet + IPv6 header + 65535 bytes of payload (§5.1.6.3).
-GSO_MAX_PACKET = 14 + 40 + 65535
 
 # -- the driver -----------------------------------------------------------------------------
 
@@ -67,8 +68,10 @@ class VirtioNet(VirtioDriver):
     DRIVER_OK (0: none; post later with :meth:`post_rx_buffers`), ``rx_buffer_size`` bytes per
     buffer including the header (default: a full frame, or 2048 with MRG_RXBUF),
     ``rx_poison`` a byte every receive buffer is filled with before it is posted, so a field
-    the device did not write is visible, ``rsc`` negotiates receive segment coalescing
-    (:data:`RSC_FEATURES`, or later :meth:`set_rsc`).
+    the device did not write is visible; ``queue_pairs`` the pairs set up when MQ or RSS is
+    negotiated (default 1; enable them with :meth:`set_queue_pairs`), ``accept`` features of
+    ``OPTIONAL_FEATURES`` the driver also negotiates when offered (offloads, RSS, hash reports,
+    RSC_EXT), ``rsc=True`` the shorthand for accepting :data:`RSC_FEATURES`.
     """
 
     DEVICE_TYPE = encoding.DEVICE_ID
@@ -90,6 +93,26 @@ class VirtioNet(VirtioDriver):
         }
     )
     QUEUES = 0  # created in setup_device(): the control queue's index depends on the config
+    #: Features implemented here but negotiated only when asked (``accept=``), so the default
+    #: driver stays the plain one the other scenarios rely on.
+    OPTIONAL_FEATURES = frozenset(
+        {
+            "CSUM",
+            "GUEST_CSUM",
+            "CTRL_GUEST_OFFLOADS",
+            "GUEST_TSO4",
+            "GUEST_TSO6",
+            "GUEST_ECN",
+            "GUEST_UFO",
+            "HOST_TSO4",
+            "HOST_TSO6",
+            "HOST_ECN",
+            "HOST_UFO",
+            "RSS",
+            "HASH_REPORT",
+            "RSC_EXT",
+        }
+    )
 
     def __init__(
         self,
@@ -100,35 +123,35 @@ class VirtioNet(VirtioDriver):
         rx_buffers: int = DEFAULT_RX_BUFFERS,
         rx_buffer_size: int | None = None,
         rx_poison: int | None = None,
+        queue_pairs: int = 1,
+        accept: Iterable[str] = (),
         rsc: bool = False,
         **kwargs: Any,
     ) -> None:
-        #: Negotiate receive segment coalescing and the offloads it needs (:data:`RSC_FEATURES`).
-        self.rsc = rsc
+        self._set_mq_options(queue_pairs, frozenset(accept) | (RSC_FEATURES if rsc else frozenset()))
         self.rx_buffers_wanted = rx_buffers
         self.rx_buffer_size_wanted = rx_buffer_size
         self.rx_poison = rx_poison
         self._check_rx_options()
         self.rxq: Virtqueue | None = None
         self.txq: Virtqueue | None = None
+        #: receiveq1..N and transmitq1..N as set up (the first pair is rxq / txq).
+        self.rxqs: list[Virtqueue] = []
+        self.txqs: list[Virtqueue] = []
+        #: max_virtqueue_pairs read at setup (1 without MQ and RSS).
+        self.max_pairs = 1
         self.ctrlq: Virtqueue | None = None
         self.ctrl_index: int | None = None
         #: config mtu, read once when MTU is negotiated (the device MUST NOT change it, §5.1.4.1).
         self.mtu: int | None = None
         self.rx_buffer_size = 0
         self._rx_regions: list[int] = []
-        self._rx_posted = 0
+        self._rx_posted: dict[int, int] = {}
+        #: Queues reset with :meth:`reset_queue` and not yet re-enabled.
+        self._reset_queues: set[int] = set()
         super().__init__(fn, mode, memory, **kwargs)
 
     # -- initialization (§5.1.5) ----------------------------------------------------------
-
-    def supported_bits(self) -> int:
-        """The implemented features, plus :data:`RSC_FEATURES` when ``rsc`` asks for them."""
-        bits = super().supported_bits()
-        if self.rsc:
-            for name in RSC_FEATURES:
-                bits |= 1 << feature_bit(name, self.device_bits)
-        return bits
 
     def refused_bits(self) -> int:
         """The user's refusals, plus offered features whose requirements (§5.1.3.1) will not
@@ -140,17 +163,25 @@ class VirtioNet(VirtioDriver):
         return refused
 
     def setup_device(self) -> None:
-        """receiveq1, transmitq1 and, with CTRL_VQ, the control queue at 2N (§5.1.2)."""
+        """receiveq1, transmitq1 (up to ``queue_pairs`` pairs with MQ or RSS) and, with CTRL_VQ,
+        the control queue at 2N (§5.1.2, §5.1.5 step 1)."""
         pairs = 1
-        if self.has("MQ"):
+        if self.has("MQ") or self.has("RSS"):
             pairs = self.read_config(["max_virtqueue_pairs"])["max_virtqueue_pairs"]
             if not 1 <= pairs <= 0x8000:
                 raise NetDeviceError(f"{self._who()}: max_virtqueue_pairs is {pairs}, not 1..0x8000 (§5.1.4.1)")
+            if self.queue_pairs_wanted > pairs:
+                wanted = self.queue_pairs_wanted
+                raise NetError(f"{self._who()}: queue_pairs={wanted}, but max_virtqueue_pairs is {pairs}")
+        self.max_pairs = pairs
         self.mtu = None
         if self.has("MTU"):
             self.mtu = self.read_config(["mtu"])["mtu"]
-        self.rxq = self._queue(RX_QUEUE, "receiveq1")
-        self.txq = self._queue(TX_QUEUE, "transmitq1")
+        driven = self.queue_pairs_wanted if pairs > 1 else 1
+        for n in range(driven):
+            self.rxqs.append(self._queue(2 * n, f"receiveq{n + 1}"))
+            self.txqs.append(self._queue(2 * n + 1, f"transmitq{n + 1}"))
+        self.rxq, self.txq = self.rxqs[0], self.txqs[0]
         if self.has("CTRL_VQ"):
             self.ctrl_index = 2 * pairs
             self.ctrlq = self._queue(self.ctrl_index, "controlq")
@@ -169,7 +200,8 @@ class VirtioNet(VirtioDriver):
         if self.has("MRG_RXBUF") and self.rx_buffer_size < self.header_size:
             raise ValueError(f"with MRG_RXBUF each receive buffer holds at least the {self.header_size}-byte header")
         if self.rx_buffers_wanted:
-            self.post_rx_buffers(self.rx_buffers_wanted)
+            for pair in range(len(self.rxqs)):
+                self.post_rx_buffers(self.rx_buffers_wanted, pair=pair)
 
     def restart(self, **rx: int | None) -> None:
         """Reset and initialize again (§3.1.1), with receive-buffer options changed by keyword
@@ -182,12 +214,15 @@ class VirtioNet(VirtioDriver):
         self._check_rx_options()
         self.initialize()
 
+    @property
+    def rsc(self) -> bool:
+        """Whether RSC_EXT is among the accepted features (``rsc=True`` or :meth:`set_rsc`)."""
+        return "RSC_EXT" in self.accepted
+
     def set_rsc(self, on: bool = True) -> None:
-        """Negotiate (or stop negotiating) :data:`RSC_FEATURES` where offered: a reset and a new
-        initialization (§3.1.1), receive-buffer options kept. The plugin's fixture gives a driver
-        without it; a scenario about coalescing turns it on first."""
-        self.rsc = on
-        self.initialize()
+        """:meth:`configure` with :data:`RSC_FEATURES` added to ``accept`` (or, ``on=False``,
+        taken out of it): a reset and a new initialization (§3.1.1), other options kept."""
+        self.configure(accept=(self.accepted | RSC_FEATURES) if on else (self.accepted - RSC_FEATURES))
 
     def _check_rx_options(self) -> None:
         if self.rx_buffers_wanted < 0:
@@ -199,11 +234,13 @@ class VirtioNet(VirtioDriver):
         """Free the rings and the receive buffers (after a reset the device forgets them)."""
         super().release_queues()
         self.rxq = self.txq = self.ctrlq = None
+        self.rxqs, self.txqs = [], []
         self.ctrl_index = None
         for addr in self._rx_regions:
             self.memory.free(addr)
         self._rx_regions = []
-        self._rx_posted = 0
+        self._rx_posted = {}
+        self._reset_queues = set()
 
     # -- facts from the negotiation -------------------------------------------------------
 
@@ -223,12 +260,12 @@ class VirtioNet(VirtioDriver):
 
     def default_rx_buffer_size(self) -> int:
         """A whole frame plus header without MRG_RXBUF (§5.1.6.3.1: at least 1526 bytes), or the
-        largest GSO packet plus header where GUEST_TSO4/6 (UFO, USO) let the device send one;
-        a 2 KiB buffer with MRG_RXBUF."""
+        largest GSO packet plus header where GUEST_TSO4/6 (UFO, USO) let the device send one
+        (coalesced packets included); a 2 KiB buffer with MRG_RXBUF."""
         if self.has("MRG_RXBUF"):
             return 2048
         if any(self.has(f) for f in GUEST_GSO_FEATURES):
-            return self.header_size + GSO_MAX_PACKET  # §5.1.6.3.1: the largest coalesced/GSO packet
+            return self.header_size + GSO_MAX_PACKET
         return self.header_size + self.max_frame
 
     def _who(self) -> str:
@@ -295,19 +332,21 @@ class VirtioNet(VirtioDriver):
         hdr = (header or NetHdr()).encode(self.header_size)
         return [hdr, frame] if self.separate_header else [hdr + frame]
 
-    def send(self, frame: bytes, *, header: NetHdr | None = None, timeout: float = 5.0) -> None:
-        """Transmit one frame (header with num_buffers 0, §5.1.6.2.1) and wait until the
-        device has used it."""
-        self.send_many([frame], header=header, timeout=timeout)
+    def send(self, frame: bytes, *, header: NetHdr | None = None, timeout: float = 5.0, pair: int = 0) -> None:
+        """Transmit one frame (header with num_buffers 0, §5.1.6.2.1) on transmitq ``pair + 1``
+        and wait until the device has used it."""
+        self.send_many([frame], header=header, timeout=timeout, pair=pair)
 
-    def transmit(self, frame: bytes, *, header: NetHdr | None = None) -> Request:
+    def transmit(self, frame: bytes, *, header: NetHdr | None = None, pair: int = 0) -> Request:
         """Make one frame available and notify, without waiting for the device (a tx=timer
         device holds it until its timer fires); ``txq.complete(request)`` waits."""
-        return self._need(self.txq, "transmitq1").submit(self._tx_chain(frame, header), [])
+        return self._tx(pair).submit(self._tx_chain(frame, header), [])
 
-    def send_many(self, frames: Sequence[bytes], *, header: NetHdr | None = None, timeout: float = 5.0) -> None:
+    def send_many(
+        self, frames: Sequence[bytes], *, header: NetHdr | None = None, timeout: float = 5.0, pair: int = 0
+    ) -> None:
         """Transmit several frames with one notification; wait until all are used."""
-        vq = self._need(self.txq, "transmitq1")
+        vq = self._tx(pair)
         chains = [self._tx_chain(f, header) for f in frames]
         allocations: list[int] = []
         tokens = []
@@ -327,9 +366,10 @@ class VirtioNet(VirtioDriver):
 
     # -- receive (§5.1.6.3, §5.1.6.4) -----------------------------------------------------
 
-    def post_rx_buffers(self, count: int, size: int | None = None) -> None:
-        """Make ``count`` more receive buffers of ``size`` bytes available, and notify."""
-        vq = self._need(self.rxq, "receiveq1")
+    def post_rx_buffers(self, count: int, size: int | None = None, *, pair: int = 0) -> None:
+        """Make ``count`` more receive buffers of ``size`` bytes available on receiveq
+        ``pair + 1``, and notify."""
+        vq = self._rx(pair)
         size = size or self.rx_buffer_size
         if count <= 0:
             return
@@ -339,7 +379,7 @@ class VirtioNet(VirtioDriver):
             self.memory.write(region, bytes([self.rx_poison]) * (count * size))
         for i in range(count):
             vq.add(self._rx_chain(region + i * size, size))
-        self._rx_posted += count
+        self._rx_posted[pair] = self._rx_posted.get(pair, 0) + count
         vq.kick()
 
     def _rx_chain(self, addr: int, size: int) -> list[Buf]:
@@ -351,8 +391,7 @@ class VirtioNet(VirtioDriver):
             return [Buf(addr, hdr, writable=True), Buf(addr + hdr, size - hdr, writable=True)]
         return [Buf(addr, size, writable=True)]
 
-    def _repost(self, elems: Sequence[UsedElem]) -> None:
-        vq = self._need(self.rxq, "receiveq1")
+    def _repost(self, vq: Virtqueue, elems: Sequence[UsedElem]) -> None:
         for elem in elems:
             if self.rx_poison is not None:
                 for b in elem.bufs:
@@ -376,23 +415,23 @@ class VirtioNet(VirtioDriver):
             left -= n
         return bytes(out)
 
-    def poll_packet(self) -> RxPacket | None:
-        """A received packet if one is used already, else None."""
-        vq = self._need(self.rxq, "receiveq1")
+    def poll_packet(self, *, pair: int = 0) -> RxPacket | None:
+        """A received packet if one is used already (on receiveq ``pair + 1``), else None."""
+        vq = self._rx(pair)
         first = vq.poll_used()
-        return None if first is None else self._assemble(vq, first, 5.0)
+        return None if first is None else self._assemble(vq, first, 5.0, pair)
 
-    def receive_packet(self, timeout: float = 5.0) -> RxPacket:
+    def receive_packet(self, timeout: float = 5.0, *, pair: int = 0) -> RxPacket:
         """The next received packet with its header and buffer accounting; its buffers are
         posted again. Raises VirtqueueTimeout when nothing arrives."""
-        vq = self._need(self.rxq, "receiveq1")
-        return self._assemble(vq, vq.wait_used(timeout), timeout)
+        vq = self._rx(pair)
+        return self._assemble(vq, vq.wait_used(timeout), timeout, pair)
 
-    def receive(self, timeout: float = 5.0) -> bytes:
+    def receive(self, timeout: float = 5.0, *, pair: int = 0) -> bytes:
         """The next received frame, header stripped."""
-        return self.receive_packet(timeout).frame
+        return self.receive_packet(timeout, pair=pair).frame
 
-    def _assemble(self, vq: Virtqueue, first: UsedElem, timeout: float) -> RxPacket:
+    def _assemble(self, vq: Virtqueue, first: UsedElem, timeout: float, pair: int = 0) -> RxPacket:
         hdr_size = self.header_size
         elems = [first]
         try:
@@ -406,9 +445,10 @@ class VirtioNet(VirtioDriver):
             count = 1
             if self.has("MRG_RXBUF"):
                 count = header.num_buffers or 0
-                if not 1 <= count <= self._rx_posted:
+                posted = self._rx_posted.get(pair, 0)
+                if not 1 <= count <= posted:
                     raise NetDeviceError(
-                        f"{self._where(vq, first)}: num_buffers is {header.num_buffers}, not 1..{self._rx_posted} "
+                        f"{self._where(vq, first)}: num_buffers is {header.num_buffers}, not 1..{posted} "
                         f"(the buffers posted) (§5.1.6.4.1)"
                     )
             deadline = time.monotonic() + timeout
@@ -423,7 +463,7 @@ class VirtioNet(VirtioDriver):
                 elems.append(elem)
                 data += self._read_used(elem)
         finally:
-            self._repost(elems)
+            self._repost(vq, elems)
         return RxPacket(
             header,
             data[hdr_size:],
@@ -432,10 +472,10 @@ class VirtioNet(VirtioDriver):
             [e.id for e in elems],
         )
 
-    def drain(self) -> list[RxPacket]:
+    def drain(self, *, pair: int = 0) -> list[RxPacket]:
         """Every packet already received (to clear the queue between steps)."""
         out = []
-        while (p := self.poll_packet()) is not None:
+        while (p := self.poll_packet(pair=pair)) is not None:
             out.append(p)
         return out
 
@@ -530,11 +570,85 @@ class VirtioNet(VirtioDriver):
         self.ctrl("ANNOUNCE_ACK")
 
     def set_queue_pairs(self, pairs: int) -> None:
-        """VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET (§5.1.6.5.5). Only pair 1 is set up by this driver,
-        so only 1 is accepted (the driver MUST configure queues before enabling them)."""
-        if pairs != 1:
-            raise ValueError("this driver drives one queue pair; VQ_PAIRS_SET accepts only 1")
+        """VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET (§5.1.6.5.6). Only the pairs set up are accepted (the
+        driver MUST configure queues before enabling them, §5.1.6.5.6.1)."""
+        if not 1 <= pairs <= max(len(self.rxqs), 1):
+            raise ValueError(
+                f"{max(len(self.rxqs), 1)} queue pair(s) set up (queue_pairs=); VQ_PAIRS_SET {pairs} would enable "
+                f"queues the driver did not configure"
+            )
         self.ctrl("MQ_VQ_PAIRS_SET", pairs.to_bytes(2, "little"))
+
+    # -- multiqueue, RSS, hash reports and guest offloads (issue 14) ------------------------
+
+    def _set_mq_options(self, queue_pairs: int, accept: Iterable[str]) -> None:
+        if not 1 <= queue_pairs <= 0x8000:
+            raise ValueError(f"queue_pairs must be 1..0x8000, not {queue_pairs}")
+        unknown = sorted(set(accept) - self.OPTIONAL_FEATURES)
+        if unknown:
+            raise ValueError(
+                f"accept: {', '.join(unknown)} is not an optional feature of this driver; "
+                f"known: {', '.join(sorted(self.OPTIONAL_FEATURES))}"
+            )
+        self.queue_pairs_wanted = queue_pairs
+        self.accepted = frozenset(accept)
+
+    def supported_bits(self) -> int:
+        """The default feature set plus those asked for with ``accept``."""
+        bits = super().supported_bits()
+        for name in self.accepted:
+            bits |= 1 << feature_bit(name, self.device_bits)
+        return bits
+
+    def configure(self, *, queue_pairs: int | None = None, accept: Iterable[str] | None = None) -> None:
+        """Reset and initialize again (§3.1.1) with other ``queue_pairs`` or ``accept`` (None
+        keeps the current value)."""
+        self._set_mq_options(
+            self.queue_pairs_wanted if queue_pairs is None else queue_pairs,
+            self.accepted if accept is None else accept,
+        )
+        self.initialize()
+
+    def set_rss(self, config: RssConfig) -> None:
+        """VIRTIO_NET_CTRL_MQ_RSS_CONFIG (§5.1.6.5.7.1); raise NetCtrlError on VIRTIO_NET_ERR."""
+        self.ctrl("MQ_RSS_CONFIG", config.encode())
+
+    def set_hash_config(self, config: HashConfig) -> None:
+        """VIRTIO_NET_CTRL_MQ_HASH_CONFIG (§5.1.6.5.6.4); raise NetCtrlError on VIRTIO_NET_ERR."""
+        self.ctrl("MQ_HASH_CONFIG", config.encode())
+
+    def set_guest_offloads(self, offloads: Iterable[str], *, force: bool = False) -> None:
+        """VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET (§5.1.6.5.8.1): the le64 mask of the named offload
+        features (GUEST_CSUM, GUEST_TSO4, ...), the others off."""
+        mask = 0
+        for name in offloads:
+            if name not in GUEST_OFFLOADS:
+                raise ValueError(f"{name} is not a guest offload; those are {', '.join(GUEST_OFFLOADS)}")
+            mask |= 1 << feature_bit(name, self.device_bits)
+        self.ctrl("GUEST_OFFLOADS_SET", mask.to_bytes(8, "little"), force=force)
+
+    def receive_any(self, timeout: float = 5.0) -> tuple[int, RxPacket]:
+        """(pair, packet): the next packet on any receive queue set up, the lowest pair first
+        when several hold one. Raises VirtqueueTimeout when nothing arrives."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for pair in range(len(self.rxqs)):
+                packet = self.poll_packet(pair=pair)
+                if packet is not None:
+                    return pair, packet
+            if time.monotonic() > deadline:
+                raise VirtqueueTimeout(f"{self._who()}: nothing received on {len(self.rxqs)} queue(s) in {timeout:g} s")
+            time.sleep(0.0005)
+
+    def _rx(self, pair: int) -> Virtqueue:
+        if not 0 <= pair < len(self.rxqs):
+            raise NetError(f"{self._who()}: no receiveq{pair + 1} set up ({len(self.rxqs)} pair(s))")
+        return self.rxqs[pair]
+
+    def _tx(self, pair: int) -> Virtqueue:
+        if not 0 <= pair < len(self.txqs):
+            raise NetError(f"{self._who()}: no transmitq{pair + 1} set up ({len(self.txqs)} pair(s))")
+        return self.txqs[pair]
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -545,43 +659,51 @@ class VirtioNet(VirtioDriver):
 
     # -- queue reset (RING_RESET, §2.6.1) -------------------------------------------------
 
-    def _role(self, index: int) -> tuple[str, str]:
-        """The attribute and spec name of queue ``index`` (receiveq1, transmitq1, controlq)."""
-        roles = {RX_QUEUE: ("rxq", "receiveq1"), TX_QUEUE: ("txq", "transmitq1")}
-        if self.ctrl_index is not None:
-            roles[self.ctrl_index] = ("ctrlq", "controlq")
-        if index not in roles:
-            raise ValueError(f"{self._who()}: queue {index} is none of {sorted(roles)} this driver sets up")
-        return roles[index]
+    def _slot(self, index: int) -> tuple[str, int, str]:
+        """Where queue ``index`` lives in this driver: ("rx" | "tx", pair, spec name) for
+        receiveqN / transmitqN, ("ctrl", 0, "controlq") for the control queue (§5.1.2)."""
+        if self.ctrl_index is not None and index == self.ctrl_index:
+            return "ctrl", 0, "controlq"
+        pair, tx = divmod(index, 2)
+        if 0 <= pair < (len(self.txqs) if tx else len(self.rxqs)):
+            return ("tx", pair, f"transmitq{pair + 1}") if tx else ("rx", pair, f"receiveq{pair + 1}")
+        raise ValueError(f"{self._who()}: queue {index} is not one this driver set up")
 
     def reset_queue(self, index: int) -> None:
-        """Reset one queue of the live device (§2.6.1.1: the register is on the modern layout
-        only) and drop the driver's ring; with RING_RESET negotiated. The receive buffers of a
-        reset receiveq1 stay allocated, so a test can look at them, until :meth:`reenable_queue`."""
+        """Reset one queue of the live device alone (RING_RESET, §2.6.1.1: the register is on the
+        modern layout only). The driver keeps the old ring and, for a receive queue, its buffers
+        as they were, so a test can look at them, until :meth:`reenable_queue`."""
         if not self.has("RING_RESET"):
             raise NetError(f"{self._who()}: queue reset needs RING_RESET, which was not negotiated")
-        attr, role = self._role(index)
-        vq = self._need(getattr(self, attr), role)
+        _, _, role = self._slot(index)
+        if index in self._reset_queues:
+            raise NetError(f"{self._who()}: {role} is reset already")
         self.transport.reset_queue(index)
-        vq.release()
-        self.queues.remove(vq)
-        self.queue_vectors.pop(index, None)
-        setattr(self, attr, None)
+        self._reset_queues.add(index)
 
     def reenable_queue(self, index: int) -> None:
-        """Set a reset queue up again in fresh ring memory and enable it (§2.6.1.2); a
-        receiveq1 gets ``rx_buffers`` fresh buffers, the old ones are freed."""
-        attr, role = self._role(index)
-        if getattr(self, attr) is not None:
+        """Set a reset queue up again in fresh ring memory and enable it (§2.6.1.2); a receive
+        queue gets ``rx_buffers`` fresh buffers (the old ones stay allocated until teardown)."""
+        kind, pair, role = self._slot(index)
+        if index not in self._reset_queues:
             raise NetError(f"{self._who()}: {role} was not reset")
-        setattr(self, attr, self._queue(index, role))
-        if index == RX_QUEUE:
-            for addr in self._rx_regions:
-                self.memory.free(addr)
-            self._rx_regions = []
-            self._rx_posted = 0
+        self._reset_queues.discard(index)
+        old = {"rx": self.rxqs, "tx": self.txqs}[kind][pair] if kind != "ctrl" else self._need(self.ctrlq, role)
+        old.release()
+        vq = self.create_queue(index)
+        vq.name = old.name
+        self.queues[self.queues.index(old)] = vq
+        if kind == "ctrl":
+            self.ctrlq = vq
+        elif kind == "tx":
+            self.txqs[pair] = vq
+            self.txq = self.txqs[0]
+        else:
+            self.rxqs[pair] = vq
+            self.rxq = self.rxqs[0]
+            self._rx_posted[pair] = 0
             if self.rx_buffers_wanted:
-                self.post_rx_buffers(self.rx_buffers_wanted)
+                self.post_rx_buffers(self.rx_buffers_wanted, pair=pair)
 
     def rx_buffers_posted(self) -> list[Buf]:
         """The receive buffers the device holds now (made available, not yet used)."""

@@ -232,6 +232,9 @@ CTRL_COMMANDS: dict[str, CtrlCommand] = {
         ("ANNOUNCE", "ACK", 0, "GUEST_ANNOUNCE"),
         ("MQ", "VQ_PAIRS_SET", 0, "MQ"),
         ("GUEST_OFFLOADS", "SET", 0, "CTRL_GUEST_OFFLOADS"),
+        # multiqueue steering with RSS and hash reports (§5.1.6.5.5, §5.1.6.5.6.4, §5.1.6.5.7)
+        ("MQ", "RSS_CONFIG", 1, "RSS"),
+        ("MQ", "HASH_CONFIG", 2, "HASH_REPORT"),
     )
 }
 #: What the driver writes into the ack byte before the device gets the command.
@@ -259,7 +262,19 @@ FEATURE_REQUIRES: dict[str, tuple[tuple[str, ...], ...]] = {
     "CTRL_MAC_ADDR": (("CTRL_VQ",),),
     "CTRL_RX_EXTRA": (("CTRL_VQ",),),
     "RSC_EXT": (("HOST_TSO4", "HOST_TSO6"),),
+    # RSS requires CTRL_VQ; a driver SHOULD NOT negotiate HASH_REPORT without it (§5.1.4.2).
+    "RSS": (("CTRL_VQ",),),
+    "HASH_REPORT": (("CTRL_VQ",),),
 }
+
+# -- data: guest offloads (§5.1.6.3, §5.1.6.5.8) ----------------------------------------------
+
+#: The offloads VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET turns on and off, by feature name (§5.1.6.5.8.1).
+GUEST_OFFLOADS = ("GUEST_CSUM", "GUEST_TSO4", "GUEST_TSO6", "GUEST_ECN", "GUEST_UFO", "GUEST_USO4", "GUEST_USO6")
+#: Features with which the device may pass segmentation-offload packets up (§5.1.6.3).
+GUEST_GSO_FEATURES = ("GUEST_TSO4", "GUEST_TSO6", "GUEST_UFO", "GUEST_USO4", "GUEST_USO6")
+#: The largest such packet: 14 + 40 + 65535 bytes (§5.1.6.3).
+GSO_MAX_PACKET = 65589
 
 
 def unmet_dependencies(features: Iterable[str]) -> set[str]:

@@ -1,10 +1,13 @@
-"""IPv4, IPv6 and TCP headers as data, for frames a test injects and frames it gets back (the
-receive offloads of virtio 1.2 §5.1.6.4 work on them: RSC coalesces TCP segments).
+"""IPv4, IPv6, TCP and UDP headers as data, for frames a test injects and frames it gets back
+(the receive offloads of virtio 1.2 §5.1.6.4 work on them: RSC coalesces TCP segments, RSS and
+hash reports hash their addresses and ports, checksum offloads complete their checksums).
 
 Each header is a dataclass whose fields are named as its RFC names them (IPv4: RFC 791, IPv6:
-RFC 8200, TCP: RFC 9293), with ``encode()`` (network byte order) and ``decode()``. A field left
-None when encoding (lengths, checksums) is computed; given, it is written as given, so a test can
-build a malformed packet on purpose. Pure functions, no I/O.
+RFC 8200, TCP: RFC 9293, UDP: RFC 768), with ``encode()`` (network byte order) and ``decode()``.
+A field left None when encoding (lengths, checksums) is computed; given, it is written as given,
+so a test can build a malformed packet on purpose. On top of them: :class:`Flow` (one direction
+of a TCP/UDP flow), :func:`ip_frame` (a frame of a flow, fully or partially checksummed) and
+:func:`parse_frame`. Pure functions, no I/O.
 """
 
 from __future__ import annotations
@@ -44,14 +47,21 @@ class TcpFlags(IntFlag):
 IP_DF, IP_MF = 0x2, 0x1
 
 
-def internet_checksum(data: bytes) -> int:
-    """The 16-bit ones' complement of the ones' complement sum (RFC 1071)."""
+def ones_complement_sum(data: bytes, start: int = 0) -> int:
+    """The 16-bit ones' complement sum of ``data`` (padded to even length) added to ``start``,
+    folded (RFC 1071 §1): what a partial checksum field holds for the pseudo-header."""
     if len(data) % 2:
         data += b"\0"
-    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total: int = start + sum(struct.unpack(f"!{len(data) // 2}H", data))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
+    return total
+
+
+def internet_checksum(data: bytes, start: int = 0) -> int:
+    """The 16-bit ones' complement of the ones' complement sum (RFC 1071), ``start`` being a
+    sum already taken (a pseudo-header's)."""
+    return ~ones_complement_sum(data, start) & 0xFFFF
 
 
 def _addr(value: str | bytes, size: int) -> bytes:
@@ -289,14 +299,173 @@ class TcpPacket:
         return cls(frame[0:6], frame[6:12], ip, tcp, bytes(body[start:end]), bytes(body[end:]))
 
 
+@dataclass
+class Udp:
+    """A UDP header (RFC 768). ``length`` follows from the payload and ``checksum`` is computed
+    over the pseudo-header, header and payload (a computed 0 sent as 0xffff), unless given."""
+
+    source_port: int
+    destination_port: int
+    length: int | None = None
+    checksum: int | None = None
+
+    header_length = 8
+
+    def encode(self, payload: bytes, ip: Ipv4 | Ipv6) -> bytes:
+        length = self.length if self.length is not None else 8 + len(payload)
+        header = struct.pack("!HHHH", self.source_port, self.destination_port, length, 0)
+        checksum = self.checksum
+        if checksum is None:
+            checksum = internet_checksum(header + payload, ones_complement_sum(ip.pseudo_header(8 + len(payload))))
+            checksum = checksum or 0xFFFF
+        return header[:6] + checksum.to_bytes(2, "big") + payload
+
+    @classmethod
+    def decode(cls, data: bytes) -> Udp:
+        sport, dport, length, csum = struct.unpack_from("!HHHH", data)
+        return cls(sport, dport, length, csum)
+
+
 def udp_frame(
     dst_mac: bytes | str, src_mac: bytes | str, ip: Ipv4 | Ipv6, ports: tuple[int, int], data: bytes
 ) -> bytes:
     """An Ethernet frame with one UDP datagram (RFC 768), its checksum computed (IPv6 needs one)."""
     ip = replace(ip, protocol=IpProto.UDP) if isinstance(ip, Ipv4) else replace(ip, next_header=IpProto.UDP)
-    length = 8 + len(data)
-    header = struct.pack("!HHHH", ports[0], ports[1], length, 0)
-    checksum = internet_checksum(ip.pseudo_header(length) + header + data) or 0xFFFF
-    datagram = header[:6] + checksum.to_bytes(2, "big") + data
+    datagram = Udp(*ports).encode(data, ip)
     ethertype = ETH_P_IP if isinstance(ip, Ipv4) else ETH_P_IPV6
-    return ethernet_frame(dst_mac, src_mac, ethertype, ip.encode(length) + datagram)
+    return ethernet_frame(dst_mac, src_mac, ethertype, ip.encode(len(datagram)) + datagram)
+
+
+# -- flows: frames by addresses and ports (RSS, hash reports, checksum offloads) ---------------
+
+#: Offset of the checksum inside the transport header (what csum_offset names, §5.1.6.2).
+L4_CSUM_OFFSET = {IpProto.TCP: 16, IpProto.UDP: 6}
+
+
+@dataclass(frozen=True)
+class Flow:
+    """One direction of a transport flow: addresses (v4 or v6, both the same family), ports,
+    protocol (:class:`IpProto`; another number gives an IP packet without ports)."""
+
+    src: str
+    dst: str
+    sport: int
+    dport: int
+    proto: int = IpProto.UDP
+
+    @property
+    def version(self) -> int:
+        return ipaddress.ip_address(self.src).version
+
+    @property
+    def l3_len(self) -> int:
+        return self.ip().header_length
+
+    @property
+    def l4_len(self) -> int:
+        return Udp.header_length if self.proto == IpProto.UDP else 20
+
+    @property
+    def headers_len(self) -> int:
+        """Ethernet + IP + transport header bytes (what hdr_len covers, §5.1.6.2)."""
+        return ETH_HLEN + self.l3_len + self.l4_len
+
+    def ip(self, **fields: object) -> Ipv4 | Ipv6:
+        """The flow's IP header (other fields by keyword)."""
+        if self.version == 4:
+            return Ipv4(self.src, self.dst, protocol=self.proto, **fields)  # type: ignore[arg-type]
+        return Ipv6(self.src, self.dst, next_header=self.proto, **fields)  # type: ignore[arg-type]
+
+    def pseudo_header_sum(self, l4_length: int) -> int:
+        """The ones' complement sum of the TCP/UDP pseudo-header (RFC 9293 §3.1, RFC 8200 §8.1)."""
+        return ones_complement_sum(self.ip().pseudo_header(l4_length))
+
+
+def ip_frame(
+    flow: Flow,
+    payload: bytes,
+    *,
+    dst_mac: bytes | str,
+    src_mac: bytes | str,
+    seq: int = 1,
+    partial: bool = False,
+    ident: int = 1,
+) -> bytes:
+    """An Ethernet frame carrying ``payload`` in one TCP (PSH|ACK at ``seq``) or UDP segment of
+    ``flow``: checksummed, or (``partial``) with the checksum field holding the pseudo-header
+    sum, as a driver leaves it with NEEDS_CSUM (§5.1.6.2). ``ident``: the IPv4 identification."""
+    ip = flow.ip(identification=ident) if flow.version == 4 else flow.ip()
+    l4: Tcp | Udp
+    if flow.proto == IpProto.TCP:
+        l4 = Tcp(flow.sport, flow.dport, seq, 0, TcpFlags.PSH | TcpFlags.ACK)
+    elif flow.proto == IpProto.UDP:
+        l4 = Udp(flow.sport, flow.dport)
+    else:
+        raise ValueError(f"a frame of a flow carries TCP or UDP, not protocol {flow.proto}")
+    if partial:
+        l4 = replace(l4, checksum=flow.pseudo_header_sum(l4.header_length + len(payload)))
+    segment = l4.encode(payload, ip)
+    ethertype = ETH_P_IP if flow.version == 4 else ETH_P_IPV6
+    return ethernet_frame(dst_mac, src_mac, ethertype, ip.encode(len(segment)) + segment)
+
+
+@dataclass(frozen=True)
+class ParsedFrame:
+    """What :func:`parse_frame` found: the flow (None for a frame that is not IP), the offset of
+    the transport header, and the transport payload."""
+
+    flow: Flow | None
+    l4_offset: int = 0
+    payload: bytes = b""
+    #: TCP sequence number (0 for UDP).
+    seq: int = 0
+    #: IPv6 with an extension header before the transport header.
+    ipv6_ext: bool = False
+
+    def l4_checksum_ok(self, frame: bytes) -> bool:
+        """True when the TCP/UDP checksum of ``frame`` verifies (RFC 1071: the sum is 0xffff)."""
+        if self.flow is None:
+            raise ValueError("not an IP frame")
+        segment = frame[self.l4_offset :]
+        return ones_complement_sum(segment, self.flow.pseudo_header_sum(len(segment))) == 0xFFFF
+
+
+def parse_frame(frame: bytes) -> ParsedFrame:
+    """The flow of an Ethernet II frame with IPv4 or IPv6 and TCP or UDP (no VLAN tag). An IP
+    frame with another protocol has a flow whose ports are 0; a non-IP frame has none. The IP
+    packet ends where its length field says."""
+    ethertype = int.from_bytes(frame[12:14], "big")
+    body = frame[ETH_HLEN:]
+    ip: Ipv4 | Ipv6
+    if ethertype == ETH_P_IP:
+        ip = Ipv4.decode(body)
+        proto, end = ip.protocol, ip.total_length or 0
+    elif ethertype == ETH_P_IPV6:
+        ip = Ipv6.decode(body)
+        proto, end = ip.next_header, ip.header_length + (ip.payload_length or 0)
+    else:
+        return ParsedFrame(None)
+    src, dst = str(ipaddress.ip_address(ip.src)), str(ipaddress.ip_address(ip.dst))
+    l4_offset = ETH_HLEN + ip.header_length
+    l4_data = body[ip.header_length :]
+    if proto == IpProto.TCP:
+        tcp = Tcp.decode(l4_data)
+        flow = Flow(src, dst, tcp.source_port, tcp.destination_port, IpProto.TCP)
+        payload = body[ip.header_length + tcp.header_length : end]
+        return ParsedFrame(flow, l4_offset, bytes(payload), tcp.sequence_number)
+    if proto == IpProto.UDP:
+        udp = Udp.decode(l4_data)
+        flow = Flow(src, dst, udp.source_port, udp.destination_port, IpProto.UDP)
+        return ParsedFrame(flow, l4_offset, bytes(body[ip.header_length + Udp.header_length : end]))
+    ext = isinstance(ip, Ipv6)
+    return ParsedFrame(Flow(src, dst, 0, 0, proto), l4_offset, bytes(body[ip.header_length : end]), ipv6_ext=ext)
+
+
+def complete_checksum(frame: bytes, csum_start: int, csum_offset: int) -> bytes:
+    """What a NEEDS_CSUM receiver does (§5.1.6.2 point 2): the ones' complement checksum from
+    ``csum_start`` to the end, stored at ``csum_start + csum_offset``."""
+    at = csum_start + csum_offset
+    if not csum_start < at + 2 <= len(frame):
+        raise ValueError(f"csum_start {csum_start} + csum_offset {csum_offset} is outside a {len(frame)}-byte frame")
+    value = internet_checksum(frame[csum_start:])
+    return frame[:at] + value.to_bytes(2, "big") + frame[at + 2 :]
