@@ -9,11 +9,10 @@ from __future__ import annotations
 import pytest
 
 from qtest_virtio import Machine
-from qtest_virtio.backends import NetBackend
 from qtest_virtio.devices.net.driver import VirtioNet
 from qtest_virtio.devices.net.encoding import BROADCAST, ethernet_frame, mac_bytes, mac_str
 
-from ._support import need, rx_filter
+from ._support import delivered, need, rx_filter
 
 pytestmark = pytest.mark.virtio_device("virtio-net-pci")
 
@@ -31,20 +30,6 @@ def _tagged(dst: bytes | str, vid: int) -> bytes:
     return ethernet_frame(dst, PEER, 0x8100, vid.to_bytes(2, "big") + b"\x88\xb5" + bytes(60))
 
 
-def _delivered(qemu: Machine, net: VirtioNet, frame: bytes, marker_to: bytes | str | None = None) -> bool:
-    """Inject ``frame`` then a marker the device accepts; True if ``frame`` came first."""
-    host = qemu.backend(net.dev_id, NetBackend)
-    marker = _frame(marker_to or net.mac, 64, seed=0x77)
-    host.send(frame)
-    host.send(marker)
-    got = net.receive(timeout=2)
-    if got == marker:
-        return False
-    assert got == frame, "a frame came back altered"
-    assert net.receive(timeout=2) == marker
-    return True
-
-
 @pytest.mark.conformance("net-ctrl-mac-addr-set", spec="5.1.6.5.2.1")
 def test_mac_addr_set_is_acked_and_applied(virtio_device: VirtioNet, qemu: Machine) -> None:
     """VIRTIO_NET_CTRL_MAC_ADDR_SET is acked VIRTIO_NET_OK, and with MAC negotiated the device
@@ -58,7 +43,7 @@ def test_mac_addr_set_is_acked_and_applied(virtio_device: VirtioNet, qemu: Machi
     assert rx_filter(qemu, net)["main-mac"] == new
     if net.has("CTRL_RX"):
         net.set_rx_mode(promisc=False)
-        assert _delivered(qemu, net, _frame(new, seed=1))
+        assert delivered(qemu, net, _frame(new, seed=1))
 
 
 @pytest.mark.conformance("net-ctrl-promisc", spec="5.1.6.5.1")
@@ -72,7 +57,7 @@ def test_promisc_is_acked_and_applied(virtio_device: VirtioNet, qemu: Machine) -
     assert rx_filter(qemu, net)["promiscuous"] is False
     net.set_rx_mode(promisc=True)
     assert rx_filter(qemu, net)["promiscuous"] is True
-    assert _delivered(qemu, net, _frame(STRANGER, seed=2))
+    assert delivered(qemu, net, _frame(STRANGER, seed=2))
 
 
 @pytest.mark.conformance("net-ctrl-allmulti", spec="5.1.6.5.1")
@@ -83,7 +68,7 @@ def test_allmulti_is_acked_and_applied(virtio_device: VirtioNet, qemu: Machine) 
     need(net, "CTRL_RX")
     net.set_rx_mode(promisc=False, allmulti=True)
     assert rx_filter(qemu, net)["multicast"] == "all"
-    assert _delivered(qemu, net, _frame(MULTICAST, seed=3))
+    assert delivered(qemu, net, _frame(MULTICAST, seed=3))
     net.set_rx_mode(allmulti=False)
     assert rx_filter(qemu, net)["multicast"] == "normal"
 
@@ -113,11 +98,11 @@ def test_nobcast_suppresses_broadcast(virtio_device: VirtioNet, qemu: Machine) -
     net = virtio_device
     need(net, "CTRL_RX_EXTRA", "CTRL_RX")
     net.set_rx_mode(promisc=False)
-    assert _delivered(qemu, net, _frame(BROADCAST, seed=4))
+    assert delivered(qemu, net, _frame(BROADCAST, seed=4))
     net.set_rx_mode(nobcast=True, allmulti=True)
-    assert not _delivered(qemu, net, _frame(BROADCAST, seed=5))
+    assert not delivered(qemu, net, _frame(BROADCAST, seed=5))
     net.set_rx_mode(nobcast=False)
-    assert _delivered(qemu, net, _frame(BROADCAST, seed=6))
+    assert delivered(qemu, net, _frame(BROADCAST, seed=6))
 
 
 @pytest.mark.conformance("net-rx-filter-foreign-mac", spec="5.1.6.5.2.1")
@@ -128,9 +113,9 @@ def test_frames_for_other_addresses_are_dropped(virtio_device: VirtioNet, qemu: 
     net = virtio_device
     need(net, "CTRL_RX")
     net.set_rx_mode(promisc=False, allmulti=False)
-    assert not _delivered(qemu, net, _frame(STRANGER, seed=7))
-    assert not _delivered(qemu, net, _frame(MULTICAST, seed=8))
-    assert _delivered(qemu, net, _frame(net.mac, seed=9))
+    assert not delivered(qemu, net, _frame(STRANGER, seed=7))
+    assert not delivered(qemu, net, _frame(MULTICAST, seed=8))
+    assert delivered(qemu, net, _frame(net.mac, seed=9))
 
 
 @pytest.mark.conformance("net-ctrl-mac-table-set", spec="5.1.6.5.2.1")
@@ -144,10 +129,10 @@ def test_mac_table_is_updated_before_the_command_is_used(virtio_device: VirtioNe
     net.set_mac_table([STRANGER], [MULTICAST])
     info = rx_filter(qemu, net)
     assert (info["unicast-table"], info["multicast-table"]) == ([STRANGER], [MULTICAST])
-    assert _delivered(qemu, net, _frame(STRANGER, seed=10))
-    assert _delivered(qemu, net, _frame(MULTICAST, seed=11))
+    assert delivered(qemu, net, _frame(STRANGER, seed=10))
+    assert delivered(qemu, net, _frame(MULTICAST, seed=11))
     net.set_mac_table([], [])
-    assert not _delivered(qemu, net, _frame(STRANGER, seed=12))
+    assert not delivered(qemu, net, _frame(STRANGER, seed=12))
 
 
 @pytest.mark.conformance("net-mac-table-empty-on-reset", spec="5.1.6.5.2.1")
@@ -163,7 +148,7 @@ def test_mac_table_is_empty_after_reset(virtio_device: VirtioNet, qemu: Machine)
     assert (info["unicast-table"], info["multicast-table"]) == ([], [])
     if net.has("CTRL_RX"):
         net.set_rx_mode(promisc=False)
-        assert not _delivered(qemu, net, _frame(STRANGER, seed=13))
+        assert not delivered(qemu, net, _frame(STRANGER, seed=13))
 
 
 @pytest.mark.conformance("net-vlan-filter", spec="5.1.6.5.3")
@@ -177,13 +162,13 @@ def test_vlan_table_filters_tagged_frames(virtio_device: VirtioNet, qemu: Machin
     tagged = {
         vid: ethernet_frame(net.mac, PEER, 0x8100, vid.to_bytes(2, "big") + b"\x88\xb5" + bytes(60)) for vid in (5, 6)
     }
-    assert not _delivered(qemu, net, tagged[5])
+    assert not delivered(qemu, net, tagged[5])
     net.vlan_add(5)
     assert rx_filter(qemu, net)["vlan-table"] == [5]
-    assert _delivered(qemu, net, tagged[5])
-    assert not _delivered(qemu, net, tagged[6])
+    assert delivered(qemu, net, tagged[5])
+    assert not delivered(qemu, net, tagged[6])
     net.vlan_del(5)
-    assert not _delivered(qemu, net, tagged[5])
+    assert not delivered(qemu, net, tagged[5])
 
 
 @pytest.mark.conformance("net-vlan-accept-all-without-ctrl-vlan", spec="5.1.6.5.3")
@@ -196,7 +181,7 @@ def test_without_ctrl_vlan_tagged_frames_pass(virtio_device: VirtioNet, qemu: Ma
     need(net, "CTRL_RX")
     net.set_rx_mode(promisc=False)
     for vid in (1, 5, 4095):
-        assert _delivered(qemu, net, _tagged(net.mac, vid))
+        assert delivered(qemu, net, _tagged(net.mac, vid))
 
 
 @pytest.mark.conformance("net-announce-ack-clears", spec="5.1.6.5.4")
