@@ -303,8 +303,12 @@ class Virtqueue(ABC):
 
     # -- requests with their own buffers --------------------------------------------------
 
-    def submit(self, out: Sequence[bytes], in_sizes: Sequence[int], *, indirect: bool | None = None) -> Request:
-        """Allocate guest buffers, write ``out``, make the chain available and kick."""
+    def submit(
+        self, out: Sequence[bytes], in_sizes: Sequence[int], *, indirect: bool | None = None, kick: bool = True
+    ) -> Request:
+        """Allocate guest buffers, write ``out``, make the chain available and kick (or, with
+        ``kick=False``, leave publishing and the notification to a later :meth:`kick`, so
+        several chains reach the device in one pass)."""
         allocations = []
         out_addrs = []
         bufs: list[Buf] = []
@@ -324,7 +328,8 @@ class Virtqueue(ABC):
             in_bufs.append(Buf(addr, size, writable=True))
         bufs += in_bufs
         token = self.add(bufs, indirect=indirect)
-        self.kick()
+        if kick:
+            self.kick()
         return Request(token, out_addrs, in_bufs, allocations)
 
     def complete(self, request: Request, timeout: float = 5.0) -> tuple[int, list[bytes]]:

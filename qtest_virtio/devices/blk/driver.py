@@ -10,7 +10,7 @@ import itertools
 from dataclasses import dataclass
 
 from ...backends import ImageBackend
-from ...virtqueue import Buf, Request, Virtqueue
+from ...virtqueue import Request, Virtqueue
 from ..base import Pending, VirtioDriver
 from . import encoding
 from .encoding import (
@@ -161,22 +161,7 @@ class VirtioBlk(VirtioDriver):
         for req in reqs:
             self._check_framing(req, framing)
             out, in_sizes = framing.layout(req)
-            allocations: list[int] = []
-            bufs: list[Buf] = []
-            for data in out:
-                addr = self.memory.alloc(max(len(data), 1), 16, tag=f"{vq.name} out")
-                allocations.append(addr)
-                if data:
-                    self.memory.write(addr, data)
-                bufs.append(Buf(addr, len(data)))
-            in_bufs = []
-            for size in in_sizes:
-                addr = self.memory.alloc(max(size, 1), 16, tag=f"{vq.name} in")
-                allocations.append(addr)
-                in_bufs.append(Buf(addr, size, writable=True))
-            token = vq.add([*bufs, *in_bufs])
-            chain = Request(token, allocations[: len(out)], in_bufs, allocations)
-            pending.append(PendingBlk(req, framing, index, chain))
+            pending.append(PendingBlk(req, framing, index, vq.submit(out, in_sizes, kick=False)))
         vq.kick()
         return pending
 
