@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -247,26 +248,20 @@ class Counters:
 
 def _exact(source: Path, source_file: str) -> str:
     """A gcovr filter (a regex on the absolute path) matching exactly one source file."""
-    import re
-
     return re.escape(str(source / source_file)) + "$"
 
 
 def _never_called(detail: Mapping[str, object], source_file: str) -> tuple[str, ...]:
+    """The functions of ``source_file`` no object of the run executed (a function compiled into
+    several objects counts as called when any of them ran it)."""
     files = detail.get("files", [])
+    calls: dict[str, int] = {}
     for entry in files if isinstance(files, list) else []:
         if entry.get("file") == source_file:
-            return tuple(
-                sorted(
-                    {str(fn.get("demangled_name") or fn.get("name")) for fn in entry.get("functions", [])}
-                    - {
-                        str(fn.get("demangled_name") or fn.get("name"))
-                        for fn in entry.get("functions", [])
-                        if fn.get("execution_count", 0)
-                    }
-                )
-            )
-    return ()
+            for fn in entry.get("functions", []):
+                name = str(fn.get("demangled_name") or fn.get("name"))
+                calls[name] = calls.get(name, 0) + int(fn.get("execution_count", 0))
+    return tuple(sorted(name for name, count in calls.items() if not count))
 
 
 def _rows(
