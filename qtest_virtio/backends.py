@@ -375,10 +375,14 @@ def _socketpair() -> tuple[socket.socket, socket.socket]:
     return ours, theirs
 
 
-def _image(dev_id: str, kind: str, size: int, workdir: str) -> tuple[str, str, ImageBackend | None]:
+def _image(
+    dev_id: str, kind: str, size: int, workdir: str, share: str | None = None
+) -> tuple[str, str, ImageBackend | None]:
     """(blockdev option, reproducer blockdev option, handle) for an image-kind backend:
     ``null``, ``image`` (``image,read-only=on`` opens it read-only), ``blkdebug,FAULT,...``
-    (:class:`BlockFault`: the image behind blkdebug), or the path of an existing image."""
+    (:class:`BlockFault`: the image behind blkdebug), or the path of an existing image.
+    ``share``: a migration source's image file, which this one is a hard link to (one inode:
+    the data the guest wrote carries over, and it outlives the source's directory)."""
     node = f"{dev_id}-backend"
     if kind == "null":
         opt = f"driver=null-co,node-name={node},read-zeroes=on,size={size}"
@@ -386,7 +390,7 @@ def _image(dev_id: str, kind: str, size: int, workdir: str) -> tuple[str, str, I
     name, *options = kind.split(",")
     if name == "blkdebug":
         faults = tuple(BlockFault.parse(text) for text in options)
-        path = _scratch_image(dev_id, size, workdir)
+        path = _scratch_image(dev_id, size, workdir, share)
         rules = "".join(f",{fault.options(i)}" for i, fault in enumerate(faults))
         opt = f"driver=blkdebug,node-name={node},image.driver=file,image.filename={_escape(path)}{rules}"
         repro = f"driver=blkdebug,node-name={node},image.driver=null-co,image.read-zeroes=on,image.size={size}{rules}"
@@ -395,7 +399,7 @@ def _image(dev_id: str, kind: str, size: int, workdir: str) -> tuple[str, str, I
         if options not in ([], ["read-only=on"]):
             raise BackendError(f"backend {kind!r}: write image or image,read-only=on")
         read_only = ",read-only=on" if options else ""
-        path = _scratch_image(dev_id, size, workdir)
+        path = _scratch_image(dev_id, size, workdir, share)
         repro = f"driver=raw,node-name={node}{read_only},file.driver=null-co,file.read-zeroes=on,file.size={size}"
         opt = f"driver=raw,node-name={node}{read_only},file.driver=file,file.filename={_escape(path)}"
         return opt, repro, ImageBackend(path, size)
@@ -406,28 +410,45 @@ def _image(dev_id: str, kind: str, size: int, workdir: str) -> tuple[str, str, I
     return opt, opt, ImageBackend(path, size)
 
 
-def _blk_backend(dev_id: str, kind: str, size: int, workdir: str) -> Backend:
+def _blk_backend(dev_id: str, kind: str, size: int, workdir: str, share: str | None) -> Backend:
     """virtio-blk's drive (an image kind, see :func:`_image`). An IOThread is no backend: the
     plugin's ``virtio_device(iothread=True)`` adds the object and the device's property."""
-    opt, repro, handle = _image(dev_id, kind, size, workdir)
+    opt, repro, handle = _image(dev_id, kind, size, workdir, share)
     return Backend(["-blockdev", opt], ["-blockdev", repro], {"drive": f"{dev_id}-backend"}, handle=handle)
 
 
-def _scratch_image(dev_id: str, size: int, workdir: str) -> str:
-    """A sparse file of ``size`` bytes in the machine's private directory."""
+def _scratch_image(dev_id: str, size: int, workdir: str, share: str | None = None) -> str:
+    """A sparse file of ``size`` bytes in the machine's private directory, or a hard link to
+    ``share`` there (see :func:`_image`)."""
     path = os.path.join(workdir, f"{dev_id}.img")
+    if share is not None:
+        try:
+            os.link(share, path)
+        except OSError as exc:
+            raise BackendError(f"cannot share image {share} with the migration destination: {exc}") from exc
+        return path
     with open(path, "wb") as f:
         f.truncate(size)
     return path
 
 
-def make_backend(driver: str, dev_id: str, props: dict[str, str], kind: str | None, size: int, workdir: str) -> Backend:
-    """The backend ``driver`` needs, unless the user wired one in by property."""
+def make_backend(
+    driver: str,
+    dev_id: str,
+    props: dict[str, str],
+    kind: str | None,
+    size: int,
+    workdir: str,
+    share: str | None = None,
+) -> Backend:
+    """The backend ``driver`` needs, unless the user wired one in by property. ``share``: the
+    image file of the same device on a migration source (images are shared storage; every
+    other backend is made afresh, as a new host would)."""
     base = driver.removesuffix("-transitional").removesuffix("-non-transitional")
     if base == "virtio-blk-pci" and "drive" not in props:
-        return _blk_backend(dev_id, kind or "image", size, workdir)
+        return _blk_backend(dev_id, kind or "image", size, workdir, share)
     if base == "virtio-scsi-pci" and kind != "none":
-        opt, repro, handle = _image(dev_id, kind or "image", size, workdir)
+        opt, repro, handle = _image(dev_id, kind or "image", size, workdir, share)
         disk = f"scsi-hd,bus={dev_id}.0,drive={dev_id}-backend,id={dev_id}-hd,channel=0,scsi-id=0,lun=0"
         return Backend(["-blockdev", opt], ["-blockdev", repro], devices=[disk], repro_devices=[disk], handle=handle)
     if base == "virtio-net-pci" and "netdev" not in props and kind and kind.split(",")[0] == "tap":

@@ -233,8 +233,24 @@ class QemuBinary:
 
     @cached_property
     def machines(self) -> list[str]:
-        lines = self._run("-machine", "help").stdout.splitlines()[1:]
-        return [line.split()[0] for line in lines if line.strip()]
+        return list(self._machine_aliases)
+
+    @cached_property
+    def _machine_aliases(self) -> dict[str, str]:
+        """Machine type -> the versioned type it is an alias of (itself when it is none)."""
+        out: dict[str, str] = {}
+        for line in self._run("-machine", "help").stdout.splitlines()[1:]:
+            if line.strip():
+                m = re.search(r"\(alias of ([^)]+)\)", line)
+                name = line.split()[0]
+                out[name] = m.group(1) if m else name
+        return out
+
+    def resolve_machine(self, machine: str) -> str:
+        """The versioned machine type ``machine`` names in this binary (``q35`` is an alias
+        that moves with every release: migration needs the versioned name on both sides)."""
+        name = machine.split(",")[0]
+        return self._machine_aliases.get(name, name)
 
     def device_properties(self, device: str) -> dict[str, PropertyInfo]:
         """Properties of ``device`` with type and default; raises UnknownFlag for a bad device."""

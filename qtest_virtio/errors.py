@@ -123,6 +123,42 @@ class QemuCrashed(QtestVirtioError):
         return "\n".join(parts)
 
 
+class MigrationError(QtestVirtioError):
+    """A live migration failed or never finished. The first line says why: QMP's
+    ``error-desc`` on the source and the destination's own complaint; the rest quotes both
+    sides' stderr tails, since a refused vmstate is reported only by the side that loads it."""
+
+    def __init__(
+        self,
+        summary: str,
+        *,
+        error_desc: str = "",
+        source_stderr: str = "",
+        destination_stderr: str = "",
+        command_lines: Sequence[str] = (),
+        destination: str = "",
+    ) -> None:
+        self.summary = summary
+        #: "QEMU 7.2.22 (pc-q35-7.2)": where the state was going.
+        self.destination = destination
+        self.error_desc = error_desc
+        self.source_stderr = source_stderr
+        self.destination_stderr = destination_stderr
+        self.command_lines = list(command_lines)
+        parts = [summary]
+        for side, tail in (("source", source_stderr), ("destination", destination_stderr)):
+            if tail.strip():
+                parts.append(f"{side} QEMU stderr (tail):\n" + _indent(tail))
+        for line in self.command_lines:
+            parts.append("command line:\n" + _indent(line))
+        super().__init__("\n".join(parts))
+
+
+class MigrationUnsupported(MigrationError):
+    """The migration cannot be attempted as asked: the destination lacks a device, a property
+    or a device flag the source uses. Decided before any state moves; the message names it."""
+
+
 class UsageError(QtestVirtioError):
     """Bad input from the user (a command line, an option, a shell command): the message names
     the problem and the fix, and the console script exits 128 so that a typo aborts a bisect."""

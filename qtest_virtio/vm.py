@@ -6,15 +6,18 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any, TextIO, TypeVar, overload
 
 from . import modes
 from .devices import registry
 from .devices.base import DriverError, VirtioDriver
+from .errors import MigrationError
 from .machine import MachineSpec, QemuMachine
 from .memory import GuestMemory
 from .pci import PciBus, PciFunction
+from .transport.layout import feature_names
 
 D = TypeVar("D", bound=VirtioDriver)
 
@@ -31,9 +34,12 @@ class Machine(QemuMachine):
         super().__init__(spec, qtest_log=qtest_log)
         self._pci: PciBus | None = None
         self._memory: GuestMemory | None = None
+        #: The drivers ``virtio()`` made: a migration re-points their backends.
+        self._drivers: list[VirtioDriver] = []
 
     def __enter__(self) -> Machine:
-        self.start()
+        if self._proc is None:  # a migration destination comes started
+            self.start()
         return self
 
     @property
@@ -98,7 +104,25 @@ class Machine(QemuMachine):
         drv.dev_id = dev_id
         drv.backend = self._plan.handles.get(dev_id) if self._plan else None
         drv.initialize()
+        self._drivers.append(drv)
         return drv
+
+    def migrate_to(self, spec: MachineSpec | None = None, *, keep_source: bool = False) -> Machine:
+        """Live-migrate to a new QEMU (see :meth:`QemuMachine.migrate_to`), drivers and all: the
+        PCI, memory and driver objects carry over, each driver's ``backend`` becomes the
+        destination's host end (images are the same file; sockets and FIFOs are new). A
+        migration QEMU refuses for a feature the destination does not offer names it."""
+        try:
+            dest = super().migrate_to(spec, keep_source=keep_source)
+        except MigrationError as exc:
+            raise explain_migration_error(exc, self._drivers) from None
+        dest._pci, dest._memory = self._pci, self._memory
+        handles = dest.backend_handles()
+        for drv in self._drivers:
+            drv.backend = handles.get(drv.dev_id)
+        dest._drivers, self._drivers = self._drivers, []
+        self._pci = self._memory = None
+        return dest
 
 
 def _find_qdev(devices: list[dict[str, Any]], dev_id: str) -> dict[str, Any] | None:
@@ -111,3 +135,40 @@ def _find_qdev(devices: list[dict[str, Any]], dev_id: str) -> dict[str, Any] | N
             if found is not None:
                 return found
     return None
+
+
+#: virtio_load's refusal (hw/virtio/virtio.c): the features the source negotiated that the
+#: destination's device does not offer, and the vmstate section it was loading.
+_FEATURES_RE = re.compile(r"Features 0x([0-9a-f]+) unsupported\. Allowed features: 0x([0-9a-f]+)")
+_SECTION_RE = re.compile(r"error while loading state for instance \S+ of device '([0-9a-f:.]+)/([^']+)'")
+
+
+def explain_migration_error(exc: MigrationError, drivers: list[VirtioDriver]) -> MigrationError:
+    """``exc`` with its summary naming the features virtio_load refused ("RING_PACKED is not
+    migratable to 7.2.22: ..."), when that is why; else ``exc`` as it is."""
+    m = _FEATURES_RE.search(exc.destination_stderr)
+    if m is None:
+        return exc
+    features, allowed = int(m.group(1), 16), int(m.group(2), 16)
+    section = _SECTION_RE.search(exc.destination_stderr)
+    drv = next(
+        (d for d in drivers if section is not None and section.group(1).endswith(d.fn.bdf)),
+        drivers[0] if len(drivers) == 1 else None,
+    )
+    bits = drv.device_bits if drv is not None else None
+    names = feature_names(features & ~allowed, bits)
+    where = f"{drv.dev_id} ({type(drv).__name__})" if drv is not None else (section.group(2) if section else "a device")
+    one = len(names) == 1
+    summary = (
+        f"{', '.join(names)} {'is' if one else 'are'} not migratable to {exc.destination}: {where} negotiated "
+        f"{'it' if one else 'them'} and the destination's device does not offer {'it' if one else 'them'} "
+        f"({exc.summary})"
+    )
+    return type(exc)(
+        summary,
+        error_desc=exc.error_desc,
+        source_stderr=exc.source_stderr,
+        destination_stderr=exc.destination_stderr,
+        command_lines=exc.command_lines,
+        destination=exc.destination,
+    )

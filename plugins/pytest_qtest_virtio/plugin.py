@@ -20,7 +20,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 import qtest_virtio
 from qtest_virtio import Machine, MachineSpec, QemuCrashed, QemuStartError, QtestVirtioError
 from qtest_virtio.app.exits import unwinds_on_default
-from qtest_virtio.app.options import OptionError, parse_flags, parse_refuse, parse_transports
+from qtest_virtio.app.options import OptionError, machine_type, parse_flags, parse_refuse, parse_transports
 from qtest_virtio.backends import BackendUnavailable
 from qtest_virtio.binary import DEFAULT_QEMU, BadFlagValue, QemuBinary, QemuNotFound, UnknownFlag
 from qtest_virtio.deviations import TABLE_ENV, Deviation, Status, TableError, table
@@ -31,10 +31,10 @@ from qtest_virtio.qtest import QtestClient
 from qtest_virtio.transport import feature_bit
 from qtest_virtio.transport.layout import FEATURE_BITS
 
+from .migration import migrate  # noqa: F401  (a fixture: pytest finds it in the plugin module)
 from .params import VirtioParam, virtio_params
+from .stash import MACHINES_KEY, VIRTIO_MACHINE_KEY
 
-MACHINES_KEY = pytest.StashKey[list[QemuMachine]]()
-VIRTIO_MACHINE_KEY = pytest.StashKey[Machine]()
 PARAM_KEY = pytest.StashKey[VirtioParam]()
 #: Every feature name a refusal may use: the reserved ones and each device's own.
 KNOWN_FEATURES = frozenset(FEATURE_BITS.values()).union(*(t.values() for t in registry.feature_bits().values()))
@@ -58,7 +58,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--qemu", default=None, metavar="PATH", help="QEMU binary (also env QEMU; default: qemu-system-x86_64 on PATH)"
     )
-    group.addoption("--qemu-machine", default=None, choices=("q35", "pc"), help="machine type (default q35)")
+    group.addoption(
+        "--qemu-machine",
+        default=None,
+        type=machine_type,
+        help="machine type: q35 (default), pc, or a versioned pc-q35-X.Y / pc-i440fx-X.Y (migration across versions)",
+    )
+    group.addoption(
+        "--migrate-to",
+        default=None,
+        metavar="PATH",
+        help="destination QEMU of the `migrate` fixture (also env QEMU_MIGRATE_TO; default: the --qemu binary)",
+    )
     group.addoption(
         "--qemu-required",
         action="store_true",

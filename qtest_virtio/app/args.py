@@ -11,6 +11,7 @@ from ..binary import QemuBinary
 from ..errors import UsageError
 from ..machine import MachineSpec, split_option_list
 from .exits import EXIT_USAGE
+from .options import machine_type
 
 
 class Parser(argparse.ArgumentParser):
@@ -37,7 +38,12 @@ def split_device_option(text: str) -> tuple[str, dict[str, str]]:
 
 def add_machine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--qemu", default=None, help="QEMU binary (default: $QEMU or qemu-system-x86_64 on PATH)")
-    p.add_argument("--machine", default="q35", choices=("q35", "pc"), help="machine type (default q35)")
+    p.add_argument(
+        "--machine",
+        default="q35",
+        type=machine_type,
+        help="machine type: q35 (default), pc, or a versioned pc-q35-X.Y / pc-i440fx-X.Y",
+    )
     p.add_argument("--memory", default="256M", help="guest RAM (default 256M)")
     p.add_argument(
         "--device",

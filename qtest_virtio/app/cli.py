@@ -23,7 +23,7 @@ from ..probe import format_report, probe, to_json
 from ..vm import Machine
 from .args import Parser, add_machine_arguments, spec_from_args
 from .exits import EXIT_FAILED, EXIT_OK, EXIT_UNTESTABLE, EXIT_USAGE, INTERRUPTED, guarded
-from .options import parse_flags, parse_transports
+from .options import machine_type, parse_flags, parse_transports
 
 if TYPE_CHECKING:  # the runner imports pytest: only ``run`` and ``conformance`` load it
     from .runner import ResultCollector
@@ -70,6 +70,8 @@ def _suite_dir() -> str:
 def _pytest_args(args: argparse.Namespace, binary: QemuBinary) -> list[str]:
     targets = list(args.targets) or [_suite_dir()]
     out = [*targets, f"--qemu={binary.path}", f"--qemu-machine={args.machine}"]
+    if getattr(args, "migrate_to", None):
+        out.append(f"--migrate-to={args.migrate_to}")
     if args.flags:
         out.append(f"--virtio-flags={args.flags}")
     if args.transport:
@@ -111,6 +113,10 @@ def _run_suite(args: argparse.Namespace) -> tuple[int, ResultCollector, QemuBina
     parse_transports(args.transport)  # OptionError: 128
     _check_run_flags(args.flags, binary)
     print(binary.identity, flush=True)
+    if getattr(args, "migrate_to", None):
+        dest = QemuBinary.get(args.migrate_to)  # not found: 125, as for --qemu
+        args.migrate_to = dest.path
+        print(f"migration scenarios migrate to: {dest.identity}", flush=True)
     code, collector = run_pytest(_pytest_args(args, binary))
     return code, collector, binary
 
@@ -288,7 +294,19 @@ def _run_args(p: argparse.ArgumentParser) -> None:
         "targets", nargs="*", metavar="TARGET", help="test files, dirs or node ids (default: the bundled suite)"
     )
     p.add_argument("--qemu", default=None, help="QEMU binary (default: $QEMU or qemu-system-x86_64 on PATH)")
-    p.add_argument("--machine", default="q35", choices=("q35", "pc"))
+    p.add_argument(
+        "--machine",
+        default="q35",
+        type=machine_type,
+        help="machine type: q35 (default), pc, or a versioned pc-q35-X.Y / pc-i440fx-X.Y",
+    )
+    p.add_argument(
+        "--migrate-to",
+        default=None,
+        metavar="PATH",
+        help="destination QEMU of the migration scenarios (default: the --qemu binary); across versions, "
+        "pass a versioned --machine both have, e.g. pc-q35-7.2",
+    )
     p.add_argument("--flags", default="", metavar="K=V,...", help="device properties for every virtio device")
     p.add_argument("--transport", default="", metavar="LIST", help="transport modes (default: all four)")
     p.add_argument("--refuse", default="", metavar="F,...", help="features the driver declines")

@@ -6,6 +6,8 @@ No pytest and no QEMU here, so it is unit-tested directly.
 
 from __future__ import annotations
 
+import argparse
+import re
 from collections.abc import Iterable
 
 from .. import modes
@@ -69,3 +71,17 @@ def parse_flags(
 def parse_refuse(text: str | None) -> frozenset[str]:
     """``EVENT_IDX,INDIRECT_DESC`` -> the feature names, upper-cased."""
     return frozenset(t.strip().upper() for t in (text or "").split(",") if t.strip())
+
+
+#: ``q35`` and ``pc`` (each binary's newest), or a versioned type as a migration across
+#: versions needs on both sides (``pc-q35-7.2``, ``pc-i440fx-10.0``).
+_MACHINE_RE = re.compile(r"^(q35|pc|pc-q35-\d+\.\d+|pc-i440fx-\d+\.\d+)$")
+
+
+def machine_type(text: str) -> str:
+    """An argparse ``type=`` for ``--machine`` / ``--qemu-machine``."""
+    if not _MACHINE_RE.match(text):
+        raise argparse.ArgumentTypeError(
+            f"invalid choice: {text!r} (choose q35, pc, or a versioned pc-q35-X.Y / pc-i440fx-X.Y)"
+        )
+    return text

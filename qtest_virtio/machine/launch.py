@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ..backends import Handle, make_backend
@@ -93,8 +94,17 @@ def names_qtest_accel(args: list[str]) -> bool:
     return False
 
 
-def build_argv(spec: MachineSpec, binary: QemuBinary, workdir: str) -> LaunchPlan:
-    """argv for ``spec``: qtest and QMP on sockets in ``workdir``, accel per the binary."""
+def build_argv(
+    spec: MachineSpec,
+    binary: QemuBinary,
+    workdir: str,
+    *,
+    incoming: bool = False,
+    shared_images: Mapping[str, str] | None = None,
+) -> LaunchPlan:
+    """argv for ``spec``: qtest and QMP on sockets in ``workdir``, accel per the binary. A
+    migration destination (``incoming``) waits with ``-incoming defer`` for QMP
+    ``migrate-incoming``, its images hard links to the source's (``shared_images``, by id)."""
     if spec.raw_args is not None:
         common = [binary.path, *spec.raw_args]
     else:
@@ -125,7 +135,8 @@ def build_argv(spec: MachineSpec, binary: QemuBinary, workdir: str) -> LaunchPla
     pass_fds: list[int] = []
     handles: dict[str, Handle] = {}
     for dev in spec.devices:
-        b = make_backend(dev.driver, dev.id, dev.props, dev.backend, dev.image_size, workdir)
+        share = (shared_images or {}).get(dev.id)
+        b = make_backend(dev.driver, dev.id, dev.props, dev.backend, dev.image_size, workdir, share)
         backends += b.args
         repro_backends += b.repro_args
         devices += ["-device", dev.option(b.wiring)]
@@ -152,6 +163,7 @@ def build_argv(spec: MachineSpec, binary: QemuBinary, workdir: str) -> LaunchPla
         "-mon",
         "chardev=qmp,mode=control",
     ]
-    argv = common + accel + backends + devices + spec.extra_args + channels
+    incoming_args = ["-incoming", "defer"] if incoming else []
+    argv = common + accel + backends + devices + spec.extra_args + incoming_args + channels
     repro = common + accel + repro_backends + repro_devices + spec.extra_args + ["-qtest", "stdio"]
     return LaunchPlan(argv, repro, pass_fds, handles)

@@ -16,10 +16,12 @@ import shlex
 import shutil
 import socket
 import subprocess
+import time
 import weakref
-from collections.abc import Callable, Iterator
-from typing import Any, TextIO, TypeVar, overload
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Self, TextIO, TypeVar, overload
 
+from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from ..backends import Handle
@@ -27,7 +29,7 @@ from ..binary import QemuBinary, UnknownFlag
 from ..errors import QemuCrashed, QemuStartError, describe_exit
 from ..qtest import QtestClient
 from ..workdirs import make_workdir
-from . import process
+from . import migration, process
 from .launch import LaunchPlan, build_argv
 from .spec import MachineSpec
 
@@ -78,11 +80,15 @@ class QemuMachine:
         self._final_stderr: str | None = None
         self._finalizer: Callable[[], object] | None = None
         self.crash: QemuCrashed | None = None
+        #: A migration destination: ``-incoming defer``, images linked to the source's.
+        self._incoming = False
+        self._shared_images: dict[str, str] = {}
 
     # -- life cycle -----------------------------------------------------------------------
 
     def __enter__(self) -> QemuMachine:
-        self.start()
+        if self._proc is None:  # a migration destination comes started
+            self.start()
         return self
 
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
@@ -101,7 +107,9 @@ class QemuMachine:
             raise
 
     def _launch(self) -> None:
-        plan = build_argv(self.spec, self.binary, self.workdir)
+        plan = build_argv(
+            self.spec, self.binary, self.workdir, incoming=self._incoming, shared_images=self._shared_images
+        )
         self._plan = plan
         self.argv, self._repro_argv = plan.argv, plan.repro_argv
         listeners: dict[str, socket.socket] = {}
@@ -375,3 +383,72 @@ class QemuMachine:
         """Pids this machine owns (for leak checks in tests)."""
         if self._proc is not None and self._proc.poll() is None:
             yield self._proc.pid
+
+    def backend_handles(self) -> dict[str, Handle]:
+        """The host ends of the devices' backends, by device id (see :meth:`backend`)."""
+        return dict(self._plan.handles) if self._plan is not None else {}
+
+    def wait_exit(self, timeout: float) -> int | None:
+        """Wait up to ``timeout`` for QEMU to exit by itself; its exit status, or None."""
+        if self._proc is None:
+            return None
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            return self._proc.wait(timeout)
+        return None
+
+    def wait_event(
+        self, name: str, timeout: float, match: Callable[[Mapping[str, Any]], bool] | None = None
+    ) -> dict[str, Any] | None:
+        """The next QMP event ``name`` whose data ``match`` accepts, within ``timeout``
+        seconds, or None. Other events that arrive meanwhile are dropped."""
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                event = self.qmp.pull_event(wait=max(remaining, 0.001))
+            except (TimeoutError, QMPError):  # QMPError: QEMU closed the monitor (it exited)
+                return None
+            if event is not None and event.get("event") == name and (match is None or match(event.get("data", {}))):
+                return event
+        return None
+
+    def migrate_to(self, spec: MachineSpec | None = None, *, keep_source: bool = False) -> Self:
+        """Live-migrate this machine to a new QEMU started from ``spec`` (default: a clone of
+        this one's; another binary or a versioned machine type may be given, with the same
+        devices) and return it, running if this one ran. Objects holding this machine's qtest
+        client (guest memory, PCI functions, drivers) talk to the destination afterwards: the
+        destination's connection is swapped in (:meth:`QtestClient.take_over`), and nothing is
+        re-initialised. The source is shut down (a crash there is raised) unless
+        ``keep_source``. Raises MigrationUnsupported before starting anything that cannot
+        migrate, MigrationError when QEMU refuses; the destination is torn down then."""
+        spec = spec if spec is not None else self.spec.clone()
+        if spec.qemu is None:
+            spec.qemu = self.binary.path
+        dest = type(self)(spec, qtest_log=self._qtest_log)
+        migration.check_destination(self, spec, dest.binary)
+        dest._incoming = True
+        dest._shared_images = migration.shared_images(self)
+        running = self._running or self._run_state() == "running"
+        dest.start()
+        try:
+            try:
+                migration.run(self, dest, spec.command_timeout)
+            except BaseException:
+                if running and self.alive and self._run_state() != "running":
+                    self.qmp.cmd("cont")  # the source sent it all and stopped: it runs on, as before
+                raise
+            if running and dest._run_state() != "running":
+                dest.qmp.cmd("cont")  # TCG -S builds: the destination waits stopped
+            dest._running = self._running
+            mine, theirs = self.qtest, dest.qtest
+            mine.take_over(theirs)
+            self._qtest, dest._qtest = theirs, mine
+        except BaseException:
+            dest.shutdown(check=False)
+            raise
+        if not keep_source:
+            self.shutdown(check=True)
+        return dest
+
+    def _run_state(self) -> str:
+        status = self.qmp.cmd("query-status")
+        return str(status.get("status", "")) if isinstance(status, dict) else ""

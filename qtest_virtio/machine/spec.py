@@ -6,6 +6,7 @@ escaped for QEMU's option syntax (a comma is doubled), so a value cannot inject 
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -189,3 +190,15 @@ class MachineSpec:
             if d.props.get("id") == dev_id:
                 return d
         raise KeyError(f"no device with id {dev_id!r}; ids: {', '.join(d.id for d in self.devices)}")
+
+    def clone(self, *, qemu: str | None = None, machine: str | None = None) -> MachineSpec:
+        """The same devices (ids, modes, properties, backend kinds) and options, for another
+        binary or machine type: the spec of a migration destination."""
+        other = copy.deepcopy(self)
+        if qemu is not None:
+            other.qemu = qemu
+        if machine is not None:
+            if not _NAME_RE.match(machine.split(",")[0]):
+                raise ValueError(f"machine type {machine!r} is not a valid name")
+            other.machine = machine
+        return other

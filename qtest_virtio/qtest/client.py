@@ -94,6 +94,8 @@ class QtestClient:
         self._in_flight_lines: list[bytes] = []
         self._closed = False
         self._endianness: str | None = None
+        #: The irq_intercept commands sent, so a migration destination gets them too.
+        self._intercepts: list[Command] = []
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -558,13 +560,30 @@ class QtestClient:
 
     def irq_intercept_in(self, qom_path: str) -> None:
         """Report the gpio-in lines of ``qom_path`` (e.g. ``ioapic``) as IRQ lines."""
-        self._send(Command.build("irq_intercept_in", qom_path))
+        self._intercept(Command.build("irq_intercept_in", qom_path))
 
     def irq_intercept_out(self, qom_path: str, name: str | None = None) -> None:
         if name is None:
-            self._send(Command.build("irq_intercept_out", qom_path))
+            self._intercept(Command.build("irq_intercept_out", qom_path))
         else:
-            self._send(Command.build("irq_intercept_out", qom_path, name))
+            self._intercept(Command.build("irq_intercept_out", qom_path, name))
+
+    def _intercept(self, command: Command) -> None:
+        self._send(command)
+        self._intercepts.append(command)
+
+    def take_over(self, other: QtestClient) -> None:
+        """Swap connections with ``other`` (a migration destination's fresh client): this
+        object, which the guest memory, PCI and driver objects hold, now talks to ``other``'s
+        QEMU, and ``other`` to this one's. The interceptions made here are made there too, and
+        the IRQ levels seen so far carry over: a line raised when the source stopped is still
+        raised in the migrated interrupt controller, and QEMU reports only changes."""
+        intercepts, levels = list(self._intercepts), dict(self.irq_levels)
+        self.__dict__, other.__dict__ = other.__dict__, self.__dict__
+        for command in intercepts:
+            self._intercept(command)
+        for line, level in levels.items():
+            self.irq_levels.setdefault(line, level)
 
     def set_irq_in(self, qom_path: str, name: str | None, line: int, level: int) -> None:
         """Force a gpio-in pin; ``name=None`` is the unnamed list."""

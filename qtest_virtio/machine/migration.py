@@ -1,0 +1,149 @@
+"""Live migration of one started machine to a new QEMU process (QEMU's docs/devel/migration).
+
+The destination starts from a spec with the same devices, waiting with ``-incoming defer``; the
+stream goes over a Unix socket in the destination's private directory; both sides report
+progress as QMP ``MIGRATION`` events (capability ``events``). Images are shared storage: the
+destination's image is a hard link to the source's, so what the guest wrote is there. Every other
+backend (net socket, chardevs, rng FIFO, tap) is made afresh, as on a new host.
+
+What can be decided before any state moves is: the destination has every device and every
+property the source sets, and a cross-version migration names a versioned machine type (``q35``
+is an alias that moves with each release). Those raise :class:`MigrationUnsupported`; a migration
+QEMU refuses raises :class:`MigrationError` with QMP's ``error-desc`` and both stderr tails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from ..backends import ImageBackend
+from ..binary import QemuBinary, UnknownFlag
+from ..errors import MigrationError, MigrationUnsupported
+from .spec import MachineSpec
+
+if TYPE_CHECKING:
+    from .machine import QemuMachine
+
+#: Statuses after which a side's migration is over (QAPI MigrationStatus).
+_DONE = frozenset({"completed"})
+_FAILED = frozenset({"failed", "cancelled"})
+_SOCKET = "migration.sock"
+#: Properties the harness adds or that only place the device; compared by value, never by name.
+_PLACEMENT = frozenset({"id", "bus", "addr"})
+
+
+def check_destination(source: QemuMachine, spec: MachineSpec, binary: QemuBinary) -> None:
+    """Refuse, by name, what cannot migrate: a device or property the destination lacks, or an
+    alias machine type across versions (:class:`MigrationUnsupported`)."""
+    to = f"QEMU {binary.version_string} ({binary.path})"
+    have = {d.id: d for d in spec.devices}
+    for dev in source.spec.devices:
+        other = have.pop(dev.id, None)
+        if other is None:
+            raise MigrationUnsupported(
+                f"the destination spec has no device {dev.id!r} ({dev.driver}): migration needs the same "
+                "devices on both sides (build it with spec.clone())"
+            )
+        if other.driver != dev.driver:
+            raise MigrationUnsupported(
+                f"device {dev.id!r} is a {dev.driver} on the source but a {other.driver} on the destination"
+            )
+        try:
+            binary.check_properties(dev.driver, [k for k in other.props if k not in _PLACEMENT])
+        except UnknownFlag:
+            missing = next(k for k in other.props if k not in binary.device_properties(dev.driver))
+            value = other.props[missing]
+            raise MigrationUnsupported(
+                f"{missing}={value} is not migratable to {to}: its {dev.driver} has no property {missing!r}"
+            ) from None
+    if have:
+        raise MigrationUnsupported(
+            f"the destination spec has devices the source lacks: {', '.join(sorted(have))}; a migration "
+            "moves the same devices"
+        )
+    src_type = source.binary.resolve_machine(source.spec.machine)
+    dst_type = binary.resolve_machine(spec.machine)
+    if dst_type not in binary.machines:
+        raise MigrationUnsupported(
+            f"machine type {spec.machine!r} is not in {to}: pass a versioned type both QEMUs have"
+        )
+    if src_type != dst_type:
+        raise MigrationUnsupported(
+            f"the source runs machine type {src_type} and the destination {dst_type} "
+            f"({source.spec.machine!r} -> {spec.machine!r}): a migration needs the same versioned "
+            f"machine type on both sides, e.g. --qemu-machine {_common(source.binary, binary, src_type, dst_type)}"
+        )
+
+
+def _common(a: QemuBinary, b: QemuBinary, *types: str) -> str:
+    """The first of ``types`` both binaries have (the older one, as a rule)."""
+    return next((t for t in sorted(types) if t in a.machines and t in b.machines), sorted(types)[0])
+
+
+def shared_images(source: QemuMachine) -> dict[str, str]:
+    """Image files in the source's private directory, by device id: the destination links them
+    (images the user named by path are opened by path on both sides)."""
+    out: dict[str, str] = {}
+    for dev_id, handle in source.backend_handles().items():
+        if isinstance(handle, ImageBackend) and os.path.dirname(handle.path) == source.workdir:
+            out[dev_id] = handle.path
+    return out
+
+
+def _status(event: Mapping[str, Any]) -> str:
+    return str(event.get("status", ""))
+
+
+def _side_error(stderr: str) -> str:
+    """The destination's own complaint: its last lines naming what it could not load."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    picked = [line for line in lines if re.search(r"error|fail|unsupported|invalid|mismatch", line, re.I)]
+    return "; ".join(picked[-3:])
+
+
+def run(source: QemuMachine, dest: QemuMachine, timeout: float) -> None:
+    """Migrate ``source``'s state into ``dest`` (started with ``-incoming defer``) and wait until
+    both sides say completed. Raises MigrationError on failure or timeout."""
+    uri = f"unix:{os.path.join(dest.workdir, _SOCKET)}"
+    caps = [{"capability": "events", "state": True}]
+    for vm in (source, dest):
+        vm.qmp.cmd("migrate-set-capabilities", capabilities=caps)
+    dest.qmp.cmd("migrate-incoming", uri=uri)
+    source.qmp.cmd("migrate", uri=uri)
+    ended = source.wait_event("MIGRATION", timeout, lambda d: _status(d) in _DONE | _FAILED)
+    if ended is None or _status(ended["data"]) not in _DONE:
+        info = source.qmp.cmd("query-migrate")
+        desc = str(info.get("error-desc", "")) if isinstance(info, dict) else ""
+        status = _status(info) if isinstance(info, dict) else "unknown"
+        if ended is None:
+            with contextlib.suppress(Exception):
+                source.qmp.cmd("migrate_cancel")
+        raise failure(source, dest, desc or f"status {status} after {timeout:g} s", desc)
+    loaded = dest.wait_event("MIGRATION", timeout, lambda d: _status(d) in _DONE | _FAILED)
+    if loaded is None or _status(loaded["data"]) not in _DONE:
+        why = "the destination could not load the state" if not dest.alive or loaded else "no end"
+        if why == "no end":
+            why = f"the destination did not finish loading within {timeout:g} s"
+        raise failure(source, dest, why, "")
+
+
+def failure(source: QemuMachine, dest: QemuMachine, why: str, desc: str) -> MigrationError:
+    """One error for a failed migration: why, what the destination said, both stderr tails."""
+    dest.wait_exit(2.0)  # a destination that could not load exits: let its last words arrive
+    said = _side_error(dest.stderr_text())
+    summary = (
+        f"migration from QEMU {source.binary.version_string} to {dest.binary.version_string} "
+        f"({dest.spec.machine}) failed: {why}" + (f"; destination: {said}" if said else "")
+    )
+    return MigrationError(
+        summary,
+        error_desc=desc,
+        source_stderr=source.stderr_tail(),
+        destination_stderr=dest.stderr_tail(),
+        command_lines=[source.command_line(), dest.command_line()],
+        destination=f"QEMU {dest.binary.version_string} ({dest.spec.machine})",
+    )
