@@ -131,12 +131,14 @@ class VirtioBlk(VirtioDriver):
         queue: int | None = None,
         framing: Framing = SEPARATE,
         indirect: bool | None = None,
+        kick: bool = True,
     ) -> PendingBlk:
-        """Make ``req`` available on request queue ``queue`` (0 by default) and kick."""
+        """Make ``req`` available on request queue ``queue`` (0 by default) and kick (with
+        ``kick=False``, the device is not told: a chain available and not yet seen)."""
         index, vq = self._queue(queue)
         self._check_framing(req, framing)
         out, in_sizes = framing.layout(req)
-        chain = vq.submit(out, in_sizes, indirect=indirect)
+        chain = vq.submit(out, in_sizes, indirect=indirect, kick=kick)
         return PendingBlk(req, framing, index, chain)
 
     def _check_framing(self, req: BlkRequest, framing: Framing) -> None:
