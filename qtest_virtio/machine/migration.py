@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..backends import ImageBackend
-from ..binary import QemuBinary, UnknownFlag
+from ..binary import GENERIC_DEVICE_OPTIONS, QemuBinary
 from ..errors import MigrationError, MigrationUnsupported
 from .spec import MachineSpec
 
@@ -52,14 +52,13 @@ def check_destination(source: QemuMachine, spec: MachineSpec, binary: QemuBinary
             raise MigrationUnsupported(
                 f"device {dev.id!r} is a {dev.driver} on the source but a {other.driver} on the destination"
             )
-        try:
-            binary.check_properties(dev.driver, [k for k in other.props if k not in _PLACEMENT])
-        except UnknownFlag:
-            missing = next(k for k in other.props if k not in binary.device_properties(dev.driver))
-            value = other.props[missing]
+        known = binary.device_properties(dev.driver)
+        missing = [k for k in other.props if k not in known and k not in GENERIC_DEVICE_OPTIONS | _PLACEMENT]
+        if missing:
+            key = missing[0]
             raise MigrationUnsupported(
-                f"{missing}={value} is not migratable to {to}: its {dev.driver} has no property {missing!r}"
-            ) from None
+                f"{key}={other.props[key]} is not migratable to {to}: its {dev.driver} has no property {key!r}"
+            )
     if have:
         raise MigrationUnsupported(
             f"the destination spec has devices the source lacks: {', '.join(sorted(have))}; a migration "
