@@ -230,3 +230,13 @@ def test_cli_runs_the_migration_scenarios_across_versions(two_versions: tuple[Qe
         [EXE, "run", target, "--machine", "q35-7.2"], capture_output=True, text=True, timeout=60, check=False
     )
     assert bad.returncode == 128 and "invalid choice: 'q35-7.2'" in bad.stderr
+
+
+def test_readme_migration_example_passes(pytester: pytest.Pytester, qemu_binary: QemuBinary) -> None:
+    """The README's "Testing migration" example, as written, passes (so it cannot rot)."""
+    with open(os.path.join(os.path.dirname(__file__), "..", "README.md")) as f:
+        readme = f.read()
+    start = readme.index("# test_my_migration.py")
+    pytester.makepyfile(test_my_migration=readme[start : readme.index("```", start)])
+    res = pytester.runpytest("--qemu", qemu_binary.path, "--virtio-transport", "modern", "-p", "no:cacheprovider")
+    res.assert_outcomes(passed=2)
