@@ -24,7 +24,7 @@ RAM = 0x300000
 
 def _spec(binary: QemuBinary, machine: str = "q35", **props: str) -> MachineSpec:
     spec = MachineSpec(qemu=binary.path, machine=machine)
-    spec.add_virtio("virtio-blk-pci", id="blk0", mode="modern", **props)
+    spec.add_virtio("virtio-blk-pci", props, id="blk0", mode="modern")
     return spec
 
 
@@ -215,6 +215,7 @@ def test_cli_runs_the_migration_scenarios_across_versions(two_versions: tuple[Qe
     an unversioned machine type across versions skips every case with the fix; a machine type
     that is no name at all is a usage error (128)."""
     old, new = two_versions
+    assert EXE is not None, "the qtest-virtio console script is not installed"
     target = os.path.join(os.path.dirname(__file__), "..", "scenarios", "migration", "test_blk.py")
     base = [EXE, "run", target, "--qemu", old.path, "--migrate-to", new.path, "-n", "1"]
     tail = ["--", "-k", "idle", "-rs"]

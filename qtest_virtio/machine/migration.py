@@ -20,6 +20,8 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from qemu.qmp import QMPError
+
 from ..backends import ImageBackend
 from ..binary import GENERIC_DEVICE_OPTIONS, QemuBinary
 from ..errors import MigrationError, MigrationUnsupported
@@ -104,9 +106,50 @@ def _side_error(stderr: str) -> str:
     return "; ".join(picked[-3:])
 
 
+#: Properties whose value is state or a read-out, not configuration.
+_NOT_CONFIG = frozenset({"guest-stats", "guest-stats-polling-interval", "x-pcie-lnksta-dllla"})
+
+
+def property_differences(source: QemuMachine, dest: QemuMachine, limit: int = 8) -> list[str]:
+    """``dev.prop: source-value -> destination-value`` for each property both QEMUs' devices
+    have and read differently (``qom-get``): across versions on one machine type, a compat
+    property a release forgot shows here. Only asked across binaries (a clone of one binary's
+    spec has none); a property one side cannot read is left out."""
+    if source.binary.path == dest.binary.path:
+        return []
+    out: list[str] = []
+    for dev in source.spec.devices:
+        shared = set(source.binary.device_properties(dev.driver)) & set(dest.binary.device_properties(dev.driver))
+        for prop in sorted(shared - _NOT_CONFIG):
+            values = []
+            for vm in (source, dest):
+                try:
+                    values.append(vm.qmp.cmd("qom-get", path=f"/machine/peripheral/{dev.id}", property=prop))
+                except QMPError:
+                    break
+            if len(values) == 2 and values[0] != values[1]:
+                out.append(f"{dev.id}.{prop}: {values[0]!r} -> {values[1]!r}")
+                if len(out) >= limit:
+                    return out
+    return out
+
+
 def run(source: QemuMachine, dest: QemuMachine, timeout: float) -> None:
     """Migrate ``source``'s state into ``dest`` (started with ``-incoming defer``) and wait until
-    both sides say completed. Raises MigrationError on failure or timeout."""
+    both sides say completed. Raises MigrationError on failure or timeout; across binaries the
+    error lists the device properties that read differently on the two sides."""
+    differences = property_differences(source, dest)
+    try:
+        _run(source, dest, timeout)
+    except MigrationError as exc:
+        if differences:
+            exc.differences = differences
+            exc.summary += f"; properties that differ (source -> destination): {', '.join(differences)}"
+            exc.args = (exc.render(),)
+        raise
+
+
+def _run(source: QemuMachine, dest: QemuMachine, timeout: float) -> None:
     uri = f"unix:{os.path.join(dest.workdir, _SOCKET)}"
     caps = [{"capability": "events", "state": True}]
     for vm in (source, dest):
