@@ -348,7 +348,7 @@ class QemuMachine:
         firmware, which stops it at its first instruction. Idempotent."""
         if self._running:
             return
-        if not self.binary.has_qtest_accel:
+        if self._paused or not self.binary.has_qtest_accel:
             status = self.qmp.cmd("query-status")
             if isinstance(status, dict) and status.get("status") != "running":
                 self.qmp.cmd("cont")
@@ -375,3 +375,30 @@ class QemuMachine:
         """Pids this machine owns (for leak checks in tests)."""
         if self._proc is not None and self._proc.poll() is None:
             yield self._proc.pid
+
+    # -- run state (QMP stop / cont) --------------------------------------------------------
+
+    #: Set by :meth:`stop`: the VM was paused after it ran, so :meth:`resume` must ``cont`` even
+    #: under the qtest accelerator (where the run state is otherwise RUNNING from the start).
+    _paused = False
+
+    def run_state(self) -> str:
+        """QMP ``query-status``'s status: ``running``, ``paused``, ``prelaunch``, ``io-error``, ..."""
+        status = self.qmp.cmd("query-status")
+        assert isinstance(status, dict), f"query-status returned {status!r}"
+        return str(status["status"])
+
+    def stop(self) -> None:
+        """Pause the VM (QMP ``stop``): the run state becomes ``paused`` and devices that check it
+        hold their work until :meth:`cont` (or :meth:`resume`). QEMU drains the block layer
+        before ``stop`` returns (``do_vm_stop``)."""
+        self.qmp.cmd("stop")
+        self._running = False
+        self._paused = True
+
+    def cont(self) -> None:
+        """Make the VM run again (QMP ``cont``), from ``paused``, ``io-error`` or ``prelaunch``;
+        :meth:`resume` is a no-op afterwards."""
+        self.qmp.cmd("cont")
+        self._running = True
+        self._paused = False
