@@ -15,7 +15,7 @@ from qtest_virtio.devices.base import VirtioDriver
 
 #: How long "the device does nothing" is watched (its work runs in QEMU's main loop, and every
 #: qtest command is one turn of it).
-QUIET_WINDOW = 0.1
+QUIET_WINDOW = 0.05
 #: Timeout for work that must happen.
 SHORT = 2.0
 
