@@ -356,7 +356,7 @@ class QemuMachine:
         firmware, which stops it at its first instruction. Idempotent."""
         if self._running:
             return
-        if not self.binary.has_qtest_accel:
+        if self._paused or not self.binary.has_qtest_accel:
             status = self.qmp.cmd("query-status")
             if isinstance(status, dict) and status.get("status") != "running":
                 self.qmp.cmd("cont")
@@ -427,18 +427,18 @@ class QemuMachine:
         migration.check_destination(self, spec, dest.binary)
         dest._incoming = True
         dest._shared_images = migration.shared_images(self)
-        running = self._running or self._run_state() == "running"
+        running = self.run_state() == "running"
         dest.start()
         try:
             try:
                 migration.run(self, dest, spec.command_timeout)
             except BaseException:
-                if running and self.alive and self._run_state() != "running":
+                if running and self.alive and self.run_state() != "running":
                     self.qmp.cmd("cont")  # the source sent it all and stopped: it runs on, as before
                 raise
-            if running and dest._run_state() != "running":
+            if running and dest.run_state() != "running":
                 dest.qmp.cmd("cont")  # TCG -S builds: the destination waits stopped
-            dest._running = self._running
+            dest._running, dest._paused = running, self._paused
             mine, theirs = self.qtest, dest.qtest
             mine.take_over(theirs)
             self._qtest, dest._qtest = theirs, mine
@@ -449,6 +449,29 @@ class QemuMachine:
             self.shutdown(check=True)
         return dest
 
-    def _run_state(self) -> str:
+    # -- run state (QMP stop / cont) --------------------------------------------------------
+
+    #: Set by :meth:`stop`: the VM was paused after it ran, so :meth:`resume` must ``cont`` even
+    #: under the qtest accelerator (where the run state is otherwise RUNNING from the start).
+    _paused = False
+
+    def run_state(self) -> str:
+        """QMP ``query-status``'s status: ``running``, ``paused``, ``prelaunch``, ``io-error``, ..."""
         status = self.qmp.cmd("query-status")
-        return str(status.get("status", "")) if isinstance(status, dict) else ""
+        assert isinstance(status, dict), f"query-status returned {status!r}"
+        return str(status["status"])
+
+    def stop(self) -> None:
+        """Pause the VM (QMP ``stop``): the run state becomes ``paused`` and devices that check it
+        hold their work until :meth:`cont` (or :meth:`resume`). QEMU drains the block layer
+        before ``stop`` returns (``do_vm_stop``)."""
+        self.qmp.cmd("stop")
+        self._running = False
+        self._paused = True
+
+    def cont(self) -> None:
+        """Make the VM run again (QMP ``cont``), from ``paused``, ``io-error`` or ``prelaunch``;
+        :meth:`resume` is a no-op afterwards."""
+        self.qmp.cmd("cont")
+        self._running = True
+        self._paused = False
