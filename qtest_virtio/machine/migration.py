@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -156,21 +157,43 @@ def _run(source: QemuMachine, dest: QemuMachine, timeout: float) -> None:
         vm.qmp.cmd("migrate-set-capabilities", capabilities=caps)
     dest.qmp.cmd("migrate-incoming", uri=uri)
     source.qmp.cmd("migrate", uri=uri)
-    ended = source.wait_event("MIGRATION", timeout, lambda d: _status(d) in _DONE | _FAILED)
-    if ended is None or _status(ended["data"]) not in _DONE:
-        info = source.qmp.cmd("query-migrate")
+    deadline = time.monotonic() + timeout
+    sent = _wait_end(source, deadline)
+    if sent != "completed":
+        info = source.qmp.cmd("query-migrate") if source.alive else {}
         desc = str(info.get("error-desc", "")) if isinstance(info, dict) else ""
-        status = _status(info) if isinstance(info, dict) else "unknown"
-        if ended is None:
-            with contextlib.suppress(Exception):
+        if sent is None and source.alive:
+            with contextlib.suppress(QMPError):
                 source.qmp.cmd("migrate_cancel")
-        raise failure(source, dest, desc or f"status {status} after {timeout:g} s", desc)
-    loaded = dest.wait_event("MIGRATION", timeout, lambda d: _status(d) in _DONE | _FAILED)
-    if loaded is None or _status(loaded["data"]) not in _DONE:
-        why = "the destination could not load the state" if not dest.alive or loaded else "no end"
-        if why == "no end":
+        why = desc or (f"status {sent}" if sent else f"not finished within {timeout:g} s")
+        raise failure(source, dest, why, desc)
+    loaded = _wait_end(dest, deadline)
+    if loaded != "completed":
+        if loaded is None and dest.alive:
             why = f"the destination did not finish loading within {timeout:g} s"
+        else:
+            why = "the destination could not load the state"
         raise failure(source, dest, why, "")
+
+
+def _wait_end(vm: QemuMachine, deadline: float) -> str | None:
+    """How ``vm``'s side of the migration ended (``completed``, ``failed``, ``cancelled``), from
+    its MIGRATION events; ``failed`` as soon as the process is gone (a destination that cannot
+    load exits), None at the deadline. Between events, ``query-migrate`` is asked too, so an
+    end whose event was not seen costs a tenth of a second, not the timeout."""
+    while (remaining := deadline - time.monotonic()) > 0:
+        event = vm.wait_event("MIGRATION", min(remaining, 0.1), lambda d: _status(d) in _DONE | _FAILED)
+        if event is not None:
+            return _status(event["data"])
+        if not vm.alive:
+            return "failed"
+        try:
+            info = vm.qmp.cmd("query-migrate")
+        except QMPError:
+            return "failed"
+        if isinstance(info, dict) and _status(info) in _DONE | _FAILED:
+            return _status(info)
+    return None
 
 
 def failure(source: QemuMachine, dest: QemuMachine, why: str, desc: str) -> MigrationError:
