@@ -9,12 +9,14 @@ and then checks a full round trip and QEMU's own view of the device against the 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import pytest
 from pytest_qtest_virtio.migration import Migrate
 
 from qtest_virtio import Machine
+from qtest_virtio.backends import blkdebug_kind
 from qtest_virtio.devices.blk.driver import PendingBlk, VirtioBlk
 from qtest_virtio.devices.blk.encoding import SECTOR_SIZE, BlkReqType, BlkRequest, BlkStatus
 from qtest_virtio.testing import pattern
@@ -189,3 +191,61 @@ def test_writethrough_chosen_by_the_driver_survives(
     """The other way: a device started writeback (write-cache=on) that the driver switched to
     writethrough keeps writethrough on the destination."""
     _cache_mode_survives(virtio_device, qemu, migrate)
+
+
+#: The sector the write fault of the werror=stop scenario sits on (nothing else touches it).
+BAD_WRITE = 2048
+
+
+def _run_state(vm: Machine) -> str:
+    status = vm.qmp.cmd("query-status")
+    assert isinstance(status, dict)
+    return str(status["status"])
+
+
+def _wait_run_state(vm: Machine, state: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (now := _run_state(vm)) != state:
+        assert time.monotonic() < deadline, f"run state {now!r}, expected {state!r} within {timeout} s"
+        time.sleep(0.01)
+
+
+#: A migration that QEMU cannot load (deviation mig-blk-held-request-completes) is over in well
+#: under a second; the default command timeout (30 s) is what the harness waits otherwise.
+MIGRATION_TIMEOUT = 5.0
+
+
+@pytest.mark.virtio_device(
+    "virtio-blk-pci", refuse_each=False, flags={"werror": "stop"}, backend=blkdebug_kind(f"write@{BAD_WRITE}:once")
+)
+@pytest.mark.conformance("mig-blk-held-request-completes", spec="2.8")
+def test_request_held_by_werror_stop_moves_with_the_state(
+    virtio_device: VirtioBlk, qemu: Machine, migrate: Migrate
+) -> None:
+    """Regression (hw/block/virtio-blk.c): werror=stop keeps a failed write in the device's
+    list of requests to retry and stops the VM (io-error); migrating the stopped VM puts that
+    request in the stream (virtio_blk_save_device, qemu_put_virtqueue_element) and the
+    destination loads it (virtio_blk_load_device). Once the destination runs, the request is
+    submitted again there (virtio_blk_dma_restart_cb): the destination's blkdebug rule fails it
+    once more (a new QEMU, a fresh ``once``), the destination stops in io-error, and after
+    ``cont`` it completes with OK and the image holds it. The request is never used on the
+    source. (The element is the one the device took from the ring: on a packed ring QEMU puts
+    its ndescs in the stream before the element and reads it back after, deviation
+    mig-blk-held-request-completes.)"""
+    blk = virtio_device
+    vq = blk.queues[0]
+    data = os.urandom(2 * SECTOR_SIZE)
+    pending = blk.submit(BlkRequest(BlkReqType.OUT, BAD_WRITE - 1, data_out=data))
+    _wait_run_state(qemu, "io-error")
+    assert _rings.peek_used(vq) is None
+    qemu.spec.command_timeout = MIGRATION_TIMEOUT
+    dest = migrate()
+    _wait_run_state(dest, "io-error")
+    assert _rings.peek_used(vq) is None, "the held request was used before the destination retried it"
+    assert blk.image.read((BAD_WRITE - 1) * SECTOR_SIZE, len(data)) == bytes(len(data))
+    dest.qmp.cmd("cont")
+    done = blk.complete(pending)
+    assert done.status is BlkStatus.OK and done.used_len == 1
+    assert blk.image.read((BAD_WRITE - 1) * SECTOR_SIZE, len(data)) == data
+    assert _run_state(dest) == "running"
+    _rings.after_migration(dest, BlkReads(blk))
