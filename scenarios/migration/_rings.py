@@ -180,10 +180,13 @@ def _used_entries(vq: Virtqueue, count: int) -> list[tuple[int, int]]:
     return out
 
 
-def renegotiated_features_survive(t: Traffic, migrate: Migrate, refuse: str) -> None:
+def renegotiated_features_survive(
+    t: Traffic, migrate: Migrate, refuse: str, *, after_reset: Callable[[], None] = lambda: None
+) -> None:
     """Reset and initialise again with ``refuse`` declined (§3.1.1): QEMU's guest features on
     the destination are the new set, without the refused one, and the rings laid out for it
-    serve requests (an indirect table only where INDIRECT_DESC still holds)."""
+    serve requests (an indirect table only where INDIRECT_DESC still holds). ``after_reset``:
+    what the device needs once initialised again (a SCSI LUN's unit attention)."""
     drv = t.drv
     if refuse not in drv.negotiated:
         pytest.skip(f"{refuse} is not negotiated in this run: nothing to renegotiate away")
@@ -192,6 +195,7 @@ def renegotiated_features_survive(t: Traffic, migrate: Migrate, refuse: str) -> 
     drv.refused_names.add(refuse)
     drv.reset()
     drv.initialize()
+    after_reset()
     assert refuse not in drv.negotiated and set(drv.negotiated) < before
     round_trip(t)
     dest = migrate()
@@ -301,5 +305,3 @@ def masked_vector_survives(t: Traffic, migrate: Migrate) -> None:
     msix.wait(vector, timeout=SHORT)
     after_migration(dest, t)
 
-
-Case = Callable[[Traffic, Migrate], None]

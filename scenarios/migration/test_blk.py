@@ -212,7 +212,7 @@ def _wait_run_state(vm: Machine, state: str, timeout: float = 5.0) -> None:
 
 #: A migration that QEMU cannot load (deviation mig-blk-held-request-completes) is over in well
 #: under a second; the default command timeout (30 s) is what the harness waits otherwise.
-MIGRATION_TIMEOUT = 5.0
+MIGRATION_TIMEOUT = 3.0
 
 
 @pytest.mark.virtio_device(
