@@ -41,9 +41,13 @@ PACKED_EVENT_DISABLE = 1
 class Traffic(Protocol):
     """One device's requests on one of its queues, for ring-level cases."""
 
-    drv: VirtioDriver
-    #: The driver's index of the queue the requests go to.
-    queue: int
+    @property
+    def drv(self) -> VirtioDriver: ...
+
+    @property
+    def queue(self) -> int:
+        """The driver's index of the queue the requests go to."""
+        ...
 
     def submit(self, *, kick: bool = True) -> object:
         """Make one request available (and notify the device unless ``kick=False``)."""
@@ -88,15 +92,9 @@ def msix_of(t: Traffic) -> tuple[Msix, int]:
 
 def peek_used(vq: Virtqueue) -> tuple[int, int] | None:
     """The next used element in guest RAM, (id, len), that the driver has not taken yet, or
-    None; the driver's state is left alone (§2.7.8 split, §2.8.6 packed)."""
-    if isinstance(vq, SplitVirtqueue):
-        ring = SplitRing.of(vq)
-        return ring.used_entry(vq.last_used) if ring.used_idx() != vq.last_used else None
-    assert isinstance(vq, PackedVirtqueue)
-    desc = PackedRing.of(vq).read_desc(vq.next_used)
-    avail = 1 if desc.flags & PACKED_F.AVAIL.mask else 0
-    used = 1 if desc.flags & PACKED_F.USED.mask else 0
-    return (desc.id, desc.len) if avail == used == vq.used_wrap else None
+    None; the driver's state is left alone."""
+    entries = _used_entries(vq, 1)
+    return entries[0] if entries else None
 
 
 def wait_peek(vq: Virtqueue, timeout: float = SHORT) -> tuple[int, int]:
@@ -157,11 +155,13 @@ def _used_not_taken(vq: Virtqueue) -> int:
 
 
 def _used_entries(vq: Virtqueue, count: int) -> list[tuple[int, int]]:
-    """Up to ``count`` used elements from the driver's next one on, without taking them."""
+    """Up to ``count`` used elements, (id, len), from the driver's next one on, without taking
+    them: split ring entries up to used.idx (§2.7.8), or packed descriptors whose AVAIL and USED
+    flags both equal the driver's used wrap counter, each chain's slots skipped (§2.8.6)."""
     if isinstance(vq, SplitVirtqueue):
-        ring = SplitRing.of(vq)
-        n = min(count, (ring.used_idx() - vq.last_used) & 0xFFFF)
-        return [ring.used_entry(vq.last_used + i) for i in range(n)]
+        split_ring = SplitRing.of(vq)
+        n = min(count, (split_ring.used_idx() - vq.last_used) & 0xFFFF)
+        return [split_ring.used_entry(vq.last_used + i) for i in range(n)]
     assert isinstance(vq, PackedVirtqueue)
     ring = PackedRing.of(vq)
     out: list[tuple[int, int]] = []
@@ -173,15 +173,14 @@ def _used_entries(vq: Virtqueue, count: int) -> list[tuple[int, int]]:
         if not avail == used == wrap:
             break
         out.append((desc.id, desc.len))
-        chain = vq.in_flight.get(desc.id)
-        slot += getattr(chain, "slots", 1)
+        slot += getattr(vq.in_flight.get(desc.id), "slots", 1)
         if slot >= vq.size:
             slot, wrap = slot - vq.size, wrap ^ 1
     return out
 
 
 def renegotiated_features_survive(
-    t: Traffic, migrate: Migrate, refuse: str, *, after_reset: Callable[[], None] = lambda: None
+    t: Traffic, migrate: Migrate, refuse: str, *, after_reset: Callable[[], object] = lambda: None
 ) -> None:
     """Reset and initialise again with ``refuse`` declined (§3.1.1): QEMU's guest features on
     the destination are the new set, without the refused one, and the rings laid out for it
@@ -304,4 +303,3 @@ def masked_vector_survives(t: Traffic, migrate: Migrate) -> None:
     round_trip(t)
     msix.wait(vector, timeout=SHORT)
     after_migration(dest, t)
-

@@ -173,9 +173,7 @@ def _cache_mode_survives(blk: VirtioBlk, qemu: Machine, migrate: Migrate) -> Non
 @pytest.mark.virtio_requires("CONFIG_WCE")
 @pytest.mark.virtio_device("virtio-blk-pci", refuse_each=False, flags={"write-cache": "off"})
 @pytest.mark.conformance("mig-blk-writeback-survives", spec="5.2.5")
-def test_writeback_chosen_by_the_driver_survives(
-    virtio_device: VirtioBlk, qemu: Machine, migrate: Migrate
-) -> None:
+def test_writeback_chosen_by_the_driver_survives(virtio_device: VirtioBlk, qemu: Machine, migrate: Migrate) -> None:
     """A device started writethrough (write-cache=off) that the driver switched to writeback
     (CONFIG_WCE, §5.2.5: the cache mode can be set through writeback) keeps writeback on the
     destination, in its config and in QEMU's cache mode."""
@@ -185,9 +183,7 @@ def test_writeback_chosen_by_the_driver_survives(
 @pytest.mark.virtio_requires("CONFIG_WCE")
 @pytest.mark.virtio_device("virtio-blk-pci", refuse_each=False, flags={"write-cache": "on"})
 @pytest.mark.conformance("mig-blk-writeback-survives", spec="5.2.5")
-def test_writethrough_chosen_by_the_driver_survives(
-    virtio_device: VirtioBlk, qemu: Machine, migrate: Migrate
-) -> None:
+def test_writethrough_chosen_by_the_driver_survives(virtio_device: VirtioBlk, qemu: Machine, migrate: Migrate) -> None:
     """The other way: a device started writeback (write-cache=on) that the driver switched to
     writethrough keeps writethrough on the destination."""
     _cache_mode_survives(virtio_device, qemu, migrate)

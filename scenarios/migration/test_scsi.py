@@ -163,7 +163,9 @@ def test_event_buffer_posted_before_receives_a_hotplug_event(virtio_device: Virt
     dest = migrate()
     _no_event_yet(scsi)
     dest.qmp.cmd("blockdev-add", driver="null-co", **{"node-name": "hot", "read-zeroes": True, "size": 1 << 20})
-    dest.qmp.cmd("device_add", driver="scsi-hd", bus=f"{scsi.dev_id}.0", drive="hot", id="hot-disk", **{"scsi-id": 1, "lun": 2})
+    dest.qmp.cmd(
+        "device_add", driver="scsi-hd", bus=f"{scsi.dev_id}.0", drive="hot", id="hot-disk", **{"scsi-id": 1, "lun": 2}
+    )
     event = scsi.poll_event(_rings.SHORT)
     assert event is not None and not event.missed
     assert (event.type, event.reason) == (EventType.TRANSPORT_RESET, ResetReason.RESCAN), event
@@ -193,4 +195,3 @@ def test_event_buffer_posted_before_receives_a_param_change(virtio_device: Virti
     scsi.wait_ready()
     assert scsi.read_capacity16() == (2 * size // BLOCK - 1, BLOCK)
     _rings.after_migration(dest, reads)
-
