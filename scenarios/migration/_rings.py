@@ -23,7 +23,7 @@ from qtest_virtio.introspect import device_view
 from qtest_virtio.pci.msix import Msix
 from qtest_virtio.testing import PackedRing, SplitRing
 from qtest_virtio.transport import LegacyTransport, ModernTransport, VirtioTransport
-from qtest_virtio.transport.layout import COMMON_CFG, LEGACY_CFG
+from qtest_virtio.transport.layout import COMMON_CFG, ISR, LEGACY_CFG
 from qtest_virtio.virtqueue import PackedVirtqueue, SplitVirtqueue, Virtqueue
 from qtest_virtio.virtqueue.layout import AVAIL_F_NO_INTERRUPT, PACKED_F
 
@@ -204,6 +204,11 @@ def renegotiated_features_survive(
     vq = queue_of(t)
     assert vq.event_idx == ("EVENT_IDX" in drv.negotiated) and vq.indirect == ("INDIRECT_DESC" in drv.negotiated)
     after_migration(dest, t)
+    if refuse == "EVENT_IDX" and isinstance(vq, SplitVirtqueue):
+        # Without EVENT_IDX the device has no avail_event to keep (§2.7.10): QEMU writes it
+        # on each pop only when the guest features it loaded have EVENT_IDX. The ring was
+        # laid out zeroed at the renegotiation.
+        assert SplitRing.of(vq).avail_event() == 0, "the destination writes avail_event without EVENT_IDX"
 
 
 def suppression_flag_survives(t: Traffic, migrate: Migrate) -> None:
@@ -302,4 +307,21 @@ def masked_vector_survives(t: Traffic, migrate: Migrate) -> None:
     assert not msix.fired(vector), "more than one message for the pending interrupt"
     round_trip(t)
     msix.wait(vector, timeout=SHORT)
+    after_migration(dest, t)
+
+
+def isr_survives(t: Traffic, migrate: Migrate) -> None:
+    """Without MSI-X (``interrupts='isr'``): a used buffer sets the ISR's queue interrupt bit,
+    which stays set until the driver reads the ISR (§4.1.4.5). Not read before the migration,
+    the destination's ISR still has it; the read clears it there, and the next used buffer sets
+    it again."""
+    drv = t.drv
+    assert drv.msix is None, "an ISR case: the marker must say interrupts='isr'"
+    drv.transport.read_isr()  # whatever initialisation left there is cleared by the read
+    round_trip(t)
+    dest = migrate()
+    assert drv.transport.read_isr() & ISR.queue_interrupt.mask, "the queue interrupt bit was lost in the migration"
+    assert not drv.transport.read_isr() & ISR.queue_interrupt.mask, "reading the ISR did not clear it"
+    round_trip(t)
+    assert drv.transport.read_isr() & ISR.queue_interrupt.mask
     after_migration(dest, t)

@@ -190,3 +190,10 @@ def test_masked_vector_survives(virtio_device: VirtioRng, migrate: Migrate) -> N
     """A masked MSI-X vector with its pending bit migrates as it is; unmasking on the
     destination delivers the held message once."""
     _rings.masked_vector_survives(RngReads(virtio_device), migrate)
+
+
+@pytest.mark.virtio_device("virtio-rng-pci", backend="fifo", refuse_each=False, interrupts="isr")
+def test_isr_survives(virtio_device: VirtioRng, migrate: Migrate) -> None:
+    """Without MSI-X: a queue interrupt the driver has not acknowledged (ISR not read) is still
+    in the destination's ISR; the read there clears it, the next request sets it again."""
+    _rings.isr_survives(RngReads(virtio_device), migrate)
