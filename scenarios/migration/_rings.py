@@ -97,13 +97,6 @@ def peek_used(vq: Virtqueue) -> tuple[int, int] | None:
     return entries[0] if entries else None
 
 
-def wait_peek(vq: Virtqueue, timeout: float = SHORT) -> tuple[int, int]:
-    deadline = time.monotonic() + timeout
-    while (entry := peek_used(vq)) is None:
-        assert time.monotonic() < deadline, f"nothing used within {timeout} s; {vq.describe_state()}"
-    return entry
-
-
 def round_trip(t: Traffic) -> int:
     """One request from submit to its checked answer; its used length."""
     return t.complete(t.submit())
