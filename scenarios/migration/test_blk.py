@@ -228,8 +228,8 @@ def test_request_held_by_werror_stop_moves_with_the_state(
     """Regression (hw/block/virtio-blk.c): werror=stop keeps a failed write in the device's
     list of requests to retry and stops the VM (io-error); migrating the stopped VM puts that
     request in the stream (virtio_blk_save_device, qemu_put_virtqueue_element) and the
-    destination loads it (virtio_blk_load_device). Once the destination runs, the request is
-    submitted again there (virtio_blk_dma_restart_cb): the destination's blkdebug rule fails it
+    destination loads it (virtio_blk_load_device) and keeps the source's io-error run state.
+    Once ``cont`` runs it, the request is submitted again there (virtio_blk_dma_restart_cb): the destination's blkdebug rule fails it
     once more (a new QEMU, a fresh ``once``), the destination stops in io-error, and after
     ``cont`` it completes with OK and the image holds it. The request is never used on the
     source. (The element is the one the device took from the ring: on a packed ring QEMU puts
@@ -243,10 +243,15 @@ def test_request_held_by_werror_stop_moves_with_the_state(
     assert _rings.peek_used(vq) is None
     qemu.spec.command_timeout = MIGRATION_TIMEOUT
     dest = migrate()
+    # The destination takes the source's run state (migration.c process_incoming_migration_bh:
+    # io-error is not a live state, so it is not started); ``cont`` retries the request there.
+    assert _run_state(dest) == "io-error"
+    assert _rings.peek_used(vq) is None, "the held request was used before the destination retried it"
+    dest.cont()
     _wait_run_state(dest, "io-error")
     assert _rings.peek_used(vq) is None, "the held request was used before the destination retried it"
     assert blk.image.read((BAD_WRITE - 1) * SECTOR_SIZE, len(data)) == bytes(len(data))
-    dest.qmp.cmd("cont")
+    dest.cont()
     done = blk.complete(pending)
     assert done.status is BlkStatus.OK and done.used_len == 1
     assert blk.image.read((BAD_WRITE - 1) * SECTOR_SIZE, len(data)) == data
