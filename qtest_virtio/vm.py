@@ -13,8 +13,10 @@ from . import modes
 from .devices import registry
 from .devices.base import DriverError, VirtioDriver
 from .machine import MachineSpec, QemuMachine
+from .machine.qdev import HotplugError
 from .memory import GuestMemory
-from .pci import PciBus, PciFunction
+from .pci import Msix, PciBus, PciFunction
+from .pci.hotplug import AcpiPciHotplug, PcieSlot
 
 D = TypeVar("D", bound=VirtioDriver)
 
@@ -99,6 +101,88 @@ class Machine(QemuMachine):
         drv.backend = self._plan.handles.get(dev_id) if self._plan else None
         drv.initialize()
         return drv
+
+    # -- hot(un)plug: QMP (machine layer) around the guest's part (pci/hotplug.py) -------------
+
+    def plug(self, dev_id: str) -> PciFunction:
+        """Hot-plug a device the spec declared with ``hotplug=True``: ``device_add`` (with its
+        backend wiring, then the devices on its bus), then what the guest does: on q35 the root
+        port's slot event is taken and the slot powered on, on pc the ACPI event is taken; the
+        bus is rescanned and the new function gets BARs. Returns its PCI function."""
+        options = self.hotplug_options(dev_id)
+        if self._qdev_address(dev_id) is not None:
+            raise HotplugError(f"device {dev_id!r} is already plugged; unplug it first (vm.unplug)")
+        self.pci.assign_bars()
+        port = self.spec.device(dev_id).hotplug_port
+        slot = self._slot(self.pci_function(port)) if port is not None else None
+        acpi = self._acpi() if slot is None else None
+        self.device_add(options[0])
+        for extra in options[1:]:
+            self.device_add(extra)
+        address = self._qdev_address(dev_id)
+        if address is None:
+            raise HotplugError(f"device_add {dev_id} returned, but query-pci does not list it")
+        if slot is not None:
+            slot.handle_plug()
+        elif acpi is not None:
+            acpi.plugged(address[1])
+        self.pci.rescan(address[0])
+        return self.pci_function(dev_id)
+
+    def unplug(self, dev_id: str, *, timeout: float = 5.0) -> None:
+        """Hot-unplug a device: ``device_del``, the guest's part (power the q35 slot off, or
+        eject the ACPI slot on pc), then wait for ``DEVICE_DELETED`` (a HotplugError naming the
+        device when it does not come within ``timeout`` seconds)."""
+        self.request_unplug(dev_id)
+        self.finish_unplug(dev_id, timeout=timeout)
+
+    def request_unplug(self, dev_id: str) -> None:
+        """The first half of :meth:`unplug`: ``device_del`` alone (the guest has not answered)."""
+        if self._qdev_address(dev_id) is None:
+            raise HotplugError(f"device {dev_id!r} is not plugged (query-pci does not list it); plug it first")
+        self.pci.assign_bars()
+        self.device_del(dev_id)
+
+    def finish_unplug(self, dev_id: str, *, timeout: float = 5.0) -> None:
+        """The second half of :meth:`unplug`: the guest's answer to the unplug request, then
+        ``DEVICE_DELETED``, then the bus is rescanned without the device."""
+        fn = self.pci_function(dev_id)
+        bridge = self.pci.bridge_of(fn)
+        if bridge is not None and bridge.reserved is not None:
+            slot = self._slot(bridge)
+            slot.handle_unplug_request()
+            slot.handle_removal()
+        elif bridge is None and self.pci.machine_type == "pc":
+            self._acpi().unplug_requested(fn.bdf_addr.device)
+        self.wait_device_deleted(dev_id, timeout)
+        self.pci.rescan(fn.bdf_addr.bus)
+
+    def _slot(self, port: PciFunction) -> PcieSlot:
+        """The native hot-plug slot of a root port, set up once as pciehp does at probe:
+        its MSI-X routed to RAM, notifications and the hot-plug interrupt on."""
+        slots: dict[str, PcieSlot] = self.__dict__.setdefault("_hotplug_slots", {})
+        if port.bdf not in slots:
+            msix = Msix(port)
+            slot = PcieSlot(port, msix)
+            msix.route_to_ram(self.memory, slot.vector + 1)
+            slot.enable_notifications()
+            slots[port.bdf] = slot
+        return slots[port.bdf]
+
+    def _acpi(self) -> AcpiPciHotplug:
+        acpi: AcpiPciHotplug | None = self.__dict__.get("_acpi_hotplug")
+        if acpi is None:
+            acpi = self.__dict__["_acpi_hotplug"] = AcpiPciHotplug(self.qtest)
+            acpi.enable()
+        return acpi
+
+    def _qdev_address(self, dev_id: str) -> tuple[int, int, int] | None:
+        """(bus, slot, function) of the device with this qdev id, as QEMU's query-pci has it."""
+        for bus in self.qmp.cmd("query-pci"):  # type: ignore[attr-defined]
+            found = _find_qdev(bus.get("devices", []), dev_id)
+            if found is not None:
+                return int(found["bus"]), int(found["slot"]), int(found["function"])
+        return None
 
 
 def _find_qdev(devices: list[dict[str, Any]], dev_id: str) -> dict[str, Any] | None:

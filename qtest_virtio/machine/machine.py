@@ -27,7 +27,7 @@ from ..binary import QemuBinary, UnknownFlag
 from ..errors import QemuCrashed, QemuStartError, describe_exit
 from ..qtest import QtestClient
 from ..workdirs import make_workdir
-from . import process
+from . import process, qdev
 from .launch import LaunchPlan, build_argv
 from .spec import MachineSpec
 
@@ -375,3 +375,47 @@ class QemuMachine:
         """Pids this machine owns (for leak checks in tests)."""
         if self._proc is not None and self._proc.poll() is None:
             yield self._proc.pid
+
+    # -- hot(un)plug: QMP's part (the guest's is qtest_virtio.pci.hotplug) --------------------
+
+    def hotplug_options(self, dev_id: str) -> list[str]:
+        """The ``-device`` options a spec's ``hotplug=True`` device is plugged with (its own,
+        then the devices on its bus: a scsi-hd, serial ports), backends wired in."""
+        plan = self._plan
+        if plan is None or dev_id not in plan.hotplug:
+            declared = ", ".join(plan.hotplug) if plan else "none (not started)"
+            raise qdev.HotplugError(
+                f"device {dev_id!r} was not declared for hot-plug; add it with spec.add_virtio(..., hotplug=True) "
+                f"(hot-plug devices: {declared or 'none'})"
+            )
+        return plan.hotplug[dev_id]
+
+    def device_add(self, option: str) -> None:
+        """QMP ``device_add`` of a ``-device`` option (values typed for JSON, see qdev.py)."""
+        try:
+            self.qmp.cmd("device_add", **qdev.device_add_arguments(option, self.binary))
+        except Exception as exc:  # qemu.qmp's ExecuteError
+            raise qdev.HotplugError(f"device_add {option}: {qdev.qmp_error(exc)}") from exc
+
+    def device_del(self, dev_id: str) -> None:
+        """QMP ``device_del``: asks the device's hot-plug controller to unplug it; QEMU deletes
+        it once the guest lets go (``DEVICE_DELETED``, :meth:`wait_device_deleted`)."""
+        try:
+            self.qmp.cmd("device_del", id=dev_id)
+        except Exception as exc:
+            raise qdev.HotplugError(f"device_del {dev_id}: {qdev.qmp_error(exc)}") from exc
+
+    def wait_event(self, name: str, timeout: float = 5.0, **match: object) -> dict[str, Any] | None:
+        """The next QMP event ``name`` whose data has the ``match`` items, or None after
+        ``timeout`` seconds; others seen meanwhile stay for later waits."""
+        backlog: list[dict[str, Any]] = self.__dict__.setdefault("_event_backlog", [])
+        qmp = self.qmp
+        return qdev.wait_event(lambda t: qmp.pull_event(wait=t), name, match, timeout, backlog)
+
+    def wait_device_deleted(self, dev_id: str, timeout: float = 5.0) -> None:
+        """Wait for ``DEVICE_DELETED`` of ``dev_id``; a HotplugError when it does not come."""
+        if self.wait_event("DEVICE_DELETED", timeout, device=dev_id) is None:
+            raise qdev.HotplugError(
+                f"QEMU did not delete device {dev_id!r} within {timeout:g} s (no DEVICE_DELETED): its hot-plug "
+                "controller is still waiting for the guest (eject, slot power-off) or refused the unplug"
+            )
