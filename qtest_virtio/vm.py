@@ -177,7 +177,9 @@ class Machine(QemuMachine):
         return acpi
 
     def _qdev_address(self, dev_id: str) -> tuple[int, int, int] | None:
-        """(bus, slot, function) of the device with this qdev id, as QEMU's query-pci has it."""
+        """(bus, slot, function) of the device with this qdev id, as QEMU's query-pci has it
+        (behind bridges only once they have bus numbers: the enumeration gives them)."""
+        self.pci.devices()
         for bus in self.qmp.cmd("query-pci"):  # type: ignore[attr-defined]
             found = _find_qdev(bus.get("devices", []), dev_id)
             if found is not None:
