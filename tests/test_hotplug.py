@@ -191,7 +191,8 @@ def test_device_add_arguments_are_typed(qemu_binary) -> None:
 
 
 def test_wait_event_keeps_what_it_skips() -> None:
-    events = [{"event": "RESUME"}, {"event": "DEVICE_DELETED", "data": {"path": "/x/virtio-backend"}}]
+    events: list[dict[str, Any]] = [{"event": "RESUME"}]
+    events.append({"event": "DEVICE_DELETED", "data": {"path": "/x/virtio-backend"}})
     events.append({"event": "DEVICE_DELETED", "data": {"device": "d0", "path": "/machine/peripheral/d0"}})
 
     def pull(timeout: float) -> dict[str, Any] | None:
