@@ -33,6 +33,9 @@ class Machine(QemuMachine):
         super().__init__(spec, qtest_log=qtest_log)
         self._pci: PciBus | None = None
         self._memory: GuestMemory | None = None
+        #: The guest's side of hot-plug, set up on first use: root port slots by BDF, ACPI.
+        self._hotplug_slots: dict[str, PcieSlot] = {}
+        self._acpi_hotplug: AcpiPciHotplug | None = None
 
     def __enter__(self) -> Machine:
         self.start()
@@ -160,7 +163,7 @@ class Machine(QemuMachine):
     def _slot(self, port: PciFunction) -> PcieSlot:
         """The native hot-plug slot of a root port, set up once as pciehp does at probe:
         its MSI-X routed to RAM, notifications and the hot-plug interrupt on."""
-        slots: dict[str, PcieSlot] = self.__dict__.setdefault("_hotplug_slots", {})
+        slots = self._hotplug_slots
         if port.bdf not in slots:
             msix = Msix(port)
             slot = PcieSlot(port, msix)
@@ -170,11 +173,10 @@ class Machine(QemuMachine):
         return slots[port.bdf]
 
     def _acpi(self) -> AcpiPciHotplug:
-        acpi: AcpiPciHotplug | None = self.__dict__.get("_acpi_hotplug")
-        if acpi is None:
-            acpi = self.__dict__["_acpi_hotplug"] = AcpiPciHotplug(self.qtest)
-            acpi.enable()
-        return acpi
+        if self._acpi_hotplug is None:
+            self._acpi_hotplug = AcpiPciHotplug(self.qtest)
+            self._acpi_hotplug.enable()
+        return self._acpi_hotplug
 
     def _qdev_address(self, dev_id: str) -> tuple[int, int, int] | None:
         """(bus, slot, function) of the device with this qdev id, as QEMU's query-pci has it

@@ -78,6 +78,8 @@ class QemuMachine:
         self._final_stderr: str | None = None
         self._finalizer: Callable[[], object] | None = None
         self.crash: QemuCrashed | None = None
+        #: QMP events a wait_event passed over, kept for later waits.
+        self._event_backlog: list[dict[str, Any]] = []
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -408,9 +410,8 @@ class QemuMachine:
     def wait_event(self, name: str, timeout: float = 5.0, **match: object) -> dict[str, Any] | None:
         """The next QMP event ``name`` whose data has the ``match`` items, or None after
         ``timeout`` seconds; others seen meanwhile stay for later waits."""
-        backlog: list[dict[str, Any]] = self.__dict__.setdefault("_event_backlog", [])
         qmp = self.qmp
-        return qdev.wait_event(lambda t: qmp.pull_event(wait=t), name, match, timeout, backlog)
+        return qdev.wait_event(lambda t: qmp.pull_event(wait=t), name, match, timeout, self._event_backlog)
 
     def wait_device_deleted(self, dev_id: str, timeout: float = 5.0) -> None:
         """Wait for ``DEVICE_DELETED`` of ``dev_id``; a HotplugError when it does not come."""

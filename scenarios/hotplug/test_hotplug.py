@@ -14,8 +14,9 @@ so it survives ``device_del`` and a re-plug under the same id is wired to it aga
 What happens to requests in flight at unplug is each device's unrealize: virtio-blk drains its
 BlockBackend first (``virtio_blk_device_unrealize``: ``blk_drain``, which lets throttled
 requests go), so held reads complete with their data; virtio-scsi's disk is unrealized first
-(``scsi_qdev_unrealize`` → ``scsi_device_purge_requests``), which cancels them: they
-complete with ABORTED (``virtio_scsi_request_cancelled``); the other devices delete their queues
+(``scsi_qdev_unrealize`` → ``scsi_device_purge_requests``), which cancels them (ABORTED,
+``virtio_scsi_request_cancelled``) and drains the disk, so one whose I/O the drain finishes
+first completes GOOD; the other devices delete their queues
 (``virtio_del_queue``) with the buffers the driver made available unused.
 """
 
@@ -208,20 +209,29 @@ class TestScsi(HotplugScenarios):
 
     def hold_requests(self, drv: VirtioScsi, qemu: Machine) -> Any:
         drv.wait_ready()
+        data = pattern(3 * 8 * 512 + HELD_BLOCKS * 512, seed=11)
+        drv.image.write(0, data)
         limits = {"bps": 0, "bps_rd": READ_BPS, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0}
         qemu.qmp.cmd("block_set_io_throttle", id=f"{drv.dev_id}-hd", **limits)
         assert drv.command(cdb_rw10(Op.READ_10, 0, HELD_BLOCKS), data_in_len=HELD_BLOCKS * 512).good
         held = [
             drv.submit(cdb_rw10(Op.READ_10, 8 * i, HELD_BLOCKS), data_in_len=HELD_BLOCKS * 512, tag=i + 1)
-            for i in range(2)
+            for i in (1, 2)
         ]
         _quiet(qemu)
         assert all(_unused(vq) for vq in drv.request_queues), "a throttled READ completed at once"
-        return held
+        return held, data
 
     def check_held(self, drv: VirtioScsi, qemu: Machine, held: Any) -> None:
-        for p in held:  # the disk's requests are cancelled before the controller goes
-            assert drv.complete(p, timeout=2.0).response is ScsiResponse.ABORTED
+        """The disk goes first: its requests are cancelled (ABORTED) and the drain lets the
+        throttled I/O go, so a READ whose I/O finishes before its cancellation is handled
+        completes GOOD with its data (scsi_device_purge_requests runs both). None is lost."""
+        pending, data = held
+        for i, p in zip((1, 2), pending, strict=True):
+            result = drv.complete(p, timeout=2.0)
+            assert result.response in (ScsiResponse.ABORTED, ScsiResponse.OK), f"READ {i}: {result.response.name}"
+            if result.response is ScsiResponse.OK:
+                assert result.good and result.data == data[8 * i * 512 : (8 * i + HELD_BLOCKS) * 512]
 
 
 @_marker("virtio-net-pci")
