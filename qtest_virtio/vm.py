@@ -113,7 +113,7 @@ class Machine(QemuMachine):
         port's slot event is taken and the slot powered on, on pc the ACPI event is taken; the
         bus is rescanned and the new function gets BARs. Returns its PCI function."""
         options = self.hotplug_options(dev_id)
-        if self._qdev_address(dev_id) is not None:
+        if self.pci_address(dev_id) is not None:
             raise HotplugError(f"device {dev_id!r} is already plugged; unplug it first (vm.unplug)")
         self.pci.assign_bars()
         port = self.spec.device(dev_id).hotplug_port
@@ -122,7 +122,7 @@ class Machine(QemuMachine):
         self.device_add(options[0])
         for extra in options[1:]:
             self.device_add(extra)
-        address = self._qdev_address(dev_id)
+        address = self.pci_address(dev_id)
         if address is None:
             raise HotplugError(f"device_add {dev_id} returned, but query-pci does not list it")
         if slot is not None:
@@ -141,7 +141,7 @@ class Machine(QemuMachine):
 
     def request_unplug(self, dev_id: str) -> None:
         """The first half of :meth:`unplug`: ``device_del`` alone (the guest has not answered)."""
-        if self._qdev_address(dev_id) is None:
+        if self.pci_address(dev_id) is None:
             raise HotplugError(f"device {dev_id!r} is not plugged (query-pci does not list it); plug it first")
         self.pci.assign_bars()
         self.device_del(dev_id)
@@ -178,9 +178,10 @@ class Machine(QemuMachine):
             self._acpi_hotplug.enable()
         return self._acpi_hotplug
 
-    def _qdev_address(self, dev_id: str) -> tuple[int, int, int] | None:
-        """(bus, slot, function) of the device with this qdev id, as QEMU's query-pci has it
-        (behind bridges only once they have bus numbers: the enumeration gives them)."""
+    def pci_address(self, dev_id: str) -> tuple[int, int, int] | None:
+        """(bus, slot, function) of the device with this qdev id as QEMU's query-pci has it, None
+        when there is none (query-pci sees behind bridges once they have bus numbers: the
+        enumeration gives them)."""
         self.pci.devices()
         for bus in self.qmp.cmd("query-pci"):  # type: ignore[attr-defined]
             found = _find_qdev(bus.get("devices", []), dev_id)

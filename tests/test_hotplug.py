@@ -93,6 +93,15 @@ def test_plugged_device_gets_bars_inside_the_reserved_window(machine_factory) ->
     port = vm.pci.bridge_of(fn)
     assert port is not None and port.reserved is not None
     lo, hi = port.reserved.mmio
+    io_lo, io_hi = port.reserved.io
+    assert (hi - lo, io_hi - io_lo) == (2 << 20, 0x1000), "not the port's mem-reserve=2M, io-reserve=4K hints"
+    assert (
+        port.config.read(regs.TYPE1_HEADER.memory_base) << 16,
+        port.config.read(regs.TYPE1_HEADER.io_base) << 8,
+    ) == (
+        lo,
+        io_lo,
+    ), "the bridge does not forward the reserved windows"
     assert all(lo <= b.address < hi for b in fn.bars if b.address is not None and not b.is_io)
     assert all(a is b for a, b in zip(before, [f for f in vm.pci.devices() if f is not fn], strict=True)), (
         "the rescan replaced objects of functions that were there before"
@@ -123,7 +132,7 @@ def test_no_device_deleted_is_a_clear_error(machine_factory) -> None:
     vm.request_unplug(dev_id)
     with pytest.raises(HotplugError, match=rf"QEMU did not delete device '{dev_id}' within 0.3 s"):
         vm.wait_device_deleted(dev_id, timeout=0.3)
-    assert vm._qdev_address(dev_id) is not None
+    assert vm.pci_address(dev_id) is not None
 
 
 def test_bad_input_is_named(machine_factory) -> None:
@@ -156,7 +165,7 @@ def test_acpi_bitmaps_through_plug_and_unplug(machine_factory) -> None:
     assert not removable & 0b11, "the host bridge and the ISA bridge are not removable"
     assert not acpi.gpe_pending()
     vm.device_add(vm.hotplug_options(dev_id)[0])
-    bus, slot, _ = vm._qdev_address(dev_id)
+    bus, slot, _ = vm.pci_address(dev_id)
     assert bus == 0 and removable >> slot & 1
     assert acpi.gpe_pending()
     up, down = acpi.handle_event()

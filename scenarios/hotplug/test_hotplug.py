@@ -84,7 +84,7 @@ def _fifo_bytes(fifo: RngFifo) -> int:
 
 def assert_gone(qemu: Machine, dev_id: str, fn: PciFunction) -> None:
     """The device is deleted: query-pci has no such id and its function reads as absent."""
-    assert qemu._qdev_address(dev_id) is None, f"query-pci still lists {dev_id} after DEVICE_DELETED"
+    assert qemu.pci_address(dev_id) is None, f"query-pci still lists {dev_id} after DEVICE_DELETED"
     vendor = qemu.pci.config.read(fn.bdf_addr, 0, 2)
     assert vendor == 0xFFFF, f"{fn.bdf} still answers config reads (vendor id {vendor:#06x}) after the unplug"
     assert fn not in qemu.pci.devices(), f"{fn.bdf} is still enumerated after the rescan"
