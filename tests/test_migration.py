@@ -241,3 +241,24 @@ def test_readme_migration_example_passes(pytester: pytest.Pytester, qemu_binary:
     pytester.makepyfile(test_my_migration=readme[start : readme.index("```", start)])
     res = pytester.runpytest("--qemu", qemu_binary.path, "--virtio-transport", "modern", "-p", "no:cacheprovider")
     res.assert_outcomes(passed=2)
+
+
+@pytest.mark.parametrize("machine", ["q35", "pc"])
+def test_a_hot_plugged_device_migrates_and_unplugs_on_the_destination(qemu_binary: QemuBinary, machine: str) -> None:
+    """A device plugged after start is on the destination's command line in the same slot (the
+    vmstate instance is its PCI address); there it still unplugs and re-plugs under its id."""
+    spec = MachineSpec(qemu=qemu_binary.path, machine=machine)
+    spec.add_virtio("virtio-blk-pci", id="blk0", mode="modern", hotplug=True)
+    with Machine(spec) as vm:
+        vm.plug("blk0")
+        blk = vm.virtio("blk0", VirtioBlk)
+        blk.write(2, b"h" * 512)
+        before = vm.pci_address("blk0")
+        with vm.migrate_to() as dest:
+            assert dest.pci_address("blk0") == before
+            assert blk.read(2, 1) == b"h" * 512
+            dest.unplug("blk0")
+            assert dest.pci_address("blk0") is None
+            dest.plug("blk0")
+            again = dest.virtio("blk0", VirtioBlk)
+            assert again.read(2, 1) == b"h" * 512

@@ -182,7 +182,7 @@ def _wait_end(vm: QemuMachine, deadline: float) -> str | None:
     load exits), None at the deadline. Between events, ``query-migrate`` is asked too, so an
     end whose event was not seen costs a tenth of a second, not the timeout."""
     while (remaining := deadline - time.monotonic()) > 0:
-        event = vm.wait_event("MIGRATION", min(remaining, 0.1), lambda d: _status(d) in _DONE | _FAILED)
+        event = vm.wait_event("MIGRATION", min(remaining, 0.1), status=lambda s: s in _DONE | _FAILED)
         if event is not None:
             return _status(event["data"])
         if not vm.alive:

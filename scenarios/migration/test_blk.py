@@ -225,16 +225,14 @@ MIGRATION_TIMEOUT = 3.0
 def test_request_held_by_werror_stop_moves_with_the_state(
     virtio_device: VirtioBlk, qemu: Machine, migrate: Migrate
 ) -> None:
-    """Regression (hw/block/virtio-blk.c): werror=stop keeps a failed write in the device's
-    list of requests to retry and stops the VM (io-error); migrating the stopped VM puts that
-    request in the stream (virtio_blk_save_device, qemu_put_virtqueue_element) and the
-    destination loads it (virtio_blk_load_device) and keeps the source's io-error run state.
-    Once ``cont`` runs it, the request is submitted again there (virtio_blk_dma_restart_cb): the destination's blkdebug rule fails it
-    once more (a new QEMU, a fresh ``once``), the destination stops in io-error, and after
-    ``cont`` it completes with OK and the image holds it. The request is never used on the
-    source. (The element is the one the device took from the ring: on a packed ring QEMU puts
-    its ndescs in the stream before the element and reads it back after, deviation
-    mig-blk-held-request-completes.)"""
+    """Regression (hw/block/virtio-blk.c): werror=stop keeps a failed write in the device's list of requests to retry
+    and stops the VM (io-error); migrating the stopped VM puts that request in the stream (virtio_blk_save_device,
+    qemu_put_virtqueue_element) and the destination loads it (virtio_blk_load_device) and keeps the source's io-
+    error run state. Once ``cont`` runs it, the request is submitted again there (virtio_blk_dma_restart_cb): the
+    destination's blkdebug rule fails it once more (a new QEMU, a fresh ``once``), the destination stops in io-
+    error, and after ``cont`` it completes with OK and the image holds it. The request is never used on the
+    source. (The element is the one the device took from the ring: on a packed ring QEMU puts its ndescs in the
+    stream before the element and reads it back after, deviation mig-blk-held-request-completes.)"""
     blk = virtio_device
     vq = blk.queues[0]
     data = os.urandom(2 * SECTOR_SIZE)
