@@ -177,7 +177,7 @@ class FakeQueue:
     def __init__(self, status: int) -> None:
         self.status = status
 
-    def submit(self, out: list[bytes], in_sizes: list[int], indirect: bool | None = None) -> Request:
+    def submit(self, out: list[bytes], in_sizes: list[int], indirect: bool | None = None, kick: bool = True) -> Request:
         self.in_sizes = in_sizes
         return Request(41, [], [])
 

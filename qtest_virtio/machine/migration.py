@@ -19,17 +19,36 @@ import os
 import re
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from qemu.qmp import QMPError
+from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from ..backends import ImageBackend
+from ..backends import Handle, ImageBackend
 from ..binary import GENERIC_DEVICE_OPTIONS, QemuBinary
 from ..errors import MigrationError, MigrationUnsupported
 from .spec import MachineSpec
 
-if TYPE_CHECKING:
-    from .machine import QemuMachine
+
+class QemuMachine(Protocol):
+    """What a migration needs of each side (machine.py's QemuMachine, which imports this
+    module: a protocol keeps the import one way)."""
+
+    spec: MachineSpec
+    binary: QemuBinary
+    workdir: str
+
+    @property
+    def qmp(self) -> QEMUMonitorProtocol: ...
+    @property
+    def alive(self) -> bool: ...
+    def backend_handles(self) -> dict[str, Handle]: ...
+    def wait_event(self, name: str, timeout: float = 5.0, **match: object) -> dict[str, Any] | None: ...
+    def wait_exit(self, timeout: float) -> int | None: ...
+    def stderr_text(self) -> str: ...
+    def stderr_tail(self, lines: int = 20) -> str: ...
+    def command_line(self) -> str: ...
+
 
 #: Statuses after which a side's migration is over (QAPI MigrationStatus).
 _DONE = frozenset({"completed"})
