@@ -102,6 +102,8 @@ class Condition:
 
 
 ANY_RUN = Condition()
+#: The binaries a deviation's versions can be about (see Deviation.side).
+SIDES = ("qemu", "destination")
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,13 @@ class Deviation:
     fixed_in: Version | None = None  # the first version checked that no longer does it
     absent_on: tuple[Version, ...] = ()  # older versions checked free of it (a later change)
     when: Condition = field(default=ANY_RUN)
+    #: Whose version the entry is about: "qemu" (the binary under test; a migration's source)
+    #: or "destination" (a migration's destination, --migrate-to: a bug in the load code).
+    side: str = "qemu"
+
+    def __post_init__(self) -> None:
+        if self.side not in SIDES:
+            raise ValueError(f"deviation {self.id}: side {self.side!r}; use one of {', '.join(SIDES)}")
 
     @property
     def reason(self) -> str:
@@ -393,7 +402,7 @@ class TableError(ValueError):
 
 def _entry(raw: Mapping[str, Any], where: str) -> Deviation:
     required = {"id", "does", "strength", "section", "first_seen", "verified_on"}
-    known = required | {"fixed_in", "absent_on", "when"}
+    known = required | {"fixed_in", "absent_on", "when", "side"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise TableError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
@@ -420,6 +429,7 @@ def _entry(raw: Mapping[str, Any], where: str) -> Deviation:
                 flags=tuple(sorted((str(k), str(v)) for k, v in when.get("flags", {}).items())),
                 refused=frozenset(when.get("refused", ())),
             ),
+            side=str(raw.get("side", "qemu")),
         )
     except (TypeError, ValueError, AttributeError) as exc:
         if isinstance(exc, TableError):

@@ -118,6 +118,9 @@ class Machine(QemuMachine):
         destination's host end (images are the same file; sockets and FIFOs are new). A device
         hot-plugged here is on the destination's command line, in the same slot. A migration
         QEMU refuses for a feature the destination does not offer names it."""
+        for drv in self._drivers:  # the guest's ring stores reach its RAM before the state moves
+            for vq in drv.queues:
+                vq.flush()
         spec = spec if spec is not None else self.spec.clone()
         for dev in spec.devices:
             address = self.pci_address(dev.id) if dev.hotplug else None

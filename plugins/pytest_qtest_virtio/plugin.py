@@ -31,7 +31,7 @@ from qtest_virtio.qtest import QtestClient
 from qtest_virtio.transport import feature_bit
 from qtest_virtio.transport.layout import FEATURE_BITS
 
-from .migration import migrate  # noqa: F401  (a fixture: pytest finds it in the plugin module)
+from .migration import destination_qemu, migrate  # noqa: F401  (migrate: a fixture pytest finds here)
 from .params import VirtioParam, virtio_params
 from .stash import MACHINES_KEY, VIRTIO_MACHINE_KEY
 
@@ -447,6 +447,15 @@ def _binary_version(config: pytest.Config) -> tuple[int, int, int] | None:
         return None
 
 
+def _destination_version(config: pytest.Config) -> tuple[int, int, int] | None:
+    """The version of the ``migrate`` fixture's destination binary (None: the binary under test)."""
+    path = destination_qemu(config)
+    try:
+        return QemuBinary.get(path).version if path else None
+    except QemuNotFound:
+        return None
+
+
 def _strict_deviations(config: pytest.Config) -> bool:
     opt = config.getoption("--strict-deviations")
     return bool(opt) if opt is not None else bool(config.getini("strict_deviations"))
@@ -469,6 +478,8 @@ def _mark_deviation(
         transport=param.mode, ring=param.ring, flags=param.flag_dict, refused=param.refuse
     ):
         return
+    if entry.side == "destination":  # a migration's load side: the --migrate-to binary's version
+        version = _destination_version(config) or version
     status = entry.status(version)
     item.user_properties += [("deviation", entry.id), ("deviation_status", status.value)]
     if status.live:
