@@ -352,6 +352,23 @@ DEVIATIONS: tuple[Deviation, ...] = (
         "the first packet after the reset still carries the old hash_value and hash_report",
         Strength.DESCRIPTIVE, "5.1.6.5.6.4", QEMU_7_2_22, (QEMU_7_2_22,), fixed_in=QEMU_10_0_2,
     ),
+    # -- issue 15, mignet: net, console and balloon across a live migration ---------------------
+    # Keyed on the --qemu (source) version; what the destination does is in each text.
+    Deviation(
+        "mig-net-used-event-suppresses",
+        "a destination notifies the first buffer it uses whatever used_event says: virtio_load sets "
+        "signalled_used_valid to false on every queue, and virtio_split_should_notify notifies "
+        "whenever it is false (same binary and across versions)",
+        Strength.SHOULD, "2.7.7.2", QEMU_7_2_22, CHECKED, when=Condition(rings=("split",)),
+    ),
+    Deviation(
+        "mig-net-vlan-table",
+        "a 7.2 destination drops the migrated VLAN filter table: virtio_load calls set_features after "
+        "loading the device state, and 7.2's virtio_net_set_features clears the table whenever "
+        "CTRL_VLAN is negotiated, so tagged frames of an id the driver added are dropped (a 10.0 "
+        "destination keeps it: 7.2 -> 10.0 passes, 10.0 -> 7.2 fails)",
+        Strength.MUST, "5.1.6.5.3", QEMU_7_2_22, (QEMU_7_2_22,), fixed_in=QEMU_10_0_2,
+    ),
 )  # fmt: skip
 
 
