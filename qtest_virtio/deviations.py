@@ -359,7 +359,7 @@ DEVIATIONS: tuple[Deviation, ...] = (
         "a destination notifies the first buffer it uses whatever used_event says: virtio_load sets "
         "signalled_used_valid to false on every queue, and virtio_split_should_notify notifies "
         "whenever it is false (same binary and across versions)",
-        Strength.SHOULD, "2.7.7.2", QEMU_7_2_22, CHECKED, when=Condition(rings=("split",)),
+        Strength.SHOULD, "2.7.7.2", QEMU_7_2_22, CHECKED, when=Condition(rings=frozenset({"split"})),
     ),
     Deviation(
         "mig-net-vlan-table",
