@@ -354,12 +354,15 @@ DEVIATIONS: tuple[Deviation, ...] = (
     ),
     # -- issue 15, mignet: net, console and balloon across a live migration ---------------------
     # Keyed on the --qemu (source) version; what the destination does is in each text.
-    Deviation(
-        "mig-net-used-event-suppresses",
-        "a destination notifies the first buffer it uses whatever used_event says: virtio_load sets "
-        "signalled_used_valid to false on every queue, and virtio_split_should_notify notifies "
-        "whenever it is false (same binary and across versions)",
-        Strength.SHOULD, "2.7.7.2", QEMU_7_2_22, CHECKED, when=Condition(rings=frozenset({"split"})),
+    *(
+        Deviation(
+            f"mig-{device}-used-event-suppresses",
+            "a destination notifies the first buffer it uses whatever used_event says: virtio_load "
+            "sets signalled_used_valid to false on every queue, and virtio_split_should_notify "
+            "notifies whenever it is false (same binary and across versions)",
+            Strength.SHOULD, "2.7.7.2", QEMU_7_2_22, CHECKED, when=Condition(rings=frozenset({"split"})),
+        )
+        for device in ("net", "console", "balloon")
     ),
     Deviation(
         "mig-net-vlan-table",
