@@ -156,6 +156,50 @@ def test_used_buffers_not_yet_consumed_are_read_on_the_destination(
     both_ways(dest, con, port, b"next")
 
 
+#: How long a migration may take in the held-element scenario: a destination that cannot load
+#: the stream (deviation mig-console-held-element) is otherwise waited for command_timeout (30 s).
+HELD_MIGRATION_TIMEOUT = 10.0
+
+
+@pytest.mark.conformance("mig-console-held-element", spec="5.3.6")
+def test_output_held_by_a_throttled_port_is_finished_on_the_destination(
+    virtio_device: VirtioConsole, qemu: Machine, migrate: Migrate
+) -> None:
+    """Regression (hw/char/virtio-serial-bus.c: a port whose chardev cannot take more keeps the
+    popped element and its offset; ``virtio_serial_save_device`` puts both in the stream and the
+    destination unthrottles the port): output larger than the source's socket buffer, with the
+    host not reading, is held half-written across the migration; on the destination the rest of
+    it, from where the source stopped, reaches the new host end, then the buffer is used with
+    length 0. Level: the output path §5.3.6 describes (no MUST keyword), across a migration
+    QEMU's docs say must work."""
+    con = virtio_device
+    port = ports(con)[-1]
+    vq = _tx(con, port)
+    data = bytes((i * 7 + i // 251) & 0xFF for i in range(1 << 20))  # more than a socketpair holds (~220 KB here)
+    pending = vq.submit([data], [])
+    index = con.tx_queue(port)
+    deadline = time.monotonic() + 2
+    while (q := queue_view(qemu, con.dev_id, index)).last_avail_idx == q.used_idx:
+        assert time.monotonic() < deadline, "the device never took the output"
+        time.sleep(0.002)
+    quiet(qemu)
+    q = queue_view(qemu, con.dev_id, index)
+    assert q.last_avail_idx - q.used_idx == 1, "the source finished output its host never read"
+    qemu.spec.command_timeout = HELD_MIGRATION_TIMEOUT
+    dest = migrate()
+    assert_view_matches(dest, con, in_flight=1)
+    host = end(dest, con, port)
+    got = bytearray()
+    deadline = time.monotonic() + 5
+    while len(got) < len(data) and (chunk := host.read_available(0.2)):
+        got += chunk
+        assert time.monotonic() < deadline, f"{len(got)} bytes on the destination's host end after 5 s"
+    assert 0 < len(got) < len(data), f"{len(got)} of {len(data)} bytes on the destination's host end"
+    assert bytes(got) == data[len(data) - len(got) :], "the destination did not continue where the source stopped"
+    assert vq.complete(pending, timeout=2)[0] == 0
+    both_ways(dest, con, port, b"next")
+
+
 # -- features ------------------------------------------------------------------------------
 
 
