@@ -12,6 +12,7 @@ against the driver's (``assert_view_matches``).
 from __future__ import annotations
 
 import itertools
+import os
 import struct
 import time
 from collections.abc import Callable
@@ -21,9 +22,10 @@ import pytest
 from pytest_qtest_virtio.migration import Migrate
 
 from qtest_virtio import Machine
-from qtest_virtio.backends import NetBackend
+from qtest_virtio.backends import NetBackend, TapBackend
 from qtest_virtio.devices.net.driver import VirtioNet
 from qtest_virtio.devices.net.encoding import NET_STATUS, ethernet_frame, mac_bytes, vlan_frame
+from qtest_virtio.devices.net.packets import Flow, ip_frame
 from qtest_virtio.introspect import device_view, queue_view
 from qtest_virtio.virtqueue import Virtqueue
 
@@ -56,7 +58,7 @@ def host(vm: Machine, net: VirtioNet) -> NetBackend:
     return vm.backend(net.dev_id, NetBackend)
 
 
-def host_frame(end: NetBackend, timeout: float = 2.0) -> bytes:
+def host_frame(end: NetBackend | TapBackend, timeout: float = 2.0) -> bytes:
     """The next frame the NIC sent to the link, past QEMU's reverse-ARP self-announcements."""
     deadline = time.monotonic() + timeout
     while True:
@@ -398,3 +400,45 @@ def test_guest_announce_is_requested_after_load(virtio_device: VirtioNet, qemu: 
         net.wait_config_interrupt(timeout=2)
     assert_view_matches(dest, net)
     round_trip(dest, net, 0x33)
+
+
+# -- multiqueue on a tap -------------------------------------------------------------------
+
+MQ_PAIRS = 4
+
+
+def _tap_queues(vm: Machine, net: VirtioNet) -> int:
+    """How many queues of ``vm``'s tap QEMU keeps attached (the kernel lists tx-N per queue)."""
+    name = vm.backend(net.dev_id, TapBackend).name
+    return sum(1 for q in os.listdir(f"/sys/class/net/{name}/queues") if q.startswith("tx-"))
+
+
+@pytest.mark.virtio_device(
+    "virtio-net-pci", backend=f"tap,queues={MQ_PAIRS}", flags={"mq": "on"}, queue_pairs=MQ_PAIRS, refuse_each=False
+)
+def test_enabled_queue_pairs_carry_over(virtio_device: VirtioNet, qemu: Machine, migrate: Migrate) -> None:
+    """The queue pairs VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET enabled (2 of 4) are the destination's
+    (hw/net/virtio-net.c ``virtio_net_post_load_device`` re-applies curr_queue_pairs): its new
+    tap has exactly 2 queues attached, flows land on receiveq1 and receiveq2 only (the device
+    MUST NOT use the pairs beyond, §5.1.6.5.6.2), and both transmit queues reach the link."""
+    net = virtio_device
+    need(net, "MQ")
+    assert len(net.rxqs) == MQ_PAIRS
+    net.set_queue_pairs(2)
+    assert _tap_queues(qemu, net) == 2
+    dest = migrate()
+    assert_view_matches(dest, net)
+    assert _tap_queues(dest, net) == 2
+    tap = dest.backend(net.dev_id, TapBackend)
+    landed = set()
+    for n in range(16):
+        frame = ip_frame(Flow("10.0.0.1", "10.0.0.2", 1000 + n, 2000), bytes([n]) * 60, dst_mac=net.mac, src_mac=PEER)
+        tap.send(frame)
+        pair, packet = net.receive_any(timeout=2)
+        assert packet.frame == frame
+        landed.add(pair)
+    assert landed == {0, 1}, f"with 2 pairs enabled, frames landed on receive queues {sorted(landed)}"
+    for pair in range(2):
+        out = ip_frame(Flow("10.0.0.2", "10.0.0.1", 3000 + pair, 4000), bytes(50), dst_mac=PEER, src_mac=net.mac)
+        net.send(out, pair=pair)
+        assert host_frame(tap) == out, f"transmitq{pair + 1}: the frame did not reach the link"
