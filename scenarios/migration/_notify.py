@@ -1,6 +1,7 @@
 """Interrupts across a migration, for the net, console and balloon migration scenarios: what the
 destination must honour of the driver's notification suppression (virtio 1.2 §2.7.7, §2.8.10)
-and of its MSI-X table (PCI 3.0 §6.8.2.9, §6.8.2.10; virtio 1.2 §4.1.5.1.2).
+and of its MSI-X table (PCI 3.0 §6.8.2.9, §6.8.2.10; virtio 1.2 §4.1.5.1.2); and the virtual
+time QEMU's post-load timers need to run.
 
 A used-buffer notification is the queue's MSI-X message in its mailbox, or, without MSI-X, the
 ISR's queue bit (reading it clears it, §4.1.4.5). Each check makes the device use buffers by a
@@ -30,6 +31,14 @@ def quiet(vm: Machine, seconds: float = QUIET_WINDOW) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         vm.qtest.readl(0)
+
+
+def let_virtual_time_pass(vm: Machine, ns: int) -> None:
+    """Let ``ns`` of virtual time pass, for QEMU's post-load timers (virtio-net's announce,
+    virtio-serial's port state): stepped where the qtest accelerator owns the clock; a running
+    TCG machine's clock moves by itself."""
+    if vm.binary.has_qtest_accel:
+        vm.qtest.clock_step(ns)
 
 
 def notified(drv: VirtioDriver, index: int) -> bool:

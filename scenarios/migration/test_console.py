@@ -26,7 +26,7 @@ from qtest_virtio.devices.console.encoding import ControlEvent
 from qtest_virtio.introspect import device_view, queue_view
 from qtest_virtio.virtqueue import Virtqueue
 
-from ._notify import need_msix, notified, quiet, suppressed_across, vectors, wait_notified
+from ._notify import let_virtual_time_pass, need_msix, notified, quiet, suppressed_across, vectors, wait_notified
 from ._support import assert_view_matches
 
 pytestmark = pytest.mark.virtio_device("virtio-serial-pci", refuse_each=False)
@@ -101,6 +101,7 @@ def test_opened_ports_stay_open_and_closed_ones_closed(
     con = virtio_device
     con.open_port(1, False)
     dest = migrate()
+    let_virtual_time_pass(dest, 1_000_000)  # virtio_serial_post_load_timer_cb runs
     assert_view_matches(dest, con)
     assert con.ports[0].guest_open and con.ports[0].host_open
     waiting = b"for port 1 while closed"
