@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 import struct
 import time
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from qtest_virtio.devices.net.driver import VirtioNet
 from qtest_virtio.devices.net.encoding import NET_STATUS, ethernet_frame, mac_bytes, vlan_frame
 from qtest_virtio.devices.net.packets import Flow, ip_frame
 from qtest_virtio.introspect import device_view, queue_view
-from qtest_virtio.virtqueue import Virtqueue
+from qtest_virtio.virtqueue import Virtqueue, VirtqueueTimeout
 
 from ..net._support import delivered, need, rx_filter
 from ._notify import let_virtual_time_pass, need_msix, notified, quiet, suppressed_across, vectors, wait_notified
@@ -439,3 +440,66 @@ def test_enabled_queue_pairs_carry_over(virtio_device: VirtioNet, qemu: Machine,
         out = ip_frame(Flow("10.0.0.2", "10.0.0.1", 3000 + pair, 4000), bytes(50), dst_mac=PEER, src_mac=net.mac)
         net.send(out, pair=pair)
         assert host_frame(tap) == out, f"transmitq{pair + 1}: the frame did not reach the link"
+
+
+# -- a frame the backend could not take ------------------------------------------------------
+
+#: Frames big enough that a few fill a socket buffer (as scenarios/net/test_tx_corners.py).
+BIG = 60_000
+
+
+@pytest.mark.conformance("mig-net-held-tx-frame", spec="5.1.6.2")
+def test_chains_held_for_a_blocked_backend_are_all_used(
+    virtio_device: VirtioNet, qemu: Machine, migrate: Migrate
+) -> None:
+    """Frames sent while the source's socket backend takes none (its host end is not read): the
+    device uses what fits, holds one chain popped for the backend (virtio_net_flush_tx's -EBUSY
+    path) and leaves the rest available. Stopping the VM for the migration may drop what the
+    backend holds (net/net.c ``net_vm_change_state_handler`` purges queued packets), but every
+    chain must still be used, on the source or on the destination (the transmit path of
+    §5.1.6.2 returns each buffer; a chain never used is lost to the driver for good); frames that
+    reach the new link are this test's, in order, once each."""
+    net = virtio_device
+    txq = _txq(net)
+    src_end = host(qemu, net)
+    size = max(src_end.sock.getsockopt(socket.SOL_SOCKET, opt) for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF))
+    frames = [ethernet_frame(PEER, "02:00:00:00:00:02", 0x88B5, bytes([i]) * BIG) for i in range(size // BIG + 3)]
+    if txq.free_descriptors < 2 * len(frames):
+        pytest.skip(f"transmitq1 has {txq.free_descriptors} free descriptors, fewer than {2 * len(frames)}")
+    requests = [net.transmit(f) for f in frames]
+    used = _quiet_used_idx(qemu, net, txq.index)
+    q = queue_view(qemu, net.dev_id, txq.index)
+    assert used < len(frames), "every frame was used although the backend read none"
+    assert (q.last_avail_idx - q.used_idx) & 0xFFFF == 1, "the device does not hold one chain for the backend"
+    dest = migrate()
+    txq.kick(force=True)
+    end = host(dest, net)
+    arrived = []
+    while end.pending(0.3):
+        frame = end.receive(timeout=1)
+        if struct.unpack_from(">H", frame, 12)[0] == ETH_P_RARP:
+            continue
+        assert frame in frames, "a frame reached the new link that the driver never sent"
+        arrived.append(frames.index(frame))
+    assert arrived == sorted(set(arrived)), f"frames {arrived} reached the new link out of order or twice"
+    lost = []
+    for i, r in enumerate(requests):
+        try:
+            assert txq.complete(r, timeout=1)[0] == 0
+        except VirtqueueTimeout:
+            lost.append(i)
+    assert not lost, f"chains {lost} of {len(frames)} were never used (frames {arrived} reached the new link)"
+    assert_view_matches(dest, net)
+    round_trip(dest, net, 0x34)
+
+
+def _quiet_used_idx(vm: Machine, net: VirtioNet, index: int, quiet_for: float = 0.2, limit: float = 5.0) -> int:
+    """QEMU's used index of queue ``index`` once it has not moved for ``quiet_for`` seconds."""
+    deadline = time.monotonic() + limit
+    last, since = queue_view(vm, net.dev_id, index).used_idx, time.monotonic()
+    while time.monotonic() - since < quiet_for and time.monotonic() < deadline:
+        time.sleep(0.01)
+        now = queue_view(vm, net.dev_id, index).used_idx
+        if now != last:
+            last, since = now, time.monotonic()
+    return last
