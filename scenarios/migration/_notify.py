@@ -1,7 +1,8 @@
 """Interrupts across a migration, for the net, console and balloon migration scenarios: what the
 destination must honour of the driver's notification suppression (virtio 1.2 §2.7.7, §2.8.10)
-and of its MSI-X table (PCI 3.0 §6.8.2.9, §6.8.2.10; virtio 1.2 §4.1.5.1.2); and the virtual
-time QEMU's post-load timers need to run.
+and of its MSI-X table (PCI 3.0 §6.8.2.9, §6.8.2.10; virtio 1.2 §4.1.5.1.2); the virtual time
+QEMU's post-load timers need to run; and waiting for QEMU's used index to move (buffers used
+that the driver has not popped, to migrate them unconsumed).
 
 A used-buffer notification is the queue's MSI-X message in its mailbox, or, without MSI-X, the
 ISR's queue bit (reading it clears it, §4.1.4.5). Each check makes the device use buffers by a
@@ -17,6 +18,7 @@ import pytest
 
 from qtest_virtio import Machine
 from qtest_virtio.devices.base import VirtioDriver
+from qtest_virtio.introspect import queue_view
 from qtest_virtio.pci.msix import Msix
 from qtest_virtio.transport import LegacyTransport, ModernTransport, VirtioTransport
 from qtest_virtio.transport.layout import COMMON_CFG, ISR, LEGACY_CFG
@@ -39,6 +41,15 @@ def let_virtual_time_pass(vm: Machine, ns: int) -> None:
     TCG machine's clock moves by itself."""
     if vm.binary.has_qtest_accel:
         vm.qtest.clock_step(ns)
+
+
+def wait_used_idx_moves(vm: Machine, dev_id: str, index: int, before: int, timeout: float = 2.0) -> None:
+    """Wait until QEMU's used index of queue ``index`` is past ``before`` (QMP
+    ``x-query-virtio-queue-status``; the driver pops nothing, so the entries stay unconsumed)."""
+    deadline = time.monotonic() + timeout
+    while queue_view(vm, dev_id, index).used_idx == before:
+        assert time.monotonic() < deadline, f"{dev_id} queue {index}: nothing used within {timeout:g} s"
+        time.sleep(0.002)
 
 
 def notified(drv: VirtioDriver, index: int) -> bool:

@@ -23,7 +23,7 @@ from qtest_virtio.devices.balloon.driver import VirtioBalloon
 from qtest_virtio.devices.balloon.encoding import INFLATEQ, PAGE_SIZE, StatTag, encode_pfns
 from qtest_virtio.introspect import device_view, queue_view
 
-from ._notify import notified, quiet, suppressed_across, wait_notified
+from ._notify import notified, quiet, suppressed_across, wait_notified, wait_used_idx_moves
 from ._support import assert_view_matches
 
 pytestmark = pytest.mark.virtio_device("virtio-balloon-pci", refuse_each=False)
@@ -66,14 +66,6 @@ def round_trip(vm: Machine, bal: VirtioBalloon) -> None:
 def held(bal: VirtioBalloon) -> int:
     """Chains the device holds taken and unused: the statsq buffer, with STATS_VQ (§5.5.6.3)."""
     return 1 if bal.has("STATS_VQ") else 0
-
-
-def _used_idx_moves(vm: Machine, bal: VirtioBalloon, index: int, before: int, timeout: float = 2.0) -> None:
-    """Wait until QEMU's used index of queue ``index`` is past ``before`` (the driver pops nothing)."""
-    deadline = time.monotonic() + timeout
-    while queue_view(vm, bal.dev_id, index).used_idx == before:
-        assert time.monotonic() < deadline, f"queue {index}: nothing used within {timeout:g} s"
-        time.sleep(0.002)
 
 
 # -- config: target and actual -------------------------------------------------------------
@@ -131,7 +123,7 @@ def test_used_request_not_yet_consumed_is_popped_on_the_destination(
     vq = bal.queues[INFLATEQ]
     before = queue_view(qemu, bal.dev_id, INFLATEQ).used_idx
     pending = vq.submit([encode_pfns([page])], [])
-    _used_idx_moves(qemu, bal, INFLATEQ, before)
+    wait_used_idx_moves(qemu, bal.dev_id, INFLATEQ, before)
     dest = migrate()
     assert_view_matches(dest, bal, in_flight=held(bal))
     assert vq.complete(pending, timeout=2)[0] == 0

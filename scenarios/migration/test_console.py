@@ -26,7 +26,16 @@ from qtest_virtio.devices.console.encoding import ControlEvent
 from qtest_virtio.introspect import device_view, queue_view
 from qtest_virtio.virtqueue import Virtqueue
 
-from ._notify import let_virtual_time_pass, need_msix, notified, quiet, suppressed_across, vectors, wait_notified
+from ._notify import (
+    let_virtual_time_pass,
+    need_msix,
+    notified,
+    quiet,
+    suppressed_across,
+    vectors,
+    wait_notified,
+    wait_used_idx_moves,
+)
 from ._support import assert_view_matches
 
 pytestmark = pytest.mark.virtio_device("virtio-serial-pci", refuse_each=False)
@@ -61,14 +70,6 @@ def _rx(con: VirtioConsole, port: int) -> Virtqueue:
 
 def _tx(con: VirtioConsole, port: int) -> Virtqueue:
     return con.queues[con.tx_queue(port)]
-
-
-def _used_idx_moves(vm: Machine, con: VirtioConsole, index: int, before: int, timeout: float = 2.0) -> None:
-    """Wait until QEMU's used index of queue ``index`` is past ``before`` (the driver pops nothing)."""
-    deadline = time.monotonic() + timeout
-    while queue_view(vm, con.dev_id, index).used_idx == before:
-        assert time.monotonic() < deadline, f"queue {index}: nothing used within {timeout:g} s"
-        time.sleep(0.002)
 
 
 # -- ports and data ------------------------------------------------------------------------
@@ -150,7 +151,7 @@ def test_used_buffers_not_yet_consumed_are_read_on_the_destination(
     before = queue_view(qemu, con.dev_id, index).used_idx
     data = b"written by the source's host"
     end(qemu, con, port).write(data)
-    _used_idx_moves(qemu, con, index, before)
+    wait_used_idx_moves(qemu, con.dev_id, index, before)
     dest = migrate()
     assert_view_matches(dest, con)
     assert con.read_chunk(port, timeout=2) == data

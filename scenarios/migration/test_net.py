@@ -31,7 +31,16 @@ from qtest_virtio.introspect import device_view, queue_view
 from qtest_virtio.virtqueue import Virtqueue, VirtqueueTimeout
 
 from ..net._support import delivered, need, rx_filter
-from ._notify import let_virtual_time_pass, need_msix, notified, quiet, suppressed_across, vectors, wait_notified
+from ._notify import (
+    let_virtual_time_pass,
+    need_msix,
+    notified,
+    quiet,
+    suppressed_across,
+    vectors,
+    wait_notified,
+    wait_used_idx_moves,
+)
 from ._support import assert_view_matches
 
 pytestmark = pytest.mark.virtio_device("virtio-net-pci", refuse_each=False)
@@ -88,14 +97,6 @@ def round_trip(vm: Machine, net: VirtioNet, seed: int = 0x40) -> None:
     assert host_frame(end) == _out(seed)
 
 
-def _used_idx_moves(vm: Machine, net: VirtioNet, index: int, before: int, timeout: float = 2.0) -> None:
-    """Wait until QEMU's used index of queue ``index`` is past ``before`` (the driver pops nothing)."""
-    deadline = time.monotonic() + timeout
-    while queue_view(vm, net.dev_id, index).used_idx == before:
-        assert time.monotonic() < deadline, f"queue {index}: nothing used within {timeout:g} s"
-        time.sleep(0.002)
-
-
 # -- rings and buffers ---------------------------------------------------------------------
 
 
@@ -145,11 +146,11 @@ def test_used_buffers_not_yet_consumed_are_popped_on_the_destination(
     rx_before = queue_view(qemu, net.dev_id, _rxq(net).index).used_idx
     frame = _frame(net.mac, 5)
     host(qemu, net).send(frame)
-    _used_idx_moves(qemu, net, _rxq(net).index, rx_before)
+    wait_used_idx_moves(qemu, net.dev_id, _rxq(net).index, rx_before)
     tx_before = queue_view(qemu, net.dev_id, _txq(net).index).used_idx
     sent = net.transmit(_out(5))
     assert host_frame(host(qemu, net)) == _out(5)
-    _used_idx_moves(qemu, net, _txq(net).index, tx_before)
+    wait_used_idx_moves(qemu, net.dev_id, _txq(net).index, tx_before)
     dest = migrate()
     assert_view_matches(dest, net)
     packet = net.receive_packet(timeout=2)
