@@ -393,6 +393,42 @@ DEVIATIONS: tuple[Deviation, ...] = (
         "initialized', then SIGSEGV in most runs)",
         Strength.SHOULD, "2.1.2", QEMU_7_2_22, CHECKED,
     ),
+    # -- issue 15, mignet: net, console and balloon across a live migration ---------------------
+    # Keyed on the --qemu (source) version; what the destination does is in each text.
+    *(
+        Deviation(
+            f"mig-{device}-used-event-suppresses",
+            "a destination notifies the first buffer it uses whatever used_event says: virtio_load "
+            "sets signalled_used_valid to false on every queue, and virtio_split_should_notify "
+            "notifies whenever it is false (same binary and across versions)",
+            Strength.SHOULD, "2.7.7.2", QEMU_7_2_22, CHECKED, when=Condition(rings=frozenset({"split"})),
+        )
+        for device in ("net", "console", "balloon")
+    ),
+    Deviation(
+        "mig-net-vlan-table",
+        "a 7.2 destination drops the migrated VLAN filter table: virtio_load calls set_features after "
+        "loading the device state, and 7.2's virtio_net_set_features clears the table whenever "
+        "CTRL_VLAN is negotiated, so tagged frames of an id the driver added are dropped (a 10.0 "
+        "destination keeps it: 7.2 -> 10.0 passes, 10.0 -> 7.2 fails)",
+        Strength.MUST, "5.1.6.5.3", QEMU_7_2_22, (QEMU_7_2_22,), fixed_in=QEMU_10_0_2, side="destination",
+    ),
+    Deviation(
+        "mig-console-held-element",
+        "on a packed ring a migration with a popped element in the stream fails to load ('virtio: "
+        "error trying to map MMIO memory'): qemu_put_virtqueue_element writes ndescs before the "
+        "element and qemu_get_virtqueue_element reads it after, so the destination maps garbage "
+        "addresses (a throttled port's output here; any device saving an element alike)",
+        Strength.DESCRIPTIVE, "5.3.6", QEMU_7_2_22, CHECKED, when=Condition(rings=frozenset({"packed"})),
+    ),
+    Deviation(
+        "mig-net-held-tx-frame",
+        "a transmit chain popped for a blocked backend is never used after a migration: stopping the "
+        "VM purges the queued frame (net_vm_change_state_handler), whose completion pops the next "
+        "chain into async_tx.elem, which virtio-net's migration state does not carry, so on the "
+        "destination that chain counts as in use forever and its frame is never sent",
+        Strength.DESCRIPTIVE, "5.1.6.2", QEMU_7_2_22, CHECKED,
+    ),
 )  # fmt: skip
 
 

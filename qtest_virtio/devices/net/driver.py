@@ -337,10 +337,11 @@ class VirtioNet(VirtioDriver):
         and wait until the device has used it."""
         self.send_many([frame], header=header, timeout=timeout, pair=pair)
 
-    def transmit(self, frame: bytes, *, header: NetHdr | None = None, pair: int = 0) -> Request:
+    def transmit(self, frame: bytes, *, header: NetHdr | None = None, pair: int = 0, kick: bool = True) -> Request:
         """Make one frame available and notify, without waiting for the device (a tx=timer
-        device holds it until its timer fires); ``txq.complete(request)`` waits."""
-        return self._tx(pair).submit(self._tx_chain(frame, header), [])
+        device holds it until its timer fires); ``txq.complete(request)`` waits. With
+        ``kick=False`` the chain is queued unpublished until the queue's next kick."""
+        return self._tx(pair).submit(self._tx_chain(frame, header), [], kick=kick)
 
     def send_many(
         self, frames: Sequence[bytes], *, header: NetHdr | None = None, timeout: float = 5.0, pair: int = 0
