@@ -262,3 +262,35 @@ def test_a_hot_plugged_device_migrates_and_unplugs_on_the_destination(qemu_binar
             dest.plug("blk0")
             again = dest.virtio("blk0", VirtioBlk)
             assert again.read(2, 1) == b"h" * 512
+
+
+def test_a_destination_side_deviation_is_keyed_on_the_migrate_to_version(
+    pytester: pytest.Pytester, two_versions: tuple[QemuBinary, QemuBinary]
+) -> None:
+    """An entry with ``side: destination`` (a bug in the load code) holds where the --migrate-to
+    binary is a version it was verified on, whatever the source is: the same failing test is a
+    strict xfail migrating to 10.0.2 and a plain failure migrating to 7.2.22 (checked free of it)."""
+    old, new = two_versions
+    version, before = (".".join(map(str, b.version)) for b in (new, old))
+    table = pytester.path / "extra.json"
+    table.write_text(
+        '[{"id": "load-side-bug", "does": "loses it on load", "strength": "MUST", "section": "2.1",'
+        f' "first_seen": "{version}", "verified_on": ["{version}"], "absent_on": ["{before}"],'
+        ' "side": "destination"}]'
+    )
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.conformance("load-side-bug", spec="2.1")
+        def test_fails():
+            assert False
+        """
+    )
+    args = ["--qemu", old.path, "--deviations", str(table), "-p", "no:cacheprovider"]
+    pytester.runpytest(*args, "--migrate-to", new.path).assert_outcomes(xfailed=1)
+    pytester.runpytest(*args, "--migrate-to", old.path).assert_outcomes(failed=1)
+    table.write_text(table.read_text().replace('"destination"', '"target"'))
+    res = pytester.runpytest(*args)
+    assert res.ret == pytest.ExitCode.USAGE_ERROR
+    res.stderr.fnmatch_lines(["*side 'target'; use one of qemu, destination*"])
