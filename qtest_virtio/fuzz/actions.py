@@ -635,3 +635,23 @@ class Valid(Action):
 
     def render(self, t: Target) -> list[str]:
         return []
+
+
+#: A reproducer line (plain form) that replay honours between the commands, not a comment:
+#: ``# qtest-virtio: migrate`` (:mod:`qtest_virtio.reproducer`, "Directives").
+DIRECTIVE = "# qtest-virtio:"
+
+
+@dataclass(frozen=True)
+class Migrate(Action):
+    """Live migration mid-sequence (issue 15): the machine moves to a fresh QEMU of the same
+    binary and command line, so the source saves the hostile driver's device state
+    (``virtio_save``) and the destination loads it (``virtio_load``); the actions after it go
+    to the destination. Run by the engine; a reproducer holds it as :attr:`directive`."""
+
+    writes_status = False
+    #: The line a reproducer holds where the migration happened.
+    directive: ClassVar[str] = f"{DIRECTIVE} migrate"
+
+    def render(self, t: Target) -> list[str]:
+        return []
