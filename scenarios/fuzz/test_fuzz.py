@@ -10,6 +10,8 @@ expected failure naming that file, so the smoke test stays red only for what is 
 
 from __future__ import annotations
 
+import itertools
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,7 @@ pytest.importorskip("hypothesis", reason="the fuzz scenarios need hypothesis (pi
 from qtest_virtio.fuzz import (
     DEVICES,
     FuzzConfig,
+    FuzzReport,
     fuzz_target,
     known_signatures,
     signature,
@@ -43,6 +46,14 @@ TARGETS = [
 ]
 
 
+#: Examples per device with live migration among the actions (each migration is one more QEMU).
+MIGRATE_EXAMPLES = 4
+#: One transport mode and ring per device, in turn, so the migrating targets cover all of them
+#: at the cost of one target per device.
+MODE_RINGS = list(dict.fromkeys((mode, ring) for _, mode, ring in TARGETS))
+MIGRATE_TARGETS = [(device, *mode_ring) for device, mode_ring in zip(DEVICES, itertools.cycle(MODE_RINGS))]
+
+
 @pytest.mark.parametrize(("device", "mode", "ring"), TARGETS, ids=["-".join(t) for t in TARGETS])
 def test_hostile_driver(
     request: pytest.FixtureRequest,
@@ -53,9 +64,45 @@ def test_hostile_driver(
     mode: str,
     ring: str,
 ) -> None:
+    report = _campaign(request, qemu_binary, deviation_table, tmp_path, FuzzConfig(device, mode, ring), EXAMPLES)
+    assert report.examples == EXAMPLES
+
+
+@pytest.mark.parametrize(("device", "mode", "ring"), MIGRATE_TARGETS, ids=["-".join(t) for t in MIGRATE_TARGETS])
+def test_hostile_driver_across_a_migration(
+    request: pytest.FixtureRequest,
+    qemu_binary: QemuBinary,
+    deviation_table: dict[str, Deviation],
+    tmp_path: Path,
+    device: str,
+    mode: str,
+    ring: str,
+) -> None:
+    """Issue 15: the hostile driver's machine live-migrates mid-sequence (``fuzz --migrate``).
+    The source must survive saving whatever state the driver left (virtio_save), the destination
+    loading it (virtio_load: a clean refusal is allowed, the source then runs on) and the
+    actions after it; after a reset the device serves a valid request on whichever side ran on."""
+    config = FuzzConfig(device, mode, ring, migrate=True)
+    report = _campaign(request, qemu_binary, deviation_table, tmp_path, config, MIGRATE_EXAMPLES)
+    assert report.examples == MIGRATE_EXAMPLES
+    tried = report.migrations + sum(n for o, n in report.observations.items() if o.startswith("migration refused"))
+    assert tried >= 1, f"no example migrated: {report.observations}"
+
+
+def _campaign(
+    request: pytest.FixtureRequest,
+    qemu_binary: QemuBinary,
+    deviation_table: dict[str, Deviation],
+    tmp_path: Path,
+    config: FuzzConfig,
+    examples: int,
+) -> FuzzReport:
+    """A seeded run on ``config`` (on the binary under test): a known bug of this QEMU is an
+    xfail naming its reproducer, anything else that fails fails the test with the reproducer
+    written to ``tmp_path``."""
     known = known_signatures(REPRODUCERS, qemu_binary.version, deviation_table)
-    config = FuzzConfig(device, mode, ring, qemu=qemu_binary.path)
-    report = fuzz_target(config, max_examples=EXAMPLES, seed=0, shrink_seconds=30.0, known=known)
+    config = replace(config, qemu=qemu_binary.path)
+    report = fuzz_target(config, max_examples=examples, seed=0, shrink_seconds=30.0, known=known)
     if report.failure is not None and signature(report.failure) in known:
         found = signature(report.failure)
         stem = Path(known[found]).stem
@@ -70,4 +117,4 @@ def test_hostile_driver(
             f"actions: {report.failure.actions!r}\nQEMU stderr:\n{report.failure.stderr_tail}",
             pytrace=False,
         )
-    assert report.examples == EXAMPLES
+    return report
