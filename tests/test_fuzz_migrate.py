@@ -249,3 +249,15 @@ def test_descchain_state_that_virtio_load_repairs_is_not_refused(qemu_binary) ->
         "error reported, DEVICE_NEEDS_RESET set",
         "VQ N size N Guest index N inconsistent with Host index N: delta N",
     ) in kinds, kinds
+
+
+def test_cli_migrate_counts_the_migrations(qemu_binary, tmp_path: Path) -> None:
+    assert EXE
+    args = ["--device", "virtio-rng-pci", "--transport", "modern", "--ring", "split", "--migrate"]
+    args += ["--examples", "4", "--rounds", "1", "--seed", "0", "--out", str(tmp_path), "--qemu", qemu_binary.path]
+    res = subprocess.run([EXE, "fuzz", *args], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    (line,) = [ln for ln in res.stdout.splitlines() if ln.startswith("virtio-rng-pci-modern-split: 4 examples in")]
+    migrations = int(line.rsplit(", ", 1)[1].split()[0])
+    assert migrations >= 1 and line.endswith(f"{migrations} live migration{'' if migrations == 1 else 's'}"), line
+    assert f"nothing new found: 4 examples in 1 round(s), seed 0, {migrations} live migration" in res.stdout

@@ -4,7 +4,8 @@
 A hostile driver is a list of :class:`Action` values (:mod:`.actions`: the steps and their qtest
 wire form). :mod:`.targets` says what each device is fuzzed through (its queues, a valid request,
 the check that it serves one). :mod:`.engine` runs examples on fresh machines, drives hypothesis
-and shrinks a failure; :mod:`.corpus` writes finds as ``.qtest`` files and reads the known ones.
+and shrinks a failure (a live migration mid-sequence is one more action, ``FuzzConfig.migrate``);
+:mod:`.corpus` writes finds as ``.qtest`` files and reads the known ones.
 The command line is :mod:`qtest_virtio.app.fuzz_cmd`.
 """
 

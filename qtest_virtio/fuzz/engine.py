@@ -12,6 +12,11 @@ with the classifier replay uses (:class:`~qtest_virtio.outcome.Judge`). Where th
 a device must do but QEMU does otherwise (an error reported without DEVICE_NEEDS_RESET, virtio
 1.2 §2.1.2), the runner records an :class:`Observation` and does not fail.
 
+A :class:`~.actions.Migrate` action (``FuzzConfig.migrate``) live-migrates the machine to a fresh
+QEMU mid-sequence (:func:`migrate`, shared with replay): the source saves the state the hostile
+driver left, the destination loads it, and the judge follows the machine that runs on. The
+recording follows it too: the reproducer gets a ``# qtest-virtio: migrate`` line there.
+
 hypothesis is imported inside functions only, so ``import qtest_virtio`` stays light.
 """
 
