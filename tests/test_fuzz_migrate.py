@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import os
+import signal
 import stat
 import subprocess
 from pathlib import Path
@@ -193,6 +194,44 @@ def test_unrecovered_after_a_migration_replays_unrecovered(qemu_binary, tmp_path
 
 
 KNOWS = "replay knows '# qtest-virtio: migrate' (a live migration to a fresh QEMU"
+#: A "QEMU" whose migration destinations abort (SIGABRT) once the migration stream's socket is
+#: there (QMP migrate-incoming made it), while they load; every other start is the real binary.
+DEST_ABORTS = """#!/bin/bash
+REAL={real}
+case " $* " in *" -incoming "*) ;; *) exec "$REAL" "$@" ;; esac
+dir=$(printf '%s\\n' "$@" | sed -n 's|^socket,id=qtest,path=\\(.*\\)/qtest.sock$|\\1|p')
+"$REAL" "$@" &
+child=$!
+trap 'kill -TERM $child 2>/dev/null' TERM INT
+( while [ ! -S "$dir/migration.sock" ]; do kill -0 $child 2>/dev/null || exit; sleep 0.01; done
+  kill -ABRT $child ) &
+wait $child; rc=$?
+while kill -0 $child 2>/dev/null; do wait $child; rc=$?; done
+if [ $rc -gt 128 ]; then trap - ABRT; kill -ABRT $$; fi
+exit $rc
+"""
+
+
+def test_a_destination_that_dies_loading_is_a_crash_of_the_destination(qemu_binary, tmp_path: Path) -> None:
+    """The destination aborts while the state streams in: the example is crashed by SIGABRT,
+    judged on the destination (its exit, its stderr), with no migration counted and both QEMUs
+    gone; replay of the reproducer on the same "QEMU" says crashed, on the real binary survived
+    (so the verdict came from the destination, not from the commands)."""
+    wrapper = tmp_path / "qemu-dest-aborts"
+    wrapper.write_text(DEST_ABORTS.format(real=qemu_binary.path))
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
+    machines: list[Machine] = []
+    config = FuzzConfig("virtio-rng-pci", "modern", "split", qemu=str(wrapper), migrate=True)
+    result = run_example(config, [Valid(), Migrate(), Valid()], hook=lambda vm, _: machines.append(vm))
+    assert result.outcome == "crashed", result.summary()
+    assert result.returncode == -signal.SIGABRT and result.migrations == 0, (result.returncode, result.stderr_tail)
+    assert machines and all(_gone(m.pid) for m in machines)
+    path = write_reproducer(result, str(tmp_path / "out"))
+    crashed = replay(load(path), qemu=str(wrapper), timeout=5.0)
+    assert crashed.outcome == "crashed" and crashed.signal == signal.SIGABRT, crashed
+    assert replay(load(path), qemu=qemu_binary.path, timeout=5.0).outcome == "survived"
+
+
 PLAIN = "# qemu-args: -M q35 -nodefaults -device virtio-rng-pci\nwritel 0x100000 0x1\n{line}\nreadl 0x100000\n"
 
 

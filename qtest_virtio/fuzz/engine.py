@@ -303,16 +303,18 @@ class _Recording:
         self._intercepts: list[bytes] = []
         self._sink = client.record()
 
-    def migration(self, client: QtestClient | None) -> None:
-        """A migration was tried here; ``client`` (the same object, now the destination's) when
-        the machine moved, None when it was refused and the source runs on."""
+    def migration(self) -> None:
+        """A migration is tried here (before it starts: a crash while it runs is replayed
+        there too): what was sent so far, then the directive line."""
         sent = b"".join(self._sink)
-        self._sink.clear()  # the source's socket may go on recording into it (refused)
+        self._sink.clear()  # the source's socket goes on recording into it (a refused migration)
         self._intercepts += [line for line in sent.splitlines(keepends=True) if line.startswith(b"irq_intercept_")]
         self._done += [sent, f"{act.Migrate.directive}\n".encode()]
-        if client is not None:
-            self._done += self._intercepts
-            self._sink = client.record()
+
+    def moved(self, client: QtestClient) -> None:
+        """The migration completed: ``client`` (the same object) now talks to the destination."""
+        self._done += self._intercepts
+        self._sink = client.record()
 
     def sent(self) -> bytes:
         return b"".join([*self._done, *self._sink])
@@ -442,9 +444,10 @@ def _abuse(
                 live.seen = _observe_errors(vm, driver, target, action, live.seen, result.observations)
                 continue
             if isinstance(action, act.Migrate):
+                live.recording.migration()
                 live.vm, refused = migrate(live.judge, vm, what=f"the migration of action {i}")
-                live.recording.migration(live.vm.qtest if refused is None else None)
                 if refused is None:
+                    live.recording.moved(live.vm.qtest)
                     result.migrations += 1
                     live.seen = 0
                 else:
