@@ -364,10 +364,26 @@ def migrate(judge: Judge, vm: M, *, what: str = "the migration") -> tuple[M, str
             if isinstance(exc, TimeoutError):
                 raise QtestTimeout(f"{what} (QMP)", vm.spec.command_timeout) from None
             if isinstance(exc, MigrationError):
-                return vm, exc.summary.split(" failed: ", 1)[-1]
+                return vm, _refusal(exc)
             raise
     judge.vm = dest
     return dest, None
+
+
+#: What QEMU's migration code prints after a device's own complaint when a load fails.
+_LOAD_FAILED = ("Failed to load ", "error while loading state", "load of migration failed")
+
+
+def _refusal(exc: MigrationError) -> str:
+    """Why the destination refused the state: its first complaint, the one before QEMU's
+    "Failed to load ..." (virtio_load's or the device's, e.g. "VQ 0 address 0x0 inconsistent
+    with Host index 0x1"), which does not depend on whether the source noticed first (as
+    "Unable to write to socket") or the destination; else the error's own summary."""
+    lines = [line.split(": ", 1)[-1] for line in exc.destination_stderr.splitlines() if line.strip()]
+    failed = next((i for i, line in enumerate(lines) if line.startswith(_LOAD_FAILED)), None)
+    if failed is not None:
+        return lines[max(failed - 1, 0)]
+    return exc.summary.split(" failed: ", 1)[-1]
 
 
 def _died_badly(vm: QemuMachine) -> bool:
