@@ -617,7 +617,8 @@ def _take(step: Directive, judge: Judge, vm: M, rep: Reproducer, result: ReplayR
 def describe(result: ReplayResult, rep: Reproducer) -> str:
     """The verdict line for a human (and a log)."""
     if result.outcome is Outcome.SURVIVED:
-        return f"survived: {result.detail or f'{result.commands_run} commands replayed, QEMU alive'}"
+        moved = f" across {result.migrations} live migration(s)" if result.migrations else ""
+        return f"survived: {result.detail or f'{result.commands_run} commands replayed{moved}, QEMU alive'}"
     if result.outcome is Outcome.CRASHED:
         sig = f"signal {result.signal}" if result.signal else f"exit status {result.returncode}"
         return f"crashed ({sig}) after {result.commands_run} of {len(rep.commands)} commands: {result.detail}"

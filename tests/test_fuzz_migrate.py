@@ -172,7 +172,7 @@ def test_replay_migrates_at_the_directive(qemu_binary, logging_qemu: tuple[str, 
     assert f"{path}:{at + 1}: # qtest-virtio: migrate  ->  migrated to a fresh QEMU (pid " in res.stdout
     assert f"{path}:{at + 2}: b64read 0x7f0000 0xc  ->  OK {mark}" in res.stdout, res.stdout[-2000:]
     assert f"note: line {at + 1}: migrated to a fresh QEMU (pid " in res.stdout
-    assert res.stdout.rstrip().endswith("QEMU alive")
+    assert res.stdout.rstrip().endswith("commands replayed across 1 live migration(s), QEMU alive")
 
 
 def test_unrecovered_after_a_migration_replays_unrecovered(qemu_binary, tmp_path: Path, monkeypatch) -> None:
