@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 from .errors import (
     ClockUnavailable,
+    MigrationError,
+    MigrationUnsupported,
     QemuCrashed,
     QemuStartError,
     QtestError,
@@ -41,6 +43,8 @@ __all__ = [
     "DeviceSpec",
     "Machine",
     "MachineSpec",
+    "MigrationError",
+    "MigrationUnsupported",
     "QemuCrashed",
     "QemuStartError",
     "QtestError",

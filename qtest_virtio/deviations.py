@@ -352,6 +352,38 @@ DEVIATIONS: tuple[Deviation, ...] = (
         "the first packet after the reset still carries the old hash_value and hash_report",
         Strength.DESCRIPTIVE, "5.1.6.5.6.4", QEMU_7_2_22, (QEMU_7_2_22,), fixed_in=QEMU_10_0_2,
     ),
+    # -- issue 15, migblk: virtio-blk, virtio-scsi, virtio-rng across a live migration --------
+    Deviation(
+        "mig-used-event-not-reached-quiet",
+        "after a migration the destination notifies the first buffer it uses whatever used_event says: "
+        "virtio_load sets signalled_used_valid to false, so virtio_split_should_notify returns true "
+        "once without looking at used_event (same binary both ways, and across 7.2 and 10.0)",
+        Strength.SHOULD, "2.7.7.2", QEMU_7_2_22, CHECKED, when=Condition(rings=frozenset({"split"})),
+    ),
+    Deviation(
+        "mig-blk-writeback-survives",
+        "the cache mode the driver chose through writeback is not migrated: the destination's "
+        "block backend runs the mode of its command line (write-cache), and writeback reads that "
+        "mode, with no configuration change notification (same binary, and across 7.2 and 10.0)",
+        Strength.DESCRIPTIVE, "5.2.5", QEMU_7_2_22, CHECKED,
+    ),
+    Deviation(
+        "mig-blk-held-request-completes",
+        "on a packed ring a request held by werror=stop does not survive a migration: "
+        "qemu_put_virtqueue_element writes the element's ndescs before the element, "
+        "qemu_get_virtqueue_element reads it after, so the destination maps garbage, says "
+        "'virtio: unexpected memory split' and the migration fails (same binary)",
+        Strength.DESCRIPTIVE, "2.8", QEMU_7_2_22, CHECKED, when=Condition(rings=frozenset({"packed"})),
+    ),
+    # -- issue 15, hotplug: hot-unplug with requests in flight ---------------------------------
+    Deviation(
+        "hotplug-rng-unplug-pending-entropy",
+        "a virtio-rng unplugged while a request waits for entropy (an empty rng-random FIFO) leaves "
+        "that request queued in the backend (virtio_rng_device_unrealize cancels nothing): entropy "
+        "written later is read for it and chr_read runs on the freed device ('Region caches not "
+        "initialized', then SIGSEGV in most runs)",
+        Strength.SHOULD, "2.1.2", QEMU_7_2_22, CHECKED,
+    ),
 )  # fmt: skip
 
 

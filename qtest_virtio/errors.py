@@ -145,13 +145,18 @@ class MigrationError(QtestVirtioError):
         self.source_stderr = source_stderr
         self.destination_stderr = destination_stderr
         self.command_lines = list(command_lines)
-        parts = [summary]
-        for side, tail in (("source", source_stderr), ("destination", destination_stderr)):
+        #: ``dev.prop: a -> b`` for device properties that read differently on the two sides.
+        self.differences: list[str] = []
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        parts = [self.summary]
+        for side, tail in (("source", self.source_stderr), ("destination", self.destination_stderr)):
             if tail.strip():
                 parts.append(f"{side} QEMU stderr (tail):\n" + _indent(tail))
         for line in self.command_lines:
             parts.append("command line:\n" + _indent(line))
-        super().__init__("\n".join(parts))
+        return "\n".join(parts)
 
 
 class MigrationUnsupported(MigrationError):

@@ -15,8 +15,10 @@ from .devices import registry
 from .devices.base import DriverError, VirtioDriver
 from .errors import MigrationError
 from .machine import MachineSpec, QemuMachine
+from .machine.qdev import HotplugError
 from .memory import GuestMemory
-from .pci import PciBus, PciFunction
+from .pci import Msix, PciBus, PciFunction
+from .pci.hotplug import AcpiPciHotplug, PcieSlot
 from .transport.layout import feature_names
 
 D = TypeVar("D", bound=VirtioDriver)
@@ -36,6 +38,9 @@ class Machine(QemuMachine):
         self._memory: GuestMemory | None = None
         #: The drivers ``virtio()`` made: a migration re-points their backends.
         self._drivers: list[VirtioDriver] = []
+        #: The guest's side of hot-plug, set up on first use: root port slots by BDF, ACPI.
+        self._hotplug_slots: dict[str, PcieSlot] = {}
+        self._acpi_hotplug: AcpiPciHotplug | None = None
 
     def __enter__(self) -> Machine:
         if self._proc is None:  # a migration destination comes started
@@ -110,19 +115,112 @@ class Machine(QemuMachine):
     def migrate_to(self, spec: MachineSpec | None = None, *, keep_source: bool = False) -> Machine:
         """Live-migrate to a new QEMU (see :meth:`QemuMachine.migrate_to`), drivers and all: the
         PCI, memory and driver objects carry over, each driver's ``backend`` becomes the
-        destination's host end (images are the same file; sockets and FIFOs are new). A
-        migration QEMU refuses for a feature the destination does not offer names it."""
+        destination's host end (images are the same file; sockets and FIFOs are new). A device
+        hot-plugged here is on the destination's command line, in the same slot. A migration
+        QEMU refuses for a feature the destination does not offer names it."""
+        spec = spec if spec is not None else self.spec.clone()
+        for dev in spec.devices:
+            address = self.pci_address(dev.id) if dev.hotplug else None
+            if address is not None:  # plugged here: on the destination's command line, same slot
+                dev.plugged = True
+                dev.props["addr"] = f"{address[1]:#x}.{address[2]}"
         try:
             dest = super().migrate_to(spec, keep_source=keep_source)
         except MigrationError as exc:
             raise explain_migration_error(exc, self._drivers) from None
         dest._pci, dest._memory = self._pci, self._memory
+        dest._hotplug_slots, dest._acpi_hotplug = self._hotplug_slots, self._acpi_hotplug
+        self._hotplug_slots, self._acpi_hotplug = {}, None
         handles = dest.backend_handles()
         for drv in self._drivers:
             drv.backend = handles.get(drv.dev_id)
         dest._drivers, self._drivers = self._drivers, []
         self._pci = self._memory = None
         return dest
+
+    # -- hot(un)plug: QMP (machine layer) around the guest's part (pci/hotplug.py) -------------
+
+    def plug(self, dev_id: str) -> PciFunction:
+        """Hot-plug a device the spec declared with ``hotplug=True``: ``device_add`` (with its
+        backend wiring, then the devices on its bus), then what the guest does: on q35 the root
+        port's slot event is taken and the slot powered on, on pc the ACPI event is taken; the
+        bus is rescanned and the new function gets BARs. Returns its PCI function."""
+        options = self.hotplug_options(dev_id)
+        if self.pci_address(dev_id) is not None:
+            raise HotplugError(f"device {dev_id!r} is already plugged; unplug it first (vm.unplug)")
+        self.pci.assign_bars()
+        port = self.spec.device(dev_id).hotplug_port
+        slot = self._slot(self.pci_function(port)) if port is not None else None
+        acpi = self._acpi() if slot is None else None
+        self.device_add(options[0])
+        for extra in options[1:]:
+            self.device_add(extra)
+        address = self.pci_address(dev_id)
+        if address is None:
+            raise HotplugError(f"device_add {dev_id} returned, but query-pci does not list it")
+        if slot is not None:
+            slot.handle_plug()
+        elif acpi is not None:
+            acpi.plugged(address[1])
+        self.pci.rescan(address[0])
+        return self.pci_function(dev_id)
+
+    def unplug(self, dev_id: str, *, timeout: float = 5.0) -> None:
+        """Hot-unplug a device: ``device_del``, the guest's part (power the q35 slot off, or
+        eject the ACPI slot on pc), then wait for ``DEVICE_DELETED`` (a HotplugError naming the
+        device when it does not come within ``timeout`` seconds)."""
+        self.request_unplug(dev_id)
+        self.finish_unplug(dev_id, timeout=timeout)
+
+    def request_unplug(self, dev_id: str) -> None:
+        """The first half of :meth:`unplug`: ``device_del`` alone (the guest has not answered)."""
+        if self.pci_address(dev_id) is None:
+            raise HotplugError(f"device {dev_id!r} is not plugged (query-pci does not list it); plug it first")
+        self.pci.assign_bars()
+        self.device_del(dev_id)
+
+    def finish_unplug(self, dev_id: str, *, timeout: float = 5.0) -> None:
+        """The second half of :meth:`unplug`: the guest's answer to the unplug request, then
+        ``DEVICE_DELETED``, then the bus is rescanned without the device."""
+        fn = self.pci_function(dev_id)
+        bridge = self.pci.bridge_of(fn)
+        if bridge is not None and bridge.reserved is not None:
+            slot = self._slot(bridge)
+            slot.handle_unplug_request()
+            slot.handle_removal()
+        elif bridge is None and self.pci.machine_type == "pc":
+            self._acpi().unplug_requested(fn.bdf_addr.device)
+        self.wait_device_deleted(dev_id, timeout)
+        self.pci.rescan(fn.bdf_addr.bus)
+
+    def _slot(self, port: PciFunction) -> PcieSlot:
+        """The native hot-plug slot of a root port, set up once as pciehp does at probe:
+        its MSI-X routed to RAM, notifications and the hot-plug interrupt on."""
+        slots = self._hotplug_slots
+        if port.bdf not in slots:
+            msix = Msix(port)
+            slot = PcieSlot(port, msix)
+            msix.route_to_ram(self.memory, slot.vector + 1)
+            slot.enable_notifications()
+            slots[port.bdf] = slot
+        return slots[port.bdf]
+
+    def _acpi(self) -> AcpiPciHotplug:
+        if self._acpi_hotplug is None:
+            self._acpi_hotplug = AcpiPciHotplug(self.qtest)
+            self._acpi_hotplug.enable()
+        return self._acpi_hotplug
+
+    def pci_address(self, dev_id: str) -> tuple[int, int, int] | None:
+        """(bus, slot, function) of the device with this qdev id as QEMU's query-pci has it, None
+        when there is none (query-pci sees behind bridges once they have bus numbers: the
+        enumeration gives them)."""
+        self.pci.devices()
+        for bus in self.qmp.cmd("query-pci"):  # type: ignore[attr-defined]
+            found = _find_qdev(bus.get("devices", []), dev_id)
+            if found is not None:
+                return int(found["bus"]), int(found["slot"]), int(found["function"])
+        return None
 
 
 def _find_qdev(devices: list[dict[str, Any]], dev_id: str) -> dict[str, Any] | None:

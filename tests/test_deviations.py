@@ -99,10 +99,10 @@ def test_reason_is_worded_from_the_strength() -> None:
 
 
 def test_every_entry_names_a_scenario_or_a_reproducer() -> None:
-    """An id must be a conformance id of a scenario or a reproducer's file stem: a typo would
-    silently claim nothing."""
+    """An id must be a conformance (or regression) id of a scenario or a reproducer's file stem:
+    a typo would silently claim nothing."""
     text = "\n".join(p.read_text() for p in SCENARIOS.rglob("test_*.py"))
-    conformance = set(re.findall(r'conformance\("([^"]+)"', text))
+    conformance = set(re.findall(r'(?:conformance|regression)\("([^"]+)"', text))
     stems = {p.stem for p in (SCENARIOS / "reproducers").glob("*.qtest")}
     assert len({d.id for d in DEVIATIONS}) == len(DEVIATIONS)
     assert sorted(d.id for d in DEVIATIONS if d.id not in conformance | stems) == []

@@ -730,3 +730,23 @@ def test_qtest_and_qmp_reach_the_same_qemu(qemu: Machine, qtest: Any, qmp: Any) 
     assert "0xc0ffee11" in out
     if not qemu.binary.has_qtest_accel:
         assert qmp_cmd(qmp, "query-status")["running"] is False  # -S: no vCPU ever ran
+
+
+def test_stop_and_cont_keep_resume_right(machine_factory: MachineFactory) -> None:
+    """``stop()`` pauses a running VM (QMP says paused, not running); ``resume()`` afterwards
+    makes it run again on every build (under the qtest accelerator too, where the run state is
+    otherwise RUNNING from the start, so resume() sends nothing); ``cont()`` does the same, and a
+    resume() after it changes nothing."""
+    vm = machine_factory()
+    vm.resume()
+    assert vm.run_state() == "running"
+    vm.stop()
+    assert vm.run_state() == "paused"
+    assert qmp_cmd(vm.qmp, "query-status")["running"] is False
+    vm.resume()
+    assert vm.run_state() == "running"
+    vm.stop()
+    vm.cont()
+    assert vm.run_state() == "running"
+    vm.resume()
+    assert vm.run_state() == "running"

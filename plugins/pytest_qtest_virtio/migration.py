@@ -20,6 +20,7 @@ from collections.abc import Callable
 import pytest
 
 from qtest_virtio import Machine
+from qtest_virtio.binary import QemuBinary, QemuNotFound
 from qtest_virtio.errors import MigrationUnsupported
 
 from .stash import MACHINES_KEY, VIRTIO_MACHINE_KEY
@@ -46,6 +47,10 @@ def migrate(request: pytest.FixtureRequest) -> Migrate:
             vm = request.node.stash.get(VIRTIO_MACHINE_KEY, None) or request.getfixturevalue("qemu")
         assert vm is not None
         target = qemu or destination_qemu(request.config) or vm.binary.path
+        try:
+            target = QemuBinary.get(target).path
+        except QemuNotFound as exc:  # a path the user named: their mistake, not a skip
+            pytest.fail(f"--migrate-to / ${MIGRATE_ENV}: {exc}", pytrace=False)
         spec = vm.spec.clone(qemu=target, machine=machine)
         try:
             dest = vm.migrate_to(spec, keep_source=keep_source)

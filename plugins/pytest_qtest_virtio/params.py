@@ -15,8 +15,9 @@ from qtest_virtio.app.options import OptionError, parse_transports
 RINGS = modes.RINGS
 #: Modes whose register layout can negotiate RING_PACKED (bit 34 needs the 64-bit features).
 PACKED_MODES = frozenset(modes.MODERN_LAYOUT_MODES)
-#: Marker kwargs that place the device (a pcie-root-port of q35, an -object iothread): bools.
-PLACEMENT_KWARGS = ("pcie_root_port", "iothread")
+#: Marker kwargs that place the device (a pcie-root-port of q35, an -object iothread, plugged
+#: after start): bools.
+PLACEMENT_KWARGS = ("pcie_root_port", "iothread", "hotplug")
 
 
 @dataclass(frozen=True)

@@ -44,10 +44,12 @@ REPORTED_CRASHES_KEY = pytest.StashKey[list[QemuCrashed]]()
 DEVIATIONS_KEY = pytest.StashKey[dict[str, Deviation]]()
 
 MARKERS = (
-    "virtio_device(name, transports=..., flags={...}, pcie_root_port=False, iothread=False, **backend): the "
-    "virtio device a test drives (pcie_root_port: behind a q35 pcie-root-port; iothread: on an -object iothread)",
+    "virtio_device(name, transports=..., flags={...}, pcie_root_port=False, iothread=False, hotplug=False, "
+    "**backend): the virtio device a test drives (pcie_root_port: behind a q35 pcie-root-port; iothread: on an "
+    "-object iothread; hotplug: plugged after start, behind a native hot-plug root port on q35, by ACPI on pc)",
     "virtio_requires(*features): skip where the device or binary cannot offer these features",
     "conformance(id, spec=section): ties a scenario to a row of the conformance matrix",
+    "regression(id): names a regression scenario (QEMU behaviour, no spec requirement) for the deviation table",
     "virtual_clock: the test steps QEMU's virtual clock (clock_step); skips where the build has no "
     "qtest accelerator, and so no clock",
 )
@@ -315,19 +317,22 @@ def virtio_device(
     options = registry.lookup(param.device).driver.option_names()  # the rest go to the MachineSpec
     driver_kwargs = {k: extra.pop(k) for k in list(extra) if k in options}
     spec = MachineSpec(qemu=qemu_binary.path, machine=_machine_option(request.config))
+    hotplug = bool(extra.pop("hotplug", False))
     placement = _placement(param.device, spec, extra)
     try:  # decided before QEMU starts: a flag this binary lacks is a skip, not a failure
         qemu_binary.check_properties(param.device, [*flags, *placement])
     except UnknownFlag as exc:
         pytest.skip(f"{qemu_binary.path} cannot run this: {exc}")
     extra.update(placement)
-    dev = spec.add_virtio(param.device, flags, mode=param.mode, **extra)
+    dev = spec.add_virtio(param.device, flags, mode=param.mode, hotplug=hotplug, **extra)
     request.node.stash[PARAM_KEY] = param
     try:
         vm = machine_factory(spec)
     except BackendUnavailable as exc:  # this host cannot make the backend (a tap without root)
         pytest.skip(f"cannot run here: {exc}")
     request.node.stash[VIRTIO_MACHINE_KEY] = vm
+    if hotplug:  # what a test of unplug needs: qemu.unplug(virtio_device.dev_id), qemu.plug(...)
+        vm.plug(dev.id)
     # A refusal names a reserved feature or one device's own: each device gets those it has.
     own = set(FEATURE_BITS.values()) | set(registry.lookup(param.device).feature_bits.values())
     driver = vm.virtio(dev.id, VirtioDriver, refuse=param.refuse & own, **driver_kwargs)
@@ -450,10 +455,10 @@ def _strict_deviations(config: pytest.Config) -> bool:
 def _mark_deviation(
     config: pytest.Config, item: pytest.Item, version: tuple[int, int, int], param: VirtioParam | None
 ) -> None:
-    """A table entry for this test (its conformance id, or a reproducer's file stem) that holds
+    """A table entry for this test (its conformance or regression id, or a reproducer's file stem) that holds
     for this run: a strict xfail where verified on this version (or with --strict-deviations),
     a non-strict one where unverified; nothing where fixed or not yet there (it must pass)."""
-    conformance = item.get_closest_marker("conformance")
+    conformance = item.get_closest_marker("conformance") or item.get_closest_marker("regression")
     key = str(conformance.args[0]) if conformance is not None and conformance.args else None
     if isinstance(item, ReproducerItem):
         key = item.name

@@ -68,6 +68,9 @@ class LaunchPlan:
     repro_argv: list[str]
     pass_fds: list[int] = field(default_factory=list)
     handles: dict[str, Handle] = field(default_factory=dict)
+    #: The ``-device`` options of each hot-plug device (its own first, then those on its bus),
+    #: by id: left off the command line, for ``device_add`` (their backends are on it).
+    hotplug: dict[str, list[str]] = field(default_factory=dict)
 
     def close_child_fds(self) -> None:
         """Our copies of what QEMU inherited: closed, so QEMU's exit shows as EOF on our ends."""
@@ -134,11 +137,19 @@ def build_argv(
     repro_devices: list[str] = []
     pass_fds: list[int] = []
     handles: dict[str, Handle] = {}
+    hotplug: dict[str, list[str]] = {}
     for dev in spec.devices:
         share = (shared_images or {}).get(dev.id)
         b = make_backend(dev.driver, dev.id, dev.props, dev.backend, dev.image_size, workdir, share)
         backends += b.args
         repro_backends += b.repro_args
+        if dev.hotplug:
+            hotplug[dev.id] = [dev.option(b.wiring), *b.devices]
+        if dev.hotplug and not dev.plugged:
+            pass_fds += b.child_fds
+            if b.handle is not None:
+                handles[dev.id] = b.handle
+            continue
         devices += ["-device", dev.option(b.wiring)]
         repro_devices += ["-device", dev.option(b.wiring)]
         for extra in b.devices:
@@ -166,4 +177,4 @@ def build_argv(
     incoming_args = ["-incoming", "defer"] if incoming else []
     argv = common + accel + backends + devices + spec.extra_args + incoming_args + channels
     repro = common + accel + repro_backends + repro_devices + spec.extra_args + ["-qtest", "stdio"]
-    return LaunchPlan(argv, repro, pass_fds, handles)
+    return LaunchPlan(argv, repro, pass_fds, handles, hotplug)

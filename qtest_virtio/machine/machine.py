@@ -16,12 +16,10 @@ import shlex
 import shutil
 import socket
 import subprocess
-import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import Any, Self, TextIO, TypeVar, overload
 
-from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from ..backends import Handle
@@ -29,7 +27,7 @@ from ..binary import QemuBinary, UnknownFlag
 from ..errors import QemuCrashed, QemuStartError, describe_exit
 from ..qtest import QtestClient
 from ..workdirs import make_workdir
-from . import migration, process
+from . import migration, process, qdev
 from .launch import LaunchPlan, build_argv
 from .spec import MachineSpec
 
@@ -83,6 +81,8 @@ class QemuMachine:
         #: A migration destination: ``-incoming defer``, images linked to the source's.
         self._incoming = False
         self._shared_images: dict[str, str] = {}
+        #: QMP events a wait_event passed over, kept for later waits.
+        self._event_backlog: list[dict[str, Any]] = []
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -356,7 +356,7 @@ class QemuMachine:
         firmware, which stops it at its first instruction. Idempotent."""
         if self._running:
             return
-        if not self.binary.has_qtest_accel:
+        if self._paused or not self.binary.has_qtest_accel:
             status = self.qmp.cmd("query-status")
             if isinstance(status, dict) and status.get("status") != "running":
                 self.qmp.cmd("cont")
@@ -396,21 +396,6 @@ class QemuMachine:
             return self._proc.wait(timeout)
         return None
 
-    def wait_event(
-        self, name: str, timeout: float, match: Callable[[Mapping[str, Any]], bool] | None = None
-    ) -> dict[str, Any] | None:
-        """The next QMP event ``name`` whose data ``match`` accepts, within ``timeout``
-        seconds, or None. Other events that arrive meanwhile are dropped."""
-        deadline = time.monotonic() + timeout
-        while (remaining := deadline - time.monotonic()) > 0:
-            try:
-                event = self.qmp.pull_event(wait=max(remaining, 0.001))
-            except (TimeoutError, QMPError):  # QMPError: QEMU closed the monitor (it exited)
-                return None
-            if event is not None and event.get("event") == name and (match is None or match(event.get("data", {}))):
-                return event
-        return None
-
     def migrate_to(self, spec: MachineSpec | None = None, *, keep_source: bool = False) -> Self:
         """Live-migrate this machine to a new QEMU started from ``spec`` (default: a clone of
         this one's; another binary or a versioned machine type may be given, with the same
@@ -427,18 +412,18 @@ class QemuMachine:
         migration.check_destination(self, spec, dest.binary)
         dest._incoming = True
         dest._shared_images = migration.shared_images(self)
-        running = self._running or self._run_state() == "running"
+        running = self.run_state() == "running"
         dest.start()
         try:
             try:
                 migration.run(self, dest, spec.command_timeout)
             except BaseException:
-                if running and self.alive and self._run_state() != "running":
+                if running and self.alive and self.run_state() != "running":
                     self.qmp.cmd("cont")  # the source sent it all and stopped: it runs on, as before
                 raise
-            if running and dest._run_state() != "running":
+            if running and dest.run_state() != "running":
                 dest.qmp.cmd("cont")  # TCG -S builds: the destination waits stopped
-            dest._running = self._running
+            dest._running, dest._paused = running, self._paused
             mine, theirs = self.qtest, dest.qtest
             mine.take_over(theirs)
             self._qtest, dest._qtest = theirs, mine
@@ -449,6 +434,73 @@ class QemuMachine:
             self.shutdown(check=True)
         return dest
 
-    def _run_state(self) -> str:
+    # -- run state (QMP stop / cont) --------------------------------------------------------
+
+    #: Set by :meth:`stop`: the VM was paused after it ran, so :meth:`resume` must ``cont`` even
+    #: under the qtest accelerator (where the run state is otherwise RUNNING from the start).
+    _paused = False
+
+    def run_state(self) -> str:
+        """QMP ``query-status``'s status: ``running``, ``paused``, ``prelaunch``, ``io-error``, ..."""
         status = self.qmp.cmd("query-status")
-        return str(status.get("status", "")) if isinstance(status, dict) else ""
+        assert isinstance(status, dict), f"query-status returned {status!r}"
+        return str(status["status"])
+
+    def stop(self) -> None:
+        """Pause the VM (QMP ``stop``): the run state becomes ``paused`` and devices that check it
+        hold their work until :meth:`cont` (or :meth:`resume`). QEMU drains the block layer
+        before ``stop`` returns (``do_vm_stop``)."""
+        self.qmp.cmd("stop")
+        self._running = False
+        self._paused = True
+
+    def cont(self) -> None:
+        """Make the VM run again (QMP ``cont``), from ``paused``, ``io-error`` or ``prelaunch``;
+        :meth:`resume` is a no-op afterwards."""
+        self.qmp.cmd("cont")
+        self._running = True
+        self._paused = False
+
+    # -- hot(un)plug: QMP's part (the guest's is qtest_virtio.pci.hotplug) --------------------
+
+    def hotplug_options(self, dev_id: str) -> list[str]:
+        """The ``-device`` options a spec's ``hotplug=True`` device is plugged with (its own,
+        then the devices on its bus: a scsi-hd, serial ports), backends wired in."""
+        plan = self._plan
+        if plan is None or dev_id not in plan.hotplug:
+            declared = ", ".join(plan.hotplug) if plan else "none (not started)"
+            raise qdev.HotplugError(
+                f"device {dev_id!r} was not declared for hot-plug; add it with spec.add_virtio(..., hotplug=True) "
+                f"(hot-plug devices: {declared or 'none'})"
+            )
+        return plan.hotplug[dev_id]
+
+    def device_add(self, option: str) -> None:
+        """QMP ``device_add`` of a ``-device`` option (values typed for JSON, see qdev.py)."""
+        try:
+            self.qmp.cmd("device_add", **qdev.device_add_arguments(option, self.binary))
+        except Exception as exc:  # qemu.qmp's ExecuteError
+            raise qdev.HotplugError(f"device_add {option}: {qdev.qmp_error(exc)}") from exc
+
+    def device_del(self, dev_id: str) -> None:
+        """QMP ``device_del``: asks the device's hot-plug controller to unplug it; QEMU deletes
+        it once the guest lets go (``DEVICE_DELETED``, :meth:`wait_device_deleted`)."""
+        try:
+            self.qmp.cmd("device_del", id=dev_id)
+        except Exception as exc:
+            raise qdev.HotplugError(f"device_del {dev_id}: {qdev.qmp_error(exc)}") from exc
+
+    def wait_event(self, name: str, timeout: float = 5.0, **match: object) -> dict[str, Any] | None:
+        """The next QMP event ``name`` whose data has the ``match`` items (a callable value is a
+        test of the item: ``status=lambda s: s in ENDED``), or None after ``timeout`` seconds or
+        once QEMU closed the monitor; others seen meanwhile stay for later waits."""
+        qmp = self.qmp
+        return qdev.wait_event(lambda t: qmp.pull_event(wait=t), name, match, timeout, self._event_backlog)
+
+    def wait_device_deleted(self, dev_id: str, timeout: float = 5.0) -> None:
+        """Wait for ``DEVICE_DELETED`` of ``dev_id``; a HotplugError when it does not come."""
+        if self.wait_event("DEVICE_DELETED", timeout, device=dev_id) is None:
+            raise qdev.HotplugError(
+                f"QEMU did not delete device {dev_id!r} within {timeout:g} s (no DEVICE_DELETED): its hot-plug "
+                "controller is still waiting for the guest (eject, slot power-off) or refused the unplug"
+            )

@@ -17,11 +17,14 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from qemu.qmp import QMPError
+
 from ..backends import ImageBackend
-from ..binary import QemuBinary, UnknownFlag
+from ..binary import GENERIC_DEVICE_OPTIONS, QemuBinary
 from ..errors import MigrationError, MigrationUnsupported
 from .spec import MachineSpec
 
@@ -52,14 +55,13 @@ def check_destination(source: QemuMachine, spec: MachineSpec, binary: QemuBinary
             raise MigrationUnsupported(
                 f"device {dev.id!r} is a {dev.driver} on the source but a {other.driver} on the destination"
             )
-        try:
-            binary.check_properties(dev.driver, [k for k in other.props if k not in _PLACEMENT])
-        except UnknownFlag:
-            missing = next(k for k in other.props if k not in binary.device_properties(dev.driver))
-            value = other.props[missing]
+        known = binary.device_properties(dev.driver)
+        missing = [k for k in other.props if k not in known and k not in GENERIC_DEVICE_OPTIONS | _PLACEMENT]
+        if missing:
+            key = missing[0]
             raise MigrationUnsupported(
-                f"{missing}={value} is not migratable to {to}: its {dev.driver} has no property {missing!r}"
-            ) from None
+                f"{key}={other.props[key]} is not migratable to {to}: its {dev.driver} has no property {key!r}"
+            )
     if have:
         raise MigrationUnsupported(
             f"the destination spec has devices the source lacks: {', '.join(sorted(have))}; a migration "
@@ -105,30 +107,93 @@ def _side_error(stderr: str) -> str:
     return "; ".join(picked[-3:])
 
 
+#: Properties whose value is state or a read-out, not configuration.
+_NOT_CONFIG = frozenset({"guest-stats", "guest-stats-polling-interval", "x-pcie-lnksta-dllla"})
+
+
+def property_differences(source: QemuMachine, dest: QemuMachine, limit: int = 8) -> list[str]:
+    """``dev.prop: source-value -> destination-value`` for each property both QEMUs' devices
+    have and read differently (``qom-get``): across versions on one machine type, a compat
+    property a release forgot shows here. Only asked across binaries (a clone of one binary's
+    spec has none); a property one side cannot read is left out."""
+    if source.binary.path == dest.binary.path:
+        return []
+    out: list[str] = []
+    for dev in source.spec.devices:
+        shared = set(source.binary.device_properties(dev.driver)) & set(dest.binary.device_properties(dev.driver))
+        for prop in sorted(shared - _NOT_CONFIG):
+            values = []
+            for vm in (source, dest):
+                try:
+                    values.append(vm.qmp.cmd("qom-get", path=f"/machine/peripheral/{dev.id}", property=prop))
+                except QMPError:
+                    break
+            if len(values) == 2 and values[0] != values[1]:
+                out.append(f"{dev.id}.{prop}: {values[0]!r} -> {values[1]!r}")
+                if len(out) >= limit:
+                    return out
+    return out
+
+
 def run(source: QemuMachine, dest: QemuMachine, timeout: float) -> None:
     """Migrate ``source``'s state into ``dest`` (started with ``-incoming defer``) and wait until
-    both sides say completed. Raises MigrationError on failure or timeout."""
+    both sides say completed. Raises MigrationError on failure or timeout; across binaries the
+    error lists the device properties that read differently on the two sides."""
+    differences = property_differences(source, dest)
+    try:
+        _run(source, dest, timeout)
+    except MigrationError as exc:
+        if differences:
+            exc.differences = differences
+            exc.summary += f"; properties that differ (source -> destination): {', '.join(differences)}"
+            exc.args = (exc.render(),)
+        raise
+
+
+def _run(source: QemuMachine, dest: QemuMachine, timeout: float) -> None:
     uri = f"unix:{os.path.join(dest.workdir, _SOCKET)}"
     caps = [{"capability": "events", "state": True}]
     for vm in (source, dest):
         vm.qmp.cmd("migrate-set-capabilities", capabilities=caps)
     dest.qmp.cmd("migrate-incoming", uri=uri)
     source.qmp.cmd("migrate", uri=uri)
-    ended = source.wait_event("MIGRATION", timeout, lambda d: _status(d) in _DONE | _FAILED)
-    if ended is None or _status(ended["data"]) not in _DONE:
-        info = source.qmp.cmd("query-migrate")
+    deadline = time.monotonic() + timeout
+    sent = _wait_end(source, deadline)
+    if sent != "completed":
+        info = source.qmp.cmd("query-migrate") if source.alive else {}
         desc = str(info.get("error-desc", "")) if isinstance(info, dict) else ""
-        status = _status(info) if isinstance(info, dict) else "unknown"
-        if ended is None:
-            with contextlib.suppress(Exception):
+        if sent is None and source.alive:
+            with contextlib.suppress(QMPError):
                 source.qmp.cmd("migrate_cancel")
-        raise failure(source, dest, desc or f"status {status} after {timeout:g} s", desc)
-    loaded = dest.wait_event("MIGRATION", timeout, lambda d: _status(d) in _DONE | _FAILED)
-    if loaded is None or _status(loaded["data"]) not in _DONE:
-        why = "the destination could not load the state" if not dest.alive or loaded else "no end"
-        if why == "no end":
+        why = desc or (f"status {sent}" if sent else f"not finished within {timeout:g} s")
+        raise failure(source, dest, why, desc)
+    loaded = _wait_end(dest, deadline)
+    if loaded != "completed":
+        if loaded is None and dest.alive:
             why = f"the destination did not finish loading within {timeout:g} s"
+        else:
+            why = "the destination could not load the state"
         raise failure(source, dest, why, "")
+
+
+def _wait_end(vm: QemuMachine, deadline: float) -> str | None:
+    """How ``vm``'s side of the migration ended (``completed``, ``failed``, ``cancelled``), from
+    its MIGRATION events; ``failed`` as soon as the process is gone (a destination that cannot
+    load exits), None at the deadline. Between events, ``query-migrate`` is asked too, so an
+    end whose event was not seen costs a tenth of a second, not the timeout."""
+    while (remaining := deadline - time.monotonic()) > 0:
+        event = vm.wait_event("MIGRATION", min(remaining, 0.1), status=lambda s: s in _DONE | _FAILED)
+        if event is not None:
+            return _status(event["data"])
+        if not vm.alive:
+            return "failed"
+        try:
+            info = vm.qmp.cmd("query-migrate")
+        except QMPError:
+            return "failed"
+        if isinstance(info, dict) and _status(info) in _DONE | _FAILED:
+            return _status(info)
+    return None
 
 
 def failure(source: QemuMachine, dest: QemuMachine, why: str, desc: str) -> MigrationError:

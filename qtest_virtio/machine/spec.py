@@ -17,6 +17,10 @@ PropValue = str | int | bool
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _MEM_RE = re.compile(r"^(\d+)([KMGT]?)i?B?$", re.IGNORECASE)
+#: The q35 global that gives root ports native PCIe hot-plug back (ACPI hot-plug is the 6.1+ default).
+ACPI_BRIDGE_HOTPLUG_OFF = "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off"
+#: Chassis numbers of the root ports hot-plug adds (apart from those a test adds itself).
+HOTPLUG_CHASSIS_BASE = 0x40
 _MEM_UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -75,6 +79,13 @@ class DeviceSpec:
     #: Backend kind the machine creates when the device needs one ('image', 'null', or a path).
     backend: str | None = None
     image_size: int = 64 << 20
+    #: Not on the command line: plugged later (``device_add``); its backend exists from the start.
+    hotplug: bool = False
+    #: The id of the ``pcie-root-port`` a hot-plugged device goes behind on q35 (None on pc).
+    hotplug_port: str | None = None
+    #: A hot-plug device that is plugged already at start (a migration destination's, whose
+    #: source had plugged it): on the command line, and still unpluggable and re-pluggable.
+    plugged: bool = False
 
     @property
     def id(self) -> str:
@@ -172,17 +183,24 @@ class MachineSpec:
         mode: str = modes.TRANSITIONAL_MODERN,
         backend: str | None = None,
         image_size: int = 64 << 20,
+        hotplug: bool = False,
         **properties: PropValue,
     ) -> DeviceSpec:
-        """Add a virtio-pci device built for transport ``mode`` (sets disable-legacy/-modern)."""
+        """Add a virtio-pci device built for transport ``mode`` (sets disable-legacy/-modern).
+
+        ``hotplug=True`` leaves it off the command line, to be plugged by ``Machine.plug``: see
+        :meth:`add_hotplug_slot` for where it goes."""
         mode = modes.check_mode(mode)
         merged = self._props(props, properties)
         for key, value in modes.MODE_PROPERTIES[mode].items():
             if key in merged and merged[key] != value:
                 raise ValueError(f"mode {mode!r} needs {key}={value}, but {key}={merged[key]} was given")
             merged[key] = value
+        port = self.add_hotplug_slot(merged) if hotplug else None
         dev = self.add_device(driver, merged, backend=backend, image_size=image_size)
         dev.mode = mode
+        dev.hotplug = hotplug
+        dev.hotplug_port = port
         return dev
 
     def device(self, dev_id: str) -> DeviceSpec:
@@ -202,3 +220,40 @@ class MachineSpec:
                 raise ValueError(f"machine type {machine!r} is not a valid name")
             other.machine = machine
         return other
+
+    # -- hot-plug -----------------------------------------------------------------------------
+
+    def add_hotplug_slot(self, props: dict[str, str]) -> str | None:
+        """Where a device plugged later goes, as a guest's firmware would have it: on q35 an
+        empty ``pcie-root-port`` with native PCIe hot-plug and resources reserved for the
+        device (QEMU docs/pcie.txt), the one ``props['bus']`` names or a new one (``bus`` is
+        set); on pc the root bus, hot-plugged through ACPI (PIIX4). Returns the port's id.
+
+        QEMU 6.1+ makes q35's root ports ACPI hot-plug slots; ``acpi-pci-hotplug-with-bridge-
+        support=off`` gives them back to native hot-plug (hw/acpi/ich9.c)."""
+        machine = self.machine.split(",")[0]
+        if "q35" in machine:
+            if ACPI_BRIDGE_HOTPLUG_OFF not in self.extra_args:
+                self.extra_args += ["-global", ACPI_BRIDGE_HOTPLUG_OFF]
+            if "bus" in props:
+                return props["bus"]
+            ports = [d for d in self.devices if d.driver == "pcie-root-port"]
+            n = len(ports) + 1
+            port = self._new_id("hp-port")
+            while any(d.props.get("chassis") == str(HOTPLUG_CHASSIS_BASE + n) for d in ports):
+                n += 1
+            self.add_device(
+                "pcie-root-port",
+                {"io-reserve": "4K", "mem-reserve": "2M"},
+                id=port,
+                chassis=HOTPLUG_CHASSIS_BASE + n,
+                slot=n,
+            )
+            props["bus"] = port
+            return port
+        if machine == "pc" or machine.startswith("pc-i440fx"):
+            return None
+        raise ValueError(
+            f"hotplug=True needs a machine with PCI hot-plug: q35 (native, behind a pcie-root-port) "
+            f"or pc (ACPI), not {machine!r}"
+        )

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from ..errors import QtestVirtioError
 from ..qtest import QtestClient
-from ..registers import RegisterBlock
+from ..registers import Field, RegisterBlock
 from . import regs
 from .config import Bdf, Cf8Access, ConfigAccess, EcamAccess, mmio_read, mmio_write, port_read, port_write
 
@@ -97,6 +97,8 @@ class PciFunction:
         self.bars: list[Bar] = []
         self.rom_size = 0
         self.secondary_bus: int | None = None
+        #: A hot-plug bridge's windows and what later plugged devices are placed from.
+        self.reserved: Reservation | None = None
 
     def __repr__(self) -> str:
         return f"<PciFunction {self.bdf} {self.vendor_id:04x}:{self.device_id:04x}>"
@@ -301,6 +303,30 @@ class PciFunction:
 
 
 @dataclass
+class Reservation:
+    """The windows of a bridge with a hot-plug slot: sized at enumeration for devices plugged
+    later (as SeaBIOS/OVMF reserve them) and the cursors those devices are placed from."""
+
+    io: tuple[int, int]
+    mmio: tuple[int, int]
+    io_next: int = 0
+    mmio_next: int = 0
+
+    def __post_init__(self) -> None:
+        self.rewind()
+
+    def rewind(self) -> None:
+        """Start placing from the bottom again (the slot is empty)."""
+        self.io_next, self.mmio_next = self.io[0], self.mmio[0]
+
+
+#: What a hot-plug bridge without QEMU's resource-reservation capability gets: 4 KiB of I/O
+#: (the bridge granularity) and 2 MiB of memory (SeaBIOS's default for hot-plug ports).
+DEFAULT_IO_RESERVE = 0x1000
+DEFAULT_MEM_RESERVE = 0x20_0000
+
+
+@dataclass
 class _Windows:
     io: int
     io_end: int
@@ -340,6 +366,8 @@ class PciBus:
         self._functions: list[PciFunction] | None = None
         self._next_bus = 1
         self._assigned = False
+        #: The root bus's windows after assignment: devices plugged there later come from them.
+        self._root: _Windows | None = None
 
     # -- enumeration ----------------------------------------------------------------------
 
@@ -413,6 +441,7 @@ class PciBus:
         lo, hi = MMIO32_WINDOW[self.machine_type]
         win = _Windows(IO_WINDOW[0], IO_WINDOW[1], lo, hi, MMIO64_BASE if self.mmio64 else None)
         self._assign_bus(0, win)
+        self._root = win
         self._assigned = True
         return self.devices()
 
@@ -455,8 +484,17 @@ class PciBus:
         assert bridge.secondary_bus is not None
         self._assign_bus(bridge.secondary_bus, win)
         win.mmio64 = saved64
+        reserve = self._reserve(bridge)
+        if reserve is not None:  # room for what is plugged later, past what is there now
+            io_reserve, mem_reserve = reserve
+            win.io = max(win.io, io_start + io_reserve)
+            win.mmio = max(win.mmio, mem_start + mem_reserve)
         win.io = _align(win.io, 0x1000)
         win.mmio = _align(win.mmio, 0x10_0000)
+        if reserve is not None:
+            bridge.reserved = Reservation((io_start, win.io), (mem_start, win.mmio))
+            if self._children(bridge.secondary_bus):
+                bridge.reserved.io_next, bridge.reserved.mmio_next = win.io, win.mmio
         cfg = bridge.config
         if win.io > io_start:
             cfg.write(regs.TYPE1_HEADER.io_base, (io_start >> 8) & 0xF0)
@@ -476,3 +514,95 @@ class PciBus:
         cfg.write(regs.TYPE1_HEADER.prefetch_limit, 0x0000)
         cfg.write(regs.TYPE1_HEADER.prefetch_base_upper, 0)
         cfg.write(regs.TYPE1_HEADER.prefetch_limit_upper, 0)
+
+    # -- hot-plug -------------------------------------------------------------------------
+
+    def _reserve(self, bridge: PciFunction) -> tuple[int, int] | None:
+        """(I/O, memory) bytes to reserve behind a bridge whose slot can hot-plug: QEMU's Red
+        Hat resource-reservation capability where the bridge has one (a field of all ones
+        means "no hint"), else the defaults; None for a bridge without a hot-plug slot."""
+        if not _hotplug_slot(bridge):
+            return None
+        io, mem = DEFAULT_IO_RESERVE, DEFAULT_MEM_RESERVE
+        hints = regs.REDHAT_RES_RESERVE
+        for cap in bridge.vendor_capabilities() if bridge.vendor_id == regs.VENDOR_REDHAT else []:
+
+            def read(f: Field, base: int = cap.offset) -> int:
+                at = base + f.offset  # config accesses stop at 4 bytes
+                return sum(bridge.read_config(at + i, min(4, f.width)) << 8 * i for i in range(0, f.width, 4))
+
+            if read(hints.type) != regs.REDHAT_CAP_RESOURCE_RESERVE:
+                continue
+            if (hint_io := read(hints.io)) != (1 << 64) - 1:
+                io = hint_io
+            if (hint_mem := read(hints.mem)) != (1 << 32) - 1:
+                mem = hint_mem
+        return io, mem
+
+    def rescan(self, bus: int) -> list[PciFunction]:
+        """Enumerate bus ``bus`` again after a hot-plug event: functions still there keep
+        their objects (a driver holds them), gone ones are dropped, new ones are sized and
+        placed inside their bridge's reserved windows (the root bus's on pc) and enabled.
+        Returns the new functions. Hot-plugged bridges are not numbered (an error)."""
+        functions = self.devices()
+        assert self._functions is not None
+        old = {fn.bdf_addr: fn for fn in functions if fn.bdf_addr.bus == bus}
+        found: list[PciFunction] = []
+        for dev in range(32):
+            if not self._present(Bdf(bus, dev, 0)):
+                continue
+            first = old.get(Bdf(bus, dev, 0)) or PciFunction(self, Bdf(bus, dev, 0))
+            found.append(first)
+            if first.header_type & regs.HEADER_MULTIFUNCTION:
+                found += [
+                    old.get(Bdf(bus, dev, fn)) or PciFunction(self, Bdf(bus, dev, fn))
+                    for fn in range(1, 8)
+                    if self._present(Bdf(bus, dev, fn))
+                ]
+        new = [fn for fn in found if old.get(fn.bdf_addr) is not fn]
+        keep = [fn for fn in self._functions if fn.bdf_addr.bus != bus]
+        parent = next((f for f in keep if f.secondary_bus == bus), None)
+        at = keep.index(parent) + 1 if parent is not None else len(keep)
+        if parent is None and bus == 0:
+            at = 0
+        self._functions = keep[:at] + found + keep[at:]
+        if parent is not None and parent.reserved is not None and not found:
+            parent.reserved.rewind()
+        if self._assigned:
+            for fn in new:
+                self._assign_plugged(fn, parent)
+        return new
+
+    def _assign_plugged(self, fn: PciFunction, parent: PciFunction | None) -> None:
+        if fn.is_bridge:
+            raise PciError(f"{fn.bdf}: a hot-plugged bridge is not supported (its buses were not reserved)")
+        if parent is None:
+            assert self._root is not None
+            win = self._root
+        elif parent.reserved is not None:
+            r = parent.reserved
+            win = _Windows(r.io_next, r.io[1], r.mmio_next, r.mmio[1], None)
+        else:
+            raise PciError(
+                f"{fn.bdf} appeared behind {parent.bdf}, which has no hot-plug slot and so no reserved windows"
+            )
+        for bar in sorted(fn.size_bars(), key=lambda b: -b.size):
+            self._place(fn, bar, win)
+        if parent is not None and parent.reserved is not None:
+            parent.reserved.io_next, parent.reserved.mmio_next = win.io, win.mmio
+        fn.enable(io=any(b.is_io for b in fn.bars), memory=True, bus_master=True)
+
+    def bridge_of(self, fn: PciFunction) -> PciFunction | None:
+        """The bridge whose secondary bus ``fn`` is on (None on the root bus)."""
+        return next((b for b in self.devices() if b.secondary_bus == fn.bdf_addr.bus and b.is_bridge), None)
+
+
+def _hotplug_slot(bridge: PciFunction) -> bool:
+    """Whether a bridge is a PCI Express port with a hot-plug capable slot (PCIe 4.0 §7.5.3.9)."""
+    cap = bridge.find_capability(regs.CAP_ID_PCIE)
+    if cap is None:
+        return False
+    caps = bridge.read_config(cap.offset + regs.PCIE_CAP.pcie_capabilities.offset, 2)
+    if not regs.PCIE_CAPS.slot_implemented.get(caps):
+        return False
+    return bool(regs.SLTCAP.HPC.get(bridge.read_config(cap.offset + regs.PCIE_CAP.SLTCAP.offset, 4)))

@@ -260,6 +260,10 @@ class PcieCapLayout(Layout, struct="pcie_cap"):
     link_capabilities = Field(0xC, 4)
     link_control = Field(0x10, 2)
     link_status = Field(0x12, 2)
+    #: Slot registers (§7.5.3.9-§7.5.3.11): ports with Slot Implemented, hot-plug's registers.
+    SLTCAP = Field(0x14, 4)
+    SLTCTL = Field(0x18, 2)
+    SLTSTA = Field(0x1A, 2)
 
 
 PCIE_CAP = PcieCapLayout()
@@ -268,6 +272,8 @@ PCIE_CAP = PcieCapLayout()
 class PcieCapsBits(BitLayout, register="pcie_capabilities"):
     version = Bits(0, 4)
     port_type = Bits(4, 4)
+    slot_implemented = Bits(8)
+    interrupt_message_number = Bits(9, 5)
 
 
 PCIE_CAPS = PcieCapsBits()
@@ -409,3 +415,122 @@ PCIEXBAR = PciexbarBits()
 PCIEXBAR_LENGTH_256M = 0
 PCIEXBAR_DEFAULT_BASE = 0xB000_0000
 ECAM_BUS_SHIFT, ECAM_DEVICE_SHIFT, ECAM_FUNCTION_SHIFT = 20, 15, 12
+
+
+#: Link Capabilities / Link Status bits hot-plug uses (PCIe 4.0 §7.5.3.6, §7.5.3.8).
+class PcieLnkCapBits(BitLayout, register="LNKCAP"):
+    DLLLARC = Bits(20)
+
+
+PCIE_LNKCAP = PcieLnkCapBits()
+
+
+class PcieLnkStaBits(BitLayout, register="LNKSTA"):
+    DLLLA = Bits(13)
+
+
+PCIE_LNKSTA = PcieLnkStaBits()
+
+
+#: Slot Capabilities (PCIe 4.0 §7.5.3.9).
+class SltCapBits(BitLayout, register="SLTCAP"):
+    ABP = Bits(0)
+    PCP = Bits(1)
+    MRLSP = Bits(2)
+    AIP = Bits(3)
+    PIP = Bits(4)
+    HPS = Bits(5)
+    HPC = Bits(6)
+    EIP = Bits(17)
+    NCCS = Bits(18)
+    PSN = Bits(19, 13)
+
+
+SLTCAP = SltCapBits()
+
+
+#: Slot Control (PCIe 4.0 §7.5.3.10). AIC/PIC take the indicator values below; PCC 1 is power off.
+class SltCtlBits(BitLayout, register="SLTCTL"):
+    ABPE = Bits(0)
+    PFDE = Bits(1)
+    MRLSCE = Bits(2)
+    PDCE = Bits(3)
+    CCIE = Bits(4)
+    HPIE = Bits(5)
+    AIC = Bits(6, 2)
+    PIC = Bits(8, 2)
+    PCC = Bits(10)
+    EIC = Bits(11)
+    DLLSCE = Bits(12)
+
+
+SLTCTL = SltCtlBits()
+INDICATOR_ON = 0b01
+INDICATOR_BLINK = 0b10
+INDICATOR_OFF = 0b11
+POWER_ON = 0
+POWER_OFF = 1
+
+
+#: Slot Status (PCIe 4.0 §7.5.3.11); the change bits are RW1C.
+class SltStaBits(BitLayout, register="SLTSTA"):
+    ABP = Bits(0)
+    PFD = Bits(1)
+    MRLSC = Bits(2)
+    PDC = Bits(3)
+    CC = Bits(4)
+    MRLSS = Bits(5)
+    PDS = Bits(6)
+    EIS = Bits(7)
+    DLLSC = Bits(8)
+
+
+SLTSTA = SltStaBits()
+#: The RW1C event bits of Slot Status.
+SLTSTA_EVENTS = sum(b.mask for b in (SLTSTA.ABP, SLTSTA.PFD, SLTSTA.MRLSC, SLTSTA.PDC, SLTSTA.CC, SLTSTA.DLLSC))
+
+
+#: QEMU's Red Hat vendor capability on bridges: resources firmware reserves for hot-plug
+#: (QEMU docs/pcie.txt "Hot-plug", hw/pci/pci_bridge.c pci_bridge_qemu_reserve_cap_init).
+class RedHatResReserveLayout(Layout, struct="redhat_res_reserve_cap"):
+    cap_id = Field(0, 1)
+    cap_next = Field(1, 1)
+    len = Field(2, 1)
+    type = Field(3, 1)
+    bus_res = Field(4, 4)
+    io = Field(8, 8)
+    mem = Field(16, 4)
+    mem_pref_32 = Field(20, 4)
+    mem_pref_64 = Field(24, 8)
+
+
+REDHAT_RES_RESERVE = RedHatResReserveLayout()
+REDHAT_CAP_RESOURCE_RESERVE = 1
+#: The vendor id of the bridges that carry it (Red Hat, Inc.).
+VENDOR_REDHAT = 0x1B36
+
+
+#: PIIX4 ACPI PCI hot-plug registers (QEMU hw/acpi/pcihp.c; 32-bit accesses only) and the
+#: GPE0 block they raise bit 1 of (hw/acpi/piix4.c; ACPI 6.4 §4.8.4.1: status is write-1-to-clear).
+class AcpiPciHpLayout(Layout, struct="acpi_pcihp", size=0x18):
+    PCIU = Field(0x00, 4)
+    PCID = Field(0x04, 4)
+    B0EJ = Field(0x08, 4)
+    PCRM = Field(0x0C, 4)
+    BNUM = Field(0x10, 4)
+    PCIDX = Field(0x14, 4)
+
+
+ACPI_PCIHP = AcpiPciHpLayout()
+ACPI_PCIHP_BASE_PIIX4 = 0xAE00
+
+
+class Gpe0Layout(Layout, struct="piix4_gpe0", size=4):
+    GPE0_STS = Field(0, 2)
+    GPE0_EN = Field(2, 2)
+
+
+GPE0 = Gpe0Layout()
+GPE0_BASE_PIIX4 = 0xAFE0
+#: GPE bit QEMU raises for PCI hot-plug (ACPI_PCI_HOTPLUG_STATUS; the DSDT's \_GPE._E01).
+GPE_PCI_HOTPLUG = Bits(1, name="pci_hotplug")

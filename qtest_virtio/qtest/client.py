@@ -575,15 +575,14 @@ class QtestClient:
     def take_over(self, other: QtestClient) -> None:
         """Swap connections with ``other`` (a migration destination's fresh client): this
         object, which the guest memory, PCI and driver objects hold, now talks to ``other``'s
-        QEMU, and ``other`` to this one's. The interceptions made here are made there too, and
-        the IRQ levels seen so far carry over: a line raised when the source stopped is still
-        raised in the migrated interrupt controller, and QEMU reports only changes."""
-        intercepts, levels = list(self._intercepts), dict(self.irq_levels)
+        QEMU, and ``other`` to this one's. The interceptions made here are made there too. IRQ
+        levels start from low, as QEMU's qtest server starts them on the destination (it reports
+        changes from its own table, which is not migrated): a line left raised on the source is
+        reported again when the device next raises it, after its ISR read (§4.1.4.5)."""
+        intercepts = list(self._intercepts)
         self.__dict__, other.__dict__ = other.__dict__, self.__dict__
         for command in intercepts:
             self._intercept(command)
-        for line, level in levels.items():
-            self.irq_levels.setdefault(line, level)
 
     def set_irq_in(self, qom_path: str, name: str | None, line: int, level: int) -> None:
         """Force a gpio-in pin; ``name=None`` is the unnamed list."""

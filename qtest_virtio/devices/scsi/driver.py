@@ -234,8 +234,10 @@ class VirtioScsi(VirtioDriver):
         queue: int | None = None,
         tag: int | None = None,
         task_attr: int = TaskAttr.SIMPLE,
+        kick: bool = True,
     ) -> PendingCmd:
-        """Make a command request available on request queue ``queue`` (0: the first) and kick."""
+        """Make a command request available on request queue ``queue`` (0: the first) and kick
+        (with ``kick=False``, the device is not told: a request available and not yet seen)."""
         lun_field = lun if isinstance(lun, bytes) else encode_lun(target, lun)
         if tag is None:
             tag, self._next_tag = self._next_tag, self._next_tag + 1
@@ -243,7 +245,7 @@ class VirtioScsi(VirtioDriver):
         index = self._request_queue(queue)
         in_sizes = [RESP_CMD.size + self.sense_size] + ([data_in_len] if data_in_len else [])
         out = [header] + ([data_out] if data_out else [])
-        chain = self.queues[index].submit(out, in_sizes)
+        chain = self.queues[index].submit(out, in_sizes, kick=kick)
         what = f"CDB {cdb[:1].hex()} to LUN {lun_field.hex()} tag {tag}"
         return PendingCmd(index, chain, data_in_len, len(data_out), self.sense_size, what)
 
