@@ -18,8 +18,12 @@ private Unix socket: ``QemuMachine.migrate_to``) and the commands after it go to
 A refused migration (the destination exits after "load of migration failed") leaves the source
 running on, as QEMU does, and the replay goes on there; a crash of either side is crashed; a
 migration QMP does not answer in time is hung. Interceptions (``irq_intercept_in``) are not
-carried over: the fuzzer writes them again after the directive, as QEMU got them. Any other
-name, or arguments, is a malformed file (file and line).
+carried over: the fuzzer writes them again after the directive, as QEMU got them. Hot(un)plug
+is QMP around the guest's own qtest commands (slot power, ACPI eject), so its directives are the
+QMP steps: ``# qtest-virtio: device_del ID``, ``# qtest-virtio: deleted ID`` (wait for
+``DEVICE_DELETED``) and ``# qtest-virtio: device_add OPTION`` (a ``-device`` option); one QEMU
+refuses or never completes is a note, and the replay goes on. Any other name, a missing or an
+extra argument is a malformed file (file and line).
 
 A backslash at the end of a line joins it with the next exactly as the shell does (nothing in
 between), which also rejoins fuzzer reproducers wrapped at 72 columns in the middle of a hex or
@@ -50,6 +54,7 @@ from .fuzz.corpus import RecoveryCheck, recovery_check
 from .fuzz.engine import M, migrate
 from .libqtest import looks_like_c, parse_c
 from .machine import MachineSpec, QemuMachine
+from .machine.qdev import HotplugError
 from .outcome import DEFAULT_SETTLE, EXIT_PRECEDENCE, Judge, Outcome, check_recovery, settle
 from .qtest import COMMANDS, Command
 
@@ -65,8 +70,14 @@ _QEMU_ARGS_RE = re.compile(r"^#\s*qemu-args:\s*(.*)$")
 _PS2_RE = re.compile(r"^>\s?")
 #: A directive line (module docstring): ``# qtest-virtio: migrate``.
 _DIRECTIVE_RE = re.compile(r"^#\s*qtest-virtio:\s*(.*)$")
-#: The directives replay honours, with what each does (for the error naming them).
-DIRECTIVES = {"migrate": "a live migration to a fresh QEMU of the same binary and command line"}
+#: The directives replay honours, with what each does (for the error naming them) and whether
+#: it takes one argument (the rest of the line: a device id, a ``-device`` option).
+DIRECTIVES = {
+    "migrate": ("a live migration to a fresh QEMU of the same binary and command line", False),
+    "device_del": ("QMP device_del of the device id that follows", True),
+    "deleted": ("wait for QMP's DEVICE_DELETED of the device id that follows", True),
+    "device_add": ("QMP device_add of the -device option that follows", True),
+}
 #: A comment that bounds the replay of a hang, in seconds (default :data:`DEFAULT_TIMEOUT`).
 TIMEOUT_HEADER = "timeout:"
 DEFAULT_TIMEOUT = 10.0
@@ -81,6 +92,8 @@ class Directive:
     line: int
     at: int
     name: str
+    #: The device id or ``-device`` option of device_del, deleted and device_add.
+    arg: str = ""
 
 
 @dataclass
@@ -273,8 +286,8 @@ def parse(text: str, path: str = "<reproducer>") -> Reproducer:
 def _directive(text: str, form: str, at: int, path: str, line: int) -> Directive:
     """The directive ``# qtest-virtio: TEXT`` before command ``at``; ScenarioError (file and
     line) for a name replay does not know, arguments, or a form other than plain."""
-    words = text.split()
-    known = "; ".join(f"'# qtest-virtio: {k}' ({what})" for k, what in DIRECTIVES.items())
+    words = text.split(None, 1)
+    known = "; ".join(f"'# qtest-virtio: {k}{' ARG' if arg else ''}' ({what})" for k, (what, arg) in DIRECTIVES.items())
     if form != "plain":
         raise ScenarioError(
             f"directive '# qtest-virtio: {text}' in a {form} reproducer: directives are honoured in the plain form "
@@ -284,13 +297,20 @@ def _directive(text: str, form: str, at: int, path: str, line: int) -> Directive
         )
     if not words or words[0] not in DIRECTIVES:
         raise ScenarioError(f"unknown directive '# qtest-virtio: {text}': replay knows {known}", path=path, line=line)
-    if len(words) > 1:
+    name, takes = words[0], DIRECTIVES[words[0]][1]
+    if len(words) > 1 and not takes:
         raise ScenarioError(
-            f"directive '# qtest-virtio: {text}': {words[0]} takes no arguments (write '# qtest-virtio: {words[0]}')",
+            f"directive '# qtest-virtio: {text}': {name} takes no arguments (write '# qtest-virtio: {name}')",
             path=path,
             line=line,
         )
-    return Directive(line, at, words[0])
+    if len(words) < 2 and takes:
+        raise ScenarioError(
+            f"directive '# qtest-virtio: {text}': {name} needs an argument ({DIRECTIVES[name][0]})",
+            path=path,
+            line=line,
+        )
+    return Directive(line, at, name, words[1].strip() if takes else "")
 
 
 def _from_c(text: str, path: str) -> Reproducer:
@@ -443,8 +463,9 @@ def upstream_command(rep: Reproducer, width: int = 100) -> str:
     if rep.directives:
         d = rep.directives[0]
         raise ScenarioError(
-            f"'# qtest-virtio: {d.name}' here has no 'qemu ... -qtest stdio' form (one QEMU reading commands on "
-            f"stdin cannot {d.name}): attach the file and 'qtest-virtio replay {os.path.basename(rep.path)}' instead",
+            f"'# qtest-virtio: {d.name}' here has no 'qemu ... -qtest stdio' form (a QEMU reading qtest commands on "
+            f"stdin cannot {'migrate' if d.name == 'migrate' else 'take QMP ' + d.name}): attach the file and "
+            f"'qtest-virtio replay {os.path.basename(rep.path)}' instead",
             path=rep.path,
             line=d.line,
         )
@@ -600,17 +621,31 @@ def run_commands(judge: Judge, vm: M, rep: Reproducer, result: ReplayResult, *, 
 
 
 def _take(step: Directive, judge: Judge, vm: M, rep: Reproducer, result: ReplayResult, printer: Any) -> M:
-    """One directive (only ``migrate`` exists): the machine the commands go on with."""
-    assert step.name == "migrate", step
-    moved, refused = migrate(judge, vm, what=f"{_MIGRATION_AT} {step.line}")
-    if refused is None:
-        result.migrations += 1
-        note = f"line {step.line}: migrated to a fresh QEMU (pid {moved.pid}), the commands went on there"
+    """One directive: the machine the commands go on with. A hot(un)plug step QEMU refuses or
+    never completes is a note, as it was an observation for the fuzzer, and the replay goes on."""
+    moved, note = vm, ""
+    if step.name == "migrate":
+        moved, refused = migrate(judge, vm, what=f"{_MIGRATION_AT} {step.line}")
+        if refused is None:
+            result.migrations += 1
+            note = f"migrated to a fresh QEMU (pid {moved.pid}), the commands went on there"
+        else:
+            note = f"migration refused, the source ran on: {refused}"
     else:
-        note = f"line {step.line}: migration refused, the source ran on: {refused}"
-    result.notes.append(note)
+        try:
+            if step.name == "device_del":
+                vm.device_del(step.arg)
+            elif step.name == "deleted":
+                vm.wait_device_deleted(step.arg, timeout=vm.spec.command_timeout)
+            else:
+                vm.device_add(step.arg)
+            note = f"{step.name} {step.arg}: done"
+        except HotplugError as exc:
+            note = f"{step.name} {step.arg}: {str(exc).splitlines()[0]}"
     if printer is not None:
-        printer(f"{rep.path}:{step.line}: # qtest-virtio: {step.name}  ->  {note.split(': ', 1)[1]}")
+        printer(f"{rep.path}:{step.line}: # qtest-virtio: {step.name}  ->  {note}")
+    if step.name == "migrate" or not note.endswith(": done"):
+        result.notes.append(f"line {step.line}: {note}")
     return moved
 
 

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from .. import modes
 from ..errors import MigrationError, QemuCrashed, QtestTimeout, QtestVirtioError, describe_exit
 from ..machine import MachineSpec, QemuMachine, is_crash_marker, watch_machines
+from ..machine.qdev import HotplugError
 from ..outcome import Judge, Outcome, check_recovery, settle
 from ..pci.regs import CONFIG_SPACE_SIZE
 from ..qtest import QtestClient
@@ -50,10 +51,13 @@ if TYPE_CHECKING:
 RINGS = modes.RINGS
 
 
-def actions_strategy(max_actions: int = 8, *, migrate: bool = False) -> SearchStrategy[list[Action]]:
+def actions_strategy(
+    max_actions: int = 8, *, migrate: bool = False, unplug: bool = False
+) -> SearchStrategy[list[Action]]:
     """Lists of hostile actions. Values are abstract (indices taken modulo the target's
     windows and queue size), so one strategy serves every device, mode and ring. With
-    ``migrate``, a live migration (:class:`~.actions.Migrate`) is one more action."""
+    ``migrate``, a live migration (:class:`~.actions.Migrate`) is one more action; with
+    ``unplug``, a hot-unplug (:class:`~.actions.Unplug`)."""
     from hypothesis import strategies as st
 
     def boundary(bits: int) -> SearchStrategy[int]:
@@ -137,6 +141,8 @@ def actions_strategy(max_actions: int = 8, *, migrate: bool = False) -> SearchSt
     )
     if migrate:
         actions = st.one_of(actions, st.just(act.Migrate()))
+    if unplug:
+        actions = st.one_of(actions, st.just(act.Unplug()))
     return st.lists(actions, min_size=1, max_size=max_actions)
 
 
@@ -162,6 +168,9 @@ class FuzzConfig:
     valid_timeout: float = 0.3
     #: Live migration (:class:`~.actions.Migrate`) is among the actions (``fuzz --migrate``).
     migrate: bool = False
+    #: Hot-unplug (:class:`~.actions.Unplug`) is among the actions (``fuzz --unplug``): the device
+    #: sits in a hot-plug slot (behind a pcie-root-port on q35).
+    unplug: bool = False
 
     @property
     def queue_index(self) -> int:
@@ -201,6 +210,8 @@ class ExampleResult:
     recovery_from: int | None = None
     #: Live migrations that completed (a refused one is an observation, and the source runs on).
     migrations: int = 0
+    #: Hot-unplugs that completed (DEVICE_DELETED came).
+    unplugs: int = 0
 
     def __post_init__(self) -> None:
         self.outcome = Outcome(self.outcome)  # the printed word ("crashed") names it too
@@ -276,6 +287,7 @@ def machine_for(config: FuzzConfig) -> Machine:
         mode=config.mode,
         id=DEVICE_ID,
         packed="on" if config.ring == "packed" else "off",
+        hotplug=config.unplug,  # then the example plugs it first, as the guest's slot expects
     )
     return Machine(spec)
 
@@ -303,13 +315,13 @@ class _Recording:
         self._intercepts: list[bytes] = []
         self._sink = client.record()
 
-    def migration(self) -> None:
-        """A migration is tried here (before it starts: a crash while it runs is replayed
-        there too): what was sent so far, then the directive line."""
+    def directive(self, line: str) -> None:
+        """A step replay takes here (recorded before it starts: a crash while it runs is
+        replayed there too): what was sent so far, then the directive line."""
         sent = b"".join(self._sink)
-        self._sink.clear()  # the source's socket goes on recording into it (a refused migration)
+        self._sink.clear()  # the socket goes on recording into it (a refused migration, a hot-unplug)
         self._intercepts += [line for line in sent.splitlines(keepends=True) if line.startswith(b"irq_intercept_")]
-        self._done += [sent, f"{act.Migrate.directive}\n".encode()]
+        self._done += [sent, f"{line}\n".encode()]
 
     def moved(self, client: QtestClient) -> None:
         """The migration completed: ``client`` (the same object) now talks to the destination."""
@@ -329,6 +341,8 @@ class _Live:
     recording: _Recording
     #: Lines of the machine's stderr already looked at for errors (``_observe_errors``).
     seen: int = 0
+    #: An Unplug action took the device away; the recovery plugs it again.
+    unplugged: bool = False
 
 
 #: A machine type that ``migrate`` keeps (the engine's Machine, replay's QemuMachine).
@@ -407,6 +421,8 @@ def run_example(config: FuzzConfig, actions: Sequence[Action], *, hook: Hook | N
     live = _Live(vm, judge, recording)
     try:
         with judge as verdict:
+            if config.unplug:
+                _plug(live)
             driver = vm.virtio(DEVICE_ID)
             target = make_target(vm, driver, device, config.queue_index)
             progress.phase = "abuse"
@@ -415,9 +431,12 @@ def run_example(config: FuzzConfig, actions: Sequence[Action], *, hook: Hook | N
                 settle(live.vm, FUZZ_SETTLE)  # deferred work may kill QEMU after the last action
                 progress.phase = "recovery"
                 recovery_at = len(recording.sent())
-                driver.fn.restore()  # BARs, decoding, bus master: what config-space abuse may have moved
-                driver.initialize()
-                check_recovery(verdict, lambda: device.check(live.vm, driver, 5.0))
+                if live.unplugged:  # plugged again: a fresh driver on the new function
+                    check_recovery(verdict, lambda: device.check(live.vm, _replug(live), 5.0))
+                else:
+                    driver.fn.restore()  # BARs, decoding, bus master: what config-space abuse may have moved
+                    driver.initialize()
+                    check_recovery(verdict, lambda: device.check(live.vm, driver, 5.0))
     finally:
         for other in {vm, live.vm} - {judge.vm}:
             other.shutdown(check=False)  # a migration's other side, when the judge took one
@@ -450,6 +469,11 @@ def _abuse(
             vm = live.vm
             if hook is not None:
                 hook(vm, action)
+            if live.unplugged and isinstance(action, (Valid, act.Migrate, act.Unplug)):
+                continue  # no device to serve, migrate with or unplug: the rest pokes where it was
+            if isinstance(action, act.Unplug):
+                _unplug(live, result, f"the unplug of action {i}")
+                continue
             if isinstance(action, Valid):
                 try:
                     device.check(vm, driver, config.valid_timeout)
@@ -460,7 +484,7 @@ def _abuse(
                 live.seen = _observe_errors(vm, driver, target, action, live.seen, result.observations)
                 continue
             if isinstance(action, act.Migrate):
-                live.recording.migration()
+                live.recording.directive(act.Migrate.directive)
                 live.vm, refused = migrate(live.judge, vm, what=f"the migration of action {i}")
                 if refused is None:
                     live.recording.moved(live.vm.qtest)
@@ -489,6 +513,42 @@ def _abuse(
     return True
 
 
+def _unplug(live: _Live, result: ExampleResult, what: str) -> None:
+    """Hot-unplug the device (QMP ``device_del``, the guest's part, ``DEVICE_DELETED``), with the
+    QMP steps recorded as directives. QEMU refusing or never deleting it is an observation."""
+    vm = live.vm
+    live.recording.directive(f"{act.DEVICE_DEL} {DEVICE_ID}")
+    try:
+        vm.device_del(DEVICE_ID)
+        vm.finish_unplug(DEVICE_ID, timeout=result.config.hang_timeout)
+    except HotplugError as exc:
+        if isinstance(exc.__cause__, TimeoutError):
+            raise QtestTimeout(f"{what} (QMP)", vm.spec.command_timeout) from None
+        result.observations.append(Observation("unplug did not complete", _normal(exc)))
+        return
+    except TimeoutError:
+        raise QtestTimeout(f"{what} (QMP)", vm.spec.command_timeout) from None
+    live.recording.directive(f"{act.DELETED} {DEVICE_ID}")
+    live.unplugged = True
+    result.unplugs += 1
+
+
+def _plug(live: _Live) -> None:
+    """Hot-plug the device (``FuzzConfig.unplug``: it starts unplugged, so its slot is set up
+    as a guest's pciehp or ACPI would before anything is plugged), its ``device_add`` options
+    recorded as directives."""
+    vm = live.vm
+    for option in vm.hotplug_options(DEVICE_ID):
+        live.recording.directive(f"{act.DEVICE_ADD} {option}")
+    vm.plug(DEVICE_ID)
+
+
+def _replug(live: _Live) -> Any:
+    """Plug the device again and return a driver initialized on the new function."""
+    _plug(live)
+    return live.vm.virtio(DEVICE_ID)
+
+
 @dataclass
 class FuzzReport:
     config: FuzzConfig
@@ -504,6 +564,8 @@ class FuzzReport:
     shrink_runs: int = 0
     #: Live migrations the examples completed (``FuzzConfig.migrate``).
     migrations: int = 0
+    #: Hot-unplugs the examples completed (``FuzzConfig.unplug``).
+    unplugs: int = 0
 
 
 class _Failed(Exception):
@@ -580,7 +642,7 @@ def fuzz_target(
         phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink),
         print_blob=False,
     )
-    @given(actions_strategy(max_actions, migrate=config.migrate))
+    @given(actions_strategy(max_actions, migrate=config.migrate, unplug=config.unplug))
     def prop(actions: list[Action]) -> None:
         if failures and signature(failures[0]) in known:
             return  # a known bug: hypothesis's own replays and shrinking would only cost QEMU starts
@@ -596,6 +658,7 @@ def fuzz_target(
         result = run_example(config, actions, hook=hook)
         report.examples += 1
         report.migrations += result.migrations
+        report.unplugs += result.unplugs
         report.observations.update(str(o) for o in result.observations)
         if result.failed:
             if not first_failure:
