@@ -55,6 +55,7 @@ from .fuzz.engine import M, migrate
 from .libqtest import looks_like_c, parse_c
 from .machine import MachineSpec, QemuMachine
 from .machine.qdev import HotplugError
+from .machine.spec import split_option_list
 from .outcome import DEFAULT_SETTLE, EXIT_PRECEDENCE, Judge, Outcome, check_recovery, settle
 from .qtest import COMMANDS, Command
 
@@ -132,6 +133,9 @@ class ReplayResult:
     stderr_tail: str = ""
     #: ``# qtest-virtio: migrate`` directives that moved the machine (a refused one is a note).
     migrations: int = 0
+    #: The ``-device`` options device_add directives plugged and no device_del took away since:
+    #: a migration destination starts with them on its command line, as the source has them.
+    plugged: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.outcome = Outcome(self.outcome)  # the printed word ("survived") names it too
@@ -625,7 +629,10 @@ def _take(step: Directive, judge: Judge, vm: M, rep: Reproducer, result: ReplayR
     never completes is a note, as it was an observation for the fuzzer, and the replay goes on."""
     moved, note = vm, ""
     if step.name == "migrate":
-        moved, refused = migrate(judge, vm, what=f"{_MIGRATION_AT} {step.line}")
+        spec = vm.spec.clone()
+        if spec.raw_args is not None:
+            spec.raw_args += [w for option in result.plugged for w in ("-device", option)]
+        moved, refused = migrate(judge, vm, what=f"{_MIGRATION_AT} {step.line}", spec=spec)
         if refused is None:
             result.migrations += 1
             note = f"migrated to a fresh QEMU (pid {moved.pid}), the commands went on there"
@@ -635,10 +642,12 @@ def _take(step: Directive, judge: Judge, vm: M, rep: Reproducer, result: ReplayR
         try:
             if step.name == "device_del":
                 vm.device_del(step.arg)
+                result.plugged = [o for o in result.plugged if not _on_device(o, step.arg)]
             elif step.name == "deleted":
                 vm.wait_device_deleted(step.arg, timeout=vm.spec.command_timeout)
             else:
                 vm.device_add(step.arg)
+                result.plugged.append(step.arg)
             note = f"{step.name} {step.arg}: done"
         except HotplugError as exc:
             note = f"{step.name} {step.arg}: {str(exc).splitlines()[0]}"
@@ -647,6 +656,13 @@ def _take(step: Directive, judge: Judge, vm: M, rep: Reproducer, result: ReplayR
     if step.name == "migrate" or not note.endswith(": done"):
         result.notes.append(f"line {step.line}: {note}")
     return moved
+
+
+def _on_device(option: str, dev_id: str) -> bool:
+    """Whether a ``-device`` option is the device ``dev_id`` or one on its bus (a scsi-hd on
+    ``fuzz0.0``): what ``device_del`` of ``dev_id`` takes away."""
+    props = dict(p.partition("=")[::2] for p in split_option_list(option)[1:])
+    return props.get("id") == dev_id or props.get("bus", "").startswith(f"{dev_id}.")
 
 
 def describe(result: ReplayResult, rep: Reproducer) -> str:

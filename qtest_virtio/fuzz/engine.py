@@ -349,8 +349,11 @@ class _Live:
 M = TypeVar("M", bound=QemuMachine)
 
 
-def migrate(judge: Judge, vm: M, *, what: str = "the migration") -> tuple[M, str | None]:
-    """Live-migrate ``vm`` to a fresh QEMU of its binary and spec (``migrate_to``) and point
+def migrate(
+    judge: Judge, vm: M, *, what: str = "the migration", spec: MachineSpec | None = None
+) -> tuple[M, str | None]:
+    """Live-migrate ``vm`` to a fresh QEMU of its binary and spec (``migrate_to``; ``spec``:
+    another one, e.g. with the devices hot-plugged since on its command line) and point
     ``judge`` at the machine that goes on. Returns (destination, None), or (``vm``, why) when
     the migration was refused cleanly: a hostile driver's state may be refused (virtio_load
     checks it), and the source then runs on, as QEMU leaves it. A crash on either side raises
@@ -360,7 +363,7 @@ def migrate(judge: Judge, vm: M, *, what: str = "the migration") -> tuple[M, str
     machine's timeout is a hang (QtestTimeout naming ``what``)."""
     with watch_machines() as started:
         try:
-            dest = vm.migrate_to()
+            dest = vm.migrate_to(spec)
         except Exception as exc:
             others = [m for m in started if m is not vm]
             for m in others:
