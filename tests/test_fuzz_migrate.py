@@ -27,12 +27,14 @@ from qtest_virtio.fuzz import (
     FuzzConfig,
     Migrate,
     QueueConfig,
+    Unplug,
     Valid,
     actions_strategy,
     fuzz_target,
     run_example,
     write_reproducer,
 )
+from qtest_virtio.fuzz.actions import DELETED, DEVICE_ADD, DEVICE_DEL
 from qtest_virtio.reproducer import Directive, load, parse, replay, upstream_command
 from qtest_virtio.vm import Machine
 
@@ -300,3 +302,57 @@ def test_cli_migrate_counts_the_migrations(qemu_binary, tmp_path: Path) -> None:
     migrations = int(line.rsplit(", ", 1)[1].split()[0])
     assert migrations >= 1 and line.endswith(f"{migrations} live migration{'' if migrations == 1 else 's'}"), line
     assert f"nothing new found: 4 examples in 1 round(s), seed 0, {migrations} live migration" in res.stdout
+
+
+def test_unplug_takes_the_device_away_and_the_recovery_plugs_it_again(qemu_binary, tmp_path: Path) -> None:
+    """Hot-unplug with a request just served: the QMP steps are recorded as directives around
+    the guest's own commands (plugged first, unplugged, DEVICE_DELETED, plugged again for the
+    recovery, which then serves a valid request); the valid request while unplugged is skipped
+    (no device to serve it). The reproducer replays through ``qtest-virtio replay`` with each
+    step done, DEVICE_DELETED included."""
+    config = FuzzConfig("virtio-scsi-pci", "modern", "split", qemu=qemu_binary.path, unplug=True)
+    result = run_example(config, [Valid(), Unplug(), Valid()])
+    assert result.outcome == "survived" and result.unplugs == 1, result.summary()
+    assert result.observations == []
+    steps = [c for c in result.commands if c.startswith("# qtest-virtio:")]
+    assert [step.split()[2] for step in steps] == [*("device_add",) * 2, "device_del", "deleted", *("device_add",) * 2]
+    assert steps[2:4] == [f"{DEVICE_DEL} fuzz0", f"{DELETED} fuzz0"]
+    assert steps[0] == steps[4] and steps[0].startswith(f"{DEVICE_ADD} virtio-scsi-pci,id=fuzz0,")
+    assert steps[1] == steps[5] and steps[1].startswith(f"{DEVICE_ADD} scsi-hd,bus=fuzz0.0,")
+    assert result.recovery_from is not None
+    assert result.commands.index(f"{DELETED} fuzz0") < result.recovery_from <= result.commands.index(steps[4], 3)
+
+    path = write_reproducer(result, str(tmp_path))
+    assert EXE
+    res = subprocess.run([EXE, "replay", path, "--trace", "--qemu", qemu_binary.path], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    for name in ("device_del fuzz0", "deleted fuzz0"):
+        assert f"# qtest-virtio: {name.split()[0]}  ->  {name}: done" in res.stdout, res.stdout[-3000:]
+    assert res.stdout.count("# qtest-virtio: device_add  ->  device_add ") == 4
+    assert "note: line" not in res.stdout  # no step refused or left undone
+
+
+def test_a_campaign_with_unplug_unplugs(qemu_binary) -> None:
+    report = fuzz_target(
+        FuzzConfig("virtio-blk-pci", "legacy", "split", qemu=qemu_binary.path, unplug=True),
+        max_examples=6,
+        seed=4,
+        shrink_seconds=0.0,
+    )
+    assert report.failure is None, report.failure.summary()
+    assert report.examples == 6 and report.unplugs >= 1, (report.unplugs, report.observations)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("# qtest-virtio: device_del", "device_del needs an argument (QMP device_del of the device id that follows)"),
+        ("# qtest-virtio: migrate fuzz0", "migrate takes no arguments"),
+    ],
+)
+def test_a_directive_with_the_wrong_arguments_is_a_usage_error(tmp_path: Path, line: str, message: str) -> None:
+    path = tmp_path / "bad.qtest"
+    path.write_text(PLAIN.format(line=line))
+    with pytest.raises(ScenarioError, match=r"bad\.qtest:3: ") as err:
+        load(str(path))
+    assert message in str(err.value)
