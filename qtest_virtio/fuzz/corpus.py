@@ -17,7 +17,7 @@ from ..deviations import table as deviation_table
 from ..errors import ScenarioError
 from ..outcome import Outcome
 from ..vm import Machine
-from .engine import ExampleResult, FuzzConfig, machine_for, signature
+from .engine import ExampleResult, FuzzConfig, driver_for, machine_for, signature
 from .targets import DEVICE_ID, DEVICES
 
 #: A comment (``#`` stripped) that makes a fuzzer reproducer end with a recovery check.
@@ -111,7 +111,7 @@ class RecoveryCheck:
         first when the commands unplugged it, as the example's recovery did)."""
         if self.config.unplug and vm.pci_address(DEVICE_ID) is None:
             vm.plug(DEVICE_ID)
-        driver = vm.virtio(DEVICE_ID)  # enumeration re-assigns the BARs; initialization resets
+        driver = driver_for(vm, self.config)  # enumeration re-assigns the BARs; initialization resets
         DEVICES[self.config.device].check(vm, driver, 5.0)
 
 

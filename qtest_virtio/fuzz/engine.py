@@ -37,6 +37,7 @@ from ..machine.qdev import HotplugError
 from ..outcome import Judge, Outcome, check_recovery, settle
 from ..pci.regs import CONFIG_SPACE_SIZE
 from ..qtest import QtestClient
+from ..transport import VirtioPciMap
 from ..transport.layout import STATUS
 from ..virtqueue.layout import SPLIT_AVAIL
 from ..vm import Machine
@@ -343,6 +344,8 @@ class _Live:
     seen: int = 0
     #: An Unplug action took the device away; the recovery plugs it again.
     unplugged: bool = False
+    #: The example's configuration (what the recovery's fresh driver is made for).
+    config: FuzzConfig | None = None
 
 
 #: A machine type that ``migrate`` keeps (the engine's Machine, replay's QemuMachine).
@@ -421,12 +424,12 @@ def run_example(config: FuzzConfig, actions: Sequence[Action], *, hook: Hook | N
     judge = Judge(
         vm, hung=lambda exc: f"no qtest reply within {config.hang_timeout:g} s during {progress.where}: {exc}"
     )
-    live = _Live(vm, judge, recording)
+    live = _Live(vm, judge, recording, config=config)
     try:
         with judge as verdict:
             if config.unplug:
                 _plug(live)
-            driver = vm.virtio(DEVICE_ID)
+            driver = driver_for(vm, config)
             target = make_target(vm, driver, device, config.queue_index)
             progress.phase = "abuse"
             if _abuse(live, driver, target, actions, result, progress, hook):
@@ -536,6 +539,15 @@ def _unplug(live: _Live, result: ExampleResult, what: str) -> None:
     result.unplugs += 1
 
 
+def driver_for(vm: Machine, config: FuzzConfig | None) -> Any:
+    """The device's driver, initialized to DRIVER_OK. Behind a hot-plug slot's root port INTx
+    is not routed (pci/intx.py: no pin swizzling), so there a function without MSI-X
+    (virtio-balloon-pci) is driven by polling its ISR."""
+    if config is not None and config.unplug and VirtioPciMap.of(vm.pci_function(DEVICE_ID)).msix is None:
+        return vm.virtio(DEVICE_ID, interrupts="isr")
+    return vm.virtio(DEVICE_ID)
+
+
 def _plug(live: _Live) -> None:
     """Hot-plug the device (``FuzzConfig.unplug``: it starts unplugged, so its slot is set up
     as a guest's pciehp or ACPI would before anything is plugged), its ``device_add`` options
@@ -549,7 +561,7 @@ def _plug(live: _Live) -> None:
 def _replug(live: _Live) -> Any:
     """Plug the device again and return a driver initialized on the new function."""
     _plug(live)
-    return live.vm.virtio(DEVICE_ID)
+    return driver_for(live.vm, live.config)
 
 
 @dataclass
