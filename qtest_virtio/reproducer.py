@@ -11,6 +11,20 @@ The forms accepted (README, "Does this bug report still crash?", has an example 
 - libqtest: the C form of QEMU's tests/qtest/fuzz-*-test.c (:mod:`.libqtest`);
 - plain: ``# qemu-args: ...`` header lines, then one command per line.
 
+Directives (plain form only): a line ``# qtest-virtio: NAME`` between the commands is not a
+comment but a step replay takes there. ``# qtest-virtio: migrate`` live-migrates the machine to a
+fresh QEMU of the same binary and command line (``-incoming defer``, QMP ``migrate`` over a
+private Unix socket: ``QemuMachine.migrate_to``) and the commands after it go to the destination.
+A refused migration (the destination exits after "load of migration failed") leaves the source
+running on, as QEMU does, and the replay goes on there; a crash of either side is crashed; a
+migration QMP does not answer in time is hung. Interceptions (``irq_intercept_in``) are not
+carried over: the fuzzer writes them again after the directive, as QEMU got them. Hot(un)plug
+is QMP around the guest's own qtest commands (slot power, ACPI eject), so its directives are the
+QMP steps: ``# qtest-virtio: device_del ID``, ``# qtest-virtio: deleted ID`` (wait for
+``DEVICE_DELETED``) and ``# qtest-virtio: device_add OPTION`` (a ``-device`` option); one QEMU
+refuses or never completes is a note, and the replay goes on. Any other name, a missing or an
+extra argument is a malformed file (file and line).
+
 A backslash at the end of a line joins it with the next exactly as the shell does (nothing in
 between), which also rejoins fuzzer reproducers wrapped at 72 columns in the middle of a hex or
 base64 token. The binary named in the file is replaced by the one under test (x86_64 stands in
@@ -32,12 +46,16 @@ import shlex
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from .binary import QemuBinary
-from .errors import MalformedCommand, QemuCrashed, QemuStartError, ScenarioError, UnknownCommand
+from .errors import MalformedCommand, QemuCrashed, QemuStartError, QtestTimeout, ScenarioError, UnknownCommand
 from .fuzz.corpus import RecoveryCheck, recovery_check
+from .fuzz.engine import M, migrate
 from .libqtest import looks_like_c, parse_c
 from .machine import MachineSpec, QemuMachine
+from .machine.qdev import HotplugError
+from .machine.spec import split_option_list
 from .outcome import DEFAULT_SETTLE, EXIT_PRECEDENCE, Judge, Outcome, check_recovery, settle
 from .qtest import COMMANDS, Command
 
@@ -51,15 +69,38 @@ _STDIO_RE = re.compile(rf"^\s*{_PROMPT}(\S*qemu\S*(?:\s.*)?\s-qtest\s+stdio(?:\s
 _QEMU_ARGS_RE = re.compile(r"^#\s*qemu-args:\s*(.*)$")
 #: A continuation prompt (PS2) pasted before the lines of a here-document typed at a terminal.
 _PS2_RE = re.compile(r"^>\s?")
+#: A directive line (module docstring): ``# qtest-virtio: migrate``.
+_DIRECTIVE_RE = re.compile(r"^#\s*qtest-virtio:\s*(.*)$")
+#: The directives replay honours, with what each does (for the error naming them) and whether
+#: it takes one argument (the rest of the line: a device id, a ``-device`` option).
+DIRECTIVES = {
+    "migrate": ("a live migration to a fresh QEMU of the same binary and command line", False),
+    "device_del": ("QMP device_del of the device id that follows", True),
+    "deleted": ("wait for QMP's DEVICE_DELETED of the device id that follows", True),
+    "device_add": ("QMP device_add of the -device option that follows", True),
+}
 #: A comment that bounds the replay of a hang, in seconds (default :data:`DEFAULT_TIMEOUT`).
 TIMEOUT_HEADER = "timeout:"
 DEFAULT_TIMEOUT = 10.0
 
 
+@dataclass(frozen=True)
+class Directive:
+    """A ``# qtest-virtio: NAME`` line of the plain form: replay takes the step before the
+    command at index ``at`` of ``Reproducer.commands`` (after the last one when ``at`` is
+    their number)."""
+
+    line: int
+    at: int
+    name: str
+    #: The device id or ``-device`` option of device_del, deleted and device_add.
+    arg: str = ""
+
+
 @dataclass
 class Reproducer:
     """A parsed reproducer: the QEMU arguments as written and the qtest commands with their
-    line numbers in the file."""
+    line numbers in the file, and the directives between them."""
 
     path: str
     binary: str
@@ -72,6 +113,8 @@ class Reproducer:
     form: str = "plain"
     #: What parsing changed or skipped, for the replay's notes.
     notes: list[str] = field(default_factory=list)
+    #: ``# qtest-virtio:`` steps between the commands (plain form), in file order.
+    directives: list[Directive] = field(default_factory=list)
 
 
 @dataclass
@@ -88,6 +131,11 @@ class ReplayResult:
     notes: list[str] = field(default_factory=list)
     command_line: str = ""
     stderr_tail: str = ""
+    #: ``# qtest-virtio: migrate`` directives that moved the machine (a refused one is a note).
+    migrations: int = 0
+    #: The ``-device`` options device_add directives plugged and no device_del took away since:
+    #: a migration destination starts with them on its command line, as the source has them.
+    plugged: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.outcome = Outcome(self.outcome)  # the printed word ("survived") names it too
@@ -152,6 +200,7 @@ def parse(text: str, path: str = "<reproducer>") -> Reproducer:
     header: list[str] = []
     commands: list[tuple[int, str]] = []
     comments: list[str] = []
+    directives: list[Directive] = []
     heredoc_end: str | None = None
     timeout: float | None = None
     heredoc_line = 0
@@ -182,6 +231,10 @@ def parse(text: str, path: str = "<reproducer>") -> Reproducer:
         m = _QEMU_ARGS_RE.match(stripped)
         if m and form == "plain":
             header.append(m.group(1))
+            continue
+        d = _DIRECTIVE_RE.match(stripped)
+        if d:
+            directives.append(_directive(d.group(1), form, len(commands), path, n))
             continue
         if stripped.startswith("#"):
             comments.append(stripped.lstrip("# "))
@@ -229,7 +282,39 @@ def parse(text: str, path: str = "<reproducer>") -> Reproducer:
     if not commands:
         raise ScenarioError("no qtest commands", path=path, line=heredoc_line or 1)
     notes = [f"{skipped} line(s) between the commands that are not qtest commands were skipped"] if skipped else []
-    return _checked(Reproducer(path, binary, args, commands, comments, timeout, form=form, notes=notes))
+    return _checked(
+        Reproducer(path, binary, args, commands, comments, timeout, form=form, notes=notes, directives=directives)
+    )
+
+
+def _directive(text: str, form: str, at: int, path: str, line: int) -> Directive:
+    """The directive ``# qtest-virtio: TEXT`` before command ``at``; ScenarioError (file and
+    line) for a name replay does not know, arguments, or a form other than plain."""
+    words = text.split(None, 1)
+    known = "; ".join(f"'# qtest-virtio: {k}{' ARG' if arg else ''}' ({what})" for k, (what, arg) in DIRECTIVES.items())
+    if form != "plain":
+        raise ScenarioError(
+            f"directive '# qtest-virtio: {text}' in a {form} reproducer: directives are honoured in the plain form "
+            "('# qemu-args:' then the commands) only",
+            path=path,
+            line=line,
+        )
+    if not words or words[0] not in DIRECTIVES:
+        raise ScenarioError(f"unknown directive '# qtest-virtio: {text}': replay knows {known}", path=path, line=line)
+    name, takes = words[0], DIRECTIVES[words[0]][1]
+    if len(words) > 1 and not takes:
+        raise ScenarioError(
+            f"directive '# qtest-virtio: {text}': {name} takes no arguments (write '# qtest-virtio: {name}')",
+            path=path,
+            line=line,
+        )
+    if len(words) < 2 and takes:
+        raise ScenarioError(
+            f"directive '# qtest-virtio: {text}': {name} needs an argument ({DIRECTIVES[name][0]})",
+            path=path,
+            line=line,
+        )
+    return Directive(line, at, name, words[1].strip() if takes else "")
 
 
 def _from_c(text: str, path: str) -> Reproducer:
@@ -377,7 +462,17 @@ def shell_words(words: Sequence[str], prefix: str = "", width: int = 100) -> str
 
 def upstream_command(rep: Reproducer, width: int = 100) -> str:
     """The whole reproducer in the bug-report form: ``cat << EOF | qemu-system-x86_64 ...
-    -qtest stdio``, the commands, ``EOF`` (see :func:`upstream_args`)."""
+    -qtest stdio``, the commands, ``EOF`` (see :func:`upstream_args`). A reproducer with a
+    directive has no such form (one QEMU on stdin cannot migrate): ScenarioError naming its line."""
+    if rep.directives:
+        d = rep.directives[0]
+        raise ScenarioError(
+            f"'# qtest-virtio: {d.name}' here has no 'qemu ... -qtest stdio' form (a QEMU reading qtest commands on "
+            f"stdin cannot {'migrate' if d.name == 'migrate' else 'take QMP ' + d.name}): attach the file and "
+            f"'qtest-virtio replay {os.path.basename(rep.path)}' instead",
+            path=rep.path,
+            line=d.line,
+        )
     return "\n".join([shell_words(upstream_args(rep), "cat << EOF |", width), *(c for _, c in rep.commands), "EOF"])
 
 
@@ -443,13 +538,16 @@ def replay(
     where = "the round trip after the last command"
     died_after: float | None = None
 
-    def hung(_: Exception) -> str:
+    def hung(exc: QtestTimeout) -> str:
+        if exc.command.startswith(_MIGRATION_AT):
+            return f"no reply within {timeout:g} s during {exc.command}"
         at = f"line {rep.commands[result.commands_run][0]}" if result.commands_run < len(rep.commands) else where
         return f"no reply within {timeout:g} s to {at}"
 
-    with Judge(vm, hung=hung, clean_exit_survives=True) as verdict:
+    judge = Judge(vm, hung=hung, clean_exit_survives=True)
+    with judge as verdict:
         vm.resume()  # like the qtest accelerator, a RUNNING machine whose only vCPU halts
-        run_commands(vm, rep, result, trace=trace, echo=echo)
+        vm = run_commands(judge, vm, rep, result, trace=trace, echo=echo)
         answered_at = time.monotonic()
         where = f"the {settle_s:g} s settle period after the last command"
         try:
@@ -457,6 +555,7 @@ def replay(
         except QemuCrashed:
             died_after = time.monotonic() - answered_at
             raise
+    vm = judge.vm
     result.returncode = vm.returncode
     result.stderr_tail = vm.stderr_tail(30)
     result.outcome, result.detail, result.signal = verdict.outcome, verdict.detail, verdict.signal
@@ -486,36 +585,91 @@ def _replay_checked(
         return ReplayResult(Outcome.CANNOT_RUN, str(exc).splitlines()[0], command_line=exc.command_line)
     result = ReplayResult(Outcome.SURVIVED, command_line=vm.command_line())
     where = "the commands"
-    with Judge(vm, hung=lambda exc: f"no reply within {timeout:g} s during {where}: {exc}") as verdict:
+    judge = Judge(vm, hung=lambda exc: f"no reply within {timeout:g} s during {where}: {exc}")
+    with judge as verdict:
         vm.resume()  # as in the example: the driver's first step resumed the machine (QMP cont)
-        run_commands(vm, rep, result, trace=trace, echo=echo)
+        vm = run_commands(judge, vm, rep, result, trace=trace, echo=echo)
         where = "the settle period"
         settle(vm, settle_s)
         where = "the recovery"
         verdict.detail = f"{result.commands_run} commands, then a device reset and a valid request: served"
         check_recovery(verdict, lambda: check.run(vm))
-    result.returncode = vm.returncode
-    result.stderr_tail = vm.stderr_tail(30)
+    result.returncode = judge.vm.returncode  # the machine the run ended on (after a migration)
+    result.stderr_tail = judge.vm.stderr_tail(30)
     result.outcome, result.detail, result.signal = verdict.outcome, verdict.detail, verdict.signal
     return result
 
 
-def run_commands(vm: QemuMachine, rep: Reproducer, result: ReplayResult, *, trace: bool, echo: object) -> None:
+#: How a migration directive names itself in a hang (``QtestTimeout.command``).
+_MIGRATION_AT = "the migration at line"
+
+
+def run_commands(judge: Judge, vm: M, rep: Reproducer, result: ReplayResult, *, trace: bool, echo: object) -> M:
     """Send the reproducer's commands as written (counted in ``result``, each with its reply
-    through ``echo`` or print when tracing), then one more round trip: QEMU processed them all."""
+    through ``echo`` or print when tracing), taking its directives where they stand, then one
+    more round trip: QEMU processed them all. Returns the machine they ended on (a migration
+    moves them; ``judge`` follows it)."""
     printer = echo if callable(echo) else print
-    for n, command in rep.commands:
+    steps = sorted(rep.directives, key=lambda d: d.at)
+    for i, (n, command) in enumerate([*rep.commands, (0, "")]):
+        while steps and steps[0].at == i:
+            vm = _take(steps.pop(0), judge, vm, rep, result, printer if trace else None)
+        if i == len(rep.commands):
+            break
         reply = vm.qtest.send_raw(command)
         result.commands_run += 1
         if trace:
             printer(f"{rep.path}:{n}: {command[:160]}  ->  {reply[:160]}")
     vm.qtest.send_raw("endianness")
+    return vm
+
+
+def _take(step: Directive, judge: Judge, vm: M, rep: Reproducer, result: ReplayResult, printer: Any) -> M:
+    """One directive: the machine the commands go on with. A hot(un)plug step QEMU refuses or
+    never completes is a note, as it was an observation for the fuzzer, and the replay goes on."""
+    moved, note = vm, ""
+    if step.name == "migrate":
+        spec = vm.spec.clone()
+        if spec.raw_args is not None:
+            spec.raw_args += [w for option in result.plugged for w in ("-device", option)]
+        moved, refused = migrate(judge, vm, what=f"{_MIGRATION_AT} {step.line}", spec=spec)
+        if refused is None:
+            result.migrations += 1
+            note = f"migrated to a fresh QEMU (pid {moved.pid}), the commands went on there"
+        else:
+            note = f"migration refused, the source ran on: {refused}"
+    else:
+        try:
+            if step.name == "device_del":
+                vm.device_del(step.arg)
+                result.plugged = [o for o in result.plugged if not _on_device(o, step.arg)]
+            elif step.name == "deleted":
+                vm.wait_device_deleted(step.arg, timeout=vm.spec.command_timeout)
+            else:
+                vm.device_add(step.arg)
+                result.plugged.append(step.arg)
+            note = f"{step.name} {step.arg}: done"
+        except HotplugError as exc:
+            note = f"{step.name} {step.arg}: {str(exc).splitlines()[0]}"
+    if printer is not None:
+        printer(f"{rep.path}:{step.line}: # qtest-virtio: {step.name}  ->  {note}")
+    if step.name == "migrate" or not note.endswith(": done"):
+        result.notes.append(f"line {step.line}: {note}")
+    return moved
+
+
+def _on_device(option: str, dev_id: str) -> bool:
+    """Whether a ``-device`` option is the device ``dev_id`` or one on its bus (a scsi-hd on
+    ``fuzz0.0``): what ``device_del`` of ``dev_id`` takes away."""
+    props = dict(p.partition("=")[::2] for p in split_option_list(option)[1:])
+    return props.get("id") == dev_id or props.get("bus", "").startswith(f"{dev_id}.")
 
 
 def describe(result: ReplayResult, rep: Reproducer) -> str:
     """The verdict line for a human (and a log)."""
     if result.outcome is Outcome.SURVIVED:
-        return f"survived: {result.detail or f'{result.commands_run} commands replayed, QEMU alive'}"
+        moved = f" across {result.migrations} live migration(s)" if result.migrations else ""
+        return f"survived: {result.detail or f'{result.commands_run} commands replayed{moved}, QEMU alive'}"
     if result.outcome is Outcome.CRASHED:
         sig = f"signal {result.signal}" if result.signal else f"exit status {result.returncode}"
         return f"crashed ({sig}) after {result.commands_run} of {len(rep.commands)} commands: {result.detail}"

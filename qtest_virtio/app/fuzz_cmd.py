@@ -73,6 +73,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "deviation-table entry is live on this QEMU's version",
     )
     parser.add_argument(
+        "--migrate",
+        action="store_true",
+        help="live migration is one more action: mid-sequence the machine moves to a fresh QEMU of the same binary "
+        "and the actions go on there (the device's state saved and loaded as the hostile driver left it)",
+    )
+    parser.add_argument(
+        "--unplug",
+        action="store_true",
+        help="hot-unplug is one more action: the device sits in a hot-plug slot, is unplugged mid-sequence as the "
+        "hostile driver left it (device_del, the guest's part, DEVICE_DELETED) and plugged again for the recovery",
+    )
+    parser.add_argument(
         "--keep-going",
         action="store_true",
         help="after a find, write its reproducer and go on until the budget is spent (finds de-duplicated)",
@@ -136,7 +148,7 @@ def run_fuzz(args: argparse.Namespace) -> int:
     )
     # The legacy layout has no packed rings: those targets would repeat the split ones.
     targets = [
-        FuzzConfig(d, m, r, qemu, queue=q, hang_timeout=args.hang_timeout)
+        FuzzConfig(d, m, r, qemu, queue=q, hang_timeout=args.hang_timeout, migrate=args.migrate, unplug=args.unplug)
         for d in devices
         for q in DEVICES[d].queues
         for m in transports
@@ -157,6 +169,8 @@ def run_fuzz(args: argparse.Namespace) -> int:
         )
     found: dict[str, str] = dict(known)
     total = 0
+    migrations = 0
+    unplugs = 0
     rounds = 0
     still: list[str] = []
     try:
@@ -183,10 +197,12 @@ def run_fuzz(args: argparse.Namespace) -> int:
                     _keep_interrupted(exc.report, args, found, seed + rounds)
                     raise
                 total += report.examples
+                migrations += report.migrations
+                unplugs += report.unplugs
                 observations.update(report.observations)
                 print(
                     f"{config.name}: {report.examples} examples in {report.seconds:.1f} s "
-                    f"(round {rounds}, seed {seed + rounds})",
+                    f"(round {rounds}, seed {seed + rounds})" + _counts(args, report.migrations, report.unplugs),
                     flush=True,
                 )
                 if report.failure is not None:
@@ -212,12 +228,19 @@ def run_fuzz(args: argparse.Namespace) -> int:
     verdict = f"{len(new)} distinct new find(s)" if new else "nothing new found"
     if still:
         verdict += f", {len(still)} earlier find(s) still failing"
-    print(f"{verdict}: {total} examples in {rounds} round(s), seed {seed}")
+    print(f"{verdict}: {total} examples in {rounds} round(s), seed {seed}" + _counts(args, migrations, unplugs))
     for sig, path in new.items():
         print(f"  {sig}: {path}")
     for text, n in observations.most_common():
         print(f"  observed {n}x: {text}")
     return EXIT_FAILED if new or still else EXIT_OK
+
+
+def _counts(args: argparse.Namespace, migrations: int, unplugs: int) -> str:
+    """``, N live migrations`` when ``--migrate`` made migration an action, ``, N unplugs`` when
+    ``--unplug`` made hot-unplug one, else nothing."""
+    out = f", {migrations} live migration{'' if migrations == 1 else 's'}" if args.migrate else ""
+    return out + (f", {unplugs} unplug{'' if unplugs == 1 else 's'}" if args.unplug else "")
 
 
 def _keep_interrupted(report: FuzzReport, args: argparse.Namespace, found: dict[str, str], seed: int) -> None:

@@ -4,12 +4,14 @@
 A hostile driver is a list of :class:`Action` values (:mod:`.actions`: the steps and their qtest
 wire form). :mod:`.targets` says what each device is fuzzed through (its queues, a valid request,
 the check that it serves one). :mod:`.engine` runs examples on fresh machines, drives hypothesis
-and shrinks a failure; :mod:`.corpus` writes finds as ``.qtest`` files and reads the known ones.
+and shrinks a failure (a live migration mid-sequence is one more action, ``FuzzConfig.migrate``);
+:mod:`.corpus` writes finds as ``.qtest`` files and reads the known ones.
 The command line is :mod:`qtest_virtio.app.fuzz_cmd`.
 """
 
 from .actions import (
     ADDR_KINDS,
+    DIRECTIVE,
     EVENT_FIELDS,
     REQUEST_SHAPES,
     Action,
@@ -20,6 +22,7 @@ from .actions import (
     Features,
     IdReuse,
     LongChain,
+    Migrate,
     MisshapenRequest,
     MsixAccess,
     MsixVector,
@@ -32,6 +35,7 @@ from .actions import (
     ResetInFlight,
     StatusWrites,
     Target,
+    Unplug,
     Valid,
     Window,
     validate_command,
@@ -59,6 +63,7 @@ from .engine import (
     actions_strategy,
     fuzz_target,
     machine_for,
+    migrate,
     replay_args,
     run_example,
     signature,
@@ -69,6 +74,7 @@ __all__ = [
     "ADDR_KINDS",
     "DEVICES",
     "DEVICE_ID",
+    "DIRECTIVE",
     "EVENT_FIELDS",
     "FUZZ_CHECK",
     "FUZZ_SETTLE",
@@ -90,6 +96,7 @@ __all__ = [
     "Hook",
     "IdReuse",
     "LongChain",
+    "Migrate",
     "MisshapenRequest",
     "MsixAccess",
     "MsixVector",
@@ -104,6 +111,7 @@ __all__ = [
     "ResetInFlight",
     "StatusWrites",
     "Target",
+    "Unplug",
     "Valid",
     "Window",
     "actions_strategy",
@@ -112,6 +120,7 @@ __all__ = [
     "known_signatures",
     "machine_for",
     "make_target",
+    "migrate",
     "recovery_check",
     "replay_args",
     "reproducer_text",

@@ -635,3 +635,46 @@ class Valid(Action):
 
     def render(self, t: Target) -> list[str]:
         return []
+
+
+#: A reproducer line (plain form) that replay honours between the commands, not a comment:
+#: ``# qtest-virtio: migrate`` (:mod:`qtest_virtio.reproducer`, "Directives").
+DIRECTIVE = "# qtest-virtio:"
+
+
+@dataclass(frozen=True)
+class Migrate(Action):
+    """Live migration mid-sequence (issue 15): the machine moves to a fresh QEMU of the same
+    binary and command line, so the source saves the hostile driver's device state
+    (``virtio_save``) and the destination loads it (``virtio_load``); the actions after it go
+    to the destination. Run by the engine; a reproducer holds it as :attr:`directive`."""
+
+    writes_status = False
+    #: The line a reproducer holds where the migration happened.
+    directive: ClassVar[str] = f"{DIRECTIVE} migrate"
+
+    def render(self, t: Target) -> list[str]:
+        return []
+
+
+@dataclass(frozen=True)
+class Unplug(Action):
+    """Hot-unplug mid-sequence (issue 15): QMP ``device_del`` of the device as the hostile
+    driver left it (requests in flight, broken rings), the guest's part (the q35 slot powered
+    off, the ACPI slot ejected on pc) and ``DEVICE_DELETED``: QEMU must free it
+    (``virtio_device_unrealize``, ``virtio_pci_device_unplugged``). The actions after it poke
+    where the device was; the recovery plugs it again. Run by the engine (``FuzzConfig.unplug``);
+    a reproducer holds the QMP steps as directives (:data:`DEVICE_DEL`, :data:`DELETED`,
+    :data:`DEVICE_ADD`) between the guest's qtest commands."""
+
+    writes_status = False
+
+    def render(self, t: Target) -> list[str]:
+        return []
+
+
+#: Directives the hot-unplug and the re-plug leave in a reproducer (followed by the device id,
+#: or by the ``-device`` option for ``device_add``).
+DEVICE_DEL = f"{DIRECTIVE} device_del"
+DELETED = f"{DIRECTIVE} deleted"
+DEVICE_ADD = f"{DIRECTIVE} device_add"

@@ -17,7 +17,7 @@ from ..deviations import table as deviation_table
 from ..errors import ScenarioError
 from ..outcome import Outcome
 from ..vm import Machine
-from .engine import ExampleResult, FuzzConfig, machine_for, signature
+from .engine import ExampleResult, FuzzConfig, driver_for, machine_for, signature
 from .targets import DEVICE_ID, DEVICES
 
 #: A comment (``#`` stripped) that makes a fuzzer reproducer end with a recovery check.
@@ -33,7 +33,8 @@ def reproducer_text(result: ExampleResult, *, seed: int | None = None) -> str:
     if result.outcome is Outcome.UNRECOVERED and result.recovery_from is not None:
         # QEMU lived: the failure is in the recovery, which replay re-runs from this header.
         commands = commands[: result.recovery_from]
-        check = [f"# {FUZZ_CHECK} device={c.device} mode={c.mode} ring={c.ring} queue={c.queue_index}"]
+        slot = " unplug=1" if c.unplug else ""  # the machine has the device in a hot-plug slot
+        check = [f"# {FUZZ_CHECK} device={c.device} mode={c.mode} ring={c.ring} queue={c.queue_index}{slot}"]
     lines = [
         f"# qtest-virtio fuzz: {c.device} mode={c.mode} ring={c.ring}" + (f" seed={seed}" if seed is not None else ""),
         f"# outcome: {result.outcome}: {result.detail.splitlines()[0] if result.detail else ''}",
@@ -106,8 +107,11 @@ class RecoveryCheck:
         return machine_for(self.config)
 
     def run(self, vm: Machine) -> None:
-        """QtestVirtioError when the device does not serve the valid request."""
-        driver = vm.virtio(DEVICE_ID)  # enumeration re-assigns the BARs; initialization resets
+        """QtestVirtioError when the device does not serve the valid request (plugged again
+        first when the commands unplugged it, as the example's recovery did)."""
+        if self.config.unplug and vm.pci_address(DEVICE_ID) is None:
+            vm.plug(DEVICE_ID)
+        driver = driver_for(vm, self.config)  # enumeration re-assigns the BARs; initialization resets
         DEVICES[self.config.device].check(vm, driver, 5.0)
 
 
@@ -126,6 +130,7 @@ def recovery_check(comments: Sequence[str], *, qemu: str, timeout: float, path: 
             qemu,
             queue=int(fields["queue"]),
             hang_timeout=timeout,
+            unplug=fields.get("unplug", "0") == "1",
         )
         _ = DEVICES[config.device]  # a KeyError names a device without a fuzz profile
     except (KeyError, ValueError) as exc:

@@ -12,6 +12,11 @@ with the classifier replay uses (:class:`~qtest_virtio.outcome.Judge`). Where th
 a device must do but QEMU does otherwise (an error reported without DEVICE_NEEDS_RESET, virtio
 1.2 §2.1.2), the runner records an :class:`Observation` and does not fail.
 
+A :class:`~.actions.Migrate` action (``FuzzConfig.migrate``) live-migrates the machine to a fresh
+QEMU mid-sequence (:func:`migrate`, shared with replay): the source saves the state the hostile
+driver left, the destination loads it, and the judge follows the machine that runs on. The
+recording follows it too: the reproducer gets a ``# qtest-virtio: migrate`` line there.
+
 hypothesis is imported inside functions only, so ``import qtest_virtio`` stays light.
 """
 
@@ -23,13 +28,16 @@ import time
 from collections import Counter
 from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import modes
-from ..errors import QemuCrashed, QtestTimeout, QtestVirtioError, describe_exit
-from ..machine import MachineSpec, is_crash_marker
+from ..errors import MigrationError, QemuCrashed, QtestTimeout, QtestVirtioError, describe_exit
+from ..machine import MachineSpec, QemuMachine, is_crash_marker, watch_machines
+from ..machine.qdev import HotplugError
 from ..outcome import Judge, Outcome, check_recovery, settle
 from ..pci.regs import CONFIG_SPACE_SIZE
+from ..qtest import QtestClient
+from ..transport import VirtioPciMap
 from ..transport.layout import STATUS
 from ..virtqueue.layout import SPLIT_AVAIL
 from ..vm import Machine
@@ -44,9 +52,13 @@ if TYPE_CHECKING:
 RINGS = modes.RINGS
 
 
-def actions_strategy(max_actions: int = 8) -> SearchStrategy[list[Action]]:
+def actions_strategy(
+    max_actions: int = 8, *, migrate: bool = False, unplug: bool = False
+) -> SearchStrategy[list[Action]]:
     """Lists of hostile actions. Values are abstract (indices taken modulo the target's
-    windows and queue size), so one strategy serves every device, mode and ring."""
+    windows and queue size), so one strategy serves every device, mode and ring. With
+    ``migrate``, a live migration (:class:`~.actions.Migrate`) is one more action; with
+    ``unplug``, a hot-unplug (:class:`~.actions.Unplug`)."""
     from hypothesis import strategies as st
 
     def boundary(bits: int) -> SearchStrategy[int]:
@@ -128,6 +140,10 @@ def actions_strategy(max_actions: int = 8) -> SearchStrategy[list[Action]]:
             value=boundary(64),
         ),
     )
+    if migrate:
+        actions = st.one_of(actions, st.just(act.Migrate()))
+    if unplug:
+        actions = st.one_of(actions, st.just(act.Unplug()))
     return st.lists(actions, min_size=1, max_size=max_actions)
 
 
@@ -151,6 +167,11 @@ class FuzzConfig:
     hang_timeout: float = 3.0
     #: Timeout of the driver's valid requests interleaved with the abuse (failures are observations).
     valid_timeout: float = 0.3
+    #: Live migration (:class:`~.actions.Migrate`) is among the actions (``fuzz --migrate``).
+    migrate: bool = False
+    #: Hot-unplug (:class:`~.actions.Unplug`) is among the actions (``fuzz --unplug``): the device
+    #: sits in a hot-plug slot (behind a pcie-root-port on q35).
+    unplug: bool = False
 
     @property
     def queue_index(self) -> int:
@@ -188,6 +209,10 @@ class ExampleResult:
     returncode: int | None = None
     #: Index in ``commands`` of the first command of the recovery (reset and valid request).
     recovery_from: int | None = None
+    #: Live migrations that completed (a refused one is an observation, and the source runs on).
+    migrations: int = 0
+    #: Hot-unplugs that completed (DEVICE_DELETED came).
+    unplugs: int = 0
 
     def __post_init__(self) -> None:
         self.outcome = Outcome(self.outcome)  # the printed word ("crashed") names it too
@@ -263,6 +288,7 @@ def machine_for(config: FuzzConfig) -> Machine:
         mode=config.mode,
         id=DEVICE_ID,
         packed="on" if config.ring == "packed" else "off",
+        hotplug=config.unplug,  # then the example plugs it first, as the guest's slot expects
     )
     return Machine(spec)
 
@@ -279,45 +305,159 @@ class _Progress:
         return f"action {self.step}" if self.step else self.phase
 
 
+class _Recording:
+    """Every byte an example sent to QEMU, across migrations: what the machine's recorded socket
+    got (``QtestClient.record``), then at a migration the directive line, and when the machine
+    moved, the interceptions ``QtestClient.take_over`` made again on the destination (QEMU got
+    them; a replay sends them as written) and what the destination's recorded socket got."""
+
+    def __init__(self, client: QtestClient) -> None:
+        self._done: list[bytes] = []
+        self._intercepts: list[bytes] = []
+        self._sink = client.record()
+
+    def directive(self, line: str) -> None:
+        """A step replay takes here (recorded before it starts: a crash while it runs is
+        replayed there too): what was sent so far, then the directive line."""
+        sent = b"".join(self._sink)
+        self._sink.clear()  # the socket goes on recording into it (a refused migration, a hot-unplug)
+        self._intercepts += [line for line in sent.splitlines(keepends=True) if line.startswith(b"irq_intercept_")]
+        self._done += [sent, f"{line}\n".encode()]
+
+    def moved(self, client: QtestClient) -> None:
+        """The migration completed: ``client`` (the same object) now talks to the destination."""
+        self._done += self._intercepts
+        self._sink = client.record()
+
+    def sent(self) -> bytes:
+        return b"".join([*self._done, *self._sink])
+
+
+@dataclass
+class _Live:
+    """What an example runs on now: a migration replaces the machine (and what judges it)."""
+
+    vm: Machine
+    judge: Judge
+    recording: _Recording
+    #: Lines of the machine's stderr already looked at for errors (``_observe_errors``).
+    seen: int = 0
+    #: An Unplug action took the device away; the recovery plugs it again.
+    unplugged: bool = False
+    #: The example's configuration (what the recovery's fresh driver is made for).
+    config: FuzzConfig | None = None
+
+
+#: A machine type that ``migrate`` keeps (the engine's Machine, replay's QemuMachine).
+M = TypeVar("M", bound=QemuMachine)
+
+
+def migrate(
+    judge: Judge, vm: M, *, what: str = "the migration", spec: MachineSpec | None = None
+) -> tuple[M, str | None]:
+    """Live-migrate ``vm`` to a fresh QEMU of its binary and spec (``migrate_to``; ``spec``:
+    another one, e.g. with the devices hot-plugged since on its command line) and point
+    ``judge`` at the machine that goes on. Returns (destination, None), or (``vm``, why) when
+    the migration was refused cleanly: a hostile driver's state may be refused (virtio_load
+    checks it), and the source then runs on, as QEMU leaves it. A crash on either side raises
+    QemuCrashed, with the judge on that side: the source while it saved (an assertion, a
+    signal), the destination while it loaded (an assertion or a signal; an exit with status 1
+    after "load of migration failed" is a refusal). A QMP command without a reply within the
+    machine's timeout is a hang (QtestTimeout naming ``what``)."""
+    with watch_machines() as started:
+        try:
+            dest = vm.migrate_to(spec)
+        except Exception as exc:
+            others = [m for m in started if m is not vm]
+            for m in others:
+                m.shutdown(check=False)
+            if not vm.alive or vm.crash_marker() is not None:
+                vm.shutdown(check=False)  # the source died while it saved
+                if vm.crash is not None:
+                    raise vm.crash from None
+                raise
+            crashed = next((m for m in others if _died_badly(m)), None)
+            if crashed is not None and crashed.crash is not None:
+                vm.shutdown(check=False)
+                judge.vm = crashed
+                raise crashed.crash from None
+            if isinstance(exc, TimeoutError):
+                raise QtestTimeout(f"{what} (QMP)", vm.spec.command_timeout) from None
+            if isinstance(exc, MigrationError):
+                return vm, _refusal(exc)
+            raise
+    judge.vm = dest
+    return dest, None
+
+
+#: What QEMU's migration code prints after a device's own complaint when a load fails.
+_LOAD_FAILED = ("Failed to load ", "error while loading state", "load of migration failed")
+
+
+def _refusal(exc: MigrationError) -> str:
+    """Why the destination refused the state: its first complaint, the one before QEMU's
+    "Failed to load ..." (virtio_load's or the device's, e.g. "VQ 0 address 0x0 inconsistent
+    with Host index 0x1"), which does not depend on whether the source noticed first (as
+    "Unable to write to socket") or the destination; else the error's own summary."""
+    lines = [line.split(": ", 1)[-1] for line in exc.destination_stderr.splitlines() if line.strip()]
+    failed = next((i for i, line in enumerate(lines) if line.startswith(_LOAD_FAILED)), None)
+    if failed is not None:
+        return lines[max(failed - 1, 0)]
+    return exc.summary.split(" failed: ", 1)[-1]
+
+
+def _died_badly(vm: QemuMachine) -> bool:
+    """A signal or an assertion: what a refused migration's destination (exit status 1) is not."""
+    return vm.crash_marker() is not None or (vm.returncode is not None and vm.returncode < 0)
+
+
 def run_example(config: FuzzConfig, actions: Sequence[Action], *, hook: Hook | None = None) -> ExampleResult:
     """One example on a fresh machine: initialize, abuse, check, reset, check a valid request."""
     device = DEVICES[config.device]
     result = ExampleResult(config, list(actions))
     vm = machine_for(config)
     vm.start()  # QemuStartError: the caller's problem (cannot run here)
-    sink = vm.qtest.record()
+    recording = _Recording(vm.qtest)
     recovery_at: int | None = None
     result.args = replay_args(vm.command_line())
     progress = _Progress()
     judge = Judge(
         vm, hung=lambda exc: f"no qtest reply within {config.hang_timeout:g} s during {progress.where}: {exc}"
     )
+    live = _Live(vm, judge, recording, config=config)
     try:
         with judge as verdict:
-            driver = vm.virtio(DEVICE_ID)
+            if config.unplug:
+                _plug(live)
+            driver = driver_for(vm, config)
             target = make_target(vm, driver, device, config.queue_index)
             progress.phase = "abuse"
-            if _abuse(vm, driver, target, actions, result, progress, hook):
+            if _abuse(live, driver, target, actions, result, progress, hook):
                 progress.phase, progress.step = "check", 0
-                settle(vm, FUZZ_SETTLE)  # deferred work may kill QEMU after the last action
+                settle(live.vm, FUZZ_SETTLE)  # deferred work may kill QEMU after the last action
                 progress.phase = "recovery"
-                recovery_at = sum(len(b) for b in sink)
-                driver.fn.restore()  # BARs, decoding, bus master: what config-space abuse may have moved
-                driver.initialize()
-                check_recovery(verdict, lambda: device.check(vm, driver, 5.0))
+                recovery_at = len(recording.sent())
+                if live.unplugged:  # plugged again: a fresh driver on the new function
+                    check_recovery(verdict, lambda: device.check(live.vm, _replug(live), 5.0))
+                else:
+                    driver.fn.restore()  # BARs, decoding, bus master: what config-space abuse may have moved
+                    driver.initialize()
+                    check_recovery(verdict, lambda: device.check(live.vm, driver, 5.0))
     finally:
-        sent = b"".join(sink)
+        for other in {vm, live.vm} - {judge.vm}:
+            other.shutdown(check=False)  # a migration's other side, when the judge took one
+        sent = recording.sent()
         result.commands = sent.decode("latin-1").splitlines()
         if recovery_at is not None:
             result.recovery_from = sent[:recovery_at].count(b"\n")
-        result.stderr_tail = vm.stderr_tail(30)
-        result.returncode = vm.returncode
+        result.stderr_tail = judge.vm.stderr_tail(30)
+        result.returncode = judge.vm.returncode
     result.outcome, result.detail, result.signal = verdict.outcome, verdict.detail, verdict.signal
     return result
 
 
 def _abuse(
-    vm: Machine,
+    live: _Live,
     driver: Any,
     target: Target,
     actions: Sequence[Action],
@@ -329,12 +469,17 @@ def _abuse(
     False when the driver's own read-back refused what it saw (an observation: the abuse ends)."""
     config = result.config
     device = DEVICES[config.device]
-    seen = 0
     try:
         for i, action in enumerate(actions, 1):
             progress.step = i
+            vm = live.vm
             if hook is not None:
                 hook(vm, action)
+            if live.unplugged and isinstance(action, (Valid, act.Migrate, act.Unplug)):
+                continue  # no device to serve, migrate with or unplug: the rest pokes where it was
+            if isinstance(action, act.Unplug):
+                _unplug(live, result, f"the unplug of action {i}")
+                continue
             if isinstance(action, Valid):
                 try:
                     device.check(vm, driver, config.valid_timeout)
@@ -342,7 +487,18 @@ def _abuse(
                     raise
                 except QtestVirtioError as exc:
                     result.observations.append(Observation("valid request during abuse failed", _normal(exc)))
-                seen = _observe_errors(vm, driver, target, action, seen, result.observations)
+                live.seen = _observe_errors(vm, driver, target, action, live.seen, result.observations)
+                continue
+            if isinstance(action, act.Migrate):
+                live.recording.directive(act.Migrate.directive)
+                live.vm, refused = migrate(live.judge, vm, what=f"the migration of action {i}")
+                if refused is None:
+                    live.recording.moved(live.vm.qtest)
+                    result.migrations += 1
+                    live.seen = 0
+                else:
+                    result.observations.append(Observation("migration refused (the source runs on)", _normal(refused)))
+                live.seen = _observe_errors(live.vm, driver, target, action, live.seen, result.observations)
                 continue
             if target.packed:
                 vq = driver.queues[target.queue]
@@ -353,7 +509,7 @@ def _abuse(
                 reply = vm.qtest.send_raw(cmd)
                 if not reply.startswith("OK"):
                     raise HarnessBug(f"{cmd!r} -> {reply!r} (action {action!r})")
-            seen = _observe_errors(vm, driver, target, action, seen, result.observations)
+            live.seen = _observe_errors(vm, driver, target, action, live.seen, result.observations)
     except (QemuCrashed, QtestTimeout):
         raise
     except QtestVirtioError as exc:
@@ -361,6 +517,51 @@ def _abuse(
         result.observations.append(Observation("driver error during abuse", _normal(exc)))
         return False
     return True
+
+
+def _unplug(live: _Live, result: ExampleResult, what: str) -> None:
+    """Hot-unplug the device (QMP ``device_del``, the guest's part, ``DEVICE_DELETED``), with the
+    QMP steps recorded as directives. QEMU refusing or never deleting it is an observation."""
+    vm = live.vm
+    live.recording.directive(f"{act.DEVICE_DEL} {DEVICE_ID}")
+    try:
+        vm.device_del(DEVICE_ID)
+        vm.finish_unplug(DEVICE_ID, timeout=result.config.hang_timeout)
+    except HotplugError as exc:
+        if isinstance(exc.__cause__, TimeoutError):
+            raise QtestTimeout(f"{what} (QMP)", vm.spec.command_timeout) from None
+        result.observations.append(Observation("unplug did not complete", _normal(exc)))
+        return
+    except TimeoutError:
+        raise QtestTimeout(f"{what} (QMP)", vm.spec.command_timeout) from None
+    live.recording.directive(f"{act.DELETED} {DEVICE_ID}")
+    live.unplugged = True
+    result.unplugs += 1
+
+
+def driver_for(vm: Machine, config: FuzzConfig | None) -> Any:
+    """The device's driver, initialized to DRIVER_OK. Behind a hot-plug slot's root port INTx
+    is not routed (pci/intx.py: no pin swizzling), so there a function without MSI-X
+    (virtio-balloon-pci) is driven by polling its ISR."""
+    if config is not None and config.unplug and VirtioPciMap.of(vm.pci_function(DEVICE_ID)).msix is None:
+        return vm.virtio(DEVICE_ID, interrupts="isr")
+    return vm.virtio(DEVICE_ID)
+
+
+def _plug(live: _Live) -> None:
+    """Hot-plug the device (``FuzzConfig.unplug``: it starts unplugged, so its slot is set up
+    as a guest's pciehp or ACPI would before anything is plugged), its ``device_add`` options
+    recorded as directives."""
+    vm = live.vm
+    for option in vm.hotplug_options(DEVICE_ID):
+        live.recording.directive(f"{act.DEVICE_ADD} {option}")
+    vm.plug(DEVICE_ID)
+
+
+def _replug(live: _Live) -> Any:
+    """Plug the device again and return a driver initialized on the new function."""
+    _plug(live)
+    return driver_for(live.vm, live.config)
 
 
 @dataclass
@@ -376,6 +577,10 @@ class FuzzReport:
     #: QEMU runs after the first failure (hypothesis's replays and shrinking, then ours): what
     #: shrinking cost; 0 for a known failure, which is not shrunk again.
     shrink_runs: int = 0
+    #: Live migrations the examples completed (``FuzzConfig.migrate``).
+    migrations: int = 0
+    #: Hot-unplugs the examples completed (``FuzzConfig.unplug``).
+    unplugs: int = 0
 
 
 class _Failed(Exception):
@@ -452,7 +657,7 @@ def fuzz_target(
         phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink),
         print_blob=False,
     )
-    @given(actions_strategy(max_actions))
+    @given(actions_strategy(max_actions, migrate=config.migrate, unplug=config.unplug))
     def prop(actions: list[Action]) -> None:
         if failures and signature(failures[0]) in known:
             return  # a known bug: hypothesis's own replays and shrinking would only cost QEMU starts
@@ -467,6 +672,8 @@ def fuzz_target(
         report.shrink_runs += bool(failures)
         result = run_example(config, actions, hook=hook)
         report.examples += 1
+        report.migrations += result.migrations
+        report.unplugs += result.unplugs
         report.observations.update(str(o) for o in result.observations)
         if result.failed:
             if not first_failure:
