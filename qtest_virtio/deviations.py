@@ -394,17 +394,8 @@ DEVIATIONS: tuple[Deviation, ...] = (
         Strength.SHOULD, "2.1.2", QEMU_7_2_22, CHECKED,
     ),
     # -- issue 15, mignet: net, console and balloon across a live migration ---------------------
-    # Keyed on the --qemu (source) version; what the destination does is in each text.
-    *(
-        Deviation(
-            f"mig-{device}-used-event-suppresses",
-            "a destination notifies the first buffer it uses whatever used_event says: virtio_load "
-            "sets signalled_used_valid to false on every queue, and virtio_split_should_notify "
-            "notifies whenever it is false (same binary and across versions)",
-            Strength.SHOULD, "2.7.7.2", QEMU_7_2_22, CHECKED, when=Condition(rings=frozenset({"split"})),
-        )
-        for device in ("net", "console", "balloon")
-    ),
+    # Keyed on the --qemu (source) version unless side="destination"; the used_event one of these
+    # devices is mig-used-event-not-reached-quiet above (one virtqueue rule, one entry).
     Deviation(
         "mig-net-vlan-table",
         "a 7.2 destination drops the migrated VLAN filter table: virtio_load calls set_features after "

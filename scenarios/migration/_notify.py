@@ -24,6 +24,8 @@ from qtest_virtio.transport import LegacyTransport, ModernTransport, VirtioTrans
 from qtest_virtio.transport.layout import COMMON_CFG, ISR, LEGACY_CFG
 from qtest_virtio.virtqueue import Virtqueue
 
+from ._support import assert_view_matches
+
 #: How long a notification that should not come is watched for.
 QUIET_WINDOW = 0.02
 
@@ -123,3 +125,24 @@ def suppressed_across(
         quiet(dest)
         seen.append(notified(drv, vq.index))
     return dest, seen
+
+
+def suppression_holds_across(
+    src: Machine,
+    drv: VirtioDriver,
+    vq: Virtqueue,
+    migrate: Callable[[], Machine],
+    produce: Callable[[Machine], None],
+    *,
+    in_flight: int = 0,
+) -> Machine:
+    """:func:`suppressed_across`, asserted: no suppressed buffer notified (source, then two on
+    the destination), and once notifications are on again the next buffer is notified there;
+    QEMU's view of the device is the driver's. Returns the destination."""
+    dest, seen = suppressed_across(src, drv, vq, migrate, produce)
+    assert seen == [False, False, False], f"notified per suppressed buffer (source, destination x2): {seen}"
+    vq.set_interrupts(True)
+    produce(dest)
+    assert wait_notified(drv, vq.index), f"{vq.name}: no notification on the destination once enabled again"
+    assert_view_matches(dest, drv, in_flight=in_flight)
+    return dest
