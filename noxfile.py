@@ -26,9 +26,9 @@ def install(session: nox.Session) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The README's test command, python -m pytest (posargs go to pytest, e.g. --qemu PATH)."""
+    """The README's test command, python -m pytest -n 2 (posargs go to pytest, e.g. --qemu PATH)."""
     install(session)
-    session.run("python", "-m", "pytest", *session.posargs)
+    session.run("python", "-m", "pytest", "-n", "2", *session.posargs)
 
 
 @nox.session
