@@ -28,11 +28,10 @@ from qtest_virtio.virtqueue import Virtqueue
 
 from ._notify import (
     let_virtual_time_pass,
-    need_msix,
+    masked_vector_survives_across,
     notified,
     quiet,
     suppression_holds_across,
-    vectors,
     wait_notified,
     wait_used_idx_moves,
 )
@@ -287,27 +286,6 @@ def test_msix_vectors_and_a_masked_pending_vector_carry_over(
     receiveq vector masked with an interrupt pending on the source (PCI 3.0 §6.8.2.10) stays
     masked and pending there, and unmasking sends one message and clears the bit."""
     con = virtio_device
-    msix = need_msix(con)
-    queues = range(len(con.queues))
-    before = vectors(con.transport, queues)
-    rxq = _rx(con, 0)
-    vector = con.queue_vector(rxq.index)
-    produce = _receiver(con)
-    produce(qemu)
-    assert wait_notified(con, rxq.index)
-    msix.mask_vector(vector)
-    produce(qemu)
-    quiet(qemu)
-    assert not msix.fired(vector) and msix.pending(vector), "masked: expected no message and the PBA bit"
-    dest = migrate()
-    assert vectors(con.transport, queues) == before, "vectors moved in the migration"
-    assert msix.read_vector(vector)["vector_control"] & 1, "the vector is unmasked on the destination"
-    assert msix.pending(vector), "the pending bit was lost in the migration"
-    produce(dest)
-    quiet(dest)
-    assert not msix.fired(vector), "a masked vector's message was sent on the destination"
-    msix.mask_vector(vector, masked=False)
-    assert wait_notified(con, rxq.index), "unmasking did not deliver the pending interrupt"
-    assert not msix.pending(vector)
+    dest = masked_vector_survives_across(qemu, con, _rx(con, 0), migrate, _receiver(con))
     assert_view_matches(dest, con)
     both_ways(dest, con, 0, b"after")

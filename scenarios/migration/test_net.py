@@ -33,11 +33,10 @@ from qtest_virtio.virtqueue import Virtqueue, VirtqueueTimeout
 from ..net._support import delivered, need, rx_filter
 from ._notify import (
     let_virtual_time_pass,
-    need_msix,
+    masked_vector_survives_across,
     notified,
     quiet,
     suppression_holds_across,
-    vectors,
     wait_notified,
     wait_used_idx_moves,
 )
@@ -260,30 +259,9 @@ def test_msix_vectors_and_a_masked_pending_vector_carry_over(
     message) stays masked and pending there, holds a second interrupt too, and unmasking sends one
     message and clears the bit; then the next frame interrupts as before."""
     net = virtio_device
-    msix = need_msix(net)
-    queues = range(len(net.queues))
-    before = vectors(net.transport, queues)
     rxq = _rxq(net)
-    vector = net.queue_vector(rxq.index)
     produce = _receiver(net)
-    produce(qemu)
-    assert wait_notified(net, rxq.index)
-    msix.mask_vector(vector)
-    produce(qemu)
-    quiet(qemu)
-    assert not msix.fired(vector) and msix.pending(vector), "masked: expected no message and the PBA bit"
-    dest = migrate()
-    assert vectors(net.transport, queues) == before, "vectors moved in the migration"
-    assert msix.enabled and not msix.function_masked
-    assert msix.read_vector(vector)["vector_control"] & 1, "the vector is unmasked on the destination"
-    assert msix.pending(vector), "the pending bit was lost in the migration"
-    assert not msix.fired(vector)
-    produce(dest)
-    quiet(dest)
-    assert not msix.fired(vector), "a masked vector's message was sent on the destination"
-    msix.mask_vector(vector, masked=False)
-    assert wait_notified(net, rxq.index), "unmasking did not deliver the pending interrupt"
-    assert not msix.pending(vector)
+    dest = masked_vector_survives_across(qemu, net, rxq, migrate, produce)
     produce(dest)
     assert wait_notified(net, rxq.index), "no interrupt after unmasking"
     assert_view_matches(dest, net)
