@@ -87,6 +87,9 @@ class QtestClient:
         #: Every IRQ transition seen, in order: (line, raised).
         self.irq_events: list[tuple[int, bool]] = []
         self.commands_sent = 0
+        #: Waits for QEMU's replies: one per exchange, however many commands it carried. This is
+        #: the harness's real cost under qtest (a round trip is 20-45 us, a pipelined command ~2.5).
+        self.round_trips = 0
         #: The exchange under way: its commands and the replies read so far. Reports list the
         #: commands still waiting (``last_commands``), and a timeout or an interruption moves
         #: them into ``history`` with why they have no reply.
@@ -218,6 +221,7 @@ class QtestClient:
         wanted = len(commands)
         deadline = time.monotonic() + self.timeout
         self._begin(commands, lines)
+        self.round_trips += 1
         try:
             lines = self._exchange_loop(commands, view, lines, wanted, deadline)
         except QtestTimeout:
@@ -325,6 +329,7 @@ class QtestClient:
             return self._payload(command, line)
         # Fast path for one short command: the per-op latency budget is a few microseconds.
         buf = self._buf
+        self.round_trips += 1
         self._in_flight = (command,)
         try:
             self._sock.sendall(data)
