@@ -28,6 +28,7 @@ import select
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -77,7 +78,22 @@ def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
     return data
 
 
-class ImageBackend:
+def _no_barrier() -> None:
+    pass
+
+
+class HostEnd:
+    """The test's end of a backend. Before it touches the backend, the driver's posted qtest
+    writes must have reached QEMU (a notify still queued would leave a frame unsent): the
+    machine sets ``barrier`` to its qtest client's ``sync``."""
+
+    barrier: Callable[[], None] = staticmethod(_no_barrier)
+
+    def set_barrier(self, barrier: Callable[[], None]) -> None:
+        self.barrier = barrier
+
+
+class ImageBackend(HostEnd):
     """A raw image file on the host; the test can read and write what the guest sees."""
 
     def __init__(self, path: str, size: int) -> None:
@@ -85,11 +101,13 @@ class ImageBackend:
         self.size = size
 
     def read(self, offset: int, size: int) -> bytes:
+        self.barrier()
         with open(self.path, "rb") as f:
             f.seek(offset)
             return f.read(size)
 
     def write(self, offset: int, data: bytes) -> None:
+        self.barrier()
         with open(self.path, "r+b") as f:
             f.seek(offset)
             f.write(data)
@@ -166,7 +184,7 @@ class FaultyImage(ImageBackend):
         self.faults = faults
 
 
-class NetBackend:
+class NetBackend(HostEnd):
     """The host end of a ``-netdev socket`` stream: frames in and out of the guest's NIC."""
 
     def __init__(self, sock: socket.socket) -> None:
@@ -174,10 +192,12 @@ class NetBackend:
 
     def send(self, frame: bytes) -> None:
         """Inject a frame; it arrives on the NIC's receive queue."""
+        self.barrier()
         self.sock.sendall(FRAME_LEN.pack(len(frame)) + frame)
 
     def receive(self, timeout: float = 5.0) -> bytes:
         """The next frame the guest transmitted."""
+        self.barrier()
         deadline = time.monotonic() + timeout
         (length,) = FRAME_LEN.unpack(_recv_exact(self.sock, 4, deadline))
         if length > 1 << 20:
@@ -185,6 +205,7 @@ class NetBackend:
         return _recv_exact(self.sock, length, deadline)
 
     def pending(self, timeout: float = 0.0) -> bool:
+        self.barrier()
         return bool(select.select([self.sock], [], [], timeout)[0])
 
     def close(self) -> None:
@@ -212,7 +233,7 @@ def _tap_name() -> str:
     return f"qtv{os.getpid() % 1000000}t{next(_tap_names) % 1000}"
 
 
-class TapBackend:
+class TapBackend(HostEnd):
     """A tap interface QEMU reads and writes through the fds we hand it, one per queue pair.
 
     The host side is a packet socket bound to the interface with PACKET_VNET_HDR: every frame
@@ -263,10 +284,12 @@ class TapBackend:
 
     def send(self, frame: bytes, header: bytes = bytes(VNET_HDR.size)) -> None:
         """Inject a frame (after its virtio-net header); it arrives on one of QEMU's queues."""
+        self.barrier()
         self.sock.send(header + frame)
 
     def receive_with_header(self, timeout: float = 5.0) -> tuple[bytes, bytes]:
         """(virtio-net header, frame) of the next frame the guest transmitted."""
+        self.barrier()
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
@@ -282,6 +305,7 @@ class TapBackend:
         return self.receive_with_header(timeout)[1]
 
     def pending(self, timeout: float = 0.0) -> bool:
+        self.barrier()
         return bool(select.select([self.sock], [], [], timeout)[0])
 
     def close(self) -> None:
@@ -302,7 +326,7 @@ def _tap_queues(kind: str) -> int:
     return int(value) if option else 1
 
 
-class ChardevEnd:
+class ChardevEnd(HostEnd):
     """The host end of one chardev: bytes to and from a virtio-serial port."""
 
     def __init__(self, sock: socket.socket, name: str) -> None:
@@ -310,12 +334,15 @@ class ChardevEnd:
         self.name = name
 
     def write(self, data: bytes) -> None:
+        self.barrier()
         self.sock.sendall(data)
 
     def read(self, n: int, timeout: float = 5.0) -> bytes:
+        self.barrier()
         return _recv_exact(self.sock, n, time.monotonic() + timeout)
 
     def read_available(self, timeout: float = 0.2) -> bytes:
+        self.barrier()
         out = b""
         while select.select([self.sock], [], [], timeout)[0]:
             chunk = self.sock.recv(65536)
@@ -338,12 +365,16 @@ class SerialBackend:
     def __getitem__(self, name: str) -> ChardevEnd:
         return self.ports[name]
 
+    def set_barrier(self, barrier: Callable[[], None]) -> None:
+        for port in self.ports.values():
+            port.set_barrier(barrier)
+
     def close(self) -> None:
         for p in self.ports.values():
             p.close()
 
 
-class RngFifo:
+class RngFifo(HostEnd):
     """A FIFO behind ``rng-random``: the bytes the test writes are the device's entropy.
 
     Held open read-write, so QEMU's reads wait (EAGAIN) instead of seeing end-of-file.
@@ -354,6 +385,7 @@ class RngFifo:
         self.fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
 
     def write(self, data: bytes) -> None:
+        self.barrier()
         view = memoryview(data)
         deadline = time.monotonic() + 5
         while view:

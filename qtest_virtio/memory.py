@@ -10,6 +10,8 @@ from __future__ import annotations
 import bisect
 import os
 import sys
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -49,6 +51,8 @@ class GuestBus(Protocol):
     def memwrite(self, addr: int, data: bytes | bytearray | memoryview) -> None: ...
     def memset(self, addr: int, size: int, value: int = 0) -> None: ...
     def batch(self) -> WriteBatch: ...
+    def posting(self) -> AbstractContextManager[None]: ...
+    def read_many(self, spans: Iterable[tuple[int, int]]) -> list[bytes]: ...
 
 
 class OutOfGuestMemory(QtestVirtioError):
@@ -155,6 +159,14 @@ class GuestMemory:
     def batch(self) -> WriteBatch:
         """Collect writes and send them pipelined, in order, in one round trip."""
         return self.qtest.batch()
+
+    def posting(self) -> AbstractContextManager[None]:
+        """A block whose writes go without waiting for their replies (``QtestClient.posting``)."""
+        return self.qtest.posting()
+
+    def read_many(self, spans: Iterable[tuple[int, int]]) -> list[bytes]:
+        """Several ``(addr, size)`` buffers in one round trip, in order."""
+        return self.qtest.read_many(spans)
 
     def owner(self, addr: int) -> Allocation | None:
         """The allocation containing ``addr`` (for reports: "this address is the avail ring")."""

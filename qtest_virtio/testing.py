@@ -1,25 +1,24 @@
 """Public test support: hand-built rings, the device's side of a ring, buffer helpers, the mode
 sets, and an in-memory fake of the qtest guest-memory surface so ring logic is unit-tested
-without QEMU.
+without QEMU. After rust-vmm virtio-queue's mock driver, each type has one job:
 
-After rust-vmm virtio-queue's mock driver, each type has one job:
-
-- :class:`FakeQtest` is guest RAM in a bytearray behind the guest-memory half of
-  ``QtestClient`` (its :class:`~qtest_virtio.memory.GuestBus`), with :class:`FakeBatch`;
-  :class:`FakeTransport` remembers where a queue's rings are instead of telling a device.
-  They stand for memory and registers in unit tests of pure ring logic, never for a device:
-  what a device does is only ever checked against real QEMU.
-- :class:`SplitRing` and :class:`PackedRing` read and write one ring's entries, indexes and
-  event fields at given slots, over any bus (QEMU's or the fake): hand-built (hostile) rings in
+- :class:`FakeQtest` is guest RAM in a bytearray behind the guest-memory half of ``QtestClient``
+  (its :class:`~qtest_virtio.memory.GuestBus`), with :class:`FakeBatch`; :class:`FakeTransport`
+  remembers where a queue's rings are instead of telling a device. They stand for memory and
+  registers in unit tests of pure ring logic, never for a device: what a device does is only
+  ever checked against real QEMU.
+- :class:`SplitRing` and :class:`PackedRing` read and write one ring's entries, indexes and event
+  fields at given slots, over any bus (QEMU's or the fake): hand-built (hostile) rings in
   scenarios need no private state of the library's queues.
-- :class:`SplitDevice` and :class:`PackedDevice` are the other side of a ring: they pop
-  available chains (indirect tables followed), push used entries, keep the packed wrap
-  counters, and decide notifications as virtio 1.2 §2.7.7 / §2.8.10 say, so the driver's ring
-  logic is tested both ways.
+- :class:`SplitDevice` and :class:`PackedDevice` are the other side of a ring: they pop available
+  chains (indirect tables followed), push used entries, keep the packed wrap counters, and
+  decide notifications as virtio 1.2 §2.7.7 / §2.8.10 say, so the driver's ring logic is tested
+  both ways.
 """
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
@@ -82,11 +81,8 @@ _WIDTHS = {"b": 1, "w": 2, "l": 4, "q": 8}
 
 
 class RingError(QtestVirtioError):
-    """The device side found a ring no device could follow (a descriptor loop, a chain that
-    runs off the ring, an indirect table of a size that is not whole descriptors)."""
-
-
-# -- the fake qtest endpoint ---------------------------------------------------------------------
+    """The device side found a ring no device could follow (a descriptor loop, a chain off the
+    ring, an indirect table of a size that is not whole descriptors)."""
 
 
 class _WordWrites:
@@ -198,8 +194,13 @@ class FakeQtest(_WordWrites):
                 raise ValueError(f"write_many: {op!r} is not a memory write (the fake has no I/O ports)")
             self._word(op, addr, value)
 
+    posting = contextlib.nullcontext  # writes apply at once: no replies to wait for
+
     def batch(self) -> FakeBatch:
         return FakeBatch(self)
+
+    def read_many(self, spans: Iterable[tuple[int, int]]) -> list[bytes]:
+        return [self.memread(addr, size) for addr, size in spans]
 
 
 class FakeBatch(_WordWrites):

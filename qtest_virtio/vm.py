@@ -103,12 +103,13 @@ class Machine(QemuMachine):
                     f"{dev_id} is a {spec.driver}, driven by {cls.__name__}, not {driver.__name__}; "
                     f"pass {cls.__name__} (or a subclass of it)"
                 )
-        fn = self.pci_function(dev_id)
-        self.resume()
-        drv = cls(fn, mode, self.memory, refuse=refuse, **kw)
-        drv.dev_id = dev_id
-        drv.backend = self._plan.handles.get(dev_id) if self._plan else None
-        drv.initialize()
+        with self.qtest.posting():  # enumeration to DRIVER_OK waits only for what it reads
+            fn = self.pci_function(dev_id)
+            self.resume()
+            drv = cls(fn, mode, self.memory, refuse=refuse, **kw)
+            drv.dev_id = dev_id
+            drv.backend = self._plan.handles.get(dev_id) if self._plan else None
+            drv.initialize()
         self._drivers.append(drv)
         return drv
 

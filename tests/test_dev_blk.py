@@ -29,7 +29,7 @@ from qtest_virtio.devices.blk.encoding import (
     encode_header,
     parse_status,
 )
-from qtest_virtio.transport import Negotiated, TransportError
+from qtest_virtio.transport import Negotiated, TransportError, VirtioTransport
 from qtest_virtio.virtqueue import PackedVirtqueue, Request, SplitVirtqueue
 
 IMAGE = 64 << 20  # MachineSpec's default scratch image
@@ -142,8 +142,11 @@ def test_config_fields_follow_features() -> None:
 
 
 class FakeConfigTransport:
-    """Config space as bytes, with a generation counter that moves ``bumps`` times: only the two
-    accessors read_config uses, so it is passed where a VirtioTransport is typed."""
+    """Config space as bytes, with a generation counter that moves ``bumps`` times: only the
+    accessors read_config uses (the batch one is the transports' default, read by read), so it
+    is passed where a VirtioTransport is typed."""
+
+    config_read_many = VirtioTransport.config_read_many
 
     def __init__(self, data: bytes, bumps: int) -> None:
         self.data, self.bumps, self.generation = data, bumps, 0

@@ -67,15 +67,9 @@ def read_config(transport: VirtioTransport, layout: Layout, fields: Iterable[Fie
     32-bit reads, low half first (§4.1.3.1), which the legacy I/O BAR needs anyway."""
     wanted = list(fields)
     for _ in range(CONFIG_RETRIES):
-        before = transport.config_generation()
-        values: dict[str, int] = {}
-        for f in wanted:
-            if f.width == 8:
-                values[f.name] = transport.config_read(f.offset, 4) | transport.config_read(f.offset + 4, 4) << 32
-            else:
-                values[f.name] = transport.config_read(f.offset, f.width)
-        if transport.config_generation() == before:
-            return values
+        before, got, after = transport.config_read_many([(f.offset, f.width) for f in wanted])
+        if after == before:
+            return {f.name: value for f, value in zip(wanted, got, strict=True)}
     raise TransportError(f"{transport}: config generation never settled while reading {layout.name}")
 
 

@@ -126,6 +126,7 @@ class QemuMachine:
             conns["qtest"], timeout=self.spec.command_timeout, dead_hook=self._crashed, log=self._qtest_log
         )
         self._qmp_sock = conns["qmp"]
+        self._set_barriers()
         try:
             # The first reply proves the main loop runs. QMP is negotiated on first use: its
             # greeting waits in the socket, and most tests never need it (saves ~1.5 ms).
@@ -277,7 +278,10 @@ class QemuMachine:
 
     @property
     def qmp(self) -> QEMUMonitorProtocol:
-        """qemu.qmp's synchronous client, negotiated on first use."""
+        """qemu.qmp's synchronous client, negotiated on first use. Posted qtest writes are
+        answered first: QMP is another channel, and what it sees must follow them."""
+        if self._qtest is not None and self._qtest.pending_writes and not self._qtest.closed:
+            self._qtest.sync()
         if self._qmp is None:
             if self._qmp_sock is None:
                 raise RuntimeError("machine not started")
@@ -383,6 +387,18 @@ class QemuMachine:
         """Pids this machine owns (for leak checks in tests)."""
         if self._proc is not None and self._proc.poll() is None:
             yield self._proc.pid
+
+    def _barrier(self) -> None:
+        """Posted qtest writes reach QEMU (and are answered) before a backend is touched."""
+        qtest = self._qtest
+        if qtest is not None and qtest.pending_writes and not qtest.closed:
+            qtest.sync()
+
+    def _set_barriers(self) -> None:
+        for handle in self.backend_handles().values():
+            set_barrier = getattr(handle, "set_barrier", None)
+            if set_barrier is not None:
+                set_barrier(self._barrier)
 
     def backend_handles(self) -> dict[str, Handle]:
         """The host ends of the devices' backends, by device id (see :meth:`backend`)."""

@@ -8,14 +8,14 @@ windows around their children, then the command register's decode enables.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from ..errors import QtestVirtioError
-from ..qtest import QtestClient
+from ..qtest import Command, QtestClient
 from ..registers import Field, RegisterBlock
 from . import regs
-from .config import Bdf, Cf8Access, ConfigAccess, EcamAccess, mmio_read, mmio_write, port_read, port_write
+from .config import Bdf, Cf8Access, ConfigAccess, ConfigOp, EcamAccess, mmio_read, mmio_write, port_read, port_write
 
 #: Address windows the harness assigns from (libqos uses the same I/O start on pc).
 IO_WINDOW = (0xC000, 0x1_0000)
@@ -76,6 +76,9 @@ class PciError(QtestVirtioError):
     to a BAR that is not there."""
 
 
+_MMIO_READ = {1: "readb", 2: "readw", 4: "readl", 8: "readq"}
+
+
 class PciFunction:
     """One function: config access by register name, capabilities, BARs and their I/O."""
 
@@ -84,13 +87,18 @@ class PciFunction:
         self.bdf_addr = bdf
         self.qtest = bus.qtest
         self._config = bus.config
-        self.header_type = self.read_config(regs.TYPE0_HEADER.header_type.offset, 1)
+        hdr = regs.TYPE0_HEADER
+        self.header_type, self.vendor_id, self.device_id, class_reg = self._config.run(
+            [
+                ConfigOp(bdf, hdr.header_type.offset, 1),
+                ConfigOp(bdf, hdr.vendor_id.offset, 2),
+                ConfigOp(bdf, hdr.device_id.offset, 2),
+                ConfigOp(bdf, 0x08, 4),
+            ]
+        )
         self.is_bridge = (self.header_type & regs.HEADER_TYPE_MASK) == 1
         layout = regs.TYPE1_HEADER if self.is_bridge else regs.TYPE0_HEADER
         self.config = RegisterBlock(layout, self.read_config, self.write_config)
-        self.vendor_id = self.config.read(regs.TYPE0_HEADER.vendor_id)
-        self.device_id = self.config.read(regs.TYPE0_HEADER.device_id)
-        class_reg = self.read_config(0x08, 4)
         self.revision_id = class_reg & 0xFF
         #: 24-bit class code: base class, subclass, programming interface.
         self.class_code = class_reg >> 8
@@ -99,6 +107,8 @@ class PciFunction:
         self.secondary_bus: int | None = None
         #: A hot-plug bridge's windows and what later plugged devices are placed from.
         self.reserved: Reservation | None = None
+        #: The capability lists, walked once: they are read-only to software (PCI 3.0 §6.7).
+        self._caps: list[Capability] | None = None
 
     def __repr__(self) -> str:
         return f"<PciFunction {self.bdf} {self.vendor_id:04x}:{self.device_id:04x}>"
@@ -137,6 +147,10 @@ class PciFunction:
     def write_config(self, offset: int, width: int, value: int) -> None:
         self._config.write(self.bdf_addr, offset, width, value)
 
+    def read_config_many(self, spans: Sequence[tuple[int, int]]) -> list[int]:
+        """Several ``(offset, width)`` registers, read in order in one exchange."""
+        return self._config.run([ConfigOp(self.bdf_addr, offset, width) for offset, width in spans])
+
     def enable(self, *, io: bool = True, memory: bool = True, bus_master: bool = True) -> None:
         """Set the command register's decode and bus-master bits (bus master lets MSI-X and
         DMA reach guest RAM)."""
@@ -156,11 +170,14 @@ class PciFunction:
     # -- capabilities ---------------------------------------------------------------------
 
     def capabilities(self) -> list[Capability]:
-        """The standard capability list, then the extended one where config access reaches it."""
-        caps = list(self._standard_caps())
-        if self._config.size > regs.CONFIG_SPACE_SIZE and any(c.id == regs.CAP_ID_PCIE for c in caps):
-            caps += self.extended_capabilities()
-        return caps
+        """The standard capability list, then the extended one where config access reaches it
+        (walked on first use; the lists are read-only)."""
+        if self._caps is None:
+            caps = list(self._standard_caps())
+            if self._config.size > regs.CONFIG_SPACE_SIZE and any(c.id == regs.CAP_ID_PCIE for c in caps):
+                caps += self.extended_capabilities()
+            self._caps = caps
+        return list(self._caps)
 
     def _standard_caps(self) -> Iterator[Capability]:
         if not regs.STATUS.capabilities_list.get(self.config.read(regs.TYPE0_HEADER.status)):
@@ -171,8 +188,14 @@ class PciFunction:
             if ptr in seen or len(seen) >= MAX_CAPABILITIES or ptr < regs.TYPE0_HEADER.size:
                 raise PciError(f"{self.bdf}: capability list loops or points into the header at {ptr:#x}")
             seen.add(ptr)
-            yield Capability(self.read_config(ptr + regs.CAP_HEADER.cap_id.offset, 1), ptr)
-            ptr = self.read_config(ptr + regs.CAP_HEADER.cap_next.offset, 1) & 0xFC
+            cap_id, nxt = self._config.run(
+                [
+                    ConfigOp(self.bdf_addr, ptr + regs.CAP_HEADER.cap_id.offset, 1),
+                    ConfigOp(self.bdf_addr, ptr + regs.CAP_HEADER.cap_next.offset, 1),
+                ]
+            )
+            yield Capability(cap_id, ptr)
+            ptr = nxt & 0xFC
 
     def extended_capabilities(self) -> list[Capability]:
         caps: list[Capability] = []
@@ -207,10 +230,7 @@ class PciFunction:
         count = regs.BAR_COUNT[1 if self.is_bridge else 0]
         while index < count:
             reg = regs.TYPE0_HEADER.bar0.offset + 4 * index
-            orig = self.read_config(reg, 4)
-            self.write_config(reg, 4, 0xFFFF_FFFF)
-            mask = self.read_config(reg, 4)
-            self.write_config(reg, 4, orig)
+            _, mask = self._probe_register(reg, 0xFFFF_FFFF)
             if mask == 0:
                 index += 1
                 continue
@@ -223,11 +243,7 @@ class PciFunction:
                 continue
             prefetch = bool(regs.BAR.prefetchable.get(mask))
             if regs.BAR.memory_type.get(mask) == regs.BAR_MEM_TYPE_64:
-                upper = reg + 4
-                orig_hi = self.read_config(upper, 4)
-                self.write_config(upper, 4, 0xFFFF_FFFF)
-                mask_hi = self.read_config(upper, 4)
-                self.write_config(upper, 4, orig_hi)
+                _, mask_hi = self._probe_register(reg + 4, 0xFFFF_FFFF)
                 full = (mask_hi << 32) | (mask & regs.BAR_MEM_MASK)
                 bars.append(Bar(index, "mem64", (~full & 0xFFFF_FFFF_FFFF_FFFF) + 1, prefetch))
                 index += 2
@@ -235,14 +251,21 @@ class PciFunction:
                 bars.append(Bar(index, "mem32", (~(mask & regs.BAR_MEM_MASK) & 0xFFFF_FFFF) + 1, prefetch))
                 index += 1
         rom_reg = (regs.TYPE1_HEADER if self.is_bridge else regs.TYPE0_HEADER).expansion_rom.offset
-        orig = self.read_config(rom_reg, 4)
-        self.write_config(rom_reg, 4, regs.ROM_ADDRESS_MASK)
-        rom_mask = self.read_config(rom_reg, 4) & regs.ROM_ADDRESS_MASK
-        self.write_config(rom_reg, 4, orig)
+        _, rom_mask = self._probe_register(rom_reg, regs.ROM_ADDRESS_MASK)
+        rom_mask &= regs.ROM_ADDRESS_MASK
         self.rom_size = ((~rom_mask & 0xFFFF_FFFF) + 1) if rom_mask else 0
         self.config.write(regs.TYPE0_HEADER.command, cmd)
         self.bars = bars
         return bars
+
+    def _probe_register(self, reg: int, ones: int) -> tuple[int, int]:
+        """Read a BAR-like register, write ``ones``, read what sticks, write the original back:
+        the first three in one exchange, the restore posted ahead of the next. Returns
+        (original, mask)."""
+        bdf = self.bdf_addr
+        orig, mask = self._config.run([ConfigOp(bdf, reg, 4), ConfigOp(bdf, reg, 4, ones), ConfigOp(bdf, reg, 4)])
+        self.write_config(reg, 4, orig)
+        return orig, mask
 
     def bar(self, index: int) -> Bar:
         for b in self.bars:
@@ -288,6 +311,32 @@ class PciFunction:
                 return q.inl(addr) | q.inl(addr + 4) << 32
             return port_read(q, addr, width)
         return mmio_read(q, addr, width)
+
+    def read_many(self, reads: Sequence[tuple[int | None, int, int]]) -> list[int]:
+        """Several reads, ``(bar, offset, width)`` each (``bar`` None: config space), sent in
+        order in one exchange: the commands one by one would send, without the waits between."""
+        commands: list[Command] = []
+        picks: list[tuple[int, ...]] = []  # per read: positions of its replies (two for 64-bit port I/O)
+        for index, offset, width in reads:
+            if index is None:
+                cmds, at = self._config.plan([ConfigOp(self.bdf_addr, offset, width)])
+                picks.append(tuple(len(commands) + i for i in at))
+                commands += cmds
+                continue
+            addr = self._bar_address(index, offset, width)
+            if self.bar(index).is_io and width == 8:
+                picks.append((len(commands), len(commands) + 1))
+                commands += [Command.build("inl", addr), Command.build("inl", addr + 4)]
+                continue
+            op = ({1: "inb", 2: "inw", 4: "inl"} if self.bar(index).is_io else _MMIO_READ)[width]
+            picks.append((len(commands),))
+            commands.append(Command.build(op, addr))
+        replies = self.qtest.run_many(commands)
+        values = []
+        for pick in picks:
+            parts = [commands[i].reply_int(replies[i]) for i in pick]
+            values.append(parts[0] | (parts[1] << 32 if len(parts) > 1 else 0))
+        return values
 
     def bar_write(self, index: int, offset: int, width: int, value: int) -> None:
         addr = self._bar_address(index, offset, width)
@@ -382,16 +431,18 @@ class PciBus:
     def _present(self, bdf: Bdf) -> bool:
         return self.config.read(bdf, regs.TYPE0_HEADER.vendor_id.offset, 2) not in (0xFFFF, 0x0000)
 
+    def _present_among(self, bdfs: list[Bdf]) -> list[Bdf]:
+        """The functions that answer, their vendor IDs read in one exchange."""
+        ids = self.config.run([ConfigOp(b, regs.TYPE0_HEADER.vendor_id.offset, 2) for b in bdfs])
+        return [b for b, vendor in zip(bdfs, ids, strict=True) if vendor not in (0xFFFF, 0x0000)]
+
     def _scan(self, bus: int, out: list[PciFunction]) -> None:
-        for dev in range(32):
-            if not self._present(Bdf(bus, dev, 0)):
-                continue
-            first = PciFunction(self, Bdf(bus, dev, 0))
+        for slot in self._present_among([Bdf(bus, dev, 0) for dev in range(32)]):
+            first = PciFunction(self, slot)
             functions = [first]
             if first.header_type & regs.HEADER_MULTIFUNCTION:
-                functions += [
-                    PciFunction(self, Bdf(bus, dev, fn)) for fn in range(1, 8) if self._present(Bdf(bus, dev, fn))
-                ]
+                others = self._present_among([Bdf(bus, slot.device, fn) for fn in range(1, 8)])
+                functions += [PciFunction(self, b) for b in others]
             for fn in functions:
                 out.append(fn)
                 if fn.is_bridge:

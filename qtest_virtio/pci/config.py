@@ -6,10 +6,11 @@ tests read the same registers both ways to prove they agree.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..qtest import QtestClient
+from ..qtest import Command, QtestClient
 from . import regs
 
 CONFIG_ADDRESS_PORT = 0xCF8
@@ -64,6 +65,28 @@ def mmio_write(qtest: QtestClient, addr: int, width: int, value: int) -> None:
     {1: qtest.writeb, 2: qtest.writew, 4: qtest.writel, 8: qtest.writeq}[width](addr, value)
 
 
+_READ = {1: "readb", 2: "readw", 4: "readl", 8: "readq"}
+_WRITE = {1: "writeb", 2: "writew", 4: "writel", 8: "writeq"}
+_IN = {1: "inb", 2: "inw", 4: "inl"}
+_OUT = {1: "outb", 2: "outw", 4: "outl"}
+
+
+@dataclass(frozen=True)
+class ConfigOp:
+    """One config access of an :meth:`ConfigAccess.run` batch: a read when ``value`` is None."""
+
+    bdf: Bdf
+    offset: int
+    width: int
+    value: int | None = None
+
+
+def _run(qtest: QtestClient, commands: list[Command], reads: list[int]) -> list[int]:
+    """Send ``commands`` in one exchange; decode the replies at positions ``reads``."""
+    replies = qtest.run_many(commands)
+    return [commands[i].reply_int(replies[i]) for i in reads]
+
+
 def _check_access(offset: int, width: int, limit: int) -> None:
     if width not in (1, 2, 4):
         raise ValueError(f"config access width {width} is not 1, 2 or 4")
@@ -83,6 +106,15 @@ class ConfigAccess(Protocol):
     def read(self, bdf: Bdf, offset: int, width: int) -> int: ...
 
     def write(self, bdf: Bdf, offset: int, width: int, value: int) -> None: ...
+
+    def run(self, ops: Sequence[ConfigOp]) -> list[int]:
+        """The accesses in order, in one exchange (the same commands as one by one); returns
+        the values read."""
+        ...
+
+    def plan(self, ops: Sequence[ConfigOp]) -> tuple[list[Command], list[int]]:
+        """The commands of ``ops`` and the positions of the reads among them."""
+        ...
 
 
 class Cf8Access:
@@ -107,6 +139,23 @@ class Cf8Access:
         _check_access(offset, width, self.size)
         self.qtest.outl(CONFIG_ADDRESS_PORT, self.address(bdf, offset))
         port_write(self.qtest, CONFIG_DATA_PORT + (offset & 3), width, value)
+
+    def run(self, ops: Sequence[ConfigOp]) -> list[int]:
+        return _run(self.qtest, *self.plan(ops))
+
+    def plan(self, ops: Sequence[ConfigOp]) -> tuple[list[Command], list[int]]:
+        commands: list[Command] = []
+        reads: list[int] = []
+        for op in ops:
+            _check_access(op.offset, op.width, self.size)
+            commands.append(Command.build("outl", CONFIG_ADDRESS_PORT, self.address(op.bdf, op.offset)))
+            port = CONFIG_DATA_PORT + (op.offset & 3)
+            if op.value is None:
+                reads.append(len(commands))
+                commands.append(Command.build(_IN[op.width], port))
+            else:
+                commands.append(Command.build(_OUT[op.width], port, op.value))
+        return commands, reads
 
 
 class EcamAccess:
@@ -151,3 +200,19 @@ class EcamAccess:
     def write(self, bdf: Bdf, offset: int, width: int, value: int) -> None:
         _check_access(offset, width, self.size)
         mmio_write(self.qtest, self.address(bdf, offset), width, value)
+
+    def run(self, ops: Sequence[ConfigOp]) -> list[int]:
+        return _run(self.qtest, *self.plan(ops))
+
+    def plan(self, ops: Sequence[ConfigOp]) -> tuple[list[Command], list[int]]:
+        commands: list[Command] = []
+        reads: list[int] = []
+        for op in ops:
+            _check_access(op.offset, op.width, self.size)
+            addr = self.address(op.bdf, op.offset)
+            if op.value is None:
+                reads.append(len(commands))
+                commands.append(Command.build(_READ[op.width], addr))
+            else:
+                commands.append(Command.build(_WRITE[op.width], addr, op.value))
+        return commands, reads

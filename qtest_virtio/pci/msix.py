@@ -50,9 +50,10 @@ class MsixCapability:
     @classmethod
     def at(cls, fn: PciFunction, offset: int) -> MsixCapability:
         """Decode the MSI-X capability found at ``offset`` in ``fn``'s config space."""
-        block = _cap_registers(fn, offset)
-        control = block.read(regs.MSIX_CAP.message_control)
-        table, pba = block.read(regs.MSIX_CAP.table), block.read(regs.MSIX_CAP.pba)
+        cap = regs.MSIX_CAP
+        control, table, pba = fn.read_config_many(
+            [(offset + f.offset, f.width) for f in (cap.message_control, cap.table, cap.pba)]
+        )
         return cls(
             offset=offset,
             table_size=regs.MSIX_CONTROL.table_size.get(control) + 1,

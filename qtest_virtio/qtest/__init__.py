@@ -3,7 +3,8 @@ the machine's socket (:mod:`.client`)."""
 
 from __future__ import annotations
 
-from .client import READ_CHUNK, WRITE_CHUNK, CommandBatch, DeadHook, QtestClient
+from .batch import CommandBatch
+from .client import READ_CHUNK, WRITE_CHUNK, DeadHook, QtestClient
 from .grammar import (
     COMMANDS,
     GRAMMAR,

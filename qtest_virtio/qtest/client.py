@@ -6,6 +6,13 @@ arrive before any reply. It ``g_assert``\\ s on malformed arguments, killing QEM
 so every typed method builds its line through the grammar (:class:`.grammar.Command`), which
 refuses a bad argument with :class:`MalformedCommand` (a ValueError) before anything is sent.
 
+Posted writes: inside :meth:`QtestClient.posting`, a write (port, memory, bulk) is queued instead
+of waiting for its ``OK``, which carries no information. The queue goes out ahead of the next
+command that waits for a reply (or at :meth:`QtestClient.sync`, or, sent but unanswered, when the
+outermost ``posting`` block ends), and its replies are read and checked there: a ``FAIL`` is
+raised as the QtestError of the write that failed. QEMU runs the commands in the order they were
+written either way, so the wire carries the same lines in the same order; only the waits go.
+
 Bulk transfers: QEMU's line reader rescans its whole input buffer for every 1 KiB it reads, so
 a long ``b64write`` line costs quadratic time. Large writes therefore go as base64 lines of
 ``WRITE_CHUNK`` bytes, pipelined (all sent, then all replies read); large reads as pipelined
@@ -14,17 +21,16 @@ a long ``b64write`` line costs quadratic time. Large writes therefore go as base
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, TextIO
-
-if TYPE_CHECKING:
-    from _typeshed import ReadableBuffer
+from typing import TextIO
 
 from ..errors import ClockUnavailable, MalformedCommand, QemuCrashed, QtestError, QtestTimeout
+from .batch import CommandBatch, RecordingSocket
 from .grammar import GRAMMAR, Command, check_raw, check_span
 
 #: Measured on Debian 7.2 (benchmarks/bench_qtest.py --chunks): writes peak at 32 KiB lines
@@ -35,6 +41,12 @@ _RECV_SIZE = 256 * 1024
 #: At most this much per send() after select() said writable, so a send never blocks long.
 _SEND_SIZE = 64 * 1024
 _HISTORY_TEXT = 160
+#: Posted commands (queued or sent) after which the next write waits for every reply: each unread
+#: reply holds ~700 bytes of the socket's buffer, and QEMU stops reading commands when its replies
+#: cannot be written (see ``_exchange``).
+_MAX_POSTED = 128
+#: Queued bytes after which the queue is sent and answered (bulk writes inside ``posting``).
+_MAX_POSTED_BYTES = 256 * 1024
 
 
 def _short(text: str) -> str:
@@ -99,6 +111,14 @@ class QtestClient:
         self._endianness: str | None = None
         #: The irq_intercept commands sent, so a migration destination gets them too.
         self._intercepts: list[Command] = []
+        #: Posted writes: queued (not sent yet), and sent whose replies are still unread.
+        self._post_depth = 0
+        self._posted: list[str] = []
+        self._posted_wire = bytearray()
+        self._owed: list[str] = []
+        #: Off (or env ``QTEST_VIRTIO_POSTING=0``): ``posting`` blocks wait for every reply, as
+        #: before pipelining; the wire is the same, only slower (to rule the pipelining out).
+        self.post_writes = os.environ.get("QTEST_VIRTIO_POSTING", "1") != "0"
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -157,6 +177,7 @@ class QtestClient:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            self._posted, self._posted_wire = [], bytearray()
             try:
                 self._sock.close()
             except OSError:
@@ -171,13 +192,18 @@ class QtestClient:
         and return the list the copies go to: a reproducer then holds exactly what QEMU got,
         not the ``history`` ring's shortened text."""
         sink: list[bytes] = []
-        self._sock = _RecordingSocket(self._sock, sink)
+        self._sock = RecordingSocket(self._sock, sink)
         return sink
 
     def last_commands(self, n: int = 20) -> list[str]:
         """The last ``n`` commands with their replies, oldest first, for failure reports; a
         command still waiting for its reply is among them (``(no reply yet)``)."""
-        items = [*self.history, *self._in_flight_items("no reply yet")][-n:]
+        items = [
+            *self.history,
+            *self._in_flight_items("no reply yet"),
+            *((_short(c), "(posted, no reply read yet)") for c in self._owed),
+            *((_short(c), "(posted, not sent yet)") for c in self._posted),
+        ][-n:]
         return [f"{cmd}  ->  {reply}" if reply else cmd for cmd, reply in items]
 
     def _in_flight_items(self, why: str) -> list[tuple[str, str]]:
@@ -215,6 +241,11 @@ class QtestClient:
         """
         if self._closed:
             raise self._dead(f"qtest connection {self._closed_reason}")
+        posted = len(self._owed) + len(self._posted)
+        if posted:
+            commands = [*self._owed, *self._posted, *commands]
+            payload = bytes(self._posted_wire) + payload
+            self._owed, self._posted, self._posted_wire = [], [], bytearray()
         view = memoryview(payload)
         total = len(view)
         lines: list[bytes] = []
@@ -235,7 +266,104 @@ class QtestClient:
             self._timed_out(wanted - len(lines), cut=self._exchange_sent < total)
             raise
         self._end()
+        if posted:
+            self._check_posted(commands[:posted], lines[:posted])
+            del lines[:posted]
         return lines
+
+    def _check_posted(self, commands: Sequence[str], lines: Sequence[bytes]) -> None:
+        """Check the replies of posted writes; raise the first failure, named after its write."""
+        first: QtestError | None = None
+        for command, line in zip(commands, lines, strict=True):
+            try:
+                self._payload(command, line)
+            except QtestError as exc:
+                if first is None:
+                    first = QtestError(command, f"{exc.message} (a posted write: reported at the next wait)")
+        if first is not None:
+            raise first
+
+    # -- posted writes --------------------------------------------------------------------
+
+    class _Posting:
+        def __init__(self, client: QtestClient) -> None:
+            self.client = client
+            self.on = client.post_writes
+
+        def __enter__(self) -> None:
+            if self.on:
+                self.client._post_depth += 1
+
+        def __exit__(self, *exc: object) -> None:
+            client = self.client
+            if not self.on:
+                return
+            client._post_depth -= 1
+            if client._post_depth == 0 and client._posted and exc[0] is None:
+                client._send_posted()
+
+    def posting(self) -> QtestClient._Posting:
+        """A block whose writes are posted: queued, and sent ahead of the next command that
+        waits (at the end of the outermost block they are sent, their replies read later).
+        Blocks nest."""
+        return QtestClient._Posting(self)
+
+    @property
+    def pending_writes(self) -> int:
+        """Posted writes whose replies have not been read yet (queued or sent)."""
+        return len(self._posted) + len(self._owed)
+
+    def sync(self) -> None:
+        """Send every posted write and wait for their replies; raises the first failure. Call it
+        before looking at QEMU some other way (QMP, a backend, its output), or at a point where a
+        crash must be reported."""
+        if self._posted or self._owed:
+            self._exchange((), b"")
+
+    def _post(self, command: str, wire: bytes) -> None:
+        if self._closed or self._stale_replies:
+            self._pipeline((command,), wire)
+            return
+        self.commands_sent += 1
+        self._posted.append(command)
+        self._posted_wire += wire
+        if len(self._posted) + len(self._owed) >= _MAX_POSTED or len(self._posted_wire) >= _MAX_POSTED_BYTES:
+            self.sync()
+
+    def _send_posted(self) -> None:
+        """Send the queued writes without waiting; their replies are read at the next exchange."""
+        if self._closed or not self._posted:
+            return
+        wire, self._posted_wire = bytes(self._posted_wire), bytearray()
+        commands, self._posted = self._posted, []
+        try:
+            self._sock.sendall(wire)
+        except TimeoutError:
+            self._in_flight = commands
+            self._end(f"no reply within {self.timeout:g} s")
+            self._timed_out(len(self._owed) + len(commands), cut=True)
+            raise QtestTimeout(commands[-1], self.timeout) from None
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            self._in_flight = commands
+            raise self._dead(f"QEMU closed the qtest socket ({exc.strerror})") from None
+        self._owed += commands
+
+    @property
+    def posting_now(self) -> bool:
+        """Whether writes are posted here (inside ``posting``, with ``post_writes`` on)."""
+        return self._post_depth > 0
+
+    def post_many(self, commands: Sequence[str]) -> None:
+        """Post well-formed command lines (a :class:`CommandBatch`'s) as writes."""
+        for c in commands:
+            self._post(c, c.encode("ascii") + b"\n")
+
+    def _write(self, command: Command) -> None:
+        """A write: posted inside ``posting``, else sent and answered."""
+        if self._post_depth:
+            self._post(command.encode(), command.wire())
+        else:
+            self._command(command.encode())
 
     def _exchange_loop(
         self, commands: Sequence[str], view: memoryview, lines: list[bytes], wanted: int, deadline: float
@@ -324,7 +452,7 @@ class QtestClient:
         """One command built by this class (well-formed by construction)."""
         data = command.encode("ascii") + b"\n"
         self.commands_sent += 1
-        if len(data) > 4096 or self._closed or self._stale_replies:
+        if len(data) > 4096 or self._closed or self._stale_replies or self._owed or self._posted:
             (line,) = self._exchange((command,), data)
             return self._payload(command, line)
         # Fast path for one short command: the per-op latency budget is a few microseconds.
@@ -408,6 +536,7 @@ class QtestClient:
 
         Waits up to ``timeout`` for the first one, then takes whatever else is already there.
         """
+        self.sync()  # a posted notify must reach QEMU before its interrupt is waited for
         before = len(self.irq_events)
         deadline = time.monotonic() + timeout
         while True:
@@ -449,13 +578,13 @@ class QtestClient:
     # -- port I/O -------------------------------------------------------------------------
 
     def outb(self, port: int, value: int) -> None:
-        self._send(Command.build("outb", port, value))
+        self._write(Command.build("outb", port, value))
 
     def outw(self, port: int, value: int) -> None:
-        self._send(Command.build("outw", port, value))
+        self._write(Command.build("outw", port, value))
 
     def outl(self, port: int, value: int) -> None:
-        self._send(Command.build("outl", port, value))
+        self._write(Command.build("outl", port, value))
 
     def inb(self, port: int) -> int:
         return self._int(Command.build("inb", port))
@@ -469,16 +598,16 @@ class QtestClient:
     # -- memory (target-endian words) -----------------------------------------------------
 
     def writeb(self, addr: int, value: int) -> None:
-        self._send(Command.build("writeb", addr, value))
+        self._write(Command.build("writeb", addr, value))
 
     def writew(self, addr: int, value: int) -> None:
-        self._send(Command.build("writew", addr, value))
+        self._write(Command.build("writew", addr, value))
 
     def writel(self, addr: int, value: int) -> None:
-        self._send(Command.build("writel", addr, value))
+        self._write(Command.build("writel", addr, value))
 
     def writeq(self, addr: int, value: int) -> None:
-        self._send(Command.build("writeq", addr, value))
+        self._write(Command.build("writeq", addr, value))
 
     def readb(self, addr: int) -> int:
         return self._int(Command.build("readb", addr))
@@ -503,7 +632,7 @@ class QtestClient:
         """Hex ``write`` of ``data`` (empty data sends nothing: QEMU rejects it)."""
         check_span("write", addr, len(data), min_size=0)
         if data:
-            self._send(Command.build("write", addr, len(data), data))
+            self._write(Command.build("write", addr, len(data), data))
 
     def b64read(self, addr: int, size: int) -> bytes:
         command = Command.build("b64read", addr, size)
@@ -512,12 +641,12 @@ class QtestClient:
     def b64write(self, addr: int, data: bytes) -> None:
         check_span("b64write", addr, len(data), min_size=0)
         if data:
-            self._send(Command.build("b64write", addr, len(data), data))
+            self._write(Command.build("b64write", addr, len(data), data))
 
     def memset(self, addr: int, size: int, value: int = 0) -> None:
         command = Command.build("memset", addr, size, value)
         if size:
-            self._send(command)
+            self._write(command)
 
     def memwrite(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         """Write a buffer of any size: base64 chunks of ``WRITE_CHUNK``, pipelined."""
@@ -529,6 +658,10 @@ class QtestClient:
         for off in range(0, len(data), WRITE_CHUNK):
             chunk = data[off : off + WRITE_CHUNK]
             chunks.append(Command.build("b64write", addr + off, len(chunk), chunk))
+        if self._post_depth:
+            for c in chunks:
+                self._post(f"b64write {c['addr']:#x} {c['size']:#x} <{c['size']} bytes>", c.wire())
+            return
         payload = b"".join(c.wire() for c in chunks)
         self._pipeline([f"b64write {c['addr']:#x} {c['size']:#x} <{c['size']} bytes>" for c in chunks], payload)
 
@@ -543,6 +676,29 @@ class QtestClient:
         replies = self._pipeline([c.encode() for c in chunks])
         return b"".join(c.reply_bytes(r) for c, r in zip(chunks, replies, strict=True))
 
+    def read_many(self, spans: Iterable[tuple[int, int]]) -> list[bytes]:
+        """Several buffers, ``(addr, size)`` each, read in one exchange (as ``memread`` reads
+        them, so the wire is the same as one ``memread`` per buffer)."""
+        spans = list(spans)
+        chunks: list[Command] = []
+        owner: list[int] = []
+        for i, (addr, size) in enumerate(spans):
+            check_span("memread", addr, size, min_size=0)
+            for off in range(0, size, READ_CHUNK):
+                chunks.append(Command.build("b64read", addr + off, min(READ_CHUNK, size - off)))
+                owner.append(i)
+        out = [bytearray() for _ in spans]
+        if chunks:
+            replies = self._pipeline([c.encode() for c in chunks])
+            for i, c, r in zip(owner, chunks, replies, strict=True):
+                out[i] += c.reply_bytes(r)
+        return [bytes(b) for b in out]
+
+    def run_many(self, commands: Sequence[Command]) -> list[bytes]:
+        """Typed commands (reads among them) in one exchange: each one's reply payload, to decode
+        with its ``reply_int`` / ``reply_bytes``. What comes next in order goes together."""
+        return self._pipeline([c.encode() for c in commands]) if commands else []
+
     # -- batches of small writes ----------------------------------------------------------
 
     #: The commands ``write_many`` takes.
@@ -555,6 +711,10 @@ class QtestClient:
             if op not in self.WRITES:
                 raise MalformedCommand(op, f"write_many: {op!r} is not one of {sorted(self.WRITES)}")
             commands.append(Command.build(op, where, value).encode())
+        if self._post_depth:
+            for c in commands:
+                self._post(c, c.encode("ascii") + b"\n")
+            return
         self.pipeline(commands)
 
     def batch(self) -> CommandBatch:
@@ -584,6 +744,7 @@ class QtestClient:
         levels start from low, as QEMU's qtest server starts them on the destination (it reports
         changes from its own table, which is not migrated): a line left raised on the source is
         reported again when the device next raises it, after its ISR read (§4.1.4.5)."""
+        self.sync()
         intercepts = list(self._intercepts)
         self.__dict__, other.__dict__ = other.__dict__, self.__dict__
         for command in intercepts:
@@ -619,60 +780,3 @@ class QtestClient:
     def module_load(self, prefix: str, name: str) -> None:
         """Load a QEMU module (QEMU 8.0 and later; older builds answer Unknown command)."""
         self._send(Command.build("module_load", prefix, name))
-
-
-class CommandBatch:
-    """Writes queued, validated like the client's own methods, and sent in order in one
-    pipelined exchange by :meth:`flush`.
-
-    QEMU processes them in order, so "descriptors, then avail entry, then avail idx" keeps
-    virtio's publish rule (virtio 1.2 §2.7.13) without a round trip per write.
-    """
-
-    def __init__(self, client: QtestClient) -> None:
-        self.client = client
-        self.commands: list[str] = []
-
-    def __len__(self) -> int:
-        return len(self.commands)
-
-    def writeb(self, addr: int, value: int) -> None:
-        self.commands.append(Command.build("writeb", addr, value).encode())
-
-    def writew(self, addr: int, value: int) -> None:
-        self.commands.append(Command.build("writew", addr, value).encode())
-
-    def writel(self, addr: int, value: int) -> None:
-        self.commands.append(Command.build("writel", addr, value).encode())
-
-    def writeq(self, addr: int, value: int) -> None:
-        self.commands.append(Command.build("writeq", addr, value).encode())
-
-    def memwrite(self, addr: int, data: bytes) -> None:
-        """A small buffer as one ``b64write`` (large ones belong in ``QtestClient.memwrite``)."""
-        if data:
-            self.commands.append(Command.build("b64write", addr, len(data), data).encode())
-
-    def flush(self) -> None:
-        if self.commands:
-            commands, self.commands = self.commands, []
-            self.client._pipeline(commands)
-
-
-class _RecordingSocket(socket.socket):
-    """A socket that appends a copy of whatever it sends to ``sink`` (see ``QtestClient.record``)."""
-
-    def __init__(self, sock: socket.socket, sink: list[bytes]) -> None:
-        timeout = sock.gettimeout()
-        super().__init__(sock.family, sock.type, sock.proto, fileno=sock.detach())
-        self.settimeout(timeout)
-        self._sink = sink
-
-    def send(self, data: ReadableBuffer, flags: int = 0, /) -> int:
-        n = super().send(data, flags)
-        self._sink.append(bytes(memoryview(data).cast("B")[:n]))
-        return n
-
-    def sendall(self, data: ReadableBuffer, flags: int = 0, /) -> None:
-        super().sendall(data, flags)
-        self._sink.append(bytes(memoryview(data).cast("B")))

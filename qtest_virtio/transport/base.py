@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 
 from ..errors import QtestVirtioError
 from ..pci import PciFunction
@@ -126,6 +127,19 @@ class VirtioTransport(ABC):
     def config_generation(self) -> int:
         """Changes whenever the device config changes (§2.5.1); legacy has none: 0."""
         return 0
+
+    def config_read_many(self, spans: Sequence[tuple[int, int]]) -> tuple[int, list[int], int]:
+        """``(offset, width)`` device config fields read at their widths (64-bit ones as two
+        32-bit halves, low first, §4.1.3.1), between two config_generation reads: returns
+        (generation before, values, generation after). Transports send it all in one exchange."""
+        before = self.config_generation()
+        values = [
+            self.config_read(offset, 4) | self.config_read(offset + 4, 4) << 32
+            if width == 8
+            else self.config_read(offset, width)
+            for offset, width in spans
+        ]
+        return before, values, self.config_generation()
 
     def read_config_bytes(self, offset: int, size: int) -> bytes:
         """A consistent snapshot of ``size`` config bytes: re-read while the generation moves

@@ -8,6 +8,8 @@ or at 0x18 once MSI-X is enabled (two vector registers are inserted before it).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from ..pci import PciFunction
 from .base import TransportError, VirtioTransport
 from .layout import LEGACY_CFG, LEGACY_QUEUE_ALIGN_SHIFT
@@ -117,6 +119,10 @@ class LegacyTransport(VirtioTransport):
 
     def config_write(self, offset: int, width: int, value: int) -> None:
         self.map.write(self.map.legacy_device(), offset, width, value)
+
+    def config_read_many(self, spans: Sequence[tuple[int, int]]) -> tuple[int, list[int], int]:
+        window = self.map.legacy_device()
+        return 0, self.map.read_many([(window, offset, width) for offset, width in spans]), 0
 
 
 def legacy_ring_offsets(size: int) -> tuple[int, int]:

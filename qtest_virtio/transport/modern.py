@@ -8,6 +8,8 @@ and the PCI configuration access capability, which reaches any BAR through confi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from ..pci import PciFunction
 from ..registers import Field
 from .base import TransportError, VirtioTransport
@@ -163,6 +165,25 @@ class ModernTransport(VirtioTransport):
 
     def config_generation(self) -> int:
         return self.common.read(COMMON_CFG.config_generation)
+
+    def config_read_many(self, spans: Sequence[tuple[int, int]]) -> tuple[int, list[int], int]:
+        common = self.map.require("common")
+        gen = (common, COMMON_CFG.config_generation.offset, COMMON_CFG.config_generation.width)
+        reads = [gen]
+        for offset, width in spans:
+            window = self._device_window(offset, width)
+            halves = [(offset, 4), (offset + 4, 4)] if width == 8 else [(offset, width)]
+            reads += [(window, off, w) for off, w in halves]
+        got = self.map.read_many([*reads, gen])
+        values, at = [], 1
+        for _, width in spans:
+            if width == 8:
+                values.append(got[at] | got[at + 1] << 32)
+                at += 2
+            else:
+                values.append(got[at])
+                at += 1
+        return got[0], values, got[-1]
 
     # -- PCI configuration access capability ----------------------------------------------
 

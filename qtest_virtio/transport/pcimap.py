@@ -15,7 +15,7 @@ the BAR at access time (``address``), where ``PciFunction.restore`` puts it back
 from __future__ import annotations
 
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Generic, TypeVar
@@ -99,7 +99,7 @@ def decode_virtio_caps(fn: PciFunction) -> tuple[VirtioCap, ...]:
     for cap in fn.vendor_capabilities():
         # Dword reads of the fixed part; the multiplier only for notify caps: the dword after
         # a PCI cfg cap is pci_cfg_data, and reading it would access a BAR (§4.1.4.9).
-        words = [fn.read_config(cap.offset + at, 4) for at in range(0, vlayout.VIRTIO_PCI_CAP.size, 4)]
+        words = fn.read_config_many([(cap.offset + at, 4) for at in range(0, vlayout.VIRTIO_PCI_CAP.size, 4)])
         data = b"".join(w.to_bytes(4, "little") for w in words)
         if cap_layout.cfg_type.get(data) == vlayout.CFG_TYPE_NOTIFY:
             data += fn.read_config(cap.offset + cap_layout.notify_off_multiplier.offset, 4).to_bytes(4, "little")
@@ -319,6 +319,10 @@ class VirtioPciMap:
         if window.bar is None:
             return self.fn.read_config(window.offset + offset, width)
         return self.fn.bar_read(window.bar, window.offset + offset, width)
+
+    def read_many(self, reads: Sequence[tuple[Window[Layout | None], int, int]]) -> list[int]:
+        """Several ``(window, offset, width)`` reads in order, in one exchange."""
+        return self.fn.read_many([(w.bar, w.offset + off, width) for w, off, width in reads])
 
     def write(self, window: Window[Layout | None], offset: int, width: int, value: int) -> None:
         if window.bar is None:

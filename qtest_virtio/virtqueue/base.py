@@ -3,6 +3,11 @@
 A virtqueue knows guest memory (where its rings and buffers live) and its transport (to set the
 queue up and to notify); nothing else. Completion is found by polling the used ring, so it works
 the same whatever interrupt path is configured.
+
+The ring writes are posted (``GuestMemory.posting``): a kick sends the publishing writes, the
+read of the device's suppression state and the notification with one wait, and a completion poll
+reads the used ring and, speculatively, the waited-for chain's device-writable buffers in one
+exchange (their data counts only if the used ring, read first, says the chain is used: §2.7.14).
 """
 
 from __future__ import annotations
@@ -132,6 +137,11 @@ class Virtqueue(ABC):
         #: IN_ORDER: the ring ids in flight, in the order they were made available.
         self._avail_order: deque[int] = deque()
         self._batch = memory.batch()
+        #: Buffers read along with the used ring by the next poll (``wait_for(prefetch=)``), and
+        #: what that poll read: the data of the chain whose token is ``_prefetched_token``.
+        self._prefetch_spans: Sequence[tuple[int, int]] = ()
+        self._prefetched: list[bytes] = []
+        self._prefetched_token = -1
         self.notifications = 0
         self.kicks_suppressed = 0
 
@@ -238,18 +248,26 @@ class Virtqueue(ABC):
     # -- shared logic ---------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Send the queued ring writes (descriptors, then ring entries, then indices)."""
-        self._batch.flush()
+        """Send the queued ring writes (descriptors, then ring entries, then indices), posted."""
+        with self.memory.posting():
+            self._batch.flush()
 
     def kick(self, *, force: bool = False) -> bool:
-        """Publish, then notify if the device wants it (event index or NO_NOTIFY/flags)."""
-        self.flush()
-        if force or self._needs_notification():
-            self.transport.notify(self.index)
-            self.notifications += 1
-            return True
+        """Publish, then notify if the device wants it (event index or NO_NOTIFY/flags): the
+        writes go ahead of the suppression read in its exchange, the notify is posted."""
+        with self.memory.posting():
+            self._batch.flush()
+            if force or self._needs_notification():
+                self.transport.notify(self.index)
+                self.notifications += 1
+                return True
         self.kicks_suppressed += 1
         return False
+
+    def _read_ring(self, addr: int, size: int) -> bytes:
+        """The device-written ring area, read with the prefetch buffers in one exchange."""
+        ring, *self._prefetched = self.memory.read_many([(addr, size), *self._prefetch_spans])
+        return ring
 
     def _check_used(self, used_id: int, length: int) -> InFlight:
         """A used element must name a chain in flight, and its length fit the writable part."""
@@ -281,11 +299,13 @@ class Virtqueue(ABC):
                 )
         return elem
 
-    def wait_for(self, token: int, timeout: float = 5.0) -> UsedElem:
+    def wait_for(self, token: int, timeout: float = 5.0, *, prefetch: Sequence[tuple[int, int]] = ()) -> UsedElem:
         """Wait for one chain (by the token add() returned); others completing meanwhile are
         kept for their own waiters (in-order completion is not assumed unless IN_ORDER was
-        negotiated)."""
+        negotiated). ``prefetch``: ``(addr, size)`` buffers each poll reads too; when the poll
+        that finds the chain used read them, ``_prefetched_token`` is ``token``."""
         deadline = time.monotonic() + timeout
+        self._prefetched_token = -1
         while True:
             while self._pending:
                 elem = self._pending.popleft()
@@ -294,7 +314,14 @@ class Virtqueue(ABC):
                 return self._completed.pop(token)
             if token not in self._tokens_in_flight:
                 raise VirtqueueError(f"{self.name}: token {token} is not in flight")
-            self._pending.extend(self._collect())
+            self._prefetch_spans = prefetch
+            try:
+                found = self._collect()
+            finally:
+                self._prefetch_spans = ()
+            if prefetch and any(e.token == token for e in found):
+                self._prefetched_token = token
+            self._pending.extend(found)
             if not self._pending and time.monotonic() > deadline:
                 raise VirtqueueTimeout(
                     f"{self.transport}: {self.name}: chain {token} not used within {timeout:g} s; "
@@ -335,8 +362,10 @@ class Virtqueue(ABC):
     def complete(self, request: Request, timeout: float = 5.0) -> tuple[int, list[bytes]]:
         """Wait for ``request``; return the used length and the device-written buffers, then
         free its memory. Only the first ``used length`` bytes are meaningful (§2.7.8.2)."""
-        elem = self.wait_for(request.token, timeout)
-        data = [self.memory.read(b.addr, b.length) if b.length else b"" for b in request.in_bufs]
+        spans = [(b.addr, b.length) for b in request.in_bufs if b.length]
+        elem = self.wait_for(request.token, timeout, prefetch=spans)
+        got = iter(self._prefetched if self._prefetched_token == request.token else self.memory.read_many(spans))
+        data = [next(got) if b.length else b"" for b in request.in_bufs]
         for addr in request.allocations:
             self.memory.free(addr)
         return elem.length, data

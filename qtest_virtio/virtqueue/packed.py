@@ -116,7 +116,7 @@ class PackedVirtqueue(Virtqueue):
         self.flush()
         if not self.in_flight:
             return []
-        ring = self.memory.read(self.ring, PACKED_DESC.size * self.size)
+        ring = self._read_ring(self.ring, PACKED_DESC.size * self.size)
         elems: list[UsedElem] = []
         try:
             self._take_used(ring, elems)

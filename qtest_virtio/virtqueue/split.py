@@ -134,7 +134,7 @@ class SplitVirtqueue(Virtqueue):
     def _collect(self) -> list[UsedElem]:
         self.flush()
         # used.flags, used.idx and the whole ring in one read: one round trip per poll.
-        ring = self.memory.read(self.used, SPLIT_USED.size + USED_ELEM.size * self.size)
+        ring = self._read_ring(self.used, SPLIT_USED.size + USED_ELEM.size * self.size)
         used_idx = int.from_bytes(ring[SPLIT_USED.idx.offset : SPLIT_USED.idx.end], "little")
         count = (used_idx - self.last_used) & 0xFFFF
         if count == 0:
