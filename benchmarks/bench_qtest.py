@@ -171,6 +171,7 @@ def main() -> int:
     ap.add_argument("--chunks", action="store_true", help="also sweep raw chunk sizes")
     args = ap.parse_args()
     rounds.check_rounds(args.rounds)
+    ops: int = args.ops
     load = rounds.Load()
     binary = QemuBinary.get(args.qemu)
     _ = binary.has_qtest_accel  # probe once, outside every timed region
@@ -188,15 +189,15 @@ def main() -> int:
         def raw_readl() -> float:
             sock.settimeout(None)  # a plain blocking socket
             try:
-                return raw_readl_loop(sock, args.ops)
+                return raw_readl_loop(sock, ops)
             finally:
                 q.timeout = q.timeout
 
         def client_readl() -> float:
             t = time.perf_counter()
-            for _ in range(args.ops):
+            for _ in range(ops):
                 q.readl(0x100000)
-            return (time.perf_counter() - t) / args.ops
+            return (time.perf_counter() - t) / ops
 
         figures.append(
             rounds.measure("readl latency (client/raw)", raw_readl, client_readl, args.rounds, target=1.30, unit="s/op")
@@ -231,23 +232,25 @@ def main() -> int:
 
         figures.append(rounds.measure(f"{args.bulk_mib} MiB read (client/raw)", raw_r, client_r, args.rounds))
 
+    starts: int = args.starts
+
     def bare_starts() -> float:
         total = 0.0
-        for _ in range(args.starts):
+        for _ in range(starts):
             b = Bare(spec_of(args.qemu))
             b.close()
             total += b.ready
-        return total / args.starts
+        return total / starts
 
     def machine_starts() -> float:
         total = 0.0
-        for _ in range(args.starts):
+        for _ in range(starts):
             t = time.perf_counter()
             vm = Machine(spec_of(args.qemu))
             vm.start()
             total += time.perf_counter() - t
             vm.shutdown()
-        return total / args.starts
+        return total / starts
 
     figures.append(
         rounds.measure("start-to-ready (machine/bare)", bare_starts, machine_starts, args.rounds, target=1.10)

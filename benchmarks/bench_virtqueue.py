@@ -33,9 +33,9 @@ from bench_qtest import raw_readl_loop, raw_socket
 
 from qtest_virtio import Machine, MachineSpec
 from qtest_virtio.binary import QemuBinary
-from qtest_virtio.devices.blk import VirtioBlk
+from qtest_virtio.devices.blk.driver import VirtioBlk
 from qtest_virtio.devices.blk.encoding import BlkReqType, BlkRequest
-from qtest_virtio.devices.rng import VirtioRng
+from qtest_virtio.devices.rng.driver import VirtioRng
 from qtest_virtio.qtest import QtestClient
 from qtest_virtio.virtqueue import Buf
 
@@ -69,9 +69,9 @@ class Row:
         if self.packed:
             props["packed"] = "on"
         if self.device == "rng":
-            spec.add_virtio("virtio-rng-pci", mode=self.mode, id="dev0", **props)
+            spec.add_virtio("virtio-rng-pci", props, mode=self.mode, id="dev0")
         else:
-            spec.add_virtio("virtio-blk-pci", mode=self.mode, id="dev0", backend="null", **props)
+            spec.add_virtio("virtio-blk-pci", props, mode=self.mode, id="dev0", backend="null")
         return spec
 
 
@@ -134,6 +134,8 @@ def patterns(vm: Machine, drv: Any, device: str) -> tuple[Callable[[], None], Ca
 
 
 def measure_row(row: Row, args: argparse.Namespace) -> tuple[list[rounds.Figure], dict[str, Any]]:
+    requests: int = args.requests
+    ops: int = args.ops
     with Machine(row.spec(args.qemu)) as vm:
         q = vm.qtest
         count = Counter(q)
@@ -152,25 +154,25 @@ def measure_row(row: Row, args: argparse.Namespace) -> tuple[list[rounds.Figure]
         def raw() -> float:
             sock.settimeout(None)
             try:
-                return raw_readl_loop(sock, args.ops)
+                return raw_readl_loop(sock, ops)
             finally:
                 q.timeout = q.timeout
 
         def run_single() -> float:
             count.start()
             t = time.perf_counter()
-            for _ in range(args.requests):
+            for _ in range(requests):
                 single()
             dt = time.perf_counter() - t
             rt, cmds = count.stop()
-            per_request["single"].append((rt / args.requests, cmds / args.requests))
-            return dt / args.requests
+            per_request["single"].append((rt / requests, cmds / requests))
+            return dt / requests
 
         def run_full() -> float:
             done = 0
             count.start()
             t = time.perf_counter()
-            while done < args.requests:
+            while done < requests:
                 done += full()
             dt = time.perf_counter() - t
             rt, cmds = count.stop()
