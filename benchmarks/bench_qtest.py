@@ -164,13 +164,14 @@ def sweep_chunks(sock: socket.socket, data: bytes) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    rounds.add_arguments(ap)
-    ap.add_argument("--ops", type=int, default=2000, help="readl ops per side per round (default 2000)")
+    rounds.add_arguments(ap, repeats=5)
+    ap.add_argument("--ops", type=int, default=400, help="readl ops per batch (default 400)")
     ap.add_argument("--bulk-mib", type=int, default=16, help="bulk transfer size in MiB (default 16)")
-    ap.add_argument("--starts", type=int, default=3, help="starts per side per round (default 3)")
+    ap.add_argument("--starts", type=int, default=1, help="starts per batch (default 1)")
     ap.add_argument("--chunks", action="store_true", help="also sweep raw chunk sizes")
     args = ap.parse_args()
-    rounds.check_rounds(args.rounds)
+    rounds.check_rounds(args.rounds, args.repeats)
+    repeats: int = args.repeats
     ops: int = args.ops
     load = rounds.Load()
     binary = QemuBinary.get(args.qemu)
@@ -200,7 +201,15 @@ def main() -> int:
             return (time.perf_counter() - t) / ops
 
         figures.append(
-            rounds.measure("readl latency (client/raw)", raw_readl, client_readl, args.rounds, target=1.30, unit="s/op")
+            rounds.measure(
+                "readl latency (client/raw)",
+                raw_readl,
+                client_readl,
+                args.rounds,
+                target=1.30,
+                unit="s/op",
+                repeats=repeats,
+            )
         )
 
         def raw_w() -> float:
@@ -214,7 +223,9 @@ def main() -> int:
             q.memwrite(BASE, data)
             return time.perf_counter() - t
 
-        figures.append(rounds.measure(f"{args.bulk_mib} MiB write (client/raw)", raw_w, client_w, args.rounds))
+        figures.append(
+            rounds.measure(f"{args.bulk_mib} MiB write (client/raw)", raw_w, client_w, args.rounds, repeats=repeats)
+        )
 
         def raw_r() -> float:
             try:
@@ -230,7 +241,9 @@ def main() -> int:
                 raise RuntimeError("memread returned other bytes than memwrite wrote")
             return dt
 
-        figures.append(rounds.measure(f"{args.bulk_mib} MiB read (client/raw)", raw_r, client_r, args.rounds))
+        figures.append(
+            rounds.measure(f"{args.bulk_mib} MiB read (client/raw)", raw_r, client_r, args.rounds, repeats=repeats)
+        )
 
     starts: int = args.starts
 
@@ -253,7 +266,9 @@ def main() -> int:
         return total / starts
 
     figures.append(
-        rounds.measure("start-to-ready (machine/bare)", bare_starts, machine_starts, args.rounds, target=1.10)
+        rounds.measure(
+            "start-to-ready (machine/bare)", bare_starts, machine_starts, args.rounds, target=1.10, repeats=repeats
+        )
     )
 
     readl, write, read, start = figures
@@ -268,7 +283,13 @@ def main() -> int:
         "machine_start_ms": statistics.median(start.measured) * 1e3,
     }
     rounds.report(
-        figures, qemu=binary.identity, load=load, rounds=args.rounds, path=args.json, extra={"absolute": absolute}
+        figures,
+        qemu=binary.identity,
+        load=load,
+        rounds=args.rounds,
+        repeats=repeats,
+        path=args.json,
+        extra={"absolute": absolute},
     )
     print("absolute figures (medians of the rounds):")
     print(f"  readl round trip: raw {absolute['raw_readl_us']:.1f} us, client {absolute['client_readl_us']:.1f} us")

@@ -104,14 +104,14 @@ def bare_specs(qemu: str | None) -> list[MachineSpec]:
 
 
 def bare_batch(qemu: str | None, n: int) -> float:
-    """Mean seconds of ``n`` bare starts (start-to-ready + kill), alternating the argv kinds."""
+    """Median seconds of ``n`` bare starts (start-to-ready + kill), alternating the argv kinds."""
     specs = bare_specs(qemu)
-    total = 0.0
+    times = []
     for i in range(n):
         t = time.perf_counter()
         Bare(specs[i % len(specs)]).close()
-        total += time.perf_counter() - t
-    return total / n
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
 @dataclass
@@ -190,7 +190,10 @@ def main() -> int:
     args = ap.parse_args(argv)
     args.run_args = extra
     args.select = args.select or DEFAULT_SELECT
-    rounds.check_rounds(args.rounds)
+    rounds.check_rounds(args.rounds, args.repeats)
+    if args.repeats != 1:
+        print("--repeats: a round here is one suite run; leave it at 1", file=sys.stderr)
+        return rounds.EXIT_USAGE
     if not args.jobs.isdigit() or int(args.jobs) < 1:
         print(f"--jobs {args.jobs}: give a number of workers, e.g. --jobs 2", file=sys.stderr)
         return rounds.EXIT_USAGE
@@ -238,8 +241,11 @@ def main() -> int:
         "collect_only_wall_s": med([c[0] for c in collects]),
         "collect_only_tests": collects[0][1],
         "collect_only_pytest_s": med([c[2] for c in collects]),
+        "PYTHONDONTWRITEBYTECODE": os.environ.get("PYTHONDONTWRITEBYTECODE"),
     }
-    rounds.report([figure], qemu=binary.identity, load=load, rounds=args.rounds, path=args.json, extra=overhead)
+    rounds.report(
+        [figure], qemu=binary.identity, load=load, rounds=args.rounds, repeats=1, path=args.json, extra=overhead
+    )
     o = overhead
     print(f"selection: {' '.join(args.select)}; {ran} runs of {o['tests']} tests on {workers} workers")
     print(f"  suite wall {o['wall_s']:.1f} s; floor {o['floor_s']:.1f} s = {ran} x bare {bare_ms:.1f} ms / {workers}")
@@ -263,6 +269,11 @@ def main() -> int:
         f"  collection alone: pytest --collect-only -q {o['collect_only_wall_s']:.2f} s wall, "
         f"of which collecting {o['collect_only_pytest_s']:.2f} s ({o['collect_only_tests']} tests)"
     )
+    if os.environ.get("PYTHONDONTWRITEBYTECODE"):
+        print(
+            "  note: PYTHONDONTWRITEBYTECODE is set: without .pyc files on disk every interpreter (and each "
+            "worker) compiles its imports and pytest's assertion rewriting again"
+        )
     if any(o["exit_codes"]):
         print(f"  note: the suite failed in some rounds (exit codes {o['exit_codes']})")
     return 0

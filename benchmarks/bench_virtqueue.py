@@ -180,8 +180,22 @@ def measure_row(row: Row, args: argparse.Namespace) -> tuple[list[rounds.Figure]
             return dt / done
 
         figures = [
-            rounds.measure(f"{row.name} one at a time (time/readl)", raw, run_single, args.rounds, unit="s/request"),
-            rounds.measure(f"{row.name} full queue (time/readl)", raw, run_full, args.rounds, unit="s/request"),
+            rounds.measure(
+                f"{row.name} one at a time (time/readl)",
+                raw,
+                run_single,
+                args.rounds,
+                unit="s/request",
+                repeats=args.repeats,
+            ),
+            rounds.measure(
+                f"{row.name} full queue (time/readl)",
+                raw,
+                run_full,
+                args.rounds,
+                unit="s/request",
+                repeats=args.repeats,
+            ),
         ]
         queue_size = drv.queues[0].size
     counts: dict[str, Any] = {
@@ -192,8 +206,8 @@ def measure_row(row: Row, args: argparse.Namespace) -> tuple[list[rounds.Figure]
         "init_driver_round_trips": drv_rt,
     }
     for kind, values in per_request.items():
-        rts = [v[0] for v in values[1:]]  # the warm-up round is not counted
-        cmds = [v[1] for v in values[1:]]
+        rts = [v[0] for v in values[args.repeats :]]  # the warm-up round's batches are not counted
+        cmds = [v[1] for v in values[args.repeats :]]
         counts[f"{kind}_round_trips_per_request"] = statistics.median(rts)
         counts[f"{kind}_round_trips_per_request_range"] = [min(rts), max(rts)]
         counts[f"{kind}_commands_per_request"] = statistics.median(cmds)
@@ -219,13 +233,13 @@ def count_verdicts(name: str, counts: dict[str, Any]) -> dict[str, str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    rounds.add_arguments(ap)
-    ap.add_argument("--requests", type=int, default=200, help="requests per pattern per round (default 200)")
-    ap.add_argument("--ops", type=int, default=600, help="raw readl ops per round (default 600)")
+    rounds.add_arguments(ap, repeats=5)
+    ap.add_argument("--requests", type=int, default=40, help="requests per pattern per batch (default 40)")
+    ap.add_argument("--ops", type=int, default=120, help="raw readl ops per batch (default 120)")
     names = [r.name for r in ROWS]
     ap.add_argument("--row", action="append", choices=names, metavar="ROW", help=f"only these rows: {', '.join(names)}")
     args = ap.parse_args()
-    rounds.check_rounds(args.rounds)
+    rounds.check_rounds(args.rounds, args.repeats)
     load = rounds.Load()
     binary = QemuBinary.get(args.qemu)
     _ = binary.has_qtest_accel  # probed once, outside every count and timing
@@ -238,7 +252,13 @@ def main() -> int:
         figures += figs
         counts[row.name] = c
     rounds.report(
-        figures, qemu=binary.identity, load=load, rounds=args.rounds, path=args.json, extra={"counts": counts}
+        figures,
+        qemu=binary.identity,
+        load=load,
+        rounds=args.rounds,
+        repeats=args.repeats,
+        path=args.json,
+        extra={"counts": counts},
     )
     print("round trips (commands) from the client's counters:")
     print(f"  {'row':34} {'init':>11} {'1-at-a-time/req':>16} {'full queue/req':>15} {'1-at-a-time':>11} {'full':>8}")

@@ -64,19 +64,24 @@ def round_order(index: int) -> tuple[str, str]:
 
 
 def interleave(
-    raw: Callable[[], float], measured: Callable[[], float], rounds: int, *, warmup: int = 1
+    raw: Callable[[], float], measured: Callable[[], float], rounds: int, *, warmup: int = 1, repeats: int = 1
 ) -> tuple[list[float], list[float]]:
-    """Run ``raw`` and ``measured`` (each returns one round's cost) alternately, ``rounds``
-    times after ``warmup`` unrecorded rounds; returns the per-round costs of each."""
-    if rounds < 1:
-        raise ValueError(f"rounds must be positive, not {rounds}")
+    """Run ``raw`` and ``measured`` (each returns one batch's cost) alternately, ``rounds``
+    times after ``warmup`` unrecorded rounds; returns the per-round costs of each. With
+    ``repeats``, a round is that many raw/measured pairs (in the round's order) and each side's
+    cost is the median of its batches: one hiccup of the scheduler no longer moves a round."""
+    if rounds < 1 or repeats < 1:
+        raise ValueError(f"rounds and repeats must be positive, not {rounds} and {repeats}")
     side = {"raw": raw, "measured": measured}
     got: dict[str, list[float]] = {"raw": [], "measured": []}
     for i in range(warmup + rounds):
-        for name in round_order(i):
-            value = side[name]()
-            if i >= warmup:
-                got[name].append(value)
+        batches: dict[str, list[float]] = {"raw": [], "measured": []}
+        for _ in range(repeats):
+            for name in round_order(i):
+                batches[name].append(side[name]())
+        if i >= warmup:
+            for name, values in batches.items():
+                got[name].append(statistics.median(values))
     return got["raw"], got["measured"]
 
 
@@ -149,25 +154,37 @@ def measure(
     target: float | None = None,
     unit: str = "s",
     warmup: int = 1,
+    repeats: int = 1,
 ) -> Figure:
     """:func:`interleave`, then the :class:`Figure` of it."""
-    r, m = interleave(raw, measured, rounds, warmup=warmup)
+    r, m = interleave(raw, measured, rounds, warmup=warmup, repeats=repeats)
     return Figure(name, tuple(r), tuple(m), target, unit)
 
 
 # -- the command line and the report every benchmark shares -----------------------------------
 
 
-def add_arguments(ap: argparse.ArgumentParser, *, rounds: int = DEFAULT_ROUNDS) -> None:
+def add_arguments(ap: argparse.ArgumentParser, *, rounds: int = DEFAULT_ROUNDS, repeats: int = 1) -> None:
     ap.add_argument("--qemu", default=None, help="QEMU binary (default: $QEMU or qemu-system-x86_64 on PATH)")
     ap.add_argument(
         "--rounds", type=int, default=rounds, help=f"interleaved rounds (at least {MIN_ROUNDS}; default {rounds})"
     )
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=repeats,
+        help=f"raw/measured batch pairs per round, each side's median taken (default {repeats})",
+    )
     ap.add_argument("--json", default=None, metavar="FILE", help="also write the figures to FILE")
 
 
-def check_rounds(rounds: int) -> None:
+def check_rounds(rounds: int, repeats: int = 1) -> None:
     """Fewer than MIN_ROUNDS rounds cannot show a spread worth the name: a usage error."""
+    if repeats < 1:
+        print(
+            f"--repeats {repeats}: a round needs at least one batch per side; pass --repeats 1 or more", file=sys.stderr
+        )
+        sys.exit(EXIT_USAGE)
     if rounds < MIN_ROUNDS:
         print(
             f"--rounds {rounds}: at least {MIN_ROUNDS} rounds are needed for a spread; pass --rounds 5 or more",
@@ -232,6 +249,7 @@ def report(
     qemu: str,
     load: Load,
     rounds: int,
+    repeats: int,
     path: str | None,
     extra: dict[str, Any] | None = None,
 ) -> None:
@@ -246,6 +264,7 @@ def report(
             "qemu": qemu,
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "rounds": rounds,
+            "repeats": repeats,
             "spread_limit": SPREAD_LIMIT,
             "load": load.as_json(),
             "figures": {fig.name: fig.as_json() for fig in figures},

@@ -80,6 +80,29 @@ def test_interleave_alternates_which_side_goes_first_and_drops_the_warmup() -> N
     assert measured == [10.0, 20.0, 30.0, 40.0, 50.0]
 
 
+def test_repeats_take_each_sides_median_batch_in_the_rounds_order() -> None:
+    calls: list[str] = []
+    # Three batches per side per round: the warm-up round's, then two recorded rounds'.
+    raw_values = iter([5.0, 5.0, 5.0, 1.0, 9.0, 2.0, 3.0, 3.0, 100.0])
+    measured_values = iter([5.0, 5.0, 5.0, 10.0, 90.0, 30.0, 1.0, 20.0, 20.0])
+
+    def raw() -> float:
+        calls.append("raw")
+        return next(raw_values)
+
+    def measured() -> float:
+        calls.append("m")
+        return next(measured_values)
+
+    r, m = rounds.interleave(raw, measured, 2, warmup=1, repeats=3)
+    # Round 0 (warm-up) raw first, round 1 measured first, round 2 raw first again.
+    assert calls == ["raw", "m"] * 3 + ["m", "raw"] * 3 + ["raw", "m"] * 3
+    assert r == [2.0, 3.0]  # one slow batch (9.0, 100.0) does not move its round
+    assert m == [30.0, 20.0]
+    with pytest.raises(ValueError, match="positive"):
+        rounds.interleave(raw, measured, 2, repeats=0)
+
+
 def test_figure_reports_median_spread_and_withholds_the_verdict_past_15_percent() -> None:
     steady = rounds.Figure("readl", (1.0,) * 5, (1.10, 1.12, 1.15, 1.13, 1.11), target=1.3)
     assert steady.median == pytest.approx(1.12)
@@ -164,7 +187,7 @@ def run_script(name: str, qemu: QemuBinary, tmp_path: Path, *args: str) -> dict[
 
 
 def check_figures(doc: dict[str, Any], names: list[str], rounds_: int) -> None:
-    assert doc["rounds"] == rounds_
+    assert doc["rounds"] == rounds_ and doc["repeats"] == 2
     assert set(doc["load"]) >= {"loadavg_before", "loadavg_after", "other_qemus_before"}
     assert sorted(doc["figures"]) == sorted(names)
     for name, fig in doc["figures"].items():
@@ -189,6 +212,8 @@ def test_bench_qtest_tiny_run_writes_ratios_spreads_and_verdicts(
         tmp_path,
         "--rounds",
         "5",
+        "--repeats",
+        "2",
         "--ops",
         "20",
         "--bulk-mib",
@@ -218,6 +243,8 @@ def test_bench_virtqueue_counts_come_from_the_client(
         tmp_path,
         "--rounds",
         "5",
+        "--repeats",
+        "2",
         "--requests",
         "4",
         "--ops",
