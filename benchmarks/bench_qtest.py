@@ -212,6 +212,21 @@ def main() -> int:
             )
         )
 
+        def raw_readl_timeout_mode() -> float:
+            q.timeout = q.timeout  # the client's own socket mode: poll() before each send and recv
+            return raw_readl_loop(sock, ops)
+
+        figures.append(
+            rounds.measure(
+                "readl, socket in timeout mode (raw/raw blocking)",
+                raw_readl,
+                raw_readl_timeout_mode,
+                args.rounds,
+                unit="s/op",
+                repeats=repeats,
+            )
+        )
+
         def raw_w() -> float:
             try:
                 return raw_write(sock, data, WRITE_CHUNK)
@@ -271,7 +286,7 @@ def main() -> int:
         )
     )
 
-    readl, write, read, start = figures
+    readl, _, write, read, start = figures
     absolute = {
         "raw_readl_us": statistics.median(readl.raw) * 1e6,
         "client_readl_us": statistics.median(readl.measured) * 1e6,

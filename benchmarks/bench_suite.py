@@ -191,9 +191,6 @@ def main() -> int:
     args.run_args = extra
     args.select = args.select or DEFAULT_SELECT
     rounds.check_rounds(args.rounds, args.repeats)
-    if args.repeats != 1:
-        print("--repeats: a round here is one suite run; leave it at 1", file=sys.stderr)
-        return rounds.EXIT_USAGE
     if not args.jobs.isdigit() or int(args.jobs) < 1:
         print(f"--jobs {args.jobs}: give a number of workers, e.g. --jobs 2", file=sys.stderr)
         return rounds.EXIT_USAGE
@@ -209,10 +206,14 @@ def main() -> int:
             suite_rounds.append(r)
             return r.wall
 
-        bare, walls = rounds.interleave(lambda: bare_batch(args.qemu, args.bare_starts), suite, args.rounds)
-        measured = suite_rounds[1:]  # the warm-up round is not counted
+        bare, walls = rounds.interleave(
+            lambda: bare_batch(args.qemu, args.bare_starts), suite, args.rounds, repeats=args.repeats
+        )
+        measured = suite_rounds[args.repeats :]  # the warm-up round's runs are not counted
         collects = [collect_only(args) for _ in range(args.collect_runs)]
-    floors = [r.ran * b / workers for r, b in zip(measured, bare, strict=True)]
+    if len({r.ran for r in measured}) != 1:
+        print(f"note: the number of runs changed between rounds: {[r.ran for r in measured]}")
+    floors = [measured[-1].ran * b / workers for b in bare]
     figure = rounds.Figure("suite wall / floor", tuple(floors), tuple(walls), TARGET)
 
     def med(values: list[float]) -> float:
@@ -244,7 +245,7 @@ def main() -> int:
         "PYTHONDONTWRITEBYTECODE": os.environ.get("PYTHONDONTWRITEBYTECODE"),
     }
     rounds.report(
-        [figure], qemu=binary.identity, load=load, rounds=args.rounds, repeats=1, path=args.json, extra=overhead
+        [figure], qemu=binary.identity, load=load, rounds=args.rounds, repeats=args.repeats, path=args.json, extra=overhead
     )
     o = overhead
     print(f"selection: {' '.join(args.select)}; {ran} runs of {o['tests']} tests on {workers} workers")

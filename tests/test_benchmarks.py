@@ -223,6 +223,7 @@ def test_bench_qtest_tiny_run_writes_ratios_spreads_and_verdicts(
     )
     names = [
         "readl latency (client/raw)",
+        "readl, socket in timeout mode (raw/raw blocking)",
         "1 MiB write (client/raw)",
         "1 MiB read (client/raw)",
         "start-to-ready (machine/bare)",
