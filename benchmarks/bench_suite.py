@@ -245,7 +245,13 @@ def main() -> int:
         "PYTHONDONTWRITEBYTECODE": os.environ.get("PYTHONDONTWRITEBYTECODE"),
     }
     rounds.report(
-        [figure], qemu=binary.identity, load=load, rounds=args.rounds, repeats=args.repeats, path=args.json, extra=overhead
+        [figure],
+        qemu=binary.identity,
+        load=load,
+        rounds=args.rounds,
+        repeats=args.repeats,
+        path=args.json,
+        extra=overhead,
     )
     o = overhead
     print(f"selection: {' '.join(args.select)}; {ran} runs of {o['tests']} tests on {workers} workers")
