@@ -48,10 +48,16 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """The benchmarks: qtest client, virtqueues, the whole matrix (posargs go to each, e.g. --qemu PATH)."""
+    """The benchmarks in interleaved rounds (benchmarks/README.md): qtest client, virtqueues, suite
+    cost. Opt-in (not a default session, not in CI). Each writes bench-results-NAME.json and the
+    README's table is printed from them. posargs go to each (e.g. --qemu PATH --rounds 9)."""
     install(session)
-    for script in ("bench_qtest.py", "bench_virtqueue.py", "bench_suite.py"):
-        session.run("python", os.path.join("benchmarks", script), *session.posargs)
+    results = []
+    for name in ("qtest", "virtqueue", "suite"):
+        out = f"bench-results-{name}.json"
+        session.run("python", os.path.join("benchmarks", f"bench_{name}.py"), "--json", out, *session.posargs)
+        results.append(out)
+    session.run("python", os.path.join("benchmarks", "table.py"), *results)
 
 
 @nox.session
