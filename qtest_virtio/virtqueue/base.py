@@ -4,8 +4,8 @@ A virtqueue knows guest memory (where its rings and buffers live) and its transp
 queue up and to notify); nothing else. Completion is found by polling the used ring, so it works
 the same whatever interrupt path is configured.
 
-The ring writes are posted (``GuestMemory.posting``): a kick sends the publishing writes, the
-read of the device's suppression state and the notification with one wait, and a completion poll
+The ring writes are posted (``GuestMemory.posting``): a kick sends the publishing writes and the
+read of the device's suppression state with one wait, the notification with another, and a poll
 reads the used ring and, speculatively, the waited-for chain's device-writable buffers in one
 exchange (their data counts only if the used ring, read first, says the chain is used: §2.7.14).
 """
@@ -254,13 +254,17 @@ class Virtqueue(ABC):
 
     def kick(self, *, force: bool = False) -> bool:
         """Publish, then notify if the device wants it (event index or NO_NOTIFY/flags): the
-        writes go ahead of the suppression read in its exchange, the notify is posted."""
+        writes go ahead of the suppression read in its exchange. The notify itself waits for its
+        reply: with ioeventfd (the qtest accelerator) it only signals an eventfd, and the device
+        runs it in a later main-loop pass; a command in the same input as the notify (a
+        ``clock_step``, a status read) would run before it."""
         with self.memory.posting():
             self._batch.flush()
-            if force or self._needs_notification():
-                self.transport.notify(self.index)
-                self.notifications += 1
-                return True
+            notify = force or self._needs_notification()
+        if notify:
+            self.transport.notify(self.index)
+            self.notifications += 1
+            return True
         self.kicks_suppressed += 1
         return False
 
