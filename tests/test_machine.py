@@ -706,6 +706,36 @@ def test_binary_capabilities(qemu_binary: QemuBinary) -> None:
     assert qemu_binary.devices.get("virtio-rng-pci") == "PCI"
 
 
+def test_probe_answers_are_kept_across_processes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, qemu_binary: QemuBinary
+) -> None:
+    """A binary's answers (--version, the accelerator trial, -device help, -device NAME,help,
+    -machine help) are asked once and kept in the cache directory: a fresh process (here a fresh
+    class cache) runs the binary not once; a changed binary (another mtime) is asked again."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    calls = tmp_path / "calls"
+    script = wrapper(tmp_path, f'echo "$*" >> {shlex.quote(str(calls))}\nexec {shlex.quote(qemu_binary.path)} "$@"\n')
+
+    def facts() -> tuple[object, ...]:
+        b = QemuBinary.get(script)
+        props = b.device_properties("virtio-rng-pci")
+        return b.version, b.has_qtest_accel, b.accelerators, b.devices, props, b.machines
+
+    monkeypatch.setattr(QemuBinary, "_cache", {})
+    first = facts()
+    asked = calls.read_text().splitlines()
+    assert len(asked) == 6 and asked[0] == "--version", asked
+    assert first[0] == qemu_binary.version and first[1] == qemu_binary.has_qtest_accel
+    monkeypatch.setattr(QemuBinary, "_cache", {})
+    assert facts() == first
+    assert calls.read_text().splitlines() == asked  # nothing run the second time
+    st = os.stat(script)
+    os.utime(script, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    monkeypatch.setattr(QemuBinary, "_cache", {})
+    assert facts() == first
+    assert len(calls.read_text().splitlines()) == 2 * len(asked)  # a changed file is asked again
+
+
 def test_device_properties(qemu_binary: QemuBinary) -> None:
     props = qemu_binary.device_properties("virtio-rng-pci")
     event_idx = props["event_idx"]
