@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -18,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from . import known_flags
 from .errors import QemuStartError, QtestVirtioError
@@ -113,14 +115,87 @@ def resolve_qemu(qemu: str | None = None) -> str:
     return found
 
 
+def user_cache_dir() -> str:
+    """``$XDG_CACHE_HOME/qtest-virtio`` (default ``~/.cache/qtest-virtio``): the halt firmware
+    and the probe files live there."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "qtest-virtio")
+
+
+#: Bumped when the probe file's layout changes (older files are then ignored).
+_PROBE_FORMAT = 1
+#: Probe files kept (one per binary path; the oldest go): test wrappers in temp directories
+#: must not pile up.
+_PROBE_FILES_KEPT = 64
+
+
+class ProbeFile:
+    """The answers a binary gave, kept in a JSON file so that every process asking them (the
+    CLI, each xdist worker, the next run) does not start the binary again: ``--version``, the
+    accelerator trial, ``-device help`` and each ``-device NAME,help`` cost 15-100 ms apiece.
+    Valid while the binary's (real path, mtime, size) is the one it was taken from; a file that
+    cannot be read or written only costs the questions again."""
+
+    def __init__(self, key: tuple[str, int, int]) -> None:
+        self.key = [*key]
+        name = hashlib.sha256(key[0].encode()).hexdigest()[:24]
+        self.path = os.path.join(user_cache_dir(), "probes", f"{name}.json")
+        self.facts = self._read()
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(data, dict) or data.get("format") != _PROBE_FORMAT or data.get("key") != self.key:
+            return {}
+        facts = data.get("facts")
+        return facts if isinstance(facts, dict) else {}
+
+    def save(self, name: str, value: Any) -> None:
+        """Add one answer (JSON data) and rewrite the file, keeping what other processes added."""
+        self.facts[name] = value
+        theirs = self._read()
+        merged = {**theirs, **self.facts}
+        if name == "properties":  # per device: another process may have asked other devices
+            merged["properties"] = {**theirs.get("properties", {}), **self.facts["properties"]}
+        tmp = f"{self.path}.{os.getpid()}"
+        try:
+            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"format": _PROBE_FORMAT, "key": self.key, "facts": merged}, f)
+            new = not os.path.exists(self.path)
+            os.replace(tmp, self.path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            return
+        if new:
+            self._prune()
+
+    def _prune(self) -> None:
+        directory = os.path.dirname(self.path)
+        with contextlib.suppress(OSError):
+            files = [os.path.join(directory, n) for n in os.listdir(directory) if n.endswith(".json")]
+            files.sort(key=lambda f: os.stat(f).st_mtime_ns, reverse=True)
+            for old in files[_PROBE_FILES_KEPT:]:
+                os.unlink(old)
+
+
 class QemuBinary:
-    """A QEMU binary and the facts asked of it; one instance per (path, mtime, size)."""
+    """A QEMU binary and the facts asked of it; one instance per (path, mtime, size), its
+    answers kept across processes in a :class:`ProbeFile`."""
 
     _cache: ClassVar[dict[tuple[str, int, int], QemuBinary]] = {}
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, probes: ProbeFile | None = None) -> None:
         self.path = path
-        self._properties: dict[str, dict[str, PropertyInfo]] = {}
+        self._probes = probes
+        props = probes.facts.get("properties", {}) if probes is not None else {}
+        self._properties: dict[str, dict[str, PropertyInfo]] = {
+            dev: {n: PropertyInfo(n, *info) for n, info in p.items()} for dev, p in props.items()
+        }
 
     @classmethod
     def get(cls, qemu: str | None = None) -> QemuBinary:
@@ -128,10 +203,18 @@ class QemuBinary:
         st = os.stat(path)
         key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
         if key not in cls._cache:
-            binary = cls(path)
+            binary = cls(path, ProbeFile(key))
             binary.version_text  # noqa: B018 -- a program that is not QEMU is refused here, once
             cls._cache[key] = binary
         return cls._cache[key]
+
+    def _recall(self, name: str) -> Any:
+        """An answer the probe file holds (None: ask the binary)."""
+        return self._probes.facts.get(name) if self._probes is not None else None
+
+    def _remember(self, name: str, value: Any) -> None:
+        if self._probes is not None:
+            self._probes.save(name, value)
 
     def _run(self, *args: str, stdin: str | None = None, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
         """Run the binary in a process group of its own, bounded: on a timeout the whole group
@@ -168,6 +251,9 @@ class QemuBinary:
     def version_text(self) -> str:
         """First line of ``--version``, e.g. 'QEMU emulator version 7.2.22 (Debian ...)'.
         Anything else is NotQemu (125), before any device question is asked of the program."""
+        known = self._recall("version_text")
+        if isinstance(known, str):
+            return known
         res = self._run("--version", timeout=VERSION_TIMEOUT)
         lines = res.stdout.strip().splitlines()
         first = lines[0] if lines else ""
@@ -178,6 +264,7 @@ class QemuBinary:
             )
         if not _VERSION_RE.search(first) or "QEMU" not in first:
             raise NotQemu(f"{self.path} is not a QEMU binary: --version printed {first[:80]!r}")
+        self._remember("version_text", first)
         return first
 
     @cached_property
@@ -195,18 +282,29 @@ class QemuBinary:
     def accelerators(self) -> frozenset[str]:
         """Accelerators ``-accel help`` lists. Upstream never lists qtest there although
         ``-accel qtest`` works, so :attr:`has_qtest_accel` is decided by trial instead."""
+        known = self._recall("accelerators")
+        if isinstance(known, list):
+            return frozenset(known)
         lines = self._run("-accel", "help").stdout.splitlines()
-        return frozenset(line.strip() for line in lines[1:] if line.strip())
+        names = sorted({line.strip() for line in lines[1:] if line.strip()})
+        self._remember("accelerators", names)
+        return frozenset(names)
 
     @cached_property
     def has_qtest_accel(self) -> bool:
         """Whether ``-accel qtest`` starts: tried once on an empty machine (virtio-facts.md,
         "More than one QEMU"); Debian's builds answer "invalid accelerator qtest"."""
+        known = self._recall("has_qtest_accel")
+        if isinstance(known, bool):
+            return known
         res = self._run(
             "-accel", "qtest", "-machine", "none", "-nodefaults", "-display", "none", "-qmp", "stdio",
             stdin='{"execute": "qmp_capabilities"}\n{"execute": "quit"}\n',
         )  # fmt: skip
-        return res.returncode == 0 and '"return"' in res.stdout
+        has = res.returncode == 0 and '"return"' in res.stdout
+        if has or "invalid accelerator" in res.stderr:  # a failure of another kind may pass: ask again
+            self._remember("has_qtest_accel", has)
+        return has
 
     @property
     def accelerator(self) -> str:
@@ -224,11 +322,15 @@ class QemuBinary:
     @cached_property
     def devices(self) -> dict[str, str]:
         """Device model name -> bus name, from ``-device help``."""
+        known = self._recall("devices")
+        if isinstance(known, dict):
+            return known
         out: dict[str, str] = {}
         for line in self._run("-device", "help").stdout.splitlines():
             m = _DEVICE_RE.match(line)
             if m:
                 out[m.group("name")] = m.group("bus") or ""
+        self._remember("devices", out)
         return out
 
     @cached_property
@@ -238,12 +340,16 @@ class QemuBinary:
     @cached_property
     def _machine_aliases(self) -> dict[str, str]:
         """Machine type -> the versioned type it is an alias of (itself when it is none)."""
+        known = self._recall("machine_aliases")
+        if isinstance(known, dict):
+            return known
         out: dict[str, str] = {}
         for line in self._run("-machine", "help").stdout.splitlines()[1:]:
             if line.strip():
                 m = re.search(r"\(alias of ([^)]+)\)", line)
                 name = line.split()[0]
                 out[name] = m.group(1) if m else name
+        self._remember("machine_aliases", out)
         return out
 
     def resolve_machine(self, machine: str) -> str:
@@ -273,6 +379,13 @@ class QemuBinary:
                 desc = rest[: d.start()].strip() if d else rest
                 props[m.group("name")] = PropertyInfo(m.group("name"), m.group("type"), default, desc)
             self._properties[device] = props
+            self._remember(
+                "properties",
+                {
+                    dev: {n: [i.type, i.default, i.description] for n, i in p.items()}
+                    for dev, p in self._properties.items()
+                },
+            )
         return self._properties[device]
 
     def unknown_device(self, device: str) -> UnknownFlag:
@@ -293,6 +406,9 @@ class QemuBinary:
         """Every flag name must be a property of one of ``devices`` in this binary. A name some
         measured version has (known_flags) raises UnknownFlag with those versions (125); a name
         none has raises FlagTypo with "did you mean" (128)."""
+        names = list(names)
+        if not names:  # nothing to check: no -device NAME,help asked
+            return
         have: set[str] = set()
         for device in devices:
             if device in self.devices:
@@ -315,6 +431,8 @@ class QemuBinary:
         """Each value must be one its property's type takes (bool: on/off; OnOffAuto:
         on/off/auto), checked before QEMU starts; raises BadFlagValue naming those values.
         Names none of ``devices`` has are left to :meth:`check_flags`."""
+        if not flags:  # nothing to check: no -device NAME,help asked
+            return
         types: dict[str, str] = {}
         for device in devices:
             if device in self.devices:

@@ -428,8 +428,10 @@ def test_sigkill_noticed_by_shutdown_alone(machine_factory: MachineFactory) -> N
 # -- teardown always runs --------------------------------------------------------------------
 
 
-def test_normal_exit_is_qmp_quit(machine_factory: MachineFactory) -> None:
-    """Normal teardown: QEMU leaves through QMP quit (exit 0, well before the 3 s SIGTERM stage)."""
+def test_normal_exit_is_a_clean_exit_without_qmp(machine_factory: MachineFactory) -> None:
+    """Normal teardown: SIGTERM, on which QEMU exits cleanly (status 0, the QMP quit path's
+    cleanup), well within the 3 s grace; QMP is never negotiated
+    for it, which is what makes teardown cheap."""
     vm = machine_factory()
     pid, workdir = vm.pid, vm.workdir
     assert list(vm.processes()) == [pid]
@@ -440,8 +442,38 @@ def test_normal_exit_is_qmp_quit(machine_factory: MachineFactory) -> None:
     assert time.monotonic() - t0 < 2.0
     assert vm.returncode == 0
     assert vm.crash is None
+    assert vm._qmp is None
+    assert vm.stderr_text() == ""  # under qtest QEMU does not report the signal (qemu_kill_report)
     assert list(vm.processes()) == []
     assert_cleaned_up(pid, workdir)
+
+
+def test_clean_exit_after_qmp_was_used(machine_factory: MachineFactory) -> None:
+    """A machine whose QMP was negotiated leaves the same way, exit status 0, no crash."""
+    vm = machine_factory()
+    pid, workdir = vm.pid, vm.workdir
+    assert vm.run_state() in ("prelaunch", "running", "paused")
+    vm.shutdown(check=True)
+    assert vm.returncode == 0 and vm.crash is None
+    assert_cleaned_up(pid, workdir)
+
+
+def test_teardown_reaches_qemu_under_a_wrapper_script(
+    machine_factory: MachineFactory, tmp_path: Path, qemu_binary: QemuBinary
+) -> None:
+    """A wrapper that runs QEMU as its child (no exec) and ignores SIGTERM itself: the signal goes
+    to QEMU's process group, so QEMU still exits cleanly and the wrapper with it (no orphan)."""
+    script = wrapper(tmp_path, f"trap '' TERM\n{shlex.quote(qemu_binary.path)} \"$@\"\n")
+    vm = machine_factory(MachineSpec(qemu=script))
+    assert vm.qtest.readl(RAM) == 0
+    wrapper_pid = vm.pid
+    children = [int(p) for p in Path(f"/proc/{wrapper_pid}/task/{wrapper_pid}/children").read_text().split()]
+    assert len(children) == 1
+    t0 = time.monotonic()
+    vm.shutdown(check=True)
+    assert time.monotonic() - t0 < 2.0  # QEMU exited on SIGTERM, not on the SIGKILL stage
+    assert vm.returncode == 0
+    assert not os.path.exists(f"/proc/{children[0]}")
 
 
 def test_exception_in_with_block(qemu_binary: QemuBinary) -> None:
@@ -674,6 +706,36 @@ def test_binary_capabilities(qemu_binary: QemuBinary) -> None:
     assert qemu_binary.devices.get("virtio-rng-pci") == "PCI"
 
 
+def test_probe_answers_are_kept_across_processes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, qemu_binary: QemuBinary
+) -> None:
+    """A binary's answers (--version, the accelerator trial, -device help, -device NAME,help,
+    -machine help) are asked once and kept in the cache directory: a fresh process (here a fresh
+    class cache) runs the binary not once; a changed binary (another mtime) is asked again."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    calls = tmp_path / "calls"
+    script = wrapper(tmp_path, f'echo "$*" >> {shlex.quote(str(calls))}\nexec {shlex.quote(qemu_binary.path)} "$@"\n')
+
+    def facts() -> tuple[object, ...]:
+        b = QemuBinary.get(script)
+        props = b.device_properties("virtio-rng-pci")
+        return b.version, b.has_qtest_accel, b.accelerators, b.devices, props, b.machines
+
+    monkeypatch.setattr(QemuBinary, "_cache", {})
+    first = facts()
+    asked = calls.read_text().splitlines()
+    assert len(asked) == 6 and asked[0] == "--version", asked
+    assert first[0] == qemu_binary.version and first[1] == qemu_binary.has_qtest_accel
+    monkeypatch.setattr(QemuBinary, "_cache", {})
+    assert facts() == first
+    assert calls.read_text().splitlines() == asked  # nothing run the second time
+    st = os.stat(script)
+    os.utime(script, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    monkeypatch.setattr(QemuBinary, "_cache", {})
+    assert facts() == first
+    assert len(calls.read_text().splitlines()) == 2 * len(asked)  # a changed file is asked again
+
+
 def test_device_properties(qemu_binary: QemuBinary) -> None:
     props = qemu_binary.device_properties("virtio-rng-pci")
     event_idx = props["event_idx"]
@@ -707,13 +769,17 @@ def test_unknown_device_in_check_properties(qemu_binary: QemuBinary) -> None:
 def test_signal_during_quit_is_a_crash(
     machine_factory: MachineFactory, tmp_path: Path, qemu_binary: QemuBinary
 ) -> None:
-    """QEMU segfaulting on its way out after QMP quit (a real class of QEMU bugs) must be reported.
+    """QEMU segfaulting on its way out (teardown's SIGTERM takes QMP quit's cleanup path; a real
+    class of QEMU bugs) must be reported.
 
     The wrapper runs QEMU as a child and, once it has quit, dies by SIGSEGV itself: to the harness
     that is the QEMU process ending with signal 11 although nobody signalled it. Regression: only
     a death before shutdown began, or a stderr marker, used to count as a crash.
     """
-    script = wrapper(tmp_path, f'{shlex.quote(qemu_binary.path)} "$@"\n[ "$1" = --version ] || kill -SEGV $$\n')
+    # SIGTERM reaches the wrapper's process group: the wrapper ignores it, QEMU exits cleanly.
+    script = wrapper(
+        tmp_path, f'trap "" TERM\n{shlex.quote(qemu_binary.path)} "$@"\n[ "$1" = --version ] || kill -SEGV $$\n'
+    )
     vm = machine_factory(MachineSpec(qemu=script))
     assert vm.qtest.readl(RAM) == 0
     with pytest.raises(QemuCrashed) as info:

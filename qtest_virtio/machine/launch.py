@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ..backends import Handle, make_backend
-from ..binary import QemuBinary
+from ..binary import QemuBinary, user_cache_dir
 from ..errors import QemuStartError
 from .spec import MachineSpec, escape_option_value
 
@@ -33,11 +33,10 @@ def halt_firmware() -> str:
     With this firmware ``cont`` gives a running machine whose only vCPU instruction is hlt.
     Kept in the user's cache directory so a reproducer command line stays valid.
     """
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     rom = bytearray(b"\xf4" * _HALT_ROM_SIZE)
     rom[-16 : -16 + len(_HALT_VECTOR)] = _HALT_VECTOR
     for directory in (
-        os.path.join(cache, "qtest-virtio"),
+        user_cache_dir(),
         os.path.join(tempfile.gettempdir(), f"qtest-virtio-{os.getuid()}"),
     ):
         path = os.path.join(directory, "halt-firmware-v1.rom")
