@@ -25,7 +25,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from ..backends import Handle
 from ..binary import QemuBinary, UnknownFlag
-from ..errors import QemuCrashed, QemuStartError, describe_exit
+from ..errors import QemuCrashed, QemuStartError, QtestVirtioError, describe_exit
 from ..qtest import QtestClient
 from ..workdirs import make_workdir
 from . import migration, process, qdev
@@ -200,6 +200,11 @@ class QemuMachine:
                 # A QEMU that already failed to answer qtest in time is likely hung (its main
                 # loop never reads the signal): a shorter grace before SIGKILL.
                 hung = self._qtest is not None and self._qtest.timed_out
+                if not died_early and not hung:
+                    # The test's last posted writes are answered first: a crash they caused is
+                    # reported (by _check_crash below), not hidden by the signal.
+                    with contextlib.suppress(QtestVirtioError):
+                        self._barrier()
                 if not died_early:
                     process.terminate(proc, grace=2.0 if hung else 3.0, signals_sent=self._signals_sent)
         finally:
