@@ -48,6 +48,8 @@ from .targets import DEVICE_ID, DEVICES, make_target
 if TYPE_CHECKING:
     from hypothesis.strategies import SearchStrategy
 
+    from .reuse import Session
+
 #: The ring layouts a campaign covers: all of them (modes.RINGS).
 RINGS = modes.RINGS
 
@@ -278,8 +280,9 @@ def _observe_errors(vm: Machine, driver: Any, target: Target, action: Action, se
     return len(lines)
 
 
-def machine_for(config: FuzzConfig) -> Machine:
-    """The machine an example runs on (and a checked replay rebuilds): the device alone."""
+def machine_for(config: FuzzConfig, cls: type[Machine] = Machine) -> Machine:
+    """The machine an example runs on (and a checked replay rebuilds): the device alone.
+    ``cls``: a Machine subclass (the reused process's, :mod:`.reuse`)."""
     device = DEVICES[config.device]
     spec = MachineSpec(qemu=config.qemu, command_timeout=config.hang_timeout)
     spec.add_virtio(
@@ -290,7 +293,7 @@ def machine_for(config: FuzzConfig) -> Machine:
         packed="on" if config.ring == "packed" else "off",
         hotplug=config.unplug,  # then the example plugs it first, as the guest's slot expects
     )
-    return Machine(spec)
+    return cls(spec)
 
 
 @dataclass
@@ -411,20 +414,26 @@ def _died_badly(vm: QemuMachine) -> bool:
     return vm.crash_marker() is not None or (vm.returncode is not None and vm.returncode < 0)
 
 
-def run_example(config: FuzzConfig, actions: Sequence[Action], *, hook: Hook | None = None) -> ExampleResult:
-    """One example on a fresh machine: initialize, abuse, check, reset, check a valid request."""
+def run_example(
+    config: FuzzConfig, actions: Sequence[Action], *, hook: Hook | None = None, session: Session | None = None
+) -> ExampleResult:
+    """One example: initialize, abuse, check, reset, check a valid request. On a fresh machine,
+    or with ``session`` on its reused process (in its post-start state; the session resets it
+    afterwards, or restarts it)."""
     device = DEVICES[config.device]
     result = ExampleResult(config, list(actions))
-    vm = machine_for(config)
-    vm.start()  # QemuStartError: the caller's problem (cannot run here)
+    vm = session.machine() if session is not None else machine_for(config)
+    if session is None:
+        vm.start()  # QemuStartError: the caller's problem (cannot run here)
     recording = _Recording(vm.qtest)
     recovery_at: int | None = None
     result.args = replay_args(vm.command_line())
     progress = _Progress()
-    judge = Judge(
-        vm, hung=lambda exc: f"no qtest reply within {config.hang_timeout:g} s during {progress.where}: {exc}"
-    )
-    live = _Live(vm, judge, recording, config=config)
+    hung = lambda exc: f"no qtest reply within {config.hang_timeout:g} s during {progress.where}: {exc}"  # noqa: E731
+    judge = Judge(vm, hung=hung) if session is None else session.judge(vm, hung)
+    stderr_from = len(vm.stderr_text().splitlines())  # a reused process printed its start-up lines before
+    live = _Live(vm, judge, recording, config=config, seen=stderr_from)
+    driver: Any = None
     try:
         with judge as verdict:
             if config.unplug:
@@ -434,7 +443,8 @@ def run_example(config: FuzzConfig, actions: Sequence[Action], *, hook: Hook | N
             progress.phase = "abuse"
             if _abuse(live, driver, target, actions, result, progress, hook):
                 progress.phase, progress.step = "check", 0
-                settle(live.vm, FUZZ_SETTLE)  # deferred work may kill QEMU after the last action
+                # deferred work may kill QEMU after the last action
+                settle(live.vm, FUZZ_SETTLE) if session is None else session.settle(live.vm)
                 progress.phase = "recovery"
                 recovery_at = len(recording.sent())
                 if live.unplugged:  # plugged again: a fresh driver on the new function
@@ -443,6 +453,10 @@ def run_example(config: FuzzConfig, actions: Sequence[Action], *, hook: Hook | N
                     driver.fn.restore()  # BARs, decoding, bus master: what config-space abuse may have moved
                     driver.initialize()
                     check_recovery(verdict, lambda: device.check(live.vm, driver, 5.0))
+    except BaseException:
+        if session is not None:
+            session.discard(live.vm, "error in the harness")
+        raise
     finally:
         for other in {vm, live.vm} - {judge.vm}:
             other.shutdown(check=False)  # a migration's other side, when the judge took one
@@ -453,6 +467,8 @@ def run_example(config: FuzzConfig, actions: Sequence[Action], *, hook: Hook | N
         result.stderr_tail = judge.vm.stderr_tail(30)
         result.returncode = judge.vm.returncode
     result.outcome, result.detail, result.signal = verdict.outcome, verdict.detail, verdict.signal
+    if session is not None:
+        session.done(live.vm, driver, result, stderr_from=stderr_from)
     return result
 
 
@@ -630,6 +646,7 @@ def fuzz_target(
     hook: Hook | None = None,
     known: Container[str] = (),
     deadline: float | None = None,
+    session: Session | None = None,
 ) -> FuzzReport:
     """Run hypothesis on one (device, mode, ring); on failure, shrink and keep the smallest.
 
@@ -638,6 +655,7 @@ def fuzz_target(
     (``time.monotonic()``; the run's whole budget): from then on only the smallest failing case
     found so far runs for real, so hypothesis ends with it. No new example starts QEMU after
     ``deadline``. An interrupt raises :class:`FuzzInterrupted` with what was found by then.
+    With ``session`` (:class:`~.reuse.Session`), the examples share its QEMU process.
     """
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import seed as hypothesis_seed
@@ -670,7 +688,7 @@ def fuzz_target(
             if actions != best.actions:
                 return
         report.shrink_runs += bool(failures)
-        result = run_example(config, actions, hook=hook)
+        result = run_example(config, actions, hook=hook, session=session)
         report.examples += 1
         report.migrations += result.migrations
         report.unplugs += result.unplugs
@@ -691,7 +709,9 @@ def fuzz_target(
             best = min(reversed(failures), key=lambda r: _size(r.actions))
             report.failure = best
             end = time.monotonic() + (0.0 if signature(best) in known else shrink_seconds)
-            report.failure = _delete_actions(best, hook, end if deadline is None else min(end, deadline), keep=report)
+            report.failure = _delete_actions(
+                best, hook, end if deadline is None else min(end, deadline), keep=report, session=session
+            )
             if deadline is not None and time.monotonic() >= deadline and len(report.failure.actions) > 1:
                 report.shrink_cut = True
     except KeyboardInterrupt:
@@ -704,7 +724,12 @@ def fuzz_target(
 
 
 def _delete_actions(
-    best: ExampleResult, hook: Hook | None, deadline: float, *, keep: FuzzReport | None = None
+    best: ExampleResult,
+    hook: Hook | None,
+    deadline: float,
+    *,
+    keep: FuzzReport | None = None,
+    session: Session | None = None,
 ) -> ExampleResult:
     """Drop actions one at a time while the failure stays the same kind: hypothesis's shrinker
     often keeps harmless actions in front of the one that matters. Each smaller failure is
@@ -718,7 +743,7 @@ def _delete_actions(
             candidate = best.actions[:i] + best.actions[i + 1 :]
             if keep is not None:
                 keep.shrink_runs += 1
-            result = run_example(best.config, candidate, hook=hook)
+            result = run_example(best.config, candidate, hook=hook, session=session)
             if result.outcome == best.outcome:
                 best, changed = result, True
                 if keep is not None:
