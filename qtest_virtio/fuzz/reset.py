@@ -35,6 +35,7 @@ from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .. import modes
 from ..errors import QtestVirtioError
 from ..memory import PAGE_SIZE, RAM_START
 from ..pci.config import CONFIG_ADDRESS_PORT, CONFIG_DATA_PORT, Bdf, Cf8Access, EcamAccess
@@ -76,9 +77,9 @@ class Baseline:
     path: str
     status: dict[str, Any]
     queues: tuple[dict[str, Any], ...]
-    #: The MSI-X table as read once the BARs were first assigned (empty without MSI-X).
+    #: The MSI-X table and the device config space (as many bytes as both legacy layouts
+    #: show, MSI-X on or off), as read once the BARs were first assigned.
     msix_table: bytes
-    #: The device config space, as many bytes as both layouts show (legacy: MSI-X on or off).
     device_config: bytes
 
 
@@ -150,20 +151,17 @@ def _virtio_state(vm: Machine, path: str, queues: int) -> tuple[dict[str, Any], 
     return status, qs  # type: ignore[return-value]
 
 
-def _device_config(driver: Any, vmap: VirtioPciMap) -> bytes:
+def _device_config(vm: Machine, vmap: VirtioPciMap, legacy: bool) -> bytes:
     """The device config space (§4.1.4.6; legacy §4.1.4.8), byte by byte as a driver reads it,
     pipelined: as many bytes as both legacy layouts (MSI-X on, off) show."""
-    if isinstance(driver.transport, ModernTransport):
-        window = vmap.device
-    else:
-        window = vmap.legacy_device() if vmap.legacy is not None else None
+    window = (vmap.legacy_device() if vmap.legacy is not None else None) if legacy else vmap.device
     start = vmap.address(window) if window is not None else None
     if window is None or start is None:
         return b""
-    size = window.length if vmap.device is window else (vmap.legacy.length if vmap.legacy else 0) - 24
+    size = (vmap.legacy.length - 24 if vmap.legacy is not None else 0) if legacy else window.length
     size = max(0, min(size, 0x100))
     op = "inb" if window.access == Access.IO else "readb"
-    replies = driver.fn.qtest.pipeline([f"{op} {start + i:#x}" for i in range(size)])
+    replies = vm.qtest.pipeline([f"{op} {start + i:#x}" for i in range(size)])
     return bytes(int(r, 16) & 0xFF for r in replies)
 
 
@@ -174,10 +172,10 @@ def _msix_table(vm: Machine, vmap: VirtioPciMap) -> bytes:
     return b"" if addr is None else vm.qtest.memread(addr, vmap.msix_table.length)
 
 
-def take_baseline(vm: Machine, driver_factory: Any) -> tuple[Baseline, Any]:
-    """Snapshot a machine right after start, then make the example's driver
-    (``driver_factory(vm)``: enumeration, BAR assignment, initialization) and return both. The
-    MSI-X table and device config are read between assignment and initialization."""
+def take_baseline(vm: Machine, mode: str) -> Baseline:
+    """Snapshot a machine right after start: config space, CF8 latch and QEMU's view of the
+    device; then, with the BARs assigned as an example's enumeration assigns them, the MSI-X
+    table and the device config; then the config space written back to the snapshot (checked)."""
     bdfs = _bus0_functions(vm)
     cf8 = vm.qtest.inl(CONFIG_ADDRESS_PORT)
     config = {b: tuple(v) for b, v in _config(vm, bdfs).items()}
@@ -185,12 +183,9 @@ def take_baseline(vm: Machine, driver_factory: Any) -> tuple[Baseline, Any]:
     devices: list[dict[str, str]] = vm.qmp.cmd("x-query-virtio")  # type: ignore[assignment]
     path = devices[0]["path"]
     status0 = vm.qmp.cmd("x-query-virtio-status", path=path)
-    nvq = int(status0["num-vqs"])  # type: ignore[index]
-    status, queues = _virtio_state(vm, path, nvq)
-    fn = vm.pci_function(DEVICE_ID)  # assigns the BARs: the MSI-X table is reachable
+    status, queues = _virtio_state(vm, path, int(status0["num-vqs"]))  # type: ignore[index]
+    fn = vm.pci_function(DEVICE_ID)  # assigns the BARs: the MSI-X table and device config are reachable
     vmap = VirtioPciMap.of(fn)
-    table = _msix_table(vm, vmap)
-    driver = driver_factory(vm)
     pci_cfg = vmap.pci_cfg.offset + VIRTIO_PCI_CFG_CAP.pci_cfg_data.offset if vmap.pci_cfg is not None else None
     baseline = Baseline(
         config=config,
@@ -200,10 +195,11 @@ def take_baseline(vm: Machine, driver_factory: Any) -> tuple[Baseline, Any]:
         path=path,
         status=status,
         queues=queues,
-        msix_table=table,
-        device_config=b"",
+        msix_table=_msix_table(vm, vmap),
+        device_config=_device_config(vm, vmap, modes.USES_LEGACY_LAYOUT[modes.check_mode(mode)]),
     )
-    return baseline, driver
+    _restore_config(vm, baseline, ())
+    return baseline
 
 
 def _differences(what: str, got: Any, want: Any) -> str | None:
@@ -215,13 +211,10 @@ def _differences(what: str, got: Any, want: Any) -> str | None:
     return f"{what} differs"
 
 
-def reset_to_baseline(
-    vm: Machine, driver: Any, baseline: Baseline, *, device_config: bytes | None, skip: Container[str] = ()
-) -> bytes:
+def reset_to_baseline(vm: Machine, driver: Any, baseline: Baseline, *, skip: Container[str] = ()) -> None:
     """Reset the device and the machine to ``baseline`` and prove it (ResetFailed naming the
-    first difference). ``device_config``: the post-start device config to compare with (None
-    on the first reset, which records it). Returns the device config read back. ``skip``
-    leaves out steps of :data:`STEPS` (tests: the check must then fail)."""
+    first difference). ``skip`` leaves out steps of :data:`STEPS` (tests: the check must then
+    fail)."""
     fn = driver.fn
     vmap = VirtioPciMap.of(fn)
     fn.restore()  # BARs where the example's enumeration put them, decoding on: the registers reachable
@@ -231,10 +224,10 @@ def reset_to_baseline(
             tr.reset(timeout=1.0)  # status 0, read back 0
         except QtestVirtioError as exc:
             raise ResetFailed(f"device reset: {exc}") from None
-    config_now = _device_config(driver, vmap)
-    if device_config is not None and config_now != device_config:
+    config_now = _device_config(vm, vmap, not isinstance(tr, ModernTransport))
+    if config_now != baseline.device_config:
         raise ResetFailed(
-            f"device config space differs after reset: {config_now.hex()} (after start: {device_config.hex()})"
+            f"device config space differs after reset: {config_now.hex()} (after start: {baseline.device_config.hex()})"
         )
     if baseline.msix_table and vmap.msix_table is not None:
         addr = vmap.address(vmap.msix_table)
@@ -266,7 +259,6 @@ def reset_to_baseline(
             raise ResetFailed(diff)
     if "ram" not in skip:
         zero_used_ram(vm)
-    return config_now
 
 
 def _restore_config(vm: Machine, baseline: Baseline, skip: Container[str]) -> None:

@@ -23,7 +23,7 @@ from ..errors import QemuCrashed, QtestTimeout, QtestVirtioError
 from ..machine import is_crash_marker
 from ..outcome import Judge
 from ..vm import Machine
-from .engine import FUZZ_SETTLE, ExampleResult, FuzzConfig, driver_for, machine_for
+from .engine import FUZZ_SETTLE, ExampleResult, FuzzConfig, machine_for
 from .reset import Baseline, ResetFailed, reset_to_baseline, take_baseline
 
 #: Examples one process serves before a planned restart (``fuzz --restart-every``).
@@ -96,7 +96,6 @@ class Session:
         self.stats = ReuseStats()
         self._vm: ReusableMachine | None = None
         self._baseline: Baseline | None = None
-        self._device_config: bytes | None = None
         self._served = 0
 
     def __enter__(self) -> Session:
@@ -131,9 +130,7 @@ class Session:
         self.stats.processes += 1
         self._served = 0
         try:
-            baseline, driver = take_baseline(vm, lambda m: driver_for(m, self.config))
-            # The first reset records the device config and proves the reset on a clean device.
-            self._device_config = reset_to_baseline(vm, driver, baseline, device_config=None)
+            baseline = take_baseline(vm, self.config.mode)
         except BaseException:
             vm.shutdown(check=False)
             raise
@@ -158,7 +155,7 @@ class Session:
             started = time.monotonic()
             try:
                 assert self._baseline is not None and isinstance(vm, ReusableMachine)
-                reset_to_baseline(vm, driver, self._baseline, device_config=self._device_config, skip=self.skip)
+                reset_to_baseline(vm, driver, self._baseline, skip=self.skip)
                 vm.forget_guest()
                 self.stats.resets += 1
             except ResetFailed as exc:
