@@ -314,10 +314,15 @@ class _Recording:
     moved, the interceptions ``QtestClient.take_over`` made again on the destination (QEMU got
     them; a replay sends them as written) and what the destination's recorded socket got."""
 
-    def __init__(self, client: QtestClient) -> None:
-        self._done: list[bytes] = []
+    def __init__(self, client: QtestClient, *, sink: list[bytes] | None = None, prefix: bytes = b"") -> None:
+        """``sink``: a reused process's recording, emptied here (one per process, not one more
+        per example); ``prefix``: what a fresh machine got before (the enumeration a reused
+        machine's reset re-sent)."""
+        self._done: list[bytes] = [prefix] if prefix else []
         self._intercepts: list[bytes] = []
-        self._sink = client.record()
+        if sink is not None:
+            sink.clear()
+        self._sink = sink if sink is not None else client.record()
 
     def directive(self, line: str) -> None:
         """A step replay takes here (recorded before it starts: a crash while it runs is
@@ -425,7 +430,9 @@ def run_example(
     vm = session.machine() if session is not None else machine_for(config)
     if session is None:
         vm.start()  # QemuStartError: the caller's problem (cannot run here)
-    recording = _Recording(vm.qtest)
+    recording = (
+        _Recording(vm.qtest) if session is None else _Recording(vm.qtest, sink=session.sink, prefix=session.prefix)
+    )
     recovery_at: int | None = None
     result.args = replay_args(vm.command_line())
     progress = _Progress()

@@ -20,8 +20,8 @@ start; :func:`reset_to_baseline` puts it back after an example and compares, rai
 - guest RAM: every region the allocator handed out (rings, buffers, MSI-X mailboxes, the fuzz
   scratch area), the span up to 1 MiB past the highest of them (where a long device-writable
   descriptor from the scratch area reaches) and the conventional memory below 640 KiB (the
-  ``low`` addresses of :class:`~.actions.Addr`) set to zero; the next example's allocator
-  starts empty, as a fresh machine's does.
+  ``low`` addresses of :class:`~.actions.Addr`) set to zero, the allocations read back as
+  zero; the next example's allocator starts empty, as a fresh machine's does.
 
 Config space is read through CF8/CFC (PCI 3.0 §3.2.2.3.2), which needs nothing enabled and
 has no side effect except the address latch, so the snapshot disturbs nothing a fresh machine
@@ -32,7 +32,7 @@ is 0 (reading it otherwise accesses a BAR).
 from __future__ import annotations
 
 from collections.abc import Container, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .. import modes
@@ -81,6 +81,11 @@ class Baseline:
     #: show, MSI-X on or off), as read once the BARs were first assigned.
     msix_table: bytes
     device_config: bytes
+    #: What the example's enumeration sends a fresh machine (ECAM enabled, BARs sized and
+    #: assigned, decoding on), and QEMU's replies to it re-sent after the first write-back:
+    #: the reset re-assigns the BARs by sending it again, and checks the replies.
+    enumeration: tuple[str, ...] = ()
+    enumeration_replies: tuple[str, ...] = ()
 
 
 def _cf8_read(vm: Machine, addresses: Sequence[tuple[Bdf, int]]) -> list[int]:
@@ -172,10 +177,14 @@ def _msix_table(vm: Machine, vmap: VirtioPciMap) -> bytes:
     return b"" if addr is None else vm.qtest.memread(addr, vmap.msix_table.length)
 
 
-def take_baseline(vm: Machine, mode: str) -> Baseline:
+def take_baseline(vm: Machine, mode: str, sink: list[bytes]) -> Baseline:
     """Snapshot a machine right after start: config space, CF8 latch and QEMU's view of the
-    device; then, with the BARs assigned as an example's enumeration assigns them, the MSI-X
-    table and the device config; then the config space written back to the snapshot (checked)."""
+    device; then, with the BARs assigned as an example's enumeration assigns them (its
+    commands recorded from ``sink``, the client's recording), the MSI-X table and the device
+    config; then the config space written back to the snapshot (checked) and the enumeration
+    re-sent, its replies kept. The machine is resumed first, as every example's driver does
+    (``Machine.virtio``; without the qtest accelerator QEMU starts paused, ``vm-running`` false)."""
+    vm.resume()
     bdfs = _bus0_functions(vm)
     cf8 = vm.qtest.inl(CONFIG_ADDRESS_PORT)
     config = {b: tuple(v) for b, v in _config(vm, bdfs).items()}
@@ -184,8 +193,10 @@ def take_baseline(vm: Machine, mode: str) -> Baseline:
     path = devices[0]["path"]
     status0 = vm.qmp.cmd("x-query-virtio-status", path=path)
     status, queues = _virtio_state(vm, path, int(status0["num-vqs"]))  # type: ignore[index]
+    sink.clear()
     fn = vm.pci_function(DEVICE_ID)  # assigns the BARs: the MSI-X table and device config are reachable
-    vmap = VirtioPciMap.of(fn)
+    vmap = VirtioPciMap.of(fn)  # the capability walk a driver's first use makes (the map is kept)
+    enumeration = tuple(b"".join(sink).decode("latin-1").splitlines())
     pci_cfg = vmap.pci_cfg.offset + VIRTIO_PCI_CFG_CAP.pci_cfg_data.offset if vmap.pci_cfg is not None else None
     baseline = Baseline(
         config=config,
@@ -199,7 +210,16 @@ def take_baseline(vm: Machine, mode: str) -> Baseline:
         device_config=_device_config(vm, vmap, modes.USES_LEGACY_LAYOUT[modes.check_mode(mode)]),
     )
     _restore_config(vm, baseline, ())
-    return baseline
+    return replace(baseline, enumeration=enumeration, enumeration_replies=tuple(vm.qtest.pipeline(enumeration)))
+
+
+def _reassign(vm: Machine, baseline: Baseline) -> None:
+    """Assign the BARs again: the enumeration's commands, one pipelined exchange, each reply
+    as the first time (else ResetFailed)."""
+    replies = vm.qtest.pipeline(baseline.enumeration)
+    for i, (got, want) in enumerate(zip(replies, baseline.enumeration_replies, strict=True)):
+        if got != want:
+            raise ResetFailed(f"re-assigning the BARs: {baseline.enumeration[i]!r} answered {got!r}, not {want!r}")
 
 
 def _differences(what: str, got: Any, want: Any) -> str | None:
@@ -257,8 +277,8 @@ def reset_to_baseline(vm: Machine, driver: Any, baseline: Baseline, *, skip: Con
         diff = _differences(what, got, want)
         if diff is not None:
             raise ResetFailed(diff)
-    if "ram" not in skip:
-        zero_used_ram(vm)
+    _reassign(vm, baseline)
+    zero_used_ram(vm, skip="ram" in skip)
 
 
 def _restore_config(vm: Machine, baseline: Baseline, skip: Container[str]) -> None:
@@ -315,10 +335,15 @@ def _compare(back: dict[Bdf, list[int]], baseline: Baseline, only: Container[tup
             )
 
 
-def zero_used_ram(vm: Machine) -> None:
-    """Zero what the example's guest memory use may have touched (see the module docstring)."""
+def zero_used_ram(vm: Machine, *, skip: bool = False) -> None:
+    """Zero what the example's guest memory use may have touched (see the module docstring),
+    then read back what the allocator handed out: all zero (else ResetFailed)."""
     allocations = vm.memory.allocations
     top = max((a.addr + a.size for a in allocations), default=RAM_START)
     top = min((top + ZERO_SLACK + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE, vm.memory.end)
-    vm.qtest.memset(RAM_START, top - RAM_START, 0)
-    vm.qtest.memset(0, LOW_RAM_END, 0)
+    if not skip:
+        vm.qtest.memset(RAM_START, top - RAM_START, 0)
+        vm.qtest.memset(0, LOW_RAM_END, 0)
+    for a in allocations:
+        if any(vm.qtest.memread(a.addr, a.size)):
+            raise ResetFailed(f"guest RAM of {a.tag or 'an allocation'} at {a.addr:#x} is not zero after the reset")

@@ -35,11 +35,12 @@ REUSE_SETTLE = 0.005
 
 
 class ReusableMachine(Machine):
-    """A Machine whose guest-side objects (PCI enumeration, allocator, drivers) can be dropped,
-    so the next example enumerates, assigns and allocates as on a fresh machine."""
+    """A Machine whose guest-side objects (allocator, drivers) can be dropped, so the next
+    example allocates as on a fresh machine."""
 
     def forget_guest(self) -> None:
-        self._pci = None
+        """Drop the allocator and the drivers; the PCI enumeration stays (the reset assigned
+        the BARs again as it had)."""
         self._memory = None
         self._drivers = []
 
@@ -97,6 +98,10 @@ class Session:
         self._vm: ReusableMachine | None = None
         self._baseline: Baseline | None = None
         self._served = 0
+        #: The reused process's recording (``QtestClient.record``), and what an example's
+        #: reproducer starts with (the enumeration the reset re-sent).
+        self.sink: list[bytes] = []
+        self.prefix = b""
 
     def __enter__(self) -> Session:
         return self
@@ -130,12 +135,14 @@ class Session:
         self.stats.processes += 1
         self._served = 0
         try:
-            baseline = take_baseline(vm, self.config.mode)
+            self.sink = vm.qtest.record()  # one recording per process; each example empties it
+            baseline = take_baseline(vm, self.config.mode, self.sink)
         except BaseException:
             vm.shutdown(check=False)
             raise
         vm.forget_guest()
         self._vm, self._baseline = vm, baseline
+        self.prefix = "".join(f"{line}\n" for line in baseline.enumeration).encode("latin-1")
 
     def judge(self, vm: Machine, hung: Callable[[QtestTimeout], str]) -> Judge:
         return _KeepJudge(vm, hung=hung)
