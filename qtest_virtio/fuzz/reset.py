@@ -213,6 +213,19 @@ def take_baseline(vm: Machine, mode: str, sink: list[bytes]) -> Baseline:
     return replace(baseline, enumeration=enumeration, enumeration_replies=tuple(vm.qtest.pipeline(enumeration)))
 
 
+def enumerate_again(vm: Machine, baseline: Baseline, sink: list[bytes]) -> None:
+    """A new process of the same command line, taken to where :func:`take_baseline` left the
+    first one: resumed, enumerated (the PCI objects built anew) with exactly the commands the
+    first enumeration sent (else ResetFailed: the enumerator saw something else). Its first
+    reset is then checked against the first process's snapshot."""
+    vm.resume()
+    sink.clear()
+    VirtioPciMap.of(vm.pci_function(DEVICE_ID))
+    sent = tuple(b"".join(sink).decode("latin-1").splitlines())
+    if sent != baseline.enumeration:
+        raise ResetFailed("a new QEMU process enumerates differently from the first one")
+
+
 def _reassign(vm: Machine, baseline: Baseline) -> None:
     """Assign the BARs again: the enumeration's commands, one pipelined exchange, each reply
     as the first time (else ResetFailed)."""

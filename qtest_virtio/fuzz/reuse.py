@@ -24,7 +24,7 @@ from ..machine import is_crash_marker
 from ..outcome import Judge
 from ..vm import Machine
 from .engine import FUZZ_SETTLE, ExampleResult, FuzzConfig, machine_for
-from .reset import Baseline, ResetFailed, reset_to_baseline, take_baseline
+from .reset import Baseline, ResetFailed, enumerate_again, reset_to_baseline, take_baseline
 
 #: Examples one process serves before a planned restart (``fuzz --restart-every``).
 RESTART_EVERY = 200
@@ -119,8 +119,9 @@ class Session:
         return self._vm.pid if self._vm is not None else None
 
     def machine(self) -> ReusableMachine:
-        """The machine for the next example, in its post-start state (started, snapshot and a
-        first reset done, when there is none)."""
+        """The machine for the next example, in its post-start state (started when there is
+        none: the first process is snapshot (:func:`.reset.take_baseline`), later ones are
+        checked against that snapshot at their first reset)."""
         if self._vm is None:
             self._start()
         assert self._vm is not None
@@ -136,7 +137,19 @@ class Session:
         self._served = 0
         try:
             self.sink = vm.qtest.record()  # one recording per process; each example empties it
-            baseline = take_baseline(vm, self.config.mode, self.sink)
+            if self._baseline is None:
+                baseline = take_baseline(vm, self.config.mode, self.sink)
+            else:  # the same command line: the first process's snapshot, and its enumeration
+                baseline = self._baseline
+                enumerate_again(vm, baseline, self.sink)
+        except ResetFailed:
+            vm.shutdown(check=False)
+            self.stats.restarts["new process differs"] += 1
+            if self._baseline is None:
+                raise
+            self._baseline = None  # snapshot anew, on another process
+            self._start()
+            return
         except BaseException:
             vm.shutdown(check=False)
             raise
