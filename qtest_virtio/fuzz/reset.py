@@ -31,6 +31,7 @@ is 0 (reading it otherwise accesses a BAR).
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Container, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -108,6 +109,21 @@ def _cf8_write(vm: Machine, writes: Sequence[tuple[Bdf, int, int]]) -> None:
         vm.qtest.pipeline(commands)
 
 
+def _bulk(vm: Machine, commands: Sequence[str]) -> list[bytes]:
+    """Pipelined ``b64read``/``b64write``/``memset`` commands, one round trip; the bytes each
+    ``b64read`` read (empty for the others)."""
+    replies = vm.qtest.pipeline(commands)
+    return [base64.b64decode(r) if c.startswith("b64read") else b"" for c, r in zip(commands, replies, strict=True)]
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _b64read(addr: int, size: int) -> str:
+    return f"b64read {addr:#x} {size:#x}"
+
+
 def _bus0_functions(vm: Machine) -> list[Bdf]:
     """The functions present on bus 0 (vendor ID neither 0xFFFF nor 0)."""
     bdfs = [Bdf(0, dev, fn) for dev in range(32) for fn in range(8)]
@@ -131,22 +147,23 @@ def _ecam(vm: Machine) -> EcamAccess | None:
     return EcamAccess(vm.qtest, value & 0xFF_F000_0000)
 
 
-def _config_ecam(ecam: EcamAccess, bdfs: Sequence[Bdf], skip: Container[tuple[Bdf, int]] = ()) -> dict[Bdf, list[int]]:
-    """The first 256 bytes of each function through ECAM: a bulk read per function, around
-    a ``skip``ped dword (-1 there; QEMU splits a bulk read into dword config reads)."""
-    out: dict[Bdf, list[int]] = {}
+def _config_ecam(
+    vm: Machine, ecam: EcamAccess, bdfs: Sequence[Bdf], skip: Container[tuple[Bdf, int]] = ()
+) -> dict[Bdf, list[int]]:
+    """The first 256 bytes of each function through ECAM: bulk reads (QEMU splits them into
+    dword config reads) around a ``skip``ped dword (-1 there), all in one round trip."""
+    plan: list[tuple[Bdf, int, int]] = []  # (function, start, end) of each bulk read
     for b in bdfs:
-        holes = sorted(off for off in range(0, 4 * CONFIG_DWORDS, 4) if (b, off) in skip)
-        values: list[int] = []
         at = 0
-        for end in [*holes, 4 * CONFIG_DWORDS]:
+        for end in [*sorted(off for off in range(0, 4 * CONFIG_DWORDS, 4) if (b, off) in skip), 4 * CONFIG_DWORDS]:
             if end > at:
-                raw = ecam.qtest.memread(ecam.address(b, at), end - at)
-                values += [int.from_bytes(raw[i : i + 4], "little") for i in range(0, len(raw), 4)]
-            if end < 4 * CONFIG_DWORDS:
-                values.append(-1)
+                plan.append((b, at, end))
             at = end + 4
-        out[b] = values
+    data = _bulk(vm, [_b64read(ecam.address(b, start), end - start) for b, start, end in plan])
+    out: dict[Bdf, list[int]] = {b: [-1] * CONFIG_DWORDS for b in bdfs}
+    for (b, start, _), raw in zip(plan, data, strict=True):
+        for i in range(0, len(raw), 4):
+            out[b][(start + i) // 4] = int.from_bytes(raw[i : i + 4], "little")
     return out
 
 
@@ -265,13 +282,17 @@ def reset_to_baseline(vm: Machine, driver: Any, baseline: Baseline, *, skip: Con
     if baseline.msix_table and vmap.msix_table is not None:
         addr = vmap.address(vmap.msix_table)
         assert addr is not None
-        if "msix" not in skip:
-            vm.qtest.memwrite(addr, baseline.msix_table)
-        table = vm.qtest.memread(addr, len(baseline.msix_table))
+        commands = (
+            [] if "msix" in skip else [f"b64write {addr:#x} {len(baseline.msix_table):#x} " + b64(baseline.msix_table)]
+        )
+        commands.append(_b64read(addr, len(baseline.msix_table)))
+        pba = vmap.address(vmap.msix_pba) if vmap.msix_pba is not None else None
+        if pba is not None and vmap.msix_pba is not None:
+            commands.append(_b64read(pba, vmap.msix_pba.length))
+        table, *pending = _bulk(vm, commands)[-2 if pba is not None else -1 :]
         if table != baseline.msix_table:
             raise ResetFailed("MSI-X table differs from its post-start contents after the write-back")
-        pba = vmap.address(vmap.msix_pba) if vmap.msix_pba is not None else None
-        if pba is not None and vmap.msix_pba is not None and any(vm.qtest.memread(pba, vmap.msix_pba.length)):
+        if pending and any(pending[0]):
             raise ResetFailed("MSI-X pending bits set after the device reset")
     _restore_config(vm, baseline, skip)
     status, queues = _virtio_state(vm, baseline.path, len(baseline.queues))
@@ -304,7 +325,7 @@ def _restore_config(vm: Machine, baseline: Baseline, skip: Container[str]) -> No
     ecam = _ecam(vm)
     last = {(MCH, MCH_PCIEXBAR.offset), (MCH, MCH_PCIEXBAR.offset + 4)} if ecam is not None else set()
     # pci_cfg's data dword is read only once its length is 0
-    now = _config_ecam(ecam, bdfs, skip=data) if ecam is not None else _config(vm, bdfs, skip=data)
+    now = _config_ecam(vm, ecam, bdfs, skip=data) if ecam is not None else _config(vm, bdfs, skip=data)
 
     def writes(
         state: dict[Bdf, list[int]], keys: Container[tuple[Bdf, int]], exclude: bool
@@ -317,10 +338,10 @@ def _restore_config(vm: Machine, baseline: Baseline, skip: Container[str]) -> No
         ]
 
     if "pci" not in skip:
-        _cf8_write(vm, writes(now, last, exclude=True))
-        _cf8_write(vm, [(b, off, baseline.config[b][off // 4]) for b, off in data])  # its length is back first
+        # pci_cfg's data dword last: its capability's length is back first
+        _cf8_write(vm, writes(now, last, exclude=True) + [(b, off, baseline.config[b][off // 4]) for b, off in data])
     if ecam is not None:
-        back = _config_ecam(ecam, bdfs)
+        back = _config_ecam(vm, ecam, bdfs)
         for b, off in last:
             back[b][off // 4] = baseline.config[b][off // 4] if now[b][off // 4] == back[b][off // 4] else -1
         _compare(back, baseline)
@@ -354,9 +375,8 @@ def zero_used_ram(vm: Machine, *, skip: bool = False) -> None:
     allocations = vm.memory.allocations
     top = max((a.addr + a.size for a in allocations), default=RAM_START)
     top = min((top + ZERO_SLACK + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE, vm.memory.end)
-    if not skip:
-        vm.qtest.memset(RAM_START, top - RAM_START, 0)
-        vm.qtest.memset(0, LOW_RAM_END, 0)
-    for a in allocations:
-        if any(vm.qtest.memread(a.addr, a.size)):
+    commands = [] if skip else [f"memset {RAM_START:#x} {top - RAM_START:#x} 0x0", f"memset 0x0 {LOW_RAM_END:#x} 0x0"]
+    data = _bulk(vm, [*commands, *(_b64read(a.addr, a.size) for a in allocations)])[len(commands) :]
+    for a, raw in zip(allocations, data, strict=True):
+        if any(raw):
             raise ResetFailed(f"guest RAM of {a.tag or 'an allocation'} at {a.addr:#x} is not zero after the reset")
