@@ -344,7 +344,7 @@ def _report_failure(
     verdict: ReplayResult | None = None
     with contextlib.suppress(QtestVirtioError):
         verdict = _verify(path, qemu=qemu, timeout=args.hang_timeout)
-        print(f"  replay on a fresh QEMU: {verdict.outcome}: {verdict.detail}")
+        print(f"  replay: {verdict.outcome}: {verdict.detail}")  # on a fresh QEMU, as replay runs it
     sys.stdout.flush()
     if checked and (verdict is None or not verdict.outcome.failed):
         os.unlink(path)
