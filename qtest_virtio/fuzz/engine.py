@@ -28,7 +28,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from .. import modes
 from ..errors import MigrationError, QemuCrashed, QtestTimeout, QtestVirtioError, describe_exit
@@ -47,8 +47,6 @@ from .targets import DEVICE_ID, DEVICES, make_target
 
 if TYPE_CHECKING:
     from hypothesis.strategies import SearchStrategy
-
-    from .reuse import Session
 
 #: The ring layouts a campaign covers: all of them (modes.RINGS).
 RINGS = modes.RINGS
@@ -296,6 +294,23 @@ def machine_for(config: FuzzConfig, cls: type[Machine] = Machine) -> Machine:
     return cls(spec)
 
 
+class ExampleHost(Protocol):
+    """What an example needs of a reused QEMU process (:class:`.reuse.Session` is one): the
+    machine in its post-start state, a judge that leaves a survivor running, the settle after
+    the last action, and the decision after the example (reset and check, or restart)."""
+
+    #: The process's recording (``QtestClient.record``), emptied by each example.
+    sink: list[bytes]
+    #: What a fresh machine got before the example's own commands (the enumeration).
+    prefix: bytes
+
+    def machine(self) -> Machine: ...
+    def judge(self, vm: Machine, hung: Callable[[QtestTimeout], str]) -> Judge: ...
+    def settle(self, vm: Machine) -> None: ...
+    def done(self, vm: Machine, driver: Any, result: ExampleResult, *, stderr_from: int) -> None: ...
+    def discard(self, vm: Machine, cause: str) -> None: ...
+
+
 @dataclass
 class _Progress:
     """Where an example is, for the hang's detail."""
@@ -420,7 +435,7 @@ def _died_badly(vm: QemuMachine) -> bool:
 
 
 def run_example(
-    config: FuzzConfig, actions: Sequence[Action], *, hook: Hook | None = None, session: Session | None = None
+    config: FuzzConfig, actions: Sequence[Action], *, hook: Hook | None = None, session: ExampleHost | None = None
 ) -> ExampleResult:
     """One example: initialize, abuse, check, reset, check a valid request. On a fresh machine,
     or with ``session`` on its reused process (in its post-start state; the session resets it
@@ -653,7 +668,7 @@ def fuzz_target(
     hook: Hook | None = None,
     known: Container[str] = (),
     deadline: float | None = None,
-    session: Session | None = None,
+    session: ExampleHost | None = None,
 ) -> FuzzReport:
     """Run hypothesis on one (device, mode, ring); on failure, shrink and keep the smallest.
 
@@ -736,7 +751,7 @@ def _delete_actions(
     deadline: float,
     *,
     keep: FuzzReport | None = None,
-    session: Session | None = None,
+    session: ExampleHost | None = None,
 ) -> ExampleResult:
     """Drop actions one at a time while the failure stays the same kind: hypothesis's shrinker
     often keeps harmless actions in front of the one that matters. Each smaller failure is
