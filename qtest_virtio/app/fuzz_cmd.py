@@ -37,6 +37,9 @@ from ..fuzz.reuse import RESTART_EVERY, ReuseStats, Session
 from ..reproducer import ReplayResult, load, replay
 from .exits import EXIT_FAILED, EXIT_OK, EXIT_UNTESTABLE, EXIT_USAGE
 
+#: Where, under ``--out``, a find that does not fail on a fresh QEMU is set aside.
+UNREPLAYED_DIR = "not-reproduced-fresh"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -246,14 +249,14 @@ def run_fuzz(args: argparse.Namespace) -> int:
             if time.monotonic() >= deadline or (args.rounds is not None and rounds >= args.rounds):
                 break
     except KeyboardInterrupt:
-        new = {sig: path for sig, path in found.items() if sig not in known and path not in earlier}
+        new = {s: p for s, p in found.items() if s not in known and p not in earlier and s not in unreplayed}
         print(f"interrupted: {total} examples, seed {seed}; kept {len(new)} new find(s) in {os.path.abspath(args.out)}")
         for sig, path in new.items():
             print(f"  {sig}: {path}")
         sys.stdout.flush()
         print("qtest-virtio fuzz: interrupted, exit 128 (aborts a git bisect run)", file=sys.stderr)
         return EXIT_USAGE
-    new = {sig: path for sig, path in found.items() if sig not in known and path not in earlier}
+    new = {s: p for s, p in found.items() if s not in known and p not in earlier and s not in unreplayed}
     verdict = f"{len(new)} distinct new find(s)" if new else "nothing new found"
     if still:
         verdict += f", {len(still)} earlier find(s) still failing"
@@ -279,7 +282,10 @@ def _print_reuse(stats: ReuseStats, unreplayed: list[str], args: argparse.Namesp
     for what, n in stats.reset_failures.most_common():
         print(f"  reset check failed {n}x: {what}")
     if unreplayed:
-        print(f"  {len(unreplayed)} find(s) did not replay on a fresh QEMU (not kept): {'; '.join(unreplayed)}")
+        print(
+            f"  {len(unreplayed)} find(s) did not fail on a fresh QEMU (not kept as reproducers; set aside in "
+            f"{os.path.join(args.out, UNREPLAYED_DIR)}): {'; '.join(unreplayed)}"
+        )
 
 
 def _counts(args: argparse.Namespace, migrations: int, unplugs: int) -> str:
@@ -347,8 +353,14 @@ def _report_failure(
         print(f"  replay: {verdict.outcome}: {verdict.detail}")  # on a fresh QEMU, as replay runs it
     sys.stdout.flush()
     if checked and (verdict is None or not verdict.outcome.failed):
-        os.unlink(path)
-        print("  not kept: found on a reused QEMU, it does not fail on a fresh one", flush=True)
+        # Not a reproducer; kept aside (not replayed first by the next run), and its signature
+        # stays in ``found``, so finding it again does not cost another shrink.
+        aside = os.path.join(args.out, UNREPLAYED_DIR)
+        os.makedirs(aside, exist_ok=True)
+        moved = os.path.join(aside, os.path.basename(path))
+        os.replace(path, moved)
+        found[signature(failure)] = moved
+        print(f"  not kept: found on a reused QEMU, it does not fail on a fresh one (moved to {moved})", flush=True)
         return False
     return True
 
