@@ -132,7 +132,8 @@ def main() -> int:
         f, r = row["fresh"], row["reused"]
         same = f["signature"] == r["signature"]
         print(
-            f"{row['target']} seed {row['seed']}: fresh {f['examples']} ex / {f['seconds']} s -> {f['known_as'] or f['signature']}; "
+            f"{row['target']} seed {row['seed']}: "
+            f"fresh {f['examples']} ex / {f['seconds']} s -> {f['known_as'] or f['signature']}; "
             f"reused {r['examples']} ex / {r['seconds']} s -> {r['known_as'] or r['signature']}"
             + ("" if same else "  (different finds)")
         )

@@ -22,7 +22,6 @@ from qtest_virtio.outcome import Outcome
 from qtest_virtio.reproducer import load, replay
 from qtest_virtio.vm import Machine
 
-
 #: Commands whose count depends on timing (polls for the used ring, the MSI-X mailbox) or on
 #: the settle's slicing: the comparisons below look at what changes QEMU's state.
 _TIMED = ("read", "in", "b64read", "clock_step", "endianness")
