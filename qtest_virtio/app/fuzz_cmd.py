@@ -33,8 +33,12 @@ from ..fuzz import (
     signature,
     write_reproducer,
 )
+from ..fuzz.reuse import RESTART_EVERY, ReuseStats, Session
 from ..reproducer import ReplayResult, load, replay
 from .exits import EXIT_FAILED, EXIT_OK, EXIT_UNTESTABLE, EXIT_USAGE
+
+#: Where, under ``--out``, a find that does not fail on a fresh QEMU is set aside.
+UNREPLAYED_DIR = "not-reproduced-fresh"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,6 +89,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "hostile driver left it (device_del, the guest's part, DEVICE_DELETED) and plugged again for the recovery",
     )
     parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start a fresh QEMU for every example instead of reusing one process across examples (reset and "
+        "checked between them; always so with --migrate or --unplug)",
+    )
+    parser.add_argument(
+        "--restart-every",
+        type=int,
+        default=RESTART_EVERY,
+        metavar="N",
+        help=f"a reused QEMU is restarted after N examples (default {RESTART_EVERY}; also after any crash, hang, "
+        "error report or failed reset check)",
+    )
+    parser.add_argument(
         "--keep-going",
         action="store_true",
         help="after a find, write its reproducer and go on until the budget is spent (finds de-duplicated)",
@@ -100,6 +118,7 @@ def _bad_numbers(args: argparse.Namespace) -> str | None:
         ("--hang-timeout", args.hang_timeout, args.hang_timeout > 0, "a positive number of seconds"),
         ("--examples", args.examples, args.examples >= 1, "1 or more"),
         ("--rounds", args.rounds, args.rounds is None or args.rounds >= 1, "1 or more"),
+        ("--restart-every", args.restart_every, args.restart_every >= 1, "1 or more"),
     )
     for option, value, ok, wanted in checks:
         if not ok or (value is not None and not math.isfinite(value)):
@@ -173,12 +192,17 @@ def run_fuzz(args: argparse.Namespace) -> int:
     unplugs = 0
     rounds = 0
     still: list[str] = []
+    reuse = ReuseStats()
+    unreplayed: list[str] = []
     try:
         still = _replay_earlier(earlier, found, qemu, args.hang_timeout)
         while True:
             for config in targets:
                 if time.monotonic() >= deadline:
                     break
+                session = (
+                    None if args.fresh or config.migrate or config.unplug else Session(config, every=args.restart_every)
+                )
                 try:
                     report = fuzz_target(
                         config,
@@ -187,6 +211,7 @@ def run_fuzz(args: argparse.Namespace) -> int:
                         known=found,
                         shrink_seconds=args.shrink_seconds,
                         deadline=deadline,
+                        session=session,
                     )
                 except QemuStartError as exc:
                     print(f"{config.name}: cannot run here: {str(exc).splitlines()[0]}", file=sys.stderr)
@@ -196,6 +221,10 @@ def run_fuzz(args: argparse.Namespace) -> int:
                     observations.update(exc.report.observations)
                     _keep_interrupted(exc.report, args, found, seed + rounds)
                     raise
+                finally:
+                    if session is not None:
+                        session.close()
+                        reuse.merge(session.stats)
                 total += report.examples
                 migrations += report.migrations
                 unplugs += report.unplugs
@@ -210,30 +239,53 @@ def run_fuzz(args: argparse.Namespace) -> int:
                     if sig in found:
                         print(f"  {'known' if sig in known else 'again'}: {sig} (as {found[sig]})", flush=True)
                         continue
-                    _report_failure(report, args, qemu, seed + rounds, found)
+                    if not _report_failure(report, args, qemu, seed + rounds, found, checked=session is not None):
+                        unreplayed.append(sig)
+                        continue
                     if not args.keep_going:
+                        _print_reuse(reuse, unreplayed, args)
                         return EXIT_FAILED
             rounds += 1
             if time.monotonic() >= deadline or (args.rounds is not None and rounds >= args.rounds):
                 break
     except KeyboardInterrupt:
-        new = {sig: path for sig, path in found.items() if sig not in known and path not in earlier}
+        new = {s: p for s, p in found.items() if s not in known and p not in earlier and s not in unreplayed}
         print(f"interrupted: {total} examples, seed {seed}; kept {len(new)} new find(s) in {os.path.abspath(args.out)}")
         for sig, path in new.items():
             print(f"  {sig}: {path}")
         sys.stdout.flush()
         print("qtest-virtio fuzz: interrupted, exit 128 (aborts a git bisect run)", file=sys.stderr)
         return EXIT_USAGE
-    new = {sig: path for sig, path in found.items() if sig not in known and path not in earlier}
+    new = {s: p for s, p in found.items() if s not in known and p not in earlier and s not in unreplayed}
     verdict = f"{len(new)} distinct new find(s)" if new else "nothing new found"
     if still:
         verdict += f", {len(still)} earlier find(s) still failing"
     print(f"{verdict}: {total} examples in {rounds} round(s), seed {seed}" + _counts(args, migrations, unplugs))
     for sig, path in new.items():
         print(f"  {sig}: {path}")
+    _print_reuse(reuse, unreplayed, args)
     for text, n in observations.most_common():
         print(f"  observed {n}x: {text}")
     return EXIT_FAILED if new or still else EXIT_OK
+
+
+def _print_reuse(stats: ReuseStats, unreplayed: list[str], args: argparse.Namespace) -> None:
+    """What process reuse did: processes started, examples on them, restarts by cause, and the
+    finds that did not replay on a fresh QEMU (not kept)."""
+    if args.fresh or not stats.processes:
+        return
+    causes = ", ".join(f"{cause} {n}" for cause, n in stats.restarts.most_common()) or "none"
+    print(
+        f"reuse: {stats.examples} examples on {stats.processes} QEMU process(es), {stats.resets} checked resets "
+        f"({stats.reset_seconds:.1f} s); restarts: {causes}"
+    )
+    for what, n in stats.reset_failures.most_common():
+        print(f"  reset check failed {n}x: {what}")
+    if unreplayed:
+        print(
+            f"  {len(unreplayed)} find(s) did not fail on a fresh QEMU (not kept as reproducers; set aside in "
+            f"{os.path.join(args.out, UNREPLAYED_DIR)}): {'; '.join(unreplayed)}"
+        )
 
 
 def _counts(args: argparse.Namespace, migrations: int, unplugs: int) -> str:
@@ -275,9 +327,19 @@ def _replay_earlier(paths: list[str], found: dict[str, str], qemu: str, timeout:
     return still
 
 
-def _report_failure(report: FuzzReport, args: argparse.Namespace, qemu: str, seed: int, found: dict[str, str]) -> str:
+def _report_failure(
+    report: FuzzReport,
+    args: argparse.Namespace,
+    qemu: str,
+    seed: int,
+    found: dict[str, str],
+    *,
+    checked: bool = False,
+) -> bool:
     """Write the find, record it in ``found`` (before the replay, which an interrupt may cut
-    short), say what it is and replay the file as ``replay`` would."""
+    short), say what it is and replay the file as ``replay`` would. ``checked`` (the find was
+    made on a reused QEMU): the file is kept only when that replay on a fresh QEMU fails too;
+    False when it was dropped."""
     failure = report.failure
     assert failure is not None
     path = write_reproducer(failure, args.out, seed=seed)
@@ -285,11 +347,22 @@ def _report_failure(report: FuzzReport, args: argparse.Namespace, qemu: str, see
     print(f"FOUND {failure.summary()}")
     cut = " (the budget ran out while shrinking: the smallest so far)" if report.shrink_cut else ""
     print(f"  shrunk to {len(failure.actions)} action(s), {len(failure.commands)} qtest commands{cut}: {path}")
+    verdict: ReplayResult | None = None
     with contextlib.suppress(QtestVirtioError):
         verdict = _verify(path, qemu=qemu, timeout=args.hang_timeout)
-        print(f"  replay: {verdict.outcome}: {verdict.detail}")
+        print(f"  replay: {verdict.outcome}: {verdict.detail}")  # on a fresh QEMU, as replay runs it
     sys.stdout.flush()
-    return path
+    if checked and (verdict is None or not verdict.outcome.failed):
+        # Not a reproducer; kept aside (not replayed first by the next run), and its signature
+        # stays in ``found``, so finding it again does not cost another shrink.
+        aside = os.path.join(args.out, UNREPLAYED_DIR)
+        os.makedirs(aside, exist_ok=True)
+        moved = os.path.join(aside, os.path.basename(path))
+        os.replace(path, moved)
+        found[signature(failure)] = moved
+        print(f"  not kept: found on a reused QEMU, it does not fail on a fresh one (moved to {moved})", flush=True)
+        return False
+    return True
 
 
 def _verify(path: str, *, qemu: str | None, timeout: float) -> ReplayResult:

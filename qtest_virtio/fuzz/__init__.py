@@ -5,7 +5,9 @@ A hostile driver is a list of :class:`Action` values (:mod:`.actions`: the steps
 wire form). :mod:`.targets` says what each device is fuzzed through (its queues, a valid request,
 the check that it serves one). :mod:`.engine` runs examples on fresh machines, drives hypothesis
 and shrinks a failure (a live migration mid-sequence is one more action, ``FuzzConfig.migrate``);
-:mod:`.corpus` writes finds as ``.qtest`` files and reads the known ones.
+:mod:`.corpus` writes finds as ``.qtest`` files and reads the known ones. :mod:`.reuse` runs
+examples on one QEMU process (a :class:`Session`), returned to its post-start state between
+them by :mod:`.reset`, which checks that it was.
 The command line is :mod:`qtest_virtio.app.fuzz_cmd`.
 """
 
@@ -68,6 +70,8 @@ from .engine import (
     run_example,
     signature,
 )
+from .reset import ResetFailed
+from .reuse import RESTART_EVERY, ReuseStats, Session
 from .targets import DEVICE_ID, DEVICES, DeviceProfile, make_target
 
 __all__ = [
@@ -79,6 +83,7 @@ __all__ = [
     "FUZZ_CHECK",
     "FUZZ_SETTLE",
     "REQUEST_SHAPES",
+    "RESTART_EVERY",
     "RINGS",
     "SIGNATURE_HEADER",
     "Action",
@@ -108,7 +113,10 @@ __all__ = [
     "RecoveryCheck",
     "RegAccess",
     "Request",
+    "ResetFailed",
     "ResetInFlight",
+    "ReuseStats",
+    "Session",
     "StatusWrites",
     "Target",
     "Unplug",

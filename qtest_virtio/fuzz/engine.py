@@ -28,7 +28,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from .. import modes
 from ..errors import MigrationError, QemuCrashed, QtestTimeout, QtestVirtioError, describe_exit
@@ -278,8 +278,9 @@ def _observe_errors(vm: Machine, driver: Any, target: Target, action: Action, se
     return len(lines)
 
 
-def machine_for(config: FuzzConfig) -> Machine:
-    """The machine an example runs on (and a checked replay rebuilds): the device alone."""
+def machine_for(config: FuzzConfig, cls: type[Machine] = Machine) -> Machine:
+    """The machine an example runs on (and a checked replay rebuilds): the device alone.
+    ``cls``: a Machine subclass (the reused process's, :mod:`.reuse`)."""
     device = DEVICES[config.device]
     spec = MachineSpec(qemu=config.qemu, command_timeout=config.hang_timeout)
     spec.add_virtio(
@@ -290,7 +291,24 @@ def machine_for(config: FuzzConfig) -> Machine:
         packed="on" if config.ring == "packed" else "off",
         hotplug=config.unplug,  # then the example plugs it first, as the guest's slot expects
     )
-    return Machine(spec)
+    return cls(spec)
+
+
+class ExampleHost(Protocol):
+    """What an example needs of a reused QEMU process (:class:`.reuse.Session` is one): the
+    machine in its post-start state, a judge that leaves a survivor running, the settle after
+    the last action, and the decision after the example (reset and check, or restart)."""
+
+    #: The process's recording (``QtestClient.record``), emptied by each example.
+    sink: list[bytes]
+    #: What a fresh machine got before the example's own commands (the enumeration).
+    prefix: bytes
+
+    def machine(self) -> Machine: ...
+    def judge(self, vm: Machine, hung: Callable[[QtestTimeout], str]) -> Judge: ...
+    def settle(self, vm: Machine) -> None: ...
+    def done(self, vm: Machine, driver: Any, result: ExampleResult, *, stderr_from: int) -> None: ...
+    def discard(self, vm: Machine, cause: str) -> None: ...
 
 
 @dataclass
@@ -311,10 +329,15 @@ class _Recording:
     moved, the interceptions ``QtestClient.take_over`` made again on the destination (QEMU got
     them; a replay sends them as written) and what the destination's recorded socket got."""
 
-    def __init__(self, client: QtestClient) -> None:
-        self._done: list[bytes] = []
+    def __init__(self, client: QtestClient, *, sink: list[bytes] | None = None, prefix: bytes = b"") -> None:
+        """``sink``: a reused process's recording, emptied here (one per process, not one more
+        per example); ``prefix``: what a fresh machine got before (the enumeration a reused
+        machine's reset re-sent)."""
+        self._done: list[bytes] = [prefix] if prefix else []
         self._intercepts: list[bytes] = []
-        self._sink = client.record()
+        if sink is not None:
+            sink.clear()
+        self._sink = sink if sink is not None else client.record()
 
     def directive(self, line: str) -> None:
         """A step replay takes here (recorded before it starts: a crash while it runs is
@@ -411,20 +434,28 @@ def _died_badly(vm: QemuMachine) -> bool:
     return vm.crash_marker() is not None or (vm.returncode is not None and vm.returncode < 0)
 
 
-def run_example(config: FuzzConfig, actions: Sequence[Action], *, hook: Hook | None = None) -> ExampleResult:
-    """One example on a fresh machine: initialize, abuse, check, reset, check a valid request."""
+def run_example(
+    config: FuzzConfig, actions: Sequence[Action], *, hook: Hook | None = None, session: ExampleHost | None = None
+) -> ExampleResult:
+    """One example: initialize, abuse, check, reset, check a valid request. On a fresh machine,
+    or with ``session`` on its reused process (in its post-start state; the session resets it
+    afterwards, or restarts it)."""
     device = DEVICES[config.device]
     result = ExampleResult(config, list(actions))
-    vm = machine_for(config)
-    vm.start()  # QemuStartError: the caller's problem (cannot run here)
-    recording = _Recording(vm.qtest)
+    vm = session.machine() if session is not None else machine_for(config)
+    if session is None:
+        vm.start()  # QemuStartError: the caller's problem (cannot run here)
+    recording = (
+        _Recording(vm.qtest) if session is None else _Recording(vm.qtest, sink=session.sink, prefix=session.prefix)
+    )
     recovery_at: int | None = None
     result.args = replay_args(vm.command_line())
     progress = _Progress()
-    judge = Judge(
-        vm, hung=lambda exc: f"no qtest reply within {config.hang_timeout:g} s during {progress.where}: {exc}"
-    )
-    live = _Live(vm, judge, recording, config=config)
+    hung = lambda exc: f"no qtest reply within {config.hang_timeout:g} s during {progress.where}: {exc}"  # noqa: E731
+    judge = Judge(vm, hung=hung) if session is None else session.judge(vm, hung)
+    stderr_from = len(vm.stderr_text().splitlines())  # a reused process printed its start-up lines before
+    live = _Live(vm, judge, recording, config=config, seen=stderr_from)
+    driver: Any = None
     try:
         with judge as verdict:
             if config.unplug:
@@ -434,7 +465,8 @@ def run_example(config: FuzzConfig, actions: Sequence[Action], *, hook: Hook | N
             progress.phase = "abuse"
             if _abuse(live, driver, target, actions, result, progress, hook):
                 progress.phase, progress.step = "check", 0
-                settle(live.vm, FUZZ_SETTLE)  # deferred work may kill QEMU after the last action
+                # deferred work may kill QEMU after the last action
+                settle(live.vm, FUZZ_SETTLE) if session is None else session.settle(live.vm)
                 progress.phase = "recovery"
                 recovery_at = len(recording.sent())
                 if live.unplugged:  # plugged again: a fresh driver on the new function
@@ -443,6 +475,10 @@ def run_example(config: FuzzConfig, actions: Sequence[Action], *, hook: Hook | N
                     driver.fn.restore()  # BARs, decoding, bus master: what config-space abuse may have moved
                     driver.initialize()
                     check_recovery(verdict, lambda: device.check(live.vm, driver, 5.0))
+    except BaseException:
+        if session is not None:
+            session.discard(live.vm, "error in the harness")
+        raise
     finally:
         for other in {vm, live.vm} - {judge.vm}:
             other.shutdown(check=False)  # a migration's other side, when the judge took one
@@ -453,6 +489,8 @@ def run_example(config: FuzzConfig, actions: Sequence[Action], *, hook: Hook | N
         result.stderr_tail = judge.vm.stderr_tail(30)
         result.returncode = judge.vm.returncode
     result.outcome, result.detail, result.signal = verdict.outcome, verdict.detail, verdict.signal
+    if session is not None:
+        session.done(live.vm, driver, result, stderr_from=stderr_from)
     return result
 
 
@@ -630,6 +668,7 @@ def fuzz_target(
     hook: Hook | None = None,
     known: Container[str] = (),
     deadline: float | None = None,
+    session: ExampleHost | None = None,
 ) -> FuzzReport:
     """Run hypothesis on one (device, mode, ring); on failure, shrink and keep the smallest.
 
@@ -638,6 +677,7 @@ def fuzz_target(
     (``time.monotonic()``; the run's whole budget): from then on only the smallest failing case
     found so far runs for real, so hypothesis ends with it. No new example starts QEMU after
     ``deadline``. An interrupt raises :class:`FuzzInterrupted` with what was found by then.
+    With ``session`` (:class:`~.reuse.Session`), the examples share its QEMU process.
     """
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import seed as hypothesis_seed
@@ -670,7 +710,7 @@ def fuzz_target(
             if actions != best.actions:
                 return
         report.shrink_runs += bool(failures)
-        result = run_example(config, actions, hook=hook)
+        result = run_example(config, actions, hook=hook, session=session)
         report.examples += 1
         report.migrations += result.migrations
         report.unplugs += result.unplugs
@@ -691,7 +731,9 @@ def fuzz_target(
             best = min(reversed(failures), key=lambda r: _size(r.actions))
             report.failure = best
             end = time.monotonic() + (0.0 if signature(best) in known else shrink_seconds)
-            report.failure = _delete_actions(best, hook, end if deadline is None else min(end, deadline), keep=report)
+            report.failure = _delete_actions(
+                best, hook, end if deadline is None else min(end, deadline), keep=report, session=session
+            )
             if deadline is not None and time.monotonic() >= deadline and len(report.failure.actions) > 1:
                 report.shrink_cut = True
     except KeyboardInterrupt:
@@ -704,7 +746,12 @@ def fuzz_target(
 
 
 def _delete_actions(
-    best: ExampleResult, hook: Hook | None, deadline: float, *, keep: FuzzReport | None = None
+    best: ExampleResult,
+    hook: Hook | None,
+    deadline: float,
+    *,
+    keep: FuzzReport | None = None,
+    session: ExampleHost | None = None,
 ) -> ExampleResult:
     """Drop actions one at a time while the failure stays the same kind: hypothesis's shrinker
     often keeps harmless actions in front of the one that matters. Each smaller failure is
@@ -718,7 +765,7 @@ def _delete_actions(
             candidate = best.actions[:i] + best.actions[i + 1 :]
             if keep is not None:
                 keep.shrink_runs += 1
-            result = run_example(best.config, candidate, hook=hook)
+            result = run_example(best.config, candidate, hook=hook, session=session)
             if result.outcome == best.outcome:
                 best, changed = result, True
                 if keep is not None:

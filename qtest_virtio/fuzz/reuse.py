@@ -1,0 +1,217 @@
+"""One QEMU process for many fuzz examples (issue 16): a :class:`Session` hands each example a
+machine in its post-start state, and after it either resets and proves the reset
+(:mod:`.reset`) or restarts the process: after a crash, a hang, an unrecovered device, an error
+QEMU printed, a failed reset check, or every ``every`` examples. Each restart is counted by
+cause. An example on a reused process records only its own commands (the recording starts at
+the example, and the reset makes the next example's enumeration and allocations send the same
+commands a fresh machine gets), so its reproducer replays on a fresh QEMU; the campaign checks
+that before keeping a find (:func:`replays_fresh`).
+
+Migration and hot-unplug examples replace or rebuild the machine: they run on fresh ones.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Container
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+from ..errors import QemuCrashed, QtestTimeout, QtestVirtioError
+from ..machine import is_crash_marker
+from ..outcome import Judge
+from ..vm import Machine
+from .engine import FUZZ_SETTLE, ExampleResult, FuzzConfig, machine_for
+from .reset import Baseline, ResetFailed, enumerate_again, reset_to_baseline, take_baseline
+
+#: Examples one process serves before a planned restart (``fuzz --restart-every``).
+RESTART_EVERY = 200
+#: Real seconds a reused example waits after its last action; the virtual clock (where the
+#: qtest accelerator owns it) still moves on by FUZZ_SETTLE. A crash deferred longer shows
+#: in the reset's checks or in the next example, whose find then does not replay fresh.
+REUSE_SETTLE = 0.005
+
+
+class ReusableMachine(Machine):
+    """A Machine whose guest-side objects (allocator, drivers) can be dropped, so the next
+    example allocates as on a fresh machine."""
+
+    def forget_guest(self) -> None:
+        """Drop the allocator and the drivers; the PCI enumeration stays (the reset assigned
+        the BARs again as it had)."""
+        self._memory = None
+        self._drivers = []
+
+
+class _KeepJudge(Judge):
+    """The engine's judge, except that a machine that survived is not shut down: the session
+    resets it for the next example."""
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> bool:
+        if exc is None and self.vm.alive and self.vm.crash_marker() is None:
+            return False
+        return super().__exit__(kind, exc, tb)
+
+
+@dataclass
+class ReuseStats:
+    """What a session did: processes started, examples served, restarts by cause."""
+
+    processes: int = 0
+    examples: int = 0
+    resets: int = 0
+    restarts: Counter[str] = field(default_factory=Counter)
+    #: The first failed reset check's message per kind (the report quotes them).
+    reset_failures: Counter[str] = field(default_factory=Counter)
+    reset_seconds: float = 0.0
+
+    def merge(self, other: ReuseStats) -> None:
+        self.processes += other.processes
+        self.examples += other.examples
+        self.resets += other.resets
+        self.restarts.update(other.restarts)
+        self.reset_failures.update(other.reset_failures)
+        self.reset_seconds += other.reset_seconds
+
+
+class Session:
+    """A reused QEMU for the examples of one configuration. ``skip``: reset steps left out
+    (:data:`.reset.STEPS`; tests only: the check must catch it)."""
+
+    def __init__(
+        self,
+        config: FuzzConfig,
+        *,
+        every: int = RESTART_EVERY,
+        settle_seconds: float = REUSE_SETTLE,
+        skip: Container[str] = (),
+    ) -> None:
+        if config.migrate or config.unplug:
+            raise ValueError("migration and hot-unplug examples run on fresh machines")
+        self.config = config
+        self.every = every
+        self.settle_seconds = settle_seconds
+        self.skip = skip
+        self.stats = ReuseStats()
+        self._vm: ReusableMachine | None = None
+        self._baseline: Baseline | None = None
+        self._served = 0
+        #: The reused process's recording (``QtestClient.record``), and what an example's
+        #: reproducer starts with (the enumeration the reset re-sent).
+        self.sink: list[bytes] = []
+        self.prefix = b""
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._vm is not None:
+            self._vm.shutdown(check=False)
+            self._vm = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._vm.pid if self._vm is not None else None
+
+    def machine(self) -> ReusableMachine:
+        """The machine for the next example, in its post-start state (started when there is
+        none: the first process is snapshot (:func:`.reset.take_baseline`), later ones are
+        checked against that snapshot at their first reset)."""
+        if self._vm is None:
+            self._start()
+        assert self._vm is not None
+        self.stats.examples += 1
+        self._served += 1
+        return self._vm
+
+    def _start(self) -> None:
+        vm = machine_for(self.config, ReusableMachine)
+        assert isinstance(vm, ReusableMachine)
+        vm.start()  # QemuStartError: the caller's (cannot run here)
+        self.stats.processes += 1
+        self._served = 0
+        try:
+            self.sink = vm.qtest.record()  # one recording per process; each example empties it
+            if self._baseline is None:
+                baseline = take_baseline(vm, self.config.mode, self.sink)
+            else:  # the same command line: the first process's snapshot, and its enumeration
+                baseline = self._baseline
+                enumerate_again(vm, baseline, self.sink)
+        except ResetFailed:
+            vm.shutdown(check=False)
+            self.stats.restarts["new process differs"] += 1
+            if self._baseline is None:
+                raise
+            self._baseline = None  # snapshot anew, on another process
+            self._start()
+            return
+        except BaseException:
+            vm.shutdown(check=False)
+            raise
+        vm.forget_guest()
+        self._vm, self._baseline = vm, baseline
+        self.prefix = "".join(f"{line}\n" for line in baseline.enumeration).encode("latin-1")
+
+    def judge(self, vm: Machine, hung: Callable[[QtestTimeout], str]) -> Judge:
+        return _KeepJudge(vm, hung=hung)
+
+    def settle(self, vm: Machine) -> None:
+        """After the last action: the virtual clock on by FUZZ_SETTLE (qtest accelerator), a
+        short real wait, then a round trip (QemuCrashed, QtestTimeout)."""
+        if vm.binary.has_qtest_accel:
+            vm.qtest.send_raw(f"clock_step {int(FUZZ_SETTLE * 1e9)}")
+        time.sleep(self.settle_seconds)
+        vm.qtest.send_raw("endianness")
+
+    def done(self, vm: Machine, driver: Any, result: ExampleResult, *, stderr_from: int) -> None:
+        """After an example: reset and check the machine, or restart it (counted by cause)."""
+        cause = self._restart_cause(vm, driver, result, stderr_from)
+        if cause is None:
+            started = time.monotonic()
+            try:
+                assert self._baseline is not None and isinstance(vm, ReusableMachine)
+                reset_to_baseline(vm, driver, self._baseline, skip=self.skip)
+                vm.forget_guest()
+                self.stats.resets += 1
+            except ResetFailed as exc:
+                cause = "reset check failed"
+                self.stats.reset_failures[str(exc).split(":")[0]] += 1
+            except (QemuCrashed, QtestTimeout):
+                cause = "crash or hang during the reset"
+            except QtestVirtioError as exc:
+                cause = "reset check failed"
+                self.stats.reset_failures[f"{type(exc).__name__}"] += 1
+            self.stats.reset_seconds += time.monotonic() - started
+        if cause is not None:
+            self.stats.restarts[cause] += 1
+            vm.shutdown(check=False)
+            self._vm = None
+
+    def discard(self, vm: Machine, cause: str) -> None:
+        """The example ended in an exception (a harness error, an interrupt): restart."""
+        self.stats.restarts[cause] += 1
+        vm.shutdown(check=False)
+        if self._vm is not None:
+            self._vm.shutdown(check=False)
+        self._vm = None
+
+    def _restart_cause(self, vm: Machine, driver: Any, result: ExampleResult, stderr_from: int) -> str | None:
+        if vm is not self._vm:
+            return "machine replaced"
+        if result.failed or not vm.alive:
+            return str(result.outcome)
+        if driver is None:
+            return "no driver"
+        new = [line for line in vm.stderr_text().splitlines()[stderr_from:] if line.strip()]
+        if any(is_crash_marker(line) for line in new):
+            return "crash marker"
+        if new:
+            return "error report"
+        if self._served >= self.every:
+            return f"every {self.every} examples"
+        return None

@@ -1,0 +1,146 @@
+# mypy: allow-untyped-defs, allow-incomplete-defs, allow-untyped-calls
+# (test functions take pytest fixtures, typed where the fixtures are defined; the rest is strict)
+"""Process reuse in the fuzzer (issue 16): examples share one QEMU, the reset between them is
+checked and a skipped part of it is caught (a restart, counted), a crash restarts, and a find
+made on a reused process replays on a fresh one from its .qtest, which holds only its own
+example's commands."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import EXE
+from test_fuzz import qemu_with_bug, status_write_bug  # noqa: F401 - the fixture is used by name
+
+from qtest_virtio.fuzz import Action, FuzzConfig, StatusWrites, Valid, run_example, write_reproducer
+from qtest_virtio.fuzz.reset import STEPS
+from qtest_virtio.fuzz.reuse import Session
+from qtest_virtio.outcome import Outcome
+from qtest_virtio.reproducer import load, replay
+from qtest_virtio.vm import Machine
+
+#: Commands whose count depends on timing (polls for the used ring, the MSI-X mailbox) or on
+#: the settle's slicing: the comparisons below look at what changes QEMU's state.
+_TIMED = ("read", "in", "b64read", "clock_step", "endianness")
+
+
+def _own(commands: list[str]) -> list[str]:
+    """An example's state-changing commands, in order."""
+    return [c for c in commands if not c.startswith(_TIMED)]
+
+
+@pytest.mark.parametrize(
+    ("device", "mode"),
+    [("virtio-blk-pci", "modern"), ("virtio-rng-pci", "legacy"), ("virtio-net-pci", "transitional-legacy")],
+)
+def test_reuse_runs_examples_on_one_process_with_a_fresh_machines_commands(qemu_binary, device: str, mode: str) -> None:
+    config = FuzzConfig(device, mode, "split", qemu=qemu_binary.path)
+    pids: set[int] = set()
+
+    def hook(vm: Machine, action: Action) -> None:
+        pids.add(vm.pid)
+
+    actions: list[Action] = [Valid(), Valid()]
+    with Session(config, every=50) as session:
+        results = [run_example(config, actions, hook=hook, session=session) for _ in range(6)]
+        stats = session.stats
+    assert [r.outcome for r in results] == [Outcome.SURVIVED] * 6, [r.summary() for r in results]
+    assert stats.processes == 1 and len(pids) == 1
+    assert stats.examples == 6 and stats.resets == 6 and not stats.restarts
+    fresh = run_example(config, actions)
+    # What a reused example sends is what the same example sends to a fresh QEMU.
+    assert all(_own(r.commands) == _own(fresh.commands) for r in results)
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_a_skipped_reset_step_fails_the_check_and_restarts(qemu_binary, step: str) -> None:
+    config = FuzzConfig("virtio-blk-pci", "transitional-modern", "split", qemu=qemu_binary.path)
+    with Session(config, skip={step}) as session:
+        first = run_example(config, [Valid()], session=session)
+        second = run_example(config, [Valid()], session=session)
+        stats = session.stats
+    assert first.outcome is Outcome.SURVIVED and second.outcome is Outcome.SURVIVED
+    assert stats.restarts["reset check failed"] == 2, stats
+    assert stats.processes == 2 and stats.resets == 0
+    assert sum(stats.reset_failures.values()) == 2
+
+
+def test_the_full_reset_passes_where_the_skipped_one_fails(qemu_binary) -> None:
+    config = FuzzConfig("virtio-blk-pci", "transitional-modern", "split", qemu=qemu_binary.path)
+    with Session(config) as session:
+        for _ in range(2):
+            run_example(config, [Valid()], session=session)
+        assert session.stats.processes == 1 and session.stats.resets == 2
+
+
+def test_every_n_examples_restarts(qemu_binary) -> None:
+    config = FuzzConfig("virtio-rng-pci", "modern", "split", qemu=qemu_binary.path)
+    with Session(config, every=2) as session:
+        for _ in range(5):
+            run_example(config, [Valid()], session=session)
+        stats = session.stats
+    assert stats.processes == 3
+    assert stats.restarts["every 2 examples"] == 2
+
+
+def test_a_crash_restarts_and_the_find_replays_fresh_with_only_its_commands(
+    qemu_binary,
+    qemu_with_bug: str,  # noqa: F811 - the fixture
+    tmp_path: Path,
+) -> None:
+    config = FuzzConfig("virtio-rng-pci", "modern", "split", qemu=qemu_with_bug)
+    pids: list[int] = []
+
+    def hook(vm: Machine, action: Action) -> None:
+        pids.append(vm.pid)
+        status_write_bug(vm, action)
+
+    crashing: list[Action] = [Valid(), StatusWrites((0,))]
+    with Session(config) as session:
+        before = run_example(config, [Valid()], hook=hook, session=session)
+        crash = run_example(config, crashing, hook=hook, session=session)
+        after = run_example(config, [Valid()], hook=hook, session=session)
+        stats = session.stats
+    assert before.outcome is Outcome.SURVIVED and after.outcome is Outcome.SURVIVED
+    assert crash.outcome is Outcome.CRASHED and crash.returncode == -signal.SIGABRT
+    assert stats.processes == 2 and stats.restarts["crashed"] == 1
+    assert pids[0] == pids[1] != pids[-1]  # the crash ran on the reused process, the next on a new one
+
+    fresh = run_example(config, crashing, hook=status_write_bug)
+    assert fresh.outcome is Outcome.CRASHED
+    assert _own(crash.commands) == _own(fresh.commands)  # nothing of the example before it
+    path = write_reproducer(crash, str(tmp_path / "out"))
+    verdict = replay(load(path), qemu=qemu_with_bug, timeout=5.0)
+    assert verdict.outcome == "crashed" and verdict.signal == signal.SIGABRT, verdict
+    assert replay(load(path), qemu=qemu_binary.path, timeout=5.0).outcome == "survived"
+
+
+def test_migration_and_unplug_campaigns_do_not_reuse(qemu_binary) -> None:
+    with pytest.raises(ValueError, match="fresh machines"):
+        Session(FuzzConfig("virtio-rng-pci", "modern", "split", qemu=qemu_binary.path, migrate=True))
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    assert EXE is not None
+    return subprocess.run([EXE, "fuzz", *args], capture_output=True, text=True, timeout=240)
+
+
+def test_cli_reports_reuse_and_fresh_does_not(qemu_binary, tmp_path: Path) -> None:
+    common = ["--qemu", qemu_binary.path, "--device", "virtio-rng-pci", "--transport", "modern", "--ring", "split"]
+    common += ["--examples", "4", "--rounds", "1", "--seconds", "120", "--seed", "5"]
+    reused = _cli(*common, "--out", str(tmp_path / "a"))
+    assert reused.returncode in (0, 1), reused.stderr
+    line = next(x for x in reused.stdout.splitlines() if x.startswith("reuse:"))
+    assert "QEMU process(es)" in line and "restarts:" in line
+    fresh = _cli(*common, "--fresh", "--out", str(tmp_path / "b"))
+    assert fresh.returncode in (0, 1), fresh.stderr
+    assert not any(x.startswith("reuse:") for x in fresh.stdout.splitlines())
+
+
+def test_cli_restart_every_must_be_positive() -> None:
+    r = _cli("--restart-every", "0")
+    assert r.returncode == 128
+    assert r.stderr.strip() == "qtest-virtio fuzz: --restart-every 0: must be 1 or more"
