@@ -200,7 +200,12 @@ class VirtioDriver:
         self._transport = open_transport(self.fn, self.requested_mode.value, notify_via=self.notify_via)
 
     def initialize(self) -> None:
-        """Reset, negotiate, route interrupts, set the queues up, DRIVER_OK."""
+        """Reset, negotiate, route interrupts, set the queues up, DRIVER_OK; the writes posted,
+        so only what is read waits (§3.1.1)."""
+        with self.fn.posting():
+            self._initialize()
+
+    def _initialize(self) -> None:
         self._open()
         self.release_queues()
         self.negotiated = negotiate(

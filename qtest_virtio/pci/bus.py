@@ -9,6 +9,7 @@ windows around their children, then the command register's decode enables.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 from ..errors import QtestVirtioError
@@ -150,6 +151,10 @@ class PciFunction:
     def read_config_many(self, spans: Sequence[tuple[int, int]]) -> list[int]:
         """Several ``(offset, width)`` registers, read in order in one exchange."""
         return self._config.run([ConfigOp(self.bdf_addr, offset, width) for offset, width in spans])
+
+    def posting(self) -> AbstractContextManager[None]:
+        """A block whose config and BAR writes are posted (``QtestClient.posting``)."""
+        return self.qtest.posting()
 
     def enable(self, *, io: bool = True, memory: bool = True, bus_master: bool = True) -> None:
         """Set the command register's decode and bus-master bits (bus master lets MSI-X and
@@ -491,7 +496,8 @@ class PciBus:
             return self.devices()
         lo, hi = MMIO32_WINDOW[self.machine_type]
         win = _Windows(IO_WINDOW[0], IO_WINDOW[1], lo, hi, MMIO64_BASE if self.mmio64 else None)
-        self._assign_bus(0, win)
+        with self.qtest.posting():  # the config writes wait for nothing; the reads carry them
+            self._assign_bus(0, win)
         self._root = win
         self._assigned = True
         return self.devices()
