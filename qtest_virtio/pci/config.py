@@ -6,7 +6,7 @@ tests read the same registers both ways to prove they agree.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -87,6 +87,26 @@ def _run(qtest: QtestClient, commands: list[Command], reads: list[int]) -> list[
     return [commands[i].reply_int(replies[i]) for i in reads]
 
 
+def _plan(
+    ops: Sequence[ConfigOp],
+    size: int,
+    read: Callable[[ConfigOp], list[Command]],
+    write: Callable[[ConfigOp, int], list[Command]],
+) -> tuple[list[Command], list[int]]:
+    """The commands of ``ops`` (each read's last command is the one whose reply is the value)
+    and the positions of those replies."""
+    commands: list[Command] = []
+    reads: list[int] = []
+    for op in ops:
+        _check_access(op.offset, op.width, size)
+        if op.value is None:
+            commands += read(op)
+            reads.append(len(commands) - 1)
+        else:
+            commands += write(op, op.value)
+    return commands, reads
+
+
 def _check_access(offset: int, width: int, limit: int) -> None:
     if width not in (1, 2, 4):
         raise ValueError(f"config access width {width} is not 1, 2 or 4")
@@ -144,18 +164,18 @@ class Cf8Access:
         return _run(self.qtest, *self.plan(ops))
 
     def plan(self, ops: Sequence[ConfigOp]) -> tuple[list[Command], list[int]]:
-        commands: list[Command] = []
-        reads: list[int] = []
-        for op in ops:
-            _check_access(op.offset, op.width, self.size)
-            commands.append(Command.build("outl", CONFIG_ADDRESS_PORT, self.address(op.bdf, op.offset)))
-            port = CONFIG_DATA_PORT + (op.offset & 3)
-            if op.value is None:
-                reads.append(len(commands))
-                commands.append(Command.build(_IN[op.width], port))
-            else:
-                commands.append(Command.build(_OUT[op.width], port, op.value))
-        return commands, reads
+        def select(op: ConfigOp) -> Command:
+            return Command.build("outl", CONFIG_ADDRESS_PORT, self.address(op.bdf, op.offset))
+
+        def data(op: ConfigOp) -> int:
+            return CONFIG_DATA_PORT + (op.offset & 3)
+
+        return _plan(
+            ops,
+            self.size,
+            lambda op: [select(op), Command.build(_IN[op.width], data(op))],
+            lambda op, value: [select(op), Command.build(_OUT[op.width], data(op), value)],
+        )
 
 
 class EcamAccess:
@@ -205,14 +225,9 @@ class EcamAccess:
         return _run(self.qtest, *self.plan(ops))
 
     def plan(self, ops: Sequence[ConfigOp]) -> tuple[list[Command], list[int]]:
-        commands: list[Command] = []
-        reads: list[int] = []
-        for op in ops:
-            _check_access(op.offset, op.width, self.size)
-            addr = self.address(op.bdf, op.offset)
-            if op.value is None:
-                reads.append(len(commands))
-                commands.append(Command.build(_READ[op.width], addr))
-            else:
-                commands.append(Command.build(_WRITE[op.width], addr, op.value))
-        return commands, reads
+        return _plan(
+            ops,
+            self.size,
+            lambda op: [Command.build(_READ[op.width], self.address(op.bdf, op.offset))],
+            lambda op, value: [Command.build(_WRITE[op.width], self.address(op.bdf, op.offset), value)],
+        )
