@@ -279,8 +279,7 @@ class QemuMachine:
     def qmp(self) -> QEMUMonitorProtocol:
         """qemu.qmp's synchronous client, negotiated on first use. Posted qtest writes are
         answered first: QMP is another channel, and what it sees must follow them."""
-        if self._qtest is not None and self._qtest.pending_writes and not self._qtest.closed:
-            self._qtest.sync()
+        self._barrier()
         if self._qmp is None:
             if self._qmp_sock is None:
                 raise RuntimeError("machine not started")

@@ -16,7 +16,19 @@ from ..errors import QtestVirtioError
 from ..qtest import Command, QtestClient
 from ..registers import Field, RegisterBlock
 from . import regs
-from .config import Bdf, Cf8Access, ConfigAccess, ConfigOp, EcamAccess, mmio_read, mmio_write, port_read, port_write
+from .config import (
+    MMIO_READ,
+    PORT_READ,
+    Bdf,
+    Cf8Access,
+    ConfigAccess,
+    ConfigOp,
+    EcamAccess,
+    mmio_read,
+    mmio_write,
+    port_read,
+    port_write,
+)
 
 #: Address windows the harness assigns from (libqos uses the same I/O start on pc).
 IO_WINDOW = (0xC000, 0x1_0000)
@@ -75,9 +87,6 @@ class Capability:
 class PciError(QtestVirtioError):
     """Malformed config space (a capability loop, a BAR that cannot be placed, ...) or an access
     to a BAR that is not there."""
-
-
-_MMIO_READ = {1: "readb", 2: "readw", 4: "readl", 8: "readq"}
 
 
 class PciFunction:
@@ -333,7 +342,7 @@ class PciFunction:
                 picks.append((len(commands), len(commands) + 1))
                 commands += [Command.build("inl", addr), Command.build("inl", addr + 4)]
                 continue
-            op = ({1: "inb", 2: "inw", 4: "inl"} if self.bar(index).is_io else _MMIO_READ)[width]
+            op = (PORT_READ if self.bar(index).is_io else MMIO_READ)[width]
             picks.append((len(commands),))
             commands.append(Command.build(op, addr))
         replies = self.qtest.run_many(commands)

@@ -65,9 +65,10 @@ def mmio_write(qtest: QtestClient, addr: int, width: int, value: int) -> None:
     {1: qtest.writeb, 2: qtest.writew, 4: qtest.writel, 8: qtest.writeq}[width](addr, value)
 
 
-_READ = {1: "readb", 2: "readw", 4: "readl", 8: "readq"}
+#: The qtest command of a read or write of each width, memory and port I/O.
+MMIO_READ = {1: "readb", 2: "readw", 4: "readl", 8: "readq"}
 _WRITE = {1: "writeb", 2: "writew", 4: "writel", 8: "writeq"}
-_IN = {1: "inb", 2: "inw", 4: "inl"}
+PORT_READ = {1: "inb", 2: "inw", 4: "inl"}
 _OUT = {1: "outb", 2: "outw", 4: "outl"}
 
 
@@ -173,7 +174,7 @@ class Cf8Access:
         return _plan(
             ops,
             self.size,
-            lambda op: [select(op), Command.build(_IN[op.width], data(op))],
+            lambda op: [select(op), Command.build(PORT_READ[op.width], data(op))],
             lambda op, value: [select(op), Command.build(_OUT[op.width], data(op), value)],
         )
 
@@ -228,6 +229,6 @@ class EcamAccess:
         return _plan(
             ops,
             self.size,
-            lambda op: [Command.build(_READ[op.width], self.address(op.bdf, op.offset))],
+            lambda op: [Command.build(MMIO_READ[op.width], self.address(op.bdf, op.offset))],
             lambda op, value: [Command.build(_WRITE[op.width], self.address(op.bdf, op.offset), value)],
         )

@@ -712,8 +712,7 @@ class QtestClient:
                 raise MalformedCommand(op, f"write_many: {op!r} is not one of {sorted(self.WRITES)}")
             commands.append(Command.build(op, where, value).encode())
         if self._post_depth:
-            for c in commands:
-                self._post(c, c.encode("ascii") + b"\n")
+            self.post_many(commands)
             return
         self.pipeline(commands)
 
