@@ -459,8 +459,11 @@ def test_packed_stale_descriptor_is_not_available() -> None:
 
 
 def test_packed_kick_follows_device_event() -> None:
-    """§2.8.10: DISABLE stops kicks, ENABLE wants every one, DESC names the slot and lap."""
+    """§2.8.10: DISABLE stops kicks, ENABLE wants every one, DESC names the slot and lap. The
+    device changes its mind between a poll and the next kick here, so the decision is read after
+    publishing every time (the poll's snapshot is tested on its own below)."""
     guest, vq, device = packed_queue(size=4, event_idx=True)
+    vq.notify_on_snapshot = False
     (buf,) = testing.alloc_bufs(guest.memory, [8])
 
     def one(suppress: bool | None = None) -> bool:
@@ -567,3 +570,56 @@ def test_packed_used_id_not_in_flight() -> None:
     device.push(5, 1)
     with pytest.raises(VirtqueueError, match="device returned id 5, which is not in flight"):
         vq.poll_used()
+
+
+@pytest.mark.parametrize("kind", ["split", "split-event-idx", "packed"])
+def test_kick_goes_by_the_polls_snapshot_only_when_it_says_notify(kind: str) -> None:
+    """A kick may notify on the suppression state the last poll read, without reading it again
+    after publishing, but only when that snapshot says "notify": a snapshot that says "suppress"
+    is read again (§2.7.10, §2.8.10: no notification the device asks for is missed). A
+    notification uses the snapshot up; ``notify_on_snapshot = False`` reads every time."""
+    if kind == "packed":
+        guest, pvq, pdevice = packed_queue(size=8, event_idx=True)
+        vq: SplitVirtqueue | PackedVirtqueue = pvq
+        device: SplitDevice | PackedDevice = pdevice
+    else:
+        guest, vq, device = split_queue(event_idx=kind == "split-event-idx")
+    (buf,) = testing.alloc_bufs(guest.memory, [8])
+
+    def suppress(on: bool) -> None:
+        if isinstance(device, SplitDevice) and device.event_idx:
+            device.kick_at(0xFFFF if on else device.ring.avail_idx())  # avail_event out of reach, or due
+        else:
+            device.suppress_kicks(on)
+
+    def round_trip(*, suppressed_when_polled: bool, suppressed_at_kick: bool) -> bool:
+        vq.add([buf])
+        vq.kick(force=True)
+        device.serve_all()
+        suppress(suppressed_when_polled)
+        assert vq.wait_used(0).length == 8  # the poll: its snapshot
+        suppress(suppressed_at_kick)
+        vq.add([buf])
+        kicked = vq.kick()
+        device.serve_all()
+        vq.wait_used(0)
+        return kicked
+
+    # The snapshot says suppress: read again after publishing, which decides either way.
+    assert round_trip(suppressed_when_polled=True, suppressed_at_kick=False)
+    assert not round_trip(suppressed_when_polled=True, suppressed_at_kick=True)
+    # The snapshot says notify: notify on it (the device has since asked not to be: one
+    # notification it did not need, never one it missed).
+    assert round_trip(suppressed_when_polled=False, suppressed_at_kick=False)
+    assert round_trip(suppressed_when_polled=False, suppressed_at_kick=True)
+    vq.notify_on_snapshot = False
+    assert not round_trip(suppressed_when_polled=False, suppressed_at_kick=True)
+    vq.notify_on_snapshot = True
+    # A notification uses the snapshot up: the next kick, with no poll between, reads again.
+    suppress(False)
+    vq.add([buf])
+    assert vq.kick()
+    device.serve_all()
+    suppress(True)
+    vq.add([buf])
+    assert not vq.kick()

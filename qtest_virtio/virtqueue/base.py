@@ -4,10 +4,12 @@ A virtqueue knows guest memory (where its rings and buffers live) and its transp
 queue up and to notify); nothing else. Completion is found by polling the used ring, so it works
 the same whatever interrupt path is configured.
 
-The ring writes are posted (``GuestMemory.posting``): a kick sends the publishing writes and the
-read of the device's suppression state with one wait, the notification with another, and a poll
-reads the used ring and, speculatively, the waited-for chain's device-writable buffers in one
+The ring writes are posted (``GuestMemory.posting``). A poll reads the used ring, the device's
+suppression state and, speculatively, the waited-for chain's device-writable buffers in one
 exchange (their data counts only if the used ring, read first, says the chain is used: §2.7.14).
+A kick then sends the publishing writes and the notification with one wait when that snapshot says
+"notify"; otherwise it reads the suppression state after publishing, as §2.7.10 / §2.8.10 ask, and
+notifies with a second wait. So a request one at a time costs two round trips: kick, and poll.
 """
 
 from __future__ import annotations
@@ -144,6 +146,17 @@ class Virtqueue(ABC):
         self._prefetched_token = -1
         self.notifications = 0
         self.kicks_suppressed = 0
+        #: The device-written suppression state (split: used.flags and avail_event; packed: the
+        #: device event structure) as the last poll read it, or None once a notification went out.
+        self._suppression_seen: bytes | None = None
+
+    #: Whether a kick may notify on the last poll's snapshot of the suppression state. Only a
+    #: snapshot that says "notify" is trusted: if the device has since asked not to be notified,
+    #: the cost is one notification it did not need (devices take notifications at any time,
+    #: §2.7.10 is a SHOULD NOT); a snapshot that says "suppress" is always read again after
+    #: publishing, so no notification the device asked for is ever missed (the MUST). False
+    #: reads after publishing every time, as a driver on real memory does.
+    notify_on_snapshot: bool = True
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} size={self.size}>"
@@ -193,6 +206,7 @@ class Virtqueue(ABC):
         self._avail_order.clear()
         self._pending.clear()
         self._completed.clear()
+        self._suppression_seen = None
 
     def _used(self, ring_id: int, length: int, chain: InFlight, *, skipped: bool = False) -> UsedElem:
         del self.in_flight[ring_id]
@@ -219,6 +233,12 @@ class Virtqueue(ABC):
     @abstractmethod
     def _needs_notification(self) -> bool:
         """Whether the device asked to be notified of what was published since the last kick."""
+
+    def _suppression_snapshot(self) -> bytes | None:
+        """The last poll's snapshot of the suppression state, used once (see
+        :attr:`notify_on_snapshot`): None when there is none to go by."""
+        seen, self._suppression_seen = self._suppression_seen, None
+        return seen if self.notify_on_snapshot else None
 
     @abstractmethod
     def _collect(self) -> list[UsedElem]:
@@ -253,14 +273,16 @@ class Virtqueue(ABC):
             self._batch.flush()
 
     def kick(self, *, force: bool = False) -> bool:
-        """Publish, then notify if the device wants it (event index or NO_NOTIFY/flags): the
-        writes go ahead of the suppression read in its exchange. The notify itself waits for its
-        reply: with ioeventfd (the qtest accelerator) it only signals an eventfd, and the device
-        runs it in a later main-loop pass; a command in the same input as the notify (a
+        """Publish, then notify if the device wants it (event index or NO_NOTIFY/flags). The
+        writes go ahead of the suppression read in its exchange, or, when the last poll's
+        snapshot already says "notify", ahead of the notification. The notify itself waits for
+        its reply: with ioeventfd (the qtest accelerator) it only signals an eventfd, and the
+        device runs it in a later main-loop pass; a command in the same input as the notify (a
         ``clock_step``, a status read) would run before it."""
         with self.memory.posting():
             self._batch.flush()
             notify = force or self._needs_notification()
+        self._suppression_seen = None
         if notify:
             self.transport.notify(self.index)
             self.notifications += 1
@@ -268,9 +290,14 @@ class Virtqueue(ABC):
         self.kicks_suppressed += 1
         return False
 
-    def _read_ring(self, addr: int, size: int) -> bytes:
-        """The device-written ring area, read with the prefetch buffers in one exchange."""
-        ring, *self._prefetched = self.memory.read_many([(addr, size), *self._prefetch_spans])
+    def _read_ring(self, addr: int, size: int, suppression: tuple[int, int] | None = None) -> bytes:
+        """The device-written ring area, read with the suppression state (kept as the snapshot
+        the next kick may go by) and the prefetch buffers in one exchange."""
+        spans = [(addr, size), *([suppression] if suppression else []), *self._prefetch_spans]
+        ring, *rest = self.memory.read_many(spans)
+        if suppression:
+            self._suppression_seen = rest.pop(0)
+        self._prefetched = rest
         return ring
 
     def _check_used(self, used_id: int, length: int) -> InFlight:

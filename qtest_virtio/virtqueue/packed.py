@@ -40,6 +40,7 @@ class PackedVirtqueue(Virtqueue):
     kind = "packed"
 
     def setup(self) -> None:
+        self._suppression_seen = None
         if self.transport.uses_legacy_layout:
             raise VirtqueueError(f"{self.name}: packed rings need the modern layout (RING_PACKED is a 1.x feature)")
         n = self.size
@@ -104,19 +105,26 @@ class PackedVirtqueue(Virtqueue):
         old, old_wrap = self.kicked_avail, self.kicked_wrap
         new, new_wrap = self.next_avail, self.avail_wrap
         self.kicked_avail, self.kicked_wrap = new, new_wrap
-        raw = self.memory.read32(self.device_event)
-        off_wrap, flags = raw & 0xFFFF, raw >> 16
+        seen = self._suppression_snapshot()
+        if seen is not None and self._wants_notification(seen, (old, old_wrap), (new, new_wrap)):
+            return True
+        raw = self.memory.read(self.device_event, EVENT_SUPPRESS.size)
+        return self._wants_notification(raw, (old, old_wrap), (new, new_wrap))
+
+    def _wants_notification(self, raw: bytes, old: tuple[int, int], new: tuple[int, int]) -> bool:
+        """``raw``: the device event structure, off_wrap then flags (§2.8.14)."""
+        off_wrap, flags = EVENT_SUPPRESS.off_wrap.get(raw), EVENT_SUPPRESS.flags.get(raw)
         if flags == RING_EVENT_FLAGS_DISABLE:
             return False
         if flags != RING_EVENT_FLAGS_DESC or not self.event_idx:
             return True
-        return packed_need_event(off_wrap, self.size, (old, old_wrap), (new, new_wrap))
+        return packed_need_event(off_wrap, self.size, old, new)
 
     def _collect(self) -> list[UsedElem]:
         self.flush()
         if not self.in_flight:
             return []
-        ring = self._read_ring(self.ring, PACKED_DESC.size * self.size)
+        ring = self._read_ring(self.ring, PACKED_DESC.size * self.size, (self.device_event, EVENT_SUPPRESS.size))
         elems: list[UsedElem] = []
         try:
             self._take_used(ring, elems)

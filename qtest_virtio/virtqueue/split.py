@@ -39,6 +39,7 @@ class SplitVirtqueue(Virtqueue):
     kind = "split"
 
     def setup(self) -> None:
+        self._suppression_seen = None
         n = self.size
         self._allocs: list[int] = []
         if self.transport.uses_legacy_layout:
@@ -115,6 +116,7 @@ class SplitVirtqueue(Virtqueue):
         Their chains are not tracked: read their used entries by hand too."""
         self.avail_idx = (self.avail_idx + entries) & 0xFFFF
         self.kicked_idx = self.avail_idx
+        self._suppression_seen = None
 
     def consumed_by_hand(self, entries: int = 1) -> None:
         """Skip ``entries`` used ring entries at ``last_used`` that someone else read (the used
@@ -124,17 +126,32 @@ class SplitVirtqueue(Virtqueue):
     def _needs_notification(self) -> bool:
         old, new = self.kicked_idx, self.avail_idx
         self.kicked_idx = new
+        seen = self._suppression_snapshot()
+        if seen is not None and self._wants_notification(seen, new, old):
+            return True
+        return self._wants_notification(self._read_suppression(), new, old)
+
+    def _read_suppression(self) -> bytes:
+        """used.flags or avail_event, whichever decides a kick, read now (after publishing)."""
         if self.event_idx:
-            return need_event(self.memory.read16(self.avail_event_addr), new, old)
-        return not self.memory.read16(self.used + SPLIT_USED.flags.offset) & USED_F_NO_NOTIFY
+            return b"\0\0" + self.memory.read(self.avail_event_addr, 2)
+        return self.memory.read(self.used + SPLIT_USED.flags.offset, 2) + b"\0\0"
+
+    def _wants_notification(self, seen: bytes, new: int, old: int) -> bool:
+        """``seen``: used.flags then avail_event, 2 bytes each (§2.7.10)."""
+        if self.event_idx:
+            return need_event(int.from_bytes(seen[2:4], "little"), new, old)
+        return not int.from_bytes(seen[0:2], "little") & USED_F_NO_NOTIFY
 
     def used_idx(self) -> int:
         return self.memory.read16(self.used + SPLIT_USED.idx.offset)
 
     def _collect(self) -> list[UsedElem]:
         self.flush()
-        # used.flags, used.idx and the whole ring in one read: one round trip per poll.
-        ring = self._read_ring(self.used, SPLIT_USED.size + USED_ELEM.size * self.size)
+        # used.flags, used.idx, the whole ring and avail_event in one read: one round trip per
+        # poll, and the suppression snapshot the next kick may go by.
+        ring = self._read_ring(self.used, used_ring_size(self.size))
+        self._suppression_seen = ring[SPLIT_USED.flags.offset : SPLIT_USED.flags.end] + ring[-2:]
         used_idx = int.from_bytes(ring[SPLIT_USED.idx.offset : SPLIT_USED.idx.end], "little")
         count = (used_idx - self.last_used) & 0xFFFF
         if count == 0:
