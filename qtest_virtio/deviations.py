@@ -306,6 +306,11 @@ DEVIATIONS: tuple[Deviation, ...] = (
         "it livelocks on a packed virtio-scsi chain with its writable buffers first",
         "virtio-scsi-packed-writable-first-livelock",
     ),
+    _fuzz_crash(
+        "it aborts when the driver resets a virtio-net transmit queue while the backend holds one of its "
+        "transmits (virtio-net's async_tx)",
+        "virtio-net-queue-reset-async-tx-assert",
+    ),
     # -- virtio-net receive segment coalescing (scenarios/net/test_rsc.py, on a tap) -------------
     Deviation(
         "net-rsc-gso-fields",

@@ -25,6 +25,15 @@ QMP steps: ``# qtest-virtio: device_del ID``, ``# qtest-virtio: deleted ID`` (wa
 refuses or never completes is a note, and the replay goes on. Any other name, a missing or an
 extra argument is a malformed file (file and line).
 
+Send groups (plain form only, :mod:`.groups`): the commands between ``# qtest-virtio: group``
+and ``# qtest-virtio: end`` went to QEMU in one write, and replay sends them in one write, then
+reads their replies; every command outside a group is sent on its own and waits for its reply,
+as before. QEMU's qtest server takes up to 1 KiB of input per main-loop pass, so commands of one
+write run without a device's bottom halves in between: the fuzzer records its sends' boundaries
+for that (a group where one send carried more than one line). Groups do not nest, hold at least
+one command and no directive, and an unclosed one is malformed. For the upstream forms
+(:func:`upstream_command`, ``-qtest stdio``) a group is just its lines in order.
+
 A backslash at the end of a line joins it with the next exactly as the shell does (nothing in
 between), which also rejoins fuzzer reproducers wrapped at 72 columns in the middle of a hex or
 base64 token. The binary named in the file is replaced by the one under test (x86_64 stands in
@@ -39,7 +48,6 @@ before the verdict, and the run is judged by the classifier the fuzzer uses too
 
 from __future__ import annotations
 
-import itertools
 import os
 import re
 import shlex
@@ -52,11 +60,15 @@ from .binary import QemuBinary
 from .errors import MalformedCommand, QemuCrashed, QemuStartError, QtestTimeout, ScenarioError, UnknownCommand
 from .fuzz.corpus import RecoveryCheck, recovery_check
 from .fuzz.engine import M, migrate
+from .groups import CLOSE, OPEN
 from .libqtest import looks_like_c, parse_c
 from .machine import MachineSpec, QemuMachine
 from .machine.qdev import HotplugError
 from .machine.spec import split_option_list
 from .outcome import DEFAULT_SETTLE, EXIT_PRECEDENCE, Judge, Outcome, check_recovery, settle
+from .qemu_args import has_display, missing_machine, without_qtest_channel
+from .qemu_args import normalize_args as normalize_args  # re-exported: moved there, still named from here
+from .qemu_args import shell_words as shell_words
 from .qtest import COMMANDS, Command
 
 #: A shell prompt pasted before a command: ``$ ``, ``user@host:~/qemu$ ``.
@@ -97,6 +109,16 @@ class Directive:
     arg: str = ""
 
 
+@dataclass(frozen=True)
+class Group:
+    """``Reproducer.commands[start:stop]`` went to QEMU in one write (``# qtest-virtio: group``
+    at ``line`` opened it): replay sends them in one write, then reads their replies."""
+
+    line: int
+    start: int
+    stop: int
+
+
 @dataclass
 class Reproducer:
     """A parsed reproducer: the QEMU arguments as written and the qtest commands with their
@@ -115,6 +137,8 @@ class Reproducer:
     notes: list[str] = field(default_factory=list)
     #: ``# qtest-virtio:`` steps between the commands (plain form), in file order.
     directives: list[Directive] = field(default_factory=list)
+    #: Commands sent in one write (plain form), in file order.
+    groups: list[Group] = field(default_factory=list)
 
 
 @dataclass
@@ -201,6 +225,8 @@ def parse(text: str, path: str = "<reproducer>") -> Reproducer:
     commands: list[tuple[int, str]] = []
     comments: list[str] = []
     directives: list[Directive] = []
+    groups: list[Group] = []
+    opened_group: tuple[int, int] | None = None  # (line, first command) of the group not closed yet
     heredoc_end: str | None = None
     timeout: float | None = None
     heredoc_line = 0
@@ -233,7 +259,18 @@ def parse(text: str, path: str = "<reproducer>") -> Reproducer:
             header.append(m.group(1))
             continue
         d = _DIRECTIVE_RE.match(stripped)
+        if d and d.group(1).split(None, 1)[:1] in ([OPEN], [CLOSE]):
+            opened_group = _group_mark(d.group(1), form, opened_group, len(commands), groups, path, n)
+            continue
         if d:
+            if opened_group is not None:
+                raise ScenarioError(
+                    f"directive '# qtest-virtio: {d.group(1).strip()}' inside the group opened at line "
+                    f"{opened_group[0]}: a group is one write of qtest commands (close it with "
+                    f"'# qtest-virtio: {CLOSE}' first)",
+                    path=path,
+                    line=n,
+                )
             directives.append(_directive(d.group(1), form, len(commands), path, n))
             continue
         if stripped.startswith("#"):
@@ -264,6 +301,10 @@ def parse(text: str, path: str = "<reproducer>") -> Reproducer:
         raise ScenarioError(
             f"the here-document opened here never ends with {heredoc_end!r}", path=path, line=heredoc_line
         )
+    if opened_group is not None:
+        raise ScenarioError(
+            f"the group opened here never ends with '# qtest-virtio: {CLOSE}'", path=path, line=opened_group[0]
+        )
     if args_text is None:
         if not header:
             raise ScenarioError(
@@ -283,8 +324,63 @@ def parse(text: str, path: str = "<reproducer>") -> Reproducer:
         raise ScenarioError("no qtest commands", path=path, line=heredoc_line or 1)
     notes = [f"{skipped} line(s) between the commands that are not qtest commands were skipped"] if skipped else []
     return _checked(
-        Reproducer(path, binary, args, commands, comments, timeout, form=form, notes=notes, directives=directives)
+        Reproducer(
+            path,
+            binary,
+            args,
+            commands,
+            comments,
+            timeout,
+            form=form,
+            notes=notes,
+            directives=directives,
+            groups=groups,
+        )
     )
+
+
+def _group_mark(
+    text: str, form: str, opened: tuple[int, int] | None, at: int, groups: list[Group], path: str, line: int
+) -> tuple[int, int] | None:
+    """``# qtest-virtio: group`` (opens a group before command ``at``) or ``end`` (closes it,
+    into ``groups``): the group left open. ScenarioError (file and line) for an argument, a
+    form other than plain, a nested or an empty group, an ``end`` with no group open."""
+    word = text.strip()
+    if form != "plain":
+        raise ScenarioError(
+            f"'# qtest-virtio: {word}' in a {form} reproducer: groups are honoured in the plain form "
+            "('# qemu-args:' then the commands) only",
+            path=path,
+            line=line,
+        )
+    if word not in (OPEN, CLOSE):
+        name = word.split(None, 1)[0]
+        raise ScenarioError(
+            f"directive '# qtest-virtio: {word}': {name} takes no arguments (write '# qtest-virtio: {name}')",
+            path=path,
+            line=line,
+        )
+    if word == OPEN:
+        if opened is not None:
+            raise ScenarioError(
+                f"a group inside the group opened at line {opened[0]}: groups do not nest (close that one with "
+                f"'# qtest-virtio: {CLOSE}' first)",
+                path=path,
+                line=line,
+            )
+        return line, at
+    if opened is None:
+        raise ScenarioError(
+            f"'# qtest-virtio: {CLOSE}' with no group open (a group starts with '# qtest-virtio: {OPEN}')",
+            path=path,
+            line=line,
+        )
+    if opened[1] == at:
+        raise ScenarioError(
+            f"the group opened at line {opened[0]} holds no command (drop both lines)", path=path, line=line
+        )
+    groups.append(Group(opened[0], opened[1], at))
+    return None
 
 
 def _directive(text: str, form: str, at: int, path: str, line: int) -> Directive:
@@ -292,6 +388,7 @@ def _directive(text: str, form: str, at: int, path: str, line: int) -> Directive
     line) for a name replay does not know, arguments, or a form other than plain."""
     words = text.split(None, 1)
     known = "; ".join(f"'# qtest-virtio: {k}{' ARG' if arg else ''}' ({what})" for k, (what, arg) in DIRECTIVES.items())
+    known += f"; '# qtest-virtio: {OPEN}' ... '# qtest-virtio: {CLOSE}' (the commands between go in one write)"
     if form != "plain":
         raise ScenarioError(
             f"directive '# qtest-virtio: {text}' in a {form} reproducer: directives are honoured in the plain form "
@@ -367,64 +464,6 @@ def load(path: str) -> Reproducer:
     return parse(text, path)
 
 
-def _strip_accel(opts: str) -> str:
-    return ",".join(p for p in opts.split(",") if p and p != "accel=qtest")
-
-
-def _without_qtest_channel(args: list[str]) -> list[str]:
-    """``args`` less ``-qtest X`` and ``-qtest-log X`` (the harness's socket, or stdio, replaces them)."""
-    out: list[str] = []
-    i = 0
-    while i < len(args):
-        if args[i] in ("-qtest", "-qtest-log") and i + 1 < len(args):
-            i += 2
-            continue
-        out.append(args[i])
-        i += 1
-    return out
-
-
-def _has_display(args: list[str]) -> bool:
-    return any(a in ("-display", "-nographic", "-vnc") for a in args)
-
-
-def normalize_args(args: list[str], binary: QemuBinary) -> tuple[list[str], list[str]]:
-    """The reproducer's arguments for our harness, and notes on what changed.
-
-    Drops ``-qtest X`` and ``-qtest-log X`` (ours replace them). ``accel=qtest`` / ``-accel qtest``
-    are kept where this binary has the qtest accelerator (the harness then adds none), and dropped
-    where it lacks it (the Machine layer then runs TCG with -S).
-    """
-    out: list[str] = []
-    notes: list[str] = []
-    rest = _without_qtest_channel(args)
-    keep_accel = binary.has_qtest_accel
-    i = 0
-    while i < len(rest):
-        a = rest[i]
-        nxt = rest[i + 1] if i + 1 < len(rest) else None
-        if not keep_accel and a in ("-machine", "-M") and nxt is not None and "accel=qtest" in nxt.split(","):
-            stripped = _strip_accel(nxt)
-            notes.append(f"dropped accel=qtest from {a} {nxt}")
-            if stripped:
-                out += [a, stripped]
-            i += 2
-            continue
-        if not keep_accel and a == "-accel" and nxt is not None and nxt.split(",")[0] == "qtest":
-            notes.append("dropped -accel qtest")
-            i += 2
-            continue
-        out.append(a)
-        i += 1
-    if not _has_display(out):
-        # libqtest adds -display none itself, so reproducers taken from qtest tests omit it.
-        out += ["-display", "none"]
-        notes.append("added -display none (as libqtest does)")
-    if any("accel" in n for n in notes):
-        notes.append("this QEMU has no qtest accelerator: running TCG with -S (and the halt firmware)")
-    return out, notes
-
-
 def upstream_args(rep: Reproducer) -> list[str]:
     """The reproducer's command line for an upstream build with the qtest accelerator, as QEMU's
     bug reports write it: ``qemu-system-x86_64 ... -qtest stdio``.
@@ -432,32 +471,12 @@ def upstream_args(rep: Reproducer) -> list[str]:
     The arguments are the file's, less its qtest channel; ``-accel qtest`` is added where the
     file names no accelerator and ``-display none`` where it names no display (as libqtest does).
     """
-    args = _without_qtest_channel(rep.args)
+    args = without_qtest_channel(rep.args)
     if not any(a == "-accel" or "accel=" in a for a in args):
         args += ["-accel", "qtest"]
-    if not _has_display(args):
+    if not has_display(args):
         args += ["-display", "none"]
     return ["qemu-system-x86_64", *args, "-qtest", "stdio"]
-
-
-def shell_words(words: Sequence[str], prefix: str = "", width: int = 100) -> str:
-    """``words`` quoted for a POSIX shell, wrapped before ``width`` with ``\\`` continuations
-    (an option stays on the line of its value)."""
-    units: list[str] = []
-    for w in map(shlex.quote, words):
-        if units and units[-1].startswith("-") and " " not in units[-1] and not w.startswith("-"):
-            units[-1] += " " + w
-        else:
-            units.append(w)
-    lines: list[str] = []
-    cur = prefix.rstrip()
-    for u in units:
-        if cur and len(cur) + 1 + len(u) > width - 2:
-            lines.append(cur + " \\")
-            cur = u
-        else:
-            cur = f"{cur} {u}" if cur else u
-    return "\n".join([*lines, cur])
 
 
 def upstream_command(rep: Reproducer, width: int = 100) -> str:
@@ -474,29 +493,6 @@ def upstream_command(rep: Reproducer, width: int = 100) -> str:
             line=d.line,
         )
     return "\n".join([shell_words(upstream_args(rep), "cat << EOF |", width), *(c for _, c in rep.commands), "EOF"])
-
-
-def machine_type(args: Sequence[str]) -> str | None:
-    """The machine type ``args`` name (``-M pc-q35-5.0``, ``-machine q35,accel=qtest``,
-    ``-machine type=pc``), the last one winning as in QEMU; None if they name none."""
-    found: str | None = None
-    for opt, value in itertools.pairwise(args):
-        if opt in ("-M", "-machine"):
-            for part in value.split(","):
-                if part and "=" not in part:
-                    found = part
-                elif part.startswith("type="):
-                    found = part[len("type=") :]
-    return found
-
-
-def missing_machine(args: Sequence[str], binary: QemuBinary) -> str | None:
-    """'machine type X is not in this binary (it has: ...)', or None when it is there (or the
-    arguments name none, or ask for QEMU's help)."""
-    wanted = machine_type(args)
-    if wanted is None or wanted in ("help", "?") or wanted in binary.machines:
-        return None
-    return f"machine type {wanted} is not in this binary (it has: {', '.join(binary.machines)})"
 
 
 def replay(
@@ -542,6 +538,9 @@ def replay(
         if exc.command.startswith(_MIGRATION_AT):
             return f"no reply within {timeout:g} s during {exc.command}"
         at = f"line {rep.commands[result.commands_run][0]}" if result.commands_run < len(rep.commands) else where
+        group = next((g for g in rep.groups if g.start == result.commands_run), None)
+        if group is not None:
+            at = f"the group of {group.stop - group.start} commands at line {group.line} (one write)"
         return f"no reply within {timeout:g} s to {at}"
 
     judge = Judge(vm, hung=hung, clean_exit_survives=True)
@@ -611,15 +610,22 @@ def run_commands(judge: Judge, vm: M, rep: Reproducer, result: ReplayResult, *, 
     moves them; ``judge`` follows it)."""
     printer = echo if callable(echo) else print
     steps = sorted(rep.directives, key=lambda d: d.at)
-    for i, (n, command) in enumerate([*rep.commands, (0, "")]):
+    groups = {g.start: g for g in rep.groups}
+    i = 0
+    while True:
         while steps and steps[0].at == i:
             vm = _take(steps.pop(0), judge, vm, rep, result, printer if trace else None)
         if i == len(rep.commands):
             break
-        reply = vm.qtest.send_raw(command)
-        result.commands_run += 1
+        group = groups.get(i)
+        sent = rep.commands[i : group.stop if group else i + 1]
+        # A group goes in one write, as the fuzzer sent it (module docstring); the rest one at a time.
+        replies = vm.qtest.send_raw_many([c for _, c in sent]) if group else [vm.qtest.send_raw(sent[0][1])]
+        result.commands_run += len(sent)
+        i += len(sent)
         if trace:
-            printer(f"{rep.path}:{n}: {command[:160]}  ->  {reply[:160]}")
+            for (n, command), reply in zip(sent, replies, strict=True):
+                printer(f"{rep.path}:{n}: {command[:160]}  ->  {reply[:160]}")
     vm.qtest.send_raw("endianness")
     return vm
 

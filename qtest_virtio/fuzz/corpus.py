@@ -15,6 +15,7 @@ from .. import modes
 from ..deviations import Deviation
 from ..deviations import table as deviation_table
 from ..errors import ScenarioError
+from ..groups import with_groups
 from ..outcome import Outcome
 from ..vm import Machine
 from .engine import ExampleResult, FuzzConfig, driver_for, machine_for, signature
@@ -26,7 +27,9 @@ SIGNATURE_HEADER = "# fuzz-signature:"
 
 
 def reproducer_text(result: ExampleResult, *, seed: int | None = None) -> str:
-    """The plain ``.qtest`` form: ``# qemu-args:`` then every command QEMU received."""
+    """The plain ``.qtest`` form: ``# qemu-args:`` then every command QEMU received, the lines
+    one send carried inside a send group (``# qtest-virtio: group`` ... ``end``, :mod:`..groups`),
+    so replay sends them as QEMU got them."""
     c = result.config
     commands = result.commands
     check: list[str] = []
@@ -43,7 +46,7 @@ def reproducer_text(result: ExampleResult, *, seed: int | None = None) -> str:
         *(f"#   {a!r}" for a in result.actions),
         *check,
         f"# qemu-args: {shlex.join(result.args)}",
-        *commands,
+        *with_groups(commands, result.groups),
     ]
     return "\n".join(lines) + "\n"
 

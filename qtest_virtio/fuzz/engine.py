@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from .. import modes
 from ..errors import MigrationError, QemuCrashed, QtestTimeout, QtestVirtioError, describe_exit
+from ..groups import Span, spans_of_sends
 from ..machine import MachineSpec, QemuMachine, is_crash_marker, watch_machines
 from ..machine.qdev import HotplugError
 from ..outcome import Judge, Outcome, check_recovery, settle
@@ -213,6 +214,9 @@ class ExampleResult:
     migrations: int = 0
     #: Hot-unplugs that completed (DEVICE_DELETED came).
     unplugs: int = 0
+    #: ``[start, stop)`` in ``commands`` of the lines one send carried, where it carried more
+    #: than one: the reproducer's send groups (:mod:`..groups`).
+    groups: list[Span] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.outcome = Outcome(self.outcome)  # the printed word ("crashed") names it too
@@ -324,16 +328,17 @@ class _Progress:
 
 
 class _Recording:
-    """Every byte an example sent to QEMU, across migrations: what the machine's recorded socket
-    got (``QtestClient.record``), then at a migration the directive line, and when the machine
-    moved, the interceptions ``QtestClient.take_over`` made again on the destination (QEMU got
-    them; a replay sends them as written) and what the destination's recorded socket got."""
+    """Every byte an example sent to QEMU, across migrations, one item per send (its
+    boundaries are the reproducer's send groups, :meth:`groups`): what the machine's recorded
+    socket got (``QtestClient.record``), then at a migration the directive line, and when the
+    machine moved, the interceptions ``QtestClient.take_over`` made again on the destination
+    (QEMU got them; a replay sends them as written) and what the destination's recorded socket got."""
 
     def __init__(self, client: QtestClient, *, sink: list[bytes] | None = None, prefix: bytes = b"") -> None:
         """``sink``: a reused process's recording, emptied here (one per process, not one more
         per example); ``prefix``: what a fresh machine got before (the enumeration a reused
-        machine's reset re-sent)."""
-        self._done: list[bytes] = [prefix] if prefix else []
+        machine's reset re-sent), a line per send (config-space setup: no group needed)."""
+        self._done: list[bytes] = prefix.splitlines(keepends=True)
         self._intercepts: list[bytes] = []
         if sink is not None:
             sink.clear()
@@ -342,10 +347,11 @@ class _Recording:
     def directive(self, line: str) -> None:
         """A step replay takes here (recorded before it starts: a crash while it runs is
         replayed there too): what was sent so far, then the directive line."""
-        sent = b"".join(self._sink)
+        sends = list(self._sink)
         self._sink.clear()  # the socket goes on recording into it (a refused migration, a hot-unplug)
-        self._intercepts += [line for line in sent.splitlines(keepends=True) if line.startswith(b"irq_intercept_")]
-        self._done += [sent, f"{line}\n".encode()]
+        lines = b"".join(sends).splitlines(keepends=True)
+        self._intercepts += [line for line in lines if line.startswith(b"irq_intercept_")]
+        self._done += [*sends, f"{line}\n".encode()]
 
     def moved(self, client: QtestClient) -> None:
         """The migration completed: ``client`` (the same object) now talks to the destination."""
@@ -354,6 +360,10 @@ class _Recording:
 
     def sent(self) -> bytes:
         return b"".join([*self._done, *self._sink])
+
+    def groups(self) -> list[Span]:
+        """The lines of :meth:`sent` that one send carried, where it carried more than one."""
+        return spans_of_sends([*self._done, *self._sink])
 
 
 @dataclass
@@ -484,6 +494,7 @@ def run_example(
             other.shutdown(check=False)  # a migration's other side, when the judge took one
         sent = recording.sent()
         result.commands = sent.decode("latin-1").splitlines()
+        result.groups = recording.groups()
         if recovery_at is not None:
             result.recovery_from = sent[:recovery_at].count(b"\n")
         result.stderr_tail = judge.vm.stderr_tail(30)
