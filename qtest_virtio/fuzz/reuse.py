@@ -168,13 +168,13 @@ class Session:
     def pid(self) -> int | None:
         return self._vm.pid if self._vm is not None else None
 
-    @property
-    def spare_pid(self) -> int | None:
-        """The spare's process id once it is started and enumerated (waits for it), else None."""
+    def spare_machine(self) -> tuple[Machine, list[bytes]] | None:
+        """The spare once it is started and enumerated (waited for), with what it was sent
+        since its start-up round trip; None when there is none or it failed."""
         if self._spare is None:
             return None
         ready = _result(self._spare)
-        return ready.vm.pid if ready is not None else None
+        return (ready.vm, ready.sink) if ready is not None else None
 
     def machine(self) -> ReusableMachine:
         """The machine for the next example, in its post-start state (started when there is
