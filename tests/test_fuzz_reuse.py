@@ -144,7 +144,11 @@ def test_cli_reports_reuse_and_fresh_does_not(qemu_binary, tmp_path: Path) -> No
     reused = _cli(*common, "--out", str(tmp_path / "a"))
     assert reused.returncode in (0, 1), reused.stderr
     line = next(x for x in reused.stdout.splitlines() if x.startswith("reuse:"))
-    assert "QEMU process(es)" in line and "restarts:" in line
+    assert "QEMU process(es)" in line and "restarts:" in line and "spares started ahead" in line
+    no_spare = _cli(*common, "--no-spare", "--out", str(tmp_path / "c"))
+    assert no_spare.returncode in (0, 1), no_spare.stderr
+    line = next(x for x in no_spare.stdout.splitlines() if x.startswith("reuse:"))
+    assert "QEMU process(es)" in line and "spares" not in line
     fresh = _cli(*common, "--fresh", "--out", str(tmp_path / "b"))
     assert fresh.returncode in (0, 1), fresh.stderr
     assert not any(x.startswith("reuse:") for x in fresh.stdout.splitlines())
