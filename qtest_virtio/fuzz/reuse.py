@@ -137,6 +137,8 @@ class Session:
         self._spare: Future[_Ready] | None = None
         #: The spare the worker is starting (until it is swapped in): close() makes sure of it.
         self._preparing: list[Machine] = []
+        #: Processes restarted away from, not stopped yet (``_stop_retired``).
+        self._retired: list[Machine] = []
 
     def __enter__(self) -> Session:
         return self
@@ -160,9 +162,9 @@ class Session:
                 if pool is not None:
                     pool.shutdown(wait=True)  # the spare's start and the retired processes' stops run out
             finally:
-                for vm in self._preparing:
+                for vm in [*self._retired, *self._preparing]:
                     vm.shutdown(check=False)  # idempotent
-                self._preparing = []
+                self._preparing, self._retired = [], []
 
     @property
     def pid(self) -> int | None:
@@ -194,6 +196,7 @@ class Session:
                 self._use(ready.vm, ready.sink, self._baseline)
                 self.stats.spares_used += 1
                 self._order_spare()
+                self._stop_retired()  # after the next spare's start: that one is what a restart waits for
                 return
         vm = machine_for(self.config, ReusableMachine)
         assert isinstance(vm, ReusableMachine)
@@ -219,6 +222,7 @@ class Session:
             raise
         self._use(vm, sink, baseline)
         self._order_spare()
+        self._stop_retired()
 
     def _use(self, vm: ReusableMachine, sink: list[bytes], baseline: Baseline) -> None:
         vm.forget_guest()
@@ -267,11 +271,19 @@ class Session:
         return ready
 
     def _retire(self, vm: Machine) -> None:
-        """Stop a process on the worker (in order with the spare it starts), or here."""
+        """A process to stop: on the worker once the next spare is ordered, or here now."""
         if self._pool is None:
             vm.shutdown(check=False)
-            return
-        self._pool.submit(vm.shutdown, check=False)
+        else:
+            self._retired.append(vm)
+
+    def _stop_retired(self) -> None:
+        retired, self._retired = self._retired, []
+        for vm in retired:
+            if self._pool is None:
+                vm.shutdown(check=False)
+            else:
+                self._pool.submit(vm.shutdown, check=False)
 
     def judge(self, vm: Machine, hung: Callable[[QtestTimeout], str]) -> Judge:
         return _KeepJudge(vm, hung=hung)
