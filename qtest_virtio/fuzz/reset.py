@@ -189,9 +189,13 @@ def _config_ecam(
 
 
 def _virtio_state(vm: Machine, path: str, queues: int) -> tuple[dict[str, Any], tuple[dict[str, Any], ...]]:
-    status = vm.qmp.cmd("x-query-virtio-status", path=path)
-    qs = tuple(vm.qmp.cmd("x-query-virtio-queue-status", path=path, queue=q) for q in range(queues))
-    return status, qs  # type: ignore[return-value]
+    """``x-query-virtio-status`` and ``x-query-virtio-queue-status`` of every queue, sent
+    together (one wait for all)."""
+    status, *qs = vm.qmp_many(
+        [("x-query-virtio-status", {"path": path})]
+        + [("x-query-virtio-queue-status", {"path": path, "queue": q}) for q in range(queues)]
+    )
+    return status, tuple(qs)
 
 
 def _device_config(vm: Machine, vmap: VirtioPciMap, legacy: bool) -> bytes:

@@ -30,8 +30,9 @@ from types import TracebackType
 from typing import Any
 
 from ..errors import QemuCrashed, QtestTimeout, QtestVirtioError
-from ..machine import is_crash_marker
+from ..machine import MachineSpec, is_crash_marker
 from ..outcome import Judge
+from ..pci import PciFunction
 from ..vm import Machine
 from .engine import FUZZ_SETTLE, ExampleResult, FuzzConfig, machine_for
 from .reset import Baseline, ResetFailed, enumerate_again, reset_to_baseline, take_baseline
@@ -47,6 +48,20 @@ REUSE_SETTLE = 0.005
 class ReusableMachine(Machine):
     """A Machine whose guest-side objects (allocator, drivers) can be dropped, so the next
     example allocates as on a fresh machine."""
+
+    def __init__(self, spec: MachineSpec, **kw: Any) -> None:
+        super().__init__(spec, **kw)
+        #: Where each ``-device`` id sits (``query-pci``'s answer, asked once per process: the
+        #: harness places every device on the command line, and no guest write moves a slot).
+        self._bdfs: dict[str, str] = {}
+
+    def pci_function(self, dev_id: str) -> PciFunction:
+        """As Machine's, with the qdev id's address asked of QMP once per process (it sends no
+        qtest command either way: the example's wire is the same)."""
+        if dev_id not in self._bdfs:
+            self._bdfs[dev_id] = super().pci_function(dev_id).bdf
+        self.pci.assign_bars()
+        return self.pci.find(bdf=self._bdfs[dev_id])
 
     def forget_guest(self) -> None:
         """Drop the allocator and the drivers; the PCI enumeration stays (the reset assigned
