@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -244,3 +245,28 @@ def test_an_interrupt_stops_the_current_process_and_the_spare(qemu_binary) -> No
             fuzz_target(config, max_examples=20, seed=1, hook=hook, session=session)
     assert len(set(seen)) >= 3  # the examples ran on swapped-in spares
     assert all(_gone(p) for p in seen)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def test_close_stops_a_wrapper_scripts_qemu_in_the_spare_too(
+    qemu_with_bug: str,  # noqa: F811 - the fixture
+) -> None:
+    """A spare run through a wrapper script (its QEMU a child of the script) is stopped with
+    its QEMU: not left to the parent-death signal, which kills only the script."""
+    config = FuzzConfig("virtio-rng-pci", "modern", "split", qemu=qemu_with_bug)
+    qemus: set[int] = set()
+    with Session(config, every=1) as session:
+        for _ in range(3):
+            run_example(config, [Valid()], session=session)
+            spare = session.spare_machine()
+            assert spare is not None
+            qemus.update(_children(spare[0].pid))
+    assert len(qemus) == 3  # each spare's real QEMU, seen while it ran
+    time.sleep(0.2)
+    assert all(_gone(p) for p in qemus)

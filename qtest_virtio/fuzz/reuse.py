@@ -163,7 +163,9 @@ class Session:
 
     def close(self) -> None:
         """Shut down the current process and the spare (also one still starting): on every
-        exit path (the end, an error, an interrupt)."""
+        exit path (the end, an error, an interrupt). Each is stopped while the worker thread
+        that spawned it still lives: its end sends the parent-death signal, SIGKILL, to what
+        it spawned, which a wrapper script dies of without passing it on to its QEMU."""
         try:
             if self._vm is not None:
                 self._vm.shutdown(check=False)
@@ -172,13 +174,17 @@ class Session:
             spare, self._spare = self._spare, None
             pool, self._pool = self._pool, None
             try:
-                if spare is not None:
-                    spare.cancel()  # not started yet: never started
                 if pool is not None:
-                    pool.shutdown(wait=True)  # the spare's start and the retired processes' stops run out
+                    if spare is not None:
+                        spare.cancel()  # not started yet: never started
+                    pool.submit(lambda: None).result()  # one worker, in order: what was queued has run
+                for vm in [*self._retired, *self._preparing]:
+                    vm.shutdown(check=False)
+                if pool is not None:
+                    pool.shutdown(wait=True)
             finally:
                 for vm in [*self._retired, *self._preparing]:
-                    vm.shutdown(check=False)  # idempotent
+                    vm.shutdown(check=False)  # idempotent (after an interrupt above)
                 self._preparing, self._retired = [], []
 
     @property
