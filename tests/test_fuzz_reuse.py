@@ -188,7 +188,9 @@ def test_a_restart_swaps_in_the_spare_started_after_it_that_ran_no_example(qemu_
         spare_vm, spare_sent = spare
         # started after the process it follows, and sent nothing but the enumeration
         assert spare_vm.pid != served[0] and _start_time(spare_vm.pid) >= _start_time(served[0])
-        assert b"".join(spare_sent).decode("latin-1").splitlines() == list(session._baseline.enumeration)
+        baseline = session._baseline
+        assert baseline is not None
+        assert b"".join(spare_sent).decode("latin-1").splitlines() == list(baseline.enumeration)
         second = run_example(config, [Valid()], hook=hook, session=session)
         third = run_example(config, [Valid()], hook=hook, session=session)
         stats = session.stats
