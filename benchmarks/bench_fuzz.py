@@ -41,9 +41,11 @@ class _Everything:
         return True
 
 
-def run(config: FuzzConfig, *, reuse: bool, examples: int, seed: int) -> tuple[int, float, Any, ReuseStats]:
+def run(
+    config: FuzzConfig, *, reuse: bool, examples: int, seed: int, spare: bool = True
+) -> tuple[int, float, Any, ReuseStats]:
     """(examples run, seconds, the failure or None, reuse stats) of one seeded fuzz_target."""
-    session = Session(config) if reuse else None
+    session = Session(config, spare=spare) if reuse else None
     started = time.perf_counter()
     try:
         report = fuzz_target(config, max_examples=examples, seed=seed, known=_Everything(), session=session)
@@ -70,30 +72,46 @@ def main() -> int:
     ap.add_argument("--find-examples", type=int, default=300, help="budget per run in the find-rate part")
     ap.add_argument("--find-seeds", type=int, default=3, help="seeds per known bug in the find-rate part")
     ap.add_argument("--known", default="scenarios/reproducers")
+    ap.add_argument("--no-spare", action="store_true", help="reused sessions restart without a spare process")
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args()
     binary = QemuBinary.get(args.qemu)
     print(f"binary: {binary.identity}; load average {os.getloadavg()[0]:.2f} at start", flush=True)
-    out: dict[str, Any] = {"binary": binary.identity, "throughput": {}, "finds": []}
+    out: dict[str, Any] = {
+        "binary": binary.identity,
+        "spare": not args.no_spare,
+        "load_start": os.getloadavg()[0],
+        "throughput": {},
+        "finds": [],
+    }
     devices = args.device or ["virtio-blk-pci", "virtio-rng-pci"]
     for device in devices:
         config = FuzzConfig(device, args.mode, "split", binary.path)
+        # unrecorded warm-up: hypothesis scans the local modules' source for constants once per
+        # interpreter (about 1 s), which would otherwise land on the first round's first side
+        for reuse in (False, True):
+            run(config, reuse=reuse, examples=3, seed=1000, spare=not args.no_spare)
         ratios: list[float] = []
         rates: dict[str, list[float]] = {"fresh": [], "reused": []}
         processes: list[int] = []
+        spares: list[int] = []
+        waits: list[float] = []
         for r in range(args.rounds):
             order = (False, True) if r % 2 == 0 else (True, False)
             figures = {}
             for reuse in order:
-                n, seconds, _, stats = run(config, reuse=reuse, examples=args.examples, seed=r)
+                n, seconds, _, stats = run(config, reuse=reuse, examples=args.examples, seed=r, spare=not args.no_spare)
                 figures[reuse] = n / seconds
                 rates["reused" if reuse else "fresh"].append(n / seconds)
                 if reuse:
                     processes.append(stats.processes)
+                    spares.append(stats.spares_used)
+                    waits.append(round(stats.spare_wait_seconds, 3))
             ratios.append(figures[True] / figures[False])
             print(
                 f"  {device} round {r}: fresh {figures[False]:.1f}/s, reused {figures[True]:.1f}/s "
-                f"({processes[-1]} processes), ratio {ratios[-1]:.2f}",
+                f"({processes[-1]} processes, {spares[-1]} spares, waited {waits[-1]:.2f} s for them), "
+                f"ratio {ratios[-1]:.2f}; load {os.getloadavg()[0]:.2f}",
                 flush=True,
             )
         med, lo, hi, wide = spread(ratios)
@@ -111,6 +129,8 @@ def main() -> int:
             "ratio_min": lo,
             "ratio_max": hi,
             "processes": processes,
+            "spares_used": spares,
+            "spare_wait_seconds": waits,
         }
     known = known_signatures(args.known, binary.version) if os.path.isdir(args.known) else {}
     for device, mode, ring in FIND_TARGETS:
@@ -138,6 +158,7 @@ def main() -> int:
             + ("" if same else "  (different finds)")
         )
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
+    out["load_end"] = os.getloadavg()[0]
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(out, fh, indent=2)

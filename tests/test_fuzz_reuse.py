@@ -7,15 +7,26 @@ example's commands."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 from conftest import EXE
 from test_fuzz import qemu_with_bug, status_write_bug  # noqa: F401 - the fixture is used by name
 
-from qtest_virtio.fuzz import Action, FuzzConfig, StatusWrites, Valid, run_example, write_reproducer
+from qtest_virtio.fuzz import (
+    Action,
+    FuzzConfig,
+    FuzzInterrupted,
+    StatusWrites,
+    Valid,
+    fuzz_target,
+    run_example,
+    write_reproducer,
+)
 from qtest_virtio.fuzz.reset import STEPS
 from qtest_virtio.fuzz.reuse import Session
 from qtest_virtio.outcome import Outcome
@@ -134,7 +145,11 @@ def test_cli_reports_reuse_and_fresh_does_not(qemu_binary, tmp_path: Path) -> No
     reused = _cli(*common, "--out", str(tmp_path / "a"))
     assert reused.returncode in (0, 1), reused.stderr
     line = next(x for x in reused.stdout.splitlines() if x.startswith("reuse:"))
-    assert "QEMU process(es)" in line and "restarts:" in line
+    assert "QEMU process(es)" in line and "restarts:" in line and "spares started ahead" in line
+    no_spare = _cli(*common, "--no-spare", "--out", str(tmp_path / "c"))
+    assert no_spare.returncode in (0, 1), no_spare.stderr
+    line = next(x for x in no_spare.stdout.splitlines() if x.startswith("reuse:"))
+    assert "QEMU process(es)" in line and "spares" not in line
     fresh = _cli(*common, "--fresh", "--out", str(tmp_path / "b"))
     assert fresh.returncode in (0, 1), fresh.stderr
     assert not any(x.startswith("reuse:") for x in fresh.stdout.splitlines())
@@ -144,3 +159,116 @@ def test_cli_restart_every_must_be_positive() -> None:
     r = _cli("--restart-every", "0")
     assert r.returncode == 128
     assert r.stderr.strip() == "qtest-virtio fuzz: --restart-every 0: must be 1 or more"
+
+
+def _start_time(pid: int) -> int:
+    """A process's start time in clock ticks since boot (/proc/PID/stat, field 22)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_a_restart_swaps_in_the_spare_started_after_it_that_ran_no_example(qemu_binary) -> None:
+    config = FuzzConfig("virtio-blk-pci", "modern", "split", qemu=qemu_binary.path)
+    served: list[int] = []
+
+    def hook(vm: Machine, action: Action) -> None:
+        served.append(vm.pid)
+
+    with Session(config, every=1) as session:
+        first = run_example(config, [Valid()], hook=hook, session=session)
+        spare = session.spare_machine()
+        assert spare is not None
+        spare_vm, spare_sent = spare
+        # started after the process it follows, and sent nothing but the enumeration
+        assert spare_vm.pid != served[0] and _start_time(spare_vm.pid) >= _start_time(served[0])
+        baseline = session._baseline
+        assert baseline is not None
+        assert b"".join(spare_sent).decode("latin-1").splitlines() == list(baseline.enumeration)
+        second = run_example(config, [Valid()], hook=hook, session=session)
+        third = run_example(config, [Valid()], hook=hook, session=session)
+        stats = session.stats
+    assert [r.outcome for r in (first, second, third)] == [Outcome.SURVIVED] * 3
+    assert served == [served[0], spare_vm.pid, served[2]] and len(set(served)) == 3
+    assert stats.restarts["every 1 examples"] == 3 and stats.spares_used == 2 and stats.processes == 3
+    assert stats.resets == 0  # every example ended in a planned restart
+    # the spare's example sent what a fresh QEMU's does
+    assert _own(second.commands) == _own(run_example(config, [Valid()]).commands)
+    assert all(_gone(p) for p in served)
+
+
+def test_a_spare_swapped_in_passes_the_checked_reset(qemu_binary) -> None:
+    config = FuzzConfig("virtio-blk-pci", "transitional-modern", "split", qemu=qemu_binary.path)
+    with Session(config, every=2) as session:
+        results = [run_example(config, [Valid()], session=session) for _ in range(5)]
+        stats = session.stats
+    assert [r.outcome for r in results] == [Outcome.SURVIVED] * 5
+    # processes 1, 2 (a spare), 3 (a spare); each served two examples, the first reset on each checked
+    assert stats.processes == 3 and stats.spares_used == 2 and stats.resets == 3
+    assert not stats.reset_failures and stats.restarts == {"every 2 examples": 2}
+
+
+def test_an_error_in_an_example_stops_the_current_process_and_the_spare(qemu_binary) -> None:
+    config = FuzzConfig("virtio-rng-pci", "modern", "split", qemu=qemu_binary.path)
+
+    def boom(vm: Machine, action: Action) -> None:
+        raise RuntimeError("a harness bug")
+
+    with pytest.raises(RuntimeError, match="a harness bug"), Session(config) as session:
+        run_example(config, [Valid()], session=session)
+        spare = session.spare_machine()
+        assert spare is not None
+        pids = [session.pid, spare[0].pid]
+        run_example(config, [Valid()], hook=boom, session=session)
+    assert all(p is not None and _gone(p) for p in pids)
+
+
+def test_an_interrupt_stops_the_current_process_and_the_spare(qemu_binary) -> None:
+    config = FuzzConfig("virtio-rng-pci", "modern", "split", qemu=qemu_binary.path)
+    seen: list[int] = []
+
+    with Session(config, every=1) as session:
+
+        def hook(vm: Machine, action: Action) -> None:
+            seen.append(vm.pid)
+            spare = session.spare_machine()
+            if spare is not None:
+                seen.append(spare[0].pid)
+            if len(seen) >= 6:
+                raise KeyboardInterrupt
+
+        with pytest.raises(FuzzInterrupted):
+            fuzz_target(config, max_examples=20, seed=1, hook=hook, session=session)
+    assert len(set(seen)) >= 3  # the examples ran on swapped-in spares
+    assert all(_gone(p) for p in seen)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def test_close_stops_a_wrapper_scripts_qemu_in_the_spare_too(
+    qemu_with_bug: str,  # noqa: F811 - the fixture
+) -> None:
+    """A spare run through a wrapper script (its QEMU a child of the script) is stopped with
+    its QEMU: not left to the parent-death signal, which kills only the script."""
+    config = FuzzConfig("virtio-rng-pci", "modern", "split", qemu=qemu_with_bug)
+    qemus: set[int] = set()
+    with Session(config, every=1) as session:
+        for _ in range(3):
+            run_example(config, [Valid()], session=session)
+            spare = session.spare_machine()
+            assert spare is not None
+            qemus.update(_children(spare[0].pid))
+    assert len(qemus) == 3  # each spare's real QEMU, seen while it ran
+    time.sleep(0.2)
+    assert all(_gone(p) for p in qemus)

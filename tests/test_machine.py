@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from qemu.qmp import ExecuteError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from qtest_virtio import Machine, MachineSpec, QemuCrashed, QemuStartError, modes
@@ -796,6 +797,24 @@ def test_qtest_and_qmp_reach_the_same_qemu(qemu: Machine, qtest: Any, qmp: Any) 
     assert "0xc0ffee11" in out
     if not qemu.binary.has_qtest_accel:
         assert qmp_cmd(qmp, "query-status")["running"] is False  # -S: no vCPU ever ran
+
+
+def test_qmp_many_sends_together_and_answers_in_order(qemu: Machine) -> None:
+    """``qmp_many`` gives what one ``qmp.cmd`` per command gives, in order; a failed command
+    raises as ``qmp.cmd`` does, and the monitor goes on answering."""
+    qemu.qtest.writel(RAM, 0xC0FFEE22)  # posted writes are answered before the monitor's view
+    commands: list[tuple[str, dict[str, Any]]] = [
+        ("query-status", {}),
+        ("human-monitor-command", {"command-line": f"xp /1wx {RAM:#x}"}),
+        ("query-name", {}),
+    ]
+    together = qemu.qmp_many(commands)
+    assert together == [qemu.qmp.cmd(name, **args) for name, args in commands]
+    assert "0xc0ffee22" in together[1]
+    assert qemu.qmp_many([]) == []
+    with pytest.raises(ExecuteError, match="no-such-command"):
+        qemu.qmp_many([("query-status", {}), ("no-such-command", {})])
+    assert qemu.qmp_many([("query-name", {})]) == [together[2]]
 
 
 def test_stop_and_cont_keep_resume_right(machine_factory: MachineFactory) -> None:

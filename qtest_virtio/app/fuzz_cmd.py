@@ -103,6 +103,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "error report or failed reset check)",
     )
     parser.add_argument(
+        "--no-spare",
+        action="store_true",
+        help="a restart of the reused QEMU waits for a new process, instead of swapping in a spare one started "
+        "ahead on a worker thread (the spare costs a second QEMU's memory and a core while it starts)",
+    )
+    parser.add_argument(
         "--keep-going",
         action="store_true",
         help="after a find, write its reproducer and go on until the budget is spent (finds de-duplicated)",
@@ -200,9 +206,8 @@ def run_fuzz(args: argparse.Namespace) -> int:
             for config in targets:
                 if time.monotonic() >= deadline:
                     break
-                session = (
-                    None if args.fresh or config.migrate or config.unplug else Session(config, every=args.restart_every)
-                )
+                reused = not (args.fresh or config.migrate or config.unplug)
+                session = Session(config, every=args.restart_every, spare=not args.no_spare) if reused else None
                 try:
                     report = fuzz_target(
                         config,
@@ -275,9 +280,16 @@ def _print_reuse(stats: ReuseStats, unreplayed: list[str], args: argparse.Namesp
     if args.fresh or not stats.processes:
         return
     causes = ", ".join(f"{cause} {n}" for cause, n in stats.restarts.most_common()) or "none"
+    spares = (
+        ""
+        if args.no_spare
+        else f", {stats.spares_used} of them spares started ahead (waited {stats.spare_wait_seconds:.1f} s for them"
+        + (f"; {stats.spares_failed} failed to start" if stats.spares_failed else "")
+        + ")"
+    )
     print(
-        f"reuse: {stats.examples} examples on {stats.processes} QEMU process(es), {stats.resets} checked resets "
-        f"({stats.reset_seconds:.1f} s); restarts: {causes}"
+        f"reuse: {stats.examples} examples on {stats.processes} QEMU process(es){spares}, {stats.resets} checked "
+        f"resets ({stats.reset_seconds:.1f} s); restarts: {causes}"
     )
     for what, n in stats.reset_failures.most_common():
         print(f"  reset check failed {n}x: {what}")

@@ -32,7 +32,7 @@ is 0 (reading it otherwise accesses a BAR).
 from __future__ import annotations
 
 import base64
-from collections.abc import Container, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -89,24 +89,31 @@ class Baseline:
     enumeration_replies: tuple[str, ...] = ()
 
 
-def _cf8_read(vm: Machine, addresses: Sequence[tuple[Bdf, int]]) -> list[int]:
-    """Config dwords through CF8/CFC, pipelined: one round trip for all."""
+def _cf8_read_commands(addresses: Sequence[tuple[Bdf, int]]) -> list[str]:
     commands: list[str] = []
     for bdf, offset in addresses:
         commands += [f"outl {CONFIG_ADDRESS_PORT:#x} {Cf8Access.address(bdf, offset):#x}", f"inl {CONFIG_DATA_PORT:#x}"]
-    replies = vm.qtest.pipeline(commands)
+    return commands
+
+
+def _cf8_values(replies: Sequence[str]) -> list[int]:
+    """The dwords of :func:`_cf8_read_commands`' replies (every second one)."""
     return [int(r, 16) for r in replies[1::2]]
 
 
-def _cf8_write(vm: Machine, writes: Sequence[tuple[Bdf, int, int]]) -> None:
+def _cf8_read(vm: Machine, addresses: Sequence[tuple[Bdf, int]]) -> list[int]:
+    """Config dwords through CF8/CFC, pipelined: one round trip for all."""
+    return _cf8_values(vm.qtest.pipeline(_cf8_read_commands(addresses)))
+
+
+def _cf8_write_commands(writes: Sequence[tuple[Bdf, int, int]]) -> list[str]:
     commands: list[str] = []
     for bdf, offset, value in writes:
         commands += [
             f"outl {CONFIG_ADDRESS_PORT:#x} {Cf8Access.address(bdf, offset):#x}",
             f"outl {CONFIG_DATA_PORT:#x} {value:#x}",
         ]
-    if commands:
-        vm.qtest.pipeline(commands)
+    return commands
 
 
 def _bulk(vm: Machine, commands: Sequence[str]) -> list[bytes]:
@@ -147,11 +154,10 @@ def _ecam(vm: Machine) -> EcamAccess | None:
     return EcamAccess(vm.qtest, value & 0xFF_F000_0000)
 
 
-def _config_ecam(
-    vm: Machine, ecam: EcamAccess, bdfs: Sequence[Bdf], skip: Container[tuple[Bdf, int]] = ()
-) -> dict[Bdf, list[int]]:
-    """The first 256 bytes of each function through ECAM: bulk reads (QEMU splits them into
-    dword config reads) around a ``skip``ped dword (-1 there), all in one round trip."""
+def _ecam_plan(
+    ecam: EcamAccess, bdfs: Sequence[Bdf], skip: Container[tuple[Bdf, int]] = ()
+) -> tuple[list[str], list[tuple[Bdf, int, int]]]:
+    """The bulk reads of :func:`_config_ecam` (commands, and each one's function, start, end)."""
     plan: list[tuple[Bdf, int, int]] = []  # (function, start, end) of each bulk read
     for b in bdfs:
         at = 0
@@ -159,18 +165,37 @@ def _config_ecam(
             if end > at:
                 plan.append((b, at, end))
             at = end + 4
-    data = _bulk(vm, [_b64read(ecam.address(b, start), end - start) for b, start, end in plan])
+    return [_b64read(ecam.address(b, start), end - start) for b, start, end in plan], plan
+
+
+def _ecam_values(
+    plan: Sequence[tuple[Bdf, int, int]], replies: Sequence[str], bdfs: Sequence[Bdf]
+) -> dict[Bdf, list[int]]:
     out: dict[Bdf, list[int]] = {b: [-1] * CONFIG_DWORDS for b in bdfs}
-    for (b, start, _), raw in zip(plan, data, strict=True):
+    for (b, start, _), reply in zip(plan, replies, strict=True):
+        raw = base64.b64decode(reply)
         for i in range(0, len(raw), 4):
             out[b][(start + i) // 4] = int.from_bytes(raw[i : i + 4], "little")
     return out
 
 
+def _config_ecam(
+    vm: Machine, ecam: EcamAccess, bdfs: Sequence[Bdf], skip: Container[tuple[Bdf, int]] = ()
+) -> dict[Bdf, list[int]]:
+    """The first 256 bytes of each function through ECAM: bulk reads (QEMU splits them into
+    dword config reads) around a ``skip``ped dword (-1 there), all in one round trip."""
+    commands, plan = _ecam_plan(ecam, bdfs, skip)
+    return _ecam_values(plan, vm.qtest.pipeline(commands), bdfs)
+
+
 def _virtio_state(vm: Machine, path: str, queues: int) -> tuple[dict[str, Any], tuple[dict[str, Any], ...]]:
-    status = vm.qmp.cmd("x-query-virtio-status", path=path)
-    qs = tuple(vm.qmp.cmd("x-query-virtio-queue-status", path=path, queue=q) for q in range(queues))
-    return status, qs  # type: ignore[return-value]
+    """``x-query-virtio-status`` and ``x-query-virtio-queue-status`` of every queue, sent
+    together (one wait for all)."""
+    status, *qs = vm.qmp_many(
+        [("x-query-virtio-status", {"path": path})]
+        + [("x-query-virtio-queue-status", {"path": path, "queue": q}) for q in range(queues)]
+    )
+    return status, tuple(qs)
 
 
 def _device_config(vm: Machine, vmap: VirtioPciMap, legacy: bool) -> bytes:
@@ -243,13 +268,16 @@ def enumerate_again(vm: Machine, baseline: Baseline, sink: list[bytes]) -> None:
         raise ResetFailed("a new QEMU process enumerates differently from the first one")
 
 
-def _reassign(vm: Machine, baseline: Baseline) -> None:
-    """Assign the BARs again: the enumeration's commands, one pipelined exchange, each reply
-    as the first time (else ResetFailed)."""
-    replies = vm.qtest.pipeline(baseline.enumeration)
-    for i, (got, want) in enumerate(zip(replies, baseline.enumeration_replies, strict=True)):
-        if got != want:
-            raise ResetFailed(f"re-assigning the BARs: {baseline.enumeration[i]!r} answered {got!r}, not {want!r}")
+def _reassign_commands(baseline: Baseline) -> tuple[list[str], Callable[[Sequence[str]], None]]:
+    """Assign the BARs again: the enumeration's commands, and the check that each reply is as
+    the first time (else ResetFailed)."""
+
+    def check(replies: Sequence[str]) -> None:
+        for i, (got, want) in enumerate(zip(replies, baseline.enumeration_replies, strict=True)):
+            if got != want:
+                raise ResetFailed(f"re-assigning the BARs: {baseline.enumeration[i]!r} answered {got!r}, not {want!r}")
+
+    return list(baseline.enumeration), check
 
 
 def _differences(what: str, got: Any, want: Any) -> str | None:
@@ -311,8 +339,12 @@ def reset_to_baseline(vm: Machine, driver: Any, baseline: Baseline, *, skip: Con
         diff = _differences(what, got, want)
         if diff is not None:
             raise ResetFailed(diff)
-    _reassign(vm, baseline)
-    zero_used_ram(vm, skip="ram" in skip)
+    # the BARs re-assigned and the RAM zeroed and read back in one exchange
+    commands, check = _reassign_commands(baseline)
+    zero, ram_check = _zero_ram_commands(vm, skip="ram" in skip)
+    replies = vm.qtest.pipeline(commands + zero)
+    check(replies[: len(commands)])
+    ram_check(replies[len(commands) :])
 
 
 def _restore_config(vm: Machine, baseline: Baseline, skip: Container[str]) -> None:
@@ -337,23 +369,31 @@ def _restore_config(vm: Machine, baseline: Baseline, skip: Container[str]) -> No
             if got != want and (b, 4 * i) not in data and (((b, 4 * i) in keys) != exclude)
         ]
 
-    if "pci" not in skip:
-        # pci_cfg's data dword last: its capability's length is back first
-        _cf8_write(vm, writes(now, last, exclude=True) + [(b, off, baseline.config[b][off // 4]) for b, off in data])
+    first = writes(now, last, exclude=True) + [(b, off, baseline.config[b][off // 4]) for b, off in data]
+    # Each write-back goes out with its read-back in one exchange (QEMU runs them in order).
+    put = [] if "pci" in skip else _cf8_write_commands(first)  # pci_cfg's data dword last: its length is back first
     if ecam is not None:
-        back = _config_ecam(vm, ecam, bdfs)
+        reads, plan = _ecam_plan(ecam, bdfs)
+        back = _ecam_values(plan, vm.qtest.pipeline(put + reads)[len(put) :], bdfs)
         for b, off in last:
             back[b][off // 4] = baseline.config[b][off // 4] if now[b][off // 4] == back[b][off // 4] else -1
         _compare(back, baseline)
-        if "pci" not in skip:
-            _cf8_write(vm, writes(now, last, exclude=False))
-        back = _config(vm, [MCH])
-        vm.qtest.outl(CONFIG_ADDRESS_PORT, baseline.cf8)
-        _compare(back, baseline, only=last)
+        put = [] if "pci" in skip else _cf8_write_commands(writes(now, last, exclude=False))
+        # the rest of the MCH was read back through ECAM above: only PCIEXBAR is read here
+        at = sorted(off for _, off in last)
+        replies = vm.qtest.pipeline(
+            [*put, *_cf8_read_commands([(MCH, off) for off in at]), f"outl {CONFIG_ADDRESS_PORT:#x} {baseline.cf8:#x}"]
+        )
+        mch = list(baseline.config[MCH])
+        for off, value in zip(at, _cf8_values(replies[len(put) : -1]), strict=True):
+            mch[off // 4] = value
+        _compare({MCH: mch}, baseline, only=last)
     else:
-        back = _config(vm, bdfs)
-        vm.qtest.outl(CONFIG_ADDRESS_PORT, baseline.cf8)
-        _compare(back, baseline)
+        reads = _cf8_read_commands([(b, 4 * i) for b in bdfs for i in range(CONFIG_DWORDS)])
+        values = _cf8_values(
+            vm.qtest.pipeline([*put, *reads, f"outl {CONFIG_ADDRESS_PORT:#x} {baseline.cf8:#x}"])[len(put) : -1]
+        )
+        _compare({b: values[CONFIG_DWORDS * k : CONFIG_DWORDS * (k + 1)] for k, b in enumerate(bdfs)}, baseline)
 
 
 def _compare(back: dict[Bdf, list[int]], baseline: Baseline, only: Container[tuple[Bdf, int]] | None = None) -> None:
@@ -369,14 +409,23 @@ def _compare(back: dict[Bdf, list[int]], baseline: Baseline, only: Container[tup
             )
 
 
-def zero_used_ram(vm: Machine, *, skip: bool = False) -> None:
-    """Zero what the example's guest memory use may have touched (see the module docstring),
-    then read back what the allocator handed out: all zero (else ResetFailed)."""
+def _zero_ram_commands(vm: Machine, *, skip: bool = False) -> tuple[list[str], Callable[[Sequence[str]], None]]:
+    """The commands of :func:`zero_used_ram` and the check of their replies."""
     allocations = vm.memory.allocations
     top = max((a.addr + a.size for a in allocations), default=RAM_START)
     top = min((top + ZERO_SLACK + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE, vm.memory.end)
     commands = [] if skip else [f"memset {RAM_START:#x} {top - RAM_START:#x} 0x0", f"memset 0x0 {LOW_RAM_END:#x} 0x0"]
-    data = _bulk(vm, [*commands, *(_b64read(a.addr, a.size) for a in allocations)])[len(commands) :]
-    for a, raw in zip(allocations, data, strict=True):
-        if any(raw):
-            raise ResetFailed(f"guest RAM of {a.tag or 'an allocation'} at {a.addr:#x} is not zero after the reset")
+
+    def check(replies: Sequence[str]) -> None:
+        for a, reply in zip(allocations, replies[len(commands) :], strict=True):
+            if any(base64.b64decode(reply)):
+                raise ResetFailed(f"guest RAM of {a.tag or 'an allocation'} at {a.addr:#x} is not zero after the reset")
+
+    return [*commands, *(_b64read(a.addr, a.size) for a in allocations)], check
+
+
+def zero_used_ram(vm: Machine, *, skip: bool = False) -> None:
+    """Zero what the example's guest memory use may have touched (see the module docstring),
+    then read back what the allocator handed out: all zero (else ResetFailed)."""
+    commands, check = _zero_ram_commands(vm, skip=skip)
+    check(vm.qtest.pipeline(commands))

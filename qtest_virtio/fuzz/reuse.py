@@ -7,6 +7,15 @@ the example, and the reset makes the next example's enumeration and allocations 
 commands a fresh machine gets), so its reproducer replays on a fresh QEMU; the campaign checks
 that before keeping a find (:func:`replays_fresh`).
 
+A restart does not wait for a QEMU start: while the current process serves examples, one
+spare process is started, resumed and enumerated (:func:`.reset.enumerate_again`) on a worker
+thread (the fuzzer is one process; on two cores the other one is free), and a restart swaps it
+in and starts the next spare. Each spare is started after the process it follows, serves no
+example before it is swapped in and is used once; it is checked against the first process's
+snapshot at its first reset, as a restart's process is. Both are shut down on every exit path
+(:meth:`Session.close`). The worker thread lives as long as the session: QEMU is spawned with a
+parent-death signal, which Linux sends when the spawning *thread* exits.
+
 Migration and hot-unplug examples replace or rebuild the machine: they run on fresh ones.
 """
 
@@ -15,13 +24,15 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Container
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
 from ..errors import QemuCrashed, QtestTimeout, QtestVirtioError
-from ..machine import is_crash_marker
+from ..machine import MachineSpec, is_crash_marker
 from ..outcome import Judge
+from ..pci import PciFunction
 from ..vm import Machine
 from .engine import FUZZ_SETTLE, ExampleResult, FuzzConfig, machine_for
 from .reset import Baseline, ResetFailed, enumerate_again, reset_to_baseline, take_baseline
@@ -37,6 +48,20 @@ REUSE_SETTLE = 0.005
 class ReusableMachine(Machine):
     """A Machine whose guest-side objects (allocator, drivers) can be dropped, so the next
     example allocates as on a fresh machine."""
+
+    def __init__(self, spec: MachineSpec, **kw: Any) -> None:
+        super().__init__(spec, **kw)
+        #: Where each ``-device`` id sits (``query-pci``'s answer, asked once per process: the
+        #: harness places every device on the command line, and no guest write moves a slot).
+        self._bdfs: dict[str, str] = {}
+
+    def pci_function(self, dev_id: str) -> PciFunction:
+        """As Machine's, with the qdev id's address asked of QMP once per process (it sends no
+        qtest command either way: the example's wire is the same)."""
+        if dev_id not in self._bdfs:
+            self._bdfs[dev_id] = super().pci_function(dev_id).bdf
+        self.pci.assign_bars()
+        return self.pci.find(bdf=self._bdfs[dev_id])
 
     def forget_guest(self) -> None:
         """Drop the allocator and the drivers; the PCI enumeration stays (the reset assigned
@@ -66,9 +91,18 @@ class ReuseStats:
     #: The first failed reset check's message per kind (the report quotes them).
     reset_failures: Counter[str] = field(default_factory=Counter)
     reset_seconds: float = 0.0
+    #: Processes that were a spare started ahead and swapped in at a restart.
+    spares_used: int = 0
+    #: Seconds the examples waited for a spare that was not ready yet at a restart.
+    spare_wait_seconds: float = 0.0
+    #: Spares that could not be made ready (the restart then started its own process).
+    spares_failed: int = 0
 
     def merge(self, other: ReuseStats) -> None:
         self.processes += other.processes
+        self.spares_used += other.spares_used
+        self.spare_wait_seconds += other.spare_wait_seconds
+        self.spares_failed += other.spares_failed
         self.examples += other.examples
         self.resets += other.resets
         self.restarts.update(other.restarts)
@@ -76,9 +110,18 @@ class ReuseStats:
         self.reset_seconds += other.reset_seconds
 
 
+@dataclass
+class _Ready:
+    """A started, resumed and enumerated process that has served no example."""
+
+    vm: ReusableMachine
+    sink: list[bytes]
+
+
 class Session:
     """A reused QEMU for the examples of one configuration. ``skip``: reset steps left out
-    (:data:`.reset.STEPS`; tests only: the check must catch it)."""
+    (:data:`.reset.STEPS`; tests only: the check must catch it). ``spare``: keep one process
+    started ahead for the next restart (``fuzz --no-spare`` turns it off)."""
 
     def __init__(
         self,
@@ -87,6 +130,7 @@ class Session:
         every: int = RESTART_EVERY,
         settle_seconds: float = REUSE_SETTLE,
         skip: Container[str] = (),
+        spare: bool = True,
     ) -> None:
         if config.migrate or config.unplug:
             raise ValueError("migration and hot-unplug examples run on fresh machines")
@@ -102,6 +146,14 @@ class Session:
         #: reproducer starts with (the enumeration the reset re-sent).
         self.sink: list[bytes] = []
         self.prefix = b""
+        self.spare = spare
+        #: The one worker thread that starts spares and stops retired processes, in order.
+        self._pool: ThreadPoolExecutor | None = None
+        self._spare: Future[_Ready] | None = None
+        #: The spare the worker is starting (until it is swapped in): close() makes sure of it.
+        self._preparing: list[Machine] = []
+        #: Processes restarted away from, not stopped yet (``_stop_retired``).
+        self._retired: list[Machine] = []
 
     def __enter__(self) -> Session:
         return self
@@ -110,13 +162,42 @@ class Session:
         self.close()
 
     def close(self) -> None:
-        if self._vm is not None:
-            self._vm.shutdown(check=False)
-            self._vm = None
+        """Shut down the current process and the spare (also one still starting): on every
+        exit path (the end, an error, an interrupt). Each is stopped while the worker thread
+        that spawned it still lives: its end sends the parent-death signal, SIGKILL, to what
+        it spawned, which a wrapper script dies of without passing it on to its QEMU."""
+        try:
+            if self._vm is not None:
+                self._vm.shutdown(check=False)
+                self._vm = None
+        finally:
+            spare, self._spare = self._spare, None
+            pool, self._pool = self._pool, None
+            try:
+                if pool is not None:
+                    if spare is not None:
+                        spare.cancel()  # not started yet: never started
+                    pool.submit(lambda: None).result()  # one worker, in order: what was queued has run
+                for vm in [*self._retired, *self._preparing]:
+                    vm.shutdown(check=False)
+                if pool is not None:
+                    pool.shutdown(wait=True)
+            finally:
+                for vm in [*self._retired, *self._preparing]:
+                    vm.shutdown(check=False)  # idempotent (after an interrupt above)
+                self._preparing, self._retired = [], []
 
     @property
     def pid(self) -> int | None:
         return self._vm.pid if self._vm is not None else None
+
+    def spare_machine(self) -> tuple[Machine, list[bytes]] | None:
+        """The spare once it is started and enumerated (waited for), with what it was sent
+        since its start-up round trip; None when there is none or it failed."""
+        if self._spare is None:
+            return None
+        ready = _result(self._spare)
+        return (ready.vm, ready.sink) if ready is not None else None
 
     def machine(self) -> ReusableMachine:
         """The machine for the next example, in its post-start state (started when there is
@@ -130,18 +211,25 @@ class Session:
         return self._vm
 
     def _start(self) -> None:
+        if self._baseline is not None and self.spare:
+            ready = self._take_spare()
+            if ready is not None:
+                self._use(ready.vm, ready.sink, self._baseline)
+                self.stats.spares_used += 1
+                self._order_spare()
+                self._stop_retired()  # after the next spare's start: that one is what a restart waits for
+                return
         vm = machine_for(self.config, ReusableMachine)
         assert isinstance(vm, ReusableMachine)
         vm.start()  # QemuStartError: the caller's (cannot run here)
         self.stats.processes += 1
-        self._served = 0
         try:
-            self.sink = vm.qtest.record()  # one recording per process; each example empties it
+            sink = vm.qtest.record()  # one recording per process; each example empties it
             if self._baseline is None:
-                baseline = take_baseline(vm, self.config.mode, self.sink)
+                baseline = take_baseline(vm, self.config.mode, sink)
             else:  # the same command line: the first process's snapshot, and its enumeration
                 baseline = self._baseline
-                enumerate_again(vm, baseline, self.sink)
+                enumerate_again(vm, baseline, sink)
         except ResetFailed:
             vm.shutdown(check=False)
             self.stats.restarts["new process differs"] += 1
@@ -153,9 +241,70 @@ class Session:
         except BaseException:
             vm.shutdown(check=False)
             raise
+        self._use(vm, sink, baseline)
+        self._order_spare()
+        self._stop_retired()
+
+    def _use(self, vm: ReusableMachine, sink: list[bytes], baseline: Baseline) -> None:
         vm.forget_guest()
+        self._served = 0
+        self.sink = sink
         self._vm, self._baseline = vm, baseline
         self.prefix = "".join(f"{line}\n" for line in baseline.enumeration).encode("latin-1")
+
+    def _order_spare(self) -> None:
+        """Start the next spare on the worker (after the process just put in use)."""
+        if not self.spare or self._baseline is None or self._spare is not None:
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qtest-virtio-spare")
+        self._spare = self._pool.submit(self._prepare, self._baseline)
+
+    def _prepare(self, baseline: Baseline) -> _Ready:
+        """On the worker: a process taken to where a restart's is before its first example."""
+        vm = machine_for(self.config, ReusableMachine)
+        assert isinstance(vm, ReusableMachine)
+        self._preparing.append(vm)
+        try:
+            vm.start()
+            sink = vm.qtest.record()
+            enumerate_again(vm, baseline, sink)
+        except BaseException:
+            vm.shutdown(check=False)
+            raise
+        vm.forget_guest()
+        return _Ready(vm, sink)
+
+    def _take_spare(self) -> _Ready | None:
+        """The spare, waited for; None when it could not be made ready (counted; a start
+        failure or an enumeration that differs then shows again on the caller's own start)."""
+        spare, self._spare = self._spare, None
+        if spare is None:
+            return None
+        started = time.monotonic()
+        ready = _result(spare)
+        self.stats.spare_wait_seconds += time.monotonic() - started
+        self._preparing = []  # the worker is done with it: swapped in here, or shut down there
+        if ready is None:
+            self.stats.spares_failed += 1
+            return None
+        self.stats.processes += 1
+        return ready
+
+    def _retire(self, vm: Machine) -> None:
+        """A process to stop: on the worker once the next spare is ordered, or here now."""
+        if self._pool is None:
+            vm.shutdown(check=False)
+        else:
+            self._retired.append(vm)
+
+    def _stop_retired(self) -> None:
+        retired, self._retired = self._retired, []
+        for vm in retired:
+            if self._pool is None:
+                vm.shutdown(check=False)
+            else:
+                self._pool.submit(vm.shutdown, check=False)
 
     def judge(self, vm: Machine, hung: Callable[[QtestTimeout], str]) -> Judge:
         return _KeepJudge(vm, hung=hung)
@@ -189,8 +338,8 @@ class Session:
             self.stats.reset_seconds += time.monotonic() - started
         if cause is not None:
             self.stats.restarts[cause] += 1
-            vm.shutdown(check=False)
             self._vm = None
+            self._retire(vm)
 
     def discard(self, vm: Machine, cause: str) -> None:
         """The example ended in an exception (a harness error, an interrupt): restart."""
@@ -214,4 +363,13 @@ class Session:
             return "error report"
         if self._served >= self.every:
             return f"every {self.every} examples"
+        return None
+
+
+def _result(future: Future[_Ready]) -> _Ready | None:
+    """A spare's outcome: the ready process, or None when making it failed (its machine is
+    shut down by then)."""
+    try:
+        return future.result()
+    except Exception:
         return None
