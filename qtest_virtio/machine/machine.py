@@ -84,6 +84,8 @@ class QemuMachine:
         self._shared_images: dict[str, str] = {}
         #: QMP events a wait_event passed over, kept for later waits.
         self._event_backlog: list[dict[str, Any]] = []
+        #: The monitor was negotiated by a raw exchange (``_raw_qmp``), not by qemu.qmp.
+        self._qmp_raw = False
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -291,7 +293,7 @@ class QemuMachine:
         assert self._qmp_sock is not None
         self._close_qmp_loop()  # a negotiation that failed before
         try:
-            qmp, self._qmp_loop = process.connect_qmp(self._qmp_sock, timeout)
+            qmp, self._qmp_loop = process.connect_qmp(self._qmp_sock, timeout, negotiated=self._qmp_raw)
         except TimeoutError:
             raise QemuCrashed(
                 f"QEMU did not answer QMP negotiation within {timeout:g} s (hung or stopped)",
@@ -358,11 +360,36 @@ class QemuMachine:
         firmware, which stops it at its first instruction. Idempotent."""
         if self._running:
             return
-        if self._paused or not self.binary.has_qtest_accel:
+        if self._qmp is None and not self._paused and not self._incoming and not self.binary.has_qtest_accel:
+            # QMP never used: the run state is the start's, prelaunch (-S). One raw exchange
+            # (qmp_capabilities, cont) instead of setting up qemu.qmp for it.
+            self._raw_qmp(["cont"])
+        elif self._paused or not self.binary.has_qtest_accel:
             status = self.qmp.cmd("query-status")
             if isinstance(status, dict) and status.get("status") != "running":
                 self.qmp.cmd("cont")
         self._running = True
+
+    def _raw_qmp(self, commands: list[str]) -> None:
+        """Run QMP ``commands`` on the not yet negotiated monitor without qemu.qmp
+        (``process.raw_qmp``); the client negotiated later takes the session over."""
+        assert self._qmp_sock is not None and not self._qmp_raw
+        self._barrier()
+        timeout = self.spec.command_timeout
+        try:
+            events = process.raw_qmp(self._qmp_sock, commands, timeout)
+        except TimeoutError:
+            raise QemuCrashed(
+                f"QEMU did not answer QMP {', '.join(commands)} within {timeout:g} s (hung or stopped)",
+                returncode=self.returncode,
+                stderr_tail=self.stderr_tail(),
+                command_line=self.command_line(),
+            ) from None
+        except (EOFError, OSError):
+            raise self._crashed(f"QMP closed during {', '.join(commands)}") from None
+        finally:
+            self._qmp_raw = True  # the greeting is read: qemu.qmp must not wait for it again
+        self._event_backlog += events
 
     def throttle_reads(self, dev_id: str, iops: int) -> None:
         """Limit the reads of virtio block device ``dev_id`` to ``iops`` a second with QEMU's

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import os
 import select
 import shutil
@@ -21,6 +22,7 @@ import subprocess
 import time
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
@@ -218,21 +220,74 @@ def _qmp_client(sock: socket.socket) -> tuple[QEMUMonitorProtocol, asyncio.Abstr
     return qmp, loop
 
 
-def connect_qmp(sock: socket.socket, timeout: float) -> tuple[QEMUMonitorProtocol, asyncio.AbstractEventLoop | None]:
+def connect_qmp(
+    sock: socket.socket, timeout: float, *, negotiated: bool = False
+) -> tuple[QEMUMonitorProtocol, asyncio.AbstractEventLoop | None]:
     """Negotiate QMP on ``sock`` within ``timeout`` (TimeoutError otherwise): qemu.qmp's sync
     connect() has no timeout of its own, and a hung or stopped QEMU would block it forever.
-    Returns the client and the event loop made for it, which the caller closes (``close_loop``)."""
+    ``negotiated``: :func:`raw_qmp` took the greeting and sent ``qmp_capabilities`` already, so
+    the client takes the session over as it is. Returns the client and the event loop made for
+    it, which the caller closes (``close_loop``)."""
     qmp, loop = _qmp_client(sock)
     qmp.settimeout(timeout)
     client = qmp._qmp  # the async QMPClient the sync wrapper drives
-    client.await_greeting = True
-    client.negotiate = True
+    client.await_greeting = not negotiated
+    client.negotiate = not negotiated
     try:
         qmp._sync(client.connect(sock), timeout)
     except BaseException:  # TimeoutError above all: the caller keeps no client, so no loop
         close_loop(loop)
         raise
     return qmp, loop
+
+
+class RawQmpError(Exception):
+    """A command :func:`raw_qmp` sent came back with QMP's ``error`` (its ``desc`` is the message)."""
+
+
+def raw_qmp(sock: socket.socket, commands: list[str], timeout: float) -> list[dict[str, Any]]:
+    """Negotiate QMP and run ``commands`` (names, no arguments) on a fresh monitor ``sock``
+    without qemu.qmp: the greeting, ``qmp_capabilities`` and the commands in one exchange, on
+    the blocking socket. qemu.qmp's asyncio client costs milliseconds to set up and to close,
+    for the one ``cont`` a machine without the qtest accelerator needs; it can still take the
+    session over later (``connect_qmp(negotiated=True)``). Returns the events QEMU sent
+    meanwhile (for the caller's backlog). Raises RawQmpError for a command QEMU refused,
+    TimeoutError when QEMU does not answer in time, EOFError when it closed the monitor."""
+    wanted = 1 + len(commands)  # qmp_capabilities, then each command
+    out = "".join(json.dumps({"execute": c}) + "\n" for c in ("qmp_capabilities", *commands))
+    deadline = time.monotonic() + timeout
+    events: list[dict[str, Any]] = []
+    replies: list[dict[str, Any]] = []
+    buf = b""
+    previous = sock.gettimeout()
+    try:
+        sock.settimeout(timeout)
+        sock.sendall(out.encode())
+        # Read whole messages only: whatever follows the last reply stays for qemu.qmp.
+        while len(replies) < wanted or buf:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"QEMU did not answer QMP within {timeout:g} s")
+            sock.settimeout(remaining)
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise EOFError("QEMU closed the QMP monitor")
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                if not line.strip():
+                    continue
+                msg = json.loads(line)
+                if "event" in msg:
+                    events.append(msg)
+                elif "return" in msg or "error" in msg:
+                    replies.append(msg)
+    finally:
+        sock.settimeout(previous)
+    for name, reply in zip(("qmp_capabilities", *commands), replies, strict=True):
+        if "error" in reply:
+            raise RawQmpError(f"QMP {name}: {reply['error'].get('desc', reply['error'])}")
+    return events
 
 
 def close_loop(loop: asyncio.AbstractEventLoop | None) -> None:
