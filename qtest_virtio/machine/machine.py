@@ -8,7 +8,6 @@ it), then SIGKILL, then the directory is removed.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import contextvars
 import os
@@ -19,9 +18,7 @@ import socket
 import subprocess
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any, Self, TextIO, TypeVar, overload
-
-from qemu.qmp.legacy import QEMUMonitorProtocol
+from typing import TYPE_CHECKING, Any, Self, TextIO, TypeVar, overload
 
 from ..backends import Handle
 from ..binary import QemuBinary, UnknownFlag
@@ -31,6 +28,11 @@ from ..workdirs import make_workdir
 from . import migration, process, qdev
 from .launch import LaunchPlan, build_argv
 from .spec import MachineSpec
+
+if TYPE_CHECKING:  # qemu.qmp (asyncio) is imported on first QMP use: most tests never need it
+    import asyncio
+
+    from qemu.qmp.legacy import QEMUMonitorProtocol
 
 #: The lists ``watch_machines`` fills in this context (thread or task), innermost last.
 _WATCHERS: contextvars.ContextVar[tuple[list[QemuMachine], ...]] = contextvars.ContextVar(

@@ -9,7 +9,6 @@ None of this knows what a machine spec is: it takes argv and paths.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ctypes
 import json
@@ -22,9 +21,12 @@ import subprocess
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from qemu.qmp.legacy import QEMUMonitorProtocol
+if TYPE_CHECKING:  # qemu.qmp (and asyncio under it) is imported when QMP is first used
+    import asyncio
+
+    from qemu.qmp.legacy import QEMUMonitorProtocol
 
 #: Lines in QEMU's stderr that mean it hit an assertion or a sanitizer, even if it survived.
 CRASH_MARKERS = (
@@ -195,6 +197,8 @@ def reap(proc: subprocess.Popen[bytes], workdir: str) -> None:
 def _thread_event_loop() -> asyncio.AbstractEventLoop | None:
     """The event loop set for this thread, or None (the main thread's is made on demand, as
     asyncio.get_event_loop makes it)."""
+    import asyncio
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -211,6 +215,10 @@ def _qmp_client(sock: socket.socket) -> tuple[QEMUMonitorProtocol, asyncio.Abstr
     the thread until a ``gc.collect()``; so a loop made for us is taken off the thread again
     (the client keeps it) and the machine closes it in teardown.
     """
+    import asyncio
+
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
     had_loop = _thread_event_loop() is not None
     qmp = QEMUMonitorProtocol(sock)
     loop = getattr(qmp, "_aloop", None)
