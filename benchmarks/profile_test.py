@@ -25,6 +25,7 @@ Timing on a shared machine is indicative: the load is printed with it.
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import sys
 import time
@@ -146,9 +147,19 @@ class Profiler:
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_protocol(self, item: pytest.Item) -> Iterator[None]:
         t = time.perf_counter()
+        own, children = _cpu(resource.RUSAGE_SELF), _cpu(resource.RUSAGE_CHILDREN)
         yield
-        self.tests[item.nodeid]["protocol"] = time.perf_counter() - t
+        rec = self.tests[item.nodeid]
+        rec["protocol"] = time.perf_counter() - t
+        # QEMU's CPU time counts once it is reaped, in the test's teardown
+        rec["cpu-python"] = _cpu(resource.RUSAGE_SELF) - own
+        rec["cpu-qemu"] = _cpu(resource.RUSAGE_CHILDREN) - children
         self.current = None
+
+
+def _cpu(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> int:
@@ -182,11 +193,12 @@ def main() -> int:
         print("profile_test: no test started a QEMU", file=sys.stderr)
         return rounds.EXIT_USAGE
     specs = bare_specs(binary.path)
-    bare = []
+    bare, bare_cpu = [], []
     for i in range(args.bare):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), _cpu(resource.RUSAGE_SELF) + _cpu(resource.RUSAGE_CHILDREN)
         Bare(specs[i % len(specs)]).close()
         bare.append(time.perf_counter() - t)
+        bare_cpu.append(_cpu(resource.RUSAGE_SELF) + _cpu(resource.RUSAGE_CHILDREN) - c)
     load.finish()
 
     def med(step: str) -> float:
@@ -196,13 +208,17 @@ def main() -> int:
     print(load.line())
     print(f"pytest exit {int(code)}; {len(ran)} tests started a QEMU; session wall {wall:.2f} s")
     print(f"collection {prof.collection * 1e3:.0f} ms")
-    print(f"bare start (median of {args.bare}): {statistics.median(bare) * 1e3:.1f} ms")
+    print(
+        f"bare start (median of {args.bare}): {statistics.median(bare) * 1e3:.1f} ms wall, "
+        f"{statistics.median(bare_cpu) * 1e3:.1f} ms CPU (QEMU and Python)"
+    )
     print("per test, median ms:")
     for step in ("setup", *SETUP_STEPS, "call", "teardown", "shutdown", "protocol"):
         indent = "    " if step in SETUP_STEPS or step == "shutdown" else "  "
         print(f"{indent}{step:9} {med(step):7.2f}")
         for sub in NESTED.get(step, ()):
             print(f"      {sub:11} {med(sub):7.2f}")
+    print(f"  CPU: Python {med('cpu-python'):.2f} ms, QEMU {med('cpu-qemu'):.2f} ms per test")
     per_test = statistics.median(prof.qmp_connects.get(k, 0) for k in ran)
     print(f"QMP negotiations per test (median): {per_test:g}")
     return 0
