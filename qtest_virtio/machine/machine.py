@@ -86,8 +86,10 @@ class QemuMachine:
         self._shared_images: dict[str, str] = {}
         #: QMP events a wait_event passed over, kept for later waits.
         self._event_backlog: list[dict[str, Any]] = []
-        #: The monitor was negotiated by a raw exchange (``_raw_qmp``), not by qemu.qmp.
+        #: The monitor was negotiated by a raw exchange (``_raw_qmp``), not by qemu.qmp, and
+        #: the events read then, for the qemu.qmp client set up later.
         self._qmp_raw = False
+        self._raw_events: list[dict[str, Any]] = []
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -291,19 +293,26 @@ class QemuMachine:
         return self._qmp
 
     def _connect_qmp(self, timeout: float) -> QEMUMonitorProtocol:
-        """Negotiate QMP within ``timeout``; a QEMU that does not answer is reported as hung."""
+        """Negotiate QMP within ``timeout`` (one raw exchange, unless ``_raw_qmp`` did it) and
+        hand the session to qemu.qmp; a QEMU that does not answer is reported as hung."""
         assert self._qmp_sock is not None
         self._close_qmp_loop()  # a negotiation that failed before
+        if not self._qmp_raw:
+            self._raw_qmp([])
         try:
-            qmp, self._qmp_loop = process.connect_qmp(self._qmp_sock, timeout, negotiated=self._qmp_raw)
+            qmp, self._qmp_loop = process.connect_qmp(self._qmp_sock, timeout, negotiated=True, events=self._raw_events)
         except TimeoutError:
-            raise QemuCrashed(
-                f"QEMU did not answer QMP negotiation within {timeout:g} s (hung or stopped)",
-                returncode=self.returncode,
-                stderr_tail=self.stderr_tail(),
-                command_line=self.command_line(),
-            ) from None
+            raise self._qmp_hung("negotiation", timeout) from None
+        self._raw_events = []
         return qmp
+
+    def _qmp_hung(self, what: str, timeout: float) -> QemuCrashed:
+        return QemuCrashed(
+            f"QEMU did not answer QMP {what} within {timeout:g} s (hung or stopped)",
+            returncode=self.returncode,
+            stderr_tail=self.stderr_tail(),
+            command_line=self.command_line(),
+        )
 
     def _close_qmp_loop(self) -> None:
         loop, self._qmp_loop = self._qmp_loop, None
@@ -373,25 +382,21 @@ class QemuMachine:
         self._running = True
 
     def _raw_qmp(self, commands: list[str]) -> None:
-        """Run QMP ``commands`` on the not yet negotiated monitor without qemu.qmp
-        (``process.raw_qmp``); the client negotiated later takes the session over."""
+        """Negotiate the monitor and run QMP ``commands`` without qemu.qmp
+        (``process.raw_qmp``); the client set up later takes the session over, with the
+        events read meanwhile."""
         assert self._qmp_sock is not None and not self._qmp_raw
         self._barrier()
         timeout = self.spec.command_timeout
+        what = ", ".join(commands) or "negotiation"
         try:
-            events = process.raw_qmp(self._qmp_sock, commands, timeout)
+            self._raw_events += process.raw_qmp(self._qmp_sock, commands, timeout)
         except TimeoutError:
-            raise QemuCrashed(
-                f"QEMU did not answer QMP {', '.join(commands)} within {timeout:g} s (hung or stopped)",
-                returncode=self.returncode,
-                stderr_tail=self.stderr_tail(),
-                command_line=self.command_line(),
-            ) from None
+            raise self._qmp_hung(what, timeout) from None
         except (EOFError, OSError):
-            raise self._crashed(f"QMP closed during {', '.join(commands)}") from None
+            raise self._crashed(f"QMP closed during {what}") from None
         finally:
-            self._qmp_raw = True  # the greeting is read: qemu.qmp must not wait for it again
-        self._event_backlog += events
+            self._qmp_raw = True  # the greeting is read: it is not waited for again
 
     def throttle_reads(self, dev_id: str, iops: int) -> None:
         """Limit the reads of virtio block device ``dev_id`` to ``iops`` a second with QEMU's

@@ -229,20 +229,30 @@ def _qmp_client(sock: socket.socket) -> tuple[QEMUMonitorProtocol, asyncio.Abstr
 
 
 def connect_qmp(
-    sock: socket.socket, timeout: float, *, negotiated: bool = False
+    sock: socket.socket, timeout: float, *, negotiated: bool = False, events: list[dict[str, Any]] | None = None
 ) -> tuple[QEMUMonitorProtocol, asyncio.AbstractEventLoop | None]:
-    """Negotiate QMP on ``sock`` within ``timeout`` (TimeoutError otherwise): qemu.qmp's sync
-    connect() has no timeout of its own, and a hung or stopped QEMU would block it forever.
-    ``negotiated``: :func:`raw_qmp` took the greeting and sent ``qmp_capabilities`` already, so
-    the client takes the session over as it is. Returns the client and the event loop made for
-    it, which the caller closes (``close_loop``)."""
+    """Negotiate QMP on ``sock`` within ``timeout`` (TimeoutError otherwise) and hand the
+    session to qemu.qmp's sync client. The negotiation is :func:`raw_qmp`'s: qemu.qmp's own
+    asserts that the first message after ``qmp_capabilities`` is its reply, but an event QEMU
+    emits meanwhile (a werror=stop's STOP and BLOCK_IO_ERROR) can come first; and its connect()
+    has no timeout of its own. ``negotiated``: a raw exchange did it already. The events read
+    on the way (and ``events``, from an earlier raw exchange) are handed to the client, so its
+    ``get_events``/``pull_event`` see them. Returns the client and the event loop made for it,
+    which the caller closes (``close_loop``)."""
+    from qemu.qmp.message import Message
+
+    early = list(events or [])
+    if not negotiated:
+        early += raw_qmp(sock, [], timeout)
     qmp, loop = _qmp_client(sock)
     qmp.settimeout(timeout)
     client = qmp._qmp  # the async QMPClient the sync wrapper drives
-    client.await_greeting = not negotiated
-    client.negotiate = not negotiated
+    client.await_greeting = False
+    client.negotiate = False
     try:
         qmp._sync(client.connect(sock), timeout)
+        for event in early:
+            qmp._sync(client.events.put(Message(event)), timeout)
     except BaseException:  # TimeoutError above all: the caller keeps no client, so no loop
         close_loop(loop)
         raise
@@ -259,7 +269,7 @@ def raw_qmp(sock: socket.socket, commands: list[str], timeout: float) -> list[di
     the blocking socket. qemu.qmp's asyncio client costs milliseconds to set up and to close,
     for the one ``cont`` a machine without the qtest accelerator needs; it can still take the
     session over later (``connect_qmp(negotiated=True)``). Returns the events QEMU sent
-    meanwhile (for the caller's backlog). Raises RawQmpError for a command QEMU refused,
+    meanwhile (for that client). Raises RawQmpError for a command QEMU refused,
     TimeoutError when QEMU does not answer in time, EOFError when it closed the monitor."""
     wanted = 1 + len(commands)  # qmp_capabilities, then each command
     out = "".join(json.dumps({"execute": c}) + "\n" for c in ("qmp_capabilities", *commands))
@@ -274,10 +284,13 @@ def raw_qmp(sock: socket.socket, commands: list[str], timeout: float) -> list[di
         # Read whole messages only: whatever follows the last reply stays for qemu.qmp.
         while len(replies) < wanted or buf:
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"QEMU did not answer QMP within {timeout:g} s")
-            sock.settimeout(remaining)
-            chunk = sock.recv(65536)
+            try:
+                if remaining <= 0:
+                    raise TimeoutError
+                sock.settimeout(remaining)
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                raise TimeoutError(f"QEMU did not answer QMP within {timeout:g} s") from None
             if not chunk:
                 raise EOFError("QEMU closed the QMP monitor")
             buf += chunk
