@@ -45,15 +45,17 @@ def test_root_bus_devices_get_the_lowest_free_slots_in_order() -> None:
     spec.add_virtio("virtio-net-pci", mode="legacy")
     spec.add_device("pcie-root-port", id="rp0", chassis=1, slot=1)
     spec.add_virtio("virtio-blk-pci", mode="modern", bus="rp0")
-    spec.add_device("isa-debugcon", iobase=0x402)  # not a PCI device: left alone
+    spec.add_device("e1000", id="nic0")  # a device the harness does not place: QEMU's next slot (5) is its
+    spec.add_virtio("virtio-rng-pci", mode="modern")
     addrs, places = place_devices(spec)
-    assert addrs == {"rng0": "0x01", "net0": "0x03", "rp0": "0x04"}
+    assert addrs == {"rng0": "0x01", "net0": "0x03", "rp0": "0x04", "rng1": "0x06"}
     assert places == {
         "rng0": PciPlace(None, 1, 0),
         "blk0": PciPlace(None, 2, 0),
         "net0": PciPlace(None, 3, 0),
         "rp0": PciPlace(None, 4, 0),
         "blk1": PciPlace("rp0", 0, 0),  # a root port's link has one slot
+        "rng1": PciPlace(None, 6, 0),
     }
 
 
@@ -124,6 +126,7 @@ def test_devices_are_found_where_qemu_put_them_without_qmp(
     binary = provided_qemu(name)
     spec = MachineSpec(qemu=binary.path, machine=machine)
     spec.add_virtio("virtio-rng-pci", mode="modern")
+    spec.add_device("pci-testdev", id="other0")  # not placed by the harness: QEMU gives it the next slot
     spec.add_virtio("virtio-blk-pci", mode="legacy", backend="null")
     ids = ["rng0", "blk0"]
     if machine == "q35":
@@ -138,6 +141,7 @@ def test_devices_are_found_where_qemu_put_them_without_qmp(
     assert "addr=0x01" in vm.argv[vm.argv.index("-device") + 1] if machine == "q35" else True
     for dev_id, drv in drivers.items():
         assert drv.fn.bdf == _query_pci(vm, dev_id), dev_id
+    assert _query_pci(vm, "other0") == ("00:02.0" if machine == "q35" else "00:03.0")
     # qemu.qmp took the monitor over as the raw exchange left it (TCG -S), or after a raw negotiation
     assert qmp_connects == (["raw:", "client"] if binary.has_qtest_accel else ["raw:cont", "client"])
     assert vm.run_state() == "running"

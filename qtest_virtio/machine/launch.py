@@ -135,15 +135,16 @@ def place_devices(spec: MachineSpec) -> tuple[dict[str, str], dict[str, PciPlace
     addrs: dict[str, str] = {}
     free = (slot for slot in range(32) if slot not in used)
     for dev in spec.devices:
-        if "addr" in dev.props or "bus" in dev.props or dev.hotplug:
-            continue
-        if not (dev.driver.endswith(_PCI_DRIVER_SUFFIXES) or dev.driver in _PCI_BRIDGES):
+        if "addr" in dev.props or "bus" in dev.props or (dev.hotplug and not dev.plugged):
             continue
         slot = next(free, None)
         if slot is None:
             break  # the bus is full: QEMU says so
-        addrs[dev.id] = f"{slot:#04x}"
-        places[dev.id] = PciPlace(None, slot, 0)
+        if dev.driver.endswith(_PCI_DRIVER_SUFFIXES) or dev.driver in _PCI_BRIDGES:
+            addrs[dev.id] = f"{slot:#04x}"
+            places[dev.id] = PciPlace(None, slot, 0)
+        # else a device the harness does not place: if it is a PCI one, QEMU gives it the lowest
+        # free slot when it comes to it, which is this one; kept free for it either way
     return addrs, places
 
 
