@@ -31,6 +31,7 @@ import rounds
 from bench_qtest import Bare
 
 from qtest_virtio import MachineSpec
+from qtest_virtio.app.runner import pytest_args_for_run
 from qtest_virtio.binary import QemuBinary
 
 #: A representative subset: every transport and both rings on two devices, a few minutes' worth
@@ -157,8 +158,8 @@ def collect_only(args: argparse.Namespace) -> tuple[float, int, float]:
     """(wall seconds, tests, pytest's own collection seconds) of ``pytest --collect-only -q``
     on the selection, with the options ``qtest-virtio run`` passes (one process, no workers)."""
     binary = QemuBinary.get(args.qemu)
-    cmd = [sys.executable, "-m", "pytest", "--collect-only", "-q", *args.select, f"--qemu={binary.path}"]
-    cmd += ["-p", "no:cacheprovider", "-p", "no:benchmark"]
+    options = [*args.select, f"--qemu={binary.path}", "-p", "no:cacheprovider", "-p", "no:benchmark"]
+    cmd = [sys.executable, "-m", "pytest", "--collect-only", "-q", *pytest_args_for_run(options)]
     t = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t

@@ -17,7 +17,7 @@ from .errors import MigrationError
 from .machine import MachineSpec, QemuMachine
 from .machine.qdev import HotplugError
 from .memory import GuestMemory
-from .pci import Msix, PciBus, PciFunction
+from .pci import Bdf, Msix, PciBus, PciFunction
 from .pci.hotplug import AcpiPciHotplug, PcieSlot
 from .transport.layout import feature_names
 
@@ -62,13 +62,33 @@ class Machine(QemuMachine):
         return self._memory
 
     def pci_function(self, dev_id: str) -> PciFunction:
-        """The PCI function of the ``-device`` with this id (QMP ``query-pci`` knows qdev ids)."""
+        """The PCI function of the ``-device`` with this id. Where the command line fixed its
+        address (the harness gives root-bus devices their slots) it is found there, without
+        QMP; else QMP ``query-pci``, which knows qdev ids, says where it is."""
         self.pci.assign_bars()
+        fn = self._placed_function(dev_id)
+        if fn is not None:
+            return fn
         for bus in self.qmp.cmd("query-pci"):  # type: ignore[attr-defined]
             found = _find_qdev(bus.get("devices", []), dev_id)
             if found is not None:
                 return self.pci.find(bdf=f"{found['bus']:02x}:{found['slot']:02x}.{found['function']:x}")
         raise KeyError(f"no PCI device with id {dev_id!r}")
+
+    def _placed_function(self, dev_id: str) -> PciFunction | None:
+        """The function at the address the launch plan gave ``dev_id`` (behind its bridge's
+        secondary bus), or None when it has none or nothing answers there (not plugged, gone)."""
+        place = self._plan.places.get(dev_id) if self._plan is not None else None
+        if place is None:
+            return None
+        bus = 0
+        if place.parent is not None:
+            bridge = self._placed_function(place.parent)
+            if bridge is None or bridge.secondary_bus is None:
+                return None
+            bus = bridge.secondary_bus
+        want = Bdf(bus, place.slot, place.function)
+        return next((fn for fn in self.pci.devices() if fn.bdf_addr == want), None)
 
     @overload
     def virtio(

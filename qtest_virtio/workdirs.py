@@ -2,7 +2,9 @@ r"""The harness's private directories: one per machine, named after the process 
 and swept once that process has ended.
 
 QEMU dies with its Python parent (PDEATHSIG), but a parent that is SIGKILLed or ``os._exit``\ s
-cannot remove its directory; the next machine start anywhere on the host does.
+cannot remove its directory; a later machine start anywhere on the host does: each process's
+first start, then one start every ``SWEEP_INTERVAL`` seconds (the scan of the temp directory is
+not worth doing on every one of a suite's thousands of starts).
 """
 
 from __future__ import annotations
@@ -10,8 +12,13 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 
 _WORKDIR_PREFIX = "qtest-virtio-"
+#: Seconds between two sweeps by the same process.
+SWEEP_INTERVAL = 30.0
+#: When a process last swept, by (pid, parent directory): a forked child sweeps on its own.
+_last_sweep: dict[tuple[int, str], float] = {}
 
 
 def _proc_stat(pid: int) -> tuple[str, int] | None:
@@ -76,8 +83,15 @@ def sweep_stale_workdirs(parent: str | None = None) -> list[str]:
 
 
 def make_workdir() -> str:
-    """A fresh 0700 directory for one machine (stale ones are swept first)."""
-    sweep_stale_workdirs()
+    """A fresh 0700 directory for one machine (stale ones are swept first, on this process's
+    first start and then every ``SWEEP_INTERVAL`` seconds)."""
+    parent = tempfile.gettempdir()
+    now = time.monotonic()
+    key = (os.getpid(), parent)
+    last = _last_sweep.get(key)
+    if last is None or now - last >= SWEEP_INTERVAL:
+        _last_sweep[key] = now
+        sweep_stale_workdirs(parent)
     workdir = tempfile.mkdtemp(prefix=_workdir_prefix())
     os.chmod(workdir, 0o700)  # mkdtemp already makes it 0700; say so explicitly
     return workdir

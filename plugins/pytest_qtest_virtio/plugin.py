@@ -11,11 +11,10 @@ import os
 import re
 import signal
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from _pytest._code.code import TerminalRepr, Traceback, TracebackStyle
-from qemu.qmp.legacy import QEMUMonitorProtocol
 
 import qtest_virtio
 from qtest_virtio import Machine, MachineSpec, QemuCrashed, QemuStartError, QtestVirtioError
@@ -34,6 +33,9 @@ from qtest_virtio.transport.layout import FEATURE_BITS
 from .migration import destination_qemu, migrate  # noqa: F401  (migrate: a fixture pytest finds here)
 from .params import VirtioParam, virtio_params
 from .stash import MACHINES_KEY, VIRTIO_MACHINE_KEY
+
+if TYPE_CHECKING:
+    from qemu.qmp.legacy import QEMUMonitorProtocol
 
 PARAM_KEY = pytest.StashKey[VirtioParam]()
 #: Every feature name a refusal may use: the reserved ones and each device's own.

@@ -181,10 +181,27 @@ def _skip_reason(report: pytest.TestReport) -> str:
     return str(longrepr or "")
 
 
+#: Plugins of the environment that the scenario suite does not use and that cost every run:
+#: hypothesis's pytest plugin imports all of hypothesis for its terminal summary (about a
+#: second without .pyc files; the fuzz scenarios drive hypothesis themselves, without it). Kept
+#: when the arguments name one of its options (``--hypothesis-seed``) or enable it (``-p``).
+UNUSED_PLUGINS = {"hypothesispytest": "--hypothesis"}
+
+
+def pytest_args_for_run(args: Sequence[str]) -> list[str]:
+    """``args`` with the unused plugins blocked (``-p no:NAME``), unless the arguments use them."""
+    out = list(args)
+    for name, option_prefix in UNUSED_PLUGINS.items():
+        if any(a.startswith(option_prefix) or a.endswith(name) for a in out):
+            continue
+        out += ["-p", f"no:{name}"]
+    return out
+
+
 def run_pytest(args: Sequence[str]) -> tuple[int, ResultCollector]:
     """pytest.main in this process with the collector; returns pytest's exit code."""
     collector = ResultCollector()
-    code = pytest.main(list(args), plugins=[collector])
+    code = pytest.main(pytest_args_for_run(args), plugins=[collector])
     return int(code), collector
 
 

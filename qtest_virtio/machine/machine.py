@@ -8,7 +8,6 @@ it), then SIGKILL, then the directory is removed.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import contextvars
 import os
@@ -19,9 +18,7 @@ import socket
 import subprocess
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Self, TextIO, TypeVar, overload
-
-from qemu.qmp.legacy import QEMUMonitorProtocol
+from typing import TYPE_CHECKING, Any, Self, TextIO, TypeVar, overload
 
 from ..backends import Handle
 from ..binary import QemuBinary, UnknownFlag
@@ -31,6 +28,11 @@ from ..workdirs import make_workdir
 from . import migration, process, qdev
 from .launch import LaunchPlan, build_argv
 from .spec import MachineSpec
+
+if TYPE_CHECKING:  # qemu.qmp (asyncio) is imported on first QMP use: most tests never need it
+    import asyncio
+
+    from qemu.qmp.legacy import QEMUMonitorProtocol
 
 #: The lists ``watch_machines`` fills in this context (thread or task), innermost last.
 _WATCHERS: contextvars.ContextVar[tuple[list[QemuMachine], ...]] = contextvars.ContextVar(
@@ -84,6 +86,10 @@ class QemuMachine:
         self._shared_images: dict[str, str] = {}
         #: QMP events a wait_event passed over, kept for later waits.
         self._event_backlog: list[dict[str, Any]] = []
+        #: The monitor was negotiated by a raw exchange (``_raw_qmp``), not by qemu.qmp, and
+        #: the events read then, for the qemu.qmp client set up later.
+        self._qmp_raw = False
+        self._raw_events: list[dict[str, Any]] = []
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -294,25 +300,34 @@ class QemuMachine:
         if not commands:
             return []
 
+        import asyncio  # here, as qemu.qmp is: most machines never use QMP
+
         async def run_all() -> list[Any]:
             return list(await asyncio.gather(*(qmp._qmp.execute(name, args) for name, args in commands)))
 
         return qmp._sync(run_all(), qmp._timeout)  # what qmp.cmd does for one command
 
     def _connect_qmp(self, timeout: float) -> QEMUMonitorProtocol:
-        """Negotiate QMP within ``timeout``; a QEMU that does not answer is reported as hung."""
+        """Negotiate QMP within ``timeout`` (one raw exchange, unless ``_raw_qmp`` did it) and
+        hand the session to qemu.qmp; a QEMU that does not answer is reported as hung."""
         assert self._qmp_sock is not None
         self._close_qmp_loop()  # a negotiation that failed before
+        if not self._qmp_raw:
+            self._raw_qmp([])
         try:
-            qmp, self._qmp_loop = process.connect_qmp(self._qmp_sock, timeout)
+            qmp, self._qmp_loop = process.connect_qmp(self._qmp_sock, timeout, negotiated=True, events=self._raw_events)
         except TimeoutError:
-            raise QemuCrashed(
-                f"QEMU did not answer QMP negotiation within {timeout:g} s (hung or stopped)",
-                returncode=self.returncode,
-                stderr_tail=self.stderr_tail(),
-                command_line=self.command_line(),
-            ) from None
+            raise self._qmp_hung("negotiation", timeout) from None
+        self._raw_events = []
         return qmp
+
+    def _qmp_hung(self, what: str, timeout: float) -> QemuCrashed:
+        return QemuCrashed(
+            f"QEMU did not answer QMP {what} within {timeout:g} s (hung or stopped)",
+            returncode=self.returncode,
+            stderr_tail=self.stderr_tail(),
+            command_line=self.command_line(),
+        )
 
     def _close_qmp_loop(self) -> None:
         loop, self._qmp_loop = self._qmp_loop, None
@@ -371,11 +386,32 @@ class QemuMachine:
         firmware, which stops it at its first instruction. Idempotent."""
         if self._running:
             return
-        if self._paused or not self.binary.has_qtest_accel:
+        if self._qmp is None and not self._paused and not self._incoming and not self.binary.has_qtest_accel:
+            # QMP never used: the run state is the start's, prelaunch (-S). One raw exchange
+            # (qmp_capabilities, cont) instead of setting up qemu.qmp for it.
+            self._raw_qmp(["cont"])
+        elif self._paused or not self.binary.has_qtest_accel:
             status = self.qmp.cmd("query-status")
             if isinstance(status, dict) and status.get("status") != "running":
                 self.qmp.cmd("cont")
         self._running = True
+
+    def _raw_qmp(self, commands: list[str]) -> None:
+        """Negotiate the monitor and run QMP ``commands`` without qemu.qmp
+        (``process.raw_qmp``); the client set up later takes the session over, with the
+        events read meanwhile."""
+        assert self._qmp_sock is not None and not self._qmp_raw
+        self._barrier()
+        timeout = self.spec.command_timeout
+        what = ", ".join(commands) or "negotiation"
+        try:
+            self._raw_events += process.raw_qmp(self._qmp_sock, commands, timeout)
+        except TimeoutError:
+            raise self._qmp_hung(what, timeout) from None
+        except (EOFError, OSError):
+            raise self._crashed(f"QMP closed during {what}") from None
+        finally:
+            self._qmp_raw = True  # the greeting is read: it is not waited for again
 
     def throttle_reads(self, dev_id: str, iops: int) -> None:
         """Limit the reads of virtio block device ``dev_id`` to ``iops`` a second with QEMU's

@@ -19,15 +19,15 @@ import os
 import re
 import time
 from collections.abc import Mapping
-from typing import Any, Protocol
-
-from qemu.qmp import QMPError
-from qemu.qmp.legacy import QEMUMonitorProtocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..backends import Handle, ImageBackend
 from ..binary import GENERIC_DEVICE_OPTIONS, QemuBinary
 from ..errors import MigrationError, MigrationUnsupported
 from .spec import MachineSpec
+
+if TYPE_CHECKING:  # qemu.qmp is imported where QMP is used (a migration always uses it)
+    from qemu.qmp.legacy import QEMUMonitorProtocol
 
 
 class QemuMachine(Protocol):
@@ -135,6 +135,8 @@ def property_differences(source: QemuMachine, dest: QemuMachine, limit: int = 8)
     have and read differently (``qom-get``): across versions on one machine type, a compat
     property a release forgot shows here. Only asked across binaries (a clone of one binary's
     spec has none); a property one side cannot read is left out."""
+    from qemu.qmp import QMPError
+
     if source.binary.path == dest.binary.path:
         return []
     out: list[str] = []
@@ -170,6 +172,8 @@ def run(source: QemuMachine, dest: QemuMachine, timeout: float) -> None:
 
 
 def _run(source: QemuMachine, dest: QemuMachine, timeout: float) -> None:
+    from qemu.qmp import QMPError
+
     uri = f"unix:{os.path.join(dest.workdir, _SOCKET)}"
     caps = [{"capability": "events", "state": True}]
     for vm in (source, dest):
@@ -200,6 +204,8 @@ def _wait_end(vm: QemuMachine, deadline: float) -> str | None:
     its MIGRATION events; ``failed`` as soon as the process is gone (a destination that cannot
     load exits), None at the deadline. Between events, ``query-migrate`` is asked too, so an
     end whose event was not seen costs a tenth of a second, not the timeout."""
+    from qemu.qmp import QMPError
+
     while (remaining := deadline - time.monotonic()) > 0:
         event = vm.wait_event("MIGRATION", min(remaining, 0.1), status=lambda s: s in _DONE | _FAILED)
         if event is not None:

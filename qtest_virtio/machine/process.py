@@ -9,9 +9,9 @@ None of this knows what a machine spec is: it takes argv and paths.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ctypes
+import json
 import os
 import select
 import shutil
@@ -21,8 +21,12 @@ import subprocess
 import time
 import warnings
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from qemu.qmp.legacy import QEMUMonitorProtocol
+if TYPE_CHECKING:  # qemu.qmp (and asyncio under it) is imported when QMP is first used
+    import asyncio
+
+    from qemu.qmp.legacy import QEMUMonitorProtocol
 
 #: Lines in QEMU's stderr that mean it hit an assertion or a sanitizer, even if it survived.
 CRASH_MARKERS = (
@@ -193,6 +197,8 @@ def reap(proc: subprocess.Popen[bytes], workdir: str) -> None:
 def _thread_event_loop() -> asyncio.AbstractEventLoop | None:
     """The event loop set for this thread, or None (the main thread's is made on demand, as
     asyncio.get_event_loop makes it)."""
+    import asyncio
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -209,6 +215,10 @@ def _qmp_client(sock: socket.socket) -> tuple[QEMUMonitorProtocol, asyncio.Abstr
     the thread until a ``gc.collect()``; so a loop made for us is taken off the thread again
     (the client keeps it) and the machine closes it in teardown.
     """
+    import asyncio
+
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
     had_loop = _thread_event_loop() is not None
     qmp = QEMUMonitorProtocol(sock)
     loop = getattr(qmp, "_aloop", None)
@@ -218,21 +228,87 @@ def _qmp_client(sock: socket.socket) -> tuple[QEMUMonitorProtocol, asyncio.Abstr
     return qmp, loop
 
 
-def connect_qmp(sock: socket.socket, timeout: float) -> tuple[QEMUMonitorProtocol, asyncio.AbstractEventLoop | None]:
-    """Negotiate QMP on ``sock`` within ``timeout`` (TimeoutError otherwise): qemu.qmp's sync
-    connect() has no timeout of its own, and a hung or stopped QEMU would block it forever.
-    Returns the client and the event loop made for it, which the caller closes (``close_loop``)."""
+def connect_qmp(
+    sock: socket.socket, timeout: float, *, negotiated: bool = False, events: list[dict[str, Any]] | None = None
+) -> tuple[QEMUMonitorProtocol, asyncio.AbstractEventLoop | None]:
+    """Negotiate QMP on ``sock`` within ``timeout`` (TimeoutError otherwise) and hand the
+    session to qemu.qmp's sync client. The negotiation is :func:`raw_qmp`'s: qemu.qmp's own
+    asserts that the first message after ``qmp_capabilities`` is its reply, but an event QEMU
+    emits meanwhile (a werror=stop's STOP and BLOCK_IO_ERROR) can come first; and its connect()
+    has no timeout of its own. ``negotiated``: a raw exchange did it already. The events read
+    on the way (and ``events``, from an earlier raw exchange) are handed to the client, so its
+    ``get_events``/``pull_event`` see them. Returns the client and the event loop made for it,
+    which the caller closes (``close_loop``)."""
+    from qemu.qmp.message import Message
+
+    early = list(events or [])
+    if not negotiated:
+        early += raw_qmp(sock, [], timeout)
     qmp, loop = _qmp_client(sock)
     qmp.settimeout(timeout)
     client = qmp._qmp  # the async QMPClient the sync wrapper drives
-    client.await_greeting = True
-    client.negotiate = True
+    client.await_greeting = False
+    client.negotiate = False
     try:
         qmp._sync(client.connect(sock), timeout)
+        for event in early:
+            qmp._sync(client.events.put(Message(event)), timeout)
     except BaseException:  # TimeoutError above all: the caller keeps no client, so no loop
         close_loop(loop)
         raise
     return qmp, loop
+
+
+class RawQmpError(Exception):
+    """A command :func:`raw_qmp` sent came back with QMP's ``error`` (its ``desc`` is the message)."""
+
+
+def raw_qmp(sock: socket.socket, commands: list[str], timeout: float) -> list[dict[str, Any]]:
+    """Negotiate QMP and run ``commands`` (names, no arguments) on a fresh monitor ``sock``
+    without qemu.qmp: the greeting, ``qmp_capabilities`` and the commands in one exchange, on
+    the blocking socket. qemu.qmp's asyncio client costs milliseconds to set up and to close,
+    for the one ``cont`` a machine without the qtest accelerator needs; it can still take the
+    session over later (``connect_qmp(negotiated=True)``). Returns the events QEMU sent
+    meanwhile (for that client). Raises RawQmpError for a command QEMU refused,
+    TimeoutError when QEMU does not answer in time, EOFError when it closed the monitor."""
+    wanted = 1 + len(commands)  # qmp_capabilities, then each command
+    out = "".join(json.dumps({"execute": c}) + "\n" for c in ("qmp_capabilities", *commands))
+    deadline = time.monotonic() + timeout
+    events: list[dict[str, Any]] = []
+    replies: list[dict[str, Any]] = []
+    buf = b""
+    previous = sock.gettimeout()
+    try:
+        sock.settimeout(timeout)
+        sock.sendall(out.encode())
+        # Read whole messages only: whatever follows the last reply stays for qemu.qmp.
+        while len(replies) < wanted or buf:
+            remaining = deadline - time.monotonic()
+            try:
+                if remaining <= 0:
+                    raise TimeoutError
+                sock.settimeout(remaining)
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                raise TimeoutError(f"QEMU did not answer QMP within {timeout:g} s") from None
+            if not chunk:
+                raise EOFError("QEMU closed the QMP monitor")
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                if not line.strip():
+                    continue
+                msg = json.loads(line)
+                if "event" in msg:
+                    events.append(msg)
+                elif "return" in msg or "error" in msg:
+                    replies.append(msg)
+    finally:
+        sock.settimeout(previous)
+    for name, reply in zip(("qmp_capabilities", *commands), replies, strict=True):
+        if "error" in reply:
+            raise RawQmpError(f"QMP {name}: {reply['error'].get('desc', reply['error'])}")
+    return events
 
 
 def close_loop(loop: asyncio.AbstractEventLoop | None) -> None:

@@ -13,8 +13,6 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from qemu.qmp import QMPError
-
 from ..binary import QemuBinary, UnknownFlag
 from ..errors import QtestVirtioError
 from .spec import split_option_list
@@ -73,6 +71,8 @@ def wait_event(
     """The first event ``name`` whose data has every ``match`` item, pulled within ``timeout``
     seconds (None when none came); events that do not match are kept in ``backlog``, which is
     searched first (an event may arrive before the caller waits for it)."""
+    from qemu.qmp import QMPError  # QMP is in use by now: imported already
+
     for event in list(backlog):
         if _matches(event, name, match):
             backlog.remove(event)
