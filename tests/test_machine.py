@@ -835,3 +835,15 @@ def test_stop_and_cont_keep_resume_right(machine_factory: MachineFactory) -> Non
     assert vm.run_state() == "running"
     vm.resume()
     assert vm.run_state() == "running"
+
+
+def test_relative_paths_on_the_command_line_land_in_the_workdir(machine_factory) -> None:
+    """QEMU runs in the machine's private workdir: a relative path (a reproducer's unix socket)
+    names a file there, which goes with the machine, not one in the caller's directory."""
+    before = set(os.listdir("."))
+    vm = machine_factory(MachineSpec(extra_args=["-chardev", "socket,id=rel0,path=rel0.sock,server=on,wait=off"]))
+    workdir, pid = vm.workdir, vm.pid
+    assert os.path.exists(os.path.join(workdir, "rel0.sock"))
+    assert set(os.listdir(".")) == before
+    vm.shutdown(check=True)
+    assert_cleaned_up(pid, workdir)

@@ -123,7 +123,7 @@ class QemuMachine:
         try:
             listeners = process.listen(self.workdir, ("qtest", "qmp"))
             self._stderr_path = os.path.join(self.workdir, "qemu.stderr")
-            self._proc = process.spawn(self.argv, self._stderr_path, plan.pass_fds)
+            self._proc = process.spawn(self.argv, self._stderr_path, plan.pass_fds, cwd=self.workdir)
             plan.close_child_fds()
             self._finalizer = weakref.finalize(self, process.reap, self._proc, self.workdir)
             conns = process.accept(self._proc, listeners, self.spec.start_timeout, self._start_error)

@@ -64,13 +64,16 @@ def _spawn_args() -> tuple[list[str], Callable[[], None] | None]:
     return [], _set_pdeathsig
 
 
-def spawn(argv: list[str], stderr_path: str, pass_fds: list[int]) -> subprocess.Popen[bytes]:
+def spawn(argv: list[str], stderr_path: str, pass_fds: list[int], cwd: str | None = None) -> subprocess.Popen[bytes]:
     """Start QEMU with stdout and stderr to ``stderr_path``, stdin closed, in its own session
-    (a Ctrl-C reaches Python, whose teardown then stops QEMU in order), dying with us."""
+    (a Ctrl-C reaches Python, whose teardown then stops QEMU in order), dying with us. ``cwd``:
+    the machine's private workdir, so a relative path on the command line (a reproducer's unix
+    sockets) names a file that goes with it."""
     prefix, preexec = _spawn_args()
     with open(stderr_path, "wb") as err:
         return subprocess.Popen(
             prefix + argv,
+            cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=err,
             stderr=err,
