@@ -509,3 +509,22 @@ def test_a_crash_without_assertion_is_one_bug_whatever_the_socket_said() -> None
     assert signature(one) == signature(two) == "virtio-rng-pci: crashed: killed by signal 6 (SIGABRT)"
     segv = ExampleResult(config, [], outcome=Outcome.CRASHED, detail="QEMU died (Broken pipe)", returncode=-11)
     assert signature(segv) != signature(one)
+
+
+@pytest.mark.parametrize("mode", ["modern", "legacy"])
+def test_a_broken_devices_valid_request_is_waited_for_briefly(qemu_binary, mode: str) -> None:
+    """A descriptor that links to itself makes QEMU report "Looped descriptor" and mark the
+    device broken (DEVICE_NEEDS_RESET in the modern layout, §2.1.2): the valid request after it
+    is still sent, but given up on after ``broken_valid_timeout``, not the full timeout, and the
+    observation says why. The recovery (device reset) then serves again."""
+    from qtest_virtio.fuzz import Valid, run_example
+
+    loop = Desc(0, Addr("scratch", 0), 16, 1, 0)  # NEXT, next = itself
+    config = FuzzConfig("virtio-blk-pci", mode, "split", qemu=qemu_binary.path, valid_timeout=3.0)
+    started = time.monotonic()
+    result = run_example(config, [DescChain((loop,), (), 0, 1, True), Valid()])
+    elapsed = time.monotonic() - started
+    kinds = [o.kind for o in result.observations]
+    assert "valid request during abuse failed (device broken)" in kinds, result.observations
+    assert result.outcome == "survived", result.summary()
+    assert elapsed < 3.0, f"the valid request waited the full timeout ({elapsed:.2f} s)"

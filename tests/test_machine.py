@@ -837,7 +837,7 @@ def test_stop_and_cont_keep_resume_right(machine_factory: MachineFactory) -> Non
     assert vm.run_state() == "running"
 
 
-def test_relative_paths_on_the_command_line_land_in_the_workdir(machine_factory) -> None:
+def test_relative_paths_on_the_command_line_land_in_the_workdir(machine_factory: MachineFactory) -> None:
     """QEMU runs in the machine's private workdir: a relative path (a reproducer's unix socket)
     names a file there, which goes with the machine, not one in the caller's directory."""
     before = set(os.listdir("."))

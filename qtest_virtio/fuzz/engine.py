@@ -168,6 +168,9 @@ class FuzzConfig:
     hang_timeout: float = 3.0
     #: Timeout of the driver's valid requests interleaved with the abuse (failures are observations).
     valid_timeout: float = 0.3
+    #: The same, for a device that shows it will not serve: DEVICE_NEEDS_RESET set (modern
+    #: layout), or an error QEMU reported since the last check (legacy, which has no such bit).
+    broken_valid_timeout: float = 0.02
     #: Live migration (:class:`~.actions.Migrate`) is among the actions (``fuzz --migrate``).
     migrate: bool = False
     #: Hot-unplug (:class:`~.actions.Unplug`) is among the actions (``fuzz --unplug``): the device
@@ -259,6 +262,29 @@ def _normal(exc: BaseException | str) -> str:
     text = re.sub(r"^<[^>]*>: ", "", text)
     text = re.sub(r"0x[0-9a-f]+|\b\d+\b", "N", text)
     return text[:100]
+
+
+def _will_not_serve(driver: Any, target: Target, live: _Live, action: Action, out: list[Observation]) -> bool:
+    """Whether the device shows it serves nothing until a reset: QEMU's virtio_error marks it
+    broken and sets DEVICE_NEEDS_RESET (§2.1.2) in the modern layout; the legacy layout has no
+    such bit, so there an error QEMU reported since the last action that may have reset the
+    device stands for it. Its valid request is still sent, and waited for briefly: waiting the
+    full timeout for a request a broken device ignores was a third of a reused blk campaign's
+    time."""
+    needs_reset = bool(driver.transport.get_status() & STATUS.DEVICE_NEEDS_RESET.mask)
+    if not target.legacy:
+        return needs_reset
+    _observe(live, driver, target, action, out)  # after that round trip: what the last action caused
+    return live.errored
+
+
+def _observe(live: _Live, driver: Any, target: Target, action: Action, out: list[Observation]) -> None:
+    """``_observe_errors`` after an action, keeping ``live.errored`` up to date."""
+    if action.may_write_status():
+        live.errored = False
+    before = len(out)
+    live.seen = _observe_errors(live.vm, driver, target, action, live.seen, out)
+    live.errored = live.errored or len(out) > before
 
 
 def _observe_errors(vm: Machine, driver: Any, target: Target, action: Action, seen: int, out: list[Observation]) -> int:
@@ -377,6 +403,9 @@ class _Live:
     seen: int = 0
     #: An Unplug action took the device away; the recovery plugs it again.
     unplugged: bool = False
+    #: QEMU reported an error since the last action that may have reset the device: in the
+    #: legacy layout, which has no DEVICE_NEEDS_RESET, what says the device is broken.
+    errored: bool = False
     #: The example's configuration (what the recovery's fresh driver is made for).
     config: FuzzConfig | None = None
 
@@ -530,13 +559,15 @@ def _abuse(
                 _unplug(live, result, f"the unplug of action {i}")
                 continue
             if isinstance(action, Valid):
+                broken = _will_not_serve(driver, target, live, action, result.observations)
                 try:
-                    device.check(vm, driver, config.valid_timeout)
+                    device.check(vm, driver, config.broken_valid_timeout if broken else config.valid_timeout)
                 except (QemuCrashed, QtestTimeout):
                     raise
                 except QtestVirtioError as exc:
-                    result.observations.append(Observation("valid request during abuse failed", _normal(exc)))
-                live.seen = _observe_errors(vm, driver, target, action, live.seen, result.observations)
+                    kind = "valid request during abuse failed"
+                    result.observations.append(Observation(kind + (" (device broken)" if broken else ""), _normal(exc)))
+                _observe(live, driver, target, action, result.observations)
                 continue
             if isinstance(action, act.Migrate):
                 live.recording.directive(act.Migrate.directive)
@@ -544,10 +575,10 @@ def _abuse(
                 if refused is None:
                     live.recording.moved(live.vm.qtest)
                     result.migrations += 1
-                    live.seen = 0
+                    live.seen, live.errored = 0, False
                 else:
                     result.observations.append(Observation("migration refused (the source runs on)", _normal(refused)))
-                live.seen = _observe_errors(live.vm, driver, target, action, live.seen, result.observations)
+                _observe(live, driver, target, action, result.observations)
                 continue
             if target.packed:
                 vq = driver.queues[target.queue]
@@ -558,7 +589,7 @@ def _abuse(
                 reply = vm.qtest.send_raw(cmd)
                 if not reply.startswith("OK"):
                     raise HarnessBug(f"{cmd!r} -> {reply!r} (action {action!r})")
-            live.seen = _observe_errors(vm, driver, target, action, live.seen, result.observations)
+            _observe(live, driver, target, action, result.observations)
     except (QemuCrashed, QtestTimeout):
         raise
     except QtestVirtioError as exc:
