@@ -69,3 +69,21 @@ def redriven(device: VirtioDriver, vm: Machine, driver: type[D], **options: Any)
         return vm.virtio(device.dev_id, driver, **options)
     assert isinstance(device, driver)
     return device
+
+
+def pid_gone(pid: int) -> bool:
+    """True when ``pid`` no longer runs: no such process, or a zombie nobody has reaped yet.
+
+    Our own children are reaped by Popen.wait; a grandchild orphaned by a SIGKILLed parent
+    becomes a zombie until the container's init reaps it, which is dead enough.
+    """
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return True
+    return state in ("Z", "X")

@@ -7,7 +7,6 @@ aborts) shrinks to a .qtest reproducer that replay classifies the same way."""
 from __future__ import annotations
 
 import base64
-import os
 import shutil
 import signal
 import stat
@@ -17,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import EXE
+from conftest import EXE, pid_gone
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -196,14 +195,6 @@ def test_replay_args_drop_what_replay_adds() -> None:
     assert replay_args(line) == ["-nodefaults", "-m", "256M", "-device", "a,b=c"]
 
 
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
-
-
 @pytest.mark.parametrize("device", list(DEVICES))
 def test_short_run_finds_nothing_and_leaves_no_process(qemu_binary, device: str) -> None:
     pids: list[int] = []
@@ -219,7 +210,7 @@ def test_short_run_finds_nothing_and_leaves_no_process(qemu_binary, device: str)
             assert signature(report.failure) in known, report.failure.summary()
         else:
             assert report.examples == 6
-    assert pids and all(_gone(p) for p in pids)
+    assert pids and all(pid_gone(p) for p in pids)
 
 
 WRAPPER = """#!/bin/bash

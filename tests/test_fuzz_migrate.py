@@ -7,14 +7,13 @@ actions go on on the destination; the reproducer holds a ``# qtest-virtio: migra
 from __future__ import annotations
 
 import base64
-import os
 import signal
 import stat
 import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import EXE
+from conftest import EXE, pid_gone
 from hypothesis import given, settings
 
 from qtest_virtio import ScenarioError
@@ -39,14 +38,6 @@ from qtest_virtio.reproducer import Directive, load, parse, replay, upstream_com
 from qtest_virtio.vm import Machine
 
 DIRECTIVE = Migrate.directive
-
-
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 @settings(max_examples=200, deadline=None)
@@ -85,7 +76,7 @@ def test_migrate_moves_the_machine_and_the_actions_go_on_there(qemu_binary) -> N
     assert result.observations == []
     source, _, dest = machines
     assert machines[1] is source and dest is not source
-    assert _gone(source.pid) and _gone(dest.pid)
+    assert pid_gone(source.pid) and pid_gone(dest.pid)
     at = result.commands.index(DIRECTIVE)
     assert result.commands.count(DIRECTIVE) == 1
     assert result.recovery_from is not None and at < result.recovery_from
@@ -227,7 +218,7 @@ def test_a_destination_that_dies_loading_is_a_crash_of_the_destination(qemu_bina
     result = run_example(config, [Valid(), Migrate(), Valid()], hook=lambda vm, _: machines.append(vm))
     assert result.outcome == "crashed", result.summary()
     assert result.returncode == -signal.SIGABRT and result.migrations == 0, (result.returncode, result.stderr_tail)
-    assert machines and all(_gone(m.pid) for m in machines)
+    assert machines and all(pid_gone(m.pid) for m in machines)
     path = write_reproducer(result, str(tmp_path / "out"))
     crashed = replay(load(path), qemu=str(wrapper), timeout=5.0)
     assert crashed.outcome == "crashed" and crashed.signal == signal.SIGABRT, crashed

@@ -7,14 +7,13 @@ example's commands."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from conftest import EXE
+from conftest import EXE, pid_gone
 from test_fuzz import qemu_with_bug, status_write_bug  # noqa: F401 - the fixture is used by name
 
 from qtest_virtio.fuzz import (
@@ -166,14 +165,6 @@ def _start_time(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
 
 
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
-
-
 def test_a_restart_swaps_in_the_spare_started_after_it_that_ran_no_example(qemu_binary) -> None:
     config = FuzzConfig("virtio-blk-pci", "modern", "split", qemu=qemu_binary.path)
     served: list[int] = []
@@ -200,7 +191,7 @@ def test_a_restart_swaps_in_the_spare_started_after_it_that_ran_no_example(qemu_
     assert stats.resets == 0  # every example ended in a planned restart
     # the spare's example sent what a fresh QEMU's does
     assert _own(second.commands) == _own(run_example(config, [Valid()]).commands)
-    assert all(_gone(p) for p in served)
+    assert all(pid_gone(p) for p in served)
 
 
 def test_a_spare_swapped_in_passes_the_checked_reset(qemu_binary) -> None:
@@ -226,7 +217,7 @@ def test_an_error_in_an_example_stops_the_current_process_and_the_spare(qemu_bin
         assert spare is not None
         pids = [session.pid, spare[0].pid]
         run_example(config, [Valid()], hook=boom, session=session)
-    assert all(p is not None and _gone(p) for p in pids)
+    assert all(p is not None and pid_gone(p) for p in pids)
 
 
 def test_an_interrupt_stops_the_current_process_and_the_spare(qemu_binary) -> None:
@@ -246,7 +237,7 @@ def test_an_interrupt_stops_the_current_process_and_the_spare(qemu_binary) -> No
         with pytest.raises(FuzzInterrupted):
             fuzz_target(config, max_examples=20, seed=1, hook=hook, session=session)
     assert len(set(seen)) >= 3  # the examples ran on swapped-in spares
-    assert all(_gone(p) for p in seen)
+    assert all(pid_gone(p) for p in seen)
 
 
 def _children(pid: int) -> list[int]:
@@ -271,4 +262,4 @@ def test_close_stops_a_wrapper_scripts_qemu_in_the_spare_too(
             qemus.update(_children(spare[0].pid))
     assert len(qemus) == 3  # each spare's real QEMU, seen while it ran
     time.sleep(0.2)
-    assert all(_gone(p) for p in qemus)
+    assert all(pid_gone(p) for p in qemus)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from conftest import pid_gone
 from qemu.qmp import ExecuteError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
@@ -45,24 +46,6 @@ E = TypeVar("E", bound=Exception)
 def qmp_cmd(qmp: QEMUMonitorProtocol, command: str, **args: object) -> Any:
     """A QMP command's return value, read as the JSON it is (qemu.qmp types it ``object``)."""
     return qmp.cmd(command, **args)
-
-
-def pid_gone(pid: int) -> bool:
-    """True when ``pid`` no longer runs: no such process, or a zombie nobody has reaped yet.
-
-    Our own children are reaped by Popen.wait; a grandchild orphaned by a SIGKILLed parent
-    becomes a zombie until the container's init reaps it, which is dead enough.
-    """
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rpartition(")")[2].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return True
-    return state in ("Z", "X")
 
 
 def assert_cleaned_up(pid: int, workdir: str) -> None:

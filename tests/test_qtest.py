@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import qmp_object
+from conftest import pid_gone, qmp_object
 from pytest_qtest_virtio.plugin import MachineFactory
 
 from qtest_virtio import (
@@ -43,15 +43,6 @@ TEARDOWN_BOUND = 10.0
 
 # MC146818 RTC: index/data ports, registers A/B/C, and its ISA IRQ (IOAPIC pin 8).
 RTC_INDEX, RTC_DATA, RTC_IRQ = 0x70, 0x71, 8
-
-
-def pid_gone(pid: int) -> bool:
-    """True when ``pid`` no longer exists (our own children are reaped by Popen.wait)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 def run_bounded(fn: Callable[[], Any], limit: float) -> tuple[threading.Thread, dict[str, Any]]:
