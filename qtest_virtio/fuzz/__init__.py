@@ -61,7 +61,6 @@ from .engine import (
     FuzzReport,
     HarnessBug,
     Hook,
-    Observation,
     actions_strategy,
     fuzz_target,
     machine_for,
@@ -70,6 +69,7 @@ from .engine import (
     run_example,
     signature,
 )
+from .observe import Observation
 from .reset import ResetFailed
 from .reuse import RESTART_EVERY, ReuseStats, Session
 from .targets import DEVICE_ID, DEVICES, DeviceProfile, make_target

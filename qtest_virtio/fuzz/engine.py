@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from .. import modes
 from ..errors import MigrationError, QemuCrashed, QtestTimeout, QtestVirtioError, describe_exit
 from ..groups import Span, spans_of_sends
-from ..machine import MachineSpec, QemuMachine, is_crash_marker, watch_machines
+from ..machine import MachineSpec, QemuMachine, watch_machines
 from ..machine.qdev import HotplugError
 from ..outcome import Judge, Outcome, check_recovery, settle
 from ..pci.regs import CONFIG_SPACE_SIZE
@@ -44,6 +44,9 @@ from ..virtqueue.layout import SPLIT_AVAIL
 from ..vm import Machine
 from . import actions as act
 from .actions import U16, U32, Action, Target, Valid
+from .observe import Observation
+from .observe import normal as _normal
+from .observe import observe_errors as _observe_errors
 from .targets import DEVICE_ID, DEVICES, make_target
 
 if TYPE_CHECKING:
@@ -188,17 +191,6 @@ class FuzzConfig:
         return f"{self.device}-{self.mode}-{self.ring}" + ("" if self.queue_index == default else f"-q{self.queue}")
 
 
-@dataclass(frozen=True)
-class Observation:
-    """Something QEMU did that the spec does not allow or that is worth knowing, not a failure."""
-
-    kind: str
-    detail: str
-
-    def __str__(self) -> str:
-        return f"{self.kind}: {self.detail}"
-
-
 @dataclass
 class ExampleResult:
     config: FuzzConfig
@@ -256,14 +248,6 @@ def replay_args(command_line: str) -> list[str]:
     return out
 
 
-def _normal(exc: BaseException | str) -> str:
-    """A message with numbers and the transport's name taken out, so observations group."""
-    text = str(exc).split("\n")[0]
-    text = re.sub(r"^<[^>]*>: ", "", text)
-    text = re.sub(r"0x[0-9a-f]+|\b\d+\b", "N", text)
-    return text[:100]
-
-
 def _will_not_serve(driver: Any, target: Target, live: _Live, action: Action, out: list[Observation]) -> bool:
     """Whether the device shows it serves nothing until a reset: QEMU's virtio_error marks it
     broken and sets DEVICE_NEEDS_RESET (§2.1.2) in the modern layout; the legacy layout has no
@@ -285,27 +269,6 @@ def _observe(live: _Live, driver: Any, target: Target, action: Action, out: list
     before = len(out)
     live.seen = _observe_errors(live.vm, driver, target, action, live.seen, out)
     live.errored = live.errored or len(out) > before
-
-
-def _observe_errors(vm: Machine, driver: Any, target: Target, action: Action, seen: int, out: list[Observation]) -> int:
-    """Errors QEMU printed since line ``seen`` (virtio_error and friends), each with whether
-    the device then shows DEVICE_NEEDS_RESET (§2.1.2: it should, in the modern layout)."""
-    lines = vm.stderr_text().splitlines()
-    new = [line for line in lines[seen:] if line.strip() and not is_crash_marker(line)]
-    if new:
-        needs_reset = bool(driver.transport.get_status() & STATUS.DEVICE_NEEDS_RESET.mask)
-        for line in new:
-            what = _normal(line.split(": ", 1)[-1] if line.startswith("qemu-system") else line)
-            if target.legacy:
-                kind = "error reported (legacy layout, no DEVICE_NEEDS_RESET there)"
-            elif action.may_write_status():
-                kind = "error reported (status rewritten by the same action: not checked)"
-            elif needs_reset:
-                kind = "error reported, DEVICE_NEEDS_RESET set"
-            else:
-                kind = "error reported WITHOUT DEVICE_NEEDS_RESET (virtio 1.2 §2.1.2)"
-            out.append(Observation(kind, what))
-    return len(lines)
 
 
 def machine_for(config: FuzzConfig, cls: type[Machine] = Machine) -> Machine:
