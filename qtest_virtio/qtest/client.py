@@ -438,22 +438,16 @@ class QtestClient:
         """Send one line exactly as written (a bug reproducer's) and return QEMU's whole reply
         line, ``FAIL`` and ``ERR`` included: replaying, they are data, not errors. Only a line
         break inside it is refused (it would be two commands)."""
-        if "\n" in line or "\r" in line:
-            raise ValueError(f"send_raw: {line[:60]!r} contains a line break")
-        (reply,) = self._exchange((line,), line.encode("latin-1") + b"\n")
-        self.commands_sent += 1
-        text = reply.decode("latin-1")
-        self.history.append((_short(line), _short(text)))
-        if self._log is not None:
-            self._log.write(f"> {_short(line)}\n< {_short(text)}\n")
+        (text,) = self.send_raw_many([line])
         return text
 
     def send_raw_many(self, lines: Sequence[str]) -> list[str]:
         """Send lines exactly as written in one write, then read their whole reply lines (a
         reproducer's send group: QEMU gets them as the fuzzer sent them, so they run in one
         main-loop pass where they fit its 1 KiB read). As :meth:`send_raw`, FAIL and ERR are data."""
-        if any("\n" in line or "\r" in line for line in lines):
-            raise ValueError("send_raw_many: a line contains a line break")
+        for line in lines:
+            if "\n" in line or "\r" in line:
+                raise ValueError(f"send_raw: {line[:60]!r} contains a line break")
         replies = self._exchange(tuple(lines), b"".join(line.encode("latin-1") + b"\n" for line in lines))
         self.commands_sent += len(lines)
         texts = [reply.decode("latin-1") for reply in replies]
