@@ -255,10 +255,10 @@ def _will_not_serve(driver: Any, target: Target, live: _Live, action: Action, ou
     device stands for it. Its valid request is still sent, and waited for briefly: waiting the
     full timeout for a request a broken device ignores was a third of a reused blk campaign's
     time."""
-    needs_reset = bool(driver.transport.get_status() & STATUS.DEVICE_NEEDS_RESET.mask)
+    status = driver.transport.get_status()  # a round trip either way: QEMU ran what the last action set off
     if not target.legacy:
-        return needs_reset
-    _observe(live, driver, target, action, out)  # after that round trip: what the last action caused
+        return bool(status & STATUS.DEVICE_NEEDS_RESET.mask)
+    _observe(live, driver, target, action, out)
     return live.errored
 
 

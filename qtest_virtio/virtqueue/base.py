@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -234,11 +234,14 @@ class Virtqueue(ABC):
     def _needs_notification(self) -> bool:
         """Whether the device asked to be notified of what was published since the last kick."""
 
-    def _suppression_snapshot(self) -> bytes | None:
-        """The last poll's snapshot of the suppression state, used once (see
-        :attr:`notify_on_snapshot`): None when there is none to go by."""
+    def _notify_wanted(self, wants: Callable[[bytes], bool], read_now: Callable[[], bytes]) -> bool:
+        """The kick's decision from the device's suppression state (``wants``: the layout's
+        rule): on the last poll's snapshot, used once, when it says "notify" (see
+        :attr:`notify_on_snapshot`); otherwise on the state read now, after publishing."""
         seen, self._suppression_seen = self._suppression_seen, None
-        return seen if self.notify_on_snapshot else None
+        if seen is not None and self.notify_on_snapshot and wants(seen):
+            return True
+        return wants(read_now())
 
     @abstractmethod
     def _collect(self) -> list[UsedElem]:

@@ -105,11 +105,10 @@ class PackedVirtqueue(Virtqueue):
         old, old_wrap = self.kicked_avail, self.kicked_wrap
         new, new_wrap = self.next_avail, self.avail_wrap
         self.kicked_avail, self.kicked_wrap = new, new_wrap
-        seen = self._suppression_snapshot()
-        if seen is not None and self._wants_notification(seen, (old, old_wrap), (new, new_wrap)):
-            return True
-        raw = self.memory.read(self.device_event, EVENT_SUPPRESS.size)
-        return self._wants_notification(raw, (old, old_wrap), (new, new_wrap))
+        return self._notify_wanted(
+            lambda seen: self._wants_notification(seen, (old, old_wrap), (new, new_wrap)),
+            lambda: self.memory.read(self.device_event, EVENT_SUPPRESS.size),
+        )
 
     def _wants_notification(self, raw: bytes, old: tuple[int, int], new: tuple[int, int]) -> bool:
         """``raw``: the device event structure, off_wrap then flags (§2.8.14)."""

@@ -126,10 +126,7 @@ class SplitVirtqueue(Virtqueue):
     def _needs_notification(self) -> bool:
         old, new = self.kicked_idx, self.avail_idx
         self.kicked_idx = new
-        seen = self._suppression_snapshot()
-        if seen is not None and self._wants_notification(seen, new, old):
-            return True
-        return self._wants_notification(self._read_suppression(), new, old)
+        return self._notify_wanted(lambda seen: self._wants_notification(seen, new, old), self._read_suppression)
 
     def _read_suppression(self) -> bytes:
         """used.flags or avail_event, whichever decides a kick, read now (after publishing)."""
