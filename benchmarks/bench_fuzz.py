@@ -66,7 +66,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--qemu", default=os.environ.get("QEMU"), help="QEMU binary (a build with the qtest accelerator)")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--examples", type=int, default=30, help="examples per run")
+    ap.add_argument(
+        "--examples", type=int, default=60, help="examples per run (a session: its start and close are counted)"
+    )
     ap.add_argument("--mode", default="modern")
     ap.add_argument("--device", action="append", default=[], help="default: virtio-blk-pci, virtio-rng-pci")
     ap.add_argument("--find-examples", type=int, default=300, help="budget per run in the find-rate part")

@@ -27,7 +27,7 @@ from qtest_virtio.fuzz import (
     write_reproducer,
 )
 from qtest_virtio.fuzz.reset import STEPS
-from qtest_virtio.fuzz.reuse import Session
+from qtest_virtio.fuzz.reuse import SPARES, Session
 from qtest_virtio.outcome import Outcome
 from qtest_virtio.reproducer import load, replay
 from qtest_virtio.vm import Machine
@@ -174,19 +174,20 @@ def test_a_restart_swaps_in_the_spare_started_after_it_that_ran_no_example(qemu_
 
     with Session(config, every=1) as session:
         first = run_example(config, [Valid()], hook=hook, session=session)
-        spare = session.spare_machine()
-        assert spare is not None
-        spare_vm, spare_sent = spare
-        # started after the process it follows, and sent nothing but the enumeration
-        assert spare_vm.pid != served[0] and _start_time(spare_vm.pid) >= _start_time(served[0])
+        spares = session.spares()
+        assert len(spares) == SPARES == 2  # a run of restarts finds the next one started too
+        (spare_vm, _), (after, _) = spares
         baseline = session._baseline
         assert baseline is not None
-        assert b"".join(spare_sent).decode("latin-1").splitlines() == list(baseline.enumeration)
+        # each started after the process it follows, and sent nothing but the enumeration
+        for vm, sent in spares:
+            assert vm.pid not in served and _start_time(vm.pid) >= _start_time(served[0])
+            assert b"".join(sent).decode("latin-1").splitlines() == list(baseline.enumeration)
         second = run_example(config, [Valid()], hook=hook, session=session)
         third = run_example(config, [Valid()], hook=hook, session=session)
         stats = session.stats
     assert [r.outcome for r in (first, second, third)] == [Outcome.SURVIVED] * 3
-    assert served == [served[0], spare_vm.pid, served[2]] and len(set(served)) == 3
+    assert served == [served[0], spare_vm.pid, after.pid] and len(set(served)) == 3
     assert stats.restarts["every 1 examples"] == 3 and stats.spares_used == 2 and stats.processes == 3
     assert stats.resets == 0  # every example ended in a planned restart
     # the spare's example sent what a fresh QEMU's does
@@ -213,9 +214,9 @@ def test_an_error_in_an_example_stops_the_current_process_and_the_spare(qemu_bin
 
     with pytest.raises(RuntimeError, match="a harness bug"), Session(config) as session:
         run_example(config, [Valid()], session=session)
-        spare = session.spare_machine()
-        assert spare is not None
-        pids = [session.pid, spare[0].pid]
+        spares = session.spares()
+        assert len(spares) == 2
+        pids = [session.pid, *(vm.pid for vm, _ in spares)]
         run_example(config, [Valid()], hook=boom, session=session)
     assert all(p is not None and pid_gone(p) for p in pids)
 
@@ -228,9 +229,7 @@ def test_an_interrupt_stops_the_current_process_and_the_spare(qemu_binary) -> No
 
         def hook(vm: Machine, action: Action) -> None:
             seen.append(vm.pid)
-            spare = session.spare_machine()
-            if spare is not None:
-                seen.append(spare[0].pid)
+            seen.extend(vm.pid for vm, _ in session.spares())
             if len(seen) >= 6:
                 raise KeyboardInterrupt
 
@@ -257,9 +256,10 @@ def test_close_stops_a_wrapper_scripts_qemu_in_the_spare_too(
     with Session(config, every=1) as session:
         for _ in range(3):
             run_example(config, [Valid()], session=session)
-            spare = session.spare_machine()
-            assert spare is not None
-            qemus.update(_children(spare[0].pid))
-    assert len(qemus) == 3  # each spare's real QEMU, seen while it ran
+            spares = session.spares()
+            assert len(spares) == 2
+            for vm, _ in spares:
+                qemus.update(_children(vm.pid))
+    assert len(qemus) == 4  # each spare's real QEMU, seen while it ran (3 restarts: 2 + 2 more)
     time.sleep(0.2)
     assert all(pid_gone(p) for p in qemus)

@@ -7,14 +7,17 @@ the example, and the reset makes the next example's enumeration and allocations 
 commands a fresh machine gets), so its reproducer replays on a fresh QEMU; the campaign checks
 that before keeping a find (:func:`replays_fresh`).
 
-A restart does not wait for a QEMU start: while the current process serves examples, one
-spare process is started, resumed and enumerated (:func:`.reset.enumerate_again`) on a worker
-thread (the fuzzer is one process; on two cores the other one is free), and a restart swaps it
-in and starts the next spare. Each spare is started after the process it follows, serves no
-example before it is swapped in and is used once; it is checked against the first process's
-snapshot at its first reset, as a restart's process is. Both are shut down on every exit path
-(:meth:`Session.close`). The worker thread lives as long as the session: QEMU is spawned with a
-parent-death signal, which Linux sends when the spawning *thread* exits.
+A restart does not wait for a QEMU start: while the current process serves examples,
+:data:`SPARES` spare processes are started, resumed and enumerated
+(:func:`.reset.enumerate_again`) on worker threads (the fuzzer is one process; on two cores the
+other one is free), and a restart swaps in the oldest and orders the next. Two, because error
+reports come in runs (hypothesis mutates a failing example), and one spare (~40 ms to make)
+was still starting at a fifth of the restarts of a run of back-to-back ones. Each spare is
+started after the process it follows, serves no example before it is swapped in and is used
+once; it is checked against the first process's snapshot at its first reset, as a restart's
+process is. All are shut down on every exit path (:meth:`Session.close`). The worker threads
+live as long as the session: QEMU is spawned with a parent-death signal, which Linux sends when
+the spawning *thread* exits.
 
 Migration and hot-unplug examples replace or rebuild the machine: they run on fresh ones.
 """
@@ -22,9 +25,10 @@ Migration and hot-unplug examples replace or rebuild the machine: they run on fr
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Container
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_all
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -43,6 +47,8 @@ RESTART_EVERY = 200
 #: qtest accelerator owns it) still moves on by FUZZ_SETTLE. A crash deferred longer shows
 #: in the reset's checks or in the next example, whose find then does not replay fresh.
 REUSE_SETTLE = 0.005
+#: Spare processes kept started ahead (``fuzz --no-spare``: none).
+SPARES = 2
 
 
 class ReusableMachine(Machine):
@@ -121,7 +127,7 @@ class _Ready:
 class Session:
     """A reused QEMU for the examples of one configuration. ``skip``: reset steps left out
     (:data:`.reset.STEPS`; tests only: the check must catch it). ``spare``: keep one process
-    started ahead for the next restart (``fuzz --no-spare`` turns it off)."""
+    started ahead for the next restarts (:data:`SPARES`; ``fuzz --no-spare`` turns it off)."""
 
     def __init__(
         self,
@@ -147,10 +153,13 @@ class Session:
         self.sink: list[bytes] = []
         self.prefix = b""
         self.spare = spare
-        #: The one worker thread that starts spares and stops retired processes, in order.
+        #: The worker threads that start spares and stop retired processes.
         self._pool: ThreadPoolExecutor | None = None
-        self._spare: Future[_Ready] | None = None
-        #: The spare the worker is starting (until it is swapped in): close() makes sure of it.
+        #: The spares ordered, oldest first.
+        self._spares: deque[Future[_Ready]] = deque()
+        #: Every task given to the workers that may not have run yet (close() waits for them).
+        self._tasks: list[Future[Any]] = []
+        #: The spares the workers are starting (until swapped in): close() makes sure of them.
         self._preparing: list[Machine] = []
         #: Processes restarted away from, not stopped yet (``_stop_retired``).
         self._retired: list[Machine] = []
@@ -171,13 +180,13 @@ class Session:
                 self._vm.shutdown(check=False)
                 self._vm = None
         finally:
-            spare, self._spare = self._spare, None
+            spares, self._spares = list(self._spares), deque()
+            tasks, self._tasks = self._tasks, []
             pool, self._pool = self._pool, None
             try:
-                if pool is not None:
-                    if spare is not None:
-                        spare.cancel()  # not started yet: never started
-                    pool.submit(lambda: None).result()  # one worker, in order: what was queued has run
+                for spare in spares:
+                    spare.cancel()  # not started yet: never started
+                wait_all(tasks)  # what a worker runs ends before its thread does
                 for vm in [*self._retired, *self._preparing]:
                     vm.shutdown(check=False)
                 if pool is not None:
@@ -191,13 +200,11 @@ class Session:
     def pid(self) -> int | None:
         return self._vm.pid if self._vm is not None else None
 
-    def spare_machine(self) -> tuple[Machine, list[bytes]] | None:
-        """The spare once it is started and enumerated (waited for), with what it was sent
-        since its start-up round trip; None when there is none or it failed."""
-        if self._spare is None:
-            return None
-        ready = _result(self._spare)
-        return (ready.vm, ready.sink) if ready is not None else None
+    def spares(self) -> list[tuple[Machine, list[bytes]]]:
+        """The spares ordered, next first, once each is started and enumerated (waited for),
+        with what each was sent since its start-up round trip; a failed one is left out."""
+        ready = [_result(f) for f in self._spares]
+        return [(r.vm, r.sink) for r in ready if r is not None]
 
     def machine(self) -> ReusableMachine:
         """The machine for the next example, in its post-start state (started when there is
@@ -253,12 +260,20 @@ class Session:
         self.prefix = "".join(f"{line}\n" for line in baseline.enumeration).encode("latin-1")
 
     def _order_spare(self) -> None:
-        """Start the next spare on the worker (after the process just put in use)."""
-        if not self.spare or self._baseline is None or self._spare is not None:
+        """Start spares on the workers (after the process just put in use) up to SPARES."""
+        if not self.spare or self._baseline is None:
             return
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qtest-virtio-spare")
-        self._spare = self._pool.submit(self._prepare, self._baseline)
+            self._pool = ThreadPoolExecutor(max_workers=SPARES, thread_name_prefix="qtest-virtio-spare")
+        while len(self._spares) < SPARES:
+            self._spares.append(self._submit(self._prepare, self._baseline))
+
+    def _submit(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Future[Any]:
+        assert self._pool is not None
+        self._tasks = [t for t in self._tasks if not t.done()]
+        task = self._pool.submit(fn, *args, **kw)
+        self._tasks.append(task)
+        return task
 
     def _prepare(self, baseline: Baseline) -> _Ready:
         """On the worker: a process taken to where a restart's is before its first example."""
@@ -271,6 +286,7 @@ class Session:
             enumerate_again(vm, baseline, sink)
         except BaseException:
             vm.shutdown(check=False)
+            self._preparing.remove(vm)
             raise
         vm.forget_guest()
         return _Ready(vm, sink)
@@ -278,13 +294,13 @@ class Session:
     def _take_spare(self) -> _Ready | None:
         """The spare, waited for; None when it could not be made ready (counted; a start
         failure or an enumeration that differs then shows again on the caller's own start)."""
-        spare, self._spare = self._spare, None
-        if spare is None:
+        if not self._spares:
             return None
         started = time.monotonic()
-        ready = _result(spare)
+        ready = _result(self._spares.popleft())
         self.stats.spare_wait_seconds += time.monotonic() - started
-        self._preparing = []  # the worker is done with it: swapped in here, or shut down there
+        if ready is not None:
+            self._preparing.remove(ready.vm)  # swapped in here (a failed one the worker shut down)
         if ready is None:
             self.stats.spares_failed += 1
             return None
@@ -304,7 +320,7 @@ class Session:
             if self._pool is None:
                 vm.shutdown(check=False)
             else:
-                self._pool.submit(vm.shutdown, check=False)
+                self._submit(vm.shutdown, check=False)
 
     def judge(self, vm: Machine, hung: Callable[[QtestTimeout], str]) -> Judge:
         return _KeepJudge(vm, hung=hung)
