@@ -15,7 +15,10 @@
   the default is QEMU's builtin generator.
 
 File descriptors reach QEMU through ``pass_fds``; a reproducer command line cannot carry them,
-so there the same devices get backends that need nothing from us (null-co, hubport, null chardev).
+so there the same devices get backends that need nothing from us (null-co, null chardev, and
+for the socket netdev a pair of unix datagram netdevs whose far end stops reading, so that a
+transmit can be held as on the socketpair nobody reads; ``hubport`` before QEMU 7.2, which has
+no ``dgram``).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import select
 import socket
 import struct
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -464,6 +468,25 @@ def _scratch_image(dev_id: str, size: int, workdir: str, share: str | None = Non
     return path
 
 
+def held_transmit_netdev(netdev: str) -> list[str]:
+    """A reproducer's stand-in for the socket netdev on a socketpair: a unix datagram netdev
+    ``netdev`` whose peer, another datagram netdev on a hub with no other port, stops reading at
+    its first frame; the NIC's sends then fail with EAGAIN and QEMU holds the transmit
+    (virtio-net's async_tx), as it does when the harness does not read the socketpair. A
+    ``hubport`` never holds one, so finds that need a held transmit survived replay there. The
+    socket paths are relative: replay runs QEMU in its own work directory."""
+    sink, nic = f"{netdev}.sink", f"{netdev}.nic"
+    hub = zlib.crc32(netdev.encode()) % 10_000 + 1  # one hub per netdev; hubid 0 is left alone
+    return [
+        "-netdev",
+        f"dgram,id={netdev}-sink,local.type=unix,local.path={sink},remote.type=unix,remote.path={nic}",
+        "-netdev",
+        f"hubport,id={netdev}-sinkport,hubid={hub},netdev={netdev}-sink",
+        "-netdev",
+        f"dgram,id={netdev},local.type=unix,local.path={nic},remote.type=unix,remote.path={sink}",
+    ]
+
+
 def make_backend(
     driver: str,
     dev_id: str,
@@ -472,10 +495,13 @@ def make_backend(
     size: int,
     workdir: str,
     share: str | None = None,
+    *,
+    dgram: bool = True,
 ) -> Backend:
     """The backend ``driver`` needs, unless the user wired one in by property. ``share``: the
     image file of the same device on a migration source (images are shared storage; every
-    other backend is made afresh, as a new host would)."""
+    other backend is made afresh, as a new host would). ``dgram``: QEMU has ``-netdev dgram``
+    (7.2 on), for the socket netdev's reproducer stand-in."""
     base = driver.removesuffix("-transitional").removesuffix("-non-transitional")
     if base == "virtio-blk-pci" and "drive" not in props:
         return _blk_backend(dev_id, kind or "image", size, workdir, share)
@@ -503,7 +529,7 @@ def make_backend(
         netdev = f"{dev_id}-netdev"
         return Backend(
             ["-netdev", f"socket,id={netdev},fd={theirs.fileno()}"],
-            ["-netdev", f"hubport,id={netdev},hubid=0"],
+            held_transmit_netdev(netdev) if dgram else ["-netdev", f"hubport,id={netdev},hubid=0"],
             {"netdev": netdev},
             child_fds=[_detach(theirs)],
             handle=NetBackend(ours),

@@ -20,6 +20,9 @@ from ..errors import QemuStartError
 from .spec import MachineSpec, escape_option_value, split_option_list
 
 #: Reset-vector code of the halt firmware: cli; hlt; jmp short back to the hlt.
+#: The first QEMU with ``-netdev dgram`` (its 7.2 changelog), which reproducers' stand-in for
+#: the socket netdev needs (backends.held_transmit_netdev).
+DGRAM = (7, 2, 0)
 _HALT_VECTOR = bytes([0xFA, 0xF4, 0xEB, 0xFD])
 _HALT_ROM_SIZE = 64 * 1024
 
@@ -233,7 +236,9 @@ def build_argv(
     addrs, places = place_devices(spec)
     for dev in spec.devices:
         share = (shared_images or {}).get(dev.id)
-        b = make_backend(dev.driver, dev.id, dev.props, dev.backend, dev.image_size, workdir, share)
+        b = make_backend(
+            dev.driver, dev.id, dev.props, dev.backend, dev.image_size, workdir, share, dgram=binary.version >= DGRAM
+        )
         backends += b.args
         repro_backends += b.repro_args
         if dev.hotplug:
