@@ -234,17 +234,32 @@ class PciFunction:
 
     def size_bars(self) -> list[Bar]:
         """Size every BAR the way firmware does (write all ones, read the mask back, restore),
-        with decoding off meanwhile so the device never answers at the probe address."""
-        cmd = self.config.read(regs.TYPE0_HEADER.command)
-        self.config.write(
-            regs.TYPE0_HEADER.command, cmd & ~(regs.COMMAND.io_space.mask | regs.COMMAND.memory_space.mask)
+        with decoding off meanwhile so the device never answers at the probe address.
+
+        Every BAR register, then the expansion ROM's, is probed in order, as one at a time
+        would: the upper half of a 64-bit BAR is the next register. Two exchanges per function:
+        the command register and each register's original value, then the probes and restores
+        (a restore needs its original) with the command register's write-back."""
+        bdf = self.bdf_addr
+        command = regs.TYPE0_HEADER.command
+        count = regs.BAR_COUNT[1 if self.is_bridge else 0]
+        rom_reg = (regs.TYPE1_HEADER if self.is_bridge else regs.TYPE0_HEADER).expansion_rom.offset
+        probed = [regs.TYPE0_HEADER.bar0.offset + 4 * i for i in range(count)] + [rom_reg]
+        cmd, *originals = self._config.run(
+            [ConfigOp(bdf, command.offset, command.width), *(ConfigOp(bdf, reg, 4) for reg in probed)]
         )
+        decode_off = cmd & ~(regs.COMMAND.io_space.mask | regs.COMMAND.memory_space.mask)
+        ops = [ConfigOp(bdf, command.offset, command.width, decode_off)]
+        for reg, orig in zip(probed, originals, strict=True):
+            ones = regs.ROM_ADDRESS_MASK if reg == rom_reg else 0xFFFF_FFFF
+            ops += [ConfigOp(bdf, reg, 4, ones), ConfigOp(bdf, reg, 4), ConfigOp(bdf, reg, 4, orig)]
+        ops.append(ConfigOp(bdf, command.offset, command.width, cmd))
+        masks = dict(zip(probed, self._config.run(ops), strict=True))
         bars: list[Bar] = []
         index = 0
-        count = regs.BAR_COUNT[1 if self.is_bridge else 0]
         while index < count:
             reg = regs.TYPE0_HEADER.bar0.offset + 4 * index
-            _, mask = self._probe_register(reg, 0xFFFF_FFFF)
+            mask = masks[reg]
             if mask == 0:
                 index += 1
                 continue
@@ -257,20 +272,27 @@ class PciFunction:
                 continue
             prefetch = bool(regs.BAR.prefetchable.get(mask))
             if regs.BAR.memory_type.get(mask) == regs.BAR_MEM_TYPE_64:
-                _, mask_hi = self._probe_register(reg + 4, 0xFFFF_FFFF)
+                # the last BAR claiming 64 bits: its upper half is past the BARs, probed alone
+                mask_hi = masks[reg + 4] if reg + 4 in masks and reg + 4 != rom_reg else self._probe(reg + 4, cmd)
                 full = (mask_hi << 32) | (mask & regs.BAR_MEM_MASK)
                 bars.append(Bar(index, "mem64", (~full & 0xFFFF_FFFF_FFFF_FFFF) + 1, prefetch))
                 index += 2
             else:
                 bars.append(Bar(index, "mem32", (~(mask & regs.BAR_MEM_MASK) & 0xFFFF_FFFF) + 1, prefetch))
                 index += 1
-        rom_reg = (regs.TYPE1_HEADER if self.is_bridge else regs.TYPE0_HEADER).expansion_rom.offset
-        _, rom_mask = self._probe_register(rom_reg, regs.ROM_ADDRESS_MASK)
-        rom_mask &= regs.ROM_ADDRESS_MASK
+        rom_mask = masks[rom_reg] & regs.ROM_ADDRESS_MASK
         self.rom_size = ((~rom_mask & 0xFFFF_FFFF) + 1) if rom_mask else 0
-        self.config.write(regs.TYPE0_HEADER.command, cmd)
         self.bars = bars
         return bars
+
+    def _probe(self, reg: int, cmd: int) -> int:
+        """One register's mask, decoding off meanwhile (a 64-bit BAR's upper half past BAR5)."""
+        self.config.write(
+            regs.TYPE0_HEADER.command, cmd & ~(regs.COMMAND.io_space.mask | regs.COMMAND.memory_space.mask)
+        )
+        _, mask = self._probe_register(reg, 0xFFFF_FFFF)
+        self.config.write(regs.TYPE0_HEADER.command, cmd)
+        return mask
 
     def _probe_register(self, reg: int, ones: int) -> tuple[int, int]:
         """Read a BAR-like register, write ``ones``, read what sticks, write the original back:
