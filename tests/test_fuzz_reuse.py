@@ -263,3 +263,28 @@ def test_close_stops_a_wrapper_scripts_qemu_in_the_spare_too(
     assert len(qemus) == 4  # each spare's real QEMU, seen while it ran (3 restarts: 2 + 2 more)
     time.sleep(0.2)
     assert all(pid_gone(p) for p in qemus)
+
+
+def test_a_retired_process_closes_qmp_on_the_thread_that_used_it(qemu_binary, monkeypatch) -> None:
+    """The reset asks QMP here; a retired process is stopped on a worker. qemu.qmp's client
+    runs on the event loop of the thread that made it: closed from the worker while this
+    thread ran that loop, it failed and left a traceback to its ``__del__``."""
+    import threading
+
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    closed_on: list[str] = []
+    close = QEMUMonitorProtocol.close
+
+    def spy(self: QEMUMonitorProtocol) -> None:
+        closed_on.append(threading.current_thread().name)
+        close(self)
+
+    monkeypatch.setattr(QEMUMonitorProtocol, "close", spy)
+    config = FuzzConfig("virtio-rng-pci", "modern", "split", qemu=qemu_binary.path)
+    with Session(config, every=2) as session:
+        results = [run_example(config, [Valid()], session=session) for _ in range(6)]
+        stats = session.stats
+    assert [r.outcome for r in results] == [Outcome.SURVIVED] * 6 and stats.resets == 3
+    assert len(closed_on) == 3  # each process's reset used QMP
+    assert set(closed_on) == {threading.main_thread().name}

@@ -320,6 +320,7 @@ class Session:
             if self._pool is None:
                 vm.shutdown(check=False)
             else:
+                vm.close_qmp()  # here, where the examples used it (Machine.close_qmp)
                 self._submit(vm.shutdown, check=False)
 
     def judge(self, vm: Machine, hung: Callable[[QtestTimeout], str]) -> Judge:

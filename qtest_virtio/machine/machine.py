@@ -72,6 +72,7 @@ class QemuMachine:
         self._proc: subprocess.Popen[bytes] | None = None
         self._qtest: QtestClient | None = None
         self._qmp: QEMUMonitorProtocol | None = None
+        self._qmp_closed = False
         self._qmp_sock: socket.socket | None = None
         #: The event loop made for the QMP client, when this machine owns it (``process.connect_qmp``).
         self._qmp_loop: asyncio.AbstractEventLoop | None = None
@@ -244,14 +245,23 @@ class QemuMachine:
     def _close_channels(self) -> None:
         if self._qtest is not None:
             self._qtest.close()
-        if self._qmp is not None:
-            with contextlib.suppress(Exception):
-                self._qmp.close()
-        self._close_qmp_loop()
+        self.close_qmp()
         if self._qmp_sock is not None:
             self._qmp_sock.close()
         if self._plan is not None:
             self._plan.close()
+
+    def close_qmp(self) -> None:
+        """Disconnect qemu.qmp's client (QMP is not used again). Call it on the thread that
+        used QMP before stopping the machine on another one: the client runs on the event
+        loop of the thread that made it, and closing it from another thread while that one
+        runs its loop fails, leaving the client to a traceback in its ``__del__``."""
+        qmp, self._qmp = self._qmp, None
+        if qmp is not None:
+            self._qmp_closed = True
+            with contextlib.suppress(Exception):
+                qmp.close()
+        self._close_qmp_loop()
 
     def _check_crash(self, died_early: bool) -> QemuCrashed | None:
         """A crash is: QEMU gone before we stopped it, or an assertion/sanitizer on stderr."""
@@ -289,6 +299,8 @@ class QemuMachine:
         if self._qmp is None:
             if self._qmp_sock is None:
                 raise RuntimeError("machine not started")
+            if self._qmp_closed:
+                raise RuntimeError("QMP was closed (close_qmp)")
             self._qmp = self._connect_qmp(self.spec.command_timeout)
         return self._qmp
 
