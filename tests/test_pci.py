@@ -266,3 +266,55 @@ def test_multifunction_device_is_enumerated(machine_factory) -> None:
     slot4 = [(f.bdf, f.device_id) for f in vm.pci.devices() if f.bdf_addr.device == 4]
     assert slot4 == [("00:04.0", 0x1044), ("00:04.3", 0x1042)]
     assert vm.pci.find(bdf="00:04.0").header_type & regs.HEADER_MULTIFUNCTION
+
+
+@pytest.mark.parametrize("mode", ["legacy", "modern"])
+def test_bar_sizing_is_two_exchanges_probing_every_register_in_order(machine_factory, mode: str) -> None:
+    """The originals first, then each BAR register and the ROM's probed (all ones, read back,
+    original restored) in order, decoding off around them: the commands one register at a
+    time sends, two waits for the function instead of one per register."""
+    spec = MachineSpec()
+    spec.add_virtio("virtio-blk-pci", mode=mode, backend="null")
+    vm = machine_factory(spec)
+    fn = vm.pci.find(vendor_id=VIRTIO)
+    sink = vm.qtest.record()
+    before = vm.qtest.round_trips
+    bars = fn.size_bars()
+    assert vm.qtest.round_trips - before == 2
+    sizing = b"".join(sink).decode("latin-1").splitlines()
+    # the same BARs whichever way they are sized: one register at a time, by hand
+    cmd = fn.config.read(regs.TYPE0_HEADER.command)
+    fn.config.write(regs.TYPE0_HEADER.command, cmd & ~(regs.COMMAND.io_space.mask | regs.COMMAND.memory_space.mask))
+    masks = {}
+    for reg in [*range(0x10, 0x28, 4), 0x30]:
+        orig = fn.read_config(reg, 4)
+        fn.write_config(reg, 4, regs.ROM_ADDRESS_MASK if reg == 0x30 else 0xFFFF_FFFF)
+        masks[reg] = fn.read_config(reg, 4)
+        fn.write_config(reg, 4, orig)
+    fn.config.write(regs.TYPE0_HEADER.command, cmd)
+    sized = {b.index: b for b in bars}
+    for i in range(6):
+        mask = masks[0x10 + 4 * i]
+        if i in sized and sized[i].is_io:
+            assert sized[i].size == (~(mask & regs.BAR_IO_MASK | 0xFFFF_0000) & 0xFFFF_FFFF) + 1
+        elif i in sized:
+            low = mask & regs.BAR_MEM_MASK
+            full = (masks[0x14 + 4 * i] << 32 | low) if sized[i].kind == "mem64" else (0xFFFF_FFFF << 32 | low)
+            assert sized[i].size == (~full & 0xFFFF_FFFF_FFFF_FFFF) + 1
+        elif i - 1 not in sized or sized[i - 1].kind != "mem64":
+            assert mask == 0  # no BAR here
+    assert (4 in sized and sized[4].kind == "mem64") == (mode == "modern")  # the virtio-pci caps' BAR
+    assert (0 in sized and sized[0].is_io) == (mode == "legacy")
+    # the probes' all-ones writes, in register order
+    probes = []
+    cf8 = 0
+    for line in sizing:
+        op, addr, *value = line.split()
+        if op == "outl" and int(addr, 16) == 0xCF8:
+            cf8 = int(value[0], 16)
+            continue
+        written = int(value[0], 16) if value else None
+        reg = (cf8 if op == "outl" else int(addr, 16)) & 0xFC
+        if op in ("outl", "writel") and written in (0xFFFF_FFFF, regs.ROM_ADDRESS_MASK):
+            probes.append(reg)
+    assert probes == [*range(0x10, 0x28, 4), 0x30]
