@@ -345,7 +345,9 @@ class ChardevEnd(HostEnd):
         self.barrier()
         return _recv_exact(self.sock, n, time.monotonic() + timeout)
 
-    def read_available(self, timeout: float = 0.2) -> bytes:
+    def read_available(self, timeout: float = 0.2, *, quiet: float = 0.05) -> bytes:
+        """What arrives within ``timeout``, read on until ``quiet`` seconds pass with nothing
+        more (0: only what is already there after the first bytes)."""
         self.barrier()
         out = b""
         while select.select([self.sock], [], [], timeout)[0]:
@@ -353,7 +355,7 @@ class ChardevEnd(HostEnd):
             if not chunk:
                 break
             out += chunk
-            timeout = 0.05
+            timeout = quiet
         return out
 
     def close(self) -> None:
