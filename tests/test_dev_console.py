@@ -339,3 +339,29 @@ def test_short_control_buffer_used_length(virtio_device: VirtioDriver, qemu: Mac
     con.handshake = True
     with pytest.raises(VirtqueueError, match=r"control receiveq \(queue 2\): descriptor \d+: used length 26 is longer"):
         con.initialize()
+
+
+def test_read_available_ends_after_its_quiet_gap() -> None:
+    """The host end reads what came, then on until ``quiet`` seconds pass with nothing more;
+    ``quiet=0`` returns with what is there once the first bytes arrive (the fuzz check)."""
+    import socket
+    import threading
+
+    from qtest_virtio.backends import ChardevEnd
+
+    ours, theirs = socket.socketpair()
+    end = ChardevEnd(ours, "console")
+    try:
+        for quiet, want in ((0, b"a"), (1.0, b"ab")):
+            theirs.sendall(b"a")
+            later = threading.Timer(0.2, theirs.sendall, (b"b",))
+            later.start()
+            try:
+                assert end.read_available(timeout=1.0, quiet=quiet) == want
+            finally:
+                later.join()
+            if quiet == 0:
+                assert end.read_available(timeout=1.0, quiet=0) == b"b"  # it came later
+    finally:
+        ours.close()
+        theirs.close()
