@@ -47,14 +47,24 @@ def count_rows(counts: dict[str, dict[str, Any]]) -> list[str]:
     return rows
 
 
+USAGE = "usage: table.py FILE.json... (files the benchmarks wrote with --json)"
+
+
 def main(paths: list[str]) -> int:
+    if any(p in ("-h", "--help") for p in paths):
+        print(USAGE)
+        return 0
     if not paths:
-        print("usage: table.py FILE.json... (files the benchmarks wrote with --json)", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         return 128
     docs = []
     for path in paths:
-        with open(path) as f:
-            docs.append((path, json.load(f)))
+        try:
+            with open(path) as f:
+                docs.append((path, json.load(f)))
+        except (OSError, ValueError) as exc:
+            print(f"table.py: {path}: {exc}; give the files the benchmarks wrote with --json", file=sys.stderr)
+            return 128
     print("| figure | median ratio | spread (min-max) | verdict |")
     print("|---|---|---|---|")
     for _, doc in docs:

@@ -254,3 +254,16 @@ def test_bench_virtqueue_refuses_too_few_rounds(provided_qemu: Callable[[str], Q
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
     assert res.returncode == 128
     assert res.stderr.strip() == "--rounds 3: at least 5 rounds are needed for a spread; pass --rounds 5 or more"
+
+
+def test_table_usage_and_unreadable_files_are_one_line_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    table = load("table")
+    assert table.main(["--help"]) == 0 and "usage: table.py" in capsys.readouterr().out
+    assert table.main([]) == 128
+    bad = tmp_path / "x.json"
+    bad.write_text("{not json")
+    assert table.main([str(bad)]) == 128
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"table.py: {bad}:") and "--json" in err[-1]
