@@ -66,11 +66,6 @@ fi
 
 echo "setup.sh: installing qtest-virtio (editable, with dev extras)"
 PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check -e '.[dev]'
-# An editable install leaves the library uncompiled, and with PYTHONDONTWRITEBYTECODE set (as on
-# some CI images) every interpreter (a run's controller and each xdist worker) compiles all of it
-# again: ~0.2 s each. Bytecode written here is still read then, and is ignored once its source
-# changes. pytest compiles its own assertion-rewritten copies of plugins, scenarios and tests.
-python3 -m compileall -q qtest_virtio >/dev/null
 
 if [ "$run" -eq 1 ]; then
     # The main job: the conformance scenario suite against the installed QEMU, with a summary
