@@ -248,13 +248,7 @@ class PciFunction:
         cmd, *originals = self._config.run(
             [ConfigOp(bdf, command.offset, command.width), *(ConfigOp(bdf, reg, 4) for reg in probed)]
         )
-        decode_off = cmd & ~(regs.COMMAND.io_space.mask | regs.COMMAND.memory_space.mask)
-        ops = [ConfigOp(bdf, command.offset, command.width, decode_off)]
-        for reg, orig in zip(probed, originals, strict=True):
-            ones = regs.ROM_ADDRESS_MASK if reg == rom_reg else 0xFFFF_FFFF
-            ops += [ConfigOp(bdf, reg, 4, ones), ConfigOp(bdf, reg, 4), ConfigOp(bdf, reg, 4, orig)]
-        ops.append(ConfigOp(bdf, command.offset, command.width, cmd))
-        masks = dict(zip(probed, self._config.run(ops), strict=True))
+        masks = self._probe(cmd, dict(zip(probed, originals, strict=True)), rom_reg)
         bars: list[Bar] = []
         index = 0
         while index < count:
@@ -272,8 +266,11 @@ class PciFunction:
                 continue
             prefetch = bool(regs.BAR.prefetchable.get(mask))
             if regs.BAR.memory_type.get(mask) == regs.BAR_MEM_TYPE_64:
-                # the last BAR claiming 64 bits: its upper half is past the BARs, probed alone
-                mask_hi = masks[reg + 4] if reg + 4 in masks and reg + 4 != rom_reg else self._probe(reg + 4, cmd)
+                if index + 1 < count:
+                    mask_hi = masks[reg + 4]
+                else:  # the last BAR claims 64 bits: its upper half is past the BARs, probed alone
+                    (orig_hi,) = self._config.run([ConfigOp(bdf, reg + 4, 4)])
+                    mask_hi = self._probe(cmd, {reg + 4: orig_hi})[reg + 4]
                 full = (mask_hi << 32) | (mask & regs.BAR_MEM_MASK)
                 bars.append(Bar(index, "mem64", (~full & 0xFFFF_FFFF_FFFF_FFFF) + 1, prefetch))
                 index += 2
@@ -285,23 +282,19 @@ class PciFunction:
         self.bars = bars
         return bars
 
-    def _probe(self, reg: int, cmd: int) -> int:
-        """One register's mask, decoding off meanwhile (a 64-bit BAR's upper half past BAR5)."""
-        self.config.write(
-            regs.TYPE0_HEADER.command, cmd & ~(regs.COMMAND.io_space.mask | regs.COMMAND.memory_space.mask)
-        )
-        _, mask = self._probe_register(reg, 0xFFFF_FFFF)
-        self.config.write(regs.TYPE0_HEADER.command, cmd)
-        return mask
-
-    def _probe_register(self, reg: int, ones: int) -> tuple[int, int]:
-        """Read a BAR-like register, write ``ones``, read what sticks, write the original back:
-        the first three in one exchange, the restore posted ahead of the next. Returns
-        (original, mask)."""
+    def _probe(self, cmd: int, originals: dict[int, int], rom_reg: int | None = None) -> dict[int, int]:
+        """Each register's mask, in one exchange: decoding off, then for each in order all ones
+        written (the ROM's address mask to ``rom_reg``), read back and its original restored,
+        then the command register ``cmd`` written back."""
         bdf = self.bdf_addr
-        orig, mask = self._config.run([ConfigOp(bdf, reg, 4), ConfigOp(bdf, reg, 4, ones), ConfigOp(bdf, reg, 4)])
-        self.write_config(reg, 4, orig)
-        return orig, mask
+        command = regs.TYPE0_HEADER.command
+        decode_off = cmd & ~(regs.COMMAND.io_space.mask | regs.COMMAND.memory_space.mask)
+        ops = [ConfigOp(bdf, command.offset, command.width, decode_off)]
+        for reg, orig in originals.items():
+            ones = regs.ROM_ADDRESS_MASK if reg == rom_reg else 0xFFFF_FFFF
+            ops += [ConfigOp(bdf, reg, 4, ones), ConfigOp(bdf, reg, 4), ConfigOp(bdf, reg, 4, orig)]
+        ops.append(ConfigOp(bdf, command.offset, command.width, cmd))
+        return dict(zip(originals, self._config.run(ops), strict=True))
 
     def bar(self, index: int) -> Bar:
         for b in self.bars:
