@@ -64,7 +64,7 @@ from .groups import CLOSE, OPEN
 from .libqtest import looks_like_c, parse_c
 from .machine import MachineSpec, QemuMachine
 from .machine.qdev import HotplugError
-from .machine.spec import split_option_list
+from .machine.spec import option_props
 from .outcome import DEFAULT_SETTLE, EXIT_PRECEDENCE, Judge, Outcome, check_recovery, settle
 from .qemu_args import has_display, missing_machine, without_qtest_channel
 from .qemu_args import normalize_args as normalize_args  # re-exported: moved there, still named from here
@@ -667,7 +667,7 @@ def _take(step: Directive, judge: Judge, vm: M, rep: Reproducer, result: ReplayR
 def _on_device(option: str, dev_id: str) -> bool:
     """Whether a ``-device`` option is the device ``dev_id`` or one on its bus (a scsi-hd on
     ``fuzz0.0``): what ``device_del`` of ``dev_id`` takes away."""
-    props = dict(p.partition("=")[::2] for p in split_option_list(option)[1:])
+    props = option_props(option)
     return props.get("id") == dev_id or props.get("bus", "").startswith(f"{dev_id}.")
 
 

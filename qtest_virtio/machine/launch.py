@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from ..backends import Handle, make_backend
 from ..binary import QemuBinary, user_cache_dir
 from ..errors import QemuStartError
-from .spec import MachineSpec, escape_option_value, split_option_list
+from .spec import MachineSpec, escape_option_value, option_props
 
-#: Reset-vector code of the halt firmware: cli; hlt; jmp short back to the hlt.
 #: The first QEMU with ``-netdev dgram`` (its 7.2 changelog), which reproducers' stand-in for
 #: the socket netdev needs (backends.held_transmit_netdev).
 DGRAM = (7, 2, 0)
+#: Reset-vector code of the halt firmware: cli; hlt; jmp short back to the hlt.
 _HALT_VECTOR = bytes([0xFA, 0xF4, 0xEB, 0xFD])
 _HALT_ROM_SIZE = 64 * 1024
 
@@ -102,11 +102,6 @@ def parse_pci_addr(text: str) -> tuple[int, int] | None:
     return (slot, fn) if 0 <= slot < 32 and 0 <= fn < 8 else None
 
 
-def _option_props(option: str) -> dict[str, str]:
-    parts = split_option_list(option)
-    return dict(p.partition("=")[::2] for p in parts[1:] if "=" in p)
-
-
 def place_devices(spec: MachineSpec) -> tuple[dict[str, str], dict[str, PciPlace]]:
     """Slots for the spec's PCI devices on the root bus, the lowest free ones in spec order (as
     QEMU would choose them), so the harness knows each device's address without QMP. Returns
@@ -120,7 +115,7 @@ def place_devices(spec: MachineSpec) -> tuple[dict[str, str], dict[str, PciPlace
     drivers = {d.id: d.driver for d in spec.devices}
     places: dict[str, PciPlace] = {}
     for opt, value in itertools.pairwise(spec.extra_args):  # -device options given raw: keep their slots
-        props = _option_props(value) if opt == "-device" else {}
+        props = option_props(value) if opt == "-device" else {}
         where = parse_pci_addr(props["addr"]) if "addr" in props and "bus" not in props else None
         if where is not None:
             used.add(where[0])

@@ -52,6 +52,12 @@ def split_option_list(text: str) -> list[str]:
     return parts
 
 
+def option_props(option: str) -> dict[str, str]:
+    """The ``key=value`` properties of a ``-device``-style option (``driver,key=value,...``),
+    by key; the leading driver name and bare flags left out."""
+    return dict(p.partition("=")[::2] for p in split_option_list(option)[1:] if "=" in p)
+
+
 def format_value(value: PropValue) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
