@@ -11,8 +11,8 @@ A restart does not wait for a QEMU start: while the current process serves examp
 :data:`SPARES` spare processes are started, resumed and enumerated
 (:func:`.reset.enumerate_again`) on worker threads (the fuzzer is one process; on two cores the
 other one is free), and a restart swaps in the oldest and orders the next. Two, because error
-reports come in runs (hypothesis mutates a failing example), and one spare (~40 ms to make)
-was still starting at a fifth of the restarts of a run of back-to-back ones. Each spare is
+reports come in runs (hypothesis mutates a failing example): with one spare (~40 ms to make),
+back-to-back restarts waited for it, 5-6 ms per blk example. Each spare is
 started after the process it follows, serves no example before it is swapped in and is used
 once; it is checked against the first process's snapshot at its first reset, as a restart's
 process is. All are shut down on every exit path (:meth:`Session.close`). The worker threads
@@ -126,8 +126,8 @@ class _Ready:
 
 class Session:
     """A reused QEMU for the examples of one configuration. ``skip``: reset steps left out
-    (:data:`.reset.STEPS`; tests only: the check must catch it). ``spare``: keep one process
-    started ahead for the next restarts (:data:`SPARES`; ``fuzz --no-spare`` turns it off)."""
+    (:data:`.reset.STEPS`; tests only: the check must catch it). ``spare``: keep :data:`SPARES`
+    processes started ahead for the next restarts (``fuzz --no-spare`` turns it off)."""
 
     def __init__(
         self,
@@ -299,11 +299,10 @@ class Session:
         started = time.monotonic()
         ready = _result(self._spares.popleft())
         self.stats.spare_wait_seconds += time.monotonic() - started
-        if ready is not None:
-            self._preparing.remove(ready.vm)  # swapped in here (a failed one the worker shut down)
-        if ready is None:
+        if ready is None:  # the worker shut it down
             self.stats.spares_failed += 1
             return None
+        self._preparing.remove(ready.vm)  # swapped in here
         self.stats.processes += 1
         return ready
 

@@ -10,6 +10,10 @@ from ..registry import DeviceInfo, FuzzProfile
 from .driver import VirtioConsole
 from .encoding import CONTROL_TRANSMITQ, ControlEvent, ControlMessage
 
+#: The quiet gap that ends the drain before the check (it was a flat 50 ms, twice per fuzz
+#: example: over half of a console example's time).
+_QUIET = 0.01
+
 
 def _check(driver: VirtioConsole, timeout: float) -> None:
     """Bytes written to port 0 reach the chardev behind it."""
@@ -28,11 +32,6 @@ def _check(driver: VirtioConsole, timeout: float) -> None:
         if time.monotonic() > deadline:
             raise DriverError(f"virtio-console: port 0 bytes never reached the chardev (got {seen[-64:]!r})")
         seen += end.read_available(timeout=0.05, quiet=0)  # back as soon as bytes come
-
-
-#: The quiet gap that ends the drain before the check (it was a flat 50 ms, twice per fuzz
-#: example: over half of a console example's time).
-_QUIET = 0.01
 
 
 #: VIRTIO_CONSOLE_PORT_READY for port 0 (§5.3.6.2).
