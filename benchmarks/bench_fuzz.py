@@ -2,9 +2,11 @@
 """Fuzz throughput: examples per second with a fresh QEMU per example against one QEMU process
 reused across examples (``qtest_virtio.fuzz.reuse``), and the find rate on known bugs.
 
-- throughput: per device, the same seeded examples run fresh and reused, interleaved in each
-  round (which goes first alternates); the figure is the median of the per-round ratios
-  (reused/fresh examples per second) with its min-max spread;
+- throughput: per device, every round runs the same ``--seeds`` seeded runs (seeds 0, 1, ...)
+  fresh and reused, interleaved per seed (which goes first alternates by round), so the rounds
+  measure the same examples and differ by timing alone; a round's ratio is its reused
+  examples per second over its fresh ones (examples and seconds summed over the seeds), and the
+  figure is the median of the per-round ratios with its min-max spread;
 - find rate: per known bug (a kept reproducer's target), examples and seconds until the first
   find, fresh and reused, same seeds, and whether the find's signature is the kept one's.
 
@@ -69,6 +71,9 @@ def main() -> int:
     ap.add_argument(
         "--examples", type=int, default=60, help="examples per run (a session: its start and close are counted)"
     )
+    ap.add_argument(
+        "--seeds", type=int, default=3, help="seeded runs per round, the same in every round (a seed's content varies)"
+    )
     ap.add_argument("--mode", default="modern")
     ap.add_argument("--device", action="append", default=[], help="default: virtio-blk-pci, virtio-rng-pci")
     ap.add_argument("--find-examples", type=int, default=300, help="budget per run in the find-rate part")
@@ -82,6 +87,8 @@ def main() -> int:
     out: dict[str, Any] = {
         "binary": binary.identity,
         "spare": not args.no_spare,
+        "seeds": args.seeds,
+        "examples_per_run": args.examples,
         "load_start": os.getloadavg()[0],
         "throughput": {},
         "finds": [],
@@ -100,15 +107,27 @@ def main() -> int:
         waits: list[float] = []
         for r in range(args.rounds):
             order = (False, True) if r % 2 == 0 else (True, False)
-            figures = {}
-            for reuse in order:
-                n, seconds, _, stats = run(config, reuse=reuse, examples=args.examples, seed=r, spare=not args.no_spare)
-                figures[reuse] = n / seconds
-                rates["reused" if reuse else "fresh"].append(n / seconds)
-                if reuse:
-                    processes.append(stats.processes)
-                    spares.append(stats.spares_used)
-                    waits.append(round(stats.spare_wait_seconds, 3))
+            examples = {False: 0, True: 0}
+            seconds = {False: 0.0, True: 0.0}
+            procs = used = 0
+            waited = 0.0
+            for seed in range(args.seeds):
+                for reuse in order:
+                    n, took, _, stats = run(
+                        config, reuse=reuse, examples=args.examples, seed=seed, spare=not args.no_spare
+                    )
+                    examples[reuse] += n
+                    seconds[reuse] += took
+                    if reuse:
+                        procs += stats.processes
+                        used += stats.spares_used
+                        waited += stats.spare_wait_seconds
+            figures = {reuse: examples[reuse] / seconds[reuse] for reuse in (False, True)}
+            rates["fresh"].append(figures[False])
+            rates["reused"].append(figures[True])
+            processes.append(procs)
+            spares.append(used)
+            waits.append(round(waited, 3))
             ratios.append(figures[True] / figures[False])
             print(
                 f"  {device} round {r}: fresh {figures[False]:.1f}/s, reused {figures[True]:.1f}/s "
@@ -121,7 +140,7 @@ def main() -> int:
         print(
             f"{device} ({args.mode}, split): fresh {statistics.median(rates['fresh']):.1f} examples/s, reused "
             f"{statistics.median(rates['reused']):.1f} examples/s; ratio median {med:.2f} (min {lo:.2f}, max {hi:.2f}) "
-            f"over {args.rounds} rounds: {verdict}",
+            f"over {args.rounds} rounds of seeds 0-{args.seeds - 1}: {verdict}",
             flush=True,
         )
         out["throughput"][device] = {

@@ -521,6 +521,23 @@ def test_a_broken_devices_valid_request_is_waited_for_briefly(qemu_binary, mode:
     assert elapsed < 3.0, f"the valid request waited the full timeout ({elapsed:.2f} s)"
 
 
+@pytest.mark.parametrize("mode", ["modern", "legacy"])
+def test_a_valid_request_without_driver_ok_is_waited_for_briefly(qemu_binary, mode: str) -> None:
+    """Status 0 resets the device, whose queues are then gone: without DRIVER_OK it must not
+    consume buffers (§2.1.2), so the valid request after it is given up on after
+    ``broken_valid_timeout`` and the observation says why; the recovery serves again."""
+    from qtest_virtio.fuzz import Valid, run_example
+
+    config = FuzzConfig("virtio-blk-pci", mode, "split", qemu=qemu_binary.path, valid_timeout=3.0)
+    started = time.monotonic()
+    result = run_example(config, [StatusWrites((0,)), Valid()])
+    elapsed = time.monotonic() - started
+    kinds = [o.kind for o in result.observations]
+    assert "valid request during abuse failed (no DRIVER_OK)" in kinds, result.observations
+    assert result.outcome == "survived", result.summary()
+    assert elapsed < 3.0, f"the valid request waited the full timeout ({elapsed:.2f} s)"
+
+
 def test_a_net_find_that_needs_a_held_transmit_replays_from_the_fuzzers_own_reproducer(
     qemu_binary, tmp_path: Path
 ) -> None:

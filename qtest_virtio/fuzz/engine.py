@@ -172,7 +172,8 @@ class FuzzConfig:
     #: Timeout of the driver's valid requests interleaved with the abuse (failures are observations).
     valid_timeout: float = 0.3
     #: The same, for a device that shows it will not serve: DEVICE_NEEDS_RESET set (modern
-    #: layout), or an error QEMU reported since the last check (legacy, which has no such bit).
+    #: layout), an error QEMU reported since the last check (legacy, which has no such bit), or
+    #: a status without DRIVER_OK.
     broken_valid_timeout: float = 0.02
     #: Live migration (:class:`~.actions.Migrate`) is among the actions (``fuzz --migrate``).
     migrate: bool = False
@@ -248,18 +249,24 @@ def replay_args(command_line: str) -> list[str]:
     return out
 
 
-def _will_not_serve(driver: Any, target: Target, live: _Live, action: Action, out: list[Observation]) -> bool:
-    """Whether the device shows it serves nothing until a reset: QEMU's virtio_error marks it
-    broken and sets DEVICE_NEEDS_RESET (§2.1.2) in the modern layout; the legacy layout has no
-    such bit, so there an error QEMU reported since the last action that may have reset the
-    device stands for it. Its valid request is still sent, and waited for briefly: waiting the
-    full timeout for a request a broken device ignores was a third of a reused blk campaign's
-    time."""
+def _will_not_serve(driver: Any, target: Target, live: _Live, action: Action, out: list[Observation]) -> str | None:
+    """Why the device will serve no request now, or None: QEMU's virtio_error marks it broken
+    and sets DEVICE_NEEDS_RESET (§2.1.2) in the modern layout; the legacy layout has no such
+    bit, so there an error QEMU reported since the last action that may have reset the device
+    stands for it. A status without DRIVER_OK (the abuse reset it or wrote another status, or
+    moved the registers away, where reads give 0) means the device must not consume buffers
+    (§2.1.2). Its valid request is still sent, and waited for briefly: waiting the full timeout
+    for a request a broken device ignores was a third of a reused blk campaign's time, and for
+    one sent without DRIVER_OK every 300 ms wait left in a 60-example blk run."""
     status = driver.transport.get_status()  # a round trip either way: QEMU ran what the last action set off
     if not target.legacy:
-        return bool(status & STATUS.DEVICE_NEEDS_RESET.mask)
-    _observe(live, driver, target, action, out)
-    return live.errored
+        broken = bool(status & STATUS.DEVICE_NEEDS_RESET.mask)
+    else:
+        _observe(live, driver, target, action, out)
+        broken = live.errored
+    if broken:
+        return "device broken"
+    return None if status & STATUS.DRIVER_OK.mask else "no DRIVER_OK"
 
 
 def _observe(live: _Live, driver: Any, target: Target, action: Action, out: list[Observation]) -> None:
@@ -522,14 +529,14 @@ def _abuse(
                 _unplug(live, result, f"the unplug of action {i}")
                 continue
             if isinstance(action, Valid):
-                broken = _will_not_serve(driver, target, live, action, result.observations)
+                why = _will_not_serve(driver, target, live, action, result.observations)
                 try:
-                    device.check(vm, driver, config.broken_valid_timeout if broken else config.valid_timeout)
+                    device.check(vm, driver, config.broken_valid_timeout if why else config.valid_timeout)
                 except (QemuCrashed, QtestTimeout):
                     raise
                 except QtestVirtioError as exc:
                     kind = "valid request during abuse failed"
-                    result.observations.append(Observation(kind + (" (device broken)" if broken else ""), _normal(exc)))
+                    result.observations.append(Observation(kind + (f" ({why})" if why else ""), _normal(exc)))
                 _observe(live, driver, target, action, result.observations)
                 continue
             if isinstance(action, act.Migrate):
