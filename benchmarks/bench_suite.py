@@ -5,7 +5,9 @@ Every scenario run starts its own QEMU, so the floor is runs x (a bare QEMU star
 kind of argv until its first qtest reply, then killed) / workers. Each round runs a batch of
 bare starts and one ``qtest-virtio run`` of the selection (``--select``; default a representative
 subset: the rng scenarios and one blk module); the figure is the median of the per-round ratios
-suite wall / floor, with its spread. Target (issue 16): at most 1.3.
+suite wall / floor, with its spread. Target (issue 16): at most 1.3. Each round also runs the
+same number of bare starts on the workers in parallel (no test, no pytest): how far the floor's
+arithmetic is from a run of nothing but starts on this machine, and the suite against that run.
 
 Where the time beyond QEMU's start goes is measured too: the suite runs with pytest's
 ``--durations=0`` and a junit XML (per-test setup, call and teardown, summed over the run), and
@@ -22,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -102,6 +105,33 @@ def bare_specs(qemu: str | None) -> list[MachineSpec]:
     blk = MachineSpec(qemu=qemu)
     blk.add_virtio("virtio-blk-pci", mode="modern", backend="null")
     return [rng, blk]
+
+
+def bare_parallel(qemu: str | None, runs: int, workers: int) -> float:
+    """Wall seconds of ``runs`` bare starts (start-to-ready + kill, the argv kinds alternating)
+    on ``workers`` threads, each starting its next QEMU as soon as its last is killed: the
+    floor as a run instead of as arithmetic. On a machine whose cores are fewer than a bare
+    start's threads need, it is above ``runs x bare / workers``: that part of the figure no
+    test harness can win back."""
+    specs = bare_specs(qemu)
+    counter = iter(range(runs))
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                return
+            Bare(specs[i % len(specs)]).close()
+
+    threads = [threading.Thread(target=worker) for _ in range(workers)]
+    t = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return time.perf_counter() - t
 
 
 def bare_batch(qemu: str | None, n: int) -> float:
@@ -207,15 +237,31 @@ def main() -> int:
             suite_rounds.append(r)
             return r.wall
 
-        bare, walls = rounds.interleave(
-            lambda: bare_batch(args.qemu, args.bare_starts), suite, args.rounds, repeats=args.repeats
-        )
+        #: Per raw batch: (one bare start's median seconds, the same runs' wall on the workers).
+        raws: list[tuple[float, float]] = []
+
+        def raw() -> float:
+            one = bare_batch(args.qemu, args.bare_starts)
+            runs = suite_rounds[-1].ran if suite_rounds else args.bare_starts * workers
+            raws.append((one, bare_parallel(args.qemu, runs, workers)))
+            return one
+
+        bare, walls = rounds.interleave(raw, suite, args.rounds, repeats=args.repeats)
         measured = suite_rounds[args.repeats :]  # the warm-up round's runs are not counted
+        parallel = [p for _, p in raws[args.repeats :]]
         collects = [collect_only(args) for _ in range(args.collect_runs)]
     if len({r.ran for r in measured}) != 1:
         print(f"note: the number of runs changed between rounds: {[r.ran for r in measured]}")
     floors = [measured[-1].ran * b / workers for b in bare]
     figure = rounds.Figure("suite wall / floor", tuple(floors), tuple(walls), TARGET)
+    if args.repeats == 1:  # one parallel run per round: the rounds pair up
+        figures = [
+            figure,
+            rounds.Figure(f"bare starts on {workers} workers / floor", tuple(floors), tuple(parallel)),
+            rounds.Figure(f"suite wall / bare starts on {workers} workers", tuple(parallel), tuple(walls)),
+        ]
+    else:
+        figures = [figure]
 
     def med(values: list[float]) -> float:
         return statistics.median(values)
@@ -233,6 +279,7 @@ def main() -> int:
         "exit_codes": [r.code for r in measured],
         "bare_start_ms": bare_ms,
         "floor_s": med(floors),
+        "bare_parallel_s": med(parallel),
         "wall_s": med(walls),
         "pytest_session_s": med(sessions) if sessions else None,
         "outside_session_s": med(walls) - med(sessions) if sessions else None,
@@ -246,7 +293,7 @@ def main() -> int:
         "PYTHONDONTWRITEBYTECODE": os.environ.get("PYTHONDONTWRITEBYTECODE"),
     }
     rounds.report(
-        [figure],
+        figures,
         qemu=binary.identity,
         load=load,
         rounds=args.rounds,
@@ -257,6 +304,7 @@ def main() -> int:
     o = overhead
     print(f"selection: {' '.join(args.select)}; {ran} runs of {o['tests']} tests on {workers} workers")
     print(f"  suite wall {o['wall_s']:.1f} s; floor {o['floor_s']:.1f} s = {ran} x bare {bare_ms:.1f} ms / {workers}")
+    print(f"  the same {ran} bare starts run on {workers} workers: {o['bare_parallel_s']:.1f} s")
     if sessions:
         print(
             f"  pytest session {o['pytest_session_s']:.1f} s; before and after it (interpreter, binary probe, "

@@ -249,6 +249,38 @@ def test_bench_virtqueue_counts_come_from_the_client(
     assert set(counts["verdicts"]) == {"init", "single"}
 
 
+def test_bench_suite_bare_starts_in_parallel_use_every_worker_and_leave_nothing_behind(
+    provided_qemu: Callable[[str], QemuBinary],
+) -> None:
+    bench_suite = load("bench_suite")
+    qemu = provided_qemu("system").path
+    started: list[int] = []
+    alive: list[int] = []
+    most = [0]
+    init, close = bench_suite.Bare.__init__, bench_suite.Bare.close
+
+    def counting_init(self: Any, spec: Any) -> None:
+        alive.append(id(self))  # from before its Popen to after its reaping
+        most[0] = max(most[0], len(alive))
+        init(self, spec)
+        started.append(self.proc.pid)
+
+    def counting_close(self: Any) -> None:
+        close(self)
+        alive.remove(id(self))
+
+    bench_suite.Bare.__init__, bench_suite.Bare.close = counting_init, counting_close
+    try:
+        wall = bench_suite.bare_parallel(qemu, 6, 2)
+    finally:
+        bench_suite.Bare.__init__, bench_suite.Bare.close = init, close
+    assert wall > 0
+    assert len(set(started)) == 6 and not alive
+    assert most[0] == 2  # both workers had a QEMU up at once, never more
+    for pid in started:  # every one killed and reaped
+        assert not Path(f"/proc/{pid}").exists()
+
+
 def test_bench_virtqueue_refuses_too_few_rounds(provided_qemu: Callable[[str], QemuBinary]) -> None:
     cmd = [sys.executable, str(BENCH / "bench_virtqueue.py"), "--qemu", provided_qemu("system").path, "--rounds", "3"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)

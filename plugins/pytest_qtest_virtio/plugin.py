@@ -11,6 +11,7 @@ import os
 import re
 import signal
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -25,11 +26,12 @@ from qtest_virtio.binary import DEFAULT_QEMU, BadFlagValue, QemuBinary, QemuNotF
 from qtest_virtio.deviations import TABLE_ENV, Deviation, Status, TableError, table
 from qtest_virtio.devices import registry
 from qtest_virtio.devices.base import CORE_FEATURES, VirtioDriver
-from qtest_virtio.machine import QemuMachine, watch_machines
+from qtest_virtio.machine import DeviceSpec, QemuMachine, watch_machines
 from qtest_virtio.qtest import QtestClient
 from qtest_virtio.transport import feature_bit
 from qtest_virtio.transport.layout import FEATURE_BITS
 
+from .ahead import AHEAD_KEY, NEXT_ITEM_KEY, Ahead, next_spec
 from .migration import destination_qemu, migrate  # noqa: F401  (migrate: a fixture pytest finds here)
 from .params import VirtioParam, virtio_params
 from .stash import MACHINES_KEY, VIRTIO_MACHINE_KEY
@@ -149,6 +151,23 @@ def pytest_configure(config: pytest.Config) -> None:
     # SIGTERM (CI cancelling, `kill`) would end Python without running teardown; make it an
     # exception so every machine's finally-block stops its QEMU and removes its directory.
     unwinds_on_default(signal.SIGTERM)
+    config.stash[AHEAD_KEY] = Ahead()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """Remember the next item (ahead.py launches its QEMU); after the last, drop what is held."""
+    item.stash[NEXT_ITEM_KEY] = nextitem
+    yield
+    if nextitem is None:
+        item.config.stash[AHEAD_KEY].drop()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """No machine launched ahead outlives the run (an interrupt, -x, a failed worker)."""
+    ahead = session.config.stash.get(AHEAD_KEY, None)
+    if ahead is not None:
+        ahead.drop()
 
 
 def _virtio_options(config: pytest.Config) -> tuple[tuple[str, ...], dict[str, str], frozenset[str]]:
@@ -285,9 +304,13 @@ def machine_factory(request: pytest.FixtureRequest, qemu_binary: QemuBinary) -> 
             suffix = f".{len(started)}" if started else ""
             log = open(os.path.join(log_dir, f"{name}{suffix}.qtest.log"), "w")  # noqa: SIM115
             request.addfinalizer(log.close)
-        vm = Machine(spec, qtest_log=log)
+        ahead = request.config.stash[AHEAD_KEY]
+        first = not started
+        vm = (ahead.take(spec) if first and log is None else None) or Machine(spec, qtest_log=log)
         started.append(vm)
         vm.start()
+        if first and not log_dir:
+            _launch_next(request, ahead, qemu_binary)
         return vm
 
     yield factory
@@ -303,22 +326,47 @@ def machine_factory(request: pytest.FixtureRequest, qemu_binary: QemuBinary) -> 
         raise errors[0]
 
 
-@pytest.fixture
-def virtio_device(
-    request: pytest.FixtureRequest, machine_factory: MachineFactory, qemu_binary: QemuBinary
-) -> VirtioDriver:
-    """The driver of the device the ``virtio_device`` marker names, at DRIVER_OK with its
-    queues ready, on a fresh machine; parametrised over transport modes and ring layouts."""
-    param = getattr(request, "param", None)
+def _launch_next(request: pytest.FixtureRequest, ahead: Ahead, qemu_binary: QemuBinary) -> None:
+    """Launch the next test's machine now, while this test runs (ahead.py)."""
+    nextitem = request.node.stash.get(NEXT_ITEM_KEY, None)
+    config = request.config
+
+    def virtio_spec(item: pytest.Item) -> MachineSpec:
+        callspec = getattr(item, "callspec", None)
+        param = callspec.params.get("virtio_device") if callspec is not None else None
+        return plan_virtio(param, item.nodeid, config, qemu_binary).spec
+
+    def default_spec() -> MachineSpec:
+        return MachineSpec(qemu=qemu_binary.path, machine=_machine_option(config))
+
+    spec = next_spec(nextitem, qemu_binary, virtio_spec=virtio_spec, default_spec=default_spec)
+    if spec is not None:
+        ahead.launch(spec)
+
+
+@dataclass
+class VirtioPlan:
+    """What the ``virtio_device`` fixture starts for one test, decided before QEMU starts."""
+
+    param: VirtioParam
+    spec: MachineSpec
+    dev: DeviceSpec
+    hotplug: bool
+    driver_kwargs: dict[str, Any]
+
+
+def plan_virtio(param: object, nodeid: str, config: pytest.Config, qemu_binary: QemuBinary) -> VirtioPlan:
+    """The machine of a ``virtio_device`` test (its parameter), or a skip: the same for the
+    test's own setup and for launching its QEMU ahead (ahead.py)."""
     if not isinstance(param, VirtioParam):
-        raise pytest.UsageError(f"{request.node.nodeid}: virtio_device needs @pytest.mark.virtio_device(...)")
+        raise pytest.UsageError(f"{nodeid}: virtio_device needs @pytest.mark.virtio_device(...)")
     if param.skip:
         pytest.skip(param.skip)
     flags = param.flag_dict
     extra = dict(param.extra)
     options = registry.lookup(param.device).driver.option_names()  # the rest go to the MachineSpec
     driver_kwargs = {k: extra.pop(k) for k in list(extra) if k in options}
-    spec = MachineSpec(qemu=qemu_binary.path, machine=_machine_option(request.config))
+    spec = MachineSpec(qemu=qemu_binary.path, machine=_machine_option(config))
     hotplug = bool(extra.pop("hotplug", False))
     placement = _placement(param.device, spec, extra)
     try:  # decided before QEMU starts: a flag this binary lacks is a skip, not a failure
@@ -327,17 +375,28 @@ def virtio_device(
         pytest.skip(f"{qemu_binary.path} cannot run this: {exc}")
     extra.update(placement)
     dev = spec.add_virtio(param.device, flags, mode=param.mode, hotplug=hotplug, **extra)
+    return VirtioPlan(param, spec, dev, hotplug, driver_kwargs)
+
+
+@pytest.fixture
+def virtio_device(
+    request: pytest.FixtureRequest, machine_factory: MachineFactory, qemu_binary: QemuBinary
+) -> VirtioDriver:
+    """The driver of the device the ``virtio_device`` marker names, at DRIVER_OK with its
+    queues ready, on a fresh machine; parametrised over transport modes and ring layouts."""
+    plan = plan_virtio(getattr(request, "param", None), request.node.nodeid, request.config, qemu_binary)
+    param, dev = plan.param, plan.dev
     request.node.stash[PARAM_KEY] = param
     try:
-        vm = machine_factory(spec)
+        vm = machine_factory(plan.spec)
     except BackendUnavailable as exc:  # this host cannot make the backend (a tap without root)
         pytest.skip(f"cannot run here: {exc}")
     request.node.stash[VIRTIO_MACHINE_KEY] = vm
-    if hotplug:  # what a test of unplug needs: qemu.unplug(virtio_device.dev_id), qemu.plug(...)
+    if plan.hotplug:  # what a test of unplug needs: qemu.unplug(virtio_device.dev_id), qemu.plug(...)
         vm.plug(dev.id)
     # A refusal names a reserved feature or one device's own: each device gets those it has.
     own = set(FEATURE_BITS.values()) | set(registry.lookup(param.device).feature_bits.values())
-    driver = vm.virtio(dev.id, VirtioDriver, refuse=param.refuse & own, **driver_kwargs)
+    driver = vm.virtio(dev.id, VirtioDriver, refuse=param.refuse & own, **plan.driver_kwargs)
     requires = request.node.get_closest_marker("virtio_requires")
     for feature in requires.args if requires else ():
         bit = feature_bit(feature, driver.device_bits)

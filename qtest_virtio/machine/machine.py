@@ -84,6 +84,8 @@ class QemuMachine:
         self.crash: QemuCrashed | None = None
         #: A migration destination: ``-incoming defer``, images linked to the source's.
         self._incoming = False
+        #: The listening sockets between :meth:`launch` and :meth:`start`.
+        self._listeners: dict[str, socket.socket] = {}
         self._shared_images: dict[str, str] = {}
         #: QMP events a wait_event passed over, kept for later waits.
         self._event_backlog: list[dict[str, Any]] = []
@@ -103,30 +105,45 @@ class QemuMachine:
         self.shutdown(check=exc is None)
 
     def start(self) -> None:
+        """Start QEMU and wait for its first qtest reply (after :meth:`launch`: only the wait)."""
+        if self._proc is None:
+            self.launch()
+        elif self._qtest is not None or self._stopping:
+            raise RuntimeError("machine already started")
+        try:
+            self._connect()
+        except BaseException:
+            self.shutdown(check=False)
+            raise
+
+    def launch(self) -> None:
+        """Spawn QEMU without waiting for it: its start-up runs while the caller does something
+        else, and :meth:`start` later takes its connections. What fails here (a backend, the
+        spawn) raises here; what QEMU itself refuses is reported by :meth:`start`."""
         if self._proc is not None:
             raise RuntimeError("machine already started")
         self.workdir = make_workdir()
         for started in _WATCHERS.get():
             started.append(self)
         try:
-            self._launch()
-        except BaseException:
-            self.shutdown(check=False)
-            raise
-
-    def _launch(self) -> None:
-        plan = build_argv(
-            self.spec, self.binary, self.workdir, incoming=self._incoming, shared_images=self._shared_images
-        )
-        self._plan = plan
-        self.argv, self._repro_argv = plan.argv, plan.repro_argv
-        listeners: dict[str, socket.socket] = {}
-        try:
-            listeners = process.listen(self.workdir, ("qtest", "qmp"))
+            plan = build_argv(
+                self.spec, self.binary, self.workdir, incoming=self._incoming, shared_images=self._shared_images
+            )
+            self._plan = plan
+            self.argv, self._repro_argv = plan.argv, plan.repro_argv
+            self._listeners = process.listen(self.workdir, ("qtest", "qmp"))
             self._stderr_path = os.path.join(self.workdir, "qemu.stderr")
             self._proc = process.spawn(self.argv, self._stderr_path, plan.pass_fds, cwd=self.workdir)
             plan.close_child_fds()
             self._finalizer = weakref.finalize(self, process.reap, self._proc, self.workdir)
+        except BaseException:
+            self.shutdown(check=False)
+            raise
+
+    def _connect(self) -> None:
+        assert self._proc is not None
+        listeners, self._listeners = self._listeners, {}
+        try:
             conns = process.accept(self._proc, listeners, self.spec.start_timeout, self._start_error)
         finally:
             process.close_listeners(self.workdir, listeners)
@@ -215,6 +232,8 @@ class QemuMachine:
                 if not died_early:
                     process.terminate(proc, grace=2.0 if hung else 3.0, signals_sent=self._signals_sent)
         finally:
+            process.close_listeners(self.workdir, self._listeners)  # launched, never started
+            self._listeners = {}
             self._close_channels()
             crash = self._check_crash(died_early)
             if self.workdir:

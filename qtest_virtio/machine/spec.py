@@ -209,6 +209,11 @@ class MachineSpec:
         dev.hotplug_port = port
         return dev
 
+    def same_as(self, other: MachineSpec) -> bool:
+        """Whether ``other`` asks for the same machine: binary, options and devices alike, so
+        the same command line (a machine launched ahead for it can serve it)."""
+        return vars(self) == vars(other)
+
     def device(self, dev_id: str) -> DeviceSpec:
         for d in self.devices:
             if d.props.get("id") == dev_id:
