@@ -7,6 +7,7 @@ example's commands."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -26,6 +27,7 @@ from qtest_virtio.fuzz import (
     run_example,
     write_reproducer,
 )
+from qtest_virtio.fuzz.cores import Cores
 from qtest_virtio.fuzz.reset import STEPS
 from qtest_virtio.fuzz.reuse import SPARES, Session
 from qtest_virtio.outcome import Outcome
@@ -288,3 +290,35 @@ def test_a_retired_process_closes_qmp_on_the_thread_that_used_it(qemu_binary, mo
     assert [r.outcome for r in results] == [Outcome.SURVIVED] * 6 and stats.resets == 3
     assert len(closed_on) == 3  # each process's reset used QMP
     assert set(closed_on) == {threading.main_thread().name}
+
+
+def _cores_of(pid: int) -> set[frozenset[int]]:
+    """The affinity of every thread of ``pid``."""
+    return {frozenset(os.sched_getaffinity(int(t))) for t in os.listdir(f"/proc/{pid}/task")}
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="placement needs two usable cores")
+def test_examples_and_the_process_in_use_share_one_core_and_the_spares_run_on_the_others(qemu_binary) -> None:
+    config = FuzzConfig("virtio-blk-pci", "modern", "split", qemu=qemu_binary.path)
+    mine = frozenset(os.sched_getaffinity(0))
+    cores = Cores.split()
+    assert cores is not None and cores.examples | cores.others == mine and not cores.examples & cores.others
+    during: list[tuple[frozenset[int], set[frozenset[int]], list[set[frozenset[int]]]]] = []
+
+    def hook(vm: Machine, action: Action) -> None:
+        spares = [_cores_of(s.pid) for s, _ in session.spares()]
+        during.append((frozenset(os.sched_getaffinity(0)), _cores_of(vm.pid), spares))
+
+    with Session(config, every=1) as session:
+        for _ in range(3):  # the first process, then two swapped-in spares
+            run_example(config, [Valid()], hook=hook, session=session)
+    assert len(during) == 3
+    for thread, in_use, spares in during:
+        assert thread == cores.examples and in_use == {cores.examples}
+        assert spares and all(s == {cores.others} for s in spares)
+    assert frozenset(os.sched_getaffinity(0)) == mine  # put back at close
+    # pin=False leaves everything where it was
+    with Session(config, every=1, pin=False) as session:
+        during.clear()
+        run_example(config, [Valid()], hook=hook, session=session)
+    assert during[0][0] == mine and during[0][1] == {mine}
