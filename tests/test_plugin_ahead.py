@@ -147,3 +147,16 @@ def test_a_machine_launched_for_another_spec_is_shut_down_not_handed_out(qemu_bi
         vm.shutdown()
     assert (ahead.launched, ahead.taken, ahead.wasted) == (2, 1, 1)
     assert not Path(vm.workdir).exists()
+
+
+def test_a_machine_launched_in_another_environment_is_not_handed_out(
+    qemu_binary, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A test's monkeypatched variables end with it: what was launched under them is not the next's.
+    ahead = Ahead()
+    spec = MachineSpec(qemu=qemu_binary.path)
+    monkeypatch.setenv("QTEST_VIRTIO_AHEAD_TEST", "1")
+    ahead.launch(spec)
+    monkeypatch.delenv("QTEST_VIRTIO_AHEAD_TEST")
+    assert ahead.take(MachineSpec(qemu=qemu_binary.path)) is None
+    assert (ahead.launched, ahead.taken, ahead.wasted) == (1, 0, 1)

@@ -6,13 +6,15 @@ spawns the machine the next test will ask for (``Machine.launch``: no wait), and
 first ``machine_factory`` call takes it when it asks for the same spec (``MachineSpec.same_as``).
 Every test still gets a QEMU started for it alone, from its own command line, never one another
 test touched: only the start moves earlier. A spec that cannot be known from the next item (a
-test building its own) is not guessed beyond the defaults; a wrong guess is shut down unused.
+test building its own) is not guessed beyond the defaults; a wrong guess is shut down unused, and
+so is a machine launched while the environment differed (a test's monkeypatched variables).
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+import os
 from collections.abc import Callable
 
 import pytest
@@ -32,6 +34,8 @@ class Ahead:
     def __init__(self) -> None:
         self._vm: Machine | None = None
         self._spec: MachineSpec | None = None
+        #: The environment it was launched in (a test's monkeypatched variables are not the next's).
+        self._env: dict[str, str] = {}
         #: Machines launched, taken by their test, and shut down unused.
         self.launched = self.taken = self.wasted = 0
 
@@ -42,7 +46,7 @@ class Ahead:
         self._vm = self._spec = None
         if vm is None or launched_for is None:
             return None
-        if launched_for.same_as(spec):
+        if launched_for.same_as(spec) and self._env == _environment():
             self.taken += 1
             return vm
         self.wasted += 1
@@ -59,7 +63,7 @@ class Ahead:
             vm.launch()
         except (OSError, QtestVirtioError):
             return
-        self._vm, self._spec = vm, planned
+        self._vm, self._spec, self._env = vm, planned, _environment()
         self.launched += 1
 
     def drop(self) -> None:
@@ -68,6 +72,11 @@ class Ahead:
         if vm is not None:
             self.wasted += 1
             vm.shutdown(check=False)
+
+
+def _environment() -> dict[str, str]:
+    """The variables a launch sees, without the one pytest changes for every test itself."""
+    return {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
 
 
 def will_run(item: pytest.Item) -> bool:
