@@ -24,9 +24,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,23 +114,9 @@ def bare_parallel(qemu: str | None, runs: int, workers: int) -> float:
     start's threads need, it is above ``runs x bare / workers``: that part of the figure no
     test harness can win back."""
     specs = bare_specs(qemu)
-    counter = iter(range(runs))
-    lock = threading.Lock()
-
-    def worker() -> None:
-        while True:
-            with lock:
-                i = next(counter, None)
-            if i is None:
-                return
-            Bare(specs[i % len(specs)]).close()
-
-    threads = [threading.Thread(target=worker) for _ in range(workers)]
     t = time.perf_counter()
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(lambda i: Bare(specs[i % len(specs)]).close(), range(runs)))
     return time.perf_counter() - t
 
 

@@ -43,15 +43,14 @@ class Ahead:
         """The machine launched for ``spec`` (to be ``start()``-ed), or None; a machine launched
         for another spec is shut down."""
         vm, launched_for = self._vm, self._spec
-        self._vm = self._spec = None
         if vm is None or launched_for is None:
             return None
-        if launched_for.same_as(spec) and self._env == _environment():
-            self.taken += 1
-            return vm
-        self.wasted += 1
-        vm.shutdown(check=False)
-        return None
+        if not (launched_for.same_as(spec) and self._env == _environment()):
+            self.drop()
+            return None
+        self._vm = self._spec = None
+        self.taken += 1
+        return vm
 
     def launch(self, spec: MachineSpec) -> None:
         """Spawn the machine for ``spec`` (the one held before is shut down). A failure here

@@ -305,11 +305,11 @@ def machine_factory(request: pytest.FixtureRequest, qemu_binary: QemuBinary) -> 
             log = open(os.path.join(log_dir, f"{name}{suffix}.qtest.log"), "w")  # noqa: SIM115
             request.addfinalizer(log.close)
         ahead = request.config.stash[AHEAD_KEY]
-        first = not started
-        vm = (ahead.take(spec) if first and log is None else None) or Machine(spec, qtest_log=log)
+        use_ahead = not started and log is None  # a log starts with the first command: no launch ahead
+        vm = (ahead.take(spec) if use_ahead else None) or Machine(spec, qtest_log=log)
         started.append(vm)
         vm.start()
-        if first and not log_dir:
+        if use_ahead:
             _launch_next(request, ahead, qemu_binary)
         return vm
 

@@ -26,12 +26,10 @@ class Cores:
     @classmethod
     def split(cls) -> Cores | None:
         """From this thread's usable cores; None with fewer than two (or no affinity API)."""
-        try:
-            usable = sorted(os.sched_getaffinity(0))
-        except (AttributeError, OSError):
+        mine = thread_affinity()
+        if mine is None or len(mine) < 2:
             return None
-        if len(usable) < 2:
-            return None
+        usable = sorted(mine)
         return cls(frozenset(usable[:1]), frozenset(usable[1:]))
 
 
