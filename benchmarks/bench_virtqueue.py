@@ -10,8 +10,10 @@ for QEMU's reply, one per exchange; ``vm.qtest.commands_sent``), as deltas aroun
 - one request at a time (submit, kick, wait): rng a 16-byte buffer, blk ``drv.read(0, 1)``;
 - a full queue per kick (as many chains as the queue holds, one kick, collect them all).
 
-Counts need no rounds to hold still; per-request counts can still move a little, since waiting
-for a used entry polls the ring. Timing does: each pattern is also run in interleaved rounds
+Counts need no rounds to hold still, but for one thing: waiting for a used entry polls the
+ring, and a poll that finds nothing (the device, say blk's thread pool on a busy disk, was
+slower than the reply) is one more round trip. Those are counted too (``vq.polls_empty``) and
+the target is judged net of them. Timing does need rounds: each pattern is also run in interleaved rounds
 against a bare ``readl`` round trip on the same socket (benchmarks/rounds.py), so its ratio
 reads "a request costs N raw round trips of time". Targets (issue 16): init in at most a third
 of the round trips it took before the driver pipelined its writes (BEFORE, measured on main),
@@ -149,7 +151,8 @@ def measure_row(row: Row, args: argparse.Namespace) -> tuple[list[rounds.Figure]
         for _ in range(20):  # warm the allocator and the device before anything is counted
             single()
         sock = raw_socket(q)
-        per_request: dict[str, list[tuple[float, float]]] = {"single": [], "full": []}
+        per_request: dict[str, list[tuple[float, float, float]]] = {"single": [], "full": []}
+        vq = drv.queues[0]
 
         def raw() -> float:
             sock.settimeout(None)
@@ -160,23 +163,25 @@ def measure_row(row: Row, args: argparse.Namespace) -> tuple[list[rounds.Figure]
 
         def run_single() -> float:
             count.start()
+            empty = vq.polls_empty
             t = time.perf_counter()
             for _ in range(requests):
                 single()
             dt = time.perf_counter() - t
             rt, cmds = count.stop()
-            per_request["single"].append((rt / requests, cmds / requests))
+            per_request["single"].append((rt / requests, cmds / requests, (vq.polls_empty - empty) / requests))
             return dt / requests
 
         def run_full() -> float:
             done = 0
             count.start()
+            empty = vq.polls_empty
             t = time.perf_counter()
             while done < requests:
                 done += full()
             dt = time.perf_counter() - t
             rt, cmds = count.stop()
-            per_request["full"].append((rt / done, cmds / done))
+            per_request["full"].append((rt / done, cmds / done, (vq.polls_empty - empty) / done))
             return dt / done
 
         figures = [
@@ -208,7 +213,10 @@ def measure_row(row: Row, args: argparse.Namespace) -> tuple[list[rounds.Figure]
     for kind, values in per_request.items():
         rts = [v[0] for v in values[args.repeats :]]  # the warm-up round's batches are not counted
         cmds = [v[1] for v in values[args.repeats :]]
+        net = [v[0] - v[2] for v in values[args.repeats :]]
         counts[f"{kind}_round_trips_per_request"] = statistics.median(rts)
+        counts[f"{kind}_net_round_trips_per_request"] = statistics.median(net)
+        counts[f"{kind}_empty_polls_per_request"] = statistics.median([v[2] for v in values[args.repeats :]])
         counts[f"{kind}_round_trips_per_request_range"] = [min(rts), max(rts)]
         counts[f"{kind}_commands_per_request"] = statistics.median(cmds)
     counts["single_rps"] = 1 / statistics.median(figures[0].measured)
@@ -226,8 +234,10 @@ def count_verdicts(name: str, counts: dict[str, Any]) -> dict[str, str]:
         limit = before * INIT_TARGET_FRACTION
         word = "meets" if counts["init_round_trips"] <= limit else "misses"
         out["init"] = f"{word} target <= {limit:.0f} (a third of {before})"
-    word = "meets" if counts["single_round_trips_per_request"] <= SINGLE_TARGET else "misses"
-    out["single"] = f"{word} target <= {SINGLE_TARGET:g}"
+    net = counts["single_net_round_trips_per_request"]
+    word = "meets" if net <= SINGLE_TARGET else "misses"
+    empty = counts["single_empty_polls_per_request"]
+    out["single"] = f"{word} target <= {SINGLE_TARGET:g} ({net:.2f} net of {empty:.2f} empty polls)"
     return out
 
 

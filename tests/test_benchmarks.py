@@ -247,6 +247,11 @@ def test_bench_virtqueue_counts_come_from_the_client(
     assert counts["full_round_trips_per_request"] < counts["single_round_trips_per_request"]
     assert counts["queue_size"] > 1
     assert set(counts["verdicts"]) == {"init", "single"}
+    # Empty polls are counted, not guessed: the net figure is what is left of the waits.
+    for kind in ("single", "full"):
+        net, empty = counts[f"{kind}_net_round_trips_per_request"], counts[f"{kind}_empty_polls_per_request"]
+        assert empty >= 0 and 0 < net <= counts[f"{kind}_round_trips_per_request"]
+    assert counts["single_net_round_trips_per_request"] == 2, counts
 
 
 def test_bench_suite_bare_starts_in_parallel_use_every_worker_and_leave_nothing_behind(

@@ -146,6 +146,9 @@ class Virtqueue(ABC):
         self._prefetched_token = -1
         self.notifications = 0
         self.kicks_suppressed = 0
+        #: Polls of the used ring that found nothing new: the device was slower than the reply.
+        #: How many there are depends on timing, so round-trip figures are held net of them.
+        self.polls_empty = 0
         #: The device-written suppression state (split: used.flags and avail_event; packed: the
         #: device event structure) as the last poll read it, or None once a notification went out.
         self._suppression_seen: bytes | None = None
@@ -251,7 +254,9 @@ class Virtqueue(ABC):
     def poll_used(self) -> UsedElem | None:
         """The next used chain, or None."""
         if not self._pending:
-            self._pending.extend(self._collect())
+            found = self._collect()
+            self.polls_empty += not found
+            self._pending.extend(found)
         return self._pending.popleft() if self._pending else None
 
     @abstractmethod
@@ -355,6 +360,7 @@ class Virtqueue(ABC):
                 self._prefetch_spans = ()
             if prefetch and any(e.token == token for e in found):
                 self._prefetched_token = token
+            self.polls_empty += not found
             self._pending.extend(found)
             if not self._pending and time.monotonic() > deadline:
                 raise VirtqueueTimeout(
