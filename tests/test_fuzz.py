@@ -20,7 +20,8 @@ from conftest import EXE, pid_gone
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qtest_virtio.deviations import Deviation, Strength
+from qtest_virtio.deviations import Deviation, Status, Strength
+from qtest_virtio.deviations import table as deviation_table
 from qtest_virtio.fuzz import (
     DEVICES,
     Action,
@@ -548,11 +549,21 @@ def test_a_net_find_that_needs_a_held_transmit_replays_from_the_fuzzers_own_repr
 
     if qemu_binary.version < (7, 2, 0):
         pytest.skip(f"{qemu_binary.identity}: no -netdev dgram (QEMU 7.2 on): the stand-in is a hubport")
+    known = deviation_table()["virtio-net-queue-reset-async-tx-assert"]
+    status = known.status(qemu_binary.version)
+    if not status.live:
+        pytest.skip(f"{qemu_binary.identity}: {known.describe(qemu_binary.version)}")
     config = FuzzConfig("virtio-net-pci", "transitional-modern", "split", qemu=qemu_binary.path)
     actions = [IdReuse(copies=3, buffer_id=0), Valid(), ResetInFlight(queue_reset=True, slot=0)]
-    result = run_example(config, actions)
-    if result.outcome != Outcome.CRASHED:
-        pytest.skip(f"{qemu_binary.identity} has no async_tx assertion to find here: {result.outcome}")
+    # The held transmit is a race with the backend filling (20 of 20 crashed on 7.2.22 with CI
+    # running beside; one CI run missed it once): three tries before the table is doubted.
+    for _ in range(3):
+        result = run_example(config, actions)
+        if result.outcome == Outcome.CRASHED:
+            break
+    if result.outcome != Outcome.CRASHED and status is not Status.VERIFIED:
+        pytest.skip(f"{qemu_binary.identity} (not verified there) has no async_tx assertion to find: {result.outcome}")
+    assert result.outcome == Outcome.CRASHED, f"{known.id} is verified on {qemu_binary.identity}: {result.summary()}"
     assert "async_tx.elem" in result.detail
     rep = load(write_reproducer(result, str(tmp_path / "out")))
     assert any(a.startswith("dgram,") for a in rep.args) and "hubport,id=fuzz0-netdev,hubid=0" not in rep.args
